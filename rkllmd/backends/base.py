@@ -1,0 +1,154 @@
+"""The contract between the daemon and a model backend.
+
+The daemon owns requests, queues, caches and the socket; a backend owns one loaded
+model and runs exactly one operation at a time, always on the model worker thread
+(``abort`` is the only method called from other threads). Everything a backend needs
+to know about a request arrives as plain values defined here, so the CPU reference
+backend and the NPU backend are interchangeable.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+class BackendError(Exception):
+    """A backend failed in a way the client should hear about (maps to a wire error)."""
+
+    def __init__(self, message: str, *, code: int | None = None):
+        super().__init__(message)
+        self.runtime_code = code
+
+
+class ContextOverflow(BackendError):
+    """The prompt (plus room to generate one token) does not fit the context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int):
+        super().__init__(
+            f"prompt is {prompt_tokens} tokens; the model's context holds {context_length}"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationStats:
+    """What a backend reports when a generation ends (the daemon adds queue timing)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens restored from a prefix state, not prefilled
+    completion_tokens: int = 0
+    ttft_ms: float = 0.0  # from the start of the backend call to the first token
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    finish_reason: str = "stop"  # stop | length | cancelled | error
+
+
+@dataclass
+class PrefixState:
+    """A prefix's model state loaded from a verified binary cache file.
+
+    ``text`` is the rendered prefix it was built from; ``payload`` is whatever the
+    backend's ``load_prefix`` returned (arrays for the CPU backend, the file path for
+    the NPU runtime, which loads it itself).
+    """
+
+    name: str
+    text: str
+    n_tokens: int
+    payload: Any
+    nbytes: int = 0
+
+
+# Called with each piece of generated text, in order. Returning False asks the
+# backend to stop (cancel, client gone): it must then finish with reason "cancelled".
+TextSink = Callable[[str], bool]
+
+
+class Backend(abc.ABC):
+    """One loaded model. Construct, then ``load()``; afterwards everything is ready."""
+
+    #: "cpu" or "rkllm"
+    kind: str = ""
+
+    def __init__(self) -> None:
+        # Called after every token and every prefill chunk, so the systemd watchdog
+        # can tell a working model from one stuck in a native call. The daemon sets it.
+        self.heartbeat: Callable[[], None] = lambda: None
+
+    @abc.abstractmethod
+    def load(self, progress: Callable[[str], None] | None = None) -> None:
+        """Load the model. ``progress`` is called now and then during slow loads."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What a binary cache built by this backend depends on.
+
+        Keys: backend, runtime (version string), model (path), model_fingerprint,
+        template (a hash of the chat template), context_length, dtype.
+        """
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Human facts for status: model name, path, context length, and so on."""
+
+    @abc.abstractmethod
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's own template (default system line included)."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` (already rendered) occupies."""
+
+    @abc.abstractmethod
+    def build_prefix(self, prefix_text: str, dest: Path) -> int:
+        """Prefill ``prefix_text`` and write its state to ``dest``; return its token count.
+
+        ``dest`` is a temporary path; the caller verifies, checksums and renames it.
+        """
+
+    @abc.abstractmethod
+    def load_prefix(self, path: Path, n_tokens: int) -> tuple[Any, int]:
+        """Read a verified state file; return (payload for PrefixState, bytes held in memory)."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompt_text: str,
+        params: SamplingParams,
+        prefix: PrefixState | None,
+        sink: TextSink,
+    ) -> GenerationStats:
+        """Generate a completion of the rendered ``prompt_text``.
+
+        With ``prefix`` (whose text the prompt starts with), the prefix's state is
+        restored instead of prefilled; the output must be identical either way.
+        Stops on EOS, on any of ``params.stop`` (the stop string itself is not emitted),
+        at ``params.max_tokens`` (reason "length"), or when ``sink`` returns False or
+        ``abort()`` is called (reason "cancelled").
+        """
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Ask a running ``generate``/``build_prefix`` to stop soon. Thread-safe."""
+
+    def close(self) -> None:
+        """Release the model."""
+
+
