@@ -1,0 +1,48 @@
+"""Backends, and the one place that decides which one runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Config
+from .base import Backend, BackendError
+
+
+def _path(value: str) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def choose(config: Config) -> tuple[Backend, str]:
+    """The backend ``daemon.backend`` asks for, and a sentence saying why (shown by status)."""
+    wanted = config["daemon.backend"]
+    if wanted not in ("auto", "cpu", "rkllm"):
+        raise BackendError(f"daemon.backend must be auto, cpu or rkllm, not {wanted!r}")
+    if wanted in ("auto", "rkllm"):
+        from .rkllm.backend import RkllmBackend, detect
+
+        library, model = _path(config["rkllm.library"]), _path(config["rkllm.model"])
+        usable, why = detect(library, model)
+        if wanted == "rkllm" or usable:
+            backend = RkllmBackend(
+                model_path=model or Path(""),
+                library=library,
+                runtime=config["rkllm.runtime"],
+                template=config["rkllm.template"],
+                context_length=config["model.context_length"],
+                max_new_tokens=config["rkllm.max_new_tokens"],
+                n_keep=config["rkllm.n_keep"],
+                cpu_mask=config["rkllm.cpu_mask"],
+                base_domain_id=config["rkllm.base_domain_id"],
+            )
+            return backend, ("requested by configuration" if wanted == "rkllm" else f"auto: {why}")
+        reason = f"auto: NPU backend not usable ({why}); using the CPU reference backend"
+    else:
+        reason = "requested by configuration"
+    from .cpu.backend import CpuBackend
+
+    backend = CpuBackend(
+        model_path=_path(config["model.path"]),
+        context_length=config["model.context_length"],
+        prefill_chunk=config["model.prefill_chunk"],
+    )
+    return backend, reason

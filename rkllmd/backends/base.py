@@ -74,6 +74,7 @@ class PrefixState:
     n_tokens: int
     payload: Any
     nbytes: int = 0
+    built_sha256: str = ""  # sha256 of the text it was built from
 
 
 # Called with each piece of generated text, in order. Returning False asks the

@@ -1,0 +1,1 @@
+"""Prompt caches: named text prefixes a person edits, and the model state built from them."""

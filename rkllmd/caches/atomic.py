@@ -1,0 +1,58 @@
+"""Crash-safe file replacement: a reader sees the old file or the new one, never a part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+TEMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def temporary_beside(path: Path) -> Iterator[Path]:
+    """A fresh temporary path in ``path``'s folder (so rename is atomic); removed unless used."""
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def commit(tmp: Path, path: Path, mode: int = 0o640) -> None:
+    """fsync ``tmp``, give it ``mode``, rename it over ``path`` and fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
+    with temporary_beside(path) as tmp:
+        tmp.write_bytes(data)
+        commit(tmp, path, mode)
+
+
+def remove_leftovers(folder: Path) -> int:
+    """Delete temporary files a killed process left behind; return how many."""
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed

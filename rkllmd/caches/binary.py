@@ -1,0 +1,145 @@
+"""Binary caches: a prefix's model state on disk, with the identity it depends on beside it.
+
+For each model identity there is one folder, ``<binary_dir>/<model key>/``, holding per
+cache name ``NAME.state`` (the backend's payload, opaque here: our KV arrays or the
+vendor's prompt-cache file) and ``NAME.meta.json`` (format version, identity, sha256 of
+the text, token count, size and sha256 of the payload). Both are replaced atomically,
+payload first: after a crash between the two renames the checksum no longer matches,
+so the pair reads as corrupt and is rebuilt, never half-used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .atomic import atomic_write, commit, remove_leftovers, temporary_beside
+from .names import check_name
+
+#: Bump when the layout of the meta file or the meaning of its keys changes.
+FORMAT_VERSION = 1
+STATE_SUFFIX = ".state"
+META_SUFFIX = ".meta.json"
+_CHUNK = 1 << 20
+
+
+class BinaryCacheInvalid(Exception):
+    """A binary cache exists but must not be loaded; the message says why (shown in ``cache ls``)."""
+
+
+@dataclass(frozen=True)
+class BinaryMeta:
+    text_sha256: str
+    n_tokens: int
+    payload_bytes: int
+    payload_sha256: str
+    built_at: float
+    build_ms: float
+
+
+def model_key(identity: dict[str, Any]) -> str:
+    canonical = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class BinaryStore:
+    def __init__(self, root: Path, identity: dict[str, Any]):
+        self.root = root
+        self.identity = identity
+        self.folder = root / model_key(identity)
+
+    def state_path(self, name: str) -> Path:
+        return self.folder / f"{check_name(name)}{STATE_SUFFIX}"
+
+    def meta_path(self, name: str) -> Path:
+        return self.folder / f"{check_name(name)}{META_SUFFIX}"
+
+    def prepare(self) -> None:
+        """Create our folder and drop whatever a killed build left half-written."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.folder)
+
+    def build(self, name: str, text_sha256: str, write_state: Callable[[Path], int]) -> BinaryMeta:
+        """Run ``write_state(tmp_path) -> n_tokens`` and install the result atomically."""
+        started = time.monotonic()
+        state = self.state_path(name)
+        with temporary_beside(state) as tmp:
+            n_tokens = write_state(tmp)
+            payload_bytes = tmp.stat().st_size
+            meta = BinaryMeta(
+                text_sha256=text_sha256,
+                n_tokens=n_tokens,
+                payload_bytes=payload_bytes,
+                payload_sha256=file_sha256(tmp),
+                built_at=time.time(),
+                build_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            commit(tmp, state)
+        document = {"format": FORMAT_VERSION, "identity": self.identity, **meta.__dict__}
+        atomic_write(self.meta_path(name), json.dumps(document, indent=1, sort_keys=True).encode())
+        return meta
+
+    def read_meta(self, name: str) -> BinaryMeta | None:
+        """The meta of an existing cache, checked against our identity; None if there is none."""
+        try:
+            raw = self.meta_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BinaryCacheInvalid(f"cannot read meta: {exc.strerror}") from None
+        try:
+            document = json.loads(raw)
+            if document.get("format") != FORMAT_VERSION:
+                raise BinaryCacheInvalid(f"format {document.get('format')!r}, expected {FORMAT_VERSION}")
+            if document.get("identity") != self.identity:
+                raise BinaryCacheInvalid("built for another model, runtime or template")
+            meta = BinaryMeta(**{k: document[k] for k in BinaryMeta.__dataclass_fields__})
+        except BinaryCacheInvalid:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise BinaryCacheInvalid("meta file is corrupt") from None
+        return meta
+
+    def verify(self, name: str, text_sha256: str) -> BinaryMeta | None:
+        """Check a cache completely before any byte of it may reach a backend.
+
+        None: no cache (or one built from other text: stale). Raises BinaryCacheInvalid
+        for a cache that is corrupt, truncated or foreign.
+        """
+        meta = self.read_meta(name)
+        if meta is None or meta.text_sha256 != text_sha256:
+            return None
+        state = self.state_path(name)
+        try:
+            size = state.stat().st_size
+        except FileNotFoundError:
+            raise BinaryCacheInvalid("state file is missing") from None
+        if size != meta.payload_bytes:
+            raise BinaryCacheInvalid(f"state file is {size} bytes; its meta says {meta.payload_bytes}")
+        if file_sha256(state) != meta.payload_sha256:
+            raise BinaryCacheInvalid("state file checksum mismatch")
+        return meta
+
+    def remove(self, name: str) -> None:
+        """Delete this name's binary caches for every model (the text is gone)."""
+        check_name(name)
+        with contextlib.suppress(FileNotFoundError):
+            for model_dir in os.scandir(self.root):
+                if model_dir.is_dir(follow_symlinks=False):
+                    for suffix in (STATE_SUFFIX, META_SUFFIX):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(model_dir.path, name + suffix))

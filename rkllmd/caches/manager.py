@@ -1,0 +1,299 @@
+"""The cache manager: what each text cache's binary state is, and which prefix a prompt can reuse.
+
+Threads: ``refresh``/``forget``/``listing`` may be called from any thread (the socket
+loop, the file watcher); ``build`` and ``prefix_for`` run only on the model worker,
+the single owner of the backend. A lock guards the table, never a build.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..backends.base import Backend, PrefixState
+from .binary import BinaryCacheInvalid, BinaryStore
+from .text import TextCacheError, TextStore
+
+log = logging.getLogger(__name__)
+
+READY, STALE, QUEUED, BUILDING, FAILED = "ready", "stale", "queued", "building", "failed"
+
+
+@dataclass
+class Entry:
+    name: str
+    state: str = STALE
+    reason: str | None = None
+    text_sha256: str | None = None  # of the text file as last read
+    text_bytes: int = 0
+    prefix: str | None = None  # rendered prefix of that text
+    built_sha256: str | None = None  # text the ready binary was built from
+    built_prefix: str | None = None
+    n_tokens: int | None = None
+    built_at: float | None = None
+    build_ms: float | None = None
+    binary_bytes: int | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "reason": self.reason,
+            "text_bytes": self.text_bytes,
+            "tokens": self.n_tokens,
+            "built_at": self.built_at,
+            "build_ms": self.build_ms,
+            "binary_bytes": self.binary_bytes,
+        }
+
+
+class PrefixLRU:
+    """Recently used prefix states kept in memory within a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self._items: OrderedDict[str, PrefixState] = OrderedDict()
+        self.used = 0
+
+    def get(self, name: str, built_sha: str) -> PrefixState | None:
+        state = self._items.get(name)
+        if state is None or state.built_sha256 != built_sha:
+            return None
+        self._items.move_to_end(name)
+        return state
+
+    def put(self, state: PrefixState) -> None:
+        self.drop(state.name)
+        if state.nbytes > self.budget:
+            return
+        while self.used + state.nbytes > self.budget:
+            _, old = self._items.popitem(last=False)
+            self.used -= old.nbytes
+        self._items[state.name] = state
+        self.used += state.nbytes
+
+    def drop(self, name: str) -> None:
+        old = self._items.pop(name, None)
+        if old is not None:
+            self.used -= old.nbytes
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+
+class CacheManager:
+    def __init__(
+        self,
+        texts: TextStore,
+        binaries: BinaryStore,
+        backend: Backend,
+        memory_budget: int,
+        schedule_build: Callable[[str], None],
+        on_change: Callable[[str], None] = lambda name: None,
+    ):
+        self.texts = texts
+        self.binaries = binaries
+        self.backend = backend
+        self.lru = PrefixLRU(memory_budget)
+        self._schedule_build = schedule_build
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        self._entries: dict[str, Entry] = {}
+
+    # -- any thread ---------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Check every text cache against its binary cache; queue the stale ones."""
+        self.binaries.prepare()
+        for name in self.texts.names():
+            self.refresh(name)
+
+    def refresh(self, name: str, *, force: bool = False) -> Entry | None:
+        """Bring ``name``'s entry up to date with its file; queue a build if needed.
+
+        Deduplicated by content: a save that changes nothing builds nothing.
+        Returns None when the text cache does not exist (its binaries are then deleted).
+        """
+        try:
+            text = self.texts.read(name)
+        except TextCacheError as exc:
+            reason = f"text cache refused: {exc}"
+            with self._lock:
+                entry = self._entries.setdefault(name, Entry(name))
+                changed = (entry.state, entry.reason) != (FAILED, reason)
+                entry.state, entry.reason = FAILED, reason
+                entry.text_sha256 = entry.prefix = None
+                self.lru.drop(name)
+            if changed:
+                self._on_change(name)
+            return entry
+        if text is None:
+            self.forget(name)
+            return None
+        prefix = self.backend.render([{"role": "system", "content": text.text}], add_generation_prompt=False)
+        with self._lock:
+            entry = self._entries.setdefault(name, Entry(name))
+            unchanged = entry.text_sha256 == text.sha256
+            entry.text_sha256, entry.text_bytes, entry.prefix = text.sha256, text.size, prefix
+            if not force and unchanged and entry.state in (READY, QUEUED, BUILDING, FAILED):
+                return entry
+            if not force and entry.state == READY and entry.built_sha256 == text.sha256:
+                return entry
+        if not force and self._adopt_from_disk(entry, text.sha256, prefix):
+            self._on_change(name)
+            return entry
+        with self._lock:
+            if entry.state != BUILDING:
+                entry.state = QUEUED
+        self._schedule_build(name)
+        self._on_change(name)
+        return entry
+
+    def _adopt_from_disk(self, entry: Entry, text_sha: str, prefix: str) -> bool:
+        """Use an existing, fully verified binary cache for this text; False if there is none."""
+        try:
+            meta = self.binaries.verify(entry.name, text_sha)
+        except BinaryCacheInvalid as exc:
+            log.warning("binary cache %s refused: %s; rebuilding", entry.name, exc)
+            with self._lock:
+                entry.reason = f"binary cache refused ({exc}); rebuilding"
+            return False
+        if meta is None:
+            return False
+        with self._lock:
+            entry.state, entry.reason = READY, None
+            entry.built_sha256, entry.built_prefix = text_sha, prefix
+            entry.n_tokens, entry.built_at, entry.build_ms = meta.n_tokens, meta.built_at, meta.build_ms
+            entry.binary_bytes = meta.payload_bytes
+        return True
+
+    def forget(self, name: str) -> None:
+        """The text cache is gone: delete its binary caches everywhere."""
+        with self._lock:
+            self._entries.pop(name, None)
+            self.lru.drop(name)
+        self.binaries.remove(name)
+        self._on_change(name)
+
+    def entry(self, name: str) -> Entry | None:
+        with self._lock:
+            entry = self._entries.get(name)
+            return None if entry is None else Entry(**entry.__dict__)
+
+    def listing(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = [e.public() for e in sorted(self._entries.values(), key=lambda e: e.name)]
+            in_memory = set(self.lru.names())
+        for row in rows:
+            row["in_memory"] = row["name"] in in_memory
+        for shown, reason in self.texts.refused():
+            rows.append({"name": shown, "state": FAILED, "reason": reason})
+        return rows
+
+    def memory(self) -> dict[str, int]:
+        with self._lock:
+            return {"used_bytes": self.lru.used, "budget_bytes": self.lru.budget, "states": len(self.lru.names())}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            counts: dict[str, int] = {}
+            for entry in self._entries.values():
+                counts[entry.state] = counts.get(entry.state, 0) + 1
+            return counts
+
+    def settled(self, name: str) -> tuple[bool, str | None]:
+        """For ``cache wait``: (done, error). Done when the binary matches the text as last
+        read, or when it cannot get there (error says why). Reads nothing from disk."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return True, "no such text cache"
+            if entry.state == FAILED:
+                return True, entry.reason
+            return entry.state == READY and entry.built_sha256 == entry.text_sha256, None
+
+    # -- model worker only ------------------------------------------------------
+
+    def build(self, name: str) -> None:
+        """Build ``name``'s binary cache for its current text, unless it is already current."""
+        entry = self.refresh(name)
+        if entry is None:
+            return
+        with self._lock:
+            if entry.state == READY and entry.built_sha256 == entry.text_sha256:
+                return
+            if entry.text_sha256 is None or entry.prefix is None:
+                return
+            text_sha, prefix = entry.text_sha256, entry.prefix
+            entry.state, entry.reason = BUILDING, None
+        self._on_change(name)
+        log.info("building binary cache %s", name)
+        try:
+            meta = self.binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp))
+        except Exception as exc:  # a failed build must not take the worker down
+            log.exception("building binary cache %s failed", name)
+            with self._lock:
+                entry.state, entry.reason = FAILED, f"build failed: {exc}"
+            self._on_change(name)
+            return
+        with self._lock:
+            entry.built_sha256, entry.built_prefix = text_sha, prefix
+            entry.n_tokens, entry.built_at, entry.build_ms = meta.n_tokens, meta.built_at, meta.build_ms
+            entry.binary_bytes, entry.reason = meta.payload_bytes, None
+            self.lru.drop(name)
+            still_current = entry.text_sha256 == text_sha
+            entry.state = READY if still_current else QUEUED
+        log.info("binary cache %s ready: %d tokens in %.0f ms", name, meta.n_tokens, meta.build_ms)
+        self._on_change(name)
+
+    def prefix_for(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
+        """The longest cached prefix of ``prompt`` (or the named cache's), built if it is due.
+
+        A cache that is queued or stale for exactly this prefix is built now, on the
+        worker, instead of prefilling the same tokens twice.
+        """
+        with self._lock:
+            candidates = [
+                e for e in self._entries.values() if (wanted is None or e.name == wanted) and e.prefix and prompt.startswith(e.prefix)
+            ]
+        for entry in sorted(candidates, key=lambda e: len(e.prefix or ""), reverse=True):
+            with self._lock:
+                due = entry.state != READY or entry.built_sha256 != entry.text_sha256
+                failed = entry.state == FAILED
+            if due and not failed:
+                self.build(entry.name)
+            state = self._load(entry.name, prompt)
+            if state is not None:
+                return state
+        return None
+
+    def _load(self, name: str, prompt: str) -> PrefixState | None:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.state != READY or not entry.built_prefix or not prompt.startswith(entry.built_prefix):
+                return None
+            built_sha, prefix, n_tokens = entry.built_sha256, entry.built_prefix, entry.n_tokens
+            hot = self.lru.get(name, built_sha)
+        if hot is not None:
+            return hot
+        started = time.monotonic()
+        try:
+            if self.binaries.verify(name, built_sha) is None:
+                raise BinaryCacheInvalid("replaced on disk")
+            payload, nbytes = self.backend.load_prefix(self.binaries.state_path(name), n_tokens)
+        except (BinaryCacheInvalid, OSError, ValueError) as exc:
+            log.warning("binary cache %s refused at load: %s; rebuilding", name, exc)
+            with self._lock:
+                entry.state, entry.reason = STALE, f"binary cache refused ({exc}); rebuilding"
+            self._schedule_build(name)
+            self._on_change(name)
+            return None
+        state = PrefixState(name=name, text=prefix, n_tokens=n_tokens, payload=payload, nbytes=nbytes, built_sha256=built_sha)
+        with self._lock:
+            self.lru.put(state)
+        log.debug("loaded binary cache %s from disk in %.1f ms", name, (time.monotonic() - started) * 1000)
+        return state

@@ -1,0 +1,124 @@
+"""Messages on their way from the model worker to the socket loop.
+
+Only the socket loop touches the ZeroMQ socket. The worker appends to a request's
+stream here and wakes the loop through a pipe. Text produced while earlier text is
+still waiting (a busy loop, a slow client) joins the waiting token message, so a slow
+reader costs one growing message instead of one ZeroMQ message per token.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends.base import SamplingParams
+from .protocol import reply
+
+
+@dataclass(eq=False)
+class Generation:
+    """One generate request, from arrival to its final message."""
+
+    identity: bytes
+    request_id: Any
+    prompt: str
+    params: SamplingParams
+    cache: str | None
+    use_cache: bool
+    received: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"
+    # Stream state, guarded by the Outbox lock; ``seq`` is given as each message is sent.
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    seq: int = 0
+    finished: bool = False
+    gone: bool = False
+
+    @property
+    def key(self) -> tuple[bytes, Any]:
+        return (self.identity, self.request_id)
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._plain: deque[tuple[bytes, dict[str, Any]]] = deque()
+        self._streams: dict[int, Generation] = {}  # insertion-ordered set
+        self._changed_caches: set[str] = set()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signalled = False
+
+    def fileno(self) -> int:
+        return self._wake_r
+
+    def close(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _wake(self) -> None:
+        # Called with the lock held; one byte in the pipe is enough to wake the loop.
+        if not self._signalled:
+            self._signalled = True
+            os.write(self._wake_w, b"\0")
+
+    def post(self, identity: bytes, message: dict[str, Any]) -> None:
+        """A standalone reply (not part of a generation stream)."""
+        with self._lock:
+            self._plain.append((identity, message))
+            self._wake()
+
+    def cache_changed(self, name: str) -> None:
+        """A cache's state changed (any thread): the loop re-checks ``cache wait`` requests."""
+        with self._lock:
+            self._changed_caches.add(name)
+            self._wake()
+
+    def stream(self, gen: Generation, type_: str, **fields: Any) -> None:
+        """Queue a message of ``gen``'s stream; "token" text joins a waiting token message."""
+        with self._lock:
+            if gen.finished or gen.gone:
+                return
+            last = gen.messages[-1] if gen.messages else None
+            if type_ == "token" and last is not None and last["type"] == "token":
+                last["text"] += fields["text"]
+            else:
+                gen.messages.append(reply(gen.request_id, type_, **fields))
+            gen.finished = type_ in ("done", "error")
+            self._streams[id(gen)] = gen
+            self._wake()
+
+    def take(self) -> tuple[list[tuple[bytes, dict[str, Any]]], list[tuple[Generation, list[dict[str, Any]]]], set[str]]:
+        """Everything waiting: standalone replies, each stream's messages in order, changed caches."""
+        with self._lock:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            self._signalled = False
+            plain = list(self._plain)
+            self._plain.clear()
+            streams = [(gen, gen.messages) for gen in self._streams.values()]
+            for gen in self._streams.values():
+                gen.messages = []
+            self._streams.clear()
+            changed, self._changed_caches = self._changed_caches, set()
+        return plain, streams, changed
+
+    def give_back(self, gen: Generation, unsent: list[dict[str, Any]]) -> None:
+        """Messages a slow client could not take yet go back in front, merged with newer text."""
+        with self._lock:
+            newer = gen.messages
+            if newer and unsent and newer[0]["type"] == "token" and unsent[-1]["type"] == "token":
+                unsent[-1]["text"] += newer.pop(0)["text"]
+            gen.messages = unsent + newer
+            self._streams[id(gen)] = gen
+
+    def drop(self, gen: Generation) -> None:
+        """Forget a stream whose client is gone."""
+        with self._lock:
+            gen.gone = True
+            gen.messages = []
+            self._streams.pop(id(gen), None)

@@ -1,0 +1,49 @@
+"""Where things live by default, resolved the same way by the daemon and rkllmctl."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+SOCKET_NAME = "rkllmd.sock"
+SYSTEM_SOCKET = Path("/run/rkllmd") / SOCKET_NAME
+
+
+def default_socket(environ: Mapping[str, str] | None = None, *, client: bool = False) -> Path:
+    """$RKLLMD_SOCKET, else systemd's RuntimeDirectory, else $XDG_RUNTIME_DIR/rkllmd,
+    else a per-user folder under /tmp.
+
+    A client (``client=True``) that finds no socket at its own default but finds the
+    system service's /run/rkllmd/rkllmd.sock talks to that one.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("RKLLMD_SOCKET"):
+        return Path(env["RKLLMD_SOCKET"])
+    if env.get("RUNTIME_DIRECTORY"):
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / SOCKET_NAME
+    if env.get("XDG_RUNTIME_DIR"):
+        own = Path(env["XDG_RUNTIME_DIR"]) / "rkllmd" / SOCKET_NAME
+    else:
+        own = Path(f"/tmp/rkllmd-{os.getuid()}") / SOCKET_NAME
+    if client and not own.exists() and SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return own
+
+
+def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:
+    return Path(env.get(var) or Path.home() / fallback)
+
+
+def default_text_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    return _xdg(env, "XDG_STATE_HOME", ".local/state") / "rkllmd" / "caches"
+
+
+def default_binary_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get("CACHE_DIRECTORY"):
+        return Path(env["CACHE_DIRECTORY"].split(":")[0])
+    return _xdg(env, "XDG_CACHE_HOME", ".cache") / "rkllmd"

@@ -1,0 +1,333 @@
+"""The socket loop: receives requests, dispatches them to commands, sends what the worker produced.
+
+Everything that touches the ZeroMQ socket happens on this one thread. Requests are
+checked here (envelope, version, op, fields) and turned into wire errors at one
+place, ``_dispatch``; model work is only ever queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import zmq
+
+from . import __version__, commands
+from .backends.base import Backend
+from .caches.manager import CacheManager
+from .commands.cache_wait import CacheWaiter
+from .config import Config
+from .endpoint import Endpoint
+from .outbox import Generation, Outbox
+from .protocol import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ErrorCode, WireError, error_reply, pack, reply, unpack
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+#: Larger messages are not even read: libzmq drops the connection (see docs/protocol.md).
+HARD_MESSAGE_LIMIT = 16 * MAX_MESSAGE_BYTES
+#: How often a stream that a client is not reading is retried.
+BLOCKED_RETRY_S = 0.05
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        backend_reason: str,
+        endpoint: Endpoint,
+        caches: CacheManager,
+        worker: ModelWorker,
+        outbox: Outbox,
+        on_event: Callable[[], None] = lambda: None,
+    ):
+        self.config = config
+        self.backend = backend
+        self.backend_reason = backend_reason
+        self.endpoint = endpoint
+        self.caches = caches
+        self.worker = worker
+        self.outbox = outbox
+        self.started = time.time()
+        self.generations: dict[tuple[bytes, Any], Generation] = {}
+        self.waiters: list[CacheWaiter] = []
+        self.requests_received = 0
+        self.errors_sent = 0
+        self.clients_gone = 0
+        self._on_event = on_event
+        self._blocked: dict[Generation, float] = {}  # stream -> since when its client stopped reading
+        self._stop = False
+        self._reload_requested = False
+        self.reload_handler: Callable[[], None] | None = None
+        self._ctx = zmq.Context.instance()
+        self._router: zmq.Socket | None = None
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- life cycle --------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind the claimed path; after this, clients can connect."""
+        router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable reply = client gone, not silence
+        router.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_LIMIT)
+        router.setsockopt(zmq.LINGER, 1000)
+        old_umask = os.umask(0o117)
+        try:
+            router.bind(self.endpoint.url)
+        finally:
+            os.umask(old_umask)
+        self.endpoint.secure()
+        self._router = router
+        log.info("listening on %s", self.endpoint.url)
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        if not self._stop:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+        self._stop = True
+
+    def _on_reload_signal(self, signum: int, frame: Any) -> None:
+        self._reload_requested = True
+
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT, then shut down cleanly."""
+        assert self._router is not None
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self.outbox.fileno(), zmq.POLLIN)
+        poller.register(self._signal_r, zmq.POLLIN)
+        while not self._stop:
+            timeout = self._poll_timeout()
+            events = dict(poller.poll(None if timeout is None else max(1, int(timeout * 1000))))
+            if self._signal_r in events:
+                self._drain_signal_pipe()
+            if self._reload_requested:
+                self._reload_requested = False
+                if self.reload_handler is not None:
+                    self.reload_handler()
+            if self._router in events:
+                self._receive()
+            self._flush()
+            self._check_waiters(timeouts_only=True)
+        self._shutdown()
+
+    def _drain_signal_pipe(self) -> None:
+        try:
+            while os.read(self._signal_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _poll_timeout(self) -> float | None:
+        now = time.monotonic()
+        deadlines = [w.deadline for w in self.waiters]
+        if self._blocked:
+            deadlines.append(now + BLOCKED_RETRY_S)
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def _shutdown(self) -> None:
+        for gen in self.worker.shutdown():
+            self.outbox.stream(gen, "error", error=WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down").to_wire())
+        if not self.worker.join(timeout=10):
+            log.error("the model worker did not stop within 10 s")
+        for waiter in self.waiters:
+            self._send_plain(waiter.identity, error_reply(waiter.request_id, WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")))
+        self.waiters.clear()
+        self._flush()
+        assert self._router is not None
+        self._router.close()
+        self.endpoint.release()
+        log.info("stopped")
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _receive(self) -> None:
+        assert self._router is not None
+        for _ in range(256):  # then give the outbox a turn
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self.requests_received += 1
+            identity, body = frames[0], frames[1:]
+            request_id = None
+            try:
+                if len(body) != 1:
+                    raise WireError(ErrorCode.MALFORMED, f"expected one frame per message, got {len(body)}")
+                request = unpack(body[0])
+                request_id = _request_id(request)
+                result = self._dispatch(identity, request)
+            except WireError as exc:
+                self._send_plain(identity, error_reply(request_id, exc))
+                continue
+            except Exception as exc:
+                log.exception("request %r failed", request_id)
+                self._send_plain(identity, error_reply(request_id, WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}")))
+                continue
+            if result is not None:
+                self._send_plain(identity, reply(request_id, "result", result=result))
+
+    def _dispatch(self, identity: bytes, request: dict[str, Any]) -> dict[str, Any] | None:
+        version = request.get("v")
+        if version != PROTOCOL_VERSION:
+            raise WireError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}", supported=[PROTOCOL_VERSION])
+        op = request.get("op")
+        command = commands.REGISTRY.get(op) if isinstance(op, str) else None
+        if command is None:
+            raise WireError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", known=sorted(commands.REGISTRY))
+        if self._stop:
+            raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+        return command(self, identity, request)
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _send(self, identity: bytes, message: dict[str, Any]) -> str:
+        """"sent", "gone" (client disconnected) or "blocked" (client not reading)."""
+        assert self._router is not None
+        try:
+            self._router.send_multipart([identity, pack(message)], zmq.NOBLOCK)
+            if message.get("type") == "error":
+                self.errors_sent += 1
+            return "sent"
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return "gone"
+            if exc.errno == zmq.EAGAIN:
+                return "blocked"
+            raise
+
+    def _send_plain(self, identity: bytes, message: dict[str, Any]) -> None:
+        if self._send(identity, message) != "sent":
+            log.debug("reply to a client that is gone or not reading was dropped")
+
+    def _flush(self) -> None:
+        plain, streams, changed = self.outbox.take()
+        for identity, message in plain:
+            self._send_plain(identity, message)
+        for gen, messages in streams:
+            self._flush_stream(gen, messages)
+        if changed:
+            self._check_waiters(names=changed)
+            self._on_event()
+        self._expire_blocked()
+
+    def _flush_stream(self, gen: Generation, messages: list[dict[str, Any]]) -> None:
+        for i, message in enumerate(messages):
+            message["seq"] = gen.seq
+            outcome = self._send(gen.identity, message)
+            if outcome == "sent":
+                gen.seq += 1
+                self._blocked.pop(gen, None)
+                if message["type"] in ("done", "error"):
+                    self.generations.pop(gen.key, None)
+                continue
+            del message["seq"]
+            if outcome == "gone":
+                self._client_gone(gen)
+            else:
+                self._blocked.setdefault(gen, time.monotonic())
+                self.outbox.give_back(gen, messages[i:])
+            return
+
+    def _client_gone(self, gen: Generation) -> None:
+        self.clients_gone += 1
+        log.info("client of request %r is gone; aborting its generation", gen.request_id)
+        self.outbox.drop(gen)
+        self._blocked.pop(gen, None)
+        self.generations.pop(gen.key, None)
+        self.worker.cancel(gen, "client disconnected")
+
+    def _expire_blocked(self) -> None:
+        limit = self.config["daemon.slow_client_timeout"]
+        now = time.monotonic()
+        for gen, since in list(self._blocked.items()):
+            if now - since > limit:
+                log.warning("client of request %r has not read its stream for %.0f s; aborting", gen.request_id, now - since)
+                self._client_gone(gen)
+
+    # -- cache wait ----------------------------------------------------------------------
+
+    def _check_waiters(self, names: set[str] | None = None, timeouts_only: bool = False) -> None:
+        now = time.monotonic()
+        keep = []
+        for waiter in self.waiters:
+            if timeouts_only or (names is not None and waiter.name not in names):
+                if now >= waiter.deadline:
+                    self._send_plain(waiter.identity, error_reply(waiter.request_id, WireError(ErrorCode.TIMEOUT, f"cache {waiter.name} is not ready yet")))
+                else:
+                    keep.append(waiter)
+                continue
+            if not self.answer_waiter(waiter):
+                keep.append(waiter)
+        self.waiters = keep
+
+    def answer_waiter(self, waiter: CacheWaiter) -> bool:
+        """Reply if the cache has settled; False while it is still being built."""
+        done, error = self.caches.settled(waiter.name)
+        if not done:
+            if time.monotonic() < waiter.deadline:
+                return False
+            self._send_plain(waiter.identity, error_reply(waiter.request_id, WireError(ErrorCode.TIMEOUT, f"cache {waiter.name} is not ready yet")))
+            return True
+        if error is not None:
+            code = ErrorCode.NOT_FOUND if error == "no such text cache" else ErrorCode.CACHE_BUILD_FAILED
+            self._send_plain(waiter.identity, error_reply(waiter.request_id, WireError(code, f"cache {waiter.name}: {error}")))
+        else:
+            self._send_plain(waiter.identity, reply(waiter.request_id, "result", result=self.caches.entry(waiter.name).public()))
+        return True
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "socket": str(self.endpoint.path),
+            "backend": self.backend.kind,
+            "backend_reason": self.backend_reason,
+            "model": self.backend.describe(),
+            "worker": self.worker.activity(),
+            "healthy": self.worker.healthy(within=60.0),
+            "counters": {
+                "requests": self.requests_received,
+                "errors_sent": self.errors_sent,
+                "clients_gone": self.clients_gone,
+                **self.worker.counters.as_dict(),
+            },
+            "caches": {
+                "text_dir": str(self.caches.texts.folder),
+                "binary_dir": str(self.caches.binaries.folder),
+                "states": self.caches.counts(),
+                "memory": self.caches.memory(),
+            },
+            "limits": {
+                "max_queue": self.worker.max_queue,
+                "max_tokens": self.config["daemon.max_tokens_limit"],
+                "max_prompt_chars": self.config["daemon.max_prompt_chars"],
+                "max_message_bytes": MAX_MESSAGE_BYTES,
+            },
+        }
+
+
+def _request_id(request: Any) -> Any:
+    if not isinstance(request, dict):
+        raise WireError(ErrorCode.MALFORMED, f"a message must be a map, not {type(request).__name__}")
+    request_id = request.get("id")
+    if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
+        raise WireError(ErrorCode.INVALID_FIELD, "field 'id' must be a string or an integer", field="id")
+    if isinstance(request_id, str) and len(request_id) > MAX_ID_CHARS:
+        raise WireError(ErrorCode.INVALID_FIELD, f"field 'id' is longer than {MAX_ID_CHARS}", field="id")
+    if isinstance(request_id, int) and not -(2**63) <= request_id < 2**64:
+        raise WireError(ErrorCode.INVALID_FIELD, "field 'id' is out of range", field="id")
+    return request_id

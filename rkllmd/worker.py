@@ -1,0 +1,245 @@
+"""The model worker: the one thread that ever touches the backend.
+
+Generations and cache builds run one at a time, in arrival order, from one queue. The
+socket loop only enqueues and cancels; it never waits for the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from .backends.base import Backend, BackendError, ContextOverflow
+from .caches.manager import CacheManager
+from .outbox import Generation, Outbox
+from .protocol import ErrorCode, WireError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class CacheBuild:
+    name: str
+
+
+class Counters:
+    """Totals reported by status; written by the worker only."""
+
+    def __init__(self) -> None:
+        self.generations = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.errors = 0
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.cache_builds = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class ModelWorker:
+    def __init__(self, backend: Backend, outbox: Outbox, max_queue: int):
+        self.backend = backend
+        self.outbox = outbox
+        self.max_queue = max_queue
+        self.caches: CacheManager | None = None
+        self.counters = Counters()
+        self._jobs: deque[Generation | CacheBuild] = deque()
+        self._cond = threading.Condition()
+        self._running: Generation | CacheBuild | None = None
+        self._accepting = True
+        self._stopping = False
+        self.last_progress = time.monotonic()
+        backend.heartbeat = self._heartbeat
+        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+
+    # -- called from the socket loop (or the cache watcher) ----------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, gen: Generation) -> int:
+        """Queue a generation; return how many generations are ahead of it."""
+        with self._cond:
+            if not self._accepting:
+                raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            waiting = sum(isinstance(j, Generation) for j in self._jobs)
+            if waiting >= self.max_queue:
+                raise WireError(ErrorCode.QUEUE_FULL, f"{waiting} requests are waiting; the limit is {self.max_queue}")
+            ahead = waiting + isinstance(self._running, Generation)
+            self.outbox.stream(gen, "queued", position=ahead)
+            self._jobs.append(gen)
+            self._cond.notify()
+            return ahead
+
+    def schedule_build(self, name: str) -> None:
+        with self._cond:
+            if any(isinstance(j, CacheBuild) and j.name == name for j in self._jobs):
+                return
+            self._jobs.append(CacheBuild(name))
+            self._cond.notify()
+
+    def cancel(self, gen: Generation, reason: str = "cancelled") -> str | None:
+        """Cancel a queued or running generation: "queued", "running", or None if it is over."""
+        with self._cond:
+            if gen in self._jobs:
+                self._jobs.remove(gen)
+                state = "queued"
+            elif self._running is gen:
+                state = "running"
+            else:
+                return None
+            gen.cancel_reason = reason
+            gen.cancelled.set()
+            if state == "running":
+                # Under the lock: the worker cannot have moved on to another job yet.
+                self.backend.abort()
+        if state == "queued":
+            self.counters.cancelled += 1
+            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason)
+        return state
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return sum(isinstance(j, Generation) for j in self._jobs)
+
+    def activity(self) -> dict[str, Any]:
+        with self._cond:
+            running = self._running
+            return {
+                "running": "generate" if isinstance(running, Generation) else ("cache_build" if running else None),
+                "queued": sum(isinstance(j, Generation) for j in self._jobs),
+                "builds_queued": sum(isinstance(j, CacheBuild) for j in self._jobs),
+                "building": running.name if isinstance(running, CacheBuild) else None,
+            }
+
+    def healthy(self, within: float) -> bool:
+        """Idle, or made progress (a token, a prefill chunk) in the last ``within`` seconds."""
+        with self._cond:
+            busy = self._running is not None
+        return self._thread.is_alive() and (not busy or time.monotonic() - self.last_progress < within)
+
+    def shutdown(self) -> list[Generation]:
+        """Stop taking work, abort the running generation, return the queued ones (not run)."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            dropped = [j for j in self._jobs if isinstance(j, Generation)]
+            self._jobs.clear()
+            running = self._running
+            if isinstance(running, Generation):
+                running.cancel_reason = "shutting down"
+                running.cancelled.set()
+            if running is not None:
+                self.backend.abort()
+            self._cond.notify()
+        return dropped
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- the worker thread ---------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._jobs.popleft()
+                self._running = job
+                self.last_progress = time.monotonic()
+            try:
+                if isinstance(job, Generation):
+                    self._generate(job)
+                else:
+                    self.counters.cache_builds += 1
+                    assert self.caches is not None
+                    self.caches.build(job.name)
+            except Exception:  # the worker must outlive any one job
+                log.exception("model worker job failed")
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _generate(self, gen: Generation) -> None:
+        started = time.monotonic()
+        self.counters.generations += 1
+        self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
+        prefix = None
+        if gen.use_cache and self.caches is not None:
+            prefix = self.caches.prefix_for(gen.prompt, gen.cache)
+        if gen.cache is not None and prefix is None:
+            log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)
+
+        def sink(text: str) -> bool:
+            if gen.cancelled.is_set():
+                return False
+            if text:
+                self.outbox.stream(gen, "token", text=text)
+            return True
+
+        try:
+            if gen.cancelled.is_set():
+                raise _Cancelled
+            stats = self.backend.generate(gen.prompt, gen.params, prefix, sink)
+        except _Cancelled:
+            self.counters.cancelled += 1
+            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason)
+            return
+        except ContextOverflow as exc:
+            self._fail(gen, WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), prompt_tokens=exc.prompt_tokens, context_length=exc.context_length))
+            return
+        except BackendError as exc:
+            details = {} if exc.runtime_code is None else {"runtime_code": exc.runtime_code}
+            self._fail(gen, WireError(ErrorCode.BACKEND, str(exc), **details))
+            return
+        except Exception as exc:
+            log.exception("generation %r failed", gen.request_id)
+            self._fail(gen, WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}"))
+            return
+        total_ms = (time.monotonic() - gen.received) * 1000
+        decode_tps = (stats.completion_tokens - 1) / (stats.decode_ms / 1000) if stats.decode_ms > 0 and stats.completion_tokens > 1 else None
+        counters = self.counters
+        counters.completed += stats.finish_reason != "cancelled"
+        counters.cancelled += stats.finish_reason == "cancelled"
+        counters.prompt_tokens += stats.prompt_tokens
+        counters.cached_tokens += stats.cached_tokens
+        counters.completion_tokens += stats.completion_tokens
+        self.outbox.stream(
+            gen,
+            "done",
+            finish_reason=stats.finish_reason,
+            reason=gen.cancel_reason if stats.finish_reason == "cancelled" else None,
+            cache=prefix.name if prefix is not None and stats.cached_tokens else None,
+            stats={
+                "prompt_tokens": stats.prompt_tokens,
+                "cached_tokens": stats.cached_tokens,
+                "completion_tokens": stats.completion_tokens,
+                "queue_ms": round((started - gen.received) * 1000, 2),
+                "ttft_ms": round(stats.ttft_ms, 2),
+                "prefill_ms": round(stats.prefill_ms, 2),
+                "decode_ms": round(stats.decode_ms, 2),
+                "decode_tps": None if decode_tps is None else round(decode_tps, 2),
+                "total_ms": round(total_ms, 2),
+            },
+        )
+
+    def _fail(self, gen: Generation, error: WireError) -> None:
+        self.counters.errors += 1
+        self.outbox.stream(gen, "error", error=error.to_wire())
+
+
+class _Cancelled(Exception):
+    """Cancelled after being taken from the queue but before the backend started."""
