@@ -1,0 +1,15 @@
+"""rkllmctl: the client of rkllmd, as a Python library and a shell command."""
+
+from .client import Client, GenerationResult, Stream
+from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolViolation, RkllmError
+
+__all__ = [
+    "Client",
+    "DaemonError",
+    "DaemonUnreachable",
+    "GenerationResult",
+    "PermissionDenied",
+    "ProtocolViolation",
+    "RkllmError",
+    "Stream",
+]

@@ -1,0 +1,268 @@
+"""A small client for rkllmd's socket (protocol: docs/protocol.md).
+
+One Client holds one DEALER socket and is meant for one thread. Replies are matched to
+requests by id, so a ``cancel`` can be sent while a generation streams.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import zmq
+
+from rkllmd.paths import default_socket
+from rkllmd.protocol import PROTOCOL_VERSION, pack, unpack
+
+from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolViolation
+
+START_HINT = "start it with `rkllmd` (or `systemctl start rkllmd`), or point --socket / RKLLMD_SOCKET at a running one"
+
+
+@dataclass
+class GenerationResult:
+    """The end of a generation: all its text, why it stopped, and the daemon's stats."""
+
+    text: str
+    finish_reason: str
+    stats: dict[str, Any] | None
+    cache: str | None
+    reason: str | None = None
+    client_ttft_ms: float | None = None  # measured here, from sending to the first text
+    messages: int = 0  # stream messages received (tokens are coalesced when the reader is slow)
+
+
+def probe(path: Path) -> None:
+    """Fail fast, with advice, when nothing can answer at ``path`` (ZeroMQ would wait forever)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(os.fspath(path))
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(
+                f"permission denied on {path}: only members of group rkllm may use rkllmd "
+                "(sudo usermod -aG rkllm $USER, then log in again)"
+            ) from None
+        if exc.errno == errno.ENOENT:
+            raise DaemonUnreachable(f"no rkllmd socket at {path}; {START_HINT}") from None
+        if exc.errno == errno.ECONNREFUSED:
+            raise DaemonUnreachable(f"nothing listens on {path} (a stale socket?); {START_HINT}") from None
+        raise DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}") from None
+    finally:
+        s.close()
+
+
+class Client:
+    """``with Client() as c: print(c.status())``
+
+    ``timeout`` bounds the wait for the first reply to each request (connection
+    problems, a hung daemon); a running stream may then take as long as it takes.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, timeout: float = 10.0):
+        self.path = Path(socket_path) if socket_path else default_socket(client=True)
+        self.timeout = timeout
+        probe(self.path)
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(f"ipc://{self.path}")
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, deque[dict[str, Any]]] = defaultdict(deque)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def send(self, op: str, **fields: Any) -> Any:
+        """Send one request; return its id."""
+        request_id = next(self._ids)
+        message = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+        message.update({k: v for k, v in fields.items() if v is not None})
+        self._sock.send(pack(message))
+        return request_id
+
+    def receive(self, request_id: Any, timeout: float | None) -> dict[str, Any]:
+        """The next message for ``request_id``; others are kept for their own readers."""
+        if self._pending[request_id]:
+            return self._pending[request_id].popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if wait is not None and wait == 0.0 or not self._sock.poll(None if wait is None else int(wait * 1000) + 1):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DaemonUnreachable(f"no answer from {self.path} within {timeout:g} s; is rkllmd hung or busy loading?")
+                continue
+            message = unpack(self._sock.recv())
+            if not isinstance(message, dict) or "type" not in message:
+                raise ProtocolViolation(f"unexpected message from the daemon: {message!r}")
+            if message.get("id") == request_id:
+                return message
+            if message.get("id") is None and message.get("type") == "error":
+                _raise(message)  # the daemon could not even read our request
+            self._pending[message.get("id")].append(message)
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """A one-shot request: its result map, or DaemonError."""
+        return self.result_of(self.send(op, **fields), self.timeout)
+
+    def result_of(self, request_id: Any, timeout: float | None) -> dict[str, Any]:
+        message = self.receive(request_id, timeout)
+        if message["type"] == "error":
+            _raise(message)
+        if message["type"] != "result":
+            raise ProtocolViolation(f"expected a result, got {message['type']!r}")
+        self._pending.pop(request_id, None)
+        return message["result"]
+
+    # -- operations ---------------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return self.call("ping")
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        system: str | None = None,
+        cache: str | None = None,
+        no_cache: bool = False,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repeat_penalty: float | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+    ) -> Stream:
+        """Start a generation; iterate the returned Stream for text, then read ``.result``."""
+        started = time.monotonic()
+        request_id = self.send(
+            "generate",
+            prompt=prompt,
+            messages=messages,
+            system=system,
+            cache=cache,
+            no_cache=no_cache or None,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=stop or None,
+        )
+        return Stream(self, request_id, started)
+
+    def cancel(self, request_id: Any) -> dict[str, Any]:
+        return self.call("cancel", target=request_id)
+
+    def cache_ls(self) -> dict[str, Any]:
+        return self.call("cache.ls")
+
+    def cache_show(self, name: str) -> dict[str, Any]:
+        return self.call("cache.show", name=name)
+
+    def cache_put(self, name: str, text: str) -> dict[str, Any]:
+        return self.call("cache.put", name=name, text=text)
+
+    def cache_rm(self, name: str) -> dict[str, Any]:
+        return self.call("cache.rm", name=name)
+
+    def cache_rebuild(self, name: str | None = None) -> dict[str, Any]:
+        return self.call("cache.rebuild", name=name)
+
+    def cache_wait(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+        request_id = self.send("cache.wait", name=name, timeout=timeout)
+        return self.result_of(request_id, timeout + self.timeout)
+
+
+@dataclass
+class Stream:
+    """The messages of one generation: iterate for text deltas; ``result`` once it ended."""
+
+    client: Client
+    request_id: Any
+    started: float
+    result: GenerationResult | None = None
+    position: int | None = None  # generations ahead of this one when it was queued
+    _parts: list[str] = field(default_factory=list)
+    _first_text_at: float | None = None
+    _expected_seq: int = 0
+    _count: int = 0
+
+    def __iter__(self) -> Iterator[str]:
+        while self.result is None:
+            # Only the first message (queued, or an error) is bounded by the timeout.
+            timeout = self.client.timeout if self._expected_seq == 0 else None
+            message = self.client.receive(self.request_id, timeout)
+            kind = message["type"]
+            if kind == "error":
+                self.client._pending.pop(self.request_id, None)
+                _raise(message)
+            seq = message.get("seq")
+            if seq != self._expected_seq:
+                raise ProtocolViolation(f"stream message {seq} arrived when {self._expected_seq} was due")
+            self._expected_seq += 1
+            self._count += 1
+            if kind == "queued":
+                self.position = message.get("position")
+            elif kind == "token":
+                if self._first_text_at is None:
+                    self._first_text_at = time.monotonic()
+                self._parts.append(message["text"])
+                yield message["text"]
+            elif kind == "done":
+                self.client._pending.pop(self.request_id, None)
+                ttft = None if self._first_text_at is None else (self._first_text_at - self.started) * 1000
+                self.result = GenerationResult(
+                    text="".join(self._parts),
+                    finish_reason=message["finish_reason"],
+                    stats=message.get("stats"),
+                    cache=message.get("cache"),
+                    reason=message.get("reason"),
+                    client_ttft_ms=ttft,
+                    messages=self._count,
+                )
+            elif kind != "started":
+                raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")
+
+    def wait(self) -> GenerationResult:
+        """Consume the rest of the stream and return its result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def cancel(self) -> GenerationResult:
+        """Cancel on the daemon (queued or running) and return the final result."""
+        try:
+            self.client.cancel(self.request_id)
+        except DaemonError as exc:
+            if exc.name != "not_found":  # it had finished already
+                raise
+        return self.wait()
+
+
+def _raise(message: dict[str, Any]) -> None:
+    error = message.get("error") or {}
+    raise DaemonError(error.get("code", 0), error.get("name", "unknown"), error.get("message", "unknown error"), error.get("details"))

@@ -1,0 +1,150 @@
+"""rkllmctl cache ls|show|put|edit|rm|rebuild|wait: manage prompt caches."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import UsageError, print_json
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("cache", help="prompt caches: ls, show, put, edit, rm, rebuild, wait")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    v = verbs.add_parser("ls", help="every text cache and the state of its binary cache")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(run=ls)
+
+    v = verbs.add_parser("show", help="one cache's text and state")
+    v.add_argument("name")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(run=show)
+
+    v = verbs.add_parser("put", help="create or replace a text cache")
+    v.add_argument("name")
+    v.add_argument("text", nargs="?", help="the text; '-' reads stdin")
+    v.add_argument("--file", type=Path, help="read the text from this file")
+    v.set_defaults(run=put)
+
+    v = verbs.add_parser("edit", help="open the text cache in $EDITOR")
+    v.add_argument("name")
+    v.set_defaults(run=edit)
+
+    v = verbs.add_parser("rm", help="delete a text cache and its binary caches")
+    v.add_argument("name")
+    v.set_defaults(run=rm)
+
+    v = verbs.add_parser("rebuild", help="build binary caches again")
+    v.add_argument("name", nargs="?")
+    v.add_argument("--all", action="store_true", help="every cache")
+    v.set_defaults(run=rebuild)
+
+    v = verbs.add_parser("wait", help="return when the binary cache matches the current text")
+    v.add_argument("name")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60); exit 124 when they run out")
+    v.set_defaults(run=wait)
+
+
+def _age(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    seconds = time.time() - timestamp
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _state(row: dict[str, Any]) -> str:
+    return f"{row['state']}: {row['reason']}" if row.get("reason") else row["state"]
+
+
+def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    with connect() as client:
+        listing = client.cache_ls()
+    if args.json:
+        print_json(listing)
+        return 0
+    rows = listing["caches"]
+    if not rows:
+        print("no text caches")
+        return 0
+    print(f"{'NAME':<24} {'TEXT':>8} {'TOKENS':>7} {'BINARY':>10} {'BUILT':>9} {'BUILD':>8}  STATE")
+    for row in rows:
+        binary = f"{row['binary_bytes'] / 2**20:.1f}M" if row.get("binary_bytes") else "-"
+        build = f"{row['build_ms'] / 1000:.1f}s" if row.get("build_ms") else "-"
+        hot = " (in memory)" if row.get("in_memory") else ""
+        tokens = row.get("tokens") if row.get("tokens") is not None else "-"
+        print(f"{row['name']:<24} {row.get('text_bytes') or 0:>7}B {tokens:>7} {binary:>10} {_age(row.get('built_at')):>9} {build:>8}  {_state(row)}{hot}")
+    return 0
+
+
+def show(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    with connect() as client:
+        info = client.cache_show(args.name)
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"# {info['name']}: {_state(info)}; {info.get('tokens') or '?'} tokens; {info['path']}", file=sys.stderr)
+    if info.get("text") is not None:
+        sys.stdout.write(info["text"])
+        if not info["text"].endswith("\n"):
+            sys.stdout.write("\n")
+    return 0
+
+
+def put(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    if (args.file is None) == (args.text is None):
+        raise UsageError("cache put takes exactly one of TEXT, '-' or --file F")
+    if args.file is not None:
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--file {args.file}: {exc}") from None
+    elif args.text == "-":
+        text = sys.stdin.read()
+    else:
+        text = args.text
+    with connect() as client:
+        info = client.cache_put(args.name, text)
+    print(f"{info['name']}: {_state(info)}", file=sys.stderr)
+    return 0
+
+
+def edit(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    with connect() as client:
+        folder = Path(client.status()["caches"]["text_dir"])
+        path = folder / f"{args.name}.txt"
+        if not path.exists():
+            client.cache_put(args.name, "")  # validates the name and creates the file with the right mode
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    return subprocess.call([*shlex.split(editor), str(path)])
+
+
+def rm(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    with connect() as client:
+        client.cache_rm(args.name)
+    return 0
+
+
+def rebuild(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    if bool(args.name) == bool(args.all):
+        raise UsageError("cache rebuild takes a NAME or --all")
+    with connect() as client:
+        result = client.cache_rebuild(args.name)
+    print(f"queued: {', '.join(result['queued']) or 'nothing'}", file=sys.stderr)
+    return 0
+
+
+def wait(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    with connect() as client:
+        info = client.cache_wait(args.name, args.timeout)
+    print(f"{info['name']}: ready, {info['tokens']} tokens", file=sys.stderr)
+    return 0

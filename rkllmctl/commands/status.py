@@ -1,0 +1,39 @@
+"""rkllmctl status [--json]"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from . import print_json
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("status", help="what the daemon runs and how it is doing")
+    p.add_argument("--json", action="store_true", help="the full status as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    with connect() as client:
+        status = client.status()
+    if args.json:
+        print_json(status)
+        return 0
+    model = status["model"]
+    worker = status["worker"]
+    counters = status["counters"]
+    caches = status["caches"]
+    states = ", ".join(f"{n} {s}" for s, n in sorted(caches["states"].items())) or "none"
+    memory = caches["memory"]
+    print(f"rkllmd {status['version']} (protocol {status['protocol']}), pid {status['pid']}, up {status['uptime_s']:.0f} s")
+    print(f"socket:   {status['socket']}")
+    print(f"backend:  {status['backend']} ({status['backend_reason']})")
+    print(f"model:    {model.get('name', '?')}  context {model.get('context_length', '?')}  {model.get('path', '')}")
+    print(f"worker:   {worker['running'] or 'idle'}; {worker['queued']} queued; {worker['builds_queued']} cache builds queued")
+    print(f"caches:   {states}; {memory['used_bytes'] / 2**20:.1f} of {memory['budget_bytes'] / 2**20:.0f} MiB in memory ({caches['text_dir']})")
+    print(
+        f"served:   {counters['completed']} generations, {counters['cancelled']} cancelled, {counters['errors']} failed; "
+        f"{counters['completion_tokens']} tokens generated, {counters['cached_tokens']} prompt tokens restored from caches"
+    )
+    return 0
