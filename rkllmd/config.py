@@ -52,7 +52,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("sampling", "top_p", float, 0.95, "1.0 disables"),
     Option("sampling", "repeat_penalty", float, 1.0, "1.0 disables"),
     Option("sampling", "max_tokens", int, 256, "completion tokens when a request does not say"),
-    Option("cache", "text_dir", str, "", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then $XDG_STATE_HOME/rkllmd/caches"),
+    Option("cache", "text_dir", str, "", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then cache/ of a source checkout, then $XDG_STATE_HOME/rkllmd/caches"),
     Option("cache", "binary_dir", str, "", "binary caches; empty: $CACHE_DIRECTORY, then $XDG_CACHE_HOME/rkllmd"),
     Option("cache", "memory_budget_mb", int, 256, "bytes of prefix states kept in memory (LRU)"),
     Option("cache", "debounce_ms", int, 300, "quiet time after a text cache changes before it is rebuilt"),
@@ -71,7 +71,7 @@ _BY_DOTTED = {o.dotted: o for o in OPTIONS}
 
 
 class Config:
-    """Resolved settings, read as ``config["cache.text_dir"]`` or ``config.get(section, key)``."""
+    """Resolved settings, read as ``config["cache.text_dir"]``; ``sources`` says where each came from."""
 
     def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str], file: Path | None):
         self._values = dict(values)

@@ -309,6 +309,7 @@ class Daemon:
                 "text_dir": str(self.caches.texts.folder),
                 "binary_dir": str(self.caches.binaries.folder),
                 "states": self.caches.counts(),
+                "builds": self.caches.builds,
                 "memory": self.caches.memory(),
             },
             "limits": {

@@ -37,7 +37,6 @@ class Counters:
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
-        self.cache_builds = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -164,7 +163,6 @@ class ModelWorker:
                 if isinstance(job, Generation):
                     self._generate(job)
                 else:
-                    self.counters.cache_builds += 1
                     assert self.caches is not None
                     self.caches.build(job.name)
             except Exception:  # the worker must outlive any one job

@@ -103,6 +103,7 @@ class CacheManager:
         self._on_change = on_change
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
+        self.builds = 0  # builds that ran (requests deduplicated away are not counted)
 
     # -- any thread ---------------------------------------------------------------
 
@@ -161,9 +162,9 @@ class CacheManager:
             log.warning("binary cache %s refused: %s; rebuilding", entry.name, exc)
             with self._lock:
                 entry.reason = f"binary cache refused ({exc}); rebuilding"
-            return False
+            return
         if meta is None:
-            return False
+            return
         with self._lock:
             entry.state, entry.reason = READY, None
             entry.built_sha256, entry.built_prefix = text_sha, prefix
@@ -230,6 +231,7 @@ class CacheManager:
                 return
             text_sha, prefix = entry.text_sha256, entry.prefix
             entry.state, entry.reason = BUILDING, None
+            self.builds += 1
         self._on_change(name)
         log.info("building binary cache %s", name)
         try:

@@ -50,7 +50,7 @@ class TextStore:
         out = []
         for entry in entries:
             if entry.endswith(TEXT_SUFFIX) and not entry.startswith(".") and name_of_text_file(entry) is None:
-                shown = entry.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+                shown = entry.encode("unicode_escape").decode("ascii")  # control bytes shown, not sent raw
                 out.append((shown, "invalid cache name"))
         return sorted(out)
 

@@ -46,8 +46,6 @@ def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> None:
         use_cache=not get(request, "no_cache", bool, False),
         received=time.monotonic(),
     )
-    if cache is not None and not gen.use_cache:
-        raise WireError(ErrorCode.INVALID_FIELD, "'cache' and 'no_cache' contradict each other", field="no_cache")
     daemon.worker.submit(gen)
     daemon.generations[gen.key] = gen
     return None

@@ -1,0 +1,135 @@
+"""Fixtures that start the real daemon on a private socket and talk to it with the real client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from rkllmctl import Client, DaemonUnreachable
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def reference_cases() -> list[dict]:
+    return json.loads((DATA / "smollm2-greedy.json").read_text())
+
+
+class DaemonProcess:
+    """One ``rkllmd`` process in its own short-pathed folder (ipc paths are limited to 107 bytes)."""
+
+    def __init__(self, *extra: str, env: dict[str, str] | None = None, folder: Path | None = None):
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
+        self.socket = self.folder / "run" / "rkllmd.sock"
+        self.text_dir = self.folder / "text"
+        self.binary_dir = self.folder / "bin"
+        self.log_path = self.folder / "daemon.log"
+        self.extra = extra
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "rkllmd",
+            "--socket", str(self.socket),
+            "--cache-dir", str(self.text_dir),
+            "--binary-cache-dir", str(self.binary_dir),
+            "--log-level", "debug",
+            *self.extra,
+        ]
+
+    def start(self, wait: bool = True, timeout: float = 120) -> DaemonProcess:
+        self.text_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"rkllmd exited with {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                try:
+                    with Client(self.socket, timeout=2) as client:
+                        client.ping()
+                        return
+                except DaemonUnreachable:
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"rkllmd not ready after {timeout} s:\n{self.log()}")
+
+    def client(self, timeout: float = 30) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def cleanup(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[DaemonProcess]:
+    """The shared daemon: for tests that leave it as they found it."""
+    proc = DaemonProcess("--backend", "cpu").start()
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture
+def make_daemon() -> Iterator:
+    """A factory of private daemons, for tests that stop, kill or reconfigure them."""
+    made: list[DaemonProcess] = []
+
+    def make(*extra: str, start: bool = True, **kwargs) -> DaemonProcess:
+        proc = DaemonProcess("--backend", "cpu", *extra, **kwargs)
+        made.append(proc)
+        return proc.start() if start else proc
+
+    yield make
+    for proc in made:
+        proc.cleanup()
+
+
+def rkllmctl(*args: str, socket: Path | None = None, input: str | None = None, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real rkllmctl command line."""
+    cmd = [sys.executable, "-m", "rkllmctl"]
+    if socket is not None:
+        cmd += ["--socket", str(socket)]
+    return subprocess.run([*cmd, *args], input=input, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)

@@ -1,0 +1,356 @@
+"""Prompt caches end to end: names, verbs, editors, crashes, tampering, equality, LRU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, rkllmctl
+from rkllmctl import DaemonError
+
+SHORT_TEXT = "You are a careful assistant for a team of embedded engineers. Answer precisely and briefly, and say when you are unsure."
+PROMPTS = [
+    "What is a mutex?", "Name a prime number.", "What is 2+2?", "Define latency.", "What is an NPU?",
+    "Say hello.", "What is Linux?", "Explain RAM in one line.", "What is a socket?", "Why test code?",
+    "What is JSON?", "Give me a colour.", "What is a CPU cache?", "Spell 'cat'.", "What is Python?",
+    "Is water wet?", "What is a compiler?", "Name a planet.", "What is TCP?", "How many days in a week?",
+    "OK",
+]
+
+
+def state_dir_files(proc: DaemonProcess) -> list[str]:
+    return sorted(p.name for p in proc.binary_dir.rglob("*") if p.is_file())
+
+
+def builds(proc: DaemonProcess) -> int:
+    with proc.client() as client:
+        return client.status()["caches"]["builds"]
+
+
+def settle(proc: DaemonProcess, name: str, quiet: float = 0.8) -> dict:
+    """Wait for the cache to be current, then for the watcher to have nothing left to say."""
+    time.sleep(quiet)
+    with proc.client() as client:
+        return client.cache_wait(name, timeout=120)
+
+
+HOSTILE = ["", ".", "..", ".hidden", "a/b", "../x", "/abs", "a\x00b", "x" * 65, "with space", "tab\t", "new\nline", "ünï", "a..b", "-" + "\x7f"]
+
+
+@pytest.mark.parametrize("name", HOSTILE, ids=repr)
+def test_hostile_names_are_refused_everywhere(daemon: DaemonProcess, name: str) -> None:
+    with daemon.client() as client:
+        for call in (
+            lambda: client.cache_put(name, "text"),
+            lambda: client.cache_show(name),
+            lambda: client.cache_rm(name),
+            lambda: client.cache_rebuild(name),
+            lambda: client.cache_wait(name, 1),
+            lambda: client.generate("hi", cache=name).wait(),
+        ):
+            with pytest.raises(DaemonError) as err:
+                call()
+            assert err.value.name == "invalid_name", err.value
+    assert not any(daemon.folder.rglob("*passwd*"))
+
+
+@pytest.mark.parametrize("name", ["a", "A-b_c.d", "x" * 64, "v1.2"])
+def test_valid_names_round_trip(daemon: DaemonProcess, name: str) -> None:
+    with daemon.client() as client:
+        client.cache_put(name, "Be brief.")
+        assert client.cache_show(name)["text"] == "Be brief."
+        client.cache_rm(name)
+        with pytest.raises(DaemonError):
+            client.cache_show(name)
+
+
+def test_put_builds_by_itself_and_rm_deletes_everything(make_daemon) -> None:
+    proc = make_daemon()
+    with proc.client() as client:
+        client.cache_put("rules", SHORT_TEXT)
+        ready = client.cache_wait("rules", timeout=60)
+        assert ready["state"] == "ready" and ready["tokens"] > 20
+        rows = {r["name"]: r for r in client.cache_ls()["caches"]}
+        assert rows["rules"]["state"] == "ready" and rows["rules"]["binary_bytes"] == ready["tokens"] * 46080
+        assert rows["rules"]["build_ms"] > 0 and rows["rules"]["built_at"] <= time.time()
+        assert client.cache_show("rules")["text"] == SHORT_TEXT
+        assert any(f.endswith(".state") for f in state_dir_files(proc))
+        client.cache_rm("rules")
+        assert client.cache_ls()["caches"] == []
+    assert state_dir_files(proc) == []
+
+
+def test_cli_cache_verbs(make_daemon, tmp_path: Path) -> None:
+    proc = make_daemon()
+    sock = proc.socket
+    (tmp_path / "t.txt").write_text(SHORT_TEXT)
+    assert rkllmctl("cache", "put", "fromfile", "--file", str(tmp_path / "t.txt"), socket=sock).returncode == 0
+    assert rkllmctl("cache", "put", "fromstdin", "-", input="Be brief.", socket=sock).returncode == 0
+    assert rkllmctl("cache", "put", "inline", "Answer in French.", socket=sock).returncode == 0
+    for name in ("fromfile", "fromstdin", "inline"):
+        run = rkllmctl("cache", "wait", name, "--timeout", "60", socket=sock)
+        assert run.returncode == 0, run.stderr
+    listing = json.loads(rkllmctl("cache", "ls", "--json", socket=sock).stdout)
+    assert {r["name"]: r["state"] for r in listing["caches"]} == {"fromfile": "ready", "fromstdin": "ready", "inline": "ready"}
+    human = rkllmctl("cache", "ls", socket=sock).stdout
+    assert "fromfile" in human and "ready" in human
+    assert rkllmctl("cache", "show", "inline", socket=sock).stdout == "Answer in French.\n"
+    editor = tmp_path / "editor.sh"
+    editor.write_text("#!/bin/sh\nprintf 'Edited text.' > \"$1\"\n")
+    editor.chmod(0o755)
+    assert rkllmctl("cache", "edit", "inline", socket=sock, env={"EDITOR": str(editor), "VISUAL": ""}).returncode == 0
+    assert rkllmctl("cache", "wait", "inline", socket=sock).returncode == 0
+    assert rkllmctl("cache", "show", "inline", socket=sock).stdout == "Edited text.\n"
+    assert rkllmctl("cache", "rebuild", "--all", socket=sock).returncode == 0
+    assert rkllmctl("cache", "rm", "inline", socket=sock).returncode == 0
+    assert rkllmctl("cache", "rm", "inline", socket=sock).returncode == 1
+    assert rkllmctl("cache", "wait", "nothing-here", "--timeout", "1", socket=sock).returncode == 1
+
+
+def test_cache_wait_times_out_with_124(make_daemon) -> None:
+    proc = make_daemon()
+    long_text = " ".join(f"Rule {i}: keep functions short and names clear." for i in range(150))
+    with proc.client() as client:
+        client.cache_put("slow", long_text)
+    run = rkllmctl("cache", "wait", "slow", "--timeout", "0.2", socket=proc.socket)
+    assert run.returncode == 124, run.stderr
+
+
+def _save_in_place(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text[: len(text) // 2])
+        f.flush()
+        time.sleep(0.05)
+        f.write(text[len(text) // 2 :])
+
+
+def _save_like_vim(path: Path, text: str) -> None:
+    probe = path.parent / "4913"
+    probe.write_text("")
+    probe.unlink()
+    swap = path.parent / f".{path.name}.swp"
+    swap.write_bytes(b"\0" * 64)
+    backup = path.parent / f"{path.name}~"
+    os.rename(path, backup)
+    path.write_text(text)
+    backup.unlink()
+    swap.unlink()
+
+
+def _save_like_gedit(path: Path, text: str) -> None:
+    tmp = path.parent / ".goutputstream-ABC123"
+    tmp.write_text(text)
+    os.rename(tmp, path)
+
+
+def _save_like_vscode(path: Path, text: str) -> None:
+    with open(path, "r+") as f:
+        f.truncate(0)
+    time.sleep(0.05)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _delete_and_create(path: Path, text: str) -> None:
+    path.unlink()
+    time.sleep(0.05)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("save", [_save_in_place, _save_like_vim, _save_like_gedit, _save_like_vscode, _delete_and_create], ids=lambda f: f.__name__[1:])
+def test_each_editor_save_pattern_rebuilds_exactly_once(make_daemon, save) -> None:
+    proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "200"})
+    path = proc.text_dir / "notes.txt"
+    path.write_text("Answer in English.")
+    first = settle(proc, "notes")
+    before = builds(proc)
+    new_text = "Answer in German, politely."
+    save(path, new_text)
+    ready = settle(proc, "notes")
+    time.sleep(0.6)  # nothing more may follow
+    assert builds(proc) == before + 1
+    assert ready["tokens"] != first["tokens"] or ready["built_at"] > first["built_at"]
+    with proc.client() as client:
+        result = client.generate("Hello!", system=new_text, max_tokens=2).wait()
+    assert result.cache == "notes" and result.stats["cached_tokens"] == ready["tokens"]
+
+
+def test_saving_unchanged_content_builds_nothing(make_daemon) -> None:
+    proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "150"})
+    path = proc.text_dir / "same.txt"
+    path.write_text(SHORT_TEXT)
+    settle(proc, "same")
+    before = builds(proc)
+    _save_like_vim(path, SHORT_TEXT)
+    path.touch()
+    time.sleep(1.0)
+    assert builds(proc) == before
+
+
+def test_deleting_the_text_deletes_its_binary(make_daemon) -> None:
+    proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "100"})
+    (proc.text_dir / "gone.txt").write_text(SHORT_TEXT)
+    settle(proc, "gone")
+    assert state_dir_files(proc)
+    (proc.text_dir / "gone.txt").unlink()
+    deadline = time.monotonic() + 5
+    while state_dir_files(proc):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with proc.client() as client:
+        assert client.cache_ls()["caches"] == []
+
+
+def test_kill_9_during_a_build_leaves_nothing_partial(make_daemon) -> None:
+    proc = make_daemon()
+    long_text = " ".join(f"Rule {i}: keep functions short and names clear." for i in range(120))
+    with proc.client() as client:
+        client.cache_put("big", long_text)
+        deadline = time.monotonic() + 30
+        while {r["name"]: r for r in client.cache_ls()["caches"]}["big"]["state"] != "building":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    time.sleep(0.3)
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    visible = [f for f in state_dir_files(proc) if not f.startswith(".tmp-")]
+    assert visible == []  # only a hidden temporary file may be left
+    proc.start()
+    assert not [f for f in state_dir_files(proc) if f.startswith(".tmp-")]  # cleaned at start
+    with proc.client() as client:
+        ready = client.cache_wait("big", timeout=120)
+    assert ready["state"] == "ready" and ready["tokens"] > 500
+
+
+def _tamper_flip(state: Path, meta: Path) -> None:
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+
+
+def _tamper_truncate(state: Path, meta: Path) -> None:
+    state.write_bytes(state.read_bytes()[:1000])
+
+
+def _tamper_foreign_model(state: Path, meta: Path) -> None:
+    doc = json.loads(meta.read_text())
+    doc["identity"]["model_fingerprint"] = "0" * 64
+    meta.write_text(json.dumps(doc))
+
+
+def _tamper_wrong_text(state: Path, meta: Path) -> None:
+    doc = json.loads(meta.read_text())
+    doc["text_sha256"] = "f" * 64
+    meta.write_text(json.dumps(doc))
+
+
+def _tamper_garbage_meta(state: Path, meta: Path) -> None:
+    meta.write_bytes(os.urandom(200))
+
+
+@pytest.mark.parametrize("tamper", [_tamper_flip, _tamper_truncate, _tamper_foreign_model, _tamper_wrong_text, _tamper_garbage_meta], ids=lambda f: f.__name__[8:])
+def test_bad_binary_caches_are_refused_and_rebuilt(make_daemon, tamper) -> None:
+    proc = make_daemon()
+    with proc.client() as client:
+        client.cache_put("t", SHORT_TEXT)
+        good = client.cache_wait("t", timeout=60)
+    proc.stop()
+    [state] = proc.binary_dir.rglob("t.state")
+    meta = state.with_name("t.meta.json")
+    tamper(state, meta)
+    proc.start()
+    with proc.client() as client:
+        ready = client.cache_wait("t", timeout=60)
+        result = client.generate("Hello!", cache="t", max_tokens=2).wait()
+    assert ready["built_at"] > good["built_at"]  # rebuilt, not adopted
+    assert result.stats["cached_tokens"] == good["tokens"]
+    assert "refused" in proc.log() or tamper is _tamper_wrong_text
+
+
+def test_cached_and_uncached_greedy_outputs_are_identical(make_daemon) -> None:
+    proc = make_daemon()
+    with proc.client() as client:
+        client.cache_put("eq", SHORT_TEXT)
+        n = client.cache_wait("eq", timeout=60)["tokens"]
+        for prompt in PROMPTS:
+            cached = client.generate(prompt, cache="eq", max_tokens=8).wait()
+            cold = client.generate(prompt, system=SHORT_TEXT, no_cache=True, max_tokens=8).wait()
+            assert cached.stats["cached_tokens"] == n and cached.cache == "eq"
+            assert cold.stats["cached_tokens"] == 0 and cold.cache is None
+            assert cached.text == cold.text, prompt
+            assert cached.stats["completion_tokens"] == cold.stats["completion_tokens"]
+
+
+def test_automatic_prefix_use_picks_the_longest_match(make_daemon) -> None:
+    proc = make_daemon()
+    base = "Be brief."
+    # A cache whose text carries a whole exchange extends the plain one's prefix.
+    longer = base + "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>system\nNow be formal."
+    with proc.client() as client:
+        client.cache_put("short", base)
+        client.cache_put("long", longer)
+        short_tokens = client.cache_wait("short", timeout=60)["tokens"]
+        long_tokens = client.cache_wait("long", timeout=60)["tokens"]
+        plain = client.generate("What is 2+2?", system=base, max_tokens=4).wait()
+        chat = client.generate(
+            messages=[
+                {"role": "system", "content": base},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "system", "content": "Now be formal."},
+                {"role": "user", "content": "What is 2+2?"},
+            ],
+            max_tokens=4,
+        ).wait()
+        unrelated = client.generate("What is 2+2?", system="Something else.", max_tokens=4).wait()
+    assert (plain.cache, plain.stats["cached_tokens"]) == ("short", short_tokens)
+    assert (chat.cache, chat.stats["cached_tokens"]) == ("long", long_tokens)
+    assert unrelated.cache is None and unrelated.stats["cached_tokens"] == 0
+
+
+def test_memory_lru_respects_its_budget(make_daemon) -> None:
+    proc = make_daemon(env={"RKLLMD_CACHE_MEMORY_BUDGET_MB": "2"})
+    texts = {f"c{i}": f"Answer in language number {i}." for i in range(3)}
+    with proc.client() as client:
+        for name, text in texts.items():
+            client.cache_put(name, text)
+        sizes = {name: client.cache_wait(name, timeout=60)["binary_bytes"] for name in texts}
+        assert all(s < 1 << 20 for s in sizes.values())  # two fit in 2 MiB, three do not
+        for name in texts:
+            client.generate("Hi", cache=name, max_tokens=1).wait()
+        listing = client.cache_ls()
+        in_memory = {r["name"] for r in listing["caches"] if r["in_memory"]}
+        assert in_memory == {"c1", "c2"}  # c0 was least recently used
+        assert listing["memory"]["used_bytes"] <= 2 << 20
+        client.generate("Hi", cache="c0", max_tokens=1).wait()
+        in_memory = {r["name"] for r in client.cache_ls()["caches"] if r["in_memory"]}
+        assert in_memory == {"c2", "c0"}
+
+
+def test_hostile_text_files_are_reported_not_followed(make_daemon, tmp_path: Path) -> None:
+    proc = make_daemon()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    (proc.text_dir / "link.txt").symlink_to(secret)
+    os.mkfifo(proc.text_dir / "fifo.txt")
+    (proc.text_dir / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with open(proc.text_dir / "huge.txt", "wb") as f:
+        f.truncate(10 << 30)  # 10 GB, sparse
+    (proc.text_dir / "bad\x01name.txt").write_text("x")
+    with proc.client() as client:
+        client.cache_rebuild()
+        rows = {r["name"]: r for r in client.cache_ls()["caches"]}
+        with pytest.raises(DaemonError):
+            client.generate("hi", cache="link").wait()
+        assert client.ping()["pong"]
+    assert rows["link"]["state"] == "failed" and "symbolic link" in rows["link"]["reason"]
+    assert rows["fifo"]["state"] == "failed" and "regular file" in rows["fifo"]["reason"]
+    assert rows["latin1"]["state"] == "failed" and "UTF-8" in rows["latin1"]["reason"]
+    assert rows["huge"]["state"] == "failed" and "limit" in rows["huge"]["reason"]
+    assert any(r["reason"] == "invalid cache name" for r in rows.values())
+    assert "top secret" not in json.dumps(rows)

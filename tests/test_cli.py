@@ -1,0 +1,80 @@
+"""The rkllmctl command line: output, exit codes, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, DaemonProcess, rkllmctl
+
+
+def test_generate_streams_text_and_prints_stats(daemon: DaemonProcess) -> None:
+    run = rkllmctl("generate", "--max-tokens", "48", "What is the capital of France?", socket=daemon.socket)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "The capital of France is Paris.\n"
+    assert "TTFT" in run.stderr and "prompt 37 tokens" in run.stderr
+
+
+def test_generate_json_reads_stdin_and_reports_all_stats(daemon: DaemonProcess) -> None:
+    run = rkllmctl("generate", "--json", "--max-tokens", "48", "-", input="What is the capital of France?", socket=daemon.socket)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["text"] == "The capital of France is Paris."
+    assert out["finish_reason"] == "stop"
+    assert set(out["stats"]) >= {"prompt_tokens", "cached_tokens", "completion_tokens", "ttft_ms", "prefill_ms", "decode_tps"}
+
+
+def test_generate_messages_file(daemon: DaemonProcess, tmp_path: Path) -> None:
+    chat = [{"role": "system", "content": "You are a terse assistant. Answer in one sentence."}, {"role": "user", "content": "Why is the sky blue?"}]
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    run = rkllmctl("generate", "--json", "--max-tokens", "8", "--messages", str(tmp_path / "chat.json"), socket=daemon.socket)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["stats"]["prompt_tokens"] == 32
+
+
+def test_status_human_and_json(daemon: DaemonProcess) -> None:
+    human = rkllmctl("status", socket=daemon.socket)
+    assert human.returncode == 0 and "backend:  cpu" in human.stdout and "SmolLM2" in human.stdout
+    status = json.loads(rkllmctl("status", "--json", socket=daemon.socket).stdout)
+    assert status["backend"] == "cpu" and status["model"]["context_length"] == 4096
+    assert {"requests", "completed", "completion_tokens"} <= set(status["counters"])
+
+
+def test_unreachable_daemon_has_its_own_exit_code_and_a_hint(tmp_path: Path) -> None:
+    run = rkllmctl("status", socket=tmp_path / "none.sock")
+    assert run.returncode == 3
+    assert "start it with `rkllmd`" in run.stderr
+
+
+def test_daemon_errors_and_usage_errors_have_their_codes(daemon: DaemonProcess) -> None:
+    assert rkllmctl("generate", "--max-tokens", "999999", "hi", socket=daemon.socket).returncode == 1
+    assert rkllmctl("cache", "show", "../etc", socket=daemon.socket).returncode == 1
+    assert rkllmctl("cache", "rebuild", socket=daemon.socket).returncode == 2
+    assert rkllmctl("no-such-verb", socket=daemon.socket).returncode == 2
+
+
+def test_ctrl_c_cancels_on_the_daemon_and_exits_130(daemon: DaemonProcess) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "rkllmctl", "--socket", str(daemon.socket), "generate", "--max-tokens", "1000", "Tell me a very long story."],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    assert child.stdout is not None
+    child.stdout.read(1)
+    child.send_signal(signal.SIGINT)
+    assert child.wait(10) == 130
+    with daemon.client() as client:
+        deadline = time.monotonic() + 2
+        while client.status()["worker"]["running"] is not None:
+            assert time.monotonic() < deadline, "generation still running after Ctrl-C"
+            time.sleep(0.05)
+
+
+def test_chat_keeps_history(daemon: DaemonProcess) -> None:
+    run = rkllmctl("chat", "--max-tokens", "48", "--stats", input="What is the capital of France?\n/exit\n", socket=daemon.socket)
+    assert run.returncode == 0, run.stderr
+    assert "The capital of France is Paris." in run.stdout
+    assert "prompt 37 tokens" in run.stderr

@@ -1,0 +1,67 @@
+"""Configuration precedence and the shipped config file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from rkllmd.config import OPTIONS, ConfigError, load
+from rkllmd.paths import default_socket
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    config_file = tmp_path / "rkllmd.toml"
+    config_file.write_text('[daemon]\nmax_queue = 5\nlog_level = "warning"\n[sampling]\ntop_k = 7\n[cache]\ndebounce_ms = 50\n')
+    env = {"RKLLMD_MAX_QUEUE": "6", "RKLLMD_SAMPLING_TOP_K": "8"}
+    config = load(config_file, environ=env, flags={"daemon.max_queue": 9})
+    assert config["daemon.max_queue"] == 9 and config.sources["daemon.max_queue"] == "command line"
+    assert config["sampling.top_k"] == 8 and config.sources["sampling.top_k"] == "RKLLMD_SAMPLING_TOP_K"
+    assert config["daemon.log_level"] == "warning" and config.sources["daemon.log_level"] == str(config_file)
+    assert config["cache.debounce_ms"] == 50
+    assert config["model.context_length"] == 4096 and config.sources["model.context_length"] == "default"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[daemon]\nmax_queue = 'many'\n", "daemon.max_queue"),
+        ("[daemon]\nno_such_key = 1\n", "unknown key daemon.no_such_key"),
+        ("[daemon\n", "rkllmd.toml"),
+        ("daemon = 3\n", "must be a table"),
+    ],
+)
+def test_bad_config_files_are_refused_with_the_key(tmp_path: Path, text: str, message: str) -> None:
+    config_file = tmp_path / "rkllmd.toml"
+    config_file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(config_file, environ={})
+
+
+def test_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="RKLLMD_MAX_QUEUE"):
+        load(None, environ={"RKLLMD_MAX_QUEUE": "lots", "RKLLMD_CONFIG": ""})
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "absent.toml", environ={})
+
+
+def test_shipped_config_documents_every_key_with_its_default() -> None:
+    text = (ROOT / "etc" / "rkllmd.toml").read_text()
+    uncommented = "\n".join(line[2:] if line.startswith("# ") and " = " in line else line for line in text.splitlines())
+    table = tomllib.loads(uncommented)
+    documented = {f"{s}.{k}": v for s, keys in table.items() for k, v in keys.items()}
+    assert documented == {o.dotted: o.default for o in OPTIONS}
+    assert load(ROOT / "etc" / "rkllmd.toml", environ={})["daemon.backend"] == "auto"
+
+
+def test_socket_default_order(tmp_path: Path) -> None:
+    assert default_socket({"RKLLMD_SOCKET": "/x/y.sock", "RUNTIME_DIRECTORY": "/run/a"}) == Path("/x/y.sock")
+    assert default_socket({"RUNTIME_DIRECTORY": "/run/rkllmd"}) == Path("/run/rkllmd/rkllmd.sock")
+    assert default_socket({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / "rkllmd" / "rkllmd.sock"
+    assert str(default_socket({})).startswith("/tmp/rkllmd-")

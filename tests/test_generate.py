@@ -1,0 +1,190 @@
+"""Generation through the real daemon, the real client and the real model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, DaemonProcess, reference_cases
+from rkllmctl import DaemonError
+
+LONG_PROMPT = "Write a very long story about a lighthouse keeper, with many chapters."
+
+
+def wait_idle(client, timeout: float) -> float:
+    """Seconds until the worker runs nothing, or raise."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if client.status()["worker"]["running"] is None:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"worker still busy after {timeout} s")
+
+
+@pytest.mark.parametrize("case", reference_cases(), ids=lambda c: c["messages"][-1]["content"][:30])
+def test_greedy_reference_reproduced_through_the_socket(daemon: DaemonProcess, case: dict) -> None:
+    with daemon.client() as client:
+        result = client.generate(messages=case["messages"], max_tokens=case["max_tokens"], temperature=0).wait()
+    assert result.text == case["completion"]
+    assert result.stats["prompt_tokens"] == case["prompt_tokens"]
+    assert result.stats["completion_tokens"] == len(case["completion_ids"])
+    assert result.finish_reason == ("stop" if case["stopped_on_eos"] else "length")
+
+
+def test_stream_is_ordered_and_final_stats_are_complete(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        stream = client.generate("Count from one to ten in words.", max_tokens=24)
+        pieces = list(stream)  # the client raises on any gap or reordering of seq numbers
+    result = stream.result
+    assert result is not None and pieces and "".join(pieces) == result.text
+    stats = result.stats
+    assert result.finish_reason in ("stop", "length")
+    assert stats["completion_tokens"] >= 1 and stats["prompt_tokens"] > 10
+    assert stats["cached_tokens"] == 0
+    assert 0 < stats["prefill_ms"] <= stats["ttft_ms"] <= stats["total_ms"]
+    assert stats["queue_ms"] >= 0
+    if stats["completion_tokens"] > 1:
+        assert stats["decode_tps"] > 1
+    assert result.messages >= 4  # queued, started, at least one token, done
+
+
+def test_max_tokens_gives_length_and_stop_strings_cut(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        capped = client.generate("Write a haiku about the sea.", max_tokens=3).wait()
+        assert capped.finish_reason == "length" and capped.stats["completion_tokens"] == 3
+        full = client.generate("Write a haiku about the sea.", max_tokens=48).wait()
+        cut = client.generate("Write a haiku about the sea.", max_tokens=48, stop=[","]).wait()
+    assert "," in full.text
+    assert cut.text == full.text[: full.text.index(",")]
+    assert cut.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(daemon: DaemonProcess) -> None:
+    kwargs = dict(temperature=1.0, top_k=40, top_p=0.95, max_tokens=16)
+    with daemon.client() as client:
+        a = client.generate("Name a colour.", seed=1234, **kwargs).wait().text
+        b = client.generate("Name a colour.", seed=1234, **kwargs).wait().text
+        others = {client.generate("Name a colour.", seed=s, **kwargs).wait().text for s in (1, 2, 3)}
+    assert a == b
+    assert len(others | {a}) > 1
+
+
+def _arrival_order(daemon: DaemonProcess, n: int) -> None:
+    clients = [daemon.client() for _ in range(n)]
+    finished: list[int] = []
+    lock = threading.Lock()
+    try:
+        streams = []
+        for i, client in enumerate(clients):
+            streams.append(client.generate(f"Say the number {i}.", max_tokens=4))
+            time.sleep(0.02)  # a definite arrival order
+
+        def consume(i: int) -> None:
+            streams[i].wait()
+            with lock:
+                finished.append(i)
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [s.position for s in streams] == list(range(n))
+        assert finished == list(range(n))
+        assert all(s.result.finish_reason in ("stop", "length") for s in streams)
+    finally:
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_concurrent_clients_are_served_in_arrival_order(daemon: DaemonProcess, n: int) -> None:
+    _arrival_order(daemon, n)
+
+
+def test_cancel_queued_and_running(daemon: DaemonProcess) -> None:
+    with daemon.client() as a, daemon.client() as b:
+        running = a.generate(LONG_PROMPT, max_tokens=400)
+        queued = b.generate(LONG_PROMPT, max_tokens=400)
+        next(iter(running))  # it is generating
+        assert b.cancel(queued.request_id)["was"] == "queued"
+        assert queued.wait().finish_reason == "cancelled"
+        t0 = time.monotonic()
+        assert a.cancel(running.request_id)["was"] == "running"
+        result = running.wait()
+        assert time.monotonic() - t0 < 1.0
+        assert result.finish_reason == "cancelled"
+        assert result.stats["completion_tokens"] < 400
+        with pytest.raises(DaemonError) as err:
+            a.cancel(running.request_id)
+        assert err.value.name == "not_found"
+
+
+def test_killed_client_frees_the_worker_within_a_second(daemon: DaemonProcess) -> None:
+    with daemon.client() as observer:
+        before = observer.status()["counters"]["clients_gone"]
+        child = subprocess.Popen(
+            [sys.executable, "-m", "rkllmctl", "--socket", str(daemon.socket), "generate", "--max-tokens", "2000", LONG_PROMPT],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+        )
+        assert child.stdout is not None
+        child.stdout.read(1)  # the generation is streaming
+        child.kill()
+        child.wait()
+        assert wait_idle(observer, timeout=1.0) < 1.0
+        status = observer.status()
+    assert status["counters"]["clients_gone"] == before + 1
+
+
+def test_second_daemon_on_the_same_socket_refuses(daemon: DaemonProcess) -> None:
+    intruder = DaemonProcess("--backend", "cpu")
+    intruder.socket = daemon.socket
+    try:
+        intruder.start(wait=False)
+        assert intruder.wait(60) == 1
+        assert "another rkllmd" in intruder.log()
+    finally:
+        intruder.cleanup()
+    with daemon.client() as client:
+        assert client.ping()["pong"] is True
+
+
+def test_stale_socket_file_is_replaced_and_modes_are_private(make_daemon) -> None:
+    proc = make_daemon(start=False)
+    proc.socket.parent.mkdir(mode=0o700, parents=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(proc.socket))
+    stale.close()  # the file stays, nobody listens: what a crashed daemon leaves
+    old = os.umask(0)  # the daemon must not depend on a friendly umask
+    try:
+        proc.start()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(proc.socket.parent.stat().st_mode) == 0o750
+    assert stat.S_IMODE(proc.socket.stat().st_mode) == 0o660
+    with proc.client() as client:
+        assert client.ping()["pong"] is True
+
+
+def test_sigterm_during_generation_ends_cleanly(make_daemon) -> None:
+    proc = make_daemon()
+    with proc.client() as a, proc.client() as b:
+        running = a.generate(LONG_PROMPT, max_tokens=400)
+        waiting = b.generate(LONG_PROMPT, max_tokens=400)
+        next(iter(running))
+        proc.signal(signal.SIGTERM)
+        result = running.wait()
+        with pytest.raises(DaemonError) as err:
+            waiting.wait()
+    assert result.finish_reason == "cancelled" and result.reason == "shutting down"
+    assert err.value.name == "shutting_down"
+    assert proc.wait(20) == 0
+    assert not proc.socket.exists()
