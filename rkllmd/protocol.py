@@ -38,7 +38,6 @@ class ErrorCode(IntEnum):
     CONTEXT_OVERFLOW = 300
     BACKEND = 301
     CACHE_BUILD_FAILED = 302
-    CLIENT_TOO_SLOW = 303
     INTERNAL = 399
 
 
