@@ -1,0 +1,536 @@
+"""RkllmBackend in process, on the fake runtime of each interface generation.
+
+The fake's behaviour these tests rely on (see tests/fake_rkllm/fake_rkllm.c): one token
+is one byte of the templated prompt; the reply is "echo: " + the last user turn,
+streamed a word per token, with a multi-byte character split across a WAITING and a
+NORMAL callback; FAKE_RKLLM_LOG records every call.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fake_rkllm.build import ERRORS, RELEASE, fake_runtime  # noqa: F401  (fake_runtime is a fixture)
+from rkllmd.backends.base import BackendError, PrefixState, SamplingParams
+from rkllmd.backends.rkllm import runtime as rt_module
+from rkllmd.backends.rkllm.backend import RkllmBackend, detect
+from rkllmd.backends.rkllm.runtime import RkllmStartupError, inspect_library
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATIONS = ("1.2", "1.3")
+
+
+# --- helpers -----------------------------------------------------------------------------
+@pytest.fixture
+def model(tmp_path) -> Path:
+    path = tmp_path / "tiny.rkllm"
+    path.write_text("a fake .rkllm model\n")
+    return path
+
+
+@pytest.fixture
+def calls(tmp_path, monkeypatch):
+    """The fake's call log: calls() -> [(function, {key: value})] since the last read."""
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("FAKE_RKLLM_LOG", str(log))
+
+    def read(*, consume: bool = True) -> list[tuple[str, dict[str, str]]]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if consume:
+            log.write_text("")
+        out = []
+        for line in lines:
+            name, *pairs = line.split(" ")
+            out.append((name, dict(p.split("=", 1) for p in pairs if "=" in p)))
+        return out
+
+    return read
+
+
+@pytest.fixture(params=GENERATIONS)
+def generation(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def backend(fake_runtime, generation, model, calls):
+    b = RkllmBackend(model, library=fake_runtime[generation])
+    b.load()
+    calls()  # start each test with an empty log
+    yield b
+    b.close()
+
+
+def chat(backend: RkllmBackend, user: str, system: str | None = None) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return backend.render(messages)
+
+
+def run(backend, prompt, params=SamplingParams(), prefix=None, stop_after=None):
+    pieces: list[str] = []
+
+    def sink(text: str) -> bool:
+        pieces.append(text)
+        return stop_after is None or len(pieces) < stop_after
+
+    stats = backend.generate(prompt, params, prefix, sink)
+    return pieces, stats
+
+
+def names(log) -> list[str]:
+    return [name for name, _ in log]
+
+
+# --- loading -------------------------------------------------------------------------------
+def test_auto_picks_the_generation_from_the_library(fake_runtime, generation, model, calls, caplog):
+    caplog.set_level(logging.INFO)
+    b = RkllmBackend(model, library=fake_runtime[generation])
+    b.load()
+    try:
+        assert b.describe()["runtime"].startswith(f"{RELEASE[generation]}, interface {generation}")
+        assert f"using the {generation} interface" in caplog.text
+        assert f"version banner '{RELEASE[generation]}'" in caplog.text
+    finally:
+        b.close()
+    assert names(calls()) == ["rkllm_createDefaultParam", "rkllm_init", "rkllm_set_chat_template", "rkllm_destroy"]
+
+
+def test_init_values_land_at_their_offsets(fake_runtime, generation, model, calls):
+    b = RkllmBackend(model, library=fake_runtime[generation], context_length=1234, max_new_tokens=99, n_keep=7,
+                     cpu_mask=0xF0, base_domain_id=3, temperature=0.5, top_k=20, top_p=0.75, repeat_penalty=1.25,
+                     frequency_penalty=0.5, presence_penalty=0.25)
+    b.load()
+    b.close()
+    log = dict(calls())
+    assert {k: log["rkllm_init"][k] for k in (
+        "abi", "model", "max_context_len", "max_new_tokens", "n_keep", "top_k", "top_p", "temperature",
+        "repeat_penalty", "frequency_penalty", "presence_penalty", "enabled_cpus_mask", "enabled_cpus_num",
+        "base_domain_id", "n_batch", "skip_special_token", "is_async", "use_cross_attn",
+    )} == {
+        "abi": generation.replace(".", ""), "model": str(model), "max_context_len": "1234", "max_new_tokens": "99",
+        "n_keep": "7", "top_k": "20", "top_p": "0.750", "temperature": "0.500", "repeat_penalty": "1.250",
+        "frequency_penalty": "0.500", "presence_penalty": "0.250", "enabled_cpus_mask": "0xf0",
+        "enabled_cpus_num": "4", "base_domain_id": "3", "n_batch": "1", "skip_special_token": "1", "is_async": "0",
+        "use_cross_attn": "0",
+    }
+    # The daemon renders templates itself: the runtime's is emptied.
+    assert log["rkllm_set_chat_template"] == {"system_len": "0", "prefix_len": "0", "postfix_len": "0"}
+
+
+def test_greedy_is_top_k_1(fake_runtime, model, calls):
+    b = RkllmBackend(model, library=fake_runtime["1.2"], temperature=0.0, top_k=40)
+    b.load()
+    b.close()
+    assert dict(calls())["rkllm_init"]["top_k"] == "1"
+
+
+# --- streaming and stats ----------------------------------------------------------------
+def test_streams_exact_text_with_a_split_multibyte_character(backend, calls):
+    prompt = chat(backend, "héllo wörld ☃!")
+    gc.collect()  # the callbacks must be kept alive by the backend, not by luck
+    pieces, stats = run(backend, prompt)
+    # "h\xc3" arrives WAITING and is joined with "\xa9llo ".
+    assert pieces == ["echo: ", "h", "éllo ", "w", "örld ", "☃!"]
+    assert stats.completion_tokens == 7
+    assert stats.finish_reason == "stop"
+    log = calls()
+    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
+    assert log[1][1]["keep_history"] == "0" and log[1][1]["kv_before"] == "0"
+
+
+def test_finish_stats_become_generation_stats(backend, monkeypatch):
+    monkeypatch.setenv("FAKE_RKLLM_PREFILL_US", "100")
+    monkeypatch.setenv("FAKE_RKLLM_DECODE_US", "2000")
+    prompt = chat(backend, "one two three")
+    _, stats = run(backend, prompt)
+    assert stats.prompt_tokens == len(prompt.encode())  # the fake's token is a byte
+    assert stats.cached_tokens == 0
+    assert stats.completion_tokens == 4
+    assert stats.prefill_ms >= len(prompt.encode()) * 0.1 * 0.9
+    assert stats.decode_ms >= 4 * 2.0 * 0.9
+    assert stats.ttft_ms >= stats.prefill_ms
+
+
+def test_error_state_raises_with_the_runtime_code(backend):
+    pieces: list[str] = []
+    with pytest.raises(BackendError) as err:
+        backend.generate(chat(backend, "first [[fake:error]]"), SamplingParams(), None, pieces.append)
+    assert err.value.runtime_code == ERRORS["GENERATION"]
+    assert "after an ERROR callback" in str(err.value)
+    assert pieces == ["echo: "]
+    # The handle is still usable.
+    assert "".join(run(backend, chat(backend, "again"))[0]) == "echo: again"
+
+
+def test_abort_from_another_thread(backend, calls, monkeypatch):
+    monkeypatch.setenv("FAKE_RKLLM_DECODE_US", "5000")
+    timer = threading.Timer(0.1, backend.abort)
+    timer.start()
+    started = time.monotonic()
+    pieces, stats = run(backend, chat(backend, "on and on [[fake:endless]]"), SamplingParams(max_tokens=1000))
+    timer.join()
+    assert time.monotonic() - started < 2
+    assert stats.finish_reason == "cancelled"
+    assert 0 < stats.completion_tokens < 1000
+    log = calls()
+    assert "rkllm_abort" in names(log)
+    # A later request is not affected by the earlier abort.
+    assert run(backend, chat(backend, "fresh"))[1].finish_reason == "stop"
+
+
+def test_sink_false_cancels_and_aborts(backend, calls):
+    pieces, stats = run(backend, chat(backend, "a b c d e f"), stop_after=2)
+    assert pieces == ["echo: ", "a "]
+    assert stats.finish_reason == "cancelled"
+    assert stats.completion_tokens == 2
+    log = calls()
+    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_abort", "rkllm_run_end"]
+    assert log[-1][1]["reason"] == "pause"
+
+
+def test_max_tokens_ends_with_length(backend, generation, calls):
+    pieces, stats = run(backend, chat(backend, "x [[fake:endless]]"), SamplingParams(max_tokens=5))
+    assert stats.completion_tokens == 5
+    assert stats.finish_reason == "length"
+    assert "".join(pieces) == "echo: x [[fake:endless]] echo: x "
+    run_line = dict(calls())["rkllm_run"]
+    # 1.3 tells the runtime; 1.2 cannot, and we pause it ourselves.
+    assert run_line["limit"] == ("5" if generation == "1.3" else "1024")
+
+
+def test_runtime_cap_also_ends_with_length(fake_runtime, generation, model):
+    b = RkllmBackend(model, library=fake_runtime[generation], max_new_tokens=3)
+    b.load()
+    try:
+        _, stats = run(b, chat(b, "x [[fake:endless]]"), SamplingParams(max_tokens=100))
+    finally:
+        b.close()
+    assert (stats.completion_tokens, stats.finish_reason) == (3, "length")
+
+
+def test_stop_strings(backend):
+    pieces, stats = run(backend, chat(backend, "alpha beta STOP gamma"), SamplingParams(stop=("STOP",)))
+    assert "".join(pieces) == "echo: alpha beta "
+    assert stats.finish_reason == "stop"
+    # A stop string spanning two tokens is never partly emitted.
+    pieces, stats = run(backend, chat(backend, "alpha beta STOP gamma"), SamplingParams(stop=("ta ST",)))
+    assert "".join(pieces) == "echo: alpha be"
+    assert stats.finish_reason == "stop"
+
+
+def test_per_request_sampling_only_on_1_3(backend, generation, calls):
+    run(backend, chat(backend, "hi"), SamplingParams(temperature=0.3, top_k=7, top_p=0.5, repeat_penalty=1.1))
+    run_line = dict(calls())["rkllm_run"]
+    if generation == "1.3":
+        assert run_line["sampling"] == "top_k:7,top_p:0.500,temperature:0.300,repeat_penalty:1.100"
+    else:
+        assert "sampling" not in run_line  # 1.2 has no such field: the init values apply
+        assert backend.describe()["sampling"].startswith("fixed at load")
+
+
+# --- prompt caches --------------------------------------------------------------------------
+def build(backend, tmp_path, system: str, name: str) -> PrefixState:
+    text = backend.template.system_prefix(system)
+    dest = tmp_path / f"{name}.tmp"
+    n = backend.build_prefix(text, dest)
+    final = tmp_path / f"{name}.bin"
+    dest.rename(final)
+    payload, nbytes = backend.load_prefix(final, n)
+    assert nbytes == 0
+    return PrefixState(name, text, n, payload)
+
+
+def test_build_prefix_saves_after_one_token(backend, tmp_path, calls):
+    text = backend.template.system_prefix("You are terse.")
+    n = backend.build_prefix(text, tmp_path / "p.tmp")
+    assert n == len(text.encode())  # the runtime's own count of the prefill
+    assert (tmp_path / "p.tmp").is_file()
+    log = calls()
+    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
+    assert log[1][1]["save_prompt_cache"] == "1" and log[1][1]["path"] == str(tmp_path / "p.tmp")
+    assert log[2][1]["tokens"] == "1"
+
+
+def test_cache_hit_prefills_only_the_tail(backend, tmp_path, calls):
+    prefix = build(backend, tmp_path, "You are terse.", "terse")
+    prompt = chat(backend, "hi there", system="You are terse.")
+    calls()
+    pieces, stats = run(backend, prompt, prefix=prefix)
+    assert "".join(pieces) == "echo: hi there"  # the full prompt was sent
+    log = dict(calls())
+    assert log["rkllm_run"]["prompt_len"] == str(len(prompt.encode()))
+    assert log["rkllm_run"]["matched"] == str(prefix.n_tokens)
+    assert int(log["rkllm_run_end"]["prefill_tokens"]) == len(prompt.encode()) - prefix.n_tokens
+    assert stats.cached_tokens == prefix.n_tokens
+    assert stats.prompt_tokens == len(prompt.encode())
+    # Without the cache, the whole prompt is prefilled.
+    run(backend, prompt)
+    assert dict(calls())["rkllm_run_end"]["prefill_tokens"] == str(len(prompt.encode()))
+
+
+def test_cache_load_release_switch_in_order(backend, tmp_path, calls):
+    a = build(backend, tmp_path, "System A.", "a")
+    b = build(backend, tmp_path, "System B.", "b")
+    calls()
+    prompt_a, prompt_b = chat(backend, "q", system="System A."), chat(backend, "q", system="System B.")
+
+    def cache_calls():
+        return [(n, args.get("path", "")) for n, args in calls()
+                if n in ("rkllm_load_prompt_cache", "rkllm_release_prompt_cache", "rkllm_run")]
+
+    run(backend, prompt_a, prefix=a)
+    assert cache_calls() == [("rkllm_load_prompt_cache", str(a.payload)), ("rkllm_run", "")]
+    run(backend, prompt_a, prefix=a)  # already loaded: no calls
+    assert cache_calls() == [("rkllm_run", "")]
+    run(backend, prompt_b, prefix=b)  # switch: release first
+    assert cache_calls() == [("rkllm_release_prompt_cache", ""), ("rkllm_load_prompt_cache", str(b.payload)),
+                             ("rkllm_run", "")]
+    run(backend, chat(backend, "q"))  # no prefix: release
+    assert cache_calls() == [("rkllm_release_prompt_cache", ""), ("rkllm_run", "")]
+    run(backend, chat(backend, "q"))
+    assert cache_calls() == [("rkllm_run", "")]
+    run(backend, prompt_a, prefix=a)
+    build(backend, tmp_path, "System C.", "c")  # building releases the loaded cache first
+    assert cache_calls()[:3] == [("rkllm_load_prompt_cache", str(a.payload)), ("rkllm_run", ""),
+                                 ("rkllm_release_prompt_cache", "")]
+
+
+def test_cache_rebuilt_under_the_same_name_is_reloaded(backend, tmp_path, calls):
+    a = build(backend, tmp_path, "System A.", "a")
+    b = build(backend, tmp_path, "System A.", "b")
+    run(backend, chat(backend, "q", system="System A."), prefix=a)
+    calls()
+    os.replace(b.payload, a.payload)  # a new file at the loaded cache's path
+    run(backend, chat(backend, "q", system="System A."), prefix=a)
+    assert names(calls())[:2] == ["rkllm_release_prompt_cache", "rkllm_load_prompt_cache"]
+
+
+def test_a_prefix_the_prompt_does_not_start_with_is_refused(backend, tmp_path):
+    a = build(backend, tmp_path, "System A.", "a")
+    with pytest.raises(ValueError):
+        run(backend, chat(backend, "q", system="Another system."), prefix=a)
+
+
+def test_foreign_cache_file_fails_with_the_runtime_code(backend, tmp_path):
+    bogus = tmp_path / "bogus.bin"
+    bogus.write_bytes(b"not a prompt cache")
+    prefix = PrefixState("bogus", "", 0, bogus)
+    with pytest.raises(BackendError) as err:
+        run(backend, chat(backend, "q"), prefix=prefix)
+    assert err.value.runtime_code == ERRORS["CACHE_FILE"]
+
+
+# --- facts -----------------------------------------------------------------------------------
+def test_identity(backend, generation, model):
+    ident = backend.identity()
+    assert ident["backend"] == "rkllm" and ident["dtype"] == "rkllm"
+    assert ident["runtime"].startswith(f"rkllm {RELEASE[generation]} (interface {generation}, librkllmrt sha256 ")
+    assert ident["model"] == str(model)
+    assert ident["template"] == backend.template.fingerprint()
+    assert ident["context_length"] == 4096
+    before = ident["model_fingerprint"]
+    model.write_text("another model\n")
+    assert backend.identity()["model_fingerprint"] != before
+
+
+def test_identity_before_load(fake_runtime, model):
+    ident = RkllmBackend(model, library=fake_runtime["1.3"]).identity()
+    assert ident["runtime"].startswith("rkllm 1.3.0 (interface 1.3")
+
+
+def test_count_tokens_is_a_byte_estimate(backend):
+    assert backend.count_tokens("") == 0
+    assert backend.count_tokens("abcdef") == 2
+    assert backend.count_tokens("é") == 1  # 2 bytes, rounded up
+
+
+# --- startup errors ---------------------------------------------------------------------------
+def foreign_elf(path: Path) -> Path:
+    """A minimal ELF header for an architecture this machine is not."""
+    machine = 62 if rt_module._host_target() == (2, 183) else 183  # x86_64 on arm boards, else aarch64
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack("<HHI", 3, machine, 1)
+    path.write_bytes(header + bytes(64 - len(header)))
+    return path
+
+
+def test_library_missing(model, tmp_path):
+    with pytest.raises(RkllmStartupError, match="librkllmrt.so not found"):
+        RkllmBackend(model, library=tmp_path / "nope" / "librkllmrt.so").load()
+
+
+def test_default_library_locations_are_searched(model, monkeypatch, tmp_path):
+    monkeypatch.setattr(rt_module, "DEFAULT_LIBRARY_PATHS", (tmp_path / "a.so", tmp_path / "b.so"))
+    with pytest.raises(RkllmStartupError, match=f"looked at {tmp_path}/a.so, {tmp_path}/b.so"):
+        RkllmBackend(model).load()
+
+
+def test_wrong_architecture(model, tmp_path):
+    lib = foreign_elf(tmp_path / "librkllmrt.so")
+    host = rt_module._describe_target(rt_module._host_target())
+    other = "x86_64" if host == "aarch64" else "aarch64"
+    with pytest.raises(RkllmStartupError, match=f"librkllmrt.so is {other} but this machine is {host}"):
+        RkllmBackend(model, library=lib).load()
+
+
+def test_not_a_library(model, tmp_path):
+    lib = tmp_path / "librkllmrt.so"
+    lib.write_text("#!/bin/sh\n")
+    with pytest.raises(RkllmStartupError, match="not an ELF shared library"):
+        RkllmBackend(model, library=lib).load()
+
+
+def test_init_failure_carries_the_code(fake_runtime, generation, tmp_path):
+    model = tmp_path / "broken.rkllm"
+    model.write_text("FAKE_INIT_FAIL\n")
+    with pytest.raises(RkllmStartupError, match="rkllm_init failed with code") as err:
+        RkllmBackend(model, library=fake_runtime[generation]).load()
+    assert err.value.runtime_code == ERRORS["INIT"]
+
+
+def test_model_missing(fake_runtime, tmp_path):
+    with pytest.raises(RkllmStartupError, match="does not exist"):
+        RkllmBackend(tmp_path / "gone.rkllm", library=fake_runtime["1.2"]).load()
+
+
+def test_model_not_rkllm(fake_runtime, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(RkllmStartupError, match=r"not an \.rkllm file"):
+        RkllmBackend(gguf, library=fake_runtime["1.2"]).load()
+
+
+def test_forcing_the_wrong_generation_fails_loudly(fake_runtime, model, caplog):
+    with pytest.raises(RkllmStartupError) as err:
+        RkllmBackend(model, library=fake_runtime["1.3"], runtime="1.2").load()
+    assert err.value.runtime_code == ERRORS["CALLBACK"]
+    assert "says it is release 1.3.0" in caplog.text
+
+
+# --- ABI detection from the file ------------------------------------------------------------------
+@pytest.mark.parametrize("content,generation,release", [
+    (b"\0rkllm-runtime version: 1.2.3\0", "1.2", "1.2.3"),
+    (b"\0RKLLM Runtime version 1.3.0 (abc@2025)\0", "1.3", "1.3.0"),
+    (b"\0librkllmrt version: 1.2.1\0", "1.2", "1.2.1"),
+])
+def test_detection_reads_the_version_banner(tmp_path, content, generation, release):
+    lib = tmp_path / "librkllmrt.so"
+    lib.write_bytes(b"\x7fELF" + bytes(100) + content)
+    info = inspect_library(lib)
+    assert (info.generation, info.release) == (generation, release)
+    assert release in info.reason
+
+
+def test_detection_without_a_banner_assumes_1_2_and_says_so(tmp_path, caplog):
+    lib = tmp_path / "librkllmrt.so"
+    lib.write_bytes(b"\x7fELF" + bytes(100) + b"zlib 1.2.13\0")
+    info = inspect_library(lib)
+    assert info.generation == "1.2" and info.release is None
+    assert "nothing decides" in info.reason and "nothing decides" in caplog.text
+
+
+def test_detection_refuses_an_unknown_series(tmp_path):
+    lib = tmp_path / "librkllmrt.so"
+    lib.write_bytes(b"rkllm-runtime version: 1.4.0\0")
+    with pytest.raises(RkllmStartupError, match="1.4.0"):
+        inspect_library(lib)
+
+
+def test_detection_with_contradictory_banners_assumes_1_2(tmp_path, caplog):
+    lib = tmp_path / "librkllmrt.so"
+    lib.write_bytes(b"rkllm-runtime version: 1.2.3\0rkllm-runtime version: 1.3.0\0")
+    assert inspect_library(lib).generation == "1.2"
+    assert "contradictory" in caplog.text
+
+
+# --- --backend auto ---------------------------------------------------------------------------------
+@pytest.fixture
+def board(tmp_path):
+    """Empty /dev and /sys roots to populate."""
+    dev, sysfs = tmp_path / "dev", tmp_path / "sys"
+    (dev / "dri").mkdir(parents=True)
+    sysfs.mkdir()
+    return dev, sysfs
+
+
+def add_render_node(dev: Path, sysfs: Path, name: str, driver: str) -> None:
+    (dev / "dri" / name).touch()
+    drivers = sysfs / "bus" / "platform" / "drivers" / driver
+    drivers.mkdir(parents=True, exist_ok=True)
+    device = sysfs / "class" / "drm" / name / "device"
+    device.mkdir(parents=True)
+    (device / "driver").symlink_to(drivers)
+
+
+def test_detect_with_rknpu_render_node(fake_runtime, model, board):
+    dev, sysfs = board
+    add_render_node(dev, sysfs, "renderD128", "panfrost")
+    add_render_node(dev, sysfs, "renderD129", "RKNPU")
+    (sysfs / "kernel" / "debug" / "rknpu").mkdir(parents=True)
+    (sysfs / "kernel" / "debug" / "rknpu" / "version").write_text("RKNPU driver: v0.9.8\n")
+    ok, why = detect(fake_runtime["1.2"], model, dev=dev, sysfs=sysfs)
+    assert ok
+    assert f"NPU device {dev}/dri/renderD129 (RKNPU driver: v0.9.8)" in why
+    assert str(model) in why and str(fake_runtime["1.2"]) in why
+
+
+def test_detect_with_dev_rknpu(fake_runtime, model, board):
+    dev, sysfs = board
+    (dev / "rknpu").touch()
+    ok, why = detect(fake_runtime["1.3"], model, dev=dev, sysfs=sysfs)
+    assert ok and f"{dev}/rknpu" in why and "driver version unreadable" in why
+
+
+def test_detect_without_npu(fake_runtime, model, board):
+    dev, sysfs = board
+    add_render_node(dev, sysfs, "renderD128", "panfrost")
+    ok, why = detect(fake_runtime["1.2"], model, dev=dev, sysfs=sysfs)
+    assert not ok and "no NPU device" in why
+
+
+@pytest.mark.parametrize("case", ["no library", "wrong arch", "no model", "model missing", "not rkllm"])
+def test_detect_refusals(fake_runtime, model, board, tmp_path, case):
+    dev, sysfs = board
+    (dev / "rknpu").touch()
+    library, model_path, expected = fake_runtime["1.2"], model, ""
+    if case == "no library":
+        library, expected = tmp_path / "none.so", "librkllmrt.so not found"
+    elif case == "wrong arch":
+        library, expected = foreign_elf(tmp_path / "librkllmrt.so"), "but this machine is"
+    elif case == "no model":
+        model_path, expected = None, "no .rkllm model configured"
+    elif case == "model missing":
+        model_path, expected = tmp_path / "gone.rkllm", "does not exist"
+    else:
+        model_path, expected = tmp_path / "m.gguf", "not an .rkllm file"
+        model_path.write_text("x")
+    ok, why = detect(library, model_path, dev=dev, sysfs=sysfs)
+    assert not ok and expected in why
+
+
+# --- the board benchmark script ----------------------------------------------------------------------
+def test_bench_script_runs_on_the_fake(fake_runtime, generation, model, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_RKLLM_PREFILL_US": "20", "FAKE_RKLLM_DECODE_US": "200"}
+    env.pop("FAKE_RKLLM_LOG", None)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "npu_board.py"), "--library", str(fake_runtime[generation]),
+         "--model", str(model), "--runs", "2", "--max-tokens", "8", "--workdir", str(tmp_path / "bench")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"no cache", "prompt cache (first use)", "prompt cache (loaded)"} <= set(rows)
+    header = rows["case"]
+    prefilled = header.index("prefilled tokens")
+    assert int(rows["prompt cache (loaded)"][prefilled]) < int(rows["no cache"][prefilled])
+    assert f"interface {generation}" in out.stdout
