@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_rkllm.build import ERRORS, RELEASE, FakeRuntime, build_for_session
 
-from fake_rkllm.build import ERRORS, RELEASE, fake_runtime  # noqa: F401  (fake_runtime is a fixture)
 from rkllmd.backends.base import BackendError, PrefixState, SamplingParams
 from rkllmd.backends.rkllm import runtime as rt_module
 from rkllmd.backends.rkllm.backend import RkllmBackend, detect
@@ -28,6 +28,11 @@ from rkllmd.backends.rkllm.runtime import RkllmStartupError, inspect_library
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATIONS = ("1.2", "1.3")
+
+
+@pytest.fixture(scope="session")
+def fake_runtime(tmp_path_factory) -> FakeRuntime:
+    return build_for_session(tmp_path_factory)
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -76,14 +81,14 @@ def chat(backend: RkllmBackend, user: str, system: str | None = None) -> str:
     return backend.render(messages)
 
 
-def run(backend, prompt, params=SamplingParams(), prefix=None, stop_after=None):
+def run(backend, prompt, params=None, prefix=None, stop_after=None):
     pieces: list[str] = []
 
     def sink(text: str) -> bool:
         pieces.append(text)
         return stop_after is None or len(pieces) < stop_after
 
-    stats = backend.generate(prompt, params, prefix, sink)
+    stats = backend.generate(prompt, params or SamplingParams(), prefix, sink)
     return pieces, stats
 
 

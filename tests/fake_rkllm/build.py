@@ -2,9 +2,9 @@
 
 The library is compiled by the test session with the system C compiler, so the tests
 exercise the real ctypes calling path (struct passing, by-value returns, callbacks from
-C) rather than a Python stand-in. ``fake_runtime`` is the session fixture the test
-modules import; the build is cached per output directory, so modules sharing a session
-share one build.
+C) rather than a Python stand-in. The test
+modules wrap in a session fixture (``build_for_session``); the build is cached per
+output directory, so modules sharing a session share one build.
 """
 
 from __future__ import annotations
@@ -60,6 +60,6 @@ def build(out_dir: Path) -> FakeRuntime:
     return FakeRuntime(libraries)
 
 
-@pytest.fixture(scope="session")
-def fake_runtime(tmp_path_factory: pytest.TempPathFactory) -> FakeRuntime:
+def build_for_session(tmp_path_factory: pytest.TempPathFactory) -> FakeRuntime:
+    """For a session fixture: one build under the session's base temp dir, shared by all modules."""
     return build(tmp_path_factory.getbasetemp() / "fake_rkllm")

@@ -20,6 +20,9 @@ How the runtime's interface is used, and why:
   are used for every request and a request's own temperature/top_k/top_p/
   repeat_penalty are ignored; ``max_tokens`` and stop strings are enforced on our side
   in both generations. ``seed`` is never honoured: the runtime takes none.
+* ``heartbeat`` runs on every token. The prefill is one opaque native call (about
+  4.5 ms a token on RK3588: some 18 s for a full 4096-token context), which the
+  daemon's watchdog interval has to allow for.
 * Prompt caches are vendor files: ``build_prefix`` runs the prefix with
   ``save_prompt_cache`` into the caller's temporary path; ``generate`` loads a cache
   with ``rkllm_load_prompt_cache`` (releasing the previous one first, and only when a
@@ -158,10 +161,13 @@ class RkllmBackend(Backend):
 
     def close(self) -> None:
         rt, self._rt = self._rt, None
-        if rt is not None:
+        if rt is None:
+            return
+        try:
             if self._loaded_cache is not None:
-                rt.release_prompt_cache()
                 self._loaded_cache = None
+                rt.release_prompt_cache()
+        finally:
             rt.destroy()
 
     # --- facts ------------------------------------------------------------------------
@@ -205,7 +211,7 @@ class RkllmBackend(Backend):
 
         The runtime exposes no tokenizer to its caller: 1.2 has none, and 1.3's
         tokenizer callback goes the other way (the runtime asks the application to
-        tokenize). Byte-level BPE vocabularies of the supported models average about
+        tokenize). Byte-level BPE vocabularies of the supported models typically need
         3.5-4.5 bytes per token on prose in English or Chinese, so this over-counts
         slightly: a prompt near the context limit is refused by the daemon rather than
         handed to a runtime whose overflow behaviour is undocumented. Exact counts come
@@ -306,7 +312,7 @@ class RkllmBackend(Backend):
         finally:
             with self._run_lock:
                 self._running = False
-        stream.close()
+        stream.finish()
         return rc
 
     def _require_runtime(self) -> RkllmRuntime:
@@ -373,7 +379,7 @@ class _Stream:
             return self._stop("length")
         return rk.CALLBACK_CONTINUE
 
-    def close(self) -> None:
+    def finish(self) -> None:
         """After the run: emit what the decoder and the stop matcher still hold."""
         if self.finish_reason in ("cancelled", "stop") or self.error_state:
             return

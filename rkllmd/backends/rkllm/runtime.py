@@ -157,11 +157,12 @@ def inspect_library(path: Path, runtime: str = "auto") -> LibraryInfo:
         raise ValueError(f"rkllm runtime must be auto, 1.2 or 1.3, not {runtime!r}")
     releases = _embedded_releases(path)
     release = releases[0] if len(releases) == 1 else None
-    found = release and f"found version banner {release!r} in {path.name}"
+    found = f"found version banner {release!r} in {path.name}" if release else ""
     if runtime != "auto":
         if release and not release.startswith(runtime + "."):
             log.warning("rkllm.runtime = %s is configured, but %s says it is release %s", runtime, path, release)
-        return LibraryInfo(path, release, runtime, f"configured rkllm.runtime = {runtime}" + (f"; {found}" if found else ""))
+        reason = "; ".join(filter(None, [f"configured rkllm.runtime = {runtime}", found]))
+        return LibraryInfo(path, release, runtime, reason)
     if len(releases) > 1:
         reason = f"{path.name} has contradictory version banners {releases}; assuming 1.2 (set [rkllm] runtime)"
         log.warning("%s", reason)
@@ -183,6 +184,8 @@ def inspect_library(path: Path, runtime: str = "auto") -> LibraryInfo:
 
 def _embedded_releases(path: Path) -> list[str]:
     """Distinct releases named by version banners in the file, in order of appearance."""
+    if path.stat().st_size == 0:  # mmap refuses empty files
+        return []
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         found = [".".join(v.decode() for v in m.groups()) for m in _VERSION_BANNER.finditer(data)]
     return list(dict.fromkeys(found))
@@ -250,8 +253,8 @@ class RkllmRuntime:
 
     def destroy(self) -> None:
         if self._handle:
-            self._check(self._lib.rkllm_destroy(self._handle), "rkllm_destroy")
-            self._handle = rk.LLMHandle()
+            handle, self._handle = self._handle, rk.LLMHandle()
+            self._check(self._lib.rkllm_destroy(handle), "rkllm_destroy")
 
     # -- per-handle settings
     def set_chat_template(self, system_prompt: str, prefix: str, postfix: str) -> None:
