@@ -1,0 +1,63 @@
+# `make install` puts rkllmd on a board as a systemd service; `make uninstall` takes it off.
+#
+# The daemon and rkllmctl go into a virtualenv at PREFIX (Debian and its derivatives refuse
+# `pip install` into the system Python) and rkllmctl gets a link in BINDIR. The unit and
+# the sysusers.d/tmpfiles.d entries go where systemd looks for locally installed files, so
+# /etc stays free for the admin's overrides (`systemctl edit rkllmd`). The config is
+# installed only if absent, so an edited one survives upgrades. With DESTDIR (staging a
+# package) files are placed but nothing is activated.
+
+PREFIX      ?= /opt/rkllmd
+BINDIR      ?= /usr/local/bin
+SYSTEMDDIR  ?= /usr/local/lib/systemd/system
+SYSUSERSDIR ?= /usr/local/lib/sysusers.d
+TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
+PYTHON      ?= python3
+PIP_FLAGS   ?=
+
+CONFIG := /etc/rkllmd/rkllmd.toml
+
+.PHONY: install install-python install-systemd uninstall
+
+install: install-python install-systemd
+
+install-python:
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet $(PIP_FLAGS) .
+ifneq ($(DESTDIR),)
+	# The venv will run from PREFIX, not from the staging tree: fix its scripts' paths.
+	grep -rlIZ '$(DESTDIR)$(PREFIX)' $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/pyvenv.cfg \
+		| xargs -0 sed -i 's|$(DESTDIR)$(PREFIX)|$(PREFIX)|g'
+endif
+	install -d $(DESTDIR)$(BINDIR)
+	ln -sfn $(PREFIX)/bin/rkllmctl $(DESTDIR)$(BINDIR)/rkllmctl
+
+install-systemd:
+	install -d $(DESTDIR)$(SYSTEMDDIR)
+	sed 's|/opt/rkllmd/|$(PREFIX)/|g' systemd/rkllmd.service > $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service
+	chmod 644 $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service
+	install -Dm644 systemd/rkllmd.sysusers $(DESTDIR)$(SYSUSERSDIR)/rkllmd.conf
+	install -Dm644 systemd/rkllmd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/rkllmd.conf
+	test -e $(DESTDIR)$(CONFIG) || install -Dm644 etc/rkllmd.toml $(DESTDIR)$(CONFIG)
+ifeq ($(DESTDIR),)
+	systemd-sysusers rkllmd.conf
+	systemd-tmpfiles --create rkllmd.conf
+	systemctl daemon-reload
+	systemctl try-restart rkllmd.service
+	@echo "Installed. Start it with: systemctl enable --now rkllmd"
+	@echo "Let a user talk to it with: usermod -aG rkllm USER (then log in again)"
+endif
+
+# Keeps the config, the caches, the user and the group: they may hold the admin's work.
+uninstall:
+ifeq ($(DESTDIR),)
+	-systemctl disable --now rkllmd.service
+endif
+	rm -f $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service $(DESTDIR)$(SYSUSERSDIR)/rkllmd.conf \
+		$(DESTDIR)$(TMPFILESDIR)/rkllmd.conf $(DESTDIR)$(BINDIR)/rkllmctl
+	# Only ever a venv of ours, never whatever else PREFIX might point at.
+	if [ -f $(DESTDIR)$(PREFIX)/pyvenv.cfg ]; then rm -rf $(DESTDIR)$(PREFIX); fi
+ifeq ($(DESTDIR),)
+	systemctl daemon-reload
+endif
+	@echo "Kept /etc/rkllmd, /var/lib/rkllmd, /var/cache/rkllmd, user rkllmd and group rkllm."
