@@ -33,6 +33,10 @@ def choose(config: Config) -> tuple[Backend, str]:
                 n_keep=config["rkllm.n_keep"],
                 cpu_mask=config["rkllm.cpu_mask"],
                 base_domain_id=config["rkllm.base_domain_id"],
+                temperature=config["sampling.temperature"],
+                top_k=config["sampling.top_k"],
+                top_p=config["sampling.top_p"],
+                repeat_penalty=config["sampling.repeat_penalty"],
             )
             return backend, ("requested by configuration" if wanted == "rkllm" else f"auto: {why}")
         reason = f"auto: NPU backend not usable ({why}); using the CPU reference backend"
