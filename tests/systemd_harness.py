@@ -273,7 +273,11 @@ class SystemdUnderTest:
     def run(self, cmd, *, check: bool = True, timeout: float | None = None,
             user: str | None = None, env: dict | None = None,
             input: str | None = None) -> subprocess.CompletedProcess:
-        """Run cmd inside the namespaces (as user, if given) and wait for it."""
+        """Run cmd inside the namespaces (as user, if given) and wait for it.
+
+        With user, the program is still found with root's rights (setpriv drops them as it
+        execs it); everything the program then opens is checked as that user.
+        """
         result = subprocess.run(
             self._enter(cmd, user, env), capture_output=True, text=True, input=input,
             timeout=self.command_timeout if timeout is None else timeout)
