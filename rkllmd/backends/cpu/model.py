@@ -1,0 +1,365 @@
+"""The llama transformer forward pass in float32 numpy.
+
+Weights are dequantized once at load and stored input-major (``x @ W``), which is the
+faster layout for OpenBLAS's matrix-vector product; q/k/v and gate/up are fused into
+one matrix each. Query and key rows are reordered within each head from llama.cpp's
+adjacent-pair rotary layout to "halves" (even components first, then odd): rotary
+embedding then works on two contiguous halves, and attention scores are unchanged
+because queries and keys are permuted alike.
+
+The KV cache is preallocated for the whole context: keys as ``[layer, kv_head, dim,
+position]`` (so query-key products read contiguous rows, several times faster than a
+transposed view in decode) and values as ``[layer, kv_head, position, dim]``.
+
+Prefill is chunked, and arranged so every position's result is bitwise independent
+of how the prompt was split into chunks (a restored prefix plus the rest gives exactly
+what prefilling everything gives): chunks never cross a multiple of ``prefill_chunk``;
+a chunk attends to all keys up to the end of its block (later keys masked), so the
+softmax and attention sums of a row always have the same length; and a chunk is padded
+to at least ``MIN_CHUNK_ROWS`` rows, because BLAS computes very small matrix products
+(one to three rows) with different kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .gguf import GGUFFile
+
+log = logging.getLogger(__name__)
+
+MIN_CHUNK_ROWS = 8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+    train_context_length: int
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict) -> "ModelConfig":
+        arch = metadata.get("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"model architecture is {arch!r}; only 'llama' is supported")
+        dim = int(metadata["llama.embedding_length"])
+        n_heads = int(metadata["llama.attention.head_count"])
+        head_dim = dim // n_heads
+        rope_dims = int(metadata.get("llama.rope.dimension_count", head_dim))
+        if rope_dims != head_dim:
+            raise ValueError(f"rotary dimension {rope_dims} != head dimension {head_dim} is not supported")
+        return cls(
+            n_layers=int(metadata["llama.block_count"]),
+            dim=dim,
+            n_heads=n_heads,
+            n_kv_heads=int(metadata.get("llama.attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            ffn_dim=int(metadata["llama.feed_forward_length"]),
+            vocab_size=len(metadata["tokenizer.ggml.tokens"]),
+            rope_theta=float(metadata.get("llama.rope.freq_base", 10000.0)),
+            norm_eps=float(metadata["llama.attention.layer_norm_rms_epsilon"]),
+            train_context_length=int(metadata.get("llama.context_length", 0)),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * 4
+
+
+@dataclass
+class KVState:
+    """The KV cache of the first ``n_tokens`` positions (a prefix state).
+
+    File layout, float32 little-endian, no header: all keys as
+    ``[layer, kv_head, dim, position]``, then all values as ``[layer, kv_head, position,
+    dim]``; keys' dims are in the halves rotary order (see the module docstring).
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    @property
+    def n_tokens(self) -> int:
+        return self.values.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def write(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            self.keys.astype("<f4", copy=False).tofile(f)
+            self.values.astype("<f4", copy=False).tofile(f)
+
+    @classmethod
+    def read(cls, path: Path, config: "ModelConfig", n_tokens: int) -> "KVState":
+        """Read a state file; ``ValueError`` if its size is not that of ``n_tokens`` positions."""
+        expected = n_tokens * config.kv_bytes_per_token
+        flat = np.fromfile(path, dtype="<f4")
+        if flat.nbytes != expected:
+            raise ValueError(f"{path} holds {flat.nbytes} bytes; {n_tokens} positions take {expected}")
+        half = flat.size // 2
+        shape = (config.n_layers, config.n_kv_heads)
+        keys = flat[:half].reshape(*shape, config.head_dim, n_tokens)
+        values = flat[half:].reshape(*shape, n_tokens, config.head_dim)
+        return cls(keys.astype(np.float32, copy=False), values.astype(np.float32, copy=False))
+
+
+def _halves_order(n_heads: int, head_dim: int) -> np.ndarray:
+    """Row permutation taking each head's adjacent rotary pairs to (first half, second half)."""
+    within = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    return (np.arange(n_heads)[:, None] * head_dim + within).reshape(-1)
+
+
+class Model:
+    """A loaded llama model with its KV cache; positions are passed explicitly."""
+
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        context_length: int,
+        prefill_chunk: int = 128,
+        progress: Callable[[str], None] | None = None,
+    ):
+        if prefill_chunk < 1 or context_length < 1:
+            raise ValueError("context_length and prefill_chunk must be positive")
+        self.config = cfg = ModelConfig.from_gguf_metadata(gguf.metadata)
+        self.context_length = context_length
+        self.prefill_chunk = prefill_chunk
+        self._load_weights(gguf, progress)
+
+        capacity = -(-context_length // prefill_chunk) * prefill_chunk + MIN_CHUNK_ROWS
+        self.keys = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity), dtype=np.float32)
+        self.values = np.zeros((cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim), dtype=np.float32)
+        half = cfg.head_dim // 2
+        inv_freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) * 2 / cfg.head_dim)
+        angles = np.arange(capacity, dtype=np.float64)[:, None] * inv_freq
+        self.rope_cos = np.cos(angles).astype(np.float32)
+        self.rope_sin = np.sin(angles).astype(np.float32)
+        self._alloc_decode_buffers(capacity)
+
+    def _load_weights(self, gguf: GGUFFile, progress: Callable[[str], None] | None) -> None:
+        cfg = self.config
+        if "output.weight" in gguf.tensors:
+            raise ValueError("models with a separate output head are not supported (expected a tied embedding)")
+        embedding = gguf.tensor("token_embd.weight")
+        if embedding.shape != (cfg.vocab_size, cfg.dim):
+            raise ValueError(f"token_embd has shape {embedding.shape}, expected {(cfg.vocab_size, cfg.dim)}")
+        # The tied head, input-major; embedding lookups read its columns.
+        self.head = np.ascontiguousarray(embedding.T)
+        del embedding
+        self.output_norm = gguf.tensor("output_norm.weight")
+
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        q_order = _halves_order(cfg.n_heads, cfg.head_dim)
+        k_order = _halves_order(cfg.n_kv_heads, cfg.head_dim)
+        L = cfg.n_layers
+        self.attn_norm = np.empty((L, cfg.dim), np.float32)
+        self.ffn_norm = np.empty((L, cfg.dim), np.float32)
+        self.wqkv = np.empty((L, cfg.dim, q_dim + 2 * kv_dim), np.float32)
+        self.wo = np.empty((L, q_dim, cfg.dim), np.float32)
+        self.wgu = np.empty((L, cfg.dim, 2 * cfg.ffn_dim), np.float32)
+        self.wd = np.empty((L, cfg.ffn_dim, cfg.dim), np.float32)
+        for i in range(L):
+            def t(name: str) -> np.ndarray:
+                return gguf.tensor(f"blk.{i}.{name}.weight")
+
+            self.attn_norm[i] = t("attn_norm")
+            self.ffn_norm[i] = t("ffn_norm")
+            self.wqkv[i] = np.concatenate([t("attn_q")[q_order], t("attn_k")[k_order], t("attn_v")]).T
+            self.wo[i] = t("attn_output").T
+            self.wgu[i] = np.concatenate([t("ffn_gate"), t("ffn_up")]).T
+            self.wd[i] = t("ffn_down").T
+            if progress and (i + 1) % 10 == 0:
+                progress(f"dequantized {i + 1}/{L} layers")
+        self.n_params = sum(info.n_elements for info in gguf.tensors.values())
+
+    def _alloc_decode_buffers(self, capacity: int) -> None:
+        cfg = self.config
+        g = cfg.n_heads // cfg.n_kv_heads
+        half = cfg.head_dim // 2
+        f32 = np.float32
+        self._x = np.empty(cfg.dim, f32)
+        self._h = np.empty(cfg.dim, f32)
+        self._qkv = np.empty(self.wqkv.shape[2], f32)
+        self._rot = np.empty((cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), f32)
+        self._tmp = np.empty((cfg.n_heads + cfg.n_kv_heads, half), f32)
+        self._scores = np.empty((cfg.n_kv_heads, g, capacity), f32)
+        self._attn = np.empty((cfg.n_kv_heads, g, cfg.head_dim), f32)
+        self._proj = np.empty(cfg.dim, f32)
+        self._gu = np.empty(2 * cfg.ffn_dim, f32)
+        self._act = np.empty(cfg.ffn_dim, f32)
+        self._logits = np.empty(cfg.vocab_size, f32)
+
+    # -- state -------------------------------------------------------------------------
+
+    def save_state(self, n_tokens: int) -> KVState:
+        """A copy of the KV cache of the first ``n_tokens`` positions."""
+        return KVState(
+            np.ascontiguousarray(self.keys[..., :n_tokens]), np.ascontiguousarray(self.values[:, :, :n_tokens])
+        )
+
+    def restore_state(self, state: KVState, n_tokens: int) -> None:
+        """Make positions ``[0, n_tokens)`` hold ``state``'s first ``n_tokens`` positions."""
+        if n_tokens > state.n_tokens:
+            raise ValueError(f"state holds {state.n_tokens} positions, not {n_tokens}")
+        self.keys[..., :n_tokens] = state.keys[..., :n_tokens]
+        self.values[:, :, :n_tokens] = state.values[:, :, :n_tokens]
+
+    # -- prefill -----------------------------------------------------------------------
+
+    def prefill(
+        self, tokens: Sequence[int], start: int, on_chunk: Callable[[], None] | None = None
+    ) -> np.ndarray:
+        """Run ``tokens`` at positions ``start...``; return the last position's logits.
+
+        ``on_chunk`` is called after every chunk (heartbeat, cancellation: it may raise).
+        """
+        end = start + len(tokens)
+        if not tokens or end > self.context_length:
+            raise ValueError(f"cannot prefill {len(tokens)} tokens at position {start}")
+        ids = np.asarray(tokens, dtype=np.int64)
+        pos = start
+        with np.errstate(over="ignore"):
+            while pos < end:
+                chunk_end = min(end, (pos // self.prefill_chunk + 1) * self.prefill_chunk)
+                last_hidden = self._forward_chunk(ids[pos - start : chunk_end - start], pos)
+                pos = chunk_end
+                if on_chunk:
+                    on_chunk()
+        return self._rms_norm(last_hidden, self.output_norm) @ self.head
+
+    def _forward_chunk(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Run one chunk (within one block of ``prefill_chunk`` positions); return its last hidden state."""
+        cfg = self.config
+        n_real = len(ids)
+        if n_real < MIN_CHUNK_ROWS:
+            ids = np.concatenate([ids, np.full(MIN_CHUNK_ROWS - n_real, ids[-1])])
+        T = len(ids)
+        g = cfg.n_heads // cfg.n_kv_heads
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        half = hd // 2
+        q_dim = nh * hd
+        n_keys = (start // self.prefill_chunk + 1) * self.prefill_chunk
+        block_start = n_keys - self.prefill_chunk  # keys before it are visible to every row
+        positions = np.arange(start, start + T)
+        mask = np.where(np.arange(block_start, n_keys) <= positions[:, None], 0.0, -np.inf).astype(np.float32)
+        cos = self.rope_cos[start : start + T, None, :]
+        sin = self.rope_sin[start : start + T, None, :]
+
+        x = np.ascontiguousarray(self.head[:, ids].T)
+        for layer in range(cfg.n_layers):
+            h = self._rms_norm(x, self.attn_norm[layer])
+            qkv = h @ self.wqkv[layer]
+            qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
+            first, second = qk[..., :half], qk[..., half:]
+            rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+            keys, values = self.keys[layer], self.values[layer]
+            keys[:, :, start : start + T] = rotated[:, nh:].transpose(1, 2, 0)
+            values[:, start : start + T] = qkv[:, q_dim + nkv * hd :].reshape(T, nkv, hd).transpose(1, 0, 2)
+            # Query heads grouped under their shared KV head: (kv_head, group * T, dim).
+            queries = rotated[:, :nh] * np.float32(hd**-0.5)
+            queries = queries.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T, hd)
+            scores = queries @ keys[:, :, :n_keys]
+            scores = scores.reshape(nkv, g, T, n_keys)
+            scores[..., block_start:] += mask
+            totals = self._exp_scores(scores)
+            attended = scores.reshape(nkv, g * T, n_keys) @ values[:, :n_keys]
+            attended /= totals.reshape(nkv, g * T, 1)
+            attended = attended.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, q_dim)
+            x += attended @ self.wo[layer]
+            h = self._rms_norm(x, self.ffn_norm[layer])
+            gate_up = h @ self.wgu[layer]
+            gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
+            x += (gate / (1.0 + np.exp(-gate)) * up) @ self.wd[layer]
+        return x[n_real - 1]
+
+    def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        mean_square = np.square(x).sum(axis=-1, keepdims=True) / np.float32(self.config.dim)
+        out = x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(self.config.norm_eps)))
+        out *= weight
+        return out
+
+    @staticmethod
+    def _exp_scores(scores: np.ndarray) -> np.ndarray:
+        """Softmax numerators in place; returns the row sums.
+
+        Dividing the attention output by the sums, instead of the weights, saves a pass
+        over the (heads x rows x keys) scores.
+        """
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        return scores.sum(axis=-1, keepdims=True)
+
+    # -- decode ------------------------------------------------------------------------
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        """Run one token at ``pos``; return its logits (a buffer reused by the next call)."""
+        if not 0 <= pos < self.context_length:
+            raise ValueError(f"position {pos} is outside the context of {self.context_length}")
+        cfg = self.config
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        half = hd // 2
+        q_dim, kv_dim = nh * hd, nkv * hd
+        n_keys = pos + 1
+        x, h, qkv, rot, tmp = self._x, self._h, self._qkv, self._rot, self._tmp
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        qk = qkv[: q_dim + kv_dim].reshape(nh + nkv, hd)
+        first, second = qk[:, :half], qk[:, half:]
+        scores = self._scores[:, :, :n_keys]
+        attended = self._attn
+        queries = rot[:nh].reshape(nkv, nh // nkv, hd)
+        scale = np.float32(hd**-0.5)
+
+        x[:] = self.head[:, token]
+        with np.errstate(over="ignore"):
+            for layer in range(cfg.n_layers):
+                self._rms_norm_into(x, self.attn_norm[layer], h)
+                np.matmul(h, self.wqkv[layer], out=qkv)
+                np.multiply(first, cos, out=rot[:, :half])
+                np.multiply(second, sin, out=tmp)
+                rot[:, :half] -= tmp
+                np.multiply(second, cos, out=rot[:, half:])
+                np.multiply(first, sin, out=tmp)
+                rot[:, half:] += tmp
+                keys, values = self.keys[layer], self.values[layer]
+                keys[:, :, pos] = rot[nh:]
+                values[:, pos] = qkv[q_dim + kv_dim :].reshape(nkv, hd)
+                rot[:nh] *= scale
+                np.matmul(queries, keys[:, :, :n_keys], out=scores)
+                totals = self._exp_scores(scores)
+                np.matmul(scores, values[:, :n_keys], out=attended)
+                attended /= totals
+                np.matmul(attended.reshape(q_dim), self.wo[layer], out=self._proj)
+                x += self._proj
+                self._rms_norm_into(x, self.ffn_norm[layer], h)
+                np.matmul(h, self.wgu[layer], out=self._gu)
+                gate, up = self._gu[: cfg.ffn_dim], self._gu[cfg.ffn_dim :]
+                act = self._act
+                np.negative(gate, out=act)
+                np.exp(act, out=act)
+                act += 1.0
+                np.divide(gate, act, out=act)
+                act *= up
+                np.matmul(act, self.wd[layer], out=self._proj)
+                x += self._proj
+        self._rms_norm_into(x, self.output_norm, h)
+        np.matmul(h, self.head, out=self._logits)
+        return self._logits
+
+    def _rms_norm_into(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+        scale = np.float32(1.0) / np.sqrt(np.dot(x, x) / np.float32(self.config.dim) + np.float32(self.config.norm_eps))
+        np.multiply(x, scale, out=out)
+        out *= weight
