@@ -218,10 +218,10 @@ def test_kill_9_during_a_build_leaves_nothing_partial(make_daemon) -> None:
     time.sleep(0.3)
     proc.signal(signal.SIGKILL)
     proc.wait()
-    visible = [f for f in state_dir_files(proc) if not f.startswith(".tmp-")]
-    assert visible == []  # only a hidden temporary file may be left
+    left = state_dir_files(proc)
+    assert left and all(f.startswith(".tmp-") for f in left)  # only a hidden temporary file
     proc.start()
-    assert not [f for f in state_dir_files(proc) if f.startswith(".tmp-")]  # cleaned at start
+    assert not set(left) & set(state_dir_files(proc))  # cleaned at start
     with proc.client() as client:
         ready = client.cache_wait("big", timeout=120)
     assert ready["state"] == "ready" and ready["tokens"] > 500
@@ -315,12 +315,12 @@ def test_automatic_prefix_use_picks_the_longest_match(make_daemon) -> None:
 
 def test_memory_lru_respects_its_budget(make_daemon) -> None:
     proc = make_daemon(env={"RKLLMD_CACHE_MEMORY_BUDGET_MB": "2"})
-    texts = {f"c{i}": f"Answer in language number {i}." for i in range(3)}
+    texts = {f"c{i}": f"Answer every question in language number {i}, briefly and politely, please." for i in range(3)}
     with proc.client() as client:
         for name, text in texts.items():
             client.cache_put(name, text)
         sizes = {name: client.cache_wait(name, timeout=60)["binary_bytes"] for name in texts}
-        assert all(s < 1 << 20 for s in sizes.values())  # two fit in 2 MiB, three do not
+        assert 2 * max(sizes.values()) <= 2 << 20 < 3 * min(sizes.values())  # two fit, three do not
         for name in texts:
             client.generate("Hi", cache=name, max_tokens=1).wait()
         listing = client.cache_ls()

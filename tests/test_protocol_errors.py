@@ -42,6 +42,13 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def nested(depth: int) -> list:
+    value: list = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def request(**fields: Any) -> dict[str, Any]:
     return {"v": 1, "id": "r1", **fields}
 
@@ -53,7 +60,7 @@ CASES = [
     ("array, not map", [pack([1, 2, 3])], ErrorCode.MALFORMED, None),
     ("integer, not map", [pack(7)], ErrorCode.MALFORMED, None),
     ("two frames", [pack(request(op="status")), b"extra"], ErrorCode.MALFORMED, None),
-    ("deep nesting", [pack(request(op="status", x=[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]))], ErrorCode.MALFORMED, None),
+    ("deep nesting", [pack(request(op="status", x=nested(20)))], ErrorCode.MALFORMED, None),
     ("unknown version", [pack({"v": 99, "id": "r1", "op": "status"})], ErrorCode.UNSUPPORTED_VERSION, "r1"),
     ("missing version", [pack({"id": "r1", "op": "status"})], ErrorCode.UNSUPPORTED_VERSION, "r1"),
     ("missing id", [pack({"v": 1, "op": "status"})], ErrorCode.INVALID_FIELD, None),

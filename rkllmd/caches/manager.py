@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..backends.base import Backend, PrefixState
+from ..backends.base import Backend, BackendError, PrefixState
 from .binary import BinaryCacheInvalid, BinaryStore
 from .text import TextCacheError, TextStore
 
@@ -287,7 +287,7 @@ class CacheManager:
             if self.binaries.verify(name, built_sha) is None:
                 raise BinaryCacheInvalid("replaced on disk")
             payload, nbytes = self.backend.load_prefix(self.binaries.state_path(name), n_tokens)
-        except (BinaryCacheInvalid, OSError, ValueError) as exc:
+        except (BinaryCacheInvalid, BackendError, OSError, ValueError) as exc:
             log.warning("binary cache %s refused at load: %s; rebuilding", name, exc)
             with self._lock:
                 entry.state, entry.reason = STALE, f"binary cache refused ({exc}); rebuilding"
