@@ -8,19 +8,23 @@ from pathlib import Path
 from typing import Callable
 
 from .backends import choose
-from .backends.base import BackendError
+from .backends.base import Backend, BackendError
 from .caches.binary import BinaryStore
 from .caches.manager import CacheManager
 from .caches.text import TextStore
 from .caches.watcher import TextFolderWatcher
-from .config import Config, ConfigError
+from .config import MODEL_KEYS, Config, ConfigError
 from .endpoint import Endpoint, EndpointError
 from .outbox import Outbox
 from .paths import default_binary_dir, default_socket, default_text_dir
 from .server import Daemon
+from .service import ServiceNotifier, enable_faulthandler
 from .worker import ModelWorker
 
 log = logging.getLogger("rkllmd")
+
+#: How much more start-up time to ask systemd for each time a slow load makes progress.
+LOAD_EXTENSION_S = 60.0
 
 
 def apply_log_level(config: Config) -> None:
@@ -30,8 +34,32 @@ def apply_log_level(config: Config) -> None:
     logging.getLogger().setLevel(level)
 
 
+def cache_dirs(config: Config) -> tuple[Path, Path]:
+    text = Path(config["cache.text_dir"]).expanduser() if config["cache.text_dir"] else default_text_dir()
+    binary = Path(config["cache.binary_dir"]).expanduser() if config["cache.binary_dir"] else default_binary_dir()
+    return text, binary
+
+
+def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, str]:
+    """Choose and load the backend, asking systemd for more time while the load progresses."""
+    started = time.monotonic()
+    backend, reason = choose(config)
+    log.info("backend: %s (%s)", backend.kind, reason)
+
+    def progress(what: str) -> None:
+        log.info("loading: %s", what)
+        notifier.extend_timeout(LOAD_EXTENSION_S)
+
+    notifier.extend_timeout(LOAD_EXTENSION_S)
+    backend.load(progress=progress)
+    log.info("model loaded in %.2f s", time.monotonic() - started)
+    return backend, reason
+
+
 def run(config: Config, reload_config: Callable[[], Config]) -> int:
     """Exit status: 0 after a clean stop, 1 when the daemon could not start."""
+    enable_faulthandler()
+    notifier = ServiceNotifier()
     try:
         apply_log_level(config)
         endpoint = Endpoint(Path(config["daemon.socket"]) if config["daemon.socket"] else default_socket())
@@ -40,24 +68,21 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
         log.error("%s", exc)
         return 1
     try:
-        return _run_claimed(config, endpoint, reload_config)
+        return _run_claimed(config, endpoint, notifier, reload_config)
     finally:
         endpoint.release()
+        notifier.close()
 
 
-def _run_claimed(config: Config, endpoint: Endpoint, reload_config: Callable[[], Config]) -> int:
+def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, reload_config: Callable[[], Config]) -> int:
     started = time.monotonic()
     try:
-        backend, reason = choose(config)
-        log.info("backend: %s (%s)", backend.kind, reason)
-        backend.load(progress=lambda what: log.info("loading: %s", what))
+        backend, reason = load_backend(config, notifier)
     except BackendError as exc:
         log.error("cannot start: %s", exc)
+        notifier.status(f"failed to start: {exc}")
         return 1
-    log.info("model loaded in %.2f s", time.monotonic() - started)
-
-    text_dir = Path(config["cache.text_dir"]).expanduser() if config["cache.text_dir"] else default_text_dir()
-    binary_dir = Path(config["cache.binary_dir"]).expanduser() if config["cache.binary_dir"] else default_binary_dir()
+    text_dir, binary_dir = cache_dirs(config)
     try:
         text_dir.mkdir(parents=True, exist_ok=True)
         binary_dir.mkdir(parents=True, exist_ok=True)
@@ -76,9 +101,10 @@ def _run_claimed(config: Config, endpoint: Endpoint, reload_config: Callable[[],
         on_change=outbox.cache_changed,
     )
     worker.caches = caches
-    daemon = Daemon(config, backend, reason, endpoint, caches, worker, outbox)
+    daemon = Daemon(config, reason, endpoint, caches, worker, outbox, notifier)
+    watcher = TextFolderWatcher(str(text_dir), config["cache.debounce_ms"] / 1000, caches.refresh)
     daemon.reload_handler = lambda: _reload(daemon, reload_config)
-    watcher = TextFolderWatcher(str(text_dir), config["cache.debounce_ms"] / 1000, lambda name: caches.refresh(name))
+    daemon.watcher = watcher
     try:
         caches.scan()
         watcher.start()
@@ -89,22 +115,60 @@ def _run_claimed(config: Config, endpoint: Endpoint, reload_config: Callable[[],
         return 1
     worker.start()
     log.info("ready in %.2f s: %s on %s", time.monotonic() - started, backend.describe().get("name", backend.kind), endpoint.path)
+    notifier.ready(daemon.status_line())
+    if notifier.watchdog_interval:
+        notifier.start_watchdog(lambda: worker.healthy(within=notifier.watchdog_interval))
     try:
         daemon.serve()
     finally:
-        watcher.stop()
-        backend.close()
+        notifier.stopping()
+        daemon.watcher.stop()
+        worker.backend.close()
     return 0
 
 
 def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
-    """SIGHUP: re-read the configuration; keep the old one if the new one is broken."""
+    """SIGHUP: apply a new configuration without dropping the socket or queued requests.
+
+    Log level, sampling defaults and limits apply at once; changed cache folders are
+    rescanned and re-watched; a changed model is loaded on the worker after the
+    requests already queued (their clients keep their answers), and all binary caches
+    then belong to the new model's identity, so none of the old ones is ever used.
+    A broken new configuration is refused whole and the running one kept.
+    """
+    daemon.notifier.reloading()
     try:
         config = reload_config()
         apply_log_level(config)
     except ConfigError as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
+        daemon.notifier.ready(daemon.status_line())
         return
+    old = daemon.config
     daemon.config = config
     daemon.worker.max_queue = config["daemon.max_queue"]
+    caches = daemon.caches
+    caches.lru.budget = config["cache.memory_budget_mb"] << 20
+    caches.texts.max_bytes = config["cache.max_text_bytes"]
+
+    text_dir, binary_dir = cache_dirs(config)
+    if (text_dir, binary_dir) != (caches.texts.folder, caches.binaries.root):
+        try:
+            text_dir.mkdir(parents=True, exist_ok=True)
+            binary_dir.mkdir(parents=True, exist_ok=True)
+            watcher = TextFolderWatcher(str(text_dir), config["cache.debounce_ms"] / 1000, caches.refresh)
+        except OSError as exc:
+            log.error("reload: cannot use cache folders %s, %s: %s; keeping the old ones", text_dir, binary_dir, exc)
+        else:
+            daemon.watcher.stop()
+            caches.relocate(TextStore(text_dir, config["cache.max_text_bytes"]), BinaryStore(binary_dir, caches.binaries.identity))
+            daemon.watcher = watcher
+            watcher.start()
+            log.info("reload: caches now in %s and %s", text_dir, binary_dir)
+
+    if any(config[k] != old[k] for k in MODEL_KEYS):
+        log.info("reload: the model configuration changed; loading it after the queued requests")
+        daemon.worker.replace_backend(lambda: load_backend(config, daemon.notifier), done=daemon.backend_replaced)
+        return
     log.info("configuration reloaded")
+    daemon.notifier.ready(daemon.status_line())

@@ -69,6 +69,9 @@ OPTIONS: tuple[Option, ...] = (
 
 _BY_DOTTED = {o.dotted: o for o in OPTIONS}
 
+#: Keys whose change means loading another model (on SIGHUP).
+MODEL_KEYS = ("daemon.backend",) + tuple(o.dotted for o in OPTIONS if o.section in ("model", "rkllm"))
+
 
 class Config:
     """Resolved settings, read as ``config["cache.text_dir"]``; ``sources`` says where each came from."""

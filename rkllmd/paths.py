@@ -26,9 +26,17 @@ def default_socket(environ: Mapping[str, str] | None = None, *, client: bool = F
         own = Path(env["XDG_RUNTIME_DIR"]) / "rkllmd" / SOCKET_NAME
     else:
         own = Path(f"/tmp/rkllmd-{os.getuid()}") / SOCKET_NAME
-    if client and not own.exists() and SYSTEM_SOCKET.exists():
+    if client and not own.exists() and _present(SYSTEM_SOCKET):
         return SYSTEM_SOCKET
     return own
+
+
+def _present(path: Path) -> bool:
+    """Exists, or sits in a folder we may not look into (the socket then says "permission denied")."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return True
 
 
 def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:

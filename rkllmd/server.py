@@ -18,10 +18,12 @@ import zmq
 from . import __version__, commands
 from .backends.base import Backend
 from .caches.manager import CacheManager
+from .caches.watcher import TextFolderWatcher
 from .commands.cache_wait import CacheWaiter
 from .config import Config
 from .endpoint import Endpoint
 from .outbox import Generation, Outbox
+from .service import ServiceNotifier
 from .protocol import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ErrorCode, WireError, error_reply, pack, reply, unpack
 from .worker import ModelWorker
 
@@ -37,17 +39,18 @@ class Daemon:
     def __init__(
         self,
         config: Config,
-        backend: Backend,
         backend_reason: str,
         endpoint: Endpoint,
         caches: CacheManager,
         worker: ModelWorker,
         outbox: Outbox,
-        on_event: Callable[[], None] = lambda: None,
+        notifier: ServiceNotifier,
     ):
         self.config = config
-        self.backend = backend
         self.backend_reason = backend_reason
+        self.notifier = notifier
+        self.watcher: TextFolderWatcher | None = None
+        self._status_sent = ""
         self.endpoint = endpoint
         self.caches = caches
         self.worker = worker
@@ -58,7 +61,6 @@ class Daemon:
         self.requests_received = 0
         self.errors_sent = 0
         self.clients_gone = 0
-        self._on_event = on_event
         self._blocked: dict[Generation, float] = {}  # stream -> since when its client stopped reading
         self._stop = False
         self._reload_requested = False
@@ -66,6 +68,10 @@ class Daemon:
         self._ctx = zmq.Context.instance()
         self._router: zmq.Socket | None = None
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def backend(self) -> Backend:
+        return self.worker.backend
 
     # -- life cycle --------------------------------------------------------------
 
@@ -118,6 +124,7 @@ class Daemon:
                 self._receive()
             self._flush()
             self._check_waiters(timeouts_only=True)
+            self._update_status()
         self._shutdown()
 
     def _drain_signal_pipe(self) -> None:
@@ -135,6 +142,8 @@ class Daemon:
         return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self.notifier.status("stopping: aborting the running generation")
         for gen in self.worker.shutdown():
             self.outbox.stream(gen, "error", error=WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down").to_wire())
         if not self.worker.join(timeout=10):
@@ -217,7 +226,6 @@ class Daemon:
             self._flush_stream(gen, messages)
         if changed:
             self._check_waiters(names=changed)
-            self._on_event()
         self._expire_blocked()
 
     def _flush_stream(self, gen: Generation, messages: list[dict[str, Any]]) -> None:
@@ -286,6 +294,38 @@ class Daemon:
         return True
 
     # -- status ---------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: what runs, how busy, caches, the last error."""
+        activity = self.worker.activity()
+        states = self.caches.counts()
+        doing = "generating" if activity["running"] == "generate" else f"building cache {activity['building']}" if activity["building"] else "idle"
+        parts = [
+            f"{self.backend.describe().get('name', '?')} on {self.backend.kind}",
+            f"{doing}, {activity['queued']} queued",
+            f"caches: {states.get('ready', 0)} ready, {activity['builds_queued'] + (1 if activity['building'] else 0)} building",
+            f"{self.worker.counters.completed} served",
+        ]
+        if states.get("failed"):
+            parts.append(f"{states['failed']} cache(s) failed")
+        if self.worker.last_error:
+            parts.append(f"last error: {self.worker.last_error}")
+        return "; ".join(parts)
+
+    def _update_status(self) -> None:
+        if not self.notifier.enabled:
+            return
+        line = self.status_line()
+        if line != self._status_sent:
+            self._status_sent = line
+            self.notifier.status(line)
+
+    def backend_replaced(self, backend: Backend, reason: str | None, error: str | None) -> None:
+        """From the worker, after a reload's model swap (or its failure)."""
+        if reason is not None:
+            self.backend_reason = reason
+        self.notifier.ready(f"reload failed, still serving the old model: {error}" if error else self.status_line())
+        self.outbox.cache_changed("")  # wake the loop to refresh the status line
 
     def status(self) -> dict[str, Any]:
         return {

@@ -7,23 +7,37 @@ socket loop only enqueues and cancels; it never waits for the model.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .backends.base import Backend, BackendError, ContextOverflow
+from .caches.binary import BinaryStore
 from .caches.manager import CacheManager
 from .outbox import Generation, Outbox
 from .protocol import ErrorCode, WireError
 
 log = logging.getLogger(__name__)
 
+#: Test-only fault hook: a prompt containing this text hangs the worker as a native call
+#: stuck forever would, so tests can see the systemd watchdog kill and restart us.
+HANG_MARKER = os.environ.get("RKLLMD_TEST_HANG_MARKER") or None
+
 
 @dataclass(eq=False)
 class CacheBuild:
     name: str
+
+
+@dataclass(eq=False)
+class BackendSwap:
+    """Load another model in place of the current one (SIGHUP with a changed model)."""
+
+    load: Callable[[], tuple[Backend, str]]
+    done: Callable[[Backend, str | None, str | None], None]  # (backend, reason, error)
 
 
 class Counters:
@@ -49,9 +63,10 @@ class ModelWorker:
         self.max_queue = max_queue
         self.caches: CacheManager | None = None
         self.counters = Counters()
-        self._jobs: deque[Generation | CacheBuild] = deque()
+        self.last_error: str | None = None
+        self._jobs: deque[Generation | CacheBuild | BackendSwap] = deque()
         self._cond = threading.Condition()
-        self._running: Generation | CacheBuild | None = None
+        self._running: Generation | CacheBuild | BackendSwap | None = None
         self._accepting = True
         self._stopping = False
         self.last_progress = time.monotonic()
@@ -82,6 +97,12 @@ class ModelWorker:
             if any(isinstance(j, CacheBuild) and j.name == name for j in self._jobs):
                 return
             self._jobs.append(CacheBuild(name))
+            self._cond.notify()
+
+    def replace_backend(self, load: Callable[[], tuple[Backend, str]], done: Callable[[Backend, str | None, str | None], None]) -> None:
+        """Swap the model after the work queued so far; ``done`` hears the outcome."""
+        with self._cond:
+            self._jobs.append(BackendSwap(load, done))
             self._cond.notify()
 
     def cancel(self, gen: Generation, reason: str = "cancelled") -> str | None:
@@ -162,14 +183,32 @@ class ModelWorker:
             try:
                 if isinstance(job, Generation):
                     self._generate(job)
-                else:
+                elif isinstance(job, CacheBuild):
                     assert self.caches is not None
                     self.caches.build(job.name)
+                else:
+                    self._swap(job)
             except Exception:  # the worker must outlive any one job
                 log.exception("model worker job failed")
             finally:
                 with self._cond:
                     self._running = None
+
+    def _swap(self, job: BackendSwap) -> None:
+        try:
+            backend, reason = job.load()
+        except BackendError as exc:
+            log.error("reload: cannot load the new model, keeping the running one: %s", exc)
+            job.done(self.backend, None, str(exc))
+            return
+        old, self.backend = self.backend, backend
+        backend.heartbeat = self._heartbeat
+        old.close()
+        if self.caches is not None:
+            # Every binary cache now belongs to another identity: none of the old ones is used.
+            self.caches.relocate(self.caches.texts, BinaryStore(self.caches.binaries.root, backend.identity()), backend)
+        log.info("reload: now serving %s", backend.describe().get("name", backend.kind))
+        job.done(backend, reason, None)
 
     def _generate(self, gen: Generation) -> None:
         started = time.monotonic()
@@ -188,6 +227,9 @@ class ModelWorker:
                 self.outbox.stream(gen, "token", text=text)
             return True
 
+        if HANG_MARKER is not None and HANG_MARKER in gen.prompt:
+            log.warning("test fault hook: hanging the model worker")
+            threading.Event().wait()
         try:
             if gen.cancelled.is_set():
                 raise _Cancelled
@@ -236,6 +278,8 @@ class ModelWorker:
 
     def _fail(self, gen: Generation, error: WireError) -> None:
         self.counters.errors += 1
+        if error.code in (ErrorCode.BACKEND, ErrorCode.INTERNAL):
+            self.last_error = error.message
         self.outbox.stream(gen, "error", error=error.to_wire())
 
 

@@ -172,6 +172,16 @@ class CacheManager:
             entry.binary_bytes = meta.payload_bytes
         return True
 
+    def relocate(self, texts: TextStore, binaries: BinaryStore, backend: Backend | None = None) -> None:
+        """Serve caches from other folders, or for another model: forget all, scan again."""
+        with self._lock:
+            self.texts, self.binaries = texts, binaries
+            if backend is not None:
+                self.backend = backend
+            self._entries.clear()
+            self.lru = PrefixLRU(self.lru.budget)
+        self.scan()
+
     def forget(self, name: str) -> None:
         """The text cache is gone: delete its binary caches everywhere."""
         with self._lock:
@@ -280,8 +290,8 @@ class CacheManager:
                 return None
             built_sha, prefix, n_tokens = entry.built_sha256, entry.built_prefix, entry.n_tokens
             hot = self.lru.get(name, built_sha)
-        if hot is not None:
-            return hot
+        if hot is not None and hot.nbytes:
+            return hot  # held in memory; a payload the backend reads from disk at use (nbytes 0) is verified again
         started = time.monotonic()
         try:
             if self.binaries.verify(name, built_sha) is None:
