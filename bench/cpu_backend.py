@@ -1,0 +1,59 @@
+"""CPU backend speed: prefill and decode tokens/s by prompt length, and start-up time.
+
+Run: python bench/cpu_backend.py   (prints a markdown table for docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from daemon import running_daemon, words  # noqa: E402
+
+from rkllmd.backends.base import SamplingParams  # noqa: E402
+from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 500, 1500])
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    backend = CpuBackend()
+    backend.load()
+    load_s = time.perf_counter() - t0
+    rows = []
+    for n in args.lengths:
+        prompt = backend.render([{"role": "user", "content": "Continue this text forever: " + words(n)}])
+        prefill, decode, tokens = [], [], 0
+        for _ in range(args.repeat):
+            stats = backend.generate(prompt, SamplingParams(max_tokens=args.decode_tokens), None, lambda s: True)
+            prefill.append(stats.prompt_tokens / (stats.prefill_ms / 1000))
+            if stats.completion_tokens > 1:
+                decode.append((stats.completion_tokens - 1) / (stats.decode_ms / 1000))
+            tokens = stats.prompt_tokens
+        rows.append((tokens, statistics.median(prefill), statistics.median(decode) if decode else float("nan")))
+    backend.close()
+
+    starts = []
+    for _ in range(3):
+        with running_daemon() as (_, ready_s, _):
+            starts.append(ready_s)
+
+    print(f"model load in-process: {load_s:.2f} s; daemon spawn to first answer: "
+          f"median {statistics.median(starts):.2f} s (min {min(starts):.2f}, max {max(starts):.2f})\n")
+    print("| prompt tokens | prefill tokens/s | decode tokens/s |")
+    print("|---:|---:|---:|")
+    for tokens, p, d in rows:
+        print(f"| {tokens} | {p:.0f} | {d:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Start a real rkllmd for a benchmark and time how long it takes to answer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from rkllmctl import Client, DaemonUnreachable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def running_daemon(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[Path, float, Path]]:
+    """Yield (socket path, seconds from spawn to the first answered ping, text cache folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="rkb", dir="/tmp"))
+    sock, text_dir = folder / "run" / "rkllmd.sock", folder / "text"
+    text_dir.mkdir()
+    command = [sys.executable, "-m", "rkllmd", "--backend", "cpu", "--socket", str(sock),
+               "--cache-dir", str(text_dir), "--binary-cache-dir", str(folder / "bin"), "--log-level", "warning", *args]
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=ROOT)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rkllmd exited with {proc.returncode}")
+            if sock.exists():
+                try:
+                    with Client(sock, timeout=1) as client:
+                        client.ping()
+                    break
+                except DaemonUnreachable:
+                    pass
+            time.sleep(0.005)
+        yield sock, time.perf_counter() - started, text_dir
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def words(n_tokens: int) -> str:
+    """Plain text of roughly ``n_tokens`` tokens (SmolLM2 spends about 1.3 tokens a word here)."""
+    base = ("The daemon owns the model and serves every local application over one socket, "
+            "so a slow prefill is paid once and then restored from its cache. ").split()
+    n_words = int(n_tokens / 1.3)
+    return " ".join(base[i % len(base)] for i in range(n_words))
