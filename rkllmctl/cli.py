@@ -10,7 +10,7 @@ from rkllmd import __version__
 
 from . import commands
 from .client import Client
-from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolViolation
+from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolViolation, RkllmError
 
 
 class ExitCode:
@@ -37,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(error: Exception) -> int:
+    """The one place errors become exit codes (most specific type first)."""
+    if isinstance(error, DaemonError):
+        return ExitCode.TIMEOUT if error.name == "timeout" else ExitCode.DAEMON_ERROR
+    for kind, code in (
+        (commands.UsageError, ExitCode.USAGE),
+        (PermissionDenied, ExitCode.PERMISSION),
+        (DaemonUnreachable, ExitCode.UNREACHABLE),
+        (ProtocolViolation, ExitCode.PROTOCOL),
+    ):
+        if isinstance(error, kind):
+            return code
+    raise error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace, Callable[[], Client]], int] = args.run
@@ -44,23 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, lambda: Client(args.socket, timeout=args.timeout))
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
-    except commands.UsageError as exc:
-        print(f"rkllmctl: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
-    except PermissionDenied as exc:
-        print(f"rkllmctl: {exc}", file=sys.stderr)
-        return ExitCode.PERMISSION
-    except DaemonUnreachable as exc:
-        print(f"rkllmctl: {exc}", file=sys.stderr)
-        return ExitCode.UNREACHABLE
-    except ProtocolViolation as exc:
-        print(f"rkllmctl: protocol error: {exc}", file=sys.stderr)
-        return ExitCode.PROTOCOL
-    except DaemonError as exc:
-        print(f"rkllmctl: {exc}", file=sys.stderr)
-        return ExitCode.TIMEOUT if exc.name == "timeout" else ExitCode.DAEMON_ERROR
     except BrokenPipeError:
         return ExitCode.OK  # stdout closed early (| head): not an error of ours
+    except (commands.UsageError, RkllmError) as exc:
+        prefix = "protocol error: " if isinstance(exc, ProtocolViolation) else ""
+        print(f"rkllmctl: {prefix}{exc}", file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":
