@@ -127,6 +127,15 @@ def make_daemon() -> Iterator:
         proc.cleanup()
 
 
+@pytest.fixture(scope="session")
+def fake_runtime(tmp_path_factory):
+    """The fake RKLLM runtime (tests/fake_rkllm), built on first use: ``fake_runtime["1.2"]``
+    and ``fake_runtime["1.3"]`` are the two libraries' paths."""
+    from fake_rkllm.build import build_for_session
+
+    return build_for_session(tmp_path_factory)
+
+
 def rkllmctl(*args: str, socket: Path | None = None, input: str | None = None, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real rkllmctl command line."""
     cmd = [sys.executable, "-m", "rkllmctl"]

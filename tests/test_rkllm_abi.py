@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_rkllm.build import ERRORS, FakeRuntime, build_for_session
+from fake_rkllm.build import ERRORS
 
 from rkllmd.backends.rkllm import abi as rk
 from rkllmd.backends.rkllm.runtime import LibraryInfo, RkllmRuntime, RkllmStartupError
@@ -29,11 +29,6 @@ README_FUNCTIONS = {
     "rkllm_is_running", "rkllm_clear_kv_cache", "rkllm_get_kv_cache_size", "rkllm_set_chat_template",
     "rkllm_set_function_tools", "rkllm_set_cross_attn_params",
 }
-
-
-@pytest.fixture(scope="session")
-def fake_runtime(tmp_path_factory) -> FakeRuntime:
-    return build_for_session(tmp_path_factory)
 
 
 def _cases():

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_rkllm.build import ERRORS, RELEASE, FakeRuntime, build_for_session
+from fake_rkllm.build import ERRORS, RELEASE
 
 from rkllmd.backends.base import BackendError, PrefixState, SamplingParams
 from rkllmd.backends.rkllm import runtime as rt_module
@@ -28,11 +28,6 @@ from rkllmd.backends.rkllm.runtime import RkllmStartupError, inspect_library
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATIONS = ("1.2", "1.3")
-
-
-@pytest.fixture(scope="session")
-def fake_runtime(tmp_path_factory) -> FakeRuntime:
-    return build_for_session(tmp_path_factory)
 
 
 # --- helpers -----------------------------------------------------------------------------

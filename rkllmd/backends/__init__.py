@@ -23,21 +23,24 @@ def choose(config: Config) -> tuple[Backend, str]:
         library, model = _path(config["rkllm.library"]), _path(config["rkllm.model"])
         usable, why = detect(library, model)
         if wanted == "rkllm" or usable:
-            backend = RkllmBackend(
-                model_path=model or Path(""),
-                library=library,
-                runtime=config["rkllm.runtime"],
-                template=config["rkllm.template"],
-                context_length=config["model.context_length"],
-                max_new_tokens=config["rkllm.max_new_tokens"],
-                n_keep=config["rkllm.n_keep"],
-                cpu_mask=config["rkllm.cpu_mask"],
-                base_domain_id=config["rkllm.base_domain_id"],
-                temperature=config["sampling.temperature"],
-                top_k=config["sampling.top_k"],
-                top_p=config["sampling.top_p"],
-                repeat_penalty=config["sampling.repeat_penalty"],
-            )
+            try:
+                backend = RkllmBackend(
+                    model_path=model or Path(""),
+                    library=library,
+                    runtime=config["rkllm.runtime"],
+                    template=config["rkllm.template"],
+                    context_length=config["model.context_length"],
+                    max_new_tokens=config["rkllm.max_new_tokens"],
+                    n_keep=config["rkllm.n_keep"],
+                    cpu_mask=config["rkllm.cpu_mask"],
+                    base_domain_id=config["rkllm.base_domain_id"],
+                    temperature=config["sampling.temperature"],
+                    top_k=config["sampling.top_k"],
+                    top_p=config["sampling.top_p"],
+                    repeat_penalty=config["sampling.repeat_penalty"],
+                )
+            except ValueError as exc:  # rkllm.template or rkllm.runtime names nothing we know
+                raise BackendError(f"[rkllm] {exc}") from None
             return backend, ("requested by configuration" if wanted == "rkllm" else f"auto: {why}")
         reason = f"auto: NPU backend not usable ({why}); using the CPU reference backend"
     else:

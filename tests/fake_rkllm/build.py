@@ -2,9 +2,9 @@
 
 The library is compiled by the test session with the system C compiler, so the tests
 exercise the real ctypes calling path (struct passing, by-value returns, callbacks from
-C) rather than a Python stand-in. The test
-modules wrap in a session fixture (``build_for_session``); the build is cached per
-output directory, so modules sharing a session share one build.
+C) rather than a Python stand-in. tests/conftest.py wraps it in the session fixture
+``fake_runtime`` (``build_for_session``), built only when a test asks for it; the
+build is cached per output directory.
 """
 
 from __future__ import annotations

@@ -187,6 +187,7 @@ class RkllmBackend(Backend):
     def describe(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
             "backend": "rkllm",
+            "name": self.model_path.stem,
             "model": self.model_path.stem,
             "path": str(self.model_path),
             "context_length": self.context_length,
@@ -312,6 +313,9 @@ class RkllmBackend(Backend):
         finally:
             with self._run_lock:
                 self._running = False
+        if self._cancel.is_set() and stream.finish_reason is None:
+            # Aborted where no callback of ours saw it: in the prefill, or between two tokens.
+            stream.finish_reason = "cancelled"
         stream.finish()
         return rc
 
