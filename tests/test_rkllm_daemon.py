@@ -168,9 +168,11 @@ def served(fake_runtime, generation) -> NpuDaemon:
 
     2 ms per generated token: endless generations are still streaming when cancelled.
     """
-    proc = NpuDaemon(fake_runtime[generation], decode_us=2000).start()
-    yield proc
-    proc.cleanup()
+    proc = NpuDaemon(fake_runtime[generation], decode_us=2000)
+    try:
+        yield proc.start()
+    finally:
+        proc.cleanup()
 
 
 @pytest.fixture
