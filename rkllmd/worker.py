@@ -179,6 +179,7 @@ class ModelWorker:
                     return
                 job = self._jobs.popleft()
                 self._running = job
+                self.backend.reset_abort()  # under the lock: a cancel from now on is seen
                 self.last_progress = time.monotonic()
             try:
                 if isinstance(job, Generation):

@@ -39,6 +39,12 @@ def backend():
     cpu.close()
 
 
+@pytest.fixture(autouse=True)
+def fresh_abort(backend):
+    """As the model worker does before every job: no abort carries over between tests."""
+    backend.reset_abort()
+
+
 @pytest.fixture(scope="module")
 def small_backend():
     """A context of 39 positions: the 35-38-token reference prompts leave 1-4 to generate."""
@@ -270,10 +276,18 @@ def test_abort_during_prefill_and_heartbeats(backend):
         backend.heartbeat = lambda: None
 
 
-def test_heartbeat_after_every_chunk_and_token_and_abort_cleared_per_call(backend):
+def test_abort_before_a_call_is_not_lost_until_reset(backend):
+    backend.abort()  # e.g. a cancel that raced the start of the job
+    stats = backend.generate(backend.render(REFERENCE[0]["messages"]), SamplingParams(max_tokens=48), None, lambda p: True)
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens == 0
+    backend.reset_abort()  # what the model worker does as it takes the next job
+    stats = backend.generate(backend.render(REFERENCE[0]["messages"]), SamplingParams(max_tokens=48), None, lambda p: True)
+    assert stats.finish_reason == "stop"
+
+
+def test_heartbeat_after_every_chunk_and_token(backend):
     beats = []
     backend.heartbeat = lambda: beats.append(1)
-    backend.abort()  # a stale request to stop does not affect the next call
     try:
         case = REFERENCE[0]
         pieces, stats = run(backend, backend.render(case["messages"]), max_tokens=48)

@@ -10,6 +10,7 @@ backend and the NPU backend are interchangeable.
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,10 @@ class BackendError(Exception):
     def __init__(self, message: str, *, code: int | None = None):
         super().__init__(message)
         self.runtime_code = code
+
+
+class BuildCancelled(BackendError):
+    """``build_prefix`` was aborted: the cache is not broken, only not built yet."""
 
 
 class ContextOverflow(BackendError):
@@ -92,6 +97,10 @@ class Backend(abc.ABC):
         # Called after every token and every prefill chunk, so the systemd watchdog
         # can tell a working model from one stuck in a native call. The daemon sets it.
         self.heartbeat: Callable[[], None] = lambda: None
+        # Set by abort(); cleared only by reset_abort(), which the model worker calls as it
+        # takes a job. A backend never clears it itself: an abort that arrives just before
+        # a call starts would be lost.
+        self.cancelled = threading.Event()
 
     @abc.abstractmethod
     def load(self, progress: Callable[[str], None] | None = None) -> None:
@@ -145,9 +154,13 @@ class Backend(abc.ABC):
         ``abort()`` is called (reason "cancelled").
         """
 
-    @abc.abstractmethod
     def abort(self) -> None:
-        """Ask a running ``generate``/``build_prefix`` to stop soon. Thread-safe."""
+        """Ask the running (or the next) ``generate``/``build_prefix`` to stop soon. Thread-safe."""
+        self.cancelled.set()
+
+    def reset_abort(self) -> None:
+        """Forget an earlier abort before a new job starts."""
+        self.cancelled.clear()
 
     def close(self) -> None:
         """Release the model."""

@@ -8,13 +8,15 @@ the single owner of the backend. A lock guards the table, never a build.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
-from ..backends.base import Backend, BackendError, PrefixState
+from ..backends.base import Backend, BackendError, BuildCancelled, PrefixState
 from .binary import BinaryCacheInvalid, BinaryStore
 from .text import TextCacheError, TextStore
 
@@ -104,6 +106,7 @@ class CacheManager:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self.builds = 0  # builds that ran (requests deduplicated away are not counted)
+        self._verified_files: dict[str, tuple[int, ...] | None] = {}  # state file identity when last verified
 
     # -- any thread ---------------------------------------------------------------
 
@@ -246,6 +249,14 @@ class CacheManager:
         log.info("building binary cache %s", name)
         try:
             meta = self.binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp))
+        except BuildCancelled:
+            # The request that needed it was cancelled: nothing is wrong with the cache.
+            log.info("building binary cache %s was interrupted; it is queued again", name)
+            with self._lock:
+                entry.state = QUEUED
+            self._schedule_build(name)
+            self._on_change(name)
+            return
         except Exception as exc:  # a failed build must not take the worker down
             log.exception("building binary cache %s failed", name)
             with self._lock:
@@ -290,13 +301,17 @@ class CacheManager:
                 return None
             built_sha, prefix, n_tokens = entry.built_sha256, entry.built_prefix, entry.n_tokens
             hot = self.lru.get(name, built_sha)
-        if hot is not None and hot.nbytes:
-            return hot  # held in memory; a payload the backend reads from disk at use (nbytes 0) is verified again
+        path = self.binaries.state_path(name)
+        if hot is not None and (hot.nbytes or self._verified_files.get(name) == _file_key(path)):
+            # In memory; or read by the backend from a file that has not changed (not even
+            # its ctime, which no one can set back) since it was verified.
+            return hot
         started = time.monotonic()
         try:
+            self._verified_files[name] = _file_key(path)
             if self.binaries.verify(name, built_sha) is None:
                 raise BinaryCacheInvalid("replaced on disk")
-            payload, nbytes = self.backend.load_prefix(self.binaries.state_path(name), n_tokens)
+            payload, nbytes = self.backend.load_prefix(path, n_tokens)
         except (BinaryCacheInvalid, BackendError, OSError, ValueError) as exc:
             log.warning("binary cache %s refused at load: %s; rebuilding", name, exc)
             with self._lock:
@@ -309,3 +324,12 @@ class CacheManager:
             self.lru.put(state)
         log.debug("loaded binary cache %s from disk in %.1f ms", name, (time.monotonic() - started) * 1000)
         return state
+
+
+def _file_key(path: Path) -> tuple[int, ...] | None:
+    """What changes whenever a file's content may have changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from ...templates import get_template
 from ..base import (
     Backend,
     BackendError,
+    BuildCancelled,
     ContextOverflow,
     GenerationStats,
     PrefixState,
@@ -81,7 +81,6 @@ class CpuBackend(Backend):
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
         self.template = get_template("smollm2")
-        self._abort = threading.Event()
         self._model: Model | None = None
         self._tokenizer: Tokenizer | None = None
         self._gguf_name = ""
@@ -185,7 +184,6 @@ class CpuBackend(Backend):
     def build_prefix(self, prefix_text: str, dest: Path) -> int:
         """Prefill the prefix and write its KV state (layout: ``model.KVState``)."""
         model, tokenizer = self._loaded()
-        self._abort.clear()
         ids = tokenizer.encode(prefix_text)
         if len(ids) + 1 > self.context_length:
             raise ContextOverflow(len(ids), self.context_length)
@@ -193,7 +191,7 @@ class CpuBackend(Backend):
             try:
                 model.prefill(ids, 0, on_chunk=self._checkpoint)
             except _Cancelled:
-                raise BackendError("building the prefix was cancelled") from None
+                raise BuildCancelled("building the prefix was cancelled") from None
         model.save_state(len(ids)).write(Path(dest))
         return len(ids)
 
@@ -207,12 +205,9 @@ class CpuBackend(Backend):
 
     # -- generation --------------------------------------------------------------------
 
-    def abort(self) -> None:
-        self._abort.set()
-
     def _checkpoint(self) -> None:
         self.heartbeat()
-        if self._abort.is_set():
+        if self.cancelled.is_set():
             raise _Cancelled
 
     def _restorable(self, prefix: PrefixState | None, prompt_ids: list[int]) -> int:
@@ -235,7 +230,6 @@ class CpuBackend(Backend):
         sink: TextSink,
     ) -> GenerationStats:
         model, tokenizer = self._loaded()
-        self._abort.clear()
         started = time.perf_counter()
         stats = GenerationStats()
         ids = tokenizer.encode(prompt_text)
@@ -265,7 +259,7 @@ class CpuBackend(Backend):
         stops = StopMatcher(params.stop)
         stats.finish_reason = "length"
         for step in range(max_new):
-            if self._abort.is_set():
+            if self.cancelled.is_set():
                 stats.finish_reason = "cancelled"
                 break
             token = sampler.sample(logits, history)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rkllmd.backends.base import Backend, BackendError, GenerationStats, PrefixState, SamplingParams, TextSink
+from rkllmd.backends.base import Backend, BackendError, BuildCancelled, GenerationStats, PrefixState, SamplingParams, TextSink
 from rkllmd.backends.rkllm import abi as rk
 from rkllmd.backends.rkllm.runtime import (
     RkllmRuntime,
@@ -122,7 +122,6 @@ class RkllmBackend(Backend):
         self.presence_penalty = presence_penalty
         self._rt: RkllmRuntime | None = None
         self._loaded_cache: tuple[Any, ...] | None = None  # identity of the loaded prompt cache file
-        self._cancel = threading.Event()
         self._run_lock = threading.Lock()  # orders abort() against the start and end of a run
         self._running = False
 
@@ -229,13 +228,13 @@ class RkllmBackend(Backend):
         rt = self._require_runtime()
         self._use_prompt_cache(None)  # a loaded cache would be matched into the saved state
         rt.clear_kv_cache()
-        stream = _Stream(lambda _text: True, (), 1, self.heartbeat, self._cancel.is_set, rt.abort)
+        stream = _Stream(lambda _text: True, (), 1, self.heartbeat, self.cancelled.is_set, rt.abort)
         rc = self._run(
             rt, prefix_text, stream, save_prompt_cache=dest, max_new_tokens=1 if rt.abi.per_request_sampling else 0
         )
         if stream.finish_reason == "cancelled":
             dest.unlink(missing_ok=True)
-            raise BackendError("building the prompt cache was cancelled")
+            raise BuildCancelled("building the prompt cache was cancelled")
         _raise_on_failure(rc, stream, "building the prompt cache")
         if not dest.is_file():
             raise BackendError(
@@ -285,7 +284,7 @@ class RkllmBackend(Backend):
         self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
         rt.clear_kv_cache()
         limit = min((n for n in (params.max_tokens, self.max_new_tokens) if n > 0), default=0)
-        stream = _Stream(sink, params.stop, limit, self.heartbeat, self._cancel.is_set, rt.abort)
+        stream = _Stream(sink, params.stop, limit, self.heartbeat, self.cancelled.is_set, rt.abort)
         per_request: dict[str, Any] = {}
         if rt.abi.per_request_sampling:
             sampling = rk.RKLLMSamplingParam(**_sampling_values(params))
@@ -299,21 +298,23 @@ class RkllmBackend(Backend):
         return stream.stats(prompt_text, prefix, started, finished, self.count_tokens)
 
     def abort(self) -> None:
-        self._cancel.set()
+        super().abort()
         with self._run_lock:
             if self._running and self._rt is not None:
                 self._rt.abort()
 
     def _run(self, rt: RkllmRuntime, prompt: str, stream: _Stream, **kwargs: Any) -> int:
-        self._cancel.clear()
         with self._run_lock:
-            self._running = True
-        try:
-            rc = rt.run(prompt, stream.on_result, **kwargs)
-        finally:
-            with self._run_lock:
-                self._running = False
-        if self._cancel.is_set() and stream.finish_reason is None:
+            self._running = not self.cancelled.is_set()
+        if not self._running:  # aborted before the runtime was even called
+            rc = 0
+        else:
+            try:
+                rc = rt.run(prompt, stream.on_result, **kwargs)
+            finally:
+                with self._run_lock:
+                    self._running = False
+        if self.cancelled.is_set() and stream.finish_reason is None:
             # Aborted where no callback of ours saw it: in the prefill, or between two tokens.
             stream.finish_reason = "cancelled"
         stream.finish()
