@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 #: stuck forever would, so tests can see the systemd watchdog kill and restart us.
 HANG_MARKER = os.environ.get("RKLLMD_TEST_HANG_MARKER") or None
 
+#: How long a model load on reload may take before the watchdog calls the worker stuck.
+MODEL_SWAP_ALLOWANCE_S = 300.0
+
 
 @dataclass(eq=False)
 class CacheBuild:
@@ -140,10 +143,15 @@ class ModelWorker:
             }
 
     def healthy(self, within: float) -> bool:
-        """Idle, or made progress (a token, a prefill chunk) in the last ``within`` seconds."""
+        """Idle, or made progress (a token, a prefill chunk) in the last ``within`` seconds.
+
+        Loading a new model on reload is one long call with no progress to report (an NPU
+        runtime's init); it gets MODEL_SWAP_ALLOWANCE_S instead.
+        """
         with self._cond:
-            busy = self._running is not None
-        return self._thread.is_alive() and (not busy or time.monotonic() - self.last_progress < within)
+            running = self._running
+        allowance = MODEL_SWAP_ALLOWANCE_S if isinstance(running, BackendSwap) else within
+        return self._thread.is_alive() and (running is None or time.monotonic() - self.last_progress < allowance)
 
     def shutdown(self) -> list[Generation]:
         """Stop taking work, abort the running generation, return the queued ones (not run)."""
