@@ -144,6 +144,8 @@ class GGUFFile:
             dims = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims))
             infos.append((name, tuple(reversed(dims)), cur.scalar("<I"), cur.scalar("<Q")))
         alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        if alignment <= 0:
+            raise GGUFError(f"invalid general.alignment {alignment}")
         data_offset = -(-cur.pos // alignment) * alignment
         for name, shape, ggml_type, rel_offset in infos:
             if ggml_type not in GGML_TYPES:

@@ -196,6 +196,7 @@ class Model:
         self._rot = np.empty((cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), f32)
         self._tmp = np.empty((cfg.n_heads + cfg.n_kv_heads, half), f32)
         self._scores = np.empty((cfg.n_kv_heads, g, capacity), f32)
+        self._row = np.empty((cfg.n_kv_heads, g, 1), f32)
         self._attn = np.empty((cfg.n_kv_heads, g, cfg.head_dim), f32)
         self._proj = np.empty(cfg.dim, f32)
         self._gu = np.empty(2 * cfg.ffn_dim, f32)
@@ -292,15 +293,16 @@ class Model:
         return out
 
     @staticmethod
-    def _exp_scores(scores: np.ndarray) -> np.ndarray:
-        """Softmax numerators in place; returns the row sums.
+    def _exp_scores(scores: np.ndarray, row_buffer: np.ndarray | None = None) -> np.ndarray:
+        """Softmax numerators in place; returns the row sums (in ``row_buffer`` if given).
 
         Dividing the attention output by the sums, instead of the weights, saves a pass
         over the (heads x rows x keys) scores.
         """
-        scores -= scores.max(axis=-1, keepdims=True)
+        row = np.max(scores, axis=-1, keepdims=True, out=row_buffer)
+        scores -= row
         np.exp(scores, out=scores)
-        return scores.sum(axis=-1, keepdims=True)
+        return np.sum(scores, axis=-1, keepdims=True, out=row)
 
     # -- decode ------------------------------------------------------------------------
 
@@ -338,7 +340,7 @@ class Model:
                 values[:, pos] = qkv[q_dim + kv_dim :].reshape(nkv, hd)
                 rot[:nh] *= scale
                 np.matmul(queries, keys[:, :, :n_keys], out=scores)
-                totals = self._exp_scores(scores)
+                totals = self._exp_scores(scores, self._row)
                 np.matmul(scores, values[:, :n_keys], out=attended)
                 attended /= totals
                 np.matmul(attended.reshape(q_dim), self.wo[layer], out=self._proj)
