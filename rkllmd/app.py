@@ -9,6 +9,7 @@ from typing import Callable
 
 from .backends import choose
 from .backends.base import Backend, BackendError
+from .caches.atomic import BINARY_DIR_MODE, TEXT_DIR_MODE, make_dirs
 from .caches.binary import BinaryStore
 from .caches.manager import CacheManager
 from .caches.text import TextStore
@@ -90,8 +91,8 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         return 1
     text_dir, binary_dir = cache_dirs(config)
     try:
-        text_dir.mkdir(parents=True, exist_ok=True)
-        binary_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(text_dir, TEXT_DIR_MODE)
+        make_dirs(binary_dir, BINARY_DIR_MODE)
     except OSError as exc:
         log.error("cannot create cache folders: %s", exc)
         return 1
@@ -130,7 +131,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         notifier.stopping()
         daemon.watcher.stop()
         worker.backend.close()
-    return 0
+    return daemon.exit_status
 
 
 def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
@@ -160,8 +161,8 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     text_dir, binary_dir = cache_dirs(config)
     if (text_dir, binary_dir) != (caches.texts.folder, caches.binaries.root):
         try:
-            text_dir.mkdir(parents=True, exist_ok=True)
-            binary_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(text_dir, TEXT_DIR_MODE)
+            make_dirs(binary_dir, BINARY_DIR_MODE)
             watcher = TextFolderWatcher(str(text_dir), config["cache.debounce_ms"] / 1000, caches.refresh)
         except OSError as exc:
             log.error("reload: cannot use cache folders %s, %s: %s; keeping the old ones", text_dir, binary_dir, exc)

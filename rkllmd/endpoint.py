@@ -4,6 +4,13 @@ libzmq's ipc bind unlinks whatever is at the path, so a second daemon would sile
 take the socket away from a live one. Before binding we hold an exclusive lock file
 beside the socket for our whole life and check that nothing answers on the path; only
 a socket file nobody listens on (left by a crash) is replaced.
+
+If the socket file is deleted while we run (a cleanup script, ``rm -rf`` of the
+folder), the listening socket lives on but nobody can reach it. The socket loop checks
+the path every second (``state()``) and, while the lock is still ours, binds it again
+(``reclaim()``): connected clients keep their connections, new ones can connect again.
+A path some other process took over is never touched: the daemon then stops with an
+error instead (see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class Endpoint:
             raise EndpointError(f"socket path {self.path} is longer than {MAX_PATH_BYTES} bytes")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock_fd: int | None = None
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
 
     @property
     def url(self) -> str:
@@ -74,6 +82,16 @@ class Endpoint:
 
     def claim(self) -> None:
         prepare_folder(self.path.parent)
+        fd = self._lock()
+        if self.path.exists() or self.path.is_symlink():
+            if _answers(self.path):
+                os.close(fd)
+                raise EndpointError(f"something is already answering on {self.path}; refusing to take it over")
+            self.path.unlink()  # stale: left by a daemon that died
+        self._lock_fd = fd
+
+    def _lock(self) -> int:
+        """Open and lock the lock file; its content says who holds it."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -83,24 +101,52 @@ class Endpoint:
             raise EndpointError(
                 f"another rkllmd (pid {holder or '?'}) is serving on {self.path}; stop it first or choose another --socket"
             ) from None
-        if self.path.exists() or self.path.is_symlink():
-            if _answers(self.path):
-                os.close(fd)
-                raise EndpointError(f"something is already answering on {self.path}; refusing to take it over")
-            self.path.unlink()  # stale: left by a daemon that died
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        return fd
 
     def secure(self) -> None:
         """After bind: the socket is for our user and group only."""
         os.chmod(self.path, SOCKET_MODE)
+        info = self.path.lstat()
+        self._bound = (info.st_dev, info.st_ino)
+
+    def state(self) -> str:
+        """"ok" (our socket file is in place), "missing" (deleted) or "replaced" (someone else's)."""
+        try:
+            info = self.path.lstat()
+        except FileNotFoundError:
+            return "missing"
+        except OSError:
+            return "replaced"
+        return "ok" if (info.st_dev, info.st_ino) == self._bound else "replaced"
+
+    def reclaim(self) -> None:
+        """Our socket file was deleted: make the path ready for a new bind, or raise EndpointError.
+
+        The folder is made again if it went too, and the lock taken again if its file was
+        deleted (a daemon started meanwhile may hold the new one: then the path is its).
+        """
+        assert self._lock_fd is not None
+        prepare_folder(self.path.parent)
+        try:
+            ours = os.fstat(self._lock_fd)
+            now = self.lock_path.stat()
+            current = (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino)
+        except FileNotFoundError:
+            current = False
+        if not current:
+            fd = self._lock()
+            os.close(self._lock_fd)
+            self._lock_fd = fd
+        if self.path.exists() or self.path.is_symlink():
+            raise EndpointError(f"{self.path} was replaced by another process; not taking it over")
 
     def release(self) -> None:
         if self._lock_fd is None:
             return
         try:
-            if self.path.is_socket():
+            if self.path.is_socket() and self.state() == "ok":  # never another process's socket
                 self.path.unlink()
         except FileNotFoundError:
             pass

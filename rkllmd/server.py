@@ -10,18 +10,23 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import __version__, commands
 from .backends.base import Backend
+from .caches.atomic import TEXT_DIR_MODE, make_dirs
 from .caches.manager import CacheManager
 from .caches.watcher import TextFolderWatcher
 from .commands.cache_wait import CacheWaiter
 from .config import Config
-from .endpoint import Endpoint
+from .endpoint import Endpoint, EndpointError
 from .outbox import Generation, Outbox
 from .service import ServiceNotifier
 from .protocol import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ErrorCode, WireError, error_reply, pack, reply, unpack
@@ -33,6 +38,40 @@ log = logging.getLogger(__name__)
 HARD_MESSAGE_LIMIT = 16 * MAX_MESSAGE_BYTES
 #: How often a stream that a client is not reading is retried.
 BLOCKED_RETRY_S = 0.05
+#: ... and how soon when the last retry made progress (the client is reading again).
+PROGRESS_RETRY_S = 0.001
+
+# A client that stops reading must be noticed by a failing send, not after the daemon
+# has generated hundreds of tokens into buffers: "no progress for slow_client_timeout"
+# can only start then. Between the socket loop and a stopped client sit ZeroMQ's queue
+# (SNDHWM messages; libzmq's default is 1000) and the kernel's send buffer of the
+# connection (Linux default ~208 KiB: about 270 small messages, as each takes a buffer
+# of its own). Both are made small, so a stopped reader is detected after a few dozen
+# messages; a reading client never comes near either limit (replies that meet a full
+# queue are held here, in order, and retried).
+#: Messages ZeroMQ queues for one client.
+SEND_HWM = 16
+#: SO_SNDBUF of each client's connection (the kernel doubles it).
+CONNECTION_SNDBUF = 8192
+#: Bytes of replies (not generation text, which is coalesced) held for one client that is not
+#: reading, counting HELD_OVERHEAD for each; more are dropped, and all after slow_client_timeout
+#: without progress. A client may pipeline tens of thousands of small requests.
+MAX_HELD_BYTES = 8 << 20
+HELD_OVERHEAD = 128
+#: How often the socket file and the text cache folder are checked for having been deleted.
+PATH_CHECK_S = 1.0
+#: Client connections remembered (their file descriptor: tuned, and watched for disconnection).
+_CONNECTIONS_REMEMBERED = 4096
+
+
+@dataclass(eq=False)
+class _Held:
+    """Replies to one client that is not reading, in order, until it reads or times out."""
+
+    messages: deque[tuple[bytes, bool]] = field(default_factory=deque)  # (packed, is_error)
+    nbytes: int = 0
+    since: float = field(default_factory=time.monotonic)  # the last progress
+    dropped: int = 0
 
 
 class Daemon:
@@ -62,6 +101,14 @@ class Daemon:
         self.errors_sent = 0
         self.clients_gone = 0
         self._blocked: dict[Generation, float] = {}  # stream -> since when its client stopped reading
+        self._held: dict[bytes, _Held] = {}  # client -> replies it has not taken yet
+        self._fd_of: OrderedDict[bytes, int] = OrderedDict()  # client -> its connection's fd
+        self._on_fd: dict[int, set[bytes]] = {}
+        self._monitor: zmq.Socket | None = None
+        self._retry_soon = False
+        self.replies_dropped = 0
+        self._next_path_check = time.monotonic() + PATH_CHECK_S
+        self.exit_status = 0  # 1 when the daemon stops because it can no longer serve
         self._stop = False
         self._reload_requested = False
         self.reload_handler: Callable[[], None] | None = None
@@ -80,15 +127,23 @@ class Daemon:
         router = self._ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable reply = client gone, not silence
         router.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_LIMIT)
+        router.setsockopt(zmq.SNDHWM, SEND_HWM)
         router.setsockopt(zmq.LINGER, 1000)
+        # A client that disconnects is noticed at once, not at the next message sent to it:
+        # a queued generation of a client that is gone never runs, a prefill is cut short.
+        self._monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._router = router
+        self._bind_path()
+        log.info("listening on %s", self.endpoint.url)
+
+    def _bind_path(self) -> None:
+        assert self._router is not None
         old_umask = os.umask(0o117)
         try:
-            router.bind(self.endpoint.url)
+            self._router.bind(self.endpoint.url)
         finally:
             os.umask(old_umask)
         self.endpoint.secure()
-        self._router = router
-        log.info("listening on %s", self.endpoint.url)
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
@@ -109,6 +164,8 @@ class Daemon:
         assert self._router is not None
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         poller.register(self.outbox.fileno(), zmq.POLLIN)
         poller.register(self._signal_r, zmq.POLLIN)
         while not self._stop:
@@ -120,10 +177,12 @@ class Daemon:
                 self._reload_requested = False
                 if self.reload_handler is not None:
                     self.reload_handler()
+            self._note_disconnections()
             if self._router in events:
                 self._receive()
             self._flush()
             self._check_waiters(timeouts_only=True)
+            self._check_paths()
             self._update_status()
         self._shutdown()
 
@@ -134,12 +193,13 @@ class Daemon:
         except BlockingIOError:
             pass
 
-    def _poll_timeout(self) -> float | None:
+    def _poll_timeout(self) -> float:
         now = time.monotonic()
         deadlines = [w.deadline for w in self.waiters]
-        if self._blocked:
-            deadlines.append(now + BLOCKED_RETRY_S)
-        return max(0.0, min(deadlines) - now) if deadlines else None
+        deadlines.append(self._next_path_check)
+        if self._blocked or self._held:
+            deadlines.append(now + (PROGRESS_RETRY_S if self._retry_soon else BLOCKED_RETRY_S))
+        return max(0.0, min(deadlines) - now)
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -153,6 +213,9 @@ class Daemon:
         self.waiters.clear()
         self._flush()
         assert self._router is not None
+        if self._monitor is not None:
+            self._router.disable_monitor()
+            self._monitor.close(0)
         self._router.close()
         self.endpoint.release()
         log.info("stopped")
@@ -162,12 +225,16 @@ class Daemon:
     def _receive(self) -> None:
         assert self._router is not None
         for _ in range(256):  # then give the outbox a turn
+            # Disconnections first: a file descriptor closed before a message arrived on its
+            # reuse must not be taken for the new connection's (see _note_connection).
+            self._note_disconnections()
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.requests_received += 1
-            identity, body = frames[0], frames[1:]
+            identity, body = frames[0].bytes, [f.bytes for f in frames[1:]]
+            self._note_connection(identity, frames[-1])
             request_id = None
             try:
                 if len(body) != 1:
@@ -185,9 +252,64 @@ class Daemon:
             if result is not None:
                 self._send_plain(identity, reply(request_id, "result", result=result))
 
+    def _note_connection(self, identity: bytes, frame: zmq.Frame) -> None:
+        """A client's first message: remember its connection's fd and shrink that connection's
+        kernel send buffer (see SEND_HWM).
+
+        libzmq reports a disconnection (to the monitor) before it closes the fd, and a new
+        connection can only get the same number after that, so reading the monitor before
+        every message keeps this map true.
+        """
+        if identity in self._fd_of:
+            self._fd_of.move_to_end(identity)
+            return
+        try:
+            fd = frame.get(zmq.SRCFD)  # the connection the message came in on
+        except (zmq.ZMQError, AttributeError):
+            return  # a libzmq without ZMQ_SRCFD: only SNDHWM bounds the queue
+        if fd < 0:
+            return
+        self._fd_of[identity] = fd
+        self._on_fd.setdefault(fd, set()).add(identity)
+        if len(self._fd_of) > _CONNECTIONS_REMEMBERED:
+            old, old_fd = self._fd_of.popitem(last=False)
+            others = self._on_fd.get(old_fd, set())
+            others.discard(old)
+            if not others:
+                self._on_fd.pop(old_fd, None)
+        try:
+            with socket.socket(fileno=os.dup(fd)) as conn:
+                # libzmq's I/O thread owns that fd and may have closed it meanwhile (the number
+                # then names something else): only a connection to our own socket is touched.
+                if (
+                    conn.family != socket.AF_UNIX
+                    or conn.type != socket.SOCK_STREAM
+                    or conn.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    or conn.getsockname() != str(self.endpoint.path)
+                ):
+                    return
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CONNECTION_SNDBUF)
+        except OSError:
+            pass
+
+    def _note_disconnections(self) -> None:
+        """Clients whose connection closed: abort their generations, queued or running, and
+        forget replies held for them."""
+        if self._monitor is None:
+            return
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            for identity in self._on_fd.pop(event["value"], ()):
+                self._fd_of.pop(identity, None)
+                self._held.pop(identity, None)
+                for gen in [g for g in self.generations.values() if g.identity == identity]:
+                    self._client_gone(gen)
+
     def _dispatch(self, identity: bytes, request: dict[str, Any]) -> dict[str, Any] | None:
         version = request.get("v")
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
             raise WireError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}", supported=[PROTOCOL_VERSION])
         op = request.get("op")
         command = commands.REGISTRY.get(op) if isinstance(op, str) else None
@@ -201,10 +323,13 @@ class Daemon:
 
     def _send(self, identity: bytes, message: dict[str, Any]) -> str:
         """"sent", "gone" (client disconnected) or "blocked" (client not reading)."""
+        return self._send_packed(identity, pack(message), message.get("type") == "error")
+
+    def _send_packed(self, identity: bytes, data: bytes, is_error: bool) -> str:
         assert self._router is not None
         try:
-            self._router.send_multipart([identity, pack(message)], zmq.NOBLOCK)
-            if message.get("type") == "error":
+            self._router.send_multipart([identity, data], zmq.NOBLOCK)
+            if is_error:
                 self.errors_sent += 1
             return "sent"
         except zmq.ZMQError as exc:
@@ -215,10 +340,48 @@ class Daemon:
             raise
 
     def _send_plain(self, identity: bytes, message: dict[str, Any]) -> None:
-        if self._send(identity, message) != "sent":
-            log.debug("reply to a client that is gone or not reading was dropped")
+        """A one-shot reply; held (in order) while its client is not reading, never reordered."""
+        data, is_error = pack(message), message.get("type") == "error"
+        held = self._held.get(identity)
+        if held is None:
+            outcome = self._send_packed(identity, data, is_error)
+            if outcome == "gone":
+                log.debug("reply to a client that is gone was dropped")
+            if outcome != "blocked":
+                return
+            held = self._held[identity] = _Held()
+        size = len(data) + HELD_OVERHEAD
+        if held.nbytes + size > MAX_HELD_BYTES:
+            if not held.dropped:
+                log.warning("a client is not reading its replies and has %d waiting; dropping more", len(held.messages))
+            held.dropped += 1
+            self.replies_dropped += 1
+            return
+        held.messages.append((data, is_error))
+        held.nbytes += size
+
+    def _flush_held(self) -> None:
+        for identity, held in list(self._held.items()):
+            sent = 0
+            while held.messages:
+                data, is_error = held.messages[0]
+                outcome = self._send_packed(identity, data, is_error)
+                if outcome == "blocked":
+                    break
+                held.messages.popleft()
+                held.nbytes -= len(data) + HELD_OVERHEAD
+                sent += 1
+                if outcome == "gone":
+                    held.messages.clear()
+            if sent:
+                held.since = time.monotonic()
+                self._retry_soon = True
+            if not held.messages:
+                del self._held[identity]
 
     def _flush(self) -> None:
+        self._retry_soon = False
+        self._flush_held()
         plain, streams, changed = self.outbox.take()
         for identity, message in plain:
             self._send_plain(identity, message)
@@ -234,7 +397,8 @@ class Daemon:
             outcome = self._send(gen.identity, message)
             if outcome == "sent":
                 gen.seq += 1
-                self._blocked.pop(gen, None)
+                if self._blocked.pop(gen, None) is not None:
+                    self._retry_soon = True
                 if message["type"] in ("done", "error"):
                     self.generations.pop(gen.key, None)
                 continue
@@ -260,7 +424,71 @@ class Daemon:
         for gen, since in list(self._blocked.items()):
             if now - since > limit:
                 log.warning("client of request %r has not read its stream for %.0f s; aborting", gen.request_id, now - since)
-                self._client_gone(gen)
+                self._abort_unread(gen)
+        for identity, held in list(self._held.items()):
+            if now - held.since > limit:
+                log.warning("a client has not read its replies for %.0f s; dropping %d and aborting its generations", now - held.since, len(held.messages))
+                self.replies_dropped += len(held.messages)
+                del self._held[identity]
+                for gen in [g for g in self.generations.values() if g.identity == identity]:
+                    self._abort_unread(gen)
+
+    def _abort_unread(self, gen: Generation) -> None:
+        """A generation whose client stopped reading: abort it, drop its unsent text, and leave
+        a final ``done`` (cancelled, "client not reading") for the client should it read again."""
+        self._client_gone(gen)
+        final = reply(gen.request_id, "done", seq=gen.seq, finish_reason="cancelled", reason="client not reading", cache=None, stats=None)
+        self._send_plain(gen.identity, final)  # held while the client does not read, dropped if it never does
+
+    # -- our paths -----------------------------------------------------------------------
+
+    def _check_paths(self) -> None:
+        """Once a second: is our socket file still there, and the text folder we watch?"""
+        now = time.monotonic()
+        if now < self._next_path_check:
+            return
+        self._next_path_check = now + PATH_CHECK_S
+        self._check_socket()
+        if self.watcher is not None and not self.watcher.intact():
+            self._watch_again()
+
+    def _check_socket(self) -> None:
+        state = self.endpoint.state()
+        if state == "ok":
+            return
+        path = self.endpoint.path
+        if state == "missing":
+            try:
+                self.endpoint.reclaim()
+                self._bind_path()
+            except (EndpointError, OSError, zmq.ZMQError) as exc:
+                self._fail(f"the socket file {path} was deleted and cannot be bound again: {exc}")
+                return
+            log.warning("the socket file %s was deleted; bound it again (connected clients kept their connections)", path)
+            return
+        self._fail(f"the socket file {path} was replaced by another process; new clients cannot reach this daemon")
+
+    def _fail(self, message: str) -> None:
+        """Stop serving, cleanly, with a non-zero exit status (systemd then restarts us)."""
+        log.error("%s; stopping", message)
+        self.exit_status = 1
+        self._stop = True
+
+    def _watch_again(self) -> None:
+        """The text folder was deleted (or replaced): make it again, watch the new one, rescan."""
+        assert self.watcher is not None
+        folder = self.caches.texts.folder
+        try:
+            make_dirs(folder, TEXT_DIR_MODE)
+            watcher = TextFolderWatcher(str(folder), self.config["cache.debounce_ms"] / 1000, self.caches.refresh)
+        except OSError as exc:
+            log.error("the text cache folder %s is gone and cannot be made again: %s", folder, exc)
+            return
+        self.watcher.stop()
+        self.watcher = watcher
+        watcher.start()
+        self.caches.rescan()
+        log.warning("the text cache folder %s was deleted or replaced; watching it again", folder)
 
     # -- cache wait ----------------------------------------------------------------------
 
@@ -343,6 +571,7 @@ class Daemon:
                 "requests": self.requests_received,
                 "errors_sent": self.errors_sent,
                 "clients_gone": self.clients_gone,
+                "replies_dropped": self.replies_dropped,
                 **self.worker.counters.as_dict(),
             },
             "caches": {

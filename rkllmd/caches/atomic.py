@@ -9,6 +9,25 @@ from pathlib import Path
 from typing import Iterator
 
 TEMP_PREFIX = ".tmp-"
+#: Modes of the folders the daemon makes, whatever its umask: the text caches are edited by
+#: the group (as the systemd unit's StateDirectoryMode), the binary caches are the daemon's.
+TEXT_DIR_MODE = 0o770
+BINARY_DIR_MODE = 0o750
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """Create ``path`` and its missing parents with exactly ``mode`` (mkdir's is filtered by
+    the umask: under umask 0 it would make them world-writable). Existing folders keep theirs."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, mode)
+        except FileExistsError:
+            continue
+        os.chmod(folder, mode)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ so the pair reads as corrupt and is rebuilt, never half-used.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import atomic_write, commit, remove_leftovers, temporary_beside
+from ..backends.base import BackendError, BuildCancelled
+from .atomic import BINARY_DIR_MODE, atomic_write, commit, make_dirs, remove_leftovers, temporary_beside
 from .names import check_name
 
 #: Bump when the layout of the meta file or the meaning of its keys changes.
@@ -27,6 +29,9 @@ FORMAT_VERSION = 1
 STATE_SUFFIX = ".state"
 META_SUFFIX = ".meta.json"
 _CHUNK = 1 << 20
+#: Free space under which a failed write is reported as a full disk (backends report it
+#: their own way: numpy says "N requested and M written", a vendor runtime an error code).
+_LOW_SPACE = 1 << 20
 
 
 class BinaryCacheInvalid(Exception):
@@ -46,6 +51,14 @@ class BinaryMeta:
 def model_key(identity: dict[str, Any]) -> str:
     canonical = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < _LOW_SPACE
 
 
 def file_sha256(path: Path) -> str:
@@ -70,15 +83,23 @@ class BinaryStore:
 
     def prepare(self) -> None:
         """Create our folder and drop whatever a killed build left half-written."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.folder, BINARY_DIR_MODE)
         remove_leftovers(self.folder)
 
     def build(self, name: str, text_sha256: str, write_state: Callable[[Path], int]) -> BinaryMeta:
         """Run ``write_state(tmp_path) -> n_tokens`` and install the result atomically."""
         started = time.monotonic()
         state = self.state_path(name)
+        make_dirs(self.folder, BINARY_DIR_MODE)  # deleted while we ran: make it again
         with temporary_beside(state) as tmp:
-            n_tokens = write_state(tmp)
+            try:
+                n_tokens = write_state(tmp)
+            except BuildCancelled:
+                raise
+            except (OSError, BackendError) as exc:
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or _nearly_full(self.folder):
+                    raise OSError(errno.ENOSPC, f"no space left on device for the binary cache in {self.folder} ({exc})") from exc
+                raise
             payload_bytes = tmp.stat().st_size
             meta = BinaryMeta(
                 text_sha256=text_sha256,

@@ -116,6 +116,14 @@ class CacheManager:
         for name in self.texts.names():
             self.refresh(name)
 
+    def rescan(self) -> None:
+        """Refresh every name known or present (the text folder was replaced); nothing is deleted
+        on disk but the binaries of texts that are gone, and no build in progress is disturbed."""
+        with self._lock:
+            known = set(self._entries)
+        for name in sorted(known | set(self.texts.names())):
+            self.refresh(name)
+
     def refresh(self, name: str, *, force: bool = False) -> Entry | None:
         """Bring ``name``'s entry up to date with its file; queue a build if needed.
 
@@ -245,10 +253,11 @@ class CacheManager:
             text_sha, prefix = entry.text_sha256, entry.prefix
             entry.state, entry.reason = BUILDING, None
             self.builds += 1
+            binaries = self.binaries
         self._on_change(name)
         log.info("building binary cache %s", name)
         try:
-            meta = self.binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp))
+            meta = binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp))
         except BuildCancelled:
             # The request that needed it was cancelled: nothing is wrong with the cache.
             log.info("building binary cache %s was interrupted; it is queued again", name)
@@ -270,6 +279,12 @@ class CacheManager:
             self.lru.drop(name)
             still_current = entry.text_sha256 == text_sha
             entry.state = READY if still_current else QUEUED
+            deleted = self._entries.get(name) is not entry and binaries is self.binaries
+        if deleted:  # the text was removed while we built: what we wrote belongs to nothing
+            log.info("text cache %s was deleted during its build; deleting the binary cache too", name)
+            binaries.remove(name)
+            self._on_change(name)
+            return
         log.info("binary cache %s ready: %d tokens in %.0f ms", name, meta.n_tokens, meta.build_ms)
         self._on_change(name)
 

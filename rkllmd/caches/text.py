@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write
+from .atomic import TEXT_DIR_MODE, atomic_write, make_dirs
 from .names import TEXT_SUFFIX, check_name, name_of_text_file
 
 
@@ -95,7 +95,7 @@ class TextStore:
             raise TextCacheError(f"{len(data)} bytes; the limit is {self.max_bytes}")
         if "\x00" in text:
             raise TextCacheError("contains a NUL character")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.folder, TEXT_DIR_MODE)
         path = self.path(name)
         atomic_write(path, data, mode=0o660)
         return TextCache(name, text, hashlib.sha256(data).hexdigest(), len(data), path.stat().st_mtime)

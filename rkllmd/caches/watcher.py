@@ -98,6 +98,8 @@ class TextFolderWatcher:
 
     def __init__(self, folder: str, debounce: float, on_change: Callable[[str], None]):
         self.folder = os.path.abspath(folder)
+        info = os.stat(self.folder)
+        self._identity = (info.st_dev, info.st_ino)
         self._debouncer = Debouncer(debounce, on_change)
         self._observer = Observer()
         self._observer.schedule(_Handler(self.folder, self._debouncer.touch), self.folder, recursive=False)
@@ -106,6 +108,14 @@ class TextFolderWatcher:
         self._debouncer.start()
         self._observer.start()
         log.info("watching %s for text cache changes", self.folder)
+
+    def intact(self) -> bool:
+        """False once the folder watched was deleted or replaced (inotify then reports nothing)."""
+        try:
+            info = os.stat(self.folder)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == self._identity
 
     def stop(self) -> None:
         self._observer.stop()

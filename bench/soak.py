@@ -1,0 +1,293 @@
+"""Soak: many clients sending short generations (some with a prompt cache, some cancelled) for a long time.
+
+    python bench/soak.py                      # 30 minutes against a private daemon it starts
+    python bench/soak.py --minutes 5 --json soak.json
+    python bench/soak.py --socket /run/rkllmd/rkllmd.sock --minutes 60   # against a running daemon
+
+Prints a progress line every --every seconds and, at the end, the figures that
+docs/reliability.md records: requests answered, lost and duplicated (the goal: 0),
+errors, the worst queue wait against the average, the spread of the clients' mean
+waits (fairness), and the daemon's memory and open files at the start and the end.
+tests/test_load.py runs the same mix (class Mix) with a fixed number of requests.
+Exit status 1 if anything was lost, duplicated or failed, or memory grew by more than
+--rss-limit-mb between the first hundred requests and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rkllmctl import Client, DaemonError, DaemonUnreachable  # noqa: E402
+
+PROMPTS = [
+    "Say hi.", "Name a colour.", "What is 2+2?", "Name a planet.", "Is ice cold?", "Say yes or no.",
+    "Name a fruit.", "What is a CPU?", "Spell 'dog'.", "Name a month.", "Give me a number.", "What is Linux?",
+]
+CACHES = {
+    "soak-brief": "Answer in one or two words.",
+    "soak-polite": "You are a polite assistant. Answer very briefly.",
+}
+#: Weights of the request kinds: plain, with a text cache, cancelled right after sending.
+KINDS = (("plain", 0.55), ("cache", 0.30), ("cancel", 0.15))
+
+
+@dataclass
+class Outcome:
+    client: int
+    kind: str
+    request_id: Any
+    position: int | None
+    queue_ms: float | None  # None: cancelled before it started
+    finish_reason: str
+    cached_tokens: int
+    ended: float  # time.monotonic()
+
+
+@dataclass
+class Report:
+    outcomes: list[Outcome] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # exceptions and protocol surprises
+    strays: int = 0  # messages for requests that had already ended (duplicates)
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)  # (t, answered, rss_kb, fds)
+    started: float = 0.0
+    ended: float = 0.0
+    counters_before: dict[str, int] = field(default_factory=dict)
+    counters_after: dict[str, int] = field(default_factory=dict)
+    sent: int = 0
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Mix:
+    """``clients`` threads, each with its own Client, each with one generation at a time."""
+
+    def __init__(self, socket: Path, clients: int = 16, per_client: int | None = None, duration_s: float | None = None, seed: int = 6):
+        assert (per_client is None) != (duration_s is None), "give per_client or duration_s"
+        self.socket = socket
+        self.clients = clients
+        self.per_client = per_client
+        self.duration_s = duration_s
+        self.seed = seed
+        self.report = Report()
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def prepare(self) -> int:
+        """Put the text caches and wait for their binaries; return the daemon's pid."""
+        with Client(self.socket, timeout=30) as client:
+            for name, text in CACHES.items():
+                client.cache_put(name, text)
+            for name in CACHES:
+                client.cache_wait(name, timeout=300)
+            return client.status()["pid"]
+
+    def run(self, progress_every: float | None = None) -> Report:
+        pid = self.prepare()
+        report = self.report
+        with Client(self.socket, timeout=30) as client:
+            report.counters_before = client.status()["counters"]
+        sampler = threading.Thread(target=self._sample, args=(pid, progress_every), daemon=True)
+        threads = [threading.Thread(target=self._client, args=(i,), name=f"client-{i}") for i in range(self.clients)]
+        report.started = time.monotonic()
+        sampler.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report.ended = time.monotonic()
+        self._done.set()
+        sampler.join()
+        report.samples.append((report.ended, len(report.outcomes), rss_kb(pid), fd_count(pid)))
+        with Client(self.socket, timeout=30) as client:
+            report.counters_after = client.status()["counters"]
+        return report
+
+    def _sample(self, pid: int, progress_every: float | None) -> None:
+        last_print = time.monotonic()
+        while not self._done.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                answered = len(self.report.outcomes)
+            self.report.samples.append((now, answered, rss_kb(pid), fd_count(pid)))
+            if progress_every and now - last_print >= progress_every:
+                last_print = now
+                print(progress_line(self.report), flush=True)
+
+    def _client(self, index: int) -> None:
+        rng = random.Random(self.seed * 1000 + index)
+        deadline = None if self.duration_s is None else time.monotonic() + self.duration_s
+        sent = 0
+        try:
+            with Client(self.socket, timeout=120) as client:
+                while (sent < self.per_client) if self.per_client is not None else (time.monotonic() < deadline):
+                    sent += 1
+                    with self._lock:
+                        self.report.sent += 1
+                    outcome = self._one(client, index, rng)
+                    with self._lock:
+                        self.report.outcomes.append(outcome)
+                client.ping()  # anything still arriving for ended requests is now in the client's pending map
+                strays = sum(len(q) for q in client._pending.values())
+                with self._lock:
+                    self.report.strays += strays
+        except Exception as exc:  # recorded, and the run fails: nothing may be lost silently
+            with self._lock:
+                self.report.failures.append(f"client {index}: {exc.__class__.__name__}: {exc}")
+
+    def _one(self, client: Client, index: int, rng: random.Random) -> Outcome:
+        kind = rng.choices([k for k, _ in KINDS], [w for _, w in KINDS])[0]
+        prompt = rng.choice(PROMPTS)
+        if kind == "plain":
+            stream = client.generate(prompt, max_tokens=rng.choice((1, 2)))
+        elif kind == "cache":
+            stream = client.generate(prompt, cache=rng.choice(sorted(CACHES)), max_tokens=rng.choice((1, 2)))
+        else:
+            stream = client.generate(prompt, max_tokens=32)
+            try:
+                client.cancel(stream.request_id)
+            except DaemonError as exc:
+                if exc.name != "not_found":  # it had already ended: fine
+                    raise
+        result = stream.wait()
+        stats = result.stats or {}
+        if kind != "cancel" and result.finish_reason not in ("stop", "length"):
+            raise AssertionError(f"request {stream.request_id} of client {index} ended {result.finish_reason}")
+        return Outcome(index, kind, stream.request_id, stream.position, stats.get("queue_ms"), result.finish_reason,
+                       stats.get("cached_tokens", 0), time.monotonic())
+
+
+def progress_line(report: Report) -> str:
+    now, answered, rss, fds = report.samples[-1]
+    elapsed = now - report.started
+    return f"[{elapsed:7.0f} s] {answered} answered ({answered / max(elapsed, 1e-9):.1f}/s), RSS {rss / 1024:.1f} MiB, {fds} fds"
+
+
+def summarize(report: Report) -> dict[str, Any]:
+    """The figures of a run (what docs/reliability.md records)."""
+    outcomes = report.outcomes
+    waits = [o.queue_ms for o in outcomes if o.queue_ms is not None]
+    per_client: dict[int, list[float]] = {}
+    for o in outcomes:
+        if o.queue_ms is not None:
+            per_client.setdefault(o.client, []).append(o.queue_ms)
+    client_means = [statistics.fmean(v) for v in per_client.values() if v]
+    by_kind: dict[str, int] = {}
+    for o in outcomes:
+        by_kind[o.kind] = by_kind.get(o.kind, 0) + 1
+    before, after = report.counters_before, report.counters_after
+    ended_on_daemon = sum(after.get(k, 0) - before.get(k, 0) for k in ("completed", "cancelled", "errors"))
+    first_hundred = next((s for s in report.samples if s[1] >= 100), report.samples[-1])
+    last = report.samples[-1]
+    ids = [(o.client, o.request_id) for o in outcomes]
+    elapsed = report.ended - report.started
+    return {
+        "clients": len({o.client for o in outcomes}),
+        "sent": report.sent,
+        "answered": len(outcomes),
+        "lost": report.sent - len(outcomes),
+        "duplicated": report.strays + len(ids) - len(set(ids)),
+        "failures": len(report.failures),
+        "daemon_ended": ended_on_daemon,
+        "by_kind": by_kind,
+        "cancelled": sum(o.finish_reason == "cancelled" for o in outcomes),
+        "cache_hits": sum(o.kind == "cache" and o.cached_tokens > 0 for o in outcomes),
+        "seconds": round(elapsed, 1),
+        "per_second": round(len(outcomes) / elapsed, 2) if elapsed else 0,
+        "queue_ms_avg": round(statistics.fmean(waits), 1) if waits else None,
+        "queue_ms_p99": round(sorted(waits)[int(0.99 * (len(waits) - 1))], 1) if waits else None,
+        "queue_ms_worst": round(max(waits), 1) if waits else None,
+        "worst_over_avg": round(max(waits) / statistics.fmean(waits), 2) if waits and statistics.fmean(waits) > 0 else None,
+        "client_mean_spread": round(max(client_means) / min(client_means), 2) if client_means and min(client_means) > 0 else None,
+        "max_position": max((o.position for o in outcomes if o.position is not None), default=None),
+        "rss_mb_after_100": round(first_hundred[2] / 1024, 1),
+        "rss_mb_end": round(last[2] / 1024, 1),
+        "rss_growth_kb": last[2] - first_hundred[2],
+        "rss_mb_max": round(max(s[2] for s in report.samples) / 1024, 1),
+        "fds_after_100": first_hundred[3],
+        "fds_end": last[3],
+    }
+
+
+@contextlib.contextmanager
+def private_daemon() -> Iterator[Path]:
+    """A daemon of our own on a temporary socket (the CPU backend), stopped at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="rksoak", dir="/tmp"))
+    sock = folder / "run" / "rkllmd.sock"
+    (folder / "text").mkdir()
+    log = open(folder / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "rkllmd", "--backend", "cpu", "--socket", str(sock), "--cache-dir", str(folder / "text"),
+                             "--binary-cache-dir", str(folder / "bin"), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rkllmd exited with {proc.returncode}: {(folder / 'daemon.log').read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("rkllmd did not answer within 300 s")
+            if sock.exists():
+                with contextlib.suppress(DaemonUnreachable):
+                    with Client(sock, timeout=1) as client:
+                        client.ping()
+                    break
+            time.sleep(0.05)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--socket", type=Path, help="a running daemon (default: start a private one)")
+    parser.add_argument("--every", type=float, default=30.0, help="seconds between progress lines")
+    parser.add_argument("--rss-limit-mb", type=float, default=8.0)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        sock = args.socket or stack.enter_context(private_daemon())
+        mix = Mix(sock, clients=args.clients, duration_s=args.minutes * 60)
+        print(f"soak: {args.clients} clients for {args.minutes:g} min against {sock}", flush=True)
+        report = mix.run(progress_every=args.every)
+    figures = summarize(report)
+    for failure in report.failures:
+        print(f"FAILURE {failure}")
+    for key, value in figures.items():
+        print(f"{key:>20}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps({"minutes": args.minutes, **figures}, indent=1) + "\n")
+    bad = figures["lost"] or figures["duplicated"] or figures["failures"] or figures["rss_growth_kb"] > args.rss_limit_mb * 1024
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
