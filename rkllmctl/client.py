@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from rkllmd.paths import default_socket
 from rkllmd.protocol import PROTOCOL_VERSION, pack, unpack
@@ -74,6 +75,12 @@ class Client:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # ZeroMQ reconnects silently to a restarted daemon that never heard of our
+        # request; the monitor tells us the connection dropped, so a wait cannot hang.
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._sock.connect(f"ipc://{self.path}")
         self._ids = itertools.count(1)
         self._pending: dict[Any, deque[dict[str, Any]]] = defaultdict(deque)
@@ -85,12 +92,16 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(0)
         self._sock.close(0)
 
     # -- plumbing --------------------------------------------------------------------
 
     def send(self, op: str, **fields: Any) -> Any:
         """Send one request; return its id."""
+        while self._monitor.poll(0):  # a drop before this request is no concern of it
+            recv_monitor_message(self._monitor)
         request_id = next(self._ids)
         message = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
         message.update({k: v for k, v in fields.items() if v is not None})
@@ -104,7 +115,10 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if wait is not None and wait == 0.0 or not self._sock.poll(None if wait is None else int(wait * 1000) + 1):
+            ready = dict(self._poller.poll(None if wait is None else int(wait * 1000) + 1))
+            if self._monitor in ready and recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                raise DaemonUnreachable(f"rkllmd at {self.path} closed the connection (stopped or restarted); the request is lost")
+            if self._sock not in ready:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DaemonUnreachable(f"no answer from {self.path} within {timeout:g} s; is rkllmd hung or busy loading?")
                 continue

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, DaemonProcess, reference_cases
-from rkllmctl import DaemonError
+from rkllmctl import DaemonError, DaemonUnreachable
 
 LONG_PROMPT = "Write a very long story about a lighthouse keeper, with many chapters."
 
@@ -188,3 +188,17 @@ def test_sigterm_during_generation_ends_cleanly(make_daemon) -> None:
     assert err.value.name == "shutting_down"
     assert proc.wait(20) == 0
     assert not proc.socket.exists()
+
+
+def test_client_learns_when_the_daemon_dies_mid_stream(make_daemon) -> None:
+    proc = make_daemon()
+    with proc.client() as client:
+        stream = client.generate(LONG_PROMPT, max_tokens=400)
+        pieces = iter(stream)
+        next(pieces)
+        proc.signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnreachable, match="closed the connection"):
+            for _ in pieces:
+                pass
+        assert time.monotonic() - t0 < 5
