@@ -58,6 +58,8 @@ CONNECTION_SNDBUF = 8192
 #: without progress. A client may pipeline tens of thousands of small requests.
 MAX_HELD_BYTES = 8 << 20
 HELD_OVERHEAD = 128
+#: listen(2) backlog of the socket (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 1024
 #: How often the socket file and the text cache folder are checked for having been deleted.
 PATH_CHECK_S = 1.0
 #: Client connections remembered (their file descriptor: tuned, and watched for disconnection).
@@ -128,6 +130,9 @@ class Daemon:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable reply = client gone, not silence
         router.setsockopt(zmq.MAXMSGSIZE, HARD_MESSAGE_LIMIT)
         router.setsockopt(zmq.SNDHWM, SEND_HWM)
+        # Connections the kernel queues until libzmq accepts them (its default is 100): when
+        # many clients connect at once, a client's connect(2) fails with EAGAIN past that.
+        router.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         router.setsockopt(zmq.LINGER, 1000)
         # A client that disconnects is noticed at once, not at the next message sent to it:
         # a queued generation of a client that is gone never runs, a prefill is cut short.
@@ -297,15 +302,20 @@ class Daemon:
         forget replies held for them."""
         if self._monitor is None:
             return
+        gone: set[bytes] = set()
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            for identity in self._on_fd.pop(event["value"], ()):
-                self._fd_of.pop(identity, None)
-                self._held.pop(identity, None)
-                for gen in [g for g in self.generations.values() if g.identity == identity]:
-                    self._client_gone(gen)
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                gone |= self._on_fd.pop(event["value"], set())
+        if not gone:
+            return
+        for identity in gone:
+            self._fd_of.pop(identity, None)
+            self._held.pop(identity, None)
+        # Newest first: the queued ones leave the queue before the running one (the oldest)
+        # is aborted, so the worker does not start one of them in between.
+        for gen in sorted((g for g in self.generations.values() if g.identity in gone), key=lambda g: g.received, reverse=True):
+            self._client_gone(gen)
 
     def _dispatch(self, identity: bytes, request: dict[str, Any]) -> dict[str, Any] | None:
         version = request.get("v")

@@ -1,6 +1,6 @@
 """Helpers of the reliability tests (issue 6): process figures, polling, a raw peer, recorded figures.
 
-Figures a test records with ``figures.record(...)`` are printed at the end of the pytest
+Figures a test records with ``figures.record(...)`` (fixture from ``figures_fixture()``) are printed at the end of the pytest
 run and, when RKLLMD_RELIABILITY_JSON names a file, written there as JSON lines for
 bench/reliability_report.py to turn into docs/reliability.md.
 """
@@ -118,11 +118,16 @@ class Figures:
             terminalreporter.write_line(f"{row['scenario']}: {values}")
 
 
-@pytest.fixture(scope="session")
-def figures(pytestconfig: pytest.Config) -> Figures:
-    """Record figures: ``figures.record("load", worst_queue_ms=..., ...)``."""
-    plugin = pytestconfig.pluginmanager.get_plugin("rkllmd-reliability-figures")
-    if plugin is None:
-        plugin = Figures()
-        pytestconfig.pluginmanager.register(plugin, "rkllmd-reliability-figures")
-    return plugin
+def figures_fixture() -> Any:
+    """A module's ``figures`` fixture (``figures = figures_fixture()``): one Figures per run,
+    ``figures.record("load", worst_queue_ms=..., ...)``."""
+
+    @pytest.fixture(scope="session")
+    def figures(pytestconfig: pytest.Config) -> Figures:
+        plugin = pytestconfig.pluginmanager.get_plugin("rkllmd-reliability-figures")
+        if plugin is None:
+            plugin = Figures()
+            pytestconfig.pluginmanager.register(plugin, "rkllmd-reliability-figures")
+        return plugin
+
+    return figures

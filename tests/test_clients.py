@@ -24,10 +24,10 @@ import pytest
 import zmq
 
 from conftest import ROOT, DaemonProcess
-from reliability import fd_count, poll, rss_kb
+from reliability import fd_count, figures_fixture, poll, rss_kb
 from rkllmd.server import CONNECTION_SNDBUF, SEND_HWM
 
-pytest_plugins = ["reliability"]  # the `figures` fixture
+figures = figures_fixture()
 
 LONG_PROMPT = "Write a very long story about a lighthouse keeper, with many chapters."
 SLOW_TIMEOUT = 2.0
@@ -155,6 +155,8 @@ def test_request_flood_then_stop_is_held_within_bounds(slow_daemon: DaemonProces
 def test_clients_vanishing_together_free_the_worker_and_the_queue(slow_daemon: DaemonProcess, figures) -> None:
     proc = slow_daemon
     with proc.client() as observer:
+        # The worker stops at its next checkpoint (a prefill chunk, a token): how long is one here?
+        checkpoint_s = observer.generate(LONG_PROMPT, max_tokens=1).wait().stats["ttft_ms"] / 1000
         before = observer.status()["counters"]
         children = [rkllmctl_child(proc, "generate", "--max-tokens", "2000", LONG_PROMPT) for _ in range(6)]
         try:
@@ -177,9 +179,14 @@ def test_clients_vanishing_together_free_the_worker_and_the_queue(slow_daemon: D
         result = observer.generate("Say hi.", max_tokens=1).wait()
     assert after["clients_gone"] - before["clients_gone"] == 6
     assert after["completion_tokens"] - before["completion_tokens"] < 2000
+    # The queued ones left the queue without running (one may have been taken by the worker
+    # if its client's disconnection was seen a loop turn after the running one's).
+    started = after["generations"] - before["generations"]
+    assert started <= 2, started
     assert result.finish_reason in ("stop", "length")
-    assert freed < 1.5
-    figures.record("vanishing-together", clients=6, seconds_to_free=round(freed, 2))
+    assert freed < 1.0 + 2 * checkpoint_s, (freed, checkpoint_s)
+    figures.record("vanishing-together", clients=6, seconds_to_free=round(freed, 2), generations_started=started,
+                   checkpoint_s=round(checkpoint_s, 2))
 
 
 def _probe(path: str) -> None:
@@ -231,6 +238,6 @@ def test_burst_of_connections_leaks_nothing(daemon: DaemonProcess, figures) -> N
         status = client.status()
         assert client.generate("Say hi.", max_tokens=1).wait().finish_reason in ("stop", "length")
     assert status["healthy"] is True
-    assert rss_after - rss_before < 3 * 1024, f"RSS grew by {rss_after - rss_before} KiB over {connections} connections"
+    assert rss_after - rss_before < 4 * 1024, f"RSS grew by {rss_after - rss_before} KiB over {connections} connections"
     figures.record("connect-burst", connections=connections, fds_before=fds_before, fds_after=fds_after,
                    rss_growth_kb=rss_after - rss_before)

@@ -23,11 +23,11 @@ from typing import Iterator
 import pytest
 
 from conftest import DaemonProcess, rkllmctl
-from reliability import poll
+from reliability import figures_fixture, poll
 from rkllmctl import DaemonError
 from rkllmd.backends.cpu.backend import bundled_model_path
 
-pytest_plugins = ["reliability"]  # the `figures` fixture
+figures = figures_fixture()
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PARIS = "The capital of France is Paris."

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DaemonProcess
-from reliability import RawPeer, check_envelope, documented_errors, rss_kb
+from reliability import RawPeer, check_envelope, documented_errors, figures_fixture, rss_kb
 
-pytest_plugins = ["reliability"]  # the `figures` fixture
+figures = figures_fixture()
 
 MIB = 1 << 20
 MAX_MESSAGE = MIB  # docs/protocol.md: "A message over 1 MiB is answered too_large"

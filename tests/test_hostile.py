@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, DaemonProcess
-from reliability import poll
+from reliability import figures_fixture, poll
 from rkllmctl import DaemonError
 
-pytest_plugins = ["reliability"]  # the `figures` fixture
+figures = figures_fixture()
 
 
 # -- modes under any umask ---------------------------------------------------------------------

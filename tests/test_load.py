@@ -11,11 +11,12 @@ import sys
 import pytest
 
 from conftest import ROOT, DaemonProcess
+from reliability import figures_fixture
 
 sys.path.insert(0, str(ROOT / "bench"))
 from soak import Mix, summarize  # noqa: E402
 
-pytest_plugins = ["reliability"]  # the `figures` fixture
+figures = figures_fixture()
 
 CLIENTS, PER_CLIENT = 16, 25
 RSS_GROWTH_LIMIT_KB = 4 * 1024
