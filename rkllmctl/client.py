@@ -24,6 +24,8 @@ from rkllmd.protocol import PROTOCOL_VERSION, pack, unpack
 
 from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolViolation
 
+#: After the daemon closed the connection, how long to wait for replies it sent before.
+LINGER_READ_S = 0.2
 START_HINT = "start it with `rkllmd` (or `systemctl start rkllmd`), or point --socket / RKLLMD_SOCKET at a running one"
 
 
@@ -81,6 +83,7 @@ class Client:
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+        self._disconnected = False
         self._sock.connect(f"ipc://{self.path}")
         self._ids = itertools.count(1)
         self._pending: dict[Any, deque[dict[str, Any]]] = defaultdict(deque)
@@ -102,6 +105,7 @@ class Client:
         """Send one request; return its id."""
         while self._monitor.poll(0):  # a drop before this request is no concern of it
             recv_monitor_message(self._monitor)
+        self._disconnected = False
         request_id = next(self._ids)
         message = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
         message.update({k: v for k, v in fields.items() if v is not None})
@@ -115,10 +119,15 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._disconnected:  # what it sent before closing is still read first
+                wait = LINGER_READ_S if wait is None else min(wait, LINGER_READ_S)
             ready = dict(self._poller.poll(None if wait is None else int(wait * 1000) + 1))
             if self._monitor in ready and recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
-                raise DaemonUnreachable(f"rkllmd at {self.path} closed the connection (stopped or restarted); the request is lost")
+                self._disconnected = True
+                continue
             if self._sock not in ready:
+                if self._disconnected:
+                    raise DaemonUnreachable(f"rkllmd at {self.path} closed the connection (stopped or restarted); the request is lost")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DaemonUnreachable(f"no answer from {self.path} within {timeout:g} s; is rkllmd hung or busy loading?")
                 continue

@@ -20,6 +20,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,6 +75,14 @@ stage3)
     ln -s /proc/self/fd/2 "$R/dev/stderr"
     mount -t tmpfs -o mode=0755,nosuid,nodev harness-run "$R/run"
     mount -t tmpfs -o mode=1777,nosuid,nodev harness-tmp "$R/tmp"
+    # The checkout or its Python may live under /tmp or /run (a CI clone): keep them
+    # visible, read-only, above the fresh tmpfs.
+    IFS=: read -ra keep <<< "${HARNESS_KEEP:-}"
+    for k in "${keep[@]}"; do
+        mkdir -p "$R$k"
+        mount --bind "$k" "$R$k"
+        mount -o remount,bind,ro "$R$k"
+    done
 
     units="$R/etc/systemd/system"
     printf '%s\n' '[Unit]' 'Description=rkllmd test harness' \
@@ -92,6 +101,13 @@ stage3)
     ;;
 esac
 """
+
+
+def _hidden_by_fresh_mounts() -> list[str]:
+    """This checkout and its Python, where the fresh /tmp and /run inside would hide them."""
+    roots = {Path(__file__).resolve().parent.parent, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    fresh = (Path("/tmp"), Path("/run"))
+    return sorted({str(p) for p in roots if any(p.is_relative_to(f) for f in fresh)})
 
 
 def unavailable_reason() -> str | None:
@@ -167,6 +183,7 @@ class SystemdUnderTest:
             HARNESS_STAGES=_STAGES, HARNESS_CGROUP=str(self._cgroup),
             HARNESS_DIR=str(self._dir), HARNESS_TARGET=BOOT_TARGET,
             HARNESS_MANAGER=MANAGER, HARNESS_PATH=CONTAINER_PATH,
+            HARNESS_KEEP=":".join(_hidden_by_fresh_mounts()),
             # libmount would otherwise create /run/mount/utab on the host.
             LIBMOUNT_UTAB=str(self._dir / "utab"),
         )

@@ -99,14 +99,18 @@ def checkout_dropin(exec_start: str, **settings: str) -> str:
     ProtectHome=tmpfs with those paths bound read-only exposes them and nothing else.
     """
     homes = (Path("/root"), Path("/home"))
-    exposed = sorted({str(p) for p in map(Path, (sys.prefix, sys.base_prefix, ROOT))
-                      if any(p.is_relative_to(h) for h in homes)})
+    paths = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, ROOT)}
+    exposed = sorted({str(p) for p in paths if any(p.is_relative_to(h) for h in homes)})
+    # PrivateTmp=yes hides a checkout under /tmp (a CI clone): bind it in, read-only.
+    in_tmp = sorted({str(p) for p in paths if any(p.is_relative_to(t) for t in (Path("/tmp"), Path("/var/tmp")))})
     # Tests start the service more often than the unit's start limit allows.
     lines = ["[Unit]", "StartLimitIntervalSec=0",
              "[Service]", "ExecStart=", f"ExecStart={exec_start}",
              f"Environment=PYTHONPATH={ROOT} PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1"]
     if exposed:
         lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={' '.join(exposed)}"]
+    if in_tmp:
+        lines += [f"BindReadOnlyPaths={' '.join(in_tmp)}"]
     lines += [f"{key}={value}" for key, value in settings.items()]
     return "\n".join(lines) + "\n"
 
