@@ -55,6 +55,7 @@ class Outcome:
     request_id: Any
     position: int | None
     queue_ms: float | None  # None: cancelled before it started
+    service_ms: float | None  # from its start to its end, on the daemon
     finish_reason: str
     cached_tokens: int
     ended: float  # time.monotonic()
@@ -178,7 +179,8 @@ class Mix:
         stats = result.stats or {}
         if kind != "cancel" and result.finish_reason not in ("stop", "length"):
             raise AssertionError(f"request {stream.request_id} of client {index} ended {result.finish_reason}")
-        return Outcome(index, kind, stream.request_id, stream.position, stats.get("queue_ms"), result.finish_reason,
+        service = stats["total_ms"] - stats["queue_ms"] if stats else None
+        return Outcome(index, kind, stream.request_id, stream.position, stats.get("queue_ms"), service, result.finish_reason,
                        stats.get("cached_tokens", 0), time.monotonic())
 
 
@@ -192,6 +194,7 @@ def summarize(report: Report) -> dict[str, Any]:
     """The figures of a run (what docs/reliability.md records)."""
     outcomes = report.outcomes
     waits = [o.queue_ms for o in outcomes if o.queue_ms is not None]
+    services = [o.service_ms for o in outcomes if o.service_ms is not None]
     per_client: dict[int, list[float]] = {}
     for o in outcomes:
         if o.queue_ms is not None:
@@ -225,6 +228,8 @@ def summarize(report: Report) -> dict[str, Any]:
         "worst_over_avg": round(max(waits) / statistics.fmean(waits), 2) if waits and statistics.fmean(waits) > 0 else None,
         "client_mean_spread": round(max(client_means) / min(client_means), 2) if client_means and min(client_means) > 0 else None,
         "max_position": max((o.position for o in outcomes if o.position is not None), default=None),
+        "service_ms_avg": round(statistics.fmean(services), 1) if services else None,
+        "service_ms_max": round(max(services), 1) if services else None,
         "rss_mb_after_100": round(first_hundred[2] / 1024, 1),
         "rss_mb_end": round(last[2] / 1024, 1),
         "rss_growth_kb": last[2] - first_hundred[2],

@@ -77,10 +77,9 @@ def test_stopped_reader_is_aborted_without_stalling_others(slow_daemon: DaemonPr
             rss_before = rss_kb(pid)
             with RssWatch(pid) as watch:
                 child.send_signal(signal.SIGSTOP)
-                stopped = time.monotonic()
                 # Another client's generation waits behind the stopped one: for how long?
                 waiting = other.generate("Say hi.", max_tokens=1).wait()
-                stall = time.monotonic() - stopped
+                stall = waiting.stats["queue_ms"] / 1000  # how long it waited for the worker
                 status = poll(lambda: (s := other.status())["counters"]["clients_gone"] > before["clients_gone"] and s,
                               timeout=5, what="the stopped client's generation aborted")
             assert status["worker"]["running"] is None and status["worker"]["queued"] == 0
@@ -89,7 +88,7 @@ def test_stopped_reader_is_aborted_without_stalling_others(slow_daemon: DaemonPr
             # What the stall may cost: the timeout, and the time to fill ZeroMQ's queue and the
             # kernel's buffer (a few dozen small messages) at this machine's decode speed.
             fill_s = (SEND_HWM + CONNECTION_SNDBUF * 2 // 700) / tps
-            assert stall <= SLOW_TIMEOUT + fill_s + 3.0, (stall, tps)
+            assert stall <= SLOW_TIMEOUT + 1.5 * fill_s + 3.0, (stall, tps)
             assert tokens < 400
             assert watch.peak - rss_before < 2048, "the daemon buffered for a stopped client"
             # Woken again, it reads what was buffered and then learns its generation was aborted.

