@@ -7,6 +7,7 @@ in float32 token for token.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import re
@@ -210,11 +211,16 @@ class CpuBackend(Backend):
         if self.cancelled.is_set():
             raise _Cancelled
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (one backend per daemon; bounded)
+    def _prefix_ids(self, text: str) -> list[int]:
+        """A cached prefix's token ids, encoded once rather than on every request that uses it."""
+        return self._tokenizer.encode(text)
+
     def _restorable(self, prefix: PrefixState | None, prompt_ids: list[int]) -> int:
         """How many prompt positions ``prefix`` can supply (0 unless its tokens start the prompt)."""
         if prefix is None or not isinstance(prefix.payload, KVState):
             return 0
-        prefix_ids = self._tokenizer.encode(prefix.text)
+        prefix_ids = self._prefix_ids(prefix.text)
         n = len(prefix_ids)
         if n != prefix.n_tokens or n != prefix.payload.n_tokens or prompt_ids[:n] != prefix_ids:
             log.info("prefix %r does not match the prompt's tokens; prefilling the whole prompt", prefix.name)
