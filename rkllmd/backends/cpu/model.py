@@ -124,22 +124,79 @@ def _halves_order(n_heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(n_heads)[:, None] * head_dim + within).reshape(-1)
 
 
+@dataclass
+class Weights:
+    """The float32 arrays the forward pass reads, in its layout (see the module docstring).
+
+    Made by ``from_gguf`` (dequantizing) or mapped from a file by ``weights_file``; the
+    forward pass never writes to them, so read-only memory maps serve as well as arrays.
+    """
+
+    head: np.ndarray  # (dim, vocab): the tied embedding, input-major
+    output_norm: np.ndarray  # (dim,)
+    attn_norm: np.ndarray  # (layers, dim)
+    ffn_norm: np.ndarray  # (layers, dim)
+    wqkv: np.ndarray  # (layers, dim, q + 2 kv): q and k rows in halves order
+    wo: np.ndarray  # (layers, q, dim)
+    wgu: np.ndarray  # (layers, dim, 2 ffn): gate then up
+    wd: np.ndarray  # (layers, ffn, dim)
+
+    @staticmethod
+    def shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Every array's shape, in field order: what a weights file must hold."""
+        L, q_dim, kv_dim = cfg.n_layers, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        return {
+            "head": (cfg.dim, cfg.vocab_size),
+            "output_norm": (cfg.dim,),
+            "attn_norm": (L, cfg.dim),
+            "ffn_norm": (L, cfg.dim),
+            "wqkv": (L, cfg.dim, q_dim + 2 * kv_dim),
+            "wo": (L, q_dim, cfg.dim),
+            "wgu": (L, cfg.dim, 2 * cfg.ffn_dim),
+            "wd": (L, cfg.ffn_dim, cfg.dim),
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, cfg: ModelConfig, progress: Callable[[str], None] | None = None) -> Weights:
+        """Dequantize ``gguf``'s tensors into the forward pass's layout (seconds of CPU)."""
+        if "output.weight" in gguf.tensors:
+            raise ValueError("models with a separate output head are not supported (expected a tied embedding)")
+        embedding = gguf.tensor("token_embd.weight")
+        if embedding.shape != (cfg.vocab_size, cfg.dim):
+            raise ValueError(f"token_embd has shape {embedding.shape}, expected {(cfg.vocab_size, cfg.dim)}")
+        shapes = cls.shapes(cfg)
+        w = cls(**{name: np.empty(shape, np.float32) for name, shape in shapes.items()})
+        w.head[:] = embedding.T  # embedding lookups read its columns
+        del embedding
+        w.output_norm[:] = gguf.tensor("output_norm.weight")
+        q_order = _halves_order(cfg.n_heads, cfg.head_dim)
+        k_order = _halves_order(cfg.n_kv_heads, cfg.head_dim)
+        for i in range(cfg.n_layers):
+            t = {name: gguf.tensor(f"blk.{i}.{name}.weight") for name in LAYER_TENSORS}
+            w.attn_norm[i] = t["attn_norm"]
+            w.ffn_norm[i] = t["ffn_norm"]
+            w.wqkv[i] = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]]).T
+            w.wo[i] = t["attn_output"].T
+            w.wgu[i] = np.concatenate([t["ffn_gate"], t["ffn_up"]]).T
+            w.wd[i] = t["ffn_down"].T
+            if progress and (i + 1) % 10 == 0:
+                progress(f"dequantized {i + 1}/{cfg.n_layers} layers")
+        return w
+
+
 class Model:
     """A loaded llama model with its KV cache; positions are passed explicitly."""
 
-    def __init__(
-        self,
-        gguf: GGUFFile,
-        context_length: int,
-        prefill_chunk: int = 128,
-        progress: Callable[[str], None] | None = None,
-    ):
+    def __init__(self, config: ModelConfig, weights: Weights, context_length: int, prefill_chunk: int = 128):
         if prefill_chunk < 1 or context_length < 1:
             raise ValueError("context_length and prefill_chunk must be positive")
-        self.config = cfg = ModelConfig.from_gguf_metadata(gguf.metadata)
+        self.config = cfg = config
+        self.w = weights
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
-        self._load_weights(gguf, progress)
 
         capacity = -(-context_length // prefill_chunk) * prefill_chunk + MIN_CHUNK_ROWS
         self.keys = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity), dtype=np.float32)
@@ -151,39 +208,11 @@ class Model:
         self.rope_sin = np.sin(angles).astype(np.float32)
         self._alloc_decode_buffers(capacity)
 
-    def _load_weights(self, gguf: GGUFFile, progress: Callable[[str], None] | None) -> None:
-        cfg = self.config
-        if "output.weight" in gguf.tensors:
-            raise ValueError("models with a separate output head are not supported (expected a tied embedding)")
-        embedding = gguf.tensor("token_embd.weight")
-        if embedding.shape != (cfg.vocab_size, cfg.dim):
-            raise ValueError(f"token_embd has shape {embedding.shape}, expected {(cfg.vocab_size, cfg.dim)}")
-        # The tied head, input-major; embedding lookups read its columns.
-        self.head = np.ascontiguousarray(embedding.T)
-        del embedding
-        self.output_norm = gguf.tensor("output_norm.weight")
-
-        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        q_order = _halves_order(cfg.n_heads, cfg.head_dim)
-        k_order = _halves_order(cfg.n_kv_heads, cfg.head_dim)
-        L = cfg.n_layers
-        self.attn_norm = np.empty((L, cfg.dim), np.float32)
-        self.ffn_norm = np.empty((L, cfg.dim), np.float32)
-        self.wqkv = np.empty((L, cfg.dim, q_dim + 2 * kv_dim), np.float32)
-        self.wo = np.empty((L, q_dim, cfg.dim), np.float32)
-        self.wgu = np.empty((L, cfg.dim, 2 * cfg.ffn_dim), np.float32)
-        self.wd = np.empty((L, cfg.ffn_dim, cfg.dim), np.float32)
-        for i in range(L):
-            t = {name: gguf.tensor(f"blk.{i}.{name}.weight") for name in LAYER_TENSORS}
-            self.attn_norm[i] = t["attn_norm"]
-            self.ffn_norm[i] = t["ffn_norm"]
-            self.wqkv[i] = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]]).T
-            self.wo[i] = t["attn_output"].T
-            self.wgu[i] = np.concatenate([t["ffn_gate"], t["ffn_up"]]).T
-            self.wd[i] = t["ffn_down"].T
-            if progress and (i + 1) % 10 == 0:
-                progress(f"dequantized {i + 1}/{L} layers")
-        self.n_params = sum(info.n_elements for info in gguf.tensors.values())
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, context_length: int, prefill_chunk: int = 128) -> Model:
+        """Dequantize and load ``gguf`` (for tools and tests; the backend caches the weights)."""
+        config = ModelConfig.from_gguf_metadata(gguf.metadata)
+        return cls(config, Weights.from_gguf(gguf, config), context_length, prefill_chunk)
 
     def _alloc_decode_buffers(self, capacity: int) -> None:
         cfg = self.config
@@ -192,7 +221,7 @@ class Model:
         f32 = np.float32
         self._x = np.empty(cfg.dim, f32)
         self._h = np.empty(cfg.dim, f32)
-        self._qkv = np.empty(self.wqkv.shape[2], f32)
+        self._qkv = np.empty(self.w.wqkv.shape[2], f32)
         self._rot = np.empty((cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), f32)
         self._tmp = np.empty((cfg.n_heads + cfg.n_kv_heads, half), f32)
         self._scores = np.empty((cfg.n_kv_heads, g, capacity), f32)
@@ -239,7 +268,7 @@ class Model:
                 pos = chunk_end
                 if on_chunk:
                     on_chunk()
-        return self._rms_norm(last_hidden, self.output_norm) @ self.head
+        return self._rms_norm(last_hidden, self.w.output_norm) @ self.w.head
 
     def _forward_chunk(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Run one chunk (within one block of ``prefill_chunk`` positions); return its last hidden state."""
@@ -259,10 +288,10 @@ class Model:
         cos = self.rope_cos[start : start + T, None, :]
         sin = self.rope_sin[start : start + T, None, :]
 
-        x = np.ascontiguousarray(self.head[:, ids].T)
+        x = np.ascontiguousarray(self.w.head[:, ids].T)
         for layer in range(cfg.n_layers):
-            h = self._rms_norm(x, self.attn_norm[layer])
-            qkv = h @ self.wqkv[layer]
+            h = self._rms_norm(x, self.w.attn_norm[layer])
+            qkv = h @ self.w.wqkv[layer]
             qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
             first, second = qk[..., :half], qk[..., half:]
             rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -279,11 +308,11 @@ class Model:
             attended = scores.reshape(nkv, g * T, n_keys) @ values[:, :n_keys]
             attended /= totals.reshape(nkv, g * T, 1)
             attended = attended.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, q_dim)
-            x += attended @ self.wo[layer]
-            h = self._rms_norm(x, self.ffn_norm[layer])
-            gate_up = h @ self.wgu[layer]
+            x += attended @ self.w.wo[layer]
+            h = self._rms_norm(x, self.w.ffn_norm[layer])
+            gate_up = h @ self.w.wgu[layer]
             gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
-            x += (gate / (1.0 + np.exp(-gate)) * up) @ self.wd[layer]
+            x += (gate / (1.0 + np.exp(-gate)) * up) @ self.w.wd[layer]
         return x[n_real - 1]
 
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -324,11 +353,11 @@ class Model:
         queries = rot[:nh].reshape(nkv, nh // nkv, hd)
         scale = np.float32(hd**-0.5)
 
-        x[:] = self.head[:, token]
+        x[:] = self.w.head[:, token]
         with np.errstate(over="ignore"):
             for layer in range(cfg.n_layers):
-                self._rms_norm_into(x, self.attn_norm[layer], h)
-                np.matmul(h, self.wqkv[layer], out=qkv)
+                self._rms_norm_into(x, self.w.attn_norm[layer], h)
+                np.matmul(h, self.w.wqkv[layer], out=qkv)
                 np.multiply(first, cos, out=rot[:, :half])
                 np.multiply(second, sin, out=tmp)
                 rot[:, :half] -= tmp
@@ -343,10 +372,10 @@ class Model:
                 totals = self._exp_scores(scores, self._row)
                 np.matmul(scores, values[:, :n_keys], out=attended)
                 attended /= totals
-                np.matmul(attended.reshape(q_dim), self.wo[layer], out=self._proj)
+                np.matmul(attended.reshape(q_dim), self.w.wo[layer], out=self._proj)
                 x += self._proj
-                self._rms_norm_into(x, self.ffn_norm[layer], h)
-                np.matmul(h, self.wgu[layer], out=self._gu)
+                self._rms_norm_into(x, self.w.ffn_norm[layer], h)
+                np.matmul(h, self.w.wgu[layer], out=self._gu)
                 gate, up = self._gu[: cfg.ffn_dim], self._gu[cfg.ffn_dim :]
                 act = self._act
                 np.negative(gate, out=act)
@@ -354,10 +383,10 @@ class Model:
                 act += 1.0
                 np.divide(gate, act, out=act)
                 act *= up
-                np.matmul(act, self.wd[layer], out=self._proj)
+                np.matmul(act, self.w.wd[layer], out=self._proj)
                 x += self._proj
-        self._rms_norm_into(x, self.output_norm, h)
-        np.matmul(h, self.head, out=self._logits)
+        self._rms_norm_into(x, self.w.output_norm, h)
+        np.matmul(h, self.w.head, out=self._logits)
         return self._logits
 
     def _rms_norm_into(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:

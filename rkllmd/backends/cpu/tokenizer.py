@@ -27,6 +27,8 @@ import re
 import sys
 from collections.abc import Iterable
 
+import numpy as np
+
 # llama.cpp's whitespace code points (Unicode White_Space).
 WHITESPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 
@@ -50,16 +52,20 @@ END_OF_GENERATION_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>
 def number_character_class() -> str:
     """A ``re`` character class matching exactly Unicode category N (Nd, Nl, No).
 
-    Built once from ``str`` predicates (~0.1 s): a character is in N exactly when it
+    Built once from ``str`` predicates (~30 ms): a character is in N exactly when it
     is numeric but not alphabetic (CJK numerals such as 三 are letters, category Lo).
     """
     ranges: list[list[int]] = []
-    for code_point, char in enumerate(map(chr, range(sys.maxunicode + 1))):
-        if char.isnumeric() and not char.isalpha():
-            if ranges and ranges[-1][1] == code_point - 1:
-                ranges[-1][1] = code_point
-            else:
-                ranges.append([code_point, code_point])
+    code_points = np.r_[0:0xD800, 0xE000 : sys.maxunicode + 1].astype("<u4")  # all but surrogates
+    every_character = code_points.tobytes().decode("utf-32-le")
+    for char in filter(str.isnumeric, every_character):  # a C loop: ~1,900 of 1.1 million pass
+        if char.isalpha():
+            continue
+        code_point = ord(char)
+        if ranges and ranges[-1][1] == code_point - 1:
+            ranges[-1][1] = code_point
+        else:
+            ranges.append([code_point, code_point])
     body = "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in ranges)
     return f"[{body}]"
 
@@ -107,13 +113,16 @@ class Tokenizer:
         )
 
         # Bytes of every token for decoding: control tokens (and any token outside the
-        # byte alphabet) are their literal text.
+        # byte alphabet) are their literal text; the others map character by character
+        # (translate to code points 0-255, then latin-1: both loops in C).
+        to_bytes = str.maketrans({char: chr(byte) for char, byte in byte_decoder.items()})
+        outside_alphabet = re.compile(f"[^{re.escape(''.join(byte_decoder))}]")
         self.token_bytes: list[bytes] = []
         for text, kind in zip(tokens, self.token_types):
-            if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or any(c not in byte_decoder for c in text):
+            if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED) or outside_alphabet.search(text):
                 self.token_bytes.append(text.encode("utf-8"))
             else:
-                self.token_bytes.append(bytes(byte_decoder[c] for c in text))
+                self.token_bytes.append(text.translate(to_bytes).encode("latin-1"))
         self._bpe = functools.lru_cache(maxsize=bpe_cache_size)(self._bpe_uncached)
 
     @classmethod

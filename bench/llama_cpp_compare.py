@@ -1,0 +1,131 @@
+"""Our CPU backend against llama.cpp on the same weights, side by side in one run.
+
+Same model (SmolLM2-135M-Instruct), same prompt token ids (our tokenizer's, fed to both),
+same greedy decoding, same two threads:
+- ours: the float32 numpy forward pass, driven directly (prefill, then decode steps);
+- llama.cpp float32: the bundled Q4_1 file converted to F32 by llama.cpp's own quantize
+  tool (the same float32 values our backend dequantizes to);
+- llama.cpp Q4_1: the bundled file as it is, for scale (4-bit weights stream 6x fewer bytes).
+Prints prefill and decode tokens/s and whether the greedy tokens agree.
+
+Needs llama-cpp-python (`.venv/bin/pip install llama-cpp-python`, which builds llama.cpp
+from source: about 15 minutes on two cores). Without it the script says so and exits 1.
+Run: python bench/llama_cpp_compare.py [--prompt-tokens 500] [--decode-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from daemon import words  # noqa: E402
+
+from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path  # noqa: E402
+
+THREADS = 2
+
+
+def ours_run(backend: CpuBackend, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
+    """(prefill s, decode s for ``steps`` tokens, greedy tokens)."""
+    model = backend.model
+    t0 = time.perf_counter()
+    logits = model.prefill(ids, 0)
+    t1 = time.perf_counter()
+    out = [int(np.argmax(logits))]
+    for step in range(steps):
+        logits = model.decode(out[-1], len(ids) + step)
+        out.append(int(np.argmax(logits)))
+    return t1 - t0, time.perf_counter() - t1, out
+
+
+def llama_run(llm, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    for _ in range(steps):
+        llm.eval([out[-1]])
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    return t1 - t0, time.perf_counter() - t1, out
+
+
+def float32_copy(llama_cpp, source: Path, folder: Path) -> Path:
+    """The model converted to F32 by llama.cpp itself (made once, kept in ``folder``)."""
+    target = folder / f"{source.stem.split('.')[0]}.F32.gguf"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+        params.allow_requantize = True  # Q4_1 -> F32 is a "requantization" to llama.cpp
+        params.nthread = THREADS
+        partial = target.with_suffix(".part")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit("llama.cpp could not convert the model to F32")
+        partial.rename(target)
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-tokens", type=int, default=500)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rkllmd-bench")
+    args = parser.parse_args()
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed: `.venv/bin/pip install llama-cpp-python` "
+              "(builds llama.cpp from source), then run this again.", file=sys.stderr)
+        return 1
+
+    # llama.cpp logs every tensor it converts or loads; keep the table readable.
+    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
+
+    source = bundled_model_path()
+    f32 = float32_copy(llama_cpp, source, args.workdir)
+    ours = CpuBackend()
+    ours.load()
+    text = ours.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
+    ids = ours.tokenizer.encode(text)
+    n_ctx = len(ids) + args.decode_tokens + 8
+    engines = {
+        "rkllmd CPU backend (float32, numpy)": lambda: ours_run(ours, ids, args.decode_tokens),
+    }
+    for label, path in (("llama.cpp, F32 weights", f32), ("llama.cpp, Q4_1 weights", source)):
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
+                              verbose=False)
+        engines[label] = lambda llm=llm: llama_run(llm, ids, args.decode_tokens)
+
+    runs: dict[str, list[tuple[float, float, list[int]]]] = {label: [] for label in engines}
+    for label, run in engines.items():
+        run()  # warm-up: page in the weights
+    for _ in range(args.repeat):  # interleaved, so a disturbance hits every engine alike
+        for label, run in engines.items():
+            runs[label].append(run())
+
+    reference = runs["rkllmd CPU backend (float32, numpy)"][0][2]
+    print(f"{len(ids)} prompt tokens, {args.decode_tokens} decode steps, greedy, {THREADS} threads, "
+          f"median of {args.repeat} interleaved runs\n")
+    print("| engine | prefill tokens/s | decode tokens/s | greedy tokens equal to ours |")
+    print("|---|---:|---:|---:|")
+    for label, results in runs.items():
+        prefill = statistics.median(len(ids) / r[0] for r in results)
+        decode = statistics.median(args.decode_tokens / r[1] for r in results)
+        tokens = results[0][2]
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
+        print(f"| {label} | {prefill:.0f} | {decode:.1f} | {agree}/{len(tokens)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

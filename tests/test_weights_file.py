@@ -1,0 +1,161 @@
+"""Dequantized weights kept on disk and memory-mapped at the next start: used only when
+written for this very model file and layout, rebuilt otherwise, never read half-written."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rkllmd.backends.base import SamplingParams
+from rkllmd.backends.cpu import weights_file
+from rkllmd.backends.cpu.backend import CpuBackend
+from rkllmd.backends.cpu.gguf import GGUFFile
+from rkllmd.caches.atomic import TEMP_PREFIX
+
+from conftest import reference_cases
+from gguf_files import tiny_llama
+
+PROMPTS = ["the thin hen", "<|im_start|>user\nin the inn<|im_end|>\n", "0123 tea"]
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return tiny_llama(tmp_path / "tiny.F32.gguf")
+
+
+def loaded(model: Path, folder: Path | None) -> CpuBackend:
+    backend = CpuBackend(model, context_length=64, prefill_chunk=16, weights_dir=folder)
+    backend.load()
+    return backend
+
+
+def outputs(backend: CpuBackend) -> list[str]:
+    texts = []
+    for prompt in PROMPTS:
+        pieces: list[str] = []
+        backend.generate(prompt, SamplingParams(max_tokens=12), None, lambda p: pieces.append(p) or True)
+        texts.append("".join(pieces))
+    return texts
+
+
+def kept_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"*{weights_file.SUFFIX}"))
+
+
+def test_second_load_maps_what_the_first_kept_and_computes_the_same(model, tmp_path):
+    folder = tmp_path / "weights"
+    first = loaded(model, folder)
+    assert first.describe()["weights"].startswith("dequantized, kept in")
+    [kept] = kept_files(folder)
+    assert oct(folder.stat().st_mode & 0o777) == "0o750"
+
+    second = loaded(model, folder)
+    assert second.describe()["weights"] == f"mapped from {kept}"
+    mapped = second.model.w.arrays()
+    for name, array in first.model.w.arrays().items():
+        assert not mapped[name].flags.writeable, f"{name} must be a read-only map"
+        assert np.array_equal(mapped[name], array), name
+    assert outputs(second) == outputs(first) == outputs(loaded(model, None))
+    assert all(outputs(first)), "the tiny model generates something"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "extend", "header", "foreign key"])
+def test_damaged_file_is_ignored_and_rebuilt(model, tmp_path, damage, caplog):
+    folder = tmp_path / "weights"
+    reference = outputs(loaded(model, folder))
+    [kept] = kept_files(folder)
+    size = kept.stat().st_size
+    if damage == "truncate":
+        os.truncate(kept, size - 4)
+    elif damage == "extend":
+        os.truncate(kept, size + 4096)
+    elif damage == "header":
+        with open(kept, "r+b") as f:
+            f.write(b"{\"magic\": \"somebody else\"")
+    else:  # a file written for another model under this one's name
+        other = tiny_llama(tmp_path / "other.gguf", seed=1)
+        loaded(other, folder)
+        kept.unlink()
+        os.rename(kept_files(folder)[0], kept)
+
+    again = loaded(model, folder)
+    assert again.describe()["weights"].startswith("dequantized, kept in")
+    assert "ignoring" in caplog.text
+    assert kept.stat().st_size == size
+    assert outputs(again) == reference
+    assert loaded(model, folder).describe()["weights"] == f"mapped from {kept}"
+
+
+def test_changed_model_file_replaces_its_old_weights_only(model, tmp_path):
+    folder = tmp_path / "weights"
+    loaded(model, folder)
+    neighbour = tiny_llama(tmp_path / "tiny.gguf", seed=2)  # its stem is a prefix of the model's
+    loaded(neighbour, folder)
+    [old] = [p for p in kept_files(folder) if p.name.startswith("tiny.F32.")]
+
+    tiny_llama(model, seed=3)  # the model file is rewritten
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert loaded(model, folder).describe()["weights"].startswith("dequantized, kept in")
+    names = [p.name for p in kept_files(folder)]
+    assert old.name not in names and len(names) == 2
+    assert any(name.startswith("tiny.F32.") for name in names) and any(name.startswith("tiny.") and "F32" not in name for name in names)
+
+
+def test_unusable_folder_still_loads(model, tmp_path, caplog):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    backend = loaded(model, blocker / "weights")
+    assert backend.describe()["weights"] == "dequantized (not kept: folder unusable)"
+    assert "cannot keep dequantized weights" in caplog.text
+    assert outputs(backend) == outputs(loaded(model, None))
+
+
+def test_leftovers_of_a_killed_writer_are_removed(model, tmp_path):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    leftover = folder / f"{TEMP_PREFIX}tiny.F32.0123456789abcdef.weights.x1y2"
+    leftover.write_bytes(b"\0" * 1000)
+    loaded(model, folder)
+    assert not leftover.exists()
+    assert len(kept_files(folder)) == 1
+
+
+def test_loads_racing_for_one_folder_write_once(model, tmp_path):
+    folder = tmp_path / "weights"
+    sources: list[str] = []
+    threads = [threading.Thread(target=lambda: sources.append(loaded(model, folder).describe()["weights"])) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(s.split(" ")[0] for s in sources) == ["dequantized,", "mapped", "mapped"]
+    assert len(kept_files(folder)) == 1
+
+
+def test_key_follows_the_model_file(model, tmp_path):
+    gguf = GGUFFile(model)
+    key = weights_file.weights_key(gguf)
+    assert key == weights_file.weights_key(GGUFFile(model))
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert weights_file.weights_key(GGUFFile(model)) != key
+
+
+def test_daemon_restart_maps_the_weights_and_answers_the_same(make_daemon, tmp_path):
+    case = reference_cases()[0]
+    env = {"RKLLMD_MODEL_WEIGHTS_DIR": str(tmp_path / "weights")}
+    seen = []
+    for _ in range(2):
+        daemon = make_daemon(env=env)
+        with daemon.client() as client:
+            seen.append(client.status()["model"]["weights"])
+            result = client.generate(messages=case["messages"], max_tokens=case["max_tokens"], temperature=0).wait()
+        assert result.text == case["completion"]
+        assert daemon.stop() == 0
+    [kept] = kept_files(tmp_path / "weights")
+    assert seen == [f"dequantized, kept in {kept}", f"mapped from {kept}"]
