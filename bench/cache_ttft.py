@@ -62,8 +62,9 @@ def main() -> None:
     backend.load()
     systems = {n: "You are the assistant of a small team. Project context follows. " + words(n) for n in args.sizes}
     rows = []
-    with running_daemon() as (sock_mem, _, text_mem), running_daemon(env={"RKLLMD_CACHE_MEMORY_BUDGET_MB": "0"}) as (sock_disk, _, text_disk):
-        with Client(sock_mem, timeout=120) as mem, Client(sock_disk, timeout=120) as disk:
+    with running_daemon() as memory_daemon, running_daemon(env={"RKLLMD_CACHE_MEMORY_BUDGET_MB": "0"}) as disk_daemon:
+        text_mem, text_disk = memory_daemon.text_dir, disk_daemon.text_dir
+        with Client(memory_daemon.socket, timeout=120) as mem, Client(disk_daemon.socket, timeout=120) as disk:
             save_to_ready = []
             for n, system in systems.items():
                 for client, folder in ((mem, text_mem), (disk, text_disk)):

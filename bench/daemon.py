@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,16 +18,30 @@ from rkllmctl import Client, DaemonUnreachable
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: Dequantized weights shared by the benchmarks' daemons (each start maps them), unless a
+#: benchmark points RKLLMD_MODEL_WEIGHTS_DIR elsewhere (to time a first start, say).
+WEIGHTS_DIR = Path.home() / ".cache" / "rkllmd-bench" / "weights"
+
+
+@dataclass
+class Running:
+    socket: Path
+    ready_s: float  # from spawn to the first answered ping
+    text_dir: Path
+    pid: int
+
+
 @contextlib.contextmanager
-def running_daemon(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[Path, float, Path]]:
-    """Yield (socket path, seconds from spawn to the first answered ping, text cache folder)."""
+def running_daemon(*args: str, env: dict[str, str] | None = None) -> Iterator[Running]:
+    """A real rkllmd on a private socket and folders, stopped (SIGTERM) on exit."""
+    env = {"RKLLMD_MODEL_WEIGHTS_DIR": str(WEIGHTS_DIR), **(env or {})}
     folder = Path(tempfile.mkdtemp(prefix="rkb", dir="/tmp"))
     sock, text_dir = folder / "run" / "rkllmd.sock", folder / "text"
     text_dir.mkdir()
     command = [sys.executable, "-m", "rkllmd", "--backend", "cpu", "--socket", str(sock),
                "--cache-dir", str(text_dir), "--binary-cache-dir", str(folder / "bin"), "--log-level", "warning", *args]
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=ROOT)
+    proc = subprocess.Popen(command, env={**os.environ, **env}, cwd=ROOT)
     try:
         while True:
             if proc.poll() is not None:
@@ -39,7 +54,7 @@ def running_daemon(*args: str, env: dict[str, str] | None = None) -> Iterator[tu
                 except DaemonUnreachable:
                     pass
             time.sleep(0.005)
-        yield sock, time.perf_counter() - started, text_dir
+        yield Running(sock, time.perf_counter() - started, text_dir, proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)

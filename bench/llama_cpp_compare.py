@@ -30,6 +30,7 @@ from daemon import words  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path  # noqa: E402
 
 THREADS = 2
+_QUIET = None
 
 
 def ours_run(backend: CpuBackend, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
@@ -45,15 +46,19 @@ def ours_run(backend: CpuBackend, ids: list[int], steps: int) -> tuple[float, fl
     return t1 - t0, time.perf_counter() - t1, out
 
 
-def llama_run(llm, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
+def llama_run(llama_cpp, llm, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
+    def next_token() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        return int(np.argmax(logits))
+
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
-    out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    out = [next_token()]
     for _ in range(steps):
         llm.eval([out[-1]])
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        out.append(next_token())
     return t1 - t0, time.perf_counter() - t1, out
 
 
@@ -77,7 +82,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each engine per round")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rkllmd-bench")
     args = parser.parse_args()
     try:
@@ -87,9 +93,11 @@ def main() -> int:
               "(builds llama.cpp from source), then run this again.", file=sys.stderr)
         return 1
 
-    # llama.cpp logs every tensor it converts or loads; keep the table readable.
-    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
-    llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
+    # llama.cpp logs every tensor it converts or loads; keep the table readable. The
+    # callback must outlive the models (their destructors log at exit): keep it global.
+    global _QUIET
+    _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
 
     source = bundled_model_path()
     f32 = float32_copy(llama_cpp, source, args.workdir)
@@ -104,18 +112,17 @@ def main() -> int:
     for label, path in (("llama.cpp, F32 weights", f32), ("llama.cpp, Q4_1 weights", source)):
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
                               verbose=False)
-        engines[label] = lambda llm=llm: llama_run(llm, ids, args.decode_tokens)
+        engines[label] = lambda llm=llm: llama_run(llama_cpp, llm, ids, args.decode_tokens)
 
     runs: dict[str, list[tuple[float, float, list[int]]]] = {label: [] for label in engines}
-    for label, run in engines.items():
-        run()  # warm-up: page in the weights
-    for _ in range(args.repeat):  # interleaved, so a disturbance hits every engine alike
+    for _ in range(args.rounds):  # rounds, so a disturbance hits every engine alike
         for label, run in engines.items():
-            runs[label].append(run())
+            run()  # warm-up: page the weights in, let the other engine's threads go idle
+            runs[label].extend(run() for _ in range(args.repeat))
 
     reference = runs["rkllmd CPU backend (float32, numpy)"][0][2]
     print(f"{len(ids)} prompt tokens, {args.decode_tokens} decode steps, greedy, {THREADS} threads, "
-          f"median of {args.repeat} interleaved runs\n")
+          f"median of {args.repeat} runs in each of {args.rounds} rounds through the engines\n")
     print("| engine | prefill tokens/s | decode tokens/s | greedy tokens equal to ours |")
     print("|---|---:|---:|---:|")
     for label, results in runs.items():

@@ -59,7 +59,7 @@ def main() -> None:
     backend = CpuBackend()
     backend.load()
     local, remote = [], []
-    with running_daemon() as (sock, _, _), Client(sock, timeout=60) as client:
+    with running_daemon() as daemon, Client(daemon.socket, timeout=60) as client:
         through_socket(client, messages, 4)  # warm-up of both sides
         in_process(backend, messages, 4)
         for _ in range(args.repeat):

@@ -35,6 +35,8 @@ def apply_log_level(config: Config) -> None:
     if not isinstance(level, int):
         raise ConfigError(f"daemon.log_level: unknown level {config['daemon.log_level']!r}")
     logging.getLogger().setLevel(level)
+    # watchdog logs every inotify event at debug level: noise, not our daemon's story.
+    logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
 
 
 def cache_dirs(config: Config) -> tuple[Path, Path]:
@@ -182,6 +184,7 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
             caches.relocate(TextStore(text_dir, config["cache.max_text_bytes"]), BinaryStore(binary_dir, caches.binaries.identity))
             daemon.watcher = watcher
             watcher.start()
+            daemon.watch_paths()
             log.info("reload: caches now in %s and %s", text_dir, binary_dir)
 
     if any(config[k] != old[k] for k in MODEL_KEYS):

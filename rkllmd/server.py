@@ -7,6 +7,7 @@ place, ``_dispatch``; model work is only ever queued.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from .backends.base import Backend
 from .caches.atomic import TEXT_DIR_MODE, make_dirs
 from .caches.manager import CacheManager
 from .caches.watcher import TextFolderWatcher
+from .pathwatch import PathWatch
 from .commands.cache_wait import CacheWaiter
 from .config import Config
 from .endpoint import Endpoint, EndpointError
@@ -60,7 +62,8 @@ MAX_HELD_BYTES = 8 << 20
 HELD_OVERHEAD = 128
 #: listen(2) backlog of the socket (the kernel caps it at net.core.somaxconn).
 LISTEN_BACKLOG = 1024
-#: How often the socket file and the text cache folder are checked for having been deleted.
+#: How often the socket file and the text cache folder are checked for having been deleted,
+#: only where their parent folders cannot be watched (see pathwatch.py); else never idly.
 PATH_CHECK_S = 1.0
 #: Client connections remembered (their file descriptor: tuned, and watched for disconnection).
 _CONNECTIONS_REMEMBERED = 4096
@@ -109,7 +112,9 @@ class Daemon:
         self._monitor: zmq.Socket | None = None
         self._retry_soon = False
         self.replies_dropped = 0
-        self._next_path_check = time.monotonic() + PATH_CHECK_S
+        self._path_watch: PathWatch | None = None
+        self._paths_changed = False  # set from the path watch's thread
+        self._next_path_check: float | None = None  # polling, when the paths cannot be watched
         self.exit_status = 0  # 1 when the daemon stops because it can no longer serve
         self._stop = False
         self._reload_requested = False
@@ -164,9 +169,31 @@ class Daemon:
     def _on_reload_signal(self, signum: int, frame: Any) -> None:
         self._reload_requested = True
 
+    def watch_paths(self) -> None:
+        """(Re)watch the socket file and the text folder: after binding, and after a reload
+        moved the folder or a watched parent folder was replaced."""
+        if self._path_watch is not None:
+            self._path_watch.stop()
+            self._path_watch = None
+        watch = PathWatch([self.endpoint.path, self.caches.texts.folder], self._on_paths_changed)
+        try:
+            watch.start()
+        except OSError as exc:
+            log.warning("cannot watch %s: %s; checking them every %.0f s instead", sorted(watch.paths), exc, PATH_CHECK_S)
+            self._next_path_check = time.monotonic() + PATH_CHECK_S
+            return
+        self._path_watch = watch
+        self._next_path_check = None
+
+    def _on_paths_changed(self) -> None:
+        self._paths_changed = True
+        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+            os.write(self._signal_w, b"p")
+
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down cleanly."""
         assert self._router is not None
+        self.watch_paths()
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         if self._monitor is not None:
@@ -198,13 +225,14 @@ class Daemon:
         except BlockingIOError:
             pass
 
-    def _poll_timeout(self) -> float:
+    def _poll_timeout(self) -> float | None:
         now = time.monotonic()
         deadlines = [w.deadline for w in self.waiters]
-        deadlines.append(self._next_path_check)
+        if self._next_path_check is not None:
+            deadlines.append(self._next_path_check)
         if self._blocked or self._held:
             deadlines.append(now + (PROGRESS_RETRY_S if self._retry_soon else BLOCKED_RETRY_S))
-        return max(0.0, min(deadlines) - now)
+        return max(0.0, min(deadlines) - now) if deadlines else None
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -222,6 +250,8 @@ class Daemon:
             self._router.disable_monitor()
             self._monitor.close(0)
         self._router.close()
+        if self._path_watch is not None:
+            self._path_watch.stop()
         self.endpoint.release()
         log.info("stopped")
 
@@ -453,14 +483,19 @@ class Daemon:
     # -- our paths -----------------------------------------------------------------------
 
     def _check_paths(self) -> None:
-        """Once a second: is our socket file still there, and the text folder we watch?"""
-        now = time.monotonic()
-        if now < self._next_path_check:
+        """When a path watch event came (or, unwatched, once a second): is our socket file
+        still there, and the text folder we watch?"""
+        if self._paths_changed:
+            self._paths_changed = False
+        elif self._next_path_check is None or time.monotonic() < self._next_path_check:
             return
-        self._next_path_check = now + PATH_CHECK_S
+        if self._next_path_check is not None:
+            self._next_path_check = time.monotonic() + PATH_CHECK_S
         self._check_socket()
         if self.watcher is not None and not self.watcher.intact():
             self._watch_again()
+        if self._path_watch is not None and not self._path_watch.intact():
+            self.watch_paths()
 
     def _check_socket(self) -> None:
         state = self.endpoint.state()

@@ -1,0 +1,44 @@
+"""An idle daemon costs nothing: no thread wakes up, whatever happens beside its paths."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import DaemonProcess
+
+
+def wakeups(pid: int) -> int:
+    """Context switches of all the process's threads so far."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+def test_idle_daemon_never_wakes_even_beside_a_busy_file(make_daemon) -> None:
+    proc: DaemonProcess = make_daemon("--log-level", "debug")
+    with proc.client() as client:
+        client.generate("Hello", max_tokens=2).wait()
+    time.sleep(1)  # the last reply and the client's disconnection settle
+    neighbours = [proc.socket.parent / "neighbour.log", proc.text_dir.parent / "neighbour.log"]
+    for path in neighbours:
+        path.touch()
+    time.sleep(1)
+    before = wakeups(proc.proc.pid)
+    for _ in range(30):  # files written beside the socket and the text folder
+        for path in neighbours:
+            with open(path, "a") as f:
+                f.write("busy\n")
+        time.sleep(0.1)
+    assert wakeups(proc.proc.pid) - before == 0
+    # Its own paths still wake it: a deleted socket file is bound again at once.
+    proc.socket.unlink()
+    deadline = time.monotonic() + 5
+    while not proc.socket.exists():
+        assert time.monotonic() < deadline, "the socket file was not bound again"
+        time.sleep(0.01)
+    with proc.client() as client:
+        assert client.ping()["pong"] is True
