@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import running_daemon, words  # noqa: E402
+from daemon import WEIGHTS_DIR, running_daemon, words  # noqa: E402
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -28,9 +28,10 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    backend = CpuBackend()
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR)
     backend.load()
     load_s = time.perf_counter() - t0
+    weights_source = backend.describe()["weights"]
     rows = []
     for n in args.lengths:
         prompt = backend.render([{"role": "user", "content": "Continue this text forever: " + words(n)}])
@@ -45,15 +46,15 @@ def main() -> None:
     backend.close()
 
     # Start-up: the first start ever dequantizes and keeps the weights; later ones map them.
-    with tempfile.TemporaryDirectory(prefix="rkb-weights-") as weights:
-        with running_daemon(env={"RKLLMD_MODEL_WEIGHTS_DIR": weights}) as daemon:
+    with tempfile.TemporaryDirectory(prefix="rkb-weights-") as fresh:
+        with running_daemon(env={"RKLLMD_MODEL_WEIGHTS_DIR": fresh}) as daemon:
             first = daemon.ready_s
         starts = []
         for _ in range(args.repeat):
-            with running_daemon(env={"RKLLMD_MODEL_WEIGHTS_DIR": weights}) as daemon:
+            with running_daemon(env={"RKLLMD_MODEL_WEIGHTS_DIR": fresh}) as daemon:
                 starts.append(daemon.ready_s)
 
-    print(f"model load in-process (dequantizing): {load_s:.2f} s\n")
+    print(f"model load in-process: {load_s:.2f} s (weights {weights_source})\n")
     print("| daemon spawn to first answered request | seconds |")
     print("|---|---:|")
     print(f"| first start (dequantize, keep the weights) | {first:.2f} |")

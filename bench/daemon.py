@@ -18,8 +18,9 @@ from rkllmctl import Client, DaemonUnreachable
 ROOT = Path(__file__).resolve().parent.parent
 
 
-#: Dequantized weights shared by the benchmarks' daemons (each start maps them), unless a
-#: benchmark points RKLLMD_MODEL_WEIGHTS_DIR elsewhere (to time a first start, say).
+#: Dequantized weights shared by the benchmarks' daemons and in-process backends (each maps
+#: them, as a daemon does after its first start), unless a benchmark points
+#: RKLLMD_MODEL_WEIGHTS_DIR elsewhere (to time a first start, say).
 WEIGHTS_DIR = Path.home() / ".cache" / "rkllmd-bench" / "weights"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import words  # noqa: E402
+from daemon import WEIGHTS_DIR, words  # noqa: E402
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args()
 
-    backend = CpuBackend()
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR)
     backend.load()
     model = backend.model
     text = backend.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import words  # noqa: E402
+from daemon import WEIGHTS_DIR, words  # noqa: E402
 
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> int:
 
     source = bundled_model_path()
     f32 = float32_copy(llama_cpp, source, args.workdir)
-    ours = CpuBackend()
+    ours = CpuBackend(weights_dir=WEIGHTS_DIR)
     ours.load()
     text = ours.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
     ids = ours.tokenizer.encode(text)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import running_daemon, words  # noqa: E402
+from daemon import WEIGHTS_DIR, running_daemon, words  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.base import SamplingParams  # noqa: E402
@@ -52,11 +52,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
     args = parser.parse_args()
     messages = [{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}]
 
-    backend = CpuBackend()
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR)
     backend.load()
     local, remote = [], []
     with running_daemon() as daemon, Client(daemon.socket, timeout=60) as client:

@@ -65,6 +65,9 @@ LISTEN_BACKLOG = 1024
 #: How often the socket file and the text cache folder are checked for having been deleted,
 #: only where their parent folders cannot be watched (see pathwatch.py); else never idly.
 PATH_CHECK_S = 1.0
+#: Quiet time after an event on those paths before checking them: a recursive delete of the
+#: socket's folder finishes first (binding again at once would make its rmdir fail).
+PATH_SETTLE_S = 0.2
 #: Client connections remembered (their file descriptor: tuned, and watched for disconnection).
 _CONNECTIONS_REMEMBERED = 4096
 
@@ -114,7 +117,7 @@ class Daemon:
         self.replies_dropped = 0
         self._path_watch: PathWatch | None = None
         self._paths_changed = False  # set from the path watch's thread
-        self._next_path_check: float | None = None  # polling, when the paths cannot be watched
+        self._next_path_check: float | None = None  # when to check them next (None: on an event)
         self.exit_status = 0  # 1 when the daemon stops because it can no longer serve
         self._stop = False
         self._reload_requested = False
@@ -485,12 +488,12 @@ class Daemon:
     def _check_paths(self) -> None:
         """When a path watch event came (or, unwatched, once a second): is our socket file
         still there, and the text folder we watch?"""
-        if self._paths_changed:
+        if self._paths_changed:  # each event postpones the check: let the other side finish
             self._paths_changed = False
-        elif self._next_path_check is None or time.monotonic() < self._next_path_check:
+            self._next_path_check = time.monotonic() + PATH_SETTLE_S
+        if self._next_path_check is None or time.monotonic() < self._next_path_check:
             return
-        if self._next_path_check is not None:
-            self._next_path_check = time.monotonic() + PATH_CHECK_S
+        self._next_path_check = None if self._path_watch is not None else time.monotonic() + PATH_CHECK_S
         self._check_socket()
         if self.watcher is not None and not self.watcher.intact():
             self._watch_again()
