@@ -7,7 +7,6 @@ are skipped, saying so. kill -9 during a cache build is tests/test_caches.py's.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -18,12 +17,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from conftest import DaemonProcess, rkllmctl
-from reliability import figures_fixture, poll
+from reliability import figures_fixture, poll, remount_read_only, tmpfs
 from rkllmctl import DaemonError
 from rkllmd.backends.cpu.backend import bundled_model_path
 
@@ -51,25 +49,6 @@ def assert_serving(proc: DaemonProcess) -> None:
     with proc.client() as client:
         assert client.status()["healthy"] is True
         assert client.generate(messages=FRANCE, max_tokens=48, temperature=0).wait().text == PARIS
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs mounted at ``path`` for the block (root only; the test is skipped otherwise)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (run the suite as root to cover a full disk)")
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def remount_read_only(path: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
 
 
 # -- kill -9 -----------------------------------------------------------------------------------

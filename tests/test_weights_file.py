@@ -18,6 +18,7 @@ from rkllmd.caches.atomic import TEMP_PREFIX
 
 from conftest import reference_cases
 from gguf_files import tiny_llama
+from reliability import tmpfs
 
 PROMPTS = ["the thin hen", "<|im_start|>user\nin the inn<|im_end|>\n", "0123 tea"]
 
@@ -159,3 +160,12 @@ def test_daemon_restart_maps_the_weights_and_answers_the_same(make_daemon, tmp_p
         assert daemon.stop() == 0
     [kept] = kept_files(tmp_path / "weights")
     assert seen == [f"dequantized, kept in {kept}", f"mapped from {kept}"]
+
+
+def test_full_disk_keeps_nothing_partial_and_still_loads(model, tmp_path, caplog):
+    with tmpfs(tmp_path / "small", "16k") as folder:  # the tiny model's weights need ~110 KB
+        backend = loaded(model, folder)
+        assert backend.describe()["weights"] == "dequantized (not kept: cannot write)"
+        assert "No space left" in caplog.text or "no space" in caplog.text.lower()
+        assert [p.name for p in folder.iterdir() if p.name != weights_file.LOCK_NAME] == []
+        assert outputs(backend) == outputs(loaded(model, None))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 TEMP_PREFIX = ".tmp-"
+#: Free space under which a failed write is taken for a full disk: writers do not all say
+#: ENOSPC (numpy's tofile says "N requested and M written", a vendor runtime an error code).
+LOW_SPACE = 1 << 20
 #: Modes of the folders the daemon makes, whatever its umask: the text caches are edited by
 #: the group (as the systemd unit's StateDirectoryMode), the binary caches are the daemon's.
 TEXT_DIR_MODE = 0o770
@@ -57,6 +61,18 @@ def commit(tmp: Path, path: Path, mode: int = 0o640) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a write into ``folder`` that raised ``exc`` failed for lack of space; ask
+    while the partial file still exists (removing it frees the space again)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < LOW_SPACE
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..backends.base import BackendError, BuildCancelled
-from .atomic import BINARY_DIR_MODE, atomic_write, commit, make_dirs, remove_leftovers, temporary_beside
+from .atomic import BINARY_DIR_MODE, atomic_write, commit, disk_full, make_dirs, remove_leftovers, temporary_beside
 from .names import check_name
 
 #: Bump when the layout of the meta file or the meaning of its keys changes.
@@ -29,9 +29,6 @@ FORMAT_VERSION = 1
 STATE_SUFFIX = ".state"
 META_SUFFIX = ".meta.json"
 _CHUNK = 1 << 20
-#: Free space under which a failed write is reported as a full disk (backends report it
-#: their own way: numpy says "N requested and M written", a vendor runtime an error code).
-_LOW_SPACE = 1 << 20
 
 
 class BinaryCacheInvalid(Exception):
@@ -51,14 +48,6 @@ class BinaryMeta:
 def model_key(identity: dict[str, Any]) -> str:
     canonical = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def _nearly_full(folder: Path) -> bool:
-    try:
-        info = os.statvfs(folder)
-    except OSError:
-        return False
-    return info.f_bavail * info.f_frsize < _LOW_SPACE
 
 
 def file_sha256(path: Path) -> str:
@@ -97,7 +86,7 @@ class BinaryStore:
             except BuildCancelled:
                 raise
             except (OSError, BackendError) as exc:
-                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or _nearly_full(self.folder):
+                if disk_full(exc, self.folder):
                     raise OSError(errno.ENOSPC, f"no space left on device for the binary cache in {self.folder} ({exc})") from exc
                 raise
             payload_bytes = tmp.stat().st_size

@@ -1,7 +1,8 @@
 """The llama transformer forward pass in float32 numpy.
 
-Weights are dequantized once at load and stored input-major (``x @ W``), which is the
-faster layout for OpenBLAS's matrix-vector product; q/k/v and gate/up are fused into
+Weights (``Weights``) are dequantized once, then kept memory-mapped between starts
+(``weights_file``), and stored input-major (``x @ W``), which is the faster layout for
+OpenBLAS's matrix-vector product; q/k/v and gate/up are fused into
 one matrix each. Query and key rows are reordered within each head from llama.cpp's
 adjacent-pair rotary layout to "halves" (even components first, then odd): rotary
 embedding then works on two contiguous halves, and attention scores are unchanged

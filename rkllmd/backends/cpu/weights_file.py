@@ -21,6 +21,7 @@ for the first to write the file, then maps it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...caches.atomic import BINARY_DIR_MODE, commit, make_dirs, remove_leftovers, temporary_beside
+from ...caches.atomic import BINARY_DIR_MODE, commit, disk_full, make_dirs, remove_leftovers, temporary_beside
 from .gguf import GGUFFile
 from .model import ModelConfig, Weights
 
@@ -128,7 +129,7 @@ def load_or_build(
             return weights, f"mapped from {path}"
         weights = build()
         try:
-            save(folder, gguf, cfg, weights)
+            path = save(folder, gguf, cfg, weights)
         except OSError as exc:
             log.warning("cannot keep dequantized weights in %s: %s", folder, exc)
             return weights, "dequantized (not kept: cannot write)"
@@ -149,12 +150,17 @@ def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights) -> Pa
     header, total = _header(key, cfg, gguf.path)
     layout, _ = _layout(cfg)
     with temporary_beside(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for name, array in weights.arrays().items():
-                f.seek(layout[name]["offset"])
-                array.astype("<f4", copy=False).tofile(f)
-            f.truncate(total)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                for name, array in weights.arrays().items():
+                    f.seek(layout[name]["offset"])
+                    array.astype("<f4", copy=False).tofile(f)
+                f.truncate(total)
+        except OSError as exc:
+            if disk_full(exc, folder):
+                raise OSError(errno.ENOSPC, f"no space left on device for {total} bytes of weights ({exc})") from exc
+            raise
         commit(tmp, path)
     same_model = re.compile(re.escape(gguf.path.stem) + r"\.[0-9a-f]{16}" + re.escape(SUFFIX))
     for other in folder.iterdir():
