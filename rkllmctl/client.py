@@ -26,6 +26,8 @@ from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolVi
 
 #: After the daemon closed the connection, how long to wait for replies it sent before.
 LINGER_READ_S = 0.2
+#: How long the connection probe retries a daemon whose backlog of new connections is full.
+PROBE_BUSY_S = 2.0
 START_HINT = "start it with `rkllmd` (or `systemctl start rkllmd`), or point --socket / RKLLMD_SOCKET at a running one"
 
 
@@ -43,24 +45,36 @@ class GenerationResult:
 
 
 def probe(path: Path) -> None:
-    """Fail fast, with advice, when nothing can answer at ``path`` (ZeroMQ would wait forever)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2.0)
-    try:
-        s.connect(os.fspath(path))
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise PermissionDenied(
-                f"permission denied on {path}: only members of group rkllm may use rkllmd "
-                "(sudo usermod -aG rkllm $USER, then log in again)"
-            ) from None
-        if exc.errno == errno.ENOENT:
-            raise DaemonUnreachable(f"no rkllmd socket at {path}; {START_HINT}") from None
-        if exc.errno == errno.ECONNREFUSED:
-            raise DaemonUnreachable(f"nothing listens on {path} (a stale socket?); {START_HINT}") from None
-        raise DaemonUnreachable(f"cannot connect to {path}: {exc.strerror}") from None
-    finally:
-        s.close()
+    """Fail fast, with advice, when nothing can answer at ``path`` (ZeroMQ would wait forever).
+
+    A daemon whose listen backlog is full (hundreds of clients connecting at once) makes
+    connect(2) fail with EAGAIN at once: that is busy, not absent, so retry for a while.
+    """
+    deadline = time.monotonic() + PROBE_BUSY_S
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(PROBE_BUSY_S)
+        try:
+            s.connect(os.fspath(path))
+            return
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                raise DaemonUnreachable(f"{path} is too busy: its queue of new connections stayed full for {PROBE_BUSY_S:.0f} s") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionDenied(
+                    f"permission denied on {path}: only members of group rkllm may use rkllmd "
+                    "(sudo usermod -aG rkllm $USER, then log in again)"
+                ) from None
+            if exc.errno == errno.ENOENT:
+                raise DaemonUnreachable(f"no rkllmd socket at {path}; {START_HINT}") from None
+            if exc.errno == errno.ECONNREFUSED:
+                raise DaemonUnreachable(f"nothing listens on {path} (a stale socket?); {START_HINT}") from None
+            raise DaemonUnreachable(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        finally:
+            s.close()
 
 
 class Client:

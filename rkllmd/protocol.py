@@ -38,6 +38,7 @@ class ErrorCode(IntEnum):
     CONTEXT_OVERFLOW = 300
     BACKEND = 301
     CACHE_BUILD_FAILED = 302
+    STORAGE = 303  # the daemon's folders refuse a write: read-only, full, permissions
     INTERNAL = 399
 
 

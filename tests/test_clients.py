@@ -25,6 +25,8 @@ import zmq
 
 from conftest import ROOT, DaemonProcess
 from reliability import fd_count, figures_fixture, poll, rss_kb
+from rkllmctl import DaemonUnreachable
+from rkllmctl.client import PROBE_BUSY_S, probe
 from rkllmd.server import CONNECTION_SNDBUF, SEND_HWM
 
 figures = figures_fixture()
@@ -240,3 +242,38 @@ def test_burst_of_connections_leaks_nothing(daemon: DaemonProcess, figures) -> N
     assert rss_after - rss_before < 4 * 1024, f"RSS grew by {rss_after - rss_before} KiB over {connections} connections"
     figures.record("connect-burst", connections=connections, fds_before=fds_before, fds_after=fds_after,
                    rss_growth_kb=rss_after - rss_before)
+
+
+def test_probe_waits_for_a_full_backlog_and_then_says_busy(tmp_path) -> None:
+    """connect(2) to a Unix socket whose backlog is full fails with EAGAIN at once: the
+    client retries while the daemon catches up, and says "busy" (not "absent") if it never does."""
+    path = tmp_path / "busy.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    waiting = []
+    try:
+        while True:  # fill the backlog
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.setblocking(False)
+            try:
+                peer.connect(str(path))
+            except BlockingIOError:
+                peer.close()
+                break
+            waiting.append(peer)
+        assert waiting, "the backlog took no connection at all"
+
+        started = time.monotonic()
+        with pytest.raises(DaemonUnreachable, match="too busy"):
+            probe(path)
+        assert time.monotonic() - started >= PROBE_BUSY_S * 0.9
+
+        drain = threading.Timer(0.3, lambda: [server.accept()[0].close() for _ in waiting])
+        drain.start()
+        probe(path)  # succeeds once the other side accepts
+        drain.join()
+    finally:
+        for peer in waiting:
+            peer.close()
+        server.close()

@@ -7,6 +7,7 @@ are skipped, saying so. kill -9 during a cache build is tests/test_caches.py's.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -157,7 +158,11 @@ def test_text_folder_read_only(make_daemon) -> None:
         with proc.client() as client:
             with pytest.raises(DaemonError) as err:
                 client.cache_put("new", "x")
-            assert "Read-only file system" in err.value.message
+            assert (err.value.code, err.value.name) == (303, "storage")
+            assert "Read-only file system" in err.value.message and err.value.details == {"errno": errno.EROFS}
+            with pytest.raises(DaemonError) as err:
+                client.cache_rm("kept")
+            assert (err.value.code, err.value.details) == (303, {"errno": errno.EROFS})
             assert rows(client)["kept"]["state"] == "ready"
             assert client.generate("Hi", cache="kept", max_tokens=1).wait().stats["cached_tokens"] > 0
         assert_serving(proc)

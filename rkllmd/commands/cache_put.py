@@ -20,6 +20,6 @@ def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, 
     except TextCacheError as exc:
         raise WireError(ErrorCode.INVALID_FIELD, f"text cache {name}: {exc}", field="text") from None
     except OSError as exc:
-        raise WireError(ErrorCode.INTERNAL, f"cannot write text cache {name}: {exc.strerror}") from None
+        raise WireError(ErrorCode.STORAGE, f"cannot write text cache {name}: {exc.strerror}", errno=exc.errno) from None
     entry = daemon.caches.refresh(name)
     return entry.public()

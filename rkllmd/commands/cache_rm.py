@@ -16,7 +16,7 @@ def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, 
     try:
         existed = daemon.caches.texts.remove(name)
     except OSError as exc:
-        raise WireError(ErrorCode.INTERNAL, f"cannot remove text cache {name}: {exc.strerror}") from None
+        raise WireError(ErrorCode.STORAGE, f"cannot remove text cache {name}: {exc.strerror}", errno=exc.errno) from None
     daemon.caches.forget(name)
     if not existed:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
