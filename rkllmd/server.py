@@ -25,13 +25,13 @@ from .backends.base import Backend
 from .caches.atomic import TEXT_DIR_MODE, make_dirs
 from .caches.manager import CacheManager
 from .caches.watcher import TextFolderWatcher
-from .pathwatch import PathWatch
 from .commands.cache_wait import CacheWaiter
 from .config import Config
 from .endpoint import Endpoint, EndpointError
 from .outbox import Generation, Outbox
-from .service import ServiceNotifier
+from .pathwatch import PathWatch
 from .protocol import MAX_ID_CHARS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ErrorCode, WireError, error_reply, pack, reply, unpack
+from .service import ServiceNotifier
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
