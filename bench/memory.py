@@ -5,7 +5,8 @@ One daemon (default model and context), measured from /proc:
 - idle: RSS split into anonymous and file-backed (the mapped weights), CPU time and
   thread wake-ups (context switches) over --idle-seconds, per thread;
 - context: RSS and peak RSS after generations with prompts of growing length;
-- prefixes: RSS after each of several cached prefixes is used (each stays in the LRU).
+- prefixes: RSS after each of several cached prefixes is used (each stays in the LRU);
+- context length: daemons configured for different context lengths, idle and after a prompt.
 Run: python bench/memory.py
 """
 
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=30)
     parser.add_argument("--contexts", type=int, nargs="+", default=[500, 1000, 2000, 3500])
     parser.add_argument("--prefixes", type=int, default=4, help="cached prefixes of ~500 tokens each")
+    parser.add_argument("--context-lengths", type=int, nargs="+", default=[1024, 4096, 8192],
+                        help="model.context_length of the daemons compared in the last table")
     args = parser.parse_args()
 
     with running_daemon() as daemon, Client(daemon.socket, timeout=600) as client:
@@ -98,6 +101,15 @@ def main() -> None:
         held = client.status()["caches"]["memory"]
         print(f"\nprefix states held in memory (status): {held['states']}, {held['used_bytes'] / 2**20:.0f} MB "
               f"of a {held['budget_bytes'] / 2**20:.0f} MB budget")
+
+    # The KV cache is allocated for the configured context: compare daemons that differ only there.
+    print("\n| model.context_length | RSS idle | RSS after a 477-token prompt |")
+    print("|---:|---|---|")
+    for length in args.context_lengths:
+        with running_daemon(env={"RKLLMD_MODEL_CONTEXT_LENGTH": str(length)}) as daemon, Client(daemon.socket, timeout=600) as client:
+            idle = memory(daemon.pid)
+            client.generate("Summarise: " + words(500), max_tokens=8, no_cache=True).wait()
+            print(f"| {length} | {idle} | {memory(daemon.pid)} |")
 
 
 if __name__ == "__main__":
