@@ -16,7 +16,7 @@ from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.backends.cpu.gguf import GGUFFile
 from rkllmd.caches.atomic import TEMP_PREFIX
 
-from conftest import reference_cases
+from conftest import reference_cases, rkllmctl
 from gguf_files import tiny_llama
 from reliability import tmpfs
 
@@ -157,6 +157,7 @@ def test_daemon_restart_maps_the_weights_and_answers_the_same(make_daemon, tmp_p
             seen.append(client.status()["model"]["weights"])
             result = client.generate(messages=case["messages"], max_tokens=case["max_tokens"], temperature=0).wait()
         assert result.text == case["completion"]
+        assert f"weights:  {seen[-1]}\n" in rkllmctl("status", socket=daemon.socket).stdout
         assert daemon.stop() == 0
     [kept] = kept_files(tmp_path / "weights")
     assert seen == [f"dequantized, kept in {kept}", f"mapped from {kept}"]
