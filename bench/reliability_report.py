@@ -124,7 +124,7 @@ ROWS: list[tuple[str, Row]] = [
                                                           "still used; restarts and adopts them",
                                  lambda f: "nothing")),
     ("read-only-text-folder", ("test_text_folder_read_only", "Text cache folder read-only", lambda f: "1",
-                               lambda f: "`cache put` refused with “Read-only file system”; existing caches used", lambda f: "nothing")),
+                               lambda f: "`cache put` and `cache rm` refused with `303 storage` (“Read-only file system”); existing caches used", lambda f: "nothing")),
     ("vanished-folders", ("test_vanished_cache_folders_are_made_again", "Binary, then text cache folder deleted while running",
                           lambda f: "2", lambda f: "binary folder made again at the next build (missing caches rebuilt at use); text "
                                                    "folder made again (0770) and watched again within a second",

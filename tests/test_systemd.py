@@ -300,6 +300,17 @@ def started(sd: SystemdUnderTest) -> dict[str, str]:
     return sd.show(SERVICE, "MainPID", "NRestarts", "StatusText", "ActiveState")
 
 
+def streaming_and_queued(sd: SystemdUnderTest, max_tokens: int) -> tuple[Generation, Generation]:
+    """alice's story streaming and bob's short request queued behind it (as status shows)."""
+    queued = Generation(sd, "bob", on_cue=True, prompt="Say hi.", max_tokens=2)
+    streaming = Generation(sd, "alice", prompt=STORY, max_tokens=max_tokens)
+    streaming.first_text()
+    queued.go()
+    sd.wait_until(lambda: "generating, 1 queued" in status_text(sd), timeout=30,
+                  what="bob's request queued behind alice's")
+    return streaming, queued
+
+
 def status_text(sd: SystemdUnderTest) -> str:
     return sd.show(SERVICE, "StatusText")["StatusText"]
 
@@ -401,12 +412,7 @@ class TestRkllmd:
 
     def test_reload_applies_a_new_config_without_dropping_clients(self, sd):
         pid = started(sd)["MainPID"]
-        queued = Generation(sd, "bob", on_cue=True, prompt="Say hi.", max_tokens=2)
-        streaming = Generation(sd, "alice", prompt=STORY, max_tokens=32)
-        streaming.first_text()
-        queued.go()
-        sd.wait_until(lambda: "generating, 1 queued" in status_text(sd), timeout=30,
-                      what="bob's request queued behind alice's")
+        streaming, queued = streaming_and_queued(sd, max_tokens=32)
         mark = journal_cursor(sd)
         write_config(sd, "[daemon]\nmax_queue = 7\n[sampling]\nmax_tokens = 5\n")
         sd.systemctl("reload", SERVICE)
@@ -455,12 +461,7 @@ class TestRkllmd:
 
     def test_stop_during_a_generation(self, sd):
         pid = started(sd)["MainPID"]
-        queued = Generation(sd, "bob", on_cue=True, prompt="Say hi.", max_tokens=2)
-        running = Generation(sd, "alice", prompt=STORY, max_tokens=200)
-        running.first_text()
-        queued.go()
-        sd.wait_until(lambda: "generating, 1 queued" in status_text(sd), timeout=30,
-                      what="bob's request queued behind alice's")
+        running, queued = streaming_and_queued(sd, max_tokens=200)
         mark = journal_cursor(sd)
         t0 = time.monotonic()
         sd.systemctl("stop", SERVICE)

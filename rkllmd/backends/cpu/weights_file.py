@@ -79,9 +79,8 @@ def path_for(folder: Path, gguf: GGUFFile, key: str) -> Path:
     return folder / f"{gguf.path.stem}.{key}{SUFFIX}"
 
 
-def load(folder: Path, gguf: GGUFFile, cfg: ModelConfig) -> Weights | None:
-    """The weights mapped from ``folder``, or None when no valid file is there."""
-    key = weights_key(gguf)
+def load(folder: Path, gguf: GGUFFile, cfg: ModelConfig, key: str) -> Weights | None:
+    """The weights mapped from ``folder`` for ``key`` (``weights_key``), or None when no valid file is there."""
     path = path_for(folder, gguf, key)
     expected, total = _header(key, cfg, gguf.path)
     try:
@@ -122,14 +121,15 @@ def load_or_build(
         return build(), "dequantized (not kept: folder unusable)"
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        weights = load(folder, gguf, cfg)
-        path = path_for(folder, gguf, weights_key(gguf))
+        key = weights_key(gguf)
+        weights = load(folder, gguf, cfg, key)
+        path = path_for(folder, gguf, key)
         if weights is not None:
             log.info("weights mapped from %s", path)
             return weights, f"mapped from {path}"
         weights = build()
         try:
-            path = save(folder, gguf, cfg, weights)
+            save(folder, gguf, cfg, weights, key)
         except OSError as exc:
             log.warning("cannot keep dequantized weights in %s: %s", folder, exc)
             return weights, "dequantized (not kept: cannot write)"
@@ -139,13 +139,12 @@ def load_or_build(
         os.close(lock)
 
 
-def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights) -> Path:
-    """Write ``weights`` for ``gguf`` atomically; remove older files of the same model file.
+def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights, key: str) -> None:
+    """Write ``weights`` for ``gguf`` under ``key`` atomically; remove older files of the same model file.
 
     Call with the folder's lock held (``load_or_build``): it also removes temporary files
     a killed writer left."""
     remove_leftovers(folder)
-    key = weights_key(gguf)
     path = path_for(folder, gguf, key)
     header, total = _header(key, cfg, gguf.path)
     layout, _ = _layout(cfg)
@@ -168,4 +167,3 @@ def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights) -> Pa
             with contextlib.suppress(FileNotFoundError):
                 other.unlink()
                 log.info("removed %s (an older version of the weights)", other)
-    return path
