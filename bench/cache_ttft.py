@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import WEIGHTS_DIR, running_daemon, words  # noqa: E402
+from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="write a PNG of TTFT against system-prompt length")
     args = parser.parse_args()
 
-    backend = CpuBackend(weights_dir=WEIGHTS_DIR)
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
     backend.load()
     systems = {n: "You are the assistant of a small team. Project context follows. " + words(n) for n in args.sizes}
     rows = []

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import WEIGHTS_DIR, running_daemon, words  # noqa: E402
+from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    backend = CpuBackend(weights_dir=WEIGHTS_DIR)
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
     backend.load()
     load_s = time.perf_counter() - t0
     weights_source = backend.describe()["weights"]

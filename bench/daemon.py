@@ -18,10 +18,11 @@ from rkllmctl import Client, DaemonUnreachable
 ROOT = Path(__file__).resolve().parent.parent
 
 
-#: Dequantized weights shared by the benchmarks' daemons and in-process backends (each maps
-#: them, as a daemon does after its first start), unless a benchmark points
-#: RKLLMD_MODEL_WEIGHTS_DIR elsewhere (to time a first start, say).
+#: Dequantized weights and the compiled decode kernel, shared by the benchmarks' daemons and
+#: in-process backends (each maps or loads them, as a daemon does after its first start),
+#: unless a benchmark points RKLLMD_MODEL_WEIGHTS_DIR elsewhere (to time a first start, say).
 WEIGHTS_DIR = Path.home() / ".cache" / "rkllmd-bench" / "weights"
+KERNELS_DIR = Path.home() / ".cache" / "rkllmd-bench" / "kernels"
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Running:
 @contextlib.contextmanager
 def running_daemon(*args: str, env: dict[str, str] | None = None) -> Iterator[Running]:
     """A real rkllmd on a private socket and folders, stopped (SIGTERM) on exit."""
-    env = {"RKLLMD_MODEL_WEIGHTS_DIR": str(WEIGHTS_DIR), **(env or {})}
+    env = {"RKLLMD_MODEL_WEIGHTS_DIR": str(WEIGHTS_DIR), "RKLLMD_MODEL_KERNELS_DIR": str(KERNELS_DIR), **(env or {})}
     folder = Path(tempfile.mkdtemp(prefix="rkb", dir="/tmp"))
     sock, text_dir = folder / "run" / "rkllmd.sock", folder / "text"
     text_dir.mkdir()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import WEIGHTS_DIR, words  # noqa: E402
+from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -41,14 +41,10 @@ def median_ms(fn, repeat: int) -> float:
 
 def matrix_products(model: Model) -> None:
     """One step's matrix-vector products, on the model's own decode buffers."""
-    w, cfg = model.w, model.config
-    q_dim = cfg.n_heads * cfg.head_dim
-    for layer in range(cfg.n_layers):
-        np.matmul(model._h, w.wqkv[layer], out=model._qkv)
-        np.matmul(model._attn.reshape(q_dim), w.wo[layer], out=model._proj)
-        np.matmul(model._h, w.wgu[layer], out=model._gu)
-        np.matmul(model._act, w.wd[layer], out=model._proj)
-    np.matmul(model._h, w.head, out=model._logits)
+    for layer_products in model._layer_products:
+        for product in layer_products:
+            product()
+    model._head_product()
 
 
 def attention(model: Model, n_keys: int) -> None:
@@ -69,7 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args()
 
-    backend = CpuBackend(weights_dir=WEIGHTS_DIR)
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
     backend.load()
     model = backend.model
     text = backend.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])

@@ -2,7 +2,8 @@
 
 Same model (SmolLM2-135M-Instruct), same prompt token ids (our tokenizer's, fed to both),
 same greedy decoding, same two threads:
-- ours: the float32 numpy forward pass, driven directly (prefill, then decode steps);
+- ours: the float32 forward pass, driven directly (prefill, then decode steps), with its
+  C decode kernel (the default) and with numpy's products (``model.kernels = "numpy"``);
 - llama.cpp float32: the bundled Q4_1 file converted to F32 by llama.cpp's own quantize
   tool (the same float32 values our backend dequantizes to);
 - llama.cpp Q4_1: the bundled file as it is, for scale (4-bit weights stream 6x fewer bytes).
@@ -25,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import WEIGHTS_DIR, words  # noqa: E402
+from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
 
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path  # noqa: E402
 
 THREADS = 2
+OURS = "rkllmd CPU backend (float32, C decode kernel)"
 _QUIET = None
 
 
@@ -101,13 +103,16 @@ def main() -> int:
 
     source = bundled_model_path()
     f32 = float32_copy(llama_cpp, source, args.workdir)
-    ours = CpuBackend(weights_dir=WEIGHTS_DIR)
+    ours = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="c", kernels_dir=KERNELS_DIR)
+    ours_numpy = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="numpy")
     ours.load()
+    ours_numpy.load()
     text = ours.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
     ids = ours.tokenizer.encode(text)
     n_ctx = len(ids) + args.decode_tokens + 8
     engines = {
-        "rkllmd CPU backend (float32, numpy)": lambda: ours_run(ours, ids, args.decode_tokens),
+        OURS: lambda: ours_run(ours, ids, args.decode_tokens),
+        "rkllmd CPU backend (float32, numpy products)": lambda: ours_run(ours_numpy, ids, args.decode_tokens),
     }
     for label, path in (("llama.cpp, F32 weights", f32), ("llama.cpp, Q4_1 weights", source)):
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
@@ -120,7 +125,7 @@ def main() -> int:
             run()  # warm-up: page the weights in, let the other engine's threads go idle
             runs[label].extend(run() for _ in range(args.repeat))
 
-    reference = runs["rkllmd CPU backend (float32, numpy)"][0][2]
+    reference = runs[OURS][0][2]
     print(f"{len(ids)} prompt tokens, {args.decode_tokens} decode steps, greedy, {THREADS} threads, "
           f"median of {args.repeat} runs in each of {args.rounds} rounds through the engines\n")
     print("| engine | prefill tokens/s | decode tokens/s | greedy tokens equal to ours |")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import WEIGHTS_DIR, running_daemon, words  # noqa: E402
+from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.base import SamplingParams  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     messages = [{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}]
 
-    backend = CpuBackend(weights_dir=WEIGHTS_DIR)
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
     backend.load()
     local, remote = [], []
     with running_daemon() as daemon, Client(daemon.socket, timeout=60) as client:

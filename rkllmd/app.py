@@ -28,6 +28,7 @@ log = logging.getLogger("rkllmd")
 LOAD_EXTENSION_S = 60.0
 #: Under the binary cache folder: the CPU backend's dequantized weights (see cpu/weights_file.py).
 WEIGHTS_SUBDIR = "weights"
+KERNELS_SUBDIR = "kernels"
 
 
 def apply_log_level(config: Config) -> None:
@@ -54,10 +55,17 @@ def weights_dir(config: Config) -> Path | None:
     return cache_dirs(config)[1] / WEIGHTS_SUBDIR
 
 
+def kernels_dir(config: Config) -> Path:
+    """Where the CPU backend keeps its compiled decode kernel between starts."""
+    if config["model.kernels_dir"]:
+        return Path(config["model.kernels_dir"]).expanduser()
+    return cache_dirs(config)[1] / KERNELS_SUBDIR
+
+
 def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, str]:
     """Choose and load the backend, asking systemd for more time while the load progresses."""
     started = time.monotonic()
-    backend, reason = choose(config, weights_dir=weights_dir(config))
+    backend, reason = choose(config, weights_dir=weights_dir(config), kernels_dir=kernels_dir(config))
     log.info("backend: %s (%s)", backend.kind, reason)
 
     def progress(what: str) -> None:

@@ -49,6 +49,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "prefill_chunk", int, 128, "prompt tokens prefilled per step on the CPU backend"),
     Option("model", "keep_weights", bool, True, "keep the CPU backend's dequantized weights on disk, memory-mapped at the next start"),
     Option("model", "weights_dir", str, "", "where kept weights go; empty: weights/ in the binary cache folder"),
+    Option("model", "kernels", str, "auto", "CPU backend's decode step: auto (C, compiled here at the first start; numpy without a compiler), c (C or fail to start) or numpy (the reference)"),
+    Option("model", "kernels_dir", str, "", "where the compiled decode step is kept; empty: kernels/ in the binary cache folder"),
     Option("sampling", "temperature", float, 0.0, "0 is greedy"),
     Option("sampling", "top_k", int, 40, "0 disables"),
     Option("sampling", "top_p", float, 0.95, "1.0 disables"),

@@ -20,14 +20,16 @@ from rkllmctl import Client, DaemonUnreachable
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
-# Every daemon the suite starts maps one copy of the dequantized weights (the first start
-# writes it): a start costs well under a second instead of a dequantization and 540 MB written.
-SHARED_WEIGHTS_DIR = Path(tempfile.mkdtemp(prefix="rkllmd-weights-"))
-os.environ.setdefault("RKLLMD_MODEL_WEIGHTS_DIR", str(SHARED_WEIGHTS_DIR))
+# Every daemon the suite starts maps one copy of the dequantized weights and loads one build
+# of the C decode step (the first start writes them): a start costs well under a second
+# instead of a dequantization, 540 MB written and a compilation.
+SHARED_BUILDS = Path(tempfile.mkdtemp(prefix="rkllmd-builds-"))
+os.environ.setdefault("RKLLMD_MODEL_WEIGHTS_DIR", str(SHARED_BUILDS / "weights"))
+os.environ.setdefault("RKLLMD_MODEL_KERNELS_DIR", str(SHARED_BUILDS / "kernels"))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    shutil.rmtree(SHARED_WEIGHTS_DIR, ignore_errors=True)
+    shutil.rmtree(SHARED_BUILDS, ignore_errors=True)
 
 
 def reference_cases() -> list[dict]:

@@ -14,7 +14,7 @@ from rkllmd.backends.base import SamplingParams
 from rkllmd.backends.cpu import weights_file
 from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.backends.cpu.gguf import GGUFFile
-from rkllmd.caches.atomic import TEMP_PREFIX
+from rkllmd.caches.atomic import LOCK_NAME, TEMP_PREFIX
 
 from conftest import reference_cases, rkllmctl
 from gguf_files import tiny_llama
@@ -168,5 +168,5 @@ def test_full_disk_keeps_nothing_partial_and_still_loads(model, tmp_path, caplog
         backend = loaded(model, folder)
         assert backend.describe()["weights"] == "dequantized (not kept: cannot write)"
         assert "No space left" in caplog.text or "no space" in caplog.text.lower()
-        assert [p.name for p in folder.iterdir() if p.name != weights_file.LOCK_NAME] == []
+        assert [p.name for p in folder.iterdir() if p.name != LOCK_NAME] == []
         assert outputs(backend) == outputs(loaded(model, None))

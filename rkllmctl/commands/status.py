@@ -32,6 +32,8 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     print(f"model:    {model.get('name', '?')}  context {model.get('context_length', '?')}  {model.get('path', '')}")
     if model.get("weights"):
         print(f"weights:  {model['weights']}")
+    if model.get("decode"):
+        print(f"decode:   {model['decode']}")
     print(f"worker:   {worker['running'] or 'idle'}; {worker['queued']} queued; {worker['builds_queued']} cache builds queued")
     print(f"caches:   {states}; {memory['used_bytes'] / 2**20:.1f} of {memory['budget_bytes'] / 2**20:.0f} MiB in memory ({caches['text_dir']})")
     print(

@@ -12,10 +12,13 @@ def _path(value: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def choose(config: Config, weights_dir: Path | None = None) -> tuple[Backend, str]:
+def choose(
+    config: Config, weights_dir: Path | None = None, kernels_dir: Path | None = None
+) -> tuple[Backend, str]:
     """The backend ``daemon.backend`` asks for, and a sentence saying why (shown by status).
 
-    ``weights_dir``: where the CPU backend keeps dequantized weights between starts (None: nowhere).
+    ``weights_dir``: where the CPU backend keeps dequantized weights between starts (None:
+    nowhere); ``kernels_dir``: where it keeps its compiled decode kernel (None: nowhere).
     """
     wanted = config["daemon.backend"]
     if wanted not in ("auto", "cpu", "rkllm"):
@@ -55,5 +58,7 @@ def choose(config: Config, weights_dir: Path | None = None) -> tuple[Backend, st
         context_length=config["model.context_length"],
         prefill_chunk=config["model.prefill_chunk"],
         weights_dir=weights_dir,
+        kernels_mode=config["model.kernels"],
+        kernels_dir=kernels_dir,
     )
     return backend, reason

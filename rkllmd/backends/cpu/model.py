@@ -1,9 +1,10 @@
 """The llama transformer forward pass in float32 numpy.
 
 Weights (``Weights``) are dequantized once, then kept memory-mapped between starts
-(``weights_file``), and stored input-major (``x @ W``), which is the faster layout for
-OpenBLAS's matrix-vector product; q/k/v and gate/up are fused into
-one matrix each. Query and key rows are reordered within each head from llama.cpp's
+(``weights_file``), and stored output-major as in the GGUF (``W @ x``: one contiguous row
+per output), the layout of the decode step's matrix-vector kernel (``kernels``); q/k/v
+and gate/up are fused into one matrix each. Prefill multiplies whole chunks by the
+transposed views (BLAS's matrix-matrix product takes either layout at the same speed). Query and key rows are reordered within each head from llama.cpp's
 adjacent-pair rotary layout to "halves" (even components first, then odd): rotary
 embedding then works on two contiguous halves, and attention scores are unchanged
 because queries and keys are permuted alike.
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .gguf import GGUFFile
+from .kernels import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -133,28 +135,28 @@ class Weights:
     forward pass never writes to them, so read-only memory maps serve as well as arrays.
     """
 
-    head: np.ndarray  # (dim, vocab): the tied embedding, input-major
+    head: np.ndarray  # (vocab, dim): the tied embedding
     output_norm: np.ndarray  # (dim,)
     attn_norm: np.ndarray  # (layers, dim)
     ffn_norm: np.ndarray  # (layers, dim)
-    wqkv: np.ndarray  # (layers, dim, q + 2 kv): q and k rows in halves order
-    wo: np.ndarray  # (layers, q, dim)
-    wgu: np.ndarray  # (layers, dim, 2 ffn): gate then up
-    wd: np.ndarray  # (layers, ffn, dim)
+    wqkv: np.ndarray  # (layers, q + 2 kv, dim): q and k rows in halves order
+    wo: np.ndarray  # (layers, dim, q)
+    wgu: np.ndarray  # (layers, 2 ffn, dim): gate then up
+    wd: np.ndarray  # (layers, dim, ffn)
 
     @staticmethod
     def shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Every array's shape, in field order: what a weights file must hold."""
         L, q_dim, kv_dim = cfg.n_layers, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         return {
-            "head": (cfg.dim, cfg.vocab_size),
+            "head": (cfg.vocab_size, cfg.dim),
             "output_norm": (cfg.dim,),
             "attn_norm": (L, cfg.dim),
             "ffn_norm": (L, cfg.dim),
-            "wqkv": (L, cfg.dim, q_dim + 2 * kv_dim),
-            "wo": (L, q_dim, cfg.dim),
-            "wgu": (L, cfg.dim, 2 * cfg.ffn_dim),
-            "wd": (L, cfg.ffn_dim, cfg.dim),
+            "wqkv": (L, q_dim + 2 * kv_dim, cfg.dim),
+            "wo": (L, cfg.dim, q_dim),
+            "wgu": (L, 2 * cfg.ffn_dim, cfg.dim),
+            "wd": (L, cfg.dim, cfg.ffn_dim),
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -170,7 +172,7 @@ class Weights:
             raise ValueError(f"token_embd has shape {embedding.shape}, expected {(cfg.vocab_size, cfg.dim)}")
         shapes = cls.shapes(cfg)
         w = cls(**{name: np.empty(shape, np.float32) for name, shape in shapes.items()})
-        w.head[:] = embedding.T  # embedding lookups read its columns
+        w.head[:] = embedding
         del embedding
         w.output_norm[:] = gguf.tensor("output_norm.weight")
         q_order = _halves_order(cfg.n_heads, cfg.head_dim)
@@ -179,10 +181,10 @@ class Weights:
             t = {name: gguf.tensor(f"blk.{i}.{name}.weight") for name in LAYER_TENSORS}
             w.attn_norm[i] = t["attn_norm"]
             w.ffn_norm[i] = t["ffn_norm"]
-            w.wqkv[i] = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]]).T
-            w.wo[i] = t["attn_output"].T
-            w.wgu[i] = np.concatenate([t["ffn_gate"], t["ffn_up"]]).T
-            w.wd[i] = t["ffn_down"].T
+            w.wqkv[i] = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]])
+            w.wo[i] = t["attn_output"]
+            w.wgu[i] = np.concatenate([t["ffn_gate"], t["ffn_up"]])
+            w.wd[i] = t["ffn_down"]
             if progress and (i + 1) % 10 == 0:
                 progress(f"dequantized {i + 1}/{cfg.n_layers} layers")
         return w
@@ -191,7 +193,15 @@ class Weights:
 class Model:
     """A loaded llama model with its KV cache; positions are passed explicitly."""
 
-    def __init__(self, config: ModelConfig, weights: Weights, context_length: int, prefill_chunk: int = 128):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Weights,
+        context_length: int,
+        prefill_chunk: int = 128,
+        kernel: Kernel | None = None,
+    ):
+        """``kernel``: the C decode step to use (None: ``_decode_numpy``, the reference)."""
         if prefill_chunk < 1 or context_length < 1:
             raise ValueError("context_length and prefill_chunk must be positive")
         self.config = cfg = config
@@ -208,12 +218,15 @@ class Model:
         self.rope_cos = np.cos(angles).astype(np.float32)
         self.rope_sin = np.sin(angles).astype(np.float32)
         self._alloc_decode_buffers(capacity)
+        self._c_decode = kernel.bind(self, self._kernel_arrays()) if kernel else None
 
     @classmethod
-    def from_gguf(cls, gguf: GGUFFile, context_length: int, prefill_chunk: int = 128) -> Model:
+    def from_gguf(
+        cls, gguf: GGUFFile, context_length: int, prefill_chunk: int = 128, kernel: Kernel | None = None
+    ) -> Model:
         """Dequantize and load ``gguf`` (for tools and tests; the backend caches the weights)."""
         config = ModelConfig.from_gguf_metadata(gguf.metadata)
-        return cls(config, Weights.from_gguf(gguf, config), context_length, prefill_chunk)
+        return cls(config, Weights.from_gguf(gguf, config), context_length, prefill_chunk, kernel)
 
     def _alloc_decode_buffers(self, capacity: int) -> None:
         cfg = self.config
@@ -222,7 +235,7 @@ class Model:
         f32 = np.float32
         self._x = np.empty(cfg.dim, f32)
         self._h = np.empty(cfg.dim, f32)
-        self._qkv = np.empty(self.w.wqkv.shape[2], f32)
+        self._qkv = np.empty(self.w.wqkv.shape[1], f32)
         self._rot = np.empty((cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), f32)
         self._tmp = np.empty((cfg.n_heads + cfg.n_kv_heads, half), f32)
         self._scores = np.empty((cfg.n_kv_heads, g, capacity), f32)
@@ -232,6 +245,19 @@ class Model:
         self._gu = np.empty(2 * cfg.ffn_dim, f32)
         self._act = np.empty(cfg.ffn_dim, f32)
         self._logits = np.empty(cfg.vocab_size, f32)
+
+    def _kernel_arrays(self) -> dict[str, np.ndarray]:
+        """What the C decode step reads and writes, by its struct's names (``kernels.ModelStruct``)."""
+        w = self.w
+        return {
+            "head": w.head, "output_norm": w.output_norm, "attn_norm": w.attn_norm, "ffn_norm": w.ffn_norm,
+            "wqkv": w.wqkv, "wo": w.wo, "wgu": w.wgu, "wd": w.wd,
+            "rope_cos": self.rope_cos, "rope_sin": self.rope_sin,
+            "keys": self.keys, "values": self.values,
+            "x": self._x, "h": self._h, "qkv": self._qkv, "queries": self._rot, "scores": self._scores,
+            "attended": self._attn, "proj": self._proj, "gate_up": self._gu, "act": self._act,
+            "logits": self._logits,
+        }
 
     # -- state -------------------------------------------------------------------------
 
@@ -253,7 +279,7 @@ class Model:
     def prefill(
         self, tokens: Sequence[int], start: int, on_chunk: Callable[[], None] | None = None
     ) -> np.ndarray:
-        """Run ``tokens`` at positions ``start...``; return the last position's logits.
+        """Run ``tokens`` at positions ``start...``; return the last position's logits (a new array).
 
         ``on_chunk`` is called after every chunk (heartbeat, cancellation: it may raise).
         """
@@ -269,7 +295,7 @@ class Model:
                 pos = chunk_end
                 if on_chunk:
                     on_chunk()
-        return self._rms_norm(last_hidden, self.w.output_norm) @ self.w.head
+        return self.w.head @ self._rms_norm(last_hidden, self.w.output_norm)
 
     def _forward_chunk(self, ids: np.ndarray, start: int) -> np.ndarray:
         """Run one chunk (within one block of ``prefill_chunk`` positions); return its last hidden state."""
@@ -289,10 +315,10 @@ class Model:
         cos = self.rope_cos[start : start + T, None, :]
         sin = self.rope_sin[start : start + T, None, :]
 
-        x = np.ascontiguousarray(self.w.head[:, ids].T)
+        x = self.w.head[ids]
         for layer in range(cfg.n_layers):
             h = self._rms_norm(x, self.w.attn_norm[layer])
-            qkv = h @ self.w.wqkv[layer]
+            qkv = h @ self.w.wqkv[layer].T
             qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
             first, second = qk[..., :half], qk[..., half:]
             rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -309,11 +335,11 @@ class Model:
             attended = scores.reshape(nkv, g * T, n_keys) @ values[:, :n_keys]
             attended /= totals.reshape(nkv, g * T, 1)
             attended = attended.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, q_dim)
-            x += attended @ self.w.wo[layer]
+            x += attended @ self.w.wo[layer].T
             h = self._rms_norm(x, self.w.ffn_norm[layer])
-            gate_up = h @ self.w.wgu[layer]
+            gate_up = h @ self.w.wgu[layer].T
             gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
-            x += (gate / (1.0 + np.exp(-gate)) * up) @ self.w.wd[layer]
+            x += (gate / (1.0 + np.exp(-gate)) * up) @ self.w.wd[layer].T
         return x[n_real - 1]
 
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -340,6 +366,16 @@ class Model:
         """Run one token at ``pos``; return its logits (a buffer reused by the next call)."""
         if not 0 <= pos < self.context_length:
             raise ValueError(f"position {pos} is outside the context of {self.context_length}")
+        if not 0 <= token < self.config.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary of {self.config.vocab_size}")
+        if self._c_decode is not None:
+            self._c_decode(token, pos)
+        else:
+            self._decode_numpy(token, pos)
+        return self._logits
+
+    def _decode_numpy(self, token: int, pos: int) -> None:
+        """The decode step in numpy: the reference ``decode.c`` computes faster."""
         cfg = self.config
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         half = hd // 2
@@ -354,11 +390,11 @@ class Model:
         queries = rot[:nh].reshape(nkv, nh // nkv, hd)
         scale = np.float32(hd**-0.5)
 
-        x[:] = self.w.head[:, token]
+        x[:] = self.w.head[token]
         with np.errstate(over="ignore"):
             for layer in range(cfg.n_layers):
                 self._rms_norm_into(x, self.w.attn_norm[layer], h)
-                np.matmul(h, self.w.wqkv[layer], out=qkv)
+                np.matmul(self.w.wqkv[layer], h, out=qkv)
                 np.multiply(first, cos, out=rot[:, :half])
                 np.multiply(second, sin, out=tmp)
                 rot[:, :half] -= tmp
@@ -373,10 +409,10 @@ class Model:
                 totals = self._exp_scores(scores, self._row)
                 np.matmul(scores, values[:, :n_keys], out=attended)
                 attended /= totals
-                np.matmul(attended.reshape(q_dim), self.w.wo[layer], out=self._proj)
+                np.matmul(self.w.wo[layer], attended.reshape(q_dim), out=self._proj)
                 x += self._proj
                 self._rms_norm_into(x, self.w.ffn_norm[layer], h)
-                np.matmul(h, self.w.wgu[layer], out=self._gu)
+                np.matmul(self.w.wgu[layer], h, out=self._gu)
                 gate, up = self._gu[: cfg.ffn_dim], self._gu[cfg.ffn_dim :]
                 act = self._act
                 np.negative(gate, out=act)
@@ -384,11 +420,10 @@ class Model:
                 act += 1.0
                 np.divide(gate, act, out=act)
                 act *= up
-                np.matmul(act, self.w.wd[layer], out=self._proj)
+                np.matmul(self.w.wd[layer], act, out=self._proj)
                 x += self._proj
         self._rms_norm_into(x, self.w.output_norm, h)
-        np.matmul(h, self.w.head, out=self._logits)
-        return self._logits
+        np.matmul(self.w.head, h, out=self._logits)
 
     def _rms_norm_into(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
         scale = np.float32(1.0) / np.sqrt(np.dot(x, x) / np.float32(self.config.dim) + np.float32(self.config.norm_eps))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -34,19 +33,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ...caches.atomic import BINARY_DIR_MODE, commit, disk_full, make_dirs, remove_leftovers, temporary_beside
+from ...caches.atomic import commit, disk_full, locked_folder, remove_leftovers, temporary_beside
 from .gguf import GGUFFile
 from .model import ModelConfig, Weights
 
 log = logging.getLogger(__name__)
 
 #: Bump whenever ``Weights``' layout (order, permutations, fusions) changes.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAGIC = "rkllmd-weights"
 HEADER_BYTES = 4096
 ALIGN = 64
 SUFFIX = ".weights"
-LOCK_NAME = ".lock"
 
 
 def weights_key(gguf: GGUFFile) -> str:
@@ -114,29 +112,24 @@ def load_or_build(
     A folder that cannot be created, locked or written costs the next start time, nothing else.
     """
     try:
-        make_dirs(folder, BINARY_DIR_MODE)
-        lock = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
-    except OSError as exc:
+        with locked_folder(folder):
+            key = weights_key(gguf)
+            weights = load(folder, gguf, cfg, key)
+            path = path_for(folder, gguf, key)
+            if weights is not None:
+                log.info("weights mapped from %s", path)
+                return weights, f"mapped from {path}"
+            weights = build()
+            try:
+                save(folder, gguf, cfg, weights, key)
+            except OSError as exc:
+                log.warning("cannot keep dequantized weights in %s: %s", folder, exc)
+                return weights, "dequantized (not kept: cannot write)"
+            log.info("dequantized weights kept in %s for the next start", path)
+            return weights, f"dequantized, kept in {path}"
+    except OSError as exc:  # the folder cannot be made or locked
         log.warning("cannot keep dequantized weights in %s: %s", folder, exc)
         return build(), "dequantized (not kept: folder unusable)"
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        key = weights_key(gguf)
-        weights = load(folder, gguf, cfg, key)
-        path = path_for(folder, gguf, key)
-        if weights is not None:
-            log.info("weights mapped from %s", path)
-            return weights, f"mapped from {path}"
-        weights = build()
-        try:
-            save(folder, gguf, cfg, weights, key)
-        except OSError as exc:
-            log.warning("cannot keep dequantized weights in %s: %s", folder, exc)
-            return weights, "dequantized (not kept: cannot write)"
-        log.info("dequantized weights kept in %s for the next start", path)
-        return weights, f"dequantized, kept in {path}"
-    finally:
-        os.close(lock)
 
 
 def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights, key: str) -> None:
