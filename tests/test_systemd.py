@@ -361,6 +361,10 @@ class TestRkllmd:
         assert (state["ActiveState"], state["SubState"]) == ("active", "running")
         assert (status["socket"], str(status["pid"])) == (SOCKET, state["MainPID"])
         assert re.fullmatch(STATUS_RE, state["StatusText"])
+        # The hardened service compiled its decode step (MemoryDenyWriteExecute and the
+        # system call filter allow a compiler and loading its library) and kept it.
+        assert status["model"]["decode"].startswith("C, ")
+        assert "(/var/cache/rkllmd/kernels/decode." in status["model"]["decode"]
         # The load asked for more time as it went, READY=1 came once the model was loaded
         # and the socket bound, and the start job finished on it.
         pid = state["MainPID"]
