@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import rkllmd  # noqa: F401  (before numpy: sets OpenBLAS's thread timeout as in the daemon)
 from rkllmctl import Client, DaemonUnreachable
 
 ROOT = Path(__file__).resolve().parent.parent

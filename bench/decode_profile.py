@@ -1,13 +1,15 @@
-"""Where a decode step's time goes: matrix products, attention, sampling, the rest.
+"""Where a decode step's time goes, for the C step and the numpy reference step.
 
-After a prompt of --prompt-tokens, times in one run:
-- the whole step (``Model.decode``), median over --steps steps;
-- its matrix-vector products alone (the same products on the same buffers: q/k/v,
-  output, gate/up, down for every layer, then the tied head), and the bandwidth they
-  reach streaming the float32 weights, which bounds decode from above;
-- its attention alone (scores, softmax, weighted values, for every layer, at this context);
-- sampling: greedy (an argmax) and top-k 40 / top-p 0.95 / temperature 0.8;
-- the rest: norms, rotary, activations and Python's own overhead, by difference.
+After a prompt of --prompt-tokens, in one run, on the same mapped weights:
+- the whole step (``Model.decode``) with the C step (decode.c) and with the numpy
+  reference (``model.kernels = "numpy"``), median over --steps steps, alternating rounds
+  so a disturbance hits both;
+- the numpy step's parts: its matrix-vector products alone (q/k/v, output, gate/up, down
+  for every layer, then the tied head, on its own buffers) and the bandwidth they reach,
+  its attention alone (scores, softmax, weighted values, every layer, at this context),
+  and the rest (norms, rotary, activations, Python) by difference;
+- the bandwidth each whole step reaches streaming the float32 weights (the bound on decode);
+- sampling: greedy (an argmax) and top-k 40 / top-p 0.95 / temperature 0.8.
 Run: python bench/decode_profile.py [--prompt-tokens 500]
 """
 
@@ -19,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
+
+import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -40,15 +42,18 @@ def median_ms(fn, repeat: int) -> float:
 
 
 def matrix_products(model: Model) -> None:
-    """One step's matrix-vector products, on the model's own decode buffers."""
-    for layer_products in model._layer_products:
-        for product in layer_products:
-            product()
-    model._head_product()
+    """The numpy step's matrix-vector products, on the model's own decode buffers."""
+    w, cfg = model.w, model.config
+    for layer in range(cfg.n_layers):
+        np.matmul(w.wqkv[layer], model._h, out=model._qkv)
+        np.matmul(w.wo[layer], model._attn.reshape(cfg.n_heads * cfg.head_dim), out=model._proj)
+        np.matmul(w.wgu[layer], model._h, out=model._gu)
+        np.matmul(w.wd[layer], model._act, out=model._proj)
+    np.matmul(w.head, model._h, out=model._logits)
 
 
 def attention(model: Model, n_keys: int) -> None:
-    """One step's attention over ``n_keys`` positions, for every layer."""
+    """The numpy step's attention over ``n_keys`` positions, for every layer."""
     cfg = model.config
     queries = model._rot[: cfg.n_heads].reshape(cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim)
     scores = model._scores[:, :, :n_keys]
@@ -63,43 +68,56 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
 
-    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="c", kernels_dir=KERNELS_DIR)
     backend.load()
-    model = backend.model
+    c_model = backend.model
+    numpy_model = Model(c_model.config, c_model.w, backend.context_length, backend.prefill_chunk)
     text = backend.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
     ids = backend.tokenizer.encode(text)
-    logits = model.prefill(ids, 0)
-    token, pos, step_times = int(np.argmax(logits)), len(ids), []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        logits = model.decode(token, pos)
-        step_times.append((time.perf_counter() - t0) * 1000)
-        token, pos = int(np.argmax(logits)), pos + 1
-    step = statistics.median(step_times)
-    n_keys = pos
+    tokens = [int(np.argmax(c_model.prefill(ids, 0)))]
+    numpy_model.prefill(ids, 0)
+    for _ in range(args.steps):  # the greedy continuation both steps are timed on
+        tokens.append(int(np.argmax(c_model.decode(tokens[-1], len(ids) + len(tokens) - 1))))
 
-    products = median_ms(lambda: matrix_products(model), args.steps)
-    attend = median_ms(lambda: attention(model, n_keys), args.steps)
+    step_times: dict[str, list[float]] = {"C": [], "numpy": []}
+    for _ in range(args.rounds):
+        for label, model in (("C", c_model), ("numpy", numpy_model)):
+            for i in range(args.steps):
+                t0 = time.perf_counter()
+                model.decode(tokens[i], len(ids) + i)
+                step_times[label].append((time.perf_counter() - t0) * 1000)
+    c_step, numpy_step = (statistics.median(step_times[k]) for k in ("C", "numpy"))
+    n_keys = len(ids) + args.steps
+
+    products = median_ms(lambda: matrix_products(numpy_model), args.steps)
+    attend = median_ms(lambda: attention(numpy_model, n_keys), args.steps)
+    logits = c_model._logits
     greedy = Sampler(SamplingParams(temperature=0))
     sampled = Sampler(SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=1))
     sample_greedy = median_ms(lambda: greedy.sample(logits, ids), args.steps)
     sample_topk = median_ms(lambda: sampled.sample(logits, ids), args.steps)
 
-    weight_bytes = sum(a.nbytes for name, a in model.w.arrays().items() if name not in ("attn_norm", "ffn_norm", "output_norm"))
-    rest = step - products - attend
-    print(f"decode step at context {n_keys}, median of {args.steps}: {step:.2f} ms ({1000 / step:.1f} tokens/s)\n")
+    weight_bytes = sum(a.nbytes for name, a in c_model.w.arrays().items() if name not in ("attn_norm", "ffn_norm", "output_norm"))
+    gbps = lambda ms: weight_bytes / ms / 1e6  # noqa: E731
+    print(f"decode steps at context {len(ids)}-{n_keys}, median of {args.steps} x {args.rounds} each; "
+          f"{weight_bytes / 1e6:.0f} MB of weights streamed per step\n")
+    print("| step | ms per step | tokens/s | weights streamed at |")
+    print("|---|---:|---:|---:|")
+    print(f"| C (decode.c) | {c_step:.2f} | {1000 / c_step:.1f} | {gbps(c_step):.1f} GB/s |")
+    print(f"| numpy (reference) | {numpy_step:.2f} | {1000 / numpy_step:.1f} | {gbps(numpy_step):.1f} GB/s |")
+    print(f"| ratio C / numpy | | **{numpy_step / c_step:.2f}x** | |\n")
+    print("The numpy step's parts:\n")
     print("| part | ms per step | share |")
     print("|---|---:|---:|")
-    for label, ms in (("matrix-vector products (30 layers + head)", products), ("attention", attend),
-                      ("norms, rotary, activations, Python (by difference)", rest)):
-        print(f"| {label} | {ms:.2f} | {ms / step * 100:.0f} % |")
-    print(f"| sampling, greedy (argmax; not part of the step) | {sample_greedy:.3f} | {sample_greedy / step * 100:.1f} % |")
-    print(f"| sampling, top-k 40 / top-p 0.95 / T 0.8 (not part of the step) | {sample_topk:.3f} | {sample_topk / step * 100:.1f} % |")
-    print(f"\nweights streamed per step: {weight_bytes / 1e6:.0f} MB; the products alone reach "
-          f"{weight_bytes / products / 1e6:.1f} GB/s, a limit of {1000 / products:.1f} tokens/s; "
-          f"the step is at {products / step * 100:.0f} % of it")
+    rest = numpy_step - products - attend
+    for label, ms in ((f"matrix-vector products (30 layers + head; {gbps(products):.1f} GB/s)", products),
+                      ("attention", attend), ("norms, rotary, activations, Python (by difference)", rest)):
+        print(f"| {label} | {ms:.2f} | {ms / numpy_step * 100:.0f} % |")
+    print(f"\nsampling (not part of the step): greedy {sample_greedy:.3f} ms, "
+          f"top-k 40 / top-p 0.95 / T 0.8 {sample_topk:.3f} ms ({sample_topk / c_step * 100:.1f} % of a C step)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M-Instruct), same prompt token ids (our tokenizer's, fed to both),
 same greedy decoding, same two threads:
 - ours: the float32 forward pass, driven directly (prefill, then decode steps), with its
-  C decode kernel (the default) and with numpy's products (``model.kernels = "numpy"``);
+  C decode step (decode.c, the default) and with the numpy reference step (``model.kernels = "numpy"``);
 - llama.cpp float32: the bundled Q4_1 file converted to F32 by llama.cpp's own quantize
   tool (the same float32 values our backend dequantizes to);
 - llama.cpp Q4_1: the bundled file as it is, for scale (4-bit weights stream 6x fewer bytes).
@@ -23,15 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
+
+import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path  # noqa: E402
 
 THREADS = 2
-OURS = "rkllmd CPU backend (float32, C decode kernel)"
+OURS = "rkllmd CPU backend (float32, C decode step)"
 _QUIET = None
 
 
@@ -112,7 +112,7 @@ def main() -> int:
     n_ctx = len(ids) + args.decode_tokens + 8
     engines = {
         OURS: lambda: ours_run(ours, ids, args.decode_tokens),
-        "rkllmd CPU backend (float32, numpy products)": lambda: ours_run(ours_numpy, ids, args.decode_tokens),
+        "rkllmd CPU backend (float32, numpy step)": lambda: ours_run(ours_numpy, ids, args.decode_tokens),
     }
     for label, path in (("llama.cpp, F32 weights", f32), ("llama.cpp, Q4_1 weights", source)):
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,

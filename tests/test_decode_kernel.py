@@ -107,6 +107,19 @@ def test_decode_refuses_tokens_outside_the_vocabulary(tmp_path):
             model.decode(token, 2)
 
 
+def test_binding_refuses_arrays_the_step_would_overrun(tmp_path):
+    model = Model.from_gguf(GGUFFile(tiny_llama(tmp_path / "tiny.gguf")), context_length=16)
+    kernel, arrays = kernels.c_kernel(SHARED_KERNELS), model._kernel_arrays()
+    with pytest.raises(kernels.KernelError, match="logits is not a C-contiguous float32 array of"):
+        kernel.bind(model, {**arrays, "logits": np.empty(3, np.float32)})
+    with pytest.raises(kernels.KernelError, match="wo is not"):
+        kernel.bind(model, {**arrays, "wo": arrays["wo"][..., ::-1]})
+    with pytest.raises(kernels.KernelError, match="x is not"):
+        kernel.bind(model, {**arrays, "x": arrays["x"].astype(np.float64)})
+    with pytest.raises(kernels.KernelError, match="needs exactly"):
+        kernel.bind(model, {name: array for name, array in arrays.items() if name != "act"})
+
+
 THREADS_PROBE = textwrap.dedent(
     """
     import sys

@@ -41,7 +41,7 @@ import numpy as np
 from ...caches.atomic import commit, locked_folder, remove_leftovers, temporary_beside
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .model import Model, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +82,37 @@ class Kernel:
         return BoundStep(self.library.rkllmd_decode, model, arrays)
 
 
+def _sizes(cfg: ModelConfig, capacity: int) -> dict[str, int]:
+    """The fewest elements decode.c reads or writes in each array."""
+    L, D, F, V, hd = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    return {
+        "head": V * D, "output_norm": D, "attn_norm": L * D, "ffn_norm": L * D,
+        "wqkv": L * (q + 2 * kv) * D, "wo": L * D * q, "wgu": L * 2 * F * D, "wd": L * D * F,
+        "rope_cos": capacity * (hd // 2), "rope_sin": capacity * (hd // 2),
+        "keys": L * kv * capacity, "values": L * kv * capacity,
+        "x": D, "h": D, "qkv": q + 2 * kv, "queries": q, "scores": cfg.n_heads * capacity, "attended": q,
+        "proj": D, "gate_up": 2 * F, "act": F, "logits": V,
+    }
+
+
 class BoundStep:
     """``step(token, pos)``: the C decode step on one model's arrays, which it keeps alive
     (the struct holds only their addresses)."""
 
     def __init__(self, function: ctypes._CFuncPtr, model: Model, arrays: dict[str, np.ndarray]):
-        cfg = model.config
+        cfg, capacity = model.config, model.keys.shape[-1]
+        # The C code indexes by the dimensions alone: an array too small would be read past its end.
+        needed = _sizes(cfg, capacity)
+        if set(arrays) != set(needed):
+            raise KernelError(f"the decode step needs exactly {sorted(needed)}")
         for name, array in arrays.items():
-            if array.dtype != np.float32 or not array.flags.c_contiguous:
-                raise KernelError(f"{name} is not a C-contiguous float32 array")
+            if array.dtype != np.float32 or not array.flags.c_contiguous or array.size < needed[name]:
+                raise KernelError(f"{name} is not a C-contiguous float32 array of {needed[name]} elements")
         self._arrays = arrays
         self._struct = ModelStruct(
             **{name: getattr(cfg, name) for name in _DIMS if name != "capacity"},
-            capacity=model.keys.shape[-1],
+            capacity=capacity,
             norm_eps=cfg.norm_eps,
             **{name: array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for name, array in arrays.items()},
         )
