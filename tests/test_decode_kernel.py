@@ -98,6 +98,16 @@ def test_awkward_shapes_match_the_reference(tmp_path, dim, heads, kv_heads, laye
     assert_same_step(c_model, numpy_model, [5, 17, 3, 99, 42], steps=65)
 
 
+def test_long_contexts_span_several_attention_chunks(tmp_path):
+    """decode.c splits attention into chunks of 256 positions and merges them: contexts of
+    one, two and three chunks, the boundaries included, give the reference's results."""
+    gguf = GGUFFile(tiny_llama(tmp_path / "tiny.gguf", dim=36, heads=6, kv_heads=2, layers=2))
+    c_model = Model.from_gguf(gguf, context_length=560, prefill_chunk=64, kernel=kernels.c_kernel(SHARED_KERNELS))
+    numpy_model = Model.from_gguf(gguf, context_length=560, prefill_chunk=64)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(0, c_model.config.vocab_size, 250)]
+    assert_same_step(c_model, numpy_model, prompt, steps=300)  # positions 250 to 549
+
+
 def test_decode_refuses_tokens_outside_the_vocabulary(tmp_path):
     gguf = GGUFFile(tiny_llama(tmp_path / "tiny.gguf"))
     model = Model.from_gguf(gguf, context_length=16, kernel=kernels.c_kernel(SHARED_KERNELS))

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.c")
 #: Must match RKLLMD_KERNEL_ABI in decode.c.
-KERNEL_ABI = 2
+KERNEL_ABI = 3
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
 MODES = ("auto", "c", "numpy")
@@ -120,7 +120,8 @@ class BoundStep:
         self._pointer = ctypes.byref(self._struct)
 
     def __call__(self, token: int, pos: int) -> None:
-        self._function(self._pointer, token, pos)
+        if self._function(self._pointer, token, pos) != 0:
+            raise MemoryError("the decode step could not allocate its attention scratch memory")
 
 
 def compiler() -> str | None:
@@ -235,7 +236,7 @@ def _kernel_in(folder: Path | None) -> Kernel:
     except OSError as exc:
         raise KernelError(f"cannot build the decode kernel in {folder or 'a temporary folder'}: {exc}") from None
     library.rkllmd_decode.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    library.rkllmd_decode.restype = None
+    library.rkllmd_decode.restype = ctypes.c_int
     threads = library.rkllmd_kernel_threads()
     return Kernel(library, f"C, {threads} thread{'s' * (threads != 1)} ({where})")
 

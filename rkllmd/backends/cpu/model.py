@@ -2,12 +2,13 @@
 
 Weights (``Weights``) are dequantized once, then kept memory-mapped between starts
 (``weights_file``), and stored output-major as in the GGUF (``W @ x``: one contiguous row
-per output), the layout of the decode step's matrix-vector kernel (``kernels``); q/k/v
-and gate/up are fused into one matrix each. Prefill multiplies whole chunks by the
-transposed views (BLAS's matrix-matrix product takes either layout at the same speed). Query and key rows are reordered within each head from llama.cpp's
-adjacent-pair rotary layout to "halves" (even components first, then odd): rotary
-embedding then works on two contiguous halves, and attention scores are unchanged
-because queries and keys are permuted alike.
+per output), the layout of the C decode step's dot products (``decode.c``, loaded by
+``kernels``; ``_decode_numpy`` is its reference); q/k/v and gate/up are fused into one
+matrix each. Prefill multiplies whole chunks by the transposed views (BLAS's
+matrix-matrix product takes either layout). Query and key rows are reordered within
+each head from llama.cpp's adjacent-pair rotary layout to "halves" (even components
+first, then odd): rotary embedding then works on two contiguous halves, and attention
+scores are unchanged because queries and keys are permuted alike.
 
 The KV cache is preallocated for the whole context: keys as ``[layer, kv_head, dim,
 position]`` (so query-key products read contiguous rows, several times faster than a
