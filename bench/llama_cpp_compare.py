@@ -9,7 +9,7 @@ same greedy decoding, same two threads:
 - llama.cpp Q4_1: the bundled file as it is, for scale (4-bit weights stream 6x fewer bytes).
 Prints prefill and decode tokens/s and whether the greedy tokens agree.
 
-Needs llama-cpp-python (`.venv/bin/pip install llama-cpp-python`, which builds llama.cpp
+Needs llama-cpp-python (`.venv/bin/pip install -e '.[bench-llama]'`, which builds llama.cpp
 from source: about 15 minutes on two cores). Without it the script says so and exits 1.
 Run: python bench/llama_cpp_compare.py [--prompt-tokens 500] [--decode-tokens 64]
 """
@@ -91,7 +91,7 @@ def main() -> int:
     try:
         import llama_cpp
     except ImportError:
-        print("llama-cpp-python is not installed: `.venv/bin/pip install llama-cpp-python` "
+        print("llama-cpp-python is not installed: `.venv/bin/pip install -e '.[bench-llama]'` "
               "(builds llama.cpp from source), then run this again.", file=sys.stderr)
         return 1
 

@@ -35,6 +35,10 @@ TESTS = [
     "tests/test_caches.py::test_hostile_text_files_are_reported_not_followed",
     "tests/test_caches.py::test_bad_binary_caches_are_refused_and_rebuilt",
     "tests/test_generate.py::test_killed_client_frees_the_worker_within_a_second",
+    "tests/test_decode_kernel.py::test_unusable_library_is_rebuilt",
+    "tests/test_decode_kernel.py::test_failing_compiler_is_reported",
+    "tests/test_decode_kernel.py::test_daemon_without_a_compiler_serves_in_numpy_and_says_so",
+    "tests/test_decode_kernel.py::test_daemon_asked_for_c_without_a_compiler_exits_with_the_reason",
 ]
 
 Fig = dict[str, Any]
@@ -133,6 +137,23 @@ ROWS: list[tuple[str, Row]] = [
                "Model file missing, empty, cut in the header, in the data, at the end, not GGUF",
                lambda f: "6", lambda f: "exit status 1 with the path and the reason (e.g. “is truncated: tensor … ends past the end "
                                         "of the file”); the socket never bound", lambda f: "nothing (nothing started)")),
+    ("kernel-damaged", ("test_unusable_library_is_rebuilt",
+                        "The compiled decode step in `kernels/` replaced by garbage, made group-writable, or left by another build",
+                        lambda f: "3", lambda f: "never loaded (not a library, writable by others, another source/compiler/CPU hash): "
+                                                 "built again, atomically, and loaded; the other build removed",
+                        lambda f: "nothing (0.3 s of compiling)")),
+    ("no-compiler", ("test_daemon_without_a_compiler_serves_in_numpy_and_says_so", "No C compiler on the machine (CC names nothing, "
+                     "no cc in PATH)", lambda f: "1",
+                     lambda f: "serves with the numpy step; `rkllmctl status` says `decode: numpy (no C kernel: no C compiler found "
+                               "…)` and the log why; the greedy reference answer correct",
+                     lambda f: "speed only (the numpy step is 1.5x slower)")),
+    ("compiler-fails", ("test_failing_compiler_is_reported", "A compiler that fails (exit 4, an error on stderr)", lambda f: "1",
+                        lambda f: "the numpy step, with the compiler's last lines in the reason; nothing left in `kernels/` but "
+                                  "its lock", lambda f: "speed only")),
+    ("kernels-c-required", ("test_daemon_asked_for_c_without_a_compiler_exits_with_the_reason",
+                            "`model.kernels = c` without a compiler", lambda f: "1",
+                            lambda f: "exit status 1 with “model.kernels = c: no C compiler found”; the socket never bound",
+                            lambda f: "nothing (nothing started)")),
     ("socket-deleted", ("test_socket_file_deleted_is_bound_again", "Socket file deleted while running; then its whole folder",
                         lambda f: "2", lambda f: f"bound again within {f['rebound_within_s']} s (folder 0750, lock, socket 0660); "
                                                  "connected clients kept streaming; a second daemon still refused",

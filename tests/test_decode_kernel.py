@@ -266,8 +266,9 @@ def test_daemon_without_a_compiler_serves_in_numpy_and_says_so(make_daemon, tmp_
 def test_daemon_asked_for_c_without_a_compiler_exits_with_the_reason(make_daemon, tmp_path, no_compiler):
     env = {**no_compiler, "RKLLMD_MODEL_KERNELS": "c", "RKLLMD_MODEL_KERNELS_DIR": str(tmp_path / "kernels")}
     daemon = make_daemon(env=env, start=False).start(wait=False)
-    assert daemon.wait(60) != 0
+    assert daemon.wait(60) == 1
     assert "model.kernels = c: no C compiler found" in daemon.log()
+    assert not daemon.socket.exists()
 
 
 def test_daemon_status_names_the_c_step(daemon):
