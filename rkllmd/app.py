@@ -56,7 +56,7 @@ def weights_dir(config: Config) -> Path | None:
 
 
 def kernels_dir(config: Config) -> Path:
-    """Where the CPU backend keeps its compiled decode kernel between starts."""
+    """Where the CPU backend keeps its compiled decode step between starts."""
     if config["model.kernels_dir"]:
         return Path(config["model.kernels_dir"]).expanduser()
     return cache_dirs(config)[1] / KERNELS_SUBDIR

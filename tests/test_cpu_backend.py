@@ -4,7 +4,10 @@ limits, cancellation, and the GGUF reader, including bad model files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from rkllmd.backends.base import BackendError, BuildCancelled, ContextOverflow, 
 from rkllmd.backends.cpu import backend as backend_module
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path
 from rkllmd.backends.cpu.gguf import GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGUFFile
+from rkllmd.backends.cpu.model import ModelConfig
 from rkllmd.templates import get_template
 
 from gguf_files import write_gguf
@@ -336,6 +340,24 @@ def test_no_model_at_all(monkeypatch):
         CpuBackend()
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim,ok", [
+    (4, 2, 32, True), (6, 6, 36, True), (4, 3, 32, False), (4, 8, 32, False), (5, 5, 35, False), (8, 2, 36, False),
+    (4, 0, 32, False),
+])
+def test_head_counts_must_divide_into_even_heads(heads, kv_heads, dim, ok):
+    """Both forward passes, and decode.c's indexing, rely on it: a file saying otherwise is refused."""
+    metadata = {
+        "general.architecture": "llama", "llama.embedding_length": dim, "llama.attention.head_count": heads,
+        "llama.attention.head_count_kv": kv_heads, "llama.block_count": 1, "llama.feed_forward_length": 64,
+        "tokenizer.ggml.tokens": ["a", "b"], "llama.attention.layer_norm_rms_epsilon": 1e-5,
+    }
+    if ok:
+        assert ModelConfig.from_gguf_metadata(metadata).head_dim == dim // heads
+    else:
+        with pytest.raises(ValueError, match="do not divide evenly into heads of an even dimension"):
+            ModelConfig.from_gguf_metadata(metadata)
+
+
 def test_files_that_are_not_gguf(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     assert "not a GGUF" in load_error(tmp_path / "empty.gguf")
@@ -401,3 +423,14 @@ def test_dequantization_of_every_supported_type(tmp_path):
     np.testing.assert_array_equal(gguf.tensor("q4_0"), [((q - 8) * 0.25).astype(np.float32)])
     np.testing.assert_array_equal(gguf.tensor("q8_0"), [(q8 * 0.125).astype(np.float32)])
     np.testing.assert_array_equal(gguf.tensor("f16"), halves.astype(np.float32).reshape(2, 2))
+
+
+@pytest.mark.parametrize("given,seen", [(None, "4"), ("12", "12")])
+def test_openblas_threads_sleep_at_once_unless_told_otherwise(given, seen):
+    """Set before numpy loads OpenBLAS (which reads it once), so rkllmd sets it on import."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = "import os, rkllmd, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == seen

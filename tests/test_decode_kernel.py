@@ -210,6 +210,14 @@ def test_unusable_library_is_rebuilt(tmp_path, damage):
         assert "rebuilding the decode kernel" in done.stderr and "that only we can write" in done.stderr
 
 
+def test_unusable_folder_builds_for_the_process(tmp_path, caplog):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    kernel = kernels.c_kernel(blocker / "kernels")
+    assert kernel.detail.endswith("(built for this process)")
+    assert "cannot keep the decode kernel" in caplog.text
+
+
 def test_library_of_another_abi_is_refused(tmp_path):
     source = tmp_path / "other.c"
     source.write_text("int rkllmd_kernel_abi(void) { return 999; }\n")

@@ -18,7 +18,7 @@ def choose(
     """The backend ``daemon.backend`` asks for, and a sentence saying why (shown by status).
 
     ``weights_dir``: where the CPU backend keeps dequantized weights between starts (None:
-    nowhere); ``kernels_dir``: where it keeps its compiled decode kernel (None: nowhere).
+    nowhere); ``kernels_dir``: where it keeps its compiled decode step (None: built per process).
     """
     wanted = config["daemon.backend"]
     if wanted not in ("auto", "cpu", "rkllm"):

@@ -1,4 +1,6 @@
-"""The CPU reference backend: SmolLM2 (or another llama GGUF) run in float32 numpy.
+"""The CPU reference backend: SmolLM2 (or another llama GGUF) run in float32, in numpy
+with its decode step in C (``decode.c``, compiled on the machine; numpy's step without a
+compiler).
 
 It is the backend on machines without a Rockchip NPU, and the reference the NPU
 backend is compared with: greedy output matches llama.cpp running the same weights
@@ -76,8 +78,8 @@ class CpuBackend(Backend):
         kernels_dir: Path | None = None,
     ):
         """``weights_dir``: where dequantized weights are kept between starts (None: nowhere);
-        ``kernels_mode``, ``kernels_dir``: the decode kernel to use and where it is built
-        (see ``kernels``; None: a temporary folder, so built at every start)."""
+        ``kernels_mode``, ``kernels_dir``: the decode step to use and where it is built
+        (see ``kernels``; None: a temporary folder, so built once per process)."""
         super().__init__()
         if model_path is None:
             model_path = bundled_model_path()

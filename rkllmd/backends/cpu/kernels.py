@@ -234,7 +234,10 @@ def _kernel_in(folder: Path | None) -> Kernel:
             library, path = _build_into(folder)
             where = str(path)
     except OSError as exc:
-        raise KernelError(f"cannot build the decode kernel in {folder or 'a temporary folder'}: {exc}") from None
+        if folder is not None:  # unusable (read-only, full, not a folder): build it for this process
+            log.warning("cannot keep the decode kernel in %s: %s", folder, exc)
+            return _process_kernel()
+        raise KernelError(f"cannot build the decode kernel in a temporary folder: {exc}") from None
     library.rkllmd_decode.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     library.rkllmd_decode.restype = ctypes.c_int
     threads = library.rkllmd_kernel_threads()

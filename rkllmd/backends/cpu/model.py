@@ -61,6 +61,12 @@ class ModelConfig:
             raise ValueError(f"model architecture is {arch!r}; only 'llama' is supported")
         dim = int(metadata["llama.embedding_length"])
         n_heads = int(metadata["llama.attention.head_count"])
+        n_kv_heads = int(metadata.get("llama.attention.head_count_kv", n_heads))
+        # Both forward passes (and decode.c's indexing) rely on these.
+        if not (0 < n_kv_heads <= n_heads and n_heads % n_kv_heads == 0 and dim % n_heads == 0
+                and (dim // n_heads) % 2 == 0):
+            raise ValueError(f"{n_heads} heads, {n_kv_heads} KV heads and embedding length {dim} do not divide evenly "
+                             "into heads of an even dimension")
         head_dim = dim // n_heads
         rope_dims = int(metadata.get("llama.rope.dimension_count", head_dim))
         if rope_dims != head_dim:
@@ -69,7 +75,7 @@ class ModelConfig:
             n_layers=int(metadata["llama.block_count"]),
             dim=dim,
             n_heads=n_heads,
-            n_kv_heads=int(metadata.get("llama.attention.head_count_kv", n_heads)),
+            n_kv_heads=n_kv_heads,
             head_dim=head_dim,
             ffn_dim=int(metadata["llama.feed_forward_length"]),
             vocab_size=len(metadata["tokenizer.ggml.tokens"]),
