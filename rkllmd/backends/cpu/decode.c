@@ -181,11 +181,12 @@ static void rotate_and_store(const struct rkllmd_model *m, int64_t layer, int64_
 }
 
 /* Attention is split by chunks of ATTENTION_CHUNK positions, as flash-decoding does.
- * A unit, one KV head and one chunk, streams that chunk's keys and values once for all
- * the query heads sharing them, and leaves per query head a partial result: the chunk's
- * highest score, the sum of exp(score - highest), and the values weighted by those.
- * Partial results are then merged per query head, in chunk order. Units are spread over
- * the threads, so long contexts use every core; short ones leave some idle. */
+ * A unit, one KV head and one chunk, handles the query heads sharing that KV head one
+ * after the other, so the chunk's keys and values (64 KB each for SmolLM2) come from
+ * memory once and from the cache after. It leaves per query head a partial result: the
+ * chunk's highest score, the sum of exp(score - highest), and the values weighted by
+ * those. Partial results are then merged per query head, in chunk order. Units are
+ * spread over the threads, so long contexts use every core; short ones leave some idle. */
 static void attend_chunk(const struct rkllmd_model *m, int64_t layer, int64_t kv, int64_t chunk, int64_t n_keys,
                          float *partials, int64_t n_chunks) {
     const int64_t hd = m->head_dim, cap = m->capacity, group = m->n_heads / m->n_kv_heads;
