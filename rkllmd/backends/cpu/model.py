@@ -26,7 +26,7 @@ to at least ``MIN_CHUNK_ROWS`` rows, because BLAS computes very small matrix pro
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,10 @@ from .kernels import Kernel
 log = logging.getLogger(__name__)
 
 MIN_CHUNK_ROWS = 8
+#: Prefill runs chunks layer by layer in groups of at least this many rows (the last group
+#: may have fewer): a short chunk, such as the one after a restored prefix up to the next
+#: multiple of ``prefill_chunk``, shares its pass over the weights with the next one.
+GROUP_ROWS = 64
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -288,7 +292,7 @@ class Model:
     ) -> np.ndarray:
         """Run ``tokens`` at positions ``start...``; return the last position's logits (a new array).
 
-        ``on_chunk`` is called after every chunk (heartbeat, cancellation: it may raise).
+        ``on_chunk`` is called after every group of chunks (heartbeat, cancellation: it may raise).
         """
         end = start + len(tokens)
         if not tokens or end > self.context_length:
@@ -297,15 +301,33 @@ class Model:
         pos = start
         with np.errstate(over="ignore"):
             while pos < end:
-                chunk_end = min(end, (pos // self.prefill_chunk + 1) * self.prefill_chunk)
-                last_hidden = self._forward_chunk(ids[pos - start : chunk_end - start], pos)
-                pos = chunk_end
+                group, rows = [], 0
+                while pos < end and rows < GROUP_ROWS:
+                    chunk_end = min(end, (pos // self.prefill_chunk + 1) * self.prefill_chunk)
+                    group.append((ids[pos - start : chunk_end - start], pos))
+                    rows, pos = rows + chunk_end - pos, chunk_end
+                last_hidden = self._forward_chunks(group)
                 if on_chunk:
                     on_chunk()
         return self.w.head @ self._rms_norm(last_hidden, self.w.output_norm)
 
-    def _forward_chunk(self, ids: np.ndarray, start: int) -> np.ndarray:
-        """Run one chunk (within one block of ``prefill_chunk`` positions); return its last hidden state."""
+    def _forward_chunks(self, chunks: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """Run consecutive chunks layer by layer; return the last one's last hidden state.
+
+        Each chunk computes exactly what it computes alone (a chunk reads the keys and
+        values of the ones before it at the same layer, and those are written by then),
+        but a layer's weights come from memory once for all of them: a short chunk's
+        products are bound by memory bandwidth, like decode.
+        """
+        runs = [self._chunk_by_layer(ids, start) for ids, start in chunks]
+        for _ in range(self.config.n_layers):
+            for run in runs:
+                next(run)
+        return next(runs[-1])
+
+    def _chunk_by_layer(self, ids: np.ndarray, start: int) -> Iterator[np.ndarray | None]:
+        """Run one chunk (within one block of ``prefill_chunk`` positions), yielding after
+        each layer; then yield its last hidden state."""
         cfg = self.config
         n_real = len(ids)
         if n_real < MIN_CHUNK_ROWS:
@@ -347,7 +369,8 @@ class Model:
             gate_up = h @ self.w.wgu[layer].T
             gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
             x += (gate / (1.0 + np.exp(-gate)) * up) @ self.w.wd[layer].T
-        return x[n_real - 1]
+            yield None
+        yield x[n_real - 1]
 
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         mean_square = np.square(x).sum(axis=-1, keepdims=True) / np.float32(self.config.dim)
