@@ -96,8 +96,10 @@ class CpuBackend(Backend):
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
         self.weights_dir = weights_dir
-        if kernels_mode not in kernels.MODES:
-            raise BackendError(f"model.kernels must be one of {', '.join(kernels.MODES)}, not {kernels_mode!r}")
+        try:
+            kernels.check_mode(kernels_mode)
+        except kernels.KernelError as exc:
+            raise BackendError(str(exc)) from None
         self.kernels_mode = kernels_mode
         self.kernels_dir = kernels_dir
         self.template = get_template("smollm2")

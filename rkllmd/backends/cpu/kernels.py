@@ -244,11 +244,15 @@ def _kernel_in(folder: Path | None) -> Kernel:
     return Kernel(library, f"C, {threads} thread{'s' * (threads != 1)} ({where})")
 
 
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise KernelError(f"model.kernels must be one of {', '.join(MODES)}, not {mode!r}")
+
+
 def load_kernel(mode: str, folder: Path | None) -> tuple[Kernel | None, str]:
     """The decode step ``model.kernels`` asks for (None: numpy's; see the module docstring),
     and a few words on it for status."""
-    if mode not in MODES:
-        raise KernelError(f"model.kernels must be one of {', '.join(MODES)}, not {mode!r}")
+    check_mode(mode)
     if mode == "numpy":
         return None, "numpy (model.kernels = numpy)"
     try:
