@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_rkllm.build import ERRORS
+from fake_rkllm.build import ERRORS, write_model
 
 from rkllmd.backends.rkllm import abi as rk
-from rkllmd.backends.rkllm.runtime import LibraryInfo, RkllmRuntime, RkllmStartupError
+from rkllmd.backends.rkllm.library import LibraryInfo, RkllmStartupError
+from rkllmd.backends.rkllm.runtime import RkllmRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASES = json.loads((Path(__file__).parent / "data" / "rkllm_layouts.json").read_text())["releases"]
@@ -57,7 +58,7 @@ def test_every_struct_of_a_generation_is_measured(release):
 
 
 @pytest.mark.parametrize("version,release", [("1.2", "1.2.3"), ("1.3", "1.3.0"), ("1.2.1", "1.2.1"),
-                                             ("1.2.3", "1.2.3"), ("1.3.0", "1.3.0")])
+                                             ("1.2.2", "1.2.1"), ("1.2.3", "1.2.3"), ("1.3.0", "1.3.0")])
 def test_layout_cli_prints_the_vendor_table(version, release):
     out = subprocess.run(
         [sys.executable, "-m", "rkllmd.backends.rkllm.abi", "--layout", version],
@@ -87,9 +88,7 @@ def test_runtime_binds_every_prototype(fake_runtime, generation):
 # --- wrong layouts fail loudly ---------------------------------------------------------
 @pytest.fixture
 def model(tmp_path):
-    path = tmp_path / "model.rkllm"
-    path.write_text("fake model\n")
-    return path
+    return write_model(tmp_path / "model.rkllm")
 
 
 def _raw(library: Path) -> ctypes.CDLL:
@@ -207,3 +206,26 @@ def test_binding_raises_when_its_layout_is_wrong(fake_runtime, model):
     with pytest.raises(RkllmStartupError) as err:
         wrong_generation.init(_param("1.2", model))
     assert err.value.runtime_code == ERRORS["CALLBACK"]
+
+
+@pytest.mark.parametrize("generation", rk.GENERATIONS)
+def test_default_param_leaves_bytes_unwritten_and_the_binding_defines_them(fake_runtime, generation, model):
+    """The fake's rkllm_createDefaultParam, like the vendor's, never writes the bytes an older
+    release had as reserved; a binding that passes them on is refused, ours zeroes them."""
+    rt = RkllmRuntime(LibraryInfo(fake_runtime[generation], None, generation, "test"), rk.ABI[generation])
+    raw = rt.default_param()
+    assert raw.extend_param.use_cross_attn != 0 and any(raw.extend_param.reserved)
+    assert raw.extend_param.enabled_cpus_num == bin(raw.extend_param.enabled_cpus_mask).count("1") == 4
+    raw.model_path = str(model).encode()
+    raw.extend_param.n_batch = 1
+    with pytest.raises(RkllmStartupError) as err:
+        rt.init(raw)
+    assert err.value.runtime_code == ERRORS["PARAM"]
+
+    from rkllmd.backends.rkllm.backend import _zeroed_where_unwritten
+
+    param = _zeroed_where_unwritten(rt.default_param())
+    param.model_path = str(model).encode()
+    param.extend_param.n_batch = 1
+    rt.init(param)
+    rt.destroy()

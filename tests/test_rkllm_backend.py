@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -19,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_rkllm.build import ERRORS, RELEASE
+from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model
 
 from rkllmd.backends.base import BackendError, PrefixState, SamplingParams
-from rkllmd.backends.rkllm import runtime as rt_module
+from rkllmd.backends.rkllm import library as lib_module
 from rkllmd.backends.rkllm.backend import RkllmBackend, detect
-from rkllmd.backends.rkllm.runtime import RkllmStartupError, inspect_library
+from rkllmd.backends.rkllm.library import RkllmStartupError
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATIONS = ("1.2", "1.3")
@@ -33,9 +32,7 @@ GENERATIONS = ("1.2", "1.3")
 # --- helpers -----------------------------------------------------------------------------
 @pytest.fixture
 def model(tmp_path) -> Path:
-    path = tmp_path / "tiny.rkllm"
-    path.write_text("a fake .rkllm model\n")
-    return path
+    return write_model(tmp_path / "tiny.rkllm")
 
 
 @pytest.fixture
@@ -99,7 +96,7 @@ def test_auto_picks_the_generation_from_the_library(fake_runtime, generation, mo
     try:
         assert b.describe()["runtime"].startswith(f"{RELEASE[generation]}, interface {generation}")
         assert f"using the {generation} interface" in caplog.text
-        assert f"version banner '{RELEASE[generation]}'" in caplog.text
+        assert f"release {RELEASE[generation]} from its marker" in caplog.text
     finally:
         b.close()
     assert names(calls()) == ["rkllm_createDefaultParam", "rkllm_init", "rkllm_set_chat_template", "rkllm_destroy"]
@@ -340,7 +337,7 @@ def test_identity(backend, generation, model):
     assert ident["template"] == backend.template.fingerprint()
     assert ident["context_length"] == 4096
     before = ident["model_fingerprint"]
-    model.write_text("another model\n")
+    write_model(model, "another model\n")
     assert backend.identity()["model_fingerprint"] != before
 
 
@@ -356,28 +353,20 @@ def test_count_tokens_is_a_byte_estimate(backend):
 
 
 # --- startup errors ---------------------------------------------------------------------------
-def foreign_elf(path: Path) -> Path:
-    """A minimal ELF header for an architecture this machine is not."""
-    machine = 62 if rt_module._host_target() == (2, 183) else 183  # x86_64 on arm boards, else aarch64
-    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack("<HHI", 3, machine, 1)
-    path.write_bytes(header + bytes(64 - len(header)))
-    return path
-
-
 def test_library_missing(model, tmp_path):
     with pytest.raises(RkllmStartupError, match="librkllmrt.so not found"):
         RkllmBackend(model, library=tmp_path / "nope" / "librkllmrt.so").load()
 
 
 def test_default_library_locations_are_searched(model, monkeypatch, tmp_path):
-    monkeypatch.setattr(rt_module, "DEFAULT_LIBRARY_PATHS", (tmp_path / "a.so", tmp_path / "b.so"))
+    monkeypatch.setattr(lib_module, "DEFAULT_LIBRARY_PATHS", (tmp_path / "a.so", tmp_path / "b.so"))
     with pytest.raises(RkllmStartupError, match=f"looked at {tmp_path}/a.so, {tmp_path}/b.so"):
         RkllmBackend(model).load()
 
 
 def test_wrong_architecture(model, tmp_path):
     lib = foreign_elf(tmp_path / "librkllmrt.so")
-    host = rt_module._describe_target(rt_module._host_target())
+    host = lib_module.describe_target(lib_module.host_target())
     other = "x86_64" if host == "aarch64" else "aarch64"
     with pytest.raises(RkllmStartupError, match=f"librkllmrt.so is {other} but this machine is {host}"):
         RkllmBackend(model, library=lib).load()
@@ -391,8 +380,7 @@ def test_not_a_library(model, tmp_path):
 
 
 def test_init_failure_carries_the_code(fake_runtime, generation, tmp_path):
-    model = tmp_path / "broken.rkllm"
-    model.write_text("FAKE_INIT_FAIL\n")
+    model = write_model(tmp_path / "broken.rkllm", "FAKE_INIT_FAIL\n")
     with pytest.raises(RkllmStartupError, match="rkllm_init failed with code") as err:
         RkllmBackend(model, library=fake_runtime[generation]).load()
     assert err.value.runtime_code == ERRORS["INIT"]
@@ -403,6 +391,20 @@ def test_model_missing(fake_runtime, tmp_path):
         RkllmBackend(tmp_path / "gone.rkllm", library=fake_runtime["1.2"]).load()
 
 
+def test_no_model_configured(fake_runtime):
+    with pytest.raises(RkllmStartupError, match=r"^no \.rkllm model configured \(set \[rkllm\] model\)$"):
+        RkllmBackend(None, library=fake_runtime["1.2"]).load()
+
+
+def test_model_without_the_magic_is_refused_by_the_runtime(fake_runtime, tmp_path, capfd):
+    model = tmp_path / "notes.rkllm"
+    model.write_text("not a converted model\n")
+    with pytest.raises(RkllmStartupError) as err:
+        RkllmBackend(model, library=fake_runtime["1.2"]).load()
+    assert err.value.runtime_code == ERRORS["MODEL_MAGIC"]
+    assert "invalid rknn llm model magic" in capfd.readouterr().err
+
+
 def test_model_not_rkllm(fake_runtime, tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
@@ -410,47 +412,82 @@ def test_model_not_rkllm(fake_runtime, tmp_path):
         RkllmBackend(gguf, library=fake_runtime["1.2"]).load()
 
 
-def test_forcing_the_wrong_generation_fails_loudly(fake_runtime, model, caplog):
-    with pytest.raises(RkllmStartupError) as err:
+def test_forcing_the_other_generation_is_refused(fake_runtime, model):
+    with pytest.raises(RkllmStartupError, match="runtime = 1.2 contradicts the library's release 1.3.0"):
         RkllmBackend(model, library=fake_runtime["1.3"], runtime="1.2").load()
+
+
+def test_forcing_the_wrong_generation_on_a_library_without_marker_fails_loudly(fake_runtime, model, caplog):
+    """Nothing in the file can say the force is wrong: the first struct passed must."""
+    with pytest.raises(RkllmStartupError) as err:
+        RkllmBackend(model, library=fake_runtime["no marker"], runtime="1.3").load()
     assert err.value.runtime_code == ERRORS["CALLBACK"]
-    assert "says it is release 1.3.0" in caplog.text
+    assert "[rkllm] runtime = 1.3 is forced on a library without a release marker" in caplog.text
 
 
-# --- ABI detection from the file ------------------------------------------------------------------
-@pytest.mark.parametrize("content,generation,release", [
-    (b"\0rkllm-runtime version: 1.2.3\0", "1.2", "1.2.3"),
-    (b"\0RKLLM Runtime version 1.3.0 (abc@2025)\0", "1.3", "1.3.0"),
-    (b"\0librkllmrt version: 1.2.1\0", "1.2", "1.2.1"),
+# --- release detection from the file ------------------------------------------------------------
+SUPPORTED = "supported releases: 1.2.1, 1.2.2, 1.2.3, 1.3.0"
+
+
+@pytest.mark.parametrize("name,runtime,generation,release,says", [
+    ("1.2", "auto", "1.2", "1.2.3", "release 1.2.3 from its marker"),
+    ("1.3", "auto", "1.3", "1.3.0", "release 1.3.0 from its marker"),
+    ("1.3.1", "auto", "1.3", "1.3.1", "release 1.3.1 from its marker, a later patch of the 1.3 line"),
+    ("1.4.0", "1.3", "1.3", "1.4.0", "[rkllm] runtime = 1.3, release 1.4.0 from its marker"),
+    ("no marker", "1.2", "1.2", None, "[rkllm] runtime = 1.2 (the library has no release marker)"),
 ])
-def test_detection_reads_the_version_banner(tmp_path, content, generation, release):
+def test_release_read_from_the_marker(fake_runtime, name, runtime, generation, release, says):
+    info = lib_module.inspect_library(fake_runtime[name], runtime)
+    assert (info.generation, info.release, info.reason) == (generation, release, says)
+    if release:
+        assert info.release_text == (
+            f"RKLLM SDK (version: {release} | target: Linux | build: 27637c95 2025-05-02 17:46:07)"
+        )
+
+
+@pytest.mark.parametrize("name,runtime,says", [
+    ("1.2.1b1", "auto", f"release 1.2.1b1 is a pre-release, whose structs differ from the release's; {SUPPORTED}"),
+    ("1.2.1b1", "1.2", "release 1.2.1b1 is a pre-release"),  # known to differ: no force helps
+    ("1.2.0", "auto", f"release 1.2.0: its structs and callback differ from 1.2.1's (a pre-release layout); {SUPPORTED}"),
+    ("1.4.0", "auto", f"release 1.4.0 is of a line rkllmd has no struct layouts for; {SUPPORTED} "
+                      "(set [rkllm] runtime = \"1.2\" or \"1.3\" to force one at your own risk)"),
+    ("no marker", "auto", "no release marker (\"RKLLM SDK (version: ...\") in the library; rkllmd does not guess"),
+])
+def test_release_refused(fake_runtime, name, runtime, says):
+    with pytest.raises(RkllmStartupError) as err:
+        lib_module.inspect_library(fake_runtime[name], runtime)
+    assert str(err.value).startswith(f"{fake_runtime[name]}: {says}")
+
+
+def test_a_later_patch_runs_with_a_warning(fake_runtime, model, calls, caplog):
+    b = RkllmBackend(model, library=fake_runtime["1.3.1"])
+    b.load()
+    try:
+        assert b.describe()["runtime"].startswith("1.3.1, interface 1.3")
+    finally:
+        b.close()
+    assert ("RKLLM runtime 1.3.1 is newer than the releases rkllmd was checked against (1.3.0); "
+            "using the 1.3 interface") in caplog.text
+
+
+def test_decoys_alone_name_no_release(tmp_path):
+    """Every version-like text of the real file but the marker: the log format, the NPU runtime's
+    own numbering, model-version messages."""
     lib = tmp_path / "librkllmrt.so"
-    lib.write_bytes(b"\x7fELF" + bytes(100) + content)
-    info = inspect_library(lib)
-    assert (info.generation, info.release) == (generation, release)
-    assert release in info.reason
+    lib.write_bytes(b"\x7fELF" + bytes(60) + b"\0".join([
+        b"I rkllm: rkllm-runtime version: %s, rknpu driver version: %s, platform: %s",
+        b"rknn llm lib version: 2.3.3b0 (c54da5763@2025-04-18T15:37:10)",
+        b"librknnrt version: 2.3.3b0", b"RKLLM model version is ", b"rkllm.version", b"1.2.3",
+    ]))
+    assert lib_module.read_markers(lib) == []
 
 
-def test_detection_without_a_banner_assumes_1_2_and_says_so(tmp_path, caplog):
+def test_two_releases_in_one_file_are_refused(tmp_path):
     lib = tmp_path / "librkllmrt.so"
-    lib.write_bytes(b"\x7fELF" + bytes(100) + b"zlib 1.2.13\0")
-    info = inspect_library(lib)
-    assert info.generation == "1.2" and info.release is None
-    assert "nothing decides" in info.reason and "nothing decides" in caplog.text
-
-
-def test_detection_refuses_an_unknown_series(tmp_path):
-    lib = tmp_path / "librkllmrt.so"
-    lib.write_bytes(b"rkllm-runtime version: 1.4.0\0")
-    with pytest.raises(RkllmStartupError, match="1.4.0"):
-        inspect_library(lib)
-
-
-def test_detection_with_contradictory_banners_assumes_1_2(tmp_path, caplog):
-    lib = tmp_path / "librkllmrt.so"
-    lib.write_bytes(b"rkllm-runtime version: 1.2.3\0rkllm-runtime version: 1.3.0\0")
-    assert inspect_library(lib).generation == "1.2"
-    assert "contradictory" in caplog.text
+    marker = "RKLLM SDK (version: {} | target: Linux | build: 27637c95 2025-05-02 17:46:07)"
+    lib.write_bytes(f"\0{marker.format('1.2.3')}\0{marker.format('1.3.0')}\0".encode())
+    with pytest.raises(RkllmStartupError, match=r"names several releases \(1.2.3, 1.3.0\)"):
+        lib_module.inspect_library(lib)
 
 
 # --- --backend auto ---------------------------------------------------------------------------------

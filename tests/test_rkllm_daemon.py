@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -32,11 +31,11 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from fake_rkllm.build import ERRORS, RELEASE
+from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model
 
 from conftest import ROOT, DaemonProcess, rkllmctl
 from rkllmctl import DaemonError
-from rkllmd.backends.rkllm import runtime as rt_module
+from rkllmd.backends.rkllm import library as lib_module
 from rkllmd.templates import get_template
 
 GENERATIONS = ("1.2", "1.3")
@@ -133,7 +132,7 @@ class NpuDaemon(DaemonProcess):
     ):
         folder = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
         self.model = folder / "fake.rkllm"
-        self.model.write_text(model_text)
+        write_model(self.model, model_text)
         self.calls = CallLog(folder / "calls.log")
         self.namespace = namespace
         env = {
@@ -283,7 +282,7 @@ def test_cli_generate_and_status(served, generation):
     assert f"model:    fake  context 4096  {served.model}" in out.stdout
     with served.client() as client:
         model = client.status()["model"]
-    assert model["runtime"].startswith(f"{RELEASE[generation]}, interface {generation} (found version banner")
+    assert model["runtime"].startswith(f"{RELEASE[generation]}, interface {generation} (release {RELEASE[generation]} from its marker")
 
 
 def test_max_tokens_and_stop_strings(served):
@@ -564,14 +563,6 @@ def test_auto_with_an_npu_device_chooses_the_npu_backend(make_daemon_on, fake_ru
 
 
 # --- startup errors -----------------------------------------------------------------------------------------
-def foreign_elf(path: Path) -> Path:
-    """A minimal ELF header for an architecture this machine is not."""
-    machine = 62 if rt_module._host_target() == (2, 183) else 183  # x86_64 on arm boards, else aarch64
-    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9) + struct.pack("<HHI", 3, machine, 1)
-    path.write_bytes(header + bytes(64 - len(header)))
-    return path
-
-
 def startup_failure(proc: NpuDaemon) -> str:
     """Start, expect exit status 1 without the socket ever bound; return the log."""
     proc.start(wait=False)
@@ -583,7 +574,7 @@ def startup_failure(proc: NpuDaemon) -> str:
 
 @pytest.mark.parametrize("case", ["library missing", "wrong architecture"])
 def test_library_startup_errors(make_daemon_on, tmp_path, case):
-    host = rt_module._describe_target(rt_module._host_target())
+    host = lib_module.describe_target(lib_module.host_target())
     if case == "library missing":
         library = tmp_path / "nowhere" / "librkllmrt.so"
         expected = f"cannot start: librkllmrt.so not found (looked at {library}); install the vendor runtime"
@@ -595,11 +586,19 @@ def test_library_startup_errors(make_daemon_on, tmp_path, case):
     assert expected in log
 
 
-@pytest.mark.parametrize("case", ["init failure", "model missing", "model not .rkllm", "unknown template"])
+@pytest.mark.parametrize("case", ["init failure", "no model", "model missing", "model not .rkllm", "no magic",
+                                  "unknown template"])
 def test_model_startup_errors(make_npu, tmp_path, case):
     if case == "init failure":
         proc = make_npu(start=False, model_text="FAKE_INIT_FAIL\n")
         expected = f"cannot start: rkllm_init failed with code {ERRORS['INIT']} for model {proc.model}"
+    elif case == "no model":
+        proc = make_npu(start=False, model_flag=False)
+        expected = "cannot start: no .rkllm model configured (set [rkllm] model)"
+    elif case == "no magic":
+        proc = make_npu(start=False)
+        proc.model.write_text("a text file named .rkllm\n")
+        expected = f"cannot start: rkllm_init failed with code {ERRORS['MODEL_MAGIC']} for model {proc.model}"
     elif case == "model missing":
         gone = tmp_path / "gone.rkllm"
         proc = make_npu("--model", str(gone), start=False)
@@ -616,3 +615,5 @@ def test_model_startup_errors(make_npu, tmp_path, case):
     assert expected in log
     if case == "init failure":
         assert "fake-rkllm: rkllm_init: model" in log  # the runtime's own words come first
+    if case == "no magic":
+        assert "E RKNN: invalid rknn llm model magic" in log

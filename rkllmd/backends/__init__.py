@@ -12,45 +12,53 @@ def _path(value: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def pick(config: Config) -> tuple[str, str]:
+    """The backend kind ``daemon.backend`` leads to here ("cpu" or "rkllm"), and a sentence
+    saying why (shown by status and ``rkllmd check``). Nothing is loaded."""
+    wanted = config["daemon.backend"]
+    if wanted not in ("auto", "cpu", "rkllm"):
+        raise BackendError(f"daemon.backend must be auto, cpu or rkllm, not {wanted!r}")
+    if wanted != "auto":
+        return wanted, "requested by configuration"
+    from .rkllm.backend import detect
+
+    usable, why = detect(_path(config["rkllm.library"]), _path(config["rkllm.model"]))
+    if usable:
+        return "rkllm", f"auto: {why}"
+    return "cpu", f"auto: NPU backend not usable ({why}); using the CPU reference backend"
+
+
 def choose(
     config: Config, weights_dir: Path | None = None, kernels_dir: Path | None = None
 ) -> tuple[Backend, str]:
-    """The backend ``daemon.backend`` asks for, and a sentence saying why (shown by status).
+    """The backend ``pick`` names, configured, and the reason.
 
     ``weights_dir``: where the CPU backend keeps dequantized weights between starts (None:
     nowhere); ``kernels_dir``: where it keeps its compiled decode step (None: built per process).
     """
-    wanted = config["daemon.backend"]
-    if wanted not in ("auto", "cpu", "rkllm"):
-        raise BackendError(f"daemon.backend must be auto, cpu or rkllm, not {wanted!r}")
-    if wanted in ("auto", "rkllm"):
-        from .rkllm.backend import RkllmBackend, detect
+    kind, reason = pick(config)
+    if kind == "rkllm":
+        from .rkllm.backend import RkllmBackend
 
-        library, model = _path(config["rkllm.library"]), _path(config["rkllm.model"])
-        usable, why = detect(library, model)
-        if wanted == "rkllm" or usable:
-            try:
-                backend = RkllmBackend(
-                    model_path=model or Path(""),
-                    library=library,
-                    runtime=config["rkllm.runtime"],
-                    template=config["rkllm.template"],
-                    context_length=config["model.context_length"],
-                    max_new_tokens=config["rkllm.max_new_tokens"],
-                    n_keep=config["rkllm.n_keep"],
-                    cpu_mask=config["rkllm.cpu_mask"],
-                    base_domain_id=config["rkllm.base_domain_id"],
-                    temperature=config["sampling.temperature"],
-                    top_k=config["sampling.top_k"],
-                    top_p=config["sampling.top_p"],
-                    repeat_penalty=config["sampling.repeat_penalty"],
-                )
-            except ValueError as exc:  # rkllm.template or rkllm.runtime names nothing we know
-                raise BackendError(f"[rkllm] {exc}") from None
-            return backend, ("requested by configuration" if wanted == "rkllm" else f"auto: {why}")
-        reason = f"auto: NPU backend not usable ({why}); using the CPU reference backend"
-    else:
-        reason = "requested by configuration"
+        try:
+            backend = RkllmBackend(
+                model_path=_path(config["rkllm.model"]),
+                library=_path(config["rkllm.library"]),
+                runtime=config["rkllm.runtime"],
+                template=config["rkllm.template"],
+                context_length=config["model.context_length"],
+                max_new_tokens=config["rkllm.max_new_tokens"],
+                n_keep=config["rkllm.n_keep"],
+                cpu_mask=config["rkllm.cpu_mask"],
+                base_domain_id=config["rkllm.base_domain_id"],
+                temperature=config["sampling.temperature"],
+                top_k=config["sampling.top_k"],
+                top_p=config["sampling.top_p"],
+                repeat_penalty=config["sampling.repeat_penalty"],
+            )
+        except ValueError as exc:  # rkllm.template or rkllm.runtime names nothing we know
+            raise BackendError(f"[rkllm] {exc}") from None
+        return backend, reason
     from .cpu.backend import CpuBackend
 
     backend = CpuBackend(
@@ -58,7 +66,7 @@ def choose(
         context_length=config["model.context_length"],
         prefill_chunk=config["model.prefill_chunk"],
         weights_dir=weights_dir,
-        kernels_mode=config["model.kernels"],
         kernels_dir=kernels_dir,
+        kernels_mode=config["model.kernels"],
     )
     return backend, reason

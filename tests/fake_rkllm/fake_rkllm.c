@@ -1,7 +1,8 @@
 /*
  * A fake librkllmrt.so for rkllmd's tests: the vendor's exported functions with the
  * vendor's signatures, for one interface generation chosen at build time
- * (cc -shared -fPIC -DRKLLM_ABI=12 or -DRKLLM_ABI=13).
+ * (cc -shared -fPIC -DRKLLM_ABI=12 or -DRKLLM_ABI=13), and the vendor's strings with the
+ * release marker of one release (-DFAKE_RELEASE, see "strings of the real library").
  *
  * Its purpose is to make a wrong binding fail loudly on machines without an NPU.
  * Every struct the caller hands in is read at the VENDOR's byte offsets (the C
@@ -29,7 +30,11 @@
  *  - Triggers in the prompt: "[[fake:error]]" sends one token, then an ERROR callback,
  *    and rkllm_run returns FAKE_E_GENERATION; "[[fake:endless]]" repeats the reply
  *    until a limit, a pause or an abort.
- *  - A model file containing FAKE_INIT_FAIL makes rkllm_init return FAKE_E_INIT.
+ *  - A model file must start with the .rkllm magic (RKLLM_MODEL_MAGIC; build.py's
+ *    write_model writes one), else rkllm_init says "invalid rknn llm model magic" and
+ *    returns FAKE_E_MODEL_MAGIC; one containing FAKE_INIT_FAIL makes it return FAKE_E_INIT.
+ *  - rkllm_createDefaultParam leaves n_batch, use_cross_attn and reserved unwritten
+ *    (0xA5), as the vendor's does; rkllm_init refuses them unless the caller set them.
  *  - Chat template: like the vendor runtime, the fake wraps each prompt in a built-in
  *    ChatML template until rkllm_set_chat_template replaces it (rkllmd sets it empty).
  *  - Prompt caches: a run with save_prompt_cache=1 writes, after the run, a file
@@ -55,6 +60,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 
 #if !defined(RKLLM_ABI) || (RKLLM_ABI != 12 && RKLLM_ABI != 13)
 #error "build with -DRKLLM_ABI=12 or -DRKLLM_ABI=13"
@@ -74,15 +80,40 @@
 #define FAKE_E_INIT (-2002)        /* model file asks for an init failure */
 #define FAKE_E_GENERATION (-2003)  /* the prompt asked for a generation error */
 #define FAKE_E_CACHE_FILE (-2004)  /* prompt cache file missing, foreign or unwritable */
+#define FAKE_E_MODEL_MAGIC (-2005) /* the model file does not start with the .rkllm magic */
 
-#if RKLLM_ABI == 12
-#define FAKE_RELEASE "1.2.3"
+/* ---- strings of the real library ----------------------------------------------------
+ * What a strings(1) dump of the vendor's aarch64 librkllmrt.so shows (the texts are
+ * copied from ../shared/rkllm-abi/README.md, "What the real library file says about
+ * its release"). The release is in the marker only; every other string below is a decoy
+ * that names another version or none. -DFAKE_RELEASE="\"1.2.1b1\"" embeds the marker
+ * and the bare release line; without it the library has no marker at all. The build
+ * field is the one of the real 1.2.1b1 marker (the only one quoted).
+ */
+#ifdef FAKE_RELEASE
+#define FAKE_MARKER "RKLLM SDK (version: " FAKE_RELEASE " | target: Linux | build: 27637c95 2025-05-02 17:46:07)\0" \
+                    FAKE_RELEASE "\0"
 #else
-#define FAKE_RELEASE "1.3.0"
+#define FAKE_MARKER ""
 #endif
-/* What the vendor library prints at init; rkllmd's "auto" ABI detection looks for it. */
-__attribute__((used)) static const char version_banner[] =
-    "rkllm-runtime version: " FAKE_RELEASE " (fake runtime for rkllmd tests)";
+__attribute__((used)) static const char vendor_strings[] =
+    "I rkllm: rkllm-runtime version: %s, rknpu driver version: %s, platform: %s\n\0"
+    "rknn llm lib version: 2.3.3b0 (c54da5763@2025-04-18T15:37:10)\0"
+    "librknnrt version: 2.3.3b0\0"
+    FAKE_MARKER
+    "E rkllm: The rkllm-runtime version is lower than the rkllm-toolkit version.\0"
+    "RKLLM model version is \0"
+    ", but current librkllmrt.so is support model version <= \0"
+    "RKNN Driver Information, version: %d.%d.%d\0"
+    "rkllm.version\0"
+    "general.version\0"
+    "invalid rknn llm model magic\0"
+    "the model version is too old, please use the latest toolkit to reconvert the model\0";
+
+/* The first bytes of a .rkllm model: the container's "GGUF" magic under the format's
+ * byte mask (from a public reverse-engineering of the format, observed on 1.3.1 models;
+ * docs/npu.md). The real runtime refuses other files with "invalid rknn llm model magic". */
+#define RKLLM_MODEL_MAGIC "\xda\xee\xb3\x36"
 
 /* ---- the vendor interface, at the vendor's offsets --------------------------------- */
 typedef void *LLMHandle;
@@ -626,9 +657,26 @@ static int write_cache(const char *path, const char *text, size_t len) {
 }
 
 /* ---- the exported vendor functions ------------------------------------------------------ */
+/* Like the vendor's (a public decompilation of an older release): the fields are written
+ * one by one, and the bytes that release had as reserved (n_batch, use_cross_attn and
+ * reserved since 1.2.1) are left as they were: here, visibly not zero. */
 RKLLMParam rkllm_createDefaultParam(void) {
     RKLLMParam p;
-    memset(&p, 0, sizeof p);
+    memset(&p, 0xA5, sizeof p);
+    p.model_path = NULL;
+    p.frequency_penalty = 0.0f;
+    p.presence_penalty = 0.0f;
+    p.mirostat = 0;
+    p.is_async = false;
+#if RKLLM_ABI == 12
+    p.img_start = p.img_end = p.img_content = NULL;
+#else
+    p.ignore_eos_token = false;
+#endif
+    p.extend_param.base_domain_id = 0;
+    p.extend_param.embed_flash = 1;
+    p.extend_param.enabled_cpus_mask = sysconf(_SC_NPROCESSORS_CONF) >= 8 ? 0xF0 : 0xF;
+    p.extend_param.enabled_cpus_num = 4;
     p.max_context_len = 512;
     p.max_new_tokens = -1;
     p.top_k = 40;
@@ -639,8 +687,6 @@ RKLLMParam rkllm_createDefaultParam(void) {
     p.mirostat_tau = 5.0f;
     p.mirostat_eta = 0.1f;
     p.skip_special_token = true;
-    p.extend_param.embed_flash = 1;
-    p.extend_param.n_batch = 1;
     call_log("rkllm_createDefaultParam");
     return p;
 }
@@ -660,6 +706,10 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     size_t n = fread(buf, 1, sizeof buf - 1, f);
     fclose(f);
     buf[n] = '\0';
+    if (n < 4 || memcmp(buf, RKLLM_MODEL_MAGIC, 4) != 0) {
+        fprintf(stderr, "E RKNN: invalid rknn llm model magic\nE RKNN: load model file error!\n");
+        return fail(FAKE_E_MODEL_MAGIC, fn, "model %s: invalid rknn llm model magic", param->model_path);
+    }
     if (memmem(buf, n, "FAKE_INIT_FAIL", 14)) return fail(FAKE_E_INIT, fn, "model %s asks to fail", param->model_path);
 
     fake_handle *fh = calloc(1, sizeof *fh);

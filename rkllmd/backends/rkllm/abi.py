@@ -1,6 +1,7 @@
 """ctypes mirror of the RKLLM runtime's C interface (``rkllm.h``), per interface generation.
 
-Two generations are in use on boards: "1.2" (releases 1.2.1-1.2.3) and "1.3" (1.3.0).
+Two generations are in use on boards: "1.2" (releases 1.2.1-1.2.3) and "1.3" (1.3.0);
+``library.RELEASES`` maps a library's release to its generation.
 They share most structs but differ in ``RKLLMParam``, ``RKLLMInput``, ``RKLLMInferParam``
 and in the third argument of ``rkllm_init`` (a function pointer in 1.2, a pointer to an
 ``RKLLMCallback`` struct in 1.3). A layout that differs from the vendor header by one
@@ -67,10 +68,12 @@ CALLBACK_PAUSE = 1  # stop this generation after the current token
 CALLBACK_FREE_OUTPUT = 2  # 1.3 only: free the current output buffer
 
 GENERATIONS = ("1.2", "1.3")
-# Release tag -> interface generation, for every release the layout data covers.
-RELEASES = {"1.2.1": "1.2", "1.2.3": "1.2", "1.3.0": "1.3"}
+# Release tag -> interface generation, for every release whose header was measured
+# (tests/data/rkllm_layouts.json) or equals a measured one field for field (1.2.2 only
+# renames a type).
+RELEASES = {"1.2.1": "1.2", "1.2.2": "1.2", "1.2.3": "1.2", "1.3.0": "1.3"}
 # The vendor renamed one struct between releases without changing it.
-_RELEASE_STRUCT_NAMES = {"1.2.1": {"RKLLMMultiModalInput": "RKLLMMultiModelInput"}}
+_RELEASE_STRUCT_NAMES = {release: {"RKLLMMultiModalInput": "RKLLMMultiModelInput"} for release in ("1.2.1", "1.2.2")}
 
 
 # --- structs shared by both generations ----------------------------------------------
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Print our ctypes structs' sizes, alignments and field offsets as JSON.",
     )
     parser.add_argument("--layout", required=True, metavar="VERSION", choices=[*GENERATIONS, *RELEASES],
-                        help="interface generation (1.2, 1.3) or release tag (1.2.1, 1.2.3, 1.3.0)")
+                        help="interface generation (1.2, 1.3) or release tag (1.2.1, 1.2.2, 1.2.3, 1.3.0)")
     args = parser.parse_args(argv)
     json.dump(layout(args.layout), sys.stdout, indent=1)
     sys.stdout.write("\n")

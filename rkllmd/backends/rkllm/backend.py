@@ -32,6 +32,7 @@ How the runtime's interface is used, and why:
 from __future__ import annotations
 
 import codecs
+import ctypes
 import functools
 import hashlib
 import logging
@@ -45,13 +46,8 @@ from typing import Any, Callable
 
 from rkllmd.backends.base import Backend, BackendError, BuildCancelled, GenerationStats, PrefixState, SamplingParams, TextSink
 from rkllmd.backends.rkllm import abi as rk
-from rkllmd.backends.rkllm.runtime import (
-    RkllmRuntime,
-    RkllmStartupError,
-    check_architecture,
-    find_library,
-    inspect_library,
-)
+from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
+from rkllmd.backends.rkllm.runtime import RkllmRuntime
 from rkllmd.backends.stops import StopMatcher
 from rkllmd.templates import get_template
 
@@ -82,7 +78,7 @@ class RkllmBackend(Backend):
 
     def __init__(
         self,
-        model_path: Path,
+        model_path: Path | None,
         library: Path | None = None,
         runtime: str = "auto",
         template: str = "qwen2.5",
@@ -106,7 +102,7 @@ class RkllmBackend(Backend):
         super().__init__()
         if runtime not in ("auto", *rk.GENERATIONS):
             raise ValueError(f"rkllm runtime must be auto, 1.2 or 1.3, not {runtime!r}")
-        self.model_path = Path(model_path)
+        self.model_path = Path(model_path) if model_path is not None else None
         self.library = Path(library) if library is not None else None
         self.runtime = runtime
         self.template = get_template(template)
@@ -131,7 +127,7 @@ class RkllmBackend(Backend):
         model = check_model(self.model_path)
         progress("opening the RKLLM runtime library")
         rt = RkllmRuntime.open(self.library, self.runtime)
-        param = rt.default_param()
+        param = _zeroed_where_unwritten(rt.default_param())
         param.model_path = str(model).encode()
         param.max_context_len = self.context_length
         param.max_new_tokens = self.max_new_tokens
@@ -324,6 +320,25 @@ class RkllmBackend(Backend):
         if self._rt is None:
             raise BackendError("the rkllm backend is not loaded")
         return self._rt
+
+
+def _zeroed_where_unwritten(param: Any) -> Any:
+    """``rkllm_createDefaultParam``'s result with every byte it may leave unwritten set.
+
+    A decompiled older release writes the fields one by one and never touches the
+    reserved bytes, which later releases carved ``n_batch`` and ``use_cross_attn`` from;
+    ctypes hands back a by-value struct's unwritten bytes as they were. Everything
+    ``load`` does not set itself and the runtime reads is made defined here.
+    """
+    extend = param.extend_param
+    extend.use_cross_attn = 0
+    ctypes.memset(ctypes.addressof(extend.reserved), 0, ctypes.sizeof(extend.reserved))
+    for name in ("img_start", "img_end", "img_content"):  # 1.2 only: no image tags
+        if hasattr(param, name):
+            setattr(param, name, None)
+    if hasattr(param, "ignore_eos_token"):  # 1.3 only
+        param.ignore_eos_token = False
+    return param
 
 
 @dataclass(frozen=True)
