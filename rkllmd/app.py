@@ -14,10 +14,11 @@ from .caches.binary import BinaryStore
 from .caches.manager import CacheManager
 from .caches.text import TextStore
 from .caches.watcher import TextFolderWatcher
+from .check import Account, log_report, run_checks
 from .config import MODEL_KEYS, Config, ConfigError
 from .endpoint import Endpoint, EndpointError
 from .outbox import Outbox
-from .paths import default_binary_dir, default_socket, default_text_dir
+from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
 from .server import Daemon
 from .service import ServiceNotifier, enable_faulthandler
 from .worker import ModelWorker
@@ -26,9 +27,6 @@ log = logging.getLogger("rkllmd")
 
 #: How much more start-up time to ask systemd for each time a slow load makes progress.
 LOAD_EXTENSION_S = 60.0
-#: Under the binary cache folder: the CPU backend's dequantized weights (see cpu/weights_file.py).
-WEIGHTS_SUBDIR = "weights"
-KERNELS_SUBDIR = "kernels"
 
 
 def apply_log_level(config: Config) -> None:
@@ -38,28 +36,6 @@ def apply_log_level(config: Config) -> None:
     logging.getLogger().setLevel(level)
     # watchdog logs every inotify event at debug level: noise, not our daemon's story.
     logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
-
-
-def cache_dirs(config: Config) -> tuple[Path, Path]:
-    text = Path(config["cache.text_dir"]).expanduser() if config["cache.text_dir"] else default_text_dir()
-    binary = Path(config["cache.binary_dir"]).expanduser() if config["cache.binary_dir"] else default_binary_dir()
-    return text, binary
-
-
-def weights_dir(config: Config) -> Path | None:
-    """Where the CPU backend keeps dequantized weights between starts (None: it does not)."""
-    if not config["model.keep_weights"]:
-        return None
-    if config["model.weights_dir"]:
-        return Path(config["model.weights_dir"]).expanduser()
-    return cache_dirs(config)[1] / WEIGHTS_SUBDIR
-
-
-def kernels_dir(config: Config) -> Path:
-    """Where the CPU backend keeps its compiled decode step between starts."""
-    if config["model.kernels_dir"]:
-        return Path(config["model.kernels_dir"]).expanduser()
-    return cache_dirs(config)[1] / KERNELS_SUBDIR
 
 
 def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, str]:
@@ -90,6 +66,7 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
     except (ConfigError, EndpointError) as exc:  # a bad level, a socket path too long
         log.error("configuration: %s", exc)
         return 2
+    log_report(run_checks(config, Account.current()))
     try:
         endpoint.claim()
     except EndpointError as exc:

@@ -9,13 +9,26 @@ from pathlib import Path
 
 from . import __version__
 from .app import run
+from .check import main as check_main
 from .config import ConfigError, load
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="rkllmd", description="Serve a language model on the NPU (or the CPU) over a ZeroMQ socket.")
+def parse_args(argv: list[str] | None, check: bool = False) -> argparse.Namespace:
+    """The daemon's flags; ``check`` adds those of ``rkllmd check``, which reads the same configuration."""
+    if check:
+        parser = argparse.ArgumentParser(
+            prog="rkllmd check",
+            description="Say whether rkllmd would start with this configuration, and what to fix if not, "
+                        "without starting it. Exit status 0: it would start; 1: it would not.")
+        parser.add_argument("--json", action="store_true", help="the report as JSON, for scripts")
+        parser.add_argument("--user", help="judge access for this account (default: the service's user rkllmd "
+                                           "when it exists, else you)")
+    else:
+        parser = argparse.ArgumentParser(
+            prog="rkllmd", description="Serve a language model on the NPU (or the CPU) over a ZeroMQ socket.",
+            epilog="rkllmd check [FLAGS] [--json]: check the setup without starting (see rkllmd check --help)")
     parser.add_argument("--config", type=Path, help="TOML file (default: /etc/rkllmd/rkllmd.toml when it exists)")
     parser.add_argument("--socket", help="socket path (ipc)")
     parser.add_argument("--cache-dir", help="folder of text caches (NAME.txt)")
@@ -41,13 +54,17 @@ def flags_of(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    check = argv[:1] == ["check"]
+    args = parse_args(argv[1:] if check else argv, check=check)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT)
     try:
         config = load(args.config, flags=flags_of(args))
     except ConfigError as exc:
         logging.getLogger("rkllmd").error("configuration: %s", exc)
         return 2
+    if check:
+        return check_main(config, args.user, args.json)
     return run(config, reload_config=lambda: load(args.config, flags=flags_of(args)))
 
 

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from .config import Config
 
 SOCKET_NAME = "rkllmd.sock"
 SYSTEM_SOCKET = Path("/run/rkllmd") / SOCKET_NAME
+#: Under the binary cache folder: the CPU backend's dequantized weights (see cpu/weights_file.py).
+WEIGHTS_SUBDIR = "weights"
+KERNELS_SUBDIR = "kernels"
 
 
 def default_socket(environ: Mapping[str, str] | None = None, *, client: bool = False) -> Path:
@@ -63,3 +69,25 @@ def default_binary_dir(environ: Mapping[str, str] | None = None) -> Path:
     if env.get("CACHE_DIRECTORY"):
         return Path(env["CACHE_DIRECTORY"].split(":")[0])
     return _xdg(env, "XDG_CACHE_HOME", ".cache") / "rkllmd"
+
+
+def cache_dirs(config: Config) -> tuple[Path, Path]:
+    text = Path(config["cache.text_dir"]).expanduser() if config["cache.text_dir"] else default_text_dir()
+    binary = Path(config["cache.binary_dir"]).expanduser() if config["cache.binary_dir"] else default_binary_dir()
+    return text, binary
+
+
+def weights_dir(config: Config) -> Path | None:
+    """Where the CPU backend keeps dequantized weights between starts (None: it does not)."""
+    if not config["model.keep_weights"]:
+        return None
+    if config["model.weights_dir"]:
+        return Path(config["model.weights_dir"]).expanduser()
+    return cache_dirs(config)[1] / WEIGHTS_SUBDIR
+
+
+def kernels_dir(config: Config) -> Path:
+    """Where the CPU backend keeps its compiled decode step between starts."""
+    if config["model.kernels_dir"]:
+        return Path(config["model.kernels_dir"]).expanduser()
+    return cache_dirs(config)[1] / KERNELS_SUBDIR

