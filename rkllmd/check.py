@@ -398,10 +398,11 @@ class _Checker:
             out["folder_mode"] = _owner(folder.stat())
         except OSError:
             out["folder_mode"] = None
-        if not self.can_create_in(folder):
-            blocked = self.account.blocked_at(_existing(folder), _W | _X)
+        blocked = self.account.blocked_at(_existing(folder), _W | _X)
+        if blocked is not None:
+            enters = blocked.exists() and self.account.allows(blocked.stat(), _X)
             self.problem(f"{self.account.name} cannot create the socket in {folder}: it cannot "
-                         f"{'enter' if blocked != _existing(folder) else 'write to'} {blocked}",
+                         f"{'write to' if enters else 'enter'} {blocked}",
                          f"give the folder to {self.account.name} (the unit's RuntimeDirectory= does), "
                          "or choose another --socket")
         try:
