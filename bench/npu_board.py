@@ -1,24 +1,32 @@
 #!/usr/bin/env python3
-"""Measure the NPU backend on a board: time to first token with and without a prompt
-cache for a long (~1000-token) system prompt, and decode speed.
+"""Measure the NPU backend on a board, for the figures no machine without an NPU can give:
+time to first token without and with a prompt cache for system prompts of 250 to 2,000
+tokens, decode speed, and the first-token time of each turn of a conversation.
 
 Run it on the board, from a checkout (or with rkllmd installed), with the daemon
-stopped (one process owns the NPU):
+stopped (one process owns the NPU); docs/npu.md says step by step what to run and what
+to send back:
 
-    python3 bench/npu_board.py --model /var/lib/rkllmd/models/qwen2.5-1.5b.rkllm
+    sudo systemctl stop rkllmd
+    python3 bench/npu_board.py --model /var/lib/rkllmd/models/qwen2.5-1.5b.rkllm --cpu-mask 0xF0 | tee npu-board.md
 
-and paste the printed markdown into an issue. ``--library`` points at another
-librkllmrt.so (the tests run this script against the fake runtime that way).
+``--library`` points at another librkllmrt.so (the tests run this script on the fake
+runtime that way). Every case is the same request shape (system prompt + a short
+question, greedy):
 
-Three cases, each the same request (system prompt + a short question, greedy):
   no cache                  the whole prompt is prefilled on every request
   prompt cache (first use)  the cache file is loaded, then only the tail is prefilled
   prompt cache (loaded)     the cache is already loaded (the daemon's steady state)
+
+The conversation resends, at each turn, the system prompt and every earlier turn, as
+rkllmd does (each request is independent: keep_history = 0), once without a cache and
+once with the system prompt's cache loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -38,6 +46,8 @@ RULES = (
     "Units are metric unless the user writes imperial. Dates are ISO 8601. "
 )
 QUESTION = "Which units should I use?"
+TURNS = ("Which units should I use?", "And for temperatures?", "Who do I ask about a missing label?",
+         "Summarize the three answers in one line.")
 
 
 def system_prompt(backend: RkllmBackend, tokens: int) -> str:
@@ -48,18 +58,69 @@ def system_prompt(backend: RkllmBackend, tokens: int) -> str:
     return "".join(parts)
 
 
-def timed(backend: RkllmBackend, prompt: str, params: SamplingParams, prefix: PrefixState | None) -> GenerationStats:
-    return backend.generate(prompt, params, prefix, lambda _text: True)
+class Bench:
+    def __init__(self, backend: RkllmBackend, args: argparse.Namespace, workdir: Path):
+        self.backend = backend
+        self.args = args
+        self.workdir = workdir
+        self.params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+
+    def generate(self, messages: list[dict[str, str]], prefix: PrefixState | None) -> tuple[GenerationStats, str]:
+        pieces: list[str] = []
+        prompt = self.backend.render(messages)
+        stats = self.backend.generate(prompt, self.params, prefix, lambda text: pieces.append(text) is None)
+        return stats, "".join(pieces)
+
+    def cache(self, system: str, name: str) -> tuple[PrefixState, float]:
+        """The system prompt's prompt cache, built now; and the build's milliseconds."""
+        prefix_text = self.backend.template.system_prefix(system)
+        tmp, final = self.workdir / f"{name}.tmp", self.workdir / f"{name}.bin"
+        started = time.monotonic()
+        n_tokens = self.backend.build_prefix(prefix_text, tmp)
+        build_ms = (time.monotonic() - started) * 1e3
+        tmp.replace(final)
+        payload, _ = self.backend.load_prefix(final, n_tokens)
+        return PrefixState(name, prefix_text, n_tokens, payload), build_ms
+
+    def prompt_sizes(self) -> list[dict]:
+        rows = []
+        for size in self.args.system_tokens:
+            system = system_prompt(self.backend, size)
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTION}]
+            cold = [self.generate(messages, None)[0] for _ in range(self.args.runs)]
+            prefix, build_ms = self.cache(system, f"system-{size}")
+            first = [self.generate(messages, prefix)[0]]
+            loaded = [self.generate(messages, prefix)[0] for _ in range(self.args.runs)]
+            for case, runs in (("no cache", cold), ("prompt cache (first use)", first),
+                               ("prompt cache (loaded)", loaded)):
+                rows.append(_row(size, case, runs) | {"cache_build_ms": round(build_ms)})
+        return rows
+
+    def conversation(self) -> list[dict]:
+        system = system_prompt(self.backend, self.args.conversation_tokens)
+        prefix, _ = self.cache(system, "conversation")
+        rows = []
+        for label, use in (("no cache", None), ("prompt cache", prefix)):
+            messages = [{"role": "system", "content": system}]
+            for turn, question in enumerate(TURNS, 1):
+                messages.append({"role": "user", "content": question})
+                stats, reply = self.generate(messages, use)
+                messages.append({"role": "assistant", "content": reply})
+                rows.append({"turn": turn, "case": label, "prompt_tokens": stats.prompt_tokens,
+                             "cached_tokens": stats.cached_tokens, "ttft_ms": round(stats.ttft_ms, 1)})
+        return rows
 
 
-def row(case: str, runs: list[GenerationStats]) -> str:
-    ttft = statistics.median(s.ttft_ms for s in runs)
+def _row(size: int, case: str, runs: list[GenerationStats]) -> dict:
+    decode_ms = statistics.median(s.decode_ms for s in runs)
     last = runs[-1]
-    decode = statistics.median(s.decode_ms for s in runs)
-    speed = f"{last.completion_tokens / decode * 1e3:.1f}" if decode > 0 else "n/a"
-    cells = [case, f"{ttft:.0f}", str(last.prompt_tokens - last.cached_tokens), str(last.cached_tokens),
-             str(last.completion_tokens), speed]
-    return "| " + " | ".join(cells) + " |"
+    return {
+        "system_tokens": size, "case": case, "runs": len(runs),
+        "ttft_ms": round(statistics.median(s.ttft_ms for s in runs), 1),
+        "prefilled_tokens": last.prompt_tokens - last.cached_tokens, "cached_tokens": last.cached_tokens,
+        "completion_tokens": last.completion_tokens,
+        "decode_tok_s": round(last.completion_tokens / decode_ms * 1e3, 1) if decode_ms > 0 else None,
+    }
 
 
 def read(path: str) -> str:
@@ -67,6 +128,17 @@ def read(path: str) -> str:
         return Path(path).read_text().strip("\x00\n ")
     except OSError:
         return "unknown"
+
+
+def table(rows: list[dict], columns: dict[str, str]) -> list[str]:
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join("n/a" if row[k] is None else str(row[k]) for k in columns) + " |")
+    return lines
+
+
+def sizes(value: str) -> list[int]:
+    return [int(v) for v in value.split(",")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", default="qwen2.5")
     parser.add_argument("--context-length", type=int, default=4096)
     parser.add_argument("--cpu-mask", type=lambda v: int(v, 0), default=0, help="e.g. 0xF0 for the big cores")
-    parser.add_argument("--system-tokens", type=int, default=1000)
+    parser.add_argument("--system-tokens", type=sizes, default=[250, 500, 1000, 2000],
+                        help="system prompt sizes, comma-separated (default 250,500,1000,2000)")
+    parser.add_argument("--conversation-tokens", type=int, default=1000, help="the conversation's system prompt")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, help="where the prompt cache file goes (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path, help="where the prompt cache files go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
 
     backend = RkllmBackend(args.model, library=args.library, runtime=args.runtime, template=args.template,
@@ -92,51 +167,36 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="rkllmd-bench-") as scratch:
             workdir = args.workdir or Path(scratch)
             workdir.mkdir(parents=True, exist_ok=True)
-            report = measure(backend, args, workdir)
+            bench = Bench(backend, args, workdir)
+            prompts, turns = bench.prompt_sizes(), bench.conversation()
         facts = backend.describe()
     finally:
         backend.close()
 
-    print("## rkllmd NPU benchmark\n")
-    print(f"- board: {read('/proc/device-tree/model')}, kernel {platform.release()}, "
-          f"NPU driver: {read('/sys/kernel/debug/rknpu/version')}")
-    print(f"- runtime: {facts.get('runtime')}, library {facts.get('library')}")
-    print(f"- model: {args.model} ({os.path.getsize(args.model) / 2**20:.0f} MiB), loaded in {load_s:.1f} s, "
-          f"template {args.template}, context {args.context_length}")
-    print(f"- system prompt: {report['prefix_tokens']} tokens (runtime count); question {QUESTION!r}; "
-          f"greedy, max {args.max_tokens} tokens; median of {args.runs} runs")
-    print(f"- prompt cache build: {report['build_ms']:.0f} ms\n")
-    print("| case | TTFT ms | prefilled tokens | cached tokens | completion tokens | decode tok/s |")
-    print("|---|---|---|---|---|---|")
-    for line in report["rows"]:
-        print(line)
-    return 0
-
-
-def measure(backend: RkllmBackend, args: argparse.Namespace, workdir: Path) -> dict:
-    system = system_prompt(backend, args.system_tokens)
-    prompt = backend.render([{"role": "system", "content": system}, {"role": "user", "content": QUESTION}])
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-
-    uncached = [timed(backend, prompt, params, None) for _ in range(args.runs)]
-
-    prefix_text = backend.template.system_prefix(system)
-    started = time.monotonic()
-    n_tokens = backend.build_prefix(prefix_text, workdir / "system.tmp")
-    build_ms = (time.monotonic() - started) * 1e3
-    cache = workdir / "system.bin"
-    (workdir / "system.tmp").replace(cache)
-    payload, _ = backend.load_prefix(cache, n_tokens)
-    prefix = PrefixState("bench", prefix_text, n_tokens, payload)
-
-    first_use = [timed(backend, prompt, params, prefix)]
-    loaded = [timed(backend, prompt, params, prefix) for _ in range(args.runs)]
-    return {
-        "prefix_tokens": n_tokens,
-        "build_ms": build_ms,
-        "rows": [row("no cache", uncached), row("prompt cache (first use)", first_use),
-                 row("prompt cache (loaded)", loaded)],
+    setup = {
+        "board": read("/proc/device-tree/model"), "kernel": platform.release(),
+        "npu_driver": read("/sys/kernel/debug/rknpu/version"), "runtime": facts.get("runtime"),
+        "library": facts.get("library"), "model": str(args.model),
+        "model_mib": round(os.path.getsize(args.model) / 2**20), "load_s": round(load_s, 1),
+        "template": args.template, "context_length": args.context_length, "cpu_mask": hex(args.cpu_mask),
+        "max_tokens": args.max_tokens, "runs": args.runs,
     }
+    out = ["## rkllmd NPU benchmark", ""]
+    out += [f"- {key}: {value}" for key, value in setup.items()]
+    out += ["", f"### Time to first token without and with a prompt cache (question {QUESTION!r}, "
+                f"greedy, median of {args.runs} runs)", ""]
+    out += table(prompts, {"system_tokens": "system tokens (estimate)", "case": "case", "ttft_ms": "TTFT ms",
+                           "prefilled_tokens": "prefilled tokens", "cached_tokens": "cached tokens",
+                           "completion_tokens": "completion tokens", "decode_tok_s": "decode tok/s",
+                           "cache_build_ms": "cache build ms"})
+    out += ["", f"### A conversation (system prompt ~{args.conversation_tokens} tokens; each turn resends the "
+                "conversation)", ""]
+    out += table(turns, {"turn": "turn", "case": "case", "prompt_tokens": "prompt tokens",
+                         "cached_tokens": "cached tokens", "ttft_ms": "TTFT ms"})
+    sys.stdout.write("\n".join(out) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"setup": setup, "prompt_sizes": prompts, "conversation": turns}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ NORMAL callback; FAKE_RKLLM_LOG records every call.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import subprocess
@@ -561,14 +562,24 @@ def test_bench_script_runs_on_the_fake(fake_runtime, generation, model, tmp_path
     env.pop("FAKE_RKLLM_LOG", None)
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "npu_board.py"), "--library", str(fake_runtime[generation]),
-         "--model", str(model), "--runs", "2", "--max-tokens", "8", "--workdir", str(tmp_path / "bench")],
+         "--model", str(model), "--runs", "2", "--max-tokens", "8", "--system-tokens", "250,1000",
+         "--conversation-tokens", "250", "--workdir", str(tmp_path / "bench"), "--json", str(tmp_path / "b.json")],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line}
-    assert {"no cache", "prompt cache (first use)", "prompt cache (loaded)"} <= set(rows)
-    header = rows["case"]
-    prefilled = header.index("prefilled tokens")
-    assert int(rows["prompt cache (loaded)"][prefilled]) < int(rows["no cache"][prefilled])
     assert f"interface {generation}" in out.stdout
+    tables = [[[c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if "---" not in line]
+              for block in out.stdout.split("\n\n") if block.startswith("| ")]
+    sizes, conversation = ([dict(zip(t[0], row)) for row in t[1:]] for t in tables)
+    assert [(r["system tokens (estimate)"], r["case"]) for r in sizes] == [
+        (n, case) for n in ("250", "1000") for case in ("no cache", "prompt cache (first use)", "prompt cache (loaded)")]
+    for n in ("250", "1000"):
+        cold, _, loaded = (r for r in sizes if r["system tokens (estimate)"] == n)
+        assert int(loaded["prefilled tokens"]) < int(cold["prefilled tokens"]) and int(loaded["cached tokens"]) > 0
+        assert float(loaded["decode tok/s"]) > 0
+    assert [(r["turn"], r["case"]) for r in conversation] == [
+        (str(t), case) for case in ("no cache", "prompt cache") for t in range(1, 5)]
+    cached = [int(r["prompt tokens"]) for r in conversation if r["case"] == "prompt cache"]
+    assert cached == sorted(cached) and len(set(cached)) == 4  # each turn resends a longer conversation
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert len(figures["prompt_sizes"]) == 6 and len(figures["conversation"]) == 8
