@@ -39,4 +39,4 @@ def driver_version(sysfs: Path = Path("/sys"), proc: Path = Path("/proc")) -> tu
             return path.read_text().strip(), str(path)
         except OSError:
             continue
-    return None, f"unreadable: {candidates[0]} (debugfs needs root) and {candidates[1]} (not built in)"
+    return None, f"none readable: {candidates[0]} (debugfs, root only), {candidates[1]} (procfs builds only)"
