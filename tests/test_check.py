@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import private_dev
 import pytest
 from fake_rkllm.build import foreign_elf, write_model
 
@@ -27,14 +28,14 @@ from rkllmd.config import load
 
 
 def rkllmd_check(*args: str, folder: Path, env: dict[str, str] | None = None,
-                 prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+                 prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     """``rkllmd check`` with its socket and caches in ``folder`` (unless ``args`` say otherwise)."""
     places = []
     if "--socket" not in args:
         places += ["--socket", str(folder / "run" / "rkllmd.sock")]
     places += ["--cache-dir", str(folder / "text"), "--binary-cache-dir", str(folder / "bin")]
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "rkllmd", "check", *places, *args],
+        [*(prefix or []), sys.executable, "-m", "rkllmd", "check", *places, *args],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=60,
     )
 
@@ -129,33 +130,8 @@ def test_no_model_configured(npu_env, tmp_path):
 
 
 # --- the NPU device nodes ---------------------------------------------------------------------------
-# A private /dev holding the usual nodes and /dev/rknpu (the numbers of /dev/null) with the
-# given mode, and the driver's version file in a private debugfs, for the command that follows.
-NAMESPACE_SCRIPT = r"""
-set -e
-mode=$1; shift
-dev=$(mktemp -d /tmp/rkdev.XXXXXX)
-mount -t tmpfs -o mode=0755 rkdev "$dev"
-for n in null zero full random urandom tty; do touch "$dev/$n"; mount --bind "/dev/$n" "$dev/$n"; done
-ln -s /proc/self/fd "$dev/fd"
-mknod -m "$mode" "$dev/rknpu" c 1 3
-mount -t tmpfs -o mode=0700 rkdebug /sys/kernel/debug
-mkdir /sys/kernel/debug/rknpu
-echo "RKNPU driver: v0.9.8" > /sys/kernel/debug/rknpu/version
-mount --move "$dev" /dev
-rmdir "$dev"
-exec "$@"
-"""
-
-
-def in_private_dev(mode: str) -> tuple[str, ...]:
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("a private /dev needs root and unshare(1)")
-    return ("unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "sh", mode)
-
-
 def test_healthy_npu_setup(npu_env, tmp_path):
-    out = rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env=npu_env, prefix=in_private_dev("0660"))
+    out = rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env=npu_env, prefix=private_dev.prefix("0660"))
     report = as_json(out)
     assert out.returncode == 0 and report["ok"], report["problems"]
     rk = report["rkllm"]
@@ -168,7 +144,7 @@ def test_healthy_npu_setup(npu_env, tmp_path):
 
 def test_device_node_the_daemon_user_cannot_open(npu_env, tmp_path):
     out = rkllmd_check("--backend", "rkllm", "--json", "--user", "nobody", folder=tmp_path, env=npu_env,
-                       prefix=in_private_dev("0000"))
+                       prefix=private_dev.prefix("0000"))
     report = as_json(out)
     assert out.returncode == 1
     assert report["rkllm"]["devices"][0]["daemon_user_can_open"] is False

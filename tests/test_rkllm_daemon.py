@@ -13,15 +13,15 @@ was saved from, and a loaded cache is matched byte by byte against the next prom
 (``matched=`` in the log), so a cache whose content was altered shows up as a short match.
 
 ``--backend auto`` needs an NPU device node. The tests that exercise it run the daemon in
-a private mount namespace (``unshare -m``, root only) whose /dev holds the usual nodes
-and, for the NPU case, /dev/rknpu: a bind mount of /dev/null, a character device that
-``detect()`` finds and may open, exactly as it would the driver's node on a board.
+a private mount namespace (tests/private_dev.py: ``unshare -m``, root only) whose /dev
+holds the usual nodes and, for the NPU case, /dev/rknpu: a character device with the
+numbers of /dev/null that ``detect()`` finds and may open, as it would the driver's node
+on a board.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import private_dev
 import pytest
 from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model
 
@@ -88,29 +89,6 @@ def ends(calls: list[Call]) -> list[Call]:
 
 
 # --- daemons on the fake runtime ---------------------------------------------------------------
-# A private /dev for --backend auto: the usual nodes, plus /dev/rknpu (and the driver's
-# version file in a private debugfs stand-in) when the first argument is 1.
-NAMESPACE_SCRIPT = r"""
-set -e
-npu=$1; shift
-dev=$(mktemp -d /tmp/rkdev.XXXXXX)
-mount -t tmpfs -o mode=0755 rkdev "$dev"
-for n in null zero full random urandom tty; do touch "$dev/$n"; mount --bind "/dev/$n" "$dev/$n"; done
-ln -s /proc/self/fd "$dev/fd"
-mkdir "$dev/shm" "$dev/pts"
-if [ "$npu" = 1 ]; then
-    touch "$dev/rknpu"
-    mount --bind /dev/null "$dev/rknpu"
-    mount -t tmpfs -o mode=0700 rkdebug /sys/kernel/debug
-    mkdir /sys/kernel/debug/rknpu
-    echo "RKNPU driver: v0.9.8" > /sys/kernel/debug/rknpu/version
-fi
-mount --move "$dev" /dev
-rmdir "$dev"
-exec "$@"
-"""
-
-
 class NpuDaemon(DaemonProcess):
     """``rkllmd --backend rkllm`` on a fake library, with its own fake model and call log.
 
@@ -148,8 +126,7 @@ class NpuDaemon(DaemonProcess):
     def command(self) -> list[str]:
         if self.namespace is None:
             return super().command()
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "sh",
-                "1" if self.namespace else "0", *super().command()]
+        return [*private_dev.prefix("0666" if self.namespace else None), *super().command()]
 
     def state_file(self, name: str) -> Path:
         [path] = self.binary_dir.rglob(f"{name}.state")
@@ -193,11 +170,6 @@ def make_daemon_on() -> Callable[..., NpuDaemon]:
 def make_npu(make_daemon_on, fake_runtime, generation) -> Callable[..., NpuDaemon]:
     """Private daemons on this generation's fake library."""
     return lambda *extra, **kwargs: make_daemon_on(fake_runtime[generation], *extra, **kwargs)
-
-
-def needs_namespaces() -> None:
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("a private mount namespace needs root and unshare(1)")
 
 
 def poll(condition: Callable[[], object], timeout: float, what: str) -> float:
@@ -528,7 +500,7 @@ def test_cache_file_changed_after_use_is_not_loaded_again(make_npu, keep_mtime):
 
 # --- --backend auto --------------------------------------------------------------------------------------
 def test_auto_without_an_npu_device_chooses_the_cpu_backend(make_daemon_on, fake_runtime):
-    needs_namespaces()
+    private_dev.needs_namespaces()
     proc = make_daemon_on(fake_runtime["1.2"], backend="auto", model_flag=False, namespace=False, start=False)
     proc.env["RKLLMD_RKLLM_MODEL"] = str(proc.model)  # configured, as the library is
     proc.start()
@@ -545,7 +517,7 @@ def test_auto_without_an_npu_device_chooses_the_cpu_backend(make_daemon_on, fake
 
 
 def test_auto_with_an_npu_device_chooses_the_npu_backend(make_daemon_on, fake_runtime, generation):
-    needs_namespaces()
+    private_dev.needs_namespaces()
     proc = make_daemon_on(fake_runtime[generation], backend="auto", namespace=True)
     with proc.client() as client:
         status = client.status()

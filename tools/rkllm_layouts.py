@@ -10,8 +10,8 @@
 librkllm_api/include/rkllm.h``). The headers are the vendor's and stay out of this
 repository; only the measurements go in.
 
-For each header the tool lists every ``typedef struct`` and its fields in declaration
-order (members of an anonymous union under their own names; a nested struct under its
+For each header the tool runs the C++ preprocessor, lists every ``typedef struct``
+named ``RKLLM...`` and its fields in declaration order (members of an anonymous union under their own names; a nested struct under its
 member name), writes a C++ program that prints ``sizeof``, ``alignof`` and ``offsetof``
 of each, compiles it with the host's C++ compiler ($CXX, else c++ or g++: on an LP64
 host, which lays out these structs as aarch64 does) and runs it.
@@ -32,15 +32,15 @@ from pathlib import Path
 TABLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "rkllm_layouts.json"
 
 
-def structs(header: str) -> dict[str, list[str]]:
-    """Every ``typedef struct {...} Name;`` of the header: name -> field names in order."""
-    text = re.sub(r"/\*.*?\*/|//[^\n]*", " ", header, flags=re.S)
+def structs(text: str) -> dict[str, list[str]]:
+    """Every ``typedef struct {...} RKLLM*;`` of preprocessed header text: name -> field names
+    in order (the vendor's structs are all named RKLLM...; the system headers' are not)."""
     text = re.sub(r"^\s*#[^\n]*", " ", text, flags=re.M)
     found = {}
     for m in re.finditer(r"\btypedef\s+struct\s*\w*\s*\{", text):
         body, end = _braced(text, m.end() - 1)
         name = re.match(r"\s*(\w+)\s*;", text[end:])
-        if name:
+        if name and name.group(1).startswith("RKLLM"):
             found[name.group(1)] = _members(body)
     return found
 
@@ -95,7 +95,9 @@ def program(header: Path, table: dict[str, list[str]]) -> str:
 
 def measure(header: Path, compiler: str) -> dict[str, dict[str, int]]:
     """Sizes, alignments and offsets of every struct of ``header``, in the table's shape."""
-    table = structs(header.read_text(errors="replace"))
+    preprocessed = subprocess.run([compiler, "-E", "-P", "-x", "c++", str(header)], capture_output=True, text=True,
+                                  check=True).stdout
+    table = structs(preprocessed)
     with tempfile.TemporaryDirectory(prefix="rkllm-layouts-") as scratch:
         source, binary = Path(scratch) / "layouts.cpp", Path(scratch) / "layouts"
         source.write_text(program(header.resolve(), table))
