@@ -369,7 +369,7 @@ class _Checker:
                                  "point [model] path at a GGUF file (a llama-architecture model)")
         kept = weights_dir(self.config)
         out["kept_weights"] = {"folder": str(kept) if kept else None, "files": sorted(
-            p.name for p in kept.glob(f"{path.stem}.*{WEIGHTS_SUFFIX}")) if kept and path and kept.is_dir() else []}
+            p.name for p in kept.glob(f"{path.stem}.*{WEIGHTS_SUFFIX}")) if kept and path and os.path.isdir(kept) else []}
         mode = self.config["model.kernels"]
         try:
             kernels.check_mode(mode)
@@ -377,7 +377,7 @@ class _Checker:
             self.problem(str(exc), "set [model] kernels to auto, c or numpy")
         compiler = kernels.compiler()
         folder = kernels_dir(self.config)
-        built = sorted(p.name for p in folder.glob("decode.*.so")) if folder.is_dir() else []
+        built = sorted(p.name for p in folder.glob("decode.*.so")) if os.path.isdir(folder) else []
         out["decode_step"] = {"kernels": mode, "compiler": compiler, "folder": str(folder), "built": built}
         if mode != "numpy" and compiler is None:
             self.problem("no C compiler: the decode step runs in numpy, about 1.5x slower" if mode == "auto" else
@@ -400,7 +400,7 @@ class _Checker:
             out["folder_mode"] = None
         blocked = self.account.blocked_at(_existing(folder), _W | _X)
         if blocked is not None:
-            enters = blocked.exists() and self.account.allows(blocked.stat(), _X)
+            enters = os.path.isdir(blocked) and self.account.allows(blocked.stat(), _X)
             self.problem(f"{self.account.name} cannot create the socket in {folder}: it cannot "
                          f"{'write to' if enters else 'enter'} {blocked}",
                          f"give the folder to {self.account.name} (the unit's RuntimeDirectory= does), "
@@ -419,22 +419,25 @@ class _Checker:
     def caches(self) -> dict[str, Any]:
         out = {}
         for label, folder in zip(("text", "binary"), cache_dirs(self.config)):
-            existing = _existing(folder)
-            free = shutil.disk_usage(existing).free
+            try:
+                free: int | None = shutil.disk_usage(_existing(folder)).free
+            except OSError:  # a folder on the way we may not search
+                free = None
             writable = self.can_create_in(folder)
-            out[label] = {"folder": str(folder), "exists": folder.is_dir(), "writable": writable, "free_bytes": free}
+            out[label] = {"folder": str(folder), "exists": os.path.isdir(folder), "writable": writable,
+                          "free_bytes": free}
             if not writable:
                 self.problem(f"{self.account.name} cannot write the {label} cache folder {folder}",
                              f"chown {self.account.name} {folder} (the unit's StateDirectory=/CacheDirectory= do), "
                              "or set another folder")
-            elif free < LOW_FREE_BYTES:
+            elif free is not None and free < LOW_FREE_BYTES:
                 self.problem(f"only {_size(free)} free for the {label} caches in {folder}",
                              "free some space: caches that cannot be written are rebuilt again and again", fatal=False)
         return out
 
     # -- shared
     def file_facts(self, path: Path, problem, key: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": str(path), "exists": path.is_file()}
+        out: dict[str, Any] = {"path": str(path), "exists": os.path.isfile(path)}
         if not out["exists"]:
             problem(f"model file {path} does not exist", f"set {key} to the model file's path")
             return out
@@ -452,7 +455,7 @@ class _Checker:
 def _existing(path: Path) -> Path:
     """``path`` or its nearest existing ancestor (what a mkdir -p would start from)."""
     path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
+    while not os.path.exists(path) and path != path.parent:  # False also where we may not look
         path = path.parent
     return path
 

@@ -14,6 +14,7 @@ another tree (the tests do).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 DRIVER_NAME = "rknpu"
@@ -21,13 +22,14 @@ DRIVER_NAME = "rknpu"
 
 def npu_nodes(dev: Path = Path("/dev"), sysfs: Path = Path("/sys")) -> list[Path]:
     """The NPU's device nodes: ``/dev/rknpu`` if present, then the DRM nodes of the rknpu driver."""
-    nodes = [dev / "rknpu"] if (dev / "rknpu").exists() else []
+    nodes = [dev / "rknpu"] if os.path.exists(dev / "rknpu") else []
     for entry in sorted((sysfs / "class" / "drm").glob("*")):
         if not entry.name.startswith(("card", "renderD")) or "-" in entry.name:  # card1-HDMI-A-1: a connector
             continue
         driver = entry / "device" / "driver"
-        if driver.exists() and DRIVER_NAME in driver.resolve().name.lower() and (dev / "dri" / entry.name).exists():
-            nodes.append(dev / "dri" / entry.name)
+        node = dev / "dri" / entry.name
+        if os.path.exists(driver) and DRIVER_NAME in driver.resolve().name.lower() and os.path.exists(node):
+            nodes.append(node)
     return nodes
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
 import platform
 import re
 import struct
@@ -101,7 +102,7 @@ def find_library(library: Path | None) -> Path:
     """The configured library path, or the first default install location that exists."""
     candidates = (Path(library),) if library is not None else DEFAULT_LIBRARY_PATHS
     for candidate in candidates:
-        if candidate.is_file():
+        if os.path.isfile(candidate):  # False, not an error, where we may not look
             return candidate
     where = ", ".join(str(c) for c in candidates)
     raise RkllmStartupError(
