@@ -32,6 +32,21 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(SHARED_BUILDS, ignore_errors=True)
 
 
+def running_in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped systemd test is a failure: CI is where they must run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and running_in_ci() and item.get_closest_marker("systemd") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true, and this systemd test was skipped: {reason}"
+
+
 def reference_cases() -> list[dict]:
     return json.loads((DATA / "smollm2-greedy.json").read_text())
 

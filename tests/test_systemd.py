@@ -40,6 +40,7 @@ requires_namespaces = pytest.mark.skipif(_why_not is not None,
 
 # -- offline ---------------------------------------------------------------------------
 
+@pytest.mark.systemd
 @needs_analyze
 def test_unit_verifies_without_a_word(tmp_path):
     # verify also checks that ExecStart's program exists, which is a property of an
@@ -58,6 +59,7 @@ def test_unit_verifies_without_a_word(tmp_path):
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
 
 
+@pytest.mark.systemd
 @needs_analyze
 def test_security_exposure_is_low():
     r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
