@@ -47,6 +47,19 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"CI=true, and this systemd test was skipped: {reason}"
 
 
+#: The longest a test waits for any one message from the daemon. The client's own timeout
+#: bounds only a request's first reply, and a stream then waits as long as it takes: in
+#: tests a daemon that stops talking fails the test instead of holding CI.
+STREAM_WAIT_S = 180.0
+
+
+class BoundedClient(Client):
+    """The real client, whose waits without a bound of their own end after STREAM_WAIT_S."""
+
+    def receive(self, request_id, timeout):
+        return super().receive(request_id, STREAM_WAIT_S if timeout is None else timeout)
+
+
 def reference_cases() -> list[dict]:
     return json.loads((DATA / "smollm2-greedy.json").read_text())
 
@@ -99,7 +112,7 @@ class DaemonProcess:
         raise TimeoutError(f"rkllmd not ready after {timeout} s:\n{self.log()}")
 
     def client(self, timeout: float = 30) -> Client:
-        return Client(self.socket, timeout=timeout)
+        return BoundedClient(self.socket, timeout=timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
