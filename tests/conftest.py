@@ -59,6 +59,14 @@ class BoundedClient(Client):
     def receive(self, request_id, timeout):
         return super().receive(request_id, STREAM_WAIT_S if timeout is None else timeout)
 
+    def wait_queued(self, stream, timeout: float = 60) -> int:
+        """Wait for the stream's first message, its ``queued`` (the daemon has taken the
+        request in: arrival order is settled), leave it for the stream, return its position."""
+        message = self.receive(stream.request_id, timeout)
+        assert message["type"] == "queued", message
+        self._pending[stream.request_id].appendleft(message)
+        return message["position"]
+
 
 def reference_cases() -> list[dict]:
     return json.loads((DATA / "smollm2-greedy.json").read_text())

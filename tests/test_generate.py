@@ -85,7 +85,7 @@ def _arrival_order(daemon: DaemonProcess, n: int) -> None:
         streams = []
         for i, client in enumerate(clients):
             streams.append(client.generate(f"Say the number {i}.", max_tokens=4))
-            time.sleep(0.02)  # a definite arrival order
+            client.wait_queued(streams[-1])  # taken in before the next is sent: a definite arrival order
 
         def consume(i: int) -> None:
             streams[i].wait()
