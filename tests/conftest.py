@@ -68,6 +68,17 @@ class BoundedClient(Client):
         return message["position"]
 
 
+def in_order(text: str, *needles: str) -> bool:
+    """Whether text holds every needle, one after the other (a log's story)."""
+    at = 0
+    for needle in needles:
+        at = text.find(needle, at)
+        if at < 0:
+            return False
+        at += len(needle)
+    return True
+
+
 def reference_cases() -> list[dict]:
     return json.loads((DATA / "smollm2-greedy.json").read_text())
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, reference_cases
+from conftest import DaemonProcess, in_order, reference_cases
 from gguf_files import tiny_llama
 from reliability import poll
 
@@ -47,17 +47,8 @@ class ConfiguredDaemon(DaemonProcess):
         """SIGHUP, then the log it caused once it holds ``expected_lines`` (in order)."""
         mark = len(self.log())
         self.signal(signal.SIGHUP)
-
-        def said() -> str | None:
-            text = self.log()[mark:]
-            at = 0
-            for line in expected_lines:
-                at = text.find(line, at)
-                if at < 0:
-                    return None
-            return text
-
-        return poll(said, timeout, f"{expected_lines} in the log after SIGHUP")
+        return poll(lambda: in_order(text := self.log()[mark:], *expected_lines) and text, timeout,
+                    f"{expected_lines} in the log after SIGHUP")
 
 
 @pytest.fixture

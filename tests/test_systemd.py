@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import in_order
 from systemd_harness import CGROUP2, SystemdUnderTest, cgroup2_mount, unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,16 +303,6 @@ def logged(sd: SystemdUnderTest, cursor: int, pid: str, *lines: str, timeout: fl
 def notified(pid: str, *assignments: str) -> str:
     """The debug line in which the manager logs a notification from pid."""
     return f"Got notification message from PID {pid} ({', '.join(assignments)}"
-
-
-def in_order(text: str, *needles: str) -> bool:
-    at = 0
-    for needle in needles:
-        at = text.find(needle, at)
-        if at < 0:
-            return False
-        at += len(needle)
-    return True
 
 
 def write_config(sd: SystemdUnderTest, text: str) -> None:
