@@ -110,6 +110,20 @@ def test_a_model_that_fails_to_load_leaves_the_old_one_serving(configured, tmp_p
         assert client.status()["healthy"]
 
 
+def test_a_model_that_failed_to_load_is_tried_again_at_the_next_reload(configured, tiny_models, tmp_path):
+    # A model still being copied when the signal came: the reload after the copy ends,
+    # with the same settings, must load it (the running model is still the old one).
+    proc = configured(model=str(tiny_models[0]))
+    copying = tmp_path / "tiny.gguf"
+    copying.write_bytes(tiny_models[1].read_bytes()[:100])
+    proc.configure(model=str(copying))
+    proc.reload("reload: cannot load the new model, keeping the running one")
+    assert model_of(proc)["path"] == str(tiny_models[0])
+    copying.write_bytes(tiny_models[1].read_bytes())
+    proc.reload("reload: now serving tiny")
+    assert model_of(proc)["path"] == str(copying)
+
+
 def binary_caches(proc: DaemonProcess) -> dict[str, set[str]]:
     """The state files in the binary folder: identity folder -> cache names."""
     found: dict[str, set[str]] = {}
