@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
+from make_llama_references import float32_copy  # noqa: E402  (the F32 copy the test references were made from)
 
 import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
@@ -62,22 +64,6 @@ def llama_run(llama_cpp, llm, ids: list[int], steps: int) -> tuple[float, float,
         llm.eval([out[-1]])
         out.append(next_token())
     return t1 - t0, time.perf_counter() - t1, out
-
-
-def float32_copy(llama_cpp, source: Path, folder: Path) -> Path:
-    """The model converted to F32 by llama.cpp itself (made once, kept in ``folder``)."""
-    target = folder / f"{source.stem.split('.')[0]}.F32.gguf"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
-        params.allow_requantize = True  # Q4_1 -> F32 is a "requantization" to llama.cpp
-        params.nthread = THREADS
-        partial = target.with_suffix(".part")
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
-            raise SystemExit("llama.cpp could not convert the model to F32")
-        partial.rename(target)
-    return target
 
 
 def main() -> int:

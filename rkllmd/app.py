@@ -15,7 +15,7 @@ from .caches.manager import CacheManager
 from .caches.text import TextStore
 from .caches.watcher import TextFolderWatcher
 from .check import Account, log_report, run_checks
-from .config import MODEL_KEYS, Config, ConfigError
+from .config import MODEL_KEYS, OPTIONS, Config, ConfigError
 from .endpoint import Endpoint, EndpointError
 from .outbox import Outbox
 from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
@@ -174,7 +174,24 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
 
     if any(config[k] != old[k] for k in MODEL_KEYS):
         log.info("reload: the model configuration changed; loading it after the queued requests")
-        daemon.worker.replace_backend(lambda: load_backend(config, daemon.notifier), done=daemon.backend_replaced)
+
+        def swapped(backend: Backend, reason: str | None, error: str | None) -> None:
+            if error is not None and daemon.config is config:
+                # Still serving the old model: its settings stay the running ones, so the
+                # next reload with these settings (a copy that has now ended) tries again.
+                daemon.config = _with_model_of(old, config)
+            daemon.backend_replaced(backend, reason, error)
+
+        daemon.worker.replace_backend(lambda: load_backend(config, daemon.notifier), done=swapped)
         return
     log.info("configuration reloaded")
     daemon.notifier.ready(daemon.status_line())
+
+
+def _with_model_of(serving: Config, config: Config) -> Config:
+    """``config`` with the model settings of ``serving`` (the ones the running model was loaded with)."""
+    def source(key: str) -> Config:
+        return serving if key in MODEL_KEYS else config
+
+    return Config({o.dotted: source(o.dotted)[o.dotted] for o in OPTIONS},
+                  {o.dotted: source(o.dotted).sources[o.dotted] for o in OPTIONS}, config.file)

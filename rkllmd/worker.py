@@ -7,7 +7,6 @@ socket loop only enqueues and cancels; it never waits for the model.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -21,10 +20,6 @@ from .outbox import Generation, Outbox
 from .protocol import ErrorCode, WireError
 
 log = logging.getLogger(__name__)
-
-#: Test-only fault hook: a prompt containing this text hangs the worker as a native call
-#: stuck forever would, so tests can see the systemd watchdog kill and restart us.
-HANG_MARKER = os.environ.get("RKLLMD_TEST_HANG_MARKER") or None
 
 #: How long a model load on reload may take before the watchdog calls the worker stuck.
 MODEL_SWAP_ALLOWANCE_S = 300.0
@@ -236,9 +231,6 @@ class ModelWorker:
                 self.outbox.stream(gen, "token", text=text)
             return True
 
-        if HANG_MARKER is not None and HANG_MARKER in gen.prompt:
-            log.warning("test fault hook: hanging the model worker")
-            threading.Event().wait()
         try:
             if gen.cancelled.is_set():
                 raise _Cancelled

@@ -32,6 +32,53 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(SHARED_BUILDS, ignore_errors=True)
 
 
+def running_in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped systemd test is a failure: CI is where they must run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and running_in_ci() and item.get_closest_marker("systemd") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true, and this systemd test was skipped: {reason}"
+
+
+#: The longest a test waits for any one message from the daemon. The client's own timeout
+#: bounds only a request's first reply, and a stream then waits as long as it takes: in
+#: tests a daemon that stops talking fails the test instead of holding CI.
+STREAM_WAIT_S = 180.0
+
+
+class BoundedClient(Client):
+    """The real client, whose waits without a bound of their own end after STREAM_WAIT_S."""
+
+    def receive(self, request_id, timeout):
+        return super().receive(request_id, STREAM_WAIT_S if timeout is None else timeout)
+
+    def wait_queued(self, stream, timeout: float = 60) -> int:
+        """Wait for the stream's first message, its ``queued`` (the daemon has taken the
+        request in: arrival order is settled), leave it for the stream, return its position."""
+        message = self.receive(stream.request_id, timeout)
+        assert message["type"] == "queued", message
+        self._pending[stream.request_id].appendleft(message)
+        return message["position"]
+
+
+def in_order(text: str, *needles: str) -> bool:
+    """Whether text holds every needle, one after the other (a log's story)."""
+    at = 0
+    for needle in needles:
+        at = text.find(needle, at)
+        if at < 0:
+            return False
+        at += len(needle)
+    return True
+
+
 def reference_cases() -> list[dict]:
     return json.loads((DATA / "smollm2-greedy.json").read_text())
 
@@ -84,7 +131,7 @@ class DaemonProcess:
         raise TimeoutError(f"rkllmd not ready after {timeout} s:\n{self.log()}")
 
     def client(self, timeout: float = 30) -> Client:
-        return Client(self.socket, timeout=timeout)
+        return BoundedClient(self.socket, timeout=timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -26,7 +26,19 @@ import threading
 import time
 from pathlib import Path
 
-CGROUP2 = Path("/sys/fs/cgroup/unified")
+
+def cgroup2_mount(mountinfo: str) -> Path | None:
+    """Where the cgroup2 hierarchy is mounted: /sys/fs/cgroup itself on a pure cgroup v2
+    host, /sys/fs/cgroup/unified on a hybrid one (v1 controllers beside it), else any."""
+    mounts = [Path(line.split()[4]) for line in mountinfo.splitlines()
+              if " - " in line and line.split(" - ", 1)[1].split()[0] == "cgroup2"]
+    for preferred in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if preferred in mounts:
+            return preferred
+    return mounts[0] if mounts else None
+
+
+CGROUP2 = cgroup2_mount(Path("/proc/self/mountinfo").read_text()) or Path("/sys/fs/cgroup")
 MANAGER = "/lib/systemd/systemd"
 BOOT_TARGET = "rkllmd-harness.target"
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -120,7 +132,7 @@ def unavailable_reason() -> str | None:
     if not os.access(MANAGER, os.X_OK):
         return f"no systemd manager binary at {MANAGER}"
     if not (CGROUP2 / "cgroup.procs").exists():
-        return f"no cgroup2 hierarchy mounted at {CGROUP2}"
+        return "no cgroup2 hierarchy is mounted"
     probe = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net", "--cgroup", "true"],
         capture_output=True, text=True, timeout=10)

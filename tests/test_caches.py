@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, rkllmctl
+from reliability import poll
 from rkllmctl import DaemonError
 
 SHORT_TEXT = "You are a careful assistant for a team of embedded engineers. Answer precisely and briefly, and say when you are unsure."
@@ -32,10 +34,22 @@ def builds(proc: DaemonProcess) -> int:
         return client.status()["caches"]["builds"]
 
 
-def settle(proc: DaemonProcess, name: str, quiet: float = 0.8) -> dict:
-    """Wait for the cache to be current, then for the watcher to have nothing left to say."""
-    time.sleep(quiet)
+BARRIER = "zz-barrier"
+_barriers = itertools.count(1)
+
+
+def settle(proc: DaemonProcess, name: str) -> dict:
+    """Wait for the cache to be current with everything saved so far, by an event rather
+    than a pause. A barrier cache saved now with new content (a new length) is seen, then
+    built, only after every change saved before it was handled: one watcher delivers
+    changes in order, each is debounced by the same delay, and builds run in the order
+    they were queued. The barrier is followed in the listing, which (unlike cache.show
+    and cache.wait) refreshes nothing itself. Each call builds the barrier once."""
+    content = "Barrier" + "." * next(_barriers)
+    (proc.text_dir / f"{BARRIER}.txt").write_text(content)
     with proc.client() as client:
+        poll(lambda: any(row["name"] == BARRIER and row["text_bytes"] == len(content) and row["state"] == "ready"
+                         for row in client.cache_ls()["caches"]), 120, "the barrier cache built")
         return client.cache_wait(name, timeout=120)
 
 
@@ -172,8 +186,7 @@ def test_each_editor_save_pattern_rebuilds_exactly_once(make_daemon, save) -> No
     new_text = "Answer in German, politely."
     save(path, new_text)
     ready = settle(proc, "notes")
-    time.sleep(0.6)  # nothing more may follow
-    assert builds(proc) == before + 1
+    assert builds(proc) == before + 2  # notes once, and settle's barrier
     assert ready["tokens"] != first["tokens"] or ready["built_at"] > first["built_at"]
     with proc.client() as client:
         result = client.generate("Hello!", system=new_text, max_tokens=2).wait()
@@ -188,22 +201,19 @@ def test_saving_unchanged_content_builds_nothing(make_daemon) -> None:
     before = builds(proc)
     _save_like_vim(path, SHORT_TEXT)
     path.touch()
-    time.sleep(1.0)
-    assert builds(proc) == before
+    settle(proc, "same")
+    assert builds(proc) == before + 1  # settle's barrier alone
 
 
 def test_deleting_the_text_deletes_its_binary(make_daemon) -> None:
     proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "100"})
     (proc.text_dir / "gone.txt").write_text(SHORT_TEXT)
     settle(proc, "gone")
-    assert state_dir_files(proc)
+    assert "gone.state" in state_dir_files(proc)
     (proc.text_dir / "gone.txt").unlink()
-    deadline = time.monotonic() + 5
-    while state_dir_files(proc):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    poll(lambda: not any(f.startswith("gone.") for f in state_dir_files(proc)), 30, "gone's binary cache deleted")
     with proc.client() as client:
-        assert client.cache_ls()["caches"] == []
+        assert [row["name"] for row in client.cache_ls()["caches"]] == [BARRIER]
 
 
 def test_kill_9_during_a_build_leaves_nothing_partial(make_daemon) -> None:
@@ -215,7 +225,8 @@ def test_kill_9_during_a_build_leaves_nothing_partial(make_daemon) -> None:
         while {r["name"]: r for r in client.cache_ls()["caches"]}["big"]["state"] != "building":
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    time.sleep(0.3)
+    # Mid-build: its temporary file exists (the state is written as it is prefilled).
+    poll(lambda: any(f.startswith(".tmp-") for f in state_dir_files(proc)), 60, "the build's temporary file")
     proc.signal(signal.SIGKILL)
     proc.wait()
     left = state_dir_files(proc)

@@ -85,7 +85,7 @@ def _arrival_order(daemon: DaemonProcess, n: int) -> None:
         streams = []
         for i, client in enumerate(clients):
             streams.append(client.generate(f"Say the number {i}.", max_tokens=4))
-            time.sleep(0.02)  # a definite arrival order
+            client.wait_queued(streams[-1])  # taken in before the next is sent: a definite arrival order
 
         def consume(i: int) -> None:
             streams[i].wait()
@@ -110,17 +110,27 @@ def test_concurrent_clients_are_served_in_arrival_order(daemon: DaemonProcess, n
     _arrival_order(daemon, n)
 
 
+def seconds_per_token(pieces, n: int = 4) -> float:
+    """This machine's decode speed now, measured on a running stream: bounds on how soon
+    something happens between tokens scale with it (a loaded or slower CPU is not a bug)."""
+    next(pieces)
+    t0 = time.monotonic()
+    for _ in range(n):
+        next(pieces)
+    return (time.monotonic() - t0) / n
+
+
 def test_cancel_queued_and_running(daemon: DaemonProcess) -> None:
     with daemon.client() as a, daemon.client() as b:
         running = a.generate(LONG_PROMPT, max_tokens=400)
-        next(iter(running))  # it is generating (requests from two sockets may arrive in any order)
+        token_s = seconds_per_token(iter(running))  # it is generating (requests from two sockets may arrive in any order)
         queued = b.generate(LONG_PROMPT, max_tokens=400)
         assert b.cancel(queued.request_id)["was"] == "queued"
         assert queued.wait().finish_reason == "cancelled"
         t0 = time.monotonic()
         assert a.cancel(running.request_id)["was"] == "running"
         result = running.wait()
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < max(1.0, 10 * token_s)  # honoured between two tokens
         assert result.finish_reason == "cancelled"
         assert result.stats["completion_tokens"] < 400
         with pytest.raises(DaemonError) as err:
@@ -128,8 +138,11 @@ def test_cancel_queued_and_running(daemon: DaemonProcess) -> None:
         assert err.value.name == "not_found"
 
 
-def test_killed_client_frees_the_worker_within_a_second(daemon: DaemonProcess) -> None:
+def test_killed_client_frees_the_worker_within_a_few_tokens(daemon: DaemonProcess) -> None:
     with daemon.client() as observer:
+        probe = observer.generate(LONG_PROMPT, max_tokens=6)
+        token_s = seconds_per_token(iter(probe))
+        probe.wait()
         before = observer.status()["counters"]["clients_gone"]
         child = subprocess.Popen(
             [sys.executable, "-m", "rkllmctl", "--socket", str(daemon.socket), "generate", "--max-tokens", "2000", LONG_PROMPT],
@@ -139,7 +152,7 @@ def test_killed_client_frees_the_worker_within_a_second(daemon: DaemonProcess) -
         child.stdout.read(1)  # the generation is streaming
         child.kill()
         child.wait()
-        assert wait_idle(observer, timeout=1.0) < 1.0
+        wait_idle(observer, timeout=max(1.0, 10 * token_s))
         status = observer.status()
     assert status["counters"]["clients_gone"] == before + 1
 

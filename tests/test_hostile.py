@@ -68,14 +68,24 @@ def test_socket_folders_and_files_keep_their_modes_under_any_umask(make_daemon, 
 
 # -- a user outside the group ------------------------------------------------------------------
 
-def _namespace_script(exposed: list[Path], stage: Path, credentials: str, command: list[str]) -> str:
+def _closed_ancestor(path: Path) -> Path | None:
+    """The outermost folder above ``path`` that other users cannot pass through (a clone
+    under /root, or under a 0700 folder such as ``mktemp -d`` makes), if any."""
+    return next((p for p in reversed(path.parents) if p != Path("/") and not p.stat().st_mode & 0o001), None)
+
+
+def _namespace_script(needed: list[Path], stage: Path, credentials: str, command: list[str]) -> str:
     """Run ``command`` with other credentials in a private mount namespace in which this
-    checkout's Python is reachable (it may live under /root, 0700) and nothing else changes."""
+    checkout and its Python are reachable wherever they live, and nothing else changes:
+    each folder closed to others above them is covered by an open tmpfs into which only
+    what is needed is bound back."""
+    exposed = {p: top for p in needed if (top := _closed_ancestor(p)) is not None}
+    tops = {top for top in exposed.values() if not any(top != t and top.is_relative_to(t) for t in exposed.values())}
     lines = ["set -e", "mount --make-rprivate /"]
     for i, path in enumerate(exposed):
         lines += [f"mkdir -p {stage}/{i}", f"mount --bind {shlex.quote(str(path))} {stage}/{i}"]
-    for home in sorted({Path("/", p.parts[1]) for p in exposed}):
-        lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {home}")
+    for top in sorted(tops):
+        lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(top))}")
     for i, path in enumerate(exposed):
         lines += [f"mkdir -p {shlex.quote(str(path))}", f"mount --bind {stage}/{i} {shlex.quote(str(path))}"]
     lines.append(f"exec setpriv {credentials} {shlex.join(command)}")
@@ -115,15 +125,15 @@ def test_a_user_outside_the_group_cannot_connect(make_daemon, throwaway_user, fi
     proc.command = lambda: ["setpriv", f"--regid={group_gid}", "--clear-groups", *plain()]  # root, in the group
     proc.start()
     assert proc.socket.stat().st_gid == group_gid and proc.socket.parent.stat().st_gid == group_gid
-    exposed = sorted({Path(p) for p in (sys.prefix, sys.base_prefix, ROOT, os.path.realpath(sys.executable))
-                      if any(Path(p).is_relative_to(h) for h in ("/root", "/home"))}, key=lambda p: len(p.parts))
-    exposed = [p for p in exposed if not any(p != q and p.is_relative_to(q) for q in exposed)]
+    needed = sorted({Path(p) for p in (sys.prefix, sys.base_prefix, ROOT, os.path.dirname(os.path.realpath(sys.executable)))},
+                    key=lambda p: len(p.parts))
+    needed = [p for p in needed if not any(p != q and p.is_relative_to(q) for q in needed)]
     stage = Path(tempfile.mkdtemp(prefix="rkfz", dir="/tmp"))
     command = [sys.executable, "-m", "rkllmctl", "--socket", str(proc.socket), "status"]
 
     def run_as(credentials: str) -> subprocess.CompletedProcess:
-        script = _namespace_script(exposed, stage, credentials, command)
-        return subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        script = _namespace_script(needed, stage, credentials, command)
+        return subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=60, cwd="/",
                               env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"})
 
     try:

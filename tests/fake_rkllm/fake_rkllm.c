@@ -46,7 +46,9 @@
  * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
  * then key=value pairs; paths are printed raw); FAKE_RKLLM_PREFILL_US and
  * FAKE_RKLLM_DECODE_US add that many microseconds per prefilled / generated token,
- * so timing (TTFT, abort from another thread) can be exercised.
+ * so timing (TTFT, abort from another thread) can be exercised. A prompt holding the
+ * text of FAKE_RKLLM_HANG_ON makes rkllm_run hang for good, deaf to rkllm_abort, as a
+ * stuck native call would (tests of the service watchdog).
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -898,6 +900,12 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s", fn,
              len, infer->keep_history, save, limit, fh->kv_len, matched, sampling, save ? " path=" : "",
              save ? pc->prompt_cache_path : "");
+
+    const char *hang_on = getenv("FAKE_RKLLM_HANG_ON");
+    if (hang_on && *hang_on && strstr(text, hang_on)) {
+        fprintf(stderr, "fake-rkllm: %s: the prompt holds FAKE_RKLLM_HANG_ON: hanging for good\n", fn);
+        for (;;) sleep_us(1000000);
+    }
 
     double t0 = now_ms();
     int prefill_tokens = (int)(len - matched);

@@ -1,0 +1,188 @@
+"""SIGHUP outside systemd: the real daemon, its config file rewritten, then signalled.
+
+A changed model is loaded after the requests already queued (they are answered by the
+old one), a model that fails to load leaves the old one serving, binary caches made for
+the old model's identity are never used by the new one, and changed cache folders are
+scanned and watched. Swaps go between tiny random models (tests/gguf_files.py) where the
+real model is not the point: they load in milliseconds, and two seeds make two models
+of the same shape and name whose weights, so identities, differ.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, in_order, reference_cases
+from gguf_files import tiny_llama
+from reliability import poll
+
+CAPITAL = next(c for c in reference_cases() if c["messages"][-1]["content"] == "What is the capital of France?")
+STORY = "Write a long story about a dragon."
+RULES = "Answer in one word."
+
+
+class ConfiguredDaemon(DaemonProcess):
+    """rkllmd whose model and cache folders come from its config file, which a reload rereads."""
+
+    def __init__(self, **settings: str):
+        super().__init__()
+        self.config = self.folder / "rkllmd.toml"
+        self.configure(**settings)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "rkllmd", "--socket", str(self.socket), "--config", str(self.config),
+                "--backend", "cpu", "--log-level", "debug"]
+
+    def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None) -> None:
+        self.text_dir = text_dir or self.text_dir
+        self.binary_dir = binary_dir or self.binary_dir
+        self.config.write_text(f'[model]\npath = "{model}"\n'
+                               f'[cache]\ntext_dir = "{self.text_dir}"\nbinary_dir = "{self.binary_dir}"\n')
+
+    def reload(self, *expected_lines: str, timeout: float = 120) -> str:
+        """SIGHUP, then the log it caused once it holds ``expected_lines`` (in order)."""
+        mark = len(self.log())
+        self.signal(signal.SIGHUP)
+        return poll(lambda: in_order(text := self.log()[mark:], *expected_lines) and text, timeout,
+                    f"{expected_lines} in the log after SIGHUP")
+
+
+@pytest.fixture
+def configured():
+    made: list[ConfiguredDaemon] = []
+
+    def make(**settings) -> ConfiguredDaemon:
+        made.append(ConfiguredDaemon(**settings))
+        return made[-1].start()
+
+    yield make
+    for proc in made:
+        proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "a").mkdir(), (folder / "b").mkdir()
+    return tiny_llama(folder / "a" / "tiny.gguf", seed=0), tiny_llama(folder / "b" / "tiny.gguf", seed=1)
+
+
+def model_of(proc: DaemonProcess) -> dict:
+    with proc.client() as client:
+        return client.status()["model"]
+
+
+def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tiny_models):
+    proc = configured()
+    assert model_of(proc)["name"] == "SmolLM2-135M-Instruct"
+    with proc.client() as first, proc.client() as second, proc.client() as third:
+        running = first.generate(STORY, max_tokens=8)
+        next(iter(running))  # it streams
+        queued = second.generate(messages=CAPITAL["messages"], max_tokens=CAPITAL["max_tokens"])
+        poll(lambda: third.status()["worker"]["queued"] == 1, 60, "the second request queued")
+        proc.configure(model=str(tiny_models[0]))
+        proc.reload("reload: the model configuration changed; loading it after the queued requests")
+        after = third.generate(messages=CAPITAL["messages"], max_tokens=4)  # queued behind the swap
+        # Both requests queued before the signal are answered by the old model, in full.
+        done = running.wait()
+        assert (done.finish_reason, done.stats["completion_tokens"]) == ("length", 8)
+        assert queued.wait().text == CAPITAL["completion"]
+        # The one sent after it, by the new model (byte-level vocabulary: many more tokens).
+        assert after.wait().stats["prompt_tokens"] > 2 * CAPITAL["prompt_tokens"]
+    assert "reload: now serving tiny" in proc.log()
+    assert model_of(proc)["path"] == str(tiny_models[0])
+
+
+def test_a_model_that_fails_to_load_leaves_the_old_one_serving(configured, tmp_path):
+    proc = configured()
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    proc.configure(model=str(broken))
+    proc.reload("reload: the model configuration changed",
+                "reload: cannot load the new model, keeping the running one")
+    assert model_of(proc)["name"] == "SmolLM2-135M-Instruct"
+    with proc.client() as client:
+        assert client.generate(messages=CAPITAL["messages"], max_tokens=48).wait().text == CAPITAL["completion"]
+        assert client.status()["healthy"]
+
+
+def test_a_model_that_failed_to_load_is_tried_again_at_the_next_reload(configured, tiny_models, tmp_path):
+    # A model still being copied when the signal came: the reload after the copy ends,
+    # with the same settings, must load it (the running model is still the old one).
+    proc = configured(model=str(tiny_models[0]))
+    copying = tmp_path / "tiny.gguf"
+    copying.write_bytes(tiny_models[1].read_bytes()[:100])
+    proc.configure(model=str(copying))
+    proc.reload("reload: cannot load the new model, keeping the running one")
+    assert model_of(proc)["path"] == str(tiny_models[0])
+    copying.write_bytes(tiny_models[1].read_bytes())
+    proc.reload("reload: now serving tiny")
+    assert model_of(proc)["path"] == str(copying)
+
+
+def binary_caches(proc: DaemonProcess) -> dict[str, set[str]]:
+    """The state files in the binary folder: identity folder -> cache names."""
+    found: dict[str, set[str]] = {}
+    for state in proc.binary_dir.glob("*/*.state"):
+        found.setdefault(state.parent.name, set()).add(state.stem)
+    return found
+
+
+def test_binary_caches_of_the_old_model_are_never_used_after_a_swap(configured, tiny_models):
+    old, new = tiny_models
+    proc = configured(model=str(old))
+    with proc.client() as client:
+        client.cache_put("rules", RULES)
+        client.cache_wait("rules", timeout=60)
+        [old_identity] = binary_caches(proc)
+        assert client.generate("Hi", cache="rules", max_tokens=6).wait().stats["cached_tokens"] > 0
+        proc.configure(model=str(new))
+        proc.reload("reload: now serving tiny")
+        # The new model's answers, with the cache and without it, are the same: its own
+        # state was built for it, the old one never read.
+        with_cache = client.generate("Hi", cache="rules", max_tokens=6).wait()
+        without = client.generate("Hi", cache="rules", no_cache=True, max_tokens=6).wait()
+        assert (with_cache.text, with_cache.stats["completion_tokens"]) == (without.text, without.stats["completion_tokens"])
+        ready = client.cache_wait("rules", timeout=60)
+        assert ready["state"] == "ready"
+        rebuilt = client.generate("Hi", cache="rules", max_tokens=6).wait()
+        assert (rebuilt.text, rebuilt.cache) == (without.text, "rules") and rebuilt.stats["cached_tokens"] > 0
+        status = client.status()["caches"]
+    states = binary_caches(proc)
+    new_identity = Path(status["binary_dir"]).name
+    assert new_identity != old_identity and states[new_identity] == {"rules"}
+    # The old model's answer differs: had its state been used, the outputs above would show it.
+    with proc.client() as client:
+        proc.configure(model=str(old))
+        proc.reload("reload: now serving tiny")
+        assert client.generate("Hi", cache="rules", no_cache=True, max_tokens=6).wait().text != without.text
+
+
+def test_changed_cache_folders_are_scanned_and_watched(configured, tiny_models, tmp_path):
+    proc = configured(model=str(tiny_models[0]))
+    old_texts = proc.text_dir
+    texts, binaries = tmp_path / "texts", tmp_path / "binaries"
+    texts.mkdir()
+    (texts / "first.txt").write_text(RULES)
+    proc.configure(model=str(tiny_models[0]), text_dir=texts, binary_dir=binaries)
+    proc.reload(f"reload: caches now in {texts} and {binaries}", "configuration reloaded")
+    with proc.client() as client:
+        # Scanned: the file already there is listed and built into the new binary folder.
+        assert client.cache_wait("first", timeout=60)["state"] == "ready"
+        assert list(binaries.glob("*/first.state"))
+        # Watched: a file saved there afterwards is found and built by itself; one saved
+        # in the old folder (no longer watched) is not.
+        (old_texts / "stale.txt").write_text(RULES)
+        (texts / "second.txt").write_text("Be brief.")
+        poll(lambda: "second" in names(client), 30, "second.txt listed")
+        assert client.cache_wait("second", timeout=60)["state"] == "ready"
+        assert names(client) == {"first", "second"}
+        assert client.status()["caches"]["text_dir"] == str(texts)
+
+
+def names(client) -> set[str]:
+    return {row["name"] for row in client.cache_ls()["caches"]}

@@ -1,0 +1,62 @@
+"""The suite's own rules, checked on a throwaway test file run by a second pytest: under
+CI=true a skipped systemd test fails the run, and a test that hangs fails on its timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+SAMPLE = '''
+import threading
+import pytest
+
+@pytest.mark.systemd
+def test_systemd_skipped():
+    pytest.skip("no systemd here")
+
+def test_other_skipped():
+    pytest.skip("not a systemd test")
+
+@pytest.mark.timeout(1)
+def test_hangs():
+    threading.Event().wait()
+'''
+
+
+def run_sample(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
+    (tmp_path / "test_sample.py").write_text(SAMPLE)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if ci is not None:
+        env["CI"] = ci
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-rA", "-q",
+         "--rootdir", str(tmp_path), "-c", str(TESTS.parent / "pyproject.toml"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+
+
+def outcomes(run: subprocess.CompletedProcess) -> dict[str, str]:
+    return {line.split(" ")[1].split("::")[-1]: line.split(" ")[0]
+            for line in run.stdout.splitlines() if line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))}
+
+
+def test_under_ci_a_skipped_systemd_test_fails_the_run(tmp_path):
+    run = run_sample(tmp_path, ci="true")
+    assert run.returncode == 1, run.stdout
+    found = outcomes(run)
+    assert found["test_systemd_skipped"] == "FAILED", run.stdout
+    assert "CI=true, and this systemd test was skipped: " in run.stdout
+    assert "SKIPPED [1] test_sample.py:" in run.stdout and "not a systemd test" in run.stdout, run.stdout
+    # And the hanging test failed on its own timeout instead of holding the run.
+    assert found["test_hangs"] == "FAILED" and "Timeout (>1.0s)" in run.stdout, run.stdout
+
+
+def test_outside_ci_it_is_a_skip(tmp_path):
+    run = run_sample(tmp_path, ci=None)
+    assert "FAILED" not in outcomes(run).get("test_systemd_skipped", ""), run.stdout
+    assert "SKIPPED [1] test_sample.py:" in run.stdout and "no systemd here" in run.stdout, run.stdout
+
