@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import in_order
+from fake_rkllm.build import MODEL_MAGIC
 from systemd_harness import CGROUP2, SystemdUnderTest, cgroup2_mount, unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -505,7 +506,7 @@ class TestRkllmd:
         # call would.
         marker = "HANG-THE-WORKER"
         sd.install(FAKE_LIBRARY, fake_runtime["1.3"].read_bytes(), mode=0o755)
-        sd.install(FAKE_MODEL, "a fake .rkllm model\n")
+        sd.install(FAKE_MODEL, MODEL_MAGIC + b"a fake .rkllm model\n")
         write_config(sd, f'[daemon]\nbackend = "rkllm"\n[rkllm]\nlibrary = "{FAKE_LIBRARY}"\n'
                          f'model = "{FAKE_MODEL}"\n')
         sd.install(f"{DROPINS}/60-hang.conf", "[Service]\n"
