@@ -213,6 +213,12 @@ def greedy(llama_cpp, llm, ids: list[int], max_tokens: int) -> tuple[list[int], 
     return out, False, gap
 
 
+def write(path: Path, made_by: str, cases: list[dict]) -> None:
+    """One case a line: a diff shows which case changed."""
+    lines = ",\n".join(json.dumps(case) for case in cases)
+    path.write_text(f'{{"made_by": {json.dumps(made_by)},\n "cases": [\n{lines}\n]}}\n')
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rkllmd-bench",
@@ -250,10 +256,9 @@ def main() -> int:
         print(f"{len(ids)} prompt tokens: {len(completion)} tokens, smallest top-2 gap {gap:.5f}: "
               f"{made[-1]['completion']!r}")
         llm.close()
-    header = {"made_by": f"tools/make_llama_references.py, llama-cpp-python {llama_cpp.__version__}, "
-                         f"F32 weights converted by llama.cpp from {bundled_model_path().name}",
-              "cases": made}
-    args.output.write_text(json.dumps(header, indent=1) + "\n")
+    made_by = (f"tools/make_llama_references.py, llama-cpp-python {llama_cpp.__version__}, "
+               f"F32 weights converted by llama.cpp from {bundled_model_path().name}")
+    write(args.output, made_by, made)
     print(f"wrote {args.output}")
     return 0
 
