@@ -17,6 +17,7 @@ from typing import Any, Callable
 from .backends.base import Backend, BackendError, ContextOverflow
 from .caches.binary import BinaryStore
 from .caches.manager import CacheManager
+from .config import DaemonConfig
 from .outbox import Generation, Outbox
 from .protocol import ErrorCode, WireError
 
@@ -60,10 +61,10 @@ class Counters:
 
 
 class ModelWorker:
-    def __init__(self, backend: Backend, outbox: Outbox, max_queue: int):
+    def __init__(self, backend: Backend, outbox: Outbox, config: DaemonConfig):
         self.backend = backend
         self.outbox = outbox
-        self.max_queue = max_queue
+        self.max_queue = config.max_queue
         self.caches: CacheManager | None = None
         self.counters = Counters()
         self.last_error: str | None = None
@@ -77,6 +78,10 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     # -- called from the socket loop (or the cache watcher) ----------------------
+
+    def configure(self, config: DaemonConfig) -> None:
+        """Apply a reloaded [daemon] section (the queue limit; requests already queued stay)."""
+        self.max_queue = config.max_queue
 
     def start(self) -> None:
         self._thread.start()

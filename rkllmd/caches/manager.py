@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..backends.base import Backend, BackendError, BuildCancelled, PrefixState
+from ..config import CacheConfig
 from .binary import BinaryCacheInvalid, BinaryStore
 from .text import TextCacheError, TextStore
 
@@ -107,6 +108,12 @@ class CacheManager:
         self._entries: dict[str, Entry] = {}
         self.builds = 0  # builds that ran (requests deduplicated away are not counted)
         self._verified_files: dict[str, tuple[int, ...] | None] = {}  # state file identity when last verified
+
+    def configure(self, config: CacheConfig) -> None:
+        """Apply a reloaded [cache] section: the memory budget, the largest text read."""
+        with self._lock:
+            self.lru.budget = config.memory_budget_mb << 20
+            self.texts.max_bytes = config.max_text_bytes
 
     # -- any thread ---------------------------------------------------------------
 
