@@ -12,7 +12,7 @@ from .backends import choose
 from .backends.base import Backend, BackendError
 from .caches.atomic import BINARY_DIR_MODE, TEXT_DIR_MODE, make_dirs
 from .caches.binary import BinaryStore
-from .caches.manager import CacheManager
+from .caches.manager import PromptCaches
 from .caches.text import TextStore
 from .caches.watcher import TextFolderWatcher
 from .commands import status
@@ -43,7 +43,7 @@ def apply_log_level(config: Config) -> None:
     logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
 
 
-def cache_dirs(config: Config) -> tuple[Path, Path]:
+def prompt_cache_dirs(config: Config) -> tuple[Path, Path]:
     text = Path(config.cache.text_dir).expanduser() if config.cache.text_dir else default_text_dir()
     binary = Path(config.cache.binary_dir).expanduser() if config.cache.binary_dir else default_binary_dir()
     return text, binary
@@ -55,14 +55,14 @@ def weights_dir(config: Config) -> Path | None:
         return None
     if config.model.weights_dir:
         return Path(config.model.weights_dir).expanduser()
-    return cache_dirs(config)[1] / WEIGHTS_SUBDIR
+    return prompt_cache_dirs(config)[1] / WEIGHTS_SUBDIR
 
 
 def kernels_dir(config: Config) -> Path:
     """Where the CPU backend keeps its compiled decode step between starts."""
     if config.model.kernels_dir:
         return Path(config.model.kernels_dir).expanduser()
-    return cache_dirs(config)[1] / KERNELS_SUBDIR
+    return prompt_cache_dirs(config)[1] / KERNELS_SUBDIR
 
 
 def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, str]:
@@ -113,7 +113,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         log.error("cannot start: %s", exc)
         notifier.status(f"failed to start: {exc}")
         return 1
-    text_dir, binary_dir = cache_dirs(config)
+    text_dir, binary_dir = prompt_cache_dirs(config)
     try:
         make_dirs(text_dir, TEXT_DIR_MODE)
         make_dirs(binary_dir, BINARY_DIR_MODE)
@@ -125,10 +125,10 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     worker = ModelWorker(backend, outbox, config.daemon)
 
     def cache_changed(name: str) -> None:
-        outbox.cache_changed(name)
+        outbox.wake()  # the status line counts caches
         waiters.changed(name)
 
-    caches = CacheManager(
+    caches = PromptCaches(
         TextStore(text_dir, config.cache.max_text_bytes),
         BinaryStore(binary_dir, backend.identity()),
         backend,
@@ -190,7 +190,7 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     caches = ctx.caches
     try:
         config = reload_config()
-        text_dir, binary_dir = cache_dirs(config)
+        text_dir, binary_dir = prompt_cache_dirs(config)
         moved = (text_dir, binary_dir) != (caches.texts.folder, caches.binaries.root)
         if moved:
             make_dirs(text_dir, TEXT_DIR_MODE)
@@ -224,4 +224,4 @@ def _swapped(daemon: Daemon, reason: str | None, error: str | None) -> None:
     if reason is not None:
         daemon.ctx.backend_reason = reason
     daemon.notifier.ready(f"reload failed, still serving the old model: {error}" if error else status.line(daemon.ctx))
-    daemon.outbox.cache_changed("")  # wake the loop to refresh the status line
+    daemon.outbox.wake()  # to refresh the status line

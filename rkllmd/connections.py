@@ -244,7 +244,7 @@ class Connections:
         on clients that have not read for too long."""
         self._retry_soon = False
         self._flush_held()
-        plain, streams, _ = self.outbox.take()
+        plain, streams = self.outbox.take()
         for identity, message in plain:
             self.send(identity, message)
         for gen, messages in streams:

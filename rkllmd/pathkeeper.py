@@ -20,7 +20,7 @@ from typing import Callable
 import zmq
 
 from .caches.atomic import TEXT_DIR_MODE, make_dirs
-from .caches.manager import CacheManager
+from .caches.manager import PromptCaches
 from .caches.watcher import TextFolderWatcher
 from .config import CacheConfig
 from .connections import Connections
@@ -42,7 +42,7 @@ class PathKeeper:
         self,
         endpoint: Endpoint,
         connections: Connections,
-        caches: CacheManager,
+        caches: PromptCaches,
         config: CacheConfig,
         io: Executor,
         wake_fd: int,

@@ -88,7 +88,10 @@ class PrefixLRU:
         return list(self._items)
 
 
-class CacheManager:
+class PromptCaches:
+    """Every prompt cache: its text cache's state, its binary cache's, and the prefix states
+    held in memory (see docs/glossary.md)."""
+
     def __init__(
         self,
         texts: TextStore,

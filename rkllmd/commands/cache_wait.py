@@ -7,7 +7,7 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from ..caches.manager import CacheManager
+from ..caches.manager import PromptCaches
 from ..protocol import ErrorCode, WireError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class CacheWaiters:
     """Answers waiting for caches to settle; told of every change by the cache manager
     (from whichever thread made it)."""
 
-    def __init__(self, caches: CacheManager):
+    def __init__(self, caches: PromptCaches):
         self.caches = caches
         self._lock = threading.Lock()
         self._waiting: dict[str, list[Deferred]] = {}

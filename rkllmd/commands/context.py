@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..caches.manager import CacheManager
+from ..caches.manager import PromptCaches
 from ..config import Config
 from ..connections import Traffic
 from ..outbox import Generation
@@ -27,7 +27,7 @@ class Request:
 @dataclass
 class Context:
     config: Config  # replaced whole on reload
-    caches: CacheManager
+    caches: PromptCaches
     worker: ModelWorker
     generations: dict[tuple[bytes, Any], Generation]  # live streams by (client, request id)
     waiters: CacheWaiters
