@@ -1,7 +1,11 @@
 """A small client for rkllmd's socket (protocol: docs/protocol.md).
 
 One Client holds one DEALER socket and is meant for one thread. Replies are matched to
-requests by id, so a ``cancel`` can be sent while a generation streams.
+requests by id, so a ``cancel`` can be sent while a generation streams. Requests are
+made from the protocol schema (rkllmd/schema.py): an operation or field it does not
+declare is a bug here, refused before anything is sent. Anything the daemon sends that
+the protocol does not allow (not msgpack, not a map, a type of message it does not
+have, a gap in a stream's ``seq``) is a ProtocolViolation.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from rkllmd.paths import default_socket
-from rkllmd.protocol import PROTOCOL_VERSION, pack, unpack
+from rkllmd.protocol import PROTOCOL_VERSION, WireError, pack, unpack
+from rkllmd.schema import OPERATIONS, REPLY_TYPES
 
 from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolViolation
 
@@ -117,6 +122,10 @@ class Client:
 
     def send(self, op: str, **fields: Any) -> Any:
         """Send one request; return its id."""
+        operation = OPERATIONS[op]
+        unknown = set(fields) - {f.name for f in operation.fields}
+        if unknown:
+            raise TypeError(f"{op} has no field {', '.join(sorted(unknown))} (see rkllmd/schema.py)")
         while self._monitor.poll(0):  # a drop before this request is no concern of it
             recv_monitor_message(self._monitor)
         self._disconnected = False
@@ -145,9 +154,15 @@ class Client:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DaemonUnreachable(f"no answer from {self.path} within {timeout:g} s; is rkllmd hung or busy loading?")
                 continue
-            message = unpack(self._sock.recv())
-            if not isinstance(message, dict) or "type" not in message:
-                raise ProtocolViolation(f"unexpected message from the daemon: {message!r}")
+            data = self._sock.recv()
+            try:
+                message = unpack(data)
+            except WireError:
+                raise ProtocolViolation(f"the daemon sent something that is not a msgpack message: {data[:64]!r}") from None
+            if not isinstance(message, dict):
+                raise ProtocolViolation(f"the daemon sent a {type(message).__name__}, not a map: {message!r:.200}")
+            if message.get("type") not in REPLY_TYPES:
+                raise ProtocolViolation(f"the daemon sent a message of unknown type {message.get('type')!r}")
             if message.get("id") == request_id:
                 return message
             if message.get("id") is None and message.get("type") == "error":
@@ -164,6 +179,8 @@ class Client:
             _raise(message)
         if message["type"] != "result":
             raise ProtocolViolation(f"expected a result, got {message['type']!r}")
+        if not isinstance(message.get("result"), dict):
+            raise ProtocolViolation(f"the daemon sent a result that is not a map: {message.get('result')!r:.200}")
         self._pending.pop(request_id, None)
         return message["result"]
 
@@ -171,6 +188,12 @@ class Client:
 
     def ping(self) -> dict[str, Any]:
         return self.call("ping")
+
+    def protocol(self) -> tuple[int, int]:
+        """The daemon's protocol version, (major, minor): an operation or field whose
+        ``since`` (rkllmd/schema.py) is above the minor is not there."""
+        major, minor = self.ping()["protocol"]
+        return major, minor
 
     def status(self) -> dict[str, Any]:
         return self.call("status")
@@ -228,7 +251,7 @@ class Client:
     def cache_rebuild(self, name: str | None = None) -> dict[str, Any]:
         return self.call("cache.rebuild", name=name)
 
-    def cache_wait(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+    def cache_wait(self, name: str, timeout: float = OPERATIONS["cache.wait"].field("timeout").default) -> dict[str, Any]:
         request_id = self.send("cache.wait", name=name, timeout=timeout)
         return self.result_of(request_id, timeout + self.timeout)
 

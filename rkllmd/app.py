@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -11,11 +13,15 @@ from .backends import choose
 from .backends.base import Backend, BackendError
 from .caches.atomic import BINARY_DIR_MODE, TEXT_DIR_MODE, make_dirs
 from .caches.binary import BinaryStore
-from .caches.manager import CacheManager
+from .caches.manager import PromptCaches
 from .caches.text import TextStore
 from .caches.watcher import TextFolderWatcher
 from .check import Account, log_report, run_checks
-from .config import MODEL_KEYS, OPTIONS, Config, ConfigError
+from .commands import status
+from .commands.cache_wait import CacheWaiters
+from .commands.context import Context
+from .config import Config, ConfigError
+from .connections import Connections
 from .endpoint import Endpoint, EndpointError
 from .outbox import Outbox
 from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
@@ -30,9 +36,7 @@ LOAD_EXTENSION_S = 60.0
 
 
 def apply_log_level(config: Config) -> None:
-    level = getattr(logging, str(config["daemon.log_level"]).upper(), None)
-    if not isinstance(level, int):
-        raise ConfigError(f"daemon.log_level: unknown level {config['daemon.log_level']!r}")
+    level = getattr(logging, config.daemon.log_level.upper())
     logging.getLogger().setLevel(level)
     # watchdog logs every inotify event at debug level: noise, not our daemon's story.
     logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
@@ -62,7 +66,7 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
     notifier = ServiceNotifier()
     try:
         apply_log_level(config)
-        endpoint = Endpoint(Path(config["daemon.socket"]) if config["daemon.socket"] else default_socket())
+        endpoint = Endpoint(Path(config.daemon.socket) if config.daemon.socket else default_socket())
     except (ConfigError, EndpointError) as exc:  # a bad level, a socket path too long
         log.error("configuration: %s", exc)
         return 2
@@ -96,23 +100,39 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         return 1
 
     outbox = Outbox()
-    worker = ModelWorker(backend, outbox, config["daemon.max_queue"])
-    caches = CacheManager(
-        TextStore(text_dir, config["cache.max_text_bytes"]),
+    worker = ModelWorker(backend, outbox, config.daemon)
+
+    def cache_changed(name: str) -> None:
+        outbox.wake()  # the status line counts caches
+        waiters.changed(name)
+
+    caches = PromptCaches(
+        TextStore(text_dir, config.cache.max_text_bytes),
         BinaryStore(binary_dir, backend.identity()),
         backend,
-        memory_budget=config["cache.memory_budget_mb"] << 20,
+        memory_budget=config.cache.memory_budget_mb << 20,
         schedule_build=worker.schedule_build,
-        on_change=outbox.cache_changed,
+        on_change=cache_changed,
     )
+    waiters = CacheWaiters(caches)
     worker.caches = caches
-    daemon = Daemon(config, reason, endpoint, caches, worker, outbox, notifier)
-    watcher = TextFolderWatcher(str(text_dir), config["cache.debounce_ms"] / 1000, caches.refresh)
+    connections = Connections(endpoint.path, outbox, worker, config.daemon)
+    ctx = Context(
+        config=config,
+        caches=caches,
+        worker=worker,
+        generations=connections.generations,
+        waiters=waiters,
+        disk=ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk"),
+        traffic=connections.traffic,
+        socket=endpoint.path,
+        started=time.time(),
+        backend_reason=reason,
+    )
+    daemon = Daemon(ctx, endpoint, connections, outbox, notifier)
     daemon.reload_handler = lambda: _reload(daemon, reload_config)
-    daemon.watcher = watcher
     try:
         caches.scan()
-        watcher.start()
         daemon.install_signal_handlers()
         daemon.bind()
     except (OSError, EndpointError) as exc:
@@ -120,14 +140,14 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         return 1
     worker.start()
     log.info("ready in %.2f s: %s on %s", time.monotonic() - started, backend.describe().get("name", backend.kind), endpoint.path)
-    notifier.ready(daemon.status_line())
+    notifier.ready(status.line(ctx))
     if notifier.watchdog_interval:
         notifier.start_watchdog(lambda: worker.healthy(within=notifier.watchdog_interval))
     try:
         daemon.serve()
     finally:
         notifier.stopping()
-        daemon.watcher.stop()
+        daemon.paths.stop()
         worker.backend.close()
     return daemon.exit_status
 
@@ -135,63 +155,60 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
 def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     """SIGHUP: apply a new configuration without dropping the socket or queued requests.
 
-    Log level, sampling defaults and limits apply at once; changed cache folders are
-    rescanned and re-watched; a changed model is loaded on the worker after the
-    requests already queued (their clients keep their answers), and all binary caches
-    then belong to the new model's identity, so none of the old ones is ever used.
-    A broken new configuration is refused whole and the running one kept.
+    The new configuration is loaded and checked whole (and its cache folders made)
+    before anything changes: a broken one is refused and the running one kept. Then
+    each component applies its own section: log level, limits, sampling defaults and
+    memory budget at once; changed cache folders are rescanned (on the disk thread) and
+    watched; a changed model is loaded on the worker after the requests already queued
+    (their clients keep their answers), and all binary caches then belong to the new
+    model's identity, so none of the old ones is ever used.
     """
-    daemon.notifier.reloading()
+    ctx, notifier = daemon.ctx, daemon.notifier
+    notifier.reloading()
+    caches = ctx.caches
     try:
         config = reload_config()
-        apply_log_level(config)
-    except ConfigError as exc:
-        log.error("reload refused, keeping the running configuration: %s", exc)
-        daemon.notifier.ready(daemon.status_line())
-        return
-    old = daemon.config
-    daemon.config = config
-    daemon.worker.max_queue = config["daemon.max_queue"]
-    caches = daemon.caches
-    caches.lru.budget = config["cache.memory_budget_mb"] << 20
-    caches.texts.max_bytes = config["cache.max_text_bytes"]
-
-    text_dir, binary_dir = cache_dirs(config)
-    if (text_dir, binary_dir) != (caches.texts.folder, caches.binaries.root):
-        try:
+        text_dir, binary_dir = cache_dirs(config)
+        moved = (text_dir, binary_dir) != (caches.texts.folder, caches.binaries.root)
+        if moved:
             make_dirs(text_dir, TEXT_DIR_MODE)
             make_dirs(binary_dir, BINARY_DIR_MODE)
-            watcher = TextFolderWatcher(str(text_dir), config["cache.debounce_ms"] / 1000, caches.refresh)
-        except OSError as exc:
-            log.error("reload: cannot use cache folders %s, %s: %s; keeping the old ones", text_dir, binary_dir, exc)
-        else:
-            daemon.watcher.stop()
-            caches.relocate(TextStore(text_dir, config["cache.max_text_bytes"]), BinaryStore(binary_dir, caches.binaries.identity))
-            daemon.watcher = watcher
-            watcher.start()
-            daemon.watch_paths()
-            log.info("reload: caches now in %s and %s", text_dir, binary_dir)
+            watcher = TextFolderWatcher(str(text_dir), config.cache.debounce_ms / 1000, caches.refresh)
+    except (ConfigError, OSError) as exc:
+        log.error("reload refused, keeping the running configuration: %s", exc)
+        notifier.ready(status.line(ctx))
+        return
+    old, ctx.config = ctx.config, config
+    apply_log_level(config)
+    daemon.connections.configure(config.daemon)
+    ctx.worker.configure(config.daemon)
+    caches.configure(config.cache)
+    daemon.paths.configure(config.cache)
+    if moved:
+        ctx.disk.submit(caches.relocate, TextStore(text_dir, config.cache.max_text_bytes), BinaryStore(binary_dir, caches.binaries.identity))
+        daemon.paths.use_text_folder(watcher)
+        log.info("reload: caches now in %s and %s", text_dir, binary_dir)
 
-    if any(config[k] != old[k] for k in MODEL_KEYS):
+    if config.model_differs(old):
         log.info("reload: the model configuration changed; loading it after the queued requests")
 
         def swapped(backend: Backend, reason: str | None, error: str | None) -> None:
-            if error is not None and daemon.config is config:
+            if error is not None and ctx.config is config:
                 # Still serving the old model: its settings stay the running ones, so the
                 # next reload with these settings (a copy that has now ended) tries again.
-                daemon.config = _with_model_of(old, config)
-            daemon.backend_replaced(backend, reason, error)
+                ctx.config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend=old.daemon.backend),
+                                                 model=old.model, rkllm=old.rkllm)
+            _swapped(daemon, reason, error)
 
-        daemon.worker.replace_backend(lambda: load_backend(config, daemon.notifier), done=swapped)
+        ctx.worker.replace_backend(lambda: load_backend(config, notifier), done=swapped)
         return
     log.info("configuration reloaded")
-    daemon.notifier.ready(daemon.status_line())
+    notifier.ready(status.line(ctx))
 
 
-def _with_model_of(serving: Config, config: Config) -> Config:
-    """``config`` with the model settings of ``serving`` (the ones the running model was loaded with)."""
-    def source(key: str) -> Config:
-        return serving if key in MODEL_KEYS else config
-
-    return Config({o.dotted: source(o.dotted)[o.dotted] for o in OPTIONS},
-                  {o.dotted: source(o.dotted).sources[o.dotted] for o in OPTIONS}, config.file)
+def _swapped(daemon: Daemon, reason: str | None, error: str | None) -> None:
+    """From the worker, after a reload's model swap (or its failure)."""
+    if reason is not None:
+        daemon.ctx.backend_reason = reason
+    daemon.notifier.ready(f"reload failed, still serving the old model: {error}" if error else status.line(daemon.ctx))
+    daemon.outbox.wake()  # to refresh the status line

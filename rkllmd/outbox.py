@@ -59,7 +59,6 @@ class Outbox:
         self._lock = threading.Lock()
         self._plain: deque[tuple[bytes, dict[str, Any]]] = deque()
         self._streams: dict[int, Generation] = {}  # insertion-ordered set
-        self._changed_caches: set[str] = set()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signalled = False
 
@@ -82,10 +81,9 @@ class Outbox:
             self._plain.append((identity, message))
             self._wake()
 
-    def cache_changed(self, name: str) -> None:
-        """A cache's state changed (any thread): the loop re-checks ``cache wait`` requests."""
+    def wake(self) -> None:
+        """Wake the socket loop (any thread): what its status line shows may have changed."""
         with self._lock:
-            self._changed_caches.add(name)
             self._wake()
 
     def stream(self, gen: Generation, type_: str, **fields: Any) -> None:
@@ -107,8 +105,8 @@ class Outbox:
                 gen.token_woke_at = now
             self._wake()
 
-    def take(self) -> tuple[list[tuple[bytes, dict[str, Any]]], list[tuple[Generation, list[dict[str, Any]]]], set[str]]:
-        """Everything waiting: standalone replies, each stream's messages in order, changed caches."""
+    def take(self) -> tuple[list[tuple[bytes, dict[str, Any]]], list[tuple[Generation, list[dict[str, Any]]]]]:
+        """Everything waiting: standalone replies, and each stream's messages in order."""
         with self._lock:
             try:
                 os.read(self._wake_r, 4096)
@@ -121,8 +119,7 @@ class Outbox:
             for gen in self._streams.values():
                 gen.messages = []
             self._streams.clear()
-            changed, self._changed_caches = self._changed_caches, set()
-        return plain, streams, changed
+        return plain, streams
 
     def give_back(self, gen: Generation, unsent: list[dict[str, Any]]) -> None:
         """Messages a slow client could not take yet go back in front, merged with newer text."""

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from .backends.base import Backend, BackendError, ContextOverflow
 from .caches.binary import BinaryStore
-from .caches.manager import CacheManager
+from .caches.manager import PromptCaches
+from .config import DaemonConfig
 from .outbox import Generation, Outbox
 from .protocol import ErrorCode, WireError
 
@@ -26,7 +27,7 @@ MODEL_SWAP_ALLOWANCE_S = 300.0
 
 
 @dataclass(eq=False)
-class CacheBuild:
+class BinaryCacheBuild:
     name: str
 
 
@@ -55,16 +56,16 @@ class Counters:
 
 
 class ModelWorker:
-    def __init__(self, backend: Backend, outbox: Outbox, max_queue: int):
+    def __init__(self, backend: Backend, outbox: Outbox, config: DaemonConfig):
         self.backend = backend
         self.outbox = outbox
-        self.max_queue = max_queue
-        self.caches: CacheManager | None = None
+        self.max_queue = config.max_queue
+        self.caches: PromptCaches | None = None
         self.counters = Counters()
         self.last_error: str | None = None
-        self._jobs: deque[Generation | CacheBuild | BackendSwap] = deque()
+        self._jobs: deque[Generation | BinaryCacheBuild | BackendSwap] = deque()
         self._cond = threading.Condition()
-        self._running: Generation | CacheBuild | BackendSwap | None = None
+        self._running: Generation | BinaryCacheBuild | BackendSwap | None = None
         self._accepting = True
         self._stopping = False
         self.last_progress = time.monotonic()
@@ -72,6 +73,10 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
     # -- called from the socket loop (or the cache watcher) ----------------------
+
+    def configure(self, config: DaemonConfig) -> None:
+        """Apply a reloaded [daemon] section (the queue limit; requests already queued stay)."""
+        self.max_queue = config.max_queue
 
     def start(self) -> None:
         self._thread.start()
@@ -92,9 +97,9 @@ class ModelWorker:
 
     def schedule_build(self, name: str) -> None:
         with self._cond:
-            if any(isinstance(j, CacheBuild) and j.name == name for j in self._jobs):
+            if any(isinstance(j, BinaryCacheBuild) and j.name == name for j in self._jobs):
                 return
-            self._jobs.append(CacheBuild(name))
+            self._jobs.append(BinaryCacheBuild(name))
             self._cond.notify()
 
     def replace_backend(self, load: Callable[[], tuple[Backend, str]], done: Callable[[Backend, str | None, str | None], None]) -> None:
@@ -133,8 +138,8 @@ class ModelWorker:
             return {
                 "running": "generate" if isinstance(running, Generation) else ("cache_build" if running else None),
                 "queued": sum(isinstance(j, Generation) for j in self._jobs),
-                "builds_queued": sum(isinstance(j, CacheBuild) for j in self._jobs),
-                "building": running.name if isinstance(running, CacheBuild) else None,
+                "builds_queued": sum(isinstance(j, BinaryCacheBuild) for j in self._jobs),
+                "building": running.name if isinstance(running, BinaryCacheBuild) else None,
             }
 
     def healthy(self, within: float) -> bool:
@@ -187,7 +192,7 @@ class ModelWorker:
             try:
                 if isinstance(job, Generation):
                     self._generate(job)
-                elif isinstance(job, CacheBuild):
+                elif isinstance(job, BinaryCacheBuild):
                     assert self.caches is not None
                     self.caches.build(job.name)
                 else:

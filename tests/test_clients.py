@@ -2,7 +2,7 @@
 
 A client that stops reading (SIGSTOP) costs the daemon a bounded buffer and the other
 clients at most ``slow_client_timeout`` (plus the few dozen tokens it takes to fill the
-small send queue, see rkllmd/server.py); its generation is then aborted, and it learns
+small send queue, see rkllmd/connections.py); its generation is then aborted, and it learns
 so if it ever reads again. A flood of requests from a client that then stops is held up
 to a limit and dropped after the timeout. Clients that vanish together free the worker
 and the queue; hundreds of connections opened and closed leave no file descriptor or
@@ -27,7 +27,7 @@ from conftest import ROOT, DaemonProcess
 from reliability import fd_count, figures_fixture, poll, rss_kb
 from rkllmctl import DaemonUnreachable
 from rkllmctl.client import PROBE_BUSY_S, probe
-from rkllmd.server import CONNECTION_SNDBUF, SEND_HWM
+from rkllmd.connections import CONNECTION_SNDBUF, SEND_HWM
 
 figures = figures_fixture()
 

@@ -41,6 +41,47 @@ def test_bad_config_files_are_refused_with_the_key(tmp_path: Path, text: str, me
         load(config_file, environ={})
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[daemon]\nmax_queue = -1\n", "daemon.max_queue .*expected 1 to 100000, got -1"),
+        ("[daemon]\nmax_queue = 2.5\n", "daemon.max_queue .*expected int"),
+        ("[daemon]\nmax_queue = true\n", "daemon.max_queue .*expected int"),
+        ("[daemon]\nlog_level = 'loud'\n", "daemon.log_level .*expected one of debug, info, warning, error"),
+        ("[daemon]\nbackend = 'gpu'\n", "daemon.backend"),
+        ("[daemon]\nslow_client_timeout = nan\n", "slow_client_timeout .*finite"),
+        ("[daemon]\nsocket = 5\n", "daemon.socket .*expected str"),
+        ("[model]\nkernels = 'fast'\n", "model.kernels .*auto, c, numpy"),
+        ("[model]\nkeep_weights = 'no'\n", "model.keep_weights .*expected bool"),
+        ("[sampling]\ntop_p = 1.5\n", "sampling.top_p"),
+        ("[sampling]\nmax_tokens = 5000\n", "sampling.max_tokens .*daemon.max_tokens_limit"),
+        ("[rkllm]\nruntime = '2.0'\n", "rkllm.runtime"),
+        ("[rkllm]\ntemplate = 'llama9'\n", "rkllm.template"),
+        ("[cache]\nmemory_budget_mb = -5\n", "cache.memory_budget_mb"),
+    ],
+)
+def test_values_out_of_range_or_choices_are_refused_at_load(tmp_path: Path, text: str, message: str) -> None:
+    config_file = tmp_path / "rkllmd.toml"
+    config_file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load(config_file, environ={})
+
+
+def test_environment_booleans_are_words_not_anything_else() -> None:
+    assert load(None, environ={"RKLLMD_MODEL_KEEP_WEIGHTS": "off", "RKLLMD_CONFIG": ""}).model.keep_weights is False
+    assert load(None, environ={"RKLLMD_MODEL_KEEP_WEIGHTS": "Yes", "RKLLMD_CONFIG": ""}).model.keep_weights is True
+    with pytest.raises(ConfigError, match="RKLLMD_MODEL_KEEP_WEIGHTS.*'maybe'"):
+        load(None, environ={"RKLLMD_MODEL_KEEP_WEIGHTS": "maybe", "RKLLMD_CONFIG": ""})
+
+
+def test_sections_are_typed_objects() -> None:
+    config = load(None, environ={"RKLLMD_SAMPLING_TOP_P": "0.5", "RKLLMD_CONFIG": ""})
+    assert config.sampling.top_p == 0.5 and config["sampling.top_p"] == 0.5
+    assert config.daemon.slow_client_timeout == 10.0 and isinstance(config.daemon.slow_client_timeout, float)
+    assert config.model_differs(load(None, environ={"RKLLMD_MODEL_CONTEXT_LENGTH": "512", "RKLLMD_CONFIG": ""}))
+    assert not config.model_differs(load(None, environ={"RKLLMD_SAMPLING_TOP_K": "5", "RKLLMD_CONFIG": ""}))
+
+
 def test_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="RKLLMD_MAX_QUEUE"):
         load(None, environ={"RKLLMD_MAX_QUEUE": "lots", "RKLLMD_CONFIG": ""})
@@ -57,6 +98,8 @@ def test_shipped_config_documents_every_key_with_its_default() -> None:
     table = tomllib.loads(uncommented)
     documented = {f"{s}.{k}": v for s, keys in table.items() for k, v in keys.items()}
     assert documented == {o.dotted: o.default for o in OPTIONS}
+    for option in OPTIONS:  # each key's line says what the typed configuration says of it
+        assert f"# {option.help} ({option.env})\n# {option.key} = " in text, option.dotted
     assert load(ROOT / "etc" / "rkllmd.toml", environ={})["daemon.backend"] == "auto"
 
 

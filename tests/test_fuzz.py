@@ -15,6 +15,7 @@ Deterministic (``derandomize``): every CI run sends the same messages.
 from __future__ import annotations
 
 import random
+import struct
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 
 from conftest import DaemonProcess
 from reliability import RawPeer, check_envelope, documented_errors, figures_fixture, rss_kb
+from rkllmd.schema import OPERATIONS, Setting
 
 figures = figures_fixture()
 
@@ -35,26 +37,32 @@ MAX_DEPTH = 16
 MAX_ARRAY, MAX_MAP = 1 << 16, 1 << 12
 MAX_PROMPT_CHARS = 262144
 MIN_MESSAGES = 5000
+#: Messages each family must have sent at full scale (hypothesis may stop a family early
+#: when its examples run out; a family that shrank would otherwise pass unnoticed).
+MIN_PER_FAMILY = {
+    "random_bytes": 1000, "mutated": 1500, "deep": 140, "wrong_field": 2000,
+    "envelope": 650, "frames": 450, "huge": 55, "free_form": 380,
+}
 RSS_GROWTH_LIMIT_KB = 6 * 1024
 
 MALFORMED, UNSUPPORTED_VERSION, UNKNOWN_OP, INVALID_FIELD, TOO_LARGE, INVALID_NAME = 100, 101, 102, 103, 104, 106
+#: The daemon's defaults where a field's bound is a setting (docs/protocol.md, etc/rkllmd.toml).
+SETTINGS = {"daemon.max_tokens_limit": 4096}
+_FUZZ_KINDS = {"str": "str", "name": "str", "int": "int", "float": "float", "bool": "bool", "id": "target", "messages": "messages", "stops": "stop"}
 
-# Every operation's fields as docs/protocol.md gives them: kind, range, and a valid request.
-KNOWN_OPS = ["cache.ls", "cache.put", "cache.rebuild", "cache.rm", "cache.show", "cache.wait", "cancel", "generate", "ping", "status"]
+
+def _bound(value: Any) -> Any:
+    return SETTINGS[value.key] if isinstance(value, Setting) else value
+
+
+# Every operation's fields, from the protocol schema: kind, required, and range.
+KNOWN_OPS = sorted(OPERATIONS)
 FIELDS: dict[str, dict[str, tuple]] = {
-    "generate": {
-        "prompt": ("str", True), "system": ("str", False), "messages": ("messages", False), "cache": ("str", False),
-        "no_cache": ("bool", False), "temperature": ("float", False, 0, 10), "top_k": ("int", False, 0, 100_000),
-        "top_p": ("float", False, 0, 1), "repeat_penalty": ("float", False, 0, 10), "seed": ("int", False, 0, 2**64 - 1),
-        "max_tokens": ("int", False, 1, 4096), "stop": ("stop", False),
-    },
-    "cancel": {"target": ("target", True)},
-    "status": {}, "ping": {}, "cache.ls": {},
-    "cache.show": {"name": ("str", True)},
-    "cache.put": {"name": ("str", True), "text": ("str", True)},
-    "cache.rm": {"name": ("str", True)},
-    "cache.rebuild": {"name": ("str", False)},
-    "cache.wait": {"name": ("str", True), "timeout": ("float", False, 0, 3600)},
+    op.name: {
+        f.name: (_FUZZ_KINDS[f.kind], f.required or f.name == (op.one_of or ("",))[0], *((_bound(f.low), _bound(f.high)) if f.kind in ("int", "float") else ()))
+        for f in op.fields
+    }
+    for op in OPERATIONS.values()
 }
 # Valid except for what a test changes; none of them starts work or writes a file once a
 # field is wrong (names that do not exist, a cancel of nothing).
@@ -141,15 +149,81 @@ def pack(obj: Any) -> bytes:
 
 
 # -- the reference model of docs/protocol.md's envelope rules ---------------------------------
+# Written from the msgpack specification (github.com/msgpack/msgpack/blob/master/spec.md) and
+# docs/protocol.md, not from the daemon's decoder: a message is one msgpack object, a map
+# whose keys are strings, no ext types, at most 16 levels deep (the message is level 1, what
+# a map or an array holds one level more), no array over 65,536 items, no map over 4,096 keys.
 
-def _depth(value: Any, level: int = 1) -> int:
+class Refused(Exception):
+    """The reference model calls the message malformed."""
+
+
+def decode(data: bytes) -> Any:
+    value, end = _decode(data, 0, 1)
+    if end != len(data):
+        raise Refused("bytes after the message")
+    return value
+
+
+def _take(data: bytes, at: int, n: int) -> tuple[bytes, int]:
+    if at + n > len(data):
+        raise Refused("truncated")
+    return data[at:at + n], at + n
+
+
+def _uint(data: bytes, at: int, n: int) -> tuple[int, int]:
+    raw, at = _take(data, at, n)
+    return int.from_bytes(raw, "big"), at
+
+
+def _decode(data: bytes, at: int, level: int) -> tuple[Any, int]:
     if level > MAX_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level)
-    return level
+        raise Refused("too deep")
+    raw, at = _take(data, at, 1)
+    b = raw[0]
+    if b <= 0x7F:
+        return b, at
+    if b >= 0xE0:
+        return b - 0x100, at
+    if 0xA0 <= b <= 0xBF or b in (0xD9, 0xDA, 0xDB):
+        n, at = (b & 0x1F, at) if b <= 0xBF else _uint(data, at, 1 << (b - 0xD9))
+        raw, at = _take(data, at, n)
+        try:
+            return raw.decode("utf-8"), at
+        except UnicodeDecodeError:
+            raise Refused("a str that is not UTF-8") from None
+    if b in (0xC4, 0xC5, 0xC6):
+        n, at = _uint(data, at, 1 << (b - 0xC4))
+        return _take(data, at, n)
+    if b in (0xC0, 0xC2, 0xC3):
+        return {0xC0: None, 0xC2: False, 0xC3: True}[b], at
+    if b in (0xCA, 0xCB):
+        raw, at = _take(data, at, 4 if b == 0xCA else 8)
+        return struct.unpack(">f" if b == 0xCA else ">d", raw)[0], at
+    if 0xCC <= b <= 0xD3:
+        raw, at = _take(data, at, 1 << ((b - 0xCC) % 4))
+        return int.from_bytes(raw, "big", signed=b >= 0xD0), at
+    if 0x90 <= b <= 0x9F or b in (0xDC, 0xDD):
+        n, at = (b & 0x0F, at) if b <= 0x9F else _uint(data, at, 2 if b == 0xDC else 4)
+        if n > MAX_ARRAY:
+            raise Refused("array too long")
+        items = []
+        for _ in range(n):
+            item, at = _decode(data, at, level + 1)
+            items.append(item)
+        return items, at
+    if 0x80 <= b <= 0x8F or b in (0xDE, 0xDF):
+        n, at = (b & 0x0F, at) if b <= 0x8F else _uint(data, at, 2 if b == 0xDE else 4)
+        if n > MAX_MAP:
+            raise Refused("map too large")
+        result = {}
+        for _ in range(n):
+            key, at = _decode(data, at, level + 1)
+            if not isinstance(key, (str, bytes)):
+                raise Refused("a map key that is not a string")
+            result[key], at = _decode(data, at, level + 1)
+        return result, at
+    raise Refused(f"ext type or reserved byte 0x{b:02x}")  # 0xc1, 0xc7-0xc9, 0xd4-0xd8
 
 
 def expected(data: bytes) -> tuple[int | None, Any, Any]:
@@ -157,11 +231,10 @@ def expected(data: bytes) -> tuple[int | None, Any, Any]:
     if len(data) > MAX_MESSAGE:
         return TOO_LARGE, None, None
     try:
-        request = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE, max_str_len=MAX_MESSAGE,
-                                  max_array_len=MAX_ARRAY, max_map_len=MAX_MAP, max_ext_len=0)
-    except Exception:
+        request = decode(data)
+    except Refused:
         return MALFORMED, None, None
-    if not isinstance(request, dict) or _depth(request) > MAX_DEPTH:
+    if not isinstance(request, dict):
         return MALFORMED, None, None
     rid = request.get("id")
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or isinstance(rid, str) and len(rid) > 128:
@@ -248,8 +321,9 @@ class Session:
 FUZZ = settings(derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=False)
 
 
-def fuzz(session: Session, scale: float) -> None:
-    """Every family of hostile message; ``scale`` multiplies the number of examples."""
+def fuzz(session: Session, scale: float) -> dict[str, int]:
+    """Every family of hostile message; ``scale`` multiplies the number of examples.
+    Returns the messages sent per family."""
 
     def n(count: int) -> int:
         return max(1, int(count * scale))
@@ -365,8 +439,12 @@ def fuzz(session: Session, scale: float) -> None:
             request["timeout"] = min(request["timeout"], 0.1)  # a valid wait must not hold the fuzzer
         session.expect(pack(request))
 
+    sent = {}
     for family in (random_bytes, mutated, deep, wrong_field, envelope, frames, huge, free_form):
+        before = session.sent
         family()
+        sent[family.__name__] = session.sent - before
+    return sent
 
 
 def pipelined(session: Session, count: int) -> None:
@@ -400,7 +478,7 @@ def test_thousands_of_hostile_messages_get_documented_answers(fuzz_daemon: Daemo
     fuzz(session, scale=0.08)  # warm-up: every code path once, before the memory baseline
     pipelined(session, 200)
     baseline_kb = rss_kb(pid)
-    fuzz(session, scale=1.0)
+    per_family = fuzz(session, scale=1.0)
     pipelined(session, 2000)
     elapsed = time.monotonic() - started
     after_kb = rss_kb(pid)
@@ -420,7 +498,9 @@ def test_thousands_of_hostile_messages_get_documented_answers(fuzz_daemon: Daemo
     growth_kb = after_kb - baseline_kb
     figures.record("fuzz", messages=session.sent, error_replies=session.error_replies, seconds=round(elapsed, 1),
                    rss_baseline_mb=round(baseline_kb / 1024, 1), rss_growth_kb=growth_kb,
-                   codes=dict(sorted(session.by_code.items())))
+                   codes=dict(sorted(session.by_code.items())), per_family=per_family)
+    short = {family: n for family, n in per_family.items() if n < MIN_PER_FAMILY[family]}
+    assert not short, f"families that sent fewer messages than their minimum {MIN_PER_FAMILY}: {short}"
     assert growth_kb <= RSS_GROWTH_LIMIT_KB, f"RSS grew by {growth_kb} KiB over {session.sent} messages"
 
 

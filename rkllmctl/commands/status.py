@@ -26,7 +26,7 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     caches = status["caches"]
     states = ", ".join(f"{n} {s}" for s, n in sorted(caches["states"].items())) or "none"
     memory = caches["memory"]
-    print(f"rkllmd {status['version']} (protocol {status['protocol']}), pid {status['pid']}, up {status['uptime_s']:.0f} s")
+    print(f"rkllmd {status['version']} (protocol {'.'.join(map(str, status['protocol']))}), pid {status['pid']}, up {status['uptime_s']:.0f} s")
     print(f"socket:   {status['socket']}")
     print(f"backend:  {status['backend']} ({status['backend_reason']})")
     print(f"model:    {model.get('name', '?')}  context {model.get('context_length', '?')}  {model.get('path', '')}")

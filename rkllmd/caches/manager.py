@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..backends.base import Backend, BackendError, BuildCancelled, PrefixState
+from ..config import CacheConfig
 from .binary import BinaryCacheInvalid, BinaryStore
 from .text import TextCacheError, TextStore
 
@@ -87,7 +88,10 @@ class PrefixLRU:
         return list(self._items)
 
 
-class CacheManager:
+class PromptCaches:
+    """Every prompt cache: its text cache's state, its binary cache's, and the prefix states
+    held in memory (see docs/glossary.md)."""
+
     def __init__(
         self,
         texts: TextStore,
@@ -107,6 +111,12 @@ class CacheManager:
         self._entries: dict[str, Entry] = {}
         self.builds = 0  # builds that ran (requests deduplicated away are not counted)
         self._verified_files: dict[str, tuple[int, ...] | None] = {}  # state file identity when last verified
+
+    def configure(self, config: CacheConfig) -> None:
+        """Apply a reloaded [cache] section: the memory budget, the largest text read."""
+        with self._lock:
+            self.lru.budget = config.memory_budget_mb << 20
+            self.texts.max_bytes = config.max_text_bytes
 
     # -- any thread ---------------------------------------------------------------
 

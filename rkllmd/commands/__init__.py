@@ -1,19 +1,27 @@
-"""One module per operation. Each exposes ``OP`` and ``execute(daemon, identity, request)``.
+"""One module per operation. Each exposes ``OP`` and ``execute(ctx, request)``.
 
-``execute`` returns the result map for a one-shot reply, or None when it replies on its
-own (a generation's stream, a ``cache.wait`` that is answered later). It raises
-WireError for anything the client did wrong; the socket loop turns that into a reply.
+The socket loop checks a request's fields against the protocol schema (rkllmd/schema.py)
+before ``execute`` sees them. ``execute`` returns the result map of a one-shot reply;
+or a Future (as circus's commands do) when the answer comes later (a ``cache.wait``,
+work that reads or hashes files and so runs off the loop), resolved with the result map
+or a WireError; or None when the operation answers with its own stream (``generate``).
+It raises WireError for anything the client did wrong; the loop turns that into a reply.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any, Callable
 
+from ..schema import OPERATIONS
 from . import cache_ls, cache_put, cache_rebuild, cache_rm, cache_show, cache_wait, cancel, generate, ping, status
+from .context import Context, Request
 
-Execute = Callable[[Any, bytes, dict[str, Any]], dict[str, Any] | None]
+Reply = dict[str, Any] | Future | None
+Execute = Callable[[Context, Request], Reply]
 
 REGISTRY: dict[str, Execute] = {
     module.OP: module.execute
     for module in (generate, cancel, status, ping, cache_ls, cache_show, cache_put, cache_rm, cache_rebuild, cache_wait)
 }
+assert REGISTRY.keys() == OPERATIONS.keys(), "every operation of the schema has its command, and no other"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from concurrent.futures import Future
+from .context import Context, Request
 
 OP = "cache.ls"
 
 
-def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, Any]:
-    return {"caches": daemon.caches.listing(), "memory": daemon.caches.memory()}
+def execute(ctx: Context, request: Request) -> Future:
+    return ctx.disk.submit(lambda: {"caches": ctx.caches.listing(), "memory": ctx.caches.memory()})  # listing reads the folder

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
-from ..caches.names import check_name
 from ..caches.text import TextCacheError
 from ..protocol import ErrorCode, WireError
-from .validate import get
+from .context import Context, Request
 
 OP = "cache.put"
 
 
-def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, Any]:
-    name = check_name(get(request, "name", str))
-    text = get(request, "text", str)
+def execute(ctx: Context, request: Request) -> Future:
+    return ctx.disk.submit(_put, ctx, request.args["name"], request.args["text"])
+
+
+def _put(ctx: Context, name: str, text: str) -> dict[str, Any]:
     try:
-        daemon.caches.texts.write(name, text)
+        ctx.caches.texts.write(name, text)
     except TextCacheError as exc:
         raise WireError(ErrorCode.INVALID_FIELD, f"text cache {name}: {exc}", field="text") from None
     except OSError as exc:
         raise WireError(ErrorCode.STORAGE, f"cannot write text cache {name}: {exc.strerror}", errno=exc.errno) from None
-    entry = daemon.caches.refresh(name)
+    entry = ctx.caches.refresh(name)
     return entry.public()

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
-from ..caches.names import check_name
 from ..protocol import ErrorCode, WireError
-from .validate import get
+from .context import Context, Request
 
 OP = "cache.rebuild"
 
 
-def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, Any]:
-    name = get(request, "name", str, None)
-    names = [check_name(name)] if name is not None else daemon.caches.texts.names()
-    queued = []
-    for each in names:
-        if daemon.caches.refresh(each, force=True) is not None:
-            queued.append(each)
+def execute(ctx: Context, request: Request) -> Future:
+    return ctx.disk.submit(_rebuild, ctx, request.args["name"])
+
+
+def _rebuild(ctx: Context, name: str | None) -> dict[str, Any]:
+    names = [name] if name is not None else ctx.caches.texts.names()
+    queued = [each for each in names if ctx.caches.refresh(each, force=True) is not None]
     if name is not None and not queued:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
     return {"queued": queued}

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
-from ..caches.names import check_name
 from ..protocol import ErrorCode, WireError
-from .validate import get
+from .context import Context, Request
 
 OP = "cache.rm"
 
 
-def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, Any]:
-    name = check_name(get(request, "name", str))
+def execute(ctx: Context, request: Request) -> Future:
+    return ctx.disk.submit(_remove, ctx, request.args["name"])
+
+
+def _remove(ctx: Context, name: str) -> dict[str, Any]:
     try:
-        existed = daemon.caches.texts.remove(name)
+        existed = ctx.caches.texts.remove(name)
     except OSError as exc:
         raise WireError(ErrorCode.STORAGE, f"cannot remove text cache {name}: {exc.strerror}", errno=exc.errno) from None
-    daemon.caches.forget(name)
+    ctx.caches.forget(name)
     if not existed:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
     return {"name": name, "removed": True}

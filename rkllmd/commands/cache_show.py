@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
-from ..caches.names import check_name
 from ..caches.text import TextCacheError
 from ..protocol import ErrorCode, WireError
-from .validate import get
+from .context import Context, Request
 
 OP = "cache.show"
 
 
-def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, Any]:
-    name = check_name(get(request, "name", str))
+def execute(ctx: Context, request: Request) -> Future:
+    return ctx.disk.submit(_show, ctx, request.args["name"])
+
+
+def _show(ctx: Context, name: str) -> dict[str, Any]:
+    path = str(ctx.caches.texts.path(name))
     try:
-        text = daemon.caches.texts.read(name)
+        text = ctx.caches.texts.read(name)
     except TextCacheError as exc:
-        entry = daemon.caches.refresh(name)
-        return {**entry.public(), "text": None, "path": str(daemon.caches.texts.path(name)), "error": str(exc)}
+        entry = ctx.caches.refresh(name)
+        return {**entry.public(), "text": None, "sha256": None, "path": path, "error": str(exc)}
     if text is None:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
-    entry = daemon.caches.refresh(name)
-    return {**entry.public(), "text": text.text, "sha256": text.sha256, "path": str(daemon.caches.texts.path(name))}
+    entry = ctx.caches.refresh(name)
+    return {**entry.public(), "text": text.text, "sha256": text.sha256, "path": path, "error": None}

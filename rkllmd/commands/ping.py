@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
-from ..protocol import PROTOCOL_VERSION
+from ..schema import PROTOCOL
+from .context import Context, Request
 
 OP = "ping"
 
 
-def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, Any]:
-    return {"pong": True, "version": __version__, "protocol": PROTOCOL_VERSION}
+def execute(ctx: Context, request: Request) -> dict[str, Any]:
+    return {"pong": True, "version": __version__, "protocol": list(PROTOCOL)}

@@ -1,11 +1,68 @@
-"""status: what the daemon runs and how it is doing."""
+"""status: what the daemon runs and how it is doing (and its one-line form for systemd)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
 from typing import Any
+
+from .. import __version__
+from ..protocol import MAX_MESSAGE_BYTES
+from ..schema import PROTOCOL
+from .context import Context, Request
 
 OP = "status"
 
 
-def execute(daemon: Any, identity: bytes, request: dict[str, Any]) -> dict[str, Any]:
-    return daemon.status()
+def execute(ctx: Context, request: Request) -> dict[str, Any]:
+    return report(ctx)
+
+
+def report(ctx: Context) -> dict[str, Any]:
+    backend, worker, caches = ctx.worker.backend, ctx.worker, ctx.caches
+    return {
+        "version": __version__,
+        "protocol": list(PROTOCOL),
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - ctx.started, 1),
+        "socket": str(ctx.socket),
+        "backend": backend.kind,
+        "backend_reason": ctx.backend_reason,
+        "model": backend.describe(),
+        "worker": worker.activity(),
+        "healthy": worker.healthy(within=60.0),
+        "counters": {**dataclasses.asdict(ctx.traffic), **worker.counters.as_dict()},
+        "caches": {
+            "text_dir": str(caches.texts.folder),
+            "binary_dir": str(caches.binaries.folder),
+            "states": caches.counts(),
+            "builds": caches.builds,
+            "memory": caches.memory(),
+        },
+        "limits": {
+            "max_queue": worker.max_queue,
+            "max_tokens": ctx.config.daemon.max_tokens_limit,
+            "max_prompt_chars": ctx.config.daemon.max_prompt_chars,
+            "max_message_bytes": MAX_MESSAGE_BYTES,
+        },
+    }
+
+
+def line(ctx: Context) -> str:
+    """One line for `systemctl status`: what runs, how busy, caches, the last error."""
+    worker = ctx.worker
+    activity = worker.activity()
+    states = ctx.caches.counts()
+    doing = "generating" if activity["running"] == "generate" else f"building cache {activity['building']}" if activity["building"] else "idle"
+    parts = [
+        f"{worker.backend.describe().get('name', '?')} on {worker.backend.kind}",
+        f"{doing}, {activity['queued']} queued",
+        f"caches: {states.get('ready', 0)} ready, {activity['builds_queued'] + (1 if activity['building'] else 0)} building",
+        f"{worker.counters.completed} served",
+    ]
+    if states.get("failed"):
+        parts.append(f"{states['failed']} cache(s) failed")
+    if worker.last_error:
+        parts.append(f"last error: {worker.last_error}")
+    return "; ".join(parts)

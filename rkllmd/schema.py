@@ -1,0 +1,316 @@
+"""The protocol's operations, declared once: request fields, reply keys, errors, versions.
+
+The daemon validates requests with ``parse``, the client builds its requests from
+``OPERATIONS``, the tests check every reply against it, and docs/protocol.md's tables
+are generated from it (``python -m rkllmd.schema docs/protocol.md`` rewrites them; a
+test fails when they differ). Light on purpose: clients import it.
+
+Versions: ``PROTOCOL_VERSION`` (the ``v`` of every message) changes only for an
+incompatible change; ``PROTOCOL_MINOR`` counts compatible additions (operations, fields,
+reply keys, error codes), each declared with the minor that added it, so a client that
+reads ``protocol: [1, N]`` from ``ping`` knows which it may use.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .caches.names import check_name
+from .protocol import PROTOCOL_VERSION, ErrorCode, WireError
+from .templates import ROLES
+
+#: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
+PROTOCOL_MINOR = 1
+MINOR_VERSIONS = {
+    0: "the first protocol: every operation and field not marked otherwise",
+    1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
+}
+PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A default or bound read from the daemon's configuration when the request arrives."""
+
+    key: str
+
+    def __str__(self) -> str:
+        return f"`{self.key}`"
+
+
+Bound = float | int | Setting | None
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str  # see _KINDS
+    doc: str
+    required: bool = False
+    default: Any = None  # None: absent (the operation decides); a Setting: from the configuration
+    low: Bound = None
+    high: Bound = None
+    default_doc: str | None = None  # for the table, when the default is not a value
+    since: int = 0
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    doc: str
+    fields: tuple[Field, ...] = ()
+    #: Keys of the result map, or None: the replies are a generation's stream (STREAM).
+    result: tuple[str, ...] | None = ()
+    #: Give exactly one of these two fields (the first is the one reported missing).
+    one_of: tuple[str, str] | None = None
+    since: int = 0
+
+    def field(self, name: str) -> Field:
+        return next(f for f in self.fields if f.name == name)
+
+
+MAX_MESSAGES = 1024
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_WAIT_S = 3600.0
+
+#: A cache entry, as cache.ls lists it and the other cache operations return it.
+ENTRY = ("name", "state", "reason", "text_bytes", "tokens", "built_at", "build_ms", "binary_bytes")
+#: Messages of a generation's stream and their keys (besides v, id, type).
+STREAM: dict[str, tuple[str, ...]] = {
+    "queued": ("seq", "position"),
+    "started": ("seq", "queue_ms"),
+    "token": ("seq", "text"),
+    "done": ("seq", "finish_reason", "reason", "cache", "stats"),
+}
+#: Every type of message the daemon sends.
+REPLY_TYPES = frozenset({"result", "error", *STREAM})
+STATS = ("prompt_tokens", "cached_tokens", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
+STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits")
+
+_NAME = Field("name", "name", "the text cache's name", required=True)
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation(
+            "generate",
+            "queue a completion; its messages stream back",
+            (
+                Field("prompt", "str", "the user message (give `prompt` or `messages`)"),
+                Field("system", "str", "system message, with `prompt`", default_doc="model's default"),
+                Field("messages", "messages", f"a whole chat; roles {', '.join(f'`{r}`' for r in ROLES)}; 1–{MAX_MESSAGES} messages"),
+                Field("cache", "name", "use text cache NAME as the system message (the request must not carry its own)"),
+                Field("no_cache", "bool", "prefill everything, never restore a prompt cache (to measure the difference)", default=False),
+                Field("temperature", "float", "0 is greedy", default=Setting("sampling.temperature"), low=0.0, high=10.0),
+                Field("top_k", "int", "0 disables", default=Setting("sampling.top_k"), low=0, high=100_000),
+                Field("top_p", "float", "1.0 disables", default=Setting("sampling.top_p"), low=0.0, high=1.0),
+                Field("repeat_penalty", "float", "1.0 disables", default=Setting("sampling.repeat_penalty"), low=0.0, high=10.0),
+                Field("seed", "int", "same seed and parameters, same output", low=0, high=2**64 - 1, default_doc="random"),
+                Field("max_tokens", "int", "completion tokens at most", default=Setting("sampling.max_tokens"), low=1, high=Setting("daemon.max_tokens_limit")),
+                Field("stop", "stops", f"up to {MAX_STOPS} strings of ≤{MAX_STOP_CHARS} chars; generation ends before the first one, which is not sent", default=()),
+            ),
+            result=None,
+            one_of=("prompt", "messages"),
+        ),
+        Operation("cancel", "stop one of this client's generations, queued or running", (Field("target", "id", "the `id` of one of this client's generations", required=True),), ("target", "was")),
+        Operation("status", "what the daemon runs and how it is doing", result=STATUS),
+        Operation("ping", "the cheapest round trip", result=("pong", "version", "protocol")),
+        Operation("cache.ls", "every text cache with the state of its binary cache", result=("caches", "memory")),
+        Operation("cache.show", "one text cache, its text and its binary state", (_NAME,), ENTRY + ("text", "sha256", "path", "error")),
+        Operation("cache.put", "create or replace a text cache (its build is queued)", (_NAME, Field("text", "str", "the text", required=True)), ENTRY),
+        Operation("cache.rm", "delete a text cache and its binary caches", (_NAME,), ("name", "removed")),
+        Operation("cache.rebuild", "build binary caches again (one, or all)", (Field("name", "name", "the text cache's name", default_doc="all"),), ("queued",)),
+        Operation(
+            "cache.wait",
+            "answer once the binary cache matches the current text",
+            (_NAME, Field("timeout", "float", "seconds to wait", default=60.0, low=0.0, high=MAX_WAIT_S)),
+            ENTRY,
+        ),
+    )
+}
+
+#: What each error code means, for docs/protocol.md (every ErrorCode has a line; a test checks it).
+ERRORS: dict[ErrorCode, str] = {
+    ErrorCode.MALFORMED: "not one msgpack object (with string map keys and no ext types), not a map, nested deeper than 16, holding an array of more than 65,536 items or a map of more than 4,096 keys, or not exactly one frame",
+    ErrorCode.UNSUPPORTED_VERSION: "`v` missing or not the integer 1; `details.supported` lists versions",
+    ErrorCode.UNKNOWN_OP: "`details.known` lists the operations",
+    ErrorCode.INVALID_FIELD: "a field missing, of the wrong type or out of range; `details.field` names it",
+    ErrorCode.TOO_LARGE: "message over 1 MiB, or prompt over `daemon.max_prompt_chars`",
+    ErrorCode.DUPLICATE_ID: "this client already has a running request with this id",
+    ErrorCode.INVALID_NAME: "a cache name was refused",
+    ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting",
+    ErrorCode.NOT_FOUND: "no such cache, or no such running request",
+    ErrorCode.SHUTTING_DOWN: "the daemon is stopping; queued generations end with this",
+    ErrorCode.TIMEOUT: "`cache.wait` ran out of time",
+    ErrorCode.CONTEXT_OVERFLOW: "the prompt does not fit the context; `details.prompt_tokens`, `details.context_length`",
+    ErrorCode.BACKEND: "the model runtime failed; `details.runtime_code` when it gave one",
+    ErrorCode.CACHE_BUILD_FAILED: "a text cache cannot be used or its build failed",
+    ErrorCode.STORAGE: "a cache folder refused the change (read-only, full, permissions); `details.errno` names the system error",
+    ErrorCode.INTERNAL: "a bug in the daemon; it keeps serving",
+}
+
+# -- validation (the daemon) ------------------------------------------------------------
+
+_MISSING = object()
+_KIND_NAMES = {
+    "str": "a string", "name": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+    "id": "a string or an integer", "messages": "an array of messages", "stops": "an array of strings",
+}
+
+
+def parse(op: Operation, request: dict[str, Any], setting: Callable[[str], Any]) -> dict[str, Any]:
+    """Every field of ``op`` from ``request``, checked, defaults filled in (None: absent);
+    raise WireError (``invalid_field``, ``invalid_name``) naming the first wrong one."""
+    if op.one_of is not None:
+        first, second = op.one_of
+        if request.get(first) is not None and request.get(second) is not None:
+            raise WireError(ErrorCode.INVALID_FIELD, f"give either {second!r} or {first!r}, not both", field=second)
+    values = {}
+    for field in op.fields:
+        value = request.get(field.name)
+        if value is None:
+            required = field.required or (op.one_of is not None and field.name == op.one_of[0] and request.get(op.one_of[1]) is None)
+            if required:
+                raise WireError(ErrorCode.INVALID_FIELD, f"missing field {field.name!r}", field=field.name)
+            default = field.default
+            values[field.name] = setting(default.key) if isinstance(default, Setting) else default
+            continue
+        values[field.name] = _check(field, value, setting)
+    return values
+
+
+def _bound(bound: Bound, setting: Callable[[str], Any]) -> float | None:
+    return setting(bound.key) if isinstance(bound, Setting) else bound
+
+
+def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
+    def wrong(message: str | None = None) -> WireError:
+        return WireError(ErrorCode.INVALID_FIELD, message or f"field {field.name!r} must be {_KIND_NAMES[field.kind]}", field=field.name)
+
+    kind, is_number = field.kind, isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind in ("str", "name") and not isinstance(value, str) or kind == "bool" and not isinstance(value, bool):
+        raise wrong()
+    if kind == "id" and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise wrong(f"field {field.name!r} must be the id of a generate request")
+    if kind == "int" and not (is_number and isinstance(value, int)):
+        raise wrong()
+    if kind == "float":
+        if not is_number:
+            raise wrong()
+        value = float(value)
+        if value != value:
+            raise wrong(f"field {field.name!r} must be a number, not NaN")
+    if kind in ("int", "float"):
+        low, high = _bound(field.low, setting), _bound(field.high, setting)
+        if low is not None and value < low or high is not None and value > high:
+            raise wrong(f"field {field.name!r} must be between {low} and {high}")
+    if kind == "name":
+        return check_name(value)
+    if kind == "messages":
+        return _messages(field, value, wrong)
+    if kind == "stops":
+        if not isinstance(value, list) or len(value) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
+            raise wrong(f"'stop' must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
+        return tuple(value)
+    return value
+
+
+def _messages(field: Field, value: Any, wrong: Callable[..., WireError]) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise wrong()
+    if not value or len(value) > MAX_MESSAGES:
+        raise wrong(f"'messages' must hold 1 to {MAX_MESSAGES} messages")
+    messages = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise wrong(f"messages[{i}] must be a map")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise wrong(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise wrong(f"messages[{i}].content must be a string")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+# -- docs/protocol.md's tables ------------------------------------------------------------
+
+_KIND_DOCS = {"str": "str", "name": "str (cache name)", "int": "int", "float": "float", "bool": "bool", "id": "str or int", "messages": "array of `{role, content}`", "stops": "array of str"}
+
+
+def _range(field: Field) -> str:
+    if field.low is None and field.high is None:
+        return ""
+    high = "" if field.high is None else "2⁶⁴−1" if field.high == 2**64 - 1 else f"{field.high:,}" if isinstance(field.high, int) else str(field.high)
+    low = "" if field.low is None else str(field.low)
+    return f" {low}–{high}" if high else f" ≥ {low}"
+
+
+def _default(field: Field) -> str:
+    if field.required:
+        return "required"
+    if field.default_doc is not None:
+        return field.default_doc
+    if field.default is None or field.default == ():
+        return "—"
+    if isinstance(field.default, bool):
+        return str(field.default).lower()
+    return str(field.default) if isinstance(field.default, Setting) else f"{field.default:g}"
+
+
+def fields_table(op: Operation) -> str:
+    rows = ["| key | type | default | since | meaning |", "|---|---|---|---|---|"]
+    for f in op.fields:
+        rows.append(f"| `{f.name}` | {_KIND_DOCS[f.kind]}{_range(f)} | {_default(f)} | 1.{f.since} | {f.doc} |")
+    return "\n".join(rows)
+
+
+def operations_table() -> str:
+    rows = ["| op | since | fields | result keys |", "|---|---|---|---|"]
+    for op in OPERATIONS.values():
+        fields = ", ".join(f"`{f.name}`" for f in op.fields) or "—"
+        result = "a stream: " + " → ".join(f"`{t}`" for t in STREAM) if op.result is None else ", ".join(f"`{k}`" for k in op.result)
+        rows.append(f"| `{op.name}` | 1.{op.since} | {fields} | {result} |")
+    return "\n".join(rows)
+
+
+def errors_table() -> str:
+    rows = ["| code | name | meaning |", "|---|---|---|"]
+    rows += [f"| {int(code)} | `{code.name.lower()}` | {ERRORS[code]} |" for code in ErrorCode]
+    return "\n".join(rows)
+
+
+def versions_table() -> str:
+    rows = ["| minor | added |", "|---|---|"]
+    rows += [f"| 1.{minor} | {what} |" for minor, what in MINOR_VERSIONS.items()]
+    return "\n".join(rows)
+
+
+def tables() -> dict[str, str]:
+    """Every generated table by its marker name in docs/protocol.md."""
+    out = {"operations": operations_table(), "errors": errors_table(), "versions": versions_table()}
+    out.update({f"fields {op.name}": fields_table(op) for op in OPERATIONS.values() if op.fields})
+    return out
+
+
+_BLOCK = re.compile(r"(<!-- schema: (?P<name>[^>]+?) -->\n)(?P<body>(?:(?!<!--).*\n)*)(<!-- /schema -->)")
+
+
+def render_doc(text: str) -> str:
+    """``text`` with every ``<!-- schema: NAME -->`` block replaced by the table NAME."""
+    generated = tables()
+    return _BLOCK.sub(lambda m: m.group(1) + generated[m.group("name")] + "\n" + m.group(4), text)
+
+
+def doc_blocks(text: str) -> list[str]:
+    return [m.group("name") for m in _BLOCK.finditer(text)]
+
+
+if __name__ == "__main__":  # python -m rkllmd.schema docs/protocol.md
+    path = Path(sys.argv[1])
+    path.write_text(render_doc(path.read_text()))

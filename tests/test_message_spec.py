@@ -1,0 +1,106 @@
+"""Every reply of every operation, as the real daemon sends it, checked against the protocol
+schema (rkllmd/schema.py), as ipykernel's message-spec test checks a kernel's messages."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgpack
+
+from conftest import DaemonProcess
+from reliability import RawPeer
+from rkllmd.schema import ENTRY, OPERATIONS, PROTOCOL, STATS, STREAM, STATUS
+
+ENVELOPE = {"v", "id", "type"}
+
+
+class SpecPeer:
+    """A raw peer that checks each message it reads and records the operations it saw answered."""
+
+    def __init__(self, daemon: DaemonProcess):
+        self.peer = RawPeer(daemon.socket)
+        self.answered: set[str] = set()
+        self.ids = iter(range(1, 10**6))
+
+    def send(self, op: str, **fields: Any) -> int:
+        request_id = next(self.ids)
+        self.peer.send(msgpack.packb({"v": 1, "id": request_id, "op": op, **fields}))
+        return request_id
+
+    def next(self, request_id: int) -> dict[str, Any]:
+        message = self.peer.recv(timeout=60)
+        assert message is not None, "no reply"
+        assert message["id"] == request_id and message["v"] == 1, message
+        return message
+
+    def result(self, op: str, **fields: Any) -> dict[str, Any]:
+        message = self.next(self.send(op, **fields))
+        assert set(message) == ENVELOPE | {"result"} and message["type"] == "result", message
+        assert set(message["result"]) == set(OPERATIONS[op].result), (op, sorted(message["result"]))
+        self.answered.add(op)
+        return message["result"]
+
+    def error(self, op: str, **fields: Any) -> dict[str, Any]:
+        message = self.next(self.send(op, **fields))
+        assert set(message) == ENVELOPE | {"error"} and message["type"] == "error", message
+        error = message["error"]
+        assert {"code", "name", "message"} <= set(error) <= {"code", "name", "message", "details"}, error
+        return error
+
+    def stream(self, request_id: int, cancel: bool = False) -> list[dict[str, Any]]:
+        messages = []
+        while not messages or messages[-1]["type"] not in ("done", "error"):
+            message = self.next(request_id)
+            assert set(message) == ENVELOPE | set(STREAM[message["type"]]), message
+            assert message["seq"] == len(messages), message
+            messages.append(message)
+            if cancel and len(messages) == 1:
+                cancel_id = self.send("cancel", target=request_id)
+                reply = self.peer.recv(timeout=60)
+                while reply["id"] != cancel_id:  # the stream's next messages may come first
+                    assert reply["id"] == request_id and set(reply) == ENVELOPE | set(STREAM[reply["type"]]), reply
+                    assert reply["seq"] == len(messages)
+                    messages.append(reply)
+                    reply = self.peer.recv(timeout=60)
+                if reply["type"] == "result":
+                    assert set(reply["result"]) == set(OPERATIONS["cancel"].result), reply
+                    self.answered.add("cancel")
+        return messages
+
+
+def test_every_reply_of_every_operation_matches_the_schema(daemon: DaemonProcess) -> None:
+    name = f"spec-{os.getpid()}"
+    spec = SpecPeer(daemon)
+    try:
+        assert spec.result("ping")["protocol"] == list(PROTOCOL)
+        status = spec.result("status")
+        assert status["protocol"] == list(PROTOCOL) and set(status) == set(STATUS)
+        assert set(spec.result("cache.put", name=name, text="You are terse.")) == set(ENTRY)
+        spec.result("cache.wait", name=name, timeout=120)
+        shown = spec.result("cache.show", name=name)
+        assert shown["text"] == "You are terse." and shown["error"] is None
+        listing = spec.result("cache.ls")
+        assert all(set(entry) == set(ENTRY) | {"in_memory"} for entry in listing["caches"] if entry["name"] == name)
+        assert spec.result("cache.rebuild", name=name)["queued"] == [name]
+        spec.result("cache.wait", name=name, timeout=120)
+
+        messages = spec.stream(spec.send("generate", prompt="Say hi.", cache=name, max_tokens=4))
+        assert [m["type"] for m in messages[:2]] == ["queued", "started"] and messages[-1]["type"] == "done"
+        assert {m["type"] for m in messages[2:-1]} <= {"token"}
+        done = messages[-1]
+        assert set(done["stats"]) == set(STATS) and done["cache"] == name, done
+
+        messages = spec.stream(spec.send("generate", messages=[{"role": "user", "content": "Count to one hundred."}], max_tokens=200), cancel=True)
+        assert messages[-1]["type"] == "done" and messages[-1]["finish_reason"] in ("cancelled", "length", "stop")
+
+        error = spec.error("cache.show", name="spec-none")
+        assert error["name"] == "not_found"
+        assert spec.result("cache.rm", name=name) == {"name": name, "removed": True}
+        spec.answered.add("generate")
+    finally:
+        spec.peer.close()
+        with daemon.client() as client:
+            if any(entry["name"] == name for entry in client.cache_ls()["caches"]):
+                client.cache_rm(name)
+    assert spec.answered == set(OPERATIONS), set(OPERATIONS) - spec.answered
