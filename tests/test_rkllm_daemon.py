@@ -558,8 +558,7 @@ def test_library_startup_errors(make_daemon_on, tmp_path, case):
     assert expected in log
 
 
-@pytest.mark.parametrize("case", ["init failure", "no model", "model missing", "model not .rkllm", "no magic",
-                                  "unknown template"])
+@pytest.mark.parametrize("case", ["init failure", "no model", "model missing", "model not .rkllm", "no magic"])
 def test_model_startup_errors(make_npu, tmp_path, case):
     if case == "init failure":
         proc = make_npu(start=False, model_text="FAKE_INIT_FAIL\n")
@@ -580,12 +579,20 @@ def test_model_startup_errors(make_npu, tmp_path, case):
         gguf.write_bytes(b"GGUF")
         proc = make_npu(start=False, model_flag=False, env={"RKLLMD_RKLLM_MODEL": str(gguf)})
         expected = f"cannot start: model {gguf} is not an .rkllm file"
-    else:
-        proc = make_npu(start=False, env={"RKLLMD_RKLLM_TEMPLATE": "llama9"})
-        expected = "cannot start: [rkllm] unknown chat template 'llama9'; known: chatml,"
     log = startup_failure(proc)
     assert expected in log
     if case == "init failure":
         assert "fake-rkllm: rkllm_init: model" in log  # the runtime's own words come first
     if case == "no magic":
         assert "E RKNN: invalid rknn llm model magic" in log
+
+
+def test_an_unknown_template_is_a_configuration_error(make_npu):
+    """Checked when the configuration loads, like every other value: exit status 2, which
+    the unit's RestartPreventExitStatus= keeps systemd from retrying."""
+    proc = make_npu(start=False, env={"RKLLMD_RKLLM_TEMPLATE": "llama9"})
+    proc.start(wait=False)
+    assert proc.wait(30) == 2
+    log = proc.log()
+    assert "rkllm.template from RKLLMD_RKLLM_TEMPLATE: expected one of" in log and "got 'llama9'" in log
+    assert not proc.socket.exists() and "Traceback" not in log
