@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help=".rkllm model file")
     parser.add_argument("--library", type=Path, help="librkllmrt.so (default: the usual install locations)")
     parser.add_argument("--runtime", default="auto", choices=["auto", "1.2", "1.3"])
-    parser.add_argument("--template", default="qwen2.5")
+    parser.add_argument("--template", default="qwen2.5-instruct")
     parser.add_argument("--context-length", type=int, default=4096)
     parser.add_argument("--cpu-mask", type=lambda v: int(v, 0), default=0, help="e.g. 0xF0 for the big cores")
     parser.add_argument("--system-tokens", type=int, default=1000)
@@ -120,7 +120,7 @@ def measure(backend: RkllmBackend, args: argparse.Namespace, workdir: Path) -> d
 
     uncached = [timed(backend, prompt, params, None) for _ in range(args.runs)]
 
-    prefix_text = backend.template.system_prefix(system)
+    prefix_text = backend.template.cacheable_prefix(system)
     started = time.monotonic()
     n_tokens = backend.build_prefix(prefix_text, workdir / "system.tmp")
     build_ms = (time.monotonic() - started) * 1e3

@@ -40,7 +40,7 @@ from rkllmd.backends.rkllm import runtime as rt_module
 from rkllmd.templates import get_template
 
 GENERATIONS = ("1.2", "1.3")
-TEMPLATE = get_template("qwen2.5")  # rkllm.template's default: the daemon renders it
+TEMPLATE = get_template("qwen2.5-instruct")  # rkllm.template's default: the daemon renders it
 TERSE = "You are terse. Answer in one line."
 VERBOSE = "You are verbose. Explain every step at length."
 
@@ -218,7 +218,7 @@ def prompt_of(user: str, system: str | None = None) -> bytes:
 
 
 def prefix_of(system: str) -> bytes:
-    return TEMPLATE.system_prefix(system).encode()
+    return TEMPLATE.cacheable_prefix(system).encode()
 
 
 def flip_byte_of_the_prefix(state: Path) -> None:
