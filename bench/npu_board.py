@@ -73,7 +73,7 @@ class Bench:
 
     def cache(self, system: str, name: str) -> tuple[PrefixState, float]:
         """The system prompt's prompt cache, built now; and the build's milliseconds."""
-        prefix_text = self.backend.template.system_prefix(system)
+        prefix_text = self.backend.template.cacheable_prefix(system)
         tmp, final = self.workdir / f"{name}.tmp", self.workdir / f"{name}.bin"
         started = time.monotonic()
         n_tokens = self.backend.build_prefix(prefix_text, tmp)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help=".rkllm model file")
     parser.add_argument("--library", type=Path, help="librkllmrt.so (default: the usual install locations)")
     parser.add_argument("--runtime", default="auto", choices=["auto", "1.2", "1.3"])
-    parser.add_argument("--template", default="qwen2.5")
+    parser.add_argument("--template", default="qwen2.5-instruct")
     parser.add_argument("--context-length", type=int, default=4096)
     parser.add_argument("--cpu-mask", type=lambda v: int(v, 0), default=0, help="e.g. 0xF0 for the big cores")
     parser.add_argument("--system-tokens", type=sizes, default=[250, 500, 1000, 2000],

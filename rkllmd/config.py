@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
-from .templates import TEMPLATES
 
 DEFAULT_CONFIG_FILE = Path("/etc/rkllmd/rkllmd.toml")
 
@@ -63,6 +62,7 @@ class ModelConfig:
         "CPU backend's decode step: auto (C, compiled here at the first start; numpy without a compiler), c (C or fail to start) or numpy (the reference)",
         choices=KERNEL_MODES,
     )
+    chat_template: str = setting("", "CPU backend's chat template: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json; empty: the model file's own, else smollm2-instruct")
     kernels_dir: str = setting("", "where the compiled decode step is kept; empty: kernels/ in the binary cache folder")
 
 
@@ -95,7 +95,7 @@ class RkllmConfig:
     library: str = setting("", "path to librkllmrt.so; empty: the usual install locations")
     runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
     model: str = setting("", ".rkllm model file for the NPU backend")
-    template: str = setting("qwen2.5", "chat template the daemon renders (see rkllmd/templates.py)", choices=tuple(TEMPLATES))
+    template: str = setting("qwen2.5-instruct", "chat template the daemon renders: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json")
     max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)
     n_keep: int = setting(-1, "tokens kept when the context shifts (-1: runtime default)", low=-1, high=1 << 20)
     cpu_mask: int = setting(0, "CPU cores the runtime may use, as a bit mask (0: runtime default)", low=0, high=2**32 - 1)

@@ -365,3 +365,41 @@ def test_hostile_text_files_are_reported_not_followed(make_daemon, tmp_path: Pat
     assert rows["huge"]["state"] == "failed" and "limit" in rows["huge"]["reason"]
     assert any(r["reason"] == "invalid cache name" for r in rows.values())
     assert "top secret" not in json.dumps(rows)
+
+
+@pytest.mark.parametrize(
+    "family, restored",
+    [
+        ("phi-3.5-mini-instruct", True),  # the system-only rendering ends with <|endoftext|>: dropped
+        # Gemma 3 folds the system text into the first user turn: only "<bos>" is shared.
+        # Llama 3.2's prefix holds today's date and ends with "<|eot_id|>". SmolLM2's
+        # tokenizer, to which these markers are no special tokens, merges their ">" with
+        # the "<" that follows in a prompt, so the backend refuses the prefix's tokens and
+        # prefills all: exact, but nothing restored (the models' own tokenizers split there).
+        ("gemma-3-it", False),
+        ("llama-3.2-instruct", False),
+    ],
+)
+def test_cache_exact_with_other_families_templates(make_daemon, family, restored) -> None:
+    """SmolLM2 rendered with another family's template: the cached prefix is what every
+    conversation starts with, and output with the cache equals output without."""
+    proc = make_daemon(env={"RKLLMD_MODEL_CHAT_TEMPLATE": family})
+    with proc.client() as client:
+        client.cache_put("fam", SHORT_TEXT)
+        n = client.cache_wait("fam", timeout=120)["tokens"]
+        for prompt in PROMPTS[:3]:
+            cached = client.generate(prompt, cache="fam", max_tokens=6).wait()
+            cold = client.generate(prompt, system=SHORT_TEXT, no_cache=True, max_tokens=6).wait()
+            assert cached.stats["cached_tokens"] == (n if restored else 0) and cold.stats["cached_tokens"] == 0
+            assert cached.text == cold.text, prompt
+
+
+def test_a_template_refusing_system_messages_fails_the_text_cache(make_daemon) -> None:
+    proc = make_daemon(env={"RKLLMD_MODEL_CHAT_TEMPLATE": "gemma-2-it"})
+    with proc.client() as client:
+        client.cache_put("sys", SHORT_TEXT)
+        deadline = time.monotonic() + 30
+        while (row := next(r for r in client.cache_ls()["caches"] if r["name"] == "sys"))["state"] != "failed":
+            assert time.monotonic() < deadline, row
+            time.sleep(0.1)
+        assert row["reason"] == "text cache refused: chat template gemma-2-it: System role not supported"

@@ -23,7 +23,7 @@ from rkllmd.templates import get_template
 from gguf_files import write_gguf
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "smollm2-greedy.json").read_text())
-TEMPLATE = get_template("smollm2")
+TEMPLATE = get_template("smollm2-instruct")
 KV_BYTES_PER_TOKEN = 46_080
 LONG_TEXT = (
     "The river starts in the mountains, where snow melts each spring and feeds small streams. "
@@ -132,7 +132,7 @@ def test_seeded_sampling_is_reproducible(backend):
 
 def test_prefix_state_gives_identical_output(backend, tmp_path):
     case = REFERENCE[3]
-    prefix = build_prefix(backend, TEMPLATE.system_prefix(case["messages"][0]["content"]), tmp_path)
+    prefix = build_prefix(backend, TEMPLATE.cacheable_prefix(case["messages"][0]["content"]), tmp_path)
     pieces, stats = run(backend, backend.render(case["messages"]), prefix, max_tokens=case["max_tokens"])
     assert "".join(pieces) == case["completion"]
     assert stats.cached_tokens == prefix.n_tokens == 17
@@ -162,7 +162,7 @@ def test_prefix_covering_the_whole_prompt(backend, tmp_path):
 
 @pytest.mark.parametrize(
     "prefix_text",
-    [TEMPLATE.system_prefix("A different system message."), "<|im_start|>system\nYou are a helpful AI assist"],
+    [TEMPLATE.cacheable_prefix("A different system message."), "<|im_start|>system\nYou are a helpful AI assist"],
     ids=["other text", "not on a token boundary"],
 )
 def test_prefix_not_matching_the_prompt_tokens_is_not_used(backend, tmp_path, prefix_text):
@@ -191,7 +191,7 @@ def test_restored_state_is_bitwise_identical_to_prefilling(backend):
 
 def test_load_prefix_checks_the_size(backend, tmp_path):
     path = tmp_path / "prefix.bin"
-    n = backend.build_prefix(TEMPLATE.system_prefix("Short."), path)
+    n = backend.build_prefix(TEMPLATE.cacheable_prefix("Short."), path)
     with pytest.raises(BackendError, match="bytes"):
         backend.load_prefix(path, n + 1)
     with pytest.raises(BackendError):
@@ -312,7 +312,9 @@ def test_identity_and_describe(backend):
     assert identity["model"] == str(bundled_model_path())
     assert identity["model_fingerprint"] == GGUFFile(bundled_model_path()).fingerprint()
     assert len(identity["model_fingerprint"]) == 64
-    assert identity["template"] == TEMPLATE.fingerprint()
+    # SmolLM2's file carries its chat template (the family's text, with the file's tokens).
+    assert backend.template.name == "tokenizer.chat_template" and backend.template.text == TEMPLATE.text
+    assert identity["template"] == backend.template.fingerprint()
     assert identity["context_length"] == 4096
     described = backend.describe()
     assert described["name"] == "SmolLM2-135M-Instruct"

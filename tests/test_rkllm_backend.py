@@ -239,7 +239,7 @@ def test_per_request_sampling_only_on_1_3(backend, generation, calls):
 
 # --- prompt caches --------------------------------------------------------------------------
 def build(backend, tmp_path, system: str, name: str) -> PrefixState:
-    text = backend.template.system_prefix(system)
+    text = backend.template.cacheable_prefix(system)
     dest = tmp_path / f"{name}.tmp"
     n = backend.build_prefix(text, dest)
     final = tmp_path / f"{name}.bin"
@@ -250,7 +250,7 @@ def build(backend, tmp_path, system: str, name: str) -> PrefixState:
 
 
 def test_build_prefix_saves_after_one_token(backend, tmp_path, calls):
-    text = backend.template.system_prefix("You are terse.")
+    text = backend.template.cacheable_prefix("You are terse.")
     n = backend.build_prefix(text, tmp_path / "p.tmp")
     assert n == len(text.encode())  # the runtime's own count of the prefill
     assert (tmp_path / "p.tmp").is_file()

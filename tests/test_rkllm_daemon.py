@@ -40,7 +40,7 @@ from rkllmd.backends.rkllm import library as lib_module
 from rkllmd.templates import get_template
 
 GENERATIONS = ("1.2", "1.3")
-TEMPLATE = get_template("qwen2.5")  # rkllm.template's default: the daemon renders it
+TEMPLATE = get_template("qwen2.5-instruct")  # rkllm.template's default: the daemon renders it
 TERSE = "You are terse. Answer in one line."
 VERBOSE = "You are verbose. Explain every step at length."
 
@@ -189,7 +189,7 @@ def prompt_of(user: str, system: str | None = None) -> bytes:
 
 
 def prefix_of(system: str) -> bytes:
-    return TEMPLATE.system_prefix(system).encode()
+    return TEMPLATE.cacheable_prefix(system).encode()
 
 
 def flip_byte_of_the_prefix(state: Path) -> None:
@@ -587,12 +587,8 @@ def test_model_startup_errors(make_npu, tmp_path, case):
         assert "E RKNN: invalid rknn llm model magic" in log
 
 
-def test_an_unknown_template_is_a_configuration_error(make_npu):
-    """Checked when the configuration loads, like every other value: exit status 2, which
-    the unit's RestartPreventExitStatus= keeps systemd from retrying."""
+def test_an_unknown_template_stops_the_start(make_npu):
+    """A template that names no family nor file is refused before the runtime is touched."""
     proc = make_npu(start=False, env={"RKLLMD_RKLLM_TEMPLATE": "llama9"})
-    proc.start(wait=False)
-    assert proc.wait(30) == 2
-    log = proc.log()
-    assert "rkllm.template from RKLLMD_RKLLM_TEMPLATE: expected one of" in log and "got 'llama9'" in log
-    assert not proc.socket.exists() and "Traceback" not in log
+    log = startup_failure(proc)
+    assert "cannot start: [rkllm] unknown chat template 'llama9'; known: chatml," in log

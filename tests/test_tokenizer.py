@@ -62,7 +62,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.mark.parametrize("case", REFERENCE, ids=lambda c: c["messages"][-1]["content"][:24])
 def test_prompt_token_counts_match_reference(tokenizer, case):
-    prompt = get_template("smollm2").render(case["messages"])
+    prompt = get_template("smollm2-instruct").render(case["messages"])
     assert len(tokenizer.encode(prompt)) == case["prompt_tokens"]
 
 

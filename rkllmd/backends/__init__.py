@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
+from ..templates import TemplateError
 from .base import Backend, BackendError
 
 
@@ -56,7 +57,7 @@ def choose(
                 top_p=config["sampling.top_p"],
                 repeat_penalty=config["sampling.repeat_penalty"],
             )
-        except ValueError as exc:  # rkllm.template or rkllm.runtime names nothing we know
+        except (ValueError, TemplateError) as exc:  # rkllm.template or rkllm.runtime is unusable
             raise BackendError(f"[rkllm] {exc}") from None
         return backend, reason
     from .cpu.backend import CpuBackend
@@ -68,5 +69,6 @@ def choose(
         weights_dir=weights_dir,
         kernels_dir=kernels_dir,
         kernels_mode=config["model.kernels"],
+        chat_template=config["model.chat_template"],
     )
     return backend, reason

@@ -13,7 +13,9 @@ import abc
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
+
+from ..templates import ChatTemplate
 
 
 class BackendError(Exception):
@@ -92,6 +94,8 @@ class Backend(abc.ABC):
 
     #: "cpu" or "rkllm"
     kind: str = ""
+    #: The model's chat template, which the daemon renders (``rkllmd.templates``).
+    template: ChatTemplate
 
     def __init__(self) -> None:
         # Called after every token and every prefill chunk, so the systemd watchdog
@@ -118,9 +122,16 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Human facts for status: model name, path, context length, and so on."""
 
-    @abc.abstractmethod
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat messages with the model's own template (default system line included)."""
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Render chat messages with the model's own template (raises ``templates.RenderError``)."""
+        return self.template.render(messages, add_generation_prompt, tools=tools, variables=variables)
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:

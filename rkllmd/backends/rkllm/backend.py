@@ -50,7 +50,7 @@ from rkllmd.backends.rkllm.devices import driver_version, npu_nodes
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
 from rkllmd.backends.stops import StopMatcher
-from rkllmd.templates import get_template
+from rkllmd.templates import load as load_template
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class RkllmBackend(Backend):
         model_path: Path | None,
         library: Path | None = None,
         runtime: str = "auto",
-        template: str = "qwen2.5",
+        template: str = "qwen2.5-instruct",
         context_length: int = 4096,
         max_new_tokens: int = 1024,
         n_keep: int = -1,
@@ -111,7 +111,7 @@ class RkllmBackend(Backend):
         self.model_path = Path(model_path) if model_path is not None else None
         self.library = Path(library) if library is not None else None
         self.runtime = runtime
-        self.template = get_template(template)
+        self.template = load_template(template)
         self.context_length = context_length
         self.max_new_tokens = max_new_tokens
         self.n_keep = n_keep
@@ -204,9 +204,6 @@ class RkllmBackend(Backend):
                 else "fixed at load (1.2 interface); max_tokens and stop strings per request"
             )
         return facts
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages, add_generation_prompt)
 
     def count_tokens(self, text: str) -> int:
         """An ESTIMATE: one token per 3 bytes of UTF-8, rounded up.
