@@ -1,5 +1,5 @@
-"""The CPU reference backend: SmolLM2 (or another llama GGUF) run in float32, in numpy
-with its decode step in C (``decode.c``, compiled on the machine; numpy's step without a
+"""The CPU reference backend: SmolLM2 (or another llama GGUF) run in float32, its forward
+pass in C (``forward.c``, compiled on the machine; numpy's reference passes without a
 compiler).
 
 It is the backend on machines without a Rockchip NPU, and the reference the NPU
