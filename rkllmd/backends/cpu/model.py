@@ -231,6 +231,11 @@ class Model:
         config = ModelConfig.from_gguf_metadata(gguf.metadata)
         return cls(config, Weights.from_gguf(gguf, config), context_length, prefill_chunk, kernel)
 
+    @property
+    def uses_c(self) -> bool:
+        """Whether the C forward pass runs (else numpy's reference passes)."""
+        return self._c_forward is not None
+
     def _alloc_decode_buffers(self, capacity: int) -> None:
         cfg = self.config
         g = cfg.n_heads // cfg.n_kv_heads
