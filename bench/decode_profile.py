@@ -1,6 +1,11 @@
-"""Where a decode step's time goes, for the C step and the numpy reference step.
+"""Where a decode step's time goes, for the C step and the numpy reference step, against
+this machine's memory-bandwidth limit; and prefill, C against numpy.
 
-After a prompt of --prompt-tokens, in one run, on the same mapped weights:
+Prints the CPU's vector features, then, after a prompt of --prompt-tokens, in one run,
+on the same mapped weights:
+- the limit: a plain read of the weights' bytes with all cores (median of --rounds), and
+  each decode step's share of it (a step streams every weight once);
+- prefill of the prompt, the C forward pass against numpy's, alternating;
 - the whole step (``Model.decode``) with the C step (decode.c) and with the numpy
   reference (``model.kernels = "numpy"``), median over --steps steps, alternating rounds
   so a disturbance hits both;
@@ -10,12 +15,16 @@ After a prompt of --prompt-tokens, in one run, on the same mapped weights:
   and the rest (norms, rotary, activations, Python) by difference;
 - the bandwidth each whole step reaches streaming the float32 weights (the bound on decode);
 - sampling: greedy (an argmax) and top-k 40 / top-p 0.95 / temperature 0.8.
-Run: python bench/decode_profile.py [--prompt-tokens 500]
+Run: python bench/decode_profile.py [--prompt-tokens 500] [--march haswell]
+(--march: the target the C forward pass is built for; the default, native, is what the
+daemon builds; haswell is AVX2 without AVX-512.)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
 import sys
 import time
@@ -27,6 +36,9 @@ from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
 import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from rkllmd.backends.cpu import kernels  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
 from rkllmd.backends.cpu.model import Model  # noqa: E402
 from rkllmd.sampling import Sampler  # noqa: E402
@@ -64,19 +76,47 @@ def attention(model: Model, n_keys: int) -> None:
         model._attn /= totals
 
 
+def cpu_features() -> str:
+    """The CPU's model and the vector extensions the kernels can use."""
+    info = Path("/proc/cpuinfo").read_text(errors="replace")
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    found = re.search(r"(?:flags|Features)\s*:\s*(.*)", info)
+    flags = set(found.group(1).split()) if found else set()
+    wanted = ("avx2", "fma", "avx512f", "asimd", "sve")
+    return f"{name.group(1) if name else os.uname().machine}; {', '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
+
+
+def read_limit_ms(arrays: list[np.ndarray], repeat: int) -> float:
+    """A plain read of ``arrays``' bytes with every core: the floor under a decode step."""
+    slices = [part for a in arrays for part in np.array_split(a.reshape(-1).view(np.uint32), os.cpu_count() or 1)]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        def read() -> None:
+            list(pool.map(lambda part: np.bitwise_or.reduce(part), slices))
+        read()
+        return median_ms(read, repeat)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--march", default=kernels.NATIVE, help="target of the C build (default: native)")
     args = parser.parse_args()
 
-    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="c", kernels_dir=KERNELS_DIR)
+    backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="numpy", kernels_dir=KERNELS_DIR)
     backend.load()
-    c_model = backend.model
-    numpy_model = Model(c_model.config, c_model.w, backend.context_length, backend.prefill_chunk)
+    numpy_model = backend.model
+    kernel = kernels.c_kernel(KERNELS_DIR, args.march)
+    c_model = Model(numpy_model.config, numpy_model.w, backend.context_length, backend.prefill_chunk, kernel)
     text = backend.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
-    ids = backend.tokenizer.encode(text)
+    ids = backend.tokenizer.encode(text)[: args.prompt_tokens]
+    prefill_s: dict[str, list[float]] = {"C": [], "numpy": []}
+    for _ in range(2):
+        for label, model in (("C", c_model), ("numpy", numpy_model)):
+            t0 = time.perf_counter()
+            model.prefill(ids, 0)
+            prefill_s[label].append(time.perf_counter() - t0)
     tokens = [int(np.argmax(c_model.prefill(ids, 0)))]
     numpy_model.prefill(ids, 0)
     for _ in range(args.steps):  # the greedy continuation both steps are timed on
@@ -100,13 +140,22 @@ def main() -> None:
     sample_greedy = median_ms(lambda: greedy.sample(logits, ids), args.steps)
     sample_topk = median_ms(lambda: sampled.sample(logits, ids), args.steps)
 
-    weight_bytes = sum(a.nbytes for name, a in c_model.w.arrays().items() if name not in ("attn_norm", "ffn_norm", "output_norm"))
+    streamed = [a for name, a in c_model.w.arrays().items() if name not in ("attn_norm", "ffn_norm", "output_norm")]
+    weight_bytes = sum(a.nbytes for a in streamed)
+    limit = read_limit_ms(streamed, args.rounds * 4)
     gbps = lambda ms: weight_bytes / ms / 1e6  # noqa: E731
+    print(f"CPU: {cpu_features()}; {os.cpu_count()} cores; C build: -march={args.march} ({kernel.detail})")
+    print(f"limit: a plain read of the {weight_bytes / 1e6:.0f} MB of weights with all cores takes {limit:.2f} ms "
+          f"({gbps(limit):.1f} GB/s): at most {1000 / limit:.1f} decode tokens/s")
+    print(f"decode: C step {c_step:.2f} ms = **{limit / c_step:.2f} of the limit**; numpy step {limit / numpy_step:.2f}")
+    c_prefill, numpy_prefill = (len(ids) / min(prefill_s[k]) for k in ("C", "numpy"))
+    print(f"prefill of {len(ids)} tokens (best of 2, alternating): C {c_prefill:.0f} tokens/s, numpy {numpy_prefill:.0f} "
+          f"tokens/s: ratio **{c_prefill / numpy_prefill:.2f}x**\n")
     print(f"decode steps at context {len(ids)}-{n_keys}, median of {args.steps} x {args.rounds} each; "
           f"{weight_bytes / 1e6:.0f} MB of weights streamed per step\n")
     print("| step | ms per step | tokens/s | weights streamed at |")
     print("|---|---:|---:|---:|")
-    print(f"| C (decode.c) | {c_step:.2f} | {1000 / c_step:.1f} | {gbps(c_step):.1f} GB/s |")
+    print(f"| C (forward.c) | {c_step:.2f} | {1000 / c_step:.1f} | {gbps(c_step):.1f} GB/s |")
     print(f"| numpy (reference) | {numpy_step:.2f} | {1000 / numpy_step:.1f} | {gbps(numpy_step):.1f} GB/s |")
     print(f"| ratio C / numpy | | **{numpy_step / c_step:.2f}x** | |\n")
     print("The numpy step's parts:\n")

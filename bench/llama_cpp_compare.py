@@ -3,7 +3,7 @@
 Same model (SmolLM2-135M-Instruct), same prompt token ids (our tokenizer's, fed to both),
 same greedy decoding, same two threads:
 - ours: the float32 forward pass, driven directly (prefill, then decode steps), with its
-  C decode step (decode.c, the default) and with the numpy reference step (``model.kernels = "numpy"``);
+  C forward pass (forward.c, the default) and with the numpy reference passes (``model.kernels = "numpy"``);
 - llama.cpp float32: the bundled Q4_1 file converted to F32 by llama.cpp's own quantize
   tool (the same float32 values our backend dequantizes to);
 - llama.cpp Q4_1: the bundled file as it is, for scale (4-bit weights stream 6x fewer bytes).

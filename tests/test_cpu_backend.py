@@ -173,22 +173,6 @@ def test_prefix_not_matching_the_prompt_tokens_is_not_used(backend, tmp_path, pr
     assert "".join(pieces) == case["completion"]
 
 
-def test_restored_state_is_bitwise_identical_to_prefilling(backend):
-    """Whatever the split between restored and prefilled positions, across chunk borders."""
-    model = backend.model
-    ids = backend.tokenizer.encode(TEMPLATE.render([{"role": "user", "content": LONG_TEXT}]))
-    assert 256 < len(ids) < 384
-    full = model.prefill(ids, 0).copy()
-    for split in (1, 127, 128, 129, 250, 255, len(ids) - 1):  # 250, 255: two short chunks run as one group
-        model.prefill(ids[:split], 0)
-        state = model.save_state(split)
-        # Stale values past the restored positions (masked keys) must not matter either.
-        model.keys[..., split:] = 7.0
-        model.values[:, :, split:] = -7.0
-        model.restore_state(state, split)
-        assert np.array_equal(model.prefill(ids[split:], split), full), split
-
-
 def test_load_prefix_checks_the_size(backend, tmp_path):
     path = tmp_path / "prefix.bin"
     n = backend.build_prefix(TEMPLATE.cacheable_prefix("Short."), path)

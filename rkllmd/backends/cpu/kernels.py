@@ -1,21 +1,24 @@
-"""The decode step in C (``decode.c``), compiled here on first use; numpy's otherwise.
+"""The forward pass in C (``forward.c``: prefill chunks and decode steps), compiled here
+on first use; numpy's otherwise.
 
-Decode streams all the weights once per token, so its speed is the memory bandwidth the
-matrix-vector products reach, plus the work between them. ``Model._decode_numpy`` is the
-reference: readable, and about 1.5x slower, as numpy's products (OpenBLAS sgemv) reach
-about 60 % of this machine's bandwidth on the model's shapes and ~30 small numpy calls per
-layer cost as much again as their arithmetic. ``decode.c`` computes the same step (same
-arrays, same order of operations per element, float32 throughout) in one OpenMP parallel
-region per token (bench/decode_profile.py, bench/llama_cpp_compare.py).
+``forward.c`` computes every token row with a fixed order of operations whatever the
+number of rows, so a restored prefix plus the rest, or a prefix plus decode steps, gives
+bit for bit what prefilling everything gives, on any CPU (its comment says how). Decode
+streams all the weights once per token, so its speed is the memory bandwidth its
+matrix-vector products reach; prefill is bound by arithmetic, which its tiles of
+weight rows x tokens keep in registers (bench/decode_profile.py, bench/llama_cpp_compare.py).
+``Model``'s numpy passes are the reference it is tested against.
 
 The C file is compiled by the machine's compiler (``$CC``, else cc, gcc or clang) for
-this very CPU (``-march=native``) the first time, into a folder kept between starts,
-under a name hashing its source, the compiler, the flags and the CPU; later starts load
-it in milliseconds. Builds are written beside and renamed into place under the folder's
-lock, and a library is loaded only if it is a regular file of ours that no one else can
-write. Without a compiler, or when the build fails, decode runs in numpy
-(``model.kernels = "auto"``); "c" makes that a load error instead, "numpy" never
-compiles anything.
+this very CPU (``-march=native``; benchmarks may ask for another target, such as
+``haswell`` for AVX2) the first time, into a folder kept between starts, under a name
+hashing its source, the compiler, the flags and the CPU; later starts load it in
+milliseconds. Builds are written beside and renamed into place under the folder's lock,
+and a library is loaded only if it is a regular file of ours that no one else can write.
+Without a compiler, or when the build fails, the forward pass runs in numpy
+(``model.kernels = "auto"``), slower, and a restored prefix is then exact only as far as
+BLAS computes a row alike whatever the rows around it; "c" makes that a load error
+instead, "numpy" never compiles anything.
 """
 
 from __future__ import annotations
@@ -45,20 +48,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode.c")
-#: Must match RKLLMD_KERNEL_ABI in decode.c.
-KERNEL_ABI = 3
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+SOURCE = Path(__file__).with_name("forward.c")
+#: Must match RKLLMD_KERNEL_ABI in forward.c.
+KERNEL_ABI = 4
+NATIVE = "native"
 COMPILE_TIMEOUT_S = 120
 MODES = ("auto", "c", "numpy")
 
 _DIMS = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "capacity")
 _WEIGHTS = ("head", "output_norm", "attn_norm", "ffn_norm", "wqkv", "wo", "wgu", "wd", "rope_cos", "rope_sin")
-_BUFFERS = ("keys", "values", "x", "h", "qkv", "queries", "scores", "attended", "proj", "gate_up", "act", "logits")
+_BUFFERS = ("keys", "values")
 
 
 class ModelStruct(ctypes.Structure):
-    """decode.c's ``struct rkllmd_model``, field for field."""
+    """forward.c's ``struct rkllmd_model``, field for field."""
 
     _fields_ = (
         [(name, ctypes.c_int64) for name in _DIMS]
@@ -68,22 +71,22 @@ class ModelStruct(ctypes.Structure):
 
 
 class KernelError(Exception):
-    """The C decode step cannot be built or loaded (the message says why)."""
+    """The C forward pass cannot be built or loaded (the message says why)."""
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """A loaded ``decode.c`` library; ``bind`` ties its step to one model's arrays."""
+    """A loaded ``forward.c`` library; ``bind`` ties its forward pass to one model's arrays."""
 
     library: ctypes.CDLL
     detail: str  # a few words for status: where it came from, its threads
 
-    def bind(self, model: Model, arrays: dict[str, np.ndarray]) -> BoundStep:
-        return BoundStep(self.library.rkllmd_decode, model, arrays)
+    def bind(self, model: Model, arrays: dict[str, np.ndarray]) -> BoundForward:
+        return BoundForward(self.library.rkllmd_forward, model, arrays)
 
 
 def _sizes(cfg: ModelConfig, capacity: int) -> dict[str, int]:
-    """The fewest elements decode.c reads or writes in each array."""
+    """The fewest elements forward.c reads or writes in each array."""
     L, D, F, V, hd = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     return {
@@ -91,21 +94,19 @@ def _sizes(cfg: ModelConfig, capacity: int) -> dict[str, int]:
         "wqkv": L * (q + 2 * kv) * D, "wo": L * D * q, "wgu": L * 2 * F * D, "wd": L * D * F,
         "rope_cos": capacity * (hd // 2), "rope_sin": capacity * (hd // 2),
         "keys": L * kv * capacity, "values": L * kv * capacity,
-        "x": D, "h": D, "qkv": q + 2 * kv, "queries": q, "scores": cfg.n_heads * capacity, "attended": q,
-        "proj": D, "gate_up": 2 * F, "act": F, "logits": V,
     }
 
 
-class BoundStep:
-    """``step(token, pos)``: the C decode step on one model's arrays, which it keeps alive
-    (the struct holds only their addresses)."""
+class BoundForward:
+    """``forward(tokens, pos, logits)``: the C forward pass on one model's arrays, which it
+    keeps alive (the struct holds only their addresses)."""
 
     def __init__(self, function: ctypes._CFuncPtr, model: Model, arrays: dict[str, np.ndarray]):
         cfg, capacity = model.config, model.keys.shape[-1]
         # The C code indexes by the dimensions alone: an array too small would be read past its end.
         needed = _sizes(cfg, capacity)
         if set(arrays) != set(needed):
-            raise KernelError(f"the decode step needs exactly {sorted(needed)}")
+            raise KernelError(f"the forward pass needs exactly {sorted(needed)}")
         for name, array in arrays.items():
             if array.dtype != np.float32 or not array.flags.c_contiguous or array.size < needed[name]:
                 raise KernelError(f"{name} is not a C-contiguous float32 array of {needed[name]} elements")
@@ -119,9 +120,13 @@ class BoundStep:
         self._function = function
         self._pointer = ctypes.byref(self._struct)
 
-    def __call__(self, token: int, pos: int) -> None:
-        if self._function(self._pointer, token, pos) != 0:
-            raise MemoryError("the decode step could not allocate its attention scratch memory")
+    def __call__(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None) -> None:
+        """Run ``tokens`` (int64) at positions ``pos...``; the last one's logits into
+        ``logits`` (float32, vocabulary-sized; None: not computed). The caller checks
+        tokens and positions: the C code trusts them."""
+        out = None if logits is None else logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if self._function(self._pointer, tokens.ctypes.data, len(tokens), pos, out) != 0:
+            raise MemoryError("the forward pass could not allocate its scratch memory")
 
 
 def compiler() -> str | None:
@@ -142,7 +147,12 @@ def _cpu_identity() -> str:
     return f"{platform.machine()}/{flags}"
 
 
-def library_key(cc: str) -> str:
+def compile_flags(march: str = NATIVE) -> list[str]:
+    """How forward.c is compiled for the CPU ``march`` names (before ``-shared``)."""
+    return ["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=off"]
+
+
+def library_key(cc: str, march: str = NATIVE) -> str:
     try:
         version = subprocess.run(
             [cc, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=True
@@ -150,15 +160,15 @@ def library_key(cc: str) -> str:
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelError(f"cannot run the C compiler {cc}: {exc}") from None
     source = SOURCE.read_bytes()
-    identity = "\0".join([str(KERNEL_ABI), cc, version, " ".join(FLAGS), _cpu_identity()])
+    identity = "\0".join([str(KERNEL_ABI), cc, version, " ".join(compile_flags(march)), _cpu_identity()])
     return hashlib.sha256(source + b"\0" + identity.encode()).hexdigest()[:16]
 
 
-def _compile(cc: str, dest: Path) -> None:
-    """Compile ``decode.c`` into ``dest`` (overwritten)."""
+def _compile(cc: str, march: str, dest: Path) -> None:
+    """Compile ``forward.c`` into ``dest`` (overwritten)."""
     try:
         done = subprocess.run(
-            [cc, *FLAGS, "-o", str(dest), str(SOURCE)],
+            [cc, *compile_flags(march), "-shared", "-fPIC", "-o", str(dest), str(SOURCE), "-lm"],
             capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, stdin=subprocess.DEVNULL,
         )
     except (OSError, subprocess.SubprocessError) as exc:
@@ -186,62 +196,67 @@ def _load_library(path: Path) -> ctypes.CDLL:
     return library
 
 
-def _build_into(folder: Path) -> tuple[ctypes.CDLL, Path]:
+def _build_into(folder: Path, march: str) -> tuple[ctypes.CDLL, Path]:
     """The kernel library in ``folder`` for this source, compiler and CPU, built if missing
     or unusable (another's, corrupt)."""
     cc = compiler()
     if cc is None:
         raise KernelError("no C compiler found (set CC, or install gcc)")
-    key = library_key(cc)
-    path = folder / f"decode.{key}.so"
+    key = library_key(cc, march)
+    path = folder / f"forward.{key}.so"
     with locked_folder(folder):
         if path.exists():
             try:
                 return _load_library(path), path
             except KernelError as exc:
-                log.warning("rebuilding the decode kernel: %s", exc)
+                log.warning("rebuilding the forward kernel: %s", exc)
                 path.unlink()
         remove_leftovers(folder)
         with temporary_beside(path) as tmp:
-            _compile(cc, tmp)
+            _compile(cc, march, tmp)
             commit(tmp, path)
-        log.info("compiled the decode kernel into %s", path)
-        for other in folder.glob("decode.*.so"):
+        log.info("compiled the forward kernel into %s", path)
+        for other in [*folder.glob("forward.*.so"), *folder.glob("decode.*.so")]:  # decode.*: before the forward pass
             if other != path:
                 with contextlib.suppress(FileNotFoundError):
                     other.unlink()
         return _load_library(path), path
 
 
-def c_kernel(folder: Path | None) -> Kernel:
-    """The C decode step, built in ``folder`` (None: once per process, in a temporary
-    folder removed once loaded); ``KernelError`` when it cannot be had."""
-    return _process_kernel() if folder is None else _kernel_in(folder)
+def c_kernel(folder: Path | None, march: str = NATIVE) -> Kernel:
+    """The C forward pass for the CPU ``march`` names (``-march``; the default is this
+    one), built in ``folder`` (None: once per process, in a temporary folder removed once
+    loaded); ``KernelError`` when it cannot be had."""
+    return _process_kernel(march) if folder is None else _kernel_in(folder, march)
 
 
 @functools.cache
-def _process_kernel() -> Kernel:
-    return _kernel_in(None)
+def _process_kernel(march: str) -> Kernel:
+    return _kernel_in(None, march)
 
 
-def _kernel_in(folder: Path | None) -> Kernel:
+def _kernel_in(folder: Path | None, march: str) -> Kernel:
     try:
         if folder is None:
             with tempfile.TemporaryDirectory(prefix="rkllmd-kernel-") as scratch:
-                library, _ = _build_into(Path(scratch))
+                library, _ = _build_into(Path(scratch), march)
                 where = "built for this process"
         else:
-            library, path = _build_into(folder)
+            library, path = _build_into(folder, march)
             where = str(path)
     except OSError as exc:
         if folder is not None:  # unusable (read-only, full, not a folder): build it for this process
-            log.warning("cannot keep the decode kernel in %s: %s", folder, exc)
-            return _process_kernel()
-        raise KernelError(f"cannot build the decode kernel in a temporary folder: {exc}") from None
-    library.rkllmd_decode.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    library.rkllmd_decode.restype = ctypes.c_int
+            log.warning("cannot keep the forward kernel in %s: %s", folder, exc)
+            return _process_kernel(march)
+        raise KernelError(f"cannot build the forward kernel in a temporary folder: {exc}") from None
+    library.rkllmd_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    library.rkllmd_forward.restype = ctypes.c_int
     threads = library.rkllmd_kernel_threads()
     return Kernel(library, f"C, {threads} thread{'s' * (threads != 1)} ({where})")
+
+
+#: What status says of the numpy forward pass (see the module docstring).
+NUMPY_EXACTNESS = "; prefix reuse exact only where BLAS rows are"
 
 
 def check_mode(mode: str) -> None:
@@ -250,16 +265,17 @@ def check_mode(mode: str) -> None:
 
 
 def load_kernel(mode: str, folder: Path | None) -> tuple[Kernel | None, str]:
-    """The decode step ``model.kernels`` asks for (None: numpy's; see the module docstring),
-    and a few words on it for status."""
+    """The forward pass ``model.kernels`` asks for (None: numpy's; see the module
+    docstring), and a few words on it for status."""
     check_mode(mode)
     if mode == "numpy":
-        return None, "numpy (model.kernels = numpy)"
+        return None, f"numpy (model.kernels = numpy){NUMPY_EXACTNESS}"
     try:
         kernel = c_kernel(folder)
     except KernelError as exc:
         if mode == "c":
             raise
-        log.warning("decode runs in numpy, slower: %s", exc)
-        return None, f"numpy (no C kernel: {exc})"
+        log.warning("the forward pass runs in numpy, slower, and restored prefixes are exact only as far as "
+                    "BLAS computes rows alike: %s", exc)
+        return None, f"numpy (no C kernel: {exc}){NUMPY_EXACTNESS}"
     return kernel, kernel.detail

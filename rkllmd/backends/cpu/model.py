@@ -1,32 +1,29 @@
-"""The llama transformer forward pass in float32 numpy.
+"""The llama transformer forward pass in float32 numpy: the reference for ``forward.c``.
 
 Weights (``Weights``) are dequantized once, then kept memory-mapped between starts
 (``weights_file``), and stored output-major as in the GGUF (``W @ x``: one contiguous row
-per output), the layout of the C decode step's dot products (``decode.c``, loaded by
-``kernels``; ``_decode_numpy`` is its reference); q/k/v and gate/up are fused into one
-matrix each. Prefill multiplies whole chunks by the transposed views (BLAS's
-matrix-matrix product takes either layout). Query and key rows are reordered within
-each head from llama.cpp's adjacent-pair rotary layout to "halves" (even components
-first, then odd): rotary embedding then works on two contiguous halves, and attention
-scores are unchanged because queries and keys are permuted alike.
+per output), the layout of the C forward pass's dot products (``forward.c``, loaded by
+``kernels``); q/k/v and gate/up are fused into one matrix each. Query and key rows are
+reordered within each head from llama.cpp's adjacent-pair rotary layout to "halves"
+(even components first, then odd): rotary embedding then works on two contiguous
+halves, and attention scores are unchanged because queries and keys are permuted alike.
 
 The KV cache is preallocated for the whole context: keys as ``[layer, kv_head, dim,
 position]`` (so query-key products read contiguous rows, several times faster than a
 transposed view in decode) and values as ``[layer, kv_head, position, dim]``.
 
-Prefill is chunked, and arranged so every position's result is bitwise independent
-of how the prompt was split into chunks (a restored prefix plus the rest gives exactly
-what prefilling everything gives): chunks never cross a multiple of ``prefill_chunk``;
-a chunk attends to all keys up to the end of its block (later keys masked), so the
-softmax and attention sums of a row always have the same length; and a chunk is padded
-to at least ``MIN_CHUNK_ROWS`` rows, because BLAS computes very small matrix products
-(one to three rows) with different kernels.
+Prefill runs in chunks of ``prefill_chunk`` tokens (heartbeats and cancellation come
+between them). With the C forward pass every position's result is bitwise independent
+of how the prompt was split and of whether it was prefilled or decoded (see
+``forward.c``). The numpy passes (``_prefill_numpy``, ``_decode_numpy``) compute the
+same thing through BLAS, whose result for a row may depend on the rows around it: they
+agree with the C pass to float32 rounding, not bit for bit.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +34,6 @@ from .kernels import Kernel
 
 log = logging.getLogger(__name__)
 
-MIN_CHUNK_ROWS = 8
-#: Prefill runs chunks layer by layer in groups of at least this many rows (the last group
-#: may have fewer): a short chunk, such as the one after a restored prefix up to the next
-#: multiple of ``prefill_chunk``, shares its pass over the weights with the next one.
-GROUP_ROWS = 64
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -66,7 +58,7 @@ class ModelConfig:
         dim = int(metadata["llama.embedding_length"])
         n_heads = int(metadata["llama.attention.head_count"])
         n_kv_heads = int(metadata.get("llama.attention.head_count_kv", n_heads))
-        # Both forward passes (and decode.c's indexing) rely on these.
+        # Both forward passes (and forward.c's indexing) rely on these.
         if not (0 < n_kv_heads <= n_heads and n_heads % n_kv_heads == 0 and dim % n_heads == 0
                 and (dim // n_heads) % 2 == 0):
             raise ValueError(f"{n_heads} heads, {n_kv_heads} KV heads and embedding length {dim} do not divide evenly "
@@ -212,7 +204,7 @@ class Model:
         prefill_chunk: int = 128,
         kernel: Kernel | None = None,
     ):
-        """``kernel``: the C decode step to use (None: ``_decode_numpy``, the reference)."""
+        """``kernel``: the C forward pass to use (None: the numpy reference passes)."""
         if prefill_chunk < 1 or context_length < 1:
             raise ValueError("context_length and prefill_chunk must be positive")
         self.config = cfg = config
@@ -220,7 +212,7 @@ class Model:
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
 
-        capacity = -(-context_length // prefill_chunk) * prefill_chunk + MIN_CHUNK_ROWS
+        capacity = context_length
         self.keys = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity), dtype=np.float32)
         self.values = np.zeros((cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim), dtype=np.float32)
         half = cfg.head_dim // 2
@@ -229,7 +221,7 @@ class Model:
         self.rope_cos = np.cos(angles).astype(np.float32)
         self.rope_sin = np.sin(angles).astype(np.float32)
         self._alloc_decode_buffers(capacity)
-        self._c_decode = kernel.bind(self, self._kernel_arrays()) if kernel else None
+        self._c_forward = kernel.bind(self, self._kernel_arrays()) if kernel else None
 
     @classmethod
     def from_gguf(
@@ -238,6 +230,11 @@ class Model:
         """Dequantize and load ``gguf`` (for tools and tests; the backend caches the weights)."""
         config = ModelConfig.from_gguf_metadata(gguf.metadata)
         return cls(config, Weights.from_gguf(gguf, config), context_length, prefill_chunk, kernel)
+
+    @property
+    def uses_c(self) -> bool:
+        """Whether the C forward pass runs (else numpy's reference passes)."""
+        return self._c_forward is not None
 
     def _alloc_decode_buffers(self, capacity: int) -> None:
         cfg = self.config
@@ -258,17 +255,9 @@ class Model:
         self._logits = np.empty(cfg.vocab_size, f32)
 
     def _kernel_arrays(self) -> dict[str, np.ndarray]:
-        """What the C decode step reads and writes, by its struct's names (``kernels.ModelStruct``)."""
-        w = self.w
-        return {
-            "head": w.head, "output_norm": w.output_norm, "attn_norm": w.attn_norm, "ffn_norm": w.ffn_norm,
-            "wqkv": w.wqkv, "wo": w.wo, "wgu": w.wgu, "wd": w.wd,
-            "rope_cos": self.rope_cos, "rope_sin": self.rope_sin,
-            "keys": self.keys, "values": self.values,
-            "x": self._x, "h": self._h, "qkv": self._qkv, "queries": self._rot, "scores": self._scores,
-            "attended": self._attn, "proj": self._proj, "gate_up": self._gu, "act": self._act,
-            "logits": self._logits,
-        }
+        """What the C forward pass reads and writes, by its struct's names (``kernels.ModelStruct``)."""
+        return {**self.w.arrays(), "rope_cos": self.rope_cos, "rope_sin": self.rope_sin,
+                "keys": self.keys, "values": self.values}
 
     # -- state -------------------------------------------------------------------------
 
@@ -292,85 +281,68 @@ class Model:
     ) -> np.ndarray:
         """Run ``tokens`` at positions ``start...``; return the last position's logits (a new array).
 
-        ``on_chunk`` is called after every group of chunks (heartbeat, cancellation: it may raise).
+        ``on_chunk`` is called after every chunk (heartbeat, cancellation: it may raise).
         """
         end = start + len(tokens)
-        if not tokens or end > self.context_length:
+        if not tokens or start < 0 or end > self.context_length:
             raise ValueError(f"cannot prefill {len(tokens)} tokens at position {start}")
         ids = np.asarray(tokens, dtype=np.int64)
-        pos = start
-        with np.errstate(over="ignore"):
-            while pos < end:
-                group, rows = [], 0
-                while pos < end and rows < GROUP_ROWS:
-                    chunk_end = min(end, (pos // self.prefill_chunk + 1) * self.prefill_chunk)
-                    group.append((ids[pos - start : chunk_end - start], pos))
-                    rows, pos = rows + chunk_end - pos, chunk_end
-                last_hidden = self._forward_chunks(group)
-                if on_chunk:
-                    on_chunk()
-        return self.w.head @ self._rms_norm(last_hidden, self.w.output_norm)
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"a token is outside the vocabulary of {self.config.vocab_size}")
+        logits = np.empty(self.config.vocab_size, np.float32)
+        for pos in range(start, end, self.prefill_chunk):
+            chunk = ids[pos - start : pos - start + self.prefill_chunk]
+            last = pos + len(chunk) == end
+            if self._c_forward is not None:
+                self._c_forward(chunk, pos, logits if last else None)
+            else:
+                hidden = self._prefill_numpy(chunk, pos)
+                if last:
+                    np.matmul(self.w.head, self._rms_norm(hidden, self.w.output_norm), out=logits)
+            if on_chunk:
+                on_chunk()
+        return logits
 
-    def _forward_chunks(self, chunks: list[tuple[np.ndarray, int]]) -> np.ndarray:
-        """Run consecutive chunks layer by layer; return the last one's last hidden state.
-
-        Each chunk computes exactly what it computes alone (a chunk reads the keys and
-        values of the ones before it at the same layer, and those are written by then),
-        but a layer's weights come from memory once for all of them: a short chunk's
-        products are bound by memory bandwidth, like decode.
-        """
-        runs = [self._chunk_by_layer(ids, start) for ids, start in chunks]
-        for _ in range(self.config.n_layers):
-            for run in runs:
-                next(run)
-        return next(runs[-1])
-
-    def _chunk_by_layer(self, ids: np.ndarray, start: int) -> Iterator[np.ndarray | None]:
-        """Run one chunk (within one block of ``prefill_chunk`` positions), yielding after
-        each layer; then yield its last hidden state."""
+    def _prefill_numpy(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Run one chunk in numpy (the reference); return its last hidden state."""
         cfg = self.config
-        n_real = len(ids)
-        if n_real < MIN_CHUNK_ROWS:
-            ids = np.concatenate([ids, np.full(MIN_CHUNK_ROWS - n_real, ids[-1])])
         T = len(ids)
         g = cfg.n_heads // cfg.n_kv_heads
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         half = hd // 2
         q_dim = nh * hd
-        n_keys = (start // self.prefill_chunk + 1) * self.prefill_chunk
-        block_start = n_keys - self.prefill_chunk  # keys before it are visible to every row
-        positions = np.arange(start, start + T)
-        mask = np.where(np.arange(block_start, n_keys) <= positions[:, None], 0.0, -np.inf).astype(np.float32)
-        cos = self.rope_cos[start : start + T, None, :]
-        sin = self.rope_sin[start : start + T, None, :]
+        n_keys = start + T
+        mask = np.where(np.arange(n_keys) <= np.arange(start, n_keys)[:, None], 0.0, -np.inf).astype(np.float32)
+        cos = self.rope_cos[start:n_keys, None, :]
+        sin = self.rope_sin[start:n_keys, None, :]
 
         x = self.w.head[ids]
-        for layer in range(cfg.n_layers):
-            h = self._rms_norm(x, self.w.attn_norm[layer])
-            qkv = h @ self.w.wqkv[layer].T
-            qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
-            first, second = qk[..., :half], qk[..., half:]
-            rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-            keys, values = self.keys[layer], self.values[layer]
-            keys[:, :, start : start + T] = rotated[:, nh:].transpose(1, 2, 0)
-            values[:, start : start + T] = qkv[:, q_dim + nkv * hd :].reshape(T, nkv, hd).transpose(1, 0, 2)
-            # Query heads grouped under their shared KV head: (kv_head, group * T, dim).
-            queries = rotated[:, :nh] * np.float32(hd**-0.5)
-            queries = queries.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T, hd)
-            scores = queries @ keys[:, :, :n_keys]
-            scores = scores.reshape(nkv, g, T, n_keys)
-            scores[..., block_start:] += mask
-            totals = self._exp_scores(scores)
-            attended = scores.reshape(nkv, g * T, n_keys) @ values[:, :n_keys]
-            attended /= totals.reshape(nkv, g * T, 1)
-            attended = attended.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, q_dim)
-            x += attended @ self.w.wo[layer].T
-            h = self._rms_norm(x, self.w.ffn_norm[layer])
-            gate_up = h @ self.w.wgu[layer].T
-            gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
-            x += (gate / (1.0 + np.exp(-gate)) * up) @ self.w.wd[layer].T
-            yield None
-        yield x[n_real - 1]
+        with np.errstate(over="ignore"):
+            for layer in range(cfg.n_layers):
+                h = self._rms_norm(x, self.w.attn_norm[layer])
+                qkv = h @ self.w.wqkv[layer].T
+                qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
+                first, second = qk[..., :half], qk[..., half:]
+                rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+                keys, values = self.keys[layer], self.values[layer]
+                keys[:, :, start:n_keys] = rotated[:, nh:].transpose(1, 2, 0)
+                values[:, start:n_keys] = qkv[:, q_dim + nkv * hd :].reshape(T, nkv, hd).transpose(1, 0, 2)
+                # Query heads grouped under their shared KV head: (kv_head, group * T, dim).
+                queries = rotated[:, :nh] * np.float32(hd**-0.5)
+                queries = queries.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T, hd)
+                scores = queries @ keys[:, :, :n_keys]
+                scores = scores.reshape(nkv, g, T, n_keys)
+                scores += mask
+                totals = self._exp_scores(scores)
+                attended = scores.reshape(nkv, g * T, n_keys) @ values[:, :n_keys]
+                attended /= totals.reshape(nkv, g * T, 1)
+                attended = attended.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, q_dim)
+                x += attended @ self.w.wo[layer].T
+                h = self._rms_norm(x, self.w.ffn_norm[layer])
+                gate_up = h @ self.w.wgu[layer].T
+                gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
+                x += (gate / (1.0 + np.exp(-gate)) * up) @ self.w.wd[layer].T
+        return x[-1]
 
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         mean_square = np.square(x).sum(axis=-1, keepdims=True) / np.float32(self.config.dim)
@@ -398,14 +370,14 @@ class Model:
             raise ValueError(f"position {pos} is outside the context of {self.context_length}")
         if not 0 <= token < self.config.vocab_size:
             raise ValueError(f"token {token} is outside the vocabulary of {self.config.vocab_size}")
-        if self._c_decode is not None:
-            self._c_decode(token, pos)
+        if self._c_forward is not None:
+            self._c_forward(np.array([token], np.int64), pos, self._logits)
         else:
             self._decode_numpy(token, pos)
         return self._logits
 
     def _decode_numpy(self, token: int, pos: int) -> None:
-        """The decode step in numpy: the reference ``decode.c`` computes faster."""
+        """The decode step in numpy: the reference ``forward.c`` computes faster."""
         cfg = self.config
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         half = hd // 2
