@@ -6,7 +6,7 @@ on the same mapped weights:
 - the limit: a plain read of the weights' bytes with all cores (median of --rounds), and
   each decode step's share of it (a step streams every weight once);
 - prefill of the prompt, the C forward pass against numpy's, alternating;
-- the whole step (``Model.decode``) with the C step (decode.c) and with the numpy
+- the whole step (``Model.decode``) with the C step (forward.c) and with the numpy
   reference (``model.kernels = "numpy"``), median over --steps steps, alternating rounds
   so a disturbance hits both;
 - the numpy step's parts: its matrix-vector products alone (q/k/v, output, gate/up, down

@@ -56,7 +56,6 @@ def test_bad_config_files_are_refused_with_the_key(tmp_path: Path, text: str, me
         ("[sampling]\ntop_p = 1.5\n", "sampling.top_p"),
         ("[sampling]\nmax_tokens = 5000\n", "sampling.max_tokens .*daemon.max_tokens_limit"),
         ("[rkllm]\nruntime = '2.0'\n", "rkllm.runtime"),
-        ("[rkllm]\ntemplate = 'llama9'\n", "rkllm.template"),
         ("[cache]\nmemory_budget_mb = -5\n", "cache.memory_budget_mb"),
     ],
 )

@@ -331,7 +331,7 @@ def test_no_model_at_all(monkeypatch):
     (4, 0, 32, False),
 ])
 def test_head_counts_must_divide_into_even_heads(heads, kv_heads, dim, ok):
-    """Both forward passes, and decode.c's indexing, rely on it: a file saying otherwise is refused."""
+    """Both forward passes, and forward.c's indexing, rely on it: a file saying otherwise is refused."""
     metadata = {
         "general.architecture": "llama", "llama.embedding_length": dim, "llama.attention.head_count": heads,
         "llama.attention.head_count_kv": kv_heads, "llama.block_count": 1, "llama.feed_forward_length": 64,

@@ -1,4 +1,4 @@
-"""The C decode step (decode.c through ctypes) against the numpy reference step, on
+"""The C forward pass (forward.c through ctypes) against the numpy reference step, on
 SmolLM2 and on small models with awkward shapes; how it is built, kept, refused and
 replaced; and the daemon without a compiler."""
 
@@ -100,7 +100,7 @@ def test_awkward_shapes_match_the_reference(tmp_path, dim, heads, kv_heads, laye
 
 
 def test_long_contexts_span_several_attention_chunks(tmp_path):
-    """decode.c splits attention into chunks of 256 positions and merges them: contexts of
+    """forward.c splits attention into chunks of 256 positions and merges them: contexts of
     one, two and three chunks, the boundaries included, give the reference's results."""
     gguf = GGUFFile(tiny_llama(tmp_path / "tiny.gguf", dim=36, heads=6, kv_heads=2, layers=2))
     c_model = Model.from_gguf(gguf, context_length=560, prefill_chunk=64, kernel=kernels.c_kernel(SHARED_KERNELS))

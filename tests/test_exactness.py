@@ -37,7 +37,7 @@ SPLITS_PROBE = textwrap.dedent(
     model = backend.model
     text = " ".join(["The river starts in the mountains, where snow melts each spring and feeds small streams;",
                      "it turns a mill, passes under three stone bridges and carries barges to the sea."] * 8)
-    ids = backend.tokenizer.encode(get_template("smollm2").render([{"role": "user", "content": text}]))
+    ids = backend.tokenizer.encode(get_template("smollm2-instruct").render([{"role": "user", "content": text}]))
     assert 256 < len(ids) < 400, len(ids)
     full = model.prefill(ids, 0).copy()
     n = len(ids)

@@ -111,7 +111,7 @@ def test_concurrent_clients_are_served_in_arrival_order(daemon: DaemonProcess, n
 
 
 def seconds_per_token(pieces, n: int = 4) -> float:
-    """This machine's decode speed now, measured on a running stream: bounds on how soon
+    """At least this machine's time per token now, measured on a running stream's paced pieces: bounds on how soon
     something happens between tokens scale with it (a loaded or slower CPU is not a bug)."""
     next(pieces)
     t0 = time.monotonic()
@@ -140,7 +140,7 @@ def test_cancel_queued_and_running(daemon: DaemonProcess) -> None:
 
 def test_killed_client_frees_the_worker_within_a_few_tokens(daemon: DaemonProcess) -> None:
     with daemon.client() as observer:
-        probe = observer.generate(LONG_PROMPT, max_tokens=6)
+        probe = observer.generate(LONG_PROMPT, max_tokens=64)  # enough for five paced pieces on a fast machine
         token_s = seconds_per_token(iter(probe))
         probe.wait()
         before = observer.status()["counters"]["clients_gone"]

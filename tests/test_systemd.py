@@ -379,7 +379,7 @@ class TestRkllmd:
         # The hardened service compiled its decode step (MemoryDenyWriteExecute and the
         # system call filter allow a compiler and loading its library) and kept it.
         assert status["model"]["decode"].startswith("C, ")
-        assert "(/var/cache/rkllmd/kernels/decode." in status["model"]["decode"]
+        assert "(/var/cache/rkllmd/kernels/forward." in status["model"]["decode"]
         # The load asked for more time as it went, READY=1 came once the model was loaded
         # and the socket bound, and the start job finished on it.
         pid = state["MainPID"]
@@ -475,7 +475,7 @@ class TestRkllmd:
         assert state == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": "2",
                          "NRestarts": "0"}
         failed = sd.show(SERVICE, "ExecMainPID")["ExecMainPID"]
-        logged(sd, mark, failed, "configuration: daemon.log_level: unknown level 'loud'")
+        logged(sd, mark, failed, "configuration: daemon.log_level from /etc/rkllmd/rkllmd.toml: expected one of debug, info, warning, error, got 'loud'")
         write_config(sd, SHIPPED_CONFIG)
 
     def test_stop_during_a_generation(self, sd):

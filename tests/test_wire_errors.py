@@ -17,6 +17,8 @@ from conftest import DaemonProcess
 from reliability import RawPeer, check_envelope, documented_errors
 
 LAUNCHER = r"""
+import sys
+
 from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.caches.text import TextStore
 
