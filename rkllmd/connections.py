@@ -132,13 +132,14 @@ class Connections:
 
     def receive(self) -> tuple[bytes, list[bytes]] | None:
         """The next message, as (client, frames after its identity), or None."""
-        # Disconnections first: a file descriptor closed before a message arrived on its
-        # reuse must not be taken for the new connection's (see _note_connection).
-        self.note_disconnections()
         try:
             frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
+        # Disconnections after the message, before its connection is noted: every one that
+        # happened before the message arrived is visible now, so the close of an earlier
+        # connection whose fd this one reuses is not taken for this one's (see _note_connection).
+        self.note_disconnections()
         self.traffic.requests += 1
         identity = frames[0].bytes
         self._note_connection(identity, frames[-1])
@@ -149,8 +150,12 @@ class Connections:
         kernel send buffer (see SEND_HWM).
 
         libzmq reports a disconnection (to the monitor) before it closes the fd, and a new
-        connection can only get the same number after that, so reading the monitor before
-        every message keeps this map true.
+        connection can only get the same number after that; its messages come later still.
+        So the monitor read after a message was received holds every disconnection of the
+        fd's earlier owners. Read before the receive it may not: a close and the next
+        connection's first message can both arrive in between (a socket loop descheduled
+        there, as on a loaded 2-core machine), and the close, read later, would then be
+        taken for the new client's: its generation aborted, and its ``queued`` never sent.
         """
         if identity in self._fd_of:
             self._fd_of.move_to_end(identity)

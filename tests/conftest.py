@@ -41,6 +41,11 @@ def pytest_runtest_makereport(item, call):
     """Under CI=true a skipped systemd test is a failure: CI is where they must run."""
     outcome = yield
     report = outcome.get_result()
+    if report.failed and call.when == "call":
+        # What the daemons said: a CI failure must be explainable from its output alone.
+        for proc in DaemonProcess.started:
+            lines = proc.log().splitlines()[-LOG_TAIL_LINES:]
+            report.sections.append((f"rkllmd log {proc.folder} (last {len(lines)} lines)", "\n".join(lines)))
     if report.skipped and running_in_ci() and item.get_closest_marker("systemd") is not None:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
@@ -83,8 +88,15 @@ def reference_cases() -> list[dict]:
     return json.loads((DATA / "smollm2-greedy.json").read_text())
 
 
+#: Lines of each daemon's log shown under a failed test.
+LOG_TAIL_LINES = 80
+
+
 class DaemonProcess:
     """One ``rkllmd`` process in its own short-pathed folder (ipc paths are limited to 107 bytes)."""
+
+    #: The daemons not yet cleaned up, whose logs a failed test shows.
+    started: list[DaemonProcess] = []
 
     def __init__(self, *extra: str, env: dict[str, str] | None = None, folder: Path | None = None):
         self.folder = folder or Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
@@ -111,6 +123,8 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         log.close()
+        if self not in DaemonProcess.started:
+            DaemonProcess.started.append(self)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -160,6 +174,8 @@ class DaemonProcess:
             self.stop()
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
+            if self in DaemonProcess.started:
+                DaemonProcess.started.remove(self)
 
 
 @pytest.fixture(scope="session")
