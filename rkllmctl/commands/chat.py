@@ -1,4 +1,8 @@
-"""rkllmctl chat: an interactive conversation (history kept here, in the client)."""
+"""rkllmctl chat: an interactive conversation (history kept here, in the client).
+
+When the model calls tools (``--tools``), each call is shown and its result is asked
+for; the results go back as ``tool`` messages and the model answers again.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import sys
 from typing import Any, Callable
 
+from ..client import GenerationResult
 from ..errors import DaemonError
 from .generate import add_sampling_options, follow, sampling_fields, stats_line
 
@@ -22,7 +27,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     fields = sampling_fields(args)
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
     with connect() as client:
@@ -44,17 +49,43 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
             if line == "/reset":
                 del history[1 if args.system else 0 :]
                 continue
+            turn_start = len(history)
             history.append({"role": "user", "content": line})
-            stream = client.generate(messages=history, **fields)
             try:
-                result = follow(stream, echo=True)
-            except KeyboardInterrupt:
-                history.pop()
-                continue
+                while True:  # an answer, and another after each round of tool results
+                    result = follow(client.generate(messages=history, **fields), echo=True, show_reasoning=not args.hide_reasoning)
+                    history.append(assistant_turn(result))
+                    if args.stats:
+                        print(stats_line(result), file=sys.stderr)
+                    if not result.tool_calls:
+                        break
+                    history.extend(tool_results(result.tool_calls))
+            except KeyboardInterrupt:  # the turn is forgotten, the conversation goes on
+                del history[turn_start:]
+                print(file=sys.stderr)
+            except EOFError:
+                return 0
             except DaemonError as exc:
-                history.pop()
+                del history[turn_start:]
                 print(f"rkllmctl: {exc}", file=sys.stderr)
-                continue
-            history.append({"role": "assistant", "content": result.text})
-            if args.stats:
-                print(stats_line(result), file=sys.stderr)
+
+
+def assistant_turn(result: GenerationResult) -> dict[str, Any]:
+    """The answer as history: its reasoning (the template decides whether the model sees
+    it again) and its tool calls with it."""
+    turn: dict[str, Any] = {"role": "assistant", "content": result.text}
+    if result.reasoning:
+        turn["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        turn["tool_calls"] = result.tool_calls
+    return turn
+
+
+def tool_results(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ask for each call's result (one line each), as ``tool`` messages."""
+    results = []
+    for call in calls:
+        name = call["function"]["name"]
+        content = input(f"result of {name} ({call['id']})> " if sys.stdin.isatty() else "")
+        results.append({"role": "tool", "tool_call_id": call["id"], "name": name, "content": content})
+    return results
