@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from ..client import GenerationResult
 from ..errors import DaemonError
+from . import UsageError, read_json
 from .generate import add_sampling_options, follow, sampling_fields, stats_line
 
-HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops an answer"
+HELP = "commands: /reset (back to the conversation's start), /exit (or Ctrl-D); Ctrl-C stops an answer"
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("chat", help="interactive conversation")
     p.add_argument("--system", help="system message")
+    p.add_argument("--messages", type=Path, metavar="FILE.json", help="start from this conversation (a JSON list of messages)")
     add_sampling_options(p)
     p.add_argument("--stats", action="store_true", help="print stats after each answer")
     p.set_defaults(run=run)
@@ -27,9 +30,12 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     fields = sampling_fields(args)
-    history: list[dict[str, Any]] = []
+    start: list[dict[str, Any]] = read_json(args.messages, "--messages", list) or []
     if args.system:
-        history.append({"role": "system", "content": args.system})
+        if start:
+            raise UsageError("--messages replaces --system")
+        start.append({"role": "system", "content": args.system})
+    history = list(start)
     with connect() as client:
         if sys.stdin.isatty():
             print(HELP, file=sys.stderr)
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
             if line == "/exit":
                 return 0
             if line == "/reset":
-                del history[1 if args.system else 0 :]
+                history = list(start)
                 continue
             turn_start = len(history)
             history.append({"role": "user", "content": line})

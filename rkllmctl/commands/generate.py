@@ -134,9 +134,10 @@ class Printer:
                 self.dimmed = True
             self._put(self.reasoning_to, piece.reasoning)
         if piece.text:
-            self._undim()
-            if self.tty and self.last.get(sys.stdout, "\n") != "\n":  # the reasoning's last line
-                self._put(sys.stdout, "\n")
+            if self.dimmed:  # the answer starts on a line of its own after the reasoning
+                self._undim()
+                if self.last[sys.stdout] != "\n":
+                    self._put(sys.stdout, "\n")
             self._put(sys.stdout, piece.text)
 
     def end(self) -> None:
