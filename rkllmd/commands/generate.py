@@ -10,7 +10,7 @@ from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
 from ..templates.output import OutputSplitter
 from .context import Context, Request
-from .render import checked, render
+from .render import checked
 
 OP = "generate"
 
@@ -31,13 +31,13 @@ def execute(ctx: Context, request: Request) -> None:
         max_tokens=args["max_tokens"],
         stop=args["stop"],
     )
-    template = ctx.worker.backend.template
-    prompt = render(template, messages, args["tools"], _variables(args))
+    backend = ctx.worker.backend
+    prompt = backend.render(messages, tools=args["tools"], variables=_variables(args))
     gen = Generation(
         identity=request.identity,
         request_id=request.id,
         prompt=prompt,
-        output=OutputSplitter.for_prompt(template, prompt, tools=bool(args["tools"])),
+        output=OutputSplitter.for_prompt(backend.template, prompt, tools=bool(args["tools"])),
         params=params,
         cache=args["cache"],
         use_cache=not args["no_cache"],

@@ -2,15 +2,16 @@
 
 The template is the loaded model's, a family's by name, or Jinja text the client sent
 (the daemon never opens a path a client names). Rendering runs on the socket loop:
-the sandbox bounds it in time and size (rkllmd/templates/sandbox.py).
+the sandbox bounds it in time and size (rkllmd/templates/sandbox.py). A template that
+refuses the chat raises RenderError, which the socket loop answers as ``invalid_field``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..protocol import ErrorCode, WireError
-from ..templates import FAMILIES, ChatTemplate, RenderError, TemplateError
+from ..templates import FAMILIES, ChatTemplate, TemplateError
 from .context import Context, Request
 
 OP = "render"
@@ -21,9 +22,9 @@ MAX_TEMPLATE_CHARS = 256 << 10
 def execute(ctx: Context, request: Request) -> dict[str, Any]:
     args = request.args
     backend = ctx.worker.backend
-    template = _template(args["template"], backend.template)
+    renderer = backend if args["template"] is None else _template(args["template"], backend.template)
     messages = checked(args["messages"], ctx.config.daemon.max_prompt_chars)
-    text = render(template, messages, args["tools"], args["vars"], args["add_generation_prompt"])
+    text = renderer.render(messages, args["add_generation_prompt"], tools=args["tools"], variables=args["vars"])
     return {"text": text, "tokens": backend.count_tokens(text)}
 
 
@@ -35,20 +36,6 @@ def checked(messages: list[dict[str, Any]], max_chars: int) -> list[dict[str, An
     if any("\x00" in m["content"] for m in messages):
         raise WireError(ErrorCode.INVALID_FIELD, "message content must not contain NUL", field="messages")
     return messages
-
-
-def render(
-    template: ChatTemplate,
-    messages: Sequence[Mapping[str, Any]],
-    tools: Sequence[Mapping[str, Any]] | None,
-    variables: Mapping[str, Any] | None,
-    add_generation_prompt: bool = True,
-) -> str:
-    """The template's rendering; its refusal (``raise_exception``, a limit) is the client's error."""
-    try:
-        return template.render(messages, add_generation_prompt, tools=tools, variables=variables)
-    except RenderError as exc:
-        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field="messages") from None
 
 
 def _template(spec: str | None, loaded: ChatTemplate) -> ChatTemplate:
