@@ -1,6 +1,6 @@
 """rkllmctl: the client of rkllmd, as a Python library and a shell command."""
 
-from .client import Client, GenerationResult, Stream
+from .client import Client, GenerationResult, Piece, Stream
 from .errors import DaemonError, DaemonUnreachable, PermissionDenied, ProtocolViolation, RkllmError
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "DaemonUnreachable",
     "GenerationResult",
     "PermissionDenied",
+    "Piece",
     "ProtocolViolation",
     "RkllmError",
     "Stream",

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -38,7 +38,12 @@ START_HINT = "start it with `rkllmd` (or `systemctl start rkllmd`), or point --s
 
 @dataclass
 class GenerationResult:
-    """The end of a generation: all its text, why it stopped, and the daemon's stats."""
+    """The end of a generation: all its text, why it stopped, and the daemon's stats.
+
+    ``text`` is the answer only: never the reasoning, never the text of a parsed tool call
+    (which is in ``tool_calls``, OpenAI's shape, ``arguments`` a JSON string). A tool call
+    that did not parse stays in ``text``, and ``tool_call_error`` says why.
+    """
 
     text: str
     finish_reason: str
@@ -47,6 +52,16 @@ class GenerationResult:
     reason: str | None = None
     client_ttft_ms: float | None = None  # measured here, from sending to the first text
     messages: int = 0  # stream messages received (tokens are coalesced when the reader is slow)
+    reasoning: str | None = None  # None: the output had no reasoning block
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_error: str | None = None
+
+
+class Piece(NamedTuple):
+    """One token message: reasoning and answer text (either may be "")."""
+
+    reasoning: str
+    text: str
 
 
 def probe(path: Path) -> None:
@@ -213,8 +228,13 @@ class Client:
         seed: int | None = None,
         max_tokens: int | None = None,
         stop: list[str] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        vars: dict[str, Any] | None = None,
+        enable_thinking: bool | None = None,
     ) -> Stream:
-        """Start a generation; iterate the returned Stream for text, then read ``.result``."""
+        """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
+        reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
+        of docs/protocol.md (tool results, assistant ``tool_calls``)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -230,8 +250,24 @@ class Client:
             seed=seed,
             max_tokens=max_tokens,
             stop=stop or None,
+            tools=tools,
+            vars=vars,
+            enable_thinking=enable_thinking,
         )
         return Stream(self, request_id, started)
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        vars: dict[str, Any] | None = None,
+        template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> dict[str, Any]:
+        """``{"text", "tokens"}``: the exact prompt ``messages`` render to. ``template``: a
+        family's name or a template's Jinja text (None: the loaded model's)."""
+        return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt)
 
     def cancel(self, request_id: Any) -> dict[str, Any]:
         return self.call("cancel", target=request_id)
@@ -271,6 +307,11 @@ class Stream:
     _count: int = 0
 
     def __iter__(self) -> Iterator[str]:
+        """The answer's text as it comes (reasoning left out)."""
+        return (piece.text for piece in self.pieces() if piece.text)
+
+    def pieces(self) -> Iterator[Piece]:
+        """Each token message's reasoning and answer text as it comes."""
         while self.result is None:
             # Only the first message (queued, or an error) is bounded by the timeout.
             timeout = self.client.timeout if self._expected_seq == 0 else None
@@ -290,7 +331,7 @@ class Stream:
                 if self._first_text_at is None:
                     self._first_text_at = time.monotonic()
                 self._parts.append(message["text"])
-                yield message["text"]
+                yield Piece(message.get("reasoning", ""), message["text"])
             elif kind == "done":
                 self.client._pending.pop(self.request_id, None)
                 ttft = None if self._first_text_at is None else (self._first_text_at - self.started) * 1000
@@ -302,13 +343,16 @@ class Stream:
                     reason=message.get("reason"),
                     client_ttft_ms=ttft,
                     messages=self._count,
+                    reasoning=message.get("reasoning"),
+                    tool_calls=message.get("tool_calls"),
+                    tool_call_error=message.get("tool_call_error"),
                 )
             elif kind != "started":
                 raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")
 
     def wait(self) -> GenerationResult:
         """Consume the rest of the stream and return its result."""
-        for _ in self:
+        for _ in self.pieces():
             pass
         assert self.result is not None
         return self.result

@@ -20,7 +20,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .config import DaemonConfig
-from .outbox import Generation, Outbox
+from .outbox import NO_OUTPUT, Generation, Outbox
 from .protocol import MAX_MESSAGE_BYTES, pack, reply
 from .worker import ModelWorker
 
@@ -321,5 +321,5 @@ class Connections:
         """A generation whose client stopped reading: abort it, drop its unsent text, and leave
         a final ``done`` (cancelled, "client not reading") for the client should it read again."""
         self._client_gone(gen)
-        final = reply(gen.request_id, "done", seq=gen.seq, finish_reason="cancelled", reason="client not reading", cache=None, stats=None)
+        final = reply(gen.request_id, "done", seq=gen.seq, finish_reason="cancelled", reason="client not reading", cache=None, stats=None, **NO_OUTPUT)
         self.send(gen.identity, final)  # held while the client does not read, dropped if it never does

@@ -24,6 +24,10 @@ from typing import Any
 
 from .backends.base import SamplingParams
 from .protocol import reply
+from .templates.output import OutputSplitter
+
+#: The output fields of a ``done`` whose generation never produced any (cancelled before it ran).
+NO_OUTPUT = {"reasoning": None, "tool_calls": None, "tool_call_error": None}
 
 #: A stream's token text wakes the socket loop at most this often (its first piece at once).
 TOKEN_WAKE_INTERVAL_S = 0.04
@@ -36,6 +40,7 @@ class Generation:
     identity: bytes
     request_id: Any
     prompt: str
+    output: OutputSplitter  # the raw output -> reasoning, answer, tool calls (worker thread only)
     params: SamplingParams
     cache: str | None
     use_cache: bool
@@ -93,7 +98,7 @@ class Outbox:
                 return
             last = gen.messages[-1] if gen.messages else None
             if type_ == "token" and last is not None and last["type"] == "token":
-                last["text"] += fields["text"]
+                _join(last, fields)
             else:
                 gen.messages.append(reply(gen.request_id, type_, **fields))
             gen.finished = type_ in ("done", "error")
@@ -126,7 +131,7 @@ class Outbox:
         with self._lock:
             newer = gen.messages
             if newer and unsent and newer[0]["type"] == "token" and unsent[-1]["type"] == "token":
-                unsent[-1]["text"] += newer.pop(0)["text"]
+                _join(unsent[-1], newer.pop(0))
             gen.messages = unsent + newer
             self._streams[id(gen)] = gen
 
@@ -136,3 +141,11 @@ class Outbox:
             gen.gone = True
             gen.messages = []
             self._streams.pop(id(gen), None)
+
+
+def _join(token: dict[str, Any], later: dict[str, Any]) -> None:
+    """A later token message's text into a waiting one. Reasoning comes before any answer
+    text in a model's output, so a joined message's ``reasoning`` still precedes its ``text``."""
+    token["text"] += later["text"]
+    if later.get("reasoning"):
+        token["reasoning"] = token.get("reasoning", "") + later["reasoning"]

@@ -13,6 +13,7 @@ reads ``protocol: [1, N]`` from ``ping`` knows which it may use.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -21,13 +22,15 @@ from typing import Any, Callable
 
 from .caches.names import check_name
 from .protocol import PROTOCOL_VERSION, ErrorCode, WireError
-from .templates import ROLES
+from .templates import RESERVED, ROLES
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
+    2: "`render`; `generate` takes `tools`, `vars`, `enable_thinking` and messages of role `tool`, assistant `tool_calls` and `reasoning_content`; "
+    "`token` messages may carry `reasoning`; `done` carries `reasoning`, `tool_calls`, `tool_call_error`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -77,6 +80,8 @@ MAX_MESSAGES = 1024
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_WAIT_S = 3600.0
+MAX_TOOLS = 128
+MAX_VARS = 64
 
 #: A cache entry, as cache.ls lists it and the other cache operations return it.
 ENTRY = ("name", "state", "reason", "text_bytes", "tokens", "built_at", "build_ms", "binary_bytes")
@@ -85,14 +90,19 @@ STREAM: dict[str, tuple[str, ...]] = {
     "queued": ("seq", "position"),
     "started": ("seq", "queue_ms"),
     "token": ("seq", "text"),
-    "done": ("seq", "finish_reason", "reason", "cache", "stats"),
+    "done": ("seq", "finish_reason", "reason", "cache", "stats", "reasoning", "tool_calls", "tool_call_error"),
 }
+#: Keys a stream message carries only sometimes: a token's ``reasoning`` when the piece holds some.
+STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning",)}
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
 STATS = ("prompt_tokens", "cached_tokens", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
 STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits")
 
 _NAME = Field("name", "name", "the text cache's name", required=True)
+_MESSAGES_DOC = f"a whole chat; roles {', '.join(f'`{r}`' for r in ROLES)}; 1–{MAX_MESSAGES} messages (see [Messages](#messages))"
+_TOOLS = Field("tools", "tools", f"up to {MAX_TOOLS} OpenAI-style function schemas, given to the template", since=2)
+_VARS = Field("vars", "vars", f"up to {MAX_VARS} extra template variables (`enable_thinking`, `date_string`, ...)", since=2)
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -103,7 +113,7 @@ OPERATIONS: dict[str, Operation] = {
             (
                 Field("prompt", "str", "the user message (give `prompt` or `messages`)"),
                 Field("system", "str", "system message, with `prompt`", default_doc="model's default"),
-                Field("messages", "messages", f"a whole chat; roles {', '.join(f'`{r}`' for r in ROLES)}; 1–{MAX_MESSAGES} messages"),
+                Field("messages", "messages", _MESSAGES_DOC),
                 Field("cache", "name", "use text cache NAME as the system message (the request must not carry its own)"),
                 Field("no_cache", "bool", "prefill everything, never restore a prompt cache (to measure the difference)", default=False),
                 Field("temperature", "float", "0 is greedy", default=Setting("sampling.temperature"), low=0.0, high=10.0),
@@ -112,10 +122,26 @@ OPERATIONS: dict[str, Operation] = {
                 Field("repeat_penalty", "float", "1.0 disables", default=Setting("sampling.repeat_penalty"), low=0.0, high=10.0),
                 Field("seed", "int", "same seed and parameters, same output", low=0, high=2**64 - 1, default_doc="random"),
                 Field("max_tokens", "int", "completion tokens at most", default=Setting("sampling.max_tokens"), low=1, high=Setting("daemon.max_tokens_limit")),
-                Field("stop", "stops", f"up to {MAX_STOPS} strings of ≤{MAX_STOP_CHARS} chars; generation ends before the first one, which is not sent", default=()),
+                Field("stop", "stops", f"up to {MAX_STOPS} strings of ≤{MAX_STOP_CHARS} chars; generation ends before the first one (in the raw output, reasoning included), which is not sent", default=()),
+                _TOOLS,
+                _VARS,
+                Field("enable_thinking", "bool", "sets `vars.enable_thinking` (templates that read it: qwen3)", since=2),
             ),
             result=None,
             one_of=("prompt", "messages"),
+        ),
+        Operation(
+            "render",
+            "the exact prompt text a chat renders to, as `generate` would prefill it",
+            (
+                Field("messages", "messages", _MESSAGES_DOC, required=True, since=2),
+                _TOOLS,
+                _VARS,
+                Field("template", "str", "a family's name (docs/templates.md), or the Jinja text of a template", default_doc="the loaded model's", since=2),
+                Field("add_generation_prompt", "bool", "end with the header of the assistant's turn", default=True, since=2),
+            ),
+            ("text", "tokens"),
+            since=2,
         ),
         Operation("cancel", "stop one of this client's generations, queued or running", (Field("target", "id", "the `id` of one of this client's generations", required=True),), ("target", "was")),
         Operation("status", "what the daemon runs and how it is doing", result=STATUS),
@@ -160,7 +186,9 @@ _MISSING = object()
 _KIND_NAMES = {
     "str": "a string", "name": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
     "id": "a string or an integer", "messages": "an array of messages", "stops": "an array of strings",
+    "tools": f"an array of at most {MAX_TOOLS} tool schemas", "vars": f"a map of at most {MAX_VARS} template variables",
 }
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def parse(op: Operation, request: dict[str, Any], setting: Callable[[str], Any]) -> dict[str, Any]:
@@ -212,7 +240,11 @@ def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
     if kind == "name":
         return check_name(value)
     if kind == "messages":
-        return _messages(field, value, wrong)
+        return _messages(value, wrong)
+    if kind == "tools":
+        return _tools(value, wrong)
+    if kind == "vars":
+        return _vars(value, wrong)
     if kind == "stops":
         if not isinstance(value, list) or len(value) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
             raise wrong(f"'stop' must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
@@ -220,27 +252,104 @@ def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
     return value
 
 
-def _messages(field: Field, value: Any, wrong: Callable[..., WireError]) -> list[dict[str, str]]:
+def _messages(value: Any, wrong: Callable[..., WireError]) -> list[dict[str, Any]]:
+    """Messages as the templates take them (transformers' shape): tool calls' arguments a
+    map, an assistant turn that only calls tools with content ""."""
     if not isinstance(value, list):
         raise wrong()
     if not value or len(value) > MAX_MESSAGES:
         raise wrong(f"'messages' must hold 1 to {MAX_MESSAGES} messages")
-    messages = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise wrong(f"messages[{i}] must be a map")
-        role, content = item.get("role"), item.get("content")
-        if role not in ROLES:
-            raise wrong(f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise wrong(f"messages[{i}].content must be a string")
-        messages.append({"role": role, "content": content})
-    return messages
+    return [_message(item, f"messages[{i}]", wrong) for i, item in enumerate(value)]
+
+
+#: Message keys that belong to one role only (any other key is not passed on).
+_ROLE_KEYS = {"tool_calls": "assistant", "reasoning_content": "assistant", "tool_call_id": "tool", "name": "tool"}
+
+
+def _message(item: Any, at: str, wrong: Callable[..., WireError]) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise wrong(f"{at} must be a map")
+    role, content = item.get("role"), item.get("content")
+    if role not in ROLES:
+        raise wrong(f"{at}.role must be one of {', '.join(ROLES)}")
+    if content is None and role == "assistant" and item.get("tool_calls"):
+        content = ""
+    if not isinstance(content, str):
+        raise wrong(f"{at}.content must be a string")
+    message: dict[str, Any] = {"role": role, "content": content}
+    for key, owner in _ROLE_KEYS.items():
+        value = item.get(key)
+        if value is None or key == "name" and role != "tool":  # a user's `name` (OpenAI's participant name) is not passed on
+            continue
+        if role != owner:
+            raise wrong(f"{at}.{key} is only for {owner} messages")
+        if key == "tool_calls":
+            if not isinstance(value, list) or not value or len(value) > MAX_TOOLS:
+                raise wrong(f"{at}.tool_calls must hold 1 to {MAX_TOOLS} tool calls")
+            value = [_tool_call(call, f"{at}.tool_calls[{j}]", wrong) for j, call in enumerate(value)]
+        elif not isinstance(value, str):
+            raise wrong(f"{at}.{key} must be a string")
+        message[key] = value
+    return message
+
+
+def _tool_call(call: Any, at: str, wrong: Callable[..., WireError]) -> dict[str, Any]:
+    """``{"id"?, "type": "function", "function": {"name", "arguments"}}``; ``arguments`` a
+    map or a JSON string of one (OpenAI's shape), passed on as a map."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or call.get("type", "function") != "function":
+        raise wrong(f'{at} must be a map {{"type": "function", "function": {{"name", "arguments"}}}}')
+    name, arguments = function.get("name"), function.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise wrong(f"{at}.function.name must be a non-empty string")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            raise wrong(f"{at}.function.arguments is a string but not JSON") from None
+    if not isinstance(arguments, dict):
+        raise wrong(f"{at}.function.arguments must be a map, or a JSON object in a string")
+    parsed: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if call.get("id") is not None:
+        if not isinstance(call["id"], str):
+            raise wrong(f"{at}.id must be a string")
+        parsed["id"] = call["id"]
+    return parsed
+
+
+def _tools(value: Any, wrong: Callable[..., WireError]) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise wrong()
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            raise wrong(f'tools[{i}] must be a map {{"type": "function", "function": {{"name", "description", "parameters"}}}}')
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise wrong(f"tools[{i}].function.name must be a non-empty string")
+        if not isinstance(function.get("description", ""), str):
+            raise wrong(f"tools[{i}].function.description must be a string")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise wrong(f"tools[{i}].function.parameters must be a map (a JSON Schema)")
+    return value
+
+
+def _vars(value: Any, wrong: Callable[..., WireError]) -> dict[str, Any]:
+    if not isinstance(value, dict) or len(value) > MAX_VARS:
+        raise wrong()
+    for key in value:
+        if not _IDENTIFIER.fullmatch(key):
+            raise wrong(f"vars: {key!r} is not a template variable's name (letters, digits, _)")
+        if key in RESERVED:
+            raise wrong(f"vars: {key!r} is set by the renderer, not by a request")
+    return value
 
 
 # -- docs/protocol.md's tables ------------------------------------------------------------
 
-_KIND_DOCS = {"str": "str", "name": "str (cache name)", "int": "int", "float": "float", "bool": "bool", "id": "str or int", "messages": "array of `{role, content}`", "stops": "array of str"}
+_KIND_DOCS = {
+    "str": "str", "name": "str (cache name)", "int": "int", "float": "float", "bool": "bool", "id": "str or int",
+    "messages": "array of messages", "stops": "array of str", "tools": "array of tool schemas", "vars": "map",
+}
 
 
 def _range(field: Field) -> str:

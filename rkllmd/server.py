@@ -28,6 +28,7 @@ from .outbox import Outbox
 from .pathkeeper import PathKeeper
 from .protocol import MAX_ID_CHARS, PROTOCOL_VERSION, ErrorCode, WireError, error_reply, reply, unpack
 from .schema import OPERATIONS, parse
+from .templates import RenderError
 from .service import ServiceNotifier
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,8 @@ def _outcome_message(request_id: Any, done: Future) -> dict[str, Any]:
 
 
 def _error_message(request_id: Any, exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, RenderError):  # the chat template refused the request's chat
+        exc = WireError(ErrorCode.INVALID_FIELD, str(exc), field="messages")
     if not isinstance(exc, WireError):
         log.error("request %r failed", request_id, exc_info=exc)
         exc = WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}")

@@ -6,6 +6,7 @@ socket loop only enqueues and cancels; it never waits for the model.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -17,8 +18,9 @@ from .backends.base import Backend, BackendError, ContextOverflow
 from .caches.binary import BinaryStore
 from .caches.manager import PromptCaches
 from .config import DaemonConfig
-from .outbox import Generation, Outbox
+from .outbox import NO_OUTPUT, Generation, Outbox
 from .protocol import ErrorCode, WireError
+from .templates.output import wire_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class ModelWorker:
         self._accepting = True
         self._stopping = False
         self.last_progress = time.monotonic()
+        self._call_ids = itertools.count()  # tool calls' ids, unique while the daemon runs
         backend.heartbeat = self._heartbeat
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
 
@@ -125,7 +128,7 @@ class ModelWorker:
                 self.backend.abort()
         if state == "queued":
             self.counters.cancelled += 1
-            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason)
+            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
         return state
 
     def queue_depth(self) -> int:
@@ -232,8 +235,7 @@ class ModelWorker:
         def sink(text: str) -> bool:
             if gen.cancelled.is_set():
                 return False
-            if text:
-                self.outbox.stream(gen, "token", text=text)
+            self._send_output(gen, *gen.output.feed(text))
             return True
 
         try:
@@ -242,7 +244,7 @@ class ModelWorker:
             stats = self.backend.generate(gen.prompt, gen.params, prefix, sink)
         except _Cancelled:
             self.counters.cancelled += 1
-            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason)
+            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason, **NO_OUTPUT)
             return
         except ContextOverflow as exc:
             self._fail(gen, WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), prompt_tokens=exc.prompt_tokens, context_length=exc.context_length))
@@ -255,6 +257,9 @@ class ModelWorker:
             log.exception("generation %r failed", gen.request_id)
             self._fail(gen, WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}"))
             return
+        output = gen.output
+        if stats.finish_reason != "cancelled":  # what the splitter held back, tool calls parsed
+            self._send_output(gen, *output.finish())
         total_ms = (time.monotonic() - gen.received) * 1000
         decode_tps = (stats.completion_tokens - 1) / (stats.decode_ms / 1000) if stats.decode_ms > 0 and stats.completion_tokens > 1 else None
         counters = self.counters
@@ -269,6 +274,9 @@ class ModelWorker:
             finish_reason=stats.finish_reason,
             reason=gen.cancel_reason if stats.finish_reason == "cancelled" else None,
             cache=prefix.name if prefix is not None and stats.cached_tokens else None,
+            reasoning=output.reasoning,
+            tool_calls=wire_tool_calls(output.tool_calls, self._call_ids) or None,
+            tool_call_error=output.tool_call_error,
             stats={
                 "prompt_tokens": stats.prompt_tokens,
                 "cached_tokens": stats.cached_tokens,
@@ -281,6 +289,13 @@ class ModelWorker:
                 "total_ms": round(total_ms, 2),
             },
         )
+
+    def _send_output(self, gen: Generation, reasoning: str, text: str) -> None:
+        """A token message: answer ``text`` (maybe ""), and ``reasoning`` when there is some."""
+        if reasoning:
+            self.outbox.stream(gen, "token", text=text, reasoning=reasoning)
+        elif text:
+            self.outbox.stream(gen, "token", text=text)
 
     def _fail(self, gen: Generation, error: WireError) -> None:
         self.counters.errors += 1

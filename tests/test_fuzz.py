@@ -48,7 +48,7 @@ RSS_GROWTH_LIMIT_KB = 6 * 1024
 MALFORMED, UNSUPPORTED_VERSION, UNKNOWN_OP, INVALID_FIELD, TOO_LARGE, INVALID_NAME = 100, 101, 102, 103, 104, 106
 #: The daemon's defaults where a field's bound is a setting (docs/protocol.md, etc/rkllmd.toml).
 SETTINGS = {"daemon.max_tokens_limit": 4096}
-_FUZZ_KINDS = {"str": "str", "name": "str", "int": "int", "float": "float", "bool": "bool", "id": "target", "messages": "messages", "stops": "stop"}
+_FUZZ_KINDS = {"str": "str", "name": "str", "int": "int", "float": "float", "bool": "bool", "id": "target", "messages": "messages", "stops": "stop", "tools": "tools", "vars": "vars"}
 
 
 def _bound(value: Any) -> Any:
@@ -68,6 +68,7 @@ FIELDS: dict[str, dict[str, tuple]] = {
 # field is wrong (names that do not exist, a cancel of nothing).
 BASE: dict[str, dict[str, Any]] = {
     "generate": {"prompt": "Hi", "max_tokens": 1},
+    "render": {"messages": [{"role": "user", "content": "Hi"}]},
     "cancel": {"target": "nothing-running"},
     "status": {}, "ping": {}, "cache.ls": {},
     "cache.show": {"name": "fz-none"},
@@ -129,6 +130,26 @@ def wrong_values(spec: tuple) -> st.SearchStrategy:
             st.lists(VALUES.filter(lambda v: not isinstance(v, str)), min_size=1, max_size=3),
             st.just([""]),
             st.builds(lambda n: ["x" * n], st.integers(257, 400)),
+        )
+    if kind == "tools":
+        function = st.fixed_dictionaries({"name": st.text(min_size=1, max_size=8)})
+        bad_tool = st.one_of(
+            VALUES.filter(lambda v: not isinstance(v, dict)),
+            st.fixed_dictionaries({"type": VALUES.filter(lambda t: t != "function"), "function": function}),
+            st.fixed_dictionaries({"type": st.just("function"), "function": VALUES.filter(lambda f: not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"])}),
+            st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({"name": st.just("f"), "parameters": VALUES.filter(lambda p: not isinstance(p, dict) and p is not None)})}),
+        )
+        return st.one_of(
+            VALUES.filter(lambda v: not isinstance(v, list) and v is not None),
+            st.lists(bad_tool, min_size=1, max_size=3),
+            st.just([{"type": "function", "function": {"name": "f"}}] * 129),
+        )
+    if kind == "vars":
+        return st.one_of(
+            VALUES.filter(lambda v: not isinstance(v, dict) and v is not None),
+            st.dictionaries(st.text(max_size=8).filter(lambda k: not k.isidentifier() or not k.isascii()), SCALARS, min_size=1, max_size=3),
+            st.sampled_from(["messages", "tools", "add_generation_prompt", "raise_exception"]).map(lambda k: {k: 1}),
+            st.just({f"v{i}": i for i in range(65)}),
         )
     raise AssertionError(kind)
 
@@ -310,7 +331,7 @@ class Session:
 
     def expect_field_error(self, op: str, field: str, value: Any, request_id: Any) -> None:
         request = {"v": 1, "id": request_id, "op": op, **BASE[op], field: value}
-        if field == "messages":
+        if field == "messages" and op == "generate":
             del request["prompt"]  # else "give either 'messages' or 'prompt'" answers before the value is looked at
         reply = self.exchange([pack(request)])
         assert reply["type"] == "error", (request, reply)

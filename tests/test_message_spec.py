@@ -10,9 +10,15 @@ import msgpack
 
 from conftest import DaemonProcess
 from reliability import RawPeer
-from rkllmd.schema import ENTRY, OPERATIONS, PROTOCOL, STATS, STREAM, STATUS
+from rkllmd.schema import ENTRY, OPERATIONS, PROTOCOL, STATS, STATUS, STREAM, STREAM_OPTIONAL
 
 ENVELOPE = {"v", "id", "type"}
+
+
+def matches_stream_schema(message: dict[str, Any]) -> bool:
+    """Every key the schema gives the message's type, and no other (optional ones aside)."""
+    keys, kind = set(message) - ENVELOPE, message["type"]
+    return set(STREAM[kind]) <= keys <= set(STREAM[kind]) | set(STREAM_OPTIONAL.get(kind, ()))
 
 
 class SpecPeer:
@@ -52,14 +58,14 @@ class SpecPeer:
         messages = []
         while not messages or messages[-1]["type"] not in ("done", "error"):
             message = self.next(request_id)
-            assert set(message) == ENVELOPE | set(STREAM[message["type"]]), message
+            assert ENVELOPE <= set(message) and matches_stream_schema(message), message
             assert message["seq"] == len(messages), message
             messages.append(message)
             if cancel and len(messages) == 1:
                 cancel_id = self.send("cancel", target=request_id)
                 reply = self.peer.recv(timeout=60)
                 while reply["id"] != cancel_id:  # the stream's next messages may come first
-                    assert reply["id"] == request_id and set(reply) == ENVELOPE | set(STREAM[reply["type"]]), reply
+                    assert reply["id"] == request_id and matches_stream_schema(reply), reply
                     assert reply["seq"] == len(messages)
                     messages.append(reply)
                     reply = self.peer.recv(timeout=60)
@@ -93,6 +99,9 @@ def test_every_reply_of_every_operation_matches_the_schema(daemon: DaemonProcess
 
         messages = spec.stream(spec.send("generate", messages=[{"role": "user", "content": "Count to one hundred."}], max_tokens=200), cancel=True)
         assert messages[-1]["type"] == "done" and messages[-1]["finish_reason"] in ("cancelled", "length", "stop")
+
+        rendered = spec.result("render", messages=[{"role": "user", "content": "Say hi."}])
+        assert rendered["text"].endswith("<|im_start|>assistant\n") and rendered["tokens"] > 0, rendered
 
         error = spec.error("cache.show", name="spec-none")
         assert error["name"] == "not_found"

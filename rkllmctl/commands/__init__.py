@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -16,6 +17,20 @@ def print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
-from . import cache, chat, generate, status  # noqa: E402  (they use the helpers above)
+def read_json(path: Path | None, option: str, kind: type) -> Any:
+    """The JSON value of an option's file (None without the option); UsageError if it is
+    not readable or not a ``kind``."""
+    if path is None:
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{option} {path}: {exc}") from None
+    if not isinstance(value, kind):
+        raise UsageError(f"{option} {path}: expected a JSON {'array' if kind is list else 'object'}, not {type(value).__name__}")
+    return value
 
-MODULES = (generate, chat, status, cache)
+
+from . import cache, chat, generate, render, status  # noqa: E402  (they use the helpers above)
+
+MODULES = (generate, chat, render, status, cache)

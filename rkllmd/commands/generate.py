@@ -8,7 +8,9 @@ from ..backends.base import SamplingParams
 from ..caches.text import TextCacheError
 from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
+from ..templates.output import OutputSplitter
 from .context import Context, Request
+from .render import checked
 
 OP = "generate"
 
@@ -29,10 +31,13 @@ def execute(ctx: Context, request: Request) -> None:
         max_tokens=args["max_tokens"],
         stop=args["stop"],
     )
+    backend = ctx.worker.backend
+    prompt = backend.render(messages, tools=args["tools"], variables=_variables(args))
     gen = Generation(
         identity=request.identity,
         request_id=request.id,
-        prompt=ctx.worker.backend.render(messages),
+        prompt=prompt,
+        output=OutputSplitter.for_prompt(backend.template, prompt, tools=bool(args["tools"])),
         params=params,
         cache=args["cache"],
         use_cache=not args["no_cache"],
@@ -43,21 +48,26 @@ def execute(ctx: Context, request: Request) -> None:
     return None
 
 
-def _messages(args: dict, max_chars: int) -> list[dict[str, str]]:
+def _variables(args: dict) -> dict | None:
+    """``vars``, with ``enable_thinking`` as the shorthand it is."""
+    variables, thinking = args["vars"], args["enable_thinking"]
+    if thinking is None:
+        return variables
+    if variables is not None and variables.get("enable_thinking", thinking) != thinking:
+        raise WireError(ErrorCode.INVALID_FIELD, "'enable_thinking' and 'vars.enable_thinking' disagree", field="enable_thinking")
+    return {**(variables or {}), "enable_thinking": thinking}
+
+
+def _messages(args: dict, max_chars: int) -> list[dict]:
     """Either ``messages`` (a chat) or ``prompt`` with an optional ``system``."""
     messages = args["messages"]
     if messages is None:
         messages = [] if args["system"] is None else [{"role": "system", "content": args["system"]}]
         messages.append({"role": "user", "content": args["prompt"]})
-    total = sum(len(m["content"]) for m in messages)
-    if total > max_chars:
-        raise WireError(ErrorCode.TOO_LARGE, f"the prompt is {total} characters; the limit is {max_chars}", field="messages")
-    if any("\x00" in m["content"] for m in messages):
-        raise WireError(ErrorCode.INVALID_FIELD, "message content must not contain NUL", field="messages")
-    return messages
+    return checked(messages, max_chars)
 
 
-def _with_cache_text(ctx: Context, name: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+def _with_cache_text(ctx: Context, name: str, messages: list[dict]) -> list[dict]:
     """``cache: NAME`` makes the text cache the conversation's system message.
 
     The one file read on the socket loop: a text cache is at most ``cache.max_text_bytes``

@@ -10,9 +10,9 @@ backend. The model's output is split back into reasoning, answer and tool calls 
 from .families import FAMILIES, Family
 from .sandbox import Limits
 from .source import load, resolve
-from .template import ROLES, ChatTemplate, RenderError, TemplateError
+from .template import RESERVED, ROLES, ChatTemplate, RenderError, TemplateError
 
-__all__ = ["FAMILIES", "ROLES", "ChatTemplate", "Family", "Limits", "RenderError", "TemplateError", "get_template", "load", "resolve"]
+__all__ = ["FAMILIES", "RESERVED", "ROLES", "ChatTemplate", "Family", "Limits", "RenderError", "TemplateError", "get_template", "load", "resolve"]
 
 
 def get_template(spec: str) -> ChatTemplate:

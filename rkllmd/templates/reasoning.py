@@ -23,6 +23,8 @@ class ReasoningSplitter:
     def __init__(self, markers: tuple[str, str], *, opened: bool = False):
         self.open, self.close = markers
         self.state = REASONING if opened else START
+        #: Whether the output has a reasoning block (opened by the prompt, or by the model).
+        self.entered = opened
         self._held = ""
         self._skip_space = opened
 
@@ -45,6 +47,7 @@ class ReasoningSplitter:
                 lead = text.lstrip()
                 if lead.startswith(self.open):
                     text, self.state, self._skip_space = lead[len(self.open):], REASONING, True
+                    self.entered = True
                 elif self.open.startswith(lead):
                     self._held = text  # maybe the marker, maybe not: the next piece tells
                     break

@@ -49,11 +49,11 @@ def load(spec: str, tokens: Mapping[str, str] | None = None, **kw: Any) -> ChatT
         raise TemplateError(f"chat template file {path} is not UTF-8") from None
     if path.suffix == ".jinja":
         return ChatTemplate.from_text(str(path), text, dict(tokens or {}), **kw)
-    template, file_tokens = _tokenizer_config(path, text)
+    template, file_tokens = tokenizer_config(path, text)
     return ChatTemplate.from_text(str(path), template, {**(tokens or {}), **file_tokens}, **kw)
 
 
-def _tokenizer_config(path: Path, text: str) -> tuple[str, dict[str, str]]:
+def tokenizer_config(path: Path, text: str) -> tuple[str, dict[str, str]]:
     """The ``chat_template`` of a Hugging Face ``tokenizer_config.json`` (the default one
     when it holds several) and its special tokens."""
     try:

@@ -1,0 +1,54 @@
+"""render: the exact prompt text a chat renders to, as ``generate`` would prefill it.
+
+The template is the loaded model's, a family's by name, or Jinja text the client sent
+(the daemon never opens a path a client names). Rendering runs on the socket loop:
+the sandbox bounds it in time and size (rkllmd/templates/sandbox.py). A template that
+refuses the chat raises RenderError, which the socket loop answers as ``invalid_field``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..protocol import ErrorCode, WireError
+from ..templates import FAMILIES, ChatTemplate, TemplateError
+from .context import Context, Request
+
+OP = "render"
+#: A template sent by a client is compiled on the socket loop: real ones are under 16 KiB.
+MAX_TEMPLATE_CHARS = 256 << 10
+
+
+def execute(ctx: Context, request: Request) -> dict[str, Any]:
+    args = request.args
+    backend = ctx.worker.backend
+    renderer = backend if args["template"] is None else _template(args["template"], backend.template)
+    messages = checked(args["messages"], ctx.config.daemon.max_prompt_chars)
+    text = renderer.render(messages, args["add_generation_prompt"], tools=args["tools"], variables=args["vars"])
+    return {"text": text, "tokens": backend.count_tokens(text)}
+
+
+def checked(messages: list[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]:
+    """The messages, if their text fits ``daemon.max_prompt_chars`` and holds no NUL."""
+    total = sum(len(m["content"]) for m in messages)
+    if total > max_chars:
+        raise WireError(ErrorCode.TOO_LARGE, f"the prompt is {total} characters; the limit is {max_chars}", field="messages")
+    if any("\x00" in m["content"] for m in messages):
+        raise WireError(ErrorCode.INVALID_FIELD, "message content must not contain NUL", field="messages")
+    return messages
+
+
+def _template(spec: str | None, loaded: ChatTemplate) -> ChatTemplate:
+    """A family by name, or Jinja text given the loaded model's special tokens."""
+    if spec is None:
+        return loaded
+    if len(spec) > MAX_TEMPLATE_CHARS:
+        raise WireError(ErrorCode.INVALID_FIELD, f"template is longer than {MAX_TEMPLATE_CHARS} characters", field="template")
+    if spec in FAMILIES:
+        return ChatTemplate.of_family(spec)
+    if "{{" not in spec and "{%" not in spec:
+        raise WireError(ErrorCode.INVALID_FIELD, f"template {spec!r} is neither a family ({', '.join(sorted(FAMILIES))}) nor Jinja text", field="template")
+    try:
+        return ChatTemplate.from_text("the request's template", spec, loaded.tokens)
+    except TemplateError as exc:
+        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field="template") from None
