@@ -31,7 +31,7 @@ static float *random_array(int64_t n, float scale) {
 }
 
 /* ``count`` matrices of n_out outputs of k inputs, random, in forward.c's panels
- * (``matmul``; the last panel zero-padded). */
+ * (``struct product``; the last panel zero-padded). */
 static float *random_panels(int64_t count, int64_t n_out, int64_t k, float scale) {
     const int64_t panels = (n_out + LANES - 1) / LANES;
     float *a = malloc(count * panels * k * LANES * sizeof(float));

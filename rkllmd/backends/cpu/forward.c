@@ -40,7 +40,7 @@
 
 /* Bumped whenever struct rkllmd_model or a signature changes: kernels.py checks it. */
 #define RKLLMD_KERNEL_ABI 5
-/* LANES floats: a panel's outputs (see ``matmul``), and the accumulator lanes of other
+/* LANES floats: a panel's outputs (see ``struct product``), and the accumulator lanes of other
  * sums (norms, softmax totals: element k to lane k % 16), whatever the target's vector
  * width (WIDTH floats: 16 on AVX-512, 8 on AVX2, 4 on SSE and NEON), so all targets add
  * the same numbers in the same order. Elementwise code (exp, SiLU) works on the native
@@ -59,7 +59,7 @@
 #define ATTENTION_CHUNK 256
 #endif
 
-/* Matrix products work on panels (see ``matmul``): tiles of TILE_TOKENS token rows x
+/* Matrix products work on panels (see ``struct product``): tiles of TILE_TOKENS token rows x
  * TILE_PANELS panels, one accumulator per token and output, sized to the target's
  * vector registers (AVX-512: 24 of 32; AVX2: 12 of 16; NEON: 24 of 32, 4 per panel).
  * One token row (decode) streams DECODE_PANELS panels at once to keep loads in flight.
@@ -68,17 +68,15 @@
 #if WIDTH == 16
 #define TILE_TOKENS 12
 #define TILE_PANELS 2
-#elif WIDTH == 8
-#define TILE_TOKENS 6
-#define TILE_PANELS 1
-#elif defined(__aarch64__)
+#elif WIDTH == 8 || defined(__aarch64__)
 #define TILE_TOKENS 6
 #define TILE_PANELS 1
 #else /* SSE: 16 registers of 4 */
 #define TILE_TOKENS 2
 #define TILE_PANELS 1
 #endif
-#define SHORT_TOKENS 4
+/* Left-over tokens: tiles of SHORT_TOKENS, then of one. */
+#define SHORT_TOKENS (TILE_TOKENS > 4 ? 4 : 1)
 #define DECODE_PANELS 4
 #define BLOCK_PANELS 4
 
@@ -99,7 +97,7 @@ struct rkllmd_model {
     int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size, capacity;
     double norm_eps;
     /* weights (read only) */
-    /* matrices in panels of LANES outputs (see ``matmul``): [panels, inputs, LANES] */
+    /* matrices in panels of LANES outputs (see ``struct product``): [panels, inputs, LANES] */
     const float *head;        /* vocab outputs of dim, also the embedding */
     const float *output_norm; /* [dim] */
     const float *attn_norm;   /* [layers, dim] */
@@ -276,9 +274,13 @@ static void block(const float *w, const float *x, float *out, int64_t n_tokens, 
     for (int64_t t = 0; t < n_tokens;) {
         const int64_t left = n_tokens - t;
         const int64_t tokens = left >= TILE_TOKENS ? TILE_TOKENS : left >= SHORT_TOKENS ? SHORT_TOKENS : 1;
-        tile_fn *wide = tokens == TILE_TOKENS ? tile_full : tokens == SHORT_TOKENS ? tile_short : tile_decode;
-        tile_fn *narrow = tokens == TILE_TOKENS ? tile_full_one : tokens == SHORT_TOKENS ? tile_short_one : tile_one;
-        const int64_t panels = tokens == 1 ? DECODE_PANELS : TILE_PANELS;
+        tile_fn *wide = tile_decode, *narrow = tile_one;
+        int64_t panels = DECODE_PANELS;
+        if (tokens > 1) {
+            wide = tokens == TILE_TOKENS ? tile_full : tile_short;
+            narrow = tokens == TILE_TOKENS ? tile_full_one : tile_short_one;
+            panels = TILE_PANELS;
+        }
         for (int64_t p = p0; p < p1;) {
             const int64_t n = p + panels <= p1 ? panels : 1, valid = n_out - p * LANES;
             (n == panels ? wide : narrow)(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim,
