@@ -16,7 +16,8 @@ hashing its source, the compiler, the flags and the CPU; later starts load it in
 milliseconds. Builds are written beside and renamed into place under the folder's lock,
 and a library is loaded only if it is a regular file of ours that no one else can write.
 Without a compiler, or when the build fails, the forward pass runs in numpy
-(``model.kernels = "auto"``), slower, and a restored prefix is then exact only as far as
+(``model.kernels = "auto"``), slower and on a second, unpacked copy of the weights (see
+``model.DenseWeights``), and a restored prefix is then exact only as far as
 BLAS computes a row alike whatever the rows around it; "c" makes that a load error
 instead, "numpy" never compiles anything.
 """
