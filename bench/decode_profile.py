@@ -55,7 +55,7 @@ def median_ms(fn, repeat: int) -> float:
 
 def matrix_products(model: Model) -> None:
     """The numpy step's matrix-vector products, on the model's own decode buffers."""
-    w, cfg = model.w, model.config
+    w, cfg = model.dense, model.config
     for layer in range(cfg.n_layers):
         np.matmul(w.wqkv[layer], model._h, out=model._qkv)
         np.matmul(w.wo[layer], model._attn.reshape(cfg.n_heads * cfg.head_dim), out=model._proj)

@@ -30,6 +30,18 @@ static float *random_array(int64_t n, float scale) {
     return a;
 }
 
+/* ``count`` matrices of n_out outputs of k inputs, random, in forward.c's panels
+ * (``struct product``; the last panel zero-padded). */
+static float *random_panels(int64_t count, int64_t n_out, int64_t k, float scale) {
+    const int64_t panels = (n_out + LANES - 1) / LANES;
+    float *a = malloc(count * panels * k * LANES * sizeof(float));
+    for (int64_t i = 0; i < count * panels * k * LANES; i++) {
+        const float value = uniform() * scale;
+        a[i] = (i / (k * LANES)) % panels * LANES + i % LANES < n_out ? value : 0.0f;
+    }
+    return a;
+}
+
 static int64_t cache_size(const struct rkllmd_model *m) {
     return m->n_layers * m->n_kv_heads * m->head_dim * m->capacity;
 }
@@ -70,14 +82,14 @@ int main(int argc, char **argv) {
     const int64_t L = m.n_layers, D = m.dim, F = m.ffn_dim, hd = m.head_dim;
     const int64_t q = m.n_heads * hd, kv = m.n_kv_heads * hd;
     const float scale = 1.0f / sqrtf((float)D);
-    m.head = random_array(m.vocab_size * D, 1.0f);
+    m.head = random_panels(1, m.vocab_size, D, 1.0f);
     m.output_norm = random_array(D, 1.0f);
     m.attn_norm = random_array(L * D, 1.0f);
     m.ffn_norm = random_array(L * D, 1.0f);
-    m.wqkv = random_array(L * (q + 2 * kv) * D, scale);
-    m.wo = random_array(L * D * q, scale);
-    m.wgu = random_array(L * 2 * F * D, scale);
-    m.wd = random_array(L * D * F, 1.0f / sqrtf((float)F));
+    m.wqkv = random_panels(L, q + 2 * kv, D, scale);
+    m.wo = random_panels(L, D, q, scale);
+    m.wgu = random_panels(L * 2 * ((F + LANES - 1) / LANES), LANES, D, scale); /* gate and up panels in turn */
+    m.wd = random_panels(L, D, F, 1.0f / sqrtf((float)F));
     m.rope_cos = random_array(m.capacity * hd / 2, 1.0f); /* any table will do: libm's cos differs by target */
     m.rope_sin = random_array(m.capacity * hd / 2, 1.0f);
     m.keys = malloc(cache_size(&m) * sizeof(float));

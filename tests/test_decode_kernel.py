@@ -17,7 +17,7 @@ import pytest
 from rkllmd.backends.cpu import kernels
 from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.backends.cpu.gguf import GGUFFile
-from rkllmd.backends.cpu.model import Model
+from rkllmd.backends.cpu.model import Model, from_panels, to_panels
 
 from conftest import ROOT, reference_cases, rkllmctl
 from gguf_files import tiny_llama
@@ -81,6 +81,19 @@ def test_smollm2_c_step_gives_the_llama_cpp_reference_completions(smollm2_pair):
         assert c_backend.tokenizer.decode(out) == case["completion"]
 
 
+def test_panels_hold_each_output_where_forward_c_reads_it():
+    """forward.c reads output o's weight for input k at ((o // 16) * K + k) * 16 + o % 16,
+    the last panel zero-padded; numpy's copy unpacks them back."""
+    matrix = np.random.default_rng(3).standard_normal((2, 37, 5)).astype(np.float32)  # 37 outputs: 3 panels
+    panels = to_panels(matrix)
+    assert panels.shape == (2, 3, 5, kernels.PANEL)
+    flat = panels.reshape(2, -1)
+    for o, k in ((0, 0), (15, 4), (16, 0), (36, 3)):
+        assert flat[1, ((o // 16) * 5 + k) * 16 + o % 16] == matrix[1, o, k]
+    assert not panels[:, 2, :, 5:].any()
+    assert np.array_equal(from_panels(panels, 37), matrix)
+
+
 @pytest.mark.parametrize(
     "dim,heads,kv_heads,layers",
     [
@@ -137,7 +150,7 @@ THREADS_PROBE = textwrap.dedent(
     from pathlib import Path
     from rkllmd.backends.cpu import kernels
     from rkllmd.backends.cpu.gguf import GGUFFile
-    from rkllmd.backends.cpu.model import Model
+    from rkllmd.backends.cpu.model import Model, from_panels, to_panels
     model = Model.from_gguf(GGUFFile(Path(sys.argv[1])), context_length=64, kernel=kernels.c_kernel(Path(sys.argv[2])))
     model.prefill([5, 6, 7], 0)
     print(kernels.c_kernel(Path(sys.argv[2])).detail.split(" (")[0])

@@ -5,13 +5,16 @@
  * the same whatever M is, wherever the row sits in a tile and whatever thread computes
  * it. So prefilling everything, restoring a prefix and prefilling the rest, and
  * prefilling a prefix then decoding token by token all give the same bits.
- * - A matrix product's output is a dot product of a contiguous weight row (output-major,
- *   as stored) and a contiguous activation row: one accumulator of 16 float lanes over K
- *   in steps of 16 (the last step zero-padded), then a fixed pairwise tree over the
- *   lanes. Tiles of several weight rows x several tokens only change how many such
- *   accumulators are in flight (prefill is compute-bound: each weight and activation
- *   load feeds several fused multiply-adds), never what each computes. Threads split the
- *   output rows, each computed whole by one thread.
+ * - A matrix product's output is one chain of fused multiply-adds over its inputs in
+ *   order, starting from zero: weights are stored in panels of 16 outputs, input by
+ *   input, so one vector load gives 16 outputs' weights for one input, multiplied by
+ *   that input of a token row (one broadcast) and added to 16 outputs' accumulators. No
+ *   horizontal sums: the order is the same at any vector width (AVX-512: one vector a
+ *   panel, AVX2: two, NEON: four). Tiles of several token rows x several panels only
+ *   change how many such chains are in flight (prefill is compute-bound: each weight load
+ *   feeds every token row of the tile, each broadcast every panel), never what each
+ *   computes; decode (one row) runs the same chains. Threads split the panels, each
+ *   output computed whole by one thread.
  * - Attention: each row attends positions 0..its own in chunks of ATTENTION_CHUNK,
  *   merged in chunk order, as flash-decoding does (see ``attend_chunk``).
  * - Norms, rotary, SiLU and exp: the same code for every row, no libm calls.
@@ -20,13 +23,14 @@
  * x86-64) rounds them twice, so its results differ from theirs by float32 rounding,
  * never between its own runs.
  *
- * Arrays and layouts are model.py's (see its docstring): weights output-major, keys
+ * Arrays and layouts are model.py's (see its docstring): weight matrices in panels, keys
  * [layer, kv_head, dim, position], values [layer, kv_head, position, dim], rotary in
  * halves order. Built by kernels.py with the machine's compiler (-O3 -march=native
  * -fopenmp) and called through ctypes; the vector extensions are GCC's and clang's,
  * lowered to AVX-512, AVX2, SSE or NEON as the target has them.
  */
 #include <math.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,11 +39,12 @@
 #endif
 
 /* Bumped whenever struct rkllmd_model or a signature changes: kernels.py checks it. */
-#define RKLLMD_KERNEL_ABI 4
-/* Every sum of products runs in LANES accumulator lanes: element k goes to lane k % 16,
- * whatever the target's vector width (WIDTH floats: 16 on AVX-512, 8 on AVX2, 4 on SSE
- * and NEON), so all targets add the same numbers in the same order. Elementwise code
- * (exp, SiLU) works on the native width, which cannot change its results. */
+#define RKLLMD_KERNEL_ABI 5
+/* LANES floats: a panel's outputs (see ``struct product``), and the accumulator lanes of other
+ * sums (norms, softmax totals: element k to lane k % 16), whatever the target's vector
+ * width (WIDTH floats: 16 on AVX-512, 8 on AVX2, 4 on SSE and NEON), so all targets add
+ * the same numbers in the same order. Elementwise code (exp, SiLU) works on the native
+ * width, which cannot change its results. */
 #define LANES 16
 #if defined(__AVX512F__)
 #define WIDTH 16
@@ -54,23 +59,26 @@
 #define ATTENTION_CHUNK 256
 #endif
 
-/* Tiles of a matrix product: weight rows x token rows, one LANES accumulator each.
- * Sized to the target's vector registers (AVX-512: 32 of 16 floats; AVX2: 16 of 8;
- * NEON: 32 of 4). One token row (decode) streams DECODE_ROWS weight rows at once to
- * keep loads in flight. */
+/* Matrix products work on panels (see ``struct product``): tiles of TILE_TOKENS token rows x
+ * TILE_PANELS panels, one accumulator per token and output, sized to the target's
+ * vector registers (AVX-512: 24 of 32; AVX2: 12 of 16; NEON: 24 of 32, 4 per panel).
+ * One token row (decode) streams DECODE_PANELS panels at once to keep loads in flight.
+ * Threads take blocks of BLOCK_PANELS panels, whose weights stay in L2 cache while
+ * every tile of tokens passes (a multiple of the tiles' panels, and even: gate/up pairs). */
 #if WIDTH == 16
-#define TILE_ROWS 4
+#define TILE_TOKENS 12
+#define TILE_PANELS 2
+#elif WIDTH == 8 || defined(__aarch64__)
 #define TILE_TOKENS 6
-#define DECODE_ROWS 8
-#else
-#define TILE_ROWS 2
-#define TILE_TOKENS 3
-#define DECODE_ROWS 4
+#define TILE_PANELS 1
+#else /* SSE: 16 registers of 4 */
+#define TILE_TOKENS 2
+#define TILE_PANELS 1
 #endif
-
-/* Output rows per block of a matrix product: its weights stay in L2 cache while every
- * tile of tokens passes (a multiple of TILE_ROWS and DECODE_ROWS). */
-#define BLOCK_ROWS 32
+/* Left-over tokens: tiles of SHORT_TOKENS, then of one. */
+#define SHORT_TOKENS (TILE_TOKENS > 4 ? 4 : 1)
+#define DECODE_PANELS 4
+#define BLOCK_PANELS 4
 
 /* The file is compiled with -ffp-contract=off: compilers for different targets contract
  * a * b + c * d differently. Only where a product is added to an accumulator, which every
@@ -89,14 +97,15 @@ struct rkllmd_model {
     int64_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab_size, capacity;
     double norm_eps;
     /* weights (read only) */
-    const float *head;        /* [vocab, dim], also the embedding */
+    /* matrices in panels of LANES outputs (see ``struct product``): [panels, inputs, LANES] */
+    const float *head;        /* vocab outputs of dim, also the embedding */
     const float *output_norm; /* [dim] */
     const float *attn_norm;   /* [layers, dim] */
     const float *ffn_norm;    /* [layers, dim] */
-    const float *wqkv;        /* [layers, q + 2 kv, dim] */
-    const float *wo;          /* [layers, dim, q] */
-    const float *wgu;         /* [layers, 2 ffn, dim] */
-    const float *wd;          /* [layers, dim, ffn] */
+    const float *wqkv;        /* per layer q + 2 kv outputs of dim */
+    const float *wo;          /* per layer dim outputs of q */
+    const float *wgu;         /* per layer gate and up panels in turn: 2 ffn (padded) outputs of dim */
+    const float *wd;          /* per layer dim outputs of ffn */
     const float *rope_cos;    /* [capacity, head_dim / 2] */
     const float *rope_sin;
     /* state */
@@ -107,12 +116,12 @@ struct rkllmd_model {
 /* Per-call scratch, one row per token. */
 struct rows {
     int64_t n, pos;           /* rows n, the first at position pos */
-    float *x, *h;             /* [n, dim]: residual stream, normalized input */
+    float *x;                 /* [n, dim]: residual stream */
+    float *h;                 /* [threads, n, dim]: normalized input, each thread's own */
     float *qkv;               /* [n, q + 2 kv] */
     float *queries;           /* [n, heads, head_dim]: rotated and scaled */
     float *attended;          /* [n, heads * head_dim] */
-    float *proj;              /* [n, dim] */
-    float *gate_up;           /* [n, 2 ffn] */
+    float *gate_up;           /* [n, 2 ffn padded to panels]: gate and up panels in turn */
     float *act;               /* [n, ffn] */
     float *partials;          /* [n, heads, chunks, head_dim + 2] */
     int64_t n_chunks;         /* chunks of the last row */
@@ -195,83 +204,111 @@ static float exp_shifted(float *values, float shift, int64_t n) {
     return reduce(sums);
 }
 
-/* out[t * ldo + r] = dot(w[r], x[t]) for r < R, t < T, where every dot product runs in
- * LANES lanes over k, the last step zero-padded, then ``reduce``: R x T accumulators in
- * flight, each computing the same whatever the tile. One function per tile shape, so
- * that the compiler keeps the accumulators in registers. */
-#define DEFINE_TILE(name, R, T)                                                                          \
-    static CONTRACTED void name(const float *restrict w, const float *restrict x, float *restrict out, int64_t k_dim, \
-                     int64_t ldo) {                                                                      \
-        vec_t acc[R][T][PARTS];                                                                          \
-        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                             \
-            _Pragma("GCC unroll 16") for (int t = 0; t < T; t++)                                         \
-                _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[r][t][j] = (vec_t){0};       \
-        int64_t k = 0;                                                                                   \
-        for (; k + LANES <= k_dim; k += LANES)                                                           \
-            _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) {                                    \
-                vec_t wv[R];                                                                             \
-                _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) wv[r] = load(w + r * k_dim + k + j * WIDTH); \
-                _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {                                   \
-                    const vec_t xv = load(x + t * k_dim + k + j * WIDTH);                                \
-                    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) acc[r][t][j] += wv[r] * xv;     \
-                }                                                                                        \
-            }                                                                                            \
-        if (k < k_dim)                                                                                   \
-            for (int t = 0; t < T; t++) {                                                                \
-                float xs[LANES], ws[LANES];                                                              \
-                load_part(xs, x + t * k_dim + k, k_dim - k);                                             \
-                for (int r = 0; r < R; r++) {                                                            \
-                    load_part(ws, w + r * k_dim + k, k_dim - k);                                         \
-                    for (int j = 0; j < PARTS; j++)                                                      \
-                        acc[r][t][j] += load(ws + j * WIDTH) * load(xs + j * WIDTH);                     \
-                }                                                                                        \
-            }                                                                                            \
-        for (int r = 0; r < R; r++)                                                                      \
-            for (int t = 0; t < T; t++)                                                                  \
-                out[t * ldo + r] = reduce(acc[r][t]);                                                    \
+/* The sum of a[i] * b[i] in LANES lanes (element i to lane i % LANES, the last step
+ * zero-padded), then ``reduce``: the same on every target. */
+static CONTRACTED float dot(const float *a, const float *b, int64_t n) {
+    vec_t acc[PARTS] = {{0}};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < PARTS; j++)
+            acc[j] += load(a + i + j * WIDTH) * load(b + i + j * WIDTH);
+    if (i < n) {
+        float as[LANES], bs[LANES];
+        load_part(as, a + i, n - i);
+        load_part(bs, b + i, n - i);
+        for (int j = 0; j < PARTS; j++)
+            acc[j] += load(as + j * WIDTH) * load(bs + j * WIDTH);
+    }
+    return reduce(acc);
+}
+
+/* value in every lane (x - 0 is x for every float, the sign of zero included: one broadcast). */
+static inline vec_t splat(float value) { return value - (vec_t){0}; }
+
+/* A tile: outputs [0, n_valid) of NP panels (from ``w``) for T token rows (``x``, rows of
+ * k_dim), into (or, ``accumulate``, added to) rows of ``out`` ldo apart. Each output is
+ * one chain of fused multiply-adds over k = 0, 1, ...: the same whatever the tile, the
+ * target's vector width or the thread. One function per tile shape, so that the
+ * compiler keeps the accumulators in registers. */
+#define DEFINE_TILE(name, T, NP)                                                                              \
+    static CONTRACTED void name(const float *restrict w, const float *restrict x, float *restrict out,        \
+                                int64_t k_dim, int64_t ldo, int64_t n_valid, int accumulate) {                \
+        vec_t acc[T][NP][PARTS];                                                                              \
+        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++)                                                  \
+            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
+                _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] = (vec_t){0};            \
+        const int64_t stride = k_dim * LANES;                                                                 \
+        for (int64_t k = 0; k < k_dim; k++) {                                                                 \
+            vec_t wv[NP][PARTS];                                                                              \
+            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
+                _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++)                                       \
+                    wv[p][j] = load(w + p * stride + k * LANES + j * WIDTH);                                  \
+            _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {                                            \
+                const vec_t xv = splat(x[t * k_dim + k]);                                                     \
+                _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] += wv[p][j] * xv;    \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int t = 0; t < T; t++) {                                                                         \
+            float sums[NP * LANES];                                                                           \
+            memcpy(sums, acc[t], sizeof sums);                                                                \
+            float *row = out + t * ldo;                                                                       \
+            for (int64_t i = 0; i < n_valid; i++)                                                             \
+                row[i] = accumulate ? row[i] + sums[i] : sums[i];                                             \
+        }                                                                                                     \
     }
 
-DEFINE_TILE(tile_full, TILE_ROWS, TILE_TOKENS)
-DEFINE_TILE(tile_rows, TILE_ROWS, 1)
-DEFINE_TILE(tile_tokens, 1, TILE_TOKENS)
+DEFINE_TILE(tile_full, TILE_TOKENS, TILE_PANELS)
+DEFINE_TILE(tile_full_one, TILE_TOKENS, 1)
+DEFINE_TILE(tile_short, SHORT_TOKENS, TILE_PANELS)
+DEFINE_TILE(tile_short_one, SHORT_TOKENS, 1)
+DEFINE_TILE(tile_decode, 1, DECODE_PANELS)
 DEFINE_TILE(tile_one, 1, 1)
-DEFINE_TILE(tile_decode, DECODE_ROWS, 1)
 
-typedef void tile_fn(const float *restrict, const float *restrict, float *restrict, int64_t, int64_t);
+typedef void tile_fn(const float *restrict, const float *restrict, float *restrict, int64_t, int64_t, int64_t, int);
 
-/* The dot product of two rows, as a matrix product's output computes it. */
-static float dot(const float *a, const float *b, int64_t n) {
-    float out;
-    tile_one(a, b, &out, n, 1);
-    return out;
-}
-
-/* out = x @ w^T for the output rows [r0, r0 + n_rows) and every token row of x: for each
- * tile of TILE_TOKENS tokens (in L1 cache), the block's weight rows (in L2) by tiles of
- * ``rows``; left-over tokens and rows by smaller tiles. */
+/* Panels [p0, p1) for every token row: for each tile of tokens (in L1 cache), the
+ * block's panels (in L2) by the widest tile that fits, the rest one panel at a time. */
 static void block(const float *w, const float *x, float *out, int64_t n_tokens, int64_t n_out, int64_t k_dim,
-                  int64_t r0, int64_t n_rows, int64_t rows, tile_fn *full, tile_fn *one) {
+                  int64_t p0, int64_t p1, int accumulate) {
     for (int64_t t = 0; t < n_tokens;) {
-        const int many = t + TILE_TOKENS <= n_tokens;
-        int64_t r = r0;
-        for (; r + rows <= r0 + n_rows; r += rows)
-            (many ? full : one)(w + r * k_dim, x + t * k_dim, out + t * n_out + r, k_dim, n_out);
-        for (; r < r0 + n_rows; r++)
-            (many ? tile_tokens : tile_one)(w + r * k_dim, x + t * k_dim, out + t * n_out + r, k_dim, n_out);
-        t += many ? TILE_TOKENS : 1;
+        const int64_t left = n_tokens - t;
+        const int64_t tokens = left >= TILE_TOKENS ? TILE_TOKENS : left >= SHORT_TOKENS ? SHORT_TOKENS : 1;
+        tile_fn *wide = tile_decode, *narrow = tile_one;
+        int64_t panels = DECODE_PANELS;
+        if (tokens > 1) {
+            wide = tokens == TILE_TOKENS ? tile_full : tile_short;
+            narrow = tokens == TILE_TOKENS ? tile_full_one : tile_short_one;
+            panels = TILE_PANELS;
+        }
+        for (int64_t p = p0; p < p1;) {
+            const int64_t n = p + panels <= p1 ? panels : 1, valid = n_out - p * LANES;
+            (n == panels ? wide : narrow)(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim,
+                                          n_out, valid < n * LANES ? valid : n * LANES, accumulate);
+            p += n;
+        }
+        t += tokens;
     }
 }
 
-/* out[n_tokens, n_out] = x[n_tokens, k_dim] @ w[n_out, k_dim]^T, blocks of output rows
- * shared among the team (call from every thread). */
-static void matmul(const float *w, const float *x, float *out, int64_t n_tokens, int64_t n_out, int64_t k_dim) {
-    /* Fewer tokens than a tile (decode): stream more weight rows at once. */
-    const int decode = n_tokens < TILE_TOKENS;
-    const int64_t rows = decode ? DECODE_ROWS : TILE_ROWS, n_blocks = (n_out + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < n_blocks; b++)
-        block(w, x, out, n_tokens, n_out, k_dim, b * BLOCK_ROWS, n_out - b * BLOCK_ROWS < BLOCK_ROWS ? n_out - b * BLOCK_ROWS : BLOCK_ROWS,
-              rows, decode ? tile_decode : tile_full, decode ? tile_decode : tile_rows);
+/* A matrix product on panels: w holds n_out outputs of k_dim inputs in panels of LANES
+ * outputs, output o's weight for input k at ((o / LANES) * k_dim + k) * LANES + o %
+ * LANES (the last panel zero-padded), so that one vector load gives LANES outputs'
+ * weights for one input. out[n_tokens, n_out] = x[n_tokens, k_dim] @ w^T, or added to
+ * out (``accumulate``). Threads take it by blocks of BLOCK_PANELS panels (``run``). */
+struct product {
+    const float *w, *x;
+    float *out;
+    int64_t n_tokens, n_out, k_dim;
+    int accumulate;
+};
+
+static int64_t product_blocks(int64_t n_out) { return ((n_out + LANES - 1) / LANES + BLOCK_PANELS - 1) / BLOCK_PANELS; }
+
+static void product_block(const struct product *p, int64_t b) {
+    const int64_t n_panels = (p->n_out + LANES - 1) / LANES, p0 = b * BLOCK_PANELS;
+    block(p->w, p->x, p->out, p->n_tokens, p->n_out, p->k_dim, p0, p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels,
+          p->accumulate);
 }
 
 static void rms_norm(const float *x, const float *weight, float *out, int64_t n, double eps) {
@@ -280,11 +317,10 @@ static void rms_norm(const float *x, const float *weight, float *out, int64_t n,
         out[i] = x[i] * scale * weight[i];
 }
 
-/* h = rms_norm(x) of every row, shared among the team. */
-static void rms_norm_rows(const struct rkllmd_model *m, const struct rows *s, const float *weight) {
-#pragma omp for schedule(static)
+/* rms_norm(x) of every row into h. */
+static void rms_norm_rows(const struct rkllmd_model *m, const struct rows *s, const float *weight, float *h) {
     for (int64_t t = 0; t < s->n; t++)
-        rms_norm(s->x + t * m->dim, weight, s->h + t * m->dim, m->dim, m->norm_eps);
+        rms_norm(s->x + t * m->dim, weight, h + t * m->dim, m->dim, m->norm_eps);
 }
 
 /* Row t: rotate its queries and keys (halves order) at its position, store its key and
@@ -379,40 +415,103 @@ static void merge_chunks(const struct rkllmd_model *m, const struct rows *s, int
         out[d] /= total;
 }
 
-/* softmax(q K) V of every row's query heads at ``layer``. Call from every thread. */
-static void attention(const struct rkllmd_model *m, const struct rows *s, int64_t layer) {
-    const int64_t nkv = m->n_kv_heads, nc = s->n_chunks;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < s->n * nkv * nc; unit++) {
-        const int64_t t = unit / (nkv * nc), kv = unit / nc % nkv, chunk = unit % nc;
-        if (chunk * ATTENTION_CHUNK <= s->pos + t) /* the row's positions reach this chunk */
-            attend_chunk(m, s, layer, t, kv, chunk);
-    }
-#pragma omp for schedule(static)
-    for (int64_t unit = 0; unit < s->n * m->n_heads; unit++)
-        merge_chunks(m, s, unit / m->n_heads, unit % m->n_heads);
+/* act = silu(gate) * up of every row, for the gate/up panels [p0, p1) (pairs: gate
+ * panel i is panel 2i, its up panel 2i + 1), once a thread has computed them. */
+static void silu_panels(const struct rkllmd_model *m, const struct rows *s, int64_t p0, int64_t p1) {
+    const int64_t ffn = m->ffn_dim, width = 2 * ((ffn + LANES - 1) / LANES) * LANES;
+    for (int64_t t = 0; t < s->n; t++)
+        for (int64_t pair = p0 / 2; pair < p1 / 2; pair++)
+            for (int64_t j = 0; j < LANES; j += WIDTH) {
+                const int64_t i = pair * LANES + j;
+                if (i >= ffn)
+                    break;
+                const float *gate_up = s->gate_up + t * width + 2 * pair * LANES + j;
+                const vec_t gate = load(gate_up), up = load(gate_up + LANES);
+                const vec_t act = gate / (1.0f + exp_vec(-gate)) * up;
+                memcpy(s->act + t * ffn + i, &act, (ffn - i < WIDTH ? ffn - i : WIDTH) * sizeof(float));
+            }
 }
 
-static void add_rows(float *x, const float *proj, int64_t n) {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; i++)
-        x[i] += proj[i];
+/* Work shared by the team without barriers. A pass is a sequence of phases (a matrix
+ * product, the rotations, attention, ...), each of items that threads claim as they come
+ * free; a thread moves on once every item of the phase is done, by whichever thread. A
+ * thread that another process keeps off its core holds the others up only by the item
+ * it is in, never by arriving late at one of the ~200 barriers of a token: under load
+ * the pass runs on the threads that get a core instead of stalling at every barrier.
+ * Which thread computes an item never changes what it computes. */
+struct phase {
+    int64_t claimed, done;
+    char pad[64 - 2 * sizeof(int64_t)]; /* a cache line each */
+};
+
+/* What a phase's items work on; each thread has its own. */
+struct task {
+    const struct rkllmd_model *m;
+    const struct rows *s;
+    const int64_t *tokens;
+    int64_t layer;
+    struct product product;
+    int silu;                 /* the product is gate/up: its blocks' activations too */
+    void (*prepare)(struct task *); /* before a thread's first item of the phase, if any */
+    const float *norm;        /* prepare's rms_norm weight */
+    float *h;                 /* this thread's normalized rows: the products' input */
+};
+
+typedef void item_fn(const struct task *, int64_t);
+
+static void norm_rows(struct task *task) { rms_norm_rows(task->m, task->s, task->norm, task->h); }
+
+static void norm_last_row(struct task *task) {
+    const int64_t dim = task->m->dim;
+    rms_norm(task->s->x + (task->s->n - 1) * dim, task->norm, task->h, dim, task->m->norm_eps);
 }
 
-/* act = silu(gate) * up of every row. */
-static void silu_rows(const struct rkllmd_model *m, const struct rows *s) {
-    const int64_t ffn = m->ffn_dim, per_row = (ffn + WIDTH - 1) / WIDTH;
-#pragma omp for schedule(static)
-    for (int64_t unit = 0; unit < s->n * per_row; unit++) {
-        const int64_t t = unit / per_row, i = unit % per_row * WIDTH;
-        const int64_t count = ffn - i < WIDTH ? ffn - i : WIDTH;
-        const float *gate_up = s->gate_up + t * 2 * ffn;
-        vec_t gate = {0}, up = {0};
-        memcpy(&gate, gate_up + i, count * sizeof(float));
-        memcpy(&up, gate_up + ffn + i, count * sizeof(float));
-        const vec_t act = gate / (1.0f + exp_vec(-gate)) * up;
-        memcpy(s->act + t * ffn + i, &act, count * sizeof(float));
+static void embed_item(const struct task *task, int64_t t) { /* row tokens[t] of the head's panels */
+    const int64_t dim = task->m->dim, token = task->tokens[t];
+    for (int64_t k = 0; k < dim; k++)
+        task->s->x[t * dim + k] = task->m->head[(token / LANES * dim + k) * LANES + token % LANES];
+}
+
+static void product_item(const struct task *task, int64_t b) {
+    product_block(&task->product, b);
+    if (task->silu) {
+        const int64_t n_panels = (task->product.n_out + LANES - 1) / LANES, p0 = b * BLOCK_PANELS;
+        silu_panels(task->m, task->s, p0, p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels);
     }
+}
+
+static void rotate_item(const struct task *task, int64_t t) { rotate_and_store(task->m, task->s, task->layer, t); }
+
+/* One row, one KV head and one chunk of positions (``attend_chunk``). */
+static void attend_item(const struct task *task, int64_t unit) {
+    const int64_t nkv = task->m->n_kv_heads, nc = task->s->n_chunks;
+    const int64_t t = unit / (nkv * nc), kv = unit / nc % nkv, chunk = unit % nc;
+    if (chunk * ATTENTION_CHUNK <= task->s->pos + t) /* the row's positions reach this chunk */
+        attend_chunk(task->m, task->s, task->layer, t, kv, chunk);
+}
+
+static void merge_item(const struct task *task, int64_t unit) {
+    merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
+}
+
+/* Items [0, total) of ``phase``, with the team; returns once all are done. */
+static void run(struct phase *phase, int64_t total, item_fn *item, struct task *task) {
+    int prepared = task->prepare == NULL;
+    for (int64_t i; (i = __atomic_fetch_add(&phase->claimed, 1, __ATOMIC_RELAXED)) < total;) {
+        if (!prepared) {
+            task->prepare(task);
+            prepared = 1;
+        }
+        item(task, i);
+        __atomic_fetch_add(&phase->done, 1, __ATOMIC_RELEASE);
+    }
+    for (int64_t spins = 0; __atomic_load_n(&phase->done, __ATOMIC_ACQUIRE) < total; spins++)
+        if (spins > 2000) /* the item's thread may need this core */
+            sched_yield();
+#if defined(__x86_64__) || defined(__i386__)
+        else
+            __builtin_ia32_pause();
+#endif
 }
 
 int rkllmd_kernel_abi(void) { return RKLLMD_KERNEL_ABI; }
@@ -431,48 +530,68 @@ int rkllmd_kernel_threads(void) {
  * row's logits into ``logits`` unless it is NULL. Returns 0, or -1 when scratch memory
  * cannot be had. */
 int rkllmd_forward(const struct rkllmd_model *m, const int64_t *tokens, int64_t n, int64_t pos, float *logits) {
-    const int64_t dim = m->dim, hd = m->head_dim, ffn = m->ffn_dim, nh = m->n_heads;
-    const int64_t q_dim = nh * hd, qkv_dim = q_dim + 2 * m->n_kv_heads * hd;
+    const int64_t dim = m->dim, hd = m->head_dim, ffn = m->ffn_dim, nh = m->n_heads, nkv = m->n_kv_heads;
+    const int64_t q_dim = nh * hd, qkv_dim = q_dim + 2 * nkv * hd;
+    const int64_t gu_dim = 2 * ((ffn + LANES - 1) / LANES) * LANES, threads = rkllmd_kernel_threads();
+    const int64_t padded_dim = (dim + LANES - 1) / LANES * LANES, qkv_size = (qkv_dim + LANES - 1) / LANES * LANES * dim;
     struct rows s = {.n = n, .pos = pos, .n_chunks = (pos + n + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK};
-    const int64_t per_row = 3 * dim + qkv_dim + 2 * q_dim + 3 * ffn, partials = nh * s.n_chunks * (hd + 2);
+    const int64_t per_row = (1 + threads) * dim + qkv_dim + 2 * q_dim + gu_dim + ffn, partials = nh * s.n_chunks * (hd + 2);
+    const int64_t n_phases = 2 + 7 * m->n_layers;
     float *scratch = malloc((size_t)n * (per_row + partials) * sizeof(float));
-    if (!scratch)
+    struct phase *phases = calloc(n_phases, sizeof *phases);
+    if (!scratch || !phases) {
+        free(scratch);
+        free(phases);
         return -1;
+    }
     s.x = scratch;
     s.h = s.x + n * dim;
-    s.qkv = s.h + n * dim;
+    s.qkv = s.h + threads * n * dim;
     s.queries = s.qkv + n * qkv_dim;
     s.attended = s.queries + n * q_dim;
-    s.proj = s.attended + n * q_dim;
-    s.gate_up = s.proj + n * dim;
-    s.act = s.gate_up + n * 2 * ffn;
+    s.gate_up = s.attended + n * q_dim;
+    s.act = s.gate_up + n * gu_dim;
     s.partials = s.act + n * ffn;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n; t++)
-            memcpy(s.x + t * dim, m->head + tokens[t] * dim, dim * sizeof(float));
+#ifdef _OPENMP
+        float *h = s.h + omp_get_thread_num() * n * dim;
+#else
+        float *h = s.h;
+#endif
+        struct phase *phase = phases;
+        struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
+        run(phase++, n, embed_item, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {
-            rms_norm_rows(m, &s, m->attn_norm + layer * dim);
-            matmul(m->wqkv + layer * qkv_dim * dim, s.h, s.qkv, n, qkv_dim, dim);
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < n; t++)
-                rotate_and_store(m, &s, layer, t);
-            attention(m, &s, layer);
-            matmul(m->wo + layer * dim * q_dim, s.attended, s.proj, n, dim, q_dim);
-            add_rows(s.x, s.proj, n * dim);
-            rms_norm_rows(m, &s, m->ffn_norm + layer * dim);
-            matmul(m->wgu + layer * 2 * ffn * dim, s.h, s.gate_up, n, 2 * ffn, dim);
-            silu_rows(m, &s);
-            matmul(m->wd + layer * dim * ffn, s.act, s.proj, n, dim, ffn);
-            add_rows(s.x, s.proj, n * dim);
+            task.layer = layer;
+            task.prepare = norm_rows;
+            task.norm = m->attn_norm + layer * dim;
+            task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
+            run(phase++, product_blocks(qkv_dim), product_item, &task);
+            task.prepare = NULL;
+            run(phase++, n, rotate_item, &task);
+            run(phase++, n * nkv * s.n_chunks, attend_item, &task);
+            run(phase++, n * nh, merge_item, &task);
+            task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
+            run(phase++, product_blocks(dim), product_item, &task);
+            task.prepare = norm_rows;
+            task.norm = m->ffn_norm + layer * dim;
+            task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
+            task.silu = 1;
+            run(phase++, product_blocks(gu_dim), product_item, &task);
+            task.silu = 0;
+            task.prepare = NULL;
+            task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
+            run(phase++, product_blocks(dim), product_item, &task);
         }
         if (logits) {
-#pragma omp single
-            rms_norm(s.x + (n - 1) * dim, m->output_norm, s.h, dim, m->norm_eps);
-            matmul(m->head, s.h, logits, 1, m->vocab_size, dim);
+            task.prepare = norm_last_row;
+            task.norm = m->output_norm;
+            task.product = (struct product){m->head, h, logits, 1, m->vocab_size, dim, 0};
+            run(phase++, product_blocks(m->vocab_size), product_item, &task);
         }
     }
+    free(phases);
     free(scratch);
     return 0;
 }

@@ -6,7 +6,7 @@ number of rows, so a restored prefix plus the rest, or a prefix plus decode step
 bit for bit what prefilling everything gives, on any CPU (its comment says how). Decode
 streams all the weights once per token, so its speed is the memory bandwidth its
 matrix-vector products reach; prefill is bound by arithmetic, which its tiles of
-weight rows x tokens keep in registers (bench/decode_profile.py, bench/llama_cpp_compare.py).
+tokens x panels of outputs keep in registers (bench/decode_profile.py, bench/llama_cpp_compare.py).
 ``Model``'s numpy passes are the reference it is tested against.
 
 The C file is compiled by the machine's compiler (``$CC``, else cc, gcc or clang) for
@@ -16,7 +16,8 @@ hashing its source, the compiler, the flags and the CPU; later starts load it in
 milliseconds. Builds are written beside and renamed into place under the folder's lock,
 and a library is loaded only if it is a regular file of ours that no one else can write.
 Without a compiler, or when the build fails, the forward pass runs in numpy
-(``model.kernels = "auto"``), slower, and a restored prefix is then exact only as far as
+(``model.kernels = "auto"``), slower and on a second, unpacked copy of the weights (see
+``model.DenseWeights``), and a restored prefix is then exact only as far as
 BLAS computes a row alike whatever the rows around it; "c" makes that a load error
 instead, "numpy" never compiles anything.
 """
@@ -50,7 +51,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("forward.c")
 #: Must match RKLLMD_KERNEL_ABI in forward.c.
-KERNEL_ABI = 4
+KERNEL_ABI = 5
+#: Outputs per panel of a weight matrix: forward.c's LANES (see ``model.to_panels``).
+PANEL = 16
 NATIVE = "native"
 COMPILE_TIMEOUT_S = 120
 MODES = ("auto", "c", "numpy")
@@ -85,13 +88,19 @@ class Kernel:
         return BoundForward(self.library.rkllmd_forward, model, arrays)
 
 
+def _padded(n_out: int) -> int:
+    """Outputs of a matrix in panels: n_out rounded up to whole panels."""
+    return -(-n_out // PANEL) * PANEL
+
+
 def _sizes(cfg: ModelConfig, capacity: int) -> dict[str, int]:
     """The fewest elements forward.c reads or writes in each array."""
     L, D, F, V, hd = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     return {
-        "head": V * D, "output_norm": D, "attn_norm": L * D, "ffn_norm": L * D,
-        "wqkv": L * (q + 2 * kv) * D, "wo": L * D * q, "wgu": L * 2 * F * D, "wd": L * D * F,
+        "head": _padded(V) * D, "output_norm": D, "attn_norm": L * D, "ffn_norm": L * D,
+        "wqkv": L * _padded(q + 2 * kv) * D, "wo": L * _padded(D) * q, "wgu": L * 2 * _padded(F) * D,
+        "wd": L * _padded(D) * F,
         "rope_cos": capacity * (hd // 2), "rope_sin": capacity * (hd // 2),
         "keys": L * kv * capacity, "values": L * kv * capacity,
     }

@@ -1,12 +1,16 @@
 """The llama transformer forward pass in float32 numpy: the reference for ``forward.c``.
 
 Weights (``Weights``) are dequantized once, then kept memory-mapped between starts
-(``weights_file``), and stored output-major as in the GGUF (``W @ x``: one contiguous row
-per output), the layout of the C forward pass's dot products (``forward.c``, loaded by
-``kernels``); q/k/v and gate/up are fused into one matrix each. Query and key rows are
-reordered within each head from llama.cpp's adjacent-pair rotary layout to "halves"
-(even components first, then odd): rotary embedding then works on two contiguous
-halves, and attention scores are unchanged because queries and keys are permuted alike.
+(``weights_file``). Matrices are stored in the C forward pass's panels (``forward.c``,
+loaded by ``kernels``): outputs in groups of ``PANEL``, each group's weights input by
+input, so that one vector load gives ``PANEL`` outputs' weights for one input
+(``to_panels``); q/k/v are fused into one matrix, and gate/up into one whose panels
+alternate (gate, up, gate, ...), so that a thread computing a gate output also has its
+up. The numpy passes work on an output-major copy (``DenseWeights``, made at load).
+Query and key rows are reordered within each head from llama.cpp's adjacent-pair rotary
+layout to "halves" (even components first, then odd): rotary embedding then works on two
+contiguous halves, and attention scores are unchanged because queries and keys are
+permuted alike.
 
 The KV cache is preallocated for the whole context: keys as ``[layer, kv_head, dim,
 position]`` (so query-key products read contiguous rows, several times faster than a
@@ -16,8 +20,10 @@ Prefill runs in chunks of ``prefill_chunk`` tokens (heartbeats and cancellation 
 between them). With the C forward pass every position's result is bitwise independent
 of how the prompt was split and of whether it was prefilled or decoded (see
 ``forward.c``). The numpy passes (``_prefill_numpy``, ``_decode_numpy``) compute the
-same thing through BLAS, whose result for a row may depend on the rows around it: they
-agree with the C pass to float32 rounding, not bit for bit.
+same thing through BLAS, whose sums run in another order and whose result for a row may
+depend on the rows around it: they agree with the C pass to float32 rounding, not bit
+for bit (tests/test_decode_kernel.py compares them so; tests/test_exactness.py checks
+the C pass's bits across splits, builds and thread counts).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .gguf import GGUFFile
-from .kernels import Kernel
+from .kernels import PANEL, Kernel
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +136,21 @@ def _halves_order(n_heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(n_heads)[:, None] * head_dim + within).reshape(-1)
 
 
+def to_panels(matrix: np.ndarray) -> np.ndarray:
+    """(..., n_out, k) output-major -> (..., panels, k, PANEL): output o's weight for
+    input k at [o // PANEL, k, o % PANEL]; the last panel zero-padded."""
+    *lead, n_out, k = matrix.shape
+    padded = np.zeros((*lead, -(-n_out // PANEL) * PANEL, k), np.float32)
+    padded[..., :n_out, :] = matrix
+    return np.ascontiguousarray(padded.reshape(*lead, -1, PANEL, k).swapaxes(-1, -2))
+
+
+def from_panels(panels: np.ndarray, n_out: int) -> np.ndarray:
+    """``to_panels``' inverse: the first ``n_out`` outputs, output-major."""
+    *lead, n_panels, k, _ = panels.shape
+    return np.ascontiguousarray(panels.swapaxes(-1, -2).reshape(*lead, n_panels * PANEL, k)[..., :n_out, :])
+
+
 @dataclass
 class Weights:
     """The float32 arrays the forward pass reads, in its layout (see the module docstring).
@@ -138,28 +159,32 @@ class Weights:
     forward pass never writes to them, so read-only memory maps serve as well as arrays.
     """
 
-    head: np.ndarray  # (vocab, dim): the tied embedding
+    head: np.ndarray  # panels of (vocab, dim): the tied embedding
     output_norm: np.ndarray  # (dim,)
     attn_norm: np.ndarray  # (layers, dim)
     ffn_norm: np.ndarray  # (layers, dim)
-    wqkv: np.ndarray  # (layers, q + 2 kv, dim): q and k rows in halves order
-    wo: np.ndarray  # (layers, dim, q)
-    wgu: np.ndarray  # (layers, 2 ffn, dim): gate then up
-    wd: np.ndarray  # (layers, dim, ffn)
+    wqkv: np.ndarray  # per layer panels of (q + 2 kv, dim): q and k rows in halves order
+    wo: np.ndarray  # per layer panels of (dim, q)
+    wgu: np.ndarray  # per layer panels of (ffn, dim), gate's and up's in turn
+    wd: np.ndarray  # per layer panels of (dim, ffn)
 
     @staticmethod
     def shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         """Every array's shape, in field order: what a weights file must hold."""
         L, q_dim, kv_dim = cfg.n_layers, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+        def panels(n_out: int, k: int) -> tuple[int, int, int]:
+            return -(-n_out // PANEL), k, PANEL
+
         return {
-            "head": (cfg.vocab_size, cfg.dim),
+            "head": panels(cfg.vocab_size, cfg.dim),
             "output_norm": (cfg.dim,),
             "attn_norm": (L, cfg.dim),
             "ffn_norm": (L, cfg.dim),
-            "wqkv": (L, q_dim + 2 * kv_dim, cfg.dim),
-            "wo": (L, cfg.dim, q_dim),
-            "wgu": (L, 2 * cfg.ffn_dim, cfg.dim),
-            "wd": (L, cfg.dim, cfg.ffn_dim),
+            "wqkv": (L, *panels(q_dim + 2 * kv_dim, cfg.dim)),
+            "wo": (L, *panels(cfg.dim, q_dim)),
+            "wgu": (L, 2 * -(-cfg.ffn_dim // PANEL), cfg.dim, PANEL),
+            "wd": (L, *panels(cfg.dim, cfg.ffn_dim)),
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -175,7 +200,7 @@ class Weights:
             raise ValueError(f"token_embd has shape {embedding.shape}, expected {(cfg.vocab_size, cfg.dim)}")
         shapes = cls.shapes(cfg)
         w = cls(**{name: np.empty(shape, np.float32) for name, shape in shapes.items()})
-        w.head[:] = embedding
+        w.head[:] = to_panels(embedding)
         del embedding
         w.output_norm[:] = gguf.tensor("output_norm.weight")
         q_order = _halves_order(cfg.n_heads, cfg.head_dim)
@@ -184,13 +209,39 @@ class Weights:
             t = {name: gguf.tensor(f"blk.{i}.{name}.weight") for name in LAYER_TENSORS}
             w.attn_norm[i] = t["attn_norm"]
             w.ffn_norm[i] = t["ffn_norm"]
-            w.wqkv[i] = np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]])
-            w.wo[i] = t["attn_output"]
-            w.wgu[i] = np.concatenate([t["ffn_gate"], t["ffn_up"]])
-            w.wd[i] = t["ffn_down"]
+            w.wqkv[i] = to_panels(np.concatenate([t["attn_q"][q_order], t["attn_k"][k_order], t["attn_v"]]))
+            w.wo[i] = to_panels(t["attn_output"])
+            w.wgu[i] = np.stack([to_panels(t["ffn_gate"]), to_panels(t["ffn_up"])], axis=1).reshape(w.wgu.shape[1:])
+            w.wd[i] = to_panels(t["ffn_down"])
             if progress and (i + 1) % 10 == 0:
                 progress(f"dequantized {i + 1}/{cfg.n_layers} layers")
         return w
+
+
+@dataclass
+class DenseWeights:
+    """The weight matrices output-major (one contiguous row per output): the numpy
+    passes' layout, unpacked from ``Weights``' panels at load (one more copy in memory,
+    for the numpy passes only)."""
+
+    head: np.ndarray  # (vocab, dim)
+    wqkv: np.ndarray  # (layers, q + 2 kv, dim)
+    wo: np.ndarray  # (layers, dim, q)
+    wgu: np.ndarray  # (layers, 2 ffn, dim): gate then up
+    wd: np.ndarray  # (layers, dim, ffn)
+
+    @classmethod
+    def unpack(cls, w: Weights, cfg: ModelConfig) -> DenseWeights:
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        pairs = w.wgu.reshape(cfg.n_layers, -1, 2, *w.wgu.shape[2:])
+        gate_up = [from_panels(pairs[:, :, half], cfg.ffn_dim) for half in (0, 1)]
+        return cls(
+            head=from_panels(w.head, cfg.vocab_size),
+            wqkv=from_panels(w.wqkv, q_dim + 2 * kv_dim),
+            wo=from_panels(w.wo, cfg.dim),
+            wgu=np.concatenate(gate_up, axis=1),
+            wd=from_panels(w.wd, cfg.dim),
+        )
 
 
 class Model:
@@ -220,8 +271,9 @@ class Model:
         angles = np.arange(capacity, dtype=np.float64)[:, None] * inv_freq
         self.rope_cos = np.cos(angles).astype(np.float32)
         self.rope_sin = np.sin(angles).astype(np.float32)
-        self._alloc_decode_buffers(capacity)
         self._c_forward = kernel.bind(self, self._kernel_arrays()) if kernel else None
+        self.dense = None if kernel else DenseWeights.unpack(weights, cfg)
+        self._alloc_decode_buffers(capacity)
 
     @classmethod
     def from_gguf(
@@ -243,7 +295,7 @@ class Model:
         f32 = np.float32
         self._x = np.empty(cfg.dim, f32)
         self._h = np.empty(cfg.dim, f32)
-        self._qkv = np.empty(self.w.wqkv.shape[1], f32)
+        self._qkv = np.empty((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, f32)
         self._rot = np.empty((cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), f32)
         self._tmp = np.empty((cfg.n_heads + cfg.n_kv_heads, half), f32)
         self._scores = np.empty((cfg.n_kv_heads, g, capacity), f32)
@@ -298,7 +350,7 @@ class Model:
             else:
                 hidden = self._prefill_numpy(chunk, pos)
                 if last:
-                    np.matmul(self.w.head, self._rms_norm(hidden, self.w.output_norm), out=logits)
+                    np.matmul(self.dense.head, self._rms_norm(hidden, self.w.output_norm), out=logits)
             if on_chunk:
                 on_chunk()
         return logits
@@ -316,11 +368,11 @@ class Model:
         cos = self.rope_cos[start:n_keys, None, :]
         sin = self.rope_sin[start:n_keys, None, :]
 
-        x = self.w.head[ids]
+        x = self.dense.head[ids]
         with np.errstate(over="ignore"):
             for layer in range(cfg.n_layers):
                 h = self._rms_norm(x, self.w.attn_norm[layer])
-                qkv = h @ self.w.wqkv[layer].T
+                qkv = h @ self.dense.wqkv[layer].T
                 qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
                 first, second = qk[..., :half], qk[..., half:]
                 rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -337,11 +389,11 @@ class Model:
                 attended = scores.reshape(nkv, g * T, n_keys) @ values[:, :n_keys]
                 attended /= totals.reshape(nkv, g * T, 1)
                 attended = attended.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, q_dim)
-                x += attended @ self.w.wo[layer].T
+                x += attended @ self.dense.wo[layer].T
                 h = self._rms_norm(x, self.w.ffn_norm[layer])
-                gate_up = h @ self.w.wgu[layer].T
+                gate_up = h @ self.dense.wgu[layer].T
                 gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
-                x += (gate / (1.0 + np.exp(-gate)) * up) @ self.w.wd[layer].T
+                x += (gate / (1.0 + np.exp(-gate)) * up) @ self.dense.wd[layer].T
         return x[-1]
 
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -392,11 +444,11 @@ class Model:
         queries = rot[:nh].reshape(nkv, nh // nkv, hd)
         scale = np.float32(hd**-0.5)
 
-        x[:] = self.w.head[token]
+        x[:] = self.dense.head[token]
         with np.errstate(over="ignore"):
             for layer in range(cfg.n_layers):
                 self._rms_norm_into(x, self.w.attn_norm[layer], h)
-                np.matmul(self.w.wqkv[layer], h, out=qkv)
+                np.matmul(self.dense.wqkv[layer], h, out=qkv)
                 np.multiply(first, cos, out=rot[:, :half])
                 np.multiply(second, sin, out=tmp)
                 rot[:, :half] -= tmp
@@ -411,10 +463,10 @@ class Model:
                 totals = self._exp_scores(scores, self._row)
                 np.matmul(scores, values[:, :n_keys], out=attended)
                 attended /= totals
-                np.matmul(self.w.wo[layer], attended.reshape(q_dim), out=self._proj)
+                np.matmul(self.dense.wo[layer], attended.reshape(q_dim), out=self._proj)
                 x += self._proj
                 self._rms_norm_into(x, self.w.ffn_norm[layer], h)
-                np.matmul(self.w.wgu[layer], h, out=self._gu)
+                np.matmul(self.dense.wgu[layer], h, out=self._gu)
                 gate, up = self._gu[: cfg.ffn_dim], self._gu[cfg.ffn_dim :]
                 act = self._act
                 np.negative(gate, out=act)
@@ -422,10 +474,10 @@ class Model:
                 act += 1.0
                 np.divide(gate, act, out=act)
                 act *= up
-                np.matmul(self.w.wd[layer], act, out=self._proj)
+                np.matmul(self.dense.wd[layer], act, out=self._proj)
                 x += self._proj
         self._rms_norm_into(x, self.w.output_norm, h)
-        np.matmul(self.w.head, h, out=self._logits)
+        np.matmul(self.dense.head, h, out=self._logits)
 
     def _rms_norm_into(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
         scale = np.float32(1.0) / np.sqrt(np.dot(x, x) / np.float32(self.config.dim) + np.float32(self.config.norm_eps))

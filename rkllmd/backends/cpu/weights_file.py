@@ -40,7 +40,7 @@ from .model import ModelConfig, Weights
 log = logging.getLogger(__name__)
 
 #: Bump whenever ``Weights``' layout (order, permutations, fusions) changes.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAGIC = "rkllmd-weights"
 HEADER_BYTES = 4096
 ALIGN = 64
