@@ -126,11 +126,12 @@ class Client:
 
     def send(self, op: str, **fields: Any) -> Any:
         """Send one request; return its id."""
+        request_id = next(self._ids)
+        data = encode_request(op, request_id, fields)
         while self._monitor.poll(0):  # a drop before this request is no concern of it
             recv_monitor_message(self._monitor)
         self._disconnected = False
-        request_id = next(self._ids)
-        self._sock.send(encode_request(op, request_id, fields))
+        self._sock.send(data)
         return request_id
 
     def receive(self, request_id: Any, timeout: float | None) -> dict[str, Any]:
