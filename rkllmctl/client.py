@@ -126,6 +126,7 @@ class Client:
 
     def send(self, op: str, **fields: Any) -> Any:
         """Send one request; return its id."""
+        check_fields(op, fields)
         request_id = next(self._ids)
         data = encode_request(op, request_id, fields)
         while self._monitor.poll(0):  # a drop before this request is no concern of it
@@ -289,12 +290,16 @@ class Stream:
 # -- the protocol's framing, shared with the asyncio client (rkllmctl/aio.py) --------------
 
 
-def encode_request(op: str, request_id: Any, fields: dict[str, Any]) -> bytes:
-    """One request, its fields checked against the schema (None: left out)."""
-    operation = OPERATIONS[op]
-    unknown = {k for k, v in fields.items() if v is not None} - {f.name for f in operation.fields}
+def check_fields(op: str, fields: dict[str, Any]) -> None:
+    """TypeError for a field the schema does not declare (a bug in the caller)."""
+    unknown = {k for k, v in fields.items() if v is not None} - {f.name for f in OPERATIONS[op].fields}
     if unknown:
         raise TypeError(f"{op} has no field {', '.join(sorted(unknown))} (see rkllmd/schema.py)")
+
+
+def encode_request(op: str, request_id: Any, fields: dict[str, Any]) -> bytes:
+    """One request, its fields checked against the schema (None: left out)."""
+    check_fields(op, fields)
     message = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
     message.update({k: v for k, v in fields.items() if v is not None})
     return pack(message)
