@@ -64,7 +64,7 @@ def through_http(url: urllib.parse.SplitResult, messages: list[dict[str, str]], 
 def start_gateway(socket: Path) -> tuple[subprocess.Popen, urllib.parse.SplitResult, Path]:
     log = Path(tempfile.mkstemp(prefix="rkllmd-http-bench-", suffix=".log")[1])
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "rkllmd_http", "--listen", "127.0.0.1:0", "--socket", str(socket), "--log-level", "warning"],
+        proc = subprocess.Popen([sys.executable, "-m", "rkllmd_http", "--listen", "127.0.0.1:0", "--socket", str(socket), "--log-level", "info"],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

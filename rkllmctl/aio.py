@@ -139,6 +139,16 @@ class AsyncClient:
         finally:
             self.forget(request_id)
 
+    def cancel_soon(self, request_id: int) -> None:
+        """Send ``cancel`` for a generation still in flight and forget its replies; its
+        ``done`` (finish_reason cancelled) and the cancel's result are dropped when they come."""
+        if self._pending.pop(request_id, None) is None:
+            return
+        try:
+            self._sock.send(encode_request("cancel", next(self._ids), {"target": request_id}))
+        except zmq.ZMQError as exc:
+            log.warning("could not cancel generation %s: %s", request_id, exc)
+
     # -- operations ---------------------------------------------------------------------
 
     async def ping(self) -> dict[str, Any]:
@@ -177,11 +187,7 @@ class AsyncStream:
     def cancel(self) -> None:
         """Ask the daemon to stop this generation (queued or running), without waiting:
         this runs when the task that followed it is itself being cancelled."""
-        if self.request_id in self.client._pending:
-            try:
-                self.client._sock.send(encode_request("cancel", next(self.client._ids), {"target": self.request_id}))
-            except zmq.ZMQError as exc:
-                log.warning("could not cancel generation %s: %s", self.request_id, exc)
+        self.client.cancel_soon(self.request_id)
 
     async def first(self) -> None:
         """Wait for the daemon to take the request in (its ``queued``), or raise its error."""
