@@ -74,6 +74,7 @@ def start_gateway(socket: Path) -> tuple[subprocess.Popen, urllib.parse.SplitRes
         if proc.poll() is not None:
             break
         time.sleep(0.05)
+    proc.kill()
     raise RuntimeError(f"rkllmd-http did not start:\n{log.read_text()}")
 
 
