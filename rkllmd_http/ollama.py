@@ -169,6 +169,16 @@ def chat_message(m: Any, i: int) -> dict[str, Any]:
     return out
 
 
+def _arguments(arguments: Any) -> Any:
+    """Ollama gives a tool call's arguments as an object; the daemon as JSON text (WIRE_PLAN 1.2)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
 def durations(result: Any) -> dict[str, Any]:
     """Ollama's counts and nanosecond durations from the daemon's stats."""
     stats = result.stats or {}
@@ -202,7 +212,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     def last_line(result: Any) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": ""}
         if result.tool_calls:
-            message["tool_calls"] = [{"function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}} for c in result.tool_calls]
+            message["tool_calls"] = [{"function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}} for c in result.tool_calls]
         return {"message": message}
 
     def whole(result: Any) -> dict[str, Any]:
