@@ -170,7 +170,7 @@ def chat_message(m: Any, i: int) -> dict[str, Any]:
 
 
 def _arguments(arguments: Any) -> Any:
-    """Ollama gives a tool call's arguments as an object; the daemon as JSON text (WIRE_PLAN 1.2)."""
+    """Ollama gives a tool call's arguments as an object; the daemon as JSON text (protocol 1.2)."""
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)
