@@ -39,7 +39,8 @@ endif
 install-systemd:
 	install -d $(DESTDIR)$(SYSTEMDDIR)
 	sed 's|/opt/rkllmd/|$(PREFIX)/|g' systemd/rkllmd.service > $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service
-	chmod 644 $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service
+	sed 's|/opt/rkllmd/|$(PREFIX)/|g' systemd/rkllmd-http.service > $(DESTDIR)$(SYSTEMDDIR)/rkllmd-http.service
+	chmod 644 $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service $(DESTDIR)$(SYSTEMDDIR)/rkllmd-http.service
 	install -Dm644 systemd/rkllmd.sysusers $(DESTDIR)$(SYSUSERSDIR)/rkllmd.conf
 	install -Dm644 systemd/rkllmd.tmpfiles $(DESTDIR)$(TMPFILESDIR)/rkllmd.conf
 	test -e $(DESTDIR)$(CONFIG) || install -Dm644 etc/rkllmd.toml $(DESTDIR)$(CONFIG)
@@ -47,17 +48,18 @@ ifeq ($(DESTDIR),)
 	systemd-sysusers rkllmd.conf
 	systemd-tmpfiles --create rkllmd.conf
 	systemctl daemon-reload
-	systemctl try-restart rkllmd.service
+	systemctl try-restart rkllmd.service rkllmd-http.service
 	@echo "Installed. Start it with: systemctl enable --now rkllmd"
+	@echo "The HTTP API (OpenAI, Ollama) on 127.0.0.1:8080: systemctl enable --now rkllmd-http"
 	@echo "Let a user talk to it with: usermod -aG rkllm USER (then log in again)"
 endif
 
 # Keeps the config, the caches, the user and the group: they may hold the admin's work.
 uninstall:
 ifeq ($(DESTDIR),)
-	-systemctl disable --now rkllmd.service
+	-systemctl disable --now rkllmd-http.service rkllmd.service
 endif
-	rm -f $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service $(DESTDIR)$(SYSUSERSDIR)/rkllmd.conf \
+	rm -f $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service $(DESTDIR)$(SYSTEMDDIR)/rkllmd-http.service $(DESTDIR)$(SYSUSERSDIR)/rkllmd.conf \
 		$(DESTDIR)$(TMPFILESDIR)/rkllmd.conf $(DESTDIR)$(BINDIR)/rkllmctl
 	# Only ever a venv of ours, never whatever else PREFIX might point at.
 	if [ -f $(DESTDIR)$(PREFIX)/pyvenv.cfg ]; then rm -rf $(DESTDIR)$(PREFIX); fi

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -52,16 +52,9 @@ class GenerationResult:
     reason: str | None = None
     client_ttft_ms: float | None = None  # measured here, from sending to the first text
     messages: int = 0  # stream messages received (tokens are coalesced when the reader is slow)
-    reasoning: str | None = None  # None: the output had no reasoning block
+    reasoning: str | None = None  # None: the output had no reasoning block (protocol 1.2)
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_error: str | None = None
-
-
-class Piece(NamedTuple):
-    """One token message: reasoning and answer text (either may be "")."""
-
-    reasoning: str
-    text: str
 
 
 def probe(path: Path) -> None:
@@ -137,17 +130,13 @@ class Client:
 
     def send(self, op: str, **fields: Any) -> Any:
         """Send one request; return its id."""
-        operation = OPERATIONS[op]
-        unknown = set(fields) - {f.name for f in operation.fields}
-        if unknown:
-            raise TypeError(f"{op} has no field {', '.join(sorted(unknown))} (see rkllmd/schema.py)")
+        check_fields(op, fields)
+        request_id = next(self._ids)
+        data = encode_request(op, request_id, fields)
         while self._monitor.poll(0):  # a drop before this request is no concern of it
             recv_monitor_message(self._monitor)
         self._disconnected = False
-        request_id = next(self._ids)
-        message = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
-        message.update({k: v for k, v in fields.items() if v is not None})
-        self._sock.send(pack(message))
+        self._sock.send(data)
         return request_id
 
     def receive(self, request_id: Any, timeout: float | None) -> dict[str, Any]:
@@ -169,19 +158,11 @@ class Client:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise DaemonUnreachable(f"no answer from {self.path} within {timeout:g} s; is rkllmd hung or busy loading?")
                 continue
-            data = self._sock.recv()
-            try:
-                message = unpack(data)
-            except WireError:
-                raise ProtocolViolation(f"the daemon sent something that is not a msgpack message: {data[:64]!r}") from None
-            if not isinstance(message, dict):
-                raise ProtocolViolation(f"the daemon sent a {type(message).__name__}, not a map: {message!r:.200}")
-            if message.get("type") not in REPLY_TYPES:
-                raise ProtocolViolation(f"the daemon sent a message of unknown type {message.get('type')!r}")
+            message = decode_reply(self._sock.recv())
             if message.get("id") == request_id:
                 return message
             if message.get("id") is None and message.get("type") == "error":
-                _raise(message)  # the daemon could not even read our request
+                raise_error(message)  # the daemon could not even read our request
             self._pending[message.get("id")].append(message)
 
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
@@ -190,14 +171,8 @@ class Client:
 
     def result_of(self, request_id: Any, timeout: float | None) -> dict[str, Any]:
         message = self.receive(request_id, timeout)
-        if message["type"] == "error":
-            _raise(message)
-        if message["type"] != "result":
-            raise ProtocolViolation(f"expected a result, got {message['type']!r}")
-        if not isinstance(message.get("result"), dict):
-            raise ProtocolViolation(f"the daemon sent a result that is not a map: {message.get('result')!r:.200}")
         self._pending.pop(request_id, None)
-        return message["result"]
+        return result_of(message)
 
     # -- operations ---------------------------------------------------------------------
 
@@ -254,7 +229,7 @@ class Client:
             vars=vars,
             enable_thinking=enable_thinking,
         )
-        return Stream(self, request_id, started)
+        return Stream(self, request_id, StreamReader(started))
 
     def render(
         self,
@@ -298,57 +273,32 @@ class Stream:
 
     client: Client
     request_id: Any
-    started: float
-    result: GenerationResult | None = None
-    position: int | None = None  # generations ahead of this one when it was queued
-    _parts: list[str] = field(default_factory=list)
-    _first_text_at: float | None = None
-    _expected_seq: int = 0
-    _count: int = 0
+    reader: StreamReader
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self.reader.result
+
+    @property
+    def position(self) -> int | None:
+        """Generations ahead of this one when it was queued."""
+        return self.reader.position
 
     def __iter__(self) -> Iterator[str]:
         """The answer's text as it comes (reasoning left out)."""
         return (piece.text for piece in self.pieces() if piece.text)
 
     def pieces(self) -> Iterator[Piece]:
-        """Each token message's reasoning and answer text as it comes."""
-        while self.result is None:
+        """Each token message's answer and reasoning text as it comes."""
+        while self.reader.result is None:
             # Only the first message (queued, or an error) is bounded by the timeout.
-            timeout = self.client.timeout if self._expected_seq == 0 else None
+            timeout = self.client.timeout if self.reader.expected_seq == 0 else None
             message = self.client.receive(self.request_id, timeout)
-            kind = message["type"]
-            if kind == "error":
+            if message["type"] in ("error", "done"):
                 self.client._pending.pop(self.request_id, None)
-                _raise(message)
-            seq = message.get("seq")
-            if seq != self._expected_seq:
-                raise ProtocolViolation(f"stream message {seq} arrived when {self._expected_seq} was due")
-            self._expected_seq += 1
-            self._count += 1
-            if kind == "queued":
-                self.position = message.get("position")
-            elif kind == "token":
-                if self._first_text_at is None:
-                    self._first_text_at = time.monotonic()
-                self._parts.append(message["text"])
-                yield Piece(message.get("reasoning", ""), message["text"])
-            elif kind == "done":
-                self.client._pending.pop(self.request_id, None)
-                ttft = None if self._first_text_at is None else (self._first_text_at - self.started) * 1000
-                self.result = GenerationResult(
-                    text="".join(self._parts),
-                    finish_reason=message["finish_reason"],
-                    stats=message.get("stats"),
-                    cache=message.get("cache"),
-                    reason=message.get("reason"),
-                    client_ttft_ms=ttft,
-                    messages=self._count,
-                    reasoning=message.get("reasoning"),
-                    tool_calls=message.get("tool_calls"),
-                    tool_call_error=message.get("tool_call_error"),
-                )
-            elif kind != "started":
-                raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")
+            piece = self.reader.feed(message)
+            if piece is not None:
+                yield piece
 
     def wait(self) -> GenerationResult:
         """Consume the rest of the stream and return its result."""
@@ -367,6 +317,104 @@ class Stream:
         return self.wait()
 
 
-def _raise(message: dict[str, Any]) -> None:
+# -- the protocol's framing, shared with the asyncio client (rkllmctl/aio.py) --------------
+
+
+def check_fields(op: str, fields: dict[str, Any]) -> None:
+    """TypeError for a field the schema does not declare (a bug in the caller)."""
+    unknown = {k for k, v in fields.items() if v is not None} - {f.name for f in OPERATIONS[op].fields}
+    if unknown:
+        raise TypeError(f"{op} has no field {', '.join(sorted(unknown))} (see rkllmd/schema.py)")
+
+
+def encode_request(op: str, request_id: Any, fields: dict[str, Any]) -> bytes:
+    """One request, its fields checked against the schema (None: left out)."""
+    check_fields(op, fields)
+    message = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+    message.update({k: v for k, v in fields.items() if v is not None})
+    return pack(message)
+
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    """One message from the daemon, or ProtocolViolation when the protocol does not allow it."""
+    try:
+        message = unpack(data)
+    except WireError:
+        raise ProtocolViolation(f"the daemon sent something that is not a msgpack message: {data[:64]!r}") from None
+    if not isinstance(message, dict):
+        raise ProtocolViolation(f"the daemon sent a {type(message).__name__}, not a map: {message!r:.200}")
+    if message.get("type") not in REPLY_TYPES:
+        raise ProtocolViolation(f"the daemon sent a message of unknown type {message.get('type')!r}")
+    return message
+
+
+def result_of(message: dict[str, Any]) -> dict[str, Any]:
+    """The result map of a one-shot request's reply, or DaemonError."""
+    if message["type"] == "error":
+        raise_error(message)
+    if message["type"] != "result":
+        raise ProtocolViolation(f"expected a result, got {message['type']!r}")
+    if not isinstance(message.get("result"), dict):
+        raise ProtocolViolation(f"the daemon sent a result that is not a map: {message.get('result')!r:.200}")
+    return message["result"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One token message: answer text and, for models that reason, reasoning text (protocol 1.2)."""
+
+    text: str
+    reasoning: str = ""
+
+
+@dataclass
+class StreamReader:
+    """Follows one generation's messages: their order, its text, its end (GenerationResult)."""
+
+    started: float
+    result: GenerationResult | None = None
+    position: int | None = None
+    expected_seq: int = 0
+    _parts: list[str] = field(default_factory=list)
+    _first_text_at: float | None = None
+    _count: int = 0
+
+    def feed(self, message: dict[str, Any]) -> Piece | None:
+        """Take the next message; a token's Piece, else None; DaemonError for an error."""
+        kind = message["type"]
+        if kind == "error":
+            raise_error(message)
+        seq = message.get("seq")
+        if seq != self.expected_seq:
+            raise ProtocolViolation(f"stream message {seq} arrived when {self.expected_seq} was due")
+        self.expected_seq += 1
+        self._count += 1
+        if kind == "queued":
+            self.position = message.get("position")
+        elif kind == "token":
+            if self._first_text_at is None:
+                self._first_text_at = time.monotonic()
+            self._parts.append(message["text"])
+            return Piece(message["text"], message.get("reasoning", ""))
+        elif kind == "done":
+            ttft = None if self._first_text_at is None else (self._first_text_at - self.started) * 1000
+            self.result = GenerationResult(
+                text="".join(self._parts),
+                finish_reason=message["finish_reason"],
+                stats=message.get("stats"),
+                cache=message.get("cache"),
+                reason=message.get("reason"),
+                client_ttft_ms=ttft,
+                messages=self._count,
+                reasoning=message.get("reasoning"),
+                tool_calls=message.get("tool_calls"),
+                tool_call_error=message.get("tool_call_error"),
+            )
+        elif kind != "started":
+            raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")
+        return None
+
+
+def raise_error(message: dict[str, Any]) -> None:
     error = message.get("error") or {}
     raise DaemonError(error.get("code", 0), error.get("name", "unknown"), error.get("message", "unknown error"), error.get("details"))

@@ -102,7 +102,21 @@ class RkllmConfig:
     base_domain_id: int = setting(0, "NPU memory domain", low=0, high=255)
 
 
-SECTIONS: dict[str, type] = {"daemon": DaemonConfig, "model": ModelConfig, "sampling": SamplingConfig, "cache": CacheConfig, "rkllm": RkllmConfig}
+@dataclass(frozen=True)
+class HttpConfig:
+    """[http]: rkllmd-http, the OpenAI- and Ollama-compatible gateway (a client of the socket)."""
+
+    listen: str = setting("127.0.0.1:8080", "HOST:PORT to serve HTTP on; loopback only unless changed ([::]:8080 or 0.0.0.0:8080 for every interface)")
+    socket: str = setting("", "the daemon's socket; empty: daemon.socket, then the daemon's default")
+    api_key_file: str = setting("", "file of accepted API keys, one a line (Authorization: Bearer KEY); empty: no key needed")
+    cors_origins: str = setting("", "origins allowed to call from a browser, comma-separated, or *; empty: CORS off")
+    max_body_bytes: int = setting(1 << 20, "largest request body accepted; larger ones get 413", low=1024, high=1 << 26)
+    log_level: str = setting("info", "debug, info, warning or error", choices=LOG_LEVELS)
+
+
+SECTIONS: dict[str, type] = {
+    "daemon": DaemonConfig, "model": ModelConfig, "sampling": SamplingConfig, "cache": CacheConfig, "rkllm": RkllmConfig, "http": HttpConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -148,6 +162,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     rkllm: RkllmConfig = field(default_factory=RkllmConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     file: Path | None = field(default=None, compare=False)
 

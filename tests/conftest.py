@@ -216,3 +216,13 @@ def rkllmctl(*args: str, socket: Path | None = None, input: str | None = None, t
     if socket is not None:
         cmd += ["--socket", str(socket)]
     return subprocess.run([*cmd, *args], input=input, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def gateway(daemon):
+    """rkllmd-http in front of the shared daemon."""
+    from http_gateway import GatewayProcess
+
+    proc = GatewayProcess(daemon.socket).start()
+    yield proc
+    proc.cleanup()

@@ -1,0 +1,285 @@
+"""Ollama's API: /api/tags, /api/ps, /api/version, /api/show, /api/chat, /api/generate.
+
+Streams are NDJSON, one object a line, as Ollama sends them (``stream`` defaults to
+true there). ``options`` map onto ``generate``; options that only tune Ollama's own
+runtime (num_ctx, num_thread, ...) are ignored, as Ollama ignores options a model
+does not use.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from typing import Any
+
+from aiohttp import web
+
+from rkllmd import __version__
+
+from .errors import ApiError, api_error, invalid
+from .gateway import Gateway, ModelInfo
+from .generation import SUPPORTED, Generation, number, require, stops, text_content
+
+#: The Ollama API release these endpoints follow (clients check it against their minimum).
+OLLAMA_VERSION = "0.12.0"
+NDJSON = "application/x-ndjson"
+#: Ollama option -> (generate field, type).
+OPTIONS = {
+    "temperature": ("temperature", float),
+    "top_k": ("top_k", int),
+    "top_p": ("top_p", float),
+    "num_predict": ("max_tokens", int),
+    "repeat_penalty": ("repeat_penalty", float),
+    "seed": ("seed", int),
+}
+
+
+def iso(when: datetime.datetime) -> str:
+    return when.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def now() -> str:
+    return iso(datetime.datetime.now(datetime.timezone.utc))
+
+
+def details(info: ModelInfo) -> dict[str, Any]:
+    params = info.describe.get("params")
+    family = info.describe.get("architecture") or info.describe.get("backend", "")
+    return {
+        "parent_model": "",
+        "format": "gguf" if info.describe.get("backend") == "cpu" else "rkllm",
+        "family": family,
+        "families": [family],
+        "parameter_size": f"{params / 1e6:.0f}M" if params and params < 1e9 else f"{params / 1e9:.1f}B" if params else "",
+        "quantization_level": info.describe.get("dtype", ""),
+    }
+
+
+def entry(info: ModelInfo) -> dict[str, Any]:
+    digest = hashlib.sha256(json.dumps(info.describe, sort_keys=True).encode()).hexdigest()
+    path = info.describe.get("path")
+    return {
+        "name": info.ollama_name,
+        "model": info.ollama_name,
+        "modified_at": iso(datetime.datetime.fromtimestamp(info.created, datetime.timezone.utc)),
+        "size": _size(path) if path else 0,
+        "digest": digest,
+        "details": details(info),
+    }
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+async def tags(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    return web.json_response({"models": [entry(await gateway.model())]})
+
+
+async def ps(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    info = await gateway.model()
+    # The daemon keeps its model loaded until it stops: Ollama's "never expires".
+    item = {**entry(info), "expires_at": "2262-04-11T23:47:16Z", "size_vram": 0, "context_length": context_length(info)}
+    return web.json_response({"models": [item]})
+
+
+def context_length(info: ModelInfo) -> int:
+    return int(info.describe.get("context_length") or 0)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": OLLAMA_VERSION, "rkllmd_version": __version__})
+
+
+async def show(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    info = await gateway.model()
+    check_model(body, info)
+    architecture = info.describe.get("architecture") or "unknown"
+    model_info = {
+        "general.architecture": architecture,
+        "general.parameter_count": info.describe.get("params") or 0,
+        f"{architecture}.context_length": context_length(info),
+    }
+    return web.json_response({
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": details(info),
+        "model_info": model_info,
+        "capabilities": ["completion"] + (["tools", "thinking"] if "tools" in SUPPORTED else []),
+        "modified_at": entry(info)["modified_at"],
+    })
+
+
+def check_model(body: dict[str, Any], info: ModelInfo) -> None:
+    """Ollama answers 404 for a model it does not have; the daemon serves one model."""
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or name.removesuffix(":latest") != info.id:
+        raise ApiError(404, f"model '{name}' not found", code="model_not_found")
+
+
+def options(body: dict[str, Any]) -> dict[str, Any]:
+    opts = body.get("options") or {}
+    if not isinstance(opts, dict):
+        raise invalid("'options' must be an object", "options")
+    fields = {field: number(opts, key, kind, f"options.{key}") for key, (field, kind) in OPTIONS.items()}
+    if fields["max_tokens"] is not None and fields["max_tokens"] < 0:
+        fields["max_tokens"] = None  # -1 (-2): "until the model stops (or the context is full)": the daemon's default
+    fields["stop"] = stops(opts.get("stop"), "options.stop")
+    if body.get("format"):
+        raise invalid("'format' (structured output) is not supported", "format")
+    if body.get("images"):
+        raise invalid("images are not supported", "images")
+    think = body.get("think")
+    if think is not None:
+        require("enable_thinking", "'think'")
+        fields["enable_thinking"] = bool(think)
+    if body.get("tools"):
+        require("tools", "'tools'")
+        fields["tools"] = body["tools"]
+    if body.get("rkllm_cache") is not None:
+        fields["cache"] = body["rkllm_cache"]
+    return fields
+
+
+def chat_message(m: Any, i: int) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+        raise invalid(f"{where}.role must be system, user, assistant or tool")
+    if m.get("images"):
+        raise invalid(f"{where}: images are not supported")
+    out: dict[str, Any] = {"role": m["role"], "content": text_content(m.get("content"), f"{where}.content")}
+    if m.get("thinking"):
+        require("enable_thinking", f"{where}.thinking")
+        out["reasoning_content"] = m["thinking"]
+    if m.get("tool_calls"):
+        require("tools", f"{where}.tool_calls")
+        out["tool_calls"] = [{"id": f"call_{n}", "type": "function", "function": c.get("function", c)} for n, c in enumerate(m["tool_calls"])]
+    if m.get("tool_name"):
+        out["name"] = m["tool_name"]
+    return out
+
+
+def _arguments(arguments: Any) -> Any:
+    """Ollama gives a tool call's arguments as an object; the daemon as JSON text (protocol 1.2)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def durations(result: Any) -> dict[str, Any]:
+    """Ollama's counts and nanosecond durations from the daemon's stats."""
+    stats = result.stats or {}
+    ns = lambda ms: int((ms or 0) * 1e6)  # noqa: E731
+    return {
+        "done_reason": result.finish_reason,
+        "total_duration": ns(stats.get("total_ms")),
+        "load_duration": 0,
+        "prompt_eval_count": stats.get("prompt_tokens", 0),
+        "prompt_eval_duration": ns(stats.get("prefill_ms")),
+        "eval_count": stats.get("completion_tokens", 0),
+        "eval_duration": ns(stats.get("decode_ms")),
+    }
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    if not isinstance(body.get("messages"), list):
+        raise invalid("'messages' must be an array")
+    if not body["messages"]:  # Ollama's way to load a model: answer at once
+        return web.json_response({"model": body.get("model"), "created_at": now(), "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+    fields = {"messages": [chat_message(m, i) for i, m in enumerate(body["messages"])], **options(body)}
+
+    def piece_line(piece: Any) -> dict[str, Any]:
+        message = {"role": "assistant", "content": piece.text}
+        if piece.reasoning:
+            message["thinking"] = piece.reasoning
+        return {"message": message}
+
+    def last_line(result: Any) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": ""}
+        if result.tool_calls:
+            message["tool_calls"] = [{"function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}} for c in result.tool_calls]
+        return {"message": message}
+
+    def whole(result: Any) -> dict[str, Any]:
+        message = {**last_line(result)["message"], "content": result.text}
+        if result.reasoning:
+            message["thinking"] = result.reasoning
+        return {"message": message}
+
+    return await _respond(request, gateway, body, fields, piece_line, last_line, whole)
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    prompt = body.get("prompt")
+    if body.get("raw") or body.get("suffix") or body.get("context"):
+        raise invalid("'raw', 'suffix' and 'context' are not supported: the daemon always applies the model's chat template")
+    if prompt is None or prompt == "":  # Ollama's way to load a model
+        return web.json_response({"model": body.get("model"), "created_at": now(), "response": "", "done": True, "done_reason": "load"})
+    if not isinstance(prompt, str):
+        raise invalid("'prompt' must be a string")
+    fields = {"prompt": prompt, "system": body.get("system"), **options(body)}
+
+    def piece_line(piece: Any) -> dict[str, Any]:
+        return {"response": piece.text, **({"thinking": piece.reasoning} if piece.reasoning else {})}
+
+    def whole(result: Any) -> dict[str, Any]:
+        return {"response": result.text, **({"thinking": result.reasoning} if result.reasoning else {})}
+
+    return await _respond(request, gateway, body, fields, piece_line, lambda result: {"response": ""}, whole)
+
+
+async def _respond(request, gateway: Gateway, body, fields, piece_line, last_line, whole) -> web.StreamResponse:
+    """Run the generation; one JSON object, or NDJSON lines ending with the stats line."""
+    name = body.get("model")
+    async with Generation(gateway.client, gateway.metrics, "ollama", fields) as generation:
+        if body.get("stream") is False:
+            async for _ in generation:
+                pass
+            result = generation.result
+            return web.json_response({"model": name, "created_at": now(), **whole(result), "done": True, **durations(result)})
+        response = web.StreamResponse(headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+
+        async def send(line: dict[str, Any]) -> None:
+            await response.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+
+        try:
+            async for piece in generation:
+                await send({"model": name, "created_at": now(), **piece_line(piece), "done": False})
+            result = generation.result
+            await send({"model": name, "created_at": now(), **last_line(result), "done": True, **durations(result)})
+        except Exception as exc:
+            error = api_error(exc)
+            if error is None:
+                raise
+            await send(error.ollama())  # the official client raises ResponseError on this line
+        await response.write_eof()
+        return response
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/api/tags", tags),
+        web.get("/api/ps", ps),
+        web.get("/api/version", version),
+        web.post("/api/show", show),
+        web.post("/api/chat", chat),
+        web.post("/api/generate", generate),
+    ]

@@ -1,0 +1,183 @@
+"""OpenAI's API: GET /v1/models, POST /v1/chat/completions (plain and server-sent events).
+
+Request fields map onto ``generate`` (docs/http.md has the table); those the daemon
+cannot honour are refused with OpenAI's error shape rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from .errors import ApiError, api_error, invalid
+from .gateway import Gateway
+from .generation import Generation, number, require, stops, text_content
+
+#: Daemon finish reasons OpenAI has; others (cancelled, error) are told as an error.
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def models(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    return web.json_response({"object": "list", "data": [model_object(await gateway.model())]})
+
+
+async def model(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    info = await gateway.model()
+    if request.match_info["model"] != info.id:
+        raise ApiError(404, f"The model '{request.match_info['model']}' does not exist", code="model_not_found", param="model")
+    return web.json_response(model_object(info))
+
+
+def model_object(info: Any) -> dict[str, Any]:
+    return {"id": info.id, "object": "model", "created": info.created, "owned_by": "rkllmd"}
+
+
+def generate_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``generate`` request for a chat completion request, or ApiError (400)."""
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise invalid("'messages' must be a non-empty array", "messages")
+    if body.get("n") not in (None, 1):
+        raise invalid("n > 1 is not supported: the daemon generates one choice per request", "n", "unsupported_value")
+    for penalty in ("frequency_penalty", "presence_penalty"):
+        if body.get(penalty) not in (None, 0, 0.0):
+            raise invalid(f"{penalty!r} is not supported; use 'repetition_penalty' (llama.cpp's multiplicative penalty) instead", penalty, "unsupported_parameter")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise invalid("logprobs are not supported", "logprobs", "unsupported_parameter")
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise invalid("only the text response_format is supported", "response_format", "unsupported_parameter")
+    if body.get("logit_bias"):
+        raise invalid("logit_bias is not supported", "logit_bias", "unsupported_parameter")
+    max_tokens = number(body, "max_completion_tokens", int)
+    fields: dict[str, Any] = {
+        "messages": [message(m, i) for i, m in enumerate(body["messages"])],
+        "temperature": number(body, "temperature", float),
+        "top_p": number(body, "top_p", float),
+        "top_k": number(body, "top_k", int),
+        "repeat_penalty": number(body, "repetition_penalty", float),
+        "seed": number(body, "seed", int),
+        "max_tokens": max_tokens if max_tokens is not None else number(body, "max_tokens", int),
+        "stop": stops(body.get("stop"), "stop"),
+        "cache": body.get("rkllm_cache"),
+    }
+    tools = body.get("tools")
+    if tools and body.get("tool_choice") != "none":
+        require("tools", "'tools'")
+        if body.get("tool_choice") not in (None, "auto"):
+            raise invalid("only tool_choice 'auto' and 'none' are supported", "tool_choice", "unsupported_value")
+        fields["tools"] = tools
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        require("enable_thinking", "'reasoning_effort'")
+        fields["enable_thinking"] = effort != "none"
+    return fields
+
+
+def message(m: Any, i: int) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise invalid(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
+    out: dict[str, Any] = {"role": ROLES[m["role"]], "content": text_content(m.get("content"), f"{where}.content")}
+    for key in ("tool_calls", "tool_call_id", "name", "reasoning_content"):
+        if m.get(key) is not None and (key != "name" or m["role"] == "tool"):
+            require("tools" if key != "reasoning_content" else "enable_thinking", f"{where}.{key}")
+            out[key] = m[key]
+    return out
+
+
+def usage(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not stats:
+        return None
+    prompt, completion = stats["prompt_tokens"], stats["completion_tokens"]
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": stats["cached_tokens"]},
+    }
+
+
+def finish_reason(result: Any) -> str:
+    """OpenAI's finish_reason, or ApiError for an end OpenAI has no word for."""
+    if result.tool_calls:
+        return "tool_calls"
+    if result.finish_reason in FINISH_REASONS:
+        return FINISH_REASONS[result.finish_reason]
+    raise ApiError(503, f"the generation ended early: {result.reason or result.finish_reason}", "server_error", result.finish_reason)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    fields = generate_fields(body)
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object", "stream_options")
+    name = body.get("model") if isinstance(body.get("model"), str) else (await gateway.model()).id
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name, "system_fingerprint": gateway.fingerprint}
+    async with Generation(gateway.client, gateway.metrics, "openai", fields) as generation:
+        if stream:
+            return await _stream(request, generation, head, bool(options.get("include_usage")))
+        async for _ in generation:
+            pass
+        result = generation.result
+        reply: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if result.reasoning:
+            reply["reasoning_content"] = result.reasoning
+        if result.tool_calls:
+            reply["tool_calls"] = result.tool_calls
+        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason(result)}
+        return web.json_response({**head, "object": "chat.completion", "choices": [choice], "usage": usage(result.stats)})
+
+
+async def _stream(request: web.Request, generation: Generation, head: dict[str, Any], include_usage: bool) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    extra = {"usage": None} if include_usage else {}
+
+    async def send(data: dict[str, Any] | str) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        await response.write(f"data: {text}\n\n".encode())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+    try:
+        await send(chunk({"role": "assistant", "content": ""}))
+        async for piece in generation:
+            if piece.reasoning:
+                await send(chunk({"reasoning_content": piece.reasoning}))
+            if piece.text:
+                await send(chunk({"content": piece.text}))
+        result = generation.result
+        if result.tool_calls:
+            calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
+            await send(chunk({"tool_calls": calls}))
+        await send(chunk({}, finish_reason(result)))
+        if include_usage:
+            await send({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(result.stats)})
+        await send("[DONE]")
+    except Exception as exc:
+        error = api_error(exc)
+        if error is None:
+            raise
+        await send(error.openai())  # the official clients raise APIError on this event
+    await response.write_eof()
+    return response
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/v1/models", models),
+        web.get("/v1/models/{model}", model),
+        web.post("/v1/chat/completions", chat_completions),
+    ]
