@@ -10,8 +10,8 @@ unit is *superseded*, never read. This module owns what they share:
   reader (or a kill -9) sees the old file or the new one, never a part;
 - locked: processes sharing a folder take turns on its lock file to write, and each
   *holds* (a shared flock) the units it uses, so no one collects them;
-- verified: a file is hashed once; while its size and mtime stay those it had then, its
-  ledger's word is taken (black's cascade: size, mtime, then hash);
+- verified: a file is hashed once; while its size and mtime (and inode and ctime) stay
+  those it had then, its ledger's word is taken (black's cascade: size, mtime, then hash);
 - collected: ``ArtifactStore.collect`` removes superseded units no one holds that went
   unused ``store.superseded_days``, then, over ``store.max_disk_mb``, the least recently
   used superseded ones; the units held (the current identities) are never removed.
@@ -172,10 +172,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _stamp(st: os.stat_result) -> list[int]:
+    """What changes when a file's content may have: size and mtime (black's cascade), and
+    the inode and ctime, which no one can set back (an edit that restores the mtime)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
 class Ledger:
-    """What the files of one folder hashed to, and their size and mtime then, kept in the
-    folder (``.verified.json``) so neither this run nor the next hashes them again while
-    those stay the same. Losing it (a race between two writers, a corrupt file) only
+    """What the files of one folder hashed to, and their stamp (``_stamp``) then, kept in
+    the folder (``.verified.json``) so neither this run nor the next hashes them again
+    while it stays the same. Losing it (a race between two writers, a corrupt file) only
     costs a hash."""
 
     def __init__(self, folder: Path):
@@ -185,10 +191,9 @@ class Ledger:
         self._records: dict[str, list] | None = None
 
     def matches(self, path: Path, sha256: str) -> bool:
-        """Whether ``path`` (in our folder) hashes to ``sha256``; hashed only when its size
-        or mtime differ from the last time it was. ``FileNotFoundError`` if it is gone."""
-        st = os.stat(path)
-        stamp = [st.st_size, st.st_mtime_ns]
+        """Whether ``path`` (in our folder) hashes to ``sha256``; hashed only when its stamp
+        differs from the last time it was. ``FileNotFoundError`` if it is gone."""
+        stamp = _stamp(os.stat(path))
         with self._lock:
             if self._load().get(path.name) == [*stamp, sha256]:
                 return True
@@ -202,14 +207,14 @@ class Ledger:
         return actual == sha256
 
     def record(self, path: Path, sha256: str, stamp: list[int] | None = None) -> None:
-        """``path`` hashed to ``sha256`` when its size and mtime were ``stamp`` (None:
-        now; a writer that has just hashed what it wrote)."""
-        st = os.stat(path)
-        if stamp is not None and [st.st_size, st.st_mtime_ns] != stamp:
+        """``path`` hashed to ``sha256`` when its stamp was ``stamp`` (None: now; a writer
+        that has just hashed what it wrote)."""
+        now = _stamp(os.stat(path))
+        if stamp is not None and now != stamp:
             return  # changed while it was hashed: nothing is known of it
         with self._lock:
             records = self._load()
-            records[path.name] = [st.st_size, st.st_mtime_ns, sha256]
+            records[path.name] = [*now, sha256]
             self._save(records)
 
     def forget(self, name: str) -> None:

@@ -127,7 +127,7 @@ def test_two_processes_take_turns_on_a_folder(tmp_path):
                 proc.wait()
 
 
-def test_the_cascade_hashes_once_while_size_and_mtime_stay(tmp_path):
+def test_the_cascade_hashes_once_while_the_file_stays(tmp_path):
     path = tmp_path / "state.bin"
     path.write_bytes(b"\1" * MIB)
     digest = file_sha256(path)
@@ -137,16 +137,19 @@ def test_the_cascade_hashes_once_while_size_and_mtime_stay(tmp_path):
     assert Ledger(tmp_path).matches(path, digest), "the next run takes the kept ledger's word"
     assert (tmp_path / LEDGER_NAME).exists()
 
-    # A changed byte, same size, mtime set back: size and mtime cannot tell...
+    # A forgotten record (a backend refused the file) forces a hash, even of a file unchanged.
+    ledger.forget(path.name)
+    assert ledger.matches(path, digest) and ledger.hashes == 2
+
+    # A changed byte, same size, mtime set back: size and mtime cannot tell, the ctime
+    # (which no one can set back) does: hashed, refused.
     before = path.stat()
     with open(path, "r+b") as f:
         f.seek(12345)
         f.write(b"\2")
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert ledger.matches(path, digest) and ledger.hashes == 1
-    # ...only a forced hash does.
-    ledger.forget(path.name)
-    assert not ledger.matches(path, digest) and ledger.hashes == 2
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert not ledger.matches(path, digest) and ledger.hashes == 3
     assert not Ledger(tmp_path).matches(path, digest), "a mismatch is not kept as verified"
 
 

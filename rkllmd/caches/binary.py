@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from ..store import (
     temporary_beside,
 )
 from .names import check_name
+
+log = logging.getLogger(__name__)
 
 #: Bump when the layout of the meta file or the meaning of its keys changes.
 FORMAT_VERSION = 1
@@ -77,7 +80,10 @@ class BinaryStore:
         identity) and drop whatever a killed build left half-written."""
         make_dirs(self.folder, BINARY_DIR_MODE)
         if self._hold is None:
-            self._hold = Hold(self.root, self.key)
+            try:
+                self._hold = Hold(self.root, self.key)
+            except OSError as exc:  # a read-only folder: no collector can remove anything either
+                log.warning("cannot hold binary caches %s: %s", self.folder, exc)
         remove_leftovers(self.folder)
 
     def release(self) -> None:

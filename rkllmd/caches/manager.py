@@ -204,8 +204,9 @@ class PromptCaches:
 
     def relocate(self, texts: TextStore, binaries: BinaryStore, backend: Backend | None = None) -> None:
         """Serve caches from other folders, or for another model: forget all, scan again."""
+        binaries.prepare()  # held before the old one is let go: no collector between
         with self._lock:
-            if binaries.folder != self.binaries.folder:
+            if binaries is not self.binaries:
                 self.binaries.release()
             self.texts, self.binaries = texts, binaries
             if backend is not None:

@@ -123,7 +123,6 @@ class RkllmBackend(Backend):
         self.frequency_penalty = frequency_penalty
         self.presence_penalty = presence_penalty
         self._rt: RkllmRuntime | None = None
-        self._identity: dict[str, Any] | None = None
         self._loaded_cache: tuple[Any, ...] | None = None  # identity of the loaded prompt cache file
         self._run_lock = threading.Lock()  # orders abort() against the start and end of a run
         self._running = False
@@ -159,8 +158,7 @@ class RkllmBackend(Backend):
             rt.destroy()
             raise
         self._rt = rt
-        self._identity = None
-        self._identity = self.identity()
+        _sha256(rt.info.path)  # hashed here, off the socket loop: identity() finds it memoized
         log.info("rkllm: %s loaded (interface %s, context %d)", model, rt.abi.generation, self.context_length)
 
     def close(self) -> None:
@@ -176,10 +174,6 @@ class RkllmBackend(Backend):
 
     # --- facts ------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        """What a binary cache depends on; hashing the library, so computed by ``load``
-        (off the socket loop) and kept."""
-        if self._identity is not None:
-            return self._identity
         info = self._rt.info if self._rt else inspect_library(find_library(self.library), self.runtime)
         release = info.release or "unknown release"
         return {
