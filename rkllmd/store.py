@@ -248,7 +248,9 @@ class Hold:
     def __init__(self, folder: Path, key: str):
         self.path = folder / f"{HOLD_PREFIX}{key}"
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+            # Read-only: a file open for writing would keep the folder's filesystem from
+            # being remounted read-only (a full or failing disk) for as long as it is held.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
             fcntl.flock(fd, fcntl.LOCK_SH)
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
@@ -302,7 +304,7 @@ def _try_exclusive(folder: Path, key: str) -> int | None:
     """The unit's hold file locked exclusively (no one holds it), or None (held, or a
     folder we cannot write: nothing in it can be removed either)."""
     try:
-        fd = os.open(folder / f"{HOLD_PREFIX}{key}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+        fd = os.open(folder / f"{HOLD_PREFIX}{key}", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
     except OSError:
         return None
     try:
