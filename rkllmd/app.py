@@ -11,7 +11,8 @@ from typing import Callable
 
 from .backends import choose
 from .backends.base import Backend, BackendError
-from .caches.atomic import BINARY_DIR_MODE, TEXT_DIR_MODE, make_dirs
+from .backends.cpu import kernels, weights_file
+from .caches import binary
 from .caches.binary import BinaryStore
 from .caches.manager import PromptCaches
 from .caches.text import TextStore
@@ -27,6 +28,7 @@ from .outbox import Outbox
 from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
 from .server import Daemon
 from .service import ServiceNotifier, enable_faulthandler
+from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dirs
 from .worker import ModelWorker
 
 log = logging.getLogger("rkllmd")
@@ -40,6 +42,14 @@ def apply_log_level(config: Config) -> None:
     logging.getLogger().setLevel(level)
     # watchdog logs every inotify event at debug level: noise, not our daemon's story.
     logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
+
+
+def artifact_kinds(config: Config) -> list[Kind]:
+    """The kinds of artifacts kept under this configuration, and their folders."""
+    kinds = [Kind(binary.KIND, cache_dirs(config)[1], binary.PATTERN)]
+    if (weights := weights_dir(config)) is not None:
+        kinds.append(Kind("weights", weights, weights_file.PATTERN))
+    return [*kinds, Kind("kernels", kernels_dir(config), kernels.PATTERN)]
 
 
 def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, str]:
@@ -101,6 +111,9 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
 
     outbox = Outbox()
     worker = ModelWorker(backend, outbox, config.daemon)
+    #: One thread for work that reads, writes or hashes files (see Context.disk).
+    disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
+    store = ArtifactStore(artifact_kinds(config), config.store)
 
     def cache_changed(name: str) -> None:
         outbox.wake()  # the status line counts caches
@@ -113,6 +126,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         memory_budget=config.cache.memory_budget_mb << 20,
         schedule_build=worker.schedule_build,
         on_change=cache_changed,
+        on_stored=lambda: disk.submit(store.collect),
     )
     waiters = CacheWaiters(caches)
     worker.caches = caches
@@ -123,7 +137,8 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         worker=worker,
         generations=connections.generations,
         waiters=waiters,
-        disk=ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk"),
+        disk=disk,
+        store=store,
         traffic=connections.traffic,
         socket=endpoint.path,
         started=time.time(),
@@ -133,6 +148,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     daemon.reload_handler = lambda: _reload(daemon, reload_config)
     try:
         caches.scan()
+        disk.submit(store.collect)
         daemon.install_signal_handlers()
         daemon.bind()
     except (OSError, EndpointError) as exc:
@@ -183,6 +199,8 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     daemon.connections.configure(config.daemon)
     ctx.worker.configure(config.daemon)
     caches.configure(config.cache)
+    ctx.store.configure(config.store, artifact_kinds(config))
+    ctx.disk.submit(ctx.store.collect)
     daemon.paths.configure(config.cache)
     if moved:
         ctx.disk.submit(caches.relocate, TextStore(text_dir, config.cache.max_text_bytes), BinaryStore(binary_dir, caches.binaries.identity))

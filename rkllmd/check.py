@@ -371,10 +371,6 @@ class _Checker:
         out["kept_weights"] = {"folder": str(kept) if kept else None, "files": sorted(
             p.name for p in kept.glob(f"{path.stem}.*{WEIGHTS_SUFFIX}")) if kept and path and os.path.isdir(kept) else []}
         mode = self.config["model.kernels"]
-        try:
-            kernels.check_mode(mode)
-        except kernels.KernelError as exc:
-            self.problem(str(exc), "set [model] kernels to auto, c or numpy")
         compiler = kernels.compiler()
         folder = kernels_dir(self.config)
         built = sorted(p.name for p in folder.glob("decode.*.so")) if os.path.isdir(folder) else []

@@ -89,6 +89,14 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """[store]: the artifacts kept on disk (binary caches, kept weights, kernels; docs/storage.md)."""
+
+    max_disk_mb: int = setting(4096, "disk the artifacts may take; over it, superseded ones are removed, least recently used first (the ones in use never)", low=0, high=1 << 30)
+    superseded_days: float = setting(7.0, "days a superseded artifact (an old model's, an old format's) is kept unused before it is removed; 0: at once", low=0.0, high=3650.0)
+
+
+@dataclass(frozen=True)
 class RkllmConfig:
     """[rkllm]: the NPU backend (vendor runtime librkllmrt.so)."""
 
@@ -115,7 +123,7 @@ class HttpConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "daemon": DaemonConfig, "model": ModelConfig, "sampling": SamplingConfig, "cache": CacheConfig, "rkllm": RkllmConfig, "http": HttpConfig,
+    "daemon": DaemonConfig, "model": ModelConfig, "sampling": SamplingConfig, "cache": CacheConfig, "store": StoreConfig, "rkllm": RkllmConfig, "http": HttpConfig,
 }
 
 
@@ -161,6 +169,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     rkllm: RkllmConfig = field(default_factory=RkllmConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)

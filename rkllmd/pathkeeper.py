@@ -19,7 +19,7 @@ from typing import Callable
 
 import zmq
 
-from .caches.atomic import TEXT_DIR_MODE, make_dirs
+from .store import TEXT_DIR_MODE, make_dirs
 from .caches.manager import PromptCaches
 from .caches.watcher import TextFolderWatcher
 from .config import CacheConfig

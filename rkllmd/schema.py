@@ -30,7 +30,8 @@ MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
     2: "`render`; `generate` takes `tools`, `vars`, `enable_thinking` and messages of role `tool`, assistant `tool_calls` and `reasoning_content`; "
-    "`token` messages may carry `reasoning`; `done` carries `reasoning`, `tool_calls`, `tool_call_error`",
+    "`token` messages may carry `reasoning`; `done` carries `reasoning`, `tool_calls`, `tool_call_error`; "
+    "`status` reports `store`: the artifacts on disk per kind, the disk budget, the last collection and its evictions",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -97,7 +98,7 @@ STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning",)}
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
 STATS = ("prompt_tokens", "cached_tokens", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
-STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits")
+STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store")
 
 _NAME = Field("name", "name", "the text cache's name", required=True)
 _MESSAGES_DOC = f"a whole chat; roles {', '.join(f'`{r}`' for r in ROLES)}; 1–{MAX_MESSAGES} messages (see [Messages](#messages))"

@@ -14,6 +14,7 @@ import pytest
 from conftest import DaemonProcess, rkllmctl
 from reliability import poll
 from rkllmctl import DaemonError
+from rkllmd.store import HOLD_PREFIX, LEDGER_NAME, LOCK_NAME
 
 SHORT_TEXT = "You are a careful assistant for a team of embedded engineers. Answer precisely and briefly, and say when you are unsure."
 PROMPTS = [
@@ -26,7 +27,12 @@ PROMPTS = [
 
 
 def state_dir_files(proc: DaemonProcess) -> list[str]:
-    return sorted(p.name for p in proc.binary_dir.rglob("*") if p.is_file())
+    """Files of the binary cache folder but the artifact store's own (locks, holds, ledger)."""
+    return sorted(p.name for p in proc.binary_dir.rglob("*") if p.is_file() and not store_bookkeeping(p.name))
+
+
+def store_bookkeeping(name: str) -> bool:
+    return name in (LOCK_NAME, LEDGER_NAME) or name.startswith(HOLD_PREFIX)
 
 
 def builds(proc: DaemonProcess) -> int:

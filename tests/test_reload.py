@@ -10,13 +10,14 @@ of the same shape and name whose weights, so identities, differ.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, in_order, reference_cases
+from conftest import DaemonProcess, in_order, reference_cases, rkllmctl
 from gguf_files import tiny_llama
 from reliability import poll
 
@@ -30,6 +31,9 @@ class ConfiguredDaemon(DaemonProcess):
 
     def __init__(self, **settings: str):
         super().__init__()
+        # Its weights in its own binary folder (tiny models: milliseconds), where its store
+        # counts and collects them, not in the suite's shared folder.
+        self.env.pop("RKLLMD_MODEL_WEIGHTS_DIR", None)
         self.config = self.folder / "rkllmd.toml"
         self.configure(**settings)
 
@@ -37,11 +41,13 @@ class ConfiguredDaemon(DaemonProcess):
         return [sys.executable, "-m", "rkllmd", "--socket", str(self.socket), "--config", str(self.config),
                 "--backend", "cpu", "--log-level", "debug"]
 
-    def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None) -> None:
+    def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None, store: str = "") -> None:
+        """``store``: the [store] section's lines."""
         self.text_dir = text_dir or self.text_dir
         self.binary_dir = binary_dir or self.binary_dir
         self.config.write_text(f'[model]\npath = "{model}"\n'
-                               f'[cache]\ntext_dir = "{self.text_dir}"\nbinary_dir = "{self.binary_dir}"\n')
+                               f'[cache]\ntext_dir = "{self.text_dir}"\nbinary_dir = "{self.binary_dir}"\n'
+                               f'[store]\n{store}\n')
 
     def reload(self, *expected_lines: str, timeout: float = 120) -> str:
         """SIGHUP, then the log it caused once it holds ``expected_lines`` (in order)."""
@@ -186,3 +192,61 @@ def test_changed_cache_folders_are_scanned_and_watched(configured, tiny_models, 
 
 def names(client) -> set[str]:
     return {row["name"] for row in client.cache_ls()["caches"]}
+
+
+def store_of(proc: DaemonProcess) -> dict:
+    with proc.client() as client:
+        return client.status()["store"]
+
+
+def test_status_reports_the_store(configured, tiny_models):
+    proc = configured(model=str(tiny_models[0]))
+    with proc.client() as client:
+        client.cache_put("rules", RULES)
+        client.cache_wait("rules", timeout=60)
+    # Counted by the collection that follows each build, off the socket loop.
+    store = poll(lambda: (s := store_of(proc))["kinds"]["binary"]["bytes"] > 0 and s, 60, "the build counted")
+    [identity] = binary_caches(proc)
+    state = proc.binary_dir / identity / "rules.state"
+    assert store["kinds"]["binary"]["bytes"] >= state.stat().st_size and store["kinds"]["binary"]["held"] == 1
+    assert store["kinds"]["weights"]["folder"] == str(proc.binary_dir / "weights") and store["kinds"]["weights"]["bytes"] > 0
+    assert set(store["kinds"]) == {"binary", "weights", "kernels"}
+    assert (store["budget_bytes"], store["superseded_days"], store["evictions"]) == (4096 << 20, 7.0, 0)
+    shown = rkllmctl("status", socket=proc.socket).stdout
+    assert re.search(r"^store: +binary \d+\.\d MiB, weights \d+\.\d MiB, kernels \d+\.\d MiB; budget 4096 MiB; "
+                     r"collected \d+ s ago, 0 removed$", shown, re.M), shown
+
+
+def test_a_swap_leaves_the_old_models_binary_caches_to_collection(configured, tiny_models):
+    old, new = tiny_models
+    proc = configured(model=str(old), store="superseded_days = 0")
+    with proc.client() as client:
+        client.cache_put("rules", RULES)
+        client.cache_wait("rules", timeout=60)
+        [old_identity] = binary_caches(proc)
+        proc.configure(model=str(new), store="superseded_days = 0")
+        proc.reload("reload: now serving tiny")
+        client.cache_wait("rules", timeout=60)
+    poll(lambda: old_identity not in binary_caches(proc) and len(binary_caches(proc)) == 1, 60, "the old identity collected")
+    assert not (proc.binary_dir / old_identity).exists()
+    assert "store: removed binary " + old_identity in proc.log()
+    assert poll(lambda: store_of(proc)["evictions"] >= 1, 30, "the eviction reported")
+
+
+def test_a_budget_set_low_evicts_what_is_not_in_use(configured, tiny_models):
+    old, new = tiny_models
+    proc = configured(model=str(old))
+    with proc.client() as client:
+        client.cache_put("rules", RULES)
+        client.cache_wait("rules", timeout=60)
+        proc.configure(model=str(new))
+        proc.reload("reload: now serving tiny")
+        client.cache_wait("rules", timeout=60)
+    assert len(binary_caches(proc)) == 2, "superseded a moment ago, within the budget: kept"
+    proc.configure(model=str(new), store="max_disk_mb = 0")
+    proc.reload("configuration reloaded")
+    store = poll(lambda: (s := store_of(proc))["evictions"] >= 1 and s, 60, "the budget applied")
+    [kept] = binary_caches(proc)
+    with proc.client() as client:
+        assert Path(client.status()["caches"]["binary_dir"]).name == kept  # the one in use
+    assert store["budget_bytes"] == 0 and store["over_budget"] and store["kinds"]["binary"]["units"] == 1

@@ -172,7 +172,7 @@ CONFIG = "/etc/rkllmd/rkllmd.toml"
 SOCKET = "/run/rkllmd/rkllmd.sock"
 DROPINS = "/etc/systemd/system/rkllmd.service.d"
 SHIPPED_CONFIG = (ROOT / "etc" / "rkllmd.toml").read_text()
-# The daemon's STATUS= line (rkllmd/server.py: Daemon.status_line) when nothing failed.
+# The daemon's STATUS= line (rkllmd/commands/status.py: line) when nothing failed.
 STATUS_RE = (r"SmolLM2-135M-Instruct on cpu; (idle|generating), \d+ queued; "
              r"caches: \d+ ready, \d+ building; \d+ served")
 # The same line, on the NPU backend with the fake vendor runtime (its model names itself so).

@@ -14,7 +14,7 @@ from rkllmd.backends.base import SamplingParams
 from rkllmd.backends.cpu import weights_file
 from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.backends.cpu.gguf import GGUFFile
-from rkllmd.caches.atomic import LOCK_NAME, TEMP_PREFIX
+from rkllmd.store import LOCK_NAME, TEMP_PREFIX
 
 from conftest import reference_cases, rkllmctl
 from gguf_files import tiny_llama

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any, Callable
 
 from . import print_json
@@ -36,8 +37,18 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         print(f"decode:   {model['decode']}")
     print(f"worker:   {worker['running'] or 'idle'}; {worker['queued']} queued; {worker['builds_queued']} cache builds queued")
     print(f"caches:   {states}; {memory['used_bytes'] / 2**20:.1f} of {memory['budget_bytes'] / 2**20:.0f} MiB in memory ({caches['text_dir']})")
+    if "store" in status:  # since protocol 1.2
+        print(f"store:    {_store_line(status['store'])}")
     print(
         f"served:   {counters['completed']} generations, {counters['cancelled']} cancelled, {counters['errors']} failed; "
         f"{counters['completion_tokens']} tokens generated, {counters['cached_tokens']} prompt tokens restored from caches"
     )
     return 0
+
+
+def _store_line(store: dict[str, Any]) -> str:
+    """Bytes per kind against the budget, and the last collection."""
+    kinds = ", ".join(f"{name} {row['bytes'] / 2**20:.1f} MiB" for name, row in store["kinds"].items())
+    when = "no collection yet" if store["last_gc"] is None else f"collected {time.time() - store['last_gc']:.0f} s ago"
+    over = " (over budget: the artifacts in use alone exceed it)" if store["over_budget"] else ""
+    return f"{kinds}; budget {store['budget_bytes'] / 2**20:.0f} MiB{over}; {when}, {store['evictions']} removed"

@@ -16,9 +16,7 @@ def _path(value: str) -> Path | None:
 def pick(config: Config) -> tuple[str, str]:
     """The backend kind ``daemon.backend`` leads to here ("cpu" or "rkllm"), and a sentence
     saying why (shown by status and ``rkllmd check``). Nothing is loaded."""
-    wanted = config["daemon.backend"]
-    if wanted not in ("auto", "cpu", "rkllm"):
-        raise BackendError(f"daemon.backend must be auto, cpu or rkllm, not {wanted!r}")
+    wanted = config["daemon.backend"]  # one of config.BACKENDS: the typed configuration checked it
     if wanted != "auto":
         return wanted, "requested by configuration"
     from .rkllm.backend import detect

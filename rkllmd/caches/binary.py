@@ -6,14 +6,18 @@ vendor's prompt-cache file) and ``NAME.meta.json`` (format version, identity, sh
 the text, token count, size and sha256 of the payload). Both are replaced atomically,
 payload first: after a crash between the two renames the checksum no longer matches,
 so the pair reads as corrupt and is rebuilt, never half-used.
+
+The folder is a unit of the artifact store (rkllmd/store.py): held while its identity
+is served, collected once superseded; its payloads are hashed once, then taken on the
+ledger's word while their size and mtime stay the same.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -21,14 +25,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..backends.base import BackendError, BuildCancelled
-from .atomic import BINARY_DIR_MODE, atomic_write, commit, disk_full, make_dirs, remove_leftovers, temporary_beside
+from ..store import (
+    BINARY_DIR_MODE, KEY_RE, Hold, Ledger, atomic_write, commit, disk_full, file_sha256, identity_key, make_dirs, remove_leftovers,
+    temporary_beside,
+)
 from .names import check_name
+
+log = logging.getLogger(__name__)
 
 #: Bump when the layout of the meta file or the meaning of its keys changes.
 FORMAT_VERSION = 1
 STATE_SUFFIX = ".state"
 META_SUFFIX = ".meta.json"
-_CHUNK = 1 << 20
+KIND = "binary"
+#: The store's units of this kind: one folder per model identity.
+PATTERN = f"(?P<key>{KEY_RE})"
 
 
 class BinaryCacheInvalid(Exception):
@@ -46,23 +57,17 @@ class BinaryMeta:
 
 
 def model_key(identity: dict[str, Any]) -> str:
-    canonical = json.dumps({"format": FORMAT_VERSION, **identity}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return identity_key(KIND, FORMAT_VERSION, identity)
 
 
 class BinaryStore:
     def __init__(self, root: Path, identity: dict[str, Any]):
         self.root = root
         self.identity = identity
-        self.folder = root / model_key(identity)
+        self.key = model_key(identity)
+        self.folder = root / self.key
+        self.ledger = Ledger(self.folder)
+        self._hold: Hold | None = None
 
     def state_path(self, name: str) -> Path:
         return self.folder / f"{check_name(name)}{STATE_SUFFIX}"
@@ -71,9 +76,21 @@ class BinaryStore:
         return self.folder / f"{check_name(name)}{META_SUFFIX}"
 
     def prepare(self) -> None:
-        """Create our folder and drop whatever a killed build left half-written."""
+        """Create our folder, hold it (no collector removes it while we serve this
+        identity) and drop whatever a killed build left half-written."""
         make_dirs(self.folder, BINARY_DIR_MODE)
+        if self._hold is None:
+            try:
+                self._hold = Hold(self.root, self.key)
+            except OSError as exc:  # a read-only folder: no collector can remove anything either
+                log.warning("cannot hold binary caches %s: %s", self.folder, exc)
         remove_leftovers(self.folder)
+
+    def release(self) -> None:
+        """This identity is no longer served here: a collector may remove it once superseded."""
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
 
     def build(self, name: str, text_sha256: str, write_state: Callable[[Path], int]) -> BinaryMeta:
         """Run ``write_state(tmp_path) -> n_tokens`` and install the result atomically."""
@@ -99,6 +116,7 @@ class BinaryStore:
                 build_ms=round((time.monotonic() - started) * 1000, 1),
             )
             commit(tmp, state)
+        self.ledger.record(state, meta.payload_sha256)
         document = {"format": FORMAT_VERSION, "identity": self.identity, **meta.__dict__}
         atomic_write(self.meta_path(name), json.dumps(document, indent=1, sort_keys=True).encode())
         return meta
@@ -140,13 +158,14 @@ class BinaryStore:
             raise BinaryCacheInvalid("state file is missing") from None
         if size != meta.payload_bytes:
             raise BinaryCacheInvalid(f"state file is {size} bytes; its meta says {meta.payload_bytes}")
-        if file_sha256(state) != meta.payload_sha256:
+        if not self.ledger.matches(state, meta.payload_sha256):
             raise BinaryCacheInvalid("state file checksum mismatch")
         return meta
 
     def remove(self, name: str) -> None:
         """Delete this name's binary caches for every model (the text is gone)."""
         check_name(name)
+        self.ledger.forget(name + STATE_SUFFIX)
         with contextlib.suppress(FileNotFoundError):
             for model_dir in os.scandir(self.root):
                 if model_dir.is_dir(follow_symlinks=False):

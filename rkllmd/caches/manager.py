@@ -35,6 +35,7 @@ class Entry:
     reason: str | None = None
     text_sha256: str | None = None  # of the text file as last read and its rendered prefix
     text_bytes: int = 0
+    text: str | None = None  # the text file as last read (a request's ``cache`` takes it from here)
     prefix: str | None = None  # rendered prefix of that text
     built_sha256: str | None = None  # text the ready binary was built from
     built_prefix: str | None = None
@@ -102,6 +103,7 @@ class PromptCaches:
         memory_budget: int,
         schedule_build: Callable[[str], None],
         on_change: Callable[[str], None] = lambda name: None,
+        on_stored: Callable[[], None] = lambda: None,
     ):
         self.texts = texts
         self.binaries = binaries
@@ -109,6 +111,7 @@ class PromptCaches:
         self.lru = PrefixLRU(memory_budget)
         self._schedule_build = schedule_build
         self._on_change = on_change
+        self._on_stored = on_stored  # what is on disk changed: the artifact store counts and collects
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self.builds = 0  # builds that ran (requests deduplicated away are not counted)
@@ -152,7 +155,7 @@ class PromptCaches:
                 entry = self._entries.setdefault(name, Entry(name))
                 changed = (entry.state, entry.reason) != (FAILED, reason)
                 entry.state, entry.reason = FAILED, reason
-                entry.text_sha256 = entry.prefix = None
+                entry.text_sha256 = entry.prefix = entry.text = None
                 self.lru.drop(name)
             if changed:
                 self._on_change(name)
@@ -166,7 +169,7 @@ class PromptCaches:
         with self._lock:
             entry = self._entries.setdefault(name, Entry(name))
             unchanged = entry.text_sha256 == source_sha
-            entry.text_sha256, entry.text_bytes, entry.prefix = source_sha, text.size, prefix
+            entry.text_sha256, entry.text_bytes, entry.prefix, entry.text = source_sha, text.size, prefix, text.text
             if not force and unchanged and entry.state in (READY, QUEUED, BUILDING, FAILED):
                 return entry
             if not force and entry.state == READY and entry.built_sha256 == source_sha:
@@ -201,13 +204,17 @@ class PromptCaches:
 
     def relocate(self, texts: TextStore, binaries: BinaryStore, backend: Backend | None = None) -> None:
         """Serve caches from other folders, or for another model: forget all, scan again."""
+        binaries.prepare()  # held before the old one is let go: no collector between
         with self._lock:
+            if binaries is not self.binaries:
+                self.binaries.release()
             self.texts, self.binaries = texts, binaries
             if backend is not None:
                 self.backend = backend
             self._entries.clear()
             self.lru = PrefixLRU(self.lru.budget)
         self.scan()
+        self._on_stored()
 
     def forget(self, name: str) -> None:
         """The text cache is gone: delete its binary caches everywhere."""
@@ -231,6 +238,15 @@ class PromptCaches:
         for shown, reason in self.texts.refused():
             rows.append({"name": shown, "state": FAILED, "reason": reason})
         return rows
+
+    def text_of(self, name: str) -> tuple[str | None, str | None]:
+        """A text cache as last read, from memory: (text, None); (None, why) when it cannot
+        be used; (None, None) when there is none."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return None, None
+            return entry.text, None if entry.text is not None else entry.reason or "not read yet"
 
     def memory(self) -> dict[str, int]:
         with self._lock:
@@ -303,6 +319,7 @@ class PromptCaches:
             return
         log.info("binary cache %s ready: %d tokens in %.0f ms", name, meta.n_tokens, meta.build_ms)
         self._on_change(name)
+        self._on_stored()
 
     def prefix_for(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
         """The longest cached prefix of ``prompt`` (or the named cache's), built if it is due.
@@ -348,6 +365,7 @@ class PromptCaches:
             payload, nbytes = self.backend.load_prefix(path, n_tokens)
         except (BinaryCacheInvalid, BackendError, OSError, ValueError) as exc:
             log.warning("binary cache %s refused at load: %s; rebuilding", name, exc)
+            self.binaries.ledger.forget(path.name)  # its size and mtime may not tell what is wrong
             with self._lock:
                 entry.state, entry.reason = STALE, f"binary cache refused ({exc}); rebuilding"
             self._schedule_build(name)

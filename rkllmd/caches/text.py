@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import TEXT_DIR_MODE, atomic_write, make_dirs
+from ..store import TEXT_DIR_MODE, atomic_write, make_dirs
 from .names import TEXT_SUFFIX, check_name, name_of_text_file
 
 

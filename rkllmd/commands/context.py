@@ -13,6 +13,7 @@ from ..config import Config
 from ..connections import Traffic
 from ..outbox import Generation
 from ..protocol import WireError
+from ..store import ArtifactStore
 from ..worker import ModelWorker
 from .cache_wait import CacheWaiters
 
@@ -34,6 +35,7 @@ class Context:
     #: One thread for cache work that reads, writes or hashes files, in arrival order:
     #: never on the socket loop, whose every client would wait for the disk.
     disk: Executor
+    store: ArtifactStore  # binary caches, kept weights, kernels on disk: counted and collected
     traffic: Traffic
     socket: Path
     started: float  # time.time() at start

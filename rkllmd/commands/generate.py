@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from ..backends.base import SamplingParams
-from ..caches.text import TextCacheError
 from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
 from ..templates.output import OutputSplitter
@@ -68,17 +67,14 @@ def _messages(args: dict, max_chars: int) -> list[dict]:
 
 
 def _with_cache_text(ctx: Context, name: str, messages: list[dict]) -> list[dict]:
-    """``cache: NAME`` makes the text cache the conversation's system message.
-
-    The one file read on the socket loop: a text cache is at most ``cache.max_text_bytes``
-    and is read without following links or opening anything but a regular file.
-    """
+    """``cache: NAME`` makes the text cache the conversation's system message: its text as
+    the cache index last read it (the file watcher and ``cache.put`` keep it current),
+    so the socket loop reads no file."""
     if messages[0]["role"] == "system":
         raise WireError(ErrorCode.INVALID_FIELD, "a request with 'cache' must not carry its own system message", field="cache")
-    try:
-        text = ctx.caches.texts.read(name)
-    except TextCacheError as exc:
-        raise WireError(ErrorCode.CACHE_BUILD_FAILED, f"text cache {name} cannot be used: {exc}") from None
+    text, refused = ctx.caches.text_of(name)
+    if refused is not None:
+        raise WireError(ErrorCode.CACHE_BUILD_FAILED, f"text cache {name} cannot be used: {refused}")
     if text is None:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
-    return [{"role": "system", "content": text.text}, *messages]
+    return [{"role": "system", "content": text}, *messages]

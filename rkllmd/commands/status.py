@@ -40,6 +40,7 @@ def report(ctx: Context) -> dict[str, Any]:
             "builds": caches.builds,
             "memory": caches.memory(),
         },
+        "store": ctx.store.report(),
         "limits": {
             "max_queue": worker.max_queue,
             "max_tokens": ctx.config.daemon.max_tokens_limit,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ...sampling import Sampler
+from ...store import Hold
 from ...templates import ChatTemplate, TemplateError, resolve
 from ..base import (
     Backend,
@@ -100,10 +101,6 @@ class CpuBackend(Backend):
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
         self.weights_dir = weights_dir
-        try:
-            kernels.check_mode(kernels_mode)
-        except kernels.KernelError as exc:
-            raise BackendError(str(exc)) from None
         self.kernels_mode = kernels_mode
         self.kernels_dir = kernels_dir
         self.chat_template = chat_template
@@ -115,6 +112,7 @@ class CpuBackend(Backend):
         self._n_params = 0
         self._weights_source = ""
         self._decode_source = ""
+        self._weights_hold: Hold | None = None
 
     # -- loading -----------------------------------------------------------------------
 
@@ -166,12 +164,18 @@ class CpuBackend(Backend):
         if self.weights_dir is None:
             self._weights_source = "dequantized (not kept)"
             return dequantize()
-        weights, self._weights_source = weights_file.load_or_build(self.weights_dir, gguf, config, dequantize)
+        weights, self._weights_source, hold = weights_file.load_or_build(self.weights_dir, gguf, config, dequantize)
+        if self._weights_hold is not None:
+            self._weights_hold.release()
+        self._weights_hold = hold
         return weights
 
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+        if self._weights_hold is not None:  # the file may be collected once superseded
+            self._weights_hold.release()
+            self._weights_hold = None
 
     def _loaded(self) -> tuple[Model, Tokenizer]:
         if self._model is None or self._tokenizer is None:

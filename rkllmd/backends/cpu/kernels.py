@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...caches.atomic import commit, locked_folder, remove_leftovers, temporary_beside
+from ...store import KEY_RE, Hold, commit, locked_folder, remove_leftovers, remove_others, temporary_beside
 
 if TYPE_CHECKING:
     from .model import Model, ModelConfig
@@ -56,7 +56,11 @@ KERNEL_ABI = 5
 PANEL = 16
 NATIVE = "native"
 COMPILE_TIMEOUT_S = 120
-MODES = ("auto", "c", "numpy")
+#: The artifact store's units of this kind (decode.*: the libraries before the forward pass).
+PATTERN = f"(?:forward|decode)\\.(?P<key>{KEY_RE})\\.so"
+#: A library loaded stays mapped for the life of the process (ctypes cannot unload it):
+#: so does its hold, which keeps collectors from removing it.
+_HOLDS: dict[Path, Hold] = {}
 
 _DIMS = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "capacity")
 _WEIGHTS = ("head", "output_norm", "attn_norm", "ffn_norm", "wqkv", "wo", "wgu", "wd", "rope_cos", "rope_sin")
@@ -216,7 +220,7 @@ def _build_into(folder: Path, march: str) -> tuple[ctypes.CDLL, Path]:
     with locked_folder(folder):
         if path.exists():
             try:
-                return _load_library(path), path
+                return _load_library(path), _held(folder, key, path)
             except KernelError as exc:
                 log.warning("rebuilding the forward kernel: %s", exc)
                 path.unlink()
@@ -225,11 +229,15 @@ def _build_into(folder: Path, march: str) -> tuple[ctypes.CDLL, Path]:
             _compile(cc, march, tmp)
             commit(tmp, path)
         log.info("compiled the forward kernel into %s", path)
-        for other in [*folder.glob("forward.*.so"), *folder.glob("decode.*.so")]:  # decode.*: before the forward pass
-            if other != path:
-                with contextlib.suppress(FileNotFoundError):
-                    other.unlink()
-        return _load_library(path), path
+        remove_others(folder, PATTERN, path)
+        return _load_library(path), _held(folder, key, path)
+
+
+def _held(folder: Path, key: str, path: Path) -> Path:
+    """``path``, held from now on (called with the folder's lock held: no collector between)."""
+    if path not in _HOLDS:
+        _HOLDS[path] = Hold(folder, key)
+    return path
 
 
 def c_kernel(folder: Path | None, march: str = NATIVE) -> Kernel:
@@ -268,15 +276,10 @@ def _kernel_in(folder: Path | None, march: str) -> Kernel:
 NUMPY_EXACTNESS = "; prefix reuse exact only where BLAS rows are"
 
 
-def check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise KernelError(f"model.kernels must be one of {', '.join(MODES)}, not {mode!r}")
-
-
 def load_kernel(mode: str, folder: Path | None) -> tuple[Kernel | None, str]:
     """The forward pass ``model.kernels`` asks for (None: numpy's; see the module
-    docstring), and a few words on it for status."""
-    check_mode(mode)
+    docstring), and a few words on it for status. ``mode`` is one the typed configuration
+    allows (config.KERNEL_MODES)."""
     if mode == "numpy":
         return None, f"numpy (model.kernels = numpy){NUMPY_EXACTNESS}"
     try:

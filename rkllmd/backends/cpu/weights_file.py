@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...caches.atomic import commit, disk_full, locked_folder, remove_leftovers, temporary_beside
+from ...store import KEY_RE, Hold, commit, disk_full, locked_folder, remove_leftovers, remove_others, temporary_beside
 from .gguf import GGUFFile
 from .model import ModelConfig, Weights
 
@@ -45,6 +45,8 @@ MAGIC = "rkllmd-weights"
 HEADER_BYTES = 4096
 ALIGN = 64
 SUFFIX = ".weights"
+#: The artifact store's units of this kind.
+PATTERN = f".+\\.(?P<key>{KEY_RE}){re.escape(SUFFIX)}"
 
 
 def weights_key(gguf: GGUFFile) -> str:
@@ -105,9 +107,10 @@ def load(folder: Path, gguf: GGUFFile, cfg: ModelConfig, key: str) -> Weights | 
 
 def load_or_build(
     folder: Path, gguf: GGUFFile, cfg: ModelConfig, build: Callable[[], Weights]
-) -> tuple[Weights, str]:
+) -> tuple[Weights, str, Hold | None]:
     """Mapped weights from ``folder``, else ``build()``'s, saved there for the next start;
-    and a few words on which (shown by status).
+    a few words on which (shown by status); and the hold that keeps the artifact store's
+    collectors from removing the file while it is used (release it when done).
 
     A folder that cannot be created, locked or written costs the next start time, nothing else.
     """
@@ -118,18 +121,18 @@ def load_or_build(
             path = path_for(folder, gguf, key)
             if weights is not None:
                 log.info("weights mapped from %s", path)
-                return weights, f"mapped from {path}"
+                return weights, f"mapped from {path}", Hold(folder, key)
             weights = build()
             try:
                 save(folder, gguf, cfg, weights, key)
             except OSError as exc:
                 log.warning("cannot keep dequantized weights in %s: %s", folder, exc)
-                return weights, "dequantized (not kept: cannot write)"
+                return weights, "dequantized (not kept: cannot write)", None
             log.info("dequantized weights kept in %s for the next start", path)
-            return weights, f"dequantized, kept in {path}"
+            return weights, f"dequantized, kept in {path}", Hold(folder, key)
     except OSError as exc:  # the folder cannot be made or locked
         log.warning("cannot keep dequantized weights in %s: %s", folder, exc)
-        return build(), "dequantized (not kept: folder unusable)"
+        return build(), "dequantized (not kept: folder unusable)", None
 
 
 def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights, key: str) -> None:
@@ -154,9 +157,4 @@ def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights, key: 
                 raise OSError(errno.ENOSPC, f"no space left on device for {total} bytes of weights ({exc})") from exc
             raise
         commit(tmp, path)
-    same_model = re.compile(re.escape(gguf.path.stem) + r"\.[0-9a-f]{16}" + re.escape(SUFFIX))
-    for other in folder.iterdir():
-        if other != path and same_model.fullmatch(other.name):
-            with contextlib.suppress(FileNotFoundError):
-                other.unlink()
-                log.info("removed %s (an older version of the weights)", other)
+    remove_others(folder, re.escape(gguf.path.stem) + f"\\.{KEY_RE}" + re.escape(SUFFIX), path)

@@ -158,6 +158,7 @@ class RkllmBackend(Backend):
             rt.destroy()
             raise
         self._rt = rt
+        _sha256(rt.info.path)  # hashed here, off the socket loop: identity() finds it memoized
         log.info("rkllm: %s loaded (interface %s, context %d)", model, rt.abi.generation, self.context_length)
 
     def close(self) -> None:
