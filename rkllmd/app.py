@@ -113,6 +113,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         memory_budget=config.cache.memory_budget_mb << 20,
         schedule_build=worker.schedule_build,
         on_change=cache_changed,
+        keep_conversations=config.cache.conversations,
     )
     waiters = CacheWaiters(caches)
     worker.caches = caches

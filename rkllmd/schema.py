@@ -24,10 +24,11 @@ from .protocol import PROTOCOL_VERSION, ErrorCode, WireError
 from .templates import ROLES
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 1
+PROTOCOL_MINOR = 2
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
+    2: "`done.stats.cache_source` (what restored prompt tokens came from: a text cache or a conversation state); `status.caches.conversations`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -89,7 +90,8 @@ STREAM: dict[str, tuple[str, ...]] = {
 }
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
-STATS = ("prompt_tokens", "cached_tokens", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
+#: ``cache_source`` since 1.2: null, {"kind": "text_cache", "name": NAME} or {"kind": "conversation"}.
+STATS = ("prompt_tokens", "cached_tokens", "cache_source", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
 STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits")
 
 _NAME = Field("name", "name", "the text cache's name", required=True)

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .backends.base import Backend, BackendError, ContextOverflow
+from .backends.base import TEXT_CACHE, Backend, BackendError, ContextOverflow
 from .caches.binary import BinaryStore
 from .caches.manager import PromptCaches
 from .config import DaemonConfig
@@ -225,8 +225,8 @@ class ModelWorker:
         self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
         prefix = None
         if gen.use_cache and self.caches is not None:
-            prefix = self.caches.prefix_for(gen.prompt, gen.cache)
-        if gen.cache is not None and prefix is None:
+            prefix = self.caches.choose(gen.prompt, gen.cache)
+        if gen.cache is not None and (prefix is None or prefix.kind != TEXT_CACHE):
             log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)
 
         def sink(text: str) -> bool:
@@ -263,15 +263,17 @@ class ModelWorker:
         counters.prompt_tokens += stats.prompt_tokens
         counters.cached_tokens += stats.cached_tokens
         counters.completion_tokens += stats.completion_tokens
+        restored_from = prefix.source() if prefix is not None and stats.cached_tokens else None
         self.outbox.stream(
             gen,
             "done",
             finish_reason=stats.finish_reason,
             reason=gen.cancel_reason if stats.finish_reason == "cancelled" else None,
-            cache=prefix.name if prefix is not None and stats.cached_tokens else None,
+            cache=prefix.name if restored_from is not None and prefix.kind == TEXT_CACHE else None,
             stats={
                 "prompt_tokens": stats.prompt_tokens,
                 "cached_tokens": stats.cached_tokens,
+                "cache_source": restored_from,
                 "completion_tokens": stats.completion_tokens,
                 "queue_ms": round((started - gen.received) * 1000, 2),
                 "ttft_ms": round(stats.ttft_ms, 2),
@@ -281,6 +283,9 @@ class ModelWorker:
                 "total_ms": round(total_ms, 2),
             },
         )
+        if gen.use_cache and self.caches is not None:
+            # After done: the client has its answer while the state is copied.
+            self.caches.keep_conversation()
 
     def _fail(self, gen: Generation, error: WireError) -> None:
         self.counters.errors += 1

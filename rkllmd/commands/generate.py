@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..backends.base import SamplingParams
-from ..caches.text import TextCacheError
+from ..caches.text import TextCacheError, system_text
 from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
 from .context import Context, Request
@@ -54,7 +54,7 @@ def _messages(args: dict, max_chars: int) -> list[dict[str, str]]:
         raise WireError(ErrorCode.TOO_LARGE, f"the prompt is {total} characters; the limit is {max_chars}", field="messages")
     if any("\x00" in m["content"] for m in messages):
         raise WireError(ErrorCode.INVALID_FIELD, "message content must not contain NUL", field="messages")
-    return messages
+    return [{**m, "content": system_text(m["content"])} if m["role"] == "system" else m for m in messages]
 
 
 def _with_cache_text(ctx: Context, name: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -71,4 +71,4 @@ def _with_cache_text(ctx: Context, name: str, messages: list[dict[str, str]]) ->
         raise WireError(ErrorCode.CACHE_BUILD_FAILED, f"text cache {name} cannot be used: {exc}") from None
     if text is None:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
-    return [{"role": "system", "content": text.text}, *messages]
+    return [{"role": "system", "content": system_text(text.text)}, *messages]
