@@ -228,7 +228,7 @@ def test_stream_is_exact_ordered_and_ends_with_the_runtime_stats(served, generat
     calls = served.calls.since(mark)
     assert [c.name for c in calls] == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
     [run], [end] = runs(calls), ends(calls)
-    assert run.args["prompt_len"] == str(len(prompt)) and run.args["keep_history"] == "0"
+    assert run.args["prompt_len"] == str(len(prompt)) and run.args["keep_history"] == "1"
     assert run.args["save_prompt_cache"] == "0" and run.args["kv_before"] == "0"
     if generation == "1.3":  # the request's limit and (greedy) sampling travel with the run
         assert run.args["limit"] == "256" and run.args["sampling"].startswith("top_k:1,")

@@ -163,6 +163,11 @@ class Backend(abc.ABC):
         this backend keeps no conversation states."""
         return None
 
+    def resumable(self, prompt: str) -> PrefixState | None:
+        """A conversation state this backend holds itself (the NPU runtime's KV history)
+        that ``prompt`` continues; None if there is none. Chosen like a kept state."""
+        return None
+
     def kept_state(self, max_bytes: int) -> PrefixState | None:
         """The model state the last ``generate`` left (its prompt and completion tokens),
         copied to be restored by a later turn; None if there is none or it would take

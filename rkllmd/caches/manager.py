@@ -383,7 +383,15 @@ class PromptCaches:
         for exactly that prefix)."""
         text_state = self.prefix_for(prompt, wanted)
         with self._lock:
-            if not self.keep_conversations or not self.lru.has_conversations():
+            if not self.keep_conversations:
+                return text_state
+        held = self.backend.resumable(prompt)
+        if held is not None and held.n_tokens >= (text_state.n_tokens if text_state is not None else 0):
+            with self._lock:
+                self.lru.conversation_hits += 1
+            return held
+        with self._lock:
+            if not self.lru.has_conversations():
                 return text_state
         prompt_ids = self.backend.tokenize(prompt)
         if not prompt_ids:
