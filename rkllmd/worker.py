@@ -189,9 +189,10 @@ class ModelWorker:
                 self._running = job
                 self.backend.reset_abort()  # under the lock: a cancel from now on is seen
                 self.last_progress = time.monotonic()
+            keep = False
             try:
                 if isinstance(job, Generation):
-                    self._generate(job)
+                    keep = self._generate(job)
                 elif isinstance(job, BinaryCacheBuild):
                     assert self.caches is not None
                     self.caches.build(job.name)
@@ -202,6 +203,13 @@ class ModelWorker:
             finally:
                 with self._cond:
                     self._running = None
+            if keep and self.caches is not None:
+                # After done, and not counted as a running generation: the client has its
+                # answer, the next request its true queue position, while the state is copied.
+                try:
+                    self.caches.keep_conversation()
+                except Exception:
+                    log.exception("keeping the conversation state failed")
 
     def _swap(self, job: BackendSwap) -> None:
         try:
@@ -219,7 +227,8 @@ class ModelWorker:
         log.info("reload: now serving %s", backend.describe().get("name", backend.kind))
         job.done(backend, reason, None)
 
-    def _generate(self, gen: Generation) -> None:
+    def _generate(self, gen: Generation) -> bool:
+        """Run one generation; True if the state it left may be kept for a next turn."""
         started = time.monotonic()
         self.counters.generations += 1
         self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
@@ -243,18 +252,18 @@ class ModelWorker:
         except _Cancelled:
             self.counters.cancelled += 1
             self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason)
-            return
+            return False
         except ContextOverflow as exc:
             self._fail(gen, WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), prompt_tokens=exc.prompt_tokens, context_length=exc.context_length))
-            return
+            return False
         except BackendError as exc:
             details = {} if exc.runtime_code is None else {"runtime_code": exc.runtime_code}
             self._fail(gen, WireError(ErrorCode.BACKEND, str(exc), **details))
-            return
+            return False
         except Exception as exc:
             log.exception("generation %r failed", gen.request_id)
             self._fail(gen, WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}"))
-            return
+            return False
         total_ms = (time.monotonic() - gen.received) * 1000
         decode_tps = (stats.completion_tokens - 1) / (stats.decode_ms / 1000) if stats.decode_ms > 0 and stats.completion_tokens > 1 else None
         counters = self.counters
@@ -283,9 +292,7 @@ class ModelWorker:
                 "total_ms": round(total_ms, 2),
             },
         )
-        if gen.use_cache and self.caches is not None:
-            # After done: the client has its answer while the state is copied.
-            self.caches.keep_conversation()
+        return gen.use_cache
 
     def _fail(self, gen: Generation, error: WireError) -> None:
         self.counters.errors += 1

@@ -562,7 +562,7 @@ def test_bench_script_runs_on_the_fake(fake_runtime, generation, model, tmp_path
     env.pop("FAKE_RKLLM_LOG", None)
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "npu_board.py"), "--library", str(fake_runtime[generation]),
-         "--model", str(model), "--runs", "2", "--max-tokens", "8", "--system-tokens", "250,1000",
+         "--model", str(model), "--runs", "2", "--max-tokens", "16", "--system-tokens", "250,1000",
          "--conversation-tokens", "250", "--workdir", str(tmp_path / "bench"), "--json", str(tmp_path / "b.json")],
         capture_output=True, text=True, env=env, timeout=120,
     )
@@ -578,11 +578,19 @@ def test_bench_script_runs_on_the_fake(fake_runtime, generation, model, tmp_path
         assert int(loaded["prefilled tokens"]) < int(cold["prefilled tokens"]) and int(loaded["cached tokens"]) > 0
         assert float(loaded["decode tok/s"]) > 0
     assert [(r["turn"], r["case"]) for r in conversation] == [
-        (str(t), case) for case in ("no cache", "prompt cache") for t in range(1, 5)]
+        (str(t), case) for case in ("no cache", "prompt cache", "history") for t in range(1, 5)]
     cached = [int(r["prompt tokens"]) for r in conversation if r["case"] == "prompt cache"]
     assert cached == sorted(cached) and len(set(cached)) == 4  # each turn resends a longer conversation
+    history = [r for r in conversation if r["case"] == "history"]
+    whole = [r for r in conversation if r["case"] == "prompt cache"]
+    # Turn 1 starts from the prompt cache; later turns prefill only their new part (the fake's
+    # replies are shorter than 16 tokens: each run ends by itself, so its history is trusted).
+    assert history[0]["prefilled tokens"] == whole[0]["prefilled tokens"]
+    for h, w in zip(history[1:], whole[1:]):
+        assert int(h["prefilled tokens"]) < int(w["prefilled tokens"]) and int(h["cached tokens"]) > int(w["cached tokens"])
+    assert all(r["same answer as no cache"] == "True" for r in conversation)
     figures = json.loads((tmp_path / "b.json").read_text())
-    assert len(figures["prompt_sizes"]) == 6 and len(figures["conversation"]) == 8
+    assert len(figures["prompt_sizes"]) == 6 and len(figures["conversation"]) == 12
 
 
 # --- the runtime's history (keep_history) --------------------------------------------------

@@ -269,6 +269,10 @@ class RkllmBackend(Backend):
             raise BackendError(f"prompt cache {path} does not exist")
         return path, 0
 
+    def kv_cache_size(self) -> int | None:
+        """What the runtime says its KV history holds (for bench/npu_board.py)."""
+        return self._require_runtime().kv_cache_size()
+
     def resumable(self, prompt: str) -> PrefixState | None:
         history = self._history
         return history if history is not None and len(prompt) > len(history.text) and prompt.startswith(history.text) else None

@@ -118,6 +118,15 @@ class RkllmRuntime:
     def clear_kv_cache(self) -> None:
         self._check(self._lib.rkllm_clear_kv_cache(self._handle, 0, None, None), "rkllm_clear_kv_cache")
 
+    def kv_cache_size(self) -> int | None:
+        """Positions the KV cache holds, as the runtime counts them; None when the library
+        lacks ``rkllm_get_kv_cache_size`` (it writes one count per batch; we run one)."""
+        if not hasattr(self._lib, "rkllm_get_kv_cache_size"):
+            return None
+        sizes = (ctypes.c_int * 8)()
+        self._check(self._lib.rkllm_get_kv_cache_size(self._handle, sizes), "rkllm_get_kv_cache_size")
+        return sizes[0]
+
     def load_prompt_cache(self, path: Path) -> None:
         self._check(self._lib.rkllm_load_prompt_cache(self._handle, str(path).encode()), "rkllm_load_prompt_cache")
 
