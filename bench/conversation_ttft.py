@@ -48,7 +48,8 @@ def limit_ms(backend: CpuBackend, prompt: str, restored: int, repeat: int) -> fl
     """Prefill of the tokens after ``restored`` at their positions, then one decode step."""
     ids = backend.tokenizer.encode(prompt)
     model = backend.model
-    model.prefill(ids[:restored], 0)
+    if restored:
+        model.prefill(ids[:restored], 0)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -235,7 +235,7 @@ class ModelWorker:
         prefix = None
         if gen.use_cache and self.caches is not None:
             prefix = self.caches.choose(gen.prompt, gen.cache)
-        if gen.cache is not None and (prefix is None or prefix.kind != TEXT_CACHE):
+        if gen.cache is not None and prefix is None:
             log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)
 
         def sink(text: str) -> bool:

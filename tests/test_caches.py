@@ -13,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, DaemonProcess, rkllmctl
+from conftest import ROOT, TEXT_CACHES_ONLY, DaemonProcess, rkllmctl
 from reliability import poll
 from rkllmctl import DaemonError
 
-#: Text caches alone: a conversation state kept from an earlier request with the same system
-#: message would also hold the next user turn's header, so it would supply more (the choice
-#: between the two is tested in test_conversations.py).
-TEXT_CACHES_ONLY = {"RKLLMD_CACHE_CONVERSATIONS": "false"}
 SHORT_TEXT = "You are a careful assistant for a team of embedded engineers. Answer precisely and briefly, and say when you are unsure."
 PROMPTS = [
     "What is a mutex?", "Name a prime number.", "What is 2+2?", "Define latency.", "What is an NPU?",
