@@ -189,10 +189,9 @@ class ModelWorker:
                 self._running = job
                 self.backend.reset_abort()  # under the lock: a cancel from now on is seen
                 self.last_progress = time.monotonic()
-            keep = False
             try:
                 if isinstance(job, Generation):
-                    keep = self._generate(job)
+                    self._generate(job)
                 elif isinstance(job, BinaryCacheBuild):
                     assert self.caches is not None
                     self.caches.build(job.name)
@@ -203,13 +202,6 @@ class ModelWorker:
             finally:
                 with self._cond:
                     self._running = None
-            if keep and self.caches is not None:
-                # After done, and not counted as a running generation: the client has its
-                # answer, the next request its true queue position, while the state is copied.
-                try:
-                    self.caches.keep_conversation()
-                except Exception:
-                    log.exception("keeping the conversation state failed")
 
     def _swap(self, job: BackendSwap) -> None:
         try:
@@ -227,8 +219,7 @@ class ModelWorker:
         log.info("reload: now serving %s", backend.describe().get("name", backend.kind))
         job.done(backend, reason, None)
 
-    def _generate(self, gen: Generation) -> bool:
-        """Run one generation; True if the state it left may be kept for a next turn."""
+    def _generate(self, gen: Generation) -> None:
         started = time.monotonic()
         self.counters.generations += 1
         self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
@@ -252,18 +243,18 @@ class ModelWorker:
         except _Cancelled:
             self.counters.cancelled += 1
             self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason)
-            return False
+            return
         except ContextOverflow as exc:
             self._fail(gen, WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), prompt_tokens=exc.prompt_tokens, context_length=exc.context_length))
-            return False
+            return
         except BackendError as exc:
             details = {} if exc.runtime_code is None else {"runtime_code": exc.runtime_code}
             self._fail(gen, WireError(ErrorCode.BACKEND, str(exc), **details))
-            return False
+            return
         except Exception as exc:
             log.exception("generation %r failed", gen.request_id)
             self._fail(gen, WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}"))
-            return False
+            return
         total_ms = (time.monotonic() - gen.received) * 1000
         decode_tps = (stats.completion_tokens - 1) / (stats.decode_ms / 1000) if stats.decode_ms > 0 and stats.completion_tokens > 1 else None
         counters = self.counters
@@ -273,6 +264,13 @@ class ModelWorker:
         counters.cached_tokens += stats.cached_tokens
         counters.completion_tokens += stats.completion_tokens
         restored_from = prefix.source() if prefix is not None and stats.cached_tokens else None
+        if gen.use_cache and self.caches is not None:
+            # Before done: once a client has its answer, its next turn (or status) finds the
+            # state kept. The copy delays done by milliseconds, never the first token.
+            try:
+                self.caches.keep_conversation()
+            except Exception:  # the answer stands without it
+                log.exception("keeping the conversation state of %r failed", gen.request_id)
         self.outbox.stream(
             gen,
             "done",
@@ -292,7 +290,6 @@ class ModelWorker:
                 "total_ms": round(total_ms, 2),
             },
         )
-        return gen.use_cache
 
     def _fail(self, gen: Generation, error: WireError) -> None:
         self.counters.errors += 1
