@@ -113,7 +113,7 @@ def run_chat(proc: DaemonProcess, questions: list[str], answers: list[str] | Non
     with proc.client(timeout=120) as client:
         for i in range(len(questions)):
             history = answers if answers is not None else out
-            result = client.generate(messages=chat(SYSTEM, questions[: i + 1], history[:i]), max_tokens=20, **fields).wait()
+            result = client.generate(messages=chat(SYSTEM, questions[: i + 1], history[:i]), max_tokens=12, **fields).wait()
             out.append(result.text)
             stats.append(result.stats)
     return out, stats
@@ -152,7 +152,7 @@ def test_interleaved_conversations_each_resume_their_own(make_daemon):
     with proc.client(timeout=120) as client:
         for turn in range(3):
             for questions, out in ((QUESTIONS, a_out), (ASIDE, b_out)):
-                result = client.generate(messages=chat(SYSTEM, questions[: turn + 1], out), max_tokens=20).wait()
+                result = client.generate(messages=chat(SYSTEM, questions[: turn + 1], out), max_tokens=12).wait()
                 out.append(result.text)
                 if turn:
                     assert result.stats["cache_source"] == {"kind": "conversation"}
