@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Measure the NPU backend on a board, for the figures no machine without an NPU can give:
 time to first token without and with a prompt cache for system prompts of 250 to 2,000
-tokens, decode speed, and the first-token time of each turn of a conversation.
+tokens, decode speed, and the first-token time of each turn of a conversation (whole, with
+the system prompt's cache, and continuing the runtime's history as rkllmd does).
 
 Run it on the board, from a checkout (or with rkllmd installed), with the daemon
 stopped (one process owns the NPU); docs/npu.md says step by step what to run and what
@@ -18,9 +19,12 @@ question, greedy):
   prompt cache (first use)  the cache file is loaded, then only the tail is prefilled
   prompt cache (loaded)     the cache is already loaded (the daemon's steady state)
 
-The conversation resends, at each turn, the system prompt and every earlier turn, as
-rkllmd does (each request is independent: keep_history = 0), once without a cache and
-once with the system prompt's cache loaded.
+The conversation is run three times: each turn prefilled whole without a cache; whole
+with the system prompt's cache loaded; and as rkllmd runs it, continuing the runtime's
+history (keep_history = 1: only the new part of each turn is sent). The last case also
+prints what rkllm_get_kv_cache_size says the history holds after each turn next to the
+prompt and generated tokens (does the history keep the end token? docs/npu.md), and
+whether each answer equals the no-cache one (#399 and the NPU's numerics).
 """
 
 from __future__ import annotations
@@ -100,14 +104,24 @@ class Bench:
         system = system_prompt(self.backend, self.args.conversation_tokens)
         prefix, _ = self.cache(system, "conversation")
         rows = []
-        for label, use in (("no cache", None), ("prompt cache", prefix)):
+        cold_replies: list[str] = []
+        for label in ("no cache", "prompt cache", "history"):
             messages = [{"role": "system", "content": system}]
             for turn, question in enumerate(TURNS, 1):
                 messages.append({"role": "user", "content": question})
+                use = {"no cache": None, "prompt cache": prefix}.get(label, prefix)
+                if label == "history":  # as the daemon chooses: the runtime's history when the prompt continues it
+                    use = self.backend.resumable(self.backend.render(messages)) or prefix
                 stats, reply = self.generate(messages, use)
                 messages.append({"role": "assistant", "content": reply})
+                if label == "no cache":
+                    cold_replies.append(reply)
                 rows.append({"turn": turn, "case": label, "prompt_tokens": stats.prompt_tokens,
-                             "cached_tokens": stats.cached_tokens, "ttft_ms": round(stats.ttft_ms, 1)})
+                             "prefilled_tokens": stats.prompt_tokens - stats.cached_tokens,
+                             "cached_tokens": stats.cached_tokens, "ttft_ms": round(stats.ttft_ms, 1),
+                             "kv_after": self.backend.kv_cache_size(),
+                             "prompt_plus_generated": stats.prompt_tokens + stats.completion_tokens,
+                             "same_as_no_cache": reply == cold_replies[turn - 1]})
         return rows
 
 
@@ -189,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                            "prefilled_tokens": "prefilled tokens", "cached_tokens": "cached tokens",
                            "completion_tokens": "completion tokens", "decode_tok_s": "decode tok/s",
                            "cache_build_ms": "cache build ms"})
-    out += ["", f"### A conversation (system prompt ~{args.conversation_tokens} tokens; each turn resends the "
-                "conversation)", ""]
+    out += ["", f"### A conversation (system prompt ~{args.conversation_tokens} tokens; each turn sends the whole "
+                "conversation, or only its new part when continuing the runtime's history)", ""]
     out += table(turns, {"turn": "turn", "case": "case", "prompt_tokens": "prompt tokens",
-                         "cached_tokens": "cached tokens", "ttft_ms": "TTFT ms"})
+                         "prefilled_tokens": "prefilled tokens", "cached_tokens": "cached tokens", "ttft_ms": "TTFT ms",
+                         "kv_after": "KV size after", "prompt_plus_generated": "prompt + generated",
+                         "same_as_no_cache": "same answer as no cache"})
     sys.stdout.write("\n".join(out) + "\n")
     if args.json:
         args.json.write_text(json.dumps({"setup": setup, "prompt_sizes": prompts, "conversation": turns}, indent=1))

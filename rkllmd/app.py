@@ -127,6 +127,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         schedule_build=worker.schedule_build,
         on_change=cache_changed,
         on_stored=lambda: disk.submit(store.collect),
+        keep_conversations=config.cache.conversations,
     )
     waiters = CacheWaiters(caches)
     worker.caches = caches

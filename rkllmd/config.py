@@ -83,7 +83,8 @@ class CacheConfig:
 
     text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then cache/ of a source checkout, then $XDG_STATE_HOME/rkllmd/caches")
     binary_dir: str = setting("", "binary caches; empty: $CACHE_DIRECTORY, then $XDG_CACHE_HOME/rkllmd")
-    memory_budget_mb: int = setting(256, "bytes of prefix states kept in memory (LRU)", low=0, high=1 << 20)
+    memory_budget_mb: int = setting(256, "MiB of prefix states kept in memory, text caches' and conversations' alike (LRU)", low=0, high=1 << 20)
+    conversations: bool = setting(True, "keep each generation's state in memory so the conversation's next turn prefills only what is new (CPU backend)")
     debounce_ms: int = setting(300, "quiet time after a text cache changes before it is rebuilt", low=0, high=60_000)
     max_text_bytes: int = setting(262144, "largest text cache file read", low=1, high=1 << 24)
 

@@ -31,7 +31,8 @@ MINOR_VERSIONS = {
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
     2: "`render`; `generate` takes `tools`, `vars`, `enable_thinking` and messages of role `tool`, assistant `tool_calls` and `reasoning_content`; "
     "`token` messages may carry `reasoning`; `done` carries `reasoning`, `tool_calls`, `tool_call_error`; "
-    "`status` reports `store`: the artifacts on disk per kind, the disk budget, the last collection and its evictions",
+    "`status` reports `store`: the artifacts on disk per kind, the disk budget, the last collection and its evictions; "
+    "`done.stats.cache_source` (what restored prompt tokens came from: a text cache or a conversation state); `status.caches.conversations`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -97,7 +98,8 @@ STREAM: dict[str, tuple[str, ...]] = {
 STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning",)}
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
-STATS = ("prompt_tokens", "cached_tokens", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
+#: ``cache_source`` since 1.2: null, {"kind": "text_cache", "name": NAME} or {"kind": "conversation"}.
+STATS = ("prompt_tokens", "cached_tokens", "cache_source", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
 STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store")
 
 _NAME = Field("name", "name", "the text cache's name", required=True)

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .backends.base import Backend, BackendError, ContextOverflow
+from .backends.base import TEXT_CACHE, Backend, BackendError, ContextOverflow
 from .caches.binary import BinaryStore
 from .caches.manager import PromptCaches
 from .config import DaemonConfig
@@ -228,7 +228,7 @@ class ModelWorker:
         self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
         prefix = None
         if gen.use_cache and self.caches is not None:
-            prefix = self.caches.prefix_for(gen.prompt, gen.cache)
+            prefix = self.caches.choose(gen.prompt, gen.cache)
         if gen.cache is not None and prefix is None:
             log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)
 
@@ -268,18 +268,27 @@ class ModelWorker:
         counters.prompt_tokens += stats.prompt_tokens
         counters.cached_tokens += stats.cached_tokens
         counters.completion_tokens += stats.completion_tokens
+        restored_from = prefix.source() if prefix is not None and stats.cached_tokens else None
+        if gen.use_cache and self.caches is not None:
+            # Before done: once a client has its answer, its next turn (or status) finds the
+            # state kept. The copy delays done by milliseconds, never the first token.
+            try:
+                self.caches.keep_conversation()
+            except Exception:  # the answer stands without it
+                log.exception("keeping the conversation state of %r failed", gen.request_id)
         self.outbox.stream(
             gen,
             "done",
             finish_reason=stats.finish_reason,
             reason=gen.cancel_reason if stats.finish_reason == "cancelled" else None,
-            cache=prefix.name if prefix is not None and stats.cached_tokens else None,
+            cache=prefix.name if restored_from is not None and prefix.kind == TEXT_CACHE else None,
             reasoning=output.reasoning,
             tool_calls=wire_tool_calls(output.tool_calls, self._call_ids) or None,
             tool_call_error=output.tool_call_error,
             stats={
                 "prompt_tokens": stats.prompt_tokens,
                 "cached_tokens": stats.cached_tokens,
+                "cache_source": restored_from,
                 "completion_tokens": stats.completion_tokens,
                 "queue_ms": round((started - gen.received) * 1000, 2),
                 "ttft_ms": round(stats.ttft_ms, 2),

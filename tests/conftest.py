@@ -18,6 +18,10 @@ import pytest
 from rkllmctl import Client, DaemonUnreachable
 
 ROOT = Path(__file__).resolve().parent.parent
+#: For tests of text caches alone: a conversation state kept from an earlier request with the
+#: same system message also holds the next user turn's header, so it would supply more
+#: (the choice between the two is tested in test_conversations.py).
+TEXT_CACHES_ONLY = {"RKLLMD_CACHE_CONVERSATIONS": "false"}
 DATA = Path(__file__).resolve().parent / "data"
 
 # Every daemon the suite starts maps one copy of the dequantized weights and loads one build

@@ -6,12 +6,14 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, rkllmctl
+from conftest import ROOT, TEXT_CACHES_ONLY, DaemonProcess, rkllmctl
 from reliability import poll
 from rkllmctl import DaemonError
 from rkllmd.store import HOLD_PREFIX, LEDGER_NAME, LOCK_NAME
@@ -290,7 +292,7 @@ def test_bad_binary_caches_are_refused_and_rebuilt(make_daemon, tamper) -> None:
 
 
 def test_cached_and_uncached_greedy_outputs_are_identical(make_daemon) -> None:
-    proc = make_daemon()
+    proc = make_daemon(env=TEXT_CACHES_ONLY)
     with proc.client() as client:
         client.cache_put("eq", SHORT_TEXT)
         n = client.cache_wait("eq", timeout=60)["tokens"]
@@ -304,7 +306,7 @@ def test_cached_and_uncached_greedy_outputs_are_identical(make_daemon) -> None:
 
 
 def test_automatic_prefix_use_picks_the_longest_match(make_daemon) -> None:
-    proc = make_daemon()
+    proc = make_daemon(env=TEXT_CACHES_ONLY)
     base = "Be brief."
     # A cache whose text carries a whole exchange extends the plain one's prefix.
     longer = base + "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>system\nNow be formal."
@@ -331,7 +333,7 @@ def test_automatic_prefix_use_picks_the_longest_match(make_daemon) -> None:
 
 
 def test_memory_lru_respects_its_budget(make_daemon) -> None:
-    proc = make_daemon(env={"RKLLMD_CACHE_MEMORY_BUDGET_MB": "2"})
+    proc = make_daemon(env={"RKLLMD_CACHE_MEMORY_BUDGET_MB": "2", **TEXT_CACHES_ONLY})
     texts = {f"c{i}": f"Answer every question in language number {i}, briefly and politely, please." for i in range(3)}
     with proc.client() as client:
         for name, text in texts.items():
@@ -389,7 +391,7 @@ def test_hostile_text_files_are_reported_not_followed(make_daemon, tmp_path: Pat
 def test_cache_exact_with_other_families_templates(make_daemon, family, restored) -> None:
     """SmolLM2 rendered with another family's template: the cached prefix is what every
     conversation starts with, and output with the cache equals output without."""
-    proc = make_daemon(env={"RKLLMD_MODEL_CHAT_TEMPLATE": family})
+    proc = make_daemon(env={"RKLLMD_MODEL_CHAT_TEMPLATE": family, **TEXT_CACHES_ONLY})
     with proc.client() as client:
         client.cache_put("fam", SHORT_TEXT)
         n = client.cache_wait("fam", timeout=120)["tokens"]
@@ -409,3 +411,43 @@ def test_a_template_refusing_system_messages_fails_the_text_cache(make_daemon) -
             assert time.monotonic() < deadline, row
             time.sleep(0.1)
         assert row["reason"] == "text cache refused: chat template gemma-2-it: System role not supported"
+
+
+# -- the trailing newline an editor adds ----------------------------------------------------
+RULES = "House rules: answer in English, cite the manual's section, and never guess a register address."
+
+
+@pytest.mark.parametrize("file_ends, request_ends", [("\n", ""), ("", "\n"), ("\r\n", "\n\n")], ids=["file", "request", "both"])
+def test_trailing_line_breaks_neither_miss_nor_change_the_prefix(make_daemon, file_ends, request_ends) -> None:
+    """A text cache's file and a request's system message are the same text whether or not
+    they end with line breaks (docs/caches.md): the cache is hit, and the answer is the
+    one of the text without them, with or without the cache."""
+    proc = make_daemon(env=TEXT_CACHES_ONLY)
+    (proc.text_dir / "rules.txt").write_bytes((RULES + file_ends).encode())
+    with proc.client() as client:
+        n = client.cache_wait("rules", timeout=60)["tokens"]
+        hit = client.generate("Which register holds the clock divider?", system=RULES + request_ends, max_tokens=8).wait()
+        assert hit.cache == "rules" and hit.stats["cached_tokens"] == n
+        bare = client.generate("Which register holds the clock divider?", system=RULES, no_cache=True, max_tokens=8).wait()
+        named = client.generate("Which register holds the clock divider?", cache="rules", max_tokens=8).wait()
+        assert hit.text == bare.text == named.text
+        assert hit.stats["prompt_tokens"] == bare.stats["prompt_tokens"] == named.stats["prompt_tokens"]
+
+
+def test_the_readme_recipe_with_cat_hits_the_cache(make_daemon, tmp_path: Path) -> None:
+    """README: ``rkllmctl generate --system "$(cat house-rules.txt)"`` on a file an editor
+    saved with a final newline (the shell drops it) uses the cache built from that file."""
+    proc = make_daemon(env=TEXT_CACHES_ONLY)
+    rules = tmp_path / "house-rules.txt"
+    rules.write_text(RULES + "\n")
+    put = rkllmctl("cache", "put", "rules", "--file", str(rules), socket=proc.socket)
+    assert put.returncode == 0, put.stderr
+    with proc.client() as client:
+        n = client.cache_wait("rules", timeout=60)["tokens"]
+    shell = subprocess.run(
+        ["bash", "-c", f'"$PYTHON" -m rkllmctl --socket "$SOCK" generate --max-tokens 4 --system "$(cat "$RULES")" "Hello"'],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "PYTHON": sys.executable, "SOCK": str(proc.socket), "RULES": str(rules)},
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert f"{n} from cache rules" in shell.stderr, shell.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DaemonProcess, rkllmctl
+from conftest import TEXT_CACHES_ONLY, DaemonProcess, rkllmctl
 from reliability import figures_fixture, poll, remount_read_only, tmpfs
 from rkllmctl import DaemonError
 from rkllmd.backends.cpu.backend import bundled_model_path
@@ -119,7 +119,7 @@ def test_disk_full_while_writing_a_binary_cache(make_daemon, figures) -> None:
 
 
 def test_read_only_cache_folders(make_daemon, figures) -> None:
-    proc = make_daemon(start=False)
+    proc = make_daemon(start=False, env=TEXT_CACHES_ONLY)
     with tmpfs(proc.binary_dir, "64m"):
         proc.start()
         with proc.client() as client:
@@ -171,7 +171,7 @@ def test_text_folder_read_only(make_daemon) -> None:
 
 
 def test_vanished_cache_folders_are_made_again(make_daemon, figures) -> None:
-    proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "100"})
+    proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "100", **TEXT_CACHES_ONLY})
     with proc.client() as client:
         client.cache_put("one", SHORT_TEXT)
         one = client.cache_wait("one", timeout=120)

@@ -48,7 +48,9 @@ def test_stream_is_ordered_and_final_stats_are_complete(daemon: DaemonProcess) -
     stats = result.stats
     assert result.finish_reason in ("stop", "length")
     assert stats["completion_tokens"] >= 1 and stats["prompt_tokens"] > 10
-    assert stats["cached_tokens"] == 0
+    # The shared daemon may hold an earlier test's state with the same default system message.
+    assert stats["cached_tokens"] < stats["prompt_tokens"]
+    assert (stats["cached_tokens"] == 0) == (stats["cache_source"] is None)
     assert 0 < stats["prefill_ms"] <= stats["ttft_ms"] <= stats["total_ms"]
     assert stats["queue_ms"] >= 0
     if stats["completion_tokens"] > 1:

@@ -143,7 +143,7 @@ def test_streams_exact_text_with_a_split_multibyte_character(backend, calls):
     assert stats.finish_reason == "stop"
     log = calls()
     assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
-    assert log[1][1]["keep_history"] == "0" and log[1][1]["kv_before"] == "0"
+    assert log[1][1]["keep_history"] == "1" and log[1][1]["kv_before"] == "0"  # cleared, kept for a next turn
 
 
 def test_finish_stats_become_generation_stats(backend, monkeypatch):
@@ -562,7 +562,7 @@ def test_bench_script_runs_on_the_fake(fake_runtime, generation, model, tmp_path
     env.pop("FAKE_RKLLM_LOG", None)
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "npu_board.py"), "--library", str(fake_runtime[generation]),
-         "--model", str(model), "--runs", "2", "--max-tokens", "8", "--system-tokens", "250,1000",
+         "--model", str(model), "--runs", "2", "--max-tokens", "16", "--system-tokens", "250,1000",
          "--conversation-tokens", "250", "--workdir", str(tmp_path / "bench"), "--json", str(tmp_path / "b.json")],
         capture_output=True, text=True, env=env, timeout=120,
     )
@@ -578,8 +578,102 @@ def test_bench_script_runs_on_the_fake(fake_runtime, generation, model, tmp_path
         assert int(loaded["prefilled tokens"]) < int(cold["prefilled tokens"]) and int(loaded["cached tokens"]) > 0
         assert float(loaded["decode tok/s"]) > 0
     assert [(r["turn"], r["case"]) for r in conversation] == [
-        (str(t), case) for case in ("no cache", "prompt cache") for t in range(1, 5)]
+        (str(t), case) for case in ("no cache", "prompt cache", "history") for t in range(1, 5)]
     cached = [int(r["prompt tokens"]) for r in conversation if r["case"] == "prompt cache"]
     assert cached == sorted(cached) and len(set(cached)) == 4  # each turn resends a longer conversation
+    history = [r for r in conversation if r["case"] == "history"]
+    whole = [r for r in conversation if r["case"] == "prompt cache"]
+    # Turn 1 starts from the prompt cache; later turns prefill only their new part (the fake's
+    # replies are shorter than 16 tokens: each run ends by itself, so its history is trusted).
+    assert history[0]["prefilled tokens"] == whole[0]["prefilled tokens"]
+    for h, w in zip(history[1:], whole[1:]):
+        assert int(h["prefilled tokens"]) < int(w["prefilled tokens"]) and int(h["cached tokens"]) > int(w["cached tokens"])
+    assert all(r["same answer as no cache"] == "True" for r in conversation)
     figures = json.loads((tmp_path / "b.json").read_text())
-    assert len(figures["prompt_sizes"]) == 6 and len(figures["conversation"]) == 8
+    assert len(figures["prompt_sizes"]) == 6 and len(figures["conversation"]) == 12
+
+
+# --- the runtime's history (keep_history) --------------------------------------------------
+def recall_chat(backend: RkllmBackend, users: list[str], answers: list[str]) -> str:
+    messages = []
+    for i, user in enumerate(users):
+        messages.append({"role": "user", "content": user})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    return backend.render(messages)
+
+
+def test_the_fake_shows_a_history_that_was_not_cleared(backend, calls):
+    """The negative control of the interleaving tests: runs with keep_history=1 and no
+    clear in between see each other's turns; rkllm_clear_kv_cache forgets them."""
+    rt = backend._rt
+    pieces: list[bytes] = []
+
+    def on_result(state, result):
+        if state == 0 and result.text:  # RKLLM_RUN_NORMAL
+            pieces.append(result.text)
+        return 0
+
+    def recall(user: str) -> str:
+        pieces.clear()
+        assert rt.run(backend.render([{"role": "user", "content": user}]), on_result, keep_history=True) == 0
+        return b"".join(pieces).decode()
+
+    rt.clear_kv_cache()
+    assert recall("[[fake:recall]] apples") == "recall: [[fake:recall]] apples"
+    assert recall("cars") == "recall: [[fake:recall]] apples | cars"
+    rt.clear_kv_cache()
+    assert recall("[[fake:recall]] boats") == "recall: [[fake:recall]] boats"
+
+
+def test_a_continued_conversation_sends_only_its_new_part(backend, calls):
+    first = recall_chat(backend, ["[[fake:recall]] apples"], [])
+    pieces, stats = run(backend, first)
+    answer = "".join(pieces)
+    assert answer == "recall: [[fake:recall]] apples" and stats.cached_tokens == 0
+    log = calls()
+    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
+    assert log[1][1]["keep_history"] == "1"
+    second = recall_chat(backend, ["[[fake:recall]] apples", "pears"], [answer])
+    held = backend.resumable(second)
+    # In the runtime's tokens: the fake's prompt tokens are bytes, its generated ones words.
+    assert held is not None and held.text == first + answer and held.n_tokens == len(first.encode()) + 3
+    pieces, stats = run(backend, second, prefix=held)
+    assert "".join(pieces) == "recall: [[fake:recall]] apples | pears"
+    log = calls()
+    assert names(log) == ["rkllm_run", "rkllm_run_end"]  # no clear
+    new_part = second[len(held.text):].encode()
+    # The runtime held exactly the text recorded (the fake's history length is in bytes).
+    assert log[0][1]["prompt_len"] == str(len(new_part)) and log[0][1]["kv_before"] == str(len(held.text.encode()))
+    assert stats.cached_tokens == held.n_tokens and stats.prompt_tokens == held.n_tokens + len(new_part)
+    # A prompt that does not continue the history (another conversation) is not offered it.
+    assert backend.resumable(recall_chat(backend, ["[[fake:recall]] cars"], [])) is None
+
+
+@pytest.mark.parametrize("ending", ["stop string", "max_tokens", "cancelled"])
+def test_no_history_is_trusted_after_a_run_we_ended(backend, calls, ending):
+    params = {"stop string": SamplingParams(stop=("pears",)), "max_tokens": SamplingParams(max_tokens=1)}.get(ending)
+    first = recall_chat(backend, ["[[fake:recall]] apples pears plums"], [])
+    pieces, _ = run(backend, first, params, stop_after=1 if ending == "cancelled" else None)
+    second = recall_chat(backend, ["[[fake:recall]] apples pears plums", "more"], ["".join(pieces)])
+    assert backend.resumable(second) is None
+    calls()
+    run(backend, second)
+    assert names(calls())[0] == "rkllm_clear_kv_cache"
+
+
+def test_a_loaded_prompt_cache_is_matched_only_on_an_empty_history(backend, tmp_path, calls):
+    """As #399 upstream reports: no speed-up from a loaded cache when continuing a history."""
+    prefix = build(backend, tmp_path, "Be brief.", "brief")
+    calls()
+    first = chat(backend, "[[fake:recall]] one", system="Be brief.")
+    pieces, stats = run(backend, first, prefix=prefix)
+    assert stats.cached_tokens == prefix.n_tokens > 0
+    log = calls()
+    assert [p["matched"] for n, p in log if n == "rkllm_run"] == [str(prefix.n_tokens)]
+    second = backend.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "[[fake:recall]] one"},
+                             {"role": "assistant", "content": "".join(pieces)}, {"role": "user", "content": "two"}])
+    held = backend.resumable(second)
+    run(backend, second, prefix=held)
+    [(_, run_args)] = [(n, p) for n, p in calls() if n == "rkllm_run"]
+    assert run_args["matched"] == "0" and run_args["kv_before"] == str(len(held.text.encode()))

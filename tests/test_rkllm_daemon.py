@@ -228,7 +228,7 @@ def test_stream_is_exact_ordered_and_ends_with_the_runtime_stats(served, generat
     calls = served.calls.since(mark)
     assert [c.name for c in calls] == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
     [run], [end] = runs(calls), ends(calls)
-    assert run.args["prompt_len"] == str(len(prompt)) and run.args["keep_history"] == "0"
+    assert run.args["prompt_len"] == str(len(prompt)) and run.args["keep_history"] == "1"
     assert run.args["save_prompt_cache"] == "0" and run.args["kv_before"] == "0"
     if generation == "1.3":  # the request's limit and (greedy) sampling travel with the run
         assert run.args["limit"] == "256" and run.args["sampling"].startswith("top_k:1,")
@@ -592,3 +592,61 @@ def test_an_unknown_template_stops_the_start(make_npu):
     proc = make_npu(start=False, env={"RKLLMD_RKLLM_TEMPLATE": "llama9"})
     log = startup_failure(proc)
     assert "cannot start: [rkllm] unknown chat template 'llama9'; known: chatml," in log
+
+
+# --- conversations on the runtime's history -------------------------------------------------
+def chat_messages(users: list[str], answers: list[str]) -> list[dict[str, str]]:
+    messages = []
+    for i, user in enumerate(users):
+        messages.append({"role": "user", "content": user})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    return messages
+
+
+def test_interleaved_conversations_never_see_each_others_history(make_npu):
+    """Two clients take turns, then one goes on alone. The fake answers "[[fake:recall]]"
+    with every user turn its KV history and input hold, so a leak would show in the text."""
+    proc = make_npu()
+    apples = ["[[fake:recall]] apples", "pears", "plums", "figs", "dates"]
+    cars = ["[[fake:recall]] cars", "bikes", "boats"]
+    answers: dict[str, list[str]] = {"apples": [], "cars": []}
+
+    def turn(client, name: str, users: list[str], **fields):
+        said = answers[name]
+        prompt = TEMPLATE.render(chat_messages(users, said))
+        mark = proc.calls.mark()
+        result = client.generate(messages=chat_messages(users, said), **fields).wait()
+        said.append(result.text)
+        calls = proc.calls.since(mark)
+        assert result.text == "recall: " + " | ".join(users), "the runtime saw another conversation"
+        return result, calls, prompt
+
+    with proc.client() as client:
+        for n in range(1, 4):  # taking turns: each switch clears the history and sends all
+            for name, users in (("apples", apples), ("cars", cars)):
+                result, calls, prompt = turn(client, name, users[:n])
+                assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_clear_kv_cache", "rkllm_run"]
+                [run] = runs(calls)
+                assert run.args["keep_history"] == "1" and run.args["kv_before"] == "0"
+                assert run.args["prompt_len"] == str(len(prompt.encode()))
+                assert result.stats["cached_tokens"] == 0 and result.stats["cache_source"] is None
+        # Back to the first one (cleared again), then its next turn continues the history:
+        # only the new part is sent.
+        result, calls, _ = turn(client, "apples", apples[:4])
+        assert calls[0].name == "rkllm_clear_kv_cache" and result.stats["cached_tokens"] == 0
+        before = TEMPLATE.render(chat_messages(apples[:4], answers["apples"][:3])) + answers["apples"][3]
+        result, calls, prompt = turn(client, "apples", apples)
+        assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_run"]
+        [run] = runs(calls)
+        assert run.args["kv_before"] == str(len(before.encode()))
+        assert run.args["prompt_len"] == str(len(prompt.encode()) - len(before.encode()))
+        assert result.stats["cache_source"] == {"kind": "conversation"} and result.stats["cached_tokens"] > 0
+        assert result.stats["prompt_tokens"] == result.stats["cached_tokens"] + len(prompt.encode()) - len(before.encode())
+        # no_cache neither continues it: clear, all.
+        answers["apples"].pop()
+        result, calls, _ = turn(client, "apples", apples, no_cache=True)
+        assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_clear_kv_cache", "rkllm_run"]
+        assert result.stats["cached_tokens"] == 0
+        status = client.status()["caches"]["conversations"]
+        assert status["hits"] == 1, status

@@ -162,7 +162,11 @@ def stats_line(result: GenerationResult) -> str:
     s = result.stats or {}
     parts = [f"finish: {result.finish_reason}"]
     if s:
-        cached = f", {s['cached_tokens']} from cache {result.cache}" if result.cache else ""
+        source = s.get("cache_source") or ({"kind": "text_cache", "name": result.cache} if result.cache else None)
+        cached = ""
+        if source is not None:
+            origin = f"cache {source['name']}" if source["kind"] == "text_cache" else "this conversation's last turn"
+            cached = f", {s['cached_tokens']} from {origin}"
         parts.append(f"prompt {s['prompt_tokens']} tokens{cached}")
         parts.append(f"completion {s['completion_tokens']} tokens")
         ttft = result.client_ttft_ms if result.client_ttft_ms is not None else s["ttft_ms"]

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     print(f"caches:   {states}; {memory['used_bytes'] / 2**20:.1f} of {memory['budget_bytes'] / 2**20:.0f} MiB in memory ({caches['text_dir']})")
     if "store" in status:  # since protocol 1.2
         print(f"store:    {_store_line(status['store'])}")
+    kept = caches.get("conversations")
+    if kept is not None:
+        what = f"{kept['kept']} kept, {kept['tokens']} tokens, {kept['bytes'] / 2**20:.1f} MiB" if kept["enabled"] else "not kept ([cache] conversations = false)"
+        print(f"chats:    {what}; {kept['hits']} reused, {kept['evictions']} evicted")
     print(
         f"served:   {counters['completed']} generations, {counters['cancelled']} cancelled, {counters['errors']} failed; "
         f"{counters['completion_tokens']} tokens generated, {counters['cached_tokens']} prompt tokens restored from caches"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from ..templates import ChatTemplate
 
 
@@ -67,13 +69,19 @@ class GenerationStats:
     finish_reason: str = "stop"  # stop | length | cancelled | error
 
 
+TEXT_CACHE, CONVERSATION = "text_cache", "conversation"
+
+
 @dataclass
 class PrefixState:
-    """A prefix's model state loaded from a verified binary cache file.
+    """A prefix's model state: a text cache's (loaded from its verified binary cache file)
+    or a conversation's (kept in memory after a generation).
 
-    ``text`` is the rendered prefix it was built from; ``payload`` is whatever the
-    backend's ``load_prefix`` returned (arrays for the CPU backend, the file path for
-    the NPU runtime, which loads it itself).
+    ``text`` is the rendered prefix a text cache was built from; a conversation state
+    has ``tokens`` instead (prompt and completion as they went through the model), and
+    restores as many of them as a later prompt's tokens start with. ``payload`` is
+    whatever the backend's ``load_prefix``/``kept_state`` returned (arrays for the CPU
+    backend, the file path for the NPU runtime, which loads it itself).
     """
 
     name: str
@@ -82,6 +90,19 @@ class PrefixState:
     payload: Any
     nbytes: int = 0
     built_sha256: str = ""  # sha256 of the text it was built from
+    kind: str = TEXT_CACHE
+    tokens: np.ndarray | None = None  # a conversation state's token ids (int32)
+
+    def source(self) -> dict[str, str]:
+        """What ``done.stats.cache_source`` says a restored prefix came from."""
+        return {"kind": TEXT_CACHE, "name": self.name} if self.kind == TEXT_CACHE else {"kind": self.kind}
+
+
+def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
 
 
 # Called with each piece of generated text, in order. Returning False asks the
@@ -136,6 +157,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
         """Number of tokens ``text`` (already rendered) occupies."""
+
+    def tokenize(self, text: str) -> Sequence[int] | None:
+        """The token ids of ``text`` (rendered), for matching conversation states; None when
+        this backend keeps no conversation states."""
+        return None
+
+    def resumable(self, prompt: str) -> PrefixState | None:
+        """A conversation state this backend holds itself (the NPU runtime's KV history)
+        that ``prompt`` continues; None if there is none. Chosen like a kept state."""
+        return None
+
+    def kept_state(self, max_bytes: int) -> PrefixState | None:
+        """The model state the last ``generate`` left (its prompt and completion tokens),
+        copied to be restored by a later turn; None if there is none or it would take
+        more than ``max_bytes``. Called on the model worker right after ``generate``."""
+        return None
 
     @abc.abstractmethod
     def build_prefix(self, prefix_text: str, dest: Path) -> int:

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..backends.base import Backend, BackendError, BuildCancelled, PrefixState
+from ..backends.base import CONVERSATION, TEXT_CACHE, Backend, BackendError, BuildCancelled, PrefixState, common_prefix
 from ..config import CacheConfig
 from ..templates import RenderError
 from .binary import BinaryCacheInvalid, BinaryStore
-from .text import TextCacheError, TextStore
+from .text import TextCacheError, TextStore, system_text
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +58,99 @@ class Entry:
 
 
 class PrefixLRU:
-    """Recently used prefix states kept in memory within a byte budget."""
+    """Prefix states kept in memory within one byte budget, least recently used evicted first:
+    text caches' states (by name) and conversation states (see ``keep``) alike."""
 
     def __init__(self, budget_bytes: int):
         self.budget = budget_bytes
-        self._items: OrderedDict[str, PrefixState] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], PrefixState] = OrderedDict()
         self.used = 0
+        self.conversation_hits = 0
+        self.conversation_evictions = 0
+        self._kept = 0  # conversation states ever kept (names them)
 
     def get(self, name: str, built_sha: str) -> PrefixState | None:
-        state = self._items.get(name)
+        state = self._items.get((TEXT_CACHE, name))
         if state is None or state.built_sha256 != built_sha:
             return None
-        self._items.move_to_end(name)
+        self._items.move_to_end((TEXT_CACHE, name))
         return state
 
     def put(self, state: PrefixState) -> None:
-        self.drop(state.name)
+        key = (state.kind, state.name)
+        self._remove(key)
         if state.nbytes > self.budget:
             return
-        while self.used + state.nbytes > self.budget:
-            _, old = self._items.popitem(last=False)
-            self.used -= old.nbytes
-        self._items[state.name] = state
+        self.shrink(self.budget - state.nbytes)
+        self._items[key] = state
         self.used += state.nbytes
 
+    def keep(self, state: PrefixState) -> None:
+        """Keep a conversation state; states whose tokens all start it are dropped (this one
+        restores at least as much of any prompt as they would)."""
+        assert state.tokens is not None
+        for key, old in list(self._items.items()):
+            if old.tokens is not None and len(old.tokens) <= len(state.tokens) and common_prefix(old.tokens, state.tokens) == len(old.tokens):
+                self._remove(key)
+        self._kept += 1
+        state.name = f"conversation-{self._kept}"
+        self.put(state)
+
+    def best_conversation(self, prompt_ids: list[int]) -> tuple[PrefixState | None, int]:
+        """The conversation state sharing the longest token prefix with the prompt, and its length."""
+        best, best_n = None, 0
+        for state in self._items.values():
+            if state.tokens is not None:
+                n = common_prefix(state.tokens, prompt_ids)
+                if n > best_n:
+                    best, best_n = state, n
+        return best, best_n
+
+    def touch(self, state: PrefixState) -> None:
+        """A conversation state was restored: it becomes the most recently used."""
+        key = (state.kind, state.name)
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.conversation_hits += 1
+
+    def shrink(self, budget: int) -> None:
+        """Evict the least recently used states until at most ``budget`` bytes are held."""
+        while self._items and self.used > budget:
+            (kind, _), old = self._items.popitem(last=False)
+            self.used -= old.nbytes
+            self.conversation_evictions += kind == CONVERSATION
+
     def drop(self, name: str) -> None:
-        old = self._items.pop(name, None)
+        self._remove((TEXT_CACHE, name))
+
+    def drop_conversations(self) -> None:
+        for key in [k for k in self._items if k[0] == CONVERSATION]:
+            self._remove(key)
+
+    def has_conversations(self) -> bool:
+        return any(kind == CONVERSATION for kind, _ in self._items)
+
+    def _remove(self, key: tuple[str, str]) -> None:
+        old = self._items.pop(key, None)
         if old is not None:
             self.used -= old.nbytes
 
     def names(self) -> list[str]:
-        return list(self._items)
+        """Names of the text caches held."""
+        return [name for kind, name in self._items if kind == TEXT_CACHE]
+
+    def conversations(self) -> dict[str, int]:
+        states = [s for s in self._items.values() if s.kind == CONVERSATION]
+        return {
+            "kept": len(states),
+            "tokens": sum(s.n_tokens for s in states),
+            "bytes": sum(s.nbytes for s in states),
+            "hits": self.conversation_hits,
+            "evictions": self.conversation_evictions,
+        }
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class PromptCaches:
@@ -104,11 +166,13 @@ class PromptCaches:
         schedule_build: Callable[[str], None],
         on_change: Callable[[str], None] = lambda name: None,
         on_stored: Callable[[], None] = lambda: None,
+        keep_conversations: bool = True,
     ):
         self.texts = texts
         self.binaries = binaries
         self.backend = backend
         self.lru = PrefixLRU(memory_budget)
+        self.keep_conversations = keep_conversations
         self._schedule_build = schedule_build
         self._on_change = on_change
         self._on_stored = on_stored  # what is on disk changed: the artifact store counts and collects
@@ -121,7 +185,11 @@ class PromptCaches:
         """Apply a reloaded [cache] section: the memory budget, the largest text read."""
         with self._lock:
             self.lru.budget = config.memory_budget_mb << 20
+            self.lru.shrink(self.lru.budget)
             self.texts.max_bytes = config.max_text_bytes
+            self.keep_conversations = config.conversations
+            if not config.conversations:
+                self.lru.drop_conversations()
 
     # -- any thread ---------------------------------------------------------------
 
@@ -148,7 +216,7 @@ class PromptCaches:
         try:
             text = self.texts.read(name)
             if text is not None:
-                prefix = self.backend.template.cacheable_prefix(text.text)
+                prefix = self.backend.template.cacheable_prefix(system_text(text.text))
         except (TextCacheError, RenderError) as exc:
             reason = f"text cache refused: {exc}"
             with self._lock:
@@ -250,7 +318,12 @@ class PromptCaches:
 
     def memory(self) -> dict[str, int]:
         with self._lock:
-            return {"used_bytes": self.lru.used, "budget_bytes": self.lru.budget, "states": len(self.lru.names())}
+            return {"used_bytes": self.lru.used, "budget_bytes": self.lru.budget, "states": len(self.lru)}
+
+    def conversations(self) -> dict[str, Any]:
+        """Kept conversation states for status: how many, their tokens and bytes, hits, evictions."""
+        with self._lock:
+            return {"enabled": self.keep_conversations, **self.lru.conversations()}
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -320,6 +393,44 @@ class PromptCaches:
         log.info("binary cache %s ready: %d tokens in %.0f ms", name, meta.n_tokens, meta.build_ms)
         self._on_change(name)
         self._on_stored()
+
+    def choose(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
+        """The prefix state to restore for ``prompt``: the text cache or the conversation state
+        that supplies more of its tokens (a text cache on a tie: its state is the one built
+        for exactly that prefix)."""
+        text_state = self.prefix_for(prompt, wanted)
+        with self._lock:
+            if not self.keep_conversations:
+                return text_state
+        held = self.backend.resumable(prompt)
+        if held is not None and held.n_tokens >= (text_state.n_tokens if text_state is not None else 0):
+            with self._lock:
+                self.lru.conversation_hits += 1
+            return held
+        with self._lock:
+            if not self.lru.has_conversations():
+                return text_state
+        prompt_ids = self.backend.tokenize(prompt)
+        if not prompt_ids:
+            return text_state
+        with self._lock:
+            state, agreed = self.lru.best_conversation(prompt_ids)
+            usable = min(agreed, len(prompt_ids) - 1)
+            if state is None or usable <= (text_state.n_tokens if text_state is not None else 0):
+                return text_state
+            self.lru.touch(state)
+        return state
+
+    def keep_conversation(self) -> None:
+        """Keep the state the last generation left for the conversation's next turn (memory only)."""
+        with self._lock:
+            if not self.keep_conversations:
+                return
+            budget = self.lru.budget
+        state = self.backend.kept_state(budget)
+        if state is not None:
+            with self._lock:
+                self.lru.keep(state)
 
     def prefix_for(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
         """The longest cached prefix of ``prompt`` (or the named cache's), built if it is due.

@@ -12,6 +12,17 @@ from ..store import TEXT_DIR_MODE, atomic_write, make_dirs
 from .names import TEXT_SUFFIX, check_name, name_of_text_file
 
 
+def system_text(text: str) -> str:
+    """A system message as the model sees it: without trailing line breaks.
+
+    Editors end a file with a newline and the shell's ``$(cat file)`` drops them all, so
+    the same rules reach the daemon both ways. The daemon applies this to every text
+    cache and to every system message of a request alike, so either form of the same
+    text renders the same prompt and hits the same cache (docs/caches.md).
+    """
+    return text.rstrip("\r\n")
+
+
 class TextCacheError(Exception):
     """A text cache file exists but cannot be used; the message is the reason shown in ``cache ls``."""
 

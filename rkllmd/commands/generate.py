@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ..backends.base import SamplingParams
+from ..caches.text import system_text
 from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
 from ..templates.output import OutputSplitter
@@ -77,4 +78,4 @@ def _with_cache_text(ctx: Context, name: str, messages: list[dict]) -> list[dict
         raise WireError(ErrorCode.CACHE_BUILD_FAILED, f"text cache {name} cannot be used: {refused}")
     if text is None:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
-    return [{"role": "system", "content": text}, *messages]
+    return [{"role": "system", "content": system_text(text)}, *messages]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..caches.text import system_text
 from ..protocol import ErrorCode, WireError
 from ..templates import FAMILIES, ChatTemplate, TemplateError
 from .context import Context, Request
@@ -29,13 +30,14 @@ def execute(ctx: Context, request: Request) -> dict[str, Any]:
 
 
 def checked(messages: list[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]:
-    """The messages, if their text fits ``daemon.max_prompt_chars`` and holds no NUL."""
+    """The messages, if their text fits ``daemon.max_prompt_chars`` and holds no NUL, with
+    system text ending at its last character that is not a line break (docs/caches.md)."""
     total = sum(len(m["content"]) for m in messages)
     if total > max_chars:
         raise WireError(ErrorCode.TOO_LARGE, f"the prompt is {total} characters; the limit is {max_chars}", field="messages")
     if any("\x00" in m["content"] for m in messages):
         raise WireError(ErrorCode.INVALID_FIELD, "message content must not contain NUL", field="messages")
-    return messages
+    return [{**m, "content": system_text(m["content"])} if m["role"] == "system" else m for m in messages]
 
 
 def _template(spec: str | None, loaded: ChatTemplate) -> ChatTemplate:

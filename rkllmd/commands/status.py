@@ -39,6 +39,7 @@ def report(ctx: Context) -> dict[str, Any]:
             "states": caches.counts(),
             "builds": caches.builds,
             "memory": caches.memory(),
+            "conversations": caches.conversations(),
         },
         "store": ctx.store.report(),
         "limits": {

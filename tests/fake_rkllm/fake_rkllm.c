@@ -18,7 +18,10 @@
  *  - A "token" is one byte of the templated prompt: a prompt of N bytes prefills N
  *    tokens, minus the bytes a loaded prompt cache has in common with its start.
  *  - The reply is "echo: " + the content of the last ChatML user turn
- *    ("<|im_start|>user\n...<|im_end|>"), or of the whole prompt when it has none.
+ *    ("<|im_start|>user\n...<|im_end|>") of what the model sees (the history it holds,
+ *    then this run's templated prompt), or of the whole prompt when it has none. With
+ *    "[[fake:recall]]" anywhere in what it sees the reply is instead "recall: " + the
+ *    contents of every user turn it sees, joined by " | ": a leaked history shows.
  *    It is streamed one word (with its trailing spaces) per token; a word holding a
  *    multi-byte UTF-8 character is split right after the character's first byte, and
  *    that first piece is delivered with state WAITING.
@@ -41,7 +44,17 @@
  *    holding the run's templated prompt (format: a "FAKE-RKLLM-PROMPT-CACHE abi=N len=L"
  *    line, then L bytes). rkllm_load_prompt_cache refuses a second load before a
  *    release, and files of another format or generation. A loaded cache is matched
- *    against each following prompt; only the differing tail is prefilled.
+ *    against each following prompt; only the differing tail is prefilled. As users
+ *    report for the vendor's (#399 upstream), a loaded cache is matched only while the
+ *    history is empty: a run that continues a history prefills its whole input.
+ *  - History (KV cache): a run sees the history the handle holds, then its own input.
+ *    After a run with keep_history=1 that returned 0 (finished, paused or aborted) the
+ *    history is what the run saw plus the text of every token it generated (no end
+ *    token: the reply has none); keep_history=0 drops it after the run, which is why a
+ *    run with keep_history=0 still sees an earlier history (the leftovers users report,
+ *    #272 upstream). rkllm_clear_kv_cache empties it (keep_system_prompt=1 keeps the
+ *    template's system prompt when the history starts with it); a failed run drops it.
+ *    rkllm_get_kv_cache_size reports its length in tokens (bytes).
  *
  * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
  * then key=value pairs; paths are printed raw); FAKE_RKLLM_PREFILL_US and
@@ -430,7 +443,8 @@ typedef struct {
     char *tmpl_system, *tmpl_prefix, *tmpl_postfix;
     char *cache_text; /* the loaded prompt cache's templated prompt, or NULL */
     size_t cache_len;
-    size_t kv_len; /* bytes of earlier turns kept with keep_history=1 */
+    char *history; /* what the KV cache holds: earlier runs' inputs and generated text */
+    size_t history_len;
 } fake_handle;
 
 static fake_handle *handles[MAX_HANDLES];
@@ -617,7 +631,26 @@ static long env_us(const char *name) {
 }
 
 /* "echo: " + the last ChatML user turn's content (or the whole prompt). */
+/* "recall: " + the content of every ChatML user turn in what the model sees. */
+static char *recall_reply(const char *seen) {
+    const char *marker = "<|im_start|>user\n";
+    size_t cap = strlen(seen) + 16, n = 0;
+    char *reply = malloc(cap);
+    n += (size_t)sprintf(reply, "recall: ");
+    int turns = 0;
+    for (const char *p = strstr(seen, marker); p; p = strstr(p + 1, marker)) {
+        const char *start = p + strlen(marker), *close = strstr(start, "<|im_end|>");
+        size_t len = close ? (size_t)(close - start) : strlen(start);
+        if (turns++) n += (size_t)sprintf(reply + n, " | ");
+        memcpy(reply + n, start, len);
+        n += len;
+    }
+    reply[n] = '\0';
+    return reply;
+}
+
 static char *make_reply(const char *prompt) {
+    if (strstr(prompt, "[[fake:recall]]")) return recall_reply(prompt);
     const char *start = prompt, *end = prompt + strlen(prompt);
     const char *marker = "<|im_start|>user\n";
     for (const char *p = strstr(prompt, marker); p; p = strstr(p + 1, marker)) start = p + strlen(marker);
@@ -842,7 +875,9 @@ int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_po
     if ((start_pos && !is_readable(start_pos, sizeof *start_pos)) || (end_pos && !is_readable(end_pos, sizeof *end_pos)))
         return fail(FAKE_E_ARGUMENT, fn, "start_pos/end_pos must be NULL or int*");
     call_log("%s keep_system_prompt=%d", fn, keep_system_prompt);
-    fh->kv_len = 0;
+    size_t keep = strlen(fh->tmpl_system);
+    if (!keep_system_prompt || !keep || fh->history_len < keep || memcmp(fh->history, fh->tmpl_system, keep) != 0) keep = 0;
+    fh->history_len = keep;
     return 0;
 }
 
@@ -850,8 +885,8 @@ int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
     const char *fn = "rkllm_get_kv_cache_size";
     REQUIRE_HANDLE(fn, handle, fh);
     if (!is_readable(cache_sizes, sizeof *cache_sizes)) return fail(FAKE_E_ARGUMENT, fn, "cache_sizes is not int*");
-    cache_sizes[0] = (int)fh->kv_len;
-    call_log("%s size=%zu", fn, fh->kv_len);
+    cache_sizes[0] = (int)fh->history_len;
+    call_log("%s size=%zu", fn, fh->history_len);
     return 0;
 }
 
@@ -876,13 +911,18 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
 
     /* Apply the chat template (system prompt only at the start of a conversation). */
     const char *prompt = input->prompt_input;
-    const char *sys = fh->kv_len ? "" : fh->tmpl_system;
+    const char *sys = fh->history_len ? "" : fh->tmpl_system;
     size_t len = strlen(sys) + strlen(fh->tmpl_prefix) + strlen(prompt) + strlen(fh->tmpl_postfix);
     char *text = malloc(len + 1);
     snprintf(text, len + 1, "%s%s%s%s", sys, fh->tmpl_prefix, prompt, fh->tmpl_postfix);
+    /* What the model sees: the history, then this input. */
+    size_t seen_len = fh->history_len + len;
+    char *seen = malloc(seen_len + 1);
+    if (fh->history_len) memcpy(seen, fh->history, fh->history_len);
+    memcpy(seen + fh->history_len, text, len + 1);
 
     size_t matched = 0;
-    while (fh->cache_text && matched < fh->cache_len && matched < len && fh->cache_text[matched] == text[matched])
+    while (!fh->history_len && fh->cache_text && matched < fh->cache_len && matched < len && fh->cache_text[matched] == text[matched])
         matched++;
     const RKLLMPromptCacheParam *pc = infer->prompt_cache_params;
     bool save = pc && pc->save_prompt_cache;
@@ -898,7 +938,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         snprintf(sampling, sizeof sampling, " sampling=init");
 #endif
     call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s", fn,
-             len, infer->keep_history, save, limit, fh->kv_len, matched, sampling, save ? " path=" : "",
+             len, infer->keep_history, save, limit, fh->history_len, matched, sampling, save ? " path=" : "",
              save ? pc->prompt_cache_path : "");
 
     const char *hang_on = getenv("FAKE_RKLLM_HANG_ON");
@@ -914,13 +954,14 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
 
     bool endless = strstr(text, "[[fake:endless]]") != NULL;
     bool error = strstr(text, "[[fake:error]]") != NULL;
-    char *reply = make_reply(text);
+    char *reply = make_reply(seen);
     if (endless) { /* repeat the reply, words separated by a space */
         size_t n = strlen(reply);
         reply = realloc(reply, n + 2);
         strcpy(reply + n, " ");
     }
     size_t reply_len = strlen(reply), pos = 0, generated_bytes = 0;
+    char *generated = malloc(1);
     long decode_us = env_us("FAKE_RKLLM_DECODE_US");
     LLMResultCallback cb = fh->callback;
     void *ud = userdata ? userdata : fh->callback_userdata;
@@ -947,6 +988,8 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         memcpy(piece, reply + pos, n);
         piece[n] = '\0';
         pos += n;
+        generated = realloc(generated, generated_bytes + n + 1);
+        memcpy(generated + generated_bytes, piece, n);
         generated_bytes += n;
         sleep_us(decode_us);
         memset(&result, 0, sizeof result);
@@ -980,7 +1023,19 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         if (save && write_cache(pc->prompt_cache_path, text, len) != 0)
             rc = fail(FAKE_E_CACHE_FILE, fn, "cannot write prompt cache %s", pc->prompt_cache_path);
     }
-    fh->kv_len = (infer->keep_history && rc == 0) ? fh->kv_len + len + generated_bytes : 0;
+    if (infer->keep_history && rc == 0) {
+        seen = realloc(seen, seen_len + generated_bytes + 1);
+        memcpy(seen + seen_len, generated, generated_bytes);
+        seen[seen_len + generated_bytes] = '\0';
+        free(fh->history);
+        fh->history = seen;
+        fh->history_len = seen_len + generated_bytes;
+        seen = NULL;
+    } else {
+        fh->history_len = 0;
+    }
+    free(seen);
+    free(generated);
     call_log("rkllm_run_end reason=%s tokens=%d prefill_tokens=%d rc=%d", reason, tokens, prefill_tokens, rc);
     free(reply);
     free(text);
@@ -1013,6 +1068,7 @@ int rkllm_destroy(LLMHandle handle) {
         if (handles[i] == fh) handles[i] = NULL;
     pthread_mutex_unlock(&handles_lock);
     release_cache(fh);
+    free(fh->history);
     free(fh->tmpl_system);
     free(fh->tmpl_prefix);
     free(fh->tmpl_postfix);

@@ -24,6 +24,7 @@ from ...sampling import Sampler
 from ...store import Hold
 from ...templates import ChatTemplate, TemplateError, resolve
 from ..base import (
+    CONVERSATION,
     Backend,
     BackendError,
     BuildCancelled,
@@ -32,6 +33,7 @@ from ..base import (
     PrefixState,
     SamplingParams,
     TextSink,
+    common_prefix,
 )
 from ..stops import StopMatcher
 from .gguf import GGUFFile
@@ -113,6 +115,11 @@ class CpuBackend(Backend):
         self._weights_source = ""
         self._decode_source = ""
         self._weights_hold: Hold | None = None
+        # The tokens whose keys and values the model's KV cache holds at positions 0...
+        # (what the last generate or build left): restoring a state that agrees with them
+        # copies only where they differ, and kept_state copies them.
+        self._live: np.ndarray = np.empty(0, np.int32)
+        self._encoded: tuple[str, list[int]] = ("", [])
 
     # -- loading -----------------------------------------------------------------------
 
@@ -176,6 +183,7 @@ class CpuBackend(Backend):
         if self._weights_hold is not None:  # the file may be collected once superseded
             self._weights_hold.release()
             self._weights_hold = None
+        self._live = np.empty(0, np.int32)
 
     def _loaded(self) -> tuple[Model, Tokenizer]:
         if self._model is None or self._tokenizer is None:
@@ -235,7 +243,27 @@ class CpuBackend(Backend):
         }
 
     def count_tokens(self, text: str) -> int:
-        return len(self._loaded()[1].encode(text))
+        return len(self._encode(text))
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; the last answer is remembered, since the worker asks for a
+        prompt's tokens (to pick a conversation state) just before generating it."""
+        if self._encoded[0] != text or not text:
+            self._encoded = (text, self._loaded()[1].encode(text))
+        return self._encoded[1]
+
+    def tokenize(self, text: str) -> list[int] | None:
+        # Only the C forward pass computes a position's state the same whatever came
+        # before it in the same call, so only its states can be resumed bit for bit.
+        return self._encode(text) if self.model.uses_c else None
+
+    def kept_state(self, max_bytes: int) -> PrefixState | None:
+        model = self.model
+        n = len(self._live)
+        if not model.uses_c or n == 0 or n * model.config.kv_bytes_per_token > max_bytes:
+            return None
+        state = model.save_state(n)
+        return PrefixState(name="", text="", n_tokens=n, payload=state, nbytes=state.nbytes, kind=CONVERSATION, tokens=self._live.copy())
 
     # -- prefixes ----------------------------------------------------------------------
 
@@ -245,11 +273,13 @@ class CpuBackend(Backend):
         ids = tokenizer.encode(prefix_text)
         if len(ids) + 1 > self.context_length:
             raise ContextOverflow(len(ids), self.context_length)
+        self._live = np.empty(0, np.int32)
         if ids:
             try:
                 model.prefill(ids, 0, on_chunk=self._checkpoint)
             except _Cancelled:
                 raise BuildCancelled("building the prefix was cancelled") from None
+        self._live = np.asarray(ids, np.int32)
         model.save_state(len(ids)).write(Path(dest))
         return len(ids)
 
@@ -274,9 +304,13 @@ class CpuBackend(Backend):
         return self._tokenizer.encode(text)
 
     def _restorable(self, prefix: PrefixState | None, prompt_ids: list[int]) -> int:
-        """How many prompt positions ``prefix`` can supply (0 unless its tokens start the prompt)."""
+        """How many prompt positions ``prefix`` can supply: a text cache's all or nothing (its
+        tokens must start the prompt), a conversation state's as many as agree with the prompt."""
         if prefix is None or not isinstance(prefix.payload, KVState):
             return 0
+        if prefix.tokens is not None:
+            agreed = common_prefix(prefix.tokens, prompt_ids) if self.model.uses_c else 0
+            return min(agreed, prefix.payload.n_tokens, len(prompt_ids) - 1)
         prefix_ids = self._prefix_ids(prefix.text)
         n = len(prefix_ids)
         if n != prefix.n_tokens or n != prefix.payload.n_tokens or prompt_ids[:n] != prefix_ids:
@@ -295,7 +329,7 @@ class CpuBackend(Backend):
         model, tokenizer = self._loaded()
         started = time.perf_counter()
         stats = GenerationStats()
-        ids = tokenizer.encode(prompt_text)
+        ids = self._encode(prompt_text)
         stats.prompt_tokens = len(ids)
         if not ids:
             raise BackendError("the prompt is empty")
@@ -305,19 +339,24 @@ class CpuBackend(Backend):
 
         restored = self._restorable(prefix, ids)
         if restored:
-            model.restore_state(prefix.payload, restored)
+            # Positions the KV cache already holds for the same tokens are left as they are.
+            valid = common_prefix(self._live, ids[:restored]) if model.uses_c else 0
+            model.restore_state(prefix.payload, restored, start=valid)
         stats.cached_tokens = restored
+        self._live = np.asarray(ids[:restored], np.int32)
         try:
             logits = model.prefill(ids[restored:], restored, on_chunk=self._checkpoint)
         except _Cancelled:
             stats.finish_reason = "cancelled"
             stats.prefill_ms = stats.ttft_ms = (time.perf_counter() - started) * 1000
             return stats
+        self._live = np.asarray(ids, np.int32)
         decode_started = time.perf_counter()
         stats.prefill_ms = (decode_started - started) * 1000
 
         sampler = Sampler(params)
-        history = list(ids)
+        history = list(ids)  # prompt and completion
+        decoded = len(ids)  # how many of them the KV cache holds (not a last token never fed back)
         text_stream = tokenizer.stream_decoder()
         stops = StopMatcher(params.stop)
         stats.finish_reason = "length"
@@ -342,6 +381,7 @@ class CpuBackend(Backend):
                 break
             if step + 1 < max_new:
                 logits = model.decode(token, len(history) - 1)
+                decoded = len(history)
             self.heartbeat()
 
         if stats.finish_reason != "cancelled" and not stops.stopped:
@@ -352,6 +392,7 @@ class CpuBackend(Backend):
                 rest += stops.flush()
             if rest and not sink(rest):
                 stats.finish_reason = "cancelled"
+        self._live = np.asarray(history[:decoded], np.int32)
         stats.decode_ms = (time.perf_counter() - decode_started) * 1000
         if max_new == 0:
             stats.ttft_ms = stats.prefill_ms

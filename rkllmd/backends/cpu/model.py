@@ -319,12 +319,14 @@ class Model:
             np.ascontiguousarray(self.keys[..., :n_tokens]), np.ascontiguousarray(self.values[:, :, :n_tokens])
         )
 
-    def restore_state(self, state: KVState, n_tokens: int) -> None:
-        """Make positions ``[0, n_tokens)`` hold ``state``'s first ``n_tokens`` positions."""
+    def restore_state(self, state: KVState, n_tokens: int, start: int = 0) -> None:
+        """Make positions ``[0, n_tokens)`` hold ``state``'s first ``n_tokens`` positions
+        (copying from ``start`` on: the caller knows the positions before it agree)."""
         if n_tokens > state.n_tokens:
             raise ValueError(f"state holds {state.n_tokens} positions, not {n_tokens}")
-        self.keys[..., :n_tokens] = state.keys[..., :n_tokens]
-        self.values[:, :, :n_tokens] = state.values[:, :, :n_tokens]
+        start = min(start, n_tokens)
+        self.keys[..., start:n_tokens] = state.keys[..., start:n_tokens]
+        self.values[:, :, start:n_tokens] = state.values[:, :, start:n_tokens]
 
     # -- prefill -----------------------------------------------------------------------
 

@@ -6,9 +6,14 @@ How the runtime's interface is used, and why:
   template is set empty, so the text a prompt cache was built from is byte-identical to
   the start of every request that should hit it (the runtime matches a loaded cache
   against the templated input).
-* Every generation is one ``rkllm_run`` with ``keep_history=0`` after
-  ``rkllm_clear_kv_cache``: requests are independent, and users report leftovers from
-  earlier runs without the explicit clear.
+* Conversations continue the runtime's one KV history (``keep_history=1``). The
+  backend records the exact text that history holds (every input sent since the last
+  ``rkllm_clear_kv_cache`` and every piece generated); a prompt that starts with it is
+  sent as only its new part; any other prompt clears the KV and is sent whole (with the
+  best prompt cache loaded). The record is kept only after a run the runtime ended by
+  itself: after our stop string, ``max_tokens``, a cancel or an error what the history
+  holds is not known for sure, so the next run clears it. (``keep_history=0`` alone
+  does not empty the history: users report leftovers without the explicit clear, #272.)
 * Tokens reach the sink as their callbacks arrive; the bytes of WAITING callbacks (an
   incomplete UTF-8 character) are joined with the next ones by an incremental decoder.
   The sink may therefore be called on the runtime's callback thread while the model
@@ -44,7 +49,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rkllmd.backends.base import Backend, BackendError, BuildCancelled, GenerationStats, PrefixState, SamplingParams, TextSink
+from rkllmd.backends.base import (
+    CONVERSATION,
+    Backend,
+    BackendError,
+    BuildCancelled,
+    GenerationStats,
+    PrefixState,
+    SamplingParams,
+    TextSink,
+)
 from rkllmd.backends.rkllm import abi as rk
 from rkllmd.backends.rkllm.devices import driver_version, npu_nodes
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
@@ -126,6 +140,8 @@ class RkllmBackend(Backend):
         self._loaded_cache: tuple[Any, ...] | None = None  # identity of the loaded prompt cache file
         self._run_lock = threading.Lock()  # orders abort() against the start and end of a run
         self._running = False
+        # What the runtime's KV history holds, when known for sure (None: clear it first).
+        self._history: PrefixState | None = None
 
     # --- lifecycle --------------------------------------------------------------------
     def load(self, progress: Callable[[str], None] | None = None) -> None:
@@ -162,6 +178,7 @@ class RkllmBackend(Backend):
         log.info("rkllm: %s loaded (interface %s, context %d)", model, rt.abi.generation, self.context_length)
 
     def close(self) -> None:
+        self._history = None
         rt, self._rt = self._rt, None
         if rt is None:
             return
@@ -227,6 +244,7 @@ class RkllmBackend(Backend):
         """
         rt = self._require_runtime()
         self._use_prompt_cache(None)  # a loaded cache would be matched into the saved state
+        self._history = None
         rt.clear_kv_cache()
         stream = _Stream(lambda _text: True, (), 1, self.heartbeat, self.cancelled.is_set, rt.abort)
         rc = self._run(
@@ -251,6 +269,14 @@ class RkllmBackend(Backend):
         if not path.is_file():
             raise BackendError(f"prompt cache {path} does not exist")
         return path, 0
+
+    def kv_cache_size(self) -> int | None:
+        """What the runtime says its KV history holds (for bench/npu_board.py)."""
+        return self._require_runtime().kv_cache_size()
+
+    def resumable(self, prompt: str) -> PrefixState | None:
+        history = self._history
+        return history if history is not None and len(prompt) > len(history.text) and prompt.startswith(history.text) else None
 
     def _use_prompt_cache(self, path: Path | None) -> None:
         """Make ``path`` (or no cache) the loaded one, calling the runtime only on change.
@@ -281,8 +307,13 @@ class RkllmBackend(Backend):
         started = time.monotonic()
         if prefix is not None and not prompt_text.startswith(prefix.text):
             raise ValueError(f"the prompt does not start with prefix {prefix.name!r}'s text")
-        self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
-        rt.clear_kv_cache()
+        sent = prompt_text
+        if prefix is not None and prefix.kind == CONVERSATION and prefix is self._history:
+            sent = prompt_text[len(prefix.text):]  # the runtime holds the rest
+        else:
+            self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
+            rt.clear_kv_cache()
+        self._history = None  # until this run ends as the runtime decides
         limit = min((n for n in (params.max_tokens, self.max_new_tokens) if n > 0), default=0)
         stream = _Stream(sink, params.stop, limit, self.heartbeat, self.cancelled.is_set, rt.abort)
         per_request: dict[str, Any] = {}
@@ -291,11 +322,17 @@ class RkllmBackend(Backend):
             sampling.frequency_penalty = self.frequency_penalty
             sampling.presence_penalty = self.presence_penalty
             per_request = {"sampling": sampling, "max_new_tokens": limit}
-        rc = self._run(rt, prompt_text, stream, **per_request)
+        rc = self._run(rt, sent, stream, keep_history=True, **per_request)
         if stream.finish_reason != "cancelled":
             _raise_on_failure(rc, stream, "generation")
         finished = time.monotonic()
-        return stream.stats(prompt_text, prefix, started, finished, self.count_tokens)
+        stats = stream.stats(prompt_text, prefix, started, finished, self.count_tokens)
+        if stream.finish_reason is None and stream.perf is not None:
+            text = prompt_text + stream.generated
+            self._history = PrefixState(
+                name="", text=text, n_tokens=stats.prompt_tokens + stream.perf.generate_tokens, payload=None, kind=CONVERSATION
+            )
+        return stats
 
     def abort(self) -> None:
         super().abort()
@@ -375,6 +412,7 @@ class _Stream:
         self._cancelled = cancelled
         self._abort = abort
         self.tokens = 0
+        self.generated = ""  # every piece's text, as the runtime's history holds it
         self.finish_reason: str | None = None  # set when we end the run ourselves
         self.error_state = False
         self.perf: _Perf | None = None
@@ -395,6 +433,7 @@ class _Stream:
             self.first_token_at = time.monotonic()
         self.tokens += 1
         text = self._decoder.decode(result.text or b"")
+        self.generated += text
         if self._cancelled() or not self._emit(self._stops.feed(text)):
             return self._stop("cancelled")
         if self._stops.stopped:
@@ -407,7 +446,9 @@ class _Stream:
         """After the run: emit what the decoder and the stop matcher still hold."""
         if self.finish_reason in ("cancelled", "stop") or self.error_state:
             return
-        text = self._stops.feed(self._decoder.decode(b"", final=True))
+        tail = self._decoder.decode(b"", final=True)
+        self.generated += tail
+        text = self._stops.feed(tail)
         if not self._stops.stopped:
             text += self._stops.flush()
         if not self._emit(text):

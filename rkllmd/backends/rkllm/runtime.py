@@ -118,6 +118,15 @@ class RkllmRuntime:
     def clear_kv_cache(self) -> None:
         self._check(self._lib.rkllm_clear_kv_cache(self._handle, 0, None, None), "rkllm_clear_kv_cache")
 
+    def kv_cache_size(self) -> int | None:
+        """Positions the KV cache holds, as the runtime counts them; None when the library
+        lacks ``rkllm_get_kv_cache_size`` (it writes one count per batch; we run one)."""
+        if not hasattr(self._lib, "rkllm_get_kv_cache_size"):
+            return None
+        sizes = (ctypes.c_int * 8)()
+        self._check(self._lib.rkllm_get_kv_cache_size(self._handle, sizes), "rkllm_get_kv_cache_size")
+        return sizes[0]
+
     def load_prompt_cache(self, path: Path) -> None:
         self._check(self._lib.rkllm_load_prompt_cache(self._handle, str(path).encode()), "rkllm_load_prompt_cache")
 
@@ -133,8 +142,10 @@ class RkllmRuntime:
         save_prompt_cache: Path | None = None,
         sampling: rk.RKLLMSamplingParam | None = None,
         max_new_tokens: int = 0,
+        keep_history: bool = False,
     ) -> int:
-        """One blocking ``rkllm_run`` of a text prompt with ``keep_history=0``.
+        """One blocking ``rkllm_run`` of a text prompt (``keep_history``: the runtime keeps
+        this run's input and output in its KV cache for the next run to continue).
 
         ``handler`` sees every callback; an exception it raises pauses the run and is
         re-raised here. ``sampling`` and ``max_new_tokens`` exist only in the 1.3
@@ -146,7 +157,7 @@ class RkllmRuntime:
         text = prompt.encode()
         inp = self.abi.RKLLMInput(role=b"user", enable_thinking=False, input_type=rk.RKLLM_INPUT_PROMPT)
         inp.prompt_input = text
-        infer = self.abi.RKLLMInferParam(mode=rk.RKLLM_INFER_GENERATE, keep_history=0)
+        infer = self.abi.RKLLMInferParam(mode=rk.RKLLM_INFER_GENERATE, keep_history=int(keep_history))
         if save_prompt_cache is not None:
             cache = rk.RKLLMPromptCacheParam(save_prompt_cache=1, prompt_cache_path=str(save_prompt_cache).encode())
             infer.prompt_cache_params = ctypes.pointer(cache)
