@@ -373,7 +373,7 @@ class _Checker:
         mode = self.config["model.kernels"]
         compiler = kernels.compiler()
         folder = kernels_dir(self.config)
-        built = sorted(p.name for p in folder.glob("decode.*.so")) if os.path.isdir(folder) else []
+        built = sorted(p.name for p in folder.glob("forward.*.so")) if os.path.isdir(folder) else []
         out["decode_step"] = {"kernels": mode, "compiler": compiler, "folder": str(folder), "built": built}
         if mode != "numpy" and compiler is None:
             self.problem("no C compiler: the decode step runs in numpy, about 1.5x slower" if mode == "auto" else

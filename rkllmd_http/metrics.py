@@ -23,7 +23,7 @@ class Metrics:
         self.requests = Counter("rkllmd_http_requests", "HTTP requests answered, by route and status", ("route", "status"), registry=r)
         self.generations = Counter("rkllmd_http_generations", "generations ended, by API and finish reason", ("api", "finish_reason"), registry=r)
         self.tokens = Counter("rkllmd_http_tokens", "tokens of the generations served: prompt (cached ones included), cached, completion", ("kind",), registry=r)
-        self.cache = Counter("rkllmd_http_prompt_cache", "generations that restored a cached prompt prefix (hit) or prefilled it all (miss)", ("result",), registry=r)
+        self.cache = Counter("rkllmd_http_prompt_cache", "generations by what their prompt's prefix came from: text_cache, conversation (a kept state) or miss (prefilled it all)", ("result",), registry=r)
         self.ttft = Histogram("rkllmd_http_ttft_seconds", "time from the HTTP request to its first token, as the gateway saw it", buckets=TTFT_BUCKETS, registry=r)
         self.decode = Histogram("rkllmd_http_time_per_output_token_seconds", "decode time per completion token after the first (daemon's stats)", buckets=DECODE_BUCKETS, registry=r)
         self.in_flight = Gauge("rkllmd_http_generations_in_flight", "generations this gateway is following now", registry=r)
@@ -40,7 +40,8 @@ class Metrics:
         self.tokens.labels("prompt").inc(stats["prompt_tokens"])
         self.tokens.labels("cached").inc(stats["cached_tokens"])
         self.tokens.labels("completion").inc(stats["completion_tokens"])
-        self.cache.labels("hit" if stats["cached_tokens"] else "miss").inc()
+        source = stats.get("cache_source") if stats["cached_tokens"] else None
+        self.cache.labels(source["kind"] if source else "miss").inc()
         if stats["completion_tokens"] > 1:
             self.decode.observe(stats["decode_ms"] / 1000 / (stats["completion_tokens"] - 1))
 

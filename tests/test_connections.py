@@ -22,6 +22,7 @@ from rkllmd.backends.base import SamplingParams
 from rkllmd.config import DaemonConfig
 from rkllmd.connections import Connections
 from rkllmd.outbox import Generation, Outbox
+from rkllmd.templates.output import OutputSplitter
 
 
 #: Connections tried until one reuses a closed connection's fd (one in two does, here).
@@ -80,7 +81,7 @@ def _receive(conns: Connections) -> tuple[bytes, list[bytes]]:
 
 
 def _generation(identity: bytes) -> Generation:
-    return Generation(identity=identity, request_id=1, prompt="x", params=SamplingParams(), cache=None, use_cache=True, received=time.monotonic())
+    return Generation(identity=identity, request_id=1, prompt="x", params=SamplingParams(), cache=None, use_cache=True, received=time.monotonic(), output=OutputSplitter(None))
 
 
 def test_a_close_seen_late_is_not_taken_for_the_next_connection_on_its_fd(connections) -> None:

@@ -89,7 +89,7 @@ def test_kill_9_during_a_generation_loses_only_that_generation(make_daemon, figu
 # -- disks -------------------------------------------------------------------------------------
 
 def test_disk_full_while_writing_a_binary_cache(make_daemon, figures) -> None:
-    proc = make_daemon(start=False)
+    proc = make_daemon(start=False, env=TEXT_CACHES_ONLY)
     with tmpfs(proc.binary_dir, "6m"):
         proc.start()
         with proc.client() as client:

@@ -45,7 +45,8 @@ def test_greedy_reference_reproduced(client, case) -> None:
     assert reply.usage.prompt_tokens == case["prompt_tokens"]
     assert reply.usage.completion_tokens == len(case["completion_ids"])
     assert reply.usage.total_tokens == case["prompt_tokens"] + len(case["completion_ids"])
-    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    # Earlier tests on this daemon may have left a conversation state: a prefix, never all of it.
+    assert 0 <= reply.usage.prompt_tokens_details.cached_tokens < reply.usage.prompt_tokens
 
 
 def test_greedy_reference_streamed_with_usage(client) -> None:
