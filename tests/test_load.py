@@ -1,20 +1,16 @@
 """Load (issue 6, item 2): 16 clients at once, 25 short generations each, nothing lost, fair, flat memory.
 
-The mix is bench/soak.py's (class Mix), which the soak runs for half an hour: generations
+The mix is tests/load_mix.py's (class Mix), which bench/soak.py runs for half an hour: generations
 of 1-2 tokens, about a third with a text cache, some cancelled right after sending.
 """
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from conftest import ROOT, DaemonProcess
+from conftest import DaemonProcess
+from load_mix import Mix, summarize
 from reliability import figures_fixture
-
-sys.path.insert(0, str(ROOT / "bench"))
-from soak import Mix, summarize  # noqa: E402
 
 figures = figures_fixture()
 
