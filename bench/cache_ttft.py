@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
+from plotting import line_plot  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -92,23 +93,9 @@ def main() -> None:
         print(f"| {tokens} | {ms:.0f} ms | {per:.0f} |")
 
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        xs = [r[1] for r in rows]
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for column, label, style in ((2, "cold (full prefill)", "o-"), (3, "cached, from disk", "s-"), (4, "cached, from memory", "^-"), (5, "limit: user message + 1 step", "k--")):
-            ax.plot(xs, [r[column] for r in rows], style, label=label)
-        ax.set_xlabel("system prompt tokens")
-        ax.set_ylabel("time to first token (ms)")
-        ax.set_title("rkllmd CPU backend, SmolLM2-135M, 2 cores")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"\nplot: {args.plot}")
+        columns = ((2, "cold (full prefill)", "o-"), (3, "cached, from disk", "s-"), (4, "cached, from memory", "^-"), (5, "limit: user message + 1 step", "k--"))
+        line_plot(args.plot, [r[1] for r in rows], [(label, style, [r[c] for r in rows]) for c, label, style in columns],
+                  "system prompt tokens", "time to first token (ms)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
+from plotting import line_plot  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
@@ -68,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--turns", type=int, default=len(QUESTIONS))
     parser.add_argument("--repeat", type=int, default=3, help="runs of the cold prompt and of the limit (medians)")
+    parser.add_argument("--plot", type=Path, help="write a PNG of each turn's TTFT, cold, with reuse and the limit")
     args = parser.parse_args()
 
     backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
@@ -97,6 +99,11 @@ def main() -> None:
               f"{cold_ms / reuse_ms:.1f}x | {reuse_ms / lim:.2f}x |")
     print(f"\nkept after the chat: {kept['kept']} state(s), {kept['tokens']} tokens, {kept['bytes'] / 2**20:.1f} MiB: "
           f"{kept['bytes'] // max(kept['tokens'], 1)} bytes per kept token; {kept['hits']} reused, {kept['evictions']} evicted")
+
+    if args.plot:
+        columns = ((3, "cold (no_cache)", "o-"), (4, "reuse", "^-"), (5, "limit: new tokens + 1 step", "k--"))
+        line_plot(args.plot, [r[0] for r in rows], [(label, style, [r[c] for r in rows]) for c, label, style in columns],
+                  "turn of the chat", "time to first token (ms)")
 
     # Two conversations taking turns on one daemon.
     with running_daemon() as daemon, Client(daemon.socket, timeout=600) as client:
