@@ -92,6 +92,20 @@ def reference_cases() -> list[dict]:
     return json.loads((DATA / "smollm2-greedy.json").read_text())
 
 
+def stop_process(proc: subprocess.Popen | None) -> int | None:
+    """SIGTERM, then its exit status; killed (and TimeoutExpired raised) after 20 s. None if
+    it never started."""
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 #: Lines of each daemon's log shown under a failed test.
 LOG_TAIL_LINES = 80
 
@@ -163,15 +177,7 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        return stop_process(self.proc)
 
     def cleanup(self) -> None:
         try:
