@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 import os
 import shutil
 import subprocess
@@ -70,3 +71,16 @@ def words(n_tokens: int) -> str:
             "so a slow prefill is paid once and then restored from its cache. ").split()
     n_words = int(n_tokens / 1.3)
     return " ".join(base[i % len(base)] for i in range(n_words))
+
+
+def print_overhead(base: str, other: str, added_by: str, base_runs: list, other_runs: list, prompt_tokens: int) -> None:
+    """The side-by-side table of what the ``other`` path adds to ``base``: runs are
+    (TTFT ms, decode tokens/s, tokens generated), medians compared."""
+    assert {r[2] for r in base_runs} == {r[2] for r in other_runs}, "both sides must generate the same tokens"
+    ttft_b, ttft_o = statistics.median(r[0] for r in base_runs), statistics.median(r[0] for r in other_runs)
+    tps_b, tps_o = statistics.median(r[1] for r in base_runs), statistics.median(r[1] for r in other_runs)
+    print(f"{len(base_runs)} runs each, interleaved; {prompt_tokens}-token prompt, {base_runs[0][2]} tokens generated\n")
+    print(f"| | {base} | {other} | {added_by} adds |")
+    print("|---|---:|---:|---:|")
+    print(f"| time to first token | {ttft_b:.1f} ms | {ttft_o:.1f} ms | {ttft_o - ttft_b:+.1f} ms |")
+    print(f"| decode rate | {tps_b:.2f} tokens/s | {tps_o:.2f} tokens/s | {(tps_b / tps_o - 1) * 100:+.2f} % time |")

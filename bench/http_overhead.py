@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import urllib.parse
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import ROOT, running_daemon, words  # noqa: E402
+from daemon import ROOT, print_overhead, running_daemon, words  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
 
@@ -99,15 +98,7 @@ def main() -> None:
             gateway.terminate()
             gateway.wait(20)
             log.unlink()
-    assert {r[2] for r in sock_runs} == {r[2] for r in http_runs}, "both paths must generate the same tokens"
-
-    ttft_s, ttft_h = statistics.median(r[0] for r in sock_runs), statistics.median(r[0] for r in http_runs)
-    tps_s, tps_h = statistics.median(r[1] for r in sock_runs), statistics.median(r[1] for r in http_runs)
-    print(f"{args.repeat} runs each, interleaved; {args.prompt_tokens}-token prompt, {sock_runs[0][2]} tokens generated\n")
-    print("| | through the socket | through HTTP | HTTP adds |")
-    print("|---|---:|---:|---:|")
-    print(f"| time to first token | {ttft_s:.1f} ms | {ttft_h:.1f} ms | {ttft_h - ttft_s:+.1f} ms |")
-    print(f"| decode rate | {tps_s:.2f} tokens/s | {tps_h:.2f} tokens/s | {(tps_s / tps_h - 1) * 100:+.2f} % time |")
+    print_overhead("through the socket", "through HTTP", "HTTP", sock_runs, http_runs, args.prompt_tokens)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ Run: python bench/socket_overhead.py
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
+from daemon import KERNELS_DIR, WEIGHTS_DIR, print_overhead, running_daemon, words  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.base import SamplingParams  # noqa: E402
@@ -65,15 +64,7 @@ def main() -> None:
         for _ in range(args.repeat):
             remote.append(through_socket(client, messages, args.max_tokens))
             local.append(in_process(backend, messages, args.max_tokens))
-    assert {r[2] for r in remote} == {r[2] for r in local}, "both sides must generate the same tokens"
-
-    ttft_l, ttft_r = statistics.median(r[0] for r in local), statistics.median(r[0] for r in remote)
-    tps_l, tps_r = statistics.median(r[1] for r in local), statistics.median(r[1] for r in remote)
-    print(f"{args.repeat} runs each, interleaved; {args.prompt_tokens}-token prompt, {local[0][2]} tokens generated\n")
-    print("| | in-process | through the socket | socket adds |")
-    print("|---|---:|---:|---:|")
-    print(f"| time to first token | {ttft_l:.1f} ms | {ttft_r:.1f} ms | {ttft_r - ttft_l:+.1f} ms |")
-    print(f"| decode rate | {tps_l:.2f} tokens/s | {tps_r:.2f} tokens/s | {(tps_l / tps_r - 1) * 100:+.2f} % time |")
+    print_overhead("in-process", "through the socket", "socket", local, remote, args.prompt_tokens)
 
 
 if __name__ == "__main__":
