@@ -389,8 +389,9 @@ class StreamReader:
             raise ProtocolViolation(f"stream message {seq} arrived when {self.expected_seq} was due")
         self.expected_seq += 1
         self._count += 1
-        if kind == "queued":
-            self.position = message.get("position")
+        if kind == "queued":  # sent again as the position changes (protocol 1.3)
+            if self.position is None:
+                self.position = message.get("position")
         elif kind == "token":
             if self._first_text_at is None:
                 self._first_text_at = time.monotonic()
@@ -410,7 +411,7 @@ class StreamReader:
                 tool_calls=message.get("tool_calls"),
                 tool_call_error=message.get("tool_call_error"),
             )
-        elif kind != "started":
+        elif kind not in ("started", "progress"):  # progress: prefill tokens done (1.3)
             raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")
         return None
 

@@ -315,8 +315,20 @@ def started(sd: SystemdUnderTest) -> dict[str, str]:
     return sd.show(SERVICE, "MainPID", "NRestarts", "StatusText", "ActiveState")
 
 
+#: One generation at a time (as on the NPU): a second one waits in the queue.
+ONE_AT_A_TIME = "[daemon]\nmax_batch = 1\n"
+
+
+def one_at_a_time(sd: SystemdUnderTest) -> str:
+    """The service (re)started with ONE_AT_A_TIME; its MainPID."""
+    write_config(sd, ONE_AT_A_TIME)
+    sd.systemctl("restart", SERVICE)
+    return sd.show(SERVICE, "MainPID")["MainPID"]
+
+
 def streaming_and_queued(sd: SystemdUnderTest, max_tokens: int) -> tuple[Generation, Generation]:
-    """alice's story streaming and bob's short request queued behind it (as status shows)."""
+    """alice's story streaming and bob's short request queued behind it (as status shows;
+    the service runs ONE_AT_A_TIME)."""
     queued = Generation(sd, "bob", on_cue=True, prompt="Say hi.", max_tokens=2)
     streaming = Generation(sd, "alice", prompt=STORY, max_tokens=max_tokens)
     streaming.first_text()
@@ -430,10 +442,10 @@ class TestRkllmd:
         assert re.fullmatch(r"rules: ready, \d+ tokens\n", waited.stderr)
 
     def test_reload_applies_a_new_config_without_dropping_clients(self, sd):
-        pid = started(sd)["MainPID"]
+        pid = one_at_a_time(sd)
         streaming, queued = streaming_and_queued(sd, max_tokens=32)
         mark = journal_cursor(sd)
-        write_config(sd, "[daemon]\nmax_queue = 7\n[sampling]\nmax_tokens = 5\n")
+        write_config(sd, ONE_AT_A_TIME + "max_queue = 7\n[sampling]\nmax_tokens = 5\n")
         sd.systemctl("reload", SERVICE)
         # ExecReload=kill -HUP returns before the daemon even saw the signal: wait for its
         # RELOADING=1 and the READY=1 after it. That READY's status line was written while
@@ -479,7 +491,7 @@ class TestRkllmd:
         write_config(sd, SHIPPED_CONFIG)
 
     def test_stop_during_a_generation(self, sd):
-        pid = started(sd)["MainPID"]
+        pid = one_at_a_time(sd)
         running, queued = streaming_and_queued(sd, max_tokens=200)
         mark = journal_cursor(sd)
         t0 = time.monotonic()
@@ -528,14 +540,14 @@ class TestRkllmd:
                         "Failed with result 'watchdog'", "Scheduled restart job",
                         notified(after["MainPID"], "READY=1")), manager
         # The daemon said why it stopped pinging, and faulthandler left every thread's
-        # stack: the worker's, stuck in the runtime's call under _generate, and the socket
+        # stack: the worker's, stuck in the runtime's call under _serve_step, and the socket
         # loop's, still serving.
         dump = logged(sd, mark, old, "the prompt holds FAKE_RKLLM_HANG_ON: hanging for good",
                       "withholding watchdog pings (limit 3s)", "Fatal Python error: Aborted",
                       "Extension modules:")
         threads = re.split(r"\n(?=Thread 0x|Current thread 0x)", dump)
         worker = [t for t in threads if f"{ROOT}/rkllmd/worker.py" in t]
-        assert len(worker) == 1 and re.search(r"worker\.py\", line \d+ in _generate\n.*in _run",
+        assert len(worker) == 1 and re.search(r"worker\.py\", line \d+ in _serve_step\n.*in _run",
                                               worker[0], re.S), dump
         assert any(t.startswith("Current thread") and "in serve" in t for t in threads), dump
         # Its client waits on: ZeroMQ reconnects to the new daemon, which never heard of

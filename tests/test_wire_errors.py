@@ -2,7 +2,7 @@
 queue_full, timeout, context_overflow, and internal from faults injected by the test.
 
 The faults are put in from this side: the daemon runs under a launcher that wraps three of
-its functions (the chat template, the model's generate, a text cache write) to raise when
+its functions (the chat template, the start of a generation on the model, a text cache write) to raise when
 a request carries a marker. The product has no hook for it.
 """
 
@@ -31,7 +31,7 @@ def wrap(cls, name, faulty):
     setattr(cls, name, wrapper)
 
 wrap(CpuBackend, "render", lambda messages, *rest: any("FAULT:render" in m["content"] for m in messages))
-wrap(CpuBackend, "generate", lambda prompt, *rest: "FAULT:generate" in prompt)
+wrap(CpuBackend, "start", lambda prompt, *rest: "FAULT:start" in prompt)
 wrap(TextStore, "write", lambda name, *rest: name == "fault-disk")
 
 from rkllmd.cli import main
@@ -49,7 +49,8 @@ class FaultyDaemon(DaemonProcess):
 
 @pytest.fixture(scope="module")
 def faulty() -> DaemonProcess:
-    env = {"RKLLMD_MAX_QUEUE": "1", "RKLLMD_MODEL_CONTEXT_LENGTH": str(CONTEXT_LENGTH)}
+    # One generation at a time: a second one waits (and fills the queue of one).
+    env = {"RKLLMD_MAX_QUEUE": "1", "RKLLMD_MAX_BATCH": "1", "RKLLMD_MODEL_CONTEXT_LENGTH": str(CONTEXT_LENGTH)}
     proc = FaultyDaemon("--backend", "cpu", env=env).start()
     yield proc
     proc.cleanup()
@@ -127,7 +128,7 @@ def test_internal_errors_from_injected_faults_leave_the_daemon_serving(faulty: D
     # after queued and started), and on the disk thread (writing a text cache).
     peer.send("loop", "generate", prompt="FAULT:render", max_tokens=1)
     assert "RuntimeError" in error_of(peer.next("loop"), "internal")["message"]
-    peer.send("worker", "generate", prompt="FAULT:generate", max_tokens=1)
+    peer.send("worker", "generate", prompt="FAULT:start", max_tokens=1)
     stream = [peer.next("worker") for _ in range(3)]
     assert [m["type"] for m in stream] == ["queued", "started", "error"] and stream[-1]["seq"] == 2
     assert "RuntimeError" in error_of(stream[-1], "internal")["message"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..backends.base import CONVERSATION, TEXT_CACHE, Backend, BackendError, BuildCancelled, PrefixState, common_prefix
+from ..backends.base import CONVERSATION, TEXT_CACHE, Backend, BackendError, BuildCancelled, PrefixState, Run, common_prefix
 from ..config import CacheConfig
 from ..templates import RenderError
 from .binary import BinaryCacheInvalid, BinaryStore
@@ -43,6 +43,7 @@ class Entry:
     built_at: float | None = None
     build_ms: float | None = None
     binary_bytes: int | None = None
+    build_progress: tuple[int, int] | None = None  # (tokens done, total) of the build running
 
     def public(self) -> dict[str, Any]:
         return {
@@ -54,7 +55,15 @@ class Entry:
             "built_at": self.built_at,
             "build_ms": self.build_ms,
             "binary_bytes": self.binary_bytes,
+            "build": self.build_report(),
         }
+
+    def build_report(self) -> dict[str, int] | None:
+        """``build`` of the wire entry: tokens done of total while building, when the backend says."""
+        if self.state != BUILDING or self.build_progress is None:
+            return None
+        done, total = self.build_progress
+        return {"done": done, "total": total}
 
 
 class PrefixLRU:
@@ -332,6 +341,16 @@ class PromptCaches:
                 counts[entry.state] = counts.get(entry.state, 0) + 1
             return counts
 
+    def building(self) -> dict[str, Any] | None:
+        """The build in progress for status: its name, tokens done and total (None when the
+        backend reports no progress: the NPU's build is one native call)."""
+        with self._lock:
+            entry = next((e for e in self._entries.values() if e.state == BUILDING), None)
+            if entry is None:
+                return None
+            done, total = entry.build_progress or (None, None)
+            return {"name": entry.name, "done": done, "total": total}
+
     def settled(self, name: str) -> tuple[bool, str | None]:
         """For ``cache wait``: (done, error). Done when the binary matches the text as last
         read, or when it cannot get there (error says why). Reads nothing from disk."""
@@ -356,13 +375,18 @@ class PromptCaches:
             if entry.text_sha256 is None or entry.prefix is None:
                 return
             text_sha, prefix = entry.text_sha256, entry.prefix
-            entry.state, entry.reason = BUILDING, None
+            entry.state, entry.reason, entry.build_progress = BUILDING, None, None
             self.builds += 1
             binaries = self.binaries
         self._on_change(name)
         log.info("building binary cache %s", name)
+
+        def progress(done: int, total: int) -> None:
+            with self._lock:
+                entry.build_progress = (done, total)
+
         try:
-            meta = binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp))
+            meta = binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp, progress))
         except BuildCancelled:
             # The request that needed it was cancelled: nothing is wrong with the cache.
             log.info("building binary cache %s was interrupted; it is queued again", name)
@@ -394,11 +418,11 @@ class PromptCaches:
         self._on_change(name)
         self._on_stored()
 
-    def choose(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
+    def choose(self, prompt: str, wanted: str | None = None, build_due: bool = True) -> PrefixState | None:
         """The prefix state to restore for ``prompt``: the text cache or the conversation state
         that supplies more of its tokens (a text cache on a tie: its state is the one built
-        for exactly that prefix)."""
-        text_state = self.prefix_for(prompt, wanted)
+        for exactly that prefix). ``build_due``: see ``prefix_for``."""
+        text_state = self.prefix_for(prompt, wanted, build_due)
         with self._lock:
             if not self.keep_conversations:
                 return text_state
@@ -421,22 +445,23 @@ class PromptCaches:
             self.lru.touch(state)
         return state
 
-    def keep_conversation(self) -> None:
-        """Keep the state the last generation left for the conversation's next turn (memory only)."""
+    def keep_conversation(self, run: Run) -> None:
+        """Keep the state a finished generation left for the conversation's next turn (memory only)."""
         with self._lock:
             if not self.keep_conversations:
                 return
             budget = self.lru.budget
-        state = self.backend.kept_state(budget)
+        state = self.backend.kept_state(run, budget)
         if state is not None:
             with self._lock:
                 self.lru.keep(state)
 
-    def prefix_for(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
+    def prefix_for(self, prompt: str, wanted: str | None = None, build_due: bool = True) -> PrefixState | None:
         """The longest cached prefix of ``prompt`` (or the named cache's), built if it is due.
 
         A cache that is queued or stale for exactly this prefix is built now, on the
-        worker, instead of prefilling the same tokens twice. With a template that reads
+        worker, instead of prefilling the same tokens twice; unless not ``build_due`` (other
+        generations are running, or a build is paused): then only a ready one is used. With a template that reads
         the clock, every prefix is rendered again first: a cache of yesterday's is rebuilt.
         """
         if self.backend.template.reads_clock:
@@ -449,7 +474,7 @@ class PromptCaches:
             with self._lock:
                 due = entry.state != READY or entry.built_sha256 != entry.text_sha256
                 failed = entry.state == FAILED
-            if due and not failed:
+            if due and not failed and build_due:
                 self.build(entry.name)
             state = self._load(entry.name, prompt)
             if state is not None:
