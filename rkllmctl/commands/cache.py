@@ -146,5 +146,6 @@ def rebuild(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 def wait(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     with connect() as client:
         info = client.cache_wait(args.name, args.timeout)
-    print(f"{info['name']}: ready, {info['tokens']} tokens", file=sys.stderr)
+    built = f", built in {info['build_ms'] / 1000:.2f} s" if info.get("build_ms") else ""
+    print(f"{info['name']}: ready, {info['tokens']} tokens{built}", file=sys.stderr)
     return 0
