@@ -426,7 +426,7 @@ class StreamReader:
             raise ProtocolViolation(f"stream message {seq} arrived when {self.expected_seq} was due")
         self.expected_seq += 1
         self._count += 1
-        if kind == "queued":
+        if kind == "queued":  # sent again as the position changes (protocol 1.3)
             if self.position is None:
                 self.position = message.get("position")
             return Queued(message.get("position"))

@@ -43,6 +43,7 @@ class DaemonConfig:
     log_level: str = setting("info", "debug, info, warning or error", choices=LOG_LEVELS)
     backend: str = setting("auto", "auto, cpu or rkllm", choices=BACKENDS)
     max_queue: int = setting(64, "generation requests waiting at most; more are refused with queue_full", low=1, high=100_000)
+    max_batch: int = setting(4, "generations decoded together, one pass over the weights per step (the CPU backend; the NPU's runs one)", low=1, high=64)
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", low=1, high=1 << 20)
     max_prompt_chars: int = setting(262144, "longest text a request may carry (sum of message contents)", low=1, high=1 << 24)
     slow_client_timeout: float = setting(10.0, "seconds a client may leave its stream unread before its generation is aborted", low=0.1, high=3600.0)

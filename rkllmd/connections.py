@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class Connections:
         self._held: dict[bytes, _Held] = {}  # client -> replies it has not taken yet
         self._fd_of: OrderedDict[bytes, int] = OrderedDict()  # client -> its connection's fd
         self._on_fd: dict[int, set[bytes]] = {}
+        self._pid_of: dict[bytes, int] = {}  # client -> the process at the other end of its connection
         self._retry_soon = False
         router = zmq.Context.instance().socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable reply = client gone, not silence
@@ -170,6 +172,7 @@ class Connections:
         self._on_fd.setdefault(fd, set()).add(identity)
         if len(self._fd_of) > _CONNECTIONS_REMEMBERED:
             old, old_fd = self._fd_of.popitem(last=False)
+            self._pid_of.pop(old, None)
             others = self._on_fd.get(old_fd, set())
             others.discard(old)
             if not others:
@@ -186,8 +189,17 @@ class Connections:
                 ):
                     return
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CONNECTION_SNDBUF)
+                pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+                if pid > 0:
+                    self._pid_of[identity] = pid
         except OSError:
             pass
+
+    def client_name(self, identity: bytes) -> str:
+        """Who a client is, for status and logs: "pid N" (the connecting process, from
+        SO_PEERCRED), else its ZeroMQ routing identity in hex."""
+        pid = self._pid_of.get(identity)
+        return f"pid {pid}" if pid is not None else f"zmq {identity.hex()}"
 
     def note_disconnections(self) -> None:
         """Clients whose connection closed: abort their generations, queued or running, and
@@ -201,6 +213,7 @@ class Connections:
             return
         for identity in gone:
             self._fd_of.pop(identity, None)
+            self._pid_of.pop(identity, None)
             self._held.pop(identity, None)
         # Newest first: the queued ones leave the queue before the running one (the oldest)
         # is aborted, so the worker does not start one of them in between.

@@ -29,6 +29,9 @@ from .templates.output import OutputSplitter
 #: The output fields of a ``done`` whose generation never produced any (cancelled before it ran).
 NO_OUTPUT = {"reasoning": None, "tool_calls": None, "tool_call_error": None}
 
+#: Messages that only report a state: one not sent yet is replaced by the next.
+_SUPERSEDED = ("queued", "progress")
+
 #: A stream's token text wakes the socket loop at most this often (its first piece at once).
 TOKEN_WAKE_INTERVAL_S = 0.04
 
@@ -45,6 +48,7 @@ class Generation:
     cache: str | None
     use_cache: bool
     received: float
+    client: str = ""  # who asked, for status and fairness (Connections.client_name)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     # Stream state, guarded by the Outbox lock; ``seq`` is given as each message is sent.
@@ -53,6 +57,13 @@ class Generation:
     finished: bool = False
     gone: bool = False
     token_woke_at: float | None = None  # when its token text last woke the socket loop
+    # What status shows of it, written by the model worker only.
+    position: int | None = None  # generations ahead of it, as last sent in ``queued``
+    started: float | None = None  # when the worker took it (time.monotonic())
+    phase: str = "prefill"  # then "decode"
+    prompt_tokens: int = 0
+    prefilled: int = 0  # prompt tokens the model holds so far, restored ones included
+    completion_tokens: int = 0
 
     @property
     def key(self) -> tuple[bytes, Any]:
@@ -99,6 +110,8 @@ class Outbox:
             last = gen.messages[-1] if gen.messages else None
             if type_ == "token" and last is not None and last["type"] == "token":
                 _join(last, fields)
+            elif type_ in _SUPERSEDED and last is not None and last["type"] == type_:
+                last.update(fields)  # a newer position or progress replaces one not sent yet
             else:
                 gen.messages.append(reply(gen.request_id, type_, **fields))
             gen.finished = type_ in ("done", "error")

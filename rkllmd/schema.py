@@ -25,7 +25,7 @@ from .protocol import PROTOCOL_VERSION, ErrorCode, WireError
 from .templates import RESERVED, ROLES
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 2
+PROTOCOL_MINOR = 3
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -33,6 +33,9 @@ MINOR_VERSIONS = {
     "`token` messages may carry `reasoning`; `done` carries `reasoning`, `tool_calls`, `tool_call_error`; "
     "`status` reports `store`: the artifacts on disk per kind, the disk budget, the last collection and its evictions; "
     "`done.stats.cache_source` (what restored prompt tokens came from: a text cache or a conversation state); `status.caches.conversations`",
+    3: "`queued` is sent again whenever the generation's position changes; `progress` messages (prefill tokens done of total); "
+    "cache entries carry `build` (tokens done of total while building); `status` reports `requests` (running and queued generations), "
+    "`build` (the cache build in progress) and `limits.max_batch`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -85,12 +88,16 @@ MAX_WAIT_S = 3600.0
 MAX_TOOLS = 128
 MAX_VARS = 64
 
-#: A cache entry, as cache.ls lists it and the other cache operations return it.
-ENTRY = ("name", "state", "reason", "text_bytes", "tokens", "built_at", "build_ms", "binary_bytes")
-#: Messages of a generation's stream and their keys (besides v, id, type).
+#: A cache entry, as cache.ls lists it and the other cache operations return it; ``build``
+#: since 1.3: null, or {"done", "total"} (prompt tokens) while its binary cache is built.
+ENTRY = ("name", "state", "reason", "text_bytes", "tokens", "built_at", "build_ms", "binary_bytes", "build")
+#: Messages of a generation's stream and their keys (besides v, id, type). Since 1.3
+#: ``queued`` comes again whenever the position changes, and ``progress`` (phase "prefill")
+#: after each prefill chunk: a client may ignore both.
 STREAM: dict[str, tuple[str, ...]] = {
     "queued": ("seq", "position"),
     "started": ("seq", "queue_ms"),
+    "progress": ("seq", "phase", "done", "total"),
     "token": ("seq", "text"),
     "done": ("seq", "finish_reason", "reason", "cache", "stats", "reasoning", "tool_calls", "tool_call_error"),
 }
@@ -100,7 +107,8 @@ STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning",)}
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
 #: ``cache_source`` since 1.2: null, {"kind": "text_cache", "name": NAME} or {"kind": "conversation"}.
 STATS = ("prompt_tokens", "cached_tokens", "cache_source", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
-STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store")
+#: ``requests`` and ``build`` since 1.3 (see docs/protocol.md, status).
+STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store", "requests", "build")
 
 _NAME = Field("name", "name", "the text cache's name", required=True)
 _MESSAGES_DOC = f"a whole chat; roles {', '.join(f'`{r}`' for r in ROLES)}; 1–{MAX_MESSAGES} messages (see [Messages](#messages))"

@@ -171,7 +171,7 @@ class Daemon:
         if self._stop:
             raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
         args = parse(OPERATIONS[op], request, self.ctx.config.__getitem__)
-        return command(self.ctx, Request(identity, request_id, args))
+        return command(self.ctx, Request(identity, request_id, args, self.connections.client_name(identity)))
 
     def _reply(self, identity: bytes, request_id: Any, result: commands.Reply) -> None:
         """A result map now, or a Future's outcome when it has one (None: the command streams)."""

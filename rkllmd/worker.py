@@ -62,6 +62,7 @@ class ModelWorker:
         self.backend = backend
         self.outbox = outbox
         self.max_queue = config.max_queue
+        self.max_batch = min(config.max_batch, backend.max_batch)
         self.caches: PromptCaches | None = None
         self.counters = Counters()
         self.last_error: str | None = None
@@ -78,8 +79,9 @@ class ModelWorker:
     # -- called from the socket loop (or the cache watcher) ----------------------
 
     def configure(self, config: DaemonConfig) -> None:
-        """Apply a reloaded [daemon] section (the queue limit; requests already queued stay)."""
+        """Apply a reloaded [daemon] section (the queue and batch limits; requests already queued stay)."""
         self.max_queue = config.max_queue
+        self.max_batch = min(config.max_batch, self.backend.max_batch)
 
     def start(self) -> None:
         self._thread.start()
@@ -93,10 +95,21 @@ class ModelWorker:
             if waiting >= self.max_queue:
                 raise WireError(ErrorCode.QUEUE_FULL, f"{waiting} requests are waiting; the limit is {self.max_queue}")
             ahead = waiting + isinstance(self._running, Generation)
+            gen.position = ahead
             self.outbox.stream(gen, "queued", position=ahead)
             self._jobs.append(gen)
             self._cond.notify()
             return ahead
+
+    def _announce_positions(self) -> None:
+        """Send ``queued`` again to every waiting generation whose position changed (lock held)."""
+        ahead = int(isinstance(self._running, Generation))
+        for job in self._jobs:
+            if isinstance(job, Generation):
+                if job.position != ahead:
+                    job.position = ahead
+                    self.outbox.stream(job, "queued", position=ahead)
+                ahead += 1
 
     def schedule_build(self, name: str) -> None:
         with self._cond:
@@ -116,6 +129,7 @@ class ModelWorker:
         with self._cond:
             if gen in self._jobs:
                 self._jobs.remove(gen)
+                self._announce_positions()
                 state = "queued"
             elif self._running is gen:
                 state = "running"
@@ -144,6 +158,31 @@ class ModelWorker:
                 "builds_queued": sum(isinstance(j, BinaryCacheBuild) for j in self._jobs),
                 "building": running.name if isinstance(running, BinaryCacheBuild) else None,
             }
+
+    def requests(self) -> dict[str, list[dict[str, Any]]]:
+        """The generations running and waiting, for status."""
+        now = time.monotonic()
+        with self._cond:
+            running = [self._running] if isinstance(self._running, Generation) else []
+            queued = [j for j in self._jobs if isinstance(j, Generation)]
+        return {
+            "running": [
+                {
+                    "id": gen.request_id,
+                    "client": gen.client,
+                    "phase": gen.phase,
+                    "prompt_tokens": gen.prompt_tokens,
+                    "prefilled": gen.prefilled,
+                    "completion_tokens": gen.completion_tokens,
+                    "elapsed_ms": round((now - (gen.started or now)) * 1000, 1),
+                }
+                for gen in running
+            ],
+            "queued": [
+                {"id": gen.request_id, "client": gen.client, "position": gen.position, "waited_ms": round((now - gen.received) * 1000, 1)}
+                for gen in queued
+            ],
+        }
 
     def healthy(self, within: float) -> bool:
         """Idle, or made progress (a token, a prefill chunk) in the last ``within`` seconds.
@@ -180,6 +219,9 @@ class ModelWorker:
 
     def _heartbeat(self) -> None:
         self.last_progress = time.monotonic()
+        running = self._running
+        if isinstance(running, Generation) and running.phase == "decode":
+            running.completion_tokens += 1  # a backend beats once a token while it decodes
 
     def _run(self) -> None:
         while True:
@@ -190,6 +232,7 @@ class ModelWorker:
                     return
                 job = self._jobs.popleft()
                 self._running = job
+                self._announce_positions()
                 self.backend.reset_abort()  # under the lock: a cancel from now on is seen
                 self.last_progress = time.monotonic()
             try:
@@ -223,9 +266,10 @@ class ModelWorker:
         job.done(backend, reason, None)
 
     def _generate(self, gen: Generation) -> None:
-        started = time.monotonic()
+        started = gen.started = time.monotonic()
         self.counters.generations += 1
         self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
+        gen.prompt_tokens = self.backend.count_tokens(gen.prompt)
         prefix = None
         if gen.use_cache and self.caches is not None:
             prefix = self.caches.choose(gen.prompt, gen.cache)
@@ -235,13 +279,21 @@ class ModelWorker:
         def sink(text: str) -> bool:
             if gen.cancelled.is_set():
                 return False
+            gen.phase = "decode"
             self._send_output(gen, *gen.output.feed(text))
             return True
+
+        def progress(done: int, total: int) -> None:
+            gen.prefilled = gen.prompt_tokens - total + done
+            if done == total:
+                gen.phase = "decode"
+            if done:
+                self.outbox.stream(gen, "progress", phase="prefill", done=done, total=total)
 
         try:
             if gen.cancelled.is_set():
                 raise _Cancelled
-            stats = self.backend.generate(gen.prompt, gen.params, prefix, sink)
+            stats = self.backend.generate(gen.prompt, gen.params, prefix, sink, progress)
         except _Cancelled:
             self.counters.cancelled += 1
             self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason, **NO_OUTPUT)

@@ -56,7 +56,7 @@ def documented_errors() -> dict[int, str]:
     return table
 
 
-REPLY_TYPES = {"result", "error", "queued", "started", "token", "done"}
+REPLY_TYPES = {"result", "error", "queued", "started", "progress", "token", "done"}
 
 
 def check_envelope(reply: Any, errors: dict[int, str]) -> None:

@@ -93,7 +93,9 @@ def test_every_reply_of_every_operation_matches_the_schema(daemon: DaemonProcess
 
         messages = spec.stream(spec.send("generate", prompt="Say hi.", cache=name, max_tokens=4))
         assert [m["type"] for m in messages[:2]] == ["queued", "started"] and messages[-1]["type"] == "done"
-        assert {m["type"] for m in messages[2:-1]} <= {"token"}
+        kinds = [m["type"] for m in messages[2:-1]]
+        assert set(kinds) <= {"progress", "token"} and kinds == sorted(kinds), kinds  # prefill progress, then text
+        assert all(m["phase"] == "prefill" and 0 < m["done"] <= m["total"] for m in messages if m["type"] == "progress")
         done = messages[-1]
         assert set(done["stats"]) == set(STATS) and done["cache"] == name, done
 

@@ -105,6 +105,10 @@ def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) 
     return int(differ[0]) if differ.size else n
 
 
+#: Called after each prefill chunk with (prompt tokens prefilled so far, tokens to prefill):
+#: restored ones count in neither. Backends whose prefill is one native call never call it.
+Progress = Callable[[int, int], None]
+
 # Called with each piece of generated text, in order. Returning False asks the
 # backend to stop (cancel, client gone): it must then finish with reason "cancelled".
 TextSink = Callable[[str], bool]
@@ -115,6 +119,8 @@ class Backend(abc.ABC):
 
     #: "cpu" or "rkllm"
     kind: str = ""
+    #: Generations this backend can advance together (the daemon's ``max_batch`` is capped by it).
+    max_batch: int = 1
     #: The model's chat template, which the daemon renders (``rkllmd.templates``).
     template: ChatTemplate
 
@@ -175,7 +181,7 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def build_prefix(self, prefix_text: str, dest: Path) -> int:
+    def build_prefix(self, prefix_text: str, dest: Path, progress: Progress | None = None) -> int:
         """Prefill ``prefix_text`` and write its state to ``dest``; return its token count.
 
         ``dest`` is a temporary path; the caller verifies, checksums and renames it.
@@ -192,6 +198,7 @@ class Backend(abc.ABC):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        progress: Progress | None = None,
     ) -> GenerationStats:
         """Generate a completion of the rendered ``prompt_text``.
 

@@ -43,6 +43,7 @@ class Entry:
     built_at: float | None = None
     build_ms: float | None = None
     binary_bytes: int | None = None
+    build_progress: tuple[int, int] | None = None  # (tokens done, total) of the build running
 
     def public(self) -> dict[str, Any]:
         return {
@@ -54,7 +55,15 @@ class Entry:
             "built_at": self.built_at,
             "build_ms": self.build_ms,
             "binary_bytes": self.binary_bytes,
+            "build": self.build_report(),
         }
+
+    def build_report(self) -> dict[str, int] | None:
+        """``build`` of the wire entry: tokens done of total while building, when the backend says."""
+        if self.state != BUILDING or self.build_progress is None:
+            return None
+        done, total = self.build_progress
+        return {"done": done, "total": total}
 
 
 class PrefixLRU:
@@ -332,6 +341,16 @@ class PromptCaches:
                 counts[entry.state] = counts.get(entry.state, 0) + 1
             return counts
 
+    def building(self) -> dict[str, Any] | None:
+        """The build in progress for status: its name, tokens done and total (None when the
+        backend reports no progress: the NPU's build is one native call)."""
+        with self._lock:
+            entry = next((e for e in self._entries.values() if e.state == BUILDING), None)
+            if entry is None:
+                return None
+            done, total = entry.build_progress or (None, None)
+            return {"name": entry.name, "done": done, "total": total}
+
     def settled(self, name: str) -> tuple[bool, str | None]:
         """For ``cache wait``: (done, error). Done when the binary matches the text as last
         read, or when it cannot get there (error says why). Reads nothing from disk."""
@@ -356,13 +375,18 @@ class PromptCaches:
             if entry.text_sha256 is None or entry.prefix is None:
                 return
             text_sha, prefix = entry.text_sha256, entry.prefix
-            entry.state, entry.reason = BUILDING, None
+            entry.state, entry.reason, entry.build_progress = BUILDING, None, None
             self.builds += 1
             binaries = self.binaries
         self._on_change(name)
         log.info("building binary cache %s", name)
+
+        def progress(done: int, total: int) -> None:
+            with self._lock:
+                entry.build_progress = (done, total)
+
         try:
-            meta = binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp))
+            meta = binaries.build(name, text_sha, lambda tmp: self.backend.build_prefix(prefix, tmp, progress))
         except BuildCancelled:
             # The request that needed it was cancelled: nothing is wrong with the cache.
             log.info("building binary cache %s was interrupted; it is queued again", name)

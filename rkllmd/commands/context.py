@@ -23,6 +23,7 @@ class Request:
     identity: bytes  # the client's ZeroMQ routing identity
     id: Any
     args: dict[str, Any]  # the operation's fields, checked and with defaults (rkllmd/schema.py)
+    client: str = ""  # who the client is, for status (Connections.client_name)
 
 
 @dataclass

@@ -42,6 +42,7 @@ def execute(ctx: Context, request: Request) -> None:
         cache=args["cache"],
         use_cache=not args["no_cache"],
         received=time.monotonic(),
+        client=request.client,
     )
     ctx.worker.submit(gen)
     ctx.generations[gen.key] = gen

@@ -42,8 +42,11 @@ def report(ctx: Context) -> dict[str, Any]:
             "conversations": caches.conversations(),
         },
         "store": ctx.store.report(),
+        "requests": worker.requests(),
+        "build": caches.building(),
         "limits": {
             "max_queue": worker.max_queue,
+            "max_batch": worker.max_batch,
             "max_tokens": ctx.config.daemon.max_tokens_limit,
             "max_prompt_chars": ctx.config.daemon.max_prompt_chars,
             "max_message_bytes": MAX_MESSAGE_BYTES,

@@ -31,6 +31,7 @@ from ..base import (
     ContextOverflow,
     GenerationStats,
     PrefixState,
+    Progress,
     SamplingParams,
     TextSink,
     common_prefix,
@@ -267,7 +268,7 @@ class CpuBackend(Backend):
 
     # -- prefixes ----------------------------------------------------------------------
 
-    def build_prefix(self, prefix_text: str, dest: Path) -> int:
+    def build_prefix(self, prefix_text: str, dest: Path, progress: Progress | None = None) -> int:
         """Prefill the prefix and write its KV state (layout: ``model.KVState``)."""
         model, tokenizer = self._loaded()
         ids = tokenizer.encode(prefix_text)
@@ -276,7 +277,7 @@ class CpuBackend(Backend):
         self._live = np.empty(0, np.int32)
         if ids:
             try:
-                model.prefill(ids, 0, on_chunk=self._checkpoint)
+                model.prefill(ids, 0, on_chunk=self._checkpoint(len(ids), progress))
             except _Cancelled:
                 raise BuildCancelled("building the prefix was cancelled") from None
         self._live = np.asarray(ids, np.int32)
@@ -293,10 +294,19 @@ class CpuBackend(Backend):
 
     # -- generation --------------------------------------------------------------------
 
-    def _checkpoint(self) -> None:
-        self.heartbeat()
-        if self.cancelled.is_set():
-            raise _Cancelled
+    def _checkpoint(self, total: int, progress: Progress | None) -> Callable[[int], None]:
+        """What runs between prefill chunks: heartbeat, progress, cancellation."""
+        if progress is not None:
+            progress(0, total)
+
+        def checkpoint(done: int) -> None:
+            self.heartbeat()
+            if progress is not None:
+                progress(done, total)
+            if self.cancelled.is_set():
+                raise _Cancelled
+
+        return checkpoint
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (one backend per daemon; bounded)
     def _prefix_ids(self, text: str) -> list[int]:
@@ -325,6 +335,7 @@ class CpuBackend(Backend):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        progress: Progress | None = None,
     ) -> GenerationStats:
         model, tokenizer = self._loaded()
         started = time.perf_counter()
@@ -345,7 +356,7 @@ class CpuBackend(Backend):
         stats.cached_tokens = restored
         self._live = np.asarray(ids[:restored], np.int32)
         try:
-            logits = model.prefill(ids[restored:], restored, on_chunk=self._checkpoint)
+            logits = model.prefill(ids[restored:], restored, on_chunk=self._checkpoint(len(ids) - restored, progress))
         except _Cancelled:
             stats.finish_reason = "cancelled"
             stats.prefill_ms = stats.ttft_ms = (time.perf_counter() - started) * 1000

@@ -331,11 +331,12 @@ class Model:
     # -- prefill -----------------------------------------------------------------------
 
     def prefill(
-        self, tokens: Sequence[int], start: int, on_chunk: Callable[[], None] | None = None
+        self, tokens: Sequence[int], start: int, on_chunk: Callable[[int], None] | None = None
     ) -> np.ndarray:
         """Run ``tokens`` at positions ``start...``; return the last position's logits (a new array).
 
-        ``on_chunk`` is called after every chunk (heartbeat, cancellation: it may raise).
+        ``on_chunk`` is called after every chunk with how many of ``tokens`` are done
+        (heartbeat, progress, cancellation: it may raise).
         """
         end = start + len(tokens)
         if not tokens or start < 0 or end > self.context_length:
@@ -354,7 +355,7 @@ class Model:
                 if last:
                     np.matmul(self.dense.head, self._rms_norm(hidden, self.w.output_norm), out=logits)
             if on_chunk:
-                on_chunk()
+                on_chunk(pos + len(chunk) - start)
         return logits
 
     def _prefill_numpy(self, ids: np.ndarray, start: int) -> np.ndarray:

@@ -56,6 +56,7 @@ from rkllmd.backends.base import (
     BuildCancelled,
     GenerationStats,
     PrefixState,
+    Progress,
     SamplingParams,
     TextSink,
 )
@@ -237,8 +238,9 @@ class RkllmBackend(Backend):
         return math.ceil(len(text.encode()) / 3)
 
     # --- prompt caches -----------------------------------------------------------------
-    def build_prefix(self, prefix_text: str, dest: Path) -> int:
+    def build_prefix(self, prefix_text: str, dest: Path, progress: Progress | None = None) -> int:
         """Run the prefix once with ``save_prompt_cache`` into ``dest``; stop after one token.
+        (One native call: no ``progress``.)
 
         Returns the prefix's token count as the runtime reported it for the prefill.
         """
@@ -302,6 +304,7 @@ class RkllmBackend(Backend):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        progress: Progress | None = None,  # the prefill is one native call: none to report
     ) -> GenerationStats:
         rt = self._require_runtime()
         started = time.monotonic()
