@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import DaemonError
+from ..terminal import StatusLine
 from . import UsageError, print_json
 
 
@@ -63,7 +65,18 @@ def _age(timestamp: float | None) -> str:
 
 
 def _state(row: dict[str, Any]) -> str:
-    return f"{row['state']}: {row['reason']}" if row.get("reason") else row["state"]
+    state = row["state"]
+    if row.get("build"):  # since protocol 1.3, while it is built
+        state += f" {build_percent(row['build'])}"
+    return f"{state}: {row['reason']}" if row.get("reason") else state
+
+
+def build_percent(build: dict[str, Any]) -> str:
+    """A build's progress, "45% of 1800 tokens"; "" when the backend reports none (NPU)."""
+    done, total = build.get("done"), build.get("total")
+    if done is None or not total:
+        return ""
+    return f"{100 * done // total}% of {total} tokens"
 
 
 def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
@@ -145,7 +158,31 @@ def rebuild(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 
 def wait(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     with connect() as client:
-        info = client.cache_wait(args.name, args.timeout)
+        line = StatusLine(sys.stderr)
+        try:
+            info = wait_showing(client, args.name, args.timeout, line) if line.live else client.cache_wait(args.name, args.timeout)
+        finally:
+            line.clear()
     built = f", built in {info['build_ms'] / 1000:.2f} s" if info.get("build_ms") else ""
     print(f"{info['name']}: ready, {info['tokens']} tokens{built}", file=sys.stderr)
     return 0
+
+
+#: On a terminal, cache wait asks for this long at a time and shows the build's progress between.
+POLL_S = 0.25
+
+
+def wait_showing(client: Any, name: str, timeout: float, line: StatusLine) -> dict[str, Any]:
+    """cache.wait in short slices (the daemon answers a wait once), the build's percentage
+    from cache.show on the status line between them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            return client.cache_wait(name, min(POLL_S, left))
+        except DaemonError as exc:
+            if exc.name != "timeout" or left <= POLL_S:
+                raise
+        entry = client.cache_show(name)
+        progress = build_percent(entry["build"]) if entry.get("build") else ""
+        line.show(f"{name}: {entry['state']} {progress}".rstrip())

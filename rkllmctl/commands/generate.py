@@ -218,7 +218,8 @@ def stats_line(result: GenerationResult) -> str:
         parts.append(f"prompt {s['prompt_tokens']} tokens{cached}")
         parts.append(f"completion {s['completion_tokens']} tokens")
         ttft = result.client_ttft_ms if result.client_ttft_ms is not None else s["ttft_ms"]
-        parts.append(f"TTFT {ttft:.0f} ms (prefill {s['prefill_ms']:.0f} ms)")
+        queued = f"queued {s['queue_ms']:.0f} ms, " if s.get("queue_ms", 0) >= 1 else ""
+        parts.append(f"TTFT {ttft:.0f} ms ({queued}prefill {s['prefill_ms']:.0f} ms)")
         if s.get("decode_tps"):
             parts.append(f"{s['decode_tps']:.1f} tokens/s")
     return "[" + "; ".join(parts) + "]"
