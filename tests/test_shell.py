@@ -259,3 +259,18 @@ def test_reasoning_is_dimmed_on_a_terminal_unless_no_color(monkeypatch, no_color
     printer.end()
     assert out.getvalue().replace("\x1b[2m", "").replace("\x1b[22m", "") == "Let me think.\nParis.\n"
     assert (ESC in out.getvalue()) == (not no_color)
+
+
+def test_make_installs_the_man_page_and_completions(tmp_path: Path) -> None:
+    rkllmctl_cmd = f"{sys.executable} -m rkllmctl"
+    run = subprocess.run([tool("make"), "-s", "-C", str(ROOT), "install-shell", f"DESTDIR={tmp_path}", f"RKLLMCTL={rkllmctl_cmd}"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    installed = {
+        "usr/local/share/man/man1/rkllmctl.1": ("manpage",),
+        "usr/local/share/bash-completion/completions/rkllmctl": ("completion", "bash"),
+        "usr/local/share/zsh/site-functions/_rkllmctl": ("completion", "zsh"),
+    }
+    for path, args in installed.items():
+        made = rkllmctl(*args).stdout
+        assert made and (tmp_path / path).read_text().split("\n")[1:] == made.split("\n")[1:], path  # the man page's date may differ
