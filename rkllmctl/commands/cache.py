@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rkllmd.schema import OPERATIONS
+
 from ..errors import DaemonError
 from ..terminal import StatusLine
 from . import UsageError, print_json
@@ -50,7 +52,8 @@ def register(sub: Any) -> None:
 
     v = verbs.add_parser("wait", help="return when the binary cache matches the current text")
     v.add_argument("name")
-    v.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60); exit 124 when they run out")
+    timeout = OPERATIONS["cache.wait"].field("timeout")
+    v.add_argument("--timeout", type=float, default=timeout.default, help=f"seconds, up to {timeout.high:g} (default {timeout.default:g}); exit 124 when they run out")
     v.set_defaults(run=wait)
 
 

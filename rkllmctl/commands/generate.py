@@ -45,8 +45,8 @@ def _value(bound: Any) -> str | None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", metavar="NAME", help="use text cache NAME as the system message")
-    p.add_argument("--no-cache", action="store_true", help="prefill the whole prompt (no prompt cache), to measure the difference")
+    p.add_argument("--cache", metavar="NAME", help="use text cache NAME as the system message; default: none (a prompt that starts like a cache uses it all the same)")
+    p.add_argument("--no-cache", action="store_true", help="prefill the whole prompt (no prompt cache), to measure the difference; default: restore what a cache or the conversation holds")
     p.add_argument("--temperature", type=float, help=schema_help("temperature"))
     p.add_argument("--top-k", type=int, help=schema_help("top_k"))
     p.add_argument("--top-p", type=float, help=schema_help("top_p"))
@@ -56,7 +56,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", metavar="S", help=schema_help("stop", "stop before this text (repeatable), which is not printed"))
     p.add_argument("--tools", type=Path, metavar="FILE.json", help="a JSON list of tool schemas the model may call")
     p.add_argument("--vars", type=Path, metavar="FILE.json", help="a JSON object of template variables (date_string, ...)")
-    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not")
+    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not; default: as the template decides")
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the model's reasoning")
 
 
