@@ -84,7 +84,7 @@ def start_generation(socket: Path, *extra: str) -> subprocess.Popen:
 def wait_running(proc: DaemonProcess) -> None:
     with proc.client() as client:
         deadline = time.monotonic() + 60
-        while client.status()["worker"]["running"] is None:
+        while not client.status()["requests"]["running"]:
             assert time.monotonic() < deadline, "the generation never started"
             time.sleep(0.05)
 
@@ -111,6 +111,25 @@ def test_a_daemon_stopped_mid_answer_with_json(make_daemon) -> None:
     error = json.loads(out)["error"]
     assert error["name"] == "cut_short" and error["details"]["reason"] == "shutting down"
     assert isinstance(error["details"]["text"], str)
+
+
+def test_a_queued_generation_of_a_stopping_daemon_exits_non_zero(make_daemon) -> None:
+    """Queued behind another when the daemon stops: its error is shutting_down, exit 1."""
+    proc = make_daemon(env={"RKLLMD_MAX_BATCH": "1"})
+    running = start_generation(proc.socket)
+    assert running.stdout is not None and running.stdout.read(1)
+    queued = start_generation(proc.socket, "--json")
+    with proc.client() as client:
+        deadline = time.monotonic() + 60
+        while not client.status()["requests"]["queued"]:
+            assert time.monotonic() < deadline, "the second generation never queued"
+            time.sleep(0.05)
+    proc.signal(signal.SIGTERM)
+    out, err = queued.communicate(timeout=30)
+    assert queued.returncode == ExitCode.DAEMON_ERROR and err == ""
+    error = json.loads(out)["error"]
+    assert (error["name"], error["code"]) == ("shutting_down", int(ErrorCode.SHUTTING_DOWN))
+    assert running.wait(30) == ExitCode.DAEMON_ERROR
 
 
 def test_a_daemon_killed_mid_answer_is_unreachable(make_daemon) -> None:
@@ -274,3 +293,36 @@ def test_make_installs_the_man_page_and_completions(tmp_path: Path) -> None:
     for path, args in installed.items():
         made = rkllmctl(*args).stdout
         assert made and (tmp_path / path).read_text().split("\n")[1:] == made.split("\n")[1:], path  # the man page's date may differ
+
+
+def test_completion_offers_the_daemons_cache_names(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """NAME and --cache NAME complete from `rkllmctl cache ls --names`, asked at TAB time."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "rkllmctl").write_text(f'#!/bin/sh\nexec {sys.executable} -m rkllmctl "$@"\n')
+    (bin_dir / "rkllmctl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RKLLMD_SOCKET": str(daemon.socket), "HOME": str(tmp_path)}
+    for shell in ("bash", "zsh"):
+        (tmp_path / f"rkllmctl.{shell}").write_text(rkllmctl("completion", shell).stdout)
+    with daemon.client() as client:
+        client.cache_put("zz-tab-one", "One.")
+        client.cache_put("zz-tab-two", "Two.")
+        try:
+            assert rkllmctl("cache", "ls", "--names", socket=daemon.socket).stdout.split().count("zz-tab-one") == 1
+            bash = (
+                f"source {tmp_path}/rkllmctl.bash; "
+                "COMP_WORDS=(rkllmctl cache show zz-tab-); COMP_CWORD=3; _shtab_rkllmctl; echo \"${COMPREPLY[*]}\"; "
+                "COMP_WORDS=(rkllmctl generate --cache zz-tab-o); COMP_CWORD=3; _shtab_rkllmctl; echo \"${COMPREPLY[*]}\""
+            )
+            run = subprocess.run([tool("bash"), "-c", bash], capture_output=True, text=True, timeout=60, env=env)
+            assert run.stdout.splitlines() == ["zz-tab-one zz-tab-two", "zz-tab-one"], (run.stdout, run.stderr)
+            # zsh: the preamble's function hands the names to compadd (here a stand-in that prints them).
+            zsh = (
+                f"autoload -U compinit && compinit -u -D; source {tmp_path}/rkllmctl.zsh; "
+                'compadd() { print -rl -- ${(P)${@[-1]}}; }; _rkllmctl_caches'
+            )
+            run = subprocess.run([tool("zsh"), "-fc", zsh], capture_output=True, text=True, timeout=60, env=env)
+            assert {"zz-tab-one", "zz-tab-two"} <= set(run.stdout.split()), (run.stdout, run.stderr)
+        finally:
+            client.cache_rm("zz-tab-one")
+            client.cache_rm("zz-tab-two")

@@ -23,7 +23,8 @@ def register(sub: Any) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("ls", help="every text cache and the state of its binary cache")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="the daemon's listing as JSON")
+    v.add_argument("--names", action="store_true", help="the names alone, one a line (for scripts and shell completion)")
     v.set_defaults(run=ls)
 
     v = verbs.add_parser("show", help="one cache's text and state")
@@ -89,6 +90,10 @@ def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         print_json(listing)
         return 0
     rows = listing["caches"]
+    if args.names:
+        for row in rows:
+            print(row["name"])
+        return 0
     if not rows:
         print("no text caches")
         return 0

@@ -33,12 +33,22 @@ def root_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
+#: Cache names, asked of the daemon at TAB time (`cache ls --names`), for NAME and --cache NAME.
+CACHE_NAMES = {"bash": "_rkllmctl_caches", "zsh": "_rkllmctl_caches"}
+PREAMBLE = {
+    "bash": '_rkllmctl_caches() { compgen -W "$(rkllmctl cache ls --names 2>/dev/null)" -- "$1"; }',
+    "zsh": '_rkllmctl_caches() { local -a names; names=(${(f)"$(rkllmctl cache ls --names 2>/dev/null)"}); compadd -a names; }',
+}
+
+
 def completion(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     parser = root_parser()
     for action in walk(parser):
         if action.type is Path:  # files to read: the shell completes file names
             action.complete = shtab.FILE  # type: ignore[attr-defined]
-    sys.stdout.write(shtab.complete(parser, shell=args.shell))
+        elif action.dest in ("name", "cache"):  # the cache verbs' NAME, generate's --cache NAME
+            action.complete = CACHE_NAMES  # type: ignore[attr-defined]
+    sys.stdout.write(shtab.complete(parser, shell=args.shell, preamble=PREAMBLE))
     return 0
 
 
