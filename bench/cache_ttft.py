@@ -42,12 +42,13 @@ def limit_ms(backend: CpuBackend, system: str, repeat: int) -> float:
     prompt = backend.render([{"role": "system", "content": system}, {"role": "user", "content": QUESTION}])
     prefix = backend.render([{"role": "system", "content": system}], add_generation_prompt=False)
     tokenizer, model = backend.tokenizer, backend.model
+    slot = model.new_slot()
     suffix = tokenizer.encode(prompt)[len(tokenizer.encode(prefix)):]
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        logits = model.prefill(suffix, 0)
-        model.decode(int(logits.argmax()), len(suffix))
+        logits = model.prefill(slot, suffix, 0)
+        model.decode(slot, int(logits.argmax()), len(suffix))
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 

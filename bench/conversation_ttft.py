@@ -49,13 +49,14 @@ def limit_ms(backend: CpuBackend, prompt: str, restored: int, repeat: int) -> fl
     """Prefill of the tokens after ``restored`` at their positions, then one decode step."""
     ids = backend.tokenizer.encode(prompt)
     model = backend.model
+    slot = model.new_slot()
     if restored:
-        model.prefill(ids[:restored], 0)
+        model.prefill(slot, ids[:restored], 0)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        logits = model.prefill(ids[restored:], restored)
-        model.decode(int(logits.argmax()), len(ids))
+        logits = model.prefill(slot, ids[restored:], restored)
+        model.decode(slot, int(logits.argmax()), len(ids))
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from rkllmd.backends.cpu import kernels  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
-from rkllmd.backends.cpu.model import Model  # noqa: E402
+from rkllmd.backends.cpu.model import KVSlot, Model  # noqa: E402
 from rkllmd.sampling import Sampler  # noqa: E402
 
 
@@ -64,15 +64,15 @@ def matrix_products(model: Model) -> None:
     np.matmul(w.head, model._h, out=model._logits)
 
 
-def attention(model: Model, n_keys: int) -> None:
-    """The numpy step's attention over ``n_keys`` positions, for every layer."""
+def attention(model: Model, slot: KVSlot, n_keys: int) -> None:
+    """The numpy step's attention over ``n_keys`` positions of ``slot``, for every layer."""
     cfg = model.config
     queries = model._rot[: cfg.n_heads].reshape(cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim)
     scores = model._scores[:, :, :n_keys]
     for layer in range(cfg.n_layers):
-        np.matmul(queries, model.keys[layer][:, :, :n_keys], out=scores)
+        np.matmul(queries, slot.keys[layer][:, :, :n_keys], out=scores)
         totals = model._exp_scores(scores, model._row)
-        np.matmul(scores, model.values[layer][:, :n_keys], out=model._attn)
+        np.matmul(scores, slot.values[layer][:, :n_keys], out=model._attn)
         model._attn /= totals
 
 
@@ -111,29 +111,30 @@ def main() -> None:
     c_model = Model(numpy_model.config, numpy_model.w, backend.context_length, backend.prefill_chunk, kernel)
     text = backend.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
     ids = backend.tokenizer.encode(text)[: args.prompt_tokens]
+    slots = {"C": c_model.new_slot(), "numpy": numpy_model.new_slot()}
     prefill_s: dict[str, list[float]] = {"C": [], "numpy": []}
     for _ in range(2):
         for label, model in (("C", c_model), ("numpy", numpy_model)):
             t0 = time.perf_counter()
-            model.prefill(ids, 0)
+            model.prefill(slots[label], ids, 0)
             prefill_s[label].append(time.perf_counter() - t0)
-    tokens = [int(np.argmax(c_model.prefill(ids, 0)))]
-    numpy_model.prefill(ids, 0)
+    tokens = [int(np.argmax(c_model.prefill(slots["C"], ids, 0)))]
+    numpy_model.prefill(slots["numpy"], ids, 0)
     for _ in range(args.steps):  # the greedy continuation both steps are timed on
-        tokens.append(int(np.argmax(c_model.decode(tokens[-1], len(ids) + len(tokens) - 1))))
+        tokens.append(int(np.argmax(c_model.decode(slots["C"], tokens[-1], len(ids) + len(tokens) - 1))))
 
     step_times: dict[str, list[float]] = {"C": [], "numpy": []}
     for _ in range(args.rounds):
         for label, model in (("C", c_model), ("numpy", numpy_model)):
             for i in range(args.steps):
                 t0 = time.perf_counter()
-                model.decode(tokens[i], len(ids) + i)
+                model.decode(slots[label], tokens[i], len(ids) + i)
                 step_times[label].append((time.perf_counter() - t0) * 1000)
     c_step, numpy_step = (statistics.median(step_times[k]) for k in ("C", "numpy"))
     n_keys = len(ids) + args.steps
 
     products = median_ms(lambda: matrix_products(numpy_model), args.steps)
-    attend = median_ms(lambda: attention(numpy_model, n_keys), args.steps)
+    attend = median_ms(lambda: attention(numpy_model, slots["numpy"], n_keys), args.steps)
     logits = c_model._logits
     greedy = Sampler(SamplingParams(temperature=0))
     sampled = Sampler(SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=1))

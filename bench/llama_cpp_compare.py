@@ -40,12 +40,13 @@ _QUIET = None
 def ours_run(backend: CpuBackend, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
     """(prefill s, decode s for ``steps`` tokens, greedy tokens)."""
     model = backend.model
+    slot = model.new_slot()
     t0 = time.perf_counter()
-    logits = model.prefill(ids, 0)
+    logits = model.prefill(slot, ids, 0)
     t1 = time.perf_counter()
     out = [int(np.argmax(logits))]
     for step in range(steps):
-        logits = model.decode(out[-1], len(ids) + step)
+        logits = model.decode(slot, out[-1], len(ids) + step)
         out.append(int(np.argmax(logits)))
     return t1 - t0, time.perf_counter() - t1, out
 

@@ -57,13 +57,9 @@ class Generation:
     finished: bool = False
     gone: bool = False
     token_woke_at: float | None = None  # when its token text last woke the socket loop
-    # What status shows of it, written by the model worker only.
+    # Written by the model worker (under its lock): what status shows of it.
     position: int | None = None  # generations ahead of it, as last sent in ``queued``
     started: float | None = None  # when the worker took it (time.monotonic())
-    phase: str = "prefill"  # then "decode"
-    prompt_tokens: int = 0
-    prefilled: int = 0  # prompt tokens the model holds so far, restored ones included
-    completion_tokens: int = 0
 
     @property
     def key(self) -> tuple[bytes, Any]:

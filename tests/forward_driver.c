@@ -6,9 +6,11 @@
  * Prefills TOKENS random tokens at once, then checks, bit for bit, that every other way
  * of getting there gives the same last logits and KV cache: a prefix then the rest (at
  * many splits, the cache past the prefix filled with garbage), chunks of several sizes,
- * and a prefix then decode steps one token at a time. Exit status 1 names the first
- * difference; on success the logits and the cache go to stdout (float32, native byte
- * order) for the test to compare between builds and thread counts.
+ * a prefix then decode steps one token at a time, and the same stream batched with two
+ * others in their own caches (decode rows of two streams and a prompt chunk of a third in
+ * each call, all at different positions). Exit status 1 names the first difference; on
+ * success the logits and the cache go to stdout (float32, native byte order) for the test
+ * to compare between builds and thread counts.
  */
 #include "../rkllmd/backends/cpu/forward.c"
 
@@ -46,23 +48,94 @@ static int64_t cache_size(const struct rkllmd_model *m) {
     return m->n_layers * m->n_kv_heads * m->head_dim * m->capacity;
 }
 
-static void spoil_cache(struct rkllmd_model *m) {
+/* One stream's KV cache. */
+struct cache {
+    float *keys, *values;
+};
+
+static struct cache new_cache(const struct rkllmd_model *m) {
+    return (struct cache){malloc(cache_size(m) * sizeof(float)), malloc(cache_size(m) * sizeof(float))};
+}
+
+static void spoil_cache(const struct rkllmd_model *m, struct cache c) {
     for (int64_t i = 0; i < cache_size(m); i++)
-        m->keys[i] = m->values[i] = 7.0f;
+        c.keys[i] = c.values[i] = 7.0f;
+}
+
+/* ``n`` tokens of one stream at positions pos..; the last one's logits unless NULL. */
+static int forward(const struct rkllmd_model *m, struct cache c, const int64_t *tokens, int64_t n, int64_t pos, float *logits) {
+    int64_t positions[n], last = n - 1;
+    float *keys[n], *values[n];
+    for (int64_t t = 0; t < n; t++) {
+        positions[t] = pos + t;
+        keys[t] = c.keys;
+        values[t] = c.values;
+    }
+    return rkllmd_forward(m, n, tokens, positions, keys, values, logits != NULL, &last, logits);
 }
 
 /* The cache of positions [0, n) and the logits equal the reference's. */
-static int same(const struct rkllmd_model *m, const float *keys, const float *values, const float *logits,
+static int same(const struct rkllmd_model *m, struct cache c, const float *keys, const float *values, const float *logits,
                 const float *ref_logits, int64_t n, const char *what) {
     int ok = memcmp(logits, ref_logits, m->vocab_size * sizeof(float)) == 0;
     for (int64_t block = 0; block < m->n_layers * m->n_kv_heads; block++) {
         const int64_t cap = m->capacity, hd = m->head_dim;
         for (int64_t d = 0; d < hd; d++)
-            ok &= memcmp(m->keys + (block * hd + d) * cap, keys + (block * hd + d) * cap, n * sizeof(float)) == 0;
-        ok &= memcmp(m->values + block * cap * hd, values + block * cap * hd, n * hd * sizeof(float)) == 0;
+            ok &= memcmp(c.keys + (block * hd + d) * cap, keys + (block * hd + d) * cap, n * sizeof(float)) == 0;
+        ok &= memcmp(c.values + block * cap * hd, values + block * cap * hd, n * hd * sizeof(float)) == 0;
     }
     if (!ok)
         fprintf(stderr, "differs from prefilling everything at once: %s\n", what);
+    return ok;
+}
+
+/* Three streams batched: ``tokens`` (the reference's) and two others, each in its own
+ * (spoiled) cache. The first two start decoding from different positions, the third is
+ * prefilled 3 tokens a call beside them; every stream must end as it would alone. */
+static int batched(const struct rkllmd_model *m, const int64_t *tokens, int64_t n, const float *ref_keys,
+                   const float *ref_values, const float *ref_logits) {
+    int64_t *streams[3] = {(int64_t *)tokens, malloc(n * sizeof(int64_t)), malloc(n * sizeof(int64_t))};
+    for (int64_t i = 0; i < n; i++) {
+        streams[1][i] = tokens[n - 1 - i];
+        streams[2][i] = (tokens[i] * 7 + 3) % m->vocab_size;
+    }
+    struct cache caches[3], alone = new_cache(m);
+    float *alone_logits = malloc(m->vocab_size * sizeof(float)), *logits = malloc(3 * m->vocab_size * sizeof(float));
+    float *final_logits[3] = {malloc(m->vocab_size * sizeof(float)), malloc(m->vocab_size * sizeof(float)), malloc(m->vocab_size * sizeof(float))};
+    int64_t done[3] = {n / 2, n / 3, 0};
+    for (int s = 0; s < 3; s++) {
+        caches[s] = new_cache(m);
+        spoil_cache(m, caches[s]);
+        if (done[s])
+            forward(m, caches[s], streams[s], done[s], 0, NULL);
+    }
+    while (done[0] < n || done[1] < n || done[2] < n) {
+        int64_t row_tokens[5], positions[5], logit_rows[3], rows = 0, wanted = 0, owner[3];
+        float *keys[5], *values[5];
+        for (int s = 0; s < 3; s++) {
+            const int64_t count = s < 2 ? 1 : 3, left = n - done[s], take = left < count ? left : count;
+            for (int64_t i = 0; i < take; i++, rows++) {
+                row_tokens[rows] = streams[s][done[s] + i];
+                positions[rows] = done[s] + i;
+                keys[rows] = caches[s].keys;
+                values[rows] = caches[s].values;
+            }
+            done[s] += take;
+            if (take && done[s] == n) {
+                owner[wanted] = s;
+                logit_rows[wanted++] = rows - 1;
+            }
+        }
+        rkllmd_forward(m, rows, row_tokens, positions, keys, values, wanted, logit_rows, logits);
+        for (int64_t i = 0; i < wanted; i++)
+            memcpy(final_logits[owner[i]], logits + i * m->vocab_size, m->vocab_size * sizeof(float));
+    }
+    int ok = same(m, caches[0], ref_keys, ref_values, final_logits[0], ref_logits, n, "batched with two other streams");
+    for (int s = 1; s < 3; s++) {
+        spoil_cache(m, alone);
+        forward(m, alone, streams[s], n, 0, alone_logits);
+        ok &= same(m, caches[s], alone.keys, alone.values, final_logits[s], alone_logits, n, "another stream of the batch");
+    }
     return ok;
 }
 
@@ -92,44 +165,44 @@ int main(int argc, char **argv) {
     m.wd = random_panels(L, D, F, 1.0f / sqrtf((float)F));
     m.rope_cos = random_array(m.capacity * hd / 2, 1.0f); /* any table will do: libm's cos differs by target */
     m.rope_sin = random_array(m.capacity * hd / 2, 1.0f);
-    m.keys = malloc(cache_size(&m) * sizeof(float));
-    m.values = malloc(cache_size(&m) * sizeof(float));
+    struct cache c = new_cache(&m);
     int64_t *tokens = malloc(n * sizeof(int64_t));
     for (int64_t i = 0; i < n; i++)
         tokens[i] = (int64_t)((uniform() + 1.0f) / 2.0f * (float)m.vocab_size) % m.vocab_size;
 
     float *ref_logits = malloc(m.vocab_size * sizeof(float)), *logits = malloc(m.vocab_size * sizeof(float));
-    spoil_cache(&m);
-    if (rkllmd_forward(&m, tokens, n, 0, ref_logits) != 0)
+    spoil_cache(&m, c);
+    if (forward(&m, c, tokens, n, 0, ref_logits) != 0)
         return 1;
     float *ref_keys = malloc(cache_size(&m) * sizeof(float)), *ref_values = malloc(cache_size(&m) * sizeof(float));
-    memcpy(ref_keys, m.keys, cache_size(&m) * sizeof(float));
-    memcpy(ref_values, m.values, cache_size(&m) * sizeof(float));
+    memcpy(ref_keys, c.keys, cache_size(&m) * sizeof(float));
+    memcpy(ref_values, c.values, cache_size(&m) * sizeof(float));
 
     int ok = 1;
     char what[64];
     for (int64_t split = 1; split < n; split += split < 8 ? 1 : split / 3) { /* a prefix, then the rest */
-        spoil_cache(&m);
-        rkllmd_forward(&m, tokens, split, 0, NULL);
-        rkllmd_forward(&m, tokens + split, n - split, split, logits);
+        spoil_cache(&m, c);
+        forward(&m, c, tokens, split, 0, NULL);
+        forward(&m, c, tokens + split, n - split, split, logits);
         snprintf(what, sizeof what, "prefix of %lld, then the rest", (long long)split);
-        ok &= same(&m, ref_keys, ref_values, logits, ref_logits, n, what);
+        ok &= same(&m, c, ref_keys, ref_values, logits, ref_logits, n, what);
     }
     const int64_t chunk_sizes[] = {1, 5, 7, 13, 64};
-    for (size_t c = 0; c < sizeof chunk_sizes / sizeof *chunk_sizes; c++) { /* in chunks */
-        spoil_cache(&m);
-        for (int64_t pos = 0; pos < n; pos += chunk_sizes[c]) {
-            const int64_t count = n - pos < chunk_sizes[c] ? n - pos : chunk_sizes[c];
-            rkllmd_forward(&m, tokens + pos, count, pos, pos + count == n ? logits : NULL);
+    for (size_t k = 0; k < sizeof chunk_sizes / sizeof *chunk_sizes; k++) { /* in chunks */
+        spoil_cache(&m, c);
+        for (int64_t pos = 0; pos < n; pos += chunk_sizes[k]) {
+            const int64_t count = n - pos < chunk_sizes[k] ? n - pos : chunk_sizes[k];
+            forward(&m, c, tokens + pos, count, pos, pos + count == n ? logits : NULL);
         }
-        snprintf(what, sizeof what, "chunks of %lld", (long long)chunk_sizes[c]);
-        ok &= same(&m, ref_keys, ref_values, logits, ref_logits, n, what);
+        snprintf(what, sizeof what, "chunks of %lld", (long long)chunk_sizes[k]);
+        ok &= same(&m, c, ref_keys, ref_values, logits, ref_logits, n, what);
     }
-    spoil_cache(&m); /* a prefix, then decode steps */
-    rkllmd_forward(&m, tokens, n / 2, 0, NULL);
+    spoil_cache(&m, c); /* a prefix, then decode steps */
+    forward(&m, c, tokens, n / 2, 0, NULL);
     for (int64_t pos = n / 2; pos < n; pos++)
-        rkllmd_forward(&m, tokens + pos, 1, pos, logits);
-    ok &= same(&m, ref_keys, ref_values, logits, ref_logits, n, "prefix, then decode steps");
+        forward(&m, c, tokens + pos, 1, pos, logits);
+    ok &= same(&m, c, ref_keys, ref_values, logits, ref_logits, n, "prefix, then decode steps");
+    ok &= batched(&m, tokens, n, ref_keys, ref_values, ref_logits);
     if (!ok)
         return 1;
 

@@ -28,10 +28,15 @@ def backend():
 
 
 def generate(cpu: CpuBackend, prompt: str, prefix: PrefixState | None = None, **params):
-    cpu.reset_abort()
+    """One generation, step by step as the daemon drives it: its text, stats and the state it
+    leaves for the next turn (what the daemon keeps before releasing its slot)."""
     pieces: list[str] = []
-    stats = cpu.generate(prompt, SamplingParams(**{"max_tokens": 24, **params}), prefix, lambda p: pieces.append(p) or True)
-    return "".join(pieces), stats
+    run = cpu.start(prompt, SamplingParams(**{"max_tokens": 24, **params}), prefix, lambda p: pieces.append(p) or True)
+    while not run.done:
+        cpu.step([run])
+    kept = cpu.kept_state(run, UNLIMITED)
+    cpu.release(run)
+    return "".join(pieces), run.stats, kept
 
 
 def chat(system: str, questions: list[str], answers: list[str]) -> list[dict[str, str]]:
@@ -46,10 +51,11 @@ def chat(system: str, questions: list[str], answers: list[str]) -> list[dict[str
 def logits_after_restoring(cpu: CpuBackend, state: PrefixState, ids: list[int], n: int) -> np.ndarray:
     """Restore ``n`` positions from ``state`` into a KV cache filled with garbage, prefill the rest."""
     model = cpu.model
-    model.keys[...] = 7.0
-    model.values[...] = -7.0
-    model.restore_state(state.payload, n)
-    return model.prefill(ids[n:], n).copy()
+    slot = model.new_slot()
+    slot.keys[...] = 7.0
+    slot.values[...] = -7.0
+    model.restore_state(slot, state.payload, n)
+    return model.prefill(slot, ids[n:], n)
 
 
 # -- in process: the bits ----------------------------------------------------------------
@@ -61,8 +67,7 @@ def test_next_turn_from_the_kept_state_gives_the_logits_of_prefilling_it_all(bac
     steps included); the next turn restores the longest common token prefix, never more,
     and its logits are those of prefilling the whole prompt, bit for bit."""
     first = backend.render(chat(SYSTEM, QUESTIONS[:1], []))
-    answer, _ = generate(backend, first)
-    state = backend.kept_state(UNLIMITED)
+    answer, _, state = generate(backend, first)
     assert state is not None and state.kind == CONVERSATION and isinstance(state.payload, KVState)
     first_ids = backend.tokenize(first)
     assert state.n_tokens > len(first_ids) and list(state.tokens[: len(first_ids)]) == first_ids
@@ -73,34 +78,38 @@ def test_next_turn_from_the_kept_state_gives_the_logits_of_prefilling_it_all(bac
     agreed = next(i for i, (a, b) in enumerate(zip(state.tokens, ids)) if a != b) if assistant_edit != "as generated" else state.n_tokens
     assert restored == agreed and restored >= len(first_ids) - 1
     assert list(ids[:restored]) == list(state.tokens[:restored])
-    full = backend.model.prefill(ids, 0).copy()
+    full = backend.model.prefill(backend.model.new_slot(), ids, 0)
     assert np.array_equal(logits_after_restoring(backend, state, ids, restored), full)
 
 
 @pytest.mark.parametrize("params", [{}, {"temperature": 0.9, "top_k": 20, "seed": 11}], ids=["greedy", "seeded"])
 def test_generating_from_a_conversation_state_is_generating_without(backend, params):
     first = backend.render(chat(SYSTEM, QUESTIONS[:1], []))
-    answer, _ = generate(backend, first, **params)
-    state = backend.kept_state(UNLIMITED)
+    answer, _, state = generate(backend, first, **params)
     second = backend.render(chat(SYSTEM, QUESTIONS[:2], [answer]))
     generate(backend, backend.render(chat(SYSTEM, ASIDE[:1], [])))  # the KV cache now holds another chat
-    with_state, stats = generate(backend, second, state, **params)
-    without, plain = generate(backend, second, None, **params)
+    with_state, stats, _ = generate(backend, second, state, **params)
+    without, plain, _ = generate(backend, second, None, **params)
     assert with_state == without and stats.prompt_tokens == plain.prompt_tokens
     assert stats.cached_tokens > len(backend.tokenize(first)) and plain.cached_tokens == 0
 
 
 def test_kept_state_respects_the_budget_and_a_cancelled_prefill_keeps_only_what_is_sound(backend):
     prompt = backend.render(chat(SYSTEM, QUESTIONS[:1], []))
-    generate(backend, prompt, max_tokens=4)
     kv = backend.describe()["kv_bytes_per_token"]
-    state = backend.kept_state(UNLIMITED)
+    run = backend.start(prompt, SamplingParams(max_tokens=4), None, lambda p: True)
+    while not run.done:
+        backend.step([run])
+    state = backend.kept_state(run, UNLIMITED)
     assert state.nbytes == state.n_tokens * kv
-    assert backend.kept_state(state.nbytes - 1) is None
-    backend.abort()
-    stats = backend.generate(prompt, SamplingParams(), None, lambda p: True)
-    assert stats.finish_reason == "cancelled"
-    assert backend.kept_state(UNLIMITED) is None  # nothing restored, the prefill never finished
+    assert backend.kept_state(run, state.nbytes - 1) is None
+    backend.release(run)
+    run = backend.start(prompt, SamplingParams(), None, lambda p: True)
+    run.abort()
+    backend.step([run])
+    assert run.done and run.stats.finish_reason == "cancelled"
+    assert backend.kept_state(run, UNLIMITED) is None  # nothing restored, the prefill never ran
+    backend.release(run)
 
 
 # -- on the daemon -----------------------------------------------------------------------

@@ -68,14 +68,15 @@ def run(cpu: CpuBackend, prompt: str, prefix: PrefixState | None = None, **param
 def greedy_ids(cpu: CpuBackend, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """Greedy decoding straight on the model, without the backend's generate loop."""
     model = cpu.model
-    logits = model.prefill(prompt_ids, 0)
+    slot = model.new_slot()
+    logits = model.prefill(slot, prompt_ids, 0)
     out: list[int] = []
     while len(out) < max_tokens:
         token = int(np.argmax(logits))
         if token == 2:
             break
         out.append(token)
-        logits = model.decode(token, len(prompt_ids) + len(out) - 1)
+        logits = model.decode(slot, token, len(prompt_ids) + len(out) - 1)
     return out
 
 

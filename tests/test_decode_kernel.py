@@ -17,7 +17,7 @@ import pytest
 from rkllmd.backends.cpu import kernels
 from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.backends.cpu.gguf import GGUFFile
-from rkllmd.backends.cpu.model import Model, from_panels, to_panels
+from rkllmd.backends.cpu.model import KVSlot, Model, from_panels, to_panels
 
 from conftest import ROOT, reference_cases, rkllmctl
 from gguf_files import tiny_llama
@@ -26,11 +26,11 @@ SHARED_KERNELS = Path(os.environ["RKLLMD_MODEL_KERNELS_DIR"])
 SHARED_WEIGHTS = Path(os.environ["RKLLMD_MODEL_WEIGHTS_DIR"])
 
 
-def teacher_forced(model: Model, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
+def teacher_forced(model: Model, slot: KVSlot, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
     """Logits after the prompt and after each of ``tokens`` fed in turn."""
-    out = [model.prefill(prompt, 0)]
+    out = [model.prefill(slot, prompt, 0)]
     for i, token in enumerate(tokens):
-        out.append(model.decode(token, len(prompt) + i).copy())
+        out.append(model.decode(slot, token, len(prompt) + i))
     return out
 
 
@@ -39,15 +39,16 @@ def assert_same_step(c_model: Model, numpy_model: Model, prompt: list[int], step
     rounding), the same greedy choices and the same KV cache."""
     rng = np.random.default_rng(len(prompt))
     tokens = [int(t) for t in rng.integers(0, numpy_model.config.vocab_size, steps)]
-    reference = teacher_forced(numpy_model, prompt, tokens)
-    ours = teacher_forced(c_model, prompt, tokens)
+    c_slot, numpy_slot = c_model.new_slot(), numpy_model.new_slot()
+    reference = teacher_forced(numpy_model, numpy_slot, prompt, tokens)
+    ours = teacher_forced(c_model, c_slot, prompt, tokens)
     for step, (a, b) in enumerate(zip(ours, reference)):
         scale = float(np.abs(b).max())
         assert np.abs(a - b).max() <= 1e-4 * scale + 1e-5, f"step {step}"
         assert int(np.argmax(a)) == int(np.argmax(b)), f"step {step}"
     n = len(prompt) + steps
-    for ours, reference in ((c_model.keys[..., :n], numpy_model.keys[..., :n]),
-                            (c_model.values[:, :, :n], numpy_model.values[:, :, :n])):
+    for ours, reference in ((c_slot.keys[..., :n], numpy_slot.keys[..., :n]),
+                            (c_slot.values[:, :, :n], numpy_slot.values[:, :, :n])):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5 * float(np.abs(reference).max()))
 
 
@@ -74,10 +75,11 @@ def test_smollm2_c_step_gives_the_llama_cpp_reference_completions(smollm2_pair):
     for case in reference_cases()[:3]:
         ids = c_backend.tokenizer.encode(c_backend.render(case["messages"]))
         model, out = c_backend.model, []
-        logits = model.prefill(ids, 0)
+        slot = model.new_slot()
+        logits = model.prefill(slot, ids, 0)
         while len(out) < case["max_tokens"] and int(np.argmax(logits)) not in c_backend.tokenizer.end_of_generation_ids:
             out.append(int(np.argmax(logits)))
-            logits = model.decode(out[-1], len(ids) + len(out) - 1)
+            logits = model.decode(slot, out[-1], len(ids) + len(out) - 1)
         assert c_backend.tokenizer.decode(out) == case["completion"]
 
 
@@ -125,23 +127,28 @@ def test_long_contexts_span_several_attention_chunks(tmp_path):
 def test_decode_refuses_tokens_outside_the_vocabulary(tmp_path):
     gguf = GGUFFile(tiny_llama(tmp_path / "tiny.gguf"))
     model = Model.from_gguf(gguf, context_length=16, kernel=kernels.c_kernel(SHARED_KERNELS))
-    model.prefill([1, 2], 0)
+    slot = model.new_slot()
+    model.prefill(slot, [1, 2], 0)
     for token in (-1, model.config.vocab_size):
         with pytest.raises(ValueError, match="outside the vocabulary"):
-            model.decode(token, 2)
+            model.decode(slot, token, 2)
+    with pytest.raises(ValueError, match="cannot run 1 tokens at position 16"):
+        model.decode(slot, 1, 16)
 
 
 def test_binding_refuses_arrays_the_step_would_overrun(tmp_path):
     model = Model.from_gguf(GGUFFile(tiny_llama(tmp_path / "tiny.gguf")), context_length=16)
     kernel, arrays = kernels.c_kernel(SHARED_KERNELS), model._kernel_arrays()
-    with pytest.raises(kernels.KernelError, match="keys is not a C-contiguous float32 array of"):
-        kernel.bind(model, {**arrays, "keys": np.empty(3, np.float32)})
+    bound = kernel.bind(model, arrays)
+    for cache in (np.empty(3, np.float32), model.new_slot().keys.astype(np.float64), model.new_slot().values[..., ::-1]):
+        with pytest.raises(kernels.KernelError, match="a KV cache must be a C-contiguous float32 array of"):
+            bound.cache_address(cache)
     with pytest.raises(kernels.KernelError, match="wo is not"):
         kernel.bind(model, {**arrays, "wo": arrays["wo"][..., ::-1]})
     with pytest.raises(kernels.KernelError, match="rope_cos is not"):
         kernel.bind(model, {**arrays, "rope_cos": arrays["rope_cos"].astype(np.float64)})
     with pytest.raises(kernels.KernelError, match="needs exactly"):
-        kernel.bind(model, {name: array for name, array in arrays.items() if name != "values"})
+        kernel.bind(model, {name: array for name, array in arrays.items() if name != "rope_sin"})
 
 
 THREADS_PROBE = textwrap.dedent(
@@ -152,10 +159,11 @@ THREADS_PROBE = textwrap.dedent(
     from rkllmd.backends.cpu.gguf import GGUFFile
     from rkllmd.backends.cpu.model import Model, from_panels, to_panels
     model = Model.from_gguf(GGUFFile(Path(sys.argv[1])), context_length=64, kernel=kernels.c_kernel(Path(sys.argv[2])))
-    model.prefill([5, 6, 7], 0)
+    slot = model.new_slot()
+    model.prefill(slot, [5, 6, 7], 0)
     print(kernels.c_kernel(Path(sys.argv[2])).detail.split(" (")[0])
     for i, token in enumerate([9, 30, 200, 4, 77]):
-        sys.stdout.write(model.decode(token, 3 + i).tobytes().hex())
+        sys.stdout.write(model.decode(slot, token, 3 + i).tobytes().hex())
     """
 )
 

@@ -1,8 +1,9 @@
-"""The promise behind every prompt cache: restoring a prefix state and prefilling the rest,
-or prefilling a prefix and decoding token by token, gives bit for bit what prefilling
-everything gives, on every CPU. Checked on SmolLM2 under several OpenBLAS kernel sets,
-and on the C forward pass itself built for baseline x86-64, AVX2, AVX-512 (when this CPU
-has it) and aarch64 (cross-compiled, run under qemu-user), across thread counts."""
+"""The promise behind every prompt cache and every batch: restoring a prefix state and
+prefilling the rest, prefilling a prefix and decoding token by token, or decoding beside
+other streams gives bit for bit what prefilling everything alone gives, on every CPU.
+Checked on SmolLM2 under several OpenBLAS kernel sets and thread counts, and on the C
+forward pass itself built for baseline x86-64, AVX2, AVX-512 (when this CPU has it) and
+aarch64 (cross-compiled, run under qemu-user), across thread counts."""
 
 from __future__ import annotations
 
@@ -35,26 +36,70 @@ SPLITS_PROBE = textwrap.dedent(
     backend.load()
     assert backend.describe()["decode"].startswith("C, "), backend.describe()["decode"]
     model = backend.model
+    slot = model.new_slot()
     text = " ".join(["The river starts in the mountains, where snow melts each spring and feeds small streams;",
                      "it turns a mill, passes under three stone bridges and carries barges to the sea."] * 8)
     ids = backend.tokenizer.encode(get_template("smollm2-instruct").render([{"role": "user", "content": text}]))
     assert 256 < len(ids) < 400, len(ids)
-    full = model.prefill(ids, 0).copy()
+    full = model.prefill(slot, ids, 0)
     n = len(ids)
-    cache = model.save_state(n)
+    cache = model.save_state(slot, n)
     for split in (1, 7, 129, 257, n - 1):  # odd ones, across tiles, chunks, attention chunks
-        model.prefill(ids[:split], 0)
-        state = model.save_state(split)
-        model.keys[..., split:] = 7.0  # stale positions past the prefix must not matter
-        model.values[:, :, split:] = -7.0
-        model.restore_state(state, split)
-        assert np.array_equal(model.prefill(ids[split:], split), full), f"restored {split}, then the rest"
-    model.prefill(ids[: n - 12], 0)
+        model.prefill(slot, ids[:split], 0)
+        state = model.save_state(slot, split)
+        slot.keys[..., split:] = 7.0  # stale positions past the prefix must not matter
+        slot.values[:, :, split:] = -7.0
+        model.restore_state(slot, state, split)
+        assert np.array_equal(model.prefill(slot, ids[split:], split), full), f"restored {split}, then the rest"
+    model.prefill(slot, ids[: n - 12], 0)
     for pos in range(n - 12, n):
-        logits = model.decode(ids[pos], pos)
+        logits = model.decode(slot, ids[pos], pos)
     assert np.array_equal(logits, full), "prefix, then decode steps"
-    after = model.save_state(n)
+    after = model.save_state(slot, n)
     assert np.array_equal(after.keys, cache.keys) and np.array_equal(after.values, cache.values)
+    print("exact")
+    """
+)
+
+BATCH_PROBE = textwrap.dedent(
+    """
+    import numpy as np
+    from rkllmd.backends.cpu.backend import CpuBackend
+    from rkllmd.backends.cpu.model import Rows
+    backend = CpuBackend(context_length=600, prefill_chunk=64)
+    backend.load()
+    assert backend.describe()["decode"].startswith("C, "), backend.describe()["decode"]
+    model, rng = backend.model, np.random.default_rng(5)
+    # Four streams of different lengths, each alone: its logits after every token from 40 on.
+    streams = [[int(t) for t in rng.integers(0, model.config.vocab_size, n)] for n in (90, 300, 61, 520)]
+    alone = []
+    for ids in streams:
+        slot = model.new_slot()
+        model.prefill(slot, ids[:40], 0)
+        alone.append([model.decode(slot, ids[pos], pos) for pos in range(40, len(ids))])
+    # Batched: every stream from 40 on, one decode row each a step, beside a newcomer's prompt
+    # chunks (whose own last logits must be its alone ones too), in slots filled with garbage.
+    slots = [model.new_slot() for _ in streams]
+    for slot, ids in zip(slots, streams):
+        slot.keys[...], slot.values[...] = 7.0, -7.0
+        model.prefill(slot, ids[:40], 0)
+    newcomer, newcomer_slot = streams[1], model.new_slot()
+    newcomer_alone = model.prefill(model.new_slot(), newcomer, 0)
+    batched = [[] for _ in streams]
+    for step in range(max(len(ids) for ids in streams) - 40):
+        parts = [Rows(slot, [ids[40 + step]], 40 + step) for slot, ids in zip(slots, streams) if 40 + step < len(ids)]
+        owners = [i for i, ids in enumerate(streams) if 40 + step < len(ids)]
+        chunk = newcomer[step * 37 : step * 37 + 37]
+        if chunk:
+            parts.insert(1, Rows(newcomer_slot, chunk, step * 37, logits=step * 37 + 37 >= len(newcomer)))
+        logits = model.step(parts)
+        if chunk and parts[1].logits:
+            assert np.array_equal(logits[1], newcomer_alone), "a prompt's chunks beside decode rows"
+            logits = np.delete(logits, 1, axis=0)
+        for owner, row in zip(owners, logits):
+            batched[owner].append(row)
+    for i, (ours, reference) in enumerate(zip(batched, alone)):
+        assert len(ours) == len(reference) and all(np.array_equal(a, b) for a, b in zip(ours, reference)), f"stream {i}"
     print("exact")
     """
 )
@@ -68,6 +113,18 @@ def test_restored_prefixes_and_decode_steps_are_bitwise_identical_to_prefilling(
     done = subprocess.run(
         [sys.executable, "-c", SPLITS_PROBE, "50"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OPENBLAS_CORETYPE": coretype},
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_batched_streams_get_the_logits_each_gets_alone(threads):
+    """On SmolLM2: four streams at different positions (across attention chunks) decoded
+    together, beside another's prompt chunks, each in its own slot, get bit for bit the
+    logits each gets decoding alone; at any thread count."""
+    done = subprocess.run(
+        [sys.executable, "-c", BATCH_PROBE], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "passive"},
     )
     assert done.returncode == 0 and done.stdout.strip() == "exact", done.stderr[-2000:]
 

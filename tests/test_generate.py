@@ -107,9 +107,18 @@ def _arrival_order(daemon: DaemonProcess, n: int) -> None:
             client.close()
 
 
+@pytest.fixture(scope="module")
+def one_at_a_time():
+    """A daemon that runs one generation at a time (``daemon.max_batch`` 1, as on the NPU):
+    the others wait in its queue."""
+    proc = DaemonProcess("--backend", "cpu", env={"RKLLMD_MAX_BATCH": "1"}).start()
+    yield proc
+    proc.cleanup()
+
+
 @pytest.mark.parametrize("n", [2, 8])
-def test_concurrent_clients_are_served_in_arrival_order(daemon: DaemonProcess, n: int) -> None:
-    _arrival_order(daemon, n)
+def test_concurrent_clients_are_served_in_arrival_order(one_at_a_time: DaemonProcess, n: int) -> None:
+    _arrival_order(one_at_a_time, n)
 
 
 def seconds_per_token(pieces, n: int = 4) -> float:
@@ -122,8 +131,8 @@ def seconds_per_token(pieces, n: int = 4) -> float:
     return (time.monotonic() - t0) / n
 
 
-def test_cancel_queued_and_running(daemon: DaemonProcess) -> None:
-    with daemon.client() as a, daemon.client() as b:
+def test_cancel_queued_and_running(one_at_a_time: DaemonProcess) -> None:
+    with one_at_a_time.client() as a, one_at_a_time.client() as b:
         running = a.generate(LONG_PROMPT, max_tokens=400)
         token_s = seconds_per_token(iter(running))  # it is generating (requests from two sockets may arrive in any order)
         queued = b.generate(LONG_PROMPT, max_tokens=400)
@@ -190,16 +199,19 @@ def test_stale_socket_file_is_replaced_and_modes_are_private(make_daemon) -> Non
 
 
 def test_sigterm_during_generation_ends_cleanly(make_daemon) -> None:
-    proc = make_daemon()
-    with proc.client() as a, proc.client() as b:
-        running = a.generate(LONG_PROMPT, max_tokens=400)
-        waiting = b.generate(LONG_PROMPT, max_tokens=400)
-        next(iter(running))
+    """Every generation running (a batch of two) is cut short; the one still queued never runs."""
+    proc = make_daemon(env={"RKLLMD_MAX_BATCH": "2"})
+    with proc.client() as a, proc.client() as b, proc.client() as c:
+        running = [client.generate(LONG_PROMPT, max_tokens=400) for client in (a, b)]
+        for stream in running:
+            next(iter(stream))
+        waiting = c.generate(LONG_PROMPT, max_tokens=400)
+        assert c.wait_queued(waiting) == 2
         proc.signal(signal.SIGTERM)
-        result = running.wait()
+        results = [stream.wait() for stream in running]
         with pytest.raises(DaemonError) as err:
             waiting.wait()
-    assert result.finish_reason == "cancelled" and result.reason == "shutting down"
+    assert all(result.finish_reason == "cancelled" and result.reason == "shutting down" for result in results)
     assert err.value.name == "shutting_down"
     assert proc.wait(20) == 0
     assert not proc.socket.exists()

@@ -80,7 +80,7 @@ def test_concurrent_requests_are_all_served_exactly(daemon, gateway) -> None:
 
 
 def test_a_restarting_daemon_ends_requests_in_flight_clearly_and_serves_new_ones(make_daemon) -> None:
-    daemon = make_daemon(env={"RKLLMD_MAX_QUEUE": "1"})
+    daemon = make_daemon(env={"RKLLMD_MAX_QUEUE": "1", "RKLLMD_MAX_BATCH": "1"})  # one running, one waiting
     gateway = GatewayProcess(daemon.socket).start()
     try:
         with openai_client(gateway) as client:

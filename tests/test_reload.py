@@ -90,7 +90,7 @@ def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tin
         running = first.generate(STORY, max_tokens=8)
         next(iter(running))  # it streams
         queued = second.generate(messages=CAPITAL["messages"], max_tokens=CAPITAL["max_tokens"])
-        poll(lambda: third.status()["worker"]["queued"] == 1, 60, "the second request queued")
+        second.wait_queued(queued)  # taken in before the signal (it may run beside the first)
         proc.configure(model=str(tiny_models[0]))
         proc.reload("reload: the model configuration changed; loading it after the queued requests")
         after = third.generate(messages=CAPITAL["messages"], max_tokens=4)  # queued behind the swap

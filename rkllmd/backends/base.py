@@ -1,10 +1,17 @@
 """The contract between the daemon and a model backend.
 
 The daemon owns requests, queues, caches and the socket; a backend owns one loaded
-model and runs exactly one operation at a time, always on the model worker thread
-(``abort`` is the only method called from other threads). Everything a backend needs
-to know about a request arrives as plain values defined here, so the CPU reference
-backend and the NPU backend are interchangeable.
+model, always used from the model worker thread (``abort`` and ``Run.abort`` are the
+only methods called from other threads). Everything a backend needs to know about a
+request arrives as plain values defined here, so the CPU reference backend and the NPU
+backend are interchangeable.
+
+Generations are driven step by step: ``start`` opens one (a ``Run``), ``step`` advances
+up to ``max_batch`` of them together, ``release`` lets its state go once the daemon has
+kept what it wants of it (``kept_state``). A backend that batches (the CPU backend: one
+pass over the weights per step for every stream) implements them; one that generates in
+one native call (the NPU runtime) implements ``generate``, and the default ``start`` and
+``step`` run that whole call as a single step.
 """
 
 from __future__ import annotations
@@ -105,13 +112,60 @@ def common_prefix(a: Sequence[int] | np.ndarray, b: Sequence[int] | np.ndarray) 
     return int(differ[0]) if differ.size else n
 
 
-#: Called after each prefill chunk with (prompt tokens prefilled so far, tokens to prefill):
-#: restored ones count in neither. Backends whose prefill is one native call never call it.
+#: Called after each prefill chunk of a build with (prompt tokens prefilled so far, tokens
+#: to prefill). Backends whose prefill is one native call never call it.
 Progress = Callable[[int, int], None]
 
 # Called with each piece of generated text, in order. Returning False asks the
 # backend to stop (cancel, client gone): it must then finish with reason "cancelled".
 TextSink = Callable[[str], bool]
+
+
+class Run:
+    """One generation on a backend, from ``Backend.start`` until ``done``; what the daemon
+    reads of it between steps (status, progress messages) is kept current by the backend."""
+
+    def __init__(self, prompt_tokens: int = 0) -> None:
+        self.stats = GenerationStats(prompt_tokens=prompt_tokens)
+        self.done = False
+        self.phase = "prefill"  # then "decode"
+        self.to_prefill = 0  # prompt tokens to prefill (restored ones are not)
+        self.prefilled = 0  # of those, how many so far
+
+    def abort(self) -> None:
+        """Stop this generation soon (it then ends "cancelled"). Thread-safe."""
+        raise NotImplementedError
+
+
+class _WholeRun(Run):
+    """A generation made by one blocking ``Backend.generate`` call: one step runs all of it."""
+
+    def __init__(self, backend: Backend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink):
+        super().__init__(backend.count_tokens(prompt_text))
+        self.backend = backend
+        self.request = (prompt_text, params, prefix, sink)
+
+    def abort(self) -> None:
+        self.backend.abort()
+
+    def run(self) -> None:
+        prompt_text, params, prefix, sink = self.request
+        beat = self.backend.heartbeat
+
+        def heartbeat() -> None:  # the backend beats once a token
+            beat()
+            self.stats.completion_tokens += self.phase == "decode"
+
+        def decoding(text: str) -> bool:
+            self.phase = "decode"
+            return sink(text)
+
+        self.backend.heartbeat = heartbeat
+        try:
+            self.stats = self.backend.generate(prompt_text, params, prefix, decoding)
+        finally:
+            self.backend.heartbeat = beat
+            self.done = True
 
 
 class Backend(abc.ABC):
@@ -132,6 +186,9 @@ class Backend(abc.ABC):
         # takes a job. A backend never clears it itself: an abort that arrives just before
         # a call starts would be lost.
         self.cancelled = threading.Event()
+        # Called between a build's prefill chunks (``build_prefix``): the daemon runs the
+        # generations waiting meanwhile, so a build never holds up interactive work.
+        self.pause: Callable[[], None] = lambda: None
 
     @abc.abstractmethod
     def load(self, progress: Callable[[str], None] | None = None) -> None:
@@ -174,17 +231,18 @@ class Backend(abc.ABC):
         that ``prompt`` continues; None if there is none. Chosen like a kept state."""
         return None
 
-    def kept_state(self, max_bytes: int) -> PrefixState | None:
-        """The model state the last ``generate`` left (its prompt and completion tokens),
+    def kept_state(self, run: Run, max_bytes: int) -> PrefixState | None:
+        """The model state a finished ``run`` left (its prompt and completion tokens),
         copied to be restored by a later turn; None if there is none or it would take
-        more than ``max_bytes``. Called on the model worker right after ``generate``."""
+        more than ``max_bytes``. Called on the model worker before ``release(run)``."""
         return None
 
     @abc.abstractmethod
     def build_prefix(self, prefix_text: str, dest: Path, progress: Progress | None = None) -> int:
         """Prefill ``prefix_text`` and write its state to ``dest``; return its token count.
 
-        ``dest`` is a temporary path; the caller verifies, checksums and renames it.
+        ``dest`` is a temporary path; the caller verifies, checksums and renames it. A
+        backend that prefills in chunks calls ``progress`` and ``pause`` between them.
         """
 
     @abc.abstractmethod
@@ -198,9 +256,8 @@ class Backend(abc.ABC):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
-        progress: Progress | None = None,
     ) -> GenerationStats:
-        """Generate a completion of the rendered ``prompt_text``.
+        """Generate a completion of the rendered ``prompt_text``, blocking until it ends.
 
         With ``prefix`` (whose text the prompt starts with), the prefix's state is
         restored instead of prefilled; the output must be identical either way.
@@ -208,6 +265,21 @@ class Backend(abc.ABC):
         at ``params.max_tokens`` (reason "length"), or when ``sink`` returns False or
         ``abort()`` is called (reason "cancelled").
         """
+
+    def start(self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink) -> Run:
+        """Open a generation, as ``generate`` describes it, to be advanced by ``step``.
+        Raises (ContextOverflow, BackendError) before anything runs."""
+        return _WholeRun(self, prompt_text, params, prefix, sink)
+
+    def step(self, runs: Sequence[Run]) -> None:
+        """Advance each of ``runs`` (at most ``max_batch``, none done) by one step: a prefill
+        chunk or a token. Here: each run's whole ``generate`` call."""
+        for run in runs:
+            assert isinstance(run, _WholeRun)
+            run.run()
+
+    def release(self, run: Run) -> None:
+        """The daemon is done with a finished ``run``: its state may be reused."""
 
     def abort(self) -> None:
         """Ask the running (or the next) ``generate``/``build_prefix`` to stop soon. Thread-safe."""

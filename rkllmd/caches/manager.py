@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..backends.base import CONVERSATION, TEXT_CACHE, Backend, BackendError, BuildCancelled, PrefixState, common_prefix
+from ..backends.base import CONVERSATION, TEXT_CACHE, Backend, BackendError, BuildCancelled, PrefixState, Run, common_prefix
 from ..config import CacheConfig
 from ..templates import RenderError
 from .binary import BinaryCacheInvalid, BinaryStore
@@ -418,11 +418,11 @@ class PromptCaches:
         self._on_change(name)
         self._on_stored()
 
-    def choose(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
+    def choose(self, prompt: str, wanted: str | None = None, build_due: bool = True) -> PrefixState | None:
         """The prefix state to restore for ``prompt``: the text cache or the conversation state
         that supplies more of its tokens (a text cache on a tie: its state is the one built
-        for exactly that prefix)."""
-        text_state = self.prefix_for(prompt, wanted)
+        for exactly that prefix). ``build_due``: see ``prefix_for``."""
+        text_state = self.prefix_for(prompt, wanted, build_due)
         with self._lock:
             if not self.keep_conversations:
                 return text_state
@@ -445,22 +445,23 @@ class PromptCaches:
             self.lru.touch(state)
         return state
 
-    def keep_conversation(self) -> None:
-        """Keep the state the last generation left for the conversation's next turn (memory only)."""
+    def keep_conversation(self, run: Run) -> None:
+        """Keep the state a finished generation left for the conversation's next turn (memory only)."""
         with self._lock:
             if not self.keep_conversations:
                 return
             budget = self.lru.budget
-        state = self.backend.kept_state(budget)
+        state = self.backend.kept_state(run, budget)
         if state is not None:
             with self._lock:
                 self.lru.keep(state)
 
-    def prefix_for(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
+    def prefix_for(self, prompt: str, wanted: str | None = None, build_due: bool = True) -> PrefixState | None:
         """The longest cached prefix of ``prompt`` (or the named cache's), built if it is due.
 
         A cache that is queued or stale for exactly this prefix is built now, on the
-        worker, instead of prefilling the same tokens twice. With a template that reads
+        worker, instead of prefilling the same tokens twice; unless not ``build_due`` (other
+        generations are running, or a build is paused): then only a ready one is used. With a template that reads
         the clock, every prefix is rendered again first: a cache of yesterday's is rebuilt.
         """
         if self.backend.template.reads_clock:
@@ -473,7 +474,7 @@ class PromptCaches:
             with self._lock:
                 due = entry.state != READY or entry.built_sha256 != entry.text_sha256
                 failed = entry.state == FAILED
-            if due and not failed:
+            if due and not failed and build_due:
                 self.build(entry.name)
             state = self._load(entry.name, prompt)
             if state is not None:

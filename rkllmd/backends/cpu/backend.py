@@ -5,6 +5,12 @@ compiler).
 It is the backend on machines without a Rockchip NPU, and the reference the NPU
 backend is compared with: greedy output matches llama.cpp running the same weights
 in float32 token for token.
+
+It batches: each generation (a ``CpuRun``) and each build has a KV cache slot of its own,
+and ``step`` advances every run given together, one decode row each plus one chunk of
+one run's prompt, in one pass over the weights (``Model.step``). Slots stay allocated
+once made (their pages only as far as they were written) and keep the tokens they hold,
+so a new generation takes the free slot that already holds most of its prompt.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import functools
 import importlib.util
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +39,7 @@ from ..base import (
     GenerationStats,
     PrefixState,
     Progress,
+    Run,
     SamplingParams,
     TextSink,
     common_prefix,
@@ -39,7 +47,7 @@ from ..base import (
 from ..stops import StopMatcher
 from .gguf import GGUFFile
 from . import kernels, weights_file
-from .model import KVState, Model, ModelConfig, Weights
+from .model import KVSlot, KVState, Model, ModelConfig, Rows, Weights
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,11 +76,103 @@ def bundled_model_path() -> Path | None:
 
 
 class _Cancelled(Exception):
-    """Raised from the prefill progress callback when ``abort()`` was called."""
+    """Raised between a build's prefill chunks when ``abort()`` was called."""
+
+
+class CpuRun(Run):
+    """One generation on a slot: its prompt prefilled chunk by chunk, then one token a step."""
+
+    def __init__(self, backend: CpuBackend, slot: KVSlot, ids: list[int], restored: int, params: SamplingParams, sink: TextSink):
+        super().__init__(len(ids))
+        tokenizer = backend.tokenizer
+        self.slot = slot
+        self.ids = ids
+        self.stats.cached_tokens = restored
+        self.to_prefill = len(ids) - restored
+        self.pos = restored  # positions of the slot that hold this run's tokens
+        self.max_new = max(0, min(params.max_tokens, backend.context_length - len(ids)))
+        self.sampler = Sampler(params)
+        self.history = list(ids)  # prompt and completion
+        self.pending: int | None = None  # a sampled token whose logits come next step
+        self.end_ids = tokenizer.end_of_generation_ids
+        self.text_stream = tokenizer.stream_decoder()
+        self.stops = StopMatcher(params.stop)
+        self.sink = sink
+        self.started = time.perf_counter()
+        self.decode_started = self.started
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        self.aborted.set()
+
+    def chunk(self, size: int) -> Rows:
+        """This run's next rows: its pending token, or the next chunk of its prompt."""
+        if self.pending is not None:
+            return Rows(self.slot, [self.pending], self.pos)
+        end = min(self.pos + size, len(self.ids))
+        return Rows(self.slot, self.ids[self.pos:end], self.pos, logits=end == len(self.ids))
+
+    def advanced(self, rows: Rows, logits: np.ndarray | None) -> None:
+        """``rows`` ran (their last one's ``logits``, if wanted): take the next token."""
+        self.pos += len(rows.tokens)
+        self.slot.live = np.asarray(self.history[: self.pos], np.int32)
+        if self.phase == "prefill":
+            self.prefilled = self.pos - self.stats.cached_tokens
+            if logits is None:
+                return
+            self.phase = "decode"
+            self.decode_started = time.perf_counter()
+            self.stats.prefill_ms = (self.decode_started - self.started) * 1000
+            if self.max_new == 0:
+                self.stats.ttft_ms = self.stats.prefill_ms
+                self.finish("length")
+                return
+        self.pending = None
+        self.sample(logits)
+
+    def sample(self, logits: np.ndarray) -> None:
+        stats = self.stats
+        token = self.sampler.sample(logits, self.history)
+        if stats.completion_tokens == 0:
+            stats.ttft_ms = (time.perf_counter() - self.started) * 1000
+        if token in self.end_ids:
+            self.finish("stop")
+            return
+        stats.completion_tokens += 1
+        self.history.append(token)
+        piece = self.stops.feed(self.text_stream.feed(token))
+        if piece and not self.sink(piece):
+            self.finish("cancelled")
+        elif self.stops.stopped:
+            self.finish("stop")
+        elif stats.completion_tokens < self.max_new:
+            self.pending = token
+        else:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """End with ``reason``; what the stop matcher and the decoder held back goes out."""
+        stats = self.stats
+        stats.finish_reason = reason
+        if reason != "cancelled" and not self.stops.stopped:
+            rest = self.stops.feed(self.text_stream.flush())
+            if self.stops.stopped:
+                stats.finish_reason = "stop"
+            else:
+                rest += self.stops.flush()
+            if rest and not self.sink(rest):
+                stats.finish_reason = "cancelled"
+        now = time.perf_counter()
+        if self.phase == "prefill":
+            stats.prefill_ms = stats.ttft_ms = (now - self.started) * 1000
+        else:
+            stats.decode_ms = (now - self.decode_started) * 1000
+        self.done = True
 
 
 class CpuBackend(Backend):
     kind = "cpu"
+    max_batch = 64
 
     def __init__(
         self,
@@ -116,10 +216,8 @@ class CpuBackend(Backend):
         self._weights_source = ""
         self._decode_source = ""
         self._weights_hold: Hold | None = None
-        # The tokens whose keys and values the model's KV cache holds at positions 0...
-        # (what the last generate or build left): restoring a state that agrees with them
-        # copies only where they differ, and kept_state copies them.
-        self._live: np.ndarray = np.empty(0, np.int32)
+        self._slots: list[KVSlot] = []  # every slot made; the busy ones belong to a run or a build
+        self._busy: set[int] = set()  # ids of busy slots
         self._encoded: tuple[str, list[int]] = ("", [])
 
     # -- loading -----------------------------------------------------------------------
@@ -184,7 +282,7 @@ class CpuBackend(Backend):
         if self._weights_hold is not None:  # the file may be collected once superseded
             self._weights_hold.release()
             self._weights_hold = None
-        self._live = np.empty(0, np.int32)
+        self._slots, self._busy = [], set()
 
     def _loaded(self) -> tuple[Model, Tokenizer]:
         if self._model is None or self._tokenizer is None:
@@ -258,13 +356,31 @@ class CpuBackend(Backend):
         # before it in the same call, so only its states can be resumed bit for bit.
         return self._encode(text) if self.model.uses_c else None
 
-    def kept_state(self, max_bytes: int) -> PrefixState | None:
-        model = self.model
-        n = len(self._live)
+    def kept_state(self, run: Run, max_bytes: int) -> PrefixState | None:
+        assert isinstance(run, CpuRun)
+        model, live = self.model, run.slot.live
+        n = len(live)
         if not model.uses_c or n == 0 or n * model.config.kv_bytes_per_token > max_bytes:
             return None
-        state = model.save_state(n)
-        return PrefixState(name="", text="", n_tokens=n, payload=state, nbytes=state.nbytes, kind=CONVERSATION, tokens=self._live.copy())
+        state = model.save_state(run.slot, n)
+        return PrefixState(name="", text="", n_tokens=n, payload=state, nbytes=state.nbytes, kind=CONVERSATION, tokens=live.copy())
+
+    # -- slots -------------------------------------------------------------------------
+
+    def _take_slot(self, ids: Sequence[int]) -> KVSlot:
+        """The free slot whose tokens share the longest prefix with ``ids`` (a new one if
+        none is free), now busy."""
+        free = [slot for slot in self._slots if id(slot) not in self._busy]
+        if free:
+            slot = max(free, key=lambda slot: common_prefix(slot.live, ids))
+        else:
+            slot = self.model.new_slot()
+            self._slots.append(slot)
+        self._busy.add(id(slot))
+        return slot
+
+    def _free_slot(self, slot: KVSlot) -> None:
+        self._busy.discard(id(slot))
 
     # -- prefixes ----------------------------------------------------------------------
 
@@ -274,14 +390,17 @@ class CpuBackend(Backend):
         ids = tokenizer.encode(prefix_text)
         if len(ids) + 1 > self.context_length:
             raise ContextOverflow(len(ids), self.context_length)
-        self._live = np.empty(0, np.int32)
-        if ids:
-            try:
-                model.prefill(ids, 0, on_chunk=self._checkpoint(len(ids), progress))
-            except _Cancelled:
-                raise BuildCancelled("building the prefix was cancelled") from None
-        self._live = np.asarray(ids, np.int32)
-        model.save_state(len(ids)).write(Path(dest))
+        slot = self._take_slot(ids)
+        try:
+            slot.live = np.empty(0, np.int32)
+            if ids:
+                try:
+                    model.prefill(slot, ids, 0, on_chunk=self._checkpoint(ids, slot, progress))
+                except _Cancelled:
+                    raise BuildCancelled("building the prefix was cancelled") from None
+            model.save_state(slot, len(ids)).write(Path(dest))
+        finally:
+            self._free_slot(slot)
         return len(ids)
 
     def load_prefix(self, path: Path, n_tokens: int) -> tuple[Any, int]:
@@ -294,15 +413,20 @@ class CpuBackend(Backend):
 
     # -- generation --------------------------------------------------------------------
 
-    def _checkpoint(self, total: int, progress: Progress | None) -> Callable[[int], None]:
-        """What runs between prefill chunks: heartbeat, progress, cancellation."""
+    def _checkpoint(self, ids: list[int], slot: KVSlot, progress: Progress | None) -> Callable[[int], None]:
+        """What runs between a build's prefill chunks: heartbeat, progress, the generations
+        waiting meanwhile (``pause``; the build's slot is its own), cancellation."""
         if progress is not None:
-            progress(0, total)
+            progress(0, len(ids))
 
         def checkpoint(done: int) -> None:
+            slot.live = np.asarray(ids[:done], np.int32)
             self.heartbeat()
             if progress is not None:
-                progress(done, total)
+                progress(done, len(ids))
+            if self.cancelled.is_set():
+                raise _Cancelled
+            self.pause()
             if self.cancelled.is_set():
                 raise _Cancelled
 
@@ -329,82 +453,61 @@ class CpuBackend(Backend):
         # At least one prompt token must be prefilled to get the next token's logits.
         return min(n, len(prompt_ids) - 1)
 
+    def start(self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink) -> CpuRun:
+        model, _ = self._loaded()
+        ids = self._encode(prompt_text)
+        if not ids:
+            raise BackendError("the prompt is empty")
+        if len(ids) + 1 > self.context_length:
+            raise ContextOverflow(len(ids), self.context_length)
+        slot = self._take_slot(ids)
+        restored = self._restorable(prefix, ids)
+        if restored:
+            # Positions the slot already holds for the same tokens are left as they are.
+            valid = common_prefix(slot.live, ids[:restored]) if model.uses_c else 0
+            model.restore_state(slot, prefix.payload, restored, start=valid)
+        slot.live = np.asarray(ids[:restored], np.int32)
+        return CpuRun(self, slot, ids, restored, params, sink)
+
+    def step(self, runs: Sequence[Run]) -> None:
+        """One pass over the weights: the pending token of every decoding run, and the next
+        prompt chunk of the first run still prefilling (the others wait for theirs)."""
+        moving: list[tuple[CpuRun, Rows]] = []
+        prefilling = False
+        for run in runs:
+            assert isinstance(run, CpuRun) and not run.done
+            if run.aborted.is_set():
+                run.finish("cancelled")
+            elif run.pending is not None or not prefilling:
+                prefilling |= run.pending is None
+                moving.append((run, run.chunk(self.prefill_chunk)))
+        if not moving:
+            return
+        logits = iter(self.model.step([rows for _, rows in moving]))
+        for run, rows in moving:
+            run.advanced(rows, next(logits) if rows.logits else None)
+
+    def release(self, run: Run) -> None:
+        assert isinstance(run, CpuRun)
+        self._free_slot(run.slot)
+
     def generate(
         self,
         prompt_text: str,
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
-        progress: Progress | None = None,
     ) -> GenerationStats:
-        model, tokenizer = self._loaded()
-        started = time.perf_counter()
-        stats = GenerationStats()
-        ids = self._encode(prompt_text)
-        stats.prompt_tokens = len(ids)
-        if not ids:
-            raise BackendError("the prompt is empty")
-        if len(ids) + 1 > self.context_length:
-            raise ContextOverflow(len(ids), self.context_length)
-        max_new = max(0, min(params.max_tokens, self.context_length - len(ids)))
-
-        restored = self._restorable(prefix, ids)
-        if restored:
-            # Positions the KV cache already holds for the same tokens are left as they are.
-            valid = common_prefix(self._live, ids[:restored]) if model.uses_c else 0
-            model.restore_state(prefix.payload, restored, start=valid)
-        stats.cached_tokens = restored
-        self._live = np.asarray(ids[:restored], np.int32)
+        """One generation alone, step by step (for tools and tests; the daemon batches)."""
+        run = self.start(prompt_text, params, prefix, sink)
         try:
-            logits = model.prefill(ids[restored:], restored, on_chunk=self._checkpoint(len(ids) - restored, progress))
-        except _Cancelled:
-            stats.finish_reason = "cancelled"
-            stats.prefill_ms = stats.ttft_ms = (time.perf_counter() - started) * 1000
-            return stats
-        self._live = np.asarray(ids, np.int32)
-        decode_started = time.perf_counter()
-        stats.prefill_ms = (decode_started - started) * 1000
-
-        sampler = Sampler(params)
-        history = list(ids)  # prompt and completion
-        decoded = len(ids)  # how many of them the KV cache holds (not a last token never fed back)
-        text_stream = tokenizer.stream_decoder()
-        stops = StopMatcher(params.stop)
-        stats.finish_reason = "length"
-        for step in range(max_new):
-            if self.cancelled.is_set():
-                stats.finish_reason = "cancelled"
-                break
-            token = sampler.sample(logits, history)
-            if step == 0:
-                stats.ttft_ms = (time.perf_counter() - started) * 1000
-            if token in tokenizer.end_of_generation_ids:
-                stats.finish_reason = "stop"
-                break
-            stats.completion_tokens += 1
-            history.append(token)
-            piece = stops.feed(text_stream.feed(token))
-            if piece and not sink(piece):
-                stats.finish_reason = "cancelled"
-                break
-            if stops.stopped:
-                stats.finish_reason = "stop"
-                break
-            if step + 1 < max_new:
-                logits = model.decode(token, len(history) - 1)
-                decoded = len(history)
-            self.heartbeat()
-
-        if stats.finish_reason != "cancelled" and not stops.stopped:
-            rest = stops.feed(text_stream.flush())
-            if stops.stopped:
-                stats.finish_reason = "stop"
-            else:
-                rest += stops.flush()
-            if rest and not sink(rest):
-                stats.finish_reason = "cancelled"
-        self._live = np.asarray(history[:decoded], np.int32)
-        stats.decode_ms = (time.perf_counter() - decode_started) * 1000
-        if max_new == 0:
-            stats.ttft_ms = stats.prefill_ms
-        return stats
+            while not run.done:
+                if self.cancelled.is_set():
+                    run.abort()
+                    self.step([run])  # ends it, running nothing
+                else:
+                    self.step([run])
+                    self.heartbeat()
+        finally:
+            self.release(run)
+        return run.stats

@@ -1,10 +1,14 @@
-/* The llama forward pass of M token rows at consecutive positions, in C: prefill is a
- * chunk of rows, decode is one row. model.py's numpy passes are the reference.
+/* The llama forward pass of M token rows in C, each row at its own position in its own KV
+ * cache: prefilling a stream is a chunk of rows at consecutive positions of one cache,
+ * a batched decode step one row per stream, and a mixed step both (the decode rows of
+ * the streams running and a chunk of a newcomer's prompt). model.py's numpy passes are
+ * the reference.
  *
  * Exactness is a property of this code, not of a BLAS build: every row's arithmetic is
- * the same whatever M is, wherever the row sits in a tile and whatever thread computes
- * it. So prefilling everything, restoring a prefix and prefilling the rest, and
- * prefilling a prefix then decoding token by token all give the same bits.
+ * the same whatever M is, whatever the other rows are, wherever the row sits in a tile
+ * and whatever thread computes it. So prefilling everything, restoring a prefix and
+ * prefilling the rest, prefilling a prefix then decoding token by token, and decoding
+ * alone or batched with other streams all give the same bits.
  * - A matrix product's output is one chain of fused multiply-adds over its inputs in
  *   order, starting from zero: weights are stored in panels of 16 outputs, input by
  *   input, so one vector load gives 16 outputs' weights for one input, multiplied by
@@ -39,7 +43,7 @@
 #endif
 
 /* Bumped whenever struct rkllmd_model or a signature changes: kernels.py checks it. */
-#define RKLLMD_KERNEL_ABI 5
+#define RKLLMD_KERNEL_ABI 6
 /* LANES floats: a panel's outputs (see ``struct product``), and the accumulator lanes of other
  * sums (norms, softmax totals: element k to lane k % 16), whatever the target's vector
  * width (WIDTH floats: 16 on AVX-512, 8 on AVX2, 4 on SSE and NEON), so all targets add
@@ -108,14 +112,17 @@ struct rkllmd_model {
     const float *wd;          /* per layer dim outputs of ffn */
     const float *rope_cos;    /* [capacity, head_dim / 2] */
     const float *rope_sin;
-    /* state */
-    float *keys;              /* [layers, kv_heads, head_dim, capacity] */
-    float *values;            /* [layers, kv_heads, capacity, head_dim] */
 };
 
-/* Per-call scratch, one row per token. */
+/* The rows of one call and their scratch. A KV cache (one per stream) is keys [layers,
+ * kv_heads, head_dim, capacity] and values [layers, kv_heads, capacity, head_dim]. */
 struct rows {
-    int64_t n, pos;           /* rows n, the first at position pos */
+    int64_t n;                /* rows */
+    const int64_t *pos;       /* [n]: each row's position */
+    float *const *keys;       /* [n]: each row's cache */
+    float *const *values;
+    int64_t n_logits;         /* rows whose logits are wanted ... */
+    const int64_t *logit_rows; /* [n_logits]: ... which */
     float *x;                 /* [n, dim]: residual stream */
     float *h;                 /* [threads, n, dim]: normalized input, each thread's own */
     float *qkv;               /* [n, q + 2 kv] */
@@ -124,7 +131,7 @@ struct rows {
     float *gate_up;           /* [n, 2 ffn padded to panels]: gate and up panels in turn */
     float *act;               /* [n, ffn] */
     float *partials;          /* [n, heads, chunks, head_dim + 2] */
-    int64_t n_chunks;         /* chunks of the last row */
+    int64_t n_chunks;         /* chunks of the row furthest on */
 };
 
 static inline vec_t load(const float *p) {
@@ -327,7 +334,7 @@ static void rms_norm_rows(const struct rkllmd_model *m, const struct rows *s, co
  * value in the cache, scale its queries by 1/sqrt(head_dim). */
 static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t) {
     const int64_t hd = m->head_dim, half = hd / 2, nh = m->n_heads, nkv = m->n_kv_heads, cap = m->capacity;
-    const int64_t pos = s->pos + t, qkv_dim = (nh + 2 * nkv) * hd;
+    const int64_t pos = s->pos[t], qkv_dim = (nh + 2 * nkv) * hd;
     const float *qkv = s->qkv + t * qkv_dim;
     const float *cos = m->rope_cos + pos * half, *sin = m->rope_sin + pos * half;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -343,14 +350,14 @@ static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s,
             for (int64_t i = 0; i < hd; i++)
                 queries[i] = rotated[i] * scale;
         } else {
-            float *keys = m->keys + ((layer * nkv + head - nh) * hd) * cap + pos;
+            float *keys = s->keys[t] + ((layer * nkv + head - nh) * hd) * cap + pos;
             for (int64_t i = 0; i < hd; i++)
                 keys[i * cap] = rotated[i];
         }
     }
     const float *values = qkv + (nh + nkv) * hd;
     for (int64_t kv = 0; kv < nkv; kv++)
-        memcpy(m->values + ((layer * nkv + kv) * cap + pos) * hd, values + kv * hd, hd * sizeof(float));
+        memcpy(s->values[t] + ((layer * nkv + kv) * cap + pos) * hd, values + kv * hd, hd * sizeof(float));
 }
 
 /* Attention is split by chunks of ATTENTION_CHUNK positions, as flash-decoding does.
@@ -359,14 +366,14 @@ static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s,
  * from memory once and from the cache after. It leaves per query head a partial result:
  * the chunk's highest score, the sum of exp(score - highest), and the values weighted by
  * those. Partial results are then merged per query head, in chunk order. A row's units
- * depend only on its position, never on the other rows. */
+ * depend only on its position and its cache, never on the other rows. */
 static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t, int64_t kv,
                          int64_t chunk) {
     const int64_t hd = m->head_dim, cap = m->capacity, nh = m->n_heads, group = nh / m->n_kv_heads;
-    const int64_t n_keys = s->pos + t + 1;
+    const int64_t n_keys = s->pos[t] + 1;
     const int64_t p0 = chunk * ATTENTION_CHUNK, n = n_keys - p0 < ATTENTION_CHUNK ? n_keys - p0 : ATTENTION_CHUNK;
-    const float *keys = m->keys + ((layer * m->n_kv_heads + kv) * hd) * cap + p0;
-    const float *values = m->values + ((layer * m->n_kv_heads + kv) * cap + p0) * hd;
+    const float *keys = s->keys[t] + ((layer * m->n_kv_heads + kv) * hd) * cap + p0;
+    const float *values = s->values[t] + ((layer * m->n_kv_heads + kv) * cap + p0) * hd;
     for (int64_t head = kv * group; head < (kv + 1) * group; head++) {
         float scores[ATTENTION_CHUNK];
         const float *q = s->queries + (t * nh + head) * hd;
@@ -397,7 +404,7 @@ static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct r
 /* Row t's attended[head] from its partial results: each rescaled to the highest score. */
 static void merge_chunks(const struct rkllmd_model *m, const struct rows *s, int64_t t, int64_t head) {
     const int64_t hd = m->head_dim, nh = m->n_heads;
-    const int64_t n_chunks = (s->pos + t + 1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
+    const int64_t n_chunks = (s->pos[t] + 1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
     const float *first = s->partials + (t * nh + head) * s->n_chunks * (hd + 2);
     float top = first[0];
     for (int64_t c = 1; c < n_chunks; c++)
@@ -461,9 +468,10 @@ typedef void item_fn(const struct task *, int64_t);
 
 static void norm_rows(struct task *task) { rms_norm_rows(task->m, task->s, task->norm, task->h); }
 
-static void norm_last_row(struct task *task) {
+static void norm_logit_rows(struct task *task) { /* the rows whose logits are wanted, in order */
     const int64_t dim = task->m->dim;
-    rms_norm(task->s->x + (task->s->n - 1) * dim, task->norm, task->h, dim, task->m->norm_eps);
+    for (int64_t i = 0; i < task->s->n_logits; i++)
+        rms_norm(task->s->x + task->s->logit_rows[i] * dim, task->norm, task->h + i * dim, dim, task->m->norm_eps);
 }
 
 static void embed_item(const struct task *task, int64_t t) { /* row tokens[t] of the head's panels */
@@ -486,7 +494,7 @@ static void rotate_item(const struct task *task, int64_t t) { rotate_and_store(t
 static void attend_item(const struct task *task, int64_t unit) {
     const int64_t nkv = task->m->n_kv_heads, nc = task->s->n_chunks;
     const int64_t t = unit / (nkv * nc), kv = unit / nc % nkv, chunk = unit % nc;
-    if (chunk * ATTENTION_CHUNK <= task->s->pos + t) /* the row's positions reach this chunk */
+    if (chunk * ATTENTION_CHUNK <= task->s->pos[t]) /* the row's positions reach this chunk */
         attend_chunk(task->m, task->s, task->layer, t, kv, chunk);
 }
 
@@ -526,15 +534,22 @@ int rkllmd_kernel_threads(void) {
 #endif
 }
 
-/* Run ``n`` tokens at positions pos.. (their keys and values join the cache); the last
- * row's logits into ``logits`` unless it is NULL. Returns 0, or -1 when scratch memory
- * cannot be had. */
-int rkllmd_forward(const struct rkllmd_model *m, const int64_t *tokens, int64_t n, int64_t pos, float *logits) {
+/* Run ``n`` token rows, row t at position positions[t] of the KV cache keys[t], values[t]
+ * (its key and value join that cache; it attends to the cache's positions up to its own,
+ * which earlier rows of the same call may have written); the logits of rows
+ * logit_rows[0..n_logits) into logits [n_logits, vocab]. Returns 0, or -1 when scratch
+ * memory cannot be had. The caller checks tokens, positions and caches: this trusts them. */
+int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *tokens, const int64_t *positions,
+                   float *const *keys, float *const *values, int64_t n_logits, const int64_t *logit_rows, float *logits) {
     const int64_t dim = m->dim, hd = m->head_dim, ffn = m->ffn_dim, nh = m->n_heads, nkv = m->n_kv_heads;
     const int64_t q_dim = nh * hd, qkv_dim = q_dim + 2 * nkv * hd;
     const int64_t gu_dim = 2 * ((ffn + LANES - 1) / LANES) * LANES, threads = rkllmd_kernel_threads();
     const int64_t padded_dim = (dim + LANES - 1) / LANES * LANES, qkv_size = (qkv_dim + LANES - 1) / LANES * LANES * dim;
-    struct rows s = {.n = n, .pos = pos, .n_chunks = (pos + n + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK};
+    int64_t furthest = 0;
+    for (int64_t t = 0; t < n; t++)
+        furthest = positions[t] > furthest ? positions[t] : furthest;
+    struct rows s = {.n = n, .pos = positions, .keys = keys, .values = values, .n_logits = n_logits,
+                     .logit_rows = logit_rows, .n_chunks = (furthest + 1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK};
     const int64_t per_row = (1 + threads) * dim + qkv_dim + 2 * q_dim + gu_dim + ffn, partials = nh * s.n_chunks * (hd + 2);
     const int64_t n_phases = 2 + 7 * m->n_layers;
     float *scratch = malloc((size_t)n * (per_row + partials) * sizeof(float));
@@ -584,10 +599,10 @@ int rkllmd_forward(const struct rkllmd_model *m, const int64_t *tokens, int64_t 
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
             run(phase++, product_blocks(dim), product_item, &task);
         }
-        if (logits) {
-            task.prepare = norm_last_row;
+        if (n_logits > 0) {
+            task.prepare = norm_logit_rows;
             task.norm = m->output_norm;
-            task.product = (struct product){m->head, h, logits, 1, m->vocab_size, dim, 0};
+            task.product = (struct product){m->head, h, logits, n_logits, m->vocab_size, dim, 0};
             run(phase++, product_blocks(m->vocab_size), product_item, &task);
         }
     }

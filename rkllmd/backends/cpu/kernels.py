@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("forward.c")
 #: Must match RKLLMD_KERNEL_ABI in forward.c.
-KERNEL_ABI = 5
+KERNEL_ABI = 6
 #: Outputs per panel of a weight matrix: forward.c's LANES (see ``model.to_panels``).
 PANEL = 16
 NATIVE = "native"
@@ -64,7 +64,6 @@ _HOLDS: dict[Path, Hold] = {}
 
 _DIMS = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "capacity")
 _WEIGHTS = ("head", "output_norm", "attn_norm", "ffn_norm", "wqkv", "wo", "wgu", "wd", "rope_cos", "rope_sin")
-_BUFFERS = ("keys", "values")
 
 
 class ModelStruct(ctypes.Structure):
@@ -73,7 +72,7 @@ class ModelStruct(ctypes.Structure):
     _fields_ = (
         [(name, ctypes.c_int64) for name in _DIMS]
         + [("norm_eps", ctypes.c_double)]
-        + [(name, ctypes.POINTER(ctypes.c_float)) for name in _WEIGHTS + _BUFFERS]
+        + [(name, ctypes.POINTER(ctypes.c_float)) for name in _WEIGHTS]
     )
 
 
@@ -83,7 +82,7 @@ class KernelError(Exception):
 
 @dataclass(frozen=True)
 class Kernel:
-    """A loaded ``forward.c`` library; ``bind`` ties its forward pass to one model's arrays."""
+    """A loaded ``forward.c`` library; ``bind`` ties its forward pass to one model's weights."""
 
     library: ctypes.CDLL
     detail: str  # a few words for status: where it came from, its threads
@@ -106,16 +105,15 @@ def _sizes(cfg: ModelConfig, capacity: int) -> dict[str, int]:
         "wqkv": L * _padded(q + 2 * kv) * D, "wo": L * _padded(D) * q, "wgu": L * 2 * _padded(F) * D,
         "wd": L * _padded(D) * F,
         "rope_cos": capacity * (hd // 2), "rope_sin": capacity * (hd // 2),
-        "keys": L * kv * capacity, "values": L * kv * capacity,
     }
 
 
 class BoundForward:
-    """``forward(tokens, pos, logits)``: the C forward pass on one model's arrays, which it
-    keeps alive (the struct holds only their addresses)."""
+    """``forward(tokens, positions, caches, logit_rows, logits)``: the C forward pass on one
+    model's weights, which it keeps alive (the struct holds only their addresses)."""
 
     def __init__(self, function: ctypes._CFuncPtr, model: Model, arrays: dict[str, np.ndarray]):
-        cfg, capacity = model.config, model.keys.shape[-1]
+        cfg, capacity = model.config, model.context_length
         # The C code indexes by the dimensions alone: an array too small would be read past its end.
         needed = _sizes(cfg, capacity)
         if set(arrays) != set(needed):
@@ -132,13 +130,22 @@ class BoundForward:
         )
         self._function = function
         self._pointer = ctypes.byref(self._struct)
+        self._cache_size = cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * capacity
 
-    def __call__(self, tokens: np.ndarray, pos: int, logits: np.ndarray | None) -> None:
-        """Run ``tokens`` (int64) at positions ``pos...``; the last one's logits into
-        ``logits`` (float32, vocabulary-sized; None: not computed). The caller checks
-        tokens and positions: the C code trusts them."""
-        out = None if logits is None else logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        if self._function(self._pointer, tokens.ctypes.data, len(tokens), pos, out) != 0:
+    def cache_address(self, array: np.ndarray) -> int:
+        """The address of one KV cache's keys or values, checked to be what the C code indexes."""
+        if array.dtype != np.float32 or not array.flags.c_contiguous or array.size != self._cache_size:
+            raise KernelError(f"a KV cache must be a C-contiguous float32 array of {self._cache_size} elements")
+        return array.ctypes.data
+
+    def __call__(self, tokens: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                 logit_rows: np.ndarray, logits: np.ndarray) -> None:
+        """Run token rows (``tokens``, ``positions``: int64; ``keys``, ``values``: uintp, each
+        row's cache by ``cache_address``); the logits of rows ``logit_rows`` (int64) into
+        ``logits`` (float32, [len(logit_rows), vocab]). The caller checks tokens, positions
+        and that no two rows write one position of one cache: the C code trusts them."""
+        if self._function(self._pointer, len(tokens), tokens.ctypes.data, positions.ctypes.data, keys.ctypes.data,
+                          values.ctypes.data, len(logit_rows), logit_rows.ctypes.data, logits.ctypes.data) != 0:
             raise MemoryError("the forward pass could not allocate its scratch memory")
 
 
@@ -266,7 +273,7 @@ def _kernel_in(folder: Path | None, march: str) -> Kernel:
             log.warning("cannot keep the forward kernel in %s: %s", folder, exc)
             return _process_kernel(march)
         raise KernelError(f"cannot build the forward kernel in a temporary folder: {exc}") from None
-    library.rkllmd_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    library.rkllmd_forward.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     library.rkllmd_forward.restype = ctypes.c_int
     threads = library.rkllmd_kernel_threads()
     return Kernel(library, f"C, {threads} thread{'s' * (threads != 1)} ({where})")

@@ -12,14 +12,19 @@ layout to "halves" (even components first, then odd): rotary embedding then work
 contiguous halves, and attention scores are unchanged because queries and keys are
 permuted alike.
 
-The KV cache is preallocated for the whole context: keys as ``[layer, kv_head, dim,
-position]`` (so query-key products read contiguous rows, several times faster than a
-transposed view in decode) and values as ``[layer, kv_head, position, dim]``.
+Each stream has its own KV cache (a ``KVSlot``), allocated for the whole context: keys as
+``[layer, kv_head, dim, position]`` (so query-key products read contiguous rows, several
+times faster than a transposed view in decode) and values as ``[layer, kv_head, position,
+dim]``. Zeroed memory is mapped lazily, so a slot costs only the pages its positions touch
+(a 4,096-token slot of SmolLM2 is 189 MB of address space).
 
-Prefill runs in chunks of ``prefill_chunk`` tokens (heartbeats and cancellation come
+``step`` runs several streams' rows in one pass over the weights: a chunk of one
+stream's prompt, one decode row of each of several streams, or both. Prefill runs in
+chunks of ``prefill_chunk`` tokens (heartbeats, cancellation and other streams' steps come
 between them). With the C forward pass every position's result is bitwise independent
-of how the prompt was split and of whether it was prefilled or decoded (see
-``forward.c``). The numpy passes (``_prefill_numpy``, ``_decode_numpy``) compute the
+of how the prompt was split, of whether it was prefilled or decoded, and of the other
+streams' rows in the same step (see ``forward.c``). The numpy passes batch nothing: they
+run each stream's rows of a step in turn. The numpy passes (``_prefill_numpy``, ``_decode_numpy``) compute the
 same thing through BLAS, whose sums run in another order and whose result for a row may
 depend on the rows around it: they agree with the C pass to float32 rounding, not bit
 for bit (tests/test_decode_kernel.py compares them so; tests/test_exactness.py checks
@@ -29,8 +34,9 @@ the C pass's bits across splits, builds and thread counts).
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -244,8 +250,41 @@ class DenseWeights:
         )
 
 
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """Zeroed float32 memory whose pages are mapped one by one as they are written. Not
+    ``np.zeros``: numpy asks for transparent huge pages, and writing one position of a
+    slot touches every key row, which would map all of it in 2 MB pages."""
+    region = mmap.mmap(-1, max(1, int(np.prod(shape))) * 4)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(region, np.float32, count=int(np.prod(shape))).reshape(shape)
+
+
+@dataclass(eq=False)
+class KVSlot:
+    """One stream's KV cache for the whole context, and the tokens whose keys and values it
+    holds at positions 0... (restoring a state that agrees with them copies only where
+    they differ; a conversation state is copied from them)."""
+
+    keys: np.ndarray  # [layer, kv_head, dim, position]
+    values: np.ndarray  # [layer, kv_head, position, dim]
+    live: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    addresses: tuple[int, int] = (0, 0)  # keys' and values' for the C forward pass
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Tokens of one stream at positions ``start...`` of its slot, for one ``Model.step``;
+    ``logits``: whether the last one's logits are wanted."""
+
+    slot: KVSlot
+    tokens: Sequence[int]
+    start: int
+    logits: bool = True
+
+
 class Model:
-    """A loaded llama model with its KV cache; positions are passed explicitly."""
+    """A loaded llama model; its KV caches are slots (``new_slot``), positions explicit."""
 
     def __init__(
         self,
@@ -264,8 +303,6 @@ class Model:
         self.prefill_chunk = prefill_chunk
 
         capacity = context_length
-        self.keys = np.zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity), dtype=np.float32)
-        self.values = np.zeros((cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim), dtype=np.float32)
         half = cfg.head_dim // 2
         inv_freq = cfg.rope_theta ** (-np.arange(half, dtype=np.float64) * 2 / cfg.head_dim)
         angles = np.arange(capacity, dtype=np.float64)[:, None] * inv_freq
@@ -307,58 +344,100 @@ class Model:
         self._logits = np.empty(cfg.vocab_size, f32)
 
     def _kernel_arrays(self) -> dict[str, np.ndarray]:
-        """What the C forward pass reads and writes, by its struct's names (``kernels.ModelStruct``)."""
-        return {**self.w.arrays(), "rope_cos": self.rope_cos, "rope_sin": self.rope_sin,
-                "keys": self.keys, "values": self.values}
+        """What the C forward pass reads, by its struct's names (``kernels.ModelStruct``)."""
+        return {**self.w.arrays(), "rope_cos": self.rope_cos, "rope_sin": self.rope_sin}
 
     # -- state -------------------------------------------------------------------------
 
-    def save_state(self, n_tokens: int) -> KVState:
-        """A copy of the KV cache of the first ``n_tokens`` positions."""
+    def new_slot(self) -> KVSlot:
+        """A KV cache for one stream, in memory mapped only as its positions are written."""
+        cfg, capacity = self.config, self.context_length
+        keys = _lazy_zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity))
+        values = _lazy_zeros((cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim))
+        slot = KVSlot(keys, values)
+        if self._c_forward is not None:
+            slot.addresses = (self._c_forward.cache_address(keys), self._c_forward.cache_address(values))
+        return slot
+
+    @staticmethod
+    def save_state(slot: KVSlot, n_tokens: int) -> KVState:
+        """A copy of ``slot``'s first ``n_tokens`` positions."""
         return KVState(
-            np.ascontiguousarray(self.keys[..., :n_tokens]), np.ascontiguousarray(self.values[:, :, :n_tokens])
+            np.ascontiguousarray(slot.keys[..., :n_tokens]), np.ascontiguousarray(slot.values[:, :, :n_tokens])
         )
 
-    def restore_state(self, state: KVState, n_tokens: int, start: int = 0) -> None:
-        """Make positions ``[0, n_tokens)`` hold ``state``'s first ``n_tokens`` positions
+    @staticmethod
+    def restore_state(slot: KVSlot, state: KVState, n_tokens: int, start: int = 0) -> None:
+        """Make ``slot``'s positions ``[0, n_tokens)`` hold ``state``'s first ``n_tokens``
         (copying from ``start`` on: the caller knows the positions before it agree)."""
         if n_tokens > state.n_tokens:
             raise ValueError(f"state holds {state.n_tokens} positions, not {n_tokens}")
         start = min(start, n_tokens)
-        self.keys[..., start:n_tokens] = state.keys[..., start:n_tokens]
-        self.values[:, :, start:n_tokens] = state.values[:, :, start:n_tokens]
+        slot.keys[..., start:n_tokens] = state.keys[..., start:n_tokens]
+        slot.values[:, :, start:n_tokens] = state.values[:, :, start:n_tokens]
 
-    # -- prefill -----------------------------------------------------------------------
+    # -- forward -----------------------------------------------------------------------
+
+    def step(self, parts: Sequence[Rows]) -> np.ndarray:
+        """Run every part's tokens in one pass over the weights (C; numpy runs them in turn);
+        return the logits wanted, one row per part that wants them, in order (a new array).
+        No two parts may write one position of one slot."""
+        ids = [np.asarray(part.tokens, dtype=np.int64) for part in parts]
+        for part, tokens in zip(parts, ids):
+            if not len(tokens) or part.start < 0 or part.start + len(tokens) > self.context_length:
+                raise ValueError(f"cannot run {len(tokens)} tokens at position {part.start}")
+            if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+                raise ValueError(f"a token is outside the vocabulary of {self.config.vocab_size}")
+        logits = np.empty((sum(part.logits for part in parts), self.config.vocab_size), np.float32)
+        if self._c_forward is None:
+            wanted = iter(logits)
+            for part, tokens in zip(parts, ids):
+                self._run_numpy(part.slot, tokens, part.start, next(wanted) if part.logits else None)
+            return logits
+        tokens = np.concatenate(ids)
+        positions = np.concatenate([np.arange(part.start, part.start + len(t), dtype=np.int64) for part, t in zip(parts, ids)])
+        counts = [len(t) for t in ids]
+        keys = np.repeat(np.array([part.slot.addresses[0] for part in parts], np.uintp), counts)
+        values = np.repeat(np.array([part.slot.addresses[1] for part in parts], np.uintp), counts)
+        logit_rows = (np.cumsum(counts) - 1)[[part.logits for part in parts]].astype(np.int64)
+        self._c_forward(tokens, positions, keys, values, logit_rows, logits)
+        return logits
+
+    def _run_numpy(self, slot: KVSlot, tokens: np.ndarray, start: int, logits: np.ndarray | None) -> None:
+        """One stream's rows in numpy: one token whose logits are wanted is a decode step,
+        anything else a prefill chunk."""
+        if len(tokens) == 1 and logits is not None:
+            self._decode_numpy(slot, int(tokens[0]), start)
+            logits[:] = self._logits
+            return
+        hidden = self._prefill_numpy(slot, tokens, start)
+        if logits is not None:
+            np.matmul(self.dense.head, self._rms_norm(hidden, self.w.output_norm), out=logits)
 
     def prefill(
-        self, tokens: Sequence[int], start: int, on_chunk: Callable[[int], None] | None = None
+        self, slot: KVSlot, tokens: Sequence[int], start: int, on_chunk: Callable[[int], None] | None = None
     ) -> np.ndarray:
-        """Run ``tokens`` at positions ``start...``; return the last position's logits (a new array).
+        """Run ``tokens`` at positions ``start...`` of ``slot``, by chunks of ``prefill_chunk``;
+        return the last position's logits (a new array).
 
         ``on_chunk`` is called after every chunk with how many of ``tokens`` are done
         (heartbeat, progress, cancellation: it may raise).
         """
+        if not len(tokens):
+            raise ValueError(f"cannot prefill no tokens at position {start}")
         end = start + len(tokens)
-        if not tokens or start < 0 or end > self.context_length:
-            raise ValueError(f"cannot prefill {len(tokens)} tokens at position {start}")
-        ids = np.asarray(tokens, dtype=np.int64)
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-            raise ValueError(f"a token is outside the vocabulary of {self.config.vocab_size}")
-        logits = np.empty(self.config.vocab_size, np.float32)
         for pos in range(start, end, self.prefill_chunk):
-            chunk = ids[pos - start : pos - start + self.prefill_chunk]
-            last = pos + len(chunk) == end
-            if self._c_forward is not None:
-                self._c_forward(chunk, pos, logits if last else None)
-            else:
-                hidden = self._prefill_numpy(chunk, pos)
-                if last:
-                    np.matmul(self.dense.head, self._rms_norm(hidden, self.w.output_norm), out=logits)
+            chunk = tokens[pos - start : pos - start + self.prefill_chunk]
+            logits = self.step([Rows(slot, chunk, pos, logits=pos + len(chunk) == end)])
             if on_chunk:
                 on_chunk(pos + len(chunk) - start)
-        return logits
+        return logits[0]
 
-    def _prefill_numpy(self, ids: np.ndarray, start: int) -> np.ndarray:
+    def decode(self, slot: KVSlot, token: int, pos: int) -> np.ndarray:
+        """Run one token at ``pos`` of ``slot``; return its logits (a new array)."""
+        return self.step([Rows(slot, [token], pos)])[0]
+
+    def _prefill_numpy(self, slot: KVSlot, ids: np.ndarray, start: int) -> np.ndarray:
         """Run one chunk in numpy (the reference); return its last hidden state."""
         cfg = self.config
         T = len(ids)
@@ -379,7 +458,7 @@ class Model:
                 qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
                 first, second = qk[..., :half], qk[..., half:]
                 rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-                keys, values = self.keys[layer], self.values[layer]
+                keys, values = slot.keys[layer], slot.values[layer]
                 keys[:, :, start:n_keys] = rotated[:, nh:].transpose(1, 2, 0)
                 values[:, start:n_keys] = qkv[:, q_dim + nkv * hd :].reshape(T, nkv, hd).transpose(1, 0, 2)
                 # Query heads grouped under their shared KV head: (kv_head, group * T, dim).
@@ -417,21 +496,7 @@ class Model:
         np.exp(scores, out=scores)
         return np.sum(scores, axis=-1, keepdims=True, out=row)
 
-    # -- decode ------------------------------------------------------------------------
-
-    def decode(self, token: int, pos: int) -> np.ndarray:
-        """Run one token at ``pos``; return its logits (a buffer reused by the next call)."""
-        if not 0 <= pos < self.context_length:
-            raise ValueError(f"position {pos} is outside the context of {self.context_length}")
-        if not 0 <= token < self.config.vocab_size:
-            raise ValueError(f"token {token} is outside the vocabulary of {self.config.vocab_size}")
-        if self._c_forward is not None:
-            self._c_forward(np.array([token], np.int64), pos, self._logits)
-        else:
-            self._decode_numpy(token, pos)
-        return self._logits
-
-    def _decode_numpy(self, token: int, pos: int) -> None:
+    def _decode_numpy(self, slot: KVSlot, token: int, pos: int) -> None:
         """The decode step in numpy: the reference ``forward.c`` computes faster."""
         cfg = self.config
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -458,7 +523,7 @@ class Model:
                 np.multiply(second, cos, out=rot[:, half:])
                 np.multiply(first, sin, out=tmp)
                 rot[:, half:] += tmp
-                keys, values = self.keys[layer], self.values[layer]
+                keys, values = slot.keys[layer], slot.values[layer]
                 keys[:, :, pos] = rot[nh:]
                 values[:, pos] = qkv[q_dim + kv_dim :].reshape(nkv, hd)
                 rot[:nh] *= scale

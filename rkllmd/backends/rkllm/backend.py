@@ -304,7 +304,6 @@ class RkllmBackend(Backend):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
-        progress: Progress | None = None,  # the prefill is one native call: none to report
     ) -> GenerationStats:
         rt = self._require_runtime()
         started = time.monotonic()
