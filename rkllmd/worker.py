@@ -335,27 +335,22 @@ class ModelWorker:
                 if len(self._last_turn) > _CLIENTS_REMEMBERED:
                     self._last_turn.popitem(last=False)
                 self.backend.reset_abort()  # under the lock: a cancel from now on is seen
-            running = self._open(gen)
-            with self._cond:
-                self._opening = None
-                if running is not None:
-                    self._running.append(running)
+            running = None
+            try:
+                running = self._open(gen)
+            finally:
+                with self._cond:
+                    self._opening = None
+                    if running is not None:
+                        self._running.append(running)
+                        if gen.cancelled.is_set():  # cancelled while it opened
+                            running.run.abort()
 
     def _open(self, gen: Generation) -> _Running | None:
         """Start a generation on the backend (its prefix chosen); None if it ended already."""
         started = gen.started = time.monotonic()
         self.counters.generations += 1
         self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
-        prefix = None
-        if gen.use_cache and self.caches is not None:
-            # A cache due for exactly this prefix is built first only when nothing else runs:
-            # a build would hold up the running streams (and never nests in a paused one).
-            with self._cond:
-                may_build = not self._running and not self._paused_build
-            prefix = self.caches.choose(gen.prompt, gen.cache, build_due=may_build)
-        if gen.cache is not None and prefix is None:
-            log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)
-
         opened: list[_Running] = []
 
         def sink(text: str) -> bool:
@@ -365,16 +360,31 @@ class ModelWorker:
             self._send_output(gen, *gen.output.feed(text))
             return True
 
-        if gen.cancelled.is_set():
-            self.counters.cancelled += 1
-            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason, **NO_OUTPUT)
-            return None
         try:
-            opened.append(_Running(gen, self.backend.start(gen.prompt, gen.params, prefix, sink), prefix))
+            prefix = self._prefix(gen)  # a cancel during its build aborts the build
+            if not gen.cancelled.is_set():
+                opened.append(_Running(gen, self.backend.start(gen.prompt, gen.params, prefix, sink), prefix))
         except Exception as exc:
             self._fail(gen, self._wire_error(exc, gen))
             return None
+        if not opened:
+            self.counters.cancelled += 1
+            self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=gen.cancel_reason, **NO_OUTPUT)
+            return None
         return opened[0]
+
+    def _prefix(self, gen: Generation) -> PrefixState | None:
+        """The prefix state ``gen`` restores, if any. A cache due for exactly its prefix is
+        built first only when nothing else runs: a build would hold up the running streams
+        (and never nests in a paused one)."""
+        if not gen.use_cache or self.caches is None:
+            return None
+        with self._cond:
+            may_build = not self._running and not self._paused_build
+        prefix = self.caches.choose(gen.prompt, gen.cache, build_due=may_build)
+        if gen.cache is not None and prefix is None:
+            log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)
+        return prefix
 
     def _report_progress(self, running: _Running) -> None:
         run = running.run

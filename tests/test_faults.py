@@ -175,6 +175,9 @@ def test_vanished_cache_folders_are_made_again(make_daemon, figures) -> None:
     with proc.client() as client:
         client.cache_put("one", SHORT_TEXT)
         one = client.cache_wait("one", timeout=120)
+        # After the store's collection that follows a build (the disk thread serves cache ls
+        # after it): rmtree would otherwise race its lock file.
+        client.cache_ls()
         shutil.rmtree(proc.binary_dir)  # the binary folder goes
         client.cache_put("two", "Answer in French.")
         assert client.cache_wait("two", timeout=120)["state"] == "ready"  # built into a new folder

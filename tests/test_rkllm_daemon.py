@@ -213,8 +213,10 @@ def test_stream_is_exact_ordered_and_ends_with_the_runtime_stats(served, generat
             messages.append(client.receive(request_id, timeout=10))
     assert [m["seq"] for m in messages] == list(range(len(messages)))
     kinds = [m["type"] for m in messages]
-    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "done" and set(kinds[2:-1]) == {"token"}
-    texts = [m["text"] for m in messages[2:-1]]
+    assert kinds[:3] == ["queued", "started", "progress"] and kinds[-1] == "done" and set(kinds[3:-1]) == {"token"}
+    # The NPU's prefill is one native call: one progress message, as it ends.
+    assert messages[2]["phase"] == "prefill" and messages[2]["done"] == messages[2]["total"] > 0
+    texts = [m["text"] for m in messages[3:-1]]
     assert "".join(texts) == "echo: héllo wörld ☃!"
     # Tokens as the fake sends them, the WAITING byte held back until its character is whole;
     # token messages may join several (coalescing), never split one.

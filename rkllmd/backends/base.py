@@ -142,6 +142,7 @@ class _WholeRun(Run):
 
     def __init__(self, backend: Backend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink):
         super().__init__(backend.count_tokens(prompt_text))
+        self.to_prefill = self.stats.prompt_tokens  # restored ones are known only at the end
         self.backend = backend
         self.request = (prompt_text, params, prefix, sink)
 
@@ -157,7 +158,7 @@ class _WholeRun(Run):
             self.stats.completion_tokens += self.phase == "decode"
 
         def decoding(text: str) -> bool:
-            self.phase = "decode"
+            self.phase, self.prefilled = "decode", self.to_prefill
             return sink(text)
 
         self.backend.heartbeat = heartbeat

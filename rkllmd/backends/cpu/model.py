@@ -24,7 +24,7 @@ chunks of ``prefill_chunk`` tokens (heartbeats, cancellation and other streams' 
 between them). With the C forward pass every position's result is bitwise independent
 of how the prompt was split, of whether it was prefilled or decoded, and of the other
 streams' rows in the same step (see ``forward.c``). The numpy passes batch nothing: they
-run each stream's rows of a step in turn. The numpy passes (``_prefill_numpy``, ``_decode_numpy``) compute the
+run each stream's rows of a step in turn. They (``_prefill_numpy``, ``_decode_numpy``) compute the
 same thing through BLAS, whose sums run in another order and whose result for a row may
 depend on the rows around it: they agree with the C pass to float32 rounding, not bit
 for bit (tests/test_decode_kernel.py compares them so; tests/test_exactness.py checks
