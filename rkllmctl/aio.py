@@ -24,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from rkllmd.paths import default_socket
 
-from .client import LINGER_READ_S, GenerationResult, Piece, StreamReader, decode_reply, encode_request, probe, result_of
+from .client import LINGER_READ_S, Event, GenerationResult, Piece, StreamReader, decode_reply, encode_request, probe, result_of
 from .errors import DaemonUnreachable, ProtocolViolation
 
 log = logging.getLogger(__name__)
@@ -195,14 +195,21 @@ class AsyncStream:
             self.reader.feed(await self.client.receive(self.request_id, self.client.timeout))
 
     async def __aiter__(self) -> AsyncIterator[Piece]:
+        async for event in self.events():
+            if isinstance(event, Piece):
+                yield event
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event of the generation as it comes (see Stream.events): queue position
+        and prefill progress as well as the Pieces."""
         while self.reader.result is None:
             timeout = self.client.timeout if self.reader.expected_seq == 0 else None
-            piece = self.reader.feed(await self.client.receive(self.request_id, timeout))
-            if piece is not None:
-                yield piece
+            event = self.reader.feed(await self.client.receive(self.request_id, timeout))
+            if event is not None:
+                yield event
 
     async def wait(self) -> GenerationResult:
-        async for _ in self:
+        async for _ in self.events():
             pass
         assert self.reader.result is not None
         return self.reader.result

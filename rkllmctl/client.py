@@ -290,19 +290,24 @@ class Stream:
 
     def pieces(self) -> Iterator[Piece]:
         """Each token message's answer and reasoning text as it comes."""
+        return (event for event in self.events() if isinstance(event, Piece))
+
+    def events(self) -> Iterator[Event]:
+        """Everything the daemon says of this generation as it comes: Queued (again each
+        time the position changes), Started, Progress (prefill, protocol 1.3), Piece."""
         while self.reader.result is None:
             # Only the first message (queued, or an error) is bounded by the timeout.
             timeout = self.client.timeout if self.reader.expected_seq == 0 else None
             message = self.client.receive(self.request_id, timeout)
             if message["type"] in ("error", "done"):
                 self.client._pending.pop(self.request_id, None)
-            piece = self.reader.feed(message)
-            if piece is not None:
-                yield piece
+            event = self.reader.feed(message)
+            if event is not None:
+                yield event
 
     def wait(self) -> GenerationResult:
         """Consume the rest of the stream and return its result."""
-        for _ in self.pieces():
+        for _ in self.events():
             pass
         assert self.result is not None
         return self.result
@@ -367,20 +372,52 @@ class Piece:
     reasoning: str = ""
 
 
+@dataclass(frozen=True)
+class Queued:
+    """The generation waits with ``position`` generations ahead of it."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """The generation left the queue after ``queue_ms``."""
+
+    queue_ms: float | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """``done`` of ``total`` prompt tokens prefilled (``phase`` "prefill"; protocol 1.3)."""
+
+    phase: str
+    done: int
+    total: int
+
+    @property
+    def percent(self) -> int:
+        return 100 * self.done // self.total if self.total else 100
+
+
+#: What Stream.events() yields.
+Event = Queued | Started | Progress | Piece
+
+
 @dataclass
 class StreamReader:
     """Follows one generation's messages: their order, its text, its end (GenerationResult)."""
 
     started: float
     result: GenerationResult | None = None
-    position: int | None = None
+    position: int | None = None  # when first queued
     expected_seq: int = 0
     _parts: list[str] = field(default_factory=list)
     _first_text_at: float | None = None
     _count: int = 0
 
-    def feed(self, message: dict[str, Any]) -> Piece | None:
-        """Take the next message; a token's Piece, else None; DaemonError for an error."""
+    def feed(self, message: dict[str, Any]) -> Event | None:
+        """Take the next message; its event (None for ``done``: read ``result``);
+        DaemonError for an error."""
         kind = message["type"]
         if kind == "error":
             raise_error(message)
@@ -392,12 +429,17 @@ class StreamReader:
         if kind == "queued":  # sent again as the position changes (protocol 1.3)
             if self.position is None:
                 self.position = message.get("position")
-        elif kind == "token":
+            return Queued(message.get("position"))
+        if kind == "started":
+            return Started(message.get("queue_ms"))
+        if kind == "progress":
+            return Progress(message.get("phase"), message.get("done"), message.get("total"))
+        if kind == "token":
             if self._first_text_at is None:
                 self._first_text_at = time.monotonic()
             self._parts.append(message["text"])
             return Piece(message["text"], message.get("reasoning", ""))
-        elif kind == "done":
+        if kind == "done":
             ttft = None if self._first_text_at is None else (self._first_text_at - self.started) * 1000
             self.result = GenerationResult(
                 text="".join(self._parts),
@@ -411,9 +453,8 @@ class StreamReader:
                 tool_calls=message.get("tool_calls"),
                 tool_call_error=message.get("tool_call_error"),
             )
-        elif kind not in ("started", "progress"):  # progress: prefill tokens done (1.3)
-            raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")
-        return None
+            return None
+        raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")
 
 
 def raise_error(message: dict[str, Any]) -> None:

@@ -439,7 +439,7 @@ class TestRkllmd:
         assert "Permission denied" in outsider.stderr
         waited = sd.run(["rkllmctl", "cache", "wait", "rules", "--timeout", "60"], user="bob",
                         timeout=90)
-        assert re.fullmatch(r"rules: ready, \d+ tokens\n", waited.stderr)
+        assert re.fullmatch(r"rules: ready, \d+ tokens, built in [0-9.]+ s\n", waited.stderr)
 
     def test_reload_applies_a_new_config_without_dropping_clients(self, sd):
         pid = one_at_a_time(sd)

@@ -9,7 +9,16 @@ from typing import Any
 
 
 class UsageError(Exception):
-    """The command line is inconsistent in a way argparse cannot see."""
+    """The command line is wrong: argparse's errors (with ``usage``) and what it cannot see."""
+
+    name = "usage"
+    code = None
+    details: dict[str, Any] = {}
+
+    def __init__(self, message: str, usage: str = "", prog: str = "rkllmctl"):
+        super().__init__(message)
+        self.usage = usage
+        self.prog = prog
 
 
 def print_json(value: Any) -> None:
@@ -31,6 +40,6 @@ def read_json(path: Path | None, option: str, kind: type) -> Any:
     return value
 
 
-from . import cache, chat, generate, render, status  # noqa: E402  (they use the helpers above)
+from . import cache, chat, generate, render, shell, status  # noqa: E402  (they use the helpers above)
 
-MODULES = (generate, chat, render, status, cache)
+MODULES = (generate, chat, render, status, cache, shell)

@@ -11,6 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rkllmd.schema import OPERATIONS
+
+from ..errors import DaemonError
+from ..terminal import StatusLine
 from . import UsageError, print_json
 
 
@@ -19,7 +23,8 @@ def register(sub: Any) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("ls", help="every text cache and the state of its binary cache")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="the daemon's listing as JSON")
+    v.add_argument("--names", action="store_true", help="the names alone, one a line (for scripts and shell completion)")
     v.set_defaults(run=ls)
 
     v = verbs.add_parser("show", help="one cache's text and state")
@@ -48,7 +53,8 @@ def register(sub: Any) -> None:
 
     v = verbs.add_parser("wait", help="return when the binary cache matches the current text")
     v.add_argument("name")
-    v.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60); exit 124 when they run out")
+    timeout = OPERATIONS["cache.wait"].field("timeout")
+    v.add_argument("--timeout", type=float, default=timeout.default, help=f"seconds, up to {timeout.high:g} (default {timeout.default:g}); exit 124 when they run out")
     v.set_defaults(run=wait)
 
 
@@ -63,7 +69,18 @@ def _age(timestamp: float | None) -> str:
 
 
 def _state(row: dict[str, Any]) -> str:
-    return f"{row['state']}: {row['reason']}" if row.get("reason") else row["state"]
+    state = row["state"]
+    if row.get("build"):  # since protocol 1.3, while it is built
+        state += f" {build_percent(row['build'])}"
+    return f"{state}: {row['reason']}" if row.get("reason") else state
+
+
+def build_percent(build: dict[str, Any]) -> str:
+    """A build's progress, "45% of 1800 tokens"; "" when the backend reports none (NPU)."""
+    done, total = build.get("done"), build.get("total")
+    if done is None or not total:
+        return ""
+    return f"{100 * done // total}% of {total} tokens"
 
 
 def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
@@ -73,6 +90,10 @@ def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         print_json(listing)
         return 0
     rows = listing["caches"]
+    if args.names:
+        for row in rows:
+            print(row["name"])
+        return 0
     if not rows:
         print("no text caches")
         return 0
@@ -145,6 +166,31 @@ def rebuild(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 
 def wait(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     with connect() as client:
-        info = client.cache_wait(args.name, args.timeout)
-    print(f"{info['name']}: ready, {info['tokens']} tokens", file=sys.stderr)
+        line = StatusLine(sys.stderr)
+        try:
+            info = wait_showing(client, args.name, args.timeout, line) if line.live else client.cache_wait(args.name, args.timeout)
+        finally:
+            line.clear()
+    built = f", built in {info['build_ms'] / 1000:.2f} s" if info.get("build_ms") else ""
+    print(f"{info['name']}: ready, {info['tokens']} tokens{built}", file=sys.stderr)
     return 0
+
+
+#: On a terminal, cache wait asks for this long at a time and shows the build's progress between.
+POLL_S = 0.25
+
+
+def wait_showing(client: Any, name: str, timeout: float, line: StatusLine) -> dict[str, Any]:
+    """cache.wait in short slices (the daemon answers a wait once), the build's percentage
+    from cache.show on the status line between them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        try:
+            return client.cache_wait(name, min(POLL_S, left))
+        except DaemonError as exc:
+            if exc.name != "timeout" or left <= POLL_S:
+                raise
+        entry = client.cache_show(name)
+        progress = build_percent(entry["build"]) if entry.get("build") else ""
+        line.show(f"{name}: {entry['state']} {progress}".rstrip())

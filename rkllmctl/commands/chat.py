@@ -72,6 +72,8 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
             except EOFError:
                 return 0
             except DaemonError as exc:
+                if exc.name == "shutting_down":  # no next turn to wait for
+                    raise
                 del history[turn_start:]
                 print(f"rkllmctl: {exc}", file=sys.stderr)
 

@@ -11,25 +11,52 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from ..client import GenerationResult, Piece, Stream
+from rkllmd.config import Config
+from rkllmd.schema import OPERATIONS, Setting
+
+from ..client import GenerationResult, Piece, Progress, Queued, Started, Stream
+from ..errors import GenerationCutShort
+from ..terminal import StatusLine, may_style
 from . import UsageError, print_json, read_json
 
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
+#: Where a daemon's default comes from when its configuration does not change it.
+BUILT_IN = Config()
+
+
+def schema_help(name: str, doc: str | None = None) -> str:
+    """A generate field's help: its meaning, range and default as rkllmd/schema.py declares
+    them (a default read from the daemon's configuration: its built-in value, and the key)."""
+    f = OPERATIONS["generate"].field(name)
+    parts = [doc or f.doc]
+    low, high = (_value(bound) for bound in (f.low, f.high))
+    if low is not None and high is not None and f.high != 2**64 - 1:
+        parts.append(f"{low}–{high}")
+    parts.append(f"default: {_value(f.default) if f.default_doc is None else f.default_doc}")
+    return "; ".join(parts).replace("%", "%%")  # argparse formats help with %
+
+
+def _value(bound: Any) -> str | None:
+    if isinstance(bound, Setting):
+        return f"{BUILT_IN[bound.key]} (rkllmd.toml {bound.key})"
+    if bound == ():
+        return "none"
+    return None if bound is None else str(bound)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", metavar="NAME", help="use text cache NAME as the system message")
-    p.add_argument("--no-cache", action="store_true", help="prefill the whole prompt (no prompt cache), to measure the difference")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--repeat-penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--stop", action="append", metavar="S", help="stop before this text (repeatable)")
+    p.add_argument("--cache", metavar="NAME", help="use text cache NAME as the system message; default: none (a prompt that starts like a cache uses it all the same)")
+    p.add_argument("--no-cache", action="store_true", help="prefill the whole prompt (no prompt cache), to measure the difference; default: restore what a cache or the conversation holds")
+    p.add_argument("--temperature", type=float, help=schema_help("temperature"))
+    p.add_argument("--top-k", type=int, help=schema_help("top_k"))
+    p.add_argument("--top-p", type=float, help=schema_help("top_p"))
+    p.add_argument("--repeat-penalty", type=float, help=schema_help("repeat_penalty"))
+    p.add_argument("--seed", type=int, help=schema_help("seed"))
+    p.add_argument("--max-tokens", type=int, help=schema_help("max_tokens"))
+    p.add_argument("--stop", action="append", metavar="S", help=schema_help("stop", "stop before this text (repeatable), which is not printed"))
     p.add_argument("--tools", type=Path, metavar="FILE.json", help="a JSON list of tool schemas the model may call")
     p.add_argument("--vars", type=Path, metavar="FILE.json", help="a JSON object of template variables (date_string, ...)")
-    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not")
+    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not; default: as the template decides")
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the model's reasoning")
 
 
@@ -93,28 +120,47 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 
 
 def follow(stream: Stream, echo: bool, show_reasoning: bool = True) -> GenerationResult:
-    """Print text as it arrives; on Ctrl-C cancel on the daemon, then let the interrupt through."""
+    """Print text as it arrives, and until it does a live line on a terminal's stderr
+    (queue position, prefill percentage). On Ctrl-C cancel on the daemon, then let the
+    interrupt through; a generation the daemon cut short is a GenerationCutShort."""
     printer = Printer(show_reasoning) if echo else None
+    line = StatusLine(sys.stderr)
+    waiting = True
     try:
-        for piece in stream.pieces():
-            if printer is not None:
-                printer.write(piece)
+        for event in stream.events():
+            if isinstance(event, Piece):
+                waiting = False
+                line.clear()
+                if printer is not None:
+                    printer.write(event)
+            elif waiting:
+                line.show(waiting_text(event))
     except KeyboardInterrupt:
-        try:
-            stream.cancel()
-        finally:
-            if printer is not None:
-                printer.end()
+        line.clear()
+        stream.cancel()
         raise
+    finally:
+        line.clear()
+        if printer is not None:
+            printer.end()
     result = stream.result
     assert result is not None
     if printer is not None:
-        printer.end()
         for call in result.tool_calls or ():
             print(f"[tool call {call['id']}: {call['function']['name']}({call['function']['arguments']})]")
         if result.tool_call_error:
             print(f"rkllmctl: the model's tool call did not parse ({result.tool_call_error}); it is left in the text", file=sys.stderr)
+    if result.finish_reason == "cancelled":  # not by us: Ctrl-C left above
+        raise GenerationCutShort(result.reason, result.text, result.reasoning)
     return result
+
+
+def waiting_text(event: Queued | Started | Progress) -> str:
+    if isinstance(event, Queued):
+        return f"queued: {event.position} ahead"
+    if isinstance(event, Progress):
+        return f"{event.phase} {event.percent}%"
+    return "prefill"  # started; a daemon before protocol 1.3 says no more until the first token
 
 
 class Printer:
@@ -123,34 +169,36 @@ class Printer:
     def __init__(self, show_reasoning: bool):
         self.show_reasoning = show_reasoning
         self.tty = sys.stdout.isatty()
+        self.dim = may_style(sys.stdout)
         self.reasoning_to: TextIO = sys.stdout if self.tty else sys.stderr
         self.last: dict[TextIO, str] = {}  # each stream's last character written
-        self.dimmed = False
+        self.in_reasoning = False  # reasoning is being written to stdout (a terminal)
 
     def write(self, piece: Piece) -> None:
         if piece.reasoning and self.show_reasoning:
-            if self.tty and not self.dimmed:
-                sys.stdout.write(DIM)
-                self.dimmed = True
+            if self.tty and not self.in_reasoning:
+                if self.dim:
+                    sys.stdout.write(DIM)
+                self.in_reasoning = True
             self._put(self.reasoning_to, piece.reasoning)
         if piece.text:
-            if self.dimmed:  # the answer starts on a line of its own after the reasoning
-                self._undim()
+            if self.in_reasoning:  # the answer starts on a line of its own after the reasoning
+                self._leave_reasoning()
                 if self.last[sys.stdout] != "\n":
                     self._put(sys.stdout, "\n")
             self._put(sys.stdout, piece.text)
 
     def end(self) -> None:
         """Close the lines left open (and the dim attribute)."""
-        self._undim()
+        self._leave_reasoning()
         for out, last in self.last.items():
             if last != "\n":
                 self._put(out, "\n")
 
-    def _undim(self) -> None:
-        if self.dimmed:
+    def _leave_reasoning(self) -> None:
+        if self.in_reasoning and self.dim:
             sys.stdout.write(UNDIM)
-            self.dimmed = False
+        self.in_reasoning = False
 
     def _put(self, out: TextIO, text: str) -> None:
         out.write(text)
@@ -170,7 +218,8 @@ def stats_line(result: GenerationResult) -> str:
         parts.append(f"prompt {s['prompt_tokens']} tokens{cached}")
         parts.append(f"completion {s['completion_tokens']} tokens")
         ttft = result.client_ttft_ms if result.client_ttft_ms is not None else s["ttft_ms"]
-        parts.append(f"TTFT {ttft:.0f} ms (prefill {s['prefill_ms']:.0f} ms)")
+        queued = f"queued {s['queue_ms']:.0f} ms, " if s.get("queue_ms", 0) >= 1 else ""
+        parts.append(f"TTFT {ttft:.0f} ms ({queued}prefill {s['prefill_ms']:.0f} ms)")
         if s.get("decode_tps"):
             parts.append(f"{s['decode_tps']:.1f} tokens/s")
     return "[" + "; ".join(parts) + "]"

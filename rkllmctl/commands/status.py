@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable
 
 from . import print_json
+from .cache import build_percent
 
 
 def register(sub: Any) -> None:
@@ -36,6 +37,12 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     if model.get("decode"):
         print(f"decode:   {model['decode']}")
     print(f"worker:   {worker['running'] or 'idle'}; {worker['queued']} queued; {worker['builds_queued']} cache builds queued")
+    if "requests" in status:  # since protocol 1.3
+        for row in _request_lines(status["requests"], status["limits"].get("max_batch")):
+            print(row)
+    if status.get("build"):
+        build = status["build"]
+        print(f"build:    cache {build['name']} {build_percent(build)}".rstrip())
     print(f"caches:   {states}; {memory['used_bytes'] / 2**20:.1f} of {memory['budget_bytes'] / 2**20:.0f} MiB in memory ({caches['text_dir']})")
     if "store" in status:  # since protocol 1.2
         print(f"store:    {_store_line(status['store'])}")
@@ -48,6 +55,19 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         f"{counters['completion_tokens']} tokens generated, {counters['cached_tokens']} prompt tokens restored from caches"
     )
     return 0
+
+
+def _request_lines(requests: dict[str, list[dict[str, Any]]], max_batch: int | None) -> list[str]:
+    """The generations running and waiting, one line each, after a count."""
+    running, queued = requests["running"], requests["queued"]
+    batch = f" (up to {max_batch} decoded together)" if max_batch else ""
+    lines = [f"requests: {len(running)} running{batch}, {len(queued)} queued"]
+    for r in running:
+        prefill = f"prefill {r['prefilled']} of {r['prompt_tokens']} prompt tokens" if r["phase"] == "prefill" else f"prompt {r['prompt_tokens']} tokens"
+        lines.append(f"  running  {r['id']!s:>6}  {r['client']:<12} {prefill}, {r['completion_tokens']} generated, {r['elapsed_ms'] / 1000:.1f} s")
+    for q in queued:
+        lines.append(f"  queued   {q['id']!s:>6}  {q['client']:<12} {q['position']} ahead, waiting {q['waited_ms'] / 1000:.1f} s")
+    return lines
 
 
 def _store_line(store: dict[str, Any]) -> str:
