@@ -75,6 +75,10 @@
 #define TILE_TOKENS 2
 #define TILE_PANELS 1
 #endif
+/* Threads take a product's work as items of a block of panels for a group of up to
+ * GROUP_TOKENS token rows, so that even the small products of a layer (9 blocks of its
+ * 576 outputs) are shared evenly by the team. */
+#define GROUP_TOKENS (8 * TILE_TOKENS)
 /* Left-over tokens: tiles of SHORT_TOKENS, then of one. */
 #define SHORT_TOKENS (TILE_TOKENS > 4 ? 4 : 1)
 #define DECODE_PANELS 4
@@ -295,7 +299,7 @@ static void block(const float *w, const float *x, float *out, int64_t n_tokens, 
  * outputs, output o's weight for input k at ((o / LANES) * k_dim + k) * LANES + o %
  * LANES (the last panel zero-padded), so that one vector load gives LANES outputs'
  * weights for one input. out[n_tokens, n_out] = x[n_tokens, k_dim] @ w^T, or added to
- * out (``accumulate``). Threads take it by blocks of BLOCK_PANELS panels (``run``). */
+ * out (``accumulate``). Threads take it by items (``product_item``). */
 struct product {
     const float *w, *x;
     float *out;
@@ -304,12 +308,6 @@ struct product {
 };
 
 static int64_t product_blocks(int64_t n_out) { return ((n_out + LANES - 1) / LANES + BLOCK_PANELS - 1) / BLOCK_PANELS; }
-
-static void product_block(const struct product *p, int64_t b) {
-    const int64_t n_panels = (p->n_out + LANES - 1) / LANES, p0 = b * BLOCK_PANELS;
-    block(p->w, p->x, p->out, p->n_tokens, p->n_out, p->k_dim, p0, p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels,
-          p->accumulate);
-}
 
 static void rms_norm(const float *x, const float *weight, float *out, int64_t n, double eps) {
     const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + (float)eps);
@@ -415,11 +413,12 @@ static void merge_chunks(const struct rkllmd_model *m, const struct rows *s, int
         out[d] /= total;
 }
 
-/* act = silu(gate) * up of every row, for the gate/up panels [p0, p1) (pairs: gate
+/* act = silu(gate) * up of rows [t0, t1), for the gate/up panels [p0, p1) (pairs: gate
  * panel i is panel 2i, its up panel 2i + 1), once a thread has computed them. */
-static void silu_panels(const struct rkllmd_model *m, const struct rows *s, int64_t p0, int64_t p1) {
+static void silu_panels(const struct rkllmd_model *m, const struct rows *s, int64_t t0, int64_t t1, int64_t p0,
+                        int64_t p1) {
     const int64_t ffn = m->ffn_dim, width = 2 * ((ffn + LANES - 1) / LANES) * LANES;
-    for (int64_t t = 0; t < s->n; t++)
+    for (int64_t t = t0; t < t1; t++)
         for (int64_t pair = p0 / 2; pair < p1 / 2; pair++)
             for (int64_t j = 0; j < LANES; j += WIDTH) {
                 const int64_t i = pair * LANES + j;
@@ -472,12 +471,21 @@ static void embed_item(const struct task *task, int64_t t) { /* row tokens[t] of
         task->s->x[t * dim + k] = task->m->head[(token / LANES * dim + k) * LANES + token % LANES];
 }
 
-static void product_item(const struct task *task, int64_t b) {
-    product_block(&task->product, b);
-    if (task->silu) {
-        const int64_t n_panels = (task->product.n_out + LANES - 1) / LANES, p0 = b * BLOCK_PANELS;
-        silu_panels(task->m, task->s, p0, p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels);
-    }
+static int64_t row_groups(int64_t n_tokens) { return (n_tokens + GROUP_TOKENS - 1) / GROUP_TOKENS; }
+
+/* Items of a product: its blocks of panels, each for every group of rows. */
+static int64_t product_items(const struct product *p) { return product_blocks(p->n_out) * row_groups(p->n_tokens); }
+
+/* A block of panels for a group of rows (consecutive items share the block, whose
+ * weights then come from L2 cache). */
+static void product_item(const struct task *task, int64_t item) {
+    const struct product *p = &task->product;
+    const int64_t groups = row_groups(p->n_tokens), n_panels = (p->n_out + LANES - 1) / LANES;
+    const int64_t p0 = item / groups * BLOCK_PANELS, p1 = p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels;
+    const int64_t t0 = item % groups * GROUP_TOKENS, t1 = t0 + GROUP_TOKENS < p->n_tokens ? t0 + GROUP_TOKENS : p->n_tokens;
+    block(p->w, p->x + t0 * p->k_dim, p->out + t0 * p->n_out, t1 - t0, p->n_out, p->k_dim, p0, p1, p->accumulate);
+    if (task->silu)
+        silu_panels(task->m, task->s, t0, t1, p0, p1);
 }
 
 static void rotate_item(const struct task *task, int64_t t) { rotate_and_store(task->m, task->s, task->layer, t); }
@@ -494,16 +502,35 @@ static void merge_item(const struct task *task, int64_t unit) {
     merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
 }
 
-/* Items [0, total) of ``phase``, with the team; returns once all are done. */
+static int64_t team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* Items [0, total) of ``phase``, with the team; returns once all are done. A thread
+ * claims a run of consecutive items, an eighth of those left per thread (at least one):
+ * neighbouring rows' keys share cache lines, neighbouring product items their block of
+ * weights, and a phase of a thousand tiny items (the merges) costs a few dozen atomic
+ * operations, not thousands; the last items still go one at a time, so a thread kept
+ * off its core holds the others up by little more than one item. */
 static void run(struct phase *phase, int64_t total, item_fn *item, struct task *task) {
+    const int64_t share = 8 * team_size();
     int prepared = task->prepare == NULL;
-    for (int64_t i; (i = __atomic_fetch_add(&phase->claimed, 1, __ATOMIC_RELAXED)) < total;) {
+    for (int64_t first = __atomic_load_n(&phase->claimed, __ATOMIC_RELAXED); first < total;) {
+        const int64_t count = (total - first) / share > 1 ? (total - first) / share : 1;
+        if (!__atomic_compare_exchange_n(&phase->claimed, &first, first + count, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            continue; /* another thread claimed first: ``first`` is now what it left */
         if (!prepared) {
             task->prepare(task);
             prepared = 1;
         }
-        item(task, i);
-        __atomic_fetch_add(&phase->done, 1, __ATOMIC_RELEASE);
+        for (int64_t i = first; i < first + count; i++)
+            item(task, i);
+        __atomic_fetch_add(&phase->done, count, __ATOMIC_RELEASE);
+        first += count;
     }
     for (int64_t spins = 0; __atomic_load_n(&phase->done, __ATOMIC_ACQUIRE) < total; spins++)
         if (spins > 2000) /* the item's thread may need this core */
@@ -567,28 +594,28 @@ int rkllmd_forward(const struct rkllmd_model *m, const int64_t *tokens, int64_t 
             task.prepare = norm_rows;
             task.norm = m->attn_norm + layer * dim;
             task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
-            run(phase++, product_blocks(qkv_dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.prepare = NULL;
             run(phase++, n, rotate_item, &task);
             run(phase++, n * nkv * s.n_chunks, attend_item, &task);
             run(phase++, n * nh, merge_item, &task);
             task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
-            run(phase++, product_blocks(dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.prepare = norm_rows;
             task.norm = m->ffn_norm + layer * dim;
             task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
             task.silu = 1;
-            run(phase++, product_blocks(gu_dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.silu = 0;
             task.prepare = NULL;
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
-            run(phase++, product_blocks(dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
         }
         if (logits) {
             task.prepare = norm_last_row;
             task.norm = m->output_norm;
             task.product = (struct product){m->head, h, logits, 1, m->vocab_size, dim, 0};
-            run(phase++, product_blocks(m->vocab_size), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
         }
     }
     free(phases);
