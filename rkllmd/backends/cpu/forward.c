@@ -351,6 +351,35 @@ static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s,
         memcpy(m->values + ((layer * nkv + kv) * cap + pos) * hd, values + kv * hd, hd * sizeof(float));
 }
 
+/* out[i] = the sum over r < n_rows of coef[r] * rows[r * stride + i], for i < n: attention's
+ * scores (query by keys) and weighted values. Each out[i] is one chain of fused multiply-adds
+ * in r order from zero, what ``out[i] += coef[r] * rows[...]`` over r computes, with blocks of
+ * i held in registers through the whole chain instead of loaded and stored at every step. */
+#define COMBINE(V)                                                                                            \
+    for (; i + (V) * WIDTH <= n; i += (V) * WIDTH) {                                                          \
+        vec_t acc[V];                                                                                         \
+        _Pragma("GCC unroll 8") for (int j = 0; j < (V); j++) acc[j] = (vec_t){0};                            \
+        for (int64_t r = 0; r < n_rows; r++) {                                                                \
+            const vec_t c = splat(coef[r]);                                                                   \
+            _Pragma("GCC unroll 8") for (int j = 0; j < (V); j++) acc[j] += c * load(rows + r * stride + i + j * WIDTH); \
+        }                                                                                                     \
+        memcpy(out + i, acc, sizeof acc);                                                                     \
+    }
+
+static CONTRACTED void combine_rows(const float *coef, const float *rows, int64_t stride, int64_t n_rows, float *out,
+                                    int64_t n) {
+    int64_t i = 0;
+    COMBINE(8)
+    COMBINE(4)
+    COMBINE(1)
+    if (i < n) { /* the last n - i (< WIDTH) */
+        memset(out + i, 0, (n - i) * sizeof(float));
+        for (int64_t r = 0; r < n_rows; r++)
+            for (int64_t j = i; j < n; j++)
+                out[j] += coef[r] * rows[r * stride + j];
+    }
+}
+
 /* Attention is split by chunks of ATTENTION_CHUNK positions, as flash-decoding does.
  * A unit, one row, one KV head and one chunk, handles the query heads sharing that KV
  * head one after the other, so the chunk's keys and values (64 KB each for SmolLM2) come
@@ -367,24 +396,13 @@ static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct r
     const float *values = m->values + ((layer * m->n_kv_heads + kv) * cap + p0) * hd;
     for (int64_t head = kv * group; head < (kv + 1) * group; head++) {
         float scores[ATTENTION_CHUNK];
-        const float *q = s->queries + (t * nh + head) * hd;
-        memset(scores, 0, n * sizeof(float));
-        for (int64_t d = 0; d < hd; d++) {
-            const float qd = q[d], *row = keys + d * cap;
-            for (int64_t p = 0; p < n; p++)
-                scores[p] += qd * row[p];
-        }
+        combine_rows(s->queries + (t * nh + head) * hd, keys, cap, hd, scores, n);
         float top = scores[0];
         for (int64_t p = 1; p < n; p++)
             top = scores[p] > top ? scores[p] : top;
         const float total = exp_shifted(scores, top, n);
         float acc[hd]; /* on this thread's stack: partials of neighbouring units share cache lines */
-        memset(acc, 0, sizeof acc);
-        for (int64_t p = 0; p < n; p++) {
-            const float weight = scores[p], *row = values + p * hd;
-            for (int64_t d = 0; d < hd; d++)
-                acc[d] += weight * row[d];
-        }
+        combine_rows(scores, values, hd, n, acc, hd);
         float *partial = s->partials + ((t * nh + head) * s->n_chunks + chunk) * (hd + 2);
         partial[0] = top;
         partial[1] = total;
