@@ -83,6 +83,12 @@
 #define SHORT_TOKENS (TILE_TOKENS > 4 ? 4 : 1)
 #define DECODE_PANELS 4
 #define BLOCK_PANELS 4
+/* Prefill tiles ask for their weights PREFETCH_AHEAD inputs (cache lines) ahead: a block's
+ * first tile of tokens reads them from memory, faster than the hardware's prefetcher
+ * alone brings them. */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 48
+#endif
 
 /* The file is compiled with -ffp-contract=off: compilers for different targets contract
  * a * b + c * d differently. Only where a product is added to an accumulator, which every
@@ -244,6 +250,9 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
         const int64_t stride = k_dim * LANES;                                                                 \
         for (int64_t k = 0; k < k_dim; k++) {                                                                 \
             vec_t wv[NP][PARTS];                                                                              \
+            if ((T) > 1 && k + PREFETCH_AHEAD < k_dim)                                                        \
+                _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
+                    __builtin_prefetch(w + p * stride + (k + PREFETCH_AHEAD) * LANES);                        \
             _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
                 _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++)                                       \
                     wv[p][j] = load(w + p * stride + k * LANES + j * WIDTH);                                  \
@@ -254,9 +263,18 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
             }                                                                                                 \
         }                                                                                                     \
         for (int t = 0; t < T; t++) {                                                                         \
+            float *row = out + t * ldo;                                                                       \
+            if (n_valid == (NP) * LANES) { /* whole panels: vector stores */                                  \
+                _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) {                                 \
+                        float *to = row + p * LANES + j * WIDTH;                                              \
+                        const vec_t v = accumulate ? load(to) + acc[t][p][j] : acc[t][p][j];                  \
+                        memcpy(to, &v, sizeof v);                                                             \
+                    }                                                                                         \
+                continue;                                                                                     \
+            }                                                                                                 \
             float sums[NP * LANES];                                                                           \
             memcpy(sums, acc[t], sizeof sums);                                                                \
-            float *row = out + t * ldo;                                                                       \
             for (int64_t i = 0; i < n_valid; i++)                                                             \
                 row[i] = accumulate ? row[i] + sums[i] : sums[i];                                             \
         }                                                                                                     \
