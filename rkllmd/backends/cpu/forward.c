@@ -240,6 +240,20 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
  * one chain of fused multiply-adds over k = 0, 1, ...: the same whatever the tile, the
  * target's vector width or the thread. One function per tile shape, so that the
  * compiler keeps the accumulators in registers. */
+/* One input k of a tile: NP panels' weights for k, times each token's input k. */
+#define TILE_STEP(T, NP)                                                                                      \
+    {                                                                                                         \
+        vec_t wv[NP][PARTS];                                                                                  \
+        _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                                 \
+            _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++)                                           \
+                wv[p][j] = load(w + p * stride + k * LANES + j * WIDTH);                                      \
+        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {                                                \
+            const vec_t xv = splat(x[t * k_dim + k]);                                                         \
+            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
+                _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] += wv[p][j] * xv;        \
+        }                                                                                                     \
+    }
+
 #define DEFINE_TILE(name, T, NP)                                                                              \
     static CONTRACTED void name(const float *restrict w, const float *restrict x, float *restrict out,        \
                                 int64_t k_dim, int64_t ldo, int64_t n_valid, int accumulate) {                \
@@ -248,20 +262,15 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
             _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
                 _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] = (vec_t){0};            \
         const int64_t stride = k_dim * LANES;                                                                 \
-        for (int64_t k = 0; k < k_dim; k++) {                                                                 \
-            vec_t wv[NP][PARTS];                                                                              \
-            if ((T) > 1 && k + PREFETCH_AHEAD < k_dim)                                                        \
+        int64_t k = 0;                                                                                        \
+        if ((T) > 1) /* prefill: ask for the weights ahead */                                                 \
+            for (; k + PREFETCH_AHEAD < k_dim; k++) {                                                         \
                 _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
                     __builtin_prefetch(w + p * stride + (k + PREFETCH_AHEAD) * LANES);                        \
-            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
-                _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++)                                       \
-                    wv[p][j] = load(w + p * stride + k * LANES + j * WIDTH);                                  \
-            _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {                                            \
-                const vec_t xv = splat(x[t * k_dim + k]);                                                     \
-                _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] += wv[p][j] * xv;    \
+                TILE_STEP(T, NP)                                                                              \
             }                                                                                                 \
-        }                                                                                                     \
+        for (; k < k_dim; k++)                                                                                \
+            TILE_STEP(T, NP)                                                                                  \
         for (int t = 0; t < T; t++) {                                                                         \
             float *row = out + t * ldo;                                                                       \
             if (n_valid == (NP) * LANES) { /* whole panels: vector stores */                                  \
