@@ -63,8 +63,9 @@
  * TILE_PANELS panels, one accumulator per token and output, sized to the target's
  * vector registers (AVX-512: 24 of 32; AVX2: 12 of 16; NEON: 24 of 32, 4 per panel).
  * One token row (decode) streams DECODE_PANELS panels at once to keep loads in flight.
- * Threads take blocks of BLOCK_PANELS panels, whose weights stay in L2 cache while
- * every tile of tokens passes (a multiple of the tiles' panels, and even: gate/up pairs). */
+ * Threads take blocks of BLOCK_PANELS panels for groups of rows (``product_item``): the
+ * block's weights stay in L2 cache while the group's tiles of tokens pass (a multiple of
+ * the tiles' panels, and even: gate/up pairs). */
 #if WIDTH == 16
 #define TILE_TOKENS 12
 #define TILE_PANELS 2
@@ -547,6 +548,9 @@ static void merge_item(const struct task *task, int64_t unit) {
     merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
 }
 
+/* The most items a thread claims at once (``run``). */
+#define RUN_ITEMS 8
+
 static int64_t team_size(void) {
 #ifdef _OPENMP
     return omp_get_num_threads();
@@ -556,16 +560,17 @@ static int64_t team_size(void) {
 }
 
 /* Items [0, total) of ``phase``, with the team; returns once all are done. A thread
- * claims a run of consecutive items, an eighth of those left per thread (at least one):
- * neighbouring rows' keys share cache lines, neighbouring product items their block of
- * weights, and a phase of a thousand tiny items (the merges) costs a few dozen atomic
- * operations, not thousands; the last items still go one at a time, so a thread kept
- * off its core holds the others up by little more than one item. */
+ * claims a run of consecutive items, an eighth of those left per thread, at least one and
+ * at most RUN_ITEMS: neighbouring rows' keys share cache lines, neighbouring product items
+ * their block of weights, and a phase of a thousand tiny items (the merges) costs a few
+ * hundred atomic operations, not thousands; a thread kept off its core by another
+ * process holds the others up by at most RUN_ITEMS items, and the last items of a phase
+ * go one at a time. */
 static void run(struct phase *phase, int64_t total, item_fn *item, struct task *task) {
     const int64_t share = 8 * team_size();
     int prepared = task->prepare == NULL;
     for (int64_t first = __atomic_load_n(&phase->claimed, __ATOMIC_RELAXED); first < total;) {
-        const int64_t count = (total - first) / share > 1 ? (total - first) / share : 1;
+        const int64_t fair = (total - first) / share, count = fair < 1 ? 1 : fair > RUN_ITEMS ? RUN_ITEMS : fair;
         if (!__atomic_compare_exchange_n(&phase->claimed, &first, first + count, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
             continue; /* another thread claimed first: ``first`` is now what it left */
         if (!prepared) {
