@@ -17,14 +17,15 @@ on the same mapped weights:
 - sampling: greedy (an argmax) and top-k 40 / top-p 0.95 / temperature 0.8.
 Run: python bench/decode_profile.py [--prompt-tokens 500] [--march haswell]
 (--march: the target the C forward pass is built for; the default, native, is what the
-daemon builds; haswell is AVX2 without AVX-512.)
+daemon builds; haswell is AVX2 without AVX-512. The numpy side then runs OpenBLAS's
+kernels for the same target: the bench re-executes itself with OPENBLAS_CORETYPE set,
+see kernel_sets.py; it prints which kernel set each side used.)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import time
@@ -32,13 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
+from kernel_sets import c_model as c_model_for, cpu_features, match_blas, numpy_blas  # noqa: E402
 
 import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
-from rkllmd.backends.cpu import kernels  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
 from rkllmd.backends.cpu.model import KVSlot, Model  # noqa: E402
 from rkllmd.sampling import Sampler  # noqa: E402
@@ -76,16 +77,6 @@ def attention(model: Model, slot: KVSlot, n_keys: int) -> None:
         model._attn /= totals
 
 
-def cpu_features() -> str:
-    """The CPU's model and the vector extensions the kernels can use."""
-    info = Path("/proc/cpuinfo").read_text(errors="replace")
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    found = re.search(r"(?:flags|Features)\s*:\s*(.*)", info)
-    flags = set(found.group(1).split()) if found else set()
-    wanted = ("avx2", "fma", "avx512f", "asimd", "sve")
-    return f"{name.group(1) if name else os.uname().machine}; {', '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
-
-
 def read_limit_ms(arrays: list[np.ndarray], repeat: int) -> float:
     """A plain read of ``arrays``' bytes with every core: the floor under a decode step."""
     slices = [part for a in arrays for part in np.array_split(a.reshape(-1).view(np.uint32), os.cpu_count() or 1)]
@@ -101,14 +92,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--march", default=kernels.NATIVE, help="target of the C build (default: native)")
+    parser.add_argument("--march", default="native", help="target of the C build (default: native)")
     args = parser.parse_args()
+    match_blas(args.march)
 
     backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="numpy", kernels_dir=KERNELS_DIR)
     backend.load()
     numpy_model = backend.model
-    kernel = kernels.c_kernel(KERNELS_DIR, args.march)
-    c_model = Model(numpy_model.config, numpy_model.w, backend.context_length, backend.prefill_chunk, kernel)
+    c_model, c_build = c_model_for(backend, args.march)
     text = backend.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
     ids = backend.tokenizer.encode(text)[: args.prompt_tokens]
     slots = {"C": c_model.new_slot(), "numpy": numpy_model.new_slot()}
@@ -145,7 +136,8 @@ def main() -> None:
     weight_bytes = sum(a.nbytes for a in streamed)
     limit = read_limit_ms(streamed, args.rounds * 4)
     gbps = lambda ms: weight_bytes / ms / 1e6  # noqa: E731
-    print(f"CPU: {cpu_features()}; {os.cpu_count()} cores; C build: -march={args.march} ({kernel.detail})")
+    print(f"CPU: {cpu_features()}; {os.cpu_count()} cores")
+    print(f"C side: {c_build}; numpy side: {numpy_blas()}")
     print(f"limit: a plain read of the {weight_bytes / 1e6:.0f} MB of weights with all cores takes {limit:.2f} ms "
           f"({gbps(limit):.1f} GB/s): at most {1000 / limit:.1f} decode tokens/s")
     print(f"decode: C step {c_step:.2f} ms = **{limit / c_step:.2f} of the limit**; numpy step {limit / numpy_step:.2f}")

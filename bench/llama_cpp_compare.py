@@ -7,17 +7,22 @@ same greedy decoding, same two threads:
 - llama.cpp float32: the bundled Q4_1 file converted to F32 by llama.cpp's own quantize
   tool (the same float32 values our backend dequantizes to);
 - llama.cpp Q4_1: the bundled file as it is, for scale (4-bit weights stream 6x fewer bytes).
-Prints prefill and decode tokens/s and whether the greedy tokens agree.
+Prints prefill and decode tokens/s and whether the greedy tokens agree, after the CPU's
+features and which build each side runs: our forward.c's target (--march; haswell is AVX2
+without AVX-512), numpy's OpenBLAS kernels (matched to --march, see kernel_sets.py) and
+llama.cpp's own system info (the instruction sets the installed llama-cpp-python was
+compiled for: install an AVX2-only build to compare with --march haswell).
 
 Needs llama-cpp-python (`.venv/bin/pip install -e '.[bench-llama]'`, which builds llama.cpp
 from source: about 15 minutes on two cores). Without it the script says so and exits 1.
-Run: python bench/llama_cpp_compare.py [--prompt-tokens 500] [--decode-tokens 64]
+Run: python bench/llama_cpp_compare.py [--prompt-tokens 500] [--decode-tokens 64] [--march haswell] [--no-q4]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
 import sys
 import time
@@ -25,21 +30,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
+from daemon import WEIGHTS_DIR, words  # noqa: E402
+from kernel_sets import builds_avx512, c_model, cpu_features, match_blas, numpy_blas  # noqa: E402
 from make_llama_references import float32_copy  # noqa: E402  (the F32 copy the test references were made from)
 
 import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path  # noqa: E402
+from rkllmd.backends.cpu.model import Model  # noqa: E402
 
 THREADS = 2
-OURS = "rkllmd CPU backend (float32, C decode step)"
+OURS = "rkllmd CPU backend (float32, C forward pass)"
 _QUIET = None
 
 
-def ours_run(backend: CpuBackend, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
+def ours_run(model: Model, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
     """(prefill s, decode s for ``steps`` tokens, greedy tokens)."""
-    model = backend.model
     slot = model.new_slot()
     t0 = time.perf_counter()
     logits = model.prefill(slot, ids, 0)
@@ -74,7 +80,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each engine per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rkllmd-bench")
+    parser.add_argument("--march", default="native", help="target of our C build (default: native)")
+    parser.add_argument("--no-q4", action="store_true",
+                        help="leave out llama.cpp's Q4_1 run (its AMX kernels, in a build for a CPU that lists "
+                             "AMX, die of SIGILL where a virtual machine does not let them run)")
     args = parser.parse_args()
+    match_blas(args.march)
     try:
         import llama_cpp
     except ImportError:
@@ -90,18 +101,20 @@ def main() -> int:
 
     source = bundled_model_path()
     f32 = float32_copy(llama_cpp, source, args.workdir)
-    ours = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="c", kernels_dir=KERNELS_DIR)
     ours_numpy = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_mode="numpy")
-    ours.load()
     ours_numpy.load()
-    text = ours.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
-    ids = ours.tokenizer.encode(text)
+    ours, c_build = c_model(ours_numpy, args.march)
+    text = ours_numpy.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
+    ids = ours_numpy.tokenizer.encode(text)
     n_ctx = len(ids) + args.decode_tokens + 8
     engines = {
         OURS: lambda: ours_run(ours, ids, args.decode_tokens),
-        "rkllmd CPU backend (float32, numpy step)": lambda: ours_run(ours_numpy, ids, args.decode_tokens),
+        "rkllmd CPU backend (float32, numpy passes)": lambda: ours_run(ours_numpy.model, ids, args.decode_tokens),
     }
-    for label, path in (("llama.cpp, F32 weights", f32), ("llama.cpp, Q4_1 weights", source)):
+    llama_files = {"llama.cpp, F32 weights": f32, "llama.cpp, Q4_1 weights": source}
+    if args.no_q4:
+        del llama_files["llama.cpp, Q4_1 weights"]
+    for label, path in llama_files.items():
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
                               verbose=False)
         engines[label] = lambda llm=llm: llama_run(llama_cpp, llm, ids, args.decode_tokens)
@@ -113,6 +126,13 @@ def main() -> int:
             runs[label].extend(run() for _ in range(args.repeat))
 
     reference = runs[OURS][0][2]
+    print(f"CPU: {cpu_features()}; {os.cpu_count()} cores")
+    print(f"ours: {c_build}; numpy passes: {numpy_blas()}")
+    system_info = llama_cpp.llama_print_system_info().decode().strip()
+    print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}; {system_info}")
+    if ("AVX512 = 1" in system_info) != builds_avx512(args.march):
+        print("**the two builds use different vector instruction sets: not a like-for-like comparison**")
+    print()
     print(f"{len(ids)} prompt tokens, {args.decode_tokens} decode steps, greedy, {THREADS} threads, "
           f"median of {args.repeat} runs in each of {args.rounds} rounds through the engines\n")
     print("| engine | prefill tokens/s | decode tokens/s | greedy tokens equal to ours |")

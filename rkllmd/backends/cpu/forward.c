@@ -67,8 +67,9 @@
  * TILE_PANELS panels, one accumulator per token and output, sized to the target's
  * vector registers (AVX-512: 24 of 32; AVX2: 12 of 16; NEON: 24 of 32, 4 per panel).
  * One token row (decode) streams DECODE_PANELS panels at once to keep loads in flight.
- * Threads take blocks of BLOCK_PANELS panels, whose weights stay in L2 cache while
- * every tile of tokens passes (a multiple of the tiles' panels, and even: gate/up pairs). */
+ * Threads take blocks of BLOCK_PANELS panels for groups of rows (``product_item``): the
+ * block's weights stay in L2 cache while the group's tiles of tokens pass (a multiple of
+ * the tiles' panels, and even: gate/up pairs). */
 #if WIDTH == 16
 #define TILE_TOKENS 12
 #define TILE_PANELS 2
@@ -79,10 +80,20 @@
 #define TILE_TOKENS 2
 #define TILE_PANELS 1
 #endif
+/* Threads take a product's work as items of a block of panels for a group of up to
+ * GROUP_TOKENS token rows, so that even the small products of a layer (9 blocks of its
+ * 576 outputs) are shared evenly by the team. */
+#define GROUP_TOKENS (8 * TILE_TOKENS)
 /* Left-over tokens: tiles of SHORT_TOKENS, then of one. */
 #define SHORT_TOKENS (TILE_TOKENS > 4 ? 4 : 1)
 #define DECODE_PANELS 4
 #define BLOCK_PANELS 4
+/* Prefill tiles ask for their weights PREFETCH_AHEAD inputs (cache lines) ahead: a block's
+ * first tile of tokens reads them from memory, faster than the hardware's prefetcher
+ * alone brings them. */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 48
+#endif
 
 /* The file is compiled with -ffp-contract=off: compilers for different targets contract
  * a * b + c * d differently. Only where a product is added to an accumulator, which every
@@ -237,6 +248,20 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
  * one chain of fused multiply-adds over k = 0, 1, ...: the same whatever the tile, the
  * target's vector width or the thread. One function per tile shape, so that the
  * compiler keeps the accumulators in registers. */
+/* One input k of a tile: NP panels' weights for k, times each token's input k. */
+#define TILE_STEP(T, NP)                                                                                      \
+    {                                                                                                         \
+        vec_t wv[NP][PARTS];                                                                                  \
+        _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                                 \
+            _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++)                                           \
+                wv[p][j] = load(w + p * stride + k * LANES + j * WIDTH);                                      \
+        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {                                                \
+            const vec_t xv = splat(x[t * k_dim + k]);                                                         \
+            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
+                _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] += wv[p][j] * xv;        \
+        }                                                                                                     \
+    }
+
 #define DEFINE_TILE(name, T, NP)                                                                              \
     static CONTRACTED void name(const float *restrict w, const float *restrict x, float *restrict out,        \
                                 int64_t k_dim, int64_t ldo, int64_t n_valid, int accumulate) {                \
@@ -245,21 +270,28 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
             _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
                 _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] = (vec_t){0};            \
         const int64_t stride = k_dim * LANES;                                                                 \
-        for (int64_t k = 0; k < k_dim; k++) {                                                                 \
-            vec_t wv[NP][PARTS];                                                                              \
-            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
-                _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++)                                       \
-                    wv[p][j] = load(w + p * stride + k * LANES + j * WIDTH);                                  \
-            _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {                                            \
-                const vec_t xv = splat(x[t * k_dim + k]);                                                     \
+        int64_t k = 0;                                                                                        \
+        if ((T) > 1) /* prefill: ask for the weights ahead */                                                 \
+            for (; k + PREFETCH_AHEAD < k_dim; k++) {                                                         \
                 _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] += wv[p][j] * xv;    \
+                    __builtin_prefetch(w + p * stride + (k + PREFETCH_AHEAD) * LANES);                        \
+                TILE_STEP(T, NP)                                                                              \
             }                                                                                                 \
-        }                                                                                                     \
+        for (; k < k_dim; k++)                                                                                \
+            TILE_STEP(T, NP)                                                                                  \
         for (int t = 0; t < T; t++) {                                                                         \
+            float *row = out + t * ldo;                                                                       \
+            if (n_valid == (NP) * LANES) { /* whole panels: vector stores */                                  \
+                _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) {                                 \
+                        float *to = row + p * LANES + j * WIDTH;                                              \
+                        const vec_t v = accumulate ? load(to) + acc[t][p][j] : acc[t][p][j];                  \
+                        memcpy(to, &v, sizeof v);                                                             \
+                    }                                                                                         \
+                continue;                                                                                     \
+            }                                                                                                 \
             float sums[NP * LANES];                                                                           \
             memcpy(sums, acc[t], sizeof sums);                                                                \
-            float *row = out + t * ldo;                                                                       \
             for (int64_t i = 0; i < n_valid; i++)                                                             \
                 row[i] = accumulate ? row[i] + sums[i] : sums[i];                                             \
         }                                                                                                     \
@@ -302,7 +334,7 @@ static void block(const float *w, const float *x, float *out, int64_t n_tokens, 
  * outputs, output o's weight for input k at ((o / LANES) * k_dim + k) * LANES + o %
  * LANES (the last panel zero-padded), so that one vector load gives LANES outputs'
  * weights for one input. out[n_tokens, n_out] = x[n_tokens, k_dim] @ w^T, or added to
- * out (``accumulate``). Threads take it by blocks of BLOCK_PANELS panels (``run``). */
+ * out (``accumulate``). Threads take it by items (``product_item``). */
 struct product {
     const float *w, *x;
     float *out;
@@ -311,12 +343,6 @@ struct product {
 };
 
 static int64_t product_blocks(int64_t n_out) { return ((n_out + LANES - 1) / LANES + BLOCK_PANELS - 1) / BLOCK_PANELS; }
-
-static void product_block(const struct product *p, int64_t b) {
-    const int64_t n_panels = (p->n_out + LANES - 1) / LANES, p0 = b * BLOCK_PANELS;
-    block(p->w, p->x, p->out, p->n_tokens, p->n_out, p->k_dim, p0, p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels,
-          p->accumulate);
-}
 
 static void rms_norm(const float *x, const float *weight, float *out, int64_t n, double eps) {
     const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + (float)eps);
@@ -360,6 +386,35 @@ static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s,
         memcpy(s->values[t] + ((layer * nkv + kv) * cap + pos) * hd, values + kv * hd, hd * sizeof(float));
 }
 
+/* out[i] = the sum over r < n_rows of coef[r] * rows[r * stride + i], for i < n: attention's
+ * scores (query by keys) and weighted values. Each out[i] is one chain of fused multiply-adds
+ * in r order from zero, what ``out[i] += coef[r] * rows[...]`` over r computes, with blocks of
+ * i held in registers through the whole chain instead of loaded and stored at every step. */
+#define COMBINE(V)                                                                                            \
+    for (; i + (V) * WIDTH <= n; i += (V) * WIDTH) {                                                          \
+        vec_t acc[V];                                                                                         \
+        _Pragma("GCC unroll 8") for (int j = 0; j < (V); j++) acc[j] = (vec_t){0};                            \
+        for (int64_t r = 0; r < n_rows; r++) {                                                                \
+            const vec_t c = splat(coef[r]);                                                                   \
+            _Pragma("GCC unroll 8") for (int j = 0; j < (V); j++) acc[j] += c * load(rows + r * stride + i + j * WIDTH); \
+        }                                                                                                     \
+        memcpy(out + i, acc, sizeof acc);                                                                     \
+    }
+
+static CONTRACTED void combine_rows(const float *coef, const float *rows, int64_t stride, int64_t n_rows, float *out,
+                                    int64_t n) {
+    int64_t i = 0;
+    COMBINE(8)
+    COMBINE(4)
+    COMBINE(1)
+    if (i < n) { /* the last n - i (< WIDTH) */
+        memset(out + i, 0, (n - i) * sizeof(float));
+        for (int64_t r = 0; r < n_rows; r++)
+            for (int64_t j = i; j < n; j++)
+                out[j] += coef[r] * rows[r * stride + j];
+    }
+}
+
 /* Attention is split by chunks of ATTENTION_CHUNK positions, as flash-decoding does.
  * A unit, one row, one KV head and one chunk, handles the query heads sharing that KV
  * head one after the other, so the chunk's keys and values (64 KB each for SmolLM2) come
@@ -376,24 +431,13 @@ static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct r
     const float *values = s->values[t] + ((layer * m->n_kv_heads + kv) * cap + p0) * hd;
     for (int64_t head = kv * group; head < (kv + 1) * group; head++) {
         float scores[ATTENTION_CHUNK];
-        const float *q = s->queries + (t * nh + head) * hd;
-        memset(scores, 0, n * sizeof(float));
-        for (int64_t d = 0; d < hd; d++) {
-            const float qd = q[d], *row = keys + d * cap;
-            for (int64_t p = 0; p < n; p++)
-                scores[p] += qd * row[p];
-        }
+        combine_rows(s->queries + (t * nh + head) * hd, keys, cap, hd, scores, n);
         float top = scores[0];
         for (int64_t p = 1; p < n; p++)
             top = scores[p] > top ? scores[p] : top;
         const float total = exp_shifted(scores, top, n);
         float acc[hd]; /* on this thread's stack: partials of neighbouring units share cache lines */
-        memset(acc, 0, sizeof acc);
-        for (int64_t p = 0; p < n; p++) {
-            const float weight = scores[p], *row = values + p * hd;
-            for (int64_t d = 0; d < hd; d++)
-                acc[d] += weight * row[d];
-        }
+        combine_rows(scores, values, hd, n, acc, hd);
         float *partial = s->partials + ((t * nh + head) * s->n_chunks + chunk) * (hd + 2);
         partial[0] = top;
         partial[1] = total;
@@ -422,11 +466,12 @@ static void merge_chunks(const struct rkllmd_model *m, const struct rows *s, int
         out[d] /= total;
 }
 
-/* act = silu(gate) * up of every row, for the gate/up panels [p0, p1) (pairs: gate
+/* act = silu(gate) * up of rows [t0, t1), for the gate/up panels [p0, p1) (pairs: gate
  * panel i is panel 2i, its up panel 2i + 1), once a thread has computed them. */
-static void silu_panels(const struct rkllmd_model *m, const struct rows *s, int64_t p0, int64_t p1) {
+static void silu_panels(const struct rkllmd_model *m, const struct rows *s, int64_t t0, int64_t t1, int64_t p0,
+                        int64_t p1) {
     const int64_t ffn = m->ffn_dim, width = 2 * ((ffn + LANES - 1) / LANES) * LANES;
-    for (int64_t t = 0; t < s->n; t++)
+    for (int64_t t = t0; t < t1; t++)
         for (int64_t pair = p0 / 2; pair < p1 / 2; pair++)
             for (int64_t j = 0; j < LANES; j += WIDTH) {
                 const int64_t i = pair * LANES + j;
@@ -480,12 +525,21 @@ static void embed_item(const struct task *task, int64_t t) { /* row tokens[t] of
         task->s->x[t * dim + k] = task->m->head[(token / LANES * dim + k) * LANES + token % LANES];
 }
 
-static void product_item(const struct task *task, int64_t b) {
-    product_block(&task->product, b);
-    if (task->silu) {
-        const int64_t n_panels = (task->product.n_out + LANES - 1) / LANES, p0 = b * BLOCK_PANELS;
-        silu_panels(task->m, task->s, p0, p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels);
-    }
+static int64_t row_groups(int64_t n_tokens) { return (n_tokens + GROUP_TOKENS - 1) / GROUP_TOKENS; }
+
+/* Items of a product: its blocks of panels, each for every group of rows. */
+static int64_t product_items(const struct product *p) { return product_blocks(p->n_out) * row_groups(p->n_tokens); }
+
+/* A block of panels for a group of rows (consecutive items share the block, whose
+ * weights then come from L2 cache). */
+static void product_item(const struct task *task, int64_t item) {
+    const struct product *p = &task->product;
+    const int64_t groups = row_groups(p->n_tokens), n_panels = (p->n_out + LANES - 1) / LANES;
+    const int64_t p0 = item / groups * BLOCK_PANELS, p1 = p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels;
+    const int64_t t0 = item % groups * GROUP_TOKENS, t1 = t0 + GROUP_TOKENS < p->n_tokens ? t0 + GROUP_TOKENS : p->n_tokens;
+    block(p->w, p->x + t0 * p->k_dim, p->out + t0 * p->n_out, t1 - t0, p->n_out, p->k_dim, p0, p1, p->accumulate);
+    if (task->silu)
+        silu_panels(task->m, task->s, t0, t1, p0, p1);
 }
 
 static void rotate_item(const struct task *task, int64_t t) { rotate_and_store(task->m, task->s, task->layer, t); }
@@ -502,16 +556,39 @@ static void merge_item(const struct task *task, int64_t unit) {
     merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
 }
 
-/* Items [0, total) of ``phase``, with the team; returns once all are done. */
+/* The most items a thread claims at once (``run``). */
+#define RUN_ITEMS 8
+
+static int64_t team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* Items [0, total) of ``phase``, with the team; returns once all are done. A thread
+ * claims a run of consecutive items, an eighth of those left per thread, at least one and
+ * at most RUN_ITEMS: neighbouring rows' keys share cache lines, neighbouring product items
+ * their block of weights, and a phase of a thousand tiny items (the merges) costs a few
+ * hundred atomic operations, not thousands; a thread kept off its core by another
+ * process holds the others up by at most RUN_ITEMS items, and the last items of a phase
+ * go one at a time. */
 static void run(struct phase *phase, int64_t total, item_fn *item, struct task *task) {
+    const int64_t share = 8 * team_size();
     int prepared = task->prepare == NULL;
-    for (int64_t i; (i = __atomic_fetch_add(&phase->claimed, 1, __ATOMIC_RELAXED)) < total;) {
+    for (int64_t first = __atomic_load_n(&phase->claimed, __ATOMIC_RELAXED); first < total;) {
+        const int64_t fair = (total - first) / share, count = fair < 1 ? 1 : fair > RUN_ITEMS ? RUN_ITEMS : fair;
+        if (!__atomic_compare_exchange_n(&phase->claimed, &first, first + count, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            continue; /* another thread claimed first: ``first`` is now what it left */
         if (!prepared) {
             task->prepare(task);
             prepared = 1;
         }
-        item(task, i);
-        __atomic_fetch_add(&phase->done, 1, __ATOMIC_RELEASE);
+        for (int64_t i = first; i < first + count; i++)
+            item(task, i);
+        __atomic_fetch_add(&phase->done, count, __ATOMIC_RELEASE);
+        first += count;
     }
     for (int64_t spins = 0; __atomic_load_n(&phase->done, __ATOMIC_ACQUIRE) < total; spins++)
         if (spins > 2000) /* the item's thread may need this core */
@@ -582,28 +659,28 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
             task.prepare = norm_rows;
             task.norm = m->attn_norm + layer * dim;
             task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
-            run(phase++, product_blocks(qkv_dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.prepare = NULL;
             run(phase++, n, rotate_item, &task);
             run(phase++, n * nkv * s.n_chunks, attend_item, &task);
             run(phase++, n * nh, merge_item, &task);
             task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
-            run(phase++, product_blocks(dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.prepare = norm_rows;
             task.norm = m->ffn_norm + layer * dim;
             task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
             task.silu = 1;
-            run(phase++, product_blocks(gu_dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.silu = 0;
             task.prepare = NULL;
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
-            run(phase++, product_blocks(dim), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
         }
         if (n_logits > 0) {
             task.prepare = norm_logit_rows;
             task.norm = m->output_norm;
             task.product = (struct product){m->head, h, logits, n_logits, m->vocab_size, dim, 0};
-            run(phase++, product_blocks(m->vocab_size), product_item, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
         }
     }
     free(phases);

@@ -1,0 +1,118 @@
+/* Times one build of forward.c (included whole: -DFORWARD_C='"path"') on a random model
+ * of SmolLM2-135M's shapes, for bench/forward_versions.py, which builds two versions and
+ * runs them in turn.
+ *
+ * usage: forward_timing prefill TOKENS CHUNK REPEAT | forward_timing decode CONTEXT STEPS
+ * prefill: TOKENS in chunks of CHUNK rows, best of REPEAT: wall seconds, CPU seconds of
+ *   the process (all threads: a thread's time spinning at the end of a phase counts too),
+ *   and a hash of the last logits (equal between versions that compute the same bits);
+ * decode: CONTEXT tokens prefilled, then the median wall time of STEPS steps.
+ * One line of key=value pairs on stdout.
+ */
+#include FORWARD_C
+
+#include <stdio.h>
+#include <time.h>
+
+#if RKLLMD_KERNEL_ABI != 6 /* the entry point this driver calls; older revisions took one cache */
+#error "forward_timing.c drives kernel ABI 6: compare revisions of the same ABI"
+#endif
+
+static uint64_t rng_state = 88172645463325252ULL;
+
+static float *random_array(int64_t n, float scale) { /* xorshift64*, in [-scale, scale) */
+    float *a = malloc(n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        rng_state ^= rng_state >> 12;
+        rng_state ^= rng_state << 25;
+        rng_state ^= rng_state >> 27;
+        a[i] = ((float)((rng_state * 2685821657736338717ULL) >> 40) / (float)(1 << 23) - 1.0f) * scale;
+    }
+    return a;
+}
+
+static double seconds(clockid_t clock) {
+    struct timespec t;
+    clock_gettime(clock, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* ``count`` tokens at positions pos.. of one stream's cache, the last row's logits unless NULL. */
+static int forward(const struct rkllmd_model *m, float *keys, float *values, const int64_t *tokens, int64_t count,
+                   int64_t pos, float *logits) {
+    int64_t positions[count], last = count - 1;
+    float *row_keys[count], *row_values[count];
+    for (int64_t t = 0; t < count; t++) {
+        positions[t] = pos + t;
+        row_keys[t] = keys;
+        row_values[t] = values;
+    }
+    return rkllmd_forward(m, count, tokens, positions, row_keys, row_values, logits != NULL, &last, logits);
+}
+
+static int by_value(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4 || (strcmp(argv[1], "prefill") != 0 && strcmp(argv[1], "decode") != 0)) {
+        fprintf(stderr, "usage: %s prefill TOKENS CHUNK REPEAT | %s decode CONTEXT STEPS\n", argv[0], argv[0]);
+        return 2;
+    }
+    const int64_t L = 30, D = 576, F = 1536, V = 49152, KV = 3 * 64, capacity = 4096;
+    struct rkllmd_model m = {.n_layers = L, .dim = D, .n_heads = 9, .n_kv_heads = 3, .head_dim = 64,
+                             .ffn_dim = F, .vocab_size = V, .capacity = capacity, .norm_eps = 1e-5};
+    m.head = random_array(V * D, 0.05f);
+    m.output_norm = random_array(D, 1.0f);
+    m.attn_norm = random_array(L * D, 1.0f);
+    m.ffn_norm = random_array(L * D, 1.0f);
+    m.wqkv = random_array(L * (D + 2 * KV) * D, 0.04f);
+    m.wo = random_array(L * D * D, 0.04f);
+    m.wgu = random_array(L * 2 * F * D, 0.04f);
+    m.wd = random_array(L * D * F, 0.025f);
+    m.rope_cos = random_array(capacity * 32, 1.0f);
+    m.rope_sin = random_array(capacity * 32, 1.0f);
+    float *keys = random_array(L * KV * capacity, 0.0f), *values = random_array(L * KV * capacity, 0.0f);
+    const int64_t n = atoll(argv[2]);
+    int64_t *tokens = malloc((n + 1024) * sizeof(int64_t));
+    for (int64_t i = 0; i < n + 1024; i++)
+        tokens[i] = i * 7919 % V;
+    float *logits = malloc(V * sizeof(float));
+
+    if (strcmp(argv[1], "prefill") == 0) {
+        const int64_t chunk = argc > 3 ? atoll(argv[3]) : 128, repeat = argc > 4 ? atoll(argv[4]) : 3;
+        double wall = 1e9, cpu = 1e9;
+        for (int64_t r = 0; r < repeat; r++) {
+            const double w0 = seconds(CLOCK_MONOTONIC), c0 = seconds(CLOCK_PROCESS_CPUTIME_ID);
+            for (int64_t pos = 0; pos < n; pos += chunk) {
+                const int64_t count = n - pos < chunk ? n - pos : chunk;
+                if (forward(&m, keys, values, tokens + pos, count, pos, pos + count == n ? logits : NULL) != 0)
+                    return 1;
+            }
+            const double w = seconds(CLOCK_MONOTONIC) - w0, c = seconds(CLOCK_PROCESS_CPUTIME_ID) - c0;
+            wall = w < wall ? w : wall;
+            cpu = c < cpu ? c : cpu;
+        }
+        uint32_t hash = 0;
+        for (int64_t i = 0; i < V; i++) {
+            uint32_t bits;
+            memcpy(&bits, logits + i, sizeof bits);
+            hash = hash * 31 + bits;
+        }
+        printf("wall=%.6f cpu=%.6f hash=%08x\n", wall, cpu, hash);
+    } else {
+        const int64_t steps = atoll(argv[3]);
+        double *times = malloc(steps * sizeof(double));
+        if (steps < 1 || n + steps > capacity || forward(&m, keys, values, tokens, n, 0, logits) != 0)
+            return 1;
+        for (int64_t i = 0; i < steps; i++) {
+            const double t0 = seconds(CLOCK_MONOTONIC);
+            forward(&m, keys, values, tokens + n + i, 1, n + i, logits);
+            times[i] = seconds(CLOCK_MONOTONIC) - t0;
+        }
+        qsort(times, steps, sizeof *times, by_value);
+        printf("step=%.6f\n", times[steps / 2]);
+    }
+    return 0;
+}
