@@ -53,6 +53,10 @@ def build_parser() -> Parser:
     parser.add_argument("--socket", type=Path, help="daemon socket (default: as rkllmd resolves it, or /run/rkllmd/rkllmd.sock)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon's first answer (default 10)")
     parser.add_argument("--version", action="version", version=f"rkllmctl {__version__}")
+    # Also before the command (``rkllmctl --json status``), as scripts tend to write it; its
+    # own dest, since a command's --json default would overwrite a shared one.
+    parser.add_argument("--json", dest="json_first", action="store_true",
+                        help="machine-readable output where the command has it (as the command's --json), and errors as JSON")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in commands.MODULES:
         module.register(sub)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv  # until the command line is understood
     try:
         args = build_parser().parse_args(argv)
-        as_json = getattr(args, "json", False)
+        as_json = args.json = getattr(args, "json", False) or args.json_first
         run: Callable[[argparse.Namespace, Callable[[], Client]], int] = args.run
         return run(args, lambda: Client(args.socket, timeout=args.timeout))
     except KeyboardInterrupt:
