@@ -74,6 +74,17 @@ def test_json_error_when_no_daemon_listens(tmp_path: Path) -> None:
     assert error["name"] == "unreachable" and error["code"] is None and "start it with `rkllmd`" in error["message"]
 
 
+def test_json_before_the_command_means_the_same(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """``rkllmctl --json status`` as scripts write it: the command's JSON output, and errors as JSON."""
+    first = rkllmctl("--json", "status", socket=daemon.socket)
+    after = rkllmctl("status", "--json", socket=daemon.socket)
+    assert first.returncode == after.returncode == 0
+    assert json.loads(first.stdout)["protocol"] == json.loads(after.stdout)["protocol"]
+    assert error_of(rkllmctl("--json", "cache", "show", "no-such-cache", socket=daemon.socket))["name"] == "not_found"
+    run = rkllmctl("--json", "status", socket=tmp_path / "none.sock")
+    assert run.returncode == ExitCode.UNREACHABLE and error_of(run)["name"] == "unreachable"
+
+
 def start_generation(socket: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "rkllmctl", "--socket", str(socket), *LONG, *extra],

@@ -121,7 +121,7 @@ Progress = Callable[[int, int], None]
 TextSink = Callable[[str], bool]
 
 
-class Run:
+class Run(abc.ABC):
     """One generation on a backend, from ``Backend.start`` until ``done``; what the daemon
     reads of it between steps (status, progress messages) is kept current by the backend."""
 
@@ -132,9 +132,9 @@ class Run:
         self.to_prefill = 0  # prompt tokens to prefill (restored ones are not)
         self.prefilled = 0  # of those, how many so far
 
+    @abc.abstractmethod
     def abort(self) -> None:
         """Stop this generation soon (it then ends "cancelled"). Thread-safe."""
-        raise NotImplementedError
 
 
 class _WholeRun(Run):
