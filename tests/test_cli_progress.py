@@ -76,13 +76,18 @@ def start_long_generation(proc: DaemonProcess):
     return client, stream
 
 
-def test_generate_on_a_terminal_shows_queue_position_then_prefill_then_erases_it(busy_daemon: DaemonProcess) -> None:
-    client, stream = start_long_generation(busy_daemon)
+def generate_behind_a_long_one(daemon: DaemonProcess, terminal: bool) -> tuple[int, str, str]:
+    """``rkllmctl generate`` queued behind a long generation: (exit code, stdout, stderr)."""
+    client, stream = start_long_generation(daemon)
     try:
-        code, out, terminal = run_cli(busy_daemon.socket, "generate", "--max-tokens", "4", "--no-cache", LONG_PROMPT, terminal=True)
+        return run_cli(daemon.socket, "generate", "--max-tokens", "4", "--no-cache", LONG_PROMPT, terminal=terminal)
     finally:
         stream.wait()
         client.close()
+
+
+def test_generate_on_a_terminal_shows_queue_position_then_prefill_then_erases_it(busy_daemon: DaemonProcess) -> None:
+    code, out, terminal = generate_behind_a_long_one(busy_daemon, terminal=True)
     assert code == 0, terminal
     assert out.strip()
     assert "\rqueued: 1 ahead" in terminal
@@ -95,12 +100,7 @@ def test_generate_on_a_terminal_shows_queue_position_then_prefill_then_erases_it
 
 
 def test_generate_without_a_terminal_shows_no_live_line(busy_daemon: DaemonProcess) -> None:
-    client, stream = start_long_generation(busy_daemon)
-    try:
-        code, out, err = run_cli(busy_daemon.socket, "generate", "--max-tokens", "4", "--no-cache", LONG_PROMPT, terminal=False)
-    finally:
-        stream.wait()
-        client.close()
+    code, out, err = generate_behind_a_long_one(busy_daemon, terminal=False)
     assert code == 0, err
     assert err.startswith("[finish: length") and err.count("\n") == 1, err
     assert "\r" not in err and "queued:" not in err and "%" not in err and ESC not in err + out
