@@ -12,10 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04): the same parser, as the package it came from
+    import tomli as tomllib
 
 
 DEFAULT_CONFIG_FILE = Path("/etc/rkllmd/rkllmd.toml")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from rkllmd.config import OPTIONS, ConfigError, load
+from rkllmd.config import OPTIONS, ConfigError, load, tomllib  # tomli on Python 3.10
 from rkllmd.paths import default_socket
 
 ROOT = Path(__file__).resolve().parent.parent
