@@ -22,7 +22,11 @@ from typing import Any, Callable
 
 from .caches.names import check_name
 from .protocol import PROTOCOL_VERSION, ErrorCode, WireError
-from .templates import RESERVED, ROLES
+
+#: Roles a message may have.
+ROLES = ("system", "user", "assistant", "tool")
+#: Names a request's template variables may not take: the renderer sets them.
+RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
 PROTOCOL_MINOR = 3

@@ -18,8 +18,7 @@ from ..terminal import StatusLine
 from . import UsageError, print_json
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("cache", help="prompt caches: ls, show, put, edit, rm, rebuild, wait")
+def register(p: argparse.ArgumentParser) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("ls", help="every text cache and the state of its binary cache")

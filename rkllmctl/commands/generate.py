@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from rkllmd.config import Config
 from rkllmd.schema import OPERATIONS, Setting
 
-from ..client import GenerationResult, Piece, Progress, Queued, Started, Stream
 from ..errors import GenerationCutShort
 from ..terminal import StatusLine, may_style
 from . import UsageError, print_json, read_json
+
+if TYPE_CHECKING:
+    from ..client import GenerationResult, Piece, Progress, Queued, Started, Stream
 
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 #: Where a daemon's default comes from when its configuration does not change it.
@@ -77,8 +79,7 @@ def sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("generate", help="generate a completion (streams to stdout)")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the user message; '-' or absent reads stdin")
     p.add_argument("--system", help="system message")
     p.add_argument("--messages", type=Path, metavar="FILE.json", help="a chat: a JSON list of {role, content}")
@@ -123,6 +124,7 @@ def follow(stream: Stream, echo: bool, show_reasoning: bool = True) -> Generatio
     """Print text as it arrives, and until it does a live line on a terminal's stderr
     (queue position, prefill percentage). On Ctrl-C cancel on the daemon, then let the
     interrupt through; a generation the daemon cut short is a GenerationCutShort."""
+    from ..client import Piece
     printer = Printer(show_reasoning) if echo else None
     line = StatusLine(sys.stderr)
     waiting = True
@@ -156,6 +158,7 @@ def follow(stream: Stream, echo: bool, show_reasoning: bool = True) -> Generatio
 
 
 def waiting_text(event: Queued | Started | Progress) -> str:
+    from ..client import Progress, Queued
     if isinstance(event, Queued):
         return f"queued: {event.position} ahead"
     if isinstance(event, Progress):

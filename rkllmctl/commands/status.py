@@ -10,8 +10,7 @@ from . import print_json
 from .cache import build_percent
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("status", help="what the daemon runs and how it is doing")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="the full status as JSON")
     p.set_defaults(run=run)
 

@@ -11,13 +11,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 
+from ..schema import RESERVED
 from .families import FAMILIES, Family, guess_markers
 from .sandbox import Limits, make_environment, render_bounded
-
-ROLES = ("system", "user", "assistant", "tool")
-
-#: Names a request's template variables may not take: the renderer sets them.
-RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 MAX_TEMPLATE_CHARS = 1 << 20
 
