@@ -87,7 +87,7 @@ class SamplingConfig:
 class CacheConfig:
     """[cache]: where text and binary caches live and how much of them is kept in memory."""
 
-    text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then cache/ of a source checkout, then $XDG_STATE_HOME/rkllmd/caches")
+    text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then $XDG_STATE_HOME/rkllmd/caches")
     binary_dir: str = setting("", "binary caches; empty: $CACHE_DIRECTORY, then $XDG_CACHE_HOME/rkllmd")
     memory_budget_mb: int = setting(256, "MiB of prefix states kept in memory, text caches' and conversations' alike (LRU)", low=0, high=1 << 20)
     conversations: bool = setting(True, "keep each generation's state in memory so the conversation's next turn prefills only what is new (CPU backend)")
