@@ -16,11 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
+from rkllmctl.errors import DaemonError
 from rkllmd import __version__
 
 from .errors import ApiError, api_error, invalid
 from .gateway import Gateway, ModelInfo
-from .generation import SUPPORTED, Generation, number, require, stops, text_content
+from .generation import Generation, number, require, stops, text_content
 
 #: The Ollama API release these endpoints follow (clients check it against their minimum).
 OLLAMA_VERSION = "0.12.0"
@@ -115,7 +116,7 @@ async def show(request: web.Request) -> web.Response:
         "template": "",
         "details": details(info),
         "model_info": model_info,
-        "capabilities": ["completion"] + (["tools", "thinking"] if "tools" in SUPPORTED else []),
+        "capabilities": info.describe.get("capabilities") or ["completion"],  # from the model's template (status, protocol 1.4)
         "modified_at": entry(info)["modified_at"],
     })
 
@@ -246,7 +247,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _respond(request, gateway: Gateway, body, fields, piece_line, last_line, whole) -> web.StreamResponse:
-    """Run the generation; one JSON object, or NDJSON lines ending with the stats line."""
+    """Run the generation; one JSON object, or NDJSON lines ending with the stats line.
+    What the model cannot do is refused in Ollama's words (server/routes.go)."""
+    try:
+        return await _run(request, gateway, body, fields, piece_line, last_line, whole)
+    except DaemonError as exc:
+        capability = exc.details.get("capability")
+        if capability == "tools":  # "%s %w": the model's full name, then the error
+            raise ApiError(400, f"{(await gateway.model()).ollama_name} does not support tools") from None
+        if capability == "thinking":  # "%q does not support thinking" of the request's model name
+            raise ApiError(400, f"{json.dumps(str(body.get('model') or ''))} does not support thinking") from None
+        raise
+
+
+async def _run(request, gateway: Gateway, body, fields, piece_line, last_line, whole) -> web.StreamResponse:
     name = body.get("model")
     async with Generation(gateway.client, gateway.metrics, "ollama", fields) as generation:
         if body.get("stream") is False:

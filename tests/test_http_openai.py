@@ -127,6 +127,19 @@ def test_unsupported_or_invalid_fields_are_refused_as_openai_does(client, fields
     assert refused.value.status_code == 400
 
 
+def test_tools_and_reasoning_the_model_lacks_are_unsupported_parameters(client) -> None:
+    """SmolLM2's template renders neither: OpenAI's refusal of a parameter a model does not take."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    for fields, param in (({"tools": [tool]}, "tools"), ({"reasoning_effort": "low"}, "reasoning_effort")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=1, **fields)
+        error = refused.value.body
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "unsupported_parameter", param)
+        assert error["message"].startswith(f"SmolLM2-135M-Instruct does not support {'tools' if param == 'tools' else 'thinking'}")
+    none = client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=1, reasoning_effort="none", tools=[tool], tool_choice="none")
+    assert none.choices[0].finish_reason == "length"
+
+
 def test_errors_have_openais_shape_and_status(client, gateway) -> None:
     with pytest.raises(openai.BadRequestError) as overflow:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=2)

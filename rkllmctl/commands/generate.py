@@ -56,9 +56,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=schema_help("seed"))
     p.add_argument("--max-tokens", type=int, help=schema_help("max_tokens"))
     p.add_argument("--stop", action="append", metavar="S", help=schema_help("stop", "stop before this text (repeatable), which is not printed"))
-    p.add_argument("--tools", type=Path, metavar="FILE.json", help="a JSON list of tool schemas the model may call")
+    p.add_argument("--tools", type=Path, metavar="FILE.json", help="a JSON list of tool schemas the model may call (a model whose template has no tools refuses them: rkllmctl status, capabilities)")
     p.add_argument("--vars", type=Path, metavar="FILE.json", help="a JSON object of template variables (date_string, ...)")
-    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not; default: as the template decides")
+    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not (--think on a model without thinking is refused: rkllmctl status, capabilities); default: as the template decides")
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the model's reasoning")
 
 

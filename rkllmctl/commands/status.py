@@ -31,6 +31,8 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     print(f"socket:   {status['socket']}")
     print(f"backend:  {status['backend']} ({status['backend_reason']})")
     print(f"model:    {model.get('name', '?')}  context {model.get('context_length', '?')}  {model.get('path', '')}")
+    if model.get("capabilities"):  # since protocol 1.4
+        print(f"can:      {', '.join(model['capabilities'])}  (template {model.get('template', '?')})")
     if model.get("weights"):
         print(f"weights:  {model['weights']}")
     if model.get("decode"):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
-from ..backends.base import SamplingParams
+from ..backends.base import Backend, SamplingParams
 from ..caches.text import system_text
 from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
+from ..templates.capabilities import THINKING, TOOLS
 from ..templates.output import OutputSplitter
 from .context import Context, Request
 from .render import checked
@@ -32,6 +33,7 @@ def execute(ctx: Context, request: Request) -> None:
         stop=args["stop"],
     )
     backend = ctx.worker.backend
+    _require_capabilities(args, backend)
     prompt = backend.render(messages, tools=args["tools"], variables=_variables(args))
     gen = Generation(
         identity=request.identity,
@@ -47,6 +49,25 @@ def execute(ctx: Context, request: Request) -> None:
     ctx.worker.submit(gen)
     ctx.generations[gen.key] = gen
     return None
+
+
+#: What a model lacking a capability is told, after "NAME does not support tools/thinking".
+_WHY_NOT = {
+    TOOLS: "its chat template ({}) does not write tools into the prompt in a form whose calls rkllmd parses back",
+    THINKING: "its chat template ({}) neither reads enable_thinking nor opens a reasoning block rkllmd splits off",
+}
+
+
+def _require_capabilities(args: dict, backend: Backend) -> None:
+    """Refuse tools or thinking the model's template cannot do, as Ollama does ("... does
+    not support tools"), rather than drop them silently; ``enable_thinking`` false is fine."""
+    asked = [c for c, wanted in ((THINKING, args["enable_thinking"] is True), (TOOLS, bool(args["tools"]))) if wanted]  # Ollama's order
+    for capability in asked:
+        if capability not in backend.template.capabilities:
+            name = backend.describe().get("name", "the model")
+            field = "tools" if capability == TOOLS else "enable_thinking"
+            raise WireError(ErrorCode.INVALID_FIELD, f"{name} does not support {capability}: " + _WHY_NOT[capability].format(backend.template.name),
+                            field=field, capability=capability)
 
 
 def _variables(args: dict) -> dict | None:

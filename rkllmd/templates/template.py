@@ -63,6 +63,14 @@ class ChatTemplate:
     def _compiled(self) -> jinja2.Template:
         return make_environment(lambda: self.clock()).from_string(self.text)
 
+    @cached_property
+    def capabilities(self) -> tuple[str, ...]:
+        """"completion", then "tools" and "thinking" if requests may ask for them
+        (found once by rendering: capabilities.py)."""
+        from .capabilities import probe
+
+        return probe(self)
+
     @property
     def reads_clock(self) -> bool:
         """Whether a rendering may hold today's date (``strftime_now``): caches of its
