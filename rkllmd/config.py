@@ -80,6 +80,8 @@ class SamplingConfig:
     top_k: int = setting(40, "0 disables", low=0, high=100_000)
     top_p: float = setting(0.95, "1.0 disables", low=0.0, high=1.0)
     repeat_penalty: float = setting(1.0, "1.0 disables", low=0.0, high=10.0)
+    frequency_penalty: float = setting(0.0, "OpenAI's: subtracted from a token's logit per time the completion has it; 0 disables", low=-2.0, high=2.0)
+    presence_penalty: float = setting(0.0, "OpenAI's: subtracted once from the logit of a token the completion has; 0 disables", low=-2.0, high=2.0)
     max_tokens: int = setting(256, "completion tokens when a request does not say", low=1, high=1 << 20)
 
 

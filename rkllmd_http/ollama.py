@@ -33,6 +33,8 @@ OPTIONS = {
     "top_p": ("top_p", float),
     "num_predict": ("max_tokens", int),
     "repeat_penalty": ("repeat_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float),
+    "presence_penalty": ("presence_penalty", float),
     "seed": ("seed", int),
 }
 
@@ -229,13 +231,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
     gateway: Gateway = request.app["gateway"]
     body = await gateway.json_body(request)
     prompt = body.get("prompt")
-    if body.get("raw") or body.get("suffix") or body.get("context"):
-        raise invalid("'raw', 'suffix' and 'context' are not supported: the daemon always applies the model's chat template")
+    if body.get("suffix") or body.get("context"):
+        raise invalid("'suffix' and 'context' are not supported")
+    if body.get("template"):
+        raise invalid("'template' is not supported: the daemon renders the model's own chat template ('raw': true sends a prompt as it is)")
+    if body.get("raw") and body.get("system"):  # Ollama's own words (server/routes.go)
+        raise invalid("raw mode does not support template, system, or context")
     if prompt is None or prompt == "":  # Ollama's way to load a model
         return web.json_response({"model": body.get("model"), "created_at": now(), "response": "", "done": True, "done_reason": "load"})
     if not isinstance(prompt, str):
         raise invalid("'prompt' must be a string")
-    fields = {"prompt": prompt, "system": body.get("system"), **options(body)}
+    if body.get("raw"):  # the prompt as it is: no template, no system message
+        fields = {"prompt": prompt, "raw": True, **options(body)}
+    else:
+        fields = {"prompt": prompt, "system": body.get("system"), **options(body)}
 
     def piece_line(piece: Any) -> dict[str, Any]:
         return {"response": piece.text, **({"thinking": piece.reasoning} if piece.reasoning else {})}

@@ -112,8 +112,8 @@ def test_a_system_message_matching_a_text_cache_restores_it(client, daemon) -> N
 
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),  # OpenAI's range, -2 to 2
+    ({"presence_penalty": -2.5}, "presence_penalty"),
     ({"logprobs": True}, "logprobs"),
     ({"temperature": 11}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),

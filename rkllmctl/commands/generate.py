@@ -53,6 +53,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help=schema_help("top_k"))
     p.add_argument("--top-p", type=float, help=schema_help("top_p"))
     p.add_argument("--repeat-penalty", type=float, help=schema_help("repeat_penalty"))
+    p.add_argument("--frequency-penalty", type=float, help=schema_help("frequency_penalty"))
+    p.add_argument("--presence-penalty", type=float, help=schema_help("presence_penalty"))
     p.add_argument("--seed", type=int, help=schema_help("seed"))
     p.add_argument("--max-tokens", type=int, help=schema_help("max_tokens"))
     p.add_argument("--stop", action="append", metavar="S", help=schema_help("stop", "stop before this text (repeatable), which is not printed"))
@@ -70,6 +72,8 @@ def sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "repeat_penalty": args.repeat_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "presence_penalty": args.presence_penalty,
         "seed": args.seed,
         "max_tokens": args.max_tokens,
         "stop": args.stop,
@@ -83,6 +87,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the user message; '-' or absent reads stdin")
     p.add_argument("--system", help="system message")
     p.add_argument("--messages", type=Path, metavar="FILE.json", help="a chat: a JSON list of {role, content}")
+    p.add_argument("--raw", action="store_true", help="PROMPT is the whole prompt text, sent as it is: no chat template, no system message")
     add_sampling_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the text, reasoning, tool calls and all stats at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
@@ -92,8 +97,8 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     fields = sampling_fields(args)
     if args.messages:
-        if args.prompt or args.system:
-            raise UsageError("--messages replaces PROMPT and --system")
+        if args.prompt or args.system or args.raw:
+            raise UsageError("--messages replaces PROMPT and --system (and --raw takes PROMPT)")
         fields["messages"] = read_json(args.messages, "--messages", list)
     else:
         prompt = args.prompt
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
             prompt = sys.stdin.read()
         fields["prompt"] = prompt
         fields["system"] = args.system
+        fields["raw"] = args.raw
     with connect() as client:
         stream = client.generate(**fields)
         result = follow(stream, echo=not args.json, show_reasoning=not args.hide_reasoning)
