@@ -61,7 +61,7 @@ from rkllmd.backends.base import (
     TextSink,
 )
 from rkllmd.backends.rkllm import abi as rk
-from rkllmd.backends.rkllm.devices import driver_version, npu_nodes
+from rkllmd.backends.rkllm.devices import npu_nodes, read_driver
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
 from rkllmd.backends.stops import StopMatcher
@@ -576,5 +576,5 @@ def detect(
     node = nodes[0]
     if not os.access(node, os.R_OK | os.W_OK):
         return False, f"NPU device {node} exists but this user cannot open it (add it to group render or video)"
-    version, _ = driver_version(sysfs)
-    return True, f"librkllmrt at {lib}, model {model}, NPU device {node} ({version or 'driver version unreadable'})"
+    driver = read_driver(sysfs)
+    return True, f"librkllmrt at {lib}, model {model}, NPU device {node} ({driver.text or 'driver version unreadable'})"
