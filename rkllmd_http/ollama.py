@@ -243,6 +243,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise invalid("'prompt' must be a string")
     if body.get("raw"):  # the prompt as it is: no template, no system message
         fields = {"prompt": prompt, "raw": True, **options(body)}
+        if fields.get("enable_thinking") is False:  # "think": false asks nothing of a raw prompt
+            del fields["enable_thinking"]
     else:
         fields = {"prompt": prompt, "system": body.get("system"), **options(body)}
 

@@ -153,6 +153,8 @@ def test_ollama_raw_generate(gateway) -> None:
     assert whole.response == case["completion"] and whole.prompt_eval_count == case["prompt_tokens"]
     parts = list(client.generate(model="smollm2-135m-instruct", prompt=rendered(case), raw=True, stream=True, options={"temperature": 0, "num_predict": 48}))
     assert "".join(p.response for p in parts) == case["completion"] and parts[-1].done
+    unthinking = client.generate(model="smollm2-135m-instruct", prompt=rendered(case), raw=True, think=False, options={"temperature": 0, "num_predict": 3})
+    assert case["completion"].startswith(unthinking.response) and unthinking.eval_count == 3
     with pytest.raises(ollama.ResponseError) as refused:
         client.generate(model="smollm2-135m-instruct", prompt="Hi", raw=True, system="Be brief.")
     assert (refused.value.status_code, refused.value.error) == (400, "raw mode does not support template, system, or context")
