@@ -68,11 +68,9 @@ _WHY_NOT = {
 def _require_capabilities(args: dict, backend: Backend) -> None:
     """Refuse tools or thinking the model's template cannot do, as Ollama does ("... does
     not support tools"), rather than drop them silently; ``enable_thinking`` false is fine."""
-    asked = [c for c, wanted in ((THINKING, args["enable_thinking"] is True), (TOOLS, bool(args["tools"]))) if wanted]  # Ollama's order
-    for capability in asked:
-        if capability not in backend.template.capabilities:
+    for capability, field, asked in ((THINKING, "enable_thinking", args["enable_thinking"] is True), (TOOLS, "tools", bool(args["tools"]))):
+        if asked and capability not in backend.template.capabilities:  # thinking first, as Ollama checks
             name = backend.describe().get("name", "the model")
-            field = "tools" if capability == TOOLS else "enable_thinking"
             raise WireError(ErrorCode.INVALID_FIELD, f"{name} does not support {capability}: " + _WHY_NOT[capability].format(backend.template.name),
                             field=field, capability=capability)
 
