@@ -200,16 +200,20 @@ class Client:
         top_k: int | None = None,
         top_p: float | None = None,
         repeat_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
         seed: int | None = None,
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         tools: list[dict[str, Any]] | None = None,
         vars: dict[str, Any] | None = None,
         enable_thinking: bool | None = None,
+        raw: bool = False,
     ) -> Stream:
         """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
         reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
-        of docs/protocol.md (tool results, assistant ``tool_calls``)."""
+        of docs/protocol.md (tool results, assistant ``tool_calls``). ``raw``: ``prompt``
+        is the whole prompt text, sent without the template (protocol 1.4)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -222,12 +226,15 @@ class Client:
             top_k=top_k,
             top_p=top_p,
             repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
             seed=seed,
             max_tokens=max_tokens,
             stop=stop or None,
             tools=tools,
             vars=vars,
             enable_thinking=enable_thinking,
+            raw=raw or None,
         )
         return Stream(self, request_id, StreamReader(started))
 

@@ -12,10 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04): the same parser, as the package it came from
+    import tomli as tomllib
 
 
 DEFAULT_CONFIG_FILE = Path("/etc/rkllmd/rkllmd.toml")
@@ -75,6 +80,8 @@ class SamplingConfig:
     top_k: int = setting(40, "0 disables", low=0, high=100_000)
     top_p: float = setting(0.95, "1.0 disables", low=0.0, high=1.0)
     repeat_penalty: float = setting(1.0, "1.0 disables", low=0.0, high=10.0)
+    frequency_penalty: float = setting(0.0, "OpenAI's: subtracted from a token's logit per time the completion has it; 0 disables", low=-2.0, high=2.0)
+    presence_penalty: float = setting(0.0, "OpenAI's: subtracted once from the logit of a token the completion has; 0 disables", low=-2.0, high=2.0)
     max_tokens: int = setting(256, "completion tokens when a request does not say", low=1, high=1 << 20)
 
 
@@ -82,7 +89,7 @@ class SamplingConfig:
 class CacheConfig:
     """[cache]: where text and binary caches live and how much of them is kept in memory."""
 
-    text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then cache/ of a source checkout, then $XDG_STATE_HOME/rkllmd/caches")
+    text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then $XDG_STATE_HOME/rkllmd/caches")
     binary_dir: str = setting("", "binary caches; empty: $CACHE_DIRECTORY, then $XDG_CACHE_HOME/rkllmd")
     memory_budget_mb: int = setting(256, "MiB of prefix states kept in memory, text caches' and conversations' alike (LRU)", low=0, high=1 << 20)
     conversations: bool = setting(True, "keep each generation's state in memory so the conversation's next turn prefills only what is new (CPU backend)")

@@ -228,10 +228,10 @@ def test_stop_strings(backend):
 
 
 def test_per_request_sampling_only_on_1_3(backend, generation, calls):
-    run(backend, chat(backend, "hi"), SamplingParams(temperature=0.3, top_k=7, top_p=0.5, repeat_penalty=1.1))
+    run(backend, chat(backend, "hi"), SamplingParams(temperature=0.3, top_k=7, top_p=0.5, repeat_penalty=1.1, frequency_penalty=0.5, presence_penalty=-0.25))
     run_line = dict(calls())["rkllm_run"]
     if generation == "1.3":
-        assert run_line["sampling"] == "top_k:7,top_p:0.500,temperature:0.300,repeat_penalty:1.100"
+        assert run_line["sampling"] == "top_k:7,top_p:0.500,temperature:0.300,repeat_penalty:1.100,frequency_penalty:0.500,presence_penalty:-0.250"
     else:
         assert "sampling" not in run_line  # 1.2 has no such field: the init values apply
         assert backend.describe()["sampling"].startswith("fixed at load")

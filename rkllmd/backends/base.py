@@ -58,6 +58,8 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()

@@ -396,7 +396,10 @@ class PromptCaches:
             self._on_change(name)
             return
         except Exception as exc:  # a failed build must not take the worker down
-            log.exception("building binary cache %s failed", name)
+            if isinstance(exc, (BackendError, OSError)):  # the model or the disk refused it: the reason says all
+                log.error("building binary cache %s failed: %s", name, exc)
+            else:  # a bug: its traceback
+                log.exception("building binary cache %s failed", name)
             with self._lock:
                 entry.state, entry.reason = FAILED, f"build failed: {exc}"
             self._on_change(name)

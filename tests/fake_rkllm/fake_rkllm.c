@@ -927,13 +927,14 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     const RKLLMPromptCacheParam *pc = infer->prompt_cache_params;
     bool save = pc && pc->save_prompt_cache;
     int limit = fh->param.max_new_tokens;
-    char sampling[160] = "";
+    char sampling[256] = "";
 #if RKLLM_ABI == 13
     if (infer->max_new_tokens > 0) limit = infer->max_new_tokens;
     const RKLLMSamplingParam *s = infer->sampling_params;
     if (s)
-        snprintf(sampling, sizeof sampling, " sampling=top_k:%d,top_p:%.3f,temperature:%.3f,repeat_penalty:%.3f",
-                 s->top_k, s->top_p, s->temperature, s->repeat_penalty);
+        snprintf(sampling, sizeof sampling,
+                 " sampling=top_k:%d,top_p:%.3f,temperature:%.3f,repeat_penalty:%.3f,frequency_penalty:%.3f,presence_penalty:%.3f",
+                 s->top_k, s->top_p, s->temperature, s->repeat_penalty, s->frequency_penalty, s->presence_penalty);
     else
         snprintf(sampling, sizeof sampling, " sampling=init");
 #endif

@@ -22,8 +22,8 @@ How the runtime's interface is used, and why:
   cancellation (``abort()``, or the sink returning False) also calls ``rkllm_abort``.
 * Per-request sampling exists only in the 1.3 interface (``RKLLMInferParam.
   sampling_params``/``max_new_tokens``). Under 1.2 the sampling values given at load
-  are used for every request and a request's own temperature/top_k/top_p/
-  repeat_penalty are ignored; ``max_tokens`` and stop strings are enforced on our side
+  are used for every request and a request's own temperature/top_k/top_p and
+  penalties are ignored; ``max_tokens`` and stop strings are enforced on our side
   in both generations. ``seed`` is never honoured: the runtime takes none.
 * ``heartbeat`` runs on every token. The prefill is one opaque native call (about
   4.5 ms a token on RK3588: some 18 s for a full 4096-token context), which the
@@ -61,7 +61,7 @@ from rkllmd.backends.base import (
     TextSink,
 )
 from rkllmd.backends.rkllm import abi as rk
-from rkllmd.backends.rkllm.devices import driver_version, npu_nodes
+from rkllmd.backends.rkllm.devices import npu_nodes, read_driver
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
 from rkllmd.backends.stops import StopMatcher
@@ -133,10 +133,9 @@ class RkllmBackend(Backend):
         self.cpu_mask = cpu_mask
         self.base_domain_id = base_domain_id
         self.default_sampling = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty
+            temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )
-        self.frequency_penalty = frequency_penalty
-        self.presence_penalty = presence_penalty
         self._rt: RkllmRuntime | None = None
         self._loaded_cache: tuple[Any, ...] | None = None  # identity of the loaded prompt cache file
         self._run_lock = threading.Lock()  # orders abort() against the start and end of a run
@@ -157,8 +156,6 @@ class RkllmBackend(Backend):
         param.n_keep = self.n_keep
         for name, value in _sampling_values(self.default_sampling).items():
             setattr(param, name, value)
-        param.frequency_penalty = self.frequency_penalty
-        param.presence_penalty = self.presence_penalty
         param.skip_special_token = True
         param.is_async = False
         extend = param.extend_param
@@ -321,8 +318,6 @@ class RkllmBackend(Backend):
         per_request: dict[str, Any] = {}
         if rt.abi.per_request_sampling:
             sampling = rk.RKLLMSamplingParam(**_sampling_values(params))
-            sampling.frequency_penalty = self.frequency_penalty
-            sampling.presence_penalty = self.presence_penalty
             per_request = {"sampling": sampling, "max_new_tokens": limit}
         rc = self._run(rt, sent, stream, keep_history=True, **per_request)
         if stream.finish_reason != "cancelled":
@@ -507,17 +502,18 @@ def _sampling_values(params: SamplingParams) -> dict[str, Any]:
     """Sampling fields shared by RKLLMParam and RKLLMSamplingParam.
 
     Temperature 0 means greedy in rkllmd; the runtime has no such switch, so greedy is
-    top_k = 1 (with a neutral temperature, avoiding a division by zero inside).
+    top_k = 1 (with a neutral temperature, avoiding a division by zero inside). The
+    penalties are the runtime's to apply, as it does (its window is not documented).
     """
-    if params.temperature <= 0:
-        return {"top_k": 1, "top_p": 1.0, "temperature": 1.0, "repeat_penalty": params.repeat_penalty, "mirostat": 0}
-    return {
-        "top_k": params.top_k,
-        "top_p": params.top_p,
-        "temperature": params.temperature,
+    penalties = {
         "repeat_penalty": params.repeat_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
         "mirostat": 0,
     }
+    if params.temperature <= 0:
+        return {"top_k": 1, "top_p": 1.0, "temperature": 1.0, **penalties}
+    return {"top_k": params.top_k, "top_p": params.top_p, "temperature": params.temperature, **penalties}
 
 
 def _file_key(path: Path) -> tuple[Any, ...]:
@@ -580,5 +576,5 @@ def detect(
     node = nodes[0]
     if not os.access(node, os.R_OK | os.W_OK):
         return False, f"NPU device {node} exists but this user cannot open it (add it to group render or video)"
-    version, _ = driver_version(sysfs)
-    return True, f"librkllmrt at {lib}, model {model}, NPU device {node} ({version or 'driver version unreadable'})"
+    driver = read_driver(sysfs)
+    return True, f"librkllmrt at {lib}, model {model}, NPU device {node} ({driver.text or 'driver version unreadable'})"
