@@ -57,13 +57,21 @@ def test_daemon_errors_and_usage_errors_have_their_codes(daemon: DaemonProcess) 
     assert rkllmctl("no-such-verb", socket=daemon.socket).returncode == 2
 
 
+def interruptible(command: list[str]) -> subprocess.Popen:
+    """``command`` started as a shell at a terminal starts it, where Ctrl-C's SIGINT is not
+    ignored: a suite run in the background (``&`` in a script, nohup) has it ignored, which
+    a child inherits across exec, and Python then never raises KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handled signal is reset by exec
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_cancels_on_the_daemon_and_exits_130(daemon: DaemonProcess) -> None:
     with daemon.client() as client:
         before = client.status()["counters"]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "rkllmctl", "--socket", str(daemon.socket), "generate", "--max-tokens", "1000", "Tell me a very long story."],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-    )
+    child = interruptible([sys.executable, "-m", "rkllmctl", "--socket", str(daemon.socket), "generate", "--max-tokens", "1000", "Tell me a very long story."])
     assert child.stdout is not None
     child.stdout.read(1)
     child.send_signal(signal.SIGINT)
@@ -83,8 +91,7 @@ def test_ctrl_c_leaves_once_the_daemon_took_the_cancel_in(fake_runtime) -> None:
     marker = "HANG-THE-WORKER"
     daemon = NpuDaemon(fake_runtime["1.3"], env={"FAKE_RKLLM_HANG_ON": marker}).start()
     try:
-        child = subprocess.Popen([sys.executable, "-m", "rkllmctl", "--socket", str(daemon.socket), "generate", f"Please {marker} now."],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        child = interruptible([sys.executable, "-m", "rkllmctl", "--socket", str(daemon.socket), "generate", f"Please {marker} now."])
         with daemon.client() as client:
             poll(lambda: client.status()["worker"]["running"] is not None, 60, "the generation running")
         child.send_signal(signal.SIGINT)
