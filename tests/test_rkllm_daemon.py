@@ -228,7 +228,7 @@ def test_stream_is_exact_ordered_and_ends_with_the_runtime_stats(served, generat
     assert (done["finish_reason"], done["cache"], done["reason"]) == ("stop", None, None)
     stats = done["stats"]
     calls = served.calls.since(mark)
-    assert [c.name for c in calls] == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
+    assert [c.name for c in calls] == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end", "rkllm_get_kv_cache_size"]
     [run], [end] = runs(calls), ends(calls)
     assert run.args["prompt_len"] == str(len(prompt)) and run.args["keep_history"] == "1"
     assert run.args["save_prompt_cache"] == "0" and run.args["kv_before"] == "0"
@@ -628,7 +628,7 @@ def test_interleaved_conversations_never_see_each_others_history(make_npu):
         for n in range(1, 4):  # taking turns: each switch clears the history and sends all
             for name, users in (("apples", apples), ("cars", cars)):
                 result, calls, prompt = turn(client, name, users[:n])
-                assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_clear_kv_cache", "rkllm_run"]
+                assert [c.name for c in calls if c.name not in ("rkllm_run_end", "rkllm_get_kv_cache_size")] == ["rkllm_clear_kv_cache", "rkllm_run"]
                 [run] = runs(calls)
                 assert run.args["keep_history"] == "1" and run.args["kv_before"] == "0"
                 assert run.args["prompt_len"] == str(len(prompt.encode()))
@@ -637,18 +637,19 @@ def test_interleaved_conversations_never_see_each_others_history(make_npu):
         # only the new part is sent.
         result, calls, _ = turn(client, "apples", apples[:4])
         assert calls[0].name == "rkllm_clear_kv_cache" and result.stats["cached_tokens"] == 0
+        held = result.stats["prompt_tokens"] + result.stats["completion_tokens"]  # the fake's tokens
         before = TEMPLATE.render(chat_messages(apples[:4], answers["apples"][:3])) + answers["apples"][3]
         result, calls, prompt = turn(client, "apples", apples)
-        assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_run"]
+        assert [c.name for c in calls if c.name not in ("rkllm_run_end", "rkllm_get_kv_cache_size")] == ["rkllm_run"]
         [run] = runs(calls)
-        assert run.args["kv_before"] == str(len(before.encode()))
+        assert run.args["kv_before"] == str(held)
         assert run.args["prompt_len"] == str(len(prompt.encode()) - len(before.encode()))
         assert result.stats["cache_source"] == {"kind": "conversation"} and result.stats["cached_tokens"] > 0
         assert result.stats["prompt_tokens"] == result.stats["cached_tokens"] + len(prompt.encode()) - len(before.encode())
         # no_cache neither continues it: clear, all.
         answers["apples"].pop()
         result, calls, _ = turn(client, "apples", apples, no_cache=True)
-        assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_clear_kv_cache", "rkllm_run"]
+        assert [c.name for c in calls if c.name not in ("rkllm_run_end", "rkllm_get_kv_cache_size")] == ["rkllm_clear_kv_cache", "rkllm_run"]
         assert result.stats["cached_tokens"] == 0
         status = client.status()["caches"]["conversations"]
         assert status["hits"] == 1, status

@@ -1,4 +1,10 @@
-"""generate: queue a completion; its messages stream back (queued, started, token..., done)."""
+"""generate: queue a completion; its messages stream back (queued, started, token..., done).
+
+The chat is checked here; the model worker renders it, with the template of the model
+that will run it (rkllmd/worker.py), so a reload that swaps the model meanwhile cannot
+leave it rendered for the old one. A template that refuses the chat ends the stream with
+``invalid_field``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,8 @@ import time
 
 from ..backends.base import SamplingParams
 from ..caches.text import system_text
-from ..outbox import Generation
+from ..outbox import Chat, Generation
 from ..protocol import ErrorCode, WireError
-from ..templates.output import OutputSplitter
 from .context import Context, Request
 from .render import checked
 
@@ -31,13 +36,10 @@ def execute(ctx: Context, request: Request) -> None:
         max_tokens=args["max_tokens"],
         stop=args["stop"],
     )
-    backend = ctx.worker.backend
-    prompt = backend.render(messages, tools=args["tools"], variables=_variables(args))
     gen = Generation(
         identity=request.identity,
         request_id=request.id,
-        prompt=prompt,
-        output=OutputSplitter.for_prompt(backend.template, prompt, tools=bool(args["tools"])),
+        chat=Chat(messages, tools=args["tools"], variables=_variables(args)),
         params=params,
         cache=args["cache"],
         use_cache=not args["no_cache"],

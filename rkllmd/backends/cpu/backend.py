@@ -496,12 +496,14 @@ class CpuBackend(Backend):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        cancelled: threading.Event | None = None,
     ) -> GenerationStats:
         """One generation alone, step by step (for tools and tests; the daemon batches)."""
+        cancelled = cancelled or self.cancelled
         run = self.start(prompt_text, params, prefix, sink)
         try:
             while not run.done:
-                if self.cancelled.is_set():
+                if cancelled.is_set():
                     run.abort()
                     self.step([run])  # ends it, running nothing
                 else:
