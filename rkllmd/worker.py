@@ -135,7 +135,7 @@ class ModelWorker:
         # Guarded by the lock: what waits, what runs (written by the worker), what is asked for.
         self._waiting: list[Generation] = []  # in arrival order
         self._running: list[_Running] = []
-        self._opening: list[Generation] = []  # being started (their prefix chosen, maybe built)
+        self._opening: Generation | None = None  # being started (its prefix chosen)
         self._builds: deque[BinaryCacheBuild] = deque()
         self._build: BinaryCacheBuild | None = None  # the one under way
         self._swaps: deque[BackendSwap] = deque()
@@ -213,7 +213,7 @@ class ModelWorker:
                 self._waiting.remove(gen)
                 self._announce_positions()
                 state = "queued"
-            elif running is not None or gen in self._opening:
+            elif running is not None or self._opening is gen:
                 state = "running"
             else:
                 return None
@@ -222,8 +222,8 @@ class ModelWorker:
             # Under the lock: the worker cannot have moved on from this generation yet.
             if running is not None:
                 running.run.abort()
-            elif self._build is not None and self._build.owner is gen:
-                self.backend.abort()  # the build of its prefix: it is not needed now
+            if self._build is not None and self._build.owner is gen:
+                self.backend.abort()  # the build of its prefix, which no one else waits for
         if state == "queued":
             self.counters.cancelled += 1
             self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
@@ -275,7 +275,7 @@ class ModelWorker:
         runtime's init); it gets MODEL_SWAP_ALLOWANCE_S instead.
         """
         with self._cond:
-            busy = bool(self._running) or bool(self._opening) or self._build is not None
+            busy = bool(self._running) or self._opening is not None or self._build is not None
             swapping = self._swapping
         allowance = MODEL_SWAP_ALLOWANCE_S if swapping else within
         return self._thread.is_alive() and (not (busy or swapping) or time.monotonic() - self.last_progress < allowance)
@@ -294,9 +294,9 @@ class ModelWorker:
                 running.gen.cancel_reason = "shutting down"
                 running.gen.cancelled.set()
                 running.run.abort()
-            for gen in self._opening:
-                gen.cancel_reason = "shutting down"
-                gen.cancelled.set()
+            if self._opening is not None:
+                self._opening.cancel_reason = "shutting down"
+                self._opening.cancelled.set()
             self.backend.abort()  # a build, or a generation in one native call
             self._cond.notify()
             self._prompts_due.notify()
@@ -330,12 +330,13 @@ class ModelWorker:
         return order
 
     def _admissible(self) -> list[Generation]:
-        """Waiting generations that may start now, in order: prepared for this backend, and
-        none received after a pending swap."""
+        """Waiting generations that may start now, in order: prepared for this backend, not
+        waiting for the build under way, and none received after a pending swap."""
         swap_at = self._swaps[0].asked if self._swaps else None
+        owner = self._build.owner if self._build is not None else None
         return [
             gen for gen in self._fair_order()
-            if gen.prepared_for is self.backend and (swap_at is None or gen.received < swap_at)
+            if gen.prepared_for is self.backend and gen is not owner and (swap_at is None or gen.received < swap_at)
         ]
 
     def _swap_due(self) -> bool:
@@ -344,7 +345,7 @@ class ModelWorker:
 
     def _announce_positions(self) -> None:
         """Tell every waiting generation whose position changed its new one (``queued``)."""
-        ahead = len(self._running) + len(self._opening)
+        ahead = len(self._running) + (self._opening is not None)
         for gen in self._fair_order():
             if gen.position != ahead:
                 gen.position = ahead
@@ -475,17 +476,28 @@ class ModelWorker:
                 self._end(r)
 
     def _admit(self) -> None:
-        """Start waiting generations while there is room; then tell the others where they are."""
+        """Start waiting generations while there is room; then tell the others where they are.
+        One whose prefix's cache is due has it built first, when nothing else runs (a build
+        would hold up the running streams) and no build is under way (builds never nest): it
+        waits meanwhile, and arrivals run in the build's pauses."""
+        built_for: set[int] = set()
         while True:
             with self._cond:
                 admissible = self._admissible()
-                # Those opening count: one may be building its prefix, the others in its pauses.
-                if self._stopping or len(self._running) + len(self._opening) >= self.max_batch or not admissible:
+                if self._stopping or len(self._running) >= self.max_batch or not admissible:
                     self._announce_positions()
                     return
                 gen = admissible[0]
+                may_build = not self._running and self._build is None and id(gen) not in built_for
+            if may_build and (name := self._due_build(gen)) is not None:
+                built_for.add(id(gen))
+                self._run_build(BinaryCacheBuild(name, owner=gen))
+                continue  # it is admitted in its turn, its cache ready (or failed)
+            with self._cond:
+                if gen not in self._waiting:  # cancelled meanwhile
+                    continue
                 self._waiting.remove(gen)
-                self._opening.append(gen)
+                self._opening = gen
                 self._last_turn[gen.identity] = next(self._turns)
                 self._last_turn.move_to_end(gen.identity)
                 if len(self._last_turn) > _CLIENTS_REMEMBERED:
@@ -495,11 +507,23 @@ class ModelWorker:
                 running = self._open(gen)
             finally:
                 with self._cond:
-                    self._opening.remove(gen)
+                    self._opening = None
                     if running is not None:
                         self._running.append(running)
                         if gen.cancelled.is_set():  # cancelled while it opened
                             running.run.abort()
+
+    def _due_build(self, gen: Generation) -> str | None:
+        """The text cache to build before ``gen`` prefills the same tokens itself."""
+        if not gen.use_cache or self.caches is None:
+            return None
+        name = self.caches.due_build(gen.prompt, gen.cache)
+        if name is not None:
+            with self._cond:
+                queued = next((job for job in self._builds if job.name == name), None)
+                if queued is not None:
+                    self._builds.remove(queued)  # built now
+        return name
 
     def _open(self, gen: Generation) -> _Running | None:
         """Start a generation on the backend (its prefix chosen); None if it ended already."""
@@ -518,7 +542,7 @@ class ModelWorker:
             return True
 
         try:
-            prefix = self._prefix(gen)  # a cancel during the build it needs aborts that build
+            prefix = self._prefix(gen)
             if not gen.cancelled.is_set():
                 opened.append(_Running(gen, self.backend.start(gen.prompt, gen.params, prefix, sink, ids=gen.prompt_ids), prefix))
         except Exception as exc:
@@ -531,19 +555,9 @@ class ModelWorker:
         return opened[0]
 
     def _prefix(self, gen: Generation) -> PrefixState | None:
-        """The prefix state ``gen`` restores, if any. A cache due for exactly its prefix is
-        built first when nothing else runs (a build would hold up the running streams) and no
-        build is under way (it never nests in one); arrivals meanwhile run in its pauses."""
+        """The prefix state ``gen`` restores, if any."""
         if not gen.use_cache or self.caches is None:
             return None
-        with self._cond:
-            may_build = not self._running and self._build is None and not self._stopping
-        if may_build and (name := self.caches.due_build(gen.prompt, gen.cache)) is not None:
-            with self._cond:
-                queued = next((job for job in self._builds if job.name == name), None)
-                if queued is not None:
-                    self._builds.remove(queued)
-            self._run_build(BinaryCacheBuild(name, owner=gen))
         prefix = self.caches.choose(gen.prompt, gen.cache, gen.prompt_ids)
         if gen.cache is not None and prefix is None:
             log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)

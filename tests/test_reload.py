@@ -41,11 +41,12 @@ class ConfiguredDaemon(DaemonProcess):
         return [sys.executable, "-m", "rkllmd", "--socket", str(self.socket), "--config", str(self.config),
                 "--backend", "cpu", "--log-level", "debug"]
 
-    def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None, store: str = "", conversations: bool = True) -> None:
+    def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None, store: str = "", conversations: bool = True,
+                  chat_template: str = "") -> None:
         """``store``: the [store] section's lines."""
         self.text_dir = text_dir or self.text_dir
         self.binary_dir = binary_dir or self.binary_dir
-        self.config.write_text(f'[model]\npath = "{model}"\n'
+        self.config.write_text(f'[model]\npath = "{model}"\nchat_template = "{chat_template}"\n'
                                f'[cache]\ntext_dir = "{self.text_dir}"\nbinary_dir = "{self.binary_dir}"\n'
                                f'conversations = {str(conversations).lower()}\n'
                                f'[store]\n{store}\n')
@@ -102,6 +103,26 @@ def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tin
         assert after.wait().stats["prompt_tokens"] > 2 * CAPITAL["prompt_tokens"]
     assert "reload: now serving tiny" in proc.log()
     assert model_of(proc)["path"] == str(tiny_models[0])
+
+
+def test_a_request_queued_behind_a_swap_is_rendered_for_the_model_that_runs_it(configured):
+    """The chat of a request that arrives while a reload waits to swap the model is rendered
+    with the new model's template (here: the same weights, another template), not the one
+    serving when it arrived."""
+    proc = configured()
+    with proc.client() as first, proc.client() as second:
+        running = first.generate(STORY, max_tokens=64)
+        next(iter(running))  # it streams: the swap waits for it
+        old = second.render(CAPITAL["messages"])
+        proc.configure(chat_template="chatml")
+        proc.reload("reload: the model configuration changed; loading it after the queued requests")
+        after = second.generate(messages=CAPITAL["messages"], max_tokens=2)
+        assert second.wait_queued(after) == 1  # behind the running one: it arrived before the swap
+        result = after.wait()
+        new = second.render(CAPITAL["messages"])
+        assert running.wait().stats["completion_tokens"] == 64
+    assert new["text"] != old["text"] and new["text"].startswith("<|im_start|>user\n")
+    assert result.stats["prompt_tokens"] == new["tokens"] != old["tokens"]
 
 
 def test_a_model_that_fails_to_load_leaves_the_old_one_serving(configured, tmp_path):
