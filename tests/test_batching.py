@@ -179,3 +179,28 @@ def test_a_build_a_request_needs_lets_other_requests_run_between_its_chunks(make
         assert done["type"] == "done" and entry["state"] == "building", (done, entry)
         result = wanting.wait()
     assert (result.cache, result.stats["cached_tokens"]) == ("big", building["total"])
+
+
+def test_cancelling_a_request_during_a_build_leaves_the_build_alone(make_daemon) -> None:
+    """A request admitted between a build's chunks and cancelled while it opens (its prefix
+    state read from disk: hundreds of ms) ends cancelled; the build goes on, not restarted
+    (the two used to share one abort flag)."""
+    proc: DaemonProcess = make_daemon(env={"RKLLMD_CACHE_MEMORY_BUDGET_MB": "0", "RKLLMD_CACHE_CONVERSATIONS": "false"})
+    with proc.client() as client, proc.client() as builder:
+        builder.cache_put("rules", BIG_TEXT)
+        builder.cache_wait("rules", timeout=180)
+        builder.cache_put("more", BIG_TEXT + " Be kind.")
+        poll(lambda: next(e for e in builder.cache_ls()["caches"] if e["name"] == "more")["build"], 60,
+             "the build under way", interval=0.005)
+        request = client.send("generate", prompt="Which rule is 7?", cache="rules", max_tokens=4)
+        message = client.receive(request, 60)
+        while message["type"] != "started":
+            message = client.receive(request, 60)
+        assert client.cancel(request)["was"] == "running"
+        _, done = outcome(client, request)
+        entry = next(e for e in builder.cache_ls()["caches"] if e["name"] == "more")
+        ready = builder.cache_wait("more", timeout=180)
+    assert done["finish_reason"] == "cancelled" and entry["state"] == "building", (done, entry)
+    assert ready["state"] == "ready"
+    log = proc.log()
+    assert log.count("building binary cache more") == 1 and "more was interrupted" not in log

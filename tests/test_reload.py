@@ -10,6 +10,7 @@ of the same shape and name whose weights, so identities, differ.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, in_order, reference_cases, rkllmctl
+from rkllmctl import DaemonUnreachable
 from gguf_files import tiny_llama
 from reliability import poll
 
@@ -211,6 +213,31 @@ def test_changed_cache_folders_are_scanned_and_watched(configured, tiny_models, 
         assert client.cache_wait("second", timeout=60)["state"] == "ready"
         assert names(client) == {"first", "second"}
         assert client.status()["caches"]["text_dir"] == str(texts)
+
+
+def test_one_reload_that_moves_the_folders_and_swaps_the_model_serves_the_new_models_caches(configured, tiny_models, tmp_path):
+    """The folder move of a reload runs on the disk thread, its model swap on the worker, in
+    either order. Here the disk thread has a queue of puts to write first, so the swap is done
+    before the move: the binary caches in the new folder are still the new model's."""
+    old, new = tiny_models
+    proc = configured(model=str(old), conversations=False)
+    texts, binaries = tmp_path / "texts", tmp_path / "binaries"
+    texts.mkdir()
+    (texts / "rules.txt").write_text(RULES)
+    with proc.client() as client:
+        puts = [client.send("cache.put", name=f"filler{i}", text=f"{i} " + "x" * 65536) for i in range(150)]
+        client.ping()  # the socket loop has handed every put to the disk thread
+        proc.configure(model=str(new), text_dir=texts, binary_dir=binaries, conversations=False)
+        proc.reload(f"reload: caches now in {texts} and {binaries}", "reload: now serving tiny")
+        with pytest.raises(DaemonUnreachable):  # swapped while the puts, then the move, wait
+            client.receive(puts[-1], 0.001)
+        for put in puts:
+            client.result_of(put, 120)
+        ready = client.cache_wait("rules", timeout=60)
+        status = client.status()["caches"]
+    [meta] = binaries.glob("*/rules.meta.json")
+    assert ready["state"] == "ready" and json.loads(meta.read_text())["identity"]["model"] == str(new)
+    assert status["binary_dir"] == str(meta.parent) and status["text_dir"] == str(texts)
 
 
 def names(client) -> set[str]:

@@ -22,6 +22,7 @@ on a board.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from typing import Callable
 
 import private_dev
 import pytest
-from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model
+from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model, write_tokenizer
 
 from conftest import ROOT, DaemonProcess, rkllmctl
 from rkllmctl import DaemonError
@@ -653,3 +654,70 @@ def test_interleaved_conversations_never_see_each_others_history(make_npu):
         assert result.stats["cached_tokens"] == 0
         status = client.status()["caches"]["conversations"]
         assert status["hits"] == 1, status
+
+
+# --- shutdown ------------------------------------------------------------------------------------------
+def test_sigterm_aborts_the_run_and_the_worker_releases_the_runtime_after_it(make_npu):
+    proc = make_npu(decode_us=2000)
+    with proc.client() as client:
+        stream = client.generate("on and on [[fake:endless]]", max_tokens=4096)
+        assert next(iter(stream)) == "echo: "
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    names = [c.name for c in proc.calls.all()]
+    assert names[-3:] == ["rkllm_abort", "rkllm_run_end", "rkllm_destroy"] or names[-2:] == ["rkllm_run_end", "rkllm_destroy"], names
+
+
+def test_shutdown_never_destroys_the_runtime_while_a_run_is_in_it(make_npu):
+    """SIGTERM while rkllm_run hangs, deaf to rkllm_abort (FAKE_RKLLM_HANG_ON): the worker
+    cannot stop; the daemon waits for it a while, says so, and exits without rkllm_destroy,
+    which would free what the run still uses (the fake aborts the process if it comes)."""
+    proc = make_npu(env={"FAKE_RKLLM_HANG_ON": "hang here"})
+    with proc.client() as client:
+        client.send("generate", prompt="please hang here")
+        poll(lambda: runs(proc.calls.all()), 10, "the run starting")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert "rkllm_destroy" not in [c.name for c in proc.calls.all()]
+    log = proc.log()
+    assert "the model worker did not stop within 10 s" in log and "exiting without releasing the model" in log
+    assert "fake-rkllm: rkllm_destroy" not in log
+
+
+# --- the context ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("counting", ["bounded", "tokenizer"])
+def test_a_conversation_grows_until_refused_and_the_runtime_never_shifts(make_npu, counting):
+    """A chat sent whole each turn, as clients do, on a 600-token context: each turn continues
+    the runtime's history and the model sees every earlier turn (the fake's recall), until one
+    cannot fit: context_overflow, before the runtime gets it. Never a shift of the runtime's
+    window (silently wrong), never an input longer than it (a crash). With the model's own
+    tokenizer configured the counts are exact (the fake's tokens are bytes); without, bounded."""
+    env = {"RKLLMD_MODEL_CONTEXT_LENGTH": "600"}
+    proc = make_npu(env=env, start=False)
+    if counting == "tokenizer":
+        env["RKLLMD_RKLLM_TOKENIZER"] = str(write_tokenizer(proc.folder / "tokenizer.json"))
+    proc.env.update(env)
+    proc.start()
+    users, answers = ["[[fake:recall]] a"], []
+    with proc.client() as client:
+        while True:
+            messages = chat_messages(users, answers)
+            rendered = client.render(messages)
+            try:
+                result = client.generate(messages=messages).wait()
+            except DaemonError as exc:
+                error = exc
+                break
+            recall = "recall: " + " | ".join(users)  # the answer ends where the context does
+            assert result.text == recall or result.finish_reason == "length" and recall.startswith(result.text), "a turn was lost"
+            answers.append(result.text)
+            users.append(str(len(users)))
+        assert client.status()["model"]["token_counts"].startswith("exact" if counting == "tokenizer" else "bounded")
+    assert len(answers) > 5 and error.name == "context_overflow"
+    tokens = len(TEMPLATE.render(messages).encode())
+    assert rendered["tokens"] == (tokens if counting == "tokenizer" else tokens + 1)
+    assert error.details["context_length"] == 600 and error.details["prompt_tokens"] + 1 > 600
+    assert ("at most" in error.message) == (counting == "bounded")
+    calls = proc.calls.all()
+    assert not [c for c in calls if c.name == "rkllm_context_shift" or "CRASH" in c.args]
+    assert "fake-rkllm: rkllm_run: context full" not in proc.log()
