@@ -97,7 +97,8 @@ class _Running:
 
 
 class Counters:
-    """Totals reported by status; written by the worker only."""
+    """Totals reported by status; written by the worker (``errors`` also by its prompt thread,
+    under the worker's lock)."""
 
     def __init__(self) -> None:
         self.generations = 0
@@ -641,6 +642,8 @@ class ModelWorker:
         """Build ``job``'s cache; the generations due meanwhile run in its pauses."""
         assert self.caches is not None
         with self._cond:
+            if self._stopping:  # its abort must not be forgotten
+                return
             self._build = job
             self.backend.reset_abort()  # the build's own flag; generations have theirs
         self.backend.pause = self._pause
@@ -717,7 +720,8 @@ class ModelWorker:
         return WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}")
 
     def _fail(self, gen: Generation, error: WireError) -> None:
-        self.counters.errors += 1
-        if error.code in (ErrorCode.BACKEND, ErrorCode.INTERNAL):
-            self.last_error = error.message
+        with self._cond:  # the worker and its prompt thread both fail generations
+            self.counters.errors += 1
+            if error.code in (ErrorCode.BACKEND, ErrorCode.INTERNAL):
+                self.last_error = error.message
         self.outbox.stream(gen, "error", error=error.to_wire())

@@ -22,10 +22,11 @@ character, and for every non-number character ``[^\\W\\d_]`` is exactly ``\\p{L}
 Long texts (a prompt may hold 250,000 characters) cost time in proportion to their length,
 never more: merging uses a heap over a linked list (n log n in a piece's length, where
 rescanning every pair after each merge was quadratic: a 16,000-letter word took seconds),
-and no single regular-expression call scans more than ``SCAN_WINDOW`` characters past the
-piece it finds. Python releases the GIL only between calls, so a long C call here would
-hold up every other thread of the daemon (the socket loop answering pings); a tokenizer
-working on another thread now hands it over within milliseconds.
+and no single call into C (a regular-expression search, a list of a long piece's symbols)
+works on more than ``SCAN_WINDOW`` characters past the piece it finds. Python hands the
+GIL over only between calls, so a long one here would hold up every other thread of the
+daemon (the socket loop answering pings) while another thread tokenizes.
+(bench/tokenize_long.py measures both.)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import functools
 import heapq
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -56,8 +57,8 @@ _PIECE_PATTERN = re.compile(
 # Token types in ``tokenizer.ggml.token_type``.
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = range(1, 7)
 
-#: Characters one search for a number character scans at most (one call, the GIL held).
-SCAN_WINDOW = 1 << 14
+#: Characters one call into C scans or copies at most (the GIL held throughout it).
+SCAN_WINDOW = 1 << 12
 #: Longest byte-encoded piece whose merges are remembered.
 CACHED_PIECE_CHARS = 64
 
@@ -143,7 +144,7 @@ class Tokenizer:
                 self.token_bytes.append(text.encode("utf-8"))
             else:
                 self.token_bytes.append(text.translate(to_bytes).encode("latin-1"))
-        self._bpe_cached = functools.lru_cache(maxsize=bpe_cache_size)(self._bpe_uncached)
+        self._bpe_cached = functools.lru_cache(maxsize=bpe_cache_size)(lambda word: tuple(self._bpe_uncached(word)))
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> Tokenizer:
@@ -202,25 +203,29 @@ class Tokenizer:
                     ids.extend(self._bpe(codecs.charmap_decode(piece.encode("utf-8"), "strict", self._byte_alphabet)[0]))
         return ids
 
-    def _bpe(self, word: str) -> tuple[int, ...]:
+    def _bpe(self, word: str) -> Sequence[int]:
         """``_bpe_uncached``, remembered for pieces as short as words: a long piece (a run of
         letters or symbols) is rare in text and would make the memory of the cache unbounded."""
         return self._bpe_cached(word) if len(word) <= CACHED_PIECE_CHARS else self._bpe_uncached(word)
 
-    def _bpe_uncached(self, word: str) -> tuple[int, ...]:
+    def _bpe_uncached(self, word: str) -> list[int]:
         """Merge the characters of a byte-encoded piece: the adjacent pair of lowest merge
         rank first, the leftmost of equal ones (llama.cpp's order). A heap holds the candidate
         pairs as ``rank << 32 | left position`` (plain ints: tuples would feed the garbage
         collector, whose full passes over a long piece's heap hold the GIL for tens of ms);
         the symbols form a linked list (``right``), a merged one left empty; an entry whose
-        pair changed since it was pushed is skipped."""
+        pair changed since it was pushed is skipped. Long lists are made a window at a time:
+        list(range(n)) of a long piece is one call making n objects, the GIL held throughout."""
+        n = len(word)
         symbols: list[str] = []
-        for start in range(0, len(word), SCAN_WINDOW):  # list() of a long piece is one long call
-            symbols += word[start:start + SCAN_WINDOW]
-        n = len(symbols)
+        right: list[int] = []  # n: none
+        left: list[int] = []  # -1: none
+        for start in range(0, n, SCAN_WINDOW):
+            end = min(start + SCAN_WINDOW, n)
+            symbols += word[start:end]
+            right += range(start + 1, end + 1)
+            left += range(start - 1, end - 1)
         ranks = self.merge_ranks
-        right = list(range(1, n + 1))  # n: none
-        left = list(range(-1, n - 1))  # -1: none
         heap: list[int] = []
         push, pop = heapq.heappush, heapq.heappop
         for i in range(n - 1):  # pushed one by one: heapify is one long call on a long piece
@@ -248,7 +253,7 @@ class Tokenizer:
                 ids.append(token_id)
             else:  # not in the vocabulary: fall back to one token per byte, like llama.cpp
                 ids.extend(self.token_to_id[c] for c in part if c in self.token_to_id)
-        return tuple(ids)
+        return ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return b"".join(self.token_bytes[i] for i in ids)

@@ -60,7 +60,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from rkllmd.backends.base import (
     CONVERSATION,
@@ -264,16 +264,17 @@ class RkllmBackend(Backend):
         # text, every other thread of the daemon stopped meanwhile).
         return self._tokenizer.encode_batch([text])[0].ids
 
-    def _before_generation(self, prompt_text: str, prefix: PrefixState | None) -> int:
-        """What the KV cache holds once ``prompt_text`` is prefilled from ``prefix``: the
-        prefix's tokens as the runtime counted them, plus the rest as counted here."""
+    def _before_generation(self, prompt_text: str, prefix: PrefixState | None, ids: Sequence[int] | None = None) -> int:
+        """What the KV cache holds once ``prompt_text`` (whose ``tokenize`` is ``ids``, if the
+        caller has it) is prefilled from ``prefix``: the prefix's tokens as the runtime counted
+        them, plus the rest as counted here."""
         if prefix is None:
-            return self.count_tokens(prompt_text)
+            return len(ids) if ids is not None else self.count_tokens(prompt_text)
         return prefix.n_tokens + self.count_tokens(prompt_text[len(prefix.text):])
 
-    def _fits(self, prompt_text: str, prefix: PrefixState | None) -> int:
+    def _fits(self, prompt_text: str, prefix: PrefixState | None, ids: Sequence[int] | None = None) -> int:
         """``_before_generation``, if that leaves room for a token; else ContextOverflow."""
-        tokens = self._before_generation(prompt_text, prefix)
+        tokens = self._before_generation(prompt_text, prefix, ids)
         if tokens + 1 > self.context_length:
             bound = "" if self._tokenizer is not None else "counted as UTF-8 bytes + 1: set [rkllm] tokenizer for exact counts"
             raise ContextOverflow(tokens, self.context_length, bound)
@@ -357,10 +358,10 @@ class RkllmBackend(Backend):
 
     # --- generation --------------------------------------------------------------------
     def start(
-        self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, ids: Any = None
+        self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, ids: Sequence[int] | None = None
     ) -> Run:
         """Refuse what cannot fit (ContextOverflow) before anything runs."""
-        self._fits(prompt_text, prefix)
+        self._fits(prompt_text, prefix, ids)
         return super().start(prompt_text, params, prefix, sink, ids)
 
     def generate(
