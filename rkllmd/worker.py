@@ -279,7 +279,8 @@ class ModelWorker:
             busy = bool(self._running) or self._opening is not None or self._build is not None
             swapping = self._swapping
         allowance = MODEL_SWAP_ALLOWANCE_S if swapping else within
-        return self._thread.is_alive() and (not (busy or swapping) or time.monotonic() - self.last_progress < allowance)
+        alive = self._thread.is_alive() and self._prompt_thread.is_alive()
+        return alive and (not (busy or swapping) or time.monotonic() - self.last_progress < allowance)
 
     def shutdown(self) -> list[Generation]:
         """Stop taking work, cut every running generation short ("shutting down"), return the
@@ -372,11 +373,14 @@ class ModelWorker:
                 backend = self.backend
                 if isinstance(job, Generation) and not self._needs_preparing(job, backend):
                     continue
-            if isinstance(job, _PromptJob):
-                if job.future.set_running_or_notify_cancel():
-                    self._answer(job, backend)
-            else:
-                self._prepare(job, backend)
+            try:
+                if isinstance(job, _PromptJob):
+                    if job.future.set_running_or_notify_cancel():
+                        self._answer(job, backend)
+                else:
+                    self._prepare(job, backend)
+            except Exception:  # the thread must outlive any one job
+                log.exception("preparing a prompt failed")
 
     def _answer(self, job: _PromptJob, backend: Backend) -> None:
         """Run a prompt job: again with the new backend if a swap closed its one meanwhile."""
