@@ -715,7 +715,7 @@ def test_a_conversation_grows_until_refused_and_the_runtime_never_shifts(make_np
         assert client.status()["model"]["token_counts"].startswith("exact" if counting == "tokenizer" else "bounded")
     assert len(answers) > 5 and error.name == "context_overflow"
     tokens = len(TEMPLATE.render(messages).encode())
-    assert rendered["tokens"] == (tokens if counting == "tokenizer" else tokens + 1)
+    assert rendered["tokens"] == (tokens if counting == "tokenizer" else tokens + 2)
     assert error.details["context_length"] == 600 and error.details["prompt_tokens"] + 1 > 600
     assert ("at most" in error.message) == (counting == "bounded")
     calls = proc.calls.all()
