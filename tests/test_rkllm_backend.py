@@ -431,7 +431,8 @@ def test_a_long_conversation_never_overflows_the_runtime(small, calls, monkeypat
     """Turn after turn of one conversation: each continues the runtime's history while the
     history (as long as the runtime says), the new part and a token fit. One that would not is
     not continued: sent whole if that fits (never here: the fake's answers take a token a word
-    in its history, a token a byte when sent), else refused. The runtime never shifts its
+    in its history, a token a byte when sent; tests/test_rkllm_daemon.py's words test resends),
+    else refused. The runtime never shifts its
     window: the model sees every turn. A runtime that keeps each answer's end token in its
     history (FAKE_RKLLM_END_TOKEN) has a history longer than its FINISH statistics say: its
     KV size says how long."""
