@@ -52,6 +52,12 @@ class DaemonConfig:
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", low=1, high=1 << 20)
     max_prompt_chars: int = setting(262144, "longest text a request may carry (sum of message contents)", low=1, high=1 << 24)
     slow_client_timeout: float = setting(10.0, "seconds a client may leave its stream unread before its generation is aborted", low=0.1, high=3600.0)
+    build_max_wait_ms: int = setting(
+        1000,
+        "longest a cache build waits for the model while generations run: past it, the build gets its next prefill chunk between two generation steps (0: chunks and steps take turns)",
+        low=0,
+        high=3_600_000,
+    )
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class RkllmConfig:
     runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
     model: str = setting("", ".rkllm model file for the NPU backend")
     template: str = setting("qwen2.5-instruct", "chat template the daemon renders: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json")
+    tokenizer: str = setting("", "the model's tokenizer.json (Hugging Face; needs the npu extra), for exact token counts; empty: a prompt's tokens are bounded by its UTF-8 bytes + 2, so a prompt gets at most context_length - 3 bytes (room left for a token)")
     max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)
     n_keep: int = setting(-1, "tokens kept when the context shifts (-1: runtime default)", low=-1, high=1 << 20)
     cpu_mask: int = setting(0, "CPU cores the runtime may use, as a bit mask (0: runtime default)", low=0, high=2**32 - 1)

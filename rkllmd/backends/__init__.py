@@ -56,6 +56,7 @@ def choose(
                 repeat_penalty=config["sampling.repeat_penalty"],
                 frequency_penalty=config["sampling.frequency_penalty"],
                 presence_penalty=config["sampling.presence_penalty"],
+                tokenizer=_path(config["rkllm.tokenizer"]),
             )
         except (ValueError, TemplateError) as exc:  # rkllm.template or rkllm.runtime is unusable
             raise BackendError(f"[rkllm] {exc}") from None

@@ -1,15 +1,20 @@
-"""generate: queue a completion; its messages stream back (queued, started, token..., done)."""
+"""generate: queue a completion; its messages stream back (queued, started, token..., done).
+
+The chat is checked here; the model worker renders it, with the template of the model
+that will run it (rkllmd/worker.py), so a reload that swaps the model meanwhile cannot
+leave it rendered for the old one. A template that refuses the chat ends the stream with
+``invalid_field``.
+"""
 
 from __future__ import annotations
 
 import time
 
-from ..backends.base import Backend, SamplingParams
+from ..backends.base import SamplingParams
 from ..caches.text import system_text
-from ..outbox import Generation
+from ..outbox import Chat, Generation
 from ..protocol import ErrorCode, WireError
-from ..templates.capabilities import THINKING, TOOLS
-from ..templates.output import OutputSplitter
+from ..templates.capabilities import CapabilityMissing, require_capabilities
 from .context import Context, Request
 from .render import checked
 
@@ -20,17 +25,17 @@ def execute(ctx: Context, request: Request) -> None:
     args = request.args
     if (request.identity, request.id) in ctx.generations:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
-    backend = ctx.worker.backend
     if args["raw"]:
-        prompt = _raw_prompt(args, ctx.config.daemon.max_prompt_chars)
-        output = OutputSplitter(None)  # the text as the model wrote it: no template said where reasoning or calls are
+        chat = Chat(raw=_raw_prompt(args, ctx.config.daemon.max_prompt_chars))
     else:
         messages = _messages(args, ctx.config.daemon.max_prompt_chars)
         if args["cache"] is not None:
             messages = _with_cache_text(ctx, args["cache"], messages)
-        _require_capabilities(args, backend)
-        prompt = backend.render(messages, tools=args["tools"], variables=_variables(args))
-        output = OutputSplitter.for_prompt(backend.template, prompt, tools=bool(args["tools"]))
+        chat = Chat(messages, tools=args["tools"], variables=_variables(args))
+        try:  # at once, as Ollama answers; the worker checks again for the model that runs it
+            require_capabilities(ctx.worker.backend, chat)
+        except CapabilityMissing as exc:
+            raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
     params = SamplingParams(
         temperature=args["temperature"],
         top_k=args["top_k"],
@@ -45,8 +50,7 @@ def execute(ctx: Context, request: Request) -> None:
     gen = Generation(
         identity=request.identity,
         request_id=request.id,
-        prompt=prompt,
-        output=output,
+        chat=chat,
         params=params,
         cache=args["cache"],
         use_cache=not args["no_cache"],
@@ -56,23 +60,6 @@ def execute(ctx: Context, request: Request) -> None:
     ctx.worker.submit(gen)
     ctx.generations[gen.key] = gen
     return None
-
-
-#: What a model lacking a capability is told, after "NAME does not support tools/thinking".
-_WHY_NOT = {
-    TOOLS: "its chat template ({}) does not write tools into the prompt in a form whose calls rkllmd parses back",
-    THINKING: "its chat template ({}) neither reads enable_thinking nor opens a reasoning block rkllmd splits off",
-}
-
-
-def _require_capabilities(args: dict, backend: Backend) -> None:
-    """Refuse tools or thinking the model's template cannot do, as Ollama does ("... does
-    not support tools"), rather than drop them silently; ``enable_thinking`` false is fine."""
-    for capability, field, asked in ((THINKING, "enable_thinking", args["enable_thinking"] is True), (TOOLS, "tools", bool(args["tools"]))):
-        if asked and capability not in backend.template.capabilities:  # thinking first, as Ollama checks
-            name = backend.describe().get("name", "the model")
-            raise WireError(ErrorCode.INVALID_FIELD, f"{name} does not support {capability}: " + _WHY_NOT[capability].format(backend.template.name),
-                            field=field, capability=capability)
 
 
 def _variables(args: dict) -> dict | None:

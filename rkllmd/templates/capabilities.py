@@ -19,6 +19,8 @@ from .families import HERMES, LLAMA3, PHI4
 from .reasoning import ReasoningSplitter
 
 if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..outbox import Chat
     from .template import ChatTemplate
 
 COMPLETION, TOOLS, THINKING = "completion", "tools", "thinking"
@@ -61,3 +63,28 @@ def probe(template: ChatTemplate) -> tuple[str, ...]:
     except RenderError:
         pass
     return tuple(found)
+
+
+#: Why a model lacks a capability, after "NAME does not support tools/thinking".
+_WHY_NOT = {
+    TOOLS: "its chat template ({}) does not write tools into the prompt in a form whose calls rkllmd parses back",
+    THINKING: "its chat template ({}) neither reads enable_thinking nor opens a reasoning block rkllmd splits off",
+}
+
+
+class CapabilityMissing(ValueError):
+    """A request asks for tools or thinking that the model's template cannot do."""
+
+    def __init__(self, message: str, capability: str, field: str):
+        super().__init__(message)
+        self.capability, self.field = capability, field
+
+
+def require_capabilities(backend: Backend, chat: Chat) -> None:
+    """Refuse tools or thinking the model's template cannot do, as Ollama does ("... does
+    not support tools"), rather than drop them silently; ``enable_thinking`` false is fine."""
+    thinking = (chat.variables or {}).get("enable_thinking") is True
+    for capability, field, asked in ((THINKING, "enable_thinking", thinking), (TOOLS, "tools", bool(chat.tools))):
+        if asked and capability not in backend.template.capabilities:  # thinking first, as Ollama checks
+            name = backend.describe().get("name", "the model")
+            raise CapabilityMissing(f"{name} does not support {capability}: " + _WHY_NOT[capability].format(backend.template.name), capability, field)

@@ -16,7 +16,12 @@
  *
  * Behaviour (deterministic, so tests can assert exact results):
  *  - A "token" is one byte of the templated prompt: a prompt of N bytes prefills N
- *    tokens, minus the bytes a loaded prompt cache has in common with its start.
+ *    tokens, minus the bytes a loaded prompt cache has in common with its start. With
+ *    FAKE_RKLLM_TOKENS=words (read at rkllm_init) the model's vocabulary is whole words
+ *    instead: a prompt's token is a word and its trailing spaces (or a run of leading
+ *    spaces), cut as its answers are (below) but never inside a character; counts,
+ *    prefill, matches, the history and the context are then in those tokens. Its
+ *    tokenizer.json is tests/fake_rkllm/build.py's write_tokenizer(path, "words").
  *  - The reply is "echo: " + the content of the last ChatML user turn
  *    ("<|im_start|>user\n...<|im_end|>") of what the model sees (the history it holds,
  *    then this run's templated prompt), or of the whole prompt when it has none. With
@@ -24,7 +29,9 @@
  *    contents of every user turn it sees, joined by " | ": a leaked history shows.
  *    It is streamed one word (with its trailing spaces) per token; a word holding a
  *    multi-byte UTF-8 character is split right after the character's first byte, and
- *    that first piece is delivered with state WAITING.
+ *    that first piece is delivered with state WAITING. (So a generated answer may hold
+ *    more tokens than the same text sent as a prompt, as a real model's output may be
+ *    tokenized otherwise than its tokenizer would cut the text.)
  *  - The reply ends (FINISH, with perf stats) after its last word, or earlier at
  *    max_new_tokens (RKLLMParam, or RKLLMInferParam's under 1.3 when > 0; <= 0 means
  *    no limit), or after a callback returned 1 (pause).
@@ -54,14 +61,28 @@
  *    run with keep_history=0 still sees an earlier history (the leftovers users report,
  *    #272 upstream). rkllm_clear_kv_cache empties it (keep_system_prompt=1 keeps the
  *    template's system prompt when the history starts with it); a failed run drops it.
- *    rkllm_get_kv_cache_size reports its length in tokens (bytes).
+ *    rkllm_get_kv_cache_size reports its length in tokens: its inputs' tokens, one per
+ *    generated piece.
+ *  - The context (max_context_len): an input longer than all of it aborts the process, as
+ *    a too long prompt is reported to crash the vendor's runtime (upstream #11). A history
+ *    that would overflow it, before the prefill or during the answer, is shifted as the
+ *    vendor header describes n_keep: the first n_keep tokens kept (none for -1), half of
+ *    the rest dropped, until it fits; the reply is then made from what is left (a recall
+ *    misses the dropped turns: silently wrong, as on a board). Each shift is logged
+ *    ("rkllm_context_shift") and said on stderr.
+ *  - rkllm_destroy while rkllm_run is in progress aborts the process (the vendor's would
+ *    free memory the run still uses).
  *
  * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
- * then key=value pairs; paths are printed raw); FAKE_RKLLM_PREFILL_US and
+ * then key=value pairs; paths are printed raw; a run's prompt_len, kv_before and matched
+ * are tokens); FAKE_RKLLM_TOKENS=words makes a prompt's tokens words (above); FAKE_RKLLM_PREFILL_US and
  * FAKE_RKLLM_DECODE_US add that many microseconds per prefilled / generated token,
  * so timing (TTFT, abort from another thread) can be exercised. A prompt holding the
  * text of FAKE_RKLLM_HANG_ON makes rkllm_run hang for good, deaf to rkllm_abort, as a
- * stuck native call would (tests of the service watchdog).
+ * stuck native call would (tests of the service watchdog). FAKE_RKLLM_END_TOKEN=1 makes
+ * the history keep the end-of-generation token of a reply that ended by itself (a KV
+ * position without text, not in the FINISH statistics, seen in rkllm_get_kv_cache_size):
+ * whether the vendor's does is not documented (docs/npu.md).
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -429,6 +450,62 @@ static bool is_string(const char *s) {
 
 static bool plausible(float v, float lo, float hi) { return isfinite(v) && v >= lo && v <= hi; }
 
+/* ---- the KV cache ----------------------------------------------------------------------- */
+/* The text of its tokens and where each ends: a prompt's tokens are its bytes, a generated
+ * token is the piece its callback streamed (one position each, as on the real runtime). */
+typedef struct {
+    char *text; /* NUL-terminated */
+    size_t bytes;
+    size_t *ends; /* ends[i]: the byte offset where token i ends */
+    size_t tokens;
+    size_t text_cap, ends_cap;
+} kv_cache;
+
+static void kv_push(kv_cache *kv, const char *p, size_t n, bool one_token) {
+    size_t new_tokens = one_token ? 1 : n;
+    if (kv->bytes + n + 1 > kv->text_cap) kv->text = realloc(kv->text, kv->text_cap = 2 * (kv->bytes + n + 1));
+    if (kv->tokens + new_tokens > kv->ends_cap)
+        kv->ends = realloc(kv->ends, (kv->ends_cap = 2 * (kv->tokens + new_tokens)) * sizeof *kv->ends);
+    memcpy(kv->text + kv->bytes, p, n);
+    for (size_t i = 0; i < new_tokens; i++) kv->ends[kv->tokens++] = kv->bytes + (one_token ? n : i + 1);
+    kv->bytes += n;
+    kv->text[kv->bytes] = '\0';
+}
+
+/* Keep the first `tokens` tokens. */
+static void kv_truncate(kv_cache *kv, size_t tokens) {
+    if (tokens >= kv->tokens) return;
+    kv->tokens = tokens;
+    kv->bytes = tokens ? kv->ends[tokens - 1] : 0;
+    if (kv->text) kv->text[kv->bytes] = '\0';
+}
+
+/* Remove the tokens [first, first + count). */
+static void kv_drop(kv_cache *kv, size_t first, size_t count) {
+    size_t from = first ? kv->ends[first - 1] : 0, to = kv->ends[first + count - 1], cut = to - from;
+    memmove(kv->text + from, kv->text + to, kv->bytes - to + 1);
+    for (size_t i = first + count; i < kv->tokens; i++) kv->ends[i - count] = kv->ends[i] - cut;
+    kv->tokens -= count;
+    kv->bytes -= cut;
+}
+
+static kv_cache kv_copy(const kv_cache *kv) {
+    kv_cache copy = {0};
+    copy.text = malloc(copy.text_cap = kv->bytes + 1);
+    memcpy(copy.text, kv->text ? kv->text : "", kv->bytes + 1);
+    copy.bytes = kv->bytes;
+    copy.ends = malloc((copy.ends_cap = kv->tokens + 1) * sizeof *copy.ends);
+    if (kv->tokens) memcpy(copy.ends, kv->ends, kv->tokens * sizeof *kv->ends);
+    copy.tokens = kv->tokens;
+    return copy;
+}
+
+static void kv_free(kv_cache *kv) {
+    free(kv->text);
+    free(kv->ends);
+    memset(kv, 0, sizeof *kv);
+}
+
 /* ---- handles ------------------------------------------------------------------------ */
 #define MAX_HANDLES 64
 #define PATH_MAX_LEN 4096
@@ -443,8 +520,8 @@ typedef struct {
     char *tmpl_system, *tmpl_prefix, *tmpl_postfix;
     char *cache_text; /* the loaded prompt cache's templated prompt, or NULL */
     size_t cache_len;
-    char *history; /* what the KV cache holds: earlier runs' inputs and generated text */
-    size_t history_len;
+    kv_cache history; /* what the KV cache holds: earlier runs' inputs and generated tokens */
+    bool word_tokens; /* FAKE_RKLLM_TOKENS=words: a prompt's tokens are its words, else its bytes */
 } fake_handle;
 
 static fake_handle *handles[MAX_HANDLES];
@@ -666,12 +743,19 @@ static char *make_reply(const char *prompt) {
     return reply;
 }
 
-/* The next token of text at *pos: a word and its trailing spaces, cut right after the
- * first byte of a multi-byte character (then reported WAITING). Returns the length. */
-static size_t next_piece(const char *text, size_t len, size_t pos, int *state) {
+/* The length of the word at text[pos] with its trailing spaces (a run of spaces alone
+ * where the text has no word before them). */
+static size_t word_at(const char *text, size_t len, size_t pos) {
     size_t end = pos;
     while (end < len && text[end] != ' ') end++;
     while (end < len && text[end] == ' ') end++;
+    return end - pos;
+}
+
+/* The next token of text at *pos: a word and its trailing spaces, cut right after the
+ * first byte of a multi-byte character (then reported WAITING). Returns the length. */
+static size_t next_piece(const char *text, size_t len, size_t pos, int *state) {
+    size_t end = pos + word_at(text, len, pos);
     *state = RKLLM_RUN_NORMAL;
     for (size_t i = pos; i < end; i++) {
         if ((unsigned char)text[i] >= 0xC0) {
@@ -681,6 +765,46 @@ static size_t next_piece(const char *text, size_t len, size_t pos, int *state) {
         }
     }
     return end - pos;
+}
+
+/* The length of the prompt token at text[pos]: a byte, or a word (FAKE_RKLLM_TOKENS=words). */
+static size_t prompt_token_at(const fake_handle *fh, const char *text, size_t len, size_t pos) {
+    return fh->word_tokens ? word_at(text, len, pos) : 1;
+}
+
+/* How many of the prompt's tokens end within its first `bytes` bytes. */
+static size_t prompt_tokens(const fake_handle *fh, const char *text, size_t len, size_t bytes) {
+    size_t n = 0;
+    for (size_t pos = 0; pos < len;) {
+        pos += prompt_token_at(fh, text, len, pos);
+        if (pos > bytes) break;
+        n++;
+    }
+    return n;
+}
+
+static void kv_push_prompt(const fake_handle *fh, kv_cache *kv, const char *text, size_t len) {
+    for (size_t pos = 0, n; pos < len; pos += n) {
+        n = prompt_token_at(fh, text, len, pos);
+        kv_push(kv, text + pos, n, true);
+    }
+}
+
+/* Make room for n more tokens in a KV cache: while it would overflow max_context_len, shift
+ * the window as the vendor header describes n_keep ("number of kv cache to keep at the
+ * beginning when shifting context window"): keep the first n_keep tokens (none for the
+ * default -1) and drop half of the rest, as llama.cpp's context shift does. Nothing tells
+ * the caller but the call log: the continuation is silently wrong. */
+static void make_room(fake_handle *fh, kv_cache *kv, size_t n) {
+    size_t context = (size_t)fh->param.max_context_len;
+    size_t keep = fh->param.n_keep > 0 ? (size_t)fh->param.n_keep : 0;
+    while (kv->tokens + n > context && kv->tokens > keep) {
+        size_t drop = (kv->tokens - keep + 1) / 2;
+        kv_drop(kv, keep, drop);
+        fprintf(stderr, "fake-rkllm: rkllm_run: context full: shifting the KV window, %zu tokens dropped after the first %zu\n",
+                drop, keep);
+        call_log("rkllm_context_shift dropped=%zu kept=%zu", drop, keep);
+    }
 }
 
 static int write_cache(const char *path, const char *text, size_t len) {
@@ -753,6 +877,8 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     fh->param.model_path = fh->model_path;
     fh->callback = cb;
     fh->callback_userdata = userdata;
+    const char *tokens = getenv("FAKE_RKLLM_TOKENS");
+    fh->word_tokens = tokens && !strcmp(tokens, "words");
     set_template(fh, "<|im_start|>system\nYou are a fake model.<|im_end|>\n", "<|im_start|>user\n",
                  "<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_lock(&handles_lock);
@@ -876,8 +1002,10 @@ int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_po
         return fail(FAKE_E_ARGUMENT, fn, "start_pos/end_pos must be NULL or int*");
     call_log("%s keep_system_prompt=%d", fn, keep_system_prompt);
     size_t keep = strlen(fh->tmpl_system);
-    if (!keep_system_prompt || !keep || fh->history_len < keep || memcmp(fh->history, fh->tmpl_system, keep) != 0) keep = 0;
-    fh->history_len = keep;
+    if (!keep_system_prompt || !keep || fh->history.bytes < keep || memcmp(fh->history.text, fh->tmpl_system, keep) != 0) keep = 0;
+    size_t tokens = 0; /* the history's tokens within the system prompt */
+    while (tokens < fh->history.tokens && fh->history.ends[tokens] <= keep) tokens++;
+    kv_truncate(&fh->history, tokens);
     return 0;
 }
 
@@ -885,8 +1013,8 @@ int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
     const char *fn = "rkllm_get_kv_cache_size";
     REQUIRE_HANDLE(fn, handle, fh);
     if (!is_readable(cache_sizes, sizeof *cache_sizes)) return fail(FAKE_E_ARGUMENT, fn, "cache_sizes is not int*");
-    cache_sizes[0] = (int)fh->history_len;
-    call_log("%s size=%zu", fn, fh->history_len);
+    cache_sizes[0] = (int)fh->history.tokens;
+    call_log("%s size=%zu", fn, fh->history.tokens);
     return 0;
 }
 
@@ -911,19 +1039,30 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
 
     /* Apply the chat template (system prompt only at the start of a conversation). */
     const char *prompt = input->prompt_input;
-    const char *sys = fh->history_len ? "" : fh->tmpl_system;
+    const char *sys = fh->history.tokens ? "" : fh->tmpl_system;
     size_t len = strlen(sys) + strlen(fh->tmpl_prefix) + strlen(prompt) + strlen(fh->tmpl_postfix);
     char *text = malloc(len + 1);
     snprintf(text, len + 1, "%s%s%s%s", sys, fh->tmpl_prefix, prompt, fh->tmpl_postfix);
-    /* What the model sees: the history, then this input. */
-    size_t seen_len = fh->history_len + len;
-    char *seen = malloc(seen_len + 1);
-    if (fh->history_len) memcpy(seen, fh->history, fh->history_len);
-    memcpy(seen + fh->history_len, text, len + 1);
+    /* The context: an input longer than all of it is reported to crash the vendor's runtime
+     * (upstream #11); a history that would overflow it with this input is shifted. */
+    size_t context = (size_t)fh->param.max_context_len, tokens_in = prompt_tokens(fh, text, len, len);
+    if (tokens_in > context) {
+        fprintf(stderr, "fake-rkllm: %s: an input of %zu tokens is longer than max_context_len %zu: crashing, "
+                "as the vendor runtime is reported to (upstream #11)\n", fn, tokens_in, context);
+        fflush(stderr);
+        call_log("%s CRASH input=%zu max_context_len=%zu", fn, tokens_in, context);
+        abort();
+    }
+    /* What the model sees (its KV cache): the history, then this input, then what it generates. */
+    size_t kv_before = fh->history.tokens;
+    kv_cache kv = kv_copy(&fh->history);
+    make_room(fh, &kv, tokens_in);
+    kv_push_prompt(fh, &kv, text, len);
 
-    size_t matched = 0;
-    while (!fh->history_len && fh->cache_text && matched < fh->cache_len && matched < len && fh->cache_text[matched] == text[matched])
-        matched++;
+    size_t same = 0; /* bytes in common with the loaded cache, then its whole tokens */
+    while (!kv_before && fh->cache_text && same < fh->cache_len && same < len && fh->cache_text[same] == text[same])
+        same++;
+    size_t matched = prompt_tokens(fh, text, len, same);
     const RKLLMPromptCacheParam *pc = infer->prompt_cache_params;
     bool save = pc && pc->save_prompt_cache;
     int limit = fh->param.max_new_tokens;
@@ -939,7 +1078,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         snprintf(sampling, sizeof sampling, " sampling=init");
 #endif
     call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s", fn,
-             len, infer->keep_history, save, limit, fh->history_len, matched, sampling, save ? " path=" : "",
+             tokens_in, infer->keep_history, save, limit, kv_before, matched, sampling, save ? " path=" : "",
              save ? pc->prompt_cache_path : "");
 
     const char *hang_on = getenv("FAKE_RKLLM_HANG_ON");
@@ -949,20 +1088,19 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     }
 
     double t0 = now_ms();
-    int prefill_tokens = (int)(len - matched);
+    int prefill_tokens = (int)(tokens_in - matched);
     sleep_us(env_us("FAKE_RKLLM_PREFILL_US") * prefill_tokens);
     double t1 = now_ms();
 
     bool endless = strstr(text, "[[fake:endless]]") != NULL;
     bool error = strstr(text, "[[fake:error]]") != NULL;
-    char *reply = make_reply(seen);
+    char *reply = make_reply(kv.text);
     if (endless) { /* repeat the reply, words separated by a space */
         size_t n = strlen(reply);
         reply = realloc(reply, n + 2);
         strcpy(reply + n, " ");
     }
-    size_t reply_len = strlen(reply), pos = 0, generated_bytes = 0;
-    char *generated = malloc(1);
+    size_t reply_len = strlen(reply), pos = 0;
     long decode_us = env_us("FAKE_RKLLM_DECODE_US");
     LLMResultCallback cb = fh->callback;
     void *ud = userdata ? userdata : fh->callback_userdata;
@@ -989,9 +1127,8 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         memcpy(piece, reply + pos, n);
         piece[n] = '\0';
         pos += n;
-        generated = realloc(generated, generated_bytes + n + 1);
-        memcpy(generated + generated_bytes, piece, n);
-        generated_bytes += n;
+        make_room(fh, &kv, 1); /* a full window shifts mid-answer too */
+        kv_push(&kv, piece, n, true);
         sleep_us(decode_us);
         memset(&result, 0, sizeof result);
         result.text = piece;
@@ -1025,18 +1162,14 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
             rc = fail(FAKE_E_CACHE_FILE, fn, "cannot write prompt cache %s", pc->prompt_cache_path);
     }
     if (infer->keep_history && rc == 0) {
-        seen = realloc(seen, seen_len + generated_bytes + 1);
-        memcpy(seen + seen_len, generated, generated_bytes);
-        seen[seen_len + generated_bytes] = '\0';
-        free(fh->history);
-        fh->history = seen;
-        fh->history_len = seen_len + generated_bytes;
-        seen = NULL;
+        const char *end_token = getenv("FAKE_RKLLM_END_TOKEN");
+        if (!strcmp(reason, "eos") && end_token && !strcmp(end_token, "1")) kv_push(&kv, "", 0, true);
+        kv_free(&fh->history);
+        fh->history = kv;
     } else {
-        fh->history_len = 0;
+        kv_free(&kv);
+        kv_truncate(&fh->history, 0);
     }
-    free(seen);
-    free(generated);
     call_log("rkllm_run_end reason=%s tokens=%d prefill_tokens=%d rc=%d", reason, tokens, prefill_tokens, rc);
     free(reply);
     free(text);
@@ -1063,13 +1196,20 @@ int rkllm_run_async(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam *
 int rkllm_destroy(LLMHandle handle) {
     const char *fn = "rkllm_destroy";
     REQUIRE_HANDLE(fn, handle, fh);
-    if (atomic_load(&fh->running)) return fail(FAKE_E_BUSY, fn, "a run is in progress");
+    if (atomic_load(&fh->running)) {
+        /* The vendor's would free what the running rkllm_run still uses: crash, loudly. */
+        fprintf(stderr, "fake-rkllm: %s: called while rkllm_run is in progress on this handle "
+                "(a use after free in the vendor runtime): crashing\n", fn);
+        fflush(stderr);
+        call_log("%s CRASH running=1", fn);
+        abort();
+    }
     pthread_mutex_lock(&handles_lock);
     for (int i = 0; i < MAX_HANDLES; i++)
         if (handles[i] == fh) handles[i] = NULL;
     pthread_mutex_unlock(&handles_lock);
     release_cache(fh);
-    free(fh->history);
+    kv_free(&fh->history);
     free(fh->tmpl_system);
     free(fh->tmpl_prefix);
     free(fh->tmpl_postfix);

@@ -18,8 +18,22 @@ How the runtime's interface is used, and why:
   incomplete UTF-8 character) are joined with the next ones by an incremental decoder.
   The sink may therefore be called on the runtime's callback thread while the model
   worker is blocked inside ``rkllm_run``.
-* Stops we decide (stop string, ``max_tokens``) return "pause" from the callback;
-  cancellation (``abort()``, or the sink returning False) also calls ``rkllm_abort``.
+* The context is accounted for, since the runtime does not refuse what overflows it: it
+  shifts its KV window (keeping ``n_keep`` tokens at the start, vendor header) and the
+  continuation is silently wrong, and a prompt longer than the context is reported to crash
+  it (upstream #11). Lengths are counted with the model's own tokenizer when
+  ``[rkllm] tokenizer`` names its tokenizer.json, else bounded by the text's UTF-8 bytes
+  plus two (byte-level BPE and SentencePiece with byte fallback never make more tokens
+  than bytes; the two are a BOS and SentencePiece's leading-space marker, which Llama 2's
+  tokenizer both adds: "\n" is <s>, "▁", <0x0A>); what the history
+  already holds is the runtime's own count (its FINISH statistics, and
+  ``rkllm_get_kv_cache_size`` when the library has it). A conversation continues the
+  history only while it and the new part fit with room for a token; else it is cleared and
+  sent whole; a prompt that cannot fit is refused (``ContextOverflow``); the completion
+  is cut ("length") where the context ends.
+* Stops we decide (stop string, ``max_tokens``, the context's end) return "pause" from the
+  callback; cancellation (the run's own flag, the backend's for a build, or the sink
+  returning False) also calls ``rkllm_abort``.
 * Per-request sampling exists only in the 1.3 interface (``RKLLMInferParam.
   sampling_params``/``max_new_tokens``). Under 1.2 the sampling values given at load
   are used for every request and a request's own temperature/top_k/top_p and
@@ -47,16 +61,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from rkllmd.backends.base import (
     CONVERSATION,
     Backend,
     BackendError,
     BuildCancelled,
+    ContextOverflow,
     GenerationStats,
     PrefixState,
     Progress,
+    Run,
     SamplingParams,
     TextSink,
 )
@@ -75,6 +91,9 @@ MODEL_SUFFIX = ".rkllm"
 # (docs/npu.md). The runtime refuses other files ("invalid rknn llm model magic"); only
 # ``rkllmd check`` looks at them, the runtime stays the judge at load.
 MODEL_MAGIC = bytes.fromhex("daeeb336")
+# Without the model's tokenizer a text's tokens are bounded by its UTF-8 bytes plus this:
+# a BOS and SentencePiece's leading "▁", which Llama 2's tokenizer both adds (module docstring).
+BOUND_EXTRA = 2
 _MIB = 1 << 20
 
 
@@ -114,11 +133,13 @@ class RkllmBackend(Backend):
         repeat_penalty: float = 1.0,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        tokenizer: Path | None = None,
     ):
         """Configure; nothing is opened until ``load()``.
 
         ``cpu_mask`` 0 keeps the runtime's default CPU set; the sampling values are the
-        init values (the only ones a 1.2 runtime uses).
+        init values (the only ones a 1.2 runtime uses); ``tokenizer``: the model's
+        tokenizer.json, for exact token counts (None: counts are bounded by UTF-8 bytes).
         """
         super().__init__()
         if runtime not in ("auto", *rk.GENERATIONS):
@@ -136,10 +157,12 @@ class RkllmBackend(Backend):
             temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )
+        self.tokenizer_path = Path(tokenizer) if tokenizer is not None else None
+        self._tokenizer: Any = None  # a tokenizers.Tokenizer, once loaded
         self._rt: RkllmRuntime | None = None
         self._loaded_cache: tuple[Any, ...] | None = None  # identity of the loaded prompt cache file
-        self._run_lock = threading.Lock()  # orders abort() against the start and end of a run
-        self._running = False
+        self._run_lock = threading.Lock()  # orders interrupt() against the start and end of a run
+        self._running: threading.Event | None = None  # the cancel flag of the run in progress
         # What the runtime's KV history holds, when known for sure (None: clear it first).
         self._history: PrefixState | None = None
 
@@ -147,6 +170,9 @@ class RkllmBackend(Backend):
     def load(self, progress: Callable[[str], None] | None = None) -> None:
         progress = progress or (lambda _message: None)
         model = check_model(self.model_path)
+        if self.tokenizer_path is not None:
+            progress(f"loading the tokenizer {self.tokenizer_path}")
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         progress("opening the RKLLM runtime library")
         rt = RkllmRuntime.open(self.library, self.runtime)
         param = _zeroed_where_unwritten(rt.default_param())
@@ -210,6 +236,7 @@ class RkllmBackend(Backend):
             "context_length": self.context_length,
             "max_new_tokens": self.max_new_tokens,
             "template": self.template.name,
+            "token_counts": f"exact (tokenizer {self.tokenizer_path})" if self.tokenizer_path else f"bounded: UTF-8 bytes + {BOUND_EXTRA} (no [rkllm] tokenizer)",
         }
         if self._rt is not None:
             info = self._rt.info
@@ -222,17 +249,37 @@ class RkllmBackend(Backend):
         return facts
 
     def count_tokens(self, text: str) -> int:
-        """An ESTIMATE: one token per 3 bytes of UTF-8, rounded up.
+        """Tokens ``text`` takes as one input: exact with the model's tokenizer (its special
+        tokens included, as the model adds them), else an upper bound, its UTF-8 bytes plus
+        ``BOUND_EXTRA`` (module docstring). The runtime offers its caller no tokenizer: 1.2 has none,
+        and 1.3's tokenizer callback goes the other way."""
+        if self._tokenizer is not None:
+            return len(self._encode(text))
+        return len(text.encode()) + BOUND_EXTRA if text else 0
 
-        The runtime exposes no tokenizer to its caller: 1.2 has none, and 1.3's
-        tokenizer callback goes the other way (the runtime asks the application to
-        tokenize). Byte-level BPE vocabularies of the supported models typically need
-        3.5-4.5 bytes per token on prose in English or Chinese, so this over-counts
-        slightly: a prompt near the context limit is refused by the daemon rather than
-        handed to a runtime whose overflow behaviour is undocumented. Exact counts come
-        from the runtime's FINISH statistics (``GenerationStats``, ``build_prefix``).
-        """
-        return math.ceil(len(text.encode()) / 3)
+    def tokenize(self, text: str) -> list[int] | None:
+        return self._encode(text) if self._tokenizer is not None else None
+
+    def _encode(self, text: str) -> list[int]:
+        # encode_batch releases the GIL while it works (encode holds it: a second for a long
+        # text, every other thread of the daemon stopped meanwhile).
+        return self._tokenizer.encode_batch([text])[0].ids
+
+    def _before_generation(self, prompt_text: str, prefix: PrefixState | None, ids: Sequence[int] | None = None) -> int:
+        """What the KV cache holds once ``prompt_text`` (whose ``tokenize`` is ``ids``, if the
+        caller has it) is prefilled from ``prefix``: the prefix's tokens as the runtime counted
+        them, plus the rest as counted here."""
+        if prefix is None:
+            return len(ids) if ids is not None else self.count_tokens(prompt_text)
+        return prefix.n_tokens + self.count_tokens(prompt_text[len(prefix.text):])
+
+    def _fits(self, prompt_text: str, prefix: PrefixState | None, ids: Sequence[int] | None = None) -> int:
+        """``_before_generation``, if that leaves room for a token; else ContextOverflow."""
+        tokens = self._before_generation(prompt_text, prefix, ids)
+        if tokens + 1 > self.context_length:
+            bound = "" if self._tokenizer is not None else f"counted as UTF-8 bytes + {BOUND_EXTRA}: set [rkllm] tokenizer for exact counts"
+            raise ContextOverflow(tokens, self.context_length, bound)
+        return tokens
 
     # --- prompt caches -----------------------------------------------------------------
     def build_prefix(self, prefix_text: str, dest: Path, progress: Progress | None = None) -> int:
@@ -242,12 +289,13 @@ class RkllmBackend(Backend):
         Returns the prefix's token count as the runtime reported it for the prefill.
         """
         rt = self._require_runtime()
+        self._fits(prefix_text, None)
         self._use_prompt_cache(None)  # a loaded cache would be matched into the saved state
         self._history = None
         rt.clear_kv_cache()
         stream = _Stream(lambda _text: True, (), 1, self.heartbeat, self.cancelled.is_set, rt.abort)
         rc = self._run(
-            rt, prefix_text, stream, save_prompt_cache=dest, max_new_tokens=1 if rt.abi.per_request_sampling else 0
+            rt, prefix_text, stream, self.cancelled, save_prompt_cache=dest, max_new_tokens=1 if rt.abi.per_request_sampling else 0
         )
         if stream.finish_reason == "cancelled":
             dest.unlink(missing_ok=True)
@@ -273,9 +321,24 @@ class RkllmBackend(Backend):
         """What the runtime says its KV history holds (for bench/npu_board.py)."""
         return self._require_runtime().kv_cache_size()
 
+    def _kv_cache_size(self) -> int | None:
+        """``kv_cache_size``, None if the call fails (the history is then as long as counted)."""
+        try:
+            return self.kv_cache_size()
+        except BackendError as exc:
+            log.warning("%s", exc)
+            return None
+
     def resumable(self, prompt: str) -> PrefixState | None:
+        """The runtime's history, if ``prompt`` continues it and the history, the new part and
+        a token still fit the context; else the history is cleared and the prompt sent whole."""
         history = self._history
-        return history if history is not None and len(prompt) > len(history.text) and prompt.startswith(history.text) else None
+        if history is None or len(prompt) <= len(history.text) or not prompt.startswith(history.text):
+            return None
+        if self._before_generation(prompt, history) + 1 > self.context_length:
+            log.info("the conversation would overflow the runtime's history (%d tokens held): sending it whole", history.n_tokens)
+            return None
+        return history
 
     def _use_prompt_cache(self, path: Path | None) -> None:
         """Make ``path`` (or no cache) the loaded one, calling the runtime only on change.
@@ -295,17 +358,27 @@ class RkllmBackend(Backend):
             self._loaded_cache = key
 
     # --- generation --------------------------------------------------------------------
+    def start(
+        self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, ids: Sequence[int] | None = None
+    ) -> Run:
+        """Refuse what cannot fit (ContextOverflow) before anything runs."""
+        self._fits(prompt_text, prefix, ids)
+        return super().start(prompt_text, params, prefix, sink, ids)
+
     def generate(
         self,
         prompt_text: str,
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        cancelled: threading.Event | None = None,
     ) -> GenerationStats:
         rt = self._require_runtime()
+        cancelled = cancelled or self.cancelled
         started = time.monotonic()
         if prefix is not None and not prompt_text.startswith(prefix.text):
             raise ValueError(f"the prompt does not start with prefix {prefix.name!r}'s text")
+        before = self._fits(prompt_text, prefix)
         sent = prompt_text
         if prefix is not None and prefix.kind == CONVERSATION and prefix is self._history:
             sent = prompt_text[len(prefix.text):]  # the runtime holds the rest
@@ -313,42 +386,44 @@ class RkllmBackend(Backend):
             self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
             rt.clear_kv_cache()
         self._history = None  # until this run ends as the runtime decides
-        limit = min((n for n in (params.max_tokens, self.max_new_tokens) if n > 0), default=0)
-        stream = _Stream(sink, params.stop, limit, self.heartbeat, self.cancelled.is_set, rt.abort)
+        # The completion ends where the context does (the runtime would shift its window).
+        limit = min(n for n in (params.max_tokens, self.max_new_tokens, self.context_length - before) if n > 0)
+        stream = _Stream(sink, params.stop, limit, self.heartbeat, cancelled.is_set, rt.abort)
         per_request: dict[str, Any] = {}
         if rt.abi.per_request_sampling:
             sampling = rk.RKLLMSamplingParam(**_sampling_values(params))
             per_request = {"sampling": sampling, "max_new_tokens": limit}
-        rc = self._run(rt, sent, stream, keep_history=True, **per_request)
+        rc = self._run(rt, sent, stream, cancelled, keep_history=True, **per_request)
         if stream.finish_reason != "cancelled":
             _raise_on_failure(rc, stream, "generation")
         finished = time.monotonic()
         stats = stream.stats(prompt_text, prefix, started, finished, self.count_tokens)
         if stream.finish_reason is None and stream.perf is not None:
-            text = prompt_text + stream.generated
-            self._history = PrefixState(
-                name="", text=text, n_tokens=stats.prompt_tokens + stream.perf.generate_tokens, payload=None, kind=CONVERSATION
-            )
+            # The runtime's own counts; its KV size as well where it says (it may hold more
+            # than the tokens it reported: an end token, say).
+            held = max(stats.prompt_tokens + stream.perf.generate_tokens, self._kv_cache_size() or 0)
+            self._history = PrefixState(name="", text=prompt_text + stream.generated, n_tokens=held, payload=None, kind=CONVERSATION)
         return stats
 
-    def abort(self) -> None:
-        super().abort()
+    def interrupt(self, cancelled: threading.Event) -> None:
         with self._run_lock:
-            if self._running and self._rt is not None:
+            if self._running is cancelled and self._rt is not None:
                 self._rt.abort()
 
-    def _run(self, rt: RkllmRuntime, prompt: str, stream: _Stream, **kwargs: Any) -> int:
+    def _run(self, rt: RkllmRuntime, prompt: str, stream: _Stream, cancelled: threading.Event, **kwargs: Any) -> int:
+        """One ``rkllm_run``, unless ``cancelled`` is set already; ``interrupt(cancelled)``
+        reaches it while it runs."""
         with self._run_lock:
-            self._running = not self.cancelled.is_set()
-        if not self._running:  # aborted before the runtime was even called
+            self._running = None if cancelled.is_set() else cancelled
+        if self._running is None:  # aborted before the runtime was even called
             rc = 0
         else:
             try:
                 rc = rt.run(prompt, stream.on_result, **kwargs)
             finally:
                 with self._run_lock:
-                    self._running = False
-        if self.cancelled.is_set() and stream.finish_reason is None:
+                    self._running = None
+        if cancelled.is_set() and stream.finish_reason is None:
             # Aborted where no callback of ours saw it: in the prefill, or between two tokens.
             stream.finish_reason = "cancelled"
         stream.finish()
@@ -358,6 +433,20 @@ class RkllmBackend(Backend):
         if self._rt is None:
             raise BackendError("the rkllm backend is not loaded")
         return self._rt
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's tokenizer.json (Hugging Face ``tokenizers``, the optional ``npu`` extra)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise RkllmStartupError(
+            f"[rkllm] tokenizer = {path} needs the Python package tokenizers (pip install 'rkllmd[npu]')"
+        ) from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the library raises plain Exceptions for missing or bad files
+        raise RkllmStartupError(f"[rkllm] tokenizer {path} cannot be loaded: {exc}") from None
 
 
 def _zeroed_where_unwritten(param: Any) -> Any:
