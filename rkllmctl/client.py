@@ -321,12 +321,18 @@ class Stream:
 
     def cancel(self) -> GenerationResult:
         """Cancel on the daemon (queued or running) and return the final result."""
+        self.abandon()
+        return self.wait()
+
+    def abandon(self) -> None:
+        """Cancel on the daemon and stop following: return once the daemon has taken the
+        cancel in, without waiting for the generation's end (its next step, which a busy
+        machine can make long), for a caller that is leaving (its messages still arrive)."""
         try:
             self.client.cancel(self.request_id)
         except DaemonError as exc:
             if exc.name != "not_found":  # it had finished already
                 raise
-        return self.wait()
 
 
 # -- the protocol's framing, shared with the asyncio client (rkllmctl/aio.py) --------------

@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 4
+PROTOCOL_MINOR = 5
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -43,6 +43,9 @@ MINOR_VERSIONS = {
     4: "`generate` takes `frequency_penalty`, `presence_penalty` and `raw`; `status.model.capabilities` "
     "(`completion`, `tools`, `thinking`: what the model's template supports); `generate` refuses `tools` and "
     "`enable_thinking` a model lacks (`invalid_field`, `details.capability`)",
+    5: "messages reach the template with every key they carry (Phi-4-mini's `tools` on a system message, a user's `name`, ...), "
+    "nil-valued ones left out, as transformers passes them; a tool call's `arguments` string that is not JSON text of an object "
+    "is passed on as it is (it was refused)",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -277,8 +280,10 @@ def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
 
 
 def _messages(value: Any, wrong: Callable[..., WireError]) -> list[dict[str, Any]]:
-    """Messages as the templates take them (transformers' shape): tool calls' arguments a
-    map, an assistant turn that only calls tools with content ""."""
+    """Messages as transformers passes them to a template: every key the client gave but
+    those whose value is nil, in its order; from OpenAI's wire form, tool calls'
+    ``arguments`` a map when they are JSON text of one, and a tool-calling turn's nil
+    content ""."""
     if not isinstance(value, list):
         raise wrong()
     if not value or len(value) > MAX_MESSAGES:
@@ -286,59 +291,76 @@ def _messages(value: Any, wrong: Callable[..., WireError]) -> list[dict[str, Any
     return [_message(item, f"messages[{i}]", wrong) for i, item in enumerate(value)]
 
 
-#: Message keys that belong to one role only (any other key is not passed on).
-_ROLE_KEYS = {"tool_calls": "assistant", "reasoning_content": "assistant", "tool_call_id": "tool", "name": "tool"}
+#: Message keys the daemon reads, and the only role each belongs to (any other key goes to
+#: the template as it is: Phi-4-mini's ``tools`` on a system message, a ``name``, ...).
+_ROLE_KEYS = {"tool_calls": "assistant", "reasoning_content": "assistant", "tool_call_id": "tool"}
 
 
 def _message(item: Any, at: str, wrong: Callable[..., WireError]) -> dict[str, Any]:
     if not isinstance(item, dict):
         raise wrong(f"{at} must be a map")
-    role, content = item.get("role"), item.get("content")
+    role = item.get("role")
     if role not in ROLES:
         raise wrong(f"{at}.role must be one of {', '.join(ROLES)}")
-    if content is None and role == "assistant" and item.get("tool_calls"):
-        content = ""
-    if not isinstance(content, str):
+    # OpenAI sends a turn that only calls tools with a nil content: "", which every
+    # template takes (a missing content fails most of them).
+    calls_only = role == "assistant" and item.get("content") is None and bool(item.get("tool_calls"))
+    message = {}
+    for key, value in item.items():
+        if calls_only and key == "content":
+            value = ""
+        if value is not None:  # transformers 5 leaves out nil keys
+            message[key] = value
+    if calls_only:
+        message.setdefault("content", "")
+    if not isinstance(message.get("content"), str):
         raise wrong(f"{at}.content must be a string")
-    message: dict[str, Any] = {"role": role, "content": content}
-    for key, owner in _ROLE_KEYS.items():
-        value = item.get(key)
-        if value is None or key == "name" and role != "tool":  # a user's `name` (OpenAI's participant name) is not passed on
-            continue
-        if role != owner:
+    for key, value in message.items():
+        if not isinstance(key, str) or not _plain(value):
+            raise wrong(f"{at}.{key!s} must hold what JSON can (maps with string keys, arrays, strings, numbers, booleans)")
+        owner = _ROLE_KEYS.get(key)
+        if owner is not None and role != owner:
             raise wrong(f"{at}.{key} is only for {owner} messages")
-        if key == "tool_calls":
-            if not isinstance(value, list) or not value or len(value) > MAX_TOOLS:
-                raise wrong(f"{at}.tool_calls must hold 1 to {MAX_TOOLS} tool calls")
-            value = [_tool_call(call, f"{at}.tool_calls[{j}]", wrong) for j, call in enumerate(value)]
-        elif not isinstance(value, str):
+        if key in ("reasoning_content", "tool_call_id") and not isinstance(value, str):
             raise wrong(f"{at}.{key} must be a string")
-        message[key] = value
+    if "tool_calls" in message:
+        calls = message["tool_calls"]
+        if not isinstance(calls, list) or not calls or len(calls) > MAX_TOOLS:
+            raise wrong(f"{at}.tool_calls must hold 1 to {MAX_TOOLS} tool calls")
+        message["tool_calls"] = [_tool_call(call, f"{at}.tool_calls[{j}]", wrong) for j, call in enumerate(calls)]
     return message
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is JSON's (msgpack's binary strings are not)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
 def _tool_call(call: Any, at: str, wrong: Callable[..., WireError]) -> dict[str, Any]:
-    """``{"id"?, "type": "function", "function": {"name", "arguments"}}``; ``arguments`` a
-    map or a JSON string of one (OpenAI's shape), passed on as a map."""
+    """``{"id"?, "type"?: "function", "function": {"name", "arguments"}}`` as the client gave
+    it, ``arguments`` a map: OpenAI's JSON text of an object is parsed (transformers'
+    templates expect a map); any other string goes on as it is."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or call.get("type", "function") != "function":
         raise wrong(f'{at} must be a map {{"type": "function", "function": {{"name", "arguments"}}}}')
-    name, arguments = function.get("name"), function.get("arguments", {})
+    name, arguments = function.get("name"), function.get("arguments")
     if not isinstance(name, str) or not name:
         raise wrong(f"{at}.function.name must be a non-empty string")
+    if call.get("id") is not None and not isinstance(call["id"], str):
+        raise wrong(f"{at}.id must be a string")
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments)
+            parsed = json.loads(arguments)
         except (ValueError, RecursionError):
-            raise wrong(f"{at}.function.arguments is a string but not JSON") from None
-    if not isinstance(arguments, dict):
-        raise wrong(f"{at}.function.arguments must be a map, or a JSON object in a string")
-    parsed: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
-    if call.get("id") is not None:
-        if not isinstance(call["id"], str):
-            raise wrong(f"{at}.id must be a string")
-        parsed["id"] = call["id"]
-    return parsed
+            return call
+        return {**call, "function": {**function, "arguments": parsed}} if isinstance(parsed, dict) else call
+    if arguments is not None and not isinstance(arguments, dict):
+        raise wrong(f"{at}.function.arguments must be a map, or a string (JSON text of one)")
+    return call
 
 
 def _tools(value: Any, wrong: Callable[..., WireError]) -> list[dict[str, Any]]:

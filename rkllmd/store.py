@@ -14,7 +14,8 @@ unit is *superseded*, never read. This module owns what they share:
   those it had then, its ledger's word is taken (black's cascade: size, mtime, then hash);
 - collected: ``ArtifactStore.collect`` removes superseded units no one holds that went
   unused ``store.superseded_days``, then, over ``store.max_disk_mb``, the least recently
-  used superseded ones; the units held (the current identities) are never removed.
+  used superseded ones; the units held (the current identities) are never removed, by
+  the collection or anything else: every removal claims its unit first (``_claimed``).
 """
 
 from __future__ import annotations
@@ -74,13 +75,16 @@ def make_dirs(path: Path, mode: int) -> None:
 
 @contextlib.contextmanager
 def temporary_beside(path: Path) -> Iterator[Path]:
-    """A fresh temporary path in ``path``'s folder (so rename is atomic); removed unless used."""
+    """A fresh temporary path in ``path``'s folder (so rename is atomic); removed unless used.
+    Its writer holds it (an exclusive flock) until done: ``remove_leftovers`` in another
+    process takes only the files of writers that are gone."""
     fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
     tmp = Path(name)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield tmp
     finally:
+        os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
@@ -120,15 +124,32 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
 
 
 def remove_leftovers(folder: Path) -> int:
-    """Delete temporary files a killed process left behind; return how many."""
+    """Delete the temporary files writers that are gone (killed) left behind; return how
+    many. A file its writer still holds (``temporary_beside``) is being written: kept."""
     removed = 0
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
             if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed += 1
+                removed += _remove_if_unlocked(Path(entry.path))
     return removed
+
+
+def _remove_if_unlocked(path: Path) -> bool:
+    """Unlink ``path`` if no process has it locked (and it is still the file we locked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone, or not ours to open: not ours to remove either
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+            return False
+        os.unlink(path)
+        return True
+    except (BlockingIOError, FileNotFoundError):
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -144,15 +165,6 @@ def locked_folder(folder: Path) -> Iterator[None]:
         os.close(lock)
 
 
-def remove_others(folder: Path, pattern: str, keep: Path) -> None:
-    """Remove the files of ``folder`` whose names match ``pattern`` but ``keep``: the
-    versions ``keep`` supersedes (a writer calls it with the folder's lock held)."""
-    matcher = re.compile(pattern)
-    for other in folder.iterdir():
-        if other != keep and matcher.fullmatch(other.name):
-            with contextlib.suppress(FileNotFoundError):
-                other.unlink()
-                log.info("removed %s (superseded by %s)", other, keep.name)
 
 
 # -- keys and verification --------------------------------------------------------------
@@ -300,19 +312,101 @@ def _size_and_time(path: Path) -> tuple[int, float]:
     return size, newest
 
 
-def _try_exclusive(folder: Path, key: str) -> int | None:
-    """The unit's hold file locked exclusively (no one holds it), or None (held, or a
-    folder we cannot write: nothing in it can be removed either)."""
+# -- removal: only of units claimed --------------------------------------------------------
+# Nothing leaves the store but through ``_claimed`` and ``_delete``: the collection
+# (``ArtifactStore.collect``), a writer's removal of the versions it supersedes
+# (``remove_superseded``) and a text cache's binary caches (``remove_from_units``).
+
+
+@contextlib.contextmanager
+def _claimed(folder: Path, key: str) -> Iterator[bool]:
+    """Whether the unit is ours to remove: its hold file locked exclusively, so no process
+    holds it and none can begin to until we leave. False: held (by any process, this one
+    too), or a folder we cannot write, from which nothing can be removed either."""
     try:
         fd = os.open(folder / f"{HOLD_PREFIX}{key}", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
     except OSError:
-        return None
+        yield False
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
         os.close(fd)
-        return None
-    return fd
+
+
+def _delete(folder: Path, unit: Unit, why: str) -> bool:
+    """Remove a unit this process has claimed (``_claimed``), its hold file last: a process
+    waiting to hold it then finds it gone and makes it again."""
+    try:
+        for path in unit.paths:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / f"{HOLD_PREFIX}{unit.key}")
+    except OSError as exc:
+        log.warning("store: cannot remove %s %s: %s", unit.kind, unit.key, exc)
+        return False
+    log.info("store: removed %s %s (%d bytes): %s", unit.kind, unit.key, unit.bytes, why)
+    return True
+
+
+def find_units(kind: Kind) -> list[Unit]:
+    """The units of ``kind`` in its folder, their size and last use."""
+    matcher = re.compile(kind.pattern)
+    found: dict[str, Unit] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(kind.folder):
+            match = matcher.fullmatch(entry.name)
+            if match is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                size, used = _size_and_time(Path(entry.path))
+                unit = found.setdefault(match["key"], Unit(kind.name, match["key"], [], 0, 0.0))
+                unit.paths.append(Path(entry.path))
+                unit.bytes += size
+                unit.used = max(unit.used, used)
+    for unit in found.values():
+        with contextlib.suppress(FileNotFoundError):
+            unit.used = max(unit.used, os.stat(kind.folder / f"{HOLD_PREFIX}{unit.key}").st_mtime)
+    return list(found.values())
+
+
+def remove_superseded(kind: Kind, keep: str) -> int:
+    """Remove the units of ``kind`` but ``keep`` (a key) that no process holds: the
+    versions a writer's new unit supersedes (call it with the folder's lock held). One in
+    use stays, for the collection to remove once it is not. Returns how many went."""
+    removed = 0
+    for unit in find_units(kind):
+        if unit.key != keep:
+            with _claimed(kind.folder, unit.key) as ours:
+                removed += ours and _delete(kind.folder, unit, f"superseded by {keep}")
+    return removed
+
+
+def remove_from_units(folder: Path, own: str | None, names: list[str]) -> None:
+    """Remove the files ``names`` from each unit of ``folder`` (one folder per key: binary
+    caches) that is ``own`` (held by this process, whose files they are) or that no
+    process holds: another process's unit in use keeps its files, which its own owner
+    removes when it must."""
+    matcher = re.compile(KEY_RE)
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if not (matcher.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+                continue
+            with contextlib.ExitStack() as stack:
+                if entry.name != own and not stack.enter_context(_claimed(folder, entry.name)):
+                    log.debug("store: %s is in use by another process; its files stay", entry.path)
+                    continue
+                for name in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(entry.path, name))
 
 
 @contextlib.contextmanager
@@ -358,75 +452,39 @@ class ArtifactStore:
     def collect(self) -> None:
         """Remove superseded units as the policy says (module docstring); count what is kept."""
         with self._lock, contextlib.ExitStack() as stack:
-            units: list[tuple[Unit, Kind, int | None]] = []
+            units: list[tuple[Unit, Kind, bool]] = []  # each unit, its kind, whether we claimed it
             counted: set[str] = set()
             for kind in self.kinds:
                 if os.path.isdir(kind.folder) and stack.enter_context(_writers_away(kind.folder)):
                     counted.add(kind.name)
-                    for unit in self._units(kind):
-                        fd = _try_exclusive(kind.folder, unit.key)
-                        if fd is not None:
-                            stack.callback(os.close, fd)
-                        units.append((unit, kind, fd))
+                    for unit in find_units(kind):
+                        units.append((unit, kind, stack.enter_context(_claimed(kind.folder, unit.key))))
             self._collect(units, counted)
 
-    def _collect(self, units: list[tuple[Unit, Kind, int | None]], counted: set[str]) -> None:
+    def _collect(self, units: list[tuple[Unit, Kind, bool]], counted: set[str]) -> None:
         budget = self.config.max_disk_mb << 20
         stale_before = time.time() - self.config.superseded_days * 86400
         total = sum(u.bytes for u, _, _ in units)
-        superseded = sorted((entry for entry in units if entry[2] is not None), key=lambda entry: entry[0].used)
+        superseded = sorted((entry for entry in units if entry[2]), key=lambda entry: entry[0].used)
         removed: set[int] = set()
         for unit, kind, _ in superseded:
             if unit.used < stale_before or total > budget:
                 why = "unused since its identity was superseded" if unit.used < stale_before else "over the disk budget"
-                if self._remove(unit, kind, why):
+                if _delete(kind.folder, unit, why):
+                    self.evictions += 1
+                    self.evicted_bytes += unit.bytes
                     total -= unit.bytes
                     removed.add(id(unit))
         # A kind skipped this time (being written) keeps the figures of the last time.
         usage = {k.name: {"bytes": 0, "units": 0, "held": 0} for k in self.kinds if k.name in counted}
         usage.update({k.name: self._usage[k.name] for k in self.kinds if k.name not in counted and k.name in self._usage})
-        for unit, _, fd in units:
+        for unit, _, claimed in units:
             if id(unit) not in removed:
                 row = usage[unit.kind]
                 row["bytes"] += unit.bytes
                 row["units"] += 1
-                row["held"] += fd is None
+                row["held"] += not claimed
         self._usage, self._over_budget, self.last_gc = usage, total > budget, time.time()
-
-    def _remove(self, unit: Unit, kind: Kind, why: str) -> bool:
-        try:
-            for path in unit.paths:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(kind.folder / f"{HOLD_PREFIX}{unit.key}")
-        except OSError as exc:
-            log.warning("store: cannot remove %s %s: %s", kind.name, unit.key, exc)
-            return False
-        self.evictions += 1
-        self.evicted_bytes += unit.bytes
-        log.info("store: removed %s %s (%d bytes): %s", kind.name, unit.key, unit.bytes, why)
-        return True
-
-    def _units(self, kind: Kind) -> list[Unit]:
-        matcher = re.compile(kind.pattern)
-        units: dict[str, Unit] = {}
-        for entry in os.scandir(kind.folder):
-            found = matcher.fullmatch(entry.name)
-            if found is None:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                size, used = _size_and_time(Path(entry.path))
-                unit = units.setdefault(found["key"], Unit(kind.name, found["key"], [], 0, 0.0))
-                unit.paths.append(Path(entry.path))
-                unit.bytes += size
-                unit.used = max(unit.used, used)
-        for unit in units.values():
-            with contextlib.suppress(FileNotFoundError):
-                unit.used = max(unit.used, os.stat(kind.folder / f"{HOLD_PREFIX}{unit.key}").st_mtime)
-        return list(units.values())
 
     def report(self) -> dict[str, Any]:
         """The figures of the last collection (status must not read the disk)."""

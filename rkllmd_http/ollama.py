@@ -160,7 +160,9 @@ def chat_message(m: Any, i: int) -> dict[str, Any]:
         raise invalid(f"{where}.role must be system, user, assistant or tool")
     if m.get("images"):
         raise invalid(f"{where}: images are not supported")
-    out: dict[str, Any] = {"role": m["role"], "content": text_content(m.get("content"), f"{where}.content")}
+    # Keys of Ollama's own go to the daemon's names; any other reaches the template as it is.
+    out: dict[str, Any] = {k: v for k, v in m.items() if k not in ("thinking", "tool_name", "tool_calls", "images")}
+    out["content"] = text_content(m.get("content"), f"{where}.content")
     if m.get("thinking"):
         require("enable_thinking", f"{where}.thinking")
         out["reasoning_content"] = m["thinking"]

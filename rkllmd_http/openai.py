@@ -89,14 +89,17 @@ def generate_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def message(m: Any, i: int) -> dict[str, Any]:
+    """The message as the client gave it, every key (the template may read any: Phi-4-mini's
+    ``tools`` on a system message, a ``name``), with the daemon's role and text content."""
     where = f"messages[{i}]"
     if not isinstance(m, dict) or m.get("role") not in ROLES:
         raise invalid(f"{where}.role must be one of {', '.join(ROLES)}", f"{where}.role")
-    out: dict[str, Any] = {"role": ROLES[m["role"]], "content": text_content(m.get("content"), f"{where}.content")}
-    for key in ("tool_calls", "tool_call_id", "name", "reasoning_content"):
-        if m.get(key) is not None and (key != "name" or m["role"] == "tool"):
+    out: dict[str, Any] = {**m, "role": ROLES[m["role"]]}
+    if m.get("content") is not None or not m.get("tool_calls"):
+        out["content"] = text_content(m.get("content"), f"{where}.content")
+    for key in ("tool_calls", "tool_call_id", "reasoning_content"):
+        if m.get(key) is not None:
             require("tools" if key != "reasoning_content" else "enable_thinking", f"{where}.{key}")
-            out[key] = m[key]
     return out
 
 

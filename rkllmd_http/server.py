@@ -60,6 +60,11 @@ def render(request: web.Request, error: ApiError) -> web.Response:
     return web.json_response(error.openai(), status=error.status, headers=error.headers)
 
 
+def _client_left(request: web.Request) -> bool:
+    """Whether the request's connection is gone (else a cancellation is the gateway's stop)."""
+    return request.transport is None or request.transport.is_closing()
+
+
 def _route(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
@@ -84,11 +89,24 @@ def make_app(client: AsyncClient, config: HttpConfig, keys: tuple[bytes, ...] = 
 
     @web.middleware
     async def boundary(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every failure becomes the caller's dialect of error; every answer is counted."""
-        status = "cancelled"  # the client went away: aiohttp cancelled the handler
+        """Every failure becomes the caller's dialect of error; every answer is counted.
+
+        A client that leaves before its answer ends is no failure, whichever sees it first:
+        aiohttp, which cancels the handler, or a write of the answer, which finds the
+        connection closing (aiohttp's ClientConnectionResetError, a ConnectionResetError).
+        Either way the handler's generation is cancelled (its ``async with`` is left), the
+        request is counted as cancelled, and nothing more is sent."""
+        status = "cancelled"
         try:
             try:
                 response = await handler(request)
+            except asyncio.CancelledError:
+                if _client_left(request):
+                    log.info("%s %s: the client left before its answer ended", request.method, request.path)
+                raise
+            except ConnectionResetError as exc:
+                log.info("%s %s: the client left before its answer ended (%s)", request.method, request.path, exc)
+                raise asyncio.CancelledError from None  # as if aiohttp had seen it first
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise

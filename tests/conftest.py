@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import pytest
 
@@ -40,9 +40,28 @@ def running_in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+def skip_without(capability: str) -> NoReturn:
+    """Skip the running test (or fixture) for want of ``capability``, something the machine
+    must give it (root, a mount, a namespace, a tool .ci/setup installs), which the text
+    names with why it is needed ("root, to mount a tmpfs"). Outside CI a skip; under
+    CI=true, where every such test must run, a failure (``pytest_runtest_makereport``)."""
+    __tracebackhide__ = True  # reported where the test or helper asked for it
+    skip = pytest.skip.Exception(f"needs {capability}")
+    skip.capability = capability
+    raise skip
+
+
+def skipped_for_a_capability(item: pytest.Item, call: pytest.CallInfo) -> bool:
+    """Whether a skip is for want of a capability: raised by ``skip_without``, or any skip
+    of a test marked ``systemd`` (whose conditions are skipif markers)."""
+    raised = call.excinfo is not None and hasattr(call.excinfo.value, "capability")
+    return raised or item.get_closest_marker("systemd") is not None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under CI=true a skipped systemd test is a failure: CI is where they must run."""
+    """Under CI=true a test skipped for want of a capability is a failure: CI is where
+    every such test must run."""
     outcome = yield
     report = outcome.get_result()
     if report.failed and call.when == "call":
@@ -50,10 +69,11 @@ def pytest_runtest_makereport(item, call):
         for proc in DaemonProcess.started:
             lines = proc.log().splitlines()[-LOG_TAIL_LINES:]
             report.sections.append((f"rkllmd log {proc.folder} (last {len(lines)} lines)", "\n".join(lines)))
-    if report.skipped and running_in_ci() and item.get_closest_marker("systemd") is not None:
+    if report.skipped and running_in_ci() and skipped_for_a_capability(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
-        report.longrepr = f"CI=true, and this systemd test was skipped: {reason}"
+        report.longrepr = f"CI=true, and this test was skipped for want of a capability CI must have: {reason}"
 
 
 #: The longest a test waits for any one message from the daemon. The client's own timeout

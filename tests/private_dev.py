@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
+from conftest import skip_without
 
 SCRIPT = r"""
 set -e
@@ -33,7 +33,7 @@ exec "$@"
 
 def needs_namespaces() -> None:
     if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("a private mount namespace needs root and unshare(1)")
+        skip_without("root and unshare(1), for a private mount namespace")
 
 
 def prefix(npu_mode: str | None) -> list[str]:

@@ -20,6 +20,8 @@ import msgpack
 import pytest
 import zmq
 
+from conftest import skip_without
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -139,11 +141,11 @@ def figures_fixture() -> Any:
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A small tmpfs mounted at ``path`` for the block (root only; the test is skipped otherwise)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs (run the suite as root to cover a full disk)")
+        skip_without("root, to mount a small tmpfs (run the suite as root to cover a full disk)")
     path.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(path)], capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        skip_without(f"a tmpfs mount, which failed here: {mounted.stderr.strip()}")
     try:
         yield path
     finally:

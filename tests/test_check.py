@@ -23,6 +23,7 @@ import pytest
 from fake_rkllm.build import foreign_elf, write_model, write_tokenizer
 
 from conftest import ROOT
+from gguf_files import tiny_llama
 from rkllmd.check import SERVICE_GROUP, SERVICE_SUPPLEMENTARY_GROUPS, SERVICE_USER, Account, run_checks
 from rkllmd.config import load
 
@@ -375,18 +376,22 @@ def open_tmp():
 
 def test_socket_folder_the_user_cannot_enter(open_tmp):
     """Judged for nobody when we are root (root enters anything; the interpreter under /root
-    is not nobody's to run), else for ourselves, refused by a folder of mode 000."""
+    is not nobody's to run), else for ourselves, refused by a folder of mode 000. The model
+    is one nobody can read: the bundled one lies in the checkout's venv, which nobody may
+    not be able to enter (a clone in a 0700 folder), and that would be a second problem."""
     locked = open_tmp / "locked"
     locked.mkdir(mode=0o700)
     writable = open_tmp / "open"
     writable.mkdir()
     os.chmod(writable, 0o777)
+    model = tiny_llama(writable / "tiny.gguf")
+    os.chmod(model, 0o644)
     user = ("--user", "nobody") if os.geteuid() == 0 else ()
     if not user:
         os.chmod(locked, 0o000)
     name = "nobody" if user else pwd.getpwuid(os.geteuid()).pw_name
     try:
-        out = rkllmd_check("--backend", "cpu", "--json", "--socket", str(locked / "run" / "rkllmd.sock"), *user,
+        out = rkllmd_check("--backend", "cpu", "--json", "--model", str(model), "--socket", str(locked / "run" / "rkllmd.sock"), *user,
                            folder=writable, env={"RKLLMD_MODEL_WEIGHTS_DIR": str(writable / "w"),
                                                             "RKLLMD_MODEL_KERNELS_DIR": str(writable / "k")})
     finally:

@@ -19,12 +19,11 @@ import pytest
 
 from rkllmd.backends.cpu import kernels
 
-from conftest import ROOT
+from conftest import ROOT, skip_without
 
 DRIVER = Path(__file__).with_name("forward_driver.c")
 AARCH64_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
-IN_CI = os.environ.get("CI") == "true"
 
 SPLITS_PROBE = textwrap.dedent(
     """
@@ -197,10 +196,7 @@ def aarch64_tools() -> tuple[str, str]:
     they cannot be had skips (never CI)."""
     cc, qemu = shutil.which(AARCH64_CC), shutil.which(QEMU)
     if not (cc and qemu):
-        message = f"{AARCH64_CC} and {QEMU} are needed (apt-get install gcc-aarch64-linux-gnu qemu-user)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_without(f"{AARCH64_CC} and {QEMU} (.ci/setup installs them: apt-get install gcc-aarch64-linux-gnu qemu-user)")
     return cc, qemu
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEXT_CACHES_ONLY, DaemonProcess, rkllmctl
+from conftest import TEXT_CACHES_ONLY, DaemonProcess, rkllmctl, skip_without
 from reliability import figures_fixture, poll, remount_read_only, tmpfs
 from rkllmctl import DaemonError
 from rkllmd.backends.cpu.backend import bundled_model_path
@@ -147,7 +147,7 @@ def test_read_only_cache_folders(make_daemon, figures) -> None:
 
 def test_text_folder_read_only(make_daemon) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root for a read-only bind mount (root ignores file modes)")
+        skip_without("root, for a read-only bind mount (root ignores file modes)")
     proc = make_daemon()
     with proc.client() as client:
         client.cache_put("kept", SHORT_TEXT)

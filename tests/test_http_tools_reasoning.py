@@ -10,6 +10,7 @@ template opens a ``<think>`` block (see test_render_reasoning_tools.py).
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import ollama
 import openai
@@ -37,6 +38,16 @@ def thinking_gateway(tmp_path_factory):
         expected = client.generate(messages=GRASS, max_tokens=40).wait()
     gateway = GatewayProcess(proc.socket).start()
     yield gateway, expected
+    gateway.cleanup()
+    proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def phi_gateway():
+    """Phi-4-mini's template, which reads a system message's ``tools`` key, on SmolLM2."""
+    proc = DaemonProcess("--backend", "cpu", env={"RKLLMD_MODEL_CHAT_TEMPLATE": "phi-4-mini-instruct"}).start()
+    gateway = GatewayProcess(proc.socket).start()
+    yield gateway, proc
     gateway.cleanup()
     proc.cleanup()
 
@@ -118,3 +129,24 @@ def test_reasoning_apart_from_the_answer(thinking_gateway) -> None:
     assert client.show(client.list().models[0].model).capabilities == ["completion", "thinking"]
     said = client.chat(model=client.list().models[0].model, messages=GRASS, options={"num_predict": 40}).message
     assert (said.thinking, said.content) == (expected.reasoning, expected.text)
+
+
+def test_a_messages_own_keys_reach_the_template_through_both_apis(phi_gateway) -> None:
+    """Phi-4-mini's documented way to give it tools: JSON text in the system message's
+    ``tools`` key. The prompt the model got is the one ``render`` shows with the key, and
+    longer than without it."""
+    gateway, daemon = phi_gateway
+    tools = json.dumps([{"name": "get_weather", "description": "Get the current weather for a city.", "parameters": {"city": {"type": "str"}}}])
+    chat = [{"role": "system", "content": "You are a helpful assistant with some tools.", "tools": tools},
+            {"role": "user", "content": "What is the weather like in Paris today?"}]
+    with daemon.client() as client:
+        with_key = client.render(chat)
+        without = client.render([{k: v for k, v in m.items() if k != "tools"} for m in chat])
+    assert f"<|tool|>{tools}<|/tool|>" in with_key["text"] and with_key["tokens"] > without["tokens"]
+    with _openai(gateway) as client:
+        reply = client.chat.completions.create(model="m", messages=chat, max_tokens=1)
+    request = urllib.request.Request(gateway.url + "/api/chat", json.dumps({"model": "m", "messages": chat, "stream": False, "options": {"num_predict": 1}}).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as answer:
+        ollama_reply = json.loads(answer.read())
+    assert reply.usage.prompt_tokens == ollama_reply["prompt_eval_count"] == with_key["tokens"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import socket
+import struct
 import time
 import urllib.error
 import urllib.parse
@@ -16,6 +19,7 @@ import pytest
 
 from conftest import reference_cases
 from http_gateway import GatewayProcess
+from reliability import poll
 
 CAPITAL = next(c for c in reference_cases() if c["messages"][-1]["content"] == "What is the capital of France?")
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]  # greedy SmolLM2 runs on for hundreds of tokens
@@ -69,6 +73,50 @@ def test_a_client_leaving_mid_stream_cancels_its_generation(daemon, gateway) -> 
     print(f"disconnect -> daemon idle: {idle_after * 1000:.0f} ms (one decode step: {step * 1000:.0f} ms)")
     # Within a second, plus the decode step the daemon finishes before it looks (a loaded machine slows that).
     assert idle_after < 1.0 + 2 * step
+
+
+def test_a_client_that_resets_mid_answer_is_no_server_error(make_daemon) -> None:
+    """The reset is seen by the write of the answer rather than by aiohttp's reader, as
+    happens when a token and the reset arrive together: here the reader is paused by
+    pipelined requests (aiohttp stops reading past 32 of them) and the request waits in
+    the daemon's queue behind another until after the reset. A client leaving, not a 500
+    nor a traceback; its generation cancelled; counted as cancelled."""
+    daemon = make_daemon(env={"RKLLMD_MAX_BATCH": "1"})
+    gateway = GatewayProcess(daemon.socket).start()
+    host, port = urllib.parse.urlsplit(gateway.url).netloc.split(":")
+    requests = {
+        "/v1/chat/completions": {"model": "m", "messages": STORY, "max_tokens": 50, "stream": True},
+        "/api/chat": {"model": "m", "messages": STORY, "options": {"num_predict": 50}},
+    }
+    try:
+        with daemon.client() as rk:
+            for path, body in requests.items():
+                before = rk.status()["counters"]
+                blocker = rk.generate(messages=STORY, max_tokens=2000)  # holds the one slot
+                next(iter(blocker))
+                data = json.dumps(body).encode()
+                client = socket.create_connection((host, int(port)))
+                client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(data)}\r\n\r\n".encode() + data + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+                poll(lambda: rk.status()["worker"]["queued"] == 1, 60, "the request queued behind the other")
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # a reset, with the answer's first token still to come
+                blocker.cancel()
+                counted = poll(lambda: re.findall(f'_total{{route="{path}",status="(\\w+)"}}', metrics(gateway)), 60, f"{path} counted")
+                assert counted == ["cancelled"], gateway.log()
+                poll(lambda: rk.status()["counters"]["cancelled"] == before["cancelled"] + 2, 60, "its generation cancelled")
+                assert rk.status()["counters"]["completed"] == before["completed"]
+        log = gateway.log()
+        for path in requests:
+            assert f"POST {path}: the client left before its answer ended (" in log  # seen by the write
+        assert "Traceback" not in log and '" 500 ' not in log and 'status="500"' not in metrics(gateway)
+    finally:
+        gateway.cleanup()
+
+
+def metrics(gateway) -> str:
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=30) as reply:
+        return reply.read().decode()
 
 
 def test_concurrent_requests_are_all_served_exactly(daemon, gateway) -> None:

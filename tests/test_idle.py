@@ -18,16 +18,30 @@ def wakeups(pid: int) -> int:
     return total
 
 
+def settled(pid: int, quiet_s: float = 0.5, within: float = 30) -> int:
+    """The process's wakeups once none came for ``quiet_s``: what it had to do (the last
+    reply, a client's disconnection, a neighbour file's creation) is done. Fails if it
+    never goes quiet within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    last, since = wakeups(pid), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"the daemon kept waking up for {within} s"
+        time.sleep(0.05)
+        now = wakeups(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def test_idle_daemon_never_wakes_even_beside_a_busy_file(make_daemon) -> None:
     proc: DaemonProcess = make_daemon("--log-level", "debug")
     with proc.client() as client:
         client.generate("Hello", max_tokens=2).wait()
-    time.sleep(1)  # the last reply and the client's disconnection settle
+    settled(proc.proc.pid)
     neighbours = [proc.socket.parent / "neighbour.log", proc.text_dir.parent / "neighbour.log"]
     for path in neighbours:
         path.touch()
-    time.sleep(1)
-    before = wakeups(proc.proc.pid)
+    before = settled(proc.proc.pid)
     for _ in range(30):  # files written beside the socket and the text folder
         for path in neighbours:
             with open(path, "a") as f:

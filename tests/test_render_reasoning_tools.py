@@ -143,7 +143,8 @@ def test_render_with_a_family_a_file_and_variables(daemon: DaemonProcess, tmp_pa
         ({"vars": {"not a name": 1}}, "vars", "not a template variable's name"),
         ({"vars": ["enable_thinking"]}, "vars", "must be a map"),
         ({"messages": [{"role": "user", "content": "x", "tool_calls": [call("a")["tool_calls"][0]]}]}, "messages", "messages[0].tool_calls is only for assistant messages"),
-        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, "messages", "messages[0].tool_calls[0].function.arguments is a string but not JSON"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": 7}}]}]}, "messages", "messages[0].tool_calls[0].function.arguments must be a map, or a string"),
+        ({"messages": [{"role": "user", "content": "x", "data": b"\x00"}]}, "messages", "messages[0].data must hold what JSON can"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": ""}}]}]}, "messages", "function.name must be a non-empty string"),
         ({"messages": [{"role": "tool", "content": "1", "tool_call_id": 7}]}, "messages", "messages[0].tool_call_id must be a string"),
         ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": ["a"]}]}, "messages", "reasoning_content must be a string"),
@@ -170,6 +171,39 @@ def test_enable_thinking_and_vars_must_agree(daemon: DaemonProcess) -> None:
         assert caught.value.name == "invalid_field" and caught.value.details == {"field": "enable_thinking"}
         agreed = client.generate(messages=CHAT, vars={"enable_thinking": False}, enable_thinking=False, max_tokens=1).wait()
         assert agreed.finish_reason == "length"
+
+
+#: transformers' renderings of messages with keys of their own (tools/make_template_references.py).
+MESSAGE_KEYS = json.loads((Path(__file__).parent / "data" / "chat-template-message-keys.json").read_text())
+
+
+@pytest.mark.parametrize("ref", MESSAGE_KEYS, ids=lambda r: f"{r.get('family', 'template')}-{r['case']}")
+def test_a_messages_own_keys_reach_the_template_as_transformers_passes_them(daemon: DaemonProcess, ref: dict) -> None:
+    """Sent as a client sends them (``wire_messages``: OpenAI's JSON text for arguments, a
+    nil content beside tool calls), rendered as transformers rendered ``messages``."""
+    with daemon.client() as client:
+        def render() -> dict:
+            return client.render(ref["wire_messages"], tools=ref["tools"], vars=ref["kwargs"] or None,
+                                 template=ref.get("family") or ref["template"], add_generation_prompt=ref["add_generation_prompt"])
+
+        if "error" in ref:
+            with pytest.raises(DaemonError) as caught:
+                render()
+            assert caught.value.name == "invalid_field" and ref["error"]["message"] in caught.value.message
+        else:
+            assert render()["text"] == ref["rendered"]
+
+
+def test_the_message_key_references_cover_what_they_claim() -> None:
+    cases = {(r.get("family"), r["case"]) for r in MESSAGE_KEYS if "rendered" in r}
+    assert {("phi-4-mini-instruct", "system_tools_key"), ("minicpm3", "assistant_thought_key"), (None, "every_key_reaches_the_template"),
+            ("llama-3.1-instruct", "openai_tool_round_trip"), ("qwen3", "openai_tool_round_trip")} <= cases
+    assert all(r["transformers"] and (r.get("rendered") or r.get("error")) for r in MESSAGE_KEYS)
+    phi = next(r for r in MESSAGE_KEYS if r["case"] == "system_tools_key")
+    assert "<|tool|>" + phi["messages"][0]["tools"] + "<|/tool|>" in phi["rendered"]  # Phi-4-mini's documented way
+    llama = next(r for r in MESSAGE_KEYS if r.get("family") == "llama-3.1-instruct" and r["case"] == "openai_tool_round_trip")
+    assert '"parameters": {"city": "Paris", "unit": "celsius"}' in llama["rendered"]  # a map, not JSON text in a string
+    assert isinstance(llama["wire_messages"][2]["tool_calls"][0]["function"]["arguments"], str)
 
 
 def test_history_with_tool_calls_and_results_renders_as_the_library_does(qwen: DaemonProcess) -> None:

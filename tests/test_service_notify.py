@@ -138,11 +138,19 @@ def test_watchdog_pings_at_half_the_interval(manager, notifier_for):
 def test_pings_stop_while_unhealthy_and_resume(manager, notifier_for):
     healthy = threading.Event()
     healthy.set()
+    seen_unhealthy = threading.Event()
+
+    def check() -> bool:
+        if not healthy.is_set():
+            seen_unhealthy.set()
+        return healthy.is_set()
+
     n = notifier_for({**manager.env, "WATCHDOG_USEC": "200000"})
-    n.start_watchdog(healthy.is_set)
+    n.start_watchdog(check)
     assert len(manager.collect(0.25)) >= 2
     healthy.clear()
-    time.sleep(0.1)  # let a ping already in flight land before listening
+    # Once the watchdog has asked and heard "unhealthy", every ping it sent before is queued.
+    assert seen_unhealthy.wait(2), "the watchdog never asked"
     manager.drain()
     assert manager.collect(0.6) == []
     healthy.set()
@@ -186,9 +194,10 @@ def test_faulthandler_dumps_every_thread_on_sigabrt():
         "import os, signal, threading, time\n"
         "from rkllmd.service import enable_faulthandler\n"
         "enable_faulthandler()\n"
-        "def stuck_in_native_call(): time.sleep(60)\n"
+        "started = threading.Event()\n"
+        "def stuck_in_native_call(): started.set(); time.sleep(60)\n"
         "threading.Thread(target=stuck_in_native_call, daemon=True).start()\n"
-        "time.sleep(0.1)\n"
+        "started.wait(30)\n"
         "os.kill(os.getpid(), signal.SIGABRT)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,

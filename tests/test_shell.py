@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, DaemonProcess, rkllmctl, running_in_ci
+from conftest import ROOT, DaemonProcess, rkllmctl, skip_without
 from rkllmctl.cli import EXIT_CODES, ExitCode, build_parser
 from rkllmctl.client import Piece
 from rkllmctl.commands.generate import Printer
@@ -32,10 +32,7 @@ def tool(name: str) -> str:
     """A program the tests need: .ci/setup installs it; only a machine without it skips (never CI)."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is needed (.ci/setup installs it with apt-get)"
-        if running_in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_without(f"{name} (.ci/setup installs it with apt-get)")
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import in_order
 from reliability import poll
 from rkllmd.caches.binary import BinaryCacheInvalid, BinaryStore
 from rkllmd.config import StoreConfig
@@ -89,6 +90,43 @@ def test_a_killed_build_is_never_served_and_is_cleaned_at_the_next_start(tmp_pat
     assert store.verify("rules", "a" * 64) is None
     store.prepare()
     assert sorted(p.name for p in store.folder.iterdir()) == []
+
+
+def test_a_build_under_way_in_another_process_is_no_leftover(tmp_path):
+    """A second daemon of the same identity starts while the first writes a binary cache:
+    it removes the leftovers of writers that are gone, never the file of one at work."""
+    identity = {"model": "m"}
+    writer = python(f"""
+        import time
+        from pathlib import Path
+        from rkllmd.caches.binary import BinaryStore
+        folder = Path({str(tmp_path)!r})
+        store = BinaryStore(folder, {identity!r})
+        store.prepare()
+        def write_state(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"x" * 65536)
+                f.flush()
+                while not (folder / "finish").exists():
+                    time.sleep(0.01)
+            return 3
+        store.build("rules", "a" * 64, write_state)
+    """)
+    store = BinaryStore(tmp_path, identity)
+    try:
+        poll(lambda: any(p.name.startswith(TEMP_PREFIX) and p.stat().st_size for p in store.folder.glob("*")), 30, "a build under way")
+        killed = store.folder / f"{TEMP_PREFIX}rules.state.killed"
+        killed.write_bytes(b"left by a writer that is gone")
+        store.prepare()
+        assert [p.name for p in store.folder.iterdir() if p.name.startswith(TEMP_PREFIX)] != [], "the live one stays"
+        assert not killed.exists()
+        (tmp_path / "finish").touch()
+        assert writer.wait(30) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert store.verify("rules", "a" * 64).n_tokens == 3
 
 
 def test_two_processes_take_turns_on_a_folder(tmp_path):
@@ -268,3 +306,49 @@ def test_a_folder_being_written_is_skipped_not_waited_for(tmp_path):
         assert old.exists()
     store.collect()
     assert not old.exists()
+
+
+# -- two daemons on one folder ----------------------------------------------------------------
+
+
+def test_a_second_daemon_never_removes_what_the_first_holds(tmp_path, make_daemon):
+    """Two installs share one binary-cache folder (and so its weights folder), each with its
+    own copy of a model file of the same name: the second's kept weights supersede the
+    first's name for name, and its ``cache rm`` names a cache the first serves too. Neither
+    removes what the first holds; once the first stops, the collector does."""
+    from conftest import rkllmctl
+    from gguf_files import tiny_llama
+
+    shared = tmp_path / "shared"
+    env = {"RKLLMD_MODEL_WEIGHTS_DIR": str(shared / "weights"), "RKLLMD_STORE_SUPERSEDED_DAYS": "0"}
+
+    def install(name: str, seed: int):
+        (tmp_path / name).mkdir()
+        model = tiny_llama(tmp_path / name / "tiny.F32.gguf", seed=seed)
+        daemon = make_daemon("--model", str(model), "--binary-cache-dir", str(shared / "bin"), env=env, start=False)
+        daemon.text_dir.mkdir(parents=True)
+        (daemon.text_dir / "notes.txt").write_text(f"Notes of the {name} install.")
+        daemon.start()
+        with daemon.client() as client:
+            assert client.cache_wait("notes", timeout=120)["state"] == "ready"
+            return daemon, Path(client.status()["model"]["weights"].split(" kept in ")[-1])
+
+    first, held_weights = install("first", 0)
+    [held_binary] = (shared / "bin").glob("*/notes.state")
+    second, weights = install("second", 1)
+    assert weights != held_weights and weights.parent == held_weights.parent
+    assert rkllmctl("cache", "rm", "notes", socket=second.socket).returncode == 0
+
+    assert held_weights.exists() and held_binary.exists()
+    assert [line for line in second.log().splitlines() if "removed" in line] == []
+    with first.client() as client:
+        [row] = client.cache_ls()["caches"]
+        assert row["state"] == "ready"
+        result = client.generate("the thin hen", max_tokens=4, temperature=0, cache="notes").wait()
+        assert result.cache == "notes" and result.stats["cached_tokens"] > 0
+
+    assert first.stop() == 0  # nothing holds them any more: superseded, unused for 0 days
+    mark = len(second.log())
+    second.signal(signal.SIGHUP)
+    poll(lambda: in_order(second.log()[mark:], "store: removed"), 60, "a collection after the reload")
+    poll(lambda: not held_weights.exists() and not held_binary.exists(), 60, "the first's units collected")

@@ -1,5 +1,7 @@
 """The suite's own rules, checked on a throwaway test file run by a second pytest: under
-CI=true a skipped systemd test fails the run, and a test that hangs fails on its timeout."""
+CI=true a test skipped for want of a capability (a systemd test, or any skip_without:
+root, mounts, namespaces, tools) fails the run while other skips stay skips, and a test
+that hangs fails on its timeout."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ TESTS = Path(__file__).resolve().parent
 SAMPLE = '''
 import threading
 import pytest
+from conftest import skip_without
 
 @pytest.mark.systemd
 def test_systemd_skipped():
@@ -20,6 +23,16 @@ def test_systemd_skipped():
 
 def test_other_skipped():
     pytest.skip("not a systemd test")
+
+def test_without_root():
+    skip_without("root, to mount a tmpfs")
+
+@pytest.fixture
+def namespace():
+    skip_without("unshare(1)")
+
+def test_without_a_fixtures_capability(namespace):
+    pass
 
 @pytest.mark.timeout(1)
 def test_hangs():
@@ -44,12 +57,14 @@ def outcomes(run: subprocess.CompletedProcess) -> dict[str, str]:
             for line in run.stdout.splitlines() if line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))}
 
 
-def test_under_ci_a_skipped_systemd_test_fails_the_run(tmp_path):
+def test_under_ci_a_test_skipped_for_want_of_a_capability_fails_the_run(tmp_path):
     run = run_sample(tmp_path, ci="true")
     assert run.returncode == 1, run.stdout
     found = outcomes(run)
     assert found["test_systemd_skipped"] == "FAILED", run.stdout
-    assert "CI=true, and this systemd test was skipped: " in run.stdout
+    assert "CI=true, and this test was skipped for want of a capability CI must have: no systemd here" in run.stdout
+    assert found["test_without_root"] == "FAILED" and "capability CI must have: needs root, to mount a tmpfs" in run.stdout, run.stdout
+    assert found["test_without_a_fixtures_capability"] == "ERROR" and "needs unshare(1)" in run.stdout, run.stdout
     assert "SKIPPED [1] test_sample.py:" in run.stdout and "not a systemd test" in run.stdout, run.stdout
     # And the hanging test failed on its own timeout instead of holding the run.
     assert found["test_hangs"] == "FAILED" and "Timeout (>1.0s)" in run.stdout, run.stdout
@@ -57,6 +72,9 @@ def test_under_ci_a_skipped_systemd_test_fails_the_run(tmp_path):
 
 def test_outside_ci_it_is_a_skip(tmp_path):
     run = run_sample(tmp_path, ci=None)
-    assert "FAILED" not in outcomes(run).get("test_systemd_skipped", ""), run.stdout
-    assert "SKIPPED [1] test_sample.py:" in run.stdout and "no systemd here" in run.stdout, run.stdout
+    found = outcomes(run)
+    for name in ("test_systemd_skipped", "test_without_root", "test_without_a_fixtures_capability"):
+        assert name not in found or found[name] == "SKIPPED", run.stdout
+    for reason in ("test_sample.py:8: no systemd here", "test_sample.py:14: needs root, to mount a tmpfs", "test_sample.py:20: needs unshare(1)"):
+        assert f"SKIPPED [1] {reason}" in run.stdout, run.stdout
 

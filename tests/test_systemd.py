@@ -482,8 +482,11 @@ class TestRkllmd:
         # Started with it, the daemon exits 2, which RestartPreventExitStatus=2 keeps
         # Restart=on-failure from retrying (RestartSec is 100ms here).
         assert sd.systemctl("restart", SERVICE, check=False).returncode != 0
-        time.sleep(1.5)
-        state = sd.show(SERVICE, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        # A restart would be scheduled as "activating" (auto-restart); "failed" is systemd's
+        # decision not to, once the exit is handled.
+        state = sd.wait_until(lambda: (found := sd.show(SERVICE, "ActiveState", "Result", "ExecMainStatus", "NRestarts"))
+                              ["ActiveState"] not in ("activating", "deactivating", "reloading") and found,
+                              what="the failed start handled")
         assert state == {"ActiveState": "failed", "Result": "exit-code", "ExecMainStatus": "2",
                          "NRestarts": "0"}
         failed = sd.show(SERVICE, "ExecMainPID")["ExecMainPID"]

@@ -91,20 +91,37 @@ def test_damaged_file_is_ignored_and_rebuilt(model, tmp_path, damage, caplog):
     assert loaded(model, folder).describe()["weights"] == f"mapped from {kept}"
 
 
-def test_changed_model_file_replaces_its_old_weights_only(model, tmp_path):
-    folder = tmp_path / "weights"
-    loaded(model, folder)
-    neighbour = tiny_llama(tmp_path / "tiny.gguf", seed=2)  # its stem is a prefix of the model's
-    loaded(neighbour, folder)
-    [old] = [p for p in kept_files(folder) if p.name.startswith("tiny.F32.")]
-
-    tiny_llama(model, seed=3)  # the model file is rewritten
+def rewrite(model: Path, seed: int) -> None:
+    """The model file is replaced by another version (a new mtime, whatever the clock's grain)."""
+    tiny_llama(model, seed=seed)
     stat = model.stat()
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+
+
+def test_changed_model_file_replaces_its_old_weights_only(model, tmp_path):
+    folder = tmp_path / "weights"
+    loaded(model, folder).close()
+    neighbour = tiny_llama(tmp_path / "tiny.gguf", seed=2)  # its stem is a prefix of the model's
+    loaded(neighbour, folder).close()
+    [old] = [p for p in kept_files(folder) if p.name.startswith("tiny.F32.")]
+
+    rewrite(model, seed=3)
     assert loaded(model, folder).describe()["weights"].startswith("dequantized, kept in")
     names = [p.name for p in kept_files(folder)]
     assert old.name not in names and len(names) == 2
     assert any(name.startswith("tiny.F32.") for name in names) and any(name.startswith("tiny.") and "F32" not in name for name in names)
+
+
+def test_weights_in_use_are_not_replaced_under_their_user(model, tmp_path):
+    """A backend still serves the old version (a daemon until its swap, another daemon):
+    the new version is written beside it, and the old one waits for the collection."""
+    folder = tmp_path / "weights"
+    serving = loaded(model, folder)
+    [old] = kept_files(folder)
+    rewrite(model, seed=3)
+    assert loaded(model, folder).describe()["weights"].startswith("dequantized, kept in")
+    assert old in kept_files(folder) and len(kept_files(folder)) == 2
+    serving.close()
 
 
 def test_unusable_folder_still_loads(model, tmp_path, caplog):

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         fields["raw"] = args.raw
     with connect() as client:
         stream = client.generate(**fields)
-        result = follow(stream, echo=not args.json, show_reasoning=not args.hide_reasoning)
+        result = follow(stream, echo=not args.json, show_reasoning=not args.hide_reasoning, leaving_on_interrupt=True)
     if args.json:
         print_json({
             "text": result.text,
@@ -126,10 +126,12 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     return 0
 
 
-def follow(stream: Stream, echo: bool, show_reasoning: bool = True) -> GenerationResult:
+def follow(stream: Stream, echo: bool, show_reasoning: bool = True, leaving_on_interrupt: bool = False) -> GenerationResult:
     """Print text as it arrives, and until it does a live line on a terminal's stderr
     (queue position, prefill percentage). On Ctrl-C cancel on the daemon, then let the
-    interrupt through; a generation the daemon cut short is a GenerationCutShort."""
+    interrupt through: once the generation has ended, or, ``leaving_on_interrupt`` (the
+    command exits on it), once the daemon has taken the cancel in. A generation the
+    daemon cut short is a GenerationCutShort."""
     from ..client import Piece
     printer = Printer(show_reasoning) if echo else None
     line = StatusLine(sys.stderr)
@@ -145,7 +147,10 @@ def follow(stream: Stream, echo: bool, show_reasoning: bool = True) -> Generatio
                 line.show(waiting_text(event))
     except KeyboardInterrupt:
         line.clear()
-        stream.cancel()
+        if leaving_on_interrupt:
+            stream.abandon()
+        else:
+            stream.cancel()
         raise
     finally:
         line.clear()

@@ -14,11 +14,9 @@ ledger's word while their size and mtime stay the same.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,8 @@ from typing import Any, Callable
 
 from ..backends.base import BackendError, BuildCancelled
 from ..store import (
-    BINARY_DIR_MODE, KEY_RE, Hold, Ledger, atomic_write, commit, disk_full, file_sha256, identity_key, make_dirs, remove_leftovers,
-    temporary_beside,
+    BINARY_DIR_MODE, KEY_RE, Hold, Ledger, atomic_write, commit, disk_full, file_sha256, identity_key, make_dirs, remove_from_units,
+    remove_leftovers, temporary_beside,
 )
 from .names import check_name
 
@@ -163,12 +161,8 @@ class BinaryStore:
         return meta
 
     def remove(self, name: str) -> None:
-        """Delete this name's binary caches for every model (the text is gone)."""
+        """Delete this name's binary caches (the text is gone): ours, and those of the
+        models no process serves; another daemon's in use are its own text's to decide."""
         check_name(name)
         self.ledger.forget(name + STATE_SUFFIX)
-        with contextlib.suppress(FileNotFoundError):
-            for model_dir in os.scandir(self.root):
-                if model_dir.is_dir(follow_symlinks=False):
-                    for suffix in (STATE_SUFFIX, META_SUFFIX):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(model_dir.path, name + suffix))
+        remove_from_units(self.root, self.key, [name + STATE_SUFFIX, name + META_SUFFIX])

@@ -11,7 +11,7 @@ RenderError, which the socket loop answers as ``invalid_field``.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Iterator
 
 from ..backends.base import Backend
 from ..caches.text import system_text
@@ -37,14 +37,25 @@ def _render(backend: Backend, args: dict[str, Any], messages: list[dict[str, Any
 
 
 def checked(messages: list[dict[str, Any]], max_chars: int) -> list[dict[str, Any]]:
-    """The messages, if their text fits ``daemon.max_prompt_chars`` and holds no NUL, with
-    system text ending at its last character that is not a line break (docs/caches.md)."""
-    total = sum(len(m["content"]) for m in messages)
+    """The messages, if their text (content, and whatever else they carry to the template)
+    fits ``daemon.max_prompt_chars`` and holds no NUL, with system text ending at its last
+    character that is not a line break (docs/caches.md)."""
+    texts = [text for m in messages for key, value in m.items() if key != "role" for text in _strings(value)]
+    total = sum(map(len, texts))
     if total > max_chars:
         raise WireError(ErrorCode.TOO_LARGE, f"the prompt is {total} characters; the limit is {max_chars}", field="messages")
-    if any("\x00" in m["content"] for m in messages):
-        raise WireError(ErrorCode.INVALID_FIELD, "message content must not contain NUL", field="messages")
+    if any("\x00" in text for text in texts):
+        raise WireError(ErrorCode.INVALID_FIELD, "messages must not contain NUL", field="messages")
     return [{**m, "content": system_text(m["content"])} if m["role"] == "system" else m for m in messages]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in ``value``, however nested."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _strings(item)
 
 
 def _template(spec: str | None, loaded: ChatTemplate) -> ChatTemplate:

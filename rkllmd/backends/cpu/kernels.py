@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...store import KEY_RE, Hold, commit, locked_folder, remove_leftovers, remove_others, temporary_beside
+from ...store import KEY_RE, Hold, Kind, commit, locked_folder, remove_leftovers, remove_superseded, temporary_beside
 
 if TYPE_CHECKING:
     from .model import Model, ModelConfig
@@ -228,15 +228,14 @@ def _build_into(folder: Path, march: str) -> tuple[ctypes.CDLL, Path]:
         if path.exists():
             try:
                 return _load_library(path), _held(folder, key, path)
-            except KernelError as exc:
+            except KernelError as exc:  # replaced by the build's rename: a process that loaded it keeps its copy
                 log.warning("rebuilding the forward kernel: %s", exc)
-                path.unlink()
         remove_leftovers(folder)
         with temporary_beside(path) as tmp:
             _compile(cc, march, tmp)
             commit(tmp, path)
         log.info("compiled the forward kernel into %s", path)
-        remove_others(folder, PATTERN, path)
+        remove_superseded(Kind("kernels", folder, PATTERN), key)
         return _load_library(path), _held(folder, key, path)
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...store import KEY_RE, Hold, commit, disk_full, locked_folder, remove_leftovers, remove_others, temporary_beside
+from ...store import KEY_RE, Hold, Kind, commit, disk_full, locked_folder, remove_leftovers, remove_superseded, temporary_beside
 from .gguf import GGUFFile
 from .model import ModelConfig, Weights
 
@@ -157,4 +157,5 @@ def save(folder: Path, gguf: GGUFFile, cfg: ModelConfig, weights: Weights, key: 
                 raise OSError(errno.ENOSPC, f"no space left on device for {total} bytes of weights ({exc})") from exc
             raise
         commit(tmp, path)
-    remove_others(folder, re.escape(gguf.path.stem) + f"\\.{KEY_RE}" + re.escape(SUFFIX), path)
+    # The older versions of the same model file (the same name): those no process holds.
+    remove_superseded(Kind("weights", folder, re.escape(gguf.path.stem) + f"\\.(?P<key>{KEY_RE})" + re.escape(SUFFIX)), key)
