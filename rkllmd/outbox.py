@@ -154,7 +154,10 @@ class Outbox:
 
 def _join(token: dict[str, Any], later: dict[str, Any]) -> None:
     """A later token message's text into a waiting one. Reasoning comes before any answer
-    text in a model's output, so a joined message's ``reasoning`` still precedes its ``text``."""
+    text in a model's output, so a joined message's ``reasoning`` still precedes its ``text``;
+    the tokens' ``logprobs`` keep their order."""
     token["text"] += later["text"]
     if later.get("reasoning"):
         token["reasoning"] = token.get("reasoning", "") + later["reasoning"]
+    if later.get("logprobs"):
+        token["logprobs"] = token.get("logprobs", []) + later["logprobs"]

@@ -25,6 +25,7 @@ from .backends.base import TEXT_CACHE, Backend, BackendError, ContextOverflow, P
 from .caches.binary import BinaryStore
 from .caches.manager import PromptCaches
 from .config import DaemonConfig
+from .constraints import ConstraintError
 from .outbox import NO_OUTPUT, Generation, Outbox
 from .protocol import ErrorCode, WireError
 from .templates.output import wire_tool_calls
@@ -357,7 +358,7 @@ class ModelWorker:
             if gen.cancelled.is_set():
                 return False
             self._report_progress(opened[0])  # the last chunk's, before the text it led to
-            self._send_output(gen, *gen.output.feed(text))
+            self._send_output(gen, *gen.output.feed(text), opened[0].run.take_logprobs())
             return True
 
         try:
@@ -408,7 +409,7 @@ class ModelWorker:
     def _done(self, gen: Generation, run: Run, prefix: PrefixState | None) -> None:
         stats, output = run.stats, gen.output
         if stats.finish_reason != "cancelled":  # what the splitter held back, tool calls parsed
-            self._send_output(gen, *output.finish())
+            self._send_output(gen, *output.finish(), run.take_logprobs())
         total_ms = (time.monotonic() - gen.received) * 1000
         decode_tps = (stats.completion_tokens - 1) / (stats.decode_ms / 1000) if stats.decode_ms > 0 and stats.completion_tokens > 1 else None
         counters = self.counters
@@ -503,14 +504,20 @@ class ModelWorker:
         log.info("reload: now serving %s", backend.describe().get("name", backend.kind))
         job.done(backend, reason, None)
 
-    def _send_output(self, gen: Generation, reasoning: str, text: str) -> None:
-        """A token message: answer ``text`` (maybe ""), and ``reasoning`` when there is some."""
+    def _send_output(self, gen: Generation, reasoning: str, text: str, logprobs: list[dict[str, Any]]) -> None:
+        """A token message: answer ``text`` (maybe ""), and ``reasoning`` and the tokens'
+        ``logprobs`` when there are some."""
+        extra: dict[str, Any] = {}
         if reasoning:
-            self.outbox.stream(gen, "token", text=text, reasoning=reasoning)
-        elif text:
-            self.outbox.stream(gen, "token", text=text)
+            extra["reasoning"] = reasoning
+        if logprobs:
+            extra["logprobs"] = logprobs
+        if text or extra:
+            self.outbox.stream(gen, "token", text=text, **extra)
 
     def _wire_error(self, exc: Exception, gen: Generation) -> WireError:
+        if isinstance(exc, ConstraintError):  # found against the model's vocabulary, or unsupported by its backend
+            return WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field)
         if isinstance(exc, ContextOverflow):
             return WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), prompt_tokens=exc.prompt_tokens, context_length=exc.context_length)
         if isinstance(exc, BackendError):

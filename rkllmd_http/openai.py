@@ -49,10 +49,6 @@ def generate_fields(body: dict[str, Any]) -> dict[str, Any]:
     for penalty in ("frequency_penalty", "presence_penalty"):
         if body.get(penalty) not in (None, 0, 0.0):
             raise invalid(f"{penalty!r} is not supported; use 'repetition_penalty' (llama.cpp's multiplicative penalty) instead", penalty, "unsupported_parameter")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise invalid("logprobs are not supported", "logprobs", "unsupported_parameter")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise invalid("only the text response_format is supported", "response_format", "unsupported_parameter")
     if body.get("logit_bias"):
         raise invalid("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     max_tokens = number(body, "max_completion_tokens", int)
@@ -66,18 +62,63 @@ def generate_fields(body: dict[str, Any]) -> dict[str, Any]:
         "max_tokens": max_tokens if max_tokens is not None else number(body, "max_tokens", int),
         "stop": stops(body.get("stop"), "stop"),
         "cache": body.get("rkllm_cache"),
+        **response_format(body.get("response_format")),
+        **logprobs(body),
     }
     tools = body.get("tools")
-    if tools and body.get("tool_choice") != "none":
+    choice = body.get("tool_choice")
+    if tools and choice != "none":
         require("tools", "'tools'")
-        if body.get("tool_choice") not in (None, "auto"):
-            raise invalid("only tool_choice 'auto' and 'none' are supported", "tool_choice", "unsupported_value")
         fields["tools"] = tools
+        if choice not in (None, "auto"):
+            require("tool_choice", "a forced 'tool_choice'")
+            fields["tool_choice"] = choice  # "required", or {"type": "function", "function": {"name"}}
+    elif choice not in (None, "auto", "none"):
+        raise invalid("a forced 'tool_choice' needs 'tools'", "tool_choice")
     effort = body.get("reasoning_effort")
     if effort is not None:
         require("enable_thinking", "'reasoning_effort'")
         fields["enable_thinking"] = effort != "none"
     return fields
+
+
+def response_format(value: Any) -> dict[str, Any]:
+    """``format`` for OpenAI's ``response_format``: json_object is any JSON object, json_schema
+    its ``schema`` (enforced whether ``strict`` or not: the daemon constrains the sampler)."""
+    if value is None or value == {"type": "text"}:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        require("format", "'response_format'")
+        return {"format": "json"}
+    if kind == "json_schema":
+        require("format", "'response_format'")
+        spec = value.get("json_schema")
+        schema = spec.get("schema", {"type": "object"}) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid("'response_format.json_schema.schema' must be a JSON Schema (an object)", "response_format")
+        return {"format": schema}
+    raise invalid("'response_format.type' must be text, json_object or json_schema", "response_format")
+
+
+def logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """``logprobs`` (true) and ``top_logprobs`` (0–20, only with it), as OpenAI takes them."""
+    top = number(body, "top_logprobs", int)
+    if not body.get("logprobs"):
+        if top:
+            raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return {}
+    require("logprobs", "'logprobs'")
+    return {"logprobs": True, "top_logprobs": top}
+
+
+#: Daemon fields whose errors name another parameter of OpenAI's request.
+PARAMS = {"format": "response_format", "max_tokens": "max_tokens", "repeat_penalty": "repetition_penalty", "cache": "rkllm_cache"}
+
+
+def choice_logprobs(entries: Any) -> dict[str, Any] | None:
+    """A choice's ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+    return {"content": list(entries), "refusal": None} if entries else None
 
 
 def message(m: Any, i: int) -> dict[str, Any]:
@@ -123,7 +164,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise invalid("'stream_options' must be an object", "stream_options")
     name = body.get("model") if isinstance(body.get("model"), str) else (await gateway.model()).id
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name, "system_fingerprint": gateway.fingerprint}
-    async with Generation(gateway.client, gateway.metrics, "openai", fields) as generation:
+    async with Generation(gateway.client, gateway.metrics, "openai", fields, PARAMS) as generation:
         if stream:
             return await _stream(request, generation, head, bool(options.get("include_usage")))
         async for _ in generation:
@@ -134,7 +175,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             reply["reasoning_content"] = result.reasoning
         if result.tool_calls:
             reply["tool_calls"] = result.tool_calls
-        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason(result)}
+        choice = {"index": 0, "message": reply, "logprobs": choice_logprobs(result.logprobs), "finish_reason": finish_reason(result)}
         return web.json_response({**head, "object": "chat.completion", "choices": [choice], "usage": usage(result.stats)})
 
 
@@ -147,8 +188,8 @@ async def _stream(request: web.Request, generation: Generation, head: dict[str, 
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         await response.write(f"data: {text}\n\n".encode())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(delta: dict[str, Any], finish: str | None = None, entries: Any = ()) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs(entries), "finish_reason": finish}
         return {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
 
     try:
@@ -156,8 +197,8 @@ async def _stream(request: web.Request, generation: Generation, head: dict[str, 
         async for piece in generation:
             if piece.reasoning:
                 await send(chunk({"reasoning_content": piece.reasoning}))
-            if piece.text:
-                await send(chunk({"content": piece.text}))
+            if piece.text or piece.logprobs:
+                await send(chunk({"content": piece.text}, entries=piece.logprobs))
         result = generation.result
         if result.tool_calls:
             calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]

@@ -54,6 +54,7 @@ def choose(
                 top_k=config["sampling.top_k"],
                 top_p=config["sampling.top_p"],
                 repeat_penalty=config["sampling.repeat_penalty"],
+                tokenizer=_path(config["rkllm.tokenizer"]),
             )
         except (ValueError, TemplateError) as exc:  # rkllm.template or rkllm.runtime is unusable
             raise BackendError(f"[rkllm] {exc}") from None

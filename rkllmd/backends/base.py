@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..constraints import Constraint
 from ..templates import ChatTemplate
 
 
@@ -52,7 +53,13 @@ class ContextOverflow(BackendError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each token. temperature 0 means greedy (argmax)."""
+    """How to pick each token. temperature 0 means greedy (argmax).
+
+    ``constraint``: what the output must match (a JSON Schema, a grammar, a forced tool
+    call), enforced by the daemon's own sampler on each step's logits. ``logprobs``: when
+    not None, each token's log-probability and that many alternatives are reported
+    (``Run.logprobs``). Both need a backend whose daemon samples (the CPU backend; the NPU
+    backend in its logits mode)."""
 
     temperature: float = 0.0
     top_k: int = 40
@@ -61,6 +68,13 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None
+    logprobs: int | None = None
+
+    @property
+    def daemon_samples(self) -> bool:
+        """Whether this request needs the daemon's sampler rather than a runtime's own."""
+        return self.constraint is not None or self.logprobs is not None
 
 
 @dataclass
@@ -131,6 +145,14 @@ class Run(abc.ABC):
         self.phase = "prefill"  # then "decode"
         self.to_prefill = 0  # prompt tokens to prefill (restored ones are not)
         self.prefilled = 0  # of those, how many so far
+        # Log-probabilities of the tokens generated since the daemon last took them
+        # (``sampling.logprob_entry`` dicts), when the request asked for them.
+        self.logprobs: list[dict[str, Any]] = []
+
+    def take_logprobs(self) -> list[dict[str, Any]]:
+        """The log-probabilities not taken yet (the daemon sends them with the text)."""
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -269,7 +291,9 @@ class Backend(abc.ABC):
 
     def start(self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink) -> Run:
         """Open a generation, as ``generate`` describes it, to be advanced by ``step``.
-        Raises (ContextOverflow, BackendError) before anything runs."""
+        Raises (ContextOverflow, BackendError, constraints.ConstraintError) before anything runs."""
+        if params.daemon_samples:
+            raise BackendError(f"the {self.kind} backend cannot constrain its output or report log-probabilities")
         return _WholeRun(self, prompt_text, params, prefix, sink)
 
     def step(self, runs: Sequence[Run]) -> None:

@@ -6,6 +6,7 @@ import time
 
 from ..backends.base import SamplingParams
 from ..caches.text import system_text
+from ..constraints import ConstraintError, from_request
 from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
 from ..templates.output import OutputSplitter
@@ -22,6 +23,22 @@ def execute(ctx: Context, request: Request) -> None:
     messages = _messages(args, ctx.config.daemon.max_prompt_chars)
     if args["cache"] is not None:
         messages = _with_cache_text(ctx, args["cache"], messages)
+    backend = ctx.worker.backend
+    tools = args["tools"] if args["tool_choice"] != "none" else None
+    prompt = backend.render(messages, tools=tools, variables=_variables(args))
+    template = backend.template
+    try:
+        constraint = from_request(
+            format=args["format"],
+            grammar=args["grammar"],
+            tools=tools,
+            tool_choice=args["tool_choice"],
+            reasoning=template.reasoning,
+            reasoning_opened=OutputSplitter.reasoning_opened(template, prompt),
+            tool_format=template.tool_calls,
+        )
+    except ConstraintError as exc:
+        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field) from None
     params = SamplingParams(
         temperature=args["temperature"],
         top_k=args["top_k"],
@@ -30,14 +47,14 @@ def execute(ctx: Context, request: Request) -> None:
         seed=args["seed"],
         max_tokens=args["max_tokens"],
         stop=args["stop"],
+        constraint=constraint,
+        logprobs=args["top_logprobs"] if args["logprobs"] else None,
     )
-    backend = ctx.worker.backend
-    prompt = backend.render(messages, tools=args["tools"], variables=_variables(args))
     gen = Generation(
         identity=request.identity,
         request_id=request.id,
         prompt=prompt,
-        output=OutputSplitter.for_prompt(backend.template, prompt, tools=bool(args["tools"])),
+        output=OutputSplitter.for_prompt(template, prompt, tools=bool(tools), tool_format=constraint.tool_format if constraint else None),
         params=params,
         cache=args["cache"],
         use_cache=not args["no_cache"],

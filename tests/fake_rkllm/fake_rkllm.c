@@ -56,6 +56,20 @@
  *    template's system prompt when the history starts with it); a failed run drops it.
  *    rkllm_get_kv_cache_size reports its length in tokens (bytes).
  *
+ *  - Logits mode (infer mode GET_LOGITS, shared/rkllm-abi "Logits, hidden states"): the run
+ *    prefills its input and generates nothing: one NORMAL callback carries the logits block
+ *    (text NULL), then FINISH with the perf stats (generate_tokens 0). The model file gives
+ *    the vocabulary size ("vocab_size=N" in its text; without it GET_LOGITS is refused). The
+ *    logits are deterministic pseudo-logits of what the model has seen (the history, then
+ *    this input): with h = FNV-1a 64 of those bytes, logit[i] = (splitmix64(h + i) >> 40)
+ *    / 2^20 - 8 (exact in float32, so a test can recompute them). num_tokens is
+ *    min(input tokens, 2): a row for the position before the last (the bytes seen minus the
+ *    last one), then the last row, which is the one to use.
+ *  - Token input (RKLLM_INPUT_TOKEN, ids below vocab_size): no chat template; each id joins
+ *    what the model sees as the text "<[id]>" (one token). With keep_history=1 a logits run
+ *    keeps what it saw, so a caller that feeds each chosen token back as token input drives
+ *    decoding itself, as the runtime's logits mode is used.
+ *
  * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
  * then key=value pairs; paths are printed raw); FAKE_RKLLM_PREFILL_US and
  * FAKE_RKLLM_DECODE_US add that many microseconds per prefilled / generated token,
@@ -133,7 +147,7 @@ __attribute__((used)) static const char vendor_strings[] =
 /* ---- the vendor interface, at the vendor's offsets --------------------------------- */
 typedef void *LLMHandle;
 enum { RKLLM_RUN_NORMAL = 0, RKLLM_RUN_WAITING = 1, RKLLM_RUN_FINISH = 2, RKLLM_RUN_ERROR = 3 };
-enum { RKLLM_INPUT_PROMPT = 0, RKLLM_INPUT_MULTIMODAL = 3 };
+enum { RKLLM_INPUT_PROMPT = 0, RKLLM_INPUT_TOKEN = 1, RKLLM_INPUT_MULTIMODAL = 3 };
 enum { RKLLM_INFER_GENERATE = 0, RKLLM_INFER_GET_LOGITS = 2 };
 
 typedef struct {
@@ -445,6 +459,7 @@ typedef struct {
     size_t cache_len;
     char *history; /* what the KV cache holds: earlier runs' inputs and generated text */
     size_t history_len;
+    int vocab_size; /* from the model file's "vocab_size=N" (0: none, no logits mode) */
 } fake_handle;
 
 static fake_handle *handles[MAX_HANDLES];
@@ -567,8 +582,15 @@ static int check_input(const RKLLMInput *in) {
         return fail(FAKE_E_INPUT, fn, "enable_thinking (offset 8) holds %u", raw[offsetof(RKLLMInput, enable_thinking)]);
     if (in->input_type < RKLLM_INPUT_PROMPT || in->input_type > RKLLM_INPUT_MULTIMODAL)
         return fail(FAKE_E_INPUT, fn, "input_type (offset 12) = %d", in->input_type);
+    if (in->input_type == RKLLM_INPUT_TOKEN) {
+        const RKLLMTokenInput *t = &in->token_input;
+        if (t->n_tokens == 0 || t->n_tokens > (1u << 20) || !is_readable(t->input_ids, t->n_tokens * sizeof(int32_t)))
+            return fail(FAKE_E_INPUT, fn, "token_input (offset 16) = {%p, %zu} is not an array of token ids",
+                        (void *)t->input_ids, t->n_tokens);
+        return 0;
+    }
     if (in->input_type != RKLLM_INPUT_PROMPT)
-        return fail(FAKE_E_UNSUPPORTED, fn, "input_type %d: the fake simulates PROMPT input only", in->input_type);
+        return fail(FAKE_E_UNSUPPORTED, fn, "input_type %d: the fake simulates PROMPT and TOKEN input only", in->input_type);
     if (!is_string(in->prompt_input)) return fail(FAKE_E_INPUT, fn, "prompt_input (offset 16) is not a string");
     return 0;
 }
@@ -578,8 +600,8 @@ static int check_infer(const RKLLMInferParam *ip) {
     if (!is_readable(ip, sizeof *ip)) return fail(FAKE_E_ARGUMENT, fn, "infer param %p is not readable", (const void *)ip);
     if (ip->mode < RKLLM_INFER_GENERATE || ip->mode > RKLLM_INFER_GET_LOGITS)
         return fail(FAKE_E_INFER, fn, "mode (offset 0) = %d", ip->mode);
-    if (ip->mode != RKLLM_INFER_GENERATE)
-        return fail(FAKE_E_UNSUPPORTED, fn, "mode %d: the fake simulates GENERATE only", ip->mode);
+    if (ip->mode != RKLLM_INFER_GENERATE && ip->mode != RKLLM_INFER_GET_LOGITS)
+        return fail(FAKE_E_UNSUPPORTED, fn, "mode %d: the fake simulates GENERATE and GET_LOGITS only", ip->mode);
     if (ip->lora_params && !(is_readable(ip->lora_params, sizeof *ip->lora_params) &&
                              is_string(ip->lora_params->lora_adapter_name)))
         return fail(FAKE_E_INFER, fn, "lora_params (offset 8) is not an RKLLMLoraParam*");
@@ -753,6 +775,8 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     fh->param.model_path = fh->model_path;
     fh->callback = cb;
     fh->callback_userdata = userdata;
+    const char *vocab = memmem(buf, n, "vocab_size=", 11);
+    fh->vocab_size = vocab ? atoi(vocab + 11) : 0;
     set_template(fh, "<|im_start|>system\nYou are a fake model.<|im_end|>\n", "<|im_start|>user\n",
                  "<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_lock(&handles_lock);
@@ -903,18 +927,81 @@ int rkllm_is_running(LLMHandle handle) {
     return fh ? atomic_load(&fh->running) : 0;
 }
 
+/* ---- logits mode ----------------------------------------------------------------------- */
+static uint64_t fnv1a64(const char *p, size_t n) {
+    uint64_t h = 14695981039346656037ULL;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (uint8_t)p[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static void pseudo_logits(const char *seen, size_t len, int vocab, float *row) {
+    uint64_t h = fnv1a64(seen, len);
+    for (int i = 0; i < vocab; i++) row[i] = (float)(splitmix64(h + (uint64_t)i) >> 40) / 1048576.0f - 8.0f;
+}
+
+/* A GET_LOGITS run: the logits of what the model has seen, in one NORMAL callback. */
+static const char *logits_run(fake_handle *fh, const char *seen, size_t seen_len, size_t input_tokens, void *ud) {
+    int rows = input_tokens >= 2 ? 2 : 1;
+    float *block = malloc(sizeof(float) * (size_t)fh->vocab_size * (size_t)rows);
+    if (rows == 2) pseudo_logits(seen, seen_len - 1, fh->vocab_size, block);
+    pseudo_logits(seen, seen_len, fh->vocab_size, block + (size_t)fh->vocab_size * (size_t)(rows - 1));
+    RKLLMResult result;
+    memset(&result, 0, sizeof result);
+    result.token_id = -1;
+    result.logits.logits = block;
+    result.logits.vocab_size = fh->vocab_size;
+    result.logits.num_tokens = rows;
+    int rc = fh->callback(&result, ud, RKLLM_RUN_NORMAL);
+    free(block); /* the runtime's buffer: gone after the callback */
+    return rc == 1 ? "pause" : "logits";
+}
+
+/* What a TOKEN input adds to what the model sees: "<[id]>" per token. */
+static char *token_text(const RKLLMTokenInput *t, size_t *len) {
+    char *text = malloc(t->n_tokens * 16 + 1);
+    size_t n = 0;
+    for (size_t i = 0; i < t->n_tokens; i++) n += (size_t)sprintf(text + n, "<[%d]>", t->input_ids[i]);
+    *len = n;
+    return text;
+}
+
 static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
     const char *fn = "rkllm_run";
     int rc = check_input(input);
     if (!rc) rc = check_infer(infer);
     if (rc) return rc;
 
-    /* Apply the chat template (system prompt only at the start of a conversation). */
-    const char *prompt = input->prompt_input;
-    const char *sys = fh->history_len ? "" : fh->tmpl_system;
-    size_t len = strlen(sys) + strlen(fh->tmpl_prefix) + strlen(prompt) + strlen(fh->tmpl_postfix);
-    char *text = malloc(len + 1);
-    snprintf(text, len + 1, "%s%s%s%s", sys, fh->tmpl_prefix, prompt, fh->tmpl_postfix);
+    bool logits_mode = infer->mode == RKLLM_INFER_GET_LOGITS;
+    if (logits_mode && fh->vocab_size <= 0)
+        return fail(FAKE_E_UNSUPPORTED, fn, "GET_LOGITS: the model file names no vocab_size");
+    size_t len, input_tokens;
+    char *text;
+    if (input->input_type == RKLLM_INPUT_TOKEN) {
+        for (size_t i = 0; i < input->token_input.n_tokens; i++)
+            if (input->token_input.input_ids[i] < 0 || (fh->vocab_size > 0 && input->token_input.input_ids[i] >= fh->vocab_size))
+                return fail(FAKE_E_INPUT, fn, "token_input.input_ids[%zu] = %d is not a token of the model", i,
+                            input->token_input.input_ids[i]);
+        text = token_text(&input->token_input, &len);
+        input_tokens = input->token_input.n_tokens;
+    } else {
+        /* Apply the chat template (system prompt only at the start of a conversation). */
+        const char *prompt = input->prompt_input;
+        const char *sys = fh->history_len ? "" : fh->tmpl_system;
+        len = strlen(sys) + strlen(fh->tmpl_prefix) + strlen(prompt) + strlen(fh->tmpl_postfix);
+        text = malloc(len + 1);
+        snprintf(text, len + 1, "%s%s%s%s", sys, fh->tmpl_prefix, prompt, fh->tmpl_postfix);
+        input_tokens = len;
+    }
     /* What the model sees: the history, then this input. */
     size_t seen_len = fh->history_len + len;
     char *seen = malloc(seen_len + 1);
@@ -937,9 +1024,10 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     else
         snprintf(sampling, sizeof sampling, " sampling=init");
 #endif
-    call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s", fn,
-             len, infer->keep_history, save, limit, fh->history_len, matched, sampling, save ? " path=" : "",
-             save ? pc->prompt_cache_path : "");
+    call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s mode=%d "
+             "input=%s", fn, len, infer->keep_history, save, limit, fh->history_len, matched, sampling,
+             save ? " path=" : "", save ? pc->prompt_cache_path : "", infer->mode,
+             input->input_type == RKLLM_INPUT_TOKEN ? "token" : "prompt");
 
     const char *hang_on = getenv("FAKE_RKLLM_HANG_ON");
     if (hang_on && *hang_on && strstr(text, hang_on)) {
@@ -948,7 +1036,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     }
 
     double t0 = now_ms();
-    int prefill_tokens = (int)(len - matched);
+    int prefill_tokens = (int)(input_tokens - matched);
     sleep_us(env_us("FAKE_RKLLM_PREFILL_US") * prefill_tokens);
     double t1 = now_ms();
 
@@ -969,7 +1057,9 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     char piece[4096];
     int tokens = 0;
     const char *reason = "eos";
-    for (;;) {
+    if (logits_mode)
+        reason = atomic_load(&fh->abort_requested) ? "abort" : logits_run(fh, seen, seen_len, input_tokens, ud);
+    for (; !logits_mode;) {
         if (atomic_load(&fh->abort_requested)) {
             reason = "abort";
             break;

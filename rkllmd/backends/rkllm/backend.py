@@ -45,9 +45,12 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from rkllmd.backends.base import (
     CONVERSATION,
@@ -57,14 +60,18 @@ from rkllmd.backends.base import (
     GenerationStats,
     PrefixState,
     Progress,
+    Run,
     SamplingParams,
     TextSink,
 )
+from rkllmd.backends.cpu.tokenizer import END_OF_GENERATION_TEXTS, StreamDecoder
 from rkllmd.backends.rkllm import abi as rk
 from rkllmd.backends.rkllm.devices import driver_version, npu_nodes
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
-from rkllmd.backends.stops import StopMatcher
+from rkllmd.backends.stops import StopMatcher, TokenText
+from rkllmd.constraints import ConstraintError, Vocabulary
+from rkllmd.sampling import Sampler, logprob_entry
 from rkllmd.templates import load as load_template
 
 log = logging.getLogger(__name__)
@@ -114,11 +121,14 @@ class RkllmBackend(Backend):
         repeat_penalty: float = 1.0,
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
+        tokenizer: Path | None = None,
     ):
         """Configure; nothing is opened until ``load()``.
 
         ``cpu_mask`` 0 keeps the runtime's default CPU set; the sampling values are the
-        init values (the only ones a 1.2 runtime uses).
+        init values (the only ones a 1.2 runtime uses). ``tokenizer``: the model's
+        ``tokenizer.json``, with which the daemon samples itself (constrained output,
+        logprobs) from the runtime's logits.
         """
         super().__init__()
         if runtime not in ("auto", *rk.GENERATIONS):
@@ -143,6 +153,8 @@ class RkllmBackend(Backend):
         self._running = False
         # What the runtime's KV history holds, when known for sure (None: clear it first).
         self._history: PrefixState | None = None
+        self.tokenizer = Path(tokenizer) if tokenizer is not None else None
+        self._vocabulary: Vocabulary | None = None
 
     # --- lifecycle --------------------------------------------------------------------
     def load(self, progress: Callable[[str], None] | None = None) -> None:
@@ -307,15 +319,7 @@ class RkllmBackend(Backend):
     ) -> GenerationStats:
         rt = self._require_runtime()
         started = time.monotonic()
-        if prefix is not None and not prompt_text.startswith(prefix.text):
-            raise ValueError(f"the prompt does not start with prefix {prefix.name!r}'s text")
-        sent = prompt_text
-        if prefix is not None and prefix.kind == CONVERSATION and prefix is self._history:
-            sent = prompt_text[len(prefix.text):]  # the runtime holds the rest
-        else:
-            self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
-            rt.clear_kv_cache()
-        self._history = None  # until this run ends as the runtime decides
+        sent = self._input_after(prompt_text, prefix)
         limit = min((n for n in (params.max_tokens, self.max_new_tokens) if n > 0), default=0)
         stream = _Stream(sink, params.stop, limit, self.heartbeat, self.cancelled.is_set, rt.abort)
         per_request: dict[str, Any] = {}
@@ -336,13 +340,58 @@ class RkllmBackend(Backend):
             )
         return stats
 
+    def _input_after(self, prompt_text: str, prefix: PrefixState | None) -> str:
+        """The runtime made ready for ``prompt_text`` (its history continued, or cleared and
+        ``prefix``'s prompt cache loaded); the text to send it: the prompt's new part, or all."""
+        if prefix is not None and not prompt_text.startswith(prefix.text):
+            raise ValueError(f"the prompt does not start with prefix {prefix.name!r}'s text")
+        sent = prompt_text
+        if prefix is not None and prefix.kind == CONVERSATION and prefix is self._history:
+            sent = prompt_text[len(prefix.text):]  # the runtime holds the rest
+        else:
+            self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
+            self._require_runtime().clear_kv_cache()
+        self._history = None  # until this run ends as the runtime decides
+        return sent
+
+    # --- the daemon samples: the runtime's logits mode -------------------------------------
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The model's tokenizer (``[rkllm] tokenizer``) as the constraint engine sees it:
+        the daemon samples only with it. Built at the first request that needs it."""
+        if self._vocabulary is None:
+            if self.tokenizer is None:
+                raise ConstraintError(
+                    "format",
+                    "constrained output and logprobs on the NPU need the model's tokenizer: set [rkllm] tokenizer "
+                    "to the tokenizer.json the .rkllm model was converted from",
+                )
+            try:
+                text = self.tokenizer.read_text(encoding="utf-8")
+                self._vocabulary = Vocabulary.from_tokenizer_json(text, (*END_OF_GENERATION_TEXTS, self.template.tokens.get("eos_token", "")))
+            except (OSError, ValueError) as exc:
+                raise BackendError(f"[rkllm] tokenizer {self.tokenizer}: {exc}") from None
+        return self._vocabulary
+
+    def start(self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink) -> Run:
+        if not params.daemon_samples:
+            return super().start(prompt_text, params, prefix, sink)
+        return _LogitsRun(self, prompt_text, params, prefix, sink)
+
+    def step(self, runs: Sequence[Run]) -> None:
+        for run in runs:
+            if isinstance(run, _LogitsRun):
+                run.advance()
+            else:
+                super().step([run])
+
     def abort(self) -> None:
         super().abort()
         with self._run_lock:
             if self._running and self._rt is not None:
                 self._rt.abort()
 
-    def _run(self, rt: RkllmRuntime, prompt: str, stream: _Stream, **kwargs: Any) -> int:
+    def _run(self, rt: RkllmRuntime, prompt: str | list[int], stream: _Stream | _Logits, **kwargs: Any) -> int:
         with self._run_lock:
             self._running = not self.cancelled.is_set()
         if not self._running:  # aborted before the runtime was even called
@@ -495,7 +544,131 @@ class _Stream:
         return rk.CALLBACK_PAUSE
 
 
-def _raise_on_failure(rc: int, stream: _Stream, what: str) -> None:
+class _Logits:
+    """One logits-mode run's callbacks: the last row of its logits block (the next token's;
+    whether the block holds a row per input position is not documented: shared/rkllm-abi),
+    copied before the runtime frees it, and the FINISH statistics."""
+
+    def __init__(self) -> None:
+        self.row: np.ndarray | None = None
+        self.perf: _Perf | None = None
+        self.error_state = False
+        self.finish_reason: str | None = None  # "cancelled" when aborted where no callback saw it
+
+    def on_result(self, state: int, result: rk.RKLLMResult) -> int:
+        if state == rk.RKLLM_RUN_FINISH:
+            p = result.perf
+            self.perf = _Perf(p.prefill_time_ms, p.prefill_tokens, p.generate_time_ms, p.generate_tokens)
+        elif state == rk.RKLLM_RUN_ERROR:
+            self.error_state = True
+        else:
+            block = result.logits
+            if block.logits and block.vocab_size > 0 and block.num_tokens > 0:
+                size = block.vocab_size
+                rows = np.ctypeslib.as_array(block.logits, shape=(block.num_tokens * size,))
+                self.row = rows[(block.num_tokens - 1) * size :].copy()
+        return rk.CALLBACK_CONTINUE
+
+    def finish(self) -> None:
+        """Nothing is held back: a logits run produces no text."""
+
+
+class _LogitsRun(Run):
+    """A generation whose tokens the daemon samples (a constraint, logprobs): the runtime in
+    its logits mode, one ``rkllm_run`` a step, ``keep_history`` on, as public code drives it
+    (shared/rkllm-abi): the prompt's run prefills it and yields the first logits; each
+    chosen token goes back as token input, whose run yields the next. The runtime's history
+    then holds our tokens, not text: it is not resumed by the next turn (cleared instead).
+
+    The repeat penalty's window sees the prompt as the tokenizer cuts it (the runtime's own
+    cut is not visible) and the tokens chosen."""
+
+    def __init__(self, backend: RkllmBackend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink):
+        super().__init__(backend.count_tokens(prompt_text))
+        vocabulary = backend.vocabulary
+        guide = vocabulary.guide(params.constraint) if params.constraint is not None else None
+        self.backend = backend
+        self.sampler = Sampler(params, guide=guide)
+        self.vocabulary = vocabulary
+        self.prefix = prefix
+        self.text = TokenText(StreamDecoder(vocabulary.token_bytes), params.stop, sink)
+        self.limit = min((n for n in (params.max_tokens, backend.max_new_tokens) if n > 0), default=params.max_tokens)
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.recent = vocabulary.encode(prompt_text)[-64:]
+        self.next_input: str | list[int] = backend._input_after(prompt_text, prefix)
+        self.to_prefill = self.stats.prompt_tokens
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        self.aborted.set()
+        self.backend.abort()
+
+    def advance(self) -> None:
+        """One run of the runtime, one token sampled from its logits (or the end)."""
+        backend, rt = self.backend, self.backend._require_runtime()
+        if self.aborted.is_set():
+            self.finish("cancelled")
+            return
+        logits = _Logits()
+        per_request = {"max_new_tokens": 1} if rt.abi.per_request_sampling else {}
+        rc = backend._run(rt, self.next_input, logits, mode=rk.RKLLM_INFER_GET_LOGITS, keep_history=True, **per_request)
+        if self.aborted.is_set() or logits.finish_reason == "cancelled":
+            self.finish("cancelled")
+            return
+        _raise_on_failure(rc, logits, "generation (logits mode)")
+        if logits.row is None:
+            raise BackendError("the runtime's logits mode gave no logits (GET_LOGITS is not supported by this runtime?)")
+        stats = self.stats
+        if self.phase == "prefill":
+            self.phase, self.prefilled = "decode", self.to_prefill
+            cached = self.prefix.n_tokens if self.prefix is not None else 0
+            stats.cached_tokens = cached
+            if logits.perf is not None:
+                stats.prompt_tokens, stats.prefill_ms = logits.perf.prefill_tokens + cached, logits.perf.prefill_time_ms
+        self.sample(logits.row)
+
+    def sample(self, row: np.ndarray) -> None:
+        stats, sampler = self.stats, self.sampler
+        try:
+            token = sampler.sample(row, self.recent)
+        except ConstraintError as exc:  # the engine failed: this answer ends
+            log.error("generation ended: %s", exc)
+            self.finish("error")
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            stats.ttft_ms = (self.first_token_at - self.started) * 1e3
+        if token in self.vocabulary.end_ids:
+            self.finish("stop")
+            return
+        if sampler.logprob is not None:
+            self.logprobs.append(logprob_entry(self.vocabulary.token_bytes, token, sampler.logprob))
+        stats.completion_tokens += 1
+        self.recent = [*self.recent[1:], token] if len(self.recent) >= 64 else [*self.recent, token]
+        ended = self.text.feed(token)
+        if ended:
+            self.finish(ended)
+        elif sampler.guide is not None and sampler.guide.stopped:
+            self.finish("stop")  # the constraint's document is complete
+        elif stats.completion_tokens >= self.limit or stats.prompt_tokens + stats.completion_tokens >= self.backend.context_length:
+            self.finish("length")
+        else:
+            self.next_input = [token]
+
+    def finish(self, reason: str) -> None:
+        """End with ``reason``; what the decoder and the stop matcher held back goes out."""
+        stats = self.stats
+        stats.finish_reason = self.text.finish(reason)
+        now = time.monotonic()
+        if self.first_token_at is None:
+            stats.ttft_ms = stats.prefill_ms = stats.prefill_ms or (now - self.started) * 1e3
+        else:
+            stats.decode_ms = (now - self.first_token_at) * 1e3
+        self.done = True
+
+
+def _raise_on_failure(rc: int, stream: _Stream | _Logits, what: str) -> None:
     if rc != 0:
         state = " after an ERROR callback" if stream.error_state else ""
         raise BackendError(f"{what} failed: rkllm_run returned {rc}{state}", code=rc)
