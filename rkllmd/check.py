@@ -262,6 +262,7 @@ class _Checker:
             out["library"] = str(path)
             self.library(path, out, problem)
         out["model"] = self.npu_model(problem)
+        out["tokenizer"] = self.npu_tokenizer()
         out["devices"] = self.npu_devices(problem)
         version, source = devices.driver_version(self.sysfs, self.proc)
         out["driver"] = {"version": version, "source": source}
@@ -321,6 +322,19 @@ class _Checker:
         if path.suffix.lower() != MODEL_SUFFIX:
             problem(f"model {path} is not an {MODEL_SUFFIX} file", "point [rkllm] model at the .rkllm file")
         return out
+
+    def npu_tokenizer(self) -> dict[str, Any]:
+        """The model's tokenizer.json, with which the daemon samples itself (constrained output,
+        logprobs); without it the daemon runs, and refuses only those requests."""
+        value = self.config["rkllm.tokenizer"]
+        if not value:
+            return {"path": None, "daemon_samples": False}
+        path = Path(value).expanduser()
+        readable = path.is_file() and self.account.blocked_at(path, _R) is None and os.access(path, os.R_OK)
+        if not readable:
+            self.problem(f"[rkllm] tokenizer {path} is not a readable file: requests for constrained output or logprobs will be refused",
+                         "point [rkllm] tokenizer at the tokenizer.json of the model the .rkllm file was converted from", fatal=False)
+        return {"path": str(path), "daemon_samples": readable}
 
     def npu_devices(self, problem) -> list[dict[str, Any]]:
         nodes = devices.npu_nodes(self.dev, self.sysfs)

@@ -129,6 +129,22 @@ def test_no_model_configured(npu_env, tmp_path):
     assert "no .rkllm model configured" in problems(report)
 
 
+def test_the_models_tokenizer_is_checked_but_never_stops_a_start(npu_env, tmp_path):
+    """[rkllm] tokenizer lets the daemon sample itself (constrained output, logprobs): without
+    it those requests are refused, and a file that is not there is a warning, not a failure."""
+    report = as_json(rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env=npu_env))
+    assert report["rkllm"]["tokenizer"] == {"path": None, "daemon_samples": False}
+    missing = tmp_path / "tokenizer.json"
+    report = as_json(rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env={**npu_env, "RKLLMD_RKLLM_TOKENIZER": str(missing)}))
+    assert report["rkllm"]["tokenizer"] == {"path": str(missing), "daemon_samples": False}
+    assert not [p for p in report["problems"] if "tokenizer" in p["what"]]
+    [warning] = [w for w in report["warnings"] if "tokenizer" in w["what"]]
+    assert "will be refused" in warning["what"]
+    missing.write_text("{}")
+    report = as_json(rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env={**npu_env, "RKLLMD_RKLLM_TOKENIZER": str(missing)}))
+    assert report["rkllm"]["tokenizer"]["daemon_samples"] and not [w for w in report["warnings"] if "tokenizer" in w["what"]]
+
+
 # --- the NPU device nodes ---------------------------------------------------------------------------
 def test_healthy_npu_setup(npu_env, tmp_path):
     out = rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env=npu_env, prefix=private_dev.prefix("0660"))
