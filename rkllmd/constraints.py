@@ -29,8 +29,10 @@ Two choices keep a constrained answer the model's own:
   the question.
 * Whitespace in JSON is bounded, as llama.cpp bounds it: between two tokens of the
   document, up to 40 spaces or tabs, or one line break and up to 40 of them (enough for
-  any indentation a model writes). Unbounded, a small model may loop on blank lines until
-  ``max_tokens``. A schema's own ``x-guidance`` options (llguidance's) take precedence.
+  any indentation a model writes); up to 8 characters of it before and after the document
+  (JSON allows them: a model that ends its answer with a line break keeps it). Unbounded,
+  a small model may loop on blank lines until ``max_tokens``. A schema's own
+  ``x-guidance`` options (llguidance's) take precedence within the document.
 """
 
 from __future__ import annotations
@@ -126,10 +128,10 @@ def from_request(
     if field == "grammar":  # the option goes last, so the engine's line numbers are the caller's
         lark = _user_grammar(grammar or "") + "\n" + _NO_FORCING
     elif field == "format":
-        lark = _NO_FORCING + _start(reasoning, reasoning_opened) + _json_rule("body", _schema_of(format))
+        lark = _NO_FORCING + _start(reasoning, reasoning_opened, padded=True) + _json_rule("body", _schema_of(format))
     else:  # forced, where the grammar allows one text: the call's syntax in its canonical tokens
         fmt = tool_format if tool_format in TOOL_CALL_SYNTAX else HERMES
-        lark = _start(reasoning, reasoning_opened) + _tool_call_rules(forced, fmt)
+        lark = _start(reasoning, reasoning_opened, padded=False) + _tool_call_rules(forced, fmt)
     llg = _llguidance()
     compiled = llg.LLMatcher.grammar_from_lark(lark)
     error = llg.LLMatcher.validate_grammar(compiled)
@@ -206,15 +208,20 @@ def _tool_call_rules(tools: Sequence[Mapping[str, Any]], fmt: str) -> str:
     return f"body: {json.dumps(before)} call {json.dumps(after)}\n" + _json_rule("call", schema, _CALL_LAYOUT)
 
 
-def _start(markers: tuple[str, str] | None, opened: bool) -> str:
+def _start(markers: tuple[str, str] | None, opened: bool, *, padded: bool) -> str:
     """The start rule: ``body``, after a reasoning block of free text for a model that
-    reasons in the open (one the prompt opened must be closed first; otherwise optional)."""
+    reasons in the open (one the prompt opened must be closed first; otherwise optional).
+    ``padded``: a little whitespace may come before and after the body, as JSON allows
+    around a document: an answer the unconstrained model writes so stays its own."""
+    pad = "SPACE?" if padded else ""
+    rules = "SPACE: /[\\r\\n\\x20\\x09]{1,8}/\n"
     if markers is None:
-        return "start: body\n"
+        return f"start: {pad} body {pad}\n{rules}"
     opening = json.dumps(markers[0])
     closing = json.dumps(markers[1])[1:-1].replace("/", "\\/")
-    block = "think BREAK?" if opened else f"({opening} think BREAK?)?"
-    return f"start: {block} body\nthink[lazy]: /(?s:.*){closing}/\nBREAK: /[\\r\\n\\x20\\x09]{{1,8}}/\n"
+    block = "think SPACE?" if opened else f"({opening} think SPACE?)?"
+    lead = "" if opened else pad
+    return f"start: {block} {lead} body {pad}\nthink[lazy]: /(?s:.*){closing}/\n{rules}"
 
 
 _AT = re.compile(r"^at \d+\(\d+\): (?:failed to compile JSON schema: )?")
@@ -312,7 +319,7 @@ class Guide:
             raise ConstraintError(constraint.field, f"{constraint.field}: {engine_reason(self._matcher.get_error(), ours=constraint.field != 'grammar')}")
         self._words = np.full((vocabulary.tokenizer.vocab_size + 31) // 32, -1, dtype=np.int32)
         self._lock = threading.Lock()
-        self._stopped = False
+        self._stopped = self._accepting = False
         self.mask_s = 0.0  # time spent computing masks (on the helper thread)
         self.wait_s = 0.0  # time the sampler waited for one (what the overlap did not hide)
         self.masks = 0
@@ -347,6 +354,7 @@ class Guide:
         with self._lock:
             consumed = self._matcher.consume_token(token)
             self._stopped = self._matcher.is_stopped()
+            self._accepting = self._matcher.is_accepting()
             failure = None if consumed else self._matcher.get_error()
         if failure is not None:
             raise ConstraintError(self.constraint.field, f"token {token} was chosen outside the constraint: {failure}")
@@ -357,3 +365,8 @@ class Guide:
     def stopped(self) -> bool:
         """Nothing but the end may follow the tokens accepted: the document is complete."""
         return self._stopped
+
+    @property
+    def accepting(self) -> bool:
+        """The tokens accepted make a complete document (which may go on: whitespace after it)."""
+        return self._accepting

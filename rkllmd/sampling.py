@@ -65,6 +65,16 @@ class Sampler:
             self.guide.accept(token)
         return token
 
+    def ended(self, at_limit: bool) -> str | None:
+        """Why the generation ends after the token just sampled, or None: "stop" when the
+        constraint's document is complete and nothing but the end may follow (the model is
+        not asked for its end token), or when the limit comes with the document complete;
+        "length" at the limit otherwise: an answer cut short is never called complete."""
+        guide = self.guide
+        if guide is not None and (guide.stopped or at_limit and guide.accepting):
+            return "stop"
+        return "length" if at_limit else None
+
     def _draw(self, logits: np.ndarray, allowed: np.ndarray | None) -> int:
         p = self.params
         vocab = logits.shape[0]

@@ -122,7 +122,8 @@ def test_json_is_any_object_with_bounded_whitespace(vocabulary, tokenizer) -> No
     constraint = from_request(format="json")
     assert accepts(vocabulary, tokenizer, constraint, '{"a": [1, {"b": null}],\n    "c": "x"}')
     assert not accepts(vocabulary, tokenizer, constraint, "[1, 2]")  # an object, as OpenAI's json_object and Ollama's "json"
-    assert not accepts(vocabulary, tokenizer, constraint, ' {"a": 1}')  # nothing before the document
+    assert accepts(vocabulary, tokenizer, constraint, ' {"a": 1}\n')  # as JSON allows, a little around the document
+    assert not accepts(vocabulary, tokenizer, constraint, '{"a": 1}' + " " * 9)  # but not much
     assert not accepts(vocabulary, tokenizer, constraint, '{"a":\n\n 1}')  # one line break at a time
     assert not accepts(vocabulary, tokenizer, constraint, '{"a":' + " " * 41 + "1}")
     # A schema that sets its own layout keeps it.

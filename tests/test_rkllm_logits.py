@@ -49,12 +49,13 @@ def pseudo_logits(seen: bytes) -> np.ndarray:
     return (x >> np.uint64(40)).astype(np.float32) / np.float32(1048576) - np.float32(8)
 
 
-def expected_greedy(tokenizer_text: str, prompt: str, grammar: str, end_ids: set[int], limit: int) -> tuple[list[int], float]:
-    """The tokens a masked greedy decoding on the fake must give, and the first one's
-    log-probability over the allowed tokens."""
+def expected_greedy(tokenizer_text: str, prompt: str, grammar: str, end_ids: set[int], limit: int) -> tuple[list[int], float, bool]:
+    """The tokens a masked greedy decoding on the fake must give, the first one's
+    log-probability over the allowed tokens, and whether an end token ended it (rather
+    than the grammar, complete, allowing nothing more)."""
     tokenizer = llguidance.LLTokenizer(tokenizer_text, eos_token=sorted(end_ids))
     matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-    seen, out, first = prompt.encode(), [], None
+    seen, out, first, by_end = prompt.encode(), [], None, False
     while len(out) < limit:
         bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), np.uint8), bitorder="little")[:VOCAB].astype(bool)
         logits = np.where(bits, pseudo_logits(seen), -np.inf)
@@ -63,13 +64,14 @@ def expected_greedy(tokenizer_text: str, prompt: str, grammar: str, end_ids: set
             values = logits[bits].astype(np.float64)
             first = float(logits[token] - (values.max() + np.log(np.exp(values - values.max()).sum())))
         if token in end_ids:
+            by_end = True
             break
         out.append(token)
         assert matcher.consume_token(token)
         if matcher.is_stopped():
             break
         seen += f"<[{token}]>".encode()
-    return out, first
+    return out, first, by_end
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_a_constrained_generation_is_the_masked_greedy_decoding_of_the_runtimes_
     prompt = backend.render([{"role": "user", "content": "Is the sky blue?"}])
     constraint = from_request(format=FLAG)
     text, generation = run(backend, prompt, SamplingParams(max_tokens=64, constraint=constraint, logprobs=2))
-    tokens, first_logprob = expected_greedy(tokenizer_file.read_text(), prompt, constraint.grammar, set(backend.vocabulary.end_ids), 64)
+    tokens, first_logprob, by_end = expected_greedy(tokenizer_file.read_text(), prompt, constraint.grammar, set(backend.vocabulary.end_ids), 64)
     assert text == backend.vocabulary.tokenizer.decode_str(tokens)
     jsonschema.validate(json.loads(text), FLAG)
     stats = generation.stats
@@ -109,10 +111,11 @@ def test_a_constrained_generation_is_the_masked_greedy_decoding_of_the_runtimes_
     assert stats.prompt_tokens == len(prompt.encode())  # the runtime's count: a byte a token in the fake
     assert [e["bytes"] for e in generation.logprobs] == [list(backend.vocabulary.token_bytes[t]) for t in tokens]
     assert generation.logprobs[0]["logprob"] == pytest.approx(first_logprob, abs=1e-9)
-    # One logits-mode run per token, history kept: the prompt, then each chosen token but the
-    # last (the document was complete: nothing more to compute).
+    # One logits-mode run per token, history kept: the prompt, then each chosen token (the
+    # last one too when the end token came after it; not when the grammar allowed nothing more).
     runs = [args for name, args in calls() if name == "rkllm_run"]
-    assert [(r["mode"], r["input"], r["keep_history"]) for r in runs] == [("2", "prompt", "1")] + [("2", "token", "1")] * (len(tokens) - 1)
+    fed = len(tokens) if by_end else len(tokens) - 1
+    assert [(r["mode"], r["input"], r["keep_history"]) for r in runs] == [("2", "prompt", "1")] + [("2", "token", "1")] * fed
 
 
 def test_logprobs_alone_sample_from_the_logits_too_and_max_tokens_cuts(backend, calls) -> None:  # noqa: F811

@@ -150,15 +150,11 @@ class CpuRun(Run):
             self.logprobs.append(logprob_entry(self.token_bytes, token, sampler.logprob))
         stats.completion_tokens += 1
         self.history.append(token)
-        ended = self.text.feed(token)
+        ended = self.text.feed(token) or sampler.ended(stats.completion_tokens >= self.max_new)
         if ended:
             self.finish(ended)
-        elif sampler.guide is not None and sampler.guide.stopped:
-            self.finish("stop")  # the constraint's document is complete: only the end may follow
-        elif stats.completion_tokens < self.max_new:
-            self.pending = token
         else:
-            self.finish("length")
+            self.pending = token
 
     def finish(self, reason: str) -> None:
         """End with ``reason``; what the stop matcher and the decoder held back goes out."""

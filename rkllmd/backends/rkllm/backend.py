@@ -646,13 +646,10 @@ class _LogitsRun(Run):
             self.logprobs.append(logprob_entry(self.vocabulary.token_bytes, token, sampler.logprob))
         stats.completion_tokens += 1
         self.recent = [*self.recent[1:], token] if len(self.recent) >= 64 else [*self.recent, token]
-        ended = self.text.feed(token)
+        full = stats.completion_tokens >= self.limit or stats.prompt_tokens + stats.completion_tokens >= self.backend.context_length
+        ended = self.text.feed(token) or sampler.ended(full)
         if ended:
             self.finish(ended)
-        elif sampler.guide is not None and sampler.guide.stopped:
-            self.finish("stop")  # the constraint's document is complete
-        elif stats.completion_tokens >= self.limit or stats.prompt_tokens + stats.completion_tokens >= self.backend.context_length:
-            self.finish("length")
         else:
             self.next_input = [token]
 
