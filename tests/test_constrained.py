@@ -93,14 +93,15 @@ def test_streams_decoded_together_keep_their_constraints_and_are_what_they_are_a
 
 
 def test_every_answer_at_temperature_one_validates_whatever_the_seed(daemon) -> None:
-    """12 seeds of short schemas, four at a time (batched): not one answer outside its schema."""
+    """8 seeds of short schemas, four at a time (batched): not one answer outside its schema
+    (test_http_structured.py runs more seeds through every client)."""
     results: dict[int, object] = {}
 
     def run(seed: int) -> None:
         schema = (TOY, FLAG, BOUNDED_PERSON)[seed % 3]
         results[seed] = (schema, generate(daemon, prompt=BOB, format=schema, temperature=1.0, seed=seed, max_tokens=96))
 
-    for group in range(3):
+    for group in range(2):
         threads = [threading.Thread(target=run, args=(seed,)) for seed in range(group * 4, group * 4 + 4)]
         for t in threads:
             t.start()

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..constraints import Constraint
+from ..constraints import Constraint, ConstraintError
 from ..templates import ChatTemplate
 
 
@@ -293,7 +293,8 @@ class Backend(abc.ABC):
         """Open a generation, as ``generate`` describes it, to be advanced by ``step``.
         Raises (ContextOverflow, BackendError, constraints.ConstraintError) before anything runs."""
         if params.daemon_samples:
-            raise BackendError(f"the {self.kind} backend cannot constrain its output or report log-probabilities")
+            field = params.constraint.field if params.constraint is not None else "logprobs"
+            raise ConstraintError(field, f"the {self.kind} backend cannot constrain its output or report log-probabilities")
         return _WholeRun(self, prompt_text, params, prefix, sink)
 
     def step(self, runs: Sequence[Run]) -> None:
