@@ -361,11 +361,7 @@ class RkllmBackend(Backend):
         the daemon samples only with it. Built at the first request that needs it."""
         if self._vocabulary is None:
             if self.tokenizer is None:
-                raise ConstraintError(
-                    "format",
-                    "constrained output and logprobs on the NPU need the model's tokenizer: set [rkllm] tokenizer "
-                    "to the tokenizer.json the .rkllm model was converted from",
-                )
+                raise BackendError("no [rkllm] tokenizer configured")
             try:
                 text = self.tokenizer.read_text(encoding="utf-8")
                 self._vocabulary = Vocabulary.from_tokenizer_json(text, (*END_OF_GENERATION_TEXTS, self.template.tokens.get("eos_token", "")))
@@ -585,6 +581,12 @@ class _LogitsRun(Run):
 
     def __init__(self, backend: RkllmBackend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink):
         super().__init__(backend.count_tokens(prompt_text))
+        if backend.tokenizer is None:
+            raise ConstraintError(
+                params.constraint.field if params.constraint is not None else "logprobs",
+                "constrained output and logprobs on the NPU need the model's tokenizer: set [rkllm] tokenizer "
+                "to the tokenizer.json the .rkllm model was converted from",
+            )
         vocabulary = backend.vocabulary
         guide = vocabulary.guide(params.constraint) if params.constraint is not None else None
         self.backend = backend
@@ -595,7 +597,7 @@ class _LogitsRun(Run):
         self.limit = min((n for n in (params.max_tokens, backend.max_new_tokens) if n > 0), default=params.max_tokens)
         self.started = time.monotonic()
         self.first_token_at: float | None = None
-        self.recent = vocabulary.encode(prompt_text)[-64:]
+        self.recent = vocabulary.encode(prompt_text)[-64:] if params.repeat_penalty != 1.0 else []
         self.next_input: str | list[int] = backend._input_after(prompt_text, prefix)
         self.to_prefill = self.stats.prompt_tokens
         self.aborted = threading.Event()
