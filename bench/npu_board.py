@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from rkllmd.backends.base import GenerationStats, PrefixState, SamplingParams  # noqa: E402
 from rkllmd.backends.rkllm.backend import RkllmBackend  # noqa: E402
+from rkllmd.backends.rkllm.devices import read_driver  # noqa: E402
 from rkllmd.constraints import from_request  # noqa: E402
 
 RULES = (
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = {
         "board": read("/proc/device-tree/model"), "kernel": platform.release(),
-        "npu_driver": read("/sys/kernel/debug/rknpu/version"), "runtime": facts.get("runtime"),
+        "npu_driver": read_driver().text or read_driver().why, "runtime": facts.get("runtime"),
         "library": facts.get("library"), "model": str(args.model),
         "model_mib": round(os.path.getsize(args.model) / 2**20), "load_s": round(load_s, 1),
         "template": args.template, "context_length": args.context_length, "cpu_mask": hex(args.cpu_mask),

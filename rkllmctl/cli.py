@@ -4,63 +4,14 @@ and errors reported here: on stderr, or with ``--json`` as one JSON object on st
 from __future__ import annotations
 
 import argparse
-import enum
 import sys
-from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
-from rkllmd import __version__
-
-from . import commands
-from .client import Client
+from .commands import Aborted, UsageError, build_parser, print_json
 from .errors import DaemonError, DaemonUnreachable, GenerationCutShort, PermissionDenied, ProtocolViolation, RkllmError
+from .exits import EXIT_CODES, ExitCode
 
-
-class ExitCode(enum.IntEnum):
-    """Documented in README.md and the man page (EXIT_CODES)."""
-
-    OK = 0
-    DAEMON_ERROR = 1
-    USAGE = 2  # argparse uses 2 as well
-    UNREACHABLE = 3
-    PROTOCOL = 4
-    PERMISSION = 5
-    TIMEOUT = 124  # as timeout(1)
-    INTERRUPTED = 130  # as a shell reports SIGINT
-
-
-EXIT_CODES: dict[ExitCode, str] = {
-    ExitCode.OK: "success",
-    ExitCode.DAEMON_ERROR: "the daemon answered with an error, or cut a generation short (it is shutting down)",
-    ExitCode.USAGE: "usage error",
-    ExitCode.UNREACHABLE: "the daemon is not reachable (no socket, nothing listening, no answer within --timeout), or it closed the connection during a generation",
-    ExitCode.PROTOCOL: "the daemon said something the protocol does not allow (a bug on one side)",
-    ExitCode.PERMISSION: "permission denied on the socket: only members of group rkllm may use it",
-    ExitCode.TIMEOUT: "cache wait ran out of time",
-    ExitCode.INTERRUPTED: "interrupted by Ctrl-C; the generation was cancelled on the daemon",
-}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, whose usage errors are reported like every other error (JSON with --json)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise commands.UsageError(message, usage=self.format_usage(), prog=self.prog)
-
-
-def build_parser() -> Parser:
-    parser = Parser(prog="rkllmctl", description="Talk to rkllmd: generate, chat, manage prompt caches.")
-    parser.add_argument("--socket", type=Path, help="daemon socket (default: as rkllmd resolves it, or /run/rkllmd/rkllmd.sock)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon's first answer (default 10)")
-    parser.add_argument("--version", action="version", version=f"rkllmctl {__version__}")
-    # Also before the command (``rkllmctl --json status``), as scripts tend to write it; its
-    # own dest, since a command's --json default would overwrite a shared one.
-    parser.add_argument("--json", dest="json_first", action="store_true",
-                        help="machine-readable output where the command has it (as the command's --json), and errors as JSON")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in commands.MODULES:
-        module.register(sub)
-    return parser
+__all__ = ["EXIT_CODES", "ExitCode", "build_parser", "exit_code", "main", "report"]
 
 
 def exit_code(error: Exception) -> ExitCode:
@@ -68,7 +19,8 @@ def exit_code(error: Exception) -> ExitCode:
     if isinstance(error, DaemonError):
         return ExitCode.TIMEOUT if error.name == "timeout" else ExitCode.DAEMON_ERROR
     for kind, code in (
-        (commands.UsageError, ExitCode.USAGE),
+        (UsageError, ExitCode.USAGE),
+        (Aborted, ExitCode.DAEMON_ERROR),
         (GenerationCutShort, ExitCode.DAEMON_ERROR),
         (PermissionDenied, ExitCode.PERMISSION),
         (DaemonUnreachable, ExitCode.UNREACHABLE),
@@ -79,18 +31,29 @@ def exit_code(error: Exception) -> ExitCode:
     raise error
 
 
-def report(error: commands.UsageError | RkllmError, as_json: bool) -> None:
+def report(error: UsageError | Aborted | RkllmError, as_json: bool) -> None:
     """The error on stderr, or as ``{"error": {code, name, message, details}}`` on stdout
     (the shape of the daemon's own error messages; ``code`` null for what never crossed
     the wire)."""
     if as_json:
         message = error.message if isinstance(error, DaemonError) else str(error)
-        commands.print_json({"error": {"code": error.code, "name": error.name, "message": message, "details": error.details}})
-    elif isinstance(error, commands.UsageError) and error.usage:
+        print_json({"error": {"code": error.code, "name": error.name, "message": message, "details": error.details}})
+    elif isinstance(error, UsageError) and error.usage:
         print(f"{error.usage}{error.prog}: error: {error}", file=sys.stderr)
     else:
         prefix = "protocol error: " if isinstance(error, ProtocolViolation) else ""
         print(f"rkllmctl: {prefix}{error}", file=sys.stderr)
+
+
+def connector(args: argparse.Namespace) -> Callable[[], Any]:
+    """What a verb calls to reach the daemon (the socket client is imported only then)."""
+
+    def connect() -> Any:
+        from .client import Client
+
+        return Client(args.socket, timeout=args.timeout)
+
+    return connect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,13 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         as_json = args.json = getattr(args, "json", False) or args.json_first
-        run: Callable[[argparse.Namespace, Callable[[], Client]], int] = args.run
-        return run(args, lambda: Client(args.socket, timeout=args.timeout))
+        run: Callable[[argparse.Namespace, Callable[[], Any]], int] = args.run
+        return run(args, connector(args))
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
     except BrokenPipeError:
         return ExitCode.OK  # stdout closed early (| head): not an error of ours
-    except (commands.UsageError, RkllmError) as exc:
+    except (UsageError, Aborted, RkllmError) as exc:
         report(exc, as_json)
         return exit_code(exc)
 

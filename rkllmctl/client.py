@@ -56,7 +56,7 @@ class GenerationResult:
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_error: str | None = None
     #: Each generated token's log-probabilities, in order, when the request asked for them
-    #: (protocol 1.4): ``{"token", "logprob", "bytes", "top_logprobs": [...]}``.
+    #: (protocol 1.5): ``{"token", "logprob", "bytes", "top_logprobs": [...]}``.
     logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -203,12 +203,15 @@ class Client:
         top_k: int | None = None,
         top_p: float | None = None,
         repeat_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
         seed: int | None = None,
         max_tokens: int | None = None,
         stop: list[str] | None = None,
         tools: list[dict[str, Any]] | None = None,
         vars: dict[str, Any] | None = None,
         enable_thinking: bool | None = None,
+        raw: bool = False,
         format: str | dict[str, Any] | None = None,
         grammar: str | None = None,
         tool_choice: str | dict[str, Any] | None = None,
@@ -217,9 +220,11 @@ class Client:
     ) -> Stream:
         """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
         reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
-        of docs/protocol.md (tool results, assistant ``tool_calls``). ``format`` ("json" or
-        a JSON Schema), ``grammar`` and a forced ``tool_choice`` constrain the answer;
-        ``logprobs`` adds each token's log-probability to the pieces and the result."""
+        of docs/protocol.md (tool results, assistant ``tool_calls``). ``raw``: ``prompt``
+        is the whole prompt text, sent without the template (protocol 1.4). ``format``
+        ("json" or a JSON Schema), ``grammar`` and a forced ``tool_choice`` constrain the
+        answer; ``logprobs`` adds each token's log-probability to the pieces and the result
+        (protocol 1.5)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -232,12 +237,15 @@ class Client:
             top_k=top_k,
             top_p=top_p,
             repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
             seed=seed,
             max_tokens=max_tokens,
             stop=stop or None,
             tools=tools,
             vars=vars,
             enable_thinking=enable_thinking,
+            raw=raw or None,
             format=format,
             grammar=grammar,
             tool_choice=tool_choice,

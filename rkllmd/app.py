@@ -161,11 +161,10 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     if notifier.watchdog_interval:
         notifier.start_watchdog(lambda: worker.healthy(within=notifier.watchdog_interval))
     try:
-        daemon.serve()
+        daemon.serve()  # its shutdown stops the worker, which closes the backend after its last call
     finally:
         notifier.stopping()
         daemon.paths.stop()
-        worker.backend.close()
     return daemon.exit_status
 
 
@@ -204,7 +203,9 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     ctx.disk.submit(ctx.store.collect)
     daemon.paths.configure(config.cache)
     if moved:
-        ctx.disk.submit(caches.relocate, TextStore(text_dir, config.cache.max_text_bytes), BinaryStore(binary_dir, caches.binaries.identity))
+        # The binary store's identity is the one of the backend serving when it runs: a model
+        # swap of this same reload may run on the worker before or after it.
+        ctx.disk.submit(caches.move, TextStore(text_dir, config.cache.max_text_bytes), binary_dir)
         daemon.paths.use_text_folder(watcher)
         log.info("reload: caches now in %s and %s", text_dir, binary_dir)
 

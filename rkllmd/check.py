@@ -52,9 +52,18 @@ log = logging.getLogger("rkllmd.check")
 SERVICE_USER = "rkllmd"
 SERVICE_GROUP = "rkllm"
 SERVICE_SUPPLEMENTARY_GROUPS = ("render", "video")
-# The runtime's own warning names this minimum ("Your rknpu driver version is too low,
-# please upgrade to 0.9.7.").
+# The NPU driver: the runtime warns below 0.9.7 ("Your rknpu driver version is too low,
+# please upgrade to 0.9.7"); the RKLLM SDK user guide (1.2.1 on) asks for 0.9.8, the
+# driver rknn-llm ships (rknpu-driver/rknpu_driver_0.9.8_20241009.tar.bz2).
 MIN_DRIVER = (0, 9, 7)
+SDK_DRIVER = (0, 9, 8)
+#: The first toolkit release whose models the current runtimes load (1.1.0 changed the
+#: format: "incompatible with older version models", the vendor's CHANGELOG).
+OLDEST_TOOLKIT = (1, 1, 0)
+#: How a model converted by rkllm-toolkit ends: this text and its release (e.g. "...: 1.2.1b1").
+TOOLKIT_FOOTER = re.compile(rb"rkllm-toolkit version: ([0-9][0-9A-Za-z.+-]{0,31})$")
+#: A platform in a model's file name, as converters name them ("..._w8a8_rk3588.rkllm").
+NAMED_PLATFORM = re.compile(r"(?<![a-z0-9])(r[kv]\d{4}[a-z]?)(?![0-9])", re.IGNORECASE)
 LOW_FREE_BYTES = 256 << 20
 _R, _W, _X = 4, 2, 1
 
@@ -261,17 +270,33 @@ class _Checker:
         if path is not None:
             out["library"] = str(path)
             self.library(path, out, problem)
-        out["model"] = self.npu_model(problem)
+        out["board"] = devices.board_soc(self.sysfs)
+        out["model"] = self.npu_model(problem, out["release"], out["board"])
         out["tokenizer"] = self.npu_tokenizer()
         out["devices"] = self.npu_devices(problem)
-        version, source = devices.driver_version(self.sysfs, self.proc)
-        out["driver"] = {"version": version, "source": source}
-        numbers = re.search(r"(\d+)\.(\d+)\.(\d+)", version or "")
-        if numbers and tuple(int(n) for n in numbers.groups()) < MIN_DRIVER:
-            self.problem(f"NPU driver {version} is older than 0.9.7, which the runtime asks for",
-                         "update the board's kernel (the rknpu driver is part of it)", fatal=False)
+        out["driver"] = self.npu_driver(problem)
         out["memory"] = self.memory(out["model"].get("size_bytes"), problem)
         return out
+
+    def npu_driver(self, problem) -> dict[str, Any]:
+        """The driver's version, or why it cannot be read; a warning below what the SDK asks."""
+        driver = devices.read_driver(self.sysfs, self.proc, self.dev)
+        if driver.mainline is not None:
+            problem(f"the NPU is driven by mainline Linux's rocket driver ({driver.mainline}): librkllmrt.so "
+                    "speaks only to Rockchip's rknpu driver",
+                    "boot a kernel with the vendor's rknpu driver (the board maker's image, Armbian's vendor kernel, "
+                    "Ubuntu Rockchip): docs/npu.md, \"The NPU driver\"")
+        version = driver.version
+        fix = ("update the board's kernel: the driver is part of it (an image with a newer vendor kernel, or the kernel "
+               "rebuilt with rknn-llm's rknpu_driver_0.9.8 sources): docs/npu.md, \"The NPU driver\"")
+        shown = ".".join(map(str, version)) if version else ""
+        if version is not None and version < MIN_DRIVER:
+            self.problem(f"NPU driver {shown} is older than 0.9.7: the runtime warns \"Your rknpu driver version is too low\", "
+                         "and the RKLLM SDK asks for 0.9.8", fix, fatal=False)
+        elif version is not None and version < SDK_DRIVER:
+            self.problem(f"NPU driver {shown} is older than 0.9.8, which the RKLLM SDK user guide asks for "
+                         "(runtime 1.2.1 and later)", fix, fatal=False)
+        return driver.describe()
 
     def library(self, path: Path, out: dict[str, Any], problem) -> None:
         try:
@@ -304,7 +329,7 @@ class _Checker:
             self.problem(choice.warning, "run a verified release (1.2.1-1.2.3, 1.3.0) or report that this one works",
                          fatal=False)
 
-    def npu_model(self, problem) -> dict[str, Any]:
+    def npu_model(self, problem, runtime: str | None, board: str | None) -> dict[str, Any]:
         value = self.config["rkllm.model"]
         if not value:
             problem("no .rkllm model configured", "set [rkllm] model = \"/path/to/model.rkllm\" (or RKLLMD_RKLLM_MODEL)")
@@ -314,14 +339,43 @@ class _Checker:
         if out.get("readable"):
             with open(path, "rb") as f:
                 head = f.read(len(MODEL_MAGIC))
+                f.seek(max(0, out["size_bytes"] - 64))
+                tail = f.read(64)
             out["magic"] = "ok" if head == MODEL_MAGIC else _what_is(head)
             if head != MODEL_MAGIC:
                 problem(f"{path} is not a converted .rkllm model: {out['magic']} (the runtime would say "
                         "\"invalid rknn llm model magic\")",
                         "convert the model with rkllm-toolkit for this SoC, or point [rkllm] model at the .rkllm file")
+            else:
+                self.toolkit(out, tail, runtime)
         if path.suffix.lower() != MODEL_SUFFIX:
             problem(f"model {path} is not an {MODEL_SUFFIX} file", "point [rkllm] model at the .rkllm file")
+        self.named_platform(out, path, board)
         return out
+
+    def toolkit(self, out: dict[str, Any], tail: bytes, runtime: str | None) -> None:
+        """The toolkit release a model's last bytes name, against the runtime's release."""
+        found = TOOLKIT_FOOTER.search(tail)
+        out["toolkit"] = found.group(1).decode() if found else None
+        made, runs = _release(out["toolkit"]), _release(runtime)
+        if made is not None and made < OLDEST_TOOLKIT:
+            self.problem(f"the model was converted with rkllm-toolkit {out['toolkit']}, whose models runtimes from 1.1.0 "
+                         "refuse (\"the model version is too old, please use the latest toolkit to reconvert the model\")",
+                         "convert it again with the toolkit of the runtime's release", fatal=False)
+        elif made is not None and runs is not None and made > runs:
+            self.problem(f"the model was converted with rkllm-toolkit {out['toolkit']}, newer than the runtime {runtime} "
+                         "(it says \"The rkllm-runtime version is lower than the rkllm-toolkit version\")",
+                         f"install librkllmrt.so of release {out['toolkit']}, or convert the model with toolkit {runtime}",
+                         fatal=False)
+
+    def named_platform(self, out: dict[str, Any], path: Path, board: str | None) -> None:
+        """The platform a model's file name says it was converted for, against this board's SoC."""
+        named = {devices.soc_family(m) for m in NAMED_PLATFORM.findall(path.name)}
+        out["platform_in_name"] = sorted(named)[0] if len(named) == 1 else None
+        if out["platform_in_name"] is not None and board is not None and out["platform_in_name"] != board:
+            self.problem(f"the model's file name says {out['platform_in_name']}, but this board is {board}: a model "
+                         "converted for another platform fails at init (\"The model target_platform does not match!\")",
+                         f"use (or convert) the model for {board}", fatal=False)
 
     def npu_tokenizer(self) -> dict[str, Any]:
         """The model's tokenizer.json, with which the daemon samples itself (constrained output,
@@ -480,6 +534,12 @@ def _what_is(head: bytes) -> str:
     return f"its first bytes are {head.hex(' ')}, not the magic {MODEL_MAGIC.hex(' ')}"
 
 
+def _release(text: str | None) -> tuple[int, int, int] | None:
+    """(major, minor, patch) of a release such as "1.2.1b1" (its pre-release suffix ignored)."""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(int(n) for n in found.groups()) if found else None  # type: ignore[return-value]
+
+
 def _meminfo(proc: Path) -> dict[str, int]:
     try:
         text = (proc / "meminfo").read_text()
@@ -512,13 +572,14 @@ def log_report(report: Report) -> None:
         log.warning("%s (fix: %s)", finding.what, finding.fix)
 
 
-def main(config: Config, user: str | None, as_json: bool) -> int:
-    """``rkllmd check``: the report on stdout; exit 0 when the daemon would start, else 1."""
+def main(config: Config, user: str | None, as_json: bool, root: Path = Path("/")) -> int:
+    """``rkllmd check``: the report on stdout; exit 0 when the daemon would start, else 1.
+    ``root``: where the kernel's dev/, sys/ and proc/ are looked up (a copy of a board's)."""
     try:
         account = daemon_account(user)
     except KeyError:
         log.error("no user %r on this system", user)
         return 2
-    report = run_checks(config, account)
+    report = run_checks(config, account, dev=root / "dev", sysfs=root / "sys", proc=root / "proc")
     sys.stdout.write((json.dumps(report.as_json(), indent=1) if as_json else report.text()) + "\n")
     return 0 if report.ok else 1

@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None, check: bool = False) -> argparse.Namespac
         parser.add_argument("--json", action="store_true", help="the report as JSON, for scripts")
         parser.add_argument("--user", help="judge access for this account (default: the service's user rkllmd "
                                            "when it exists, else you)")
+        parser.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                            help="look for the kernel's dev/, sys/ and proc/ under DIR (a copy of a board's; tests)")
     else:
         parser = argparse.ArgumentParser(
             prog="rkllmd", description="Serve a language model on the NPU (or the CPU) over a ZeroMQ socket.",
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("rkllmd").error("configuration: %s", exc)
         return 2
     if check:
-        return check_main(config, args.user, args.json)
+        return check_main(config, args.user, args.json, args.root)
     return run(config, reload_config=lambda: load(args.config, flags=flags_of(args)))
 
 

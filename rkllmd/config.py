@@ -12,10 +12,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04): the same parser, as the package it came from
+    import tomli as tomllib
 
 
 DEFAULT_CONFIG_FILE = Path("/etc/rkllmd/rkllmd.toml")
@@ -47,6 +52,12 @@ class DaemonConfig:
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", low=1, high=1 << 20)
     max_prompt_chars: int = setting(262144, "longest text a request may carry (sum of message contents)", low=1, high=1 << 24)
     slow_client_timeout: float = setting(10.0, "seconds a client may leave its stream unread before its generation is aborted", low=0.1, high=3600.0)
+    build_max_wait_ms: int = setting(
+        1000,
+        "longest a cache build waits for the model while generations run: past it, the build gets its next prefill chunk between two generation steps (0: chunks and steps take turns)",
+        low=0,
+        high=3_600_000,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,8 @@ class SamplingConfig:
     top_k: int = setting(40, "0 disables", low=0, high=100_000)
     top_p: float = setting(0.95, "1.0 disables", low=0.0, high=1.0)
     repeat_penalty: float = setting(1.0, "1.0 disables", low=0.0, high=10.0)
+    frequency_penalty: float = setting(0.0, "OpenAI's: subtracted from a token's logit per time the completion has it; 0 disables", low=-2.0, high=2.0)
+    presence_penalty: float = setting(0.0, "OpenAI's: subtracted once from the logit of a token the completion has; 0 disables", low=-2.0, high=2.0)
     max_tokens: int = setting(256, "completion tokens when a request does not say", low=1, high=1 << 20)
 
 
@@ -82,7 +95,7 @@ class SamplingConfig:
 class CacheConfig:
     """[cache]: where text and binary caches live and how much of them is kept in memory."""
 
-    text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then cache/ of a source checkout, then $XDG_STATE_HOME/rkllmd/caches")
+    text_dir: str = setting("", "text caches (NAME.txt); empty: $STATE_DIRECTORY, then $XDG_STATE_HOME/rkllmd/caches")
     binary_dir: str = setting("", "binary caches; empty: $CACHE_DIRECTORY, then $XDG_CACHE_HOME/rkllmd")
     memory_budget_mb: int = setting(256, "MiB of prefix states kept in memory, text caches' and conversations' alike (LRU)", low=0, high=1 << 20)
     conversations: bool = setting(True, "keep each generation's state in memory so the conversation's next turn prefills only what is new (CPU backend)")
@@ -106,7 +119,7 @@ class RkllmConfig:
     runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
     model: str = setting("", ".rkllm model file for the NPU backend")
     template: str = setting("qwen2.5-instruct", "chat template the daemon renders: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json")
-    tokenizer: str = setting("", "the model's tokenizer.json (from the model it was converted from): with it the daemon samples from the runtime's logits, for constrained output and logprobs; empty: neither is offered")
+    tokenizer: str = setting("", "the model's tokenizer.json (Hugging Face; needs the npu extra): exact token counts, and the daemon's own sampling from the runtime's logits (constrained output, logprobs); empty: a prompt's tokens are bounded by its UTF-8 bytes + 1, so prompts get at most context_length bytes, and neither constrained output nor logprobs is offered")
     max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)
     n_keep: int = setting(-1, "tokens kept when the context shifts (-1: runtime default)", low=-1, high=1 << 20)
     cpu_mask: int = setting(0, "CPU cores the runtime may use, as a bit mask (0: runtime default)", low=0, high=2**32 - 1)

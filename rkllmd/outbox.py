@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from .backends.base import SamplingParams
 from .protocol import reply
@@ -36,19 +36,41 @@ _SUPERSEDED = ("queued", "progress")
 TOKEN_WAKE_INTERVAL_S = 0.04
 
 
+@dataclass(frozen=True)
+class Chat:
+    """What a generation's prompt is rendered from: by the model worker, with the template of
+    the model that will run it (a reload may change the model while the request waits).
+    A ``raw`` prompt is the whole prompt text, sent as it is (no template, no messages)."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    variables: dict[str, Any] | None = None
+    raw: str | None = None
+    # What the answer is constrained to (protocol 1.4), made a Constraint with the template:
+    # checked when the request arrives, shaped by the template of the model that runs it.
+    format: str | dict[str, Any] | None = None
+    grammar: str | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
 @dataclass(eq=False)
 class Generation:
     """One generate request, from arrival to its final message."""
 
     identity: bytes
     request_id: Any
-    prompt: str
-    output: OutputSplitter  # the raw output -> reasoning, answer, tool calls (worker thread only)
     params: SamplingParams
     cache: str | None
     use_cache: bool
     received: float
+    chat: Chat | None = None
     client: str = ""  # who asked, for status and fairness (Connections.client_name)
+    # Written by the model worker's preparation, under its lock: the prompt as the backend
+    # ``prepared_for`` runs it (rendered, tokenized), and how its output is split.
+    prompt: str = ""
+    prompt_ids: Sequence[int] | None = None
+    output: OutputSplitter | None = None  # the raw output -> reasoning, answer, tool calls (worker thread only)
+    prepared_for: object | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     # Stream state, guarded by the Outbox lock; ``seq`` is given as each message is sent.

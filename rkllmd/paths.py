@@ -49,19 +49,13 @@ def _xdg(env: Mapping[str, str], var: str, fallback: str) -> Path:
     return Path(env.get(var) or Path.home() / fallback)
 
 
-def checkout_cache_dir() -> Path | None:
-    """``cache/`` of the source checkout this code runs from, if it does."""
-    root = Path(__file__).resolve().parent.parent
-    folder = root / "cache"
-    return folder if (root / "pyproject.toml").is_file() and folder.is_dir() else None
-
-
 def default_text_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """systemd's StateDirectory, else the checkout's cache/ folder, else $XDG_STATE_HOME/rkllmd/caches."""
+    """systemd's StateDirectory, else $XDG_STATE_HOME/rkllmd/caches: a user's caches are
+    theirs, wherever rkllmd runs from (never a source checkout's cache/, which holds examples)."""
     env = os.environ if environ is None else environ
     if env.get("STATE_DIRECTORY"):
         return Path(env["STATE_DIRECTORY"].split(":")[0])
-    return checkout_cache_dir() or _xdg(env, "XDG_STATE_HOME", ".local/state") / "rkllmd" / "caches"
+    return _xdg(env, "XDG_STATE_HOME", ".local/state") / "rkllmd" / "caches"
 
 
 def default_binary_dir(environ: Mapping[str, str] | None = None) -> Path:

@@ -1,12 +1,21 @@
 """Choosing the next token from a model's logits.
 
 Temperature 0 is greedy: the argmax, without sorting the vocabulary. Otherwise, in
-order: repeat penalty, the constraint's mask, top-k, temperature, top-p, then a draw from
-what is left. The repeat penalty follows llama.cpp (a logit of a recently seen token is
-divided by the penalty when positive and multiplied by it otherwise, once per distinct
-token) and also applies in greedy mode, as in llama.cpp. Draws come from
-``numpy.random.Generator(PCG64(seed))``, so one seed always gives the same tokens
-for the same logits; ``seed=None`` takes fresh entropy.
+order: penalties, the constraint's mask, top-k, temperature, top-p, then a draw from
+what is left. The penalties also apply in greedy mode, as in llama.cpp and OpenAI's API:
+
+- the repeat penalty follows llama.cpp (a logit of a token among the last 64 of the
+  prompt and completion is divided by the penalty when positive and multiplied by it
+  otherwise, once per distinct token);
+- then the frequency and presence penalties follow OpenAI's definition, additive:
+  ``logit[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0)``, where
+  ``count(t)`` is how often this generation has produced ``t`` so far. As in OpenAI's
+  API and vLLM, only the completion counts, all of it: llama.cpp counts the prompt too,
+  within its last 64 tokens (``penalty_last_n``), which makes a long system prompt's
+  words penalised and a penalty's effect depend on the window.
+
+Draws come from ``numpy.random.Generator(PCG64(seed))``, so one seed always gives the
+same tokens for the same logits; ``seed=None`` takes fresh entropy.
 
 A constraint (``rkllmd.constraints.Guide``: a JSON Schema, a grammar, a forced tool call)
 masks the logits after the penalties and before anything that truncates the candidates,
@@ -34,24 +43,30 @@ DEFAULT_REPEAT_LAST_N = 64  # llama.cpp's default penalty window (prompt tokens 
 
 
 class Sampler:
-    """One generation's sampler: holds the random stream and the constraint's state (its
-    ``guide``, which moves past each token sampled), so create one per request."""
+    """One generation's sampler: holds the random stream, the completion's token counts and
+    the constraint's state (its ``guide``, which moves past each token sampled), so create
+    one per request."""
 
     def __init__(self, params: SamplingParams, repeat_last_n: int = DEFAULT_REPEAT_LAST_N, guide: Guide | None = None):
         self.params = params
         self.repeat_last_n = repeat_last_n
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
+        #: How often each token was picked so far (kept only when an additive penalty is set).
+        self.counts: dict[int, int] | None = {} if params.frequency_penalty or params.presence_penalty else None
         self.guide = guide
         #: After ``sample`` when the request asked for log-probabilities: (logprob of the
         #: token, [(id, logprob)] of the ``params.logprobs`` most likely allowed ones).
         self.logprob: tuple[float, list[tuple[int, float]]] | None = None
 
     def sample(self, logits: np.ndarray, recent_tokens: Sequence[int] = ()) -> int:
-        """Pick a token id (the guide moves past it). ``logits`` is not modified;
-        ``recent_tokens`` feeds the penalty."""
+        """Pick a token id, counting it as part of this generation's completion (the guide
+        moves past it). ``logits`` is not modified; ``recent_tokens`` (prompt and
+        completion) feeds the repeat penalty."""
         p = self.params
         if p.repeat_penalty != 1.0 and recent_tokens and self.repeat_last_n > 0:
             logits = self._penalized(logits, recent_tokens[-self.repeat_last_n :])
+        if self.counts:
+            logits = self._additive(logits, self.counts)
         allowed = None
         if self.guide is not None:
             allowed = self.guide.allowed(logits.shape[0])
@@ -63,6 +78,8 @@ class Sampler:
             self.logprob = _log_softmax_at(logits, token, p.logprobs)
         if self.guide is not None:
             self.guide.accept(token)
+        if self.counts is not None:
+            self.counts[token] = self.counts.get(token, 0) + 1
         return token
 
     def ended(self, at_limit: bool) -> str | None:
@@ -102,6 +119,14 @@ class Sampler:
         cumulative = np.cumsum(probs)
         choice = int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right"))
         return int(candidates[min(choice, len(probs) - 1)])
+
+    def _additive(self, logits: np.ndarray, counts: dict[int, int]) -> np.ndarray:
+        p = self.params
+        ids = np.fromiter(counts, np.int64, len(counts))
+        n = np.fromiter(counts.values(), np.float32, len(counts))
+        out = logits.copy()
+        out[ids] -= np.float32(p.frequency_penalty) * n + np.float32(p.presence_penalty)
+        return out
 
     def _penalized(self, logits: np.ndarray, recent: Sequence[int]) -> np.ndarray:
         penalty = np.float32(self.params.repeat_penalty)

@@ -22,10 +22,14 @@ from typing import Any, Callable
 
 from .caches.names import check_name
 from .protocol import PROTOCOL_VERSION, ErrorCode, WireError
-from .templates import RESERVED, ROLES
+
+#: Roles a message may have.
+ROLES = ("system", "user", "assistant", "tool")
+#: Names a request's template variables may not take: the renderer sets them.
+RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 4
+PROTOCOL_MINOR = 5
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -36,8 +40,11 @@ MINOR_VERSIONS = {
     3: "`queued` is sent again whenever the generation's position changes; `progress` messages (prefill tokens done of total); "
     "cache entries carry `build` (tokens done of total while building); `status` reports `requests` (running and queued generations), "
     "`build` (the cache build in progress) and `limits.max_batch`",
-    4: "constrained decoding: `generate` takes `format` (JSON, or a JSON Schema), `grammar` and `tool_choice` (a forced tool call); "
-    "`logprobs` and `top_logprobs`, and `token` messages may carry `logprobs`",
+    4: "`generate` takes `frequency_penalty`, `presence_penalty` and `raw`; `status.model.capabilities` "
+    "(`completion`, `tools`, `thinking`: what the model's template supports); `generate` refuses `tools` and "
+    "`enable_thinking` a model lacks (`invalid_field`, `details.capability`)",
+    5: "constrained decoding: `generate` takes `format` (JSON, or a JSON Schema), `grammar` and `tool_choice` (a forced tool call); "
+    "`logprobs` and `top_logprobs`, and `token` messages may carry `logprobs`; `done.finish_reason` may be `error`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -105,7 +112,7 @@ STREAM: dict[str, tuple[str, ...]] = {
     "done": ("seq", "finish_reason", "reason", "cache", "stats", "reasoning", "tool_calls", "tool_call_error"),
 }
 #: Keys a stream message carries only sometimes: a token's ``reasoning`` when the piece holds
-#: some, its ``logprobs`` (since 1.4) when the request asked for them.
+#: some, its ``logprobs`` (since 1.5) when the request asked for them.
 STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning", "logprobs")}
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
@@ -135,17 +142,23 @@ OPERATIONS: dict[str, Operation] = {
                 Field("top_k", "int", "0 disables", default=Setting("sampling.top_k"), low=0, high=100_000),
                 Field("top_p", "float", "1.0 disables", default=Setting("sampling.top_p"), low=0.0, high=1.0),
                 Field("repeat_penalty", "float", "1.0 disables", default=Setting("sampling.repeat_penalty"), low=0.0, high=10.0),
+                Field("frequency_penalty", "float", "OpenAI's: `logit -= frequency_penalty × count` of each token the completion has so far; 0 disables",
+                      default=Setting("sampling.frequency_penalty"), low=-2.0, high=2.0, since=4),
+                Field("presence_penalty", "float", "OpenAI's: `logit -= presence_penalty` once for each token the completion has; 0 disables",
+                      default=Setting("sampling.presence_penalty"), low=-2.0, high=2.0, since=4),
                 Field("seed", "int", "same seed and parameters, same output", low=0, high=2**64 - 1, default_doc="random"),
                 Field("max_tokens", "int", "completion tokens at most", default=Setting("sampling.max_tokens"), low=1, high=Setting("daemon.max_tokens_limit")),
                 Field("stop", "stops", f"up to {MAX_STOPS} strings of ≤{MAX_STOP_CHARS} chars; generation ends before the first one (in the raw output, reasoning included), which is not sent", default=()),
                 _TOOLS,
                 _VARS,
                 Field("enable_thinking", "bool", "sets `vars.enable_thinking` (templates that read it: qwen3)", since=2),
-                Field("format", "format", "the answer is JSON: `\"json\"` (any object) or a JSON Schema it validates against (see [Constrained output](#constrained-output))", since=4),
-                Field("grammar", "str", "the answer matches this grammar: llguidance's Lark, or GBNF (llama.cpp's `grammar`)", since=4),
-                Field("tool_choice", "tool_choice", "`\"auto\"`, `\"none\"` (`tools` are not offered), `\"required\"` (the answer is a call to one of `tools`) or `{\"type\": \"function\", \"function\": {\"name\": N}}` (a call to N); a forced call's arguments follow the tool's `parameters`", default_doc="auto", since=4),
-                Field("logprobs", "bool", "`token` messages carry each token's log-probability (see [Log-probabilities](#log-probabilities))", default=False, since=4),
-                Field("top_logprobs", "int", "with `logprobs`: the most likely alternatives given per token", default=0, low=0, high=MAX_TOP_LOGPROBS, since=4),
+                Field("raw", "bool", "`prompt` is the whole prompt text, sent as it is: no template, no reasoning or tool-call parsing "
+                      "(with `prompt` only: not with `system`, `messages`, `cache`, `tools`, `vars`, `enable_thinking`)", default=False, since=4),
+                Field("format", "format", "the answer is JSON: `\"json\"` (any object) or a JSON Schema it validates against (see [Constrained output](#constrained-output))", since=5),
+                Field("grammar", "str", "the answer matches this grammar: llguidance's Lark, or GBNF (llama.cpp's `grammar`)", since=5),
+                Field("tool_choice", "tool_choice", "`\"auto\"`, `\"none\"` (`tools` are not offered), `\"required\"` (the answer is a call to one of `tools`) or `{\"type\": \"function\", \"function\": {\"name\": N}}` (a call to N); a forced call's arguments follow the tool's `parameters`", default_doc="auto", since=5),
+                Field("logprobs", "bool", "`token` messages carry each token's log-probability (see [Log-probabilities](#log-probabilities))", default=False, since=5),
+                Field("top_logprobs", "int", "with `logprobs`: the most likely alternatives given per token", default=0, low=0, high=MAX_TOP_LOGPROBS, since=5),
             ),
             result=None,
             one_of=("prompt", "messages"),

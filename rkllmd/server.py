@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: Messages read in one go before the outbox gets a turn.
 RECEIVE_BATCH = 256
+#: How long shutdown waits for the model worker to stop after aborting its work.
+WORKER_STOP_S = 10.0
 
 
 class Daemon:
@@ -129,8 +131,11 @@ class Daemon:
         stopping = WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
         for gen in self.ctx.worker.shutdown():
             self.outbox.stream(gen, "error", error=stopping.to_wire())
-        if not self.ctx.worker.join(timeout=10):
-            log.error("the model worker did not stop within 10 s")
+        if not self.ctx.worker.join(timeout=WORKER_STOP_S):
+            # It closes the model itself once its call returns; meanwhile the model stays open
+            # (freeing it under a running native call would be a use after free).
+            log.error("the model worker did not stop within %g s (a call into the model still runs); "
+                      "exiting without releasing the model", WORKER_STOP_S)
         self.ctx.disk.shutdown(wait=False, cancel_futures=True)  # cancelled answers say "shutting down"
         for answer in self._deferred:
             answer.resolve(stopping)

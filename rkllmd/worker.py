@@ -1,14 +1,31 @@
-"""The model worker: the one thread that ever touches the backend.
+"""The model worker: the one thread that ever runs the backend, and its prompt thread.
 
 Generations come first. The ones running advance together, a step at a time, up to
 ``max_batch`` of them (the configuration's, capped by the backend's: the CPU backend
 decodes them all in one pass over the weights, a newcomer's prompt a chunk per step;
 the NPU runtime runs one whole generation per step). Waiting ones are admitted as room
-frees, round-robin by client and in arrival order within a client. Cache builds run
-when no generation is due; a build that prefills in chunks (CPU) lets the generations
-that arrive meanwhile run between its chunks (``Backend.pause``), on slots of their own.
-A model swap waits for the generations that arrived before it. The socket loop only
-enqueues and cancels; it never waits for the model.
+frees, round-robin by client and in arrival order within a client, once their prompt is
+prepared.
+
+Prompts are prepared on a thread of their own, in arrival order: rendered with the chat
+template of the model that will run them and tokenized. A reload that swaps the model
+makes the waiting generations be prepared again, for the new one; the worker admits only
+generations prepared for its backend. Tokenizing a long text takes a while (a second for
+250,000 characters on the CPU backend's tokenizer): neither the socket loop nor the
+running generations wait for it. ``render`` requests run on the same thread.
+
+Cache builds run when no generation is due, or when one has waited ``build_max_wait_ms``
+for the model: builds queued by a text cache's change and builds a request needs for its
+prefix alike (the latter only when nothing else runs). A build that prefills in chunks
+(CPU) lets the generations due meanwhile run between its chunks (``Backend.pause``), until
+it has waited that long for its next chunk: then it gets it. So builds never hold up
+interactive work for long, and steady traffic cannot starve them.
+
+Each job has its own cancellation: a generation's is its run's (``Run.abort``), a build's
+the backend's flag (``Backend.abort``); cancelling one never stops the other. A model swap
+waits for the generations that arrived before it. The socket loop only enqueues and
+cancels; it never waits for the model. The worker closes the backend itself when it stops,
+after its last call returned: a handle is never released while a native call still uses it.
 """
 
 from __future__ import annotations
@@ -18,17 +35,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Any, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, TypeVar
 
 from .backends.base import TEXT_CACHE, Backend, BackendError, ContextOverflow, PrefixState, Run
-from .caches.binary import BinaryStore
 from .caches.manager import PromptCaches
 from .config import DaemonConfig
-from .constraints import ConstraintError
-from .outbox import NO_OUTPUT, Generation, Outbox
+from .constraints import Constraint, ConstraintError, from_request
+from .outbox import NO_OUTPUT, Chat, Generation, Outbox
 from .protocol import ErrorCode, WireError
-from .templates.output import wire_tool_calls
+from .templates import ChatTemplate, RenderError
+from .templates.capabilities import CapabilityMissing, require_capabilities
+from .templates.output import OutputSplitter, wire_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +56,19 @@ MODEL_SWAP_ALLOWANCE_S = 300.0
 #: Clients whose last turn is remembered for the round-robin (the longest unserved go first).
 _CLIENTS_REMEMBERED = 4096
 
+T = TypeVar("T")
+
 
 @dataclass(eq=False)
 class BinaryCacheBuild:
     name: str
+    #: Since when it waits for the model: queued, or its last prefill chunk done.
+    waiting_since: float = field(default_factory=time.monotonic)
+    #: The generation it is built for, before that one prefills (None: queued by a text's change).
+    owner: Generation | None = None
+
+    def overdue(self, bound: float) -> bool:
+        return time.monotonic() - self.waiting_since >= bound
 
 
 @dataclass(eq=False)
@@ -50,6 +78,14 @@ class BackendSwap:
     load: Callable[[], tuple[Backend, str]]
     done: Callable[[Backend, str | None, str | None], None]  # (backend, reason, error)
     asked: float  # time.monotonic(): generations received before it run on the old model
+
+
+@dataclass(eq=False)
+class _PromptJob:
+    """Work for the prompt thread: ``work(backend)`` with the backend serving then."""
+
+    work: Callable[[Backend], Any]
+    future: Future
 
 
 @dataclass(eq=False)
@@ -63,7 +99,8 @@ class _Running:
 
 
 class Counters:
-    """Totals reported by status; written by the worker only."""
+    """Totals reported by status; written by the worker (``errors`` also by its prompt thread,
+    under the worker's lock)."""
 
     def __init__(self) -> None:
         self.generations = 0
@@ -78,6 +115,33 @@ class Counters:
         return dict(self.__dict__)
 
 
+def prepared_prompt(backend: Backend, chat: Chat) -> tuple[str, OutputSplitter, Constraint | None]:
+    """``chat`` rendered with ``backend``'s template, the splitter of that prompt's output
+    (a raw prompt's output is the text as the model wrote it: no template says where its
+    reasoning or calls are), and the constraint the chat asks for as this template shapes
+    it (a reasoning block before the answer; a forced call in its own format)."""
+    if chat.raw is not None:
+        return chat.raw, OutputSplitter(None), constraint_of(chat, None, "")
+    require_capabilities(backend, chat)
+    prompt = backend.render(chat.messages, tools=chat.tools, variables=chat.variables)
+    constraint = constraint_of(chat, backend.template, prompt)
+    tool_format = constraint.tool_format if constraint is not None else None
+    return prompt, OutputSplitter.for_prompt(backend.template, prompt, tools=bool(chat.tools), tool_format=tool_format), constraint
+
+
+def constraint_of(chat: Chat, template: ChatTemplate | None, prompt: str) -> Constraint | None:
+    """What ``chat`` constrains its answer to, for ``template`` (None: a raw prompt)."""
+    return from_request(
+        format=chat.format,
+        grammar=chat.grammar,
+        tools=chat.tools,
+        tool_choice=chat.tool_choice,
+        reasoning=template.reasoning if template is not None else None,
+        reasoning_opened=template is not None and OutputSplitter.reasoning_opened(template, prompt),
+        tool_format=template.tool_calls if template is not None else None,
+    )
+
+
 class ModelWorker:
     def __init__(self, backend: Backend, outbox: Outbox, config: DaemonConfig):
         self.backend = backend
@@ -85,51 +149,72 @@ class ModelWorker:
         self.max_queue = config.max_queue
         self._batch_limit = config.max_batch
         self.max_batch = min(config.max_batch, backend.max_batch)
+        self._build_max_wait = config.build_max_wait_ms / 1000
         self.caches: PromptCaches | None = None
         self.counters = Counters()
         self.last_error: str | None = None
-        self._cond = threading.Condition()
-        # Guarded by _cond: what waits, what runs (written by the worker), what is asked for.
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # the worker waits on it
+        self._prompts_due = threading.Condition(lock)  # the prompt thread waits on it
+        # Guarded by the lock: what waits, what runs (written by the worker), what is asked for.
         self._waiting: list[Generation] = []  # in arrival order
         self._running: list[_Running] = []
-        self._opening: Generation | None = None  # being started (its prefix chosen, maybe built)
+        self._opening: Generation | None = None  # being started (its prefix chosen)
         self._builds: deque[BinaryCacheBuild] = deque()
+        self._build: BinaryCacheBuild | None = None  # the one under way
         self._swaps: deque[BackendSwap] = deque()
-        self._building: str | None = None
         self._swapping = False
+        self._prompt_jobs: deque[Generation | _PromptJob] = deque()  # for the prompt thread, in order
         self._turns = itertools.count()
         self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last admitted
         self._accepting = True
         self._stopping = False
-        self._paused_build = False  # generations are running inside a build's pause
         self.last_progress = time.monotonic()
         self._call_ids = itertools.count()  # tool calls' ids, unique while the daemon runs
         backend.heartbeat = self._heartbeat
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._prompt_thread = threading.Thread(target=self._prepare_prompts, name="prompts", daemon=True)
 
     # -- called from the socket loop (or the cache watcher) ----------------------
 
     def configure(self, config: DaemonConfig) -> None:
-        """Apply a reloaded [daemon] section (the queue and batch limits; requests already queued stay)."""
-        self.max_queue = config.max_queue
-        self._batch_limit = config.max_batch
-        self.max_batch = min(config.max_batch, self.backend.max_batch)
+        """Apply a reloaded [daemon] section (queue, batch and build limits; requests already queued stay)."""
+        with self._cond:
+            self.max_queue = config.max_queue
+            self._batch_limit = config.max_batch
+            self.max_batch = min(config.max_batch, self.backend.max_batch)
+            self._build_max_wait = config.build_max_wait_ms / 1000
 
     def start(self) -> None:
         self._thread.start()
+        self._prompt_thread.start()
 
     def submit(self, gen: Generation) -> int:
-        """Queue a generation; return how many generations are ahead of it."""
+        """Queue a generation (its prompt is prepared while it waits); return how many
+        generations are ahead of it."""
         with self._cond:
             if not self._accepting:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise WireError(ErrorCode.QUEUE_FULL, f"{len(self._waiting)} requests are waiting; the limit is {self.max_queue}")
             self._waiting.append(gen)
+            self._prompt_jobs.append(gen)
+            self._prompts_due.notify()
             self._announce_positions()
-            self._cond.notify()
             assert gen.position is not None
             return gen.position
+
+    def with_prompts(self, work: Callable[[Backend], T]) -> Future[T]:
+        """``work(backend)`` on the prompt thread, in turn with the generations' prompts: work
+        on prompts (rendering, tokenizing: seconds for a long text) never runs on the socket
+        loop. The future has its result or its exception."""
+        job = _PromptJob(work, Future())
+        with self._cond:
+            if not self._accepting:
+                raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            self._prompt_jobs.append(job)
+            self._prompts_due.notify()
+        return job.future
 
     def schedule_build(self, name: str) -> None:
         with self._cond:
@@ -161,8 +246,8 @@ class ModelWorker:
             # Under the lock: the worker cannot have moved on from this generation yet.
             if running is not None:
                 running.run.abort()
-            elif state == "running":
-                self.backend.abort()  # its prefix's build, if it is building one
+            if self._build is not None and self._build.owner is gen:
+                self.backend.abort()  # the build of its prefix, which no one else waits for
         if state == "queued":
             self.counters.cancelled += 1
             self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
@@ -174,11 +259,12 @@ class ModelWorker:
 
     def activity(self) -> dict[str, Any]:
         with self._cond:
+            building = self._build.name if self._build is not None else None
             return {
-                "running": "generate" if self._running else ("cache_build" if self._building else None),
+                "running": "generate" if self._running else ("cache_build" if building else None),
                 "queued": len(self._waiting),
                 "builds_queued": len(self._builds),
-                "building": self._building,
+                "building": building,
             }
 
     def requests(self) -> dict[str, list[dict[str, Any]]]:
@@ -213,20 +299,22 @@ class ModelWorker:
         runtime's init); it gets MODEL_SWAP_ALLOWANCE_S instead.
         """
         with self._cond:
-            busy = bool(self._running) or self._opening is not None or self._building is not None
+            busy = bool(self._running) or self._opening is not None or self._build is not None
             swapping = self._swapping
         allowance = MODEL_SWAP_ALLOWANCE_S if swapping else within
-        return self._thread.is_alive() and (not (busy or swapping) or time.monotonic() - self.last_progress < allowance)
+        alive = self._thread.is_alive() and self._prompt_thread.is_alive()
+        return alive and (not (busy or swapping) or time.monotonic() - self.last_progress < allowance)
 
     def shutdown(self) -> list[Generation]:
         """Stop taking work, cut every running generation short ("shutting down"), return the
-        queued ones (not run)."""
+        queued ones (not run). Prompt jobs not started are cancelled."""
         with self._cond:
             self._accepting = False
             self._stopping = True
             dropped, self._waiting = self._waiting, []
             self._builds.clear()
             self._swaps.clear()
+            jobs, self._prompt_jobs = self._prompt_jobs, deque()
             for running in self._running:
                 running.gen.cancel_reason = "shutting down"
                 running.gen.cancelled.set()
@@ -236,9 +324,15 @@ class ModelWorker:
                 self._opening.cancelled.set()
             self.backend.abort()  # a build, or a generation in one native call
             self._cond.notify()
+            self._prompts_due.notify()
+        for job in jobs:
+            if isinstance(job, _PromptJob):
+                job.future.cancel()  # answered "shutting down"
         return dropped
 
     def join(self, timeout: float) -> bool:
+        """Wait for the worker to stop (it then closes the backend); False if it did not in time:
+        a native call still runs, and the backend stays open (the process ends around it)."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -261,9 +355,18 @@ class ModelWorker:
         return order
 
     def _admissible(self) -> list[Generation]:
-        """Waiting generations that may start now, in order (none after a pending swap)."""
+        """Waiting generations that may start now, in order: prepared for this backend, not
+        waiting for the build under way, and none received after a pending swap."""
         swap_at = self._swaps[0].asked if self._swaps else None
-        return [gen for gen in self._fair_order() if swap_at is None or gen.received < swap_at]
+        owner = self._build.owner if self._build is not None else None
+        return [
+            gen for gen in self._fair_order()
+            if gen.prepared_for is self.backend and gen is not owner and (swap_at is None or gen.received < swap_at)
+        ]
+
+    def _swap_due(self) -> bool:
+        """A swap is asked for, and every generation received before it is done."""
+        return bool(self._swaps) and not self._running and not any(gen.received < self._swaps[0].asked for gen in self._waiting)
 
     def _announce_positions(self) -> None:
         """Tell every waiting generation whose position changed its new one (``queued``)."""
@@ -278,27 +381,108 @@ class ModelWorker:
         with self._cond:
             return bool(self._running) or not self._stopping and bool(self._admissible())
 
+    # -- the prompt thread ---------------------------------------------------------
+
+    def _prepare_prompts(self) -> None:
+        """Prepare each waiting generation's prompt for the backend that will run it, and run
+        the other prompt jobs, in arrival order."""
+        while True:
+            with self._cond:
+                while not self._prompt_jobs and not self._stopping:
+                    self._prompts_due.wait()
+                if self._stopping:
+                    return
+                job = self._prompt_jobs.popleft()
+                backend = self.backend
+                if isinstance(job, Generation) and not self._needs_preparing(job, backend):
+                    continue
+            try:
+                if isinstance(job, _PromptJob):
+                    if job.future.set_running_or_notify_cancel():
+                        self._answer(job, backend)
+                else:
+                    self._prepare(job, backend)
+            except Exception:  # the thread must outlive any one job
+                log.exception("preparing a prompt failed")
+
+    def _answer(self, job: _PromptJob, backend: Backend) -> None:
+        """Run a prompt job: again with the new backend if a swap closed its one meanwhile."""
+        while True:
+            try:
+                job.future.set_result(job.work(backend))
+                return
+            except BaseException as exc:  # the socket loop answers it as an error
+                with self._cond:
+                    swapped, backend = backend is not self.backend, self.backend
+                if not swapped:
+                    job.future.set_exception(exc)
+                    return
+
+    def _needs_preparing(self, gen: Generation, backend: Backend) -> bool:
+        """Lock held. Waiting, not prepared for ``backend``, and to run on it: one received
+        after a pending swap is prepared once the swap is done (for the model it runs on)."""
+        swap_at = self._swaps[0].asked if self._swaps else None
+        return gen in self._waiting and gen.prepared_for is not backend and (swap_at is None or gen.received < swap_at)
+
+    def _prepare(self, gen: Generation, backend: Backend) -> None:
+        """Render and tokenize ``gen``'s prompt for ``backend``; the worker may then admit it."""
+        assert gen.chat is not None
+        try:
+            prompt, output, constraint = prepared_prompt(backend, gen.chat)
+            ids = backend.tokenize(prompt)
+        except Exception as exc:
+            with self._cond:
+                current = backend is self.backend and gen in self._waiting
+                if current:
+                    self._waiting.remove(gen)
+                    self._announce_positions()
+            if current:  # else the model was swapped meanwhile: it is prepared again for the new one
+                self._fail(gen, self._wire_error(exc, gen))
+            return
+        with self._cond:
+            if backend is self.backend and gen in self._waiting:
+                gen.prompt, gen.output, gen.prompt_ids, gen.prepared_for = prompt, output, ids, backend
+                gen.params = replace(gen.params, constraint=constraint)
+                self._cond.notify()
+
     # -- the worker thread ---------------------------------------------------------
 
     def _heartbeat(self) -> None:
         self.last_progress = time.monotonic()
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._running or self._waiting or self._builds or self._swaps or self._stopping):
-                    self._cond.wait()
+        try:
+            while (job := self._next_job()) is not None:
+                try:
+                    job()
+                except Exception:  # the worker must outlive any one job
+                    log.exception("model worker job failed")
+        finally:
+            self._close_backend()
+
+    def _next_job(self) -> Callable[[], None] | None:
+        """What to do next (None: stop): a build that waited past its bound, the generations
+        due, a swap whose turn it is, a build; else wait."""
+        with self._cond:
+            while True:
                 if self._stopping and not self._running:
-                    return
-            try:
-                if self._generations_due():
-                    self._serve_step()
-                elif self._swaps:
-                    self._swap()
-                elif self._builds:
-                    self._build()
-            except Exception:  # the worker must outlive any one job
-                log.exception("model worker job failed")
+                    return None
+                due = self._generations_due()
+                if due and self._builds and self._builds[0].overdue(self._build_max_wait):
+                    return self._build_next
+                if due:
+                    return self._serve_step
+                if self._swap_due():
+                    return self._swap
+                if self._builds:
+                    return self._build_next
+                self._cond.wait()
+
+    def _close_backend(self) -> None:
+        try:
+            self.backend.close()
+        except Exception:
+            log.exception("closing the model failed")
 
     def _serve_step(self) -> None:
         """Admit what fits, then advance every running generation by one step."""
@@ -321,7 +505,11 @@ class ModelWorker:
                 self._end(r)
 
     def _admit(self) -> None:
-        """Start waiting generations while there is room; then tell the others where they are."""
+        """Start waiting generations while there is room; then tell the others where they are.
+        One whose prefix's cache is due has it built first, when nothing else runs (a build
+        would hold up the running streams) and no build is under way (builds never nest): it
+        waits meanwhile, and arrivals run in the build's pauses."""
+        built_for: set[int] = set()
         while True:
             with self._cond:
                 admissible = self._admissible()
@@ -329,13 +517,20 @@ class ModelWorker:
                     self._announce_positions()
                     return
                 gen = admissible[0]
+                may_build = not self._running and self._build is None and id(gen) not in built_for
+            if may_build and (name := self._due_build(gen)) is not None:
+                built_for.add(id(gen))
+                self._run_build(BinaryCacheBuild(name, owner=gen))
+                continue  # it is admitted in its turn, its cache ready (or failed)
+            with self._cond:
+                if gen not in self._waiting:  # cancelled meanwhile
+                    continue
                 self._waiting.remove(gen)
                 self._opening = gen
                 self._last_turn[gen.identity] = next(self._turns)
                 self._last_turn.move_to_end(gen.identity)
                 if len(self._last_turn) > _CLIENTS_REMEMBERED:
                     self._last_turn.popitem(last=False)
-                self.backend.reset_abort()  # under the lock: a cancel from now on is seen
             running = None
             try:
                 running = self._open(gen)
@@ -347,24 +542,38 @@ class ModelWorker:
                         if gen.cancelled.is_set():  # cancelled while it opened
                             running.run.abort()
 
+    def _due_build(self, gen: Generation) -> str | None:
+        """The text cache to build before ``gen`` prefills the same tokens itself."""
+        if not gen.use_cache or self.caches is None:
+            return None
+        name = self.caches.due_build(gen.prompt, gen.cache)
+        if name is not None:
+            with self._cond:
+                queued = next((job for job in self._builds if job.name == name), None)
+                if queued is not None:
+                    self._builds.remove(queued)  # built now
+        return name
+
     def _open(self, gen: Generation) -> _Running | None:
         """Start a generation on the backend (its prefix chosen); None if it ended already."""
         started = gen.started = time.monotonic()
         self.counters.generations += 1
         self.outbox.stream(gen, "started", queue_ms=round((started - gen.received) * 1000, 2))
+        output = gen.output
+        assert output is not None
         opened: list[_Running] = []
 
         def sink(text: str) -> bool:
             if gen.cancelled.is_set():
                 return False
             self._report_progress(opened[0])  # the last chunk's, before the text it led to
-            self._send_output(gen, *gen.output.feed(text), opened[0].run.take_logprobs())
+            self._send_output(gen, *output.feed(text), opened[0].run.take_logprobs())
             return True
 
         try:
-            prefix = self._prefix(gen)  # a cancel during its build aborts the build
+            prefix = self._prefix(gen)
             if not gen.cancelled.is_set():
-                opened.append(_Running(gen, self.backend.start(gen.prompt, gen.params, prefix, sink), prefix))
+                opened.append(_Running(gen, self.backend.start(gen.prompt, gen.params, prefix, sink, ids=gen.prompt_ids), prefix))
         except Exception as exc:
             self._fail(gen, self._wire_error(exc, gen))
             return None
@@ -375,14 +584,10 @@ class ModelWorker:
         return opened[0]
 
     def _prefix(self, gen: Generation) -> PrefixState | None:
-        """The prefix state ``gen`` restores, if any. A cache due for exactly its prefix is
-        built first only when nothing else runs: a build would hold up the running streams
-        (and never nests in a paused one)."""
+        """The prefix state ``gen`` restores, if any."""
         if not gen.use_cache or self.caches is None:
             return None
-        with self._cond:
-            may_build = not self._running and not self._paused_build
-        prefix = self.caches.choose(gen.prompt, gen.cache, build_due=may_build)
+        prefix = self.caches.choose(gen.prompt, gen.cache, gen.prompt_ids)
         if gen.cache is not None and prefix is None:
             log.warning("request %r asked for cache %s, which could not be used; prefilling in full", gen.request_id, gen.cache)
         return prefix
@@ -408,6 +613,7 @@ class ModelWorker:
 
     def _done(self, gen: Generation, run: Run, prefix: PrefixState | None) -> None:
         stats, output = run.stats, gen.output
+        assert output is not None
         if stats.finish_reason != "cancelled":  # what the splitter held back, tool calls parsed
             self._send_output(gen, *output.finish(), run.take_logprobs())
         total_ms = (time.monotonic() - gen.received) * 1000
@@ -450,31 +656,44 @@ class ModelWorker:
             },
         )
 
-    def _build(self) -> None:
-        """The next cache build; generations that arrive meanwhile run in its pauses."""
+    # -- builds ------------------------------------------------------------------------
+
+    def _build_next(self) -> None:
+        """The next queued build."""
         with self._cond:
             if not self._builds or self._stopping:
                 return
             job = self._builds.popleft()
-            self._building = job.name
-            self.backend.reset_abort()
+        self._run_build(job)
+
+    def _run_build(self, job: BinaryCacheBuild) -> None:
+        """Build ``job``'s cache; the generations due meanwhile run in its pauses."""
+        assert self.caches is not None
+        with self._cond:
+            if self._stopping:  # its abort must not be forgotten
+                return
+            self._build = job
+            self.backend.reset_abort()  # the build's own flag; generations have theirs
         self.backend.pause = self._pause
         try:
-            assert self.caches is not None
             self.caches.build(job.name)
         finally:
             self.backend.pause = lambda: None
             with self._cond:
-                self._building = None
+                self._build = None
 
     def _pause(self) -> None:
-        """Between a build's prefill chunks: serve the generations due, then let it go on."""
-        self._paused_build = True
-        try:
-            while self._generations_due():
-                self._serve_step()
-        finally:
-            self._paused_build = False
+        """Between a build's prefill chunks: serve the generations due until none are, or until
+        the build has waited ``build_max_wait_ms`` for its next chunk (one step at least)."""
+        job = self._build
+        assert job is not None
+        job.waiting_since = time.monotonic()
+        while self._generations_due():
+            self._serve_step()
+            if job.overdue(self._build_max_wait):
+                return
+
+    # -- model swaps ------------------------------------------------------------------
 
     def _swap(self) -> None:
         with self._cond:
@@ -485,6 +704,9 @@ class ModelWorker:
         finally:
             with self._cond:
                 self._swapping = False
+                # Prepared for the model that runs them (again, if the model changed).
+                self._prompt_jobs.extend(gen for gen in self._waiting if gen.prepared_for is not self.backend)
+                self._prompts_due.notify()
                 self._announce_positions()
 
     def _load_swap(self, job: BackendSwap) -> None:
@@ -494,15 +716,19 @@ class ModelWorker:
             log.error("reload: cannot load the new model, keeping the running one: %s", exc)
             job.done(self.backend, None, str(exc))
             return
-        old, self.backend = self.backend, backend
+        old = self.backend
+        with self._cond:
+            self.backend = backend
+            self.max_batch = min(self._batch_limit, backend.max_batch)
         backend.heartbeat = self._heartbeat
-        self.max_batch = min(self._batch_limit, backend.max_batch)
         old.close()
         if self.caches is not None:
             # Every binary cache now belongs to another identity: none of the old ones is used.
-            self.caches.relocate(self.caches.texts, BinaryStore(self.caches.binaries.root, backend.identity()), backend)
+            self.caches.serve(backend)
         log.info("reload: now serving %s", backend.describe().get("name", backend.kind))
         job.done(backend, reason, None)
+
+    # -- messages -------------------------------------------------------------------
 
     def _send_output(self, gen: Generation, reasoning: str, text: str, logprobs: list[dict[str, Any]]) -> None:
         """A token message: answer ``text`` (maybe ""), and ``reasoning`` and the tokens'
@@ -516,7 +742,11 @@ class ModelWorker:
             self.outbox.stream(gen, "token", text=text, **extra)
 
     def _wire_error(self, exc: Exception, gen: Generation) -> WireError:
-        if isinstance(exc, ConstraintError):  # found against the model's vocabulary, or unsupported by its backend
+        if isinstance(exc, RenderError):  # the chat template refused the request's chat
+            return WireError(ErrorCode.INVALID_FIELD, str(exc), field="messages")
+        if isinstance(exc, CapabilityMissing):  # the model that runs it lacks tools or thinking
+            return WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability)
+        if isinstance(exc, ConstraintError):  # found against the model's template or vocabulary, or its backend cannot
             return WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field)
         if isinstance(exc, ContextOverflow):
             return WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), prompt_tokens=exc.prompt_tokens, context_length=exc.context_length)
@@ -526,7 +756,8 @@ class ModelWorker:
         return WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}")
 
     def _fail(self, gen: Generation, error: WireError) -> None:
-        self.counters.errors += 1
-        if error.code in (ErrorCode.BACKEND, ErrorCode.INTERNAL):
-            self.last_error = error.message
+        with self._cond:  # the worker and its prompt thread both fail generations
+            self.counters.errors += 1
+            if error.code in (ErrorCode.BACKEND, ErrorCode.INTERNAL):
+                self.last_error = error.message
         self.outbox.stream(gen, "error", error=error.to_wire())

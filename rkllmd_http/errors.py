@@ -33,6 +33,8 @@ DAEMON_ERRORS: dict[str, tuple[int, str, str | None]] = {
     "unknown_op": (500, "server_error", "gateway_error"),
     "duplicate_id": (500, "server_error", "gateway_error"),
 }
+#: A capability the daemon says the model lacks -> the OpenAI request parameter that asked for it.
+CAPABILITY_PARAMS = {"tools": "tools", "thinking": "reasoning_effort"}
 #: Seconds a client is told to wait before trying again (Retry-After) after these.
 RETRY_AFTER = {429: "1", 503: "2"}
 
@@ -70,6 +72,9 @@ def api_error(exc: Exception) -> ApiError | None:
     """The ApiError for an exception of the client library (or ``exc`` itself); None for others."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, DaemonError) and exc.details.get("capability") in CAPABILITY_PARAMS:
+        # The model cannot do what was asked (tools, thinking): OpenAI's refusal of a parameter a model lacks.
+        return ApiError(400, exc.message, "invalid_request_error", "unsupported_parameter", CAPABILITY_PARAMS[exc.details["capability"]])
     if isinstance(exc, DaemonError):
         status, kind, code = DAEMON_ERRORS.get(exc.name, (500, "server_error", exc.name))
         return ApiError(status, exc.message, kind, code, exc.details.get("field"))

@@ -16,11 +16,12 @@ from typing import Any
 
 from aiohttp import web
 
+from rkllmctl.errors import DaemonError
 from rkllmd import __version__
 
 from .errors import ApiError, api_error, invalid
 from .gateway import Gateway, ModelInfo
-from .generation import SUPPORTED, Generation, number, require, stops, text_content
+from .generation import Generation, number, require, stops, text_content
 
 #: The Ollama API release these endpoints follow (clients check it against their minimum).
 OLLAMA_VERSION = "0.12.0"
@@ -32,6 +33,8 @@ OPTIONS = {
     "top_p": ("top_p", float),
     "num_predict": ("max_tokens", int),
     "repeat_penalty": ("repeat_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float),
+    "presence_penalty": ("presence_penalty", float),
     "seed": ("seed", int),
 }
 
@@ -115,7 +118,7 @@ async def show(request: web.Request) -> web.Response:
         "template": "",
         "details": details(info),
         "model_info": model_info,
-        "capabilities": ["completion"] + (["tools", "thinking"] if "tools" in SUPPORTED else []),
+        "capabilities": info.describe.get("capabilities") or ["completion"],  # from the model's template (status, protocol 1.4)
         "modified_at": entry(info)["modified_at"],
     })
 
@@ -241,13 +244,22 @@ async def generate(request: web.Request) -> web.StreamResponse:
     gateway: Gateway = request.app["gateway"]
     body = await gateway.json_body(request)
     prompt = body.get("prompt")
-    if body.get("raw") or body.get("suffix") or body.get("context"):
-        raise invalid("'raw', 'suffix' and 'context' are not supported: the daemon always applies the model's chat template")
+    if body.get("suffix") or body.get("context"):
+        raise invalid("'suffix' and 'context' are not supported")
+    if body.get("template"):
+        raise invalid("'template' is not supported: the daemon renders the model's own chat template ('raw': true sends a prompt as it is)")
+    if body.get("raw") and body.get("system"):  # Ollama's own words (server/routes.go)
+        raise invalid("raw mode does not support template, system, or context")
     if prompt is None or prompt == "":  # Ollama's way to load a model
         return web.json_response({"model": body.get("model"), "created_at": now(), "response": "", "done": True, "done_reason": "load"})
     if not isinstance(prompt, str):
         raise invalid("'prompt' must be a string")
-    fields = {"prompt": prompt, "system": body.get("system"), **options(body)}
+    if body.get("raw"):  # the prompt as it is: no template, no system message
+        fields = {"prompt": prompt, "raw": True, **options(body)}
+        if fields.get("enable_thinking") is False:  # "think": false asks nothing of a raw prompt
+            del fields["enable_thinking"]
+    else:
+        fields = {"prompt": prompt, "system": body.get("system"), **options(body)}
 
     def piece_line(piece: Any) -> dict[str, Any]:
         return {"response": piece.text, **({"thinking": piece.reasoning} if piece.reasoning else {}), **_logprobs(piece.logprobs)}
@@ -259,7 +271,20 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _respond(request, gateway: Gateway, body, fields, piece_line, last_line, whole) -> web.StreamResponse:
-    """Run the generation; one JSON object, or NDJSON lines ending with the stats line."""
+    """Run the generation; one JSON object, or NDJSON lines ending with the stats line.
+    What the model cannot do is refused in Ollama's words (server/routes.go)."""
+    try:
+        return await _run(request, gateway, body, fields, piece_line, last_line, whole)
+    except DaemonError as exc:
+        capability = exc.details.get("capability")
+        if capability == "tools":  # "%s %w": the model's full name, then the error
+            raise ApiError(400, f"{(await gateway.model()).ollama_name} does not support tools") from None
+        if capability == "thinking":  # "%q does not support thinking" of the request's model name
+            raise ApiError(400, f"{json.dumps(str(body.get('model') or ''))} does not support thinking") from None
+        raise
+
+
+async def _run(request, gateway: Gateway, body, fields, piece_line, last_line, whole) -> web.StreamResponse:
     name = body.get("model")
     async with Generation(gateway.client, gateway.metrics, "ollama", fields) as generation:
         if body.get("stream") is False:

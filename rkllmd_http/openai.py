@@ -1,7 +1,11 @@
-"""OpenAI's API: GET /v1/models, POST /v1/chat/completions (plain and server-sent events).
+"""OpenAI's API: GET /v1/models, POST /v1/chat/completions and POST /v1/completions
+(plain and server-sent events).
 
 Request fields map onto ``generate`` (docs/http.md has the table); those the daemon
 cannot honour are refused with OpenAI's error shape rather than silently ignored.
+/v1/completions sends its prompt raw (protocol 1.4): the text as it is, no chat template.
+Structured output (``response_format``, a forced ``tool_choice``) and logprobs map onto the
+daemon's constrained decoding (protocol 1.5).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -40,30 +44,36 @@ def model_object(info: Any) -> dict[str, Any]:
     return {"id": info.id, "object": "model", "created": info.created, "owned_by": "rkllmd"}
 
 
-def generate_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """The ``generate`` request for a chat completion request, or ApiError (400)."""
-    if not isinstance(body.get("messages"), list) or not body["messages"]:
-        raise invalid("'messages' must be a non-empty array", "messages")
+def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields both completion endpoints share, or ApiError (400)."""
     if body.get("n") not in (None, 1):
         raise invalid("n > 1 is not supported: the daemon generates one choice per request", "n", "unsupported_value")
-    for penalty in ("frequency_penalty", "presence_penalty"):
-        if body.get(penalty) not in (None, 0, 0.0):
-            raise invalid(f"{penalty!r} is not supported; use 'repetition_penalty' (llama.cpp's multiplicative penalty) instead", penalty, "unsupported_parameter")
     if body.get("logit_bias"):
         raise invalid("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     max_tokens = number(body, "max_completion_tokens", int)
-    fields: dict[str, Any] = {
-        "messages": [message(m, i) for i, m in enumerate(body["messages"])],
+    return {
         "temperature": number(body, "temperature", float),
         "top_p": number(body, "top_p", float),
         "top_k": number(body, "top_k", int),
         "repeat_penalty": number(body, "repetition_penalty", float),
+        "frequency_penalty": number(body, "frequency_penalty", float),
+        "presence_penalty": number(body, "presence_penalty", float),
         "seed": number(body, "seed", int),
         "max_tokens": max_tokens if max_tokens is not None else number(body, "max_tokens", int),
         "stop": stops(body.get("stop"), "stop"),
+    }
+
+
+def generate_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``generate`` request for a chat completion request, or ApiError (400)."""
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise invalid("'messages' must be a non-empty array", "messages")
+    fields: dict[str, Any] = {
+        "messages": [message(m, i) for i, m in enumerate(body["messages"])],
+        **sampling_fields(body),
         "cache": body.get("rkllm_cache"),
         **response_format(body.get("response_format")),
-        **logprobs(body),
+        **chat_logprobs(body),
     }
     tools = body.get("tools")
     choice = body.get("tool_choice")
@@ -101,8 +111,8 @@ def response_format(value: Any) -> dict[str, Any]:
     raise invalid("'response_format.type' must be text, json_object or json_schema", "response_format")
 
 
-def logprobs(body: dict[str, Any]) -> dict[str, Any]:
-    """``logprobs`` (true) and ``top_logprobs`` (0–20, only with it), as OpenAI takes them."""
+def chat_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """Chat's ``logprobs`` (true) and ``top_logprobs`` (0–20, only with it)."""
     top = number(body, "top_logprobs", int)
     if not body.get("logprobs"):
         if top:
@@ -113,11 +123,11 @@ def logprobs(body: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Daemon fields whose errors name another parameter of OpenAI's request.
-PARAMS = {"format": "response_format", "max_tokens": "max_tokens", "repeat_penalty": "repetition_penalty", "cache": "rkllm_cache"}
+PARAMS = {"format": "response_format", "repeat_penalty": "repetition_penalty", "cache": "rkllm_cache"}
 
 
 def choice_logprobs(entries: Any) -> dict[str, Any] | None:
-    """A choice's ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+    """A chat choice's ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
     return {"content": list(entries), "refusal": None} if entries else None
 
 
@@ -154,19 +164,29 @@ def finish_reason(result: Any) -> str:
     raise ApiError(503, f"the generation ended early: {result.reason or result.finish_reason}", "server_error", result.finish_reason)
 
 
+def include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise invalid("'stream_options' must be an object", "stream_options")
+    return bool(options.get("include_usage"))
+
+
+async def head_of(gateway: Gateway, body: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The keys every reply and chunk of one request shares."""
+    name = body.get("model") if isinstance(body.get("model"), str) else (await gateway.model()).id
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": name, "system_fingerprint": gateway.fingerprint}
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway: Gateway = request.app["gateway"]
     body = await gateway.json_body(request)
     fields = generate_fields(body)
     stream = bool(body.get("stream"))
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise invalid("'stream_options' must be an object", "stream_options")
-    name = body.get("model") if isinstance(body.get("model"), str) else (await gateway.model()).id
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name, "system_fingerprint": gateway.fingerprint}
+    usage_chunk = include_usage(body)
+    head = await head_of(gateway, body, "chatcmpl")
     async with Generation(gateway.client, gateway.metrics, "openai", fields, PARAMS) as generation:
         if stream:
-            return await _stream(request, generation, head, bool(options.get("include_usage")))
+            return await _stream(request, generation, head, usage_chunk)
         async for _ in generation:
             pass
         result = generation.result
@@ -179,20 +199,39 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.json_response({**head, "object": "chat.completion", "choices": [choice], "usage": usage(result.stats)})
 
 
-async def _stream(request: web.Request, generation: Generation, head: dict[str, Any], include_usage: bool) -> web.StreamResponse:
+Send = Callable[[Any], Awaitable[None]]
+
+
+async def _events(request: web.Request, body: Callable[[Send], Awaitable[None]]) -> web.StreamResponse:
+    """Server-sent events: ``body(send)`` sends the chunks, then ``[DONE]``; an error once
+    the stream started is one more event (the official clients raise APIError on it)."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    extra = {"usage": None} if include_usage else {}
 
     async def send(data: dict[str, Any] | str) -> None:
         text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         await response.write(f"data: {text}\n\n".encode())
 
+    try:
+        await body(send)
+        await send("[DONE]")
+    except Exception as exc:
+        error = api_error(exc)
+        if error is None:
+            raise
+        await send(error.openai())
+    await response.write_eof()
+    return response
+
+
+async def _stream(request: web.Request, generation: Generation, head: dict[str, Any], include_usage: bool) -> web.StreamResponse:
+    extra = {"usage": None} if include_usage else {}
+
     def chunk(delta: dict[str, Any], finish: str | None = None, entries: Any = ()) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs(entries), "finish_reason": finish}
         return {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
 
-    try:
+    async def chunks(send: Send) -> None:
         await send(chunk({"role": "assistant", "content": ""}))
         async for piece in generation:
             if piece.reasoning:
@@ -206,14 +245,91 @@ async def _stream(request: web.Request, generation: Generation, head: dict[str, 
         await send(chunk({}, finish_reason(result)))
         if include_usage:
             await send({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(result.stats)})
-        await send("[DONE]")
-    except Exception as exc:
-        error = api_error(exc)
-        if error is None:
-            raise
-        await send(error.openai())  # the official clients raise APIError on this event
-    await response.write_eof()
-    return response
+
+    return await _events(request, chunks)
+
+
+# -- /v1/completions: a raw prompt, no template ---------------------------------------------
+
+
+def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The ``generate`` request (``raw``) for a legacy completion request, or ApiError (400)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # LiteLLM and others send a list of one
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        raise invalid("one prompt per request: the daemon generates one completion at a time", "prompt", "unsupported_value")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (int, list)) for p in prompt):
+        raise invalid("a prompt of token ids is not supported: send its text", "prompt", "unsupported_value")
+    if not isinstance(prompt, str) or not prompt:
+        raise invalid("'prompt' must be a non-empty string", "prompt")
+    if body.get("suffix"):
+        raise invalid("'suffix' (inserting between a prompt and a suffix) is not supported", "suffix", "unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise invalid("best_of > 1 is not supported: the daemon generates one choice per request", "best_of", "unsupported_value")
+    top = number(body, "logprobs", int)  # the legacy API's logprobs: how many alternatives (null: none)
+    if top is not None:
+        require("logprobs", "'logprobs'")
+    return {"prompt": prompt, "raw": True, **sampling_fields(body), **({"logprobs": True, "top_logprobs": top} if top is not None else {})}
+
+
+class TextLogprobs:
+    """The legacy completions' ``logprobs`` (tokens, token_logprobs, top_logprobs as
+    {token: logprob}, text_offset), offsets counted through the text as it is sent."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+    def of(self, entries: Any) -> dict[str, Any] | None:
+        if not entries:
+            return None
+        offsets = []
+        for e in entries:
+            offsets.append(self.offset)
+            self.offset += len(e["token"])
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets,
+        }
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI's legacy text completion: the prompt is the model's input as it is."""
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    fields = completion_fields(body)
+    echo = fields["prompt"] if body.get("echo") else ""
+    usage_chunk = include_usage(body)
+    head = await head_of(gateway, body, "cmpl")
+
+    logprobs = TextLogprobs(len(echo))
+
+    def choice(text: str, finish: str | None, entries: Any = ()) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": logprobs.of(entries), "finish_reason": finish}
+
+    async with Generation(gateway.client, gateway.metrics, "openai", fields, {**PARAMS, "top_logprobs": "logprobs"}) as generation:
+        if not body.get("stream"):
+            async for _ in generation:
+                pass
+            result = generation.result
+            return web.json_response({**head, "object": "text_completion", "choices": [choice(echo + result.text, finish_reason(result), result.logprobs)],
+                                      "usage": usage(result.stats)})
+        extra = {"usage": None} if usage_chunk else {}
+
+        async def chunks(send: Send) -> None:
+            if echo:
+                await send({**head, "object": "text_completion", "choices": [choice(echo, None)], **extra})
+            async for piece in generation:
+                if piece.text or piece.logprobs:
+                    await send({**head, "object": "text_completion", "choices": [choice(piece.text, None, piece.logprobs)], **extra})
+            result = generation.result
+            await send({**head, "object": "text_completion", "choices": [choice("", finish_reason(result))], **extra})
+            if usage_chunk:
+                await send({**head, "object": "text_completion", "choices": [], "usage": usage(result.stats)})
+
+        return await _events(request, chunks)
 
 
 def routes() -> list[web.RouteDef]:
@@ -221,4 +337,5 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/models", models),
         web.get("/v1/models/{model}", model),
         web.post("/v1/chat/completions", chat_completions),
+        web.post("/v1/completions", completions),
     ]

@@ -24,7 +24,9 @@ log = logging.getLogger("rkllmd_http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Paths served without an API key: probes must not need the secret.
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/", "/health"})
+#: What ``GET /`` answers, as Ollama does: clients and Open WebUI probe a server with it.
+ROOT_TEXT = "Ollama is running"
 #: How long /health and /metrics wait for the daemon.
 PROBE_TIMEOUT_S = 2.0
 #: How long a stop lets running requests finish before cancelling them (and their generations).
@@ -63,6 +65,19 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+def http_error(request: web.Request, exc: web.HTTPException) -> ApiError:
+    """aiohttp's own refusals, saying what was asked: a path it does not serve (naming those
+    it does), a method a path does not take, a body over the limit."""
+    if request.match_info.route.resource is None and exc.status == 404:
+        served = sorted({r.canonical for r in request.app.router.resources()})
+        return ApiError(404, f"rkllmd-http does not serve {request.path} (it serves {', '.join(served)}; docs/http.md)", code="not_found")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return ApiError(405, f"{request.method} is not served on {request.path}: it takes {allowed}", code="method_not_allowed",
+                        headers={"Allow": allowed})
+    return ApiError(exc.status, exc.reason if exc.status != 413 else exc.text or exc.reason, code=exc.reason.lower().replace(" ", "_"))
+
+
 def make_app(client: AsyncClient, config: HttpConfig, keys: tuple[bytes, ...] = ()) -> web.Application:
     metrics = Metrics()
     origins = frozenset(o.strip() for o in config.cors_origins.split(",") if o.strip())
@@ -77,7 +92,7 @@ def make_app(client: AsyncClient, config: HttpConfig, keys: tuple[bytes, ...] = 
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
-                response = render(request, ApiError(exc.status, exc.reason if exc.status != 413 else exc.text or exc.reason, code=exc.reason.lower().replace(" ", "_")))
+                response = render(request, http_error(request, exc))
             except Exception as exc:
                 error = api_error(exc)
                 if error is None:
@@ -119,6 +134,9 @@ def make_app(client: AsyncClient, config: HttpConfig, keys: tuple[bytes, ...] = 
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else request.headers["Origin"]
             response.headers["Vary"] = "Origin"
 
+    async def root(request: web.Request) -> web.Response:
+        return web.Response(text=ROOT_TEXT)
+
     async def health(request: web.Request) -> web.Response:
         try:
             pong = await asyncio.wait_for(client.ping(), PROBE_TIMEOUT_S)
@@ -143,7 +161,7 @@ def make_app(client: AsyncClient, config: HttpConfig, keys: tuple[bytes, ...] = 
     app["gateway"] = Gateway(client, metrics)
     if origins:
         app.on_response_prepare.append(cors_headers)
-    app.add_routes([web.get("/health", health), web.get("/metrics", scrape), *openai.routes(), *ollama.routes()])
+    app.add_routes([web.get("/", root), web.get("/health", health), web.get("/metrics", scrape), *openai.routes(), *ollama.routes()])
     return app
 
 

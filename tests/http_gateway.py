@@ -26,11 +26,12 @@ class GatewayProcess:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "rkllmd_http", "--listen", "127.0.0.1:0", "--socket", str(self.socket), "--log-level", "debug", *self.extra]
+
     def start(self, timeout: float = 60) -> GatewayProcess:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rkllmd_http", "--listen", "127.0.0.1:0", "--socket", str(self.socket), "--log-level", "debug", *self.extra],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

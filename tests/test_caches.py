@@ -134,6 +134,78 @@ def test_cli_cache_verbs(make_daemon, tmp_path: Path) -> None:
     assert rkllmctl("cache", "wait", "nothing-here", "--timeout", "1", socket=sock).returncode == 1
 
 
+def editor(folder: Path, script: str) -> dict[str, str]:
+    """The environment of a cache edit whose editor runs ``script`` (sh; the file is $1)."""
+    path = folder / f"editor{len(list(folder.glob('editor*.sh')))}.sh"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return {"EDITOR": str(path), "VISUAL": ""}
+
+
+def test_cache_edit_tells_the_daemon_at_once(make_daemon, tmp_path: Path) -> None:
+    """What the editor saved is in ``cache ls`` as soon as ``cache edit`` returns, without
+    waiting for the folder watcher (its debounce here: 5 s)."""
+    proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "5000"})
+    with proc.client() as client:
+        client.cache_put("rules", "Old text.")
+        client.cache_wait("rules", timeout=60)
+    for name, expected in (("rules", "Rewritten rules, longer than before."), ("fresh", "A new cache.")):
+        run = rkllmctl("cache", "edit", name, socket=proc.socket, env=editor(tmp_path, f"printf '{expected}' > \"$1\""))
+        assert run.returncode == 0, run.stderr
+        with proc.client() as client:
+            row = next(r for r in client.cache_ls()["caches"] if r["name"] == name)
+            assert row["text_bytes"] == len(expected) and row["state"] != "ready", row
+            assert client.cache_wait(name, timeout=60)["state"] == "ready"
+            assert client.cache_show(name)["text"] == expected
+    assert (proc.text_dir / "fresh.txt").read_text() == "A new cache."
+    unchanged = rkllmctl("cache", "edit", "fresh", socket=proc.socket, env=editor(tmp_path, "true"))
+    assert (unchanged.returncode, unchanged.stderr) == (0, "fresh: no changes\n")
+
+
+@pytest.mark.parametrize("json_flag", [False, True], ids=["text", "json"])
+def test_cache_edit_aborts_and_changes_nothing(make_daemon, tmp_path: Path, json_flag: bool) -> None:
+    """An editor that cannot run or fails, a text saved empty: exit 1 with one line (or one
+    JSON error), no traceback, and the cache as it was; a new name is not created (git's
+    "Aborting commit due to empty commit message")."""
+    proc = make_daemon()
+    with proc.client() as client:
+        client.cache_put("rules", "Keep me.")
+    cases = [
+        ("rules", {"EDITOR": "/nonexistent", "VISUAL": ""}, "cannot run the editor '/nonexistent': No such file or directory; text cache rules not changed"),
+        ("rules", editor(tmp_path, ": > \"$1\"; exit 3"), "the editor '{editor}' exited with status 3; text cache rules not changed"),
+        ("rules", editor(tmp_path, ": > \"$1\""), "Aborting: empty text cache; text cache rules not changed"),
+        ("newname", editor(tmp_path, "printf '  \\n\\n' > \"$1\""), "Aborting: empty text cache; text cache newname not created"),
+        ("newname", {"EDITOR": "/nonexistent", "VISUAL": ""}, "cannot run the editor '/nonexistent': No such file or directory; text cache newname not created"),
+    ]
+    for name, env, message in cases:
+        message = message.format(editor=env["EDITOR"])
+        run = rkllmctl(*(["--json"] if json_flag else []), "cache", "edit", name, socket=proc.socket, env=env)
+        assert run.returncode == 1, (run.stdout, run.stderr)
+        assert "Traceback" not in run.stdout + run.stderr
+        if json_flag:
+            assert json.loads(run.stdout) == {"error": {"code": None, "name": "aborted", "message": message, "details": {}}}
+        else:
+            assert run.stderr == f"rkllmctl: {message}\n"
+        with proc.client() as client:
+            assert [r["name"] for r in client.cache_ls()["caches"]] == ["rules"]
+            assert client.cache_show("rules")["text"] == "Keep me."
+    assert sorted(p.name for p in proc.text_dir.iterdir()) == ["rules.txt"]
+
+
+def test_a_text_cache_longer_than_the_context_fails_with_one_log_line(make_daemon) -> None:
+    proc = make_daemon(env={"RKLLMD_MODEL_CONTEXT_LENGTH": "64"})
+    with proc.client() as client:
+        client.cache_put("long", " ".join(f"Rule {i}: be brief." for i in range(40)))
+        with pytest.raises(DaemonError) as failed:
+            client.cache_wait("long", timeout=60)
+        row = client.cache_show("long")
+    assert row["state"] == "failed" and "context holds 64" in row["reason"], row
+    assert "context holds 64" in failed.value.message
+    lines = [line for line in proc.log().splitlines() if "long" in line and "failed" in line]
+    assert len(lines) == 1 and lines[0].startswith("ERROR") and row["reason"].split(": ", 1)[1] in lines[0], proc.log()
+    assert "Traceback" not in proc.log()
+
+
 def test_cache_wait_times_out_with_124(make_daemon) -> None:
     proc = make_daemon()
     long_text = " ".join(f"Rule {i}: keep functions short and names clear." for i in range(150))

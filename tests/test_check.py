@@ -116,7 +116,7 @@ def test_model_without_the_magic(npu_env, tmp_path):
                                   env={**npu_env, "RKLLMD_RKLLM_MODEL": str(model)}))
     facts = report["rkllm"]["model"]
     assert facts == {"path": str(model), "exists": True, "size_bytes": 29, "readable": True,
-                     "magic": "its first bytes are 74 68 65 73, not the magic da ee b3 36"}
+                     "magic": "its first bytes are 74 68 65 73, not the magic da ee b3 36", "platform_in_name": None}
     [finding] = [p for p in report["problems"] if str(model) in p["what"]]
     assert finding["what"] == (f"{model} is not a converted .rkllm model: {facts['magic']} (the runtime would say "
                                "\"invalid rknn llm model magic\")")
@@ -154,7 +154,8 @@ def test_healthy_npu_setup(npu_env, tmp_path):
     assert (rk["release"], rk["interface"], rk["model"]["magic"]) == ("1.2.3", "1.2", "ok")
     assert rk["devices"] == [{"path": "/dev/rknpu", "mode": "crw-rw---- root:root", "character_device": True,
                               "daemon_user_can_open": True, "you_can_open": True}]
-    assert rk["driver"] == {"version": "RKNPU driver: v0.9.8", "source": "/sys/kernel/debug/rknpu/version"}
+    assert rk["driver"] == {"version": "0.9.8", "text": "RKNPU driver: v0.9.8", "source": "/sys/kernel/debug/rknpu/version",
+                            "why_unreadable": None, "mainline_driver": None}
     assert rk["memory"]["available_bytes"] > rk["memory"]["model_bytes"] > 0
 
 
@@ -194,6 +195,153 @@ def test_device_node_checked_for_the_account_in_process(fake_runtime, tmp_path):
     # Root opens anything: the same node is fine for it.
     root = Account("root", 0, frozenset({0}), "test")
     assert run_checks(config, root, dev=dev, sysfs=sysfs, proc=tmp_path / "no-proc").ok
+
+
+# --- the NPU driver, the board and what a model file says -----------------------------------------------
+# The kernel's files as they are on a board (formats from the vendor's driver source, rknn-llm's
+# rknpu_driver_0.9.8: MODULE_VERSION("0.9.8") in rknpu_drv.c, seq_printf("%s: v%d.%d.%d\n") in
+# rknpu_debugger.c; /proc/self/mounts and the device tree's NUL-separated compatible strings),
+# in a tree given to ``rkllmd check --root``.
+DEBUGFS_MOUNT = "debugfs /sys/kernel/debug debugfs rw,nosuid,nodev,noexec,relatime 0 0\n"
+RK3588_BOARD = b"radxa,rock-5b\0rockchip,rk3588\0"
+
+
+def board(root: Path, *, module: str | None = None, debugfs: str | None = None, mounts: str = DEBUGFS_MOUNT,
+          compatible: bytes | None = RK3588_BOARD, rknpu_module: bool = False, rocket: str | None = None) -> Path:
+    """A board's dev/, sys/ and proc/ under ``root``: what the rknpu driver shows, or mainline's
+    rocket (``rocket``: "module" or "accel"), with /dev/rknpu present."""
+    (root / "dev").mkdir(parents=True)
+    (root / "dev" / "rknpu").touch(mode=0o666)
+    if module is not None or rknpu_module:
+        (root / "sys" / "module" / "rknpu").mkdir(parents=True)
+    if module is not None:
+        (root / "sys" / "module" / "rknpu" / "version").write_text(module)
+    if debugfs is not None:
+        (root / "sys" / "kernel" / "debug" / "rknpu").mkdir(parents=True)
+        (root / "sys" / "kernel" / "debug" / "rknpu" / "version").write_text(debugfs)
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "proc" / "self" / "mounts").write_text("sysfs /sys sysfs rw 0 0\nproc /proc proc rw 0 0\n" + mounts)
+    (root / "proc" / "meminfo").write_text("MemTotal:       16000000 kB\nMemAvailable:   12000000 kB\n")
+    if compatible is not None:
+        (root / "sys" / "firmware" / "devicetree" / "base").mkdir(parents=True)
+        (root / "sys" / "firmware" / "devicetree" / "base" / "compatible").write_bytes(compatible)
+    if rocket == "module":
+        (root / "sys" / "module" / "rocket").mkdir(parents=True)
+    elif rocket == "accel":
+        (root / "sys" / "bus" / "platform" / "drivers" / "rocket").mkdir(parents=True)
+        (root / "sys" / "class" / "accel" / "accel0" / "device").mkdir(parents=True)
+        (root / "sys" / "class" / "accel" / "accel0" / "device" / "driver").symlink_to(root / "sys/bus/platform/drivers/rocket")
+        (root / "dev" / "accel").mkdir()
+        (root / "dev" / "accel" / "accel0").touch()
+    return root
+
+
+def check_board(npu_env, tmp_path, root: Path, model: Path | None = None) -> tuple[int, dict]:
+    """The check of ``root`` in process (the command line's --root: test_check_reads_a_boards_tree)."""
+    env = {**npu_env, **({"RKLLMD_RKLLM_MODEL": str(model)} if model else {}), "RKLLMD_BACKEND": "rkllm",
+           "RKLLMD_SOCKET": str(tmp_path / "run" / "s.sock"), "RKLLMD_CACHE_TEXT_DIR": str(tmp_path / "text"),
+           "RKLLMD_CACHE_BINARY_DIR": str(tmp_path / "bin")}
+    report = run_checks(load(environ=env, config_file=None), Account.current(), dev=root / "dev", sysfs=root / "sys", proc=root / "proc")
+    return (0 if report.ok else 1), json.loads(json.dumps(report.as_json()))
+
+
+def test_check_reads_a_boards_tree(npu_env, tmp_path):
+    """``rkllmd check --root DIR``: the kernel's files of a board copied to DIR, judged as on the board."""
+    root = board(tmp_path / "board", debugfs="RKNPU driver: v0.9.7\n")
+    out = rkllmd_check("--backend", "rkllm", "--json", "--root", str(root), folder=tmp_path, env=npu_env)
+    report = as_json(out)
+    assert out.returncode == 0 and report["rkllm"]["devices"][0]["path"] == str(root / "dev" / "rknpu")
+    assert report["rkllm"]["driver"]["version"] == "0.9.7" and report["rkllm"]["board"] == "rk3588"
+    assert report["rkllm"]["memory"]["available_bytes"] == 12000000 * 1024
+    human = rkllmd_check("--backend", "rkllm", "--root", str(root), folder=tmp_path, env=npu_env).stdout
+    assert "  driver:\n    version: 0.9.7\n    text: RKNPU driver: v0.9.7\n" in human
+    assert "NPU driver 0.9.7 is older than 0.9.8" in human
+
+
+@pytest.mark.parametrize("files, version, source, warning", [
+    ({"module": "0.9.8\n"}, "0.9.8", "sys/module/rknpu/version", None),
+    ({"module": "0.9.8\n", "debugfs": "RKNPU driver: v0.9.8\n"}, "0.9.8", "sys/module/rknpu/version", None),
+    ({"debugfs": "RKNPU driver: v0.9.7\n"}, "0.9.7", "sys/kernel/debug/rknpu/version", "NPU driver 0.9.7 is older than 0.9.8, which the RKLLM SDK user guide asks for"),
+    ({"debugfs": "RKNPU driver: v0.9.6\n"}, "0.9.6", "sys/kernel/debug/rknpu/version", "NPU driver 0.9.6 is older than 0.9.7: the runtime warns"),
+    ({"debugfs": "RKNPU driver: v0.8.2\n"}, "0.8.2", "sys/kernel/debug/rknpu/version", "NPU driver 0.8.2 is older than 0.9.7"),
+], ids=["module", "module-first", "0.9.7", "0.9.6", "0.8.2"])
+def test_driver_version_and_what_the_sdk_asks(npu_env, tmp_path, files, version, source, warning):
+    root = board(tmp_path / "board", **files)
+    code, report = check_board(npu_env, tmp_path, root)
+    driver = report["rkllm"]["driver"]
+    assert (driver["version"], driver["source"], driver["why_unreadable"]) == (version, str(root / source), None)
+    found = [w for w in report["warnings"] if w["what"].startswith("NPU driver")]
+    assert [w["what"][:len(warning)] for w in found] == ([warning] if warning else [])
+    assert all("docs/npu.md" in w["fix"] and "kernel" in w["fix"] for w in found)
+    assert code == 0 and report["ok"]  # an old driver is a warning: the runtime decides
+    assert report["rkllm"]["board"] == "rk3588"
+
+
+@pytest.mark.parametrize("files, why", [
+    ({"mounts": ""}, "no rknpu driver is loaded; debugfs is not mounted (sudo mount -t debugfs none {root}/sys/kernel/debug)"),
+    ({}, "no rknpu driver is loaded"),
+    ({"rknpu_module": True, "mounts": ""}, "the driver declares no module version (older ones show it only in debugfs); "
+                                            "debugfs is not mounted (sudo mount -t debugfs none {root}/sys/kernel/debug)"),
+    ({"rknpu_module": True}, "the driver shows no version: no module version, no {root}/sys/kernel/debug/rknpu/version "
+                             "(built without CONFIG_ROCKCHIP_RKNPU_DEBUG_FS)"),
+], ids=["nothing", "nothing-mounted", "no-module-version", "no-debugfs-file"])
+def test_why_the_driver_version_cannot_be_read(npu_env, tmp_path, files, why):
+    root = board(tmp_path / "board", **files)
+    _, report = check_board(npu_env, tmp_path, root)
+    driver = report["rkllm"]["driver"]
+    assert (driver["version"], driver["source"], driver["why_unreadable"]) == (None, None, why.format(root=root))
+
+
+def test_debugfs_is_for_root_only(open_tmp):
+    """As any user but root (here nobody, after the imports), debugfs refuses: the check says so."""
+    root = board(open_tmp / "board", debugfs="RKNPU driver: v0.9.8\n")
+    os.chmod(root / "sys" / "kernel" / "debug", 0o700)  # debugfs' own mode
+    script = ("import os, sys; from pathlib import Path; from rkllmd.backends.rkllm.devices import read_driver; "
+              "os.setgid(65534); os.setuid(65534); root = Path(sys.argv[1]); "
+              "print(read_driver(root / 'sys', root / 'proc', root / 'dev').why)")
+    if os.geteuid() != 0:
+        pytest.skip("dropping to nobody needs root")
+    out = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert out.stdout == f"{root}/sys/kernel/debug/rknpu/version is readable by root only (debugfs): run rkllmd check with sudo\n", out.stderr
+
+
+@pytest.mark.parametrize("how", ["module", "accel"])
+def test_the_mainline_rocket_driver_is_named_and_refused(npu_env, tmp_path, how):
+    root = board(tmp_path / "board", rocket=how)
+    code, report = check_board(npu_env, tmp_path, root)
+    shown = str(root / "sys/module/rocket") if how == "module" else str(root / "dev/accel/accel0")
+    assert report["rkllm"]["driver"]["mainline_driver"] == shown
+    assert report["rkllm"]["driver"]["why_unreadable"] == f"the NPU is driven by mainline Linux's rocket driver ({shown}), not the vendor's rknpu"
+    [finding] = [p for p in report["problems"] if "rocket" in p["what"]]
+    assert finding["what"] == f"the NPU is driven by mainline Linux's rocket driver ({shown}): librkllmrt.so speaks only to Rockchip's rknpu driver"
+    assert "vendor's rknpu driver" in finding["fix"] and code == 1
+
+
+FOOTER = "rkllm-toolkit version: {}"
+
+
+@pytest.mark.parametrize("name, toolkit, compatible, warnings", [
+    ("qwen2.5-1.5b-w8a8_rk3588.rkllm", "1.2.1b1", RK3588_BOARD, []),
+    ("Qwen2.5-3B-Instruct-rk3588-w8a8-opt-0-hybrid-ratio-0.0.rkllm", "1.2.3", b"xunlong,orangepi-5\0rockchip,rk3588s\0", []),
+    ("DeepSeek-R1-Distill-Qwen-7B-RK3588S-RKLLM1.1.4.rkllm", "1.1.4", RK3588_BOARD, []),
+    ("qwen2.5-vl-3b-w4a16_level1_rk3576.rkllm", "1.2.1", RK3588_BOARD,
+     ["the model's file name says rk3576, but this board is rk3588"]),
+    ("gemma4-e2b_w8a8_rk3588.rkllm", "1.3.0", RK3588_BOARD,
+     ["the model was converted with rkllm-toolkit 1.3.0, newer than the runtime 1.2.3"]),
+    ("qwen-chat-1_8B.rkllm", "1.0.1", RK3588_BOARD, ["the model was converted with rkllm-toolkit 1.0.1, whose models runtimes from 1.1.0 refuse"]),
+    ("model.rkllm", None, None, []),
+])
+def test_what_a_model_file_says_about_itself(npu_env, tmp_path, name, toolkit, compatible, warnings):
+    """The toolkit release a converted model ends with ("rkllm-toolkit version: 1.1.4", its last
+    bytes), against the runtime's; the platform its file name names, against the board's SoC."""
+    root = board(tmp_path / "board", module="0.9.8\n", compatible=compatible)
+    model = write_model(tmp_path / name, "weights and NPU programs\x00\x01" + (FOOTER.format(toolkit) if toolkit else ""))
+    code, report = check_board(npu_env, tmp_path, root, model=model)
+    facts = report["rkllm"]["model"]
+    assert (facts["magic"], facts["toolkit"]) == ("ok", toolkit)
+    assert [w["what"][:len(e)] for w, e in zip(report["warnings"], warnings)] == warnings and len(report["warnings"]) == len(warnings)
+    assert code == 0  # the runtime stays the judge
 
 
 # --- socket and caches ----------------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
 
-from rkllmd.config import OPTIONS, ConfigError, load
-from rkllmd.paths import default_socket
+from rkllmd.config import OPTIONS, ConfigError, load, tomllib  # tomli on Python 3.10
+from rkllmd.paths import default_socket, default_text_dir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,14 @@ def test_shipped_config_documents_every_key_with_its_default() -> None:
     for option in OPTIONS:  # each key's line says what the typed configuration says of it
         assert f"# {option.help} ({option.env})\n# {option.key} = " in text, option.dotted
     assert load(ROOT / "etc" / "rkllmd.toml", environ={})["daemon.backend"] == "auto"
+
+
+def test_text_caches_default_to_the_users_state_folder_even_from_a_checkout(tmp_path: Path) -> None:
+    """Not the checkout's cache/ (its examples): a user's caches would show in ``git status``."""
+    assert (ROOT / "cache").is_dir() and (ROOT / "pyproject.toml").is_file()  # this code runs from a checkout
+    assert default_text_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "rkllmd" / "caches"
+    assert default_text_dir({}) == Path.home() / ".local" / "state" / "rkllmd" / "caches"
+    assert default_text_dir({"STATE_DIRECTORY": "/var/lib/rkllmd", "XDG_STATE_HOME": str(tmp_path)}) == Path("/var/lib/rkllmd")
 
 
 def test_socket_default_order(tmp_path: Path) -> None:

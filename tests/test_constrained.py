@@ -17,7 +17,7 @@ import threading
 import jsonschema
 import pytest
 
-from conftest import rkllmctl
+from conftest import DaemonProcess, rkllmctl
 from rkllmctl import DaemonError
 
 # SmolLM2 answers this with valid JSON unconstrained (greedy), in 17 tokens.
@@ -38,6 +38,15 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"], "additionalProperties": False}}}
 CLOCK = {"type": "function", "function": {"name": "get_time", "description": "Time in a time zone", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def qwen() -> DaemonProcess:
+    """SmolLM2 through Qwen 2.5's template, which has tools (Hermes-style calls): SmolLM2's own
+    has none, and refuses tools (docs/templates.md, capabilities)."""
+    proc = DaemonProcess("--backend", "cpu", env={"RKLLMD_MODEL_CHAT_TEMPLATE": "qwen2.5-instruct"}).start()
+    yield proc
+    proc.cleanup()
 
 
 def generate(daemon, **fields):
@@ -129,7 +138,7 @@ def test_a_cut_by_max_tokens_is_length_not_a_complete_document(daemon) -> None:
     ({"format": "yaml"}, "format", "JSON Schema"),
     ({"grammar": "root ::= [0-9"}, "grammar", "GBNF"),
     ({"grammar": 'start: "x" <|not_in_smollm2|>'}, "grammar", "<|not_in_smollm2|>"),  # found against the vocabulary, in the worker
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice", "'get_time'"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tools", "does not support tools"),  # SmolLM2's template: no tools to force
     ({"format": "json", "grammar": 'start: "a"'}, "grammar", "at most one"),
 ])
 def test_what_the_engine_refuses_is_invalid_field_with_its_reason(daemon, fields, field, reason) -> None:
@@ -141,9 +150,10 @@ def test_what_the_engine_refuses_is_invalid_field_with_its_reason(daemon, fields
         assert client.generate("Hi", max_tokens=2).wait().finish_reason in ("stop", "length")  # still serving
 
 
-def test_a_forced_tool_call_is_parsed_into_tool_calls(daemon) -> None:
-    """SmolLM2's template has no tool-call format of its own: a forced call is written in
-    Hermes' (`<tool_call>...</tool_call>`) and parsed from it; its arguments follow the schema."""
+def test_a_forced_tool_call_is_parsed_into_tool_calls(qwen) -> None:
+    """A forced call is written in the template's own format (Qwen 2.5's Hermes block) and
+    parsed from it; its arguments follow the tool's schema."""
+    daemon = qwen
     named = generate(daemon, prompt="What is the weather in Oslo?", tools=[WEATHER, CLOCK], max_tokens=60,
                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert named.finish_reason == "stop" and named.text == "" and named.tool_call_error is None
@@ -159,6 +169,10 @@ def test_a_forced_tool_call_is_parsed_into_tool_calls(daemon) -> None:
     # "none": the tools are not offered, nothing is parsed as a call.
     none = generate(daemon, prompt="What is the weather in Oslo?", tools=[WEATHER], tool_choice="none", max_tokens=8)
     assert none.tool_calls is None
+    with daemon.client() as client:
+        with pytest.raises(DaemonError) as refused:
+            client.generate("Hi", tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_time"}}).wait()
+    assert refused.value.name == "invalid_field" and refused.value.details["field"] == "tool_choice" and "'get_time'" in refused.value.message
 
 
 def test_grammars_in_gbnf_and_lark(daemon) -> None:
@@ -192,7 +206,7 @@ def test_logprobs_cover_every_token_of_the_answer(daemon) -> None:
     assert math.isclose(sum(math.exp(t["logprob"]) for t in first["top_logprobs"]), 1.0, rel_tol=1e-6)
 
 
-def test_rkllmctl_schema_json_mode_grammar_and_tool_choice(daemon, tmp_path) -> None:
+def test_rkllmctl_schema_json_mode_grammar_and_tool_choice(daemon, qwen, tmp_path) -> None:
     schema = tmp_path / "flag.json"
     schema.write_text(json.dumps(FLAG))
     done = rkllmctl("generate", "--schema", str(schema), "--temperature", "1", "--seed", "4", "--json", "--logprobs", "2", "Is snow white?", socket=daemon.socket)
@@ -208,7 +222,7 @@ def test_rkllmctl_schema_json_mode_grammar_and_tool_choice(daemon, tmp_path) -> 
     assert picked.returncode == 0 and picked.stdout.strip() in ("A", "B")
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([WEATHER]))
-    called = rkllmctl("generate", "--tools", str(tools), "--tool-choice", "get_weather", "--json", "Weather in Rome?", socket=daemon.socket)
+    called = rkllmctl("generate", "--tools", str(tools), "--tool-choice", "get_weather", "--json", "Weather in Rome?", socket=qwen.socket)
     assert called.returncode == 0 and json.loads(called.stdout)["tool_calls"][0]["function"]["name"] == "get_weather"
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "objekt"}')

@@ -145,13 +145,12 @@ def test_grammars_in_lark_and_gbnf(vocabulary, tokenizer) -> None:
 
 @pytest.mark.parametrize("fmt, text", [
     (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n</tool_call>'),
-    (None, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'),  # no format of its own: Hermes
     (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Oslo"}}'),
     (PHI4, 'functools[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'),
 ])
 def test_a_forced_call_is_written_in_the_familys_format_and_parses_back(vocabulary, tokenizer, fmt, text) -> None:
     constraint = from_request(tools=[WEATHER, CLOCK], tool_choice={"type": "function", "function": {"name": "get_weather"}}, tool_format=fmt)
-    assert constraint.field == "tool_choice" and constraint.tool_format == (fmt or HERMES)
+    assert constraint.field == "tool_choice" and constraint.tool_format == fmt
     assert accepts(vocabulary, tokenizer, constraint, text)
     assert not accepts(vocabulary, tokenizer, constraint, text.replace("get_weather", "get_time"))
     assert not accepts(vocabulary, tokenizer, constraint, text.replace('"Oslo"', "7"))
@@ -188,6 +187,7 @@ def test_a_reasoning_block_may_come_before_the_answer(vocabulary, tokenizer, ope
     ({"grammar": "start: undefined_rule"}, "grammar", 'unknown name: "undefined_rule"'),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "'nope'"),
     ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice", "tool-call format"),  # a template without one
     ({"format": "json", "grammar": 'start: "x"'}, "grammar", "at most one"),
 ])
 def test_what_the_engine_refuses_names_the_field_and_the_reason(request_fields, field, reason) -> None:

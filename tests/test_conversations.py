@@ -112,6 +112,23 @@ def test_kept_state_respects_the_budget_and_a_cancelled_prefill_keeps_only_what_
     backend.release(run)
 
 
+def test_a_state_that_fails_to_restore_leaves_no_slot_taken(backend):
+    """A restore that raises (here: a state of another shape) fails the start and gives the
+    slot it took back: the next generations neither find it busy nor make a new one."""
+    prompt = backend.render(chat(SYSTEM, QUESTIONS[:1], []))
+    ids = backend.tokenize(prompt)
+    foreign = KVState(np.zeros((2, 3, 5, 8), np.float32), np.zeros((2, 3, 8, 5), np.float32))
+    state = PrefixState(name="", text="", n_tokens=8, payload=foreign, kind=CONVERSATION, tokens=np.asarray(ids[:8], np.int32))
+    generate(backend, prompt, max_tokens=1)  # a slot exists, free
+    slots = len(backend._slots)
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            backend.start(prompt, SamplingParams(max_tokens=1), state, lambda p: True)
+    assert not backend._busy
+    text, stats, _ = generate(backend, prompt, max_tokens=4)
+    assert len(backend._slots) == slots and stats.completion_tokens > 0
+
+
 # -- on the daemon -----------------------------------------------------------------------
 
 

@@ -229,3 +229,43 @@ def test_client_learns_when_the_daemon_dies_mid_stream(make_daemon) -> None:
             for _ in pieces:
                 pass
         assert time.monotonic() - t0 < 5
+
+
+#: 250,000 characters shaped to be slow to tokenize: long runs of one kind (each a single
+#: piece to merge; 60,000 different CJK characters, a quadratic merge took minutes), words,
+#: numbers, punctuation. About a second for the CPU backend's tokenizer.
+CJK_RUN = "".join(chr(0x4E00 + i * 7919 % 20_000) for i in range(60_000))
+HEAVY_TEXT = (CJK_RUN + " " + ("word " * 20_000) + ("x" * 40_000) + ("!?" * 20_000) + ("3.14 " * 10_000))[:250_000]
+
+
+def test_a_long_text_being_tokenized_never_holds_up_other_clients(daemon: DaemonProcess) -> None:
+    """One client renders and generates with 250,000 characters while another pings: every
+    ping is answered within 100 ms. The tokenizing runs on the worker's prompt thread, never
+    on the socket loop; no call of the tokenizer holds the GIL for long."""
+    outcome: dict[str, object] = {}
+
+    def heavy() -> None:
+        with daemon.client(timeout=120) as client:
+            outcome["render"] = client.render([{"role": "user", "content": HEAVY_TEXT}])
+            try:
+                client.generate(HEAVY_TEXT, max_tokens=1).wait()
+            except DaemonError as exc:
+                outcome["generate"] = exc
+
+    with daemon.client(timeout=10) as pinger:
+        pinger.ping()
+        worker = threading.Thread(target=heavy, daemon=True)
+        worker.start()
+        latencies = []
+        while worker.is_alive():
+            started = time.monotonic()
+            pinger.ping()
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.005)
+        worker.join()
+    render, error = outcome["render"], outcome["generate"]
+    assert CJK_RUN in render["text"] and render["tokens"] > 4096
+    assert isinstance(error, DaemonError) and error.name == "context_overflow"
+    assert error.details["prompt_tokens"] == render["tokens"]  # the same text, counted alike
+    assert len(latencies) > 20, latencies  # the pings overlapped the work
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]

@@ -30,7 +30,7 @@ def test_tags_ps_show_and_version_describe_the_daemons_model(client, gateway) ->
     assert [m.model for m in running] == [NAME]
     shown = client.show(NAME)
     assert shown.modelinfo["llama.context_length"] == 4096 and shown.modelinfo["general.parameter_count"] == 134515008
-    assert "completion" in shown.capabilities
+    assert shown.capabilities == ["completion"]  # SmolLM2's template renders neither tools nor thinking
     with pytest.raises(ollama.ResponseError) as missing:
         client.show("llama3:8b")
     assert missing.value.status_code == 404
@@ -81,6 +81,27 @@ def test_errors_come_as_ollama_errors(client) -> None:
     with pytest.raises(ollama.ResponseError) as streamed:  # refused before the stream starts: a status, not a line
         list(client.chat(model=NAME, messages=[{"role": "user", "content": "hi"}], options={"top_p": 3}, stream=True))
     assert streamed.value.status_code == 400
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tools_and_thinking_the_model_lacks_are_refused_in_ollamas_words(client) -> None:
+    """Ollama's server/routes.go: 400, "<model> does not support tools" (its full name) and
+    "\"<model>\" does not support thinking" (the request's, quoted); think false is no request."""
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    for model in (NAME, "smollm2-135m-instruct"):
+        with pytest.raises(ollama.ResponseError) as tools:
+            client.chat(model=model, messages=messages, tools=[WEATHER], options={"num_predict": 1})
+        assert (tools.value.status_code, tools.value.error) == (400, f"{NAME} does not support tools")
+        with pytest.raises(ollama.ResponseError) as thinking:
+            client.chat(model=model, messages=messages, think=True, options={"num_predict": 1}, stream=True).__next__()
+        assert (thinking.value.status_code, thinking.value.error) == (400, f'"{model}" does not support thinking')
+        with pytest.raises(ollama.ResponseError) as generating:
+            client.generate(model=model, prompt="Hi", think=True, options={"num_predict": 1})
+        assert (generating.value.status_code, generating.value.error) == (400, f'"{model}" does not support thinking')
+    assert client.chat(model=NAME, messages=messages, think=False, options={"num_predict": 1}).done_reason == "length"
 
 
 def test_loading_a_model_with_an_empty_request_answers_at_once(client) -> None:

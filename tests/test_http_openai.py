@@ -112,8 +112,8 @@ def test_a_system_message_matching_a_text_cache_restores_it(client, daemon) -> N
 
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2}, "n"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),  # OpenAI's range, -2 to 2
+    ({"presence_penalty": -2.5}, "presence_penalty"),
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ({"temperature": 11}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -125,6 +125,19 @@ def test_unsupported_or_invalid_fields_are_refused_as_openai_does(client, fields
     error = refused.value.body
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     assert refused.value.status_code == 400
+
+
+def test_tools_and_reasoning_the_model_lacks_are_unsupported_parameters(client) -> None:
+    """SmolLM2's template renders neither: OpenAI's refusal of a parameter a model does not take."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    for fields, param in (({"tools": [tool]}, "tools"), ({"reasoning_effort": "low"}, "reasoning_effort")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=1, **fields)
+        error = refused.value.body
+        assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "unsupported_parameter", param)
+        assert error["message"].startswith(f"SmolLM2-135M-Instruct does not support {'tools' if param == 'tools' else 'thinking'}")
+    none = client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=1, reasoning_effort="none", tools=[tool], tool_choice="none")
+    assert none.choices[0].finish_reason == "length"
 
 
 def test_errors_have_openais_shape_and_status(client, gateway) -> None:

@@ -19,6 +19,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from test_constrained import BOB, WEATHER
+from test_http_tools_reasoning import qwen_gateway  # noqa: F401  (SmolLM2 through Qwen 2.5's template: it has tools)
 
 SEEDS = range(6)
 
@@ -80,7 +81,12 @@ def test_openai_json_object_and_its_logprobs_streamed(client) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
 
 
-def test_openai_forced_tool_calls(client) -> None:
+def test_openai_forced_tool_calls(qwen_gateway, client) -> None:  # noqa: F811
+    """Through a template with tools (SmolLM2's own has none: refused, as Ollama refuses them)."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER], tool_choice="required")
+    assert "does not support tools" in refused.value.body["message"]
+    client = openai.OpenAI(base_url=qwen_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=300)
     named = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is the weather in Oslo?"}], tools=[WEATHER],
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=60)
     assert named.choices[0].finish_reason == "tool_calls"
@@ -138,10 +144,12 @@ def test_ollama_format_schema_and_json_at_temperature_one(ollama_client) -> None
 
 # --- LangChain -------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
-def test_langchain_openai_with_structured_output(gateway, method) -> None:
-    """json_schema: response_format; function_calling: a tool and a named tool_choice; json_mode:
-    json_object, the schema told only in the prompt (LangChain then parses whatever object
-    comes: what the daemon guarantees is an object)."""
+def test_langchain_openai_with_structured_output(gateway, qwen_gateway, method) -> None:  # noqa: F811
+    """json_schema: response_format; function_calling: a tool and a named tool_choice (through a
+    template with tools); json_mode: json_object, the schema told only in the prompt (LangChain
+    then parses whatever object comes: what the daemon guarantees is an object)."""
+    if method == "function_calling":
+        gateway = qwen_gateway
     from langchain_openai import ChatOpenAI
 
     schema = {"type": "object"} if method == "json_mode" else PERSON_SCHEMA
@@ -189,3 +197,15 @@ def test_litellm_ollama_tools_get_a_tool_call(gateway) -> None:
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
+
+
+def test_openai_completions_logprobs(client) -> None:
+    """The legacy completions' logprobs: tokens, token_logprobs, top_logprobs as maps, text_offset."""
+    reply = client.completions.create(model="m", prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2, echo=True)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == reply.usage.completion_tokens
+    assert "".join(lp.tokens) == choice.text.removeprefix("The capital of France is")
+    assert lp.text_offset[0] == len("The capital of France is")
+    assert all(offset == lp.text_offset[0] + len("".join(lp.tokens[:i])) for i, offset in enumerate(lp.text_offset))
+    assert all(len(top) <= 2 and max(top.values()) == value for top, value in zip(lp.top_logprobs, lp.token_logprobs))  # greedy: the best

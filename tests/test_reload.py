@@ -10,6 +10,7 @@ of the same shape and name whose weights, so identities, differ.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, in_order, reference_cases, rkllmctl
+from rkllmctl import DaemonUnreachable
 from gguf_files import tiny_llama
 from reliability import poll
 
@@ -41,11 +43,12 @@ class ConfiguredDaemon(DaemonProcess):
         return [sys.executable, "-m", "rkllmd", "--socket", str(self.socket), "--config", str(self.config),
                 "--backend", "cpu", "--log-level", "debug"]
 
-    def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None, store: str = "", conversations: bool = True) -> None:
+    def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None, store: str = "", conversations: bool = True,
+                  chat_template: str = "") -> None:
         """``store``: the [store] section's lines."""
         self.text_dir = text_dir or self.text_dir
         self.binary_dir = binary_dir or self.binary_dir
-        self.config.write_text(f'[model]\npath = "{model}"\n'
+        self.config.write_text(f'[model]\npath = "{model}"\nchat_template = "{chat_template}"\n'
                                f'[cache]\ntext_dir = "{self.text_dir}"\nbinary_dir = "{self.binary_dir}"\n'
                                f'conversations = {str(conversations).lower()}\n'
                                f'[store]\n{store}\n')
@@ -102,6 +105,26 @@ def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tin
         assert after.wait().stats["prompt_tokens"] > 2 * CAPITAL["prompt_tokens"]
     assert "reload: now serving tiny" in proc.log()
     assert model_of(proc)["path"] == str(tiny_models[0])
+
+
+def test_a_request_queued_behind_a_swap_is_rendered_for_the_model_that_runs_it(configured):
+    """The chat of a request that arrives while a reload waits to swap the model is rendered
+    with the new model's template (here: the same weights, another template), not the one
+    serving when it arrived."""
+    proc = configured()
+    with proc.client() as first, proc.client() as second:
+        running = first.generate(STORY, max_tokens=64)
+        next(iter(running))  # it streams: the swap waits for it
+        old = second.render(CAPITAL["messages"])
+        proc.configure(chat_template="chatml")
+        proc.reload("reload: the model configuration changed; loading it after the queued requests")
+        after = second.generate(messages=CAPITAL["messages"], max_tokens=2)
+        assert second.wait_queued(after) == 1  # behind the running one: it arrived before the swap
+        result = after.wait()
+        new = second.render(CAPITAL["messages"])
+        assert running.wait().stats["completion_tokens"] == 64
+    assert new["text"] != old["text"] and new["text"].startswith("<|im_start|>user\n")
+    assert result.stats["prompt_tokens"] == new["tokens"] != old["tokens"]
 
 
 def test_a_model_that_fails_to_load_leaves_the_old_one_serving(configured, tmp_path):
@@ -190,6 +213,31 @@ def test_changed_cache_folders_are_scanned_and_watched(configured, tiny_models, 
         assert client.cache_wait("second", timeout=60)["state"] == "ready"
         assert names(client) == {"first", "second"}
         assert client.status()["caches"]["text_dir"] == str(texts)
+
+
+def test_one_reload_that_moves_the_folders_and_swaps_the_model_serves_the_new_models_caches(configured, tiny_models, tmp_path):
+    """The folder move of a reload runs on the disk thread, its model swap on the worker, in
+    either order. Here the disk thread has a queue of puts to write first, so the swap is done
+    before the move: the binary caches in the new folder are still the new model's."""
+    old, new = tiny_models
+    proc = configured(model=str(old), conversations=False)
+    texts, binaries = tmp_path / "texts", tmp_path / "binaries"
+    texts.mkdir()
+    (texts / "rules.txt").write_text(RULES)
+    with proc.client() as client:
+        puts = [client.send("cache.put", name=f"filler{i}", text=f"{i} " + "x" * 65536) for i in range(150)]
+        client.ping()  # the socket loop has handed every put to the disk thread
+        proc.configure(model=str(new), text_dir=texts, binary_dir=binaries, conversations=False)
+        proc.reload(f"reload: caches now in {texts} and {binaries}", "reload: now serving tiny")
+        with pytest.raises(DaemonUnreachable):  # swapped while the puts, then the move, wait
+            client.receive(puts[-1], 0.001)
+        for put in puts:
+            client.result_of(put, 120)
+        ready = client.cache_wait("rules", timeout=60)
+        status = client.status()["caches"]
+    [meta] = binaries.glob("*/rules.meta.json")
+    assert ready["state"] == "ready" and json.loads(meta.read_text())["identity"]["model"] == str(new)
+    assert status["binary_dir"] == str(meta.parent) and status["text_dir"] == str(texts)
 
 
 def names(client) -> set[str]:

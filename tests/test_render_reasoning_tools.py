@@ -357,3 +357,36 @@ def test_chat_asks_for_tool_results_and_keeps_them_in_history(qwen: DaemonProces
         ]
         answer = client.generate(messages=history, tools=[WEATHER], max_tokens=40).wait()
     assert run.stdout.endswith("\n" + answer.text + ("" if answer.text.endswith("\n") else "\n"))  # the chat sent that history
+
+
+# -- capabilities: what a model's template cannot do is refused, not dropped ------------------
+
+
+def test_status_lists_each_templates_capabilities(daemon: DaemonProcess, qwen: DaemonProcess, thinking: DaemonProcess) -> None:
+    for proc, expected in ((daemon, ["completion"]), (qwen, ["completion", "tools"]), (thinking, ["completion", "thinking"])):
+        with proc.client() as client:
+            assert client.status()["model"]["capabilities"] == expected
+    human = rkllmctl("status", socket=qwen.socket).stdout
+    assert "can:      completion, tools  (template qwen2.5-instruct)" in human
+
+
+def test_tools_or_thinking_the_template_lacks_are_refused(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """SmolLM2's own template renders neither: a request for them is an invalid_field naming
+    the capability, not a generation that silently ignores them; think off is no request."""
+    with daemon.client() as client:
+        for fields, field, capability in (({"tools": [WEATHER]}, "tools", "tools"), ({"enable_thinking": True}, "enable_thinking", "thinking")):
+            with pytest.raises(DaemonError) as refused:
+                client.generate(messages=CHAT, max_tokens=1, **fields).wait()
+            assert refused.value.name == "invalid_field" and refused.value.details == {"field": field, "capability": capability}
+            assert refused.value.message.startswith(f"SmolLM2-135M-Instruct does not support {capability}: its chat template (tokenizer.chat_template)")
+        assert client.generate(messages=CHAT, max_tokens=1, enable_thinking=False, tools=[]).wait().finish_reason == "length"
+    (tmp_path / "tools.json").write_text(json.dumps([WEATHER]))
+    for flag, capability in ((("--tools", str(tmp_path / "tools.json")), "tools"), (("--think",), "thinking")):
+        run = rkllmctl("generate", *flag, "--max-tokens", "1", "hi", socket=daemon.socket)
+        assert run.returncode == 1 and run.stdout == ""
+        assert run.stderr.startswith(f"rkllmctl: SmolLM2-135M-Instruct does not support {capability}: ") and run.stderr.endswith("(invalid_field, 103)\n"), run.stderr
+
+
+def test_think_is_accepted_where_the_template_has_it(thinking: DaemonProcess) -> None:
+    with thinking.client() as client:
+        assert client.generate(messages=GRASS, enable_thinking=True, max_tokens=1).wait().finish_reason == "length"

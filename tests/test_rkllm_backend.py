@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model
+from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model, write_tokenizer
 
-from rkllmd.backends.base import BackendError, PrefixState, SamplingParams
+from rkllmd.backends.base import BackendError, ContextOverflow, PrefixState, SamplingParams
 from rkllmd.backends.rkllm import library as lib_module
 from rkllmd.backends.rkllm.backend import RkllmBackend, detect
 from rkllmd.backends.rkllm.library import RkllmStartupError
@@ -142,7 +142,7 @@ def test_streams_exact_text_with_a_split_multibyte_character(backend, calls):
     assert stats.completion_tokens == 7
     assert stats.finish_reason == "stop"
     log = calls()
-    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
+    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end", "rkllm_get_kv_cache_size"]
     assert log[1][1]["keep_history"] == "1" and log[1][1]["kv_before"] == "0"  # cleared, kept for a next turn
 
 
@@ -228,10 +228,10 @@ def test_stop_strings(backend):
 
 
 def test_per_request_sampling_only_on_1_3(backend, generation, calls):
-    run(backend, chat(backend, "hi"), SamplingParams(temperature=0.3, top_k=7, top_p=0.5, repeat_penalty=1.1))
+    run(backend, chat(backend, "hi"), SamplingParams(temperature=0.3, top_k=7, top_p=0.5, repeat_penalty=1.1, frequency_penalty=0.5, presence_penalty=-0.25))
     run_line = dict(calls())["rkllm_run"]
     if generation == "1.3":
-        assert run_line["sampling"] == "top_k:7,top_p:0.500,temperature:0.300,repeat_penalty:1.100"
+        assert run_line["sampling"] == "top_k:7,top_p:0.500,temperature:0.300,repeat_penalty:1.100,frequency_penalty:0.500,presence_penalty:-0.250"
     else:
         assert "sampling" not in run_line  # 1.2 has no such field: the init values apply
         assert backend.describe()["sampling"].startswith("fixed at load")
@@ -347,10 +347,101 @@ def test_identity_before_load(fake_runtime, model):
     assert ident["runtime"].startswith("rkllm 1.3.0 (interface 1.3")
 
 
-def test_count_tokens_is_a_byte_estimate(backend):
-    assert backend.count_tokens("") == 0
-    assert backend.count_tokens("abcdef") == 2
-    assert backend.count_tokens("é") == 1  # 2 bytes, rounded up
+def test_token_counts_are_bounded_by_bytes_or_exact_with_the_models_tokenizer(fake_runtime, generation, model, tmp_path):
+    bare = RkllmBackend(model, library=fake_runtime[generation], context_length=64)
+    exact = RkllmBackend(model, library=fake_runtime[generation], context_length=64, tokenizer=write_tokenizer(tmp_path / "tokenizer.json"))
+    bare.load(), exact.load()
+    try:
+        for text in ("", "abcdef", "é ☃ <|im_start|>user\n"):
+            assert exact.count_tokens(text) == len(exact.tokenize(text)) == len(text.encode())  # the fake's are bytes
+            assert bare.count_tokens(text) == (len(text.encode()) + 1 if text else 0) and bare.tokenize(text) is None
+        # At the edge: 63 tokens and room for one more fit; the bound says 64 and refuses.
+        prompt = "x" * 63
+        exact.start(prompt, SamplingParams(), None, lambda t: True)
+        with pytest.raises(ContextOverflow, match=r"prompt is at most 64 tokens \(counted as UTF-8 bytes \+ 1: set \[rkllm\] tokenizer"):
+            bare.start(prompt, SamplingParams(), None, lambda t: True)
+        assert exact.describe()["token_counts"].startswith("exact") and bare.describe()["token_counts"].startswith("bounded")
+    finally:
+        bare.close(), exact.close()
+
+
+def test_a_tokenizer_that_cannot_be_read_stops_the_start(fake_runtime, model, tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    for path, says in ((tmp_path / "missing.json", "missing.json cannot be loaded"), (tmp_path / "broken.json", "broken.json cannot be loaded")):
+        with pytest.raises(RkllmStartupError, match=says):
+            RkllmBackend(model, library=fake_runtime["1.2"], tokenizer=path).load()
+
+
+# --- the context: what the runtime would shift is never sent -----------------------------------
+@pytest.fixture
+def small(fake_runtime, generation, model, calls, request):
+    """A backend whose context holds 200 tokens (the fake's: a prompt byte, or a generated
+    word), or what the test's ``context`` mark says."""
+    mark = request.node.get_closest_marker("context")
+    b = RkllmBackend(model, library=fake_runtime[generation], context_length=mark.args[0] if mark else 200)
+    b.load()
+    calls()
+    yield b
+    b.close()
+
+
+def shifts(log) -> list:
+    return [args for name, args in log if name == "rkllm_context_shift"]
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_the_runtime_sees_it(small, calls):
+    prompt = chat(small, "[[fake:recall]] " + "z" * 180)
+    with pytest.raises(ContextOverflow) as caught:
+        small.start(prompt, SamplingParams(), None, lambda t: True)
+    assert (caught.value.prompt_tokens, caught.value.context_length) == (len(prompt.encode()) + 1, 200)
+    with pytest.raises(ContextOverflow):
+        small.generate(prompt, SamplingParams(), None, lambda t: True)
+    assert "rkllm_run" not in names(calls())
+
+
+def test_the_answer_ends_where_the_context_does(small, calls):
+    prompt = chat(small, "[[fake:endless]] on and on")
+    pieces, stats = run(small, prompt, SamplingParams(max_tokens=1000))
+    assert stats.finish_reason == "length" and stats.completion_tokens == 200 - small.count_tokens(prompt)
+    log = calls()
+    assert not shifts(log) and small.kv_cache_size() <= 200
+
+
+@pytest.mark.context(700)
+@pytest.mark.parametrize("end_token", [False, True], ids=["history as counted", "history holding end tokens"])
+def test_a_long_conversation_never_overflows_the_runtime(small, calls, monkeypatch, end_token):
+    """Turn after turn of one conversation: each continues the runtime's history while the
+    history (as long as the runtime says), the new part and a token fit. One that would not is
+    not continued: sent whole if that fits (never here: the fake's answers take a token a word
+    in its history, a token a byte when sent), else refused. The runtime never shifts its
+    window: the model sees every turn. A runtime that keeps each answer's end token in its
+    history (FAKE_RKLLM_END_TOKEN) has a history longer than its FINISH statistics say: its
+    KV size says how long."""
+    if end_token:
+        monkeypatch.setenv("FAKE_RKLLM_END_TOKEN", "1")
+    users = ["[[fake:recall]] a"]
+    answers: list[str] = []
+    ways = []
+    while True:
+        prompt = recall_chat(small, users, answers)
+        held = small.resumable(prompt)
+        try:
+            small.start(prompt, SamplingParams(), held, lambda t: True)
+        except ContextOverflow:
+            break
+        pieces, stats = run(small, prompt, prefix=held)
+        log = calls()
+        assert not shifts(log), (len(users), log)
+        answers.append("".join(pieces))
+        assert stats.finish_reason == "stop" and answers[-1] == "recall: " + " | ".join(users)
+        ways.append("continued" if held is not None else "sent whole")
+        assert (names(log)[0] == "rkllm_clear_kv_cache") == (held is None)
+        users.append(str(len(users)))
+    assert ways[0] == "sent whole" and set(ways[1:]) == {"continued"} and len(ways) > 5, ways
+    assert held is None and small._history is not None  # the history was there: it did not fit
+    # The last answer's end token is in the runtime's count only (the earlier ones were in the
+    # history its prompt continued).
+    assert small._history.n_tokens == small.kv_cache_size() == stats.prompt_tokens + stats.completion_tokens + end_token
 
 
 # --- startup errors ---------------------------------------------------------------------------
@@ -632,7 +723,8 @@ def test_a_continued_conversation_sends_only_its_new_part(backend, calls):
     answer = "".join(pieces)
     assert answer == "recall: [[fake:recall]] apples" and stats.cached_tokens == 0
     log = calls()
-    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
+    # After a run the runtime ended itself, its KV size: what the history now holds.
+    assert names(log) == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end", "rkllm_get_kv_cache_size"]
     assert log[1][1]["keep_history"] == "1"
     second = recall_chat(backend, ["[[fake:recall]] apples", "pears"], [answer])
     held = backend.resumable(second)
@@ -641,10 +733,10 @@ def test_a_continued_conversation_sends_only_its_new_part(backend, calls):
     pieces, stats = run(backend, second, prefix=held)
     assert "".join(pieces) == "recall: [[fake:recall]] apples | pears"
     log = calls()
-    assert names(log) == ["rkllm_run", "rkllm_run_end"]  # no clear
+    assert names(log) == ["rkllm_run", "rkllm_run_end", "rkllm_get_kv_cache_size"]  # no clear
     new_part = second[len(held.text):].encode()
-    # The runtime held exactly the text recorded (the fake's history length is in bytes).
-    assert log[0][1]["prompt_len"] == str(len(new_part)) and log[0][1]["kv_before"] == str(len(held.text.encode()))
+    # The runtime held exactly what was recorded (the fake's history length is in its tokens).
+    assert log[0][1]["prompt_len"] == str(len(new_part)) and log[0][1]["kv_before"] == str(held.n_tokens)
     assert stats.cached_tokens == held.n_tokens and stats.prompt_tokens == held.n_tokens + len(new_part)
     # A prompt that does not continue the history (another conversation) is not offered it.
     assert backend.resumable(recall_chat(backend, ["[[fake:recall]] cars"], [])) is None
@@ -676,4 +768,4 @@ def test_a_loaded_prompt_cache_is_matched_only_on_an_empty_history(backend, tmp_
     held = backend.resumable(second)
     run(backend, second, prefix=held)
     [(_, run_args)] = [(n, p) for n, p in calls() if n == "rkllm_run"]
-    assert run_args["matched"] == "0" and run_args["kv_before"] == str(len(held.text.encode()))
+    assert run_args["matched"] == "0" and run_args["kv_before"] == str(held.n_tokens)

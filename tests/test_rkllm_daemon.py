@@ -22,6 +22,7 @@ on a board.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from typing import Callable
 
 import private_dev
 import pytest
-from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model
+from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model, write_tokenizer
 
 from conftest import ROOT, DaemonProcess, rkllmctl
 from rkllmctl import DaemonError
@@ -228,7 +229,7 @@ def test_stream_is_exact_ordered_and_ends_with_the_runtime_stats(served, generat
     assert (done["finish_reason"], done["cache"], done["reason"]) == ("stop", None, None)
     stats = done["stats"]
     calls = served.calls.since(mark)
-    assert [c.name for c in calls] == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end"]
+    assert [c.name for c in calls] == ["rkllm_clear_kv_cache", "rkllm_run", "rkllm_run_end", "rkllm_get_kv_cache_size"]
     [run], [end] = runs(calls), ends(calls)
     assert run.args["prompt_len"] == str(len(prompt)) and run.args["keep_history"] == "1"
     assert run.args["save_prompt_cache"] == "0" and run.args["kv_before"] == "0"
@@ -628,7 +629,7 @@ def test_interleaved_conversations_never_see_each_others_history(make_npu):
         for n in range(1, 4):  # taking turns: each switch clears the history and sends all
             for name, users in (("apples", apples), ("cars", cars)):
                 result, calls, prompt = turn(client, name, users[:n])
-                assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_clear_kv_cache", "rkllm_run"]
+                assert [c.name for c in calls if c.name not in ("rkllm_run_end", "rkllm_get_kv_cache_size")] == ["rkllm_clear_kv_cache", "rkllm_run"]
                 [run] = runs(calls)
                 assert run.args["keep_history"] == "1" and run.args["kv_before"] == "0"
                 assert run.args["prompt_len"] == str(len(prompt.encode()))
@@ -637,18 +638,86 @@ def test_interleaved_conversations_never_see_each_others_history(make_npu):
         # only the new part is sent.
         result, calls, _ = turn(client, "apples", apples[:4])
         assert calls[0].name == "rkllm_clear_kv_cache" and result.stats["cached_tokens"] == 0
+        held = result.stats["prompt_tokens"] + result.stats["completion_tokens"]  # the fake's tokens
         before = TEMPLATE.render(chat_messages(apples[:4], answers["apples"][:3])) + answers["apples"][3]
         result, calls, prompt = turn(client, "apples", apples)
-        assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_run"]
+        assert [c.name for c in calls if c.name not in ("rkllm_run_end", "rkllm_get_kv_cache_size")] == ["rkllm_run"]
         [run] = runs(calls)
-        assert run.args["kv_before"] == str(len(before.encode()))
+        assert run.args["kv_before"] == str(held)
         assert run.args["prompt_len"] == str(len(prompt.encode()) - len(before.encode()))
         assert result.stats["cache_source"] == {"kind": "conversation"} and result.stats["cached_tokens"] > 0
         assert result.stats["prompt_tokens"] == result.stats["cached_tokens"] + len(prompt.encode()) - len(before.encode())
         # no_cache neither continues it: clear, all.
         answers["apples"].pop()
         result, calls, _ = turn(client, "apples", apples, no_cache=True)
-        assert [c.name for c in calls if c.name != "rkllm_run_end"] == ["rkllm_clear_kv_cache", "rkllm_run"]
+        assert [c.name for c in calls if c.name not in ("rkllm_run_end", "rkllm_get_kv_cache_size")] == ["rkllm_clear_kv_cache", "rkllm_run"]
         assert result.stats["cached_tokens"] == 0
         status = client.status()["caches"]["conversations"]
         assert status["hits"] == 1, status
+
+
+# --- shutdown ------------------------------------------------------------------------------------------
+def test_sigterm_aborts_the_run_and_the_worker_releases_the_runtime_after_it(make_npu):
+    proc = make_npu(decode_us=2000)
+    with proc.client() as client:
+        stream = client.generate("on and on [[fake:endless]]", max_tokens=4096)
+        assert next(iter(stream)) == "echo: "
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    names = [c.name for c in proc.calls.all()]
+    assert names[-3:] == ["rkllm_abort", "rkllm_run_end", "rkllm_destroy"] or names[-2:] == ["rkllm_run_end", "rkllm_destroy"], names
+
+
+def test_shutdown_never_destroys_the_runtime_while_a_run_is_in_it(make_npu):
+    """SIGTERM while rkllm_run hangs, deaf to rkllm_abort (FAKE_RKLLM_HANG_ON): the worker
+    cannot stop; the daemon waits for it a while, says so, and exits without rkllm_destroy,
+    which would free what the run still uses (the fake aborts the process if it comes)."""
+    proc = make_npu(env={"FAKE_RKLLM_HANG_ON": "hang here"})
+    with proc.client() as client:
+        client.send("generate", prompt="please hang here")
+        poll(lambda: runs(proc.calls.all()), 10, "the run starting")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert "rkllm_destroy" not in [c.name for c in proc.calls.all()]
+    log = proc.log()
+    assert "the model worker did not stop within 10 s" in log and "exiting without releasing the model" in log
+    assert "fake-rkllm: rkllm_destroy" not in log
+
+
+# --- the context ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("counting", ["bounded", "tokenizer"])
+def test_a_conversation_grows_until_refused_and_the_runtime_never_shifts(make_npu, counting):
+    """A chat sent whole each turn, as clients do, on a 600-token context: each turn continues
+    the runtime's history and the model sees every earlier turn (the fake's recall), until one
+    cannot fit: context_overflow, before the runtime gets it. Never a shift of the runtime's
+    window (silently wrong), never an input longer than it (a crash). With the model's own
+    tokenizer configured the counts are exact (the fake's tokens are bytes); without, bounded."""
+    env = {"RKLLMD_MODEL_CONTEXT_LENGTH": "600"}
+    proc = make_npu(env=env, start=False)
+    if counting == "tokenizer":
+        env["RKLLMD_RKLLM_TOKENIZER"] = str(write_tokenizer(proc.folder / "tokenizer.json"))
+    proc.env.update(env)
+    proc.start()
+    users, answers = ["[[fake:recall]] a"], []
+    with proc.client() as client:
+        while True:
+            messages = chat_messages(users, answers)
+            rendered = client.render(messages)
+            try:
+                result = client.generate(messages=messages).wait()
+            except DaemonError as exc:
+                error = exc
+                break
+            recall = "recall: " + " | ".join(users)  # the answer ends where the context does
+            assert result.text == recall or result.finish_reason == "length" and recall.startswith(result.text), "a turn was lost"
+            answers.append(result.text)
+            users.append(str(len(users)))
+        assert client.status()["model"]["token_counts"].startswith("exact" if counting == "tokenizer" else "bounded")
+    assert len(answers) > 5 and error.name == "context_overflow"
+    tokens = len(TEMPLATE.render(messages).encode())
+    assert rendered["tokens"] == (tokens if counting == "tokenizer" else tokens + 1)
+    assert error.details["context_length"] == 600 and error.details["prompt_tokens"] + 1 > 600
+    assert ("at most" in error.message) == (counting == "bounded")
+    calls = proc.calls.all()
+    assert not [c for c in calls if c.name == "rkllm_context_shift" or "CRASH" in c.args]
+    assert "fake-rkllm: rkllm_run: context full" not in proc.log()

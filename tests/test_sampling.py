@@ -107,3 +107,29 @@ def test_repeat_penalty_counts_a_token_once_and_only_in_the_window():
     params = SamplingParams(temperature=0.0, repeat_penalty=1.02)
     assert Sampler(params).sample(logits, [0, 0, 0, 0]) == 0  # 2.0 / 1.02 once, still ahead
     assert Sampler(SamplingParams(temperature=0.0, repeat_penalty=1.5), repeat_last_n=2).sample(logits, [0, 1, 1]) == 0
+
+
+# -- frequency and presence penalties: OpenAI's additive definition over the completion -----
+
+
+def test_frequency_and_presence_penalties_are_openais_additive_formula():
+    """logit[t] -= frequency * count(t) + presence * (count(t) > 0), count over what this
+    sampler picked: the first pick is unpenalised, each later one sees the counts so far."""
+    logits = random_logits(6)
+    for frequency, presence in ((0.7, 0.0), (0.0, 1.3), (0.9, -0.4), (-0.5, 0.2)):
+        sampler = Sampler(SamplingParams(temperature=0.0, frequency_penalty=frequency, presence_penalty=presence))
+        counts = np.zeros(VOCAB)
+        for _ in range(40):
+            expected = int(np.argmax(logits.astype(np.float64) - frequency * counts - presence * (counts > 0)))
+            assert sampler.sample(logits, [1, 2, 3]) == expected  # the prompt (recent tokens) does not count
+            counts[expected] += 1
+        assert ((counts > 0).sum() > 1) == (frequency + presence > 0)  # a positive penalty moves the argmax on
+
+
+def test_presence_penalty_walks_down_the_logits_and_leaves_them_alone():
+    logits = np.array([1.0, 0.9, 0.8, 0.7], dtype=np.float32)
+    before = logits.copy()
+    sampler = Sampler(SamplingParams(temperature=0.0, presence_penalty=0.5))
+    assert [sampler.sample(logits) for _ in range(5)] == [0, 1, 2, 3, 0]  # each once, then the best of the penalised
+    assert np.array_equal(logits, before) and sampler.counts == {0: 2, 1: 1, 2: 1, 3: 1}
+    assert Sampler(SamplingParams(temperature=0.0)).counts is None  # nothing counted without a penalty

@@ -15,7 +15,7 @@ from rkllmd.schema import ERRORS, MINOR_VERSIONS, OPERATIONS, PROTOCOL_MINOR, do
 
 PROTOCOL_DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 SETTINGS = {"sampling.temperature": 0.0, "sampling.top_k": 40, "sampling.top_p": 0.95, "sampling.repeat_penalty": 1.0,
-            "sampling.max_tokens": 256, "daemon.max_tokens_limit": 4096}
+            "sampling.frequency_penalty": 0.0, "sampling.presence_penalty": 0.0, "sampling.max_tokens": 256, "daemon.max_tokens_limit": 4096}
 
 #: Client methods whose parameters are named otherwise than the fields they fill.
 RENAMED = {("cancel", "request_id"): "target"}

@@ -177,7 +177,7 @@ def subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, a
 def test_every_sampling_flag_shows_the_daemons_default() -> None:
     built_in = Config()
     for command in ("generate", "chat"):
-        parser = subparsers(build_parser())[command]
+        parser = subparsers(build_parser(whole=True))[command]
         flags = {action.dest: action for action in parser._actions}
         for field in OPERATIONS["generate"].fields:
             action = flags.get(field.name)
@@ -191,12 +191,57 @@ def test_every_sampling_flag_shows_the_daemons_default() -> None:
     assert "default: random" in help_text
 
 
+# -- what the command line imports ------------------------------------------------------------
+
+#: What rkllmctl never needs: the daemon's template machinery (Jinja), its backends, the gateway's server.
+DAEMON_ONLY = ("jinja2", "rkllmd.templates", "rkllmd.backends", "numpy", "aiohttp", "rkllmd_http")
+#: What ``rkllmctl --help`` does not need either: the socket client and the verbs' own modules.
+CLIENT = ("zmq", "msgpack", "rkllmctl.client", "rkllmd.config", "rkllmd.schema", "shtab", "rkllmctl.commands.generate")
+IMPORTS_OF = """
+import json, sys
+from rkllmctl.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # --help
+    code = exc.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+def imported_by(*args: str, socket: Path | None = None) -> set[str]:
+    """The modules a run of ``rkllmctl ARGS`` imported (its exit code checked to be 0)."""
+    argv = [*(["--socket", str(socket)] if socket else []), *args]
+    run = subprocess.run([sys.executable, "-c", IMPORTS_OF, *argv], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    report = json.loads(run.stderr.splitlines()[-1])
+    assert report["code"] == 0, run.stderr
+    return {m for m in report["modules"] if m.split(".")[0] in ("rkllmd", "rkllmctl", "rkllmd_http") or "." not in m}
+
+
+def loaded(modules: set[str], names: tuple[str, ...]) -> set[str]:
+    return {m for m in modules for name in names if m == name or m.startswith(name + ".")}
+
+
+def test_help_imports_neither_the_client_nor_the_daemons_templates() -> None:
+    """``rkllmctl --help`` lists the verbs without importing them (bench/cli_startup.py times it)."""
+    modules = imported_by("--help")
+    assert loaded(modules, DAEMON_ONLY + CLIENT) == set()
+    assert "rkllmctl.commands" in modules
+
+
+def test_commands_never_import_the_daemons_templates(daemon: DaemonProcess) -> None:
+    """The client path: rkllmd/schema.py is light (no Jinja), the verbs import what their run needs."""
+    for args in (("generate", "--help"), ("cache", "ls"), ("status",), ("generate", "--max-tokens", "1", "Hi")):
+        modules = imported_by(*args, socket=daemon.socket)
+        assert loaded(modules, DAEMON_ONLY) == set(), args
+        assert ("zmq" in modules) == (args[-1] != "--help"), args
+
+
 # -- completion and the man page ------------------------------------------------------------
 
 
 def every_word() -> set[str]:
     """The subcommands' names and every option string of the command line."""
-    parser = build_parser()
+    parser = build_parser(whole=True)
     words = {word for name in subparsers(parser) for word in name.split()}
     for sub in [parser, *subparsers(parser).values()]:
         words |= {option for action in sub._actions for option in action.option_strings}
@@ -246,7 +291,7 @@ def test_the_man_page_is_valid_roff_listing_every_command(tmp_path: Path) -> Non
     shown = subprocess.run([tool("man"), "-l", str(page)], capture_output=True, text=True, timeout=30, env={**os.environ, "MANWIDTH": "100", "MANPAGER": "cat"})
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.split())
-    for command in subparsers(build_parser()):
+    for command in subparsers(build_parser(whole=True)):
         assert f"COMMAND 'rkllmctl {command}'" in text or f"rkllmctl {command}" in text, command
     for code in ExitCode:
         assert f" {int(code)} " in text.split("EXIT STATUS")[1]

@@ -546,7 +546,8 @@ class TestRkllmd:
                       "withholding watchdog pings (limit 3s)", "Fatal Python error: Aborted",
                       "Extension modules:")
         threads = re.split(r"\n(?=Thread 0x|Current thread 0x)", dump)
-        worker = [t for t in threads if f"{ROOT}/rkllmd/worker.py" in t]
+        # (the worker's prompt thread waits in worker.py too, in _prepare_prompts)
+        worker = [t for t in threads if re.search(rf'"{ROOT}/rkllmd/worker\.py", line \d+ in _run\n', t)]
         assert len(worker) == 1 and re.search(r"worker\.py\", line \d+ in _serve_step\n.*in _run",
                                               worker[0], re.S), dump
         assert any(t.startswith("Current thread") and "in serve" in t for t in threads), dump

@@ -269,3 +269,70 @@ def test_fingerprint_follows_text_and_tokens():
     c = ChatTemplate("chatml", a.text + " ", a.tokens)
     assert a.fingerprint() == ChatTemplate("elsewhere", a.text, a.tokens).fingerprint()
     assert len({a.fingerprint(), b.fingerprint(), c.fingerprint()}) == 3
+
+
+# -- capabilities: what a request may ask of a template, found by rendering it -------------
+
+CAPABILITIES = {
+    "qwen2.5-instruct": ("completion", "tools"),
+    "qwen3": ("completion", "tools", "thinking"),  # reads enable_thinking
+    "deepseek-r1-distill-qwen": ("completion", "thinking"),  # opens <think> in every prompt
+    "llama-3.1-instruct": ("completion", "tools"),
+    "llama-3.2-instruct": ("completion", "tools"),
+    # Phi-4-mini's template writes tools only from a system message's own "tools" key, never
+    # from the tools a request gives; MiniCPM3's writes them, but in no call format rkllmd parses.
+    "phi-4-mini-instruct": ("completion",),
+    "minicpm3": ("completion",),
+    "gemma-2-it": ("completion",),
+    "gemma-3-it": ("completion",),
+    "phi-3.5-mini-instruct": ("completion",),
+    "internlm2-chat": ("completion",),
+    "smollm2-instruct": ("completion",),
+    "chatml": ("completion",),
+}
+
+
+def test_every_family_has_its_capabilities_listed():
+    assert set(CAPABILITIES) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_capabilities_of_each_family(family):
+    assert ChatTemplate.of_family(family).capabilities == CAPABILITIES[family]
+
+
+def test_capabilities_of_the_bundled_models_own_template():
+    """SmolLM2's template (its GGUF's) renders neither tools nor thinking: completion only."""
+    metadata = GGUFFile(bundled_model_path()).metadata
+    assert resolve("", metadata, "smollm2-instruct").capabilities == ("completion",)
+
+
+CHATML_LOOP = "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+
+
+@pytest.mark.parametrize("text, expected", [
+    # Tools rendered, calls in Hermes' form: tools.
+    (CHATML_LOOP + "{%- if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}<tool_call>", ("completion", "tools")),
+    # Names <tool_call> (so its calls would parse) but never writes the tools: no tools.
+    (CHATML_LOOP + "{# <tool_call> #}", ("completion",)),
+    # Writes the tools, in a call format no parser of ours knows: no tools.
+    (CHATML_LOOP + "{%- if tools %}TOOLS: {{ tools | tojson }}{% endif %}", ("completion",)),
+    # Reads enable_thinking and marks reasoning with </think>: thinking.
+    (CHATML_LOOP + "{%- if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is false %}<think></think>{% endif %}{% endif %}", ("completion", "thinking")),
+    # Opens the reasoning block in every prompt (and strips it from the history): thinking.
+    (CHATML_LOOP.replace("m['content']", "m['content'].split('</think>')[-1]") + "{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}",
+     ("completion", "thinking")),
+    # Knows </think> only to strip it from the history: no thinking.
+    (CHATML_LOOP.replace("m['content']", "m['content'].split('</think>')[-1]"), ("completion",)),
+    # Refuses a conversation without a system message: completion only.
+    ("{{ raise_exception('a system message first') }}", ("completion",)),
+])
+def test_capabilities_follow_what_the_template_renders(text, expected):
+    assert ChatTemplate.from_text("probe", text, {}).capabilities == expected
+
+
+def test_capabilities_do_not_depend_on_the_hour():
+    """A template writing today's date, rendered either side of midnight, has no tools for it."""
+    days = (datetime(2026, 11, 27 + i, 23, 59) for i in range(30))  # each reading of the clock a day later
+    template = ChatTemplate.from_text("dated", CHATML_LOOP + "{{ strftime_now('%d %b %Y') }}{# <tool_call> #}", {}, clock=lambda: next(days))
+    assert template.tool_calls == "hermes" and template.capabilities == ("completion",)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import sys
 import unicodedata
@@ -142,3 +143,45 @@ def test_character_classes_equal_unicode_categories():
         if not is_number:
             assert bool(letter.match(char)) == (category[0] == "L"), hex(code_point)
             assert bool(word.match(char)) == (category[0] == "L" or char == "_"), hex(code_point)
+
+
+def _merged_by_rescanning(tokenizer: Tokenizer, word: str) -> list[str]:
+    """The textbook order of BPE merges, rescanning every pair after each one: the lowest rank
+    first, all of its occurrences left to right (what the heap in ``_bpe_uncached`` must equal)."""
+    parts = list(word)
+    while len(parts) > 1:
+        ranked = [(tokenizer.merge_ranks.get(pair), i) for i, pair in enumerate(zip(parts, parts[1:]))]
+        ranked = [(rank, i) for rank, i in ranked if rank is not None]
+        if not ranked:
+            break
+        best = parts[min(ranked)[1]], parts[min(ranked)[1] + 1]
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+def test_heap_merges_equal_rescanning_merges(tokenizer):
+    rng = random.Random(5)
+    alphabet = "aaabeeinorst lmpq_-'日本語éü🤗0123"
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 60))) for _ in range(400)]
+    words += ["a" * 257, " " * 300, "_" * 99, "ab" * 150]
+    for word in words:
+        for piece in tokenizer.pre_tokenize(word):
+            encoded = "".join(tokenizer.byte_encoder[b] for b in piece.encode())
+            expected = [tokenizer.token_to_id[p] for p in _merged_by_rescanning(tokenizer, encoded)]
+            assert list(tokenizer._bpe_uncached(encoded)) == expected, piece
+
+
+def test_long_runs_and_windows_split_as_short_text_does(tokenizer):
+    """Number search windows and runs longer than a window change no piece boundary."""
+    text = ("word " * 5000) + "١٢٣" + ("x" * 40000) + "7" + ("!?" * 9000) + "日本" * 3000
+    pieces = tokenizer.pre_tokenize(text)
+    assert "".join(pieces) == text
+    assert "x" * 40000 in pieces and "١" in pieces and "7" in pieces and "!?" * 9000 in pieces

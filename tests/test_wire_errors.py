@@ -124,10 +124,12 @@ def test_internal_errors_from_injected_faults_leave_the_daemon_serving(faulty: D
     peer = Peer(faulty)
     with faulty.client() as client:
         errors_before = client.status()["counters"]["errors"]
-    # On the socket loop (rendering the prompt), on the model worker (inside the stream,
-    # after queued and started), and on the disk thread (writing a text cache).
-    peer.send("loop", "generate", prompt="FAULT:render", max_tokens=1)
-    assert "RuntimeError" in error_of(peer.next("loop"), "internal")["message"]
+    # On the prompt thread (rendering the prompt, after queued), on the model worker (inside
+    # the stream, after queued and started), and on the disk thread (writing a text cache).
+    peer.send("prompt", "generate", prompt="FAULT:render", max_tokens=1)
+    stream = [peer.next("prompt") for _ in range(2)]
+    assert [m["type"] for m in stream] == ["queued", "error"]
+    assert "RuntimeError" in error_of(stream[-1], "internal")["message"]
     peer.send("worker", "generate", prompt="FAULT:start", max_tokens=1)
     stream = [peer.next("worker") for _ in range(3)]
     assert [m["type"] for m in stream] == ["queued", "started", "error"] and stream[-1]["seq"] == 2
@@ -138,6 +140,6 @@ def test_internal_errors_from_injected_faults_leave_the_daemon_serving(faulty: D
     with faulty.client() as client:
         status = client.status()
         result = client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=48).wait()
-    assert status["healthy"] is True and status["counters"]["errors"] == errors_before + 1
+    assert status["healthy"] is True and status["counters"]["errors"] == errors_before + 2
     assert result.text == "The capital of France is Paris."
     assert "fault injected by the test" in faulty.log()

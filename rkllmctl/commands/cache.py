@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,11 +16,10 @@ from rkllmd.schema import OPERATIONS
 
 from ..errors import DaemonError
 from ..terminal import StatusLine
-from . import UsageError, print_json
+from . import Aborted, UsageError, print_json
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("cache", help="prompt caches: ls, show, put, edit, rm, rebuild, wait")
+def register(p: argparse.ArgumentParser) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     v = verbs.add_parser("ls", help="every text cache and the state of its binary cache")
@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
     v.add_argument("--file", type=Path, help="read the text from this file")
     v.set_defaults(run=put)
 
-    v = verbs.add_parser("edit", help="open the text cache in $EDITOR")
+    v = verbs.add_parser("edit", help="edit the text cache in $VISUAL or $EDITOR (a new NAME starts empty); saved empty: nothing changes")
     v.add_argument("name")
     v.set_defaults(run=edit)
 
@@ -140,13 +140,50 @@ def put(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 
 
 def edit(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+    """The editor works on a private copy; what it saves goes to the daemon with cache.put,
+    so ``cache ls`` shows it as soon as this returns (no wait for the folder watcher), and a
+    cache is never left half-written or empty. Saved empty, an editor that cannot run or
+    fails: Aborted, and the cache (or its absence) stays as it was, as ``git commit`` does."""
     with connect() as client:
-        folder = Path(client.status()["caches"]["text_dir"])
-        path = folder / f"{args.name}.txt"
-        if not path.exists():
-            client.cache_put(args.name, "")  # validates the name and creates the file with the right mode
+        try:
+            shown = client.cache_show(args.name)  # also checks the name before the editor opens
+        except DaemonError as exc:
+            if exc.name != "not_found":
+                raise
+            shown = None
+    if shown is not None and shown["text"] is None:
+        raise Aborted(f"text cache {args.name} cannot be read ({shown['error']}): edit {shown['path']} itself")
+    old = shown["text"] if shown is not None else None
+    unchanged = f"text cache {args.name} not {'changed' if old is not None else 'created'}"
+    with tempfile.TemporaryDirectory(prefix="rkllmctl-edit-") as folder:
+        path = Path(folder) / f"{args.name}.txt"  # the name tells the editor what it edits
+        path.write_text(old or "", encoding="utf-8")
+        run_editor(path, unchanged)
+        try:
+            new = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Aborted(f"cannot read the edited text ({exc}); {unchanged}") from None
+    if not new.strip():
+        raise Aborted(f"Aborting: empty text cache; {unchanged}")
+    if new == old:
+        print(f"{args.name}: no changes", file=sys.stderr)
+        return 0
+    with connect() as client:
+        info = client.cache_put(args.name, new)
+    print(f"{info['name']}: {_state(info)}", file=sys.stderr)
+    return 0
+
+
+def run_editor(path: Path, unchanged: str) -> None:
+    """$VISUAL, else $EDITOR, else vi, on ``path`` (the variable may hold arguments: "code --wait")."""
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
-    return subprocess.call([*shlex.split(editor), str(path)])
+    try:
+        status = subprocess.call([*shlex.split(editor), str(path)])
+    except (OSError, ValueError) as exc:  # not found, not executable; ValueError: unbalanced quotes
+        raise Aborted(f"cannot run the editor {editor!r}: {getattr(exc, 'strerror', None) or exc}; {unchanged}") from None
+    if status != 0:
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        raise Aborted(f"the editor {editor!r} {how}; {unchanged}")
 
 
 def rm(args: argparse.Namespace, connect: Callable[[], Any]) -> int:

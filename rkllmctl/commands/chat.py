@@ -9,18 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..client import GenerationResult
 from ..errors import DaemonError
 from . import UsageError, read_json
 from .generate import add_sampling_options, follow, sampling_fields, stats_line
 
+if TYPE_CHECKING:
+    from ..client import GenerationResult
+
 HELP = "commands: /reset (back to the conversation's start), /exit (or Ctrl-D); Ctrl-C stops an answer"
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("chat", help="interactive conversation")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system message")
     p.add_argument("--messages", type=Path, metavar="FILE.json", help="start from this conversation (a JSON list of messages)")
     add_sampling_options(p)

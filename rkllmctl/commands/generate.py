@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from rkllmd.config import Config
 from rkllmd.schema import OPERATIONS, Setting
 
-from ..client import GenerationResult, Piece, Progress, Queued, Started, Stream
 from ..errors import GenerationCutShort
 from ..terminal import StatusLine, may_style
 from . import UsageError, print_json, read_json
+
+if TYPE_CHECKING:
+    from ..client import GenerationResult, Piece, Progress, Queued, Started, Stream
 
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 #: Where a daemon's default comes from when its configuration does not change it.
@@ -51,12 +53,14 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help=schema_help("top_k"))
     p.add_argument("--top-p", type=float, help=schema_help("top_p"))
     p.add_argument("--repeat-penalty", type=float, help=schema_help("repeat_penalty"))
+    p.add_argument("--frequency-penalty", type=float, help=schema_help("frequency_penalty"))
+    p.add_argument("--presence-penalty", type=float, help=schema_help("presence_penalty"))
     p.add_argument("--seed", type=int, help=schema_help("seed"))
     p.add_argument("--max-tokens", type=int, help=schema_help("max_tokens"))
     p.add_argument("--stop", action="append", metavar="S", help=schema_help("stop", "stop before this text (repeatable), which is not printed"))
-    p.add_argument("--tools", type=Path, metavar="FILE.json", help="a JSON list of tool schemas the model may call")
+    p.add_argument("--tools", type=Path, metavar="FILE.json", help="a JSON list of tool schemas the model may call (a model whose template has no tools refuses them: rkllmctl status, capabilities)")
     p.add_argument("--vars", type=Path, metavar="FILE.json", help="a JSON object of template variables (date_string, ...)")
-    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not; default: as the template decides")
+    p.add_argument("--think", dest="enable_thinking", action=argparse.BooleanOptionalAction, help="ask a template that reads enable_thinking (qwen3) to let the model reason, or not (--think on a model without thinking is refused: rkllmctl status, capabilities); default: as the template decides")
     p.add_argument("--hide-reasoning", action="store_true", help="do not show the model's reasoning")
 
 
@@ -68,6 +72,8 @@ def sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "top_p": args.top_p,
         "repeat_penalty": args.repeat_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "presence_penalty": args.presence_penalty,
         "seed": args.seed,
         "max_tokens": args.max_tokens,
         "stop": args.stop,
@@ -105,11 +111,11 @@ def constraint_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("generate", help="generate a completion (streams to stdout)")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the user message; '-' or absent reads stdin")
     p.add_argument("--system", help="system message")
     p.add_argument("--messages", type=Path, metavar="FILE.json", help="a chat: a JSON list of {role, content}")
+    p.add_argument("--raw", action="store_true", help="PROMPT is the whole prompt text, sent as it is: no chat template, no system message")
     add_sampling_options(p)
     add_constraint_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the text, reasoning, tool calls and all stats at the end")
@@ -120,8 +126,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     fields = {**sampling_fields(args), **constraint_fields(args)}
     if args.messages:
-        if args.prompt or args.system:
-            raise UsageError("--messages replaces PROMPT and --system")
+        if args.prompt or args.system or args.raw:
+            raise UsageError("--messages replaces PROMPT and --system (and --raw takes PROMPT)")
         fields["messages"] = read_json(args.messages, "--messages", list)
     else:
         prompt = args.prompt
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
             prompt = sys.stdin.read()
         fields["prompt"] = prompt
         fields["system"] = args.system
+        fields["raw"] = args.raw
     with connect() as client:
         stream = client.generate(**fields)
         result = follow(stream, echo=not args.json, show_reasoning=not args.hide_reasoning)
@@ -153,6 +160,7 @@ def follow(stream: Stream, echo: bool, show_reasoning: bool = True) -> Generatio
     """Print text as it arrives, and until it does a live line on a terminal's stderr
     (queue position, prefill percentage). On Ctrl-C cancel on the daemon, then let the
     interrupt through; a generation the daemon cut short is a GenerationCutShort."""
+    from ..client import Piece
     printer = Printer(show_reasoning) if echo else None
     line = StatusLine(sys.stderr)
     waiting = True
@@ -186,6 +194,7 @@ def follow(stream: Stream, echo: bool, show_reasoning: bool = True) -> Generatio
 
 
 def waiting_text(event: Queued | Started | Progress) -> str:
+    from ..client import Progress, Queued
     if isinstance(event, Queued):
         return f"queued: {event.position} ahead"
     if isinstance(event, Progress):

@@ -7,14 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from rkllmd.templates import FAMILIES, TemplateError
-from rkllmd.templates.source import tokenizer_config
-
 from . import UsageError, print_json, read_json
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("render", help="print the exact prompt text a chat renders to")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--messages", type=Path, required=True, metavar="FILE.json", help="the chat: a JSON list of messages")
     p.add_argument("--template", metavar="NAME|FILE", help="a family's name, a .jinja file or a tokenizer_config.json (default: the loaded model's)")
     p.add_argument("--tools", type=Path, metavar="FILE.json", help="a JSON list of tool schemas")
@@ -41,6 +37,9 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 def template_text(spec: str | None) -> str | None:
     """What ``--template`` sends: a family's name as it is, a file's template as text
     (the daemon never opens a path a client names)."""
+    from rkllmd.templates import FAMILIES, TemplateError
+    from rkllmd.templates.source import tokenizer_config
+
     if spec is None or spec in FAMILIES:
         return spec
     path = Path(spec)

@@ -10,27 +10,20 @@ from typing import Any, Callable
 
 import shtab
 
+from . import build_parser
+
 MAN_DESCRIPTION = "talk to rkllmd: generate, chat, manage prompt caches"
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "completion",
-        help="print the shell completion script",
-        description="Print the completion script for SHELL. bash: source <(rkllmctl completion bash), "
-        "or save it as /usr/share/bash-completion/completions/rkllmctl; zsh: save it as _rkllmctl in a folder of $fpath.",
-    )
+def register_completion(p: argparse.ArgumentParser) -> None:
+    p.description = ("Print the completion script for SHELL. bash: source <(rkllmctl completion bash), "
+                     "or save it as /usr/share/bash-completion/completions/rkllmctl; zsh: save it as _rkllmctl in a folder of $fpath.")
     p.add_argument("shell", choices=shtab.SUPPORTED_SHELLS)
     p.set_defaults(run=completion)
 
-    p = sub.add_parser("manpage", help="print the manual page (roff), e.g. rkllmctl manpage > rkllmctl.1; man -l rkllmctl.1")
+
+def register_manpage(p: argparse.ArgumentParser) -> None:
     p.set_defaults(run=manpage)
-
-
-def root_parser() -> argparse.ArgumentParser:
-    from ..cli import build_parser  # the whole command line, of which this is one verb
-
-    return build_parser()
 
 
 #: Cache names, asked of the daemon at TAB time (`cache ls --names`), for NAME and --cache NAME.
@@ -42,7 +35,7 @@ PREAMBLE = {
 
 
 def completion(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
-    parser = root_parser()
+    parser = build_parser(whole=True)  # the whole command line, of which this is one verb
     for action in walk(parser):
         if action.type is Path:  # files to read: the shell completes file names
             action.complete = shtab.FILE  # type: ignore[attr-defined]
@@ -67,9 +60,9 @@ def manpage(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 
     from rkllmd import __version__
 
-    from ..cli import EXIT_CODES
+    from ..exits import EXIT_CODES
 
-    page = Manpage(root_parser(), _data={"project_name": "rkllmd", "version": __version__, "description": MAN_DESCRIPTION, "manual_title": "rkllmd manual"})
+    page = Manpage(build_parser(whole=True), _data={"project_name": "rkllmd", "version": __version__, "description": MAN_DESCRIPTION, "manual_title": "rkllmd manual"})
     page.add_section("exit status", "=", "\n".join(f".TP\n.B {int(code)}\n{roff(text)}" for code, text in EXIT_CODES.items()))
     page.add_section("environment", "=", "\n".join(f".TP\n.B {name}\n{roff(text)}" for name, text in ENVIRONMENT.items()))
     page.add_section("see also", "=", r"\fBrkllmd \-\-help\fR, \fBrkllmd\-http \-\-help\fR; docs/protocol.md for the protocol of the socket")

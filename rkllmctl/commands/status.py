@@ -10,8 +10,7 @@ from . import print_json
 from .cache import build_percent
 
 
-def register(sub: Any) -> None:
-    p = sub.add_parser("status", help="what the daemon runs and how it is doing")
+def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="the full status as JSON")
     p.set_defaults(run=run)
 
@@ -32,6 +31,8 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     print(f"socket:   {status['socket']}")
     print(f"backend:  {status['backend']} ({status['backend_reason']})")
     print(f"model:    {model.get('name', '?')}  context {model.get('context_length', '?')}  {model.get('path', '')}")
+    if model.get("capabilities"):  # since protocol 1.4
+        print(f"can:      {', '.join(model['capabilities'])}  (template {model.get('template', '?')})")
     if model.get("weights"):
         print(f"weights:  {model['weights']}")
     if model.get("decode"):

@@ -54,6 +54,8 @@ def choose(
                 top_k=config["sampling.top_k"],
                 top_p=config["sampling.top_p"],
                 repeat_penalty=config["sampling.repeat_penalty"],
+                frequency_penalty=config["sampling.frequency_penalty"],
+                presence_penalty=config["sampling.presence_penalty"],
                 tokenizer=_path(config["rkllm.tokenizer"]),
             )
         except (ValueError, TemplateError) as exc:  # rkllm.template or rkllm.runtime is unusable

@@ -1,10 +1,11 @@
 """The contract between the daemon and a model backend.
 
 The daemon owns requests, queues, caches and the socket; a backend owns one loaded
-model, always used from the model worker thread (``abort`` and ``Run.abort`` are the
-only methods called from other threads). Everything a backend needs to know about a
-request arrives as plain values defined here, so the CPU reference backend and the NPU
-backend are interchangeable.
+model, always used from the model worker thread, which also closes it. Other threads call
+only ``abort``, ``interrupt``, ``Run.abort`` and the pure ``render``, ``count_tokens`` and
+``tokenize`` (the worker prepares prompts on a thread of their own). Everything a backend
+needs to know about a request arrives as plain values defined here, so the CPU reference
+backend and the NPU backend are interchangeable.
 
 Generations are driven step by step: ``start`` opens one (a ``Run``), ``step`` advances
 up to ``max_batch`` of them together, ``release`` lets its state go once the daemon has
@@ -41,12 +42,14 @@ class BuildCancelled(BackendError):
 
 
 class ContextOverflow(BackendError):
-    """The prompt (plus room to generate one token) does not fit the context."""
+    """The prompt (plus room to generate one token) does not fit the context.
 
-    def __init__(self, prompt_tokens: int, context_length: int):
-        super().__init__(
-            f"prompt is {prompt_tokens} tokens; the model's context holds {context_length}"
-        )
+    ``bound``: why ``prompt_tokens`` is an upper bound rather than a count, when it is one.
+    """
+
+    def __init__(self, prompt_tokens: int, context_length: int, bound: str = ""):
+        tokens = f"at most {prompt_tokens} tokens ({bound})" if bound else f"{prompt_tokens} tokens"
+        super().__init__(f"prompt is {tokens}; the model's context holds {context_length}")
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
 
@@ -65,6 +68,8 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
@@ -162,14 +167,16 @@ class Run(abc.ABC):
 class _WholeRun(Run):
     """A generation made by one blocking ``Backend.generate`` call: one step runs all of it."""
 
-    def __init__(self, backend: Backend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink):
-        super().__init__(backend.count_tokens(prompt_text))
+    def __init__(self, backend: Backend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, prompt_tokens: int):
+        super().__init__(prompt_tokens)
         self.to_prefill = self.stats.prompt_tokens  # restored ones are known only at the end
         self.backend = backend
         self.request = (prompt_text, params, prefix, sink)
+        self.aborted = threading.Event()  # this run's own: a cancel never outlives it
 
     def abort(self) -> None:
-        self.backend.abort()
+        self.aborted.set()
+        self.backend.interrupt(self.aborted)
 
     def run(self) -> None:
         prompt_text, params, prefix, sink = self.request
@@ -185,7 +192,7 @@ class _WholeRun(Run):
 
         self.backend.heartbeat = heartbeat
         try:
-            self.stats = self.backend.generate(prompt_text, params, prefix, decoding)
+            self.stats = self.backend.generate(prompt_text, params, prefix, decoding, cancelled=self.aborted)
         finally:
             self.backend.heartbeat = beat
             self.done = True
@@ -205,9 +212,11 @@ class Backend(abc.ABC):
         # Called after every token and every prefill chunk, so the systemd watchdog
         # can tell a working model from one stuck in a native call. The daemon sets it.
         self.heartbeat: Callable[[], None] = lambda: None
-        # Set by abort(); cleared only by reset_abort(), which the model worker calls as it
-        # takes a job. A backend never clears it itself: an abort that arrives just before
-        # a call starts would be lost.
+        # Set by abort(): it stops a build (``build_prefix``), or a ``generate`` called without
+        # a flag of its own. Cleared only by reset_abort(), which the model worker calls as a
+        # build starts; a backend never clears it itself: an abort that arrives just before a
+        # call starts would be lost. A generation the daemon runs has a flag of its own
+        # (``Run.abort``): cancelling it never touches a build, nor a build's cancel it.
         self.cancelled = threading.Event()
         # Called between a build's prefill chunks (``build_prefix``): the daemon runs the
         # generations waiting meanwhile, so a build never holds up interactive work.
@@ -242,11 +251,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
-        """Number of tokens ``text`` (already rendered) occupies."""
+        """Number of tokens ``text`` (already rendered) occupies (any thread)."""
 
     def tokenize(self, text: str) -> Sequence[int] | None:
-        """The token ids of ``text`` (rendered), for matching conversation states; None when
-        this backend keeps no conversation states."""
+        """The token ids of ``text`` (rendered); None when this backend has no tokenizer of
+        its own. Any thread: it remembers nothing between calls."""
         return None
 
     def resumable(self, prompt: str) -> PrefixState | None:
@@ -279,6 +288,7 @@ class Backend(abc.ABC):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        cancelled: threading.Event | None = None,
     ) -> GenerationStats:
         """Generate a completion of the rendered ``prompt_text``, blocking until it ends.
 
@@ -286,16 +296,20 @@ class Backend(abc.ABC):
         restored instead of prefilled; the output must be identical either way.
         Stops on EOS, on any of ``params.stop`` (the stop string itself is not emitted),
         at ``params.max_tokens`` (reason "length"), or when ``sink`` returns False or
-        ``abort()`` is called (reason "cancelled").
+        ``cancelled`` is set (reason "cancelled"): this call's own flag, set by whoever
+        cancels it, who then calls ``interrupt(cancelled)``; None: the backend's, ``abort()``.
         """
 
-    def start(self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink) -> Run:
+    def start(
+        self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, ids: Sequence[int] | None = None
+    ) -> Run:
         """Open a generation, as ``generate`` describes it, to be advanced by ``step``.
+        ``ids``: the prompt's token ids when the caller has them (``tokenize``).
         Raises (ContextOverflow, BackendError, constraints.ConstraintError) before anything runs."""
         if params.daemon_samples:
             field = params.constraint.field if params.constraint is not None else "logprobs"
             raise ConstraintError(field, f"the {self.kind} backend cannot constrain its output or report log-probabilities")
-        return _WholeRun(self, prompt_text, params, prefix, sink)
+        return _WholeRun(self, prompt_text, params, prefix, sink, len(ids) if ids is not None else self.count_tokens(prompt_text))
 
     def step(self, runs: Sequence[Run]) -> None:
         """Advance each of ``runs`` (at most ``max_batch``, none done) by one step: a prefill
@@ -308,14 +322,20 @@ class Backend(abc.ABC):
         """The daemon is done with a finished ``run``: its state may be reused."""
 
     def abort(self) -> None:
-        """Ask the running (or the next) ``generate``/``build_prefix`` to stop soon. Thread-safe."""
+        """Ask the running (or the next) ``build_prefix``, or a ``generate`` without a flag of its
+        own, to stop soon. Thread-safe."""
         self.cancelled.set()
+        self.interrupt(self.cancelled)
+
+    def interrupt(self, cancelled: threading.Event) -> None:
+        """``cancelled`` was just set: stop the native call running with that flag, if one is,
+        now rather than at its next check. Thread-safe; here nothing (checks come often)."""
 
     def reset_abort(self) -> None:
-        """Forget an earlier abort before a new job starts."""
+        """Forget an earlier abort before a new build starts."""
         self.cancelled.clear()
 
     def close(self) -> None:
-        """Release the model."""
+        """Release the model (on the model worker, after its last call has returned)."""
 
 

@@ -1,8 +1,9 @@
 """The cache manager: what each text cache's binary state is, and which prefix a prompt can reuse.
 
-Threads: ``refresh``/``forget``/``listing`` may be called from any thread (the socket
-loop, the file watcher); ``build`` and ``prefix_for`` run only on the model worker,
-the single owner of the backend. A lock guards the table, never a build.
+Threads: ``refresh``/``forget``/``listing``/``move`` may be called from any thread (the
+socket loop, the file watcher, the disk thread); ``build``, ``due_build``, ``choose`` and
+``serve`` run only on the model worker, the single owner of the backend. A lock guards the
+table, never a build.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..backends.base import CONVERSATION, TEXT_CACHE, Backend, BackendError, BuildCancelled, PrefixState, Run, common_prefix
 from ..config import CacheConfig
@@ -279,15 +280,25 @@ class PromptCaches:
             entry.binary_bytes = meta.payload_bytes
         return True
 
-    def relocate(self, texts: TextStore, binaries: BinaryStore, backend: Backend | None = None) -> None:
-        """Serve caches from other folders, or for another model: forget all, scan again."""
-        binaries.prepare()  # held before the old one is let go: no collector between
+    def move(self, texts: TextStore, binary_root: Path) -> None:
+        """Serve caches from other folders (a reload changed them): forget all, scan again."""
+        self._switch(texts=texts, binary_root=binary_root)
+
+    def serve(self, backend: Backend) -> None:
+        """Serve caches for another model (a reload swapped it): forget all, scan again."""
+        self._switch(backend=backend)
+
+    def _switch(self, texts: TextStore | None = None, binary_root: Path | None = None, backend: Backend | None = None) -> None:
+        """Install what is given, keep the rest. The binary store's identity is always the one
+        of the backend installed with it, read under the lock: ``move`` and ``serve`` of one
+        reload run on two threads (disk, worker) in either order, and each keeps what the
+        other set."""
         with self._lock:
-            if binaries is not self.binaries:
-                self.binaries.release()
-            self.texts, self.binaries = texts, binaries
-            if backend is not None:
-                self.backend = backend
+            texts, backend = texts or self.texts, backend or self.backend
+            binaries = BinaryStore(binary_root or self.binaries.root, backend.identity())
+            binaries.prepare()  # held before the old one is let go: no collector between
+            self.binaries.release()
+            self.texts, self.binaries, self.backend = texts, binaries, backend
             self._entries.clear()
             self.lru = PrefixLRU(self.lru.budget)
         self.scan()
@@ -396,7 +407,10 @@ class PromptCaches:
             self._on_change(name)
             return
         except Exception as exc:  # a failed build must not take the worker down
-            log.exception("building binary cache %s failed", name)
+            if isinstance(exc, (BackendError, OSError)):  # the model or the disk refused it: the reason says all
+                log.error("building binary cache %s failed: %s", name, exc)
+            else:  # a bug: its traceback
+                log.exception("building binary cache %s failed", name)
             with self._lock:
                 entry.state, entry.reason = FAILED, f"build failed: {exc}"
             self._on_change(name)
@@ -418,11 +432,11 @@ class PromptCaches:
         self._on_change(name)
         self._on_stored()
 
-    def choose(self, prompt: str, wanted: str | None = None, build_due: bool = True) -> PrefixState | None:
-        """The prefix state to restore for ``prompt``: the text cache or the conversation state
-        that supplies more of its tokens (a text cache on a tie: its state is the one built
-        for exactly that prefix). ``build_due``: see ``prefix_for``."""
-        text_state = self.prefix_for(prompt, wanted, build_due)
+    def choose(self, prompt: str, wanted: str | None = None, prompt_ids: Sequence[int] | None = None) -> PrefixState | None:
+        """The prefix state to restore for ``prompt`` (whose token ids are ``prompt_ids``, when
+        the caller has them): the text cache or the conversation state that supplies more of
+        its tokens (a text cache on a tie: its state is the one built for exactly that prefix)."""
+        text_state = self.prefix_for(prompt, wanted)
         with self._lock:
             if not self.keep_conversations:
                 return text_state
@@ -434,7 +448,8 @@ class PromptCaches:
         with self._lock:
             if not self.lru.has_conversations():
                 return text_state
-        prompt_ids = self.backend.tokenize(prompt)
+        if prompt_ids is None:
+            prompt_ids = self.backend.tokenize(prompt)
         if not prompt_ids:
             return text_state
         with self._lock:
@@ -456,30 +471,36 @@ class PromptCaches:
             with self._lock:
                 self.lru.keep(state)
 
-    def prefix_for(self, prompt: str, wanted: str | None = None, build_due: bool = True) -> PrefixState | None:
-        """The longest cached prefix of ``prompt`` (or the named cache's), built if it is due.
+    def due_build(self, prompt: str, wanted: str | None = None) -> str | None:
+        """The text cache to build before ``prompt`` runs, instead of prefilling the same tokens
+        twice: the one of the longest prefix it starts with (``wanted`` only), when it is
+        queued or stale; None when that one is ready (or every one failed)."""
+        for entry in self._candidates(prompt, wanted):
+            with self._lock:
+                if entry.state == FAILED:
+                    continue
+                return entry.name if entry.state != READY or entry.built_sha256 != entry.text_sha256 else None
+        return None
 
-        A cache that is queued or stale for exactly this prefix is built now, on the
-        worker, instead of prefilling the same tokens twice; unless not ``build_due`` (other
-        generations are running, or a build is paused): then only a ready one is used. With a template that reads
-        the clock, every prefix is rendered again first: a cache of yesterday's is rebuilt.
-        """
+    def prefix_for(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
+        """The longest ready prefix state of ``prompt`` (or the named cache's)."""
+        for entry in self._candidates(prompt, wanted):
+            state = self._load(entry.name, prompt)
+            if state is not None:
+                return state
+        return None
+
+    def _candidates(self, prompt: str, wanted: str | None) -> list[Entry]:
+        """The text caches whose prefix ``prompt`` starts with, the longest first. With a template
+        that reads the clock, every prefix is rendered again first: a cache of yesterday's is
+        rebuilt."""
         if self.backend.template.reads_clock:
             self.rescan()
         with self._lock:
             candidates = [
                 e for e in self._entries.values() if (wanted is None or e.name == wanted) and e.prefix and prompt.startswith(e.prefix)
             ]
-        for entry in sorted(candidates, key=lambda e: len(e.prefix or ""), reverse=True):
-            with self._lock:
-                due = entry.state != READY or entry.built_sha256 != entry.text_sha256
-                failed = entry.state == FAILED
-            if due and not failed and build_due:
-                self.build(entry.name)
-            state = self._load(entry.name, prompt)
-            if state is not None:
-                return state
-        return None
+        return sorted(candidates, key=lambda e: len(e.prefix or ""), reverse=True)
 
     def _load(self, name: str, prompt: str) -> PrefixState | None:
         with self._lock:

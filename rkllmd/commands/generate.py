@@ -1,4 +1,10 @@
-"""generate: queue a completion; its messages stream back (queued, started, token..., done)."""
+"""generate: queue a completion; its messages stream back (queued, started, token..., done).
+
+The chat is checked here; the model worker renders it, with the template of the model
+that will run it (rkllmd/worker.py), so a reload that swaps the model meanwhile cannot
+leave it rendered for the old one. A template that refuses the chat ends the stream with
+``invalid_field``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ import time
 from ..backends.base import SamplingParams
 from ..caches.text import system_text
 from ..constraints import ConstraintError, from_request
-from ..outbox import Generation
+from ..outbox import Chat, Generation
 from ..protocol import ErrorCode, WireError
-from ..templates.output import OutputSplitter
+from ..templates.capabilities import CapabilityMissing, require_capabilities
 from .context import Context, Request
 from .render import checked
 
@@ -20,23 +26,21 @@ def execute(ctx: Context, request: Request) -> None:
     args = request.args
     if (request.identity, request.id) in ctx.generations:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
-    messages = _messages(args, ctx.config.daemon.max_prompt_chars)
-    if args["cache"] is not None:
-        messages = _with_cache_text(ctx, args["cache"], messages)
-    backend = ctx.worker.backend
-    tools = args["tools"] if args["tool_choice"] != "none" else None
-    prompt = backend.render(messages, tools=tools, variables=_variables(args))
-    template = backend.template
-    try:
-        constraint = from_request(
-            format=args["format"],
-            grammar=args["grammar"],
-            tools=tools,
-            tool_choice=args["tool_choice"],
-            reasoning=template.reasoning,
-            reasoning_opened=OutputSplitter.reasoning_opened(template, prompt),
-            tool_format=template.tool_calls,
-        )
+    shape = {"format": args["format"], "grammar": args["grammar"], "tool_choice": args["tool_choice"]}
+    if args["raw"]:
+        chat = Chat(raw=_raw_prompt(args, ctx.config.daemon.max_prompt_chars), **shape)
+    else:
+        messages = _messages(args, ctx.config.daemon.max_prompt_chars)
+        if args["cache"] is not None:
+            messages = _with_cache_text(ctx, args["cache"], messages)
+        tools = args["tools"] if args["tool_choice"] != "none" else None  # "none": the tools are not offered
+        chat = Chat(messages, tools=tools, variables=_variables(args), **shape)
+        try:  # at once, as Ollama answers; the worker checks again for the model that runs it
+            require_capabilities(ctx.worker.backend, chat)
+        except CapabilityMissing as exc:
+            raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
+    try:  # at once too; the worker makes the constraint with the template of the model that runs it
+        from_request(**shape, tools=chat.tools, tool_format=None if chat.raw is not None else ctx.worker.backend.template.tool_calls)
     except ConstraintError as exc:
         raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field) from None
     params = SamplingParams(
@@ -44,17 +48,17 @@ def execute(ctx: Context, request: Request) -> None:
         top_k=args["top_k"],
         top_p=args["top_p"],
         repeat_penalty=args["repeat_penalty"],
+        frequency_penalty=args["frequency_penalty"],
+        presence_penalty=args["presence_penalty"],
         seed=args["seed"],
         max_tokens=args["max_tokens"],
         stop=args["stop"],
-        constraint=constraint,
         logprobs=args["top_logprobs"] if args["logprobs"] else None,
     )
     gen = Generation(
         identity=request.identity,
         request_id=request.id,
-        prompt=prompt,
-        output=OutputSplitter.for_prompt(template, prompt, tools=bool(tools), tool_format=constraint.tool_format if constraint else None),
+        chat=chat,
         params=params,
         cache=args["cache"],
         use_cache=not args["no_cache"],
@@ -74,6 +78,20 @@ def _variables(args: dict) -> dict | None:
     if variables is not None and variables.get("enable_thinking", thinking) != thinking:
         raise WireError(ErrorCode.INVALID_FIELD, "'enable_thinking' and 'vars.enable_thinking' disagree", field="enable_thinking")
     return {**(variables or {}), "enable_thinking": thinking}
+
+
+#: What a raw prompt cannot come with: each would need the template it skips.
+_NOT_RAW = ("system", "messages", "cache", "tools", "vars", "enable_thinking")
+
+
+def _raw_prompt(args: dict, max_chars: int) -> str:
+    """``prompt`` as the whole prompt text (OpenAI's completions, Ollama's ``raw``)."""
+    for name in _NOT_RAW:
+        if args[name] is not None:
+            raise WireError(ErrorCode.INVALID_FIELD, f"{name!r} cannot go with 'raw': a raw prompt is sent as it is, without the template", field=name)
+    if not args["prompt"]:
+        raise WireError(ErrorCode.INVALID_FIELD, "'raw' needs a non-empty 'prompt'", field="prompt")
+    return checked([{"role": "user", "content": args["prompt"]}], max_chars)[0]["content"]
 
 
 def _messages(args: dict, max_chars: int) -> list[dict]:

@@ -1,15 +1,19 @@
 """render: the exact prompt text a chat renders to, as ``generate`` would prefill it.
 
 The template is the loaded model's, a family's by name, or Jinja text the client sent
-(the daemon never opens a path a client names). Rendering runs on the socket loop:
-the sandbox bounds it in time and size (rkllmd/templates/sandbox.py). A template that
-refuses the chat raises RenderError, which the socket loop answers as ``invalid_field``.
+(the daemon never opens a path a client names). Rendering and counting the tokens run on
+the model worker's prompt thread, never on the socket loop: tokenizing a long text takes
+a while, and the other clients are answered meanwhile. The sandbox bounds rendering in
+time and size (rkllmd/templates/sandbox.py). A template that refuses the chat raises
+RenderError, which the socket loop answers as ``invalid_field``.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
+from ..backends.base import Backend
 from ..caches.text import system_text
 from ..protocol import ErrorCode, WireError
 from ..templates import FAMILIES, ChatTemplate, TemplateError
@@ -20,11 +24,14 @@ OP = "render"
 MAX_TEMPLATE_CHARS = 256 << 10
 
 
-def execute(ctx: Context, request: Request) -> dict[str, Any]:
+def execute(ctx: Context, request: Request) -> Future[dict[str, Any]]:
     args = request.args
-    backend = ctx.worker.backend
-    renderer = backend if args["template"] is None else _template(args["template"], backend.template)
     messages = checked(args["messages"], ctx.config.daemon.max_prompt_chars)
+    return ctx.worker.with_prompts(lambda backend: _render(backend, args, messages))
+
+
+def _render(backend: Backend, args: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:
+    renderer = backend if args["template"] is None else _template(args["template"], backend.template)
     text = renderer.render(messages, args["add_generation_prompt"], tools=args["tools"], variables=args["vars"])
     return {"text": text, "tokens": backend.count_tokens(text)}
 

@@ -29,7 +29,7 @@ def report(ctx: Context) -> dict[str, Any]:
         "socket": str(ctx.socket),
         "backend": backend.kind,
         "backend_reason": ctx.backend_reason,
-        "model": backend.describe(),
+        "model": {**backend.describe(), "capabilities": list(backend.template.capabilities)},
         "worker": worker.activity(),
         "healthy": worker.healthy(within=60.0),
         "counters": {**dataclasses.asdict(ctx.traffic), **worker.counters.as_dict()},

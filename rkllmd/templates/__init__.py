@@ -7,10 +7,11 @@ backend. The model's output is split back into reasoning, answer and tool calls 
 ``reasoning`` and ``toolcalls``.
 """
 
+from ..schema import RESERVED, ROLES
 from .families import FAMILIES, Family
 from .sandbox import Limits
 from .source import load, resolve
-from .template import RESERVED, ROLES, ChatTemplate, RenderError, TemplateError
+from .template import ChatTemplate, RenderError, TemplateError
 
 __all__ = ["FAMILIES", "RESERVED", "ROLES", "ChatTemplate", "Family", "Limits", "RenderError", "TemplateError", "get_template", "load", "resolve"]
 

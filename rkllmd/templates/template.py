@@ -11,13 +11,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 
+from ..schema import RESERVED
 from .families import FAMILIES, Family, guess_markers
 from .sandbox import Limits, make_environment, render_bounded
-
-ROLES = ("system", "user", "assistant", "tool")
-
-#: Names a request's template variables may not take: the renderer sets them.
-RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 MAX_TEMPLATE_CHARS = 1 << 20
 
@@ -66,6 +62,14 @@ class ChatTemplate:
     @cached_property
     def _compiled(self) -> jinja2.Template:
         return make_environment(lambda: self.clock()).from_string(self.text)
+
+    @cached_property
+    def capabilities(self) -> tuple[str, ...]:
+        """"completion", then "tools" and "thinking" if requests may ask for them
+        (found once by rendering: capabilities.py)."""
+        from .capabilities import probe
+
+        return probe(self)
 
     @property
     def reads_clock(self) -> bool:

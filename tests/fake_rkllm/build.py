@@ -54,6 +54,19 @@ def write_model(path: Path, text: str = "a fake .rkllm model\n") -> Path:
     return path
 
 
+def write_tokenizer(path: Path) -> Path:
+    """The fake model's own tokenizer, as a Hugging Face tokenizer.json: one token per byte of
+    UTF-8, as the fake counts its prompts (a byte-level BPE without merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path))
+    return path
+
+
 @dataclass(frozen=True)
 class FakeRuntime:
     """The libraries, built on first use into ``out_dir``: ``fake["1.2"]``, ``fake["1.4.0"]``..."""

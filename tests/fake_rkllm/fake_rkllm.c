@@ -54,20 +54,30 @@
  *    run with keep_history=0 still sees an earlier history (the leftovers users report,
  *    #272 upstream). rkllm_clear_kv_cache empties it (keep_system_prompt=1 keeps the
  *    template's system prompt when the history starts with it); a failed run drops it.
- *    rkllm_get_kv_cache_size reports its length in tokens (bytes).
+ *    rkllm_get_kv_cache_size reports its length in tokens: the bytes of its inputs, one per
+ *    generated piece.
+ *  - The context (max_context_len): an input longer than all of it aborts the process, as
+ *    a too long prompt is reported to crash the vendor's runtime (upstream #11). A history
+ *    that would overflow it, before the prefill or during the answer, is shifted as the
+ *    vendor header describes n_keep: the first n_keep tokens kept (none for -1), half of
+ *    the rest dropped, until it fits; the reply is then made from what is left (a recall
+ *    misses the dropped turns: silently wrong, as on a board). Each shift is logged
+ *    ("rkllm_context_shift") and said on stderr.
+ *  - rkllm_destroy while rkllm_run is in progress aborts the process (the vendor's would
+ *    free memory the run still uses).
  *
  *  - Logits mode (infer mode GET_LOGITS, shared/rkllm-abi "Logits, hidden states"): the run
  *    prefills its input and generates nothing: one NORMAL callback carries the logits block
  *    (text NULL), then FINISH with the perf stats (generate_tokens 0). The model file gives
  *    the vocabulary size ("vocab_size=N" in its text; without it GET_LOGITS is refused). The
- *    logits are deterministic pseudo-logits of what the model has seen (the history, then
- *    this input): with h = FNV-1a 64 of those bytes, logit[i] = (splitmix64(h + i) >> 40)
- *    / 2^20 - 8 (exact in float32, so a test can recompute them). num_tokens is
- *    min(input tokens, 2): a row for the position before the last (the bytes seen minus the
- *    last one), then the last row, which is the one to use.
- *  - Token input (RKLLM_INPUT_TOKEN, ids below vocab_size): no chat template; each id joins
- *    what the model sees as the text "<[id]>" (one token). With keep_history=1 a logits run
- *    keeps what it saw, so a caller that feeds each chosen token back as token input drives
+ *    logits are deterministic pseudo-logits of what the model has seen (its KV cache's
+ *    text, this input included): with h = FNV-1a 64 of those bytes, logit[i] =
+ *    (splitmix64(h + i) >> 40) / 2^20 - 8 (exact in float32, so a test can recompute them).
+ *    num_tokens is min(input tokens, 2): a row for the position before the last (the bytes
+ *    seen minus the last one), then the last row, which is the one to use.
+ *  - Token input (RKLLM_INPUT_TOKEN, ids below vocab_size): no chat template; each id is one
+ *    token of the KV cache, whose text is "<[id]>". With keep_history=1 a logits run keeps
+ *    what it saw, so a caller that feeds each chosen token back as token input drives
  *    decoding itself, as the runtime's logits mode is used.
  *
  * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
@@ -75,7 +85,10 @@
  * FAKE_RKLLM_DECODE_US add that many microseconds per prefilled / generated token,
  * so timing (TTFT, abort from another thread) can be exercised. A prompt holding the
  * text of FAKE_RKLLM_HANG_ON makes rkllm_run hang for good, deaf to rkllm_abort, as a
- * stuck native call would (tests of the service watchdog).
+ * stuck native call would (tests of the service watchdog). FAKE_RKLLM_END_TOKEN=1 makes
+ * the history keep the end-of-generation token of a reply that ended by itself (a KV
+ * position without text, not in the FINISH statistics, seen in rkllm_get_kv_cache_size):
+ * whether the vendor's does is not documented (docs/npu.md).
  */
 #define _GNU_SOURCE
 #include <stdarg.h>
@@ -443,6 +456,62 @@ static bool is_string(const char *s) {
 
 static bool plausible(float v, float lo, float hi) { return isfinite(v) && v >= lo && v <= hi; }
 
+/* ---- the KV cache ----------------------------------------------------------------------- */
+/* The text of its tokens and where each ends: a prompt's tokens are its bytes, a generated
+ * token is the piece its callback streamed (one position each, as on the real runtime). */
+typedef struct {
+    char *text; /* NUL-terminated */
+    size_t bytes;
+    size_t *ends; /* ends[i]: the byte offset where token i ends */
+    size_t tokens;
+    size_t text_cap, ends_cap;
+} kv_cache;
+
+static void kv_push(kv_cache *kv, const char *p, size_t n, bool one_token) {
+    size_t new_tokens = one_token ? 1 : n;
+    if (kv->bytes + n + 1 > kv->text_cap) kv->text = realloc(kv->text, kv->text_cap = 2 * (kv->bytes + n + 1));
+    if (kv->tokens + new_tokens > kv->ends_cap)
+        kv->ends = realloc(kv->ends, (kv->ends_cap = 2 * (kv->tokens + new_tokens)) * sizeof *kv->ends);
+    memcpy(kv->text + kv->bytes, p, n);
+    for (size_t i = 0; i < new_tokens; i++) kv->ends[kv->tokens++] = kv->bytes + (one_token ? n : i + 1);
+    kv->bytes += n;
+    kv->text[kv->bytes] = '\0';
+}
+
+/* Keep the first `tokens` tokens. */
+static void kv_truncate(kv_cache *kv, size_t tokens) {
+    if (tokens >= kv->tokens) return;
+    kv->tokens = tokens;
+    kv->bytes = tokens ? kv->ends[tokens - 1] : 0;
+    if (kv->text) kv->text[kv->bytes] = '\0';
+}
+
+/* Remove the tokens [first, first + count). */
+static void kv_drop(kv_cache *kv, size_t first, size_t count) {
+    size_t from = first ? kv->ends[first - 1] : 0, to = kv->ends[first + count - 1], cut = to - from;
+    memmove(kv->text + from, kv->text + to, kv->bytes - to + 1);
+    for (size_t i = first + count; i < kv->tokens; i++) kv->ends[i - count] = kv->ends[i] - cut;
+    kv->tokens -= count;
+    kv->bytes -= cut;
+}
+
+static kv_cache kv_copy(const kv_cache *kv) {
+    kv_cache copy = {0};
+    copy.text = malloc(copy.text_cap = kv->bytes + 1);
+    memcpy(copy.text, kv->text ? kv->text : "", kv->bytes + 1);
+    copy.bytes = kv->bytes;
+    copy.ends = malloc((copy.ends_cap = kv->tokens + 1) * sizeof *copy.ends);
+    if (kv->tokens) memcpy(copy.ends, kv->ends, kv->tokens * sizeof *kv->ends);
+    copy.tokens = kv->tokens;
+    return copy;
+}
+
+static void kv_free(kv_cache *kv) {
+    free(kv->text);
+    free(kv->ends);
+    memset(kv, 0, sizeof *kv);
+}
+
 /* ---- handles ------------------------------------------------------------------------ */
 #define MAX_HANDLES 64
 #define PATH_MAX_LEN 4096
@@ -457,8 +526,7 @@ typedef struct {
     char *tmpl_system, *tmpl_prefix, *tmpl_postfix;
     char *cache_text; /* the loaded prompt cache's templated prompt, or NULL */
     size_t cache_len;
-    char *history; /* what the KV cache holds: earlier runs' inputs and generated text */
-    size_t history_len;
+    kv_cache history; /* what the KV cache holds: earlier runs' inputs and generated tokens */
     int vocab_size; /* from the model file's "vocab_size=N" (0: none, no logits mode) */
 } fake_handle;
 
@@ -705,6 +773,23 @@ static size_t next_piece(const char *text, size_t len, size_t pos, int *state) {
     return end - pos;
 }
 
+/* Make room for n more tokens in a KV cache: while it would overflow max_context_len, shift
+ * the window as the vendor header describes n_keep ("number of kv cache to keep at the
+ * beginning when shifting context window"): keep the first n_keep tokens (none for the
+ * default -1) and drop half of the rest, as llama.cpp's context shift does. Nothing tells
+ * the caller but the call log: the continuation is silently wrong. */
+static void make_room(fake_handle *fh, kv_cache *kv, size_t n) {
+    size_t context = (size_t)fh->param.max_context_len;
+    size_t keep = fh->param.n_keep > 0 ? (size_t)fh->param.n_keep : 0;
+    while (kv->tokens + n > context && kv->tokens > keep) {
+        size_t drop = (kv->tokens - keep + 1) / 2;
+        kv_drop(kv, keep, drop);
+        fprintf(stderr, "fake-rkllm: rkllm_run: context full: shifting the KV window, %zu tokens dropped after the first %zu\n",
+                drop, keep);
+        call_log("rkllm_context_shift dropped=%zu kept=%zu", drop, keep);
+    }
+}
+
 static int write_cache(const char *path, const char *text, size_t len) {
     FILE *f = fopen(path, "wb");
     if (!f) return -1;
@@ -899,9 +984,9 @@ int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_po
     if ((start_pos && !is_readable(start_pos, sizeof *start_pos)) || (end_pos && !is_readable(end_pos, sizeof *end_pos)))
         return fail(FAKE_E_ARGUMENT, fn, "start_pos/end_pos must be NULL or int*");
     call_log("%s keep_system_prompt=%d", fn, keep_system_prompt);
-    size_t keep = strlen(fh->tmpl_system);
-    if (!keep_system_prompt || !keep || fh->history_len < keep || memcmp(fh->history, fh->tmpl_system, keep) != 0) keep = 0;
-    fh->history_len = keep;
+    size_t keep = strlen(fh->tmpl_system); /* bytes of a prompt: as many tokens */
+    if (!keep_system_prompt || !keep || fh->history.bytes < keep || memcmp(fh->history.text, fh->tmpl_system, keep) != 0) keep = 0;
+    kv_truncate(&fh->history, keep);
     return 0;
 }
 
@@ -909,8 +994,8 @@ int rkllm_get_kv_cache_size(LLMHandle handle, int *cache_sizes) {
     const char *fn = "rkllm_get_kv_cache_size";
     REQUIRE_HANDLE(fn, handle, fh);
     if (!is_readable(cache_sizes, sizeof *cache_sizes)) return fail(FAKE_E_ARGUMENT, fn, "cache_sizes is not int*");
-    cache_sizes[0] = (int)fh->history_len;
-    call_log("%s size=%zu", fn, fh->history_len);
+    cache_sizes[0] = (int)fh->history.tokens;
+    call_log("%s size=%zu", fn, fh->history.tokens);
     return 0;
 }
 
@@ -950,11 +1035,11 @@ static void pseudo_logits(const char *seen, size_t len, int vocab, float *row) {
 }
 
 /* A GET_LOGITS run: the logits of what the model has seen, in one NORMAL callback. */
-static const char *logits_run(fake_handle *fh, const char *seen, size_t seen_len, size_t input_tokens, void *ud) {
+static const char *logits_run(fake_handle *fh, const kv_cache *kv, size_t input_tokens, void *ud) {
     int rows = input_tokens >= 2 ? 2 : 1;
     float *block = malloc(sizeof(float) * (size_t)fh->vocab_size * (size_t)rows);
-    if (rows == 2) pseudo_logits(seen, seen_len - 1, fh->vocab_size, block);
-    pseudo_logits(seen, seen_len, fh->vocab_size, block + (size_t)fh->vocab_size * (size_t)(rows - 1));
+    if (rows == 2) pseudo_logits(kv->text, kv->bytes - 1, fh->vocab_size, block);
+    pseudo_logits(kv->text, kv->bytes, fh->vocab_size, block + (size_t)fh->vocab_size * (size_t)(rows - 1));
     RKLLMResult result;
     memset(&result, 0, sizeof result);
     result.token_id = -1;
@@ -966,15 +1051,6 @@ static const char *logits_run(fake_handle *fh, const char *seen, size_t seen_len
     return rc == 1 ? "pause" : "logits";
 }
 
-/* What a TOKEN input adds to what the model sees: "<[id]>" per token. */
-static char *token_text(const RKLLMTokenInput *t, size_t *len) {
-    char *text = malloc(t->n_tokens * 16 + 1);
-    size_t n = 0;
-    for (size_t i = 0; i < t->n_tokens; i++) n += (size_t)sprintf(text + n, "<[%d]>", t->input_ids[i]);
-    *len = n;
-    return text;
-}
-
 static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
     const char *fn = "rkllm_run";
     int rc = check_input(input);
@@ -984,50 +1060,68 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     bool logits_mode = infer->mode == RKLLM_INFER_GET_LOGITS;
     if (logits_mode && fh->vocab_size <= 0)
         return fail(FAKE_E_UNSUPPORTED, fn, "GET_LOGITS: the model file names no vocab_size");
-    size_t len, input_tokens;
+    const RKLLMTokenInput *ids = input->input_type == RKLLM_INPUT_TOKEN ? &input->token_input : NULL;
+    size_t len; /* the input's tokens: a prompt's bytes, or its token ids */
     char *text;
-    if (input->input_type == RKLLM_INPUT_TOKEN) {
-        for (size_t i = 0; i < input->token_input.n_tokens; i++)
-            if (input->token_input.input_ids[i] < 0 || (fh->vocab_size > 0 && input->token_input.input_ids[i] >= fh->vocab_size))
-                return fail(FAKE_E_INPUT, fn, "token_input.input_ids[%zu] = %d is not a token of the model", i,
-                            input->token_input.input_ids[i]);
-        text = token_text(&input->token_input, &len);
-        input_tokens = input->token_input.n_tokens;
+    if (ids) {
+        for (size_t i = 0; i < ids->n_tokens; i++)
+            if (ids->input_ids[i] < 0 || (fh->vocab_size > 0 && ids->input_ids[i] >= fh->vocab_size))
+                return fail(FAKE_E_INPUT, fn, "token_input.input_ids[%zu] = %d is not a token of the model", i, ids->input_ids[i]);
+        len = ids->n_tokens;
+        text = malloc(len * 16 + 1);
+        size_t n = 0;
+        for (size_t i = 0; i < len; i++) n += (size_t)sprintf(text + n, "<[%d]>", ids->input_ids[i]);
     } else {
         /* Apply the chat template (system prompt only at the start of a conversation). */
         const char *prompt = input->prompt_input;
-        const char *sys = fh->history_len ? "" : fh->tmpl_system;
+        const char *sys = fh->history.tokens ? "" : fh->tmpl_system;
         len = strlen(sys) + strlen(fh->tmpl_prefix) + strlen(prompt) + strlen(fh->tmpl_postfix);
         text = malloc(len + 1);
         snprintf(text, len + 1, "%s%s%s%s", sys, fh->tmpl_prefix, prompt, fh->tmpl_postfix);
-        input_tokens = len;
     }
-    /* What the model sees: the history, then this input. */
-    size_t seen_len = fh->history_len + len;
-    char *seen = malloc(seen_len + 1);
-    if (fh->history_len) memcpy(seen, fh->history, fh->history_len);
-    memcpy(seen + fh->history_len, text, len + 1);
+    /* The context: an input longer than all of it is reported to crash the vendor's runtime
+     * (upstream #11); a history that would overflow it with this input is shifted. */
+    size_t context = (size_t)fh->param.max_context_len;
+    if (len > context) {
+        fprintf(stderr, "fake-rkllm: %s: an input of %zu tokens is longer than max_context_len %zu: crashing, "
+                "as the vendor runtime is reported to (upstream #11)\n", fn, len, context);
+        fflush(stderr);
+        call_log("%s CRASH input=%zu max_context_len=%zu", fn, len, context);
+        abort();
+    }
+    /* What the model sees (its KV cache): the history, then this input, then what it generates. */
+    size_t kv_before = fh->history.tokens;
+    kv_cache kv = kv_copy(&fh->history);
+    make_room(fh, &kv, len);
+    if (ids) /* one KV position per id, its text "<[id]>" */
+        for (size_t i = 0, at = 0; i < len; i++) {
+            size_t n = (size_t)snprintf(NULL, 0, "<[%d]>", ids->input_ids[i]);
+            kv_push(&kv, text + at, n, true);
+            at += n;
+        }
+    else
+        kv_push(&kv, text, len, false);
 
     size_t matched = 0;
-    while (!fh->history_len && fh->cache_text && matched < fh->cache_len && matched < len && fh->cache_text[matched] == text[matched])
+    while (!ids && !kv_before && fh->cache_text && matched < fh->cache_len && matched < len && fh->cache_text[matched] == text[matched])
         matched++;
     const RKLLMPromptCacheParam *pc = infer->prompt_cache_params;
     bool save = pc && pc->save_prompt_cache;
     int limit = fh->param.max_new_tokens;
-    char sampling[160] = "";
+    char sampling[256] = "";
 #if RKLLM_ABI == 13
     if (infer->max_new_tokens > 0) limit = infer->max_new_tokens;
     const RKLLMSamplingParam *s = infer->sampling_params;
     if (s)
-        snprintf(sampling, sizeof sampling, " sampling=top_k:%d,top_p:%.3f,temperature:%.3f,repeat_penalty:%.3f",
-                 s->top_k, s->top_p, s->temperature, s->repeat_penalty);
+        snprintf(sampling, sizeof sampling,
+                 " sampling=top_k:%d,top_p:%.3f,temperature:%.3f,repeat_penalty:%.3f,frequency_penalty:%.3f,presence_penalty:%.3f",
+                 s->top_k, s->top_p, s->temperature, s->repeat_penalty, s->frequency_penalty, s->presence_penalty);
     else
         snprintf(sampling, sizeof sampling, " sampling=init");
 #endif
-    call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s mode=%d "
-             "input=%s", fn, len, infer->keep_history, save, limit, fh->history_len, matched, sampling,
-             save ? " path=" : "", save ? pc->prompt_cache_path : "", infer->mode,
-             input->input_type == RKLLM_INPUT_TOKEN ? "token" : "prompt");
+    call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s mode=%d input=%s",
+             fn, len, infer->keep_history, save, limit, kv_before, matched, sampling, save ? " path=" : "",
+             save ? pc->prompt_cache_path : "", infer->mode, ids ? "token" : "prompt");
 
     const char *hang_on = getenv("FAKE_RKLLM_HANG_ON");
     if (hang_on && *hang_on && strstr(text, hang_on)) {
@@ -1036,20 +1130,19 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     }
 
     double t0 = now_ms();
-    int prefill_tokens = (int)(input_tokens - matched);
+    int prefill_tokens = (int)(len - matched);
     sleep_us(env_us("FAKE_RKLLM_PREFILL_US") * prefill_tokens);
     double t1 = now_ms();
 
     bool endless = strstr(text, "[[fake:endless]]") != NULL;
     bool error = strstr(text, "[[fake:error]]") != NULL;
-    char *reply = make_reply(seen);
+    char *reply = make_reply(kv.text);
     if (endless) { /* repeat the reply, words separated by a space */
         size_t n = strlen(reply);
         reply = realloc(reply, n + 2);
         strcpy(reply + n, " ");
     }
-    size_t reply_len = strlen(reply), pos = 0, generated_bytes = 0;
-    char *generated = malloc(1);
+    size_t reply_len = strlen(reply), pos = 0;
     long decode_us = env_us("FAKE_RKLLM_DECODE_US");
     LLMResultCallback cb = fh->callback;
     void *ud = userdata ? userdata : fh->callback_userdata;
@@ -1058,7 +1151,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     int tokens = 0;
     const char *reason = "eos";
     if (logits_mode)
-        reason = atomic_load(&fh->abort_requested) ? "abort" : logits_run(fh, seen, seen_len, input_tokens, ud);
+        reason = atomic_load(&fh->abort_requested) ? "abort" : logits_run(fh, &kv, len, ud);
     for (; !logits_mode;) {
         if (atomic_load(&fh->abort_requested)) {
             reason = "abort";
@@ -1078,9 +1171,8 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         memcpy(piece, reply + pos, n);
         piece[n] = '\0';
         pos += n;
-        generated = realloc(generated, generated_bytes + n + 1);
-        memcpy(generated + generated_bytes, piece, n);
-        generated_bytes += n;
+        make_room(fh, &kv, 1); /* a full window shifts mid-answer too */
+        kv_push(&kv, piece, n, true);
         sleep_us(decode_us);
         memset(&result, 0, sizeof result);
         result.text = piece;
@@ -1114,18 +1206,14 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
             rc = fail(FAKE_E_CACHE_FILE, fn, "cannot write prompt cache %s", pc->prompt_cache_path);
     }
     if (infer->keep_history && rc == 0) {
-        seen = realloc(seen, seen_len + generated_bytes + 1);
-        memcpy(seen + seen_len, generated, generated_bytes);
-        seen[seen_len + generated_bytes] = '\0';
-        free(fh->history);
-        fh->history = seen;
-        fh->history_len = seen_len + generated_bytes;
-        seen = NULL;
+        const char *end_token = getenv("FAKE_RKLLM_END_TOKEN");
+        if (!strcmp(reason, "eos") && end_token && !strcmp(end_token, "1")) kv_push(&kv, "", 0, true);
+        kv_free(&fh->history);
+        fh->history = kv;
     } else {
-        fh->history_len = 0;
+        kv_free(&kv);
+        kv_truncate(&fh->history, 0);
     }
-    free(seen);
-    free(generated);
     call_log("rkllm_run_end reason=%s tokens=%d prefill_tokens=%d rc=%d", reason, tokens, prefill_tokens, rc);
     free(reply);
     free(text);
@@ -1152,13 +1240,20 @@ int rkllm_run_async(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam *
 int rkllm_destroy(LLMHandle handle) {
     const char *fn = "rkllm_destroy";
     REQUIRE_HANDLE(fn, handle, fh);
-    if (atomic_load(&fh->running)) return fail(FAKE_E_BUSY, fn, "a run is in progress");
+    if (atomic_load(&fh->running)) {
+        /* The vendor's would free what the running rkllm_run still uses: crash, loudly. */
+        fprintf(stderr, "fake-rkllm: %s: called while rkllm_run is in progress on this handle "
+                "(a use after free in the vendor runtime): crashing\n", fn);
+        fflush(stderr);
+        call_log("%s CRASH running=1", fn);
+        abort();
+    }
     pthread_mutex_lock(&handles_lock);
     for (int i = 0; i < MAX_HANDLES; i++)
         if (handles[i] == fh) handles[i] = NULL;
     pthread_mutex_unlock(&handles_lock);
     release_cache(fh);
-    free(fh->history);
+    kv_free(&fh->history);
     free(fh->tmpl_system);
     free(fh->tmpl_prefix);
     free(fh->tmpl_postfix);

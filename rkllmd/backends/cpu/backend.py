@@ -217,7 +217,6 @@ class CpuBackend(Backend):
         self._weights_hold: Hold | None = None
         self._slots: list[KVSlot] = []  # every slot made; the busy ones belong to a run or a build
         self._busy: set[int] = set()  # ids of busy slots
-        self._encoded: tuple[str, list[int]] = ("", [])
 
     # -- loading -----------------------------------------------------------------------
 
@@ -358,19 +357,12 @@ class CpuBackend(Backend):
         }
 
     def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
+        return len(self.tokenizer.encode(text))
 
-    def _encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; the last answer is remembered, since the worker asks for a
-        prompt's tokens (to pick a conversation state) just before generating it."""
-        if self._encoded[0] != text or not text:
-            self._encoded = (text, self._loaded()[1].encode(text))
-        return self._encoded[1]
-
-    def tokenize(self, text: str) -> list[int] | None:
-        # Only the C forward pass computes a position's state the same whatever came
-        # before it in the same call, so only its states can be resumed bit for bit.
-        return self._encode(text) if self.model.uses_c else None
+    def tokenize(self, text: str) -> list[int]:
+        # Nothing remembered between calls: any thread may call it (the worker prepares
+        # prompts on a thread of their own while the socket loop and the worker go on).
+        return self.tokenizer.encode(text)
 
     def kept_state(self, run: Run, max_bytes: int) -> PrefixState | None:
         assert isinstance(run, CpuRun)
@@ -469,21 +461,28 @@ class CpuBackend(Backend):
         # At least one prompt token must be prefilled to get the next token's logits.
         return min(n, len(prompt_ids) - 1)
 
-    def start(self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink) -> CpuRun:
-        model, _ = self._loaded()
-        ids = self._encode(prompt_text)
+    def start(
+        self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, ids: Sequence[int] | None = None
+    ) -> CpuRun:
+        model, tokenizer = self._loaded()
+        ids = list(ids) if ids is not None else tokenizer.encode(prompt_text)
         if not ids:
             raise BackendError("the prompt is empty")
         if len(ids) + 1 > self.context_length:
             raise ContextOverflow(len(ids), self.context_length)
         slot = self._take_slot(ids)
-        restored = self._restorable(prefix, ids)
-        if restored:
-            # Positions the slot already holds for the same tokens are left as they are.
-            valid = common_prefix(slot.live, ids[:restored]) if model.uses_c else 0
-            model.restore_state(slot, prefix.payload, restored, start=valid)
-        slot.live = np.asarray(ids[:restored], np.int32)
-        return CpuRun(self, slot, ids, restored, params, sink)
+        try:
+            restored = self._restorable(prefix, ids)
+            if restored:
+                # Positions the slot already holds for the same tokens are left as they are.
+                valid = common_prefix(slot.live, ids[:restored]) if model.uses_c else 0
+                slot.live = slot.live[:valid]  # what it holds is unknown past them until restored
+                model.restore_state(slot, prefix.payload, restored, start=valid)
+            slot.live = np.asarray(ids[:restored], np.int32)
+            return CpuRun(self, slot, ids, restored, params, sink)
+        except BaseException:  # no run owns the slot: it must not stay busy for ever
+            self._free_slot(slot)
+            raise
 
     def step(self, runs: Sequence[Run]) -> None:
         """One pass over the weights: the pending token of every decoding run, and the next
@@ -513,12 +512,14 @@ class CpuBackend(Backend):
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        cancelled: threading.Event | None = None,
     ) -> GenerationStats:
         """One generation alone, step by step (for tools and tests; the daemon batches)."""
+        cancelled = cancelled or self.cancelled
         run = self.start(prompt_text, params, prefix, sink)
         try:
             while not run.done:
-                if self.cancelled.is_set():
+                if cancelled.is_set():
                     run.abort()
                     self.step([run])  # ends it, running nothing
                 else:

@@ -18,12 +18,25 @@ How the runtime's interface is used, and why:
   incomplete UTF-8 character) are joined with the next ones by an incremental decoder.
   The sink may therefore be called on the runtime's callback thread while the model
   worker is blocked inside ``rkllm_run``.
-* Stops we decide (stop string, ``max_tokens``) return "pause" from the callback;
-  cancellation (``abort()``, or the sink returning False) also calls ``rkllm_abort``.
+* The context is accounted for, since the runtime does not refuse what overflows it: it
+  shifts its KV window (keeping ``n_keep`` tokens at the start, vendor header) and the
+  continuation is silently wrong, and a prompt longer than the context is reported to crash
+  it (upstream #11). Lengths are counted with the model's own tokenizer when
+  ``[rkllm] tokenizer`` names its tokenizer.json, else bounded by the text's UTF-8 bytes
+  plus one (byte-level BPE and SentencePiece with byte fallback never make more tokens
+  than bytes; the one is a BOS or SentencePiece's leading-space marker); what the history
+  already holds is the runtime's own count (its FINISH statistics, and
+  ``rkllm_get_kv_cache_size`` when the library has it). A conversation continues the
+  history only while it and the new part fit with room for a token; else it is cleared and
+  sent whole; a prompt that cannot fit is refused (``ContextOverflow``); the completion
+  is cut ("length") where the context ends.
+* Stops we decide (stop string, ``max_tokens``, the context's end) return "pause" from the
+  callback; cancellation (the run's own flag, the backend's for a build, or the sink
+  returning False) also calls ``rkllm_abort``.
 * Per-request sampling exists only in the 1.3 interface (``RKLLMInferParam.
   sampling_params``/``max_new_tokens``). Under 1.2 the sampling values given at load
-  are used for every request and a request's own temperature/top_k/top_p/
-  repeat_penalty are ignored; ``max_tokens`` and stop strings are enforced on our side
+  are used for every request and a request's own temperature/top_k/top_p and
+  penalties are ignored; ``max_tokens`` and stop strings are enforced on our side
   in both generations. ``seed`` is never honoured: the runtime takes none.
 * ``heartbeat`` runs on every token. The prefill is one opaque native call (about
   4.5 ms a token on RK3588: some 18 s for a full 4096-token context), which the
@@ -45,10 +58,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -57,6 +69,7 @@ from rkllmd.backends.base import (
     Backend,
     BackendError,
     BuildCancelled,
+    ContextOverflow,
     GenerationStats,
     PrefixState,
     Progress,
@@ -64,11 +77,11 @@ from rkllmd.backends.base import (
     SamplingParams,
     TextSink,
 )
-from rkllmd.backends.cpu.tokenizer import END_OF_GENERATION_TEXTS, StreamDecoder
 from rkllmd.backends.rkllm import abi as rk
-from rkllmd.backends.rkllm.devices import driver_version, npu_nodes
+from rkllmd.backends.rkllm.devices import npu_nodes, read_driver
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
+from rkllmd.backends.cpu.tokenizer import END_OF_GENERATION_TEXTS, StreamDecoder
 from rkllmd.backends.stops import StopMatcher, TokenText
 from rkllmd.constraints import ConstraintError, Vocabulary
 from rkllmd.sampling import Sampler, logprob_entry
@@ -126,9 +139,10 @@ class RkllmBackend(Backend):
         """Configure; nothing is opened until ``load()``.
 
         ``cpu_mask`` 0 keeps the runtime's default CPU set; the sampling values are the
-        init values (the only ones a 1.2 runtime uses). ``tokenizer``: the model's
-        ``tokenizer.json``, with which the daemon samples itself (constrained output,
-        logprobs) from the runtime's logits.
+        init values (the only ones a 1.2 runtime uses); ``tokenizer``: the model's
+        tokenizer.json, for exact token counts and the daemon's own sampling from the
+        runtime's logits (constrained output, logprobs) (None: counts are bounded by UTF-8
+        bytes, and the daemon never samples).
         """
         super().__init__()
         if runtime not in ("auto", *rk.GENERATIONS):
@@ -143,23 +157,26 @@ class RkllmBackend(Backend):
         self.cpu_mask = cpu_mask
         self.base_domain_id = base_domain_id
         self.default_sampling = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty
+            temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )
-        self.frequency_penalty = frequency_penalty
-        self.presence_penalty = presence_penalty
+        self.tokenizer_path = Path(tokenizer) if tokenizer is not None else None
+        self._tokenizer: Any = None  # a tokenizers.Tokenizer, once loaded
+        self._vocabulary: Vocabulary | None = None  # the same file as the constraint engine sees it
         self._rt: RkllmRuntime | None = None
         self._loaded_cache: tuple[Any, ...] | None = None  # identity of the loaded prompt cache file
-        self._run_lock = threading.Lock()  # orders abort() against the start and end of a run
-        self._running = False
+        self._run_lock = threading.Lock()  # orders interrupt() against the start and end of a run
+        self._running: threading.Event | None = None  # the cancel flag of the run in progress
         # What the runtime's KV history holds, when known for sure (None: clear it first).
         self._history: PrefixState | None = None
-        self.tokenizer = Path(tokenizer) if tokenizer is not None else None
-        self._vocabulary: Vocabulary | None = None
 
     # --- lifecycle --------------------------------------------------------------------
     def load(self, progress: Callable[[str], None] | None = None) -> None:
         progress = progress or (lambda _message: None)
         model = check_model(self.model_path)
+        if self.tokenizer_path is not None:
+            progress(f"loading the tokenizer {self.tokenizer_path}")
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         progress("opening the RKLLM runtime library")
         rt = RkllmRuntime.open(self.library, self.runtime)
         param = _zeroed_where_unwritten(rt.default_param())
@@ -169,8 +186,6 @@ class RkllmBackend(Backend):
         param.n_keep = self.n_keep
         for name, value in _sampling_values(self.default_sampling).items():
             setattr(param, name, value)
-        param.frequency_penalty = self.frequency_penalty
-        param.presence_penalty = self.presence_penalty
         param.skip_special_token = True
         param.is_async = False
         extend = param.extend_param
@@ -225,6 +240,7 @@ class RkllmBackend(Backend):
             "context_length": self.context_length,
             "max_new_tokens": self.max_new_tokens,
             "template": self.template.name,
+            "token_counts": f"exact (tokenizer {self.tokenizer_path})" if self.tokenizer_path else "bounded: UTF-8 bytes + 1 (no [rkllm] tokenizer)",
         }
         if self._rt is not None:
             info = self._rt.info
@@ -237,17 +253,37 @@ class RkllmBackend(Backend):
         return facts
 
     def count_tokens(self, text: str) -> int:
-        """An ESTIMATE: one token per 3 bytes of UTF-8, rounded up.
+        """Tokens ``text`` takes as one input: exact with the model's tokenizer (its special
+        tokens included, as the model adds them), else an upper bound, its UTF-8 bytes plus
+        one (module docstring). The runtime offers its caller no tokenizer: 1.2 has none,
+        and 1.3's tokenizer callback goes the other way."""
+        if self._tokenizer is not None:
+            return len(self._encode(text))
+        return len(text.encode()) + 1 if text else 0
 
-        The runtime exposes no tokenizer to its caller: 1.2 has none, and 1.3's
-        tokenizer callback goes the other way (the runtime asks the application to
-        tokenize). Byte-level BPE vocabularies of the supported models typically need
-        3.5-4.5 bytes per token on prose in English or Chinese, so this over-counts
-        slightly: a prompt near the context limit is refused by the daemon rather than
-        handed to a runtime whose overflow behaviour is undocumented. Exact counts come
-        from the runtime's FINISH statistics (``GenerationStats``, ``build_prefix``).
-        """
-        return math.ceil(len(text.encode()) / 3)
+    def tokenize(self, text: str) -> list[int] | None:
+        return self._encode(text) if self._tokenizer is not None else None
+
+    def _encode(self, text: str) -> list[int]:
+        # encode_batch releases the GIL while it works (encode holds it: a second for a long
+        # text, every other thread of the daemon stopped meanwhile).
+        return self._tokenizer.encode_batch([text])[0].ids
+
+    def _before_generation(self, prompt_text: str, prefix: PrefixState | None, ids: Sequence[int] | None = None) -> int:
+        """What the KV cache holds once ``prompt_text`` (whose ``tokenize`` is ``ids``, if the
+        caller has it) is prefilled from ``prefix``: the prefix's tokens as the runtime counted
+        them, plus the rest as counted here."""
+        if prefix is None:
+            return len(ids) if ids is not None else self.count_tokens(prompt_text)
+        return prefix.n_tokens + self.count_tokens(prompt_text[len(prefix.text):])
+
+    def _fits(self, prompt_text: str, prefix: PrefixState | None, ids: Sequence[int] | None = None) -> int:
+        """``_before_generation``, if that leaves room for a token; else ContextOverflow."""
+        tokens = self._before_generation(prompt_text, prefix, ids)
+        if tokens + 1 > self.context_length:
+            bound = "" if self._tokenizer is not None else "counted as UTF-8 bytes + 1: set [rkllm] tokenizer for exact counts"
+            raise ContextOverflow(tokens, self.context_length, bound)
+        return tokens
 
     # --- prompt caches -----------------------------------------------------------------
     def build_prefix(self, prefix_text: str, dest: Path, progress: Progress | None = None) -> int:
@@ -257,12 +293,13 @@ class RkllmBackend(Backend):
         Returns the prefix's token count as the runtime reported it for the prefill.
         """
         rt = self._require_runtime()
+        self._fits(prefix_text, None)
         self._use_prompt_cache(None)  # a loaded cache would be matched into the saved state
         self._history = None
         rt.clear_kv_cache()
         stream = _Stream(lambda _text: True, (), 1, self.heartbeat, self.cancelled.is_set, rt.abort)
         rc = self._run(
-            rt, prefix_text, stream, save_prompt_cache=dest, max_new_tokens=1 if rt.abi.per_request_sampling else 0
+            rt, prefix_text, stream, self.cancelled, save_prompt_cache=dest, max_new_tokens=1 if rt.abi.per_request_sampling else 0
         )
         if stream.finish_reason == "cancelled":
             dest.unlink(missing_ok=True)
@@ -288,9 +325,24 @@ class RkllmBackend(Backend):
         """What the runtime says its KV history holds (for bench/npu_board.py)."""
         return self._require_runtime().kv_cache_size()
 
+    def _kv_cache_size(self) -> int | None:
+        """``kv_cache_size``, None if the call fails (the history is then as long as counted)."""
+        try:
+            return self.kv_cache_size()
+        except BackendError as exc:
+            log.warning("%s", exc)
+            return None
+
     def resumable(self, prompt: str) -> PrefixState | None:
+        """The runtime's history, if ``prompt`` continues it and the history, the new part and
+        a token still fit the context; else the history is cleared and the prompt sent whole."""
         history = self._history
-        return history if history is not None and len(prompt) > len(history.text) and prompt.startswith(history.text) else None
+        if history is None or len(prompt) <= len(history.text) or not prompt.startswith(history.text):
+            return None
+        if self._before_generation(prompt, history) + 1 > self.context_length:
+            log.info("the conversation would overflow the runtime's history (%d tokens held): sending it whole", history.n_tokens)
+            return None
+        return history
 
     def _use_prompt_cache(self, path: Path | None) -> None:
         """Make ``path`` (or no cache) the loaded one, calling the runtime only on change.
@@ -310,41 +362,55 @@ class RkllmBackend(Backend):
             self._loaded_cache = key
 
     # --- generation --------------------------------------------------------------------
+    def start(
+        self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, ids: Sequence[int] | None = None
+    ) -> Run:
+        """Refuse what cannot fit (ContextOverflow) before anything runs. A request that needs
+        the daemon's sampler (a constraint, logprobs) runs in the runtime's logits mode."""
+        self._fits(prompt_text, prefix, ids)
+        if params.daemon_samples:
+            return _LogitsRun(self, prompt_text, params, prefix, sink)
+        return super().start(prompt_text, params, prefix, sink, ids)
+
     def generate(
         self,
         prompt_text: str,
         params: SamplingParams,
         prefix: PrefixState | None,
         sink: TextSink,
+        cancelled: threading.Event | None = None,
     ) -> GenerationStats:
         rt = self._require_runtime()
+        cancelled = cancelled or self.cancelled
         started = time.monotonic()
-        sent = self._input_after(prompt_text, prefix)
-        limit = min((n for n in (params.max_tokens, self.max_new_tokens) if n > 0), default=0)
-        stream = _Stream(sink, params.stop, limit, self.heartbeat, self.cancelled.is_set, rt.abort)
+        sent, before = self._ready_for(prompt_text, prefix)
+        # The completion ends where the context does (the runtime would shift its window).
+        limit = min(n for n in (params.max_tokens, self.max_new_tokens, self.context_length - before) if n > 0)
+        stream = _Stream(sink, params.stop, limit, self.heartbeat, cancelled.is_set, rt.abort)
         per_request: dict[str, Any] = {}
         if rt.abi.per_request_sampling:
             sampling = rk.RKLLMSamplingParam(**_sampling_values(params))
-            sampling.frequency_penalty = self.frequency_penalty
-            sampling.presence_penalty = self.presence_penalty
             per_request = {"sampling": sampling, "max_new_tokens": limit}
-        rc = self._run(rt, sent, stream, keep_history=True, **per_request)
+        rc = self._run(rt, sent, stream, cancelled, keep_history=True, **per_request)
         if stream.finish_reason != "cancelled":
             _raise_on_failure(rc, stream, "generation")
         finished = time.monotonic()
         stats = stream.stats(prompt_text, prefix, started, finished, self.count_tokens)
         if stream.finish_reason is None and stream.perf is not None:
-            text = prompt_text + stream.generated
-            self._history = PrefixState(
-                name="", text=text, n_tokens=stats.prompt_tokens + stream.perf.generate_tokens, payload=None, kind=CONVERSATION
-            )
+            # The runtime's own counts; its KV size as well where it says (it may hold more
+            # than the tokens it reported: an end token, say).
+            held = max(stats.prompt_tokens + stream.perf.generate_tokens, self._kv_cache_size() or 0)
+            self._history = PrefixState(name="", text=prompt_text + stream.generated, n_tokens=held, payload=None, kind=CONVERSATION)
         return stats
 
-    def _input_after(self, prompt_text: str, prefix: PrefixState | None) -> str:
+    def _ready_for(self, prompt_text: str, prefix: PrefixState | None) -> tuple[str, int]:
         """The runtime made ready for ``prompt_text`` (its history continued, or cleared and
-        ``prefix``'s prompt cache loaded); the text to send it: the prompt's new part, or all."""
+        ``prefix``'s prompt cache loaded): the text to send it (the prompt's new part, or
+        all), and the tokens the KV cache will hold once it is prefilled (ContextOverflow
+        when that leaves no room for a token)."""
         if prefix is not None and not prompt_text.startswith(prefix.text):
             raise ValueError(f"the prompt does not start with prefix {prefix.name!r}'s text")
+        before = self._fits(prompt_text, prefix)
         sent = prompt_text
         if prefix is not None and prefix.kind == CONVERSATION and prefix is self._history:
             sent = prompt_text[len(prefix.text):]  # the runtime holds the rest
@@ -352,7 +418,7 @@ class RkllmBackend(Backend):
             self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
             self._require_runtime().clear_kv_cache()
         self._history = None  # until this run ends as the runtime decides
-        return sent
+        return sent, before
 
     # --- the daemon samples: the runtime's logits mode -------------------------------------
     @property
@@ -360,19 +426,14 @@ class RkllmBackend(Backend):
         """The model's tokenizer (``[rkllm] tokenizer``) as the constraint engine sees it:
         the daemon samples only with it. Built at the first request that needs it."""
         if self._vocabulary is None:
-            if self.tokenizer is None:
+            if self.tokenizer_path is None:
                 raise BackendError("no [rkllm] tokenizer configured")
             try:
-                text = self.tokenizer.read_text(encoding="utf-8")
+                text = self.tokenizer_path.read_text(encoding="utf-8")
                 self._vocabulary = Vocabulary.from_tokenizer_json(text, (*END_OF_GENERATION_TEXTS, self.template.tokens.get("eos_token", "")))
             except (OSError, ValueError) as exc:
-                raise BackendError(f"[rkllm] tokenizer {self.tokenizer}: {exc}") from None
+                raise BackendError(f"[rkllm] tokenizer {self.tokenizer_path}: {exc}") from None
         return self._vocabulary
-
-    def start(self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink) -> Run:
-        if not params.daemon_samples:
-            return super().start(prompt_text, params, prefix, sink)
-        return _LogitsRun(self, prompt_text, params, prefix, sink)
 
     def step(self, runs: Sequence[Run]) -> None:
         for run in runs:
@@ -381,24 +442,25 @@ class RkllmBackend(Backend):
             else:
                 super().step([run])
 
-    def abort(self) -> None:
-        super().abort()
+    def interrupt(self, cancelled: threading.Event) -> None:
         with self._run_lock:
-            if self._running and self._rt is not None:
+            if self._running is cancelled and self._rt is not None:
                 self._rt.abort()
 
-    def _run(self, rt: RkllmRuntime, prompt: str | list[int], stream: _Stream | _Logits, **kwargs: Any) -> int:
+    def _run(self, rt: RkllmRuntime, prompt: str | list[int], stream: _Stream | _Logits, cancelled: threading.Event, **kwargs: Any) -> int:
+        """One ``rkllm_run``, unless ``cancelled`` is set already; ``interrupt(cancelled)``
+        reaches it while it runs."""
         with self._run_lock:
-            self._running = not self.cancelled.is_set()
-        if not self._running:  # aborted before the runtime was even called
+            self._running = None if cancelled.is_set() else cancelled
+        if self._running is None:  # aborted before the runtime was even called
             rc = 0
         else:
             try:
                 rc = rt.run(prompt, stream.on_result, **kwargs)
             finally:
                 with self._run_lock:
-                    self._running = False
-        if self.cancelled.is_set() and stream.finish_reason is None:
+                    self._running = None
+        if cancelled.is_set() and stream.finish_reason is None:
             # Aborted where no callback of ours saw it: in the prefill, or between two tokens.
             stream.finish_reason = "cancelled"
         stream.finish()
@@ -408,6 +470,20 @@ class RkllmBackend(Backend):
         if self._rt is None:
             raise BackendError("the rkllm backend is not loaded")
         return self._rt
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The model's tokenizer.json (Hugging Face ``tokenizers``, the optional ``npu`` extra)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise RkllmStartupError(
+            f"[rkllm] tokenizer = {path} needs the Python package tokenizers (pip install 'rkllmd[npu]')"
+        ) from None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the library raises plain Exceptions for missing or bad files
+        raise RkllmStartupError(f"[rkllm] tokenizer {path} cannot be loaded: {exc}") from None
 
 
 def _zeroed_where_unwritten(param: Any) -> Any:
@@ -581,7 +657,7 @@ class _LogitsRun(Run):
 
     def __init__(self, backend: RkllmBackend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink):
         super().__init__(backend.count_tokens(prompt_text))
-        if backend.tokenizer is None:
+        if backend.tokenizer_path is None:
             raise ConstraintError(
                 params.constraint.field if params.constraint is not None else "logprobs",
                 "constrained output and logprobs on the NPU need the model's tokenizer: set [rkllm] tokenizer "
@@ -594,17 +670,19 @@ class _LogitsRun(Run):
         self.vocabulary = vocabulary
         self.prefix = prefix
         self.text = TokenText(StreamDecoder(vocabulary.token_bytes), params.stop, sink)
-        self.limit = min((n for n in (params.max_tokens, backend.max_new_tokens) if n > 0), default=params.max_tokens)
         self.started = time.monotonic()
         self.first_token_at: float | None = None
         self.recent = vocabulary.encode(prompt_text)[-64:] if params.repeat_penalty != 1.0 else []
-        self.next_input: str | list[int] = backend._input_after(prompt_text, prefix)
+        sent, before = backend._ready_for(prompt_text, prefix)
+        self.next_input: str | list[int] = sent
+        # The completion ends where the context does, as the runtime's own generation does.
+        self.limit = min(n for n in (params.max_tokens, backend.max_new_tokens, backend.context_length - before) if n > 0)
         self.to_prefill = self.stats.prompt_tokens
         self.aborted = threading.Event()
 
     def abort(self) -> None:
         self.aborted.set()
-        self.backend.abort()
+        self.backend.interrupt(self.aborted)
 
     def advance(self) -> None:
         """One run of the runtime, one token sampled from its logits (or the end)."""
@@ -614,7 +692,7 @@ class _LogitsRun(Run):
             return
         logits = _Logits()
         per_request = {"max_new_tokens": 1} if rt.abi.per_request_sampling else {}
-        rc = backend._run(rt, self.next_input, logits, mode=rk.RKLLM_INFER_GET_LOGITS, keep_history=True, **per_request)
+        rc = backend._run(rt, self.next_input, logits, self.aborted, mode=rk.RKLLM_INFER_GET_LOGITS, keep_history=True, **per_request)
         if self.aborted.is_set() or logits.finish_reason == "cancelled":
             self.finish("cancelled")
             return
@@ -648,8 +726,7 @@ class _LogitsRun(Run):
             self.logprobs.append(logprob_entry(self.vocabulary.token_bytes, token, sampler.logprob))
         stats.completion_tokens += 1
         self.recent = [*self.recent[1:], token] if len(self.recent) >= 64 else [*self.recent, token]
-        full = stats.completion_tokens >= self.limit or stats.prompt_tokens + stats.completion_tokens >= self.backend.context_length
-        ended = self.text.feed(token) or sampler.ended(full)
+        ended = self.text.feed(token) or sampler.ended(stats.completion_tokens >= self.limit)
         if ended:
             self.finish(ended)
         else:
@@ -679,17 +756,18 @@ def _sampling_values(params: SamplingParams) -> dict[str, Any]:
     """Sampling fields shared by RKLLMParam and RKLLMSamplingParam.
 
     Temperature 0 means greedy in rkllmd; the runtime has no such switch, so greedy is
-    top_k = 1 (with a neutral temperature, avoiding a division by zero inside).
+    top_k = 1 (with a neutral temperature, avoiding a division by zero inside). The
+    penalties are the runtime's to apply, as it does (its window is not documented).
     """
-    if params.temperature <= 0:
-        return {"top_k": 1, "top_p": 1.0, "temperature": 1.0, "repeat_penalty": params.repeat_penalty, "mirostat": 0}
-    return {
-        "top_k": params.top_k,
-        "top_p": params.top_p,
-        "temperature": params.temperature,
+    penalties = {
         "repeat_penalty": params.repeat_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
         "mirostat": 0,
     }
+    if params.temperature <= 0:
+        return {"top_k": 1, "top_p": 1.0, "temperature": 1.0, **penalties}
+    return {"top_k": params.top_k, "top_p": params.top_p, "temperature": params.temperature, **penalties}
 
 
 def _file_key(path: Path) -> tuple[Any, ...]:
@@ -752,5 +830,5 @@ def detect(
     node = nodes[0]
     if not os.access(node, os.R_OK | os.W_OK):
         return False, f"NPU device {node} exists but this user cannot open it (add it to group render or video)"
-    version, _ = driver_version(sysfs)
-    return True, f"librkllmrt at {lib}, model {model}, NPU device {node} ({version or 'driver version unreadable'})"
+    driver = read_driver(sysfs)
+    return True, f"librkllmrt at {lib}, model {model}, NPU device {node} ({driver.text or 'driver version unreadable'})"

@@ -1,0 +1,90 @@
+"""What a chat template lets a request ask for beyond plain completion, found by rendering it.
+
+A model "supports tools" when its template writes the tools into the prompt (a rendering
+with a tool list differs from one without) and its output format is one the daemon parses
+back into tool calls (``toolcalls``); it "supports thinking" when the daemon splits its
+reasoning from its answer (the template's markers are known) and the template either
+reacts to ``enable_thinking`` (its renderings with true and false differ) or opens the
+reasoning block in the prompt itself (the model always reasons: DeepSeek-R1). Ollama's
+``/api/show`` calls these capabilities "tools" and "thinking"; a request asking for one
+the model lacks is refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from .families import HERMES, LLAMA3, PHI4
+from .reasoning import ReasoningSplitter
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..outbox import Chat
+    from .template import ChatTemplate
+
+COMPLETION, TOOLS, THINKING = "completion", "tools", "thinking"
+#: Tool-call formats the daemon parses (templates/toolcalls.py).
+PARSED_TOOL_CALLS = (HERMES, LLAMA3, PHI4)
+
+_CONVERSATION = ({"role": "user", "content": "What is the weather in Oslo?"},)
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def probe(template: ChatTemplate) -> tuple[str, ...]:
+    """The template's capabilities, "completion" first. A template that refuses the probe
+    conversation has none beyond completion."""
+    from .template import RenderError
+
+    moment = template.clock()
+    fixed = dataclasses.replace(template, clock=lambda: moment)  # two renderings a midnight apart differ
+
+    def render(**kw: Any) -> str:
+        return fixed.render(_CONVERSATION, True, **kw)
+
+    found = [COMPLETION]
+    try:
+        plain = render()
+        if template.tool_calls in PARSED_TOOL_CALLS and render(tools=[_TOOL]) != plain:
+            found.append(TOOLS)
+        markers = template.reasoning
+        if markers is not None and (
+            render(variables={"enable_thinking": True}) != render(variables={"enable_thinking": False})
+            or ReasoningSplitter.opened_by(plain, markers)
+        ):
+            found.append(THINKING)
+    except RenderError:
+        pass
+    return tuple(found)
+
+
+#: Why a model lacks a capability, after "NAME does not support tools/thinking".
+_WHY_NOT = {
+    TOOLS: "its chat template ({}) does not write tools into the prompt in a form whose calls rkllmd parses back",
+    THINKING: "its chat template ({}) neither reads enable_thinking nor opens a reasoning block rkllmd splits off",
+}
+
+
+class CapabilityMissing(ValueError):
+    """A request asks for tools or thinking that the model's template cannot do."""
+
+    def __init__(self, message: str, capability: str, field: str):
+        super().__init__(message)
+        self.capability, self.field = capability, field
+
+
+def require_capabilities(backend: Backend, chat: Chat) -> None:
+    """Refuse tools or thinking the model's template cannot do, as Ollama does ("... does
+    not support tools"), rather than drop them silently; ``enable_thinking`` false is fine."""
+    thinking = (chat.variables or {}).get("enable_thinking") is True
+    for capability, field, asked in ((THINKING, "enable_thinking", thinking), (TOOLS, "tools", bool(chat.tools))):
+        if asked and capability not in backend.template.capabilities:  # thinking first, as Ollama checks
+            name = backend.describe().get("name", "the model")
+            raise CapabilityMissing(f"{name} does not support {capability}: " + _WHY_NOT[capability].format(backend.template.name), capability, field)
