@@ -80,7 +80,7 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
     except (ConfigError, EndpointError) as exc:  # a bad level, a socket path too long
         log.error("configuration: %s", exc)
         return 2
-    log_report(run_checks(config, Account.current()))
+    log_report(run_checks(config, Account.current(), parse=False))  # the load parses the tokenizer
     try:
         endpoint.claim()
     except EndpointError as exc:

@@ -2,9 +2,10 @@
 
 The same configuration as the daemon's (flags, file, ``RKLLMD_*``), read the same way;
 nothing is started or loaded: files are stat'ed and their first bytes read, the vendor
-library's release marker is found by mapping the file. The daemon runs the same checks
-at start and logs the report (``log_report``), so the journal of a failed start says
-what a board owner would have seen.
+library's release marker is found by mapping the file, and ``[rkllm] tokenizer`` is
+parsed as the daemon would parse it. The daemon runs the same checks at start (without that
+parse: it loads the tokenizer next) and logs the report (``log_report``), so the journal of
+a failed start says what a board owner would have seen.
 
 Each finding is a ``Finding`` with its fix: a *problem* stops the daemon from starting
 (``rkllmd check`` exits 1), a *warning* does not. Access is judged for the account the
@@ -15,6 +16,7 @@ else the caller), from mode bits, owner and groups (ACLs are not read); root pas
 from __future__ import annotations
 
 import grp
+import importlib.util
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ from .backends.cpu import kernels
 from .backends.cpu.backend import bundled_model_path
 from .backends.cpu.weights_file import SUFFIX as WEIGHTS_SUFFIX
 from .backends.rkllm import devices
-from .backends.rkllm.backend import MODEL_MAGIC, MODEL_SUFFIX
+from .backends.rkllm.backend import BOUND_EXTRA, MODEL_MAGIC, MODEL_SUFFIX, load_tokenizer
 from .backends.rkllm.library import (
     RkllmStartupError,
     choose_interface,
@@ -222,8 +224,9 @@ def _size(n: int) -> str:
 
 # --- the checks ------------------------------------------------------------------------------------
 class _Checker:
-    def __init__(self, config: Config, account: Account, dev: Path, sysfs: Path, proc: Path):
+    def __init__(self, config: Config, account: Account, dev: Path, sysfs: Path, proc: Path, parse: bool):
         self.config = config
+        self.parse = parse
         self.account = account
         self.caller = Account.current()
         self.dev, self.sysfs, self.proc = dev, sysfs, proc
@@ -272,7 +275,7 @@ class _Checker:
             self.library(path, out, problem)
         out["board"] = devices.board_soc(self.sysfs)
         out["model"] = self.npu_model(problem, out["release"], out["board"])
-        out["tokenizer"] = self.npu_tokenizer()
+        out["tokenizer"] = self.npu_tokenizer(problem)
         out["devices"] = self.npu_devices(problem)
         out["driver"] = self.npu_driver(problem)
         out["memory"] = self.memory(out["model"].get("size_bytes"), problem)
@@ -353,6 +356,30 @@ class _Checker:
         self.named_platform(out, path, board)
         return out
 
+    def npu_tokenizer(self, problem) -> dict[str, Any]:
+        """``[rkllm] tokenizer``: the file, and whether it loads as the daemon loads it (a start
+        fails if it does not). Unset, token counts are bounded (docs/npu.md, "The context")."""
+        value = self.config["rkllm.tokenizer"]
+        if not value:
+            return {"path": None, "token_counts": f"bounded: UTF-8 bytes + {BOUND_EXTRA}"}
+        path = Path(value).expanduser()
+        out = self.file_facts(path, problem, "[rkllm] tokenizer", what="tokenizer file")
+        out["token_counts"] = "exact"
+        if importlib.util.find_spec("tokenizers") is None:
+            out["loads"] = None
+            problem(f"[rkllm] tokenizer = {path} needs the Python package tokenizers, which is not installed",
+                    "pip install 'rkllmd[npu]' (after make install: /opt/rkllmd/bin/pip install tokenizers), "
+                    "or leave [rkllm] tokenizer empty (bounded counts)")
+        elif self.parse and out.get("readable"):
+            try:
+                load_tokenizer(path)
+                out["loads"] = True
+            except RkllmStartupError as exc:
+                out["loads"] = False
+                problem(str(exc), "point [rkllm] tokenizer at the tokenizer.json of the Hugging Face model the .rkllm "
+                                  "was converted from, or leave it empty (bounded counts)")
+        return out
+
     def toolkit(self, out: dict[str, Any], tail: bytes, runtime: str | None) -> None:
         """The toolkit release a model's last bytes name, against the runtime's release."""
         found = TOOLKIT_FOOTER.search(tail)
@@ -376,19 +403,6 @@ class _Checker:
             self.problem(f"the model's file name says {out['platform_in_name']}, but this board is {board}: a model "
                          "converted for another platform fails at init (\"The model target_platform does not match!\")",
                          f"use (or convert) the model for {board}", fatal=False)
-
-    def npu_tokenizer(self) -> dict[str, Any]:
-        """The model's tokenizer.json, with which the daemon samples itself (constrained output,
-        logprobs); without it the daemon runs, and refuses only those requests."""
-        value = self.config["rkllm.tokenizer"]
-        if not value:
-            return {"path": None, "daemon_samples": False}
-        path = Path(value).expanduser()
-        readable = path.is_file() and self.account.blocked_at(path, _R) is None and os.access(path, os.R_OK)
-        if not readable:
-            self.problem(f"[rkllm] tokenizer {path} is not a readable file: requests for constrained output or logprobs will be refused",
-                         "point [rkllm] tokenizer at the tokenizer.json of the model the .rkllm file was converted from", fatal=False)
-        return {"path": str(path), "daemon_samples": readable}
 
     def npu_devices(self, problem) -> list[dict[str, Any]]:
         nodes = devices.npu_nodes(self.dev, self.sysfs)
@@ -500,10 +514,10 @@ class _Checker:
         return out
 
     # -- shared
-    def file_facts(self, path: Path, problem, key: str) -> dict[str, Any]:
+    def file_facts(self, path: Path, problem, key: str, what: str = "model file") -> dict[str, Any]:
         out: dict[str, Any] = {"path": str(path), "exists": os.path.isfile(path)}
         if not out["exists"]:
-            problem(f"model file {path} does not exist", f"set {key} to the model file's path")
+            problem(f"{what} {path} does not exist", f"set {key} to the {what}'s path")
             return out
         out["size_bytes"] = path.stat().st_size
         out["readable"] = self.account.blocked_at(path, _R) is None and os.access(path, os.R_OK)
@@ -555,10 +569,12 @@ def run_checks(
     dev: Path = Path("/dev"),
     sysfs: Path = Path("/sys"),
     proc: Path = Path("/proc"),
+    parse: bool = True,
 ) -> Report:
     """Every check for ``config``, access judged for ``account``; the roots are where the
-    kernel's /dev, /sys and /proc are looked up."""
-    return _Checker(config, account, dev, sysfs, proc).run()
+    kernel's /dev, /sys and /proc are looked up; ``parse`` False leaves the tokenizer to the
+    load that follows (the daemon's start)."""
+    return _Checker(config, account, dev, sysfs, proc, parse).run()
 
 
 def log_report(report: Report) -> None:

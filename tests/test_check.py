@@ -20,7 +20,7 @@ from pathlib import Path
 
 import private_dev
 import pytest
-from fake_rkllm.build import foreign_elf, write_model
+from fake_rkllm.build import foreign_elf, write_model, write_tokenizer
 
 from conftest import ROOT
 from rkllmd.check import SERVICE_GROUP, SERVICE_SUPPLEMENTARY_GROUPS, SERVICE_USER, Account, run_checks
@@ -129,20 +129,39 @@ def test_no_model_configured(npu_env, tmp_path):
     assert "no .rkllm model configured" in problems(report)
 
 
-def test_the_models_tokenizer_is_checked_but_never_stops_a_start(npu_env, tmp_path):
-    """[rkllm] tokenizer lets the daemon sample itself (constrained output, logprobs): without
-    it those requests are refused, and a file that is not there is a warning, not a failure."""
-    report = as_json(rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env=npu_env))
-    assert report["rkllm"]["tokenizer"] == {"path": None, "daemon_samples": False}
-    missing = tmp_path / "tokenizer.json"
-    report = as_json(rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env={**npu_env, "RKLLMD_RKLLM_TOKENIZER": str(missing)}))
-    assert report["rkllm"]["tokenizer"] == {"path": str(missing), "daemon_samples": False}
-    assert not [p for p in report["problems"] if "tokenizer" in p["what"]]
-    [warning] = [w for w in report["warnings"] if "tokenizer" in w["what"]]
-    assert "will be refused" in warning["what"]
-    missing.write_text("{}")
-    report = as_json(rkllmd_check("--backend", "rkllm", "--json", folder=tmp_path, env={**npu_env, "RKLLMD_RKLLM_TOKENIZER": str(missing)}))
-    assert report["rkllm"]["tokenizer"]["daemon_samples"] and not [w for w in report["warnings"] if "tokenizer" in w["what"]]
+@pytest.mark.parametrize("case", ["unset", "loads", "missing", "not a tokenizer", "unreadable"])
+def test_the_tokenizer_file(npu_env, tmp_path, case):
+    """``[rkllm] tokenizer``: unset, counts are bounded; set, the file must exist, be readable by
+    the daemon's account and load as the daemon loads it (else its start fails)."""
+    path = tmp_path / "tokenizer.json"
+    if case in ("loads", "unreadable"):
+        write_tokenizer(path)
+    elif case == "not a tokenizer":
+        path.write_text('{"version": "1.0", "model": {"type": "Nonsense"}}')
+    if case == "unreadable":
+        path.chmod(0o600)
+    user = ["--user", "nobody"] if case == "unreadable" else []
+    env = {**npu_env, "RKLLMD_RKLLM_TOKENIZER": "" if case == "unset" else str(path)}
+    report = as_json(rkllmd_check("--backend", "rkllm", "--json", *user, folder=tmp_path, env=env))
+    facts = report["rkllm"]["tokenizer"]
+    found = [p for p in report["problems"] if str(path) in p["what"] or "[rkllm] tokenizer" in p["what"]]
+    if case == "unset":
+        assert facts == {"path": None, "token_counts": "bounded: UTF-8 bytes + 2"} and not found
+    elif case == "loads":
+        assert facts == {"path": str(path), "exists": True, "size_bytes": path.stat().st_size, "readable": True,
+                         "token_counts": "exact", "loads": True} and not found
+    elif case == "missing":
+        assert facts["exists"] is False and "loads" not in facts
+        assert [(f["what"], f["fix"]) for f in found] == [
+            (f"tokenizer file {path} does not exist", "set [rkllm] tokenizer to the tokenizer file's path")]
+    elif case == "not a tokenizer":
+        assert facts["readable"] is True and facts["loads"] is False
+        [finding] = found
+        assert finding["what"].startswith(f"[rkllm] tokenizer {path} cannot be loaded: ")
+        assert "tokenizer.json of the Hugging Face model the .rkllm was converted from" in finding["fix"]
+    else:
+        assert facts["readable"] is False and "loads" not in facts
+        assert [f["what"] for f in found] == [f"nobody cannot read {path}"]
 
 
 # --- the NPU device nodes ---------------------------------------------------------------------------

@@ -354,15 +354,33 @@ def test_token_counts_are_bounded_by_bytes_or_exact_with_the_models_tokenizer(fa
     try:
         for text in ("", "abcdef", "é ☃ <|im_start|>user\n"):
             assert exact.count_tokens(text) == len(exact.tokenize(text)) == len(text.encode())  # the fake's are bytes
-            assert bare.count_tokens(text) == (len(text.encode()) + 1 if text else 0) and bare.tokenize(text) is None
-        # At the edge: 63 tokens and room for one more fit; the bound says 64 and refuses.
+            assert bare.count_tokens(text) == (len(text.encode()) + 2 if text else 0) and bare.tokenize(text) is None
+        # At the edge: 63 tokens and room for one more fit; the bound says 65 and refuses.
         prompt = "x" * 63
         exact.start(prompt, SamplingParams(), None, lambda t: True)
-        with pytest.raises(ContextOverflow, match=r"prompt is at most 64 tokens \(counted as UTF-8 bytes \+ 1: set \[rkllm\] tokenizer"):
+        with pytest.raises(ContextOverflow, match=r"prompt is at most 65 tokens \(counted as UTF-8 bytes \+ 2: set \[rkllm\] tokenizer"):
             bare.start(prompt, SamplingParams(), None, lambda t: True)
         assert exact.describe()["token_counts"].startswith("exact") and bare.describe()["token_counts"].startswith("bounded")
     finally:
         bare.close(), exact.close()
+
+
+def test_the_bound_holds_where_a_bos_and_a_leading_space_marker_are_both_added(model, tmp_path):
+    """Without a tokenizer the count is a bound; Llama 2's tokenizer (TinyLlama's, converted for
+    the NPU) adds both a BOS and SentencePiece's leading "▁": "\\n" is [<s>, ▁, <0x0A>] (token
+    ids 1, 29871, 13: huggingface/transformers#26273), three tokens for one byte. The same
+    shape here, built with ``tokenizers``: a BPE with byte fallback, the "▁" prepended and
+    spaces replaced by it, "<s>" added."""
+    from tokenizers import Tokenizer, models, normalizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259, "a": 260, "▁a": 261}
+    llama = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    llama.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    llama.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert llama.encode("\n").tokens == ["<s>", "▁", "<0x0A>"]
+    bare = RkllmBackend(model)  # counting needs no runtime
+    for text in ("\n", "a", "\n\n", " \n", "a a", "日", "☃\n", "<|im_start|>user\n"):
+        assert bare.count_tokens(text) >= len(llama.encode(text).ids), text
 
 
 def test_a_tokenizer_that_cannot_be_read_stops_the_start(fake_runtime, model, tmp_path):
@@ -393,7 +411,7 @@ def test_a_prompt_that_cannot_fit_is_refused_before_the_runtime_sees_it(small, c
     prompt = chat(small, "[[fake:recall]] " + "z" * 180)
     with pytest.raises(ContextOverflow) as caught:
         small.start(prompt, SamplingParams(), None, lambda t: True)
-    assert (caught.value.prompt_tokens, caught.value.context_length) == (len(prompt.encode()) + 1, 200)
+    assert (caught.value.prompt_tokens, caught.value.context_length) == (len(prompt.encode()) + 2, 200)
     with pytest.raises(ContextOverflow):
         small.generate(prompt, SamplingParams(), None, lambda t: True)
     assert "rkllm_run" not in names(calls())
@@ -413,7 +431,8 @@ def test_a_long_conversation_never_overflows_the_runtime(small, calls, monkeypat
     """Turn after turn of one conversation: each continues the runtime's history while the
     history (as long as the runtime says), the new part and a token fit. One that would not is
     not continued: sent whole if that fits (never here: the fake's answers take a token a word
-    in its history, a token a byte when sent), else refused. The runtime never shifts its
+    in its history, a token a byte when sent; tests/test_rkllm_daemon.py's words test resends),
+    else refused. The runtime never shifts its
     window: the model sees every turn. A runtime that keeps each answer's end token in its
     history (FAKE_RKLLM_END_TOKEN) has a history longer than its FINISH statistics say: its
     KV size says how long."""

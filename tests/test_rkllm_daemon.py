@@ -715,9 +715,81 @@ def test_a_conversation_grows_until_refused_and_the_runtime_never_shifts(make_np
         assert client.status()["model"]["token_counts"].startswith("exact" if counting == "tokenizer" else "bounded")
     assert len(answers) > 5 and error.name == "context_overflow"
     tokens = len(TEMPLATE.render(messages).encode())
-    assert rendered["tokens"] == (tokens if counting == "tokenizer" else tokens + 1)
+    assert rendered["tokens"] == (tokens if counting == "tokenizer" else tokens + 2)
     assert error.details["context_length"] == 600 and error.details["prompt_tokens"] + 1 > 600
     assert ("at most" in error.message) == (counting == "bounded")
+    calls = proc.calls.all()
+    assert not [c for c in calls if c.name == "rkllm_context_shift" or "CRASH" in c.args]
+    assert "fake-rkllm: rkllm_run: context full" not in proc.log()
+
+
+def test_a_turn_the_history_cannot_take_is_resent_whole_on_a_cleared_history(make_npu):
+    """The fake's vocabulary of words (FAKE_RKLLM_TOKENS=words), and the daemon has a
+    tokenizer.json that counts as it does. The user's words are Cyrillic: the model generates
+    each as seven tokens (cut inside its characters), while it is one when sent again; the
+    turns' boundary cuts a word as well. So the runtime's history holds more tokens than the
+    same conversation sent fresh, and when the user pastes a long message the continuation
+    would overflow the context while the whole conversation fits: the daemon clears the history
+    and sends the conversation whole (the model's recall shows it saw every turn, once), then
+    continues that history; it never lets the runtime shift, and refuses only what cannot fit.
+    Each turn's way is predicted before it is sent, from the runtime's own count of its history
+    (its call log) and the tokenizer's count of the rest."""
+    from tokenizers import Tokenizer
+
+    context = 150
+    env = {"RKLLMD_MODEL_CONTEXT_LENGTH": str(context), "FAKE_RKLLM_TOKENS": "words"}
+    proc = make_npu(env=env, start=False)
+    words = write_tokenizer(proc.folder / "tokenizer.json", "words")
+    proc.env["RKLLMD_RKLLM_TOKENIZER"] = str(words)
+    proc.start()
+    tokenizer = Tokenizer.from_file(str(words))
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text).ids)
+
+    def user_turn(n: int) -> str:
+        return " ".join(f"w{i}" for i in range(20)) if n == 5 else f"привет{n}"
+
+    users, answers, ways = ["[[fake:recall]] привет0"], [], []
+    held: tuple[str, int] | None = None  # the text the runtime's history holds, and its tokens
+    with proc.client() as client:
+        for _ in range(40):
+            messages = chat_messages(users, answers)
+            prompt = TEMPLATE.render(messages)
+            whole = count(prompt)
+            assert client.render(messages)["tokens"] == whole
+            rest = count(prompt[len(held[0]):]) if held and prompt.startswith(held[0]) else None
+            if rest is not None and held[1] + rest + 1 <= context:
+                way, sent, before = "continued", rest, held[1]
+            elif whole + 1 <= context:
+                way, sent, before = "resent" if held else "whole", whole, 0
+            else:
+                way = "refused"
+            mark = proc.calls.mark()
+            try:
+                result = client.generate(messages=messages).wait()
+            except DaemonError as exc:
+                assert (way, exc.name) == ("refused", "context_overflow") and exc.details["prompt_tokens"] == whole
+                assert not runs(proc.calls.since(mark))
+                break
+            calls = proc.calls.since(mark)
+            [run], [end] = runs(calls), ends(calls)
+            shown = [c.name for c in calls if c.name not in ("rkllm_run_end", "rkllm_get_kv_cache_size")]
+            assert shown == (["rkllm_run"] if way == "continued" else ["rkllm_clear_kv_cache", "rkllm_run"]), way
+            assert (int(run.args["prompt_len"]), int(run.args["kv_before"])) == (sent, before), way
+            recall = "recall: " + " | ".join(users)  # every turn the model holds, each once
+            # An answer cut where the context ends may end inside a character: U+FFFD.
+            assert result.text == recall or result.finish_reason == "length" and recall.startswith(result.text.removesuffix("\ufffd"))
+            ways.append((way, result.finish_reason))
+            answers.append(result.text)
+            users.append(user_turn(len(users)))
+            # The runtime's history now, kept after an answer it ended itself: its count.
+            held = (prompt + result.text, before + sent + int(end.args["tokens"])) if result.finish_reason == "stop" else None
+        else:
+            raise AssertionError(f"never refused: {ways}")
+    resent = ways.index(("resent", "stop"))  # the long message
+    assert ways[0] == ("whole", "stop") and set(ways[1:resent]) == {("continued", "stop")} and resent == 5, ways
+    assert ways[resent + 1][0] == "continued", ways  # the history sent whole is continued in turn
     calls = proc.calls.all()
     assert not [c for c in calls if c.name == "rkllm_context_shift" or "CRASH" in c.args]
     assert "fake-rkllm: rkllm_run: context full" not in proc.log()

@@ -54,15 +54,22 @@ def write_model(path: Path, text: str = "a fake .rkllm model\n") -> Path:
     return path
 
 
-def write_tokenizer(path: Path) -> Path:
-    """The fake model's own tokenizer, as a Hugging Face tokenizer.json: one token per byte of
-    UTF-8, as the fake counts its prompts (a byte-level BPE without merges)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def write_tokenizer(path: Path, tokens: str = "bytes") -> Path:
+    """The fake model's own tokenizer, as a Hugging Face tokenizer.json, counting as the fake
+    counts its prompts: one token per byte of UTF-8 (a byte-level BPE without merges), or with
+    ``tokens="words"`` (the fake under FAKE_RKLLM_TOKENS=words) one per word and its trailing
+    spaces, or per run of spaces before a text's first word (a word-level model: every word
+    outside its one-entry vocabulary is its unknown token, which counts as well as any)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    if tokens == "words":
+        tokenizer = Tokenizer(models.WordLevel(vocab={"[UNK]": 0}, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[^ ]+ *| +"), behavior="isolated")
+    else:
+        vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(path))
     return path
 

@@ -16,7 +16,12 @@
  *
  * Behaviour (deterministic, so tests can assert exact results):
  *  - A "token" is one byte of the templated prompt: a prompt of N bytes prefills N
- *    tokens, minus the bytes a loaded prompt cache has in common with its start.
+ *    tokens, minus the bytes a loaded prompt cache has in common with its start. With
+ *    FAKE_RKLLM_TOKENS=words (read at rkllm_init) the model's vocabulary is whole words
+ *    instead: a prompt's token is a word and its trailing spaces (or a run of leading
+ *    spaces), cut as its answers are (below) but never inside a character; counts,
+ *    prefill, matches, the history and the context are then in those tokens. Its
+ *    tokenizer.json is tests/fake_rkllm/build.py's write_tokenizer(path, "words").
  *  - The reply is "echo: " + the content of the last ChatML user turn
  *    ("<|im_start|>user\n...<|im_end|>") of what the model sees (the history it holds,
  *    then this run's templated prompt), or of the whole prompt when it has none. With
@@ -24,7 +29,9 @@
  *    contents of every user turn it sees, joined by " | ": a leaked history shows.
  *    It is streamed one word (with its trailing spaces) per token; a word holding a
  *    multi-byte UTF-8 character is split right after the character's first byte, and
- *    that first piece is delivered with state WAITING.
+ *    that first piece is delivered with state WAITING. (So a generated answer may hold
+ *    more tokens than the same text sent as a prompt, as a real model's output may be
+ *    tokenized otherwise than its tokenizer would cut the text.)
  *  - The reply ends (FINISH, with perf stats) after its last word, or earlier at
  *    max_new_tokens (RKLLMParam, or RKLLMInferParam's under 1.3 when > 0; <= 0 means
  *    no limit), or after a callback returned 1 (pause).
@@ -54,7 +61,7 @@
  *    run with keep_history=0 still sees an earlier history (the leftovers users report,
  *    #272 upstream). rkllm_clear_kv_cache empties it (keep_system_prompt=1 keeps the
  *    template's system prompt when the history starts with it); a failed run drops it.
- *    rkllm_get_kv_cache_size reports its length in tokens: the bytes of its inputs, one per
+ *    rkllm_get_kv_cache_size reports its length in tokens: its inputs' tokens, one per
  *    generated piece.
  *  - The context (max_context_len): an input longer than all of it aborts the process, as
  *    a too long prompt is reported to crash the vendor's runtime (upstream #11). A history
@@ -81,7 +88,8 @@
  *    decoding itself, as the runtime's logits mode is used.
  *
  * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
- * then key=value pairs; paths are printed raw); FAKE_RKLLM_PREFILL_US and
+ * then key=value pairs; paths are printed raw; a run's prompt_len, kv_before and matched
+ * are tokens); FAKE_RKLLM_TOKENS=words makes a prompt's tokens words (above); FAKE_RKLLM_PREFILL_US and
  * FAKE_RKLLM_DECODE_US add that many microseconds per prefilled / generated token,
  * so timing (TTFT, abort from another thread) can be exercised. A prompt holding the
  * text of FAKE_RKLLM_HANG_ON makes rkllm_run hang for good, deaf to rkllm_abort, as a
@@ -527,6 +535,7 @@ typedef struct {
     char *cache_text; /* the loaded prompt cache's templated prompt, or NULL */
     size_t cache_len;
     kv_cache history; /* what the KV cache holds: earlier runs' inputs and generated tokens */
+    bool word_tokens; /* FAKE_RKLLM_TOKENS=words: a prompt's tokens are its words, else its bytes */
     int vocab_size; /* from the model file's "vocab_size=N" (0: none, no logits mode) */
 } fake_handle;
 
@@ -756,12 +765,19 @@ static char *make_reply(const char *prompt) {
     return reply;
 }
 
-/* The next token of text at *pos: a word and its trailing spaces, cut right after the
- * first byte of a multi-byte character (then reported WAITING). Returns the length. */
-static size_t next_piece(const char *text, size_t len, size_t pos, int *state) {
+/* The length of the word at text[pos] with its trailing spaces (a run of spaces alone
+ * where the text has no word before them). */
+static size_t word_at(const char *text, size_t len, size_t pos) {
     size_t end = pos;
     while (end < len && text[end] != ' ') end++;
     while (end < len && text[end] == ' ') end++;
+    return end - pos;
+}
+
+/* The next token of text at *pos: a word and its trailing spaces, cut right after the
+ * first byte of a multi-byte character (then reported WAITING). Returns the length. */
+static size_t next_piece(const char *text, size_t len, size_t pos, int *state) {
+    size_t end = pos + word_at(text, len, pos);
     *state = RKLLM_RUN_NORMAL;
     for (size_t i = pos; i < end; i++) {
         if ((unsigned char)text[i] >= 0xC0) {
@@ -771,6 +787,29 @@ static size_t next_piece(const char *text, size_t len, size_t pos, int *state) {
         }
     }
     return end - pos;
+}
+
+/* The length of the prompt token at text[pos]: a byte, or a word (FAKE_RKLLM_TOKENS=words). */
+static size_t prompt_token_at(const fake_handle *fh, const char *text, size_t len, size_t pos) {
+    return fh->word_tokens ? word_at(text, len, pos) : 1;
+}
+
+/* How many of the prompt's tokens end within its first `bytes` bytes. */
+static size_t prompt_tokens(const fake_handle *fh, const char *text, size_t len, size_t bytes) {
+    size_t n = 0;
+    for (size_t pos = 0; pos < len;) {
+        pos += prompt_token_at(fh, text, len, pos);
+        if (pos > bytes) break;
+        n++;
+    }
+    return n;
+}
+
+static void kv_push_prompt(const fake_handle *fh, kv_cache *kv, const char *text, size_t len) {
+    for (size_t pos = 0, n; pos < len; pos += n) {
+        n = prompt_token_at(fh, text, len, pos);
+        kv_push(kv, text + pos, n, true);
+    }
 }
 
 /* Make room for n more tokens in a KV cache: while it would overflow max_context_len, shift
@@ -860,6 +899,8 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     fh->param.model_path = fh->model_path;
     fh->callback = cb;
     fh->callback_userdata = userdata;
+    const char *tokens = getenv("FAKE_RKLLM_TOKENS");
+    fh->word_tokens = tokens && !strcmp(tokens, "words");
     const char *vocab = memmem(buf, n, "vocab_size=", 11);
     fh->vocab_size = vocab ? atoi(vocab + 11) : 0;
     set_template(fh, "<|im_start|>system\nYou are a fake model.<|im_end|>\n", "<|im_start|>user\n",
@@ -984,9 +1025,11 @@ int rkllm_clear_kv_cache(LLMHandle handle, int keep_system_prompt, int *start_po
     if ((start_pos && !is_readable(start_pos, sizeof *start_pos)) || (end_pos && !is_readable(end_pos, sizeof *end_pos)))
         return fail(FAKE_E_ARGUMENT, fn, "start_pos/end_pos must be NULL or int*");
     call_log("%s keep_system_prompt=%d", fn, keep_system_prompt);
-    size_t keep = strlen(fh->tmpl_system); /* bytes of a prompt: as many tokens */
+    size_t keep = strlen(fh->tmpl_system);
     if (!keep_system_prompt || !keep || fh->history.bytes < keep || memcmp(fh->history.text, fh->tmpl_system, keep) != 0) keep = 0;
-    kv_truncate(&fh->history, keep);
+    size_t tokens = 0; /* the history's tokens within the system prompt */
+    while (tokens < fh->history.tokens && fh->history.ends[tokens] <= keep) tokens++;
+    kv_truncate(&fh->history, tokens);
     return 0;
 }
 
@@ -1061,16 +1104,15 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     if (logits_mode && fh->vocab_size <= 0)
         return fail(FAKE_E_UNSUPPORTED, fn, "GET_LOGITS: the model file names no vocab_size");
     const RKLLMTokenInput *ids = input->input_type == RKLLM_INPUT_TOKEN ? &input->token_input : NULL;
-    size_t len; /* the input's tokens: a prompt's bytes, or its token ids */
+    size_t len; /* the input's text: a templated prompt, or "<[id]>" per token id */
     char *text;
     if (ids) {
         for (size_t i = 0; i < ids->n_tokens; i++)
             if (ids->input_ids[i] < 0 || (fh->vocab_size > 0 && ids->input_ids[i] >= fh->vocab_size))
                 return fail(FAKE_E_INPUT, fn, "token_input.input_ids[%zu] = %d is not a token of the model", i, ids->input_ids[i]);
-        len = ids->n_tokens;
-        text = malloc(len * 16 + 1);
-        size_t n = 0;
-        for (size_t i = 0; i < len; i++) n += (size_t)sprintf(text + n, "<[%d]>", ids->input_ids[i]);
+        text = malloc(ids->n_tokens * 16 + 1);
+        len = 0;
+        for (size_t i = 0; i < ids->n_tokens; i++) len += (size_t)sprintf(text + len, "<[%d]>", ids->input_ids[i]);
     } else {
         /* Apply the chat template (system prompt only at the start of a conversation). */
         const char *prompt = input->prompt_input;
@@ -1081,30 +1123,31 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     }
     /* The context: an input longer than all of it is reported to crash the vendor's runtime
      * (upstream #11); a history that would overflow it with this input is shifted. */
-    size_t context = (size_t)fh->param.max_context_len;
-    if (len > context) {
+    size_t context = (size_t)fh->param.max_context_len, tokens_in = ids ? ids->n_tokens : prompt_tokens(fh, text, len, len);
+    if (tokens_in > context) {
         fprintf(stderr, "fake-rkllm: %s: an input of %zu tokens is longer than max_context_len %zu: crashing, "
-                "as the vendor runtime is reported to (upstream #11)\n", fn, len, context);
+                "as the vendor runtime is reported to (upstream #11)\n", fn, tokens_in, context);
         fflush(stderr);
-        call_log("%s CRASH input=%zu max_context_len=%zu", fn, len, context);
+        call_log("%s CRASH input=%zu max_context_len=%zu", fn, tokens_in, context);
         abort();
     }
     /* What the model sees (its KV cache): the history, then this input, then what it generates. */
     size_t kv_before = fh->history.tokens;
     kv_cache kv = kv_copy(&fh->history);
-    make_room(fh, &kv, len);
+    make_room(fh, &kv, tokens_in);
     if (ids) /* one KV position per id, its text "<[id]>" */
-        for (size_t i = 0, at = 0; i < len; i++) {
+        for (size_t i = 0, at = 0; i < ids->n_tokens; i++) {
             size_t n = (size_t)snprintf(NULL, 0, "<[%d]>", ids->input_ids[i]);
             kv_push(&kv, text + at, n, true);
             at += n;
         }
     else
-        kv_push(&kv, text, len, false);
+        kv_push_prompt(fh, &kv, text, len);
 
-    size_t matched = 0;
-    while (!ids && !kv_before && fh->cache_text && matched < fh->cache_len && matched < len && fh->cache_text[matched] == text[matched])
-        matched++;
+    size_t same = 0; /* bytes in common with the loaded cache, then its whole tokens */
+    while (!ids && !kv_before && fh->cache_text && same < fh->cache_len && same < len && fh->cache_text[same] == text[same])
+        same++;
+    size_t matched = ids ? 0 : prompt_tokens(fh, text, len, same);
     const RKLLMPromptCacheParam *pc = infer->prompt_cache_params;
     bool save = pc && pc->save_prompt_cache;
     int limit = fh->param.max_new_tokens;
@@ -1120,7 +1163,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         snprintf(sampling, sizeof sampling, " sampling=init");
 #endif
     call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s mode=%d input=%s",
-             fn, len, infer->keep_history, save, limit, kv_before, matched, sampling, save ? " path=" : "",
+             fn, tokens_in, infer->keep_history, save, limit, kv_before, matched, sampling, save ? " path=" : "",
              save ? pc->prompt_cache_path : "", infer->mode, ids ? "token" : "prompt");
 
     const char *hang_on = getenv("FAKE_RKLLM_HANG_ON");
@@ -1130,7 +1173,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     }
 
     double t0 = now_ms();
-    int prefill_tokens = (int)(len - matched);
+    int prefill_tokens = (int)(tokens_in - matched);
     sleep_us(env_us("FAKE_RKLLM_PREFILL_US") * prefill_tokens);
     double t1 = now_ms();
 
@@ -1151,7 +1194,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     int tokens = 0;
     const char *reason = "eos";
     if (logits_mode)
-        reason = atomic_load(&fh->abort_requested) ? "abort" : logits_run(fh, &kv, len, ud);
+        reason = atomic_load(&fh->abort_requested) ? "abort" : logits_run(fh, &kv, tokens_in, ud);
     for (; !logits_mode;) {
         if (atomic_load(&fh->abort_requested)) {
             reason = "abort";

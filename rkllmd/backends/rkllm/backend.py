@@ -23,8 +23,9 @@ How the runtime's interface is used, and why:
   continuation is silently wrong, and a prompt longer than the context is reported to crash
   it (upstream #11). Lengths are counted with the model's own tokenizer when
   ``[rkllm] tokenizer`` names its tokenizer.json, else bounded by the text's UTF-8 bytes
-  plus one (byte-level BPE and SentencePiece with byte fallback never make more tokens
-  than bytes; the one is a BOS or SentencePiece's leading-space marker); what the history
+  plus two (byte-level BPE and SentencePiece with byte fallback never make more tokens
+  than bytes; the two are a BOS and SentencePiece's leading-space marker, which Llama 2's
+  tokenizer both adds: "\n" is <s>, "▁", <0x0A>); what the history
   already holds is the runtime's own count (its FINISH statistics, and
   ``rkllm_get_kv_cache_size`` when the library has it). A conversation continues the
   history only while it and the new part fit with room for a token; else it is cleared and
@@ -95,6 +96,9 @@ MODEL_SUFFIX = ".rkllm"
 # (docs/npu.md). The runtime refuses other files ("invalid rknn llm model magic"); only
 # ``rkllmd check`` looks at them, the runtime stays the judge at load.
 MODEL_MAGIC = bytes.fromhex("daeeb336")
+# Without the model's tokenizer a text's tokens are bounded by its UTF-8 bytes plus this:
+# a BOS and SentencePiece's leading "▁", which Llama 2's tokenizer both adds (module docstring).
+BOUND_EXTRA = 2
 _MIB = 1 << 20
 
 
@@ -240,7 +244,7 @@ class RkllmBackend(Backend):
             "context_length": self.context_length,
             "max_new_tokens": self.max_new_tokens,
             "template": self.template.name,
-            "token_counts": f"exact (tokenizer {self.tokenizer_path})" if self.tokenizer_path else "bounded: UTF-8 bytes + 1 (no [rkllm] tokenizer)",
+            "token_counts": f"exact (tokenizer {self.tokenizer_path})" if self.tokenizer_path else f"bounded: UTF-8 bytes + {BOUND_EXTRA} (no [rkllm] tokenizer)",
         }
         if self._rt is not None:
             info = self._rt.info
@@ -255,11 +259,11 @@ class RkllmBackend(Backend):
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes as one input: exact with the model's tokenizer (its special
         tokens included, as the model adds them), else an upper bound, its UTF-8 bytes plus
-        one (module docstring). The runtime offers its caller no tokenizer: 1.2 has none,
+        ``BOUND_EXTRA`` (module docstring). The runtime offers its caller no tokenizer: 1.2 has none,
         and 1.3's tokenizer callback goes the other way."""
         if self._tokenizer is not None:
             return len(self._encode(text))
-        return len(text.encode()) + 1 if text else 0
+        return len(text.encode()) + BOUND_EXTRA if text else 0
 
     def tokenize(self, text: str) -> list[int] | None:
         return self._encode(text) if self._tokenizer is not None else None
@@ -281,7 +285,7 @@ class RkllmBackend(Backend):
         """``_before_generation``, if that leaves room for a token; else ContextOverflow."""
         tokens = self._before_generation(prompt_text, prefix, ids)
         if tokens + 1 > self.context_length:
-            bound = "" if self._tokenizer is not None else "counted as UTF-8 bytes + 1: set [rkllm] tokenizer for exact counts"
+            bound = "" if self._tokenizer is not None else f"counted as UTF-8 bytes + {BOUND_EXTRA}: set [rkllm] tokenizer for exact counts"
             raise ContextOverflow(tokens, self.context_length, bound)
         return tokens
 
