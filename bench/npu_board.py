@@ -25,6 +25,12 @@ history (keep_history = 1: only the new part of each turn is sent). The last cas
 prints what rkllm_get_kv_cache_size says the history holds after each turn next to the
 prompt and generated tokens (does the history keep the end token? docs/npu.md), and
 whether each answer equals the no-cache one (#399 and the NPU's numerics).
+
+With ``--tokenizer`` (the model's tokenizer.json) it also times tokens the daemon samples
+itself, from the runtime's logits mode (constrained output, logprobs: one rkllm_run per
+token, each chosen token fed back as token input) against tokens the runtime samples
+(GENERATE): milliseconds per token, unconstrained and under a JSON Schema (with the
+mask's own time per token), and whether the greedy text is the runtime's.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from rkllmd.backends.base import GenerationStats, PrefixState, SamplingParams  # noqa: E402
 from rkllmd.backends.rkllm.backend import RkllmBackend  # noqa: E402
 from rkllmd.backends.rkllm.devices import read_driver  # noqa: E402
+from rkllmd.constraints import from_request  # noqa: E402
 
 RULES = (
     "Answer in plain English. Prefer short sentences. Cite the section of the handbook you rely on. "
@@ -53,6 +60,9 @@ RULES = (
 QUESTION = "Which units should I use?"
 TURNS = ("Which units should I use?", "And for temperatures?", "Who do I ask about a missing label?",
          "Summarize the three answers in one line.")
+#: The constrained case's schema: an answer the question invites, bounded.
+ANSWER = {"type": "object", "properties": {"units": {"type": "string", "maxLength": 80}, "section": {"type": "integer", "minimum": 1, "maximum": 99}},
+          "required": ["units", "section"], "additionalProperties": False}
 
 
 def system_prompt(backend: RkllmBackend, tokens: int) -> str:
@@ -126,6 +136,35 @@ class Bench:
         return rows
 
 
+    def sampling(self) -> list[dict]:
+        """The same greedy request, sampled by the runtime, by the daemon, by the daemon under a schema."""
+        messages = [{"role": "system", "content": system_prompt(self.backend, 250)}, {"role": "user", "content": QUESTION}]
+        prompt = self.backend.render(messages)
+        rows, runtime_text = [], None
+        for case, params in (("runtime samples (GENERATE)", self.params),
+                             ("daemon samples (GET_LOGITS)", SamplingParams(max_tokens=self.args.max_tokens, logprobs=0)),
+                             ("daemon samples, JSON Schema", SamplingParams(max_tokens=self.args.max_tokens, constraint=from_request(format=ANSWER)))):
+            runs = [self._sample(prompt, params) for _ in range(self.args.runs)]
+            stats, text, guide = runs[-1]
+            runtime_text = text if runtime_text is None else runtime_text
+            per_token = [s.decode_ms / (s.completion_tokens - (0 if params is self.params else 1))
+                         for s, _, _ in runs if s.completion_tokens > 1]
+            rows.append({"case": case, "runs": len(runs), "completion_tokens": stats.completion_tokens,
+                         "ttft_ms": round(statistics.median(s.ttft_ms for s, _, _ in runs), 1),
+                         "ms_per_token": round(statistics.median(per_token), 2) if per_token else None,
+                         "mask_ms_per_token": round(guide.mask_s / guide.masks * 1e3, 3) if guide and guide.masks else None,
+                         "same_text_as_runtime": text == runtime_text if params.constraint is None else None})
+        return rows
+
+    def _sample(self, prompt: str, params: SamplingParams):
+        pieces: list[str] = []
+        run = self.backend.start(prompt, params, None, lambda text: pieces.append(text) is None)
+        while not run.done:
+            self.backend.step([run])
+        self.backend.release(run)
+        return run.stats, "".join(pieces), getattr(getattr(run, "sampler", None), "guide", None)
+
+
 def _row(size: int, case: str, runs: list[GenerationStats]) -> dict:
     decode_ms = statistics.median(s.decode_ms for s in runs)
     last = runs[-1]
@@ -171,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workdir", type=Path, help="where the prompt cache files go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--tokenizer", type=Path, help="the model's tokenizer.json: also time tokens the daemon samples (logits mode)")
     args = parser.parse_args(argv)
 
     backend = RkllmBackend(args.model, library=args.library, runtime=args.runtime, template=args.template,
-                           context_length=args.context_length, cpu_mask=args.cpu_mask)
+                           context_length=args.context_length, cpu_mask=args.cpu_mask, tokenizer=args.tokenizer)
     started = time.monotonic()
     backend.load()
     load_s = time.monotonic() - started
@@ -184,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
             bench = Bench(backend, args, workdir)
             prompts, turns = bench.prompt_sizes(), bench.conversation()
+            sampled = bench.sampling() if args.tokenizer else []
         facts = backend.describe()
     finally:
         backend.close()
@@ -210,9 +251,15 @@ def main(argv: list[str] | None = None) -> int:
                          "prefilled_tokens": "prefilled tokens", "cached_tokens": "cached tokens", "ttft_ms": "TTFT ms",
                          "kv_after": "KV size after", "prompt_plus_generated": "prompt + generated",
                          "same_as_no_cache": "same answer as no cache"})
+    if sampled:
+        out += ["", f"### Tokens the daemon samples (logits mode: one run per token) against the runtime's own (system prompt ~250 tokens, "
+                    f"greedy, median of {args.runs} runs; ms per token after the first)", ""]
+        out += table(sampled, {"case": "case", "completion_tokens": "completion tokens", "ttft_ms": "TTFT ms",
+                               "ms_per_token": "ms per token", "mask_ms_per_token": "mask ms per token",
+                               "same_text_as_runtime": "same text as the runtime's"})
     sys.stdout.write("\n".join(out) + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"setup": setup, "prompt_sizes": prompts, "conversation": turns}, indent=1))
+        args.json.write_text(json.dumps({"setup": setup, "prompt_sizes": prompts, "conversation": turns, "sampling": sampled}, indent=1))
     return 0
 
 

@@ -55,6 +55,9 @@ class GenerationResult:
     reasoning: str | None = None  # None: the output had no reasoning block (protocol 1.2)
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_error: str | None = None
+    #: Each generated token's log-probabilities, in order, when the request asked for them
+    #: (protocol 1.6): ``{"token", "logprob", "bytes", "top_logprobs": [...]}``.
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 def probe(path: Path) -> None:
@@ -209,11 +212,19 @@ class Client:
         vars: dict[str, Any] | None = None,
         enable_thinking: bool | None = None,
         raw: bool = False,
+        format: str | dict[str, Any] | None = None,
+        grammar: str | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
     ) -> Stream:
         """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
         reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
         of docs/protocol.md (tool results, assistant ``tool_calls``). ``raw``: ``prompt``
-        is the whole prompt text, sent without the template (protocol 1.4)."""
+        is the whole prompt text, sent without the template (protocol 1.4). ``format``
+        ("json" or a JSON Schema), ``grammar`` and a forced ``tool_choice`` constrain the
+        answer; ``logprobs`` adds each token's log-probability to the pieces and the result
+        (protocol 1.6)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -235,6 +246,11 @@ class Client:
             vars=vars,
             enable_thinking=enable_thinking,
             raw=raw or None,
+            format=format,
+            grammar=grammar,
+            tool_choice=tool_choice,
+            logprobs=logprobs or None,
+            top_logprobs=top_logprobs,
         )
         return Stream(self, request_id, StreamReader(started))
 
@@ -379,10 +395,14 @@ def result_of(message: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Piece:
-    """One token message: answer text and, for models that reason, reasoning text (protocol 1.2)."""
+    """One token message: answer text and, for models that reason, reasoning text (protocol
+    1.2); the log-probabilities of the tokens generated since the last piece, when asked
+    for (protocol 1.4; the text they make may come in a later piece, held back as a
+    possible stop string or tool call)."""
 
     text: str
     reasoning: str = ""
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -425,6 +445,7 @@ class StreamReader:
     position: int | None = None  # when first queued
     expected_seq: int = 0
     _parts: list[str] = field(default_factory=list)
+    _logprobs: list[dict[str, Any]] = field(default_factory=list)
     _first_text_at: float | None = None
     _count: int = 0
 
@@ -451,7 +472,9 @@ class StreamReader:
             if self._first_text_at is None:
                 self._first_text_at = time.monotonic()
             self._parts.append(message["text"])
-            return Piece(message["text"], message.get("reasoning", ""))
+            logprobs = message.get("logprobs") or ()
+            self._logprobs.extend(logprobs)
+            return Piece(message["text"], message.get("reasoning", ""), tuple(logprobs))
         if kind == "done":
             ttft = None if self._first_text_at is None else (self._first_text_at - self.started) * 1000
             self.result = GenerationResult(
@@ -465,6 +488,7 @@ class StreamReader:
                 reasoning=message.get("reasoning"),
                 tool_calls=message.get("tool_calls"),
                 tool_call_error=message.get("tool_call_error"),
+                logprobs=self._logprobs,
             )
             return None
         raise ProtocolViolation(f"unexpected {kind!r} message in a generation stream")

@@ -119,7 +119,7 @@ class RkllmConfig:
     runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
     model: str = setting("", ".rkllm model file for the NPU backend")
     template: str = setting("qwen2.5-instruct", "chat template the daemon renders: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json")
-    tokenizer: str = setting("", "the model's tokenizer.json (Hugging Face; needs the npu extra), for exact token counts; empty: a prompt's tokens are bounded by its UTF-8 bytes + 2, so a prompt gets at most context_length - 3 bytes (room left for a token)")
+    tokenizer: str = setting("", "the model's tokenizer.json (Hugging Face; needs the npu extra): exact token counts, and the daemon's own sampling from the runtime's logits (constrained output, logprobs); empty: a prompt's tokens are bounded by its UTF-8 bytes + 2, so a prompt gets at most context_length - 3 bytes (room left for a token), and neither constrained output nor logprobs is offered")
     max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)
     n_keep: int = setting(-1, "tokens kept when the context shifts (-1: runtime default)", low=-1, high=1 << 20)
     cpu_mask: int = setting(0, "CPU cores the runtime may use, as a bit mask (0: runtime default)", low=0, high=2**32 - 1)

@@ -46,6 +46,11 @@ class Chat:
     tools: list[dict[str, Any]] | None = None
     variables: dict[str, Any] | None = None
     raw: str | None = None
+    # What the answer is constrained to (protocol 1.4), made a Constraint with the template:
+    # checked when the request arrives, shaped by the template of the model that runs it.
+    format: str | dict[str, Any] | None = None
+    grammar: str | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 @dataclass(eq=False)
@@ -171,7 +176,10 @@ class Outbox:
 
 def _join(token: dict[str, Any], later: dict[str, Any]) -> None:
     """A later token message's text into a waiting one. Reasoning comes before any answer
-    text in a model's output, so a joined message's ``reasoning`` still precedes its ``text``."""
+    text in a model's output, so a joined message's ``reasoning`` still precedes its ``text``;
+    the tokens' ``logprobs`` keep their order."""
     token["text"] += later["text"]
     if later.get("reasoning"):
         token["reasoning"] = token.get("reasoning", "") + later["reasoning"]
+    if later.get("logprobs"):
+        token["logprobs"] = token.get("logprobs", []) + later["logprobs"]

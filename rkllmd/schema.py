@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 5
+PROTOCOL_MINOR = 6
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -46,6 +46,8 @@ MINOR_VERSIONS = {
     5: "messages reach the template with every key they carry (Phi-4-mini's `tools` on a system message, a user's `name`, ...), "
     "nil-valued ones left out, as transformers passes them; a tool call's `arguments` string that is not JSON text of an object "
     "is passed on as it is (it was refused)",
+    6: "constrained decoding: `generate` takes `format` (JSON, or a JSON Schema), `grammar` and `tool_choice` (a forced tool call); "
+    "`logprobs` and `top_logprobs`, and `token` messages may carry `logprobs`; `done.finish_reason` may be `error`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -97,6 +99,7 @@ MAX_STOP_CHARS = 256
 MAX_WAIT_S = 3600.0
 MAX_TOOLS = 128
 MAX_VARS = 64
+MAX_TOP_LOGPROBS = 20
 
 #: A cache entry, as cache.ls lists it and the other cache operations return it; ``build``
 #: since 1.3: null, or {"done", "total"} (prompt tokens) while its binary cache is built.
@@ -111,8 +114,9 @@ STREAM: dict[str, tuple[str, ...]] = {
     "token": ("seq", "text"),
     "done": ("seq", "finish_reason", "reason", "cache", "stats", "reasoning", "tool_calls", "tool_call_error"),
 }
-#: Keys a stream message carries only sometimes: a token's ``reasoning`` when the piece holds some.
-STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning",)}
+#: Keys a stream message carries only sometimes: a token's ``reasoning`` when the piece holds
+#: some, its ``logprobs`` (since 1.6) when the request asked for them.
+STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning", "logprobs")}
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
 #: ``cache_source`` since 1.2: null, {"kind": "text_cache", "name": NAME} or {"kind": "conversation"}.
@@ -153,6 +157,11 @@ OPERATIONS: dict[str, Operation] = {
                 Field("enable_thinking", "bool", "sets `vars.enable_thinking` (templates that read it: qwen3)", since=2),
                 Field("raw", "bool", "`prompt` is the whole prompt text, sent as it is: no template, no reasoning or tool-call parsing "
                       "(with `prompt` only: not with `system`, `messages`, `cache`, `tools`, `vars`, `enable_thinking`)", default=False, since=4),
+                Field("format", "format", "the answer is JSON: `\"json\"` (any object) or a JSON Schema it validates against (see [Constrained output](#constrained-output))", since=6),
+                Field("grammar", "str", "the answer matches this grammar: llguidance's Lark, or GBNF (llama.cpp's `grammar`)", since=6),
+                Field("tool_choice", "tool_choice", "`\"auto\"`, `\"none\"` (`tools` are not offered), `\"required\"` (the answer is a call to one of `tools`) or `{\"type\": \"function\", \"function\": {\"name\": N}}` (a call to N); a forced call's arguments follow the tool's `parameters`", default_doc="auto", since=6),
+                Field("logprobs", "bool", "`token` messages carry each token's log-probability (see [Log-probabilities](#log-probabilities))", default=False, since=6),
+                Field("top_logprobs", "int", "with `logprobs`: the most likely alternatives given per token", default=0, low=0, high=MAX_TOP_LOGPROBS, since=6),
             ),
             result=None,
             one_of=("prompt", "messages"),
@@ -214,6 +223,7 @@ _KIND_NAMES = {
     "str": "a string", "name": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
     "id": "a string or an integer", "messages": "an array of messages", "stops": "an array of strings",
     "tools": f"an array of at most {MAX_TOOLS} tool schemas", "vars": f"a map of at most {MAX_VARS} template variables",
+    "format": '"json" or a JSON Schema (a map)', "tool_choice": '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
 }
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -272,6 +282,10 @@ def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
         return _tools(value, wrong)
     if kind == "vars":
         return _vars(value, wrong)
+    if kind == "format" and value != "json" and not isinstance(value, dict):
+        raise wrong()
+    if kind == "tool_choice":
+        return _tool_choice(value, wrong)
     if kind == "stops":
         if not isinstance(value, list) or len(value) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
             raise wrong(f"'stop' must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
@@ -379,6 +393,15 @@ def _tools(value: Any, wrong: Callable[..., WireError]) -> list[dict[str, Any]]:
     return value
 
 
+def _tool_choice(value: Any, wrong: Callable[..., WireError]) -> str | dict[str, Any]:
+    if value in ("auto", "none", "required"):
+        return value
+    function = value.get("function") if isinstance(value, dict) and value.get("type", "function") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise wrong()
+    return {"type": "function", "function": {"name": function["name"]}}
+
+
 def _vars(value: Any, wrong: Callable[..., WireError]) -> dict[str, Any]:
     if not isinstance(value, dict) or len(value) > MAX_VARS:
         raise wrong()
@@ -395,6 +418,7 @@ def _vars(value: Any, wrong: Callable[..., WireError]) -> dict[str, Any]:
 _KIND_DOCS = {
     "str": "str", "name": "str (cache name)", "int": "int", "float": "float", "bool": "bool", "id": "str or int",
     "messages": "array of messages", "stops": "array of str", "tools": "array of tool schemas", "vars": "map",
+    "format": '"json" or map', "tool_choice": "str or map",
 }
 
 

@@ -36,15 +36,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
 from .backends.base import TEXT_CACHE, Backend, BackendError, ContextOverflow, PrefixState, Run
 from .caches.manager import PromptCaches
 from .config import DaemonConfig
+from .constraints import Constraint, ConstraintError, from_request
 from .outbox import NO_OUTPUT, Chat, Generation, Outbox
 from .protocol import ErrorCode, WireError
-from .templates import RenderError
+from .templates import ChatTemplate, RenderError
 from .templates.capabilities import CapabilityMissing, require_capabilities
 from .templates.output import OutputSplitter, wire_tool_calls
 
@@ -114,15 +115,31 @@ class Counters:
         return dict(self.__dict__)
 
 
-def prepared_prompt(backend: Backend, chat: Chat) -> tuple[str, OutputSplitter]:
-    """``chat`` rendered with ``backend``'s template, and the splitter of that prompt's output
+def prepared_prompt(backend: Backend, chat: Chat) -> tuple[str, OutputSplitter, Constraint | None]:
+    """``chat`` rendered with ``backend``'s template, the splitter of that prompt's output
     (a raw prompt's output is the text as the model wrote it: no template says where its
-    reasoning or calls are)."""
+    reasoning or calls are), and the constraint the chat asks for as this template shapes
+    it (a reasoning block before the answer; a forced call in its own format)."""
     if chat.raw is not None:
-        return chat.raw, OutputSplitter(None)
+        return chat.raw, OutputSplitter(None), constraint_of(chat, None, "")
     require_capabilities(backend, chat)
     prompt = backend.render(chat.messages, tools=chat.tools, variables=chat.variables)
-    return prompt, OutputSplitter.for_prompt(backend.template, prompt, tools=bool(chat.tools))
+    constraint = constraint_of(chat, backend.template, prompt)
+    tool_format = constraint.tool_format if constraint is not None else None
+    return prompt, OutputSplitter.for_prompt(backend.template, prompt, tools=bool(chat.tools), tool_format=tool_format), constraint
+
+
+def constraint_of(chat: Chat, template: ChatTemplate | None, prompt: str) -> Constraint | None:
+    """What ``chat`` constrains its answer to, for ``template`` (None: a raw prompt)."""
+    return from_request(
+        format=chat.format,
+        grammar=chat.grammar,
+        tools=chat.tools,
+        tool_choice=chat.tool_choice,
+        reasoning=template.reasoning if template is not None else None,
+        reasoning_opened=template is not None and OutputSplitter.reasoning_opened(template, prompt),
+        tool_format=template.tool_calls if template is not None else None,
+    )
 
 
 class ModelWorker:
@@ -411,7 +428,7 @@ class ModelWorker:
         """Render and tokenize ``gen``'s prompt for ``backend``; the worker may then admit it."""
         assert gen.chat is not None
         try:
-            prompt, output = prepared_prompt(backend, gen.chat)
+            prompt, output, constraint = prepared_prompt(backend, gen.chat)
             ids = backend.tokenize(prompt)
         except Exception as exc:
             with self._cond:
@@ -425,6 +442,7 @@ class ModelWorker:
         with self._cond:
             if backend is self.backend and gen in self._waiting:
                 gen.prompt, gen.output, gen.prompt_ids, gen.prepared_for = prompt, output, ids, backend
+                gen.params = replace(gen.params, constraint=constraint)
                 self._cond.notify()
 
     # -- the worker thread ---------------------------------------------------------
@@ -549,7 +567,7 @@ class ModelWorker:
             if gen.cancelled.is_set():
                 return False
             self._report_progress(opened[0])  # the last chunk's, before the text it led to
-            self._send_output(gen, *output.feed(text))
+            self._send_output(gen, *output.feed(text), opened[0].run.take_logprobs())
             return True
 
         try:
@@ -597,7 +615,7 @@ class ModelWorker:
         stats, output = run.stats, gen.output
         assert output is not None
         if stats.finish_reason != "cancelled":  # what the splitter held back, tool calls parsed
-            self._send_output(gen, *output.finish())
+            self._send_output(gen, *output.finish(), run.take_logprobs())
         total_ms = (time.monotonic() - gen.received) * 1000
         decode_tps = (stats.completion_tokens - 1) / (stats.decode_ms / 1000) if stats.decode_ms > 0 and stats.completion_tokens > 1 else None
         counters = self.counters
@@ -712,18 +730,24 @@ class ModelWorker:
 
     # -- messages -------------------------------------------------------------------
 
-    def _send_output(self, gen: Generation, reasoning: str, text: str) -> None:
-        """A token message: answer ``text`` (maybe ""), and ``reasoning`` when there is some."""
+    def _send_output(self, gen: Generation, reasoning: str, text: str, logprobs: list[dict[str, Any]]) -> None:
+        """A token message: answer ``text`` (maybe ""), and ``reasoning`` and the tokens'
+        ``logprobs`` when there are some."""
+        extra: dict[str, Any] = {}
         if reasoning:
-            self.outbox.stream(gen, "token", text=text, reasoning=reasoning)
-        elif text:
-            self.outbox.stream(gen, "token", text=text)
+            extra["reasoning"] = reasoning
+        if logprobs:
+            extra["logprobs"] = logprobs
+        if text or extra:
+            self.outbox.stream(gen, "token", text=text, **extra)
 
     def _wire_error(self, exc: Exception, gen: Generation) -> WireError:
         if isinstance(exc, RenderError):  # the chat template refused the request's chat
             return WireError(ErrorCode.INVALID_FIELD, str(exc), field="messages")
         if isinstance(exc, CapabilityMissing):  # the model that runs it lacks tools or thinking
             return WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability)
+        if isinstance(exc, ConstraintError):  # found against the model's template or vocabulary, or its backend cannot
+            return WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field)
         if isinstance(exc, ContextOverflow):
             return WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), prompt_tokens=exc.prompt_tokens, context_length=exc.context_length)
         if isinstance(exc, BackendError):

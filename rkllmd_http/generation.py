@@ -13,9 +13,10 @@ from typing import Any, AsyncIterator
 
 from rkllmctl.aio import AsyncClient, AsyncStream
 from rkllmctl.client import GenerationResult, Piece
+from rkllmctl.errors import DaemonError
 from rkllmd.schema import OPERATIONS
 
-from .errors import invalid
+from .errors import api_error, invalid
 from .metrics import Metrics
 
 GENERATE = OPERATIONS["generate"]
@@ -68,13 +69,16 @@ def text_content(content: Any, where: str) -> str:
 
 
 class Generation:
-    """``async with Generation(client, metrics, "openai", fields) as g: async for piece in g``."""
+    """``async with Generation(client, metrics, "openai", fields) as g: async for piece in g``.
 
-    def __init__(self, client: AsyncClient, metrics: Metrics, api: str, fields: dict[str, Any]):
+    ``params`` maps a daemon field to the API's name for it, for a refusal's ``param``."""
+
+    def __init__(self, client: AsyncClient, metrics: Metrics, api: str, fields: dict[str, Any], params: dict[str, str] | None = None):
         self.client = client
         self.metrics = metrics
         self.api = api
         self.fields = fields
+        self.params = params or {}
         self.received = time.monotonic()
         self.ttft_s: float | None = None
         self._stream: AsyncStream | None = None
@@ -86,6 +90,15 @@ class Generation:
         try:
             self._pieces = aiter(self._stream)
             self._first = await anext(self._pieces, None)
+        except DaemonError as exc:
+            await self.__aexit__()
+            field = (exc.details or {}).get("field")
+            if field not in self.params:
+                raise
+            error = api_error(exc)
+            assert error is not None
+            error.param = self.params[field]
+            raise error from None
         except BaseException:
             await self.__aexit__()
             raise

@@ -138,8 +138,16 @@ def options(body: dict[str, Any]) -> dict[str, Any]:
     if fields["max_tokens"] is not None and fields["max_tokens"] < 0:
         fields["max_tokens"] = None  # -1 (-2): "until the model stops (or the context is full)": the daemon's default
     fields["stop"] = stops(opts.get("stop"), "options.stop")
-    if body.get("format"):
-        raise invalid("'format' (structured output) is not supported", "format")
+    fmt = body.get("format")
+    if fmt:  # "json", or a JSON Schema ("" and null: plain text, as Ollama)
+        require("format", "'format'")
+        if fmt != "json" and not isinstance(fmt, dict):
+            raise invalid("'format' must be \"json\" or a JSON Schema (an object)", "format")
+        fields["format"] = fmt
+    if body.get("logprobs"):
+        require("logprobs", "'logprobs'")
+        fields["logprobs"] = True
+        fields["top_logprobs"] = number(body, "top_logprobs", int)
     if body.get("images"):
         raise invalid("images are not supported", "images")
     think = body.get("think")
@@ -184,6 +192,11 @@ def _arguments(arguments: Any) -> Any:
     return arguments
 
 
+def _logprobs(entries: Any) -> dict[str, Any]:
+    """Ollama's ``logprobs``: the same entries as the daemon's ({token, logprob, bytes, top_logprobs})."""
+    return {"logprobs": list(entries)} if entries else {}
+
+
 def durations(result: Any) -> dict[str, Any]:
     """Ollama's counts and nanosecond durations from the daemon's stats."""
     stats = result.stats or {}
@@ -212,7 +225,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         message = {"role": "assistant", "content": piece.text}
         if piece.reasoning:
             message["thinking"] = piece.reasoning
-        return {"message": message}
+        return {"message": message, **_logprobs(piece.logprobs)}
 
     def last_line(result: Any) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": ""}
@@ -224,7 +237,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         message = {**last_line(result)["message"], "content": result.text}
         if result.reasoning:
             message["thinking"] = result.reasoning
-        return {"message": message}
+        return {"message": message, **_logprobs(result.logprobs)}
 
     return await _respond(request, gateway, body, fields, piece_line, last_line, whole)
 
@@ -251,10 +264,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
         fields = {"prompt": prompt, "system": body.get("system"), **options(body)}
 
     def piece_line(piece: Any) -> dict[str, Any]:
-        return {"response": piece.text, **({"thinking": piece.reasoning} if piece.reasoning else {})}
+        return {"response": piece.text, **({"thinking": piece.reasoning} if piece.reasoning else {}), **_logprobs(piece.logprobs)}
 
     def whole(result: Any) -> dict[str, Any]:
-        return {"response": result.text, **({"thinking": result.reasoning} if result.reasoning else {})}
+        return {"response": result.text, **({"thinking": result.reasoning} if result.reasoning else {}), **_logprobs(result.logprobs)}
 
     return await _respond(request, gateway, body, fields, piece_line, lambda result: {"response": ""}, whole)
 

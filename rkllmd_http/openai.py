@@ -4,6 +4,8 @@
 Request fields map onto ``generate`` (docs/http.md has the table); those the daemon
 cannot honour are refused with OpenAI's error shape rather than silently ignored.
 /v1/completions sends its prompt raw (protocol 1.4): the text as it is, no chat template.
+Structured output (``response_format``, a forced ``tool_choice``) and logprobs map onto the
+daemon's constrained decoding (protocol 1.6).
 """
 
 from __future__ import annotations
@@ -46,8 +48,6 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The sampling fields both completion endpoints share, or ApiError (400)."""
     if body.get("n") not in (None, 1):
         raise invalid("n > 1 is not supported: the daemon generates one choice per request", "n", "unsupported_value")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise invalid("logprobs are not supported", "logprobs", "unsupported_parameter")
     if body.get("logit_bias"):
         raise invalid("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     max_tokens = number(body, "max_completion_tokens", int)
@@ -68,24 +68,67 @@ def generate_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The ``generate`` request for a chat completion request, or ApiError (400)."""
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         raise invalid("'messages' must be a non-empty array", "messages")
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise invalid("only the text response_format is supported", "response_format", "unsupported_parameter")
     fields: dict[str, Any] = {
         "messages": [message(m, i) for i, m in enumerate(body["messages"])],
         **sampling_fields(body),
         "cache": body.get("rkllm_cache"),
+        **response_format(body.get("response_format")),
+        **chat_logprobs(body),
     }
     tools = body.get("tools")
-    if tools and body.get("tool_choice") != "none":
+    choice = body.get("tool_choice")
+    if tools and choice != "none":
         require("tools", "'tools'")
-        if body.get("tool_choice") not in (None, "auto"):
-            raise invalid("only tool_choice 'auto' and 'none' are supported", "tool_choice", "unsupported_value")
         fields["tools"] = tools
+        if choice not in (None, "auto"):
+            require("tool_choice", "a forced 'tool_choice'")
+            fields["tool_choice"] = choice  # "required", or {"type": "function", "function": {"name"}}
+    elif choice not in (None, "auto", "none"):
+        raise invalid("a forced 'tool_choice' needs 'tools'", "tool_choice")
     effort = body.get("reasoning_effort")
     if effort is not None:
         require("enable_thinking", "'reasoning_effort'")
         fields["enable_thinking"] = effort != "none"
     return fields
+
+
+def response_format(value: Any) -> dict[str, Any]:
+    """``format`` for OpenAI's ``response_format``: json_object is any JSON object, json_schema
+    its ``schema`` (enforced whether ``strict`` or not: the daemon constrains the sampler)."""
+    if value is None or value == {"type": "text"}:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        require("format", "'response_format'")
+        return {"format": "json"}
+    if kind == "json_schema":
+        require("format", "'response_format'")
+        spec = value.get("json_schema")
+        schema = spec.get("schema", {"type": "object"}) if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid("'response_format.json_schema.schema' must be a JSON Schema (an object)", "response_format")
+        return {"format": schema}
+    raise invalid("'response_format.type' must be text, json_object or json_schema", "response_format")
+
+
+def chat_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """Chat's ``logprobs`` (true) and ``top_logprobs`` (0–20, only with it)."""
+    top = number(body, "top_logprobs", int)
+    if not body.get("logprobs"):
+        if top:
+            raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return {}
+    require("logprobs", "'logprobs'")
+    return {"logprobs": True, "top_logprobs": top}
+
+
+#: Daemon fields whose errors name another parameter of OpenAI's request.
+PARAMS = {"format": "response_format", "repeat_penalty": "repetition_penalty", "cache": "rkllm_cache"}
+
+
+def choice_logprobs(entries: Any) -> dict[str, Any] | None:
+    """A chat choice's ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+    return {"content": list(entries), "refusal": None} if entries else None
 
 
 def message(m: Any, i: int) -> dict[str, Any]:
@@ -144,7 +187,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stream = bool(body.get("stream"))
     usage_chunk = include_usage(body)
     head = await head_of(gateway, body, "chatcmpl")
-    async with Generation(gateway.client, gateway.metrics, "openai", fields) as generation:
+    async with Generation(gateway.client, gateway.metrics, "openai", fields, PARAMS) as generation:
         if stream:
             return await _stream(request, generation, head, usage_chunk)
         async for _ in generation:
@@ -155,7 +198,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             reply["reasoning_content"] = result.reasoning
         if result.tool_calls:
             reply["tool_calls"] = result.tool_calls
-        choice = {"index": 0, "message": reply, "logprobs": None, "finish_reason": finish_reason(result)}
+        choice = {"index": 0, "message": reply, "logprobs": choice_logprobs(result.logprobs), "finish_reason": finish_reason(result)}
         return web.json_response({**head, "object": "chat.completion", "choices": [choice], "usage": usage(result.stats)})
 
 
@@ -187,8 +230,8 @@ async def _events(request: web.Request, body: Callable[[Send], Awaitable[None]])
 async def _stream(request: web.Request, generation: Generation, head: dict[str, Any], include_usage: bool) -> web.StreamResponse:
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(delta: dict[str, Any], finish: str | None = None, entries: Any = ()) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs(entries), "finish_reason": finish}
         return {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
 
     async def chunks(send: Send) -> None:
@@ -196,8 +239,8 @@ async def _stream(request: web.Request, generation: Generation, head: dict[str, 
         async for piece in generation:
             if piece.reasoning:
                 await send(chunk({"reasoning_content": piece.reasoning}))
-            if piece.text:
-                await send(chunk({"content": piece.text}))
+            if piece.text or piece.logprobs:
+                await send(chunk({"content": piece.text}, entries=piece.logprobs))
         result = generation.result
         if result.tool_calls:
             calls = [{"index": i, **call} for i, call in enumerate(result.tool_calls)]
@@ -227,7 +270,32 @@ def completion_fields(body: dict[str, Any]) -> dict[str, Any]:
         raise invalid("'suffix' (inserting between a prompt and a suffix) is not supported", "suffix", "unsupported_parameter")
     if body.get("best_of") not in (None, 1):
         raise invalid("best_of > 1 is not supported: the daemon generates one choice per request", "best_of", "unsupported_value")
-    return {"prompt": prompt, "raw": True, **sampling_fields(body)}
+    top = number(body, "logprobs", int)  # the legacy API's logprobs: how many alternatives (null: none)
+    if top is not None:
+        require("logprobs", "'logprobs'")
+    return {"prompt": prompt, "raw": True, **sampling_fields(body), **({"logprobs": True, "top_logprobs": top} if top is not None else {})}
+
+
+class TextLogprobs:
+    """The legacy completions' ``logprobs`` (tokens, token_logprobs, top_logprobs as
+    {token: logprob}, text_offset), offsets counted through the text as it is sent."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+    def of(self, entries: Any) -> dict[str, Any] | None:
+        if not entries:
+            return None
+        offsets = []
+        for e in entries:
+            offsets.append(self.offset)
+            self.offset += len(e["token"])
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets,
+        }
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -239,15 +307,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
     usage_chunk = include_usage(body)
     head = await head_of(gateway, body, "cmpl")
 
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    logprobs = TextLogprobs(len(echo))
 
-    async with Generation(gateway.client, gateway.metrics, "openai", fields) as generation:
+    def choice(text: str, finish: str | None, entries: Any = ()) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": logprobs.of(entries), "finish_reason": finish}
+
+    async with Generation(gateway.client, gateway.metrics, "openai", fields, {**PARAMS, "top_logprobs": "logprobs"}) as generation:
         if not body.get("stream"):
             async for _ in generation:
                 pass
             result = generation.result
-            return web.json_response({**head, "object": "text_completion", "choices": [choice(echo + result.text, finish_reason(result))],
+            return web.json_response({**head, "object": "text_completion", "choices": [choice(echo + result.text, finish_reason(result), result.logprobs)],
                                       "usage": usage(result.stats)})
         extra = {"usage": None} if usage_chunk else {}
 
@@ -255,8 +325,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             if echo:
                 await send({**head, "object": "text_completion", "choices": [choice(echo, None)], **extra})
             async for piece in generation:
-                if piece.text:
-                    await send({**head, "object": "text_completion", "choices": [choice(piece.text, None)], **extra})
+                if piece.text or piece.logprobs:
+                    await send({**head, "object": "text_completion", "choices": [choice(piece.text, None, piece.logprobs)], **extra})
             result = generation.result
             await send({**head, "object": "text_completion", "choices": [choice("", finish_reason(result))], **extra})
             if usage_chunk:

@@ -93,3 +93,32 @@ def tiny_llama(path: Path, seed: int = 0, layers: int = 2, dim: int = 32, heads:
             tensor(f"blk.{i}.ffn_down.weight", dim, ffn),
         ]
     return write_gguf(path, metadata, tensors)
+
+
+def tokenizer_json(metadata: dict) -> str:
+    """A Hugging Face ``tokenizer.json`` for a GGUF's byte-level BPE vocabulary (its tokens,
+    merges and control tokens, SmolLM2's pre-tokenizer: digits apart, then GPT-2's
+    byte-level split): what a ``.rkllm`` model converted from that model comes with."""
+    import json
+
+    tokens, kinds = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"]
+    added = [
+        {"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        for i, (text, kind) in enumerate(zip(tokens, kinds)) if kind == TOKEN_CONTROL
+    ]
+    return json.dumps({
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {text: i for i, text in enumerate(tokens)}, "merges": list(metadata["tokenizer.ggml.merges"])},
+    })

@@ -48,7 +48,7 @@ RSS_GROWTH_LIMIT_KB = 6 * 1024
 MALFORMED, UNSUPPORTED_VERSION, UNKNOWN_OP, INVALID_FIELD, TOO_LARGE, INVALID_NAME = 100, 101, 102, 103, 104, 106
 #: The daemon's defaults where a field's bound is a setting (docs/protocol.md, etc/rkllmd.toml).
 SETTINGS = {"daemon.max_tokens_limit": 4096}
-_FUZZ_KINDS = {"str": "str", "name": "str", "int": "int", "float": "float", "bool": "bool", "id": "target", "messages": "messages", "stops": "stop", "tools": "tools", "vars": "vars"}
+_FUZZ_KINDS = {"str": "str", "name": "str", "int": "int", "float": "float", "bool": "bool", "id": "target", "messages": "messages", "stops": "stop", "tools": "tools", "vars": "vars", "format": "format", "tool_choice": "tool_choice"}
 
 
 def _bound(value: Any) -> Any:
@@ -144,6 +144,13 @@ def wrong_values(spec: tuple) -> st.SearchStrategy:
             st.lists(bad_tool, min_size=1, max_size=3),
             st.just([{"type": "function", "function": {"name": "f"}}] * 129),
         )
+    if kind == "format":  # "json" or a map (a map the engine rejects is tested in test_constrained.py)
+        return VALUES.filter(lambda v: v != "json" and not isinstance(v, dict) and v is not None)
+    if kind == "tool_choice":
+        def named(v: Any) -> bool:
+            function = v.get("function") if isinstance(v, dict) else None
+            return isinstance(function, dict) and isinstance(function.get("name"), str) and bool(function["name"])
+        return VALUES.filter(lambda v: v not in ("auto", "none", "required") and not named(v) and v is not None)
     if kind == "vars":
         return st.one_of(
             VALUES.filter(lambda v: not isinstance(v, dict) and v is not None),

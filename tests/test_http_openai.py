@@ -114,7 +114,7 @@ def test_a_system_message_matching_a_text_cache_restores_it(client, daemon) -> N
     ({"n": 2}, "n"),
     ({"frequency_penalty": 2.5}, "frequency_penalty"),  # OpenAI's range, -2 to 2
     ({"presence_penalty": -2.5}, "presence_penalty"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ({"temperature": 11}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"stop": [""]}, "stop"),

@@ -150,3 +150,23 @@ def test_a_messages_own_keys_reach_the_template_through_both_apis(phi_gateway) -
     with urllib.request.urlopen(request, timeout=300) as answer:
         ollama_reply = json.loads(answer.read())
     assert reply.usage.prompt_tokens == ollama_reply["prompt_eval_count"] == with_key["tokens"]
+
+
+def test_a_forced_call_comes_in_the_templates_format_and_a_schema_follows_the_reasoning(qwen_gateway, thinking_gateway) -> None:
+    """Constrained output through these templates (protocol 1.6): Qwen 2.5's forced call is its
+    own Hermes `<tool_call>` block, parsed into tool_calls; with a template whose prompt opens
+    a reasoning block, the model reasons first and the answer alone follows the schema."""
+    with _openai(qwen_gateway) as client:
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+                                               tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=40)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    gateway, expected = thinking_gateway
+    schema = {"type": "object", "properties": {"color": {"type": "string", "maxLength": 20}}, "required": ["color"], "additionalProperties": False}
+    with _openai(gateway) as client:
+        answer = client.chat.completions.create(model="m", messages=GRASS, max_tokens=60,
+                                                response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}).choices[0]
+    assert answer.finish_reason == "stop"
+    assert answer.message.model_extra["reasoning_content"] == expected.reasoning  # the reasoning the model writes free
+    assert set(json.loads(answer.message.content)) == {"color"}

@@ -131,7 +131,7 @@ def test_completions_stop_and_sampling(client) -> None:
     ({"suffix": "end"}, "suffix"),
     ({"n": 2}, "n"),
     ({"best_of": 3}, "best_of"),
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),  # alternatives: 0 to 20
     ({"prompt": ["one", "two"]}, "prompt"),
     ({"prompt": [1, 2, 3]}, "prompt"),
     ({"prompt": ""}, "prompt"),

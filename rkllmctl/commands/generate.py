@@ -83,19 +83,48 @@ def sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_constraint_options(p: argparse.ArgumentParser) -> None:
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--schema", type=Path, metavar="FILE.json", help="the answer is JSON valid under this JSON Schema")
+    shape.add_argument("--json-mode", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--grammar", type=Path, metavar="FILE", help="the answer matches this grammar (llguidance's Lark, or GBNF as llama.cpp's --grammar-file)")
+    p.add_argument("--tool-choice", metavar="auto|none|required|NAME", help="with --tools: 'required' makes the answer a call to one of them, NAME a call to that one (its arguments valid under its parameters); default: auto")
+    p.add_argument("--logprobs", type=int, metavar="N", help="report each token's log-probability and N alternatives (0-20) in --json's \"logprobs\"")
+
+
+def constraint_fields(args: argparse.Namespace) -> dict[str, Any]:
+    choice = args.tool_choice
+    if choice not in (None, "auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    grammar = None
+    if args.grammar is not None:
+        try:
+            grammar = args.grammar.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--grammar {args.grammar}: {exc}") from None
+    return {
+        "format": "json" if args.json_mode else read_json(args.schema, "--schema", dict),
+        "grammar": grammar,
+        "tool_choice": choice,
+        "logprobs": args.logprobs is not None,
+        "top_logprobs": args.logprobs,
+    }
+
+
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the user message; '-' or absent reads stdin")
     p.add_argument("--system", help="system message")
     p.add_argument("--messages", type=Path, metavar="FILE.json", help="a chat: a JSON list of {role, content}")
     p.add_argument("--raw", action="store_true", help="PROMPT is the whole prompt text, sent as it is: no chat template, no system message")
     add_sampling_options(p)
+    add_constraint_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with the text, reasoning, tool calls and all stats at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
-    fields = sampling_fields(args)
+    fields = {**sampling_fields(args), **constraint_fields(args)}
     if args.messages:
         if args.prompt or args.system or args.raw:
             raise UsageError("--messages replaces PROMPT and --system (and --raw takes PROMPT)")
@@ -120,6 +149,7 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
             "cache": result.cache,
             "stats": result.stats,
             "client_ttft_ms": result.client_ttft_ms,
+            **({"logprobs": result.logprobs} if args.logprobs is not None else {}),
         })
     elif not args.quiet:
         print(stats_line(result), file=sys.stderr)

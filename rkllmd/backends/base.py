@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..constraints import Constraint, ConstraintError
 from ..templates import ChatTemplate
 
 
@@ -55,7 +56,13 @@ class ContextOverflow(BackendError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each token. temperature 0 means greedy (argmax)."""
+    """How to pick each token. temperature 0 means greedy (argmax).
+
+    ``constraint``: what the output must match (a JSON Schema, a grammar, a forced tool
+    call), enforced by the daemon's own sampler on each step's logits. ``logprobs``: when
+    not None, each token's log-probability and that many alternatives are reported
+    (``Run.logprobs``). Both need a backend whose daemon samples (the CPU backend; the NPU
+    backend in its logits mode)."""
 
     temperature: float = 0.0
     top_k: int = 40
@@ -66,6 +73,13 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None
+    logprobs: int | None = None
+
+    @property
+    def daemon_samples(self) -> bool:
+        """Whether this request needs the daemon's sampler rather than a runtime's own."""
+        return self.constraint is not None or self.logprobs is not None
 
 
 @dataclass
@@ -136,6 +150,14 @@ class Run(abc.ABC):
         self.phase = "prefill"  # then "decode"
         self.to_prefill = 0  # prompt tokens to prefill (restored ones are not)
         self.prefilled = 0  # of those, how many so far
+        # Log-probabilities of the tokens generated since the daemon last took them
+        # (``sampling.logprob_entry`` dicts), when the request asked for them.
+        self.logprobs: list[dict[str, Any]] = []
+
+    def take_logprobs(self) -> list[dict[str, Any]]:
+        """The log-probabilities not taken yet (the daemon sends them with the text)."""
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -283,7 +305,10 @@ class Backend(abc.ABC):
     ) -> Run:
         """Open a generation, as ``generate`` describes it, to be advanced by ``step``.
         ``ids``: the prompt's token ids when the caller has them (``tokenize``).
-        Raises (ContextOverflow, BackendError) before anything runs."""
+        Raises (ContextOverflow, BackendError, constraints.ConstraintError) before anything runs."""
+        if params.daemon_samples:
+            field = params.constraint.field if params.constraint is not None else "logprobs"
+            raise ConstraintError(field, f"the {self.kind} backend cannot constrain its output or report log-probabilities")
         return _WholeRun(self, prompt_text, params, prefix, sink, len(ids) if ids is not None else self.count_tokens(prompt_text))
 
     def step(self, runs: Sequence[Run]) -> None:

@@ -12,6 +12,7 @@ import time
 
 from ..backends.base import SamplingParams
 from ..caches.text import system_text
+from ..constraints import ConstraintError, from_request
 from ..outbox import Chat, Generation
 from ..protocol import ErrorCode, WireError
 from ..templates.capabilities import CapabilityMissing, require_capabilities
@@ -25,17 +26,23 @@ def execute(ctx: Context, request: Request) -> None:
     args = request.args
     if (request.identity, request.id) in ctx.generations:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
+    shape = {"format": args["format"], "grammar": args["grammar"], "tool_choice": args["tool_choice"]}
     if args["raw"]:
-        chat = Chat(raw=_raw_prompt(args, ctx.config.daemon.max_prompt_chars))
+        chat = Chat(raw=_raw_prompt(args, ctx.config.daemon.max_prompt_chars), **shape)
     else:
         messages = _messages(args, ctx.config.daemon.max_prompt_chars)
         if args["cache"] is not None:
             messages = _with_cache_text(ctx, args["cache"], messages)
-        chat = Chat(messages, tools=args["tools"], variables=_variables(args))
+        tools = args["tools"] if args["tool_choice"] != "none" else None  # "none": the tools are not offered
+        chat = Chat(messages, tools=tools, variables=_variables(args), **shape)
         try:  # at once, as Ollama answers; the worker checks again for the model that runs it
             require_capabilities(ctx.worker.backend, chat)
         except CapabilityMissing as exc:
             raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
+    try:  # at once too; the worker makes the constraint with the template of the model that runs it
+        from_request(**shape, tools=chat.tools, tool_format=None if chat.raw is not None else ctx.worker.backend.template.tool_calls)
+    except ConstraintError as exc:
+        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field) from None
     params = SamplingParams(
         temperature=args["temperature"],
         top_k=args["top_k"],
@@ -46,6 +53,7 @@ def execute(ctx: Context, request: Request) -> None:
         seed=args["seed"],
         max_tokens=args["max_tokens"],
         stop=args["stop"],
+        logprobs=args["top_logprobs"] if args["logprobs"] else None,
     )
     gen = Generation(
         identity=request.identity,

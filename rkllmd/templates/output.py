@@ -36,12 +36,17 @@ class OutputSplitter:
         self.tool_call_error: str | None = None
 
     @classmethod
-    def for_prompt(cls, template: ChatTemplate, prompt: str, *, tools: bool) -> OutputSplitter:
+    def for_prompt(cls, template: ChatTemplate, prompt: str, *, tools: bool, tool_format: str | None = None) -> OutputSplitter:
         """The splitter of a request: reasoning markers from its template (the block may be
-        opened by the prompt itself), tool calls parsed only when the request offered tools."""
-        markers = template.reasoning
-        opened = markers is not None and ReasoningSplitter.opened_by(prompt, markers)
-        return cls(markers, opened=opened, tool_format=template.tool_calls if tools else None)
+        opened by the prompt itself), tool calls parsed only when the request offered tools,
+        in the template's format or ``tool_format`` (the one a forced call was written in)."""
+        opened = cls.reasoning_opened(template, prompt)
+        return cls(template.reasoning, opened=opened, tool_format=(tool_format or template.tool_calls) if tools else None)
+
+    @staticmethod
+    def reasoning_opened(template: ChatTemplate, prompt: str) -> bool:
+        """Whether ``prompt`` itself opened a reasoning block, which the output then continues."""
+        return template.reasoning is not None and ReasoningSplitter.opened_by(prompt, template.reasoning)
 
     @property
     def reasoning(self) -> str | None:

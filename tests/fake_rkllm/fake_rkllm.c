@@ -73,6 +73,20 @@
  *  - rkllm_destroy while rkllm_run is in progress aborts the process (the vendor's would
  *    free memory the run still uses).
  *
+ *  - Logits mode (infer mode GET_LOGITS, shared/rkllm-abi "Logits, hidden states"): the run
+ *    prefills its input and generates nothing: one NORMAL callback carries the logits block
+ *    (text NULL), then FINISH with the perf stats (generate_tokens 0). The model file gives
+ *    the vocabulary size ("vocab_size=N" in its text; without it GET_LOGITS is refused). The
+ *    logits are deterministic pseudo-logits of what the model has seen (its KV cache's
+ *    text, this input included): with h = FNV-1a 64 of those bytes, logit[i] =
+ *    (splitmix64(h + i) >> 40) / 2^20 - 8 (exact in float32, so a test can recompute them).
+ *    num_tokens is min(input tokens, 2): a row for the position before the last (the bytes
+ *    seen minus the last one), then the last row, which is the one to use.
+ *  - Token input (RKLLM_INPUT_TOKEN, ids below vocab_size): no chat template; each id is one
+ *    token of the KV cache, whose text is "<[id]>". With keep_history=1 a logits run keeps
+ *    what it saw, so a caller that feeds each chosen token back as token input drives
+ *    decoding itself, as the runtime's logits mode is used.
+ *
  * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
  * then key=value pairs; paths are printed raw; a run's prompt_len, kv_before and matched
  * are tokens); FAKE_RKLLM_TOKENS=words makes a prompt's tokens words (above); FAKE_RKLLM_PREFILL_US and
@@ -154,7 +168,7 @@ __attribute__((used)) static const char vendor_strings[] =
 /* ---- the vendor interface, at the vendor's offsets --------------------------------- */
 typedef void *LLMHandle;
 enum { RKLLM_RUN_NORMAL = 0, RKLLM_RUN_WAITING = 1, RKLLM_RUN_FINISH = 2, RKLLM_RUN_ERROR = 3 };
-enum { RKLLM_INPUT_PROMPT = 0, RKLLM_INPUT_MULTIMODAL = 3 };
+enum { RKLLM_INPUT_PROMPT = 0, RKLLM_INPUT_TOKEN = 1, RKLLM_INPUT_MULTIMODAL = 3 };
 enum { RKLLM_INFER_GENERATE = 0, RKLLM_INFER_GET_LOGITS = 2 };
 
 typedef struct {
@@ -522,6 +536,7 @@ typedef struct {
     size_t cache_len;
     kv_cache history; /* what the KV cache holds: earlier runs' inputs and generated tokens */
     bool word_tokens; /* FAKE_RKLLM_TOKENS=words: a prompt's tokens are its words, else its bytes */
+    int vocab_size; /* from the model file's "vocab_size=N" (0: none, no logits mode) */
 } fake_handle;
 
 static fake_handle *handles[MAX_HANDLES];
@@ -644,8 +659,15 @@ static int check_input(const RKLLMInput *in) {
         return fail(FAKE_E_INPUT, fn, "enable_thinking (offset 8) holds %u", raw[offsetof(RKLLMInput, enable_thinking)]);
     if (in->input_type < RKLLM_INPUT_PROMPT || in->input_type > RKLLM_INPUT_MULTIMODAL)
         return fail(FAKE_E_INPUT, fn, "input_type (offset 12) = %d", in->input_type);
+    if (in->input_type == RKLLM_INPUT_TOKEN) {
+        const RKLLMTokenInput *t = &in->token_input;
+        if (t->n_tokens == 0 || t->n_tokens > (1u << 20) || !is_readable(t->input_ids, t->n_tokens * sizeof(int32_t)))
+            return fail(FAKE_E_INPUT, fn, "token_input (offset 16) = {%p, %zu} is not an array of token ids",
+                        (void *)t->input_ids, t->n_tokens);
+        return 0;
+    }
     if (in->input_type != RKLLM_INPUT_PROMPT)
-        return fail(FAKE_E_UNSUPPORTED, fn, "input_type %d: the fake simulates PROMPT input only", in->input_type);
+        return fail(FAKE_E_UNSUPPORTED, fn, "input_type %d: the fake simulates PROMPT and TOKEN input only", in->input_type);
     if (!is_string(in->prompt_input)) return fail(FAKE_E_INPUT, fn, "prompt_input (offset 16) is not a string");
     return 0;
 }
@@ -655,8 +677,8 @@ static int check_infer(const RKLLMInferParam *ip) {
     if (!is_readable(ip, sizeof *ip)) return fail(FAKE_E_ARGUMENT, fn, "infer param %p is not readable", (const void *)ip);
     if (ip->mode < RKLLM_INFER_GENERATE || ip->mode > RKLLM_INFER_GET_LOGITS)
         return fail(FAKE_E_INFER, fn, "mode (offset 0) = %d", ip->mode);
-    if (ip->mode != RKLLM_INFER_GENERATE)
-        return fail(FAKE_E_UNSUPPORTED, fn, "mode %d: the fake simulates GENERATE only", ip->mode);
+    if (ip->mode != RKLLM_INFER_GENERATE && ip->mode != RKLLM_INFER_GET_LOGITS)
+        return fail(FAKE_E_UNSUPPORTED, fn, "mode %d: the fake simulates GENERATE and GET_LOGITS only", ip->mode);
     if (ip->lora_params && !(is_readable(ip->lora_params, sizeof *ip->lora_params) &&
                              is_string(ip->lora_params->lora_adapter_name)))
         return fail(FAKE_E_INFER, fn, "lora_params (offset 8) is not an RKLLMLoraParam*");
@@ -879,6 +901,8 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     fh->callback_userdata = userdata;
     const char *tokens = getenv("FAKE_RKLLM_TOKENS");
     fh->word_tokens = tokens && !strcmp(tokens, "words");
+    const char *vocab = memmem(buf, n, "vocab_size=", 11);
+    fh->vocab_size = vocab ? atoi(vocab + 11) : 0;
     set_template(fh, "<|im_start|>system\nYou are a fake model.<|im_end|>\n", "<|im_start|>user\n",
                  "<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_lock(&handles_lock);
@@ -1031,21 +1055,75 @@ int rkllm_is_running(LLMHandle handle) {
     return fh ? atomic_load(&fh->running) : 0;
 }
 
+/* ---- logits mode ----------------------------------------------------------------------- */
+static uint64_t fnv1a64(const char *p, size_t n) {
+    uint64_t h = 14695981039346656037ULL;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (uint8_t)p[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static void pseudo_logits(const char *seen, size_t len, int vocab, float *row) {
+    uint64_t h = fnv1a64(seen, len);
+    for (int i = 0; i < vocab; i++) row[i] = (float)(splitmix64(h + (uint64_t)i) >> 40) / 1048576.0f - 8.0f;
+}
+
+/* A GET_LOGITS run: the logits of what the model has seen, in one NORMAL callback. */
+static const char *logits_run(fake_handle *fh, const kv_cache *kv, size_t input_tokens, void *ud) {
+    int rows = input_tokens >= 2 ? 2 : 1;
+    float *block = malloc(sizeof(float) * (size_t)fh->vocab_size * (size_t)rows);
+    if (rows == 2) pseudo_logits(kv->text, kv->bytes - 1, fh->vocab_size, block);
+    pseudo_logits(kv->text, kv->bytes, fh->vocab_size, block + (size_t)fh->vocab_size * (size_t)(rows - 1));
+    RKLLMResult result;
+    memset(&result, 0, sizeof result);
+    result.token_id = -1;
+    result.logits.logits = block;
+    result.logits.vocab_size = fh->vocab_size;
+    result.logits.num_tokens = rows;
+    int rc = fh->callback(&result, ud, RKLLM_RUN_NORMAL);
+    free(block); /* the runtime's buffer: gone after the callback */
+    return rc == 1 ? "pause" : "logits";
+}
+
 static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
     const char *fn = "rkllm_run";
     int rc = check_input(input);
     if (!rc) rc = check_infer(infer);
     if (rc) return rc;
 
-    /* Apply the chat template (system prompt only at the start of a conversation). */
-    const char *prompt = input->prompt_input;
-    const char *sys = fh->history.tokens ? "" : fh->tmpl_system;
-    size_t len = strlen(sys) + strlen(fh->tmpl_prefix) + strlen(prompt) + strlen(fh->tmpl_postfix);
-    char *text = malloc(len + 1);
-    snprintf(text, len + 1, "%s%s%s%s", sys, fh->tmpl_prefix, prompt, fh->tmpl_postfix);
+    bool logits_mode = infer->mode == RKLLM_INFER_GET_LOGITS;
+    if (logits_mode && fh->vocab_size <= 0)
+        return fail(FAKE_E_UNSUPPORTED, fn, "GET_LOGITS: the model file names no vocab_size");
+    const RKLLMTokenInput *ids = input->input_type == RKLLM_INPUT_TOKEN ? &input->token_input : NULL;
+    size_t len; /* the input's text: a templated prompt, or "<[id]>" per token id */
+    char *text;
+    if (ids) {
+        for (size_t i = 0; i < ids->n_tokens; i++)
+            if (ids->input_ids[i] < 0 || (fh->vocab_size > 0 && ids->input_ids[i] >= fh->vocab_size))
+                return fail(FAKE_E_INPUT, fn, "token_input.input_ids[%zu] = %d is not a token of the model", i, ids->input_ids[i]);
+        text = malloc(ids->n_tokens * 16 + 1);
+        len = 0;
+        for (size_t i = 0; i < ids->n_tokens; i++) len += (size_t)sprintf(text + len, "<[%d]>", ids->input_ids[i]);
+    } else {
+        /* Apply the chat template (system prompt only at the start of a conversation). */
+        const char *prompt = input->prompt_input;
+        const char *sys = fh->history.tokens ? "" : fh->tmpl_system;
+        len = strlen(sys) + strlen(fh->tmpl_prefix) + strlen(prompt) + strlen(fh->tmpl_postfix);
+        text = malloc(len + 1);
+        snprintf(text, len + 1, "%s%s%s%s", sys, fh->tmpl_prefix, prompt, fh->tmpl_postfix);
+    }
     /* The context: an input longer than all of it is reported to crash the vendor's runtime
      * (upstream #11); a history that would overflow it with this input is shifted. */
-    size_t context = (size_t)fh->param.max_context_len, tokens_in = prompt_tokens(fh, text, len, len);
+    size_t context = (size_t)fh->param.max_context_len, tokens_in = ids ? ids->n_tokens : prompt_tokens(fh, text, len, len);
     if (tokens_in > context) {
         fprintf(stderr, "fake-rkllm: %s: an input of %zu tokens is longer than max_context_len %zu: crashing, "
                 "as the vendor runtime is reported to (upstream #11)\n", fn, tokens_in, context);
@@ -1057,12 +1135,19 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     size_t kv_before = fh->history.tokens;
     kv_cache kv = kv_copy(&fh->history);
     make_room(fh, &kv, tokens_in);
-    kv_push_prompt(fh, &kv, text, len);
+    if (ids) /* one KV position per id, its text "<[id]>" */
+        for (size_t i = 0, at = 0; i < ids->n_tokens; i++) {
+            size_t n = (size_t)snprintf(NULL, 0, "<[%d]>", ids->input_ids[i]);
+            kv_push(&kv, text + at, n, true);
+            at += n;
+        }
+    else
+        kv_push_prompt(fh, &kv, text, len);
 
     size_t same = 0; /* bytes in common with the loaded cache, then its whole tokens */
-    while (!kv_before && fh->cache_text && same < fh->cache_len && same < len && fh->cache_text[same] == text[same])
+    while (!ids && !kv_before && fh->cache_text && same < fh->cache_len && same < len && fh->cache_text[same] == text[same])
         same++;
-    size_t matched = prompt_tokens(fh, text, len, same);
+    size_t matched = ids ? 0 : prompt_tokens(fh, text, len, same);
     const RKLLMPromptCacheParam *pc = infer->prompt_cache_params;
     bool save = pc && pc->save_prompt_cache;
     int limit = fh->param.max_new_tokens;
@@ -1077,9 +1162,9 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     else
         snprintf(sampling, sizeof sampling, " sampling=init");
 #endif
-    call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s", fn,
-             tokens_in, infer->keep_history, save, limit, kv_before, matched, sampling, save ? " path=" : "",
-             save ? pc->prompt_cache_path : "");
+    call_log("%s prompt_len=%zu keep_history=%d save_prompt_cache=%d limit=%d kv_before=%zu matched=%zu%s%s%s mode=%d input=%s",
+             fn, tokens_in, infer->keep_history, save, limit, kv_before, matched, sampling, save ? " path=" : "",
+             save ? pc->prompt_cache_path : "", infer->mode, ids ? "token" : "prompt");
 
     const char *hang_on = getenv("FAKE_RKLLM_HANG_ON");
     if (hang_on && *hang_on && strstr(text, hang_on)) {
@@ -1108,7 +1193,9 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     char piece[4096];
     int tokens = 0;
     const char *reason = "eos";
-    for (;;) {
+    if (logits_mode)
+        reason = atomic_load(&fh->abort_requested) ? "abort" : logits_run(fh, &kv, tokens_in, ud);
+    for (; !logits_mode;) {
         if (atomic_load(&fh->abort_requested)) {
             reason = "abort";
             break;

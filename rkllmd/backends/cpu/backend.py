@@ -27,7 +27,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ...sampling import Sampler
+from ...constraints import ConstraintError, Vocabulary
+from ...sampling import Sampler, logprob_entry
 from ...store import Hold
 from ...templates import ChatTemplate, TemplateError, resolve
 from ..base import (
@@ -44,11 +45,11 @@ from ..base import (
     TextSink,
     common_prefix,
 )
-from ..stops import StopMatcher
+from ..stops import TokenText
 from .gguf import GGUFFile
 from . import kernels, weights_file
 from .model import KVSlot, KVState, Model, ModelConfig, Rows, Weights
-from .tokenizer import Tokenizer
+from .tokenizer import TOKEN_CONTROL, TOKEN_USER_DEFINED, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,14 @@ class CpuRun(Run):
         self.to_prefill = len(ids) - restored
         self.pos = restored  # positions of the slot that hold this run's tokens
         self.max_new = max(0, min(params.max_tokens, backend.context_length - len(ids)))
-        self.sampler = Sampler(params)
+        # A constraint's first mask is computed while the prompt is prefilled.
+        guide = backend.vocabulary.guide(params.constraint) if params.constraint is not None else None
+        self.sampler = Sampler(params, guide=guide)
+        self.token_bytes = tokenizer.token_bytes
         self.history = list(ids)  # prompt and completion
         self.pending: int | None = None  # a sampled token whose logits come next step
         self.end_ids = tokenizer.end_of_generation_ids
-        self.text_stream = tokenizer.stream_decoder()
-        self.stops = StopMatcher(params.stop)
-        self.sink = sink
+        self.text = TokenText(tokenizer.stream_decoder(), params.stop, sink)
         self.started = time.perf_counter()
         self.decode_started = self.started
         self.aborted = threading.Event()
@@ -132,36 +134,32 @@ class CpuRun(Run):
 
     def sample(self, logits: np.ndarray) -> None:
         stats = self.stats
-        token = self.sampler.sample(logits, self.history)
+        sampler = self.sampler
+        try:
+            token = sampler.sample(logits, self.history)
+        except ConstraintError as exc:  # the engine failed: this answer ends, the others go on
+            log.error("generation ended: %s", exc)
+            self.finish("error")
+            return
         if stats.completion_tokens == 0:
             stats.ttft_ms = (time.perf_counter() - self.started) * 1000
         if token in self.end_ids:
             self.finish("stop")
             return
+        if sampler.logprob is not None:
+            self.logprobs.append(logprob_entry(self.token_bytes, token, sampler.logprob))
         stats.completion_tokens += 1
         self.history.append(token)
-        piece = self.stops.feed(self.text_stream.feed(token))
-        if piece and not self.sink(piece):
-            self.finish("cancelled")
-        elif self.stops.stopped:
-            self.finish("stop")
-        elif stats.completion_tokens < self.max_new:
-            self.pending = token
+        ended = self.text.feed(token) or sampler.ended(stats.completion_tokens >= self.max_new)
+        if ended:
+            self.finish(ended)
         else:
-            self.finish("length")
+            self.pending = token
 
     def finish(self, reason: str) -> None:
         """End with ``reason``; what the stop matcher and the decoder held back goes out."""
         stats = self.stats
-        stats.finish_reason = reason
-        if reason != "cancelled" and not self.stops.stopped:
-            rest = self.stops.feed(self.text_stream.flush())
-            if self.stops.stopped:
-                stats.finish_reason = "stop"
-            else:
-                rest += self.stops.flush()
-            if rest and not self.sink(rest):
-                stats.finish_reason = "cancelled"
+        stats.finish_reason = self.text.finish(reason)
         now = time.perf_counter()
         if self.phase == "prefill":
             stats.prefill_ms = stats.ttft_ms = (now - self.started) * 1000
@@ -210,6 +208,7 @@ class CpuBackend(Backend):
         self.template = ChatTemplate.of_family(DEFAULT_FAMILY)  # until load() reads the model's
         self._model: Model | None = None
         self._tokenizer: Tokenizer | None = None
+        self._vocabulary: Vocabulary | None = None
         self._gguf_name = ""
         self._fingerprint = ""
         self._n_params = 0
@@ -256,6 +255,7 @@ class CpuBackend(Backend):
         self._fingerprint = gguf.fingerprint()
         gguf.close()
         self._tokenizer, self._model, self.template = tokenizer, model, template
+        self._vocabulary = None
         log.info("loaded %s in %.2f s", self.model_path, time.perf_counter() - started)
 
     def _weights(self, gguf: GGUFFile, config: ModelConfig, progress: Callable[[str], None] | None) -> Weights:
@@ -278,6 +278,7 @@ class CpuBackend(Backend):
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+        self._vocabulary = None
         if self._weights_hold is not None:  # the file may be collected once superseded
             self._weights_hold.release()
             self._weights_hold = None
@@ -296,6 +297,21 @@ class CpuBackend(Backend):
     @property
     def tokenizer(self) -> Tokenizer:
         return self._loaded()[1]
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer as the constraint engine sees it, built at the first constrained
+        request (a fraction of a second) and kept while the model is."""
+        tokenizer = self.tokenizer
+        if self._vocabulary is None:
+            # Control tokens are never text; user-defined ones that look like markers
+            # neither (llguidance's own rule for llama.cpp vocabularies).
+            special = [
+                kind == TOKEN_CONTROL or kind == TOKEN_USER_DEFINED and data.startswith(b"<") and data.endswith(b">")
+                for data, kind in zip(tokenizer.token_bytes, tokenizer.token_types)
+            ]
+            self._vocabulary = Vocabulary.from_tokens(tokenizer.token_bytes, special, tokenizer.end_of_generation_ids, tokenizer.encode)
+        return self._vocabulary
 
     # -- facts -------------------------------------------------------------------------
 

@@ -263,7 +263,7 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
+        return StreamDecoder(self.token_bytes)
 
 
 class StreamDecoder:
@@ -273,8 +273,8 @@ class StreamDecoder:
     kept until the next token completes it, so no piece ever contains half a character.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
-        self._token_bytes = tokenizer.token_bytes
+    def __init__(self, token_bytes: Sequence[bytes]):
+        self._token_bytes = token_bytes
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token_id: int) -> str:

@@ -63,6 +63,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from rkllmd.backends.base import (
     CONVERSATION,
     Backend,
@@ -80,7 +82,10 @@ from rkllmd.backends.rkllm import abi as rk
 from rkllmd.backends.rkllm.devices import npu_nodes, read_driver
 from rkllmd.backends.rkllm.library import RkllmStartupError, check_architecture, find_library, inspect_library
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
-from rkllmd.backends.stops import StopMatcher
+from rkllmd.backends.cpu.tokenizer import END_OF_GENERATION_TEXTS, StreamDecoder
+from rkllmd.backends.stops import StopMatcher, TokenText
+from rkllmd.constraints import ConstraintError, Vocabulary
+from rkllmd.sampling import Sampler, logprob_entry
 from rkllmd.templates import load as load_template
 
 log = logging.getLogger(__name__)
@@ -139,7 +144,9 @@ class RkllmBackend(Backend):
 
         ``cpu_mask`` 0 keeps the runtime's default CPU set; the sampling values are the
         init values (the only ones a 1.2 runtime uses); ``tokenizer``: the model's
-        tokenizer.json, for exact token counts (None: counts are bounded by UTF-8 bytes).
+        tokenizer.json, for exact token counts and the daemon's own sampling from the
+        runtime's logits (constrained output, logprobs) (None: counts are bounded by UTF-8
+        bytes, and the daemon never samples).
         """
         super().__init__()
         if runtime not in ("auto", *rk.GENERATIONS):
@@ -159,6 +166,7 @@ class RkllmBackend(Backend):
         )
         self.tokenizer_path = Path(tokenizer) if tokenizer is not None else None
         self._tokenizer: Any = None  # a tokenizers.Tokenizer, once loaded
+        self._vocabulary: Vocabulary | None = None  # the same file as the constraint engine sees it
         self._rt: RkllmRuntime | None = None
         self._loaded_cache: tuple[Any, ...] | None = None  # identity of the loaded prompt cache file
         self._run_lock = threading.Lock()  # orders interrupt() against the start and end of a run
@@ -361,8 +369,11 @@ class RkllmBackend(Backend):
     def start(
         self, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink, ids: Sequence[int] | None = None
     ) -> Run:
-        """Refuse what cannot fit (ContextOverflow) before anything runs."""
+        """Refuse what cannot fit (ContextOverflow) before anything runs. A request that needs
+        the daemon's sampler (a constraint, logprobs) runs in the runtime's logits mode."""
         self._fits(prompt_text, prefix, ids)
+        if params.daemon_samples:
+            return _LogitsRun(self, prompt_text, params, prefix, sink)
         return super().start(prompt_text, params, prefix, sink, ids)
 
     def generate(
@@ -376,16 +387,7 @@ class RkllmBackend(Backend):
         rt = self._require_runtime()
         cancelled = cancelled or self.cancelled
         started = time.monotonic()
-        if prefix is not None and not prompt_text.startswith(prefix.text):
-            raise ValueError(f"the prompt does not start with prefix {prefix.name!r}'s text")
-        before = self._fits(prompt_text, prefix)
-        sent = prompt_text
-        if prefix is not None and prefix.kind == CONVERSATION and prefix is self._history:
-            sent = prompt_text[len(prefix.text):]  # the runtime holds the rest
-        else:
-            self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
-            rt.clear_kv_cache()
-        self._history = None  # until this run ends as the runtime decides
+        sent, before = self._ready_for(prompt_text, prefix)
         # The completion ends where the context does (the runtime would shift its window).
         limit = min(n for n in (params.max_tokens, self.max_new_tokens, self.context_length - before) if n > 0)
         stream = _Stream(sink, params.stop, limit, self.heartbeat, cancelled.is_set, rt.abort)
@@ -405,12 +407,51 @@ class RkllmBackend(Backend):
             self._history = PrefixState(name="", text=prompt_text + stream.generated, n_tokens=held, payload=None, kind=CONVERSATION)
         return stats
 
+    def _ready_for(self, prompt_text: str, prefix: PrefixState | None) -> tuple[str, int]:
+        """The runtime made ready for ``prompt_text`` (its history continued, or cleared and
+        ``prefix``'s prompt cache loaded): the text to send it (the prompt's new part, or
+        all), and the tokens the KV cache will hold once it is prefilled (ContextOverflow
+        when that leaves no room for a token)."""
+        if prefix is not None and not prompt_text.startswith(prefix.text):
+            raise ValueError(f"the prompt does not start with prefix {prefix.name!r}'s text")
+        before = self._fits(prompt_text, prefix)
+        sent = prompt_text
+        if prefix is not None and prefix.kind == CONVERSATION and prefix is self._history:
+            sent = prompt_text[len(prefix.text):]  # the runtime holds the rest
+        else:
+            self._use_prompt_cache(Path(prefix.payload) if prefix is not None else None)
+            self._require_runtime().clear_kv_cache()
+        self._history = None  # until this run ends as the runtime decides
+        return sent, before
+
+    # --- the daemon samples: the runtime's logits mode -------------------------------------
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The model's tokenizer (``[rkllm] tokenizer``) as the constraint engine sees it:
+        the daemon samples only with it. Built at the first request that needs it."""
+        if self._vocabulary is None:
+            if self.tokenizer_path is None:
+                raise BackendError("no [rkllm] tokenizer configured")
+            try:
+                text = self.tokenizer_path.read_text(encoding="utf-8")
+                self._vocabulary = Vocabulary.from_tokenizer_json(text, (*END_OF_GENERATION_TEXTS, self.template.tokens.get("eos_token", "")))
+            except (OSError, ValueError) as exc:
+                raise BackendError(f"[rkllm] tokenizer {self.tokenizer_path}: {exc}") from None
+        return self._vocabulary
+
+    def step(self, runs: Sequence[Run]) -> None:
+        for run in runs:
+            if isinstance(run, _LogitsRun):
+                run.advance()
+            else:
+                super().step([run])
+
     def interrupt(self, cancelled: threading.Event) -> None:
         with self._run_lock:
             if self._running is cancelled and self._rt is not None:
                 self._rt.abort()
 
-    def _run(self, rt: RkllmRuntime, prompt: str, stream: _Stream, cancelled: threading.Event, **kwargs: Any) -> int:
+    def _run(self, rt: RkllmRuntime, prompt: str | list[int], stream: _Stream | _Logits, cancelled: threading.Event, **kwargs: Any) -> int:
         """One ``rkllm_run``, unless ``cancelled`` is set already; ``interrupt(cancelled)``
         reaches it while it runs."""
         with self._run_lock:
@@ -579,7 +620,135 @@ class _Stream:
         return rk.CALLBACK_PAUSE
 
 
-def _raise_on_failure(rc: int, stream: _Stream, what: str) -> None:
+class _Logits:
+    """One logits-mode run's callbacks: the last row of its logits block (the next token's;
+    whether the block holds a row per input position is not documented: shared/rkllm-abi),
+    copied before the runtime frees it, and the FINISH statistics."""
+
+    def __init__(self) -> None:
+        self.row: np.ndarray | None = None
+        self.perf: _Perf | None = None
+        self.error_state = False
+        self.finish_reason: str | None = None  # "cancelled" when aborted where no callback saw it
+
+    def on_result(self, state: int, result: rk.RKLLMResult) -> int:
+        if state == rk.RKLLM_RUN_FINISH:
+            p = result.perf
+            self.perf = _Perf(p.prefill_time_ms, p.prefill_tokens, p.generate_time_ms, p.generate_tokens)
+        elif state == rk.RKLLM_RUN_ERROR:
+            self.error_state = True
+        else:
+            block = result.logits
+            if block.logits and block.vocab_size > 0 and block.num_tokens > 0:
+                size = block.vocab_size
+                rows = np.ctypeslib.as_array(block.logits, shape=(block.num_tokens * size,))
+                self.row = rows[(block.num_tokens - 1) * size :].copy()
+        return rk.CALLBACK_CONTINUE
+
+    def finish(self) -> None:
+        """Nothing is held back: a logits run produces no text."""
+
+
+class _LogitsRun(Run):
+    """A generation whose tokens the daemon samples (a constraint, logprobs): the runtime in
+    its logits mode, one ``rkllm_run`` a step, ``keep_history`` on, as public code drives it
+    (shared/rkllm-abi): the prompt's run prefills it and yields the first logits; each
+    chosen token goes back as token input, whose run yields the next. The runtime's history
+    then holds our tokens, not text: it is not resumed by the next turn (cleared instead).
+
+    The repeat penalty's window sees the prompt as the tokenizer cuts it (the runtime's own
+    cut is not visible) and the tokens chosen."""
+
+    def __init__(self, backend: RkllmBackend, prompt_text: str, params: SamplingParams, prefix: PrefixState | None, sink: TextSink):
+        super().__init__(backend.count_tokens(prompt_text))
+        if backend.tokenizer_path is None:
+            raise ConstraintError(
+                params.constraint.field if params.constraint is not None else "logprobs",
+                "constrained output and logprobs on the NPU need the model's tokenizer: set [rkllm] tokenizer "
+                "to the tokenizer.json the .rkllm model was converted from",
+            )
+        vocabulary = backend.vocabulary
+        guide = vocabulary.guide(params.constraint) if params.constraint is not None else None
+        self.backend = backend
+        self.sampler = Sampler(params, guide=guide)
+        self.vocabulary = vocabulary
+        self.prefix = prefix
+        self.text = TokenText(StreamDecoder(vocabulary.token_bytes), params.stop, sink)
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.recent = vocabulary.encode(prompt_text)[-64:] if params.repeat_penalty != 1.0 else []
+        sent, before = backend._ready_for(prompt_text, prefix)
+        self.next_input: str | list[int] = sent
+        # The completion ends where the context does, as the runtime's own generation does.
+        self.limit = min(n for n in (params.max_tokens, backend.max_new_tokens, backend.context_length - before) if n > 0)
+        self.to_prefill = self.stats.prompt_tokens
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        self.aborted.set()
+        self.backend.interrupt(self.aborted)
+
+    def advance(self) -> None:
+        """One run of the runtime, one token sampled from its logits (or the end)."""
+        backend, rt = self.backend, self.backend._require_runtime()
+        if self.aborted.is_set():
+            self.finish("cancelled")
+            return
+        logits = _Logits()
+        per_request = {"max_new_tokens": 1} if rt.abi.per_request_sampling else {}
+        rc = backend._run(rt, self.next_input, logits, self.aborted, mode=rk.RKLLM_INFER_GET_LOGITS, keep_history=True, **per_request)
+        if self.aborted.is_set() or logits.finish_reason == "cancelled":
+            self.finish("cancelled")
+            return
+        _raise_on_failure(rc, logits, "generation (logits mode)")
+        if logits.row is None:
+            raise BackendError("the runtime's logits mode gave no logits (GET_LOGITS is not supported by this runtime?)")
+        stats = self.stats
+        if self.phase == "prefill":
+            self.phase, self.prefilled = "decode", self.to_prefill
+            cached = self.prefix.n_tokens if self.prefix is not None else 0
+            stats.cached_tokens = cached
+            if logits.perf is not None:
+                stats.prompt_tokens, stats.prefill_ms = logits.perf.prefill_tokens + cached, logits.perf.prefill_time_ms
+        self.sample(logits.row)
+
+    def sample(self, row: np.ndarray) -> None:
+        stats, sampler = self.stats, self.sampler
+        try:
+            token = sampler.sample(row, self.recent)
+        except ConstraintError as exc:  # the engine failed: this answer ends
+            log.error("generation ended: %s", exc)
+            self.finish("error")
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            stats.ttft_ms = (self.first_token_at - self.started) * 1e3
+        if token in self.vocabulary.end_ids:
+            self.finish("stop")
+            return
+        if sampler.logprob is not None:
+            self.logprobs.append(logprob_entry(self.vocabulary.token_bytes, token, sampler.logprob))
+        stats.completion_tokens += 1
+        self.recent = [*self.recent[1:], token] if len(self.recent) >= 64 else [*self.recent, token]
+        ended = self.text.feed(token) or sampler.ended(stats.completion_tokens >= self.limit)
+        if ended:
+            self.finish(ended)
+        else:
+            self.next_input = [token]
+
+    def finish(self, reason: str) -> None:
+        """End with ``reason``; what the decoder and the stop matcher held back goes out."""
+        stats = self.stats
+        stats.finish_reason = self.text.finish(reason)
+        now = time.monotonic()
+        if self.first_token_at is None:
+            stats.ttft_ms = stats.prefill_ms = stats.prefill_ms or (now - self.started) * 1e3
+        else:
+            stats.decode_ms = (now - self.first_token_at) * 1e3
+        self.done = True
+
+
+def _raise_on_failure(rc: int, stream: _Stream | _Logits, what: str) -> None:
     if rc != 0:
         state = " after an ERROR callback" if stream.error_state else ""
         raise BackendError(f"{what} failed: rkllm_run returned {rc}{state}", code=rc)

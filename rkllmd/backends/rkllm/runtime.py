@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,16 +137,19 @@ class RkllmRuntime:
     # -- generation
     def run(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         handler: ResultHandler,
         *,
+        mode: int = rk.RKLLM_INFER_GENERATE,
         save_prompt_cache: Path | None = None,
         sampling: rk.RKLLMSamplingParam | None = None,
         max_new_tokens: int = 0,
         keep_history: bool = False,
     ) -> int:
-        """One blocking ``rkllm_run`` of a text prompt (``keep_history``: the runtime keeps
-        this run's input and output in its KV cache for the next run to continue).
+        """One blocking ``rkllm_run`` of a text prompt, or of token ids (token input)
+        (``keep_history``: the runtime keeps this run's input and output in its KV cache for
+        the next run to continue). ``mode`` GET_LOGITS: the run prefills its input and
+        hands the logits to ``handler`` instead of generating.
 
         ``handler`` sees every callback; an exception it raises pauses the run and is
         re-raised here. ``sampling`` and ``max_new_tokens`` exist only in the 1.3
@@ -154,10 +158,15 @@ class RkllmRuntime:
         """
         if not self.abi.per_request_sampling and (sampling is not None or max_new_tokens > 0):
             raise ValueError("the 1.2 interface has no per-request sampling or max_new_tokens")
-        text = prompt.encode()
-        inp = self.abi.RKLLMInput(role=b"user", enable_thinking=False, input_type=rk.RKLLM_INPUT_PROMPT)
-        inp.prompt_input = text
-        infer = self.abi.RKLLMInferParam(mode=rk.RKLLM_INFER_GENERATE, keep_history=int(keep_history))
+        inp = self.abi.RKLLMInput(role=b"user", enable_thinking=False)
+        if isinstance(prompt, str):
+            text = prompt.encode()
+            inp.input_type, inp.prompt_input = rk.RKLLM_INPUT_PROMPT, text
+        else:
+            ids = (ctypes.c_int32 * len(prompt))(*prompt)  # alive until the call returns
+            inp.input_type = rk.RKLLM_INPUT_TOKEN
+            inp.token_input = rk.RKLLMTokenInput(ctypes.cast(ids, ctypes.POINTER(ctypes.c_int32)), len(prompt))
+        infer = self.abi.RKLLMInferParam(mode=mode, keep_history=int(keep_history))
         if save_prompt_cache is not None:
             cache = rk.RKLLMPromptCacheParam(save_prompt_cache=1, prompt_cache_path=str(save_prompt_cache).encode())
             infer.prompt_cache_params = ctypes.pointer(cache)
