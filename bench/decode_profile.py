@@ -3,21 +3,26 @@ this machine's memory-bandwidth limit; and prefill, C against numpy.
 
 Prints the CPU's vector features, then, after a prompt of --prompt-tokens, in one run,
 on the same mapped weights:
-- the limit: a plain read of the weights' bytes with all cores (median of --rounds), and
-  each decode step's share of it (a step streams every weight once);
+- the limit: read_limit.c (a STREAM-style probe built with forward.c's flags) reading the
+  exact bytes of weights a decode step streams, best of 1..16 streams per thread on all
+  cores, in tokens/s (bandwidth / bytes per token);
+- decode through a real daemon (``decode_tps`` of a greedy answer of --decode-tokens
+  after the prompt; its forward.c built for --march) and its ratio to the limit, each
+  run's probe and answer side by side; a best ratio above 1.0 is a probe bug (exit 1);
 - prefill of the prompt, the C forward pass against numpy's, alternating;
-- the whole step (``Model.decode``) with the C step (forward.c) and with the numpy
-  reference (``model.kernels = "numpy"``), median over --steps steps, alternating rounds
-  so a disturbance hits both;
+- the whole step (``Model.decode``) in process with the C step (forward.c) and with the
+  numpy reference (``model.kernels = "numpy"``), median over --steps steps per run;
 - the numpy step's parts: its matrix-vector products alone (q/k/v, output, gate/up, down
   for every layer, then the tied head, on its own buffers) and the bandwidth they reach,
   its attention alone (scores, softmax, weighted values, every layer, at this context),
   and the rest (norms, rotary, activations, Python) by difference;
-- the bandwidth each whole step reaches streaming the float32 weights (the bound on decode);
 - sampling: greedy (an argmax) and top-k 40 / top-p 0.95 / temperature 0.8.
-Run: python bench/decode_profile.py [--prompt-tokens 500] [--march haswell]
-(--march: the target the C forward pass is built for; the default, native, is what the
-daemon builds; haswell is AVX2 without AVX-512. The numpy side then runs OpenBLAS's
+Every figure is min/median/max over --runs (5) runs, each run doing every part once.
+Run: python bench/decode_profile.py [--runs 5] [--prompt-tokens 500] [--march haswell]
+(about 2 minutes; quick: --runs 3 --steps 16 --decode-tokens 32).
+(--march: the target the C forward pass is built for, in process and in the daemon
+(bench's daemon gets a compiler appending -march, see kernel_sets.daemon_env); the
+default, native, is what the daemon builds; haswell is AVX2 without AVX-512. The numpy side then runs OpenBLAS's
 kernels for the same target: the bench re-executes itself with OPENBLAS_CORETYPE set,
 see kernel_sets.py; it prints which kernel set each side used.)
 """
@@ -32,14 +37,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from daemon import KERNELS_DIR, WEIGHTS_DIR, words  # noqa: E402
-from kernel_sets import c_model as c_model_for, cpu_features, match_blas, numpy_blas  # noqa: E402
+from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
+import read_limit  # noqa: E402  (after daemon, which imports rkllmd first)
+from kernel_sets import c_model as c_model_for, cpu_features, daemon_env, match_blas, numpy_blas  # noqa: E402
 
 import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
 from rkllmd.backends.base import SamplingParams  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-
+from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
 from rkllmd.backends.cpu.model import KVSlot, Model  # noqa: E402
 from rkllmd.sampling import Sampler  # noqa: E402
@@ -77,21 +82,25 @@ def attention(model: Model, slot: KVSlot, n_keys: int) -> None:
         model._attn /= totals
 
 
-def read_limit_ms(arrays: list[np.ndarray], repeat: int) -> float:
-    """A plain read of ``arrays``' bytes with every core: the floor under a decode step."""
-    slices = [part for a in arrays for part in np.array_split(a.reshape(-1).view(np.uint32), os.cpu_count() or 1)]
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        def read() -> None:
-            list(pool.map(lambda part: np.bitwise_or.reduce(part), slices))
-        read()
-        return median_ms(read, repeat)
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """min/median/max of a figure's runs."""
+    return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
 
-def main() -> None:
+def daemon_decode_tps(client: Client, messages: list[dict[str, str]], tokens: int) -> float:
+    """The daemon's decode rate (its stats: tokens after the first / decode time) for one greedy answer."""
+    result = client.generate(messages=messages, max_tokens=tokens, temperature=0, no_cache=True).wait()
+    if result.stats["completion_tokens"] < tokens // 2:
+        raise RuntimeError(f"the answer stopped after {result.stats['completion_tokens']} tokens: too few to time")
+    return result.stats["decode_tps"]
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens each daemon answer decodes")
+    parser.add_argument("--steps", type=int, default=32, help="in-process decode steps timed per run and side")
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--march", default="native", help="target of the C build (default: native)")
     args = parser.parse_args()
     match_blas(args.march)
@@ -100,8 +109,8 @@ def main() -> None:
     backend.load()
     numpy_model = backend.model
     c_model, c_build = c_model_for(backend, args.march)
-    text = backend.render([{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}])
-    ids = backend.tokenizer.encode(text)[: args.prompt_tokens]
+    messages = [{"role": "user", "content": "Continue this text forever: " + words(args.prompt_tokens)}]
+    ids = backend.tokenizer.encode(backend.render(messages))[: args.prompt_tokens]
     slots = {"C": c_model.new_slot(), "numpy": numpy_model.new_slot()}
     prefill_s: dict[str, list[float]] = {"C": [], "numpy": []}
     for _ in range(2):
@@ -113,54 +122,81 @@ def main() -> None:
     numpy_model.prefill(slots["numpy"], ids, 0)
     for _ in range(args.steps):  # the greedy continuation both steps are timed on
         tokens.append(int(np.argmax(c_model.decode(slots["C"], tokens[-1], len(ids) + len(tokens) - 1))))
-
-    step_times: dict[str, list[float]] = {"C": [], "numpy": []}
-    for _ in range(args.rounds):
-        for label, model in (("C", c_model), ("numpy", numpy_model)):
-            for i in range(args.steps):
-                t0 = time.perf_counter()
-                model.decode(slots[label], tokens[i], len(ids) + i)
-                step_times[label].append((time.perf_counter() - t0) * 1000)
-    c_step, numpy_step = (statistics.median(step_times[k]) for k in ("C", "numpy"))
+    weight_bytes = read_limit.streamed_bytes(c_model.w)
     n_keys = len(ids) + args.steps
 
-    products = median_ms(lambda: matrix_products(numpy_model), args.steps)
-    attend = median_ms(lambda: attention(numpy_model, slots["numpy"], n_keys), args.steps)
+    # Each run: the probe (every stream count once), the daemon's answer, the in-process steps, side by side.
+    limits: list[float] = []  # GB/s, each run's best stream count
+    daemon_tps: list[float] = []
+    step_ms: dict[str, list[float]] = {"C": [], "numpy": []}
+    parts: dict[str, list[float]] = {"products": [], "attention": []}
+    probe_runs = []
+    with running_daemon(env=daemon_env(args.march)) as daemon, Client(daemon.socket, timeout=600) as client:
+        kernel = client.status()["model"]["decode"]
+        daemon_decode_tps(client, messages, 8)  # warm-up: the daemon's first answer
+        for _ in range(args.runs):
+            probe = read_limit.measure(weight_bytes, args.march, rounds=1)
+            probe_runs.append(probe)
+            limits.append(probe.best_gbps)
+            daemon_tps.append(daemon_decode_tps(client, messages, args.decode_tokens))
+            for label, model in (("C", c_model), ("numpy", numpy_model)):
+                times = []
+                for i in range(args.steps):
+                    t0 = time.perf_counter()
+                    model.decode(slots[label], tokens[i], len(ids) + i)
+                    times.append((time.perf_counter() - t0) * 1000)
+                step_ms[label].append(statistics.median(times))
+            parts["products"].append(median_ms(lambda: matrix_products(numpy_model), args.steps))
+            parts["attention"].append(median_ms(lambda: attention(numpy_model, slots["numpy"], n_keys), args.steps))
+
     logits = c_model._logits
     greedy = Sampler(SamplingParams(temperature=0))
     sampled = Sampler(SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=1))
     sample_greedy = median_ms(lambda: greedy.sample(logits, ids), args.steps)
     sample_topk = median_ms(lambda: sampled.sample(logits, ids), args.steps)
 
-    streamed = [a for name, a in c_model.w.arrays().items() if name not in ("attn_norm", "ffn_norm", "output_norm")]
-    weight_bytes = sum(a.nbytes for a in streamed)
-    limit = read_limit_ms(streamed, args.rounds * 4)
-    gbps = lambda ms: weight_bytes / ms / 1e6  # noqa: E731
+    limit_tps = [gb * 1e9 / weight_bytes for gb in limits]
+    ratios = [tps / lim for tps, lim in zip(daemon_tps, limit_tps)]
+    c_tps = [1000 / ms for ms in step_ms["C"]]
+    numpy_tps = [1000 / ms for ms in step_ms["numpy"]]
+    best_ratio = max(daemon_tps) / max(limit_tps)
+    streams = sorted({p.best_streams for p in probe_runs})
     print(f"CPU: {cpu_features()}; {os.cpu_count()} cores")
-    print(f"C side: {c_build}; numpy side: {numpy_blas()}")
-    print(f"limit: a plain read of the {weight_bytes / 1e6:.0f} MB of weights with all cores takes {limit:.2f} ms "
-          f"({gbps(limit):.1f} GB/s): at most {1000 / limit:.1f} decode tokens/s")
-    print(f"decode: C step {c_step:.2f} ms = **{limit / c_step:.2f} of the limit**; numpy step {limit / numpy_step:.2f}")
+    print(f"C side: {c_build}; daemon: {kernel}; numpy side: {numpy_blas()}")
+    print(f"{args.runs} runs, each: the probe, a daemon answer of {args.decode_tokens} tokens after {len(ids)} prompt "
+          f"tokens, {args.steps} in-process steps per side; figures min/median/max over the runs\n")
+    print("| figure | min/median/max |")
+    print("|---|---:|")
+    print(f"| limit: read_limit.c over {weight_bytes / 1e6:.1f} MB (the weights a step streams), best of 1-16 streams "
+          f"per thread ({', '.join(map(str, streams))} best) | {spread(limits, '.2f')} GB/s |")
+    print(f"| limit in tokens/s (bytes per token / bandwidth) | {spread(limit_tps)} |")
+    print(f"| decode through the daemon (its decode_tps) | {spread(daemon_tps)} tokens/s |")
+    print(f"| **daemon decode / limit** (each run's side by side) | **{spread(ratios, '.2f')}** |")
+    print(f"| C step in process (forward.c, median of {args.steps}) | {spread(c_tps)} tokens/s |")
+    print(f"| C step in process / limit | {spread([t / l for t, l in zip(c_tps, limit_tps)], '.2f')} |")
+    print(f"| numpy step (reference) | {spread(numpy_tps)} tokens/s |")
+    print(f"| C step / numpy step | {spread([c / n for c, n in zip(c_tps, numpy_tps)], '.2f')}x |")
+    print(f"\nbest daemon decode / best limit: {max(daemon_tps):.1f} / {max(limit_tps):.1f} = **{best_ratio:.2f}**")
     c_prefill, numpy_prefill = (len(ids) / min(prefill_s[k]) for k in ("C", "numpy"))
     print(f"prefill of {len(ids)} tokens (best of 2, alternating): C {c_prefill:.0f} tokens/s, numpy {numpy_prefill:.0f} "
           f"tokens/s: ratio **{c_prefill / numpy_prefill:.2f}x**\n")
-    print(f"decode steps at context {len(ids)}-{n_keys}, median of {args.steps} x {args.rounds} each; "
-          f"{weight_bytes / 1e6:.0f} MB of weights streamed per step\n")
-    print("| step | ms per step | tokens/s | weights streamed at |")
-    print("|---|---:|---:|---:|")
-    print(f"| C (forward.c) | {c_step:.2f} | {1000 / c_step:.1f} | {gbps(c_step):.1f} GB/s |")
-    print(f"| numpy (reference) | {numpy_step:.2f} | {1000 / numpy_step:.1f} | {gbps(numpy_step):.1f} GB/s |")
-    print(f"| ratio C / numpy | | **{numpy_step / c_step:.2f}x** | |\n")
-    print("The numpy step's parts:\n")
-    print("| part | ms per step | share |")
+    print("The numpy step's parts (min/median/max over the runs of each run's median):\n")
+    print("| part | ms per step | share of the median step |")
     print("|---|---:|---:|")
-    rest = numpy_step - products - attend
-    for label, ms in ((f"matrix-vector products (30 layers + head; {gbps(products):.1f} GB/s)", products),
-                      ("attention", attend), ("norms, rotary, activations, Python (by difference)", rest)):
-        print(f"| {label} | {ms:.2f} | {ms / numpy_step * 100:.0f} % |")
+    numpy_step = statistics.median(step_ms["numpy"])
+    rest = [s - p - a for s, p, a in zip(step_ms["numpy"], parts["products"], parts["attention"])]
+    product_gbps = statistics.median(weight_bytes / ms / 1e6 for ms in parts["products"])
+    for label, ms in ((f"matrix-vector products (30 layers + head; {product_gbps:.1f} GB/s)", parts["products"]),
+                      ("attention", parts["attention"]), ("norms, rotary, activations, Python (by difference)", rest)):
+        print(f"| {label} | {spread(ms, '.2f')} | {statistics.median(ms) / numpy_step * 100:.0f} % |")
     print(f"\nsampling (not part of the step): greedy {sample_greedy:.3f} ms, "
-          f"top-k 40 / top-p 0.95 / T 0.8 {sample_topk:.3f} ms ({sample_topk / c_step * 100:.1f} % of a C step)")
+          f"top-k 40 / top-p 0.95 / T 0.8 {sample_topk:.3f} ms")
+    if best_ratio > 1.0:
+        print(f"PROBE BUG: the daemon decoded faster than the probe's limit allows ({best_ratio:.2f} > 1): "
+              "the probe under-reads", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

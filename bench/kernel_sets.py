@@ -15,8 +15,10 @@ import contextlib
 import ctypes
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 #: OpenBLAS's kernel set for a gcc ``-march`` target (those a benchmark is likely to ask for).
@@ -76,6 +78,23 @@ def c_model(backend, march: str):
     base, kernel = backend.model, kernels.c_kernel(KERNELS_DIR, march)
     model = Model(base.config, base.w, base.context_length, base.prefill_chunk, kernel)
     return model, f"forward.c built with -march={march} ({kernel.detail})"
+
+
+def daemon_env(march: str) -> dict[str, str]:
+    """Environment for a benchmark's daemon whose forward.c is built for ``march``: the
+    daemon always builds ``-march=native``, so for another target it gets a compiler
+    (``$CC``, which kernels.py honours) that appends ``-march=march`` (gcc takes the last),
+    and a kernels folder of its own. Native: nothing changes."""
+    if march == "native":
+        return {}
+    from rkllmd.backends.cpu import kernels
+
+    folder = Path(tempfile.mkdtemp(prefix=f"rkllmd-{march}-"))
+    wrapper = folder / f"cc-{march}"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(kernels.compiler() or "cc")} "$@" -march={shlex.quote(march)}\n')
+    wrapper.chmod(0o755)
+    (folder / "kernels").mkdir()
+    return {"CC": str(wrapper), "RKLLMD_MODEL_KERNELS_DIR": str(folder / "kernels")}
 
 
 def builds_avx512(march: str) -> bool:
