@@ -1,14 +1,21 @@
 """Conversations reusing their own state: time to first token per turn of a 10-turn chat.
 
-In one run, side by side, for every turn of a chat with a ~440-token system prompt (the
-issue's case) whose history grows by each answer:
+For every turn of a greedy chat with a ~440-token system prompt (the issue's case) whose
+history grows by each answer, --runs times (each run a fresh reuse daemon and the whole
+chat; every figure min/median/max over the runs):
 - cold: a daemon asked with `no_cache` prefills the whole conversation;
 - reuse: a daemon that keeps each turn's state restores the longest common token prefix;
-- limit: in process, prefilling only the tokens reuse did not restore (at their
-  positions, after the rest) plus one decode step: the issue's goal is reuse within 1.3x.
+- limit, what reuse cannot beat, each part measured in the same run: restoring the kept
+  state (its bytes, restored tokens x KV bytes per token, read at the bandwidth
+  bench/read_limit.c measures), plus prefilling only the tokens reuse did not restore (at
+  their positions, after the rest, in process), plus one decode step (in process).
+The daemon copies only the positions its slot does not hold already (a conversation that
+comes back to its own slot copies nothing), so reuse can undercut the restore part;
+"reuse / compute" leaves it out.
 Then: bytes of memory per kept token (status), and two conversations taking turns on one
-daemon (each turn restores its own conversation's state, not the other's).
-Run: python bench/conversation_ttft.py [--turns 10] [--repeat 3]
+daemon (each turn restores its own conversation's state, not the other's; one run).
+Run: python bench/conversation_ttft.py [--turns 10] [--runs 5] (about 4 minutes;
+quick: --turns 4 --runs 5, about a minute).
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
+import read_limit  # noqa: E402  (after daemon, which imports rkllmd first)
 from plotting import line_plot  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
@@ -45,65 +54,101 @@ def messages(questions: list[str], answers: list[str]) -> list[dict[str, str]]:
     return out
 
 
-def limit_ms(backend: CpuBackend, prompt: str, restored: int, repeat: int) -> float:
-    """Prefill of the tokens after ``restored`` at their positions, then one decode step."""
+def prefill_and_step_ms(backend: CpuBackend, prompt: str, restored: int) -> tuple[float, float]:
+    """In process: the prefill of the tokens after ``restored`` at their positions (the
+    prefix prefilled first, untimed), then one decode step; each in ms."""
     ids = backend.tokenizer.encode(prompt)
     model = backend.model
     slot = model.new_slot()
     if restored:
         model.prefill(slot, ids[:restored], 0)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        logits = model.prefill(slot, ids[restored:], restored)
-        model.decode(slot, int(logits.argmax()), len(ids))
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    logits = model.prefill(slot, ids[restored:], restored)
+    t1 = time.perf_counter()
+    model.decode(slot, int(logits.argmax()), len(ids))
+    return (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+
+
+def spread(values: list[float], fmt: str = ".0f") -> str:
+    """min/median/max of a figure's runs."""
+    return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+
+
+@dataclass
+class Turn:
+    prompt_tokens: int = 0
+    restored: int = 0
+    cold: list[float] = field(default_factory=list)
+    reuse: list[float] = field(default_factory=list)
+    restore: list[float] = field(default_factory=list)  # the kept state's bytes at the probe's bandwidth
+    prefill: list[float] = field(default_factory=list)
+    step: list[float] = field(default_factory=list)
+
+    def limits(self) -> list[float]:
+        return [r + p + s for r, p, s in zip(self.restore, self.prefill, self.step)]
 
 
 def chat(client: Client, questions: list[str], answers: list[str], **fields) -> tuple[str, dict, float]:
-    result = client.generate(messages=messages(questions, answers), max_tokens=ANSWER_TOKENS, **fields).wait()
+    result = client.generate(messages=messages(questions, answers), max_tokens=ANSWER_TOKENS, temperature=0, **fields).wait()
     return result.text, result.stats, result.client_ttft_ms
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=len(QUESTIONS))
-    parser.add_argument("--repeat", type=int, default=3, help="runs of the cold prompt and of the limit (medians)")
-    parser.add_argument("--plot", type=Path, help="write a PNG of each turn's TTFT, cold, with reuse and the limit")
+    parser.add_argument("--runs", type=int, default=5, help="runs of the whole chat (min/median/max over them)")
+    parser.add_argument("--plot", type=Path, help="write a PNG of each turn's median TTFT, cold, with reuse and the limit")
     args = parser.parse_args()
 
     backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
     backend.load()
-    rows = []
-    with running_daemon() as reuse_daemon, running_daemon() as cold_daemon:
-        with Client(reuse_daemon.socket, timeout=600) as reuse, Client(cold_daemon.socket, timeout=600) as cold:
-            answers: list[str] = []
-            for turn in range(args.turns):
-                questions = QUESTIONS[: turn + 1]
-                answer, stats, reuse_ms = chat(reuse, questions, answers)
-                cold_ms = statistics.median(
-                    cold.generate(messages=messages(questions, answers), max_tokens=1, no_cache=True).wait().client_ttft_ms
-                    for _ in range(args.repeat)
-                )
-                prompt = backend.render(messages(questions, answers))
-                rows.append((turn + 1, stats["prompt_tokens"], stats["cached_tokens"], cold_ms, reuse_ms,
-                             limit_ms(backend, prompt, stats["cached_tokens"], args.repeat)))
-                answers.append(answer)
-            kept = reuse.status()["caches"]["conversations"]
+    kv_bytes = backend.model.config.kv_bytes_per_token
+    probe_bytes = read_limit.streamed_bytes(backend.model.w)
+    turns = [Turn() for _ in range(args.turns)]
+    bandwidths: list[float] = []
+    with running_daemon() as cold_daemon, Client(cold_daemon.socket, timeout=600) as cold:
+        for _ in range(args.runs):
+            bandwidth = read_limit.measure(probe_bytes, rounds=1).best_gbps  # this run's, GB/s
+            bandwidths.append(bandwidth)
+            with running_daemon() as reuse_daemon, Client(reuse_daemon.socket, timeout=600) as reuse:
+                answers: list[str] = []
+                for turn, row in zip(range(args.turns), turns):
+                    questions = QUESTIONS[: turn + 1]
+                    answer, stats, reuse_ms = chat(reuse, questions, answers)
+                    if row.reuse and (stats["prompt_tokens"], stats["cached_tokens"]) != (row.prompt_tokens, row.restored):
+                        raise RuntimeError(f"turn {turn + 1} differs between runs: {stats} (greedy answers must repeat)")
+                    row.prompt_tokens, row.restored = stats["prompt_tokens"], stats["cached_tokens"]
+                    row.reuse.append(reuse_ms)
+                    row.cold.append(cold.generate(messages=messages(questions, answers), max_tokens=1, temperature=0,
+                                                  no_cache=True).wait().client_ttft_ms)
+                    row.restore.append(row.restored * kv_bytes / bandwidth / 1e6)
+                    prefill_ms, step_ms = prefill_and_step_ms(backend, backend.render(messages(questions, answers)), row.restored)
+                    row.prefill.append(prefill_ms)
+                    row.step.append(step_ms)
+                    answers.append(answer)
+                kept = reuse.status()["caches"]["conversations"]
 
-    print(f"client-side TTFT through the socket; cold and limit: median of {args.repeat}; answers of up to {ANSWER_TOKENS} tokens\n")
-    print("| turn | prompt tokens | restored | cold (no_cache) | reuse | limit | cold / reuse | reuse / limit |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for turn, prompt_tokens, cached, cold_ms, reuse_ms, lim in rows:
-        print(f"| {turn} | {prompt_tokens} | {cached} | {cold_ms:.0f} ms | {reuse_ms:.0f} ms | {lim:.0f} ms | "
-              f"{cold_ms / reuse_ms:.1f}x | {reuse_ms / lim:.2f}x |")
+    print(f"client-side TTFT through the socket, {args.runs} runs of the chat (min/median/max); greedy answers of up to "
+          f"{ANSWER_TOKENS} tokens; probe bandwidth {spread(bandwidths, '.1f')} GB/s; KV {kv_bytes} bytes per token\n")
+    print("| turn | prompt tokens | restored | cold (no_cache) ms | reuse ms | limit ms = restore + prefill new + 1 step "
+          "| cold / reuse | **reuse / limit** | reuse / compute (no restore) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for turn, row in enumerate(turns, 1):
+        limits = row.limits()
+        computes = [p + s for p, s in zip(row.prefill, row.step)]
+        print(f"| {turn} | {row.prompt_tokens} | {row.restored} | {spread(row.cold)} | {spread(row.reuse)} | "
+              f"{spread(limits)} = {statistics.median(row.restore):.1f} + {statistics.median(row.prefill):.0f} + "
+              f"{statistics.median(row.step):.0f} | {spread([c / r for c, r in zip(row.cold, row.reuse)], '.1f')}x | "
+              f"**{spread([r / lim for r, lim in zip(row.reuse, limits)], '.2f')}x** | "
+              f"{spread([r / c for r, c in zip(row.reuse, computes)], '.2f')}x |")
     print(f"\nkept after the chat: {kept['kept']} state(s), {kept['tokens']} tokens, {kept['bytes'] / 2**20:.1f} MiB: "
           f"{kept['bytes'] // max(kept['tokens'], 1)} bytes per kept token; {kept['hits']} reused, {kept['evictions']} evicted")
 
     if args.plot:
-        columns = ((3, "cold (no_cache)", "o-"), (4, "reuse", "^-"), (5, "limit: new tokens + 1 step", "k--"))
-        line_plot(args.plot, [r[0] for r in rows], [(label, style, [r[c] for r in rows]) for c, label, style in columns],
+        series = (("cold (no_cache)", "o-", lambda r: r.cold), ("reuse", "^-", lambda r: r.reuse),
+                  ("limit: restore + new tokens + 1 step", "k--", Turn.limits))
+        line_plot(args.plot, list(range(1, len(turns) + 1)),
+                  [(label, style, [statistics.median(get(r)) for r in turns]) for label, style, get in series],
                   "turn of the chat", "time to first token (ms)")
 
     # Two conversations taking turns on one daemon.
