@@ -4,10 +4,16 @@ Same model (SmolLM2-135M-Instruct), same prompt token ids (our tokenizer's, fed 
 same greedy decoding, same two threads:
 - ours: the float32 forward pass, driven directly (prefill, then decode steps), with its
   C forward pass (forward.c, the default) and with the numpy reference passes (``model.kernels = "numpy"``);
-- llama.cpp float32: the bundled Q4_1 file converted to F32 by llama.cpp's own quantize
-  tool (the same float32 values our backend dequantizes to);
-- llama.cpp Q4_1: the bundled file as it is, for scale (4-bit weights stream 6x fewer bytes).
-Prints prefill and decode tokens/s and whether the greedy tokens agree, after the CPU's
+- llama.cpp at the weights its users pick, as rows of the same table: F32 (the bundled
+  Q4_1 file converted by llama.cpp's own quantize, the same float32 values our backend
+  dequantizes to), Q8_0 and Q4_K_M (quantized by llama.cpp from that F32 copy, as its
+  users make them), and the bundled Q4_1 file as it is (--formats picks among them).
+Each round runs every engine once (after a warm-up in the first), and the read probe
+(bench/read_limit.c, all cores) once; every figure is min/median/max over --rounds (5).
+Prints prefill and decode tokens/s, each engine's decode against ours, the bytes of
+weights each streams a token and its decode against the limit those bytes allow at the
+probe's bandwidth (the same machine limit for every engine), and whether the greedy
+tokens agree with ours (quantized weights give other logits: they may not), after the CPU's
 features and which build each side runs: our forward.c's target (--march; haswell is AVX2
 without AVX-512), numpy's OpenBLAS kernels (matched to --march, see kernel_sets.py) and
 llama.cpp's own system info (the instruction sets the installed llama-cpp-python was
@@ -15,7 +21,10 @@ compiled for: install an AVX2-only build to compare with --march haswell).
 
 Needs llama-cpp-python (`.venv/bin/pip install -e '.[bench-llama]'`, which builds llama.cpp
 from source: about 15 minutes on two cores). Without it the script says so and exits 1.
-Run: python bench/llama_cpp_compare.py [--prompt-tokens 500] [--decode-tokens 64] [--march haswell] [--no-q4]
+The wheels built here: `.venv/bin/pip install --no-deps /work/wheels/native/*.whl diskcache`
+(this CPU's instruction sets), or /work/wheels/avx2/ (AVX2 only; for --march haswell).
+Run: python bench/llama_cpp_compare.py [--rounds 5] [--prompt-tokens 500] [--decode-tokens 64] [--march haswell]
+[--formats F32,Q8_0,Q4_K_M,Q4_1] (about 3 minutes; quick: --rounds 5 --decode-tokens 32 --prompt-tokens 250).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from daemon import WEIGHTS_DIR, words  # noqa: E402
+import read_limit  # noqa: E402  (after daemon, which imports rkllmd first)
 from kernel_sets import builds_avx512, c_model, cpu_features, match_blas, numpy_blas  # noqa: E402
 from make_llama_references import float32_copy  # noqa: E402  (the F32 copy the test references were made from)
 
@@ -40,8 +50,35 @@ from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path  # noqa: 
 from rkllmd.backends.cpu.model import Model  # noqa: E402
 
 THREADS = 2
+#: llama.cpp's weight formats: the ftype its quantize makes each from the F32 copy (None: the bundled file, or F32 itself).
+FORMATS = {"F32": None, "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_1": None}
 OURS = "rkllmd CPU backend (float32, C forward pass)"
 _QUIET = None
+
+
+def quantized_copy(llama_cpp, f32: Path, fmt: str) -> Path:
+    """``f32`` quantized to ``fmt`` by llama.cpp's own quantize (made once, kept beside it)."""
+    target = f32.with_name(f32.name.replace(".F32.", f".{fmt}."))
+    if not target.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, FORMATS[fmt])
+        params.nthread = THREADS
+        partial = target.with_suffix(".part")
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama.cpp could not quantize the model to {fmt}")
+        partial.rename(target)
+    return target
+
+
+def weight_bytes(llama_cpp, llm) -> int:
+    """Bytes of a loaded model's tensors (llama.cpp's count): what a decode step reads
+    (SmolLM2's output head is its token embedding, read whole every step)."""
+    return int(llama_cpp.llama_model_size(llm.model))
+
+
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """min/median/max of a figure's runs."""
+    return "/".join(format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
 
 
 def ours_run(model: Model, ids: list[int], steps: int) -> tuple[float, float, list[int]]:
@@ -77,13 +114,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=500)
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each engine per round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds through every engine (min/median/max over them)")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "rkllmd-bench")
     parser.add_argument("--march", default="native", help="target of our C build (default: native)")
-    parser.add_argument("--no-q4", action="store_true",
-                        help="leave out llama.cpp's Q4_1 run (its AMX kernels, in a build for a CPU that lists "
-                             "AMX, die of SIGILL where a virtual machine does not let them run)")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help="llama.cpp's weight formats to run (leave out Q4_1 where a build's AMX kernels die of "
+                             "SIGILL: a build for a CPU that lists AMX, in a virtual machine that does not let them run)")
     args = parser.parse_args()
     match_blas(args.march)
     try:
@@ -111,19 +147,25 @@ def main() -> int:
         OURS: lambda: ours_run(ours, ids, args.decode_tokens),
         "rkllmd CPU backend (float32, numpy passes)": lambda: ours_run(ours_numpy.model, ids, args.decode_tokens),
     }
-    llama_files = {"llama.cpp, F32 weights": f32, "llama.cpp, Q4_1 weights": source}
-    if args.no_q4:
-        del llama_files["llama.cpp, Q4_1 weights"]
-    for label, path in llama_files.items():
+    streamed = dict.fromkeys(engines, read_limit.streamed_bytes(ours.w))
+    for fmt in args.formats.split(","):
+        if fmt not in FORMATS:
+            raise SystemExit(f"--formats: {fmt} is none of {', '.join(FORMATS)}")
+        path = f32 if fmt == "F32" else source if fmt == "Q4_1" else quantized_copy(llama_cpp, f32, fmt)
+        label = f"llama.cpp, {fmt} weights" + (" (the bundled file)" if fmt == "Q4_1" else "")
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
                               verbose=False)
         engines[label] = lambda llm=llm: llama_run(llama_cpp, llm, ids, args.decode_tokens)
+        streamed[label] = weight_bytes(llama_cpp, llm)
 
     runs: dict[str, list[tuple[float, float, list[int]]]] = {label: [] for label in engines}
+    bandwidths: list[float] = []  # GB/s, the probe's best stream count each round
+    for run in engines.values():
+        run()  # warm-up: page the weights in
     for _ in range(args.rounds):  # rounds, so a disturbance hits every engine alike
+        bandwidths.append(read_limit.measure(streamed[OURS], args.march, rounds=1).best_gbps)
         for label, run in engines.items():
-            run()  # warm-up: page the weights in, let the other engine's threads go idle
-            runs[label].extend(run() for _ in range(args.repeat))
+            runs[label].append(run())
 
     reference = runs[OURS][0][2]
     print(f"CPU: {cpu_features()}; {os.cpu_count()} cores")
@@ -134,15 +176,21 @@ def main() -> int:
         print("**the two builds use different vector instruction sets: not a like-for-like comparison**")
     print()
     print(f"{len(ids)} prompt tokens, {args.decode_tokens} decode steps, greedy, {THREADS} threads, "
-          f"median of {args.repeat} runs in each of {args.rounds} rounds through the engines\n")
-    print("| engine | prefill tokens/s | decode tokens/s | greedy tokens equal to ours |")
-    print("|---|---:|---:|---:|")
+          f"{args.rounds} rounds through the engines; min/median/max over the rounds; probe "
+          f"{spread(bandwidths)} GB/s (read_limit.c, {streamed[OURS] / 1e6:.0f} MB, all cores)\n")
+    print("| engine | prefill tokens/s | decode tokens/s | decode / ours | MB read a token | decode / its limit | "
+          "greedy tokens equal to ours |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    ours_decode = [args.decode_tokens / r[1] for r in runs[OURS]]
     for label, results in runs.items():
-        prefill = statistics.median(len(ids) / r[0] for r in results)
-        decode = statistics.median(args.decode_tokens / r[1] for r in results)
+        prefill = [len(ids) / r[0] for r in results]
+        decode = [args.decode_tokens / r[1] for r in results]
+        of_limit = [tps * streamed[label] / (gbps * 1e9) for tps, gbps in zip(decode, bandwidths)]
         tokens = results[0][2]
         agree = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
-        print(f"| {label} | {prefill:.0f} | {decode:.1f} | {agree}/{len(tokens)} |")
+        print(f"| {label} | {spread(prefill, '.0f')} | {spread(decode)} | "
+              f"{spread([d / o for d, o in zip(decode, ours_decode)], '.2f')} | {streamed[label] / 1e6:.0f} | "
+              f"{spread(of_limit, '.2f')} | {agree}/{len(tokens)} |")
     return 0
 
 
