@@ -86,26 +86,8 @@
 #define GROUP_TOKENS (8 * TILE_TOKENS)
 /* Left-over tokens: tiles of SHORT_TOKENS, then of one. */
 #define SHORT_TOKENS (TILE_TOKENS > 4 ? 4 : 1)
-#define BLOCK_PANELS 4
-/* One token row (decode) has no reuse of a weight: its products are bound by how fast the
- * weights stream from memory. A thread streams DECODE_PANELS panels side by side (as
- * many accumulators as the registers hold beside a broadcast: one vector a panel on
- * AVX-512, two on AVX2 and SSE, four on NEON), asking for each DECODE_PREFETCH cache lines
- * ahead, and takes a product's panels by items of DECODE_ITEM_PANELS (a gate/up pair),
- * claimed in runs of consecutive items (``decode_run``): each thread streams its own
- * stretches of contiguous rows, and the last stretches of a small product (9 blocks of 4
- * panels each for the output projections) are shared instead of left to one thread. */
-#ifndef DECODE_PANELS
-#if WIDTH == 16
-#define DECODE_PANELS 8
-#else
 #define DECODE_PANELS 4
-#endif
-#endif
-#ifndef DECODE_PREFETCH
-#define DECODE_PREFETCH 32
-#endif
-#define DECODE_ITEM_PANELS 2
+#define BLOCK_PANELS 4
 /* Prefill tiles ask for their weights PREFETCH_AHEAD inputs (cache lines) ahead: a block's
  * first tile of tokens reads them from memory, faster than the hardware's prefetcher
  * alone brings them. */
@@ -289,12 +271,12 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
                 _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] = (vec_t){0};            \
         const int64_t stride = k_dim * LANES;                                                                 \
         int64_t k = 0;                                                                                        \
-        const int64_t ahead = (T) > 1 ? PREFETCH_AHEAD : DECODE_PREFETCH; /* ask for the weights ahead */    \
-        for (; k + ahead < k_dim; k++) {                                                                      \
-            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
-                __builtin_prefetch(w + p * stride + (k + ahead) * LANES);                                     \
-            TILE_STEP(T, NP)                                                                                  \
-        }                                                                                                     \
+        if ((T) > 1) /* prefill: ask for the weights ahead */                                                 \
+            for (; k + PREFETCH_AHEAD < k_dim; k++) {                                                         \
+                _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
+                    __builtin_prefetch(w + p * stride + (k + PREFETCH_AHEAD) * LANES);                        \
+                TILE_STEP(T, NP)                                                                              \
+            }                                                                                                 \
         for (; k < k_dim; k++)                                                                                \
             TILE_STEP(T, NP)                                                                                  \
         for (int t = 0; t < T; t++) {                                                                         \
@@ -320,7 +302,6 @@ DEFINE_TILE(tile_full_one, TILE_TOKENS, 1)
 DEFINE_TILE(tile_short, SHORT_TOKENS, TILE_PANELS)
 DEFINE_TILE(tile_short_one, SHORT_TOKENS, 1)
 DEFINE_TILE(tile_decode, 1, DECODE_PANELS)
-DEFINE_TILE(tile_decode_pair, 1, 2)
 DEFINE_TILE(tile_one, 1, 1)
 
 typedef void tile_fn(const float *restrict, const float *restrict, float *restrict, int64_t, int64_t, int64_t, int);
@@ -340,13 +321,9 @@ static void block(const float *w, const float *x, float *out, int64_t n_tokens, 
             panels = TILE_PANELS;
         }
         for (int64_t p = p0; p < p1;) {
-            int64_t n = p + panels <= p1 ? panels : 1;
-            tile_fn *tile = n == panels ? wide : narrow;
-            if (tokens == 1 && n == 1 && p + 2 <= p1) /* a decode run's last panels: still two streams */
-                n = 2, tile = tile_decode_pair;
-            const int64_t valid = n_out - p * LANES;
-            tile(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim, n_out,
-                 valid < n * LANES ? valid : n * LANES, accumulate);
+            const int64_t n = p + panels <= p1 ? panels : 1, valid = n_out - p * LANES;
+            (n == panels ? wide : narrow)(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim,
+                                          n_out, valid < n * LANES ? valid : n * LANES, accumulate);
             p += n;
         }
         t += tokens;
@@ -532,15 +509,7 @@ struct task {
     float *h;                 /* this thread's normalized rows: the products' input */
 };
 
-/* Items [first, last) of a phase, claimed together by one thread. */
-typedef void items_fn(const struct task *, int64_t first, int64_t last);
-
-/* ``name``: items one at a time by ``item``. */
-#define ONE_BY_ONE(name, item)                                                                                \
-    static void name(const struct task *task, int64_t first, int64_t last) {                                 \
-        for (int64_t i = first; i < last; i++)                                                                \
-            item(task, i);                                                                                    \
-    }
+typedef void item_fn(const struct task *, int64_t);
 
 static void norm_rows(struct task *task) { rms_norm_rows(task->m, task->s, task->norm, task->h); }
 
@@ -558,13 +527,8 @@ static void embed_item(const struct task *task, int64_t t) { /* row tokens[t] of
 
 static int64_t row_groups(int64_t n_tokens) { return (n_tokens + GROUP_TOKENS - 1) / GROUP_TOKENS; }
 
-/* Items of a product: its blocks of panels, each for every group of rows; for one row
- * (decode), its pairs of panels (see DECODE_ITEM_PANELS). */
-static int64_t product_items(const struct product *p) {
-    if (p->n_tokens == 1)
-        return ((p->n_out + LANES - 1) / LANES + DECODE_ITEM_PANELS - 1) / DECODE_ITEM_PANELS;
-    return product_blocks(p->n_out) * row_groups(p->n_tokens);
-}
+/* Items of a product: its blocks of panels, each for every group of rows. */
+static int64_t product_items(const struct product *p) { return product_blocks(p->n_out) * row_groups(p->n_tokens); }
 
 /* A block of panels for a group of rows (consecutive items share the block, whose
  * weights then come from L2 cache). */
@@ -576,22 +540,6 @@ static void product_item(const struct task *task, int64_t item) {
     block(p->w, p->x + t0 * p->k_dim, p->out + t0 * p->n_out, t1 - t0, p->n_out, p->k_dim, p0, p1, p->accumulate);
     if (task->silu)
         silu_panels(task->m, task->s, t0, t1, p0, p1);
-}
-
-/* Items [first, last) of a product: for one row, one stretch of contiguous panels;
- * otherwise ``product_item`` each. */
-static void product_run(const struct task *task, int64_t first, int64_t last) {
-    const struct product *p = &task->product;
-    if (p->n_tokens > 1) {
-        for (int64_t i = first; i < last; i++)
-            product_item(task, i);
-        return;
-    }
-    const int64_t n_panels = (p->n_out + LANES - 1) / LANES, p0 = first * DECODE_ITEM_PANELS;
-    const int64_t p1 = last * DECODE_ITEM_PANELS < n_panels ? last * DECODE_ITEM_PANELS : n_panels;
-    block(p->w, p->x, p->out, 1, p->n_out, p->k_dim, p0, p1, p->accumulate);
-    if (task->silu)
-        silu_panels(task->m, task->s, 0, 1, p0, p1);
 }
 
 static void rotate_item(const struct task *task, int64_t t) { rotate_and_store(task->m, task->s, task->layer, t); }
@@ -607,11 +555,6 @@ static void attend_item(const struct task *task, int64_t unit) {
 static void merge_item(const struct task *task, int64_t unit) {
     merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
 }
-
-ONE_BY_ONE(embed_run, embed_item)
-ONE_BY_ONE(rotate_run, rotate_item)
-ONE_BY_ONE(attend_run, attend_item)
-ONE_BY_ONE(merge_run, merge_item)
 
 /* The most items a thread claims at once (``run``). */
 #define RUN_ITEMS 8
@@ -631,7 +574,7 @@ static int64_t team_size(void) {
  * hundred atomic operations, not thousands; a thread kept off its core by another
  * process holds the others up by at most RUN_ITEMS items, and the last items of a phase
  * go one at a time. */
-static void run(struct phase *phase, int64_t total, items_fn *items, struct task *task) {
+static void run(struct phase *phase, int64_t total, item_fn *item, struct task *task) {
     const int64_t share = 8 * team_size();
     int prepared = task->prepare == NULL;
     for (int64_t first = __atomic_load_n(&phase->claimed, __ATOMIC_RELAXED); first < total;) {
@@ -642,7 +585,8 @@ static void run(struct phase *phase, int64_t total, items_fn *items, struct task
             task->prepare(task);
             prepared = 1;
         }
-        items(task, first, first + count);
+        for (int64_t i = first; i < first + count; i++)
+            item(task, i);
         __atomic_fetch_add(&phase->done, count, __ATOMIC_RELEASE);
         first += count;
     }
@@ -709,34 +653,34 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
 #endif
         struct phase *phase = phases;
         struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
-        run(phase++, n, embed_run, &task);
+        run(phase++, n, embed_item, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {
             task.layer = layer;
             task.prepare = norm_rows;
             task.norm = m->attn_norm + layer * dim;
             task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
-            run(phase++, product_items(&task.product), product_run, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.prepare = NULL;
-            run(phase++, n, rotate_run, &task);
-            run(phase++, n * nkv * s.n_chunks, attend_run, &task);
-            run(phase++, n * nh, merge_run, &task);
+            run(phase++, n, rotate_item, &task);
+            run(phase++, n * nkv * s.n_chunks, attend_item, &task);
+            run(phase++, n * nh, merge_item, &task);
             task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
-            run(phase++, product_items(&task.product), product_run, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.prepare = norm_rows;
             task.norm = m->ffn_norm + layer * dim;
             task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
             task.silu = 1;
-            run(phase++, product_items(&task.product), product_run, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
             task.silu = 0;
             task.prepare = NULL;
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
-            run(phase++, product_items(&task.product), product_run, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
         }
         if (n_logits > 0) {
             task.prepare = norm_logit_rows;
             task.norm = m->output_norm;
             task.product = (struct product){m->head, h, logits, n_logits, m->vocab_size, dim, 0};
-            run(phase++, product_items(&task.product), product_run, &task);
+            run(phase++, product_items(&task.product), product_item, &task);
         }
     }
     free(phases);
