@@ -101,6 +101,7 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens each daemon answer decodes")
     parser.add_argument("--steps", type=int, default=32, help="in-process decode steps timed per run and side")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--probe-rounds", type=int, default=3, help="rounds of every stream count per run (best kept)")
     parser.add_argument("--march", default="native", help="target of the C build (default: native)")
     args = parser.parse_args()
     match_blas(args.march)
@@ -135,7 +136,7 @@ def main() -> int:
         kernel = client.status()["model"]["decode"]
         daemon_decode_tps(client, messages, 8)  # warm-up: the daemon's first answer
         for _ in range(args.runs):
-            probe = read_limit.measure(weight_bytes, args.march, rounds=1)
+            probe = read_limit.measure(weight_bytes, args.march, rounds=args.probe_rounds)
             probe_runs.append(probe)
             limits.append(probe.best_gbps)
             daemon_tps.append(daemon_decode_tps(client, messages, args.decode_tokens))
