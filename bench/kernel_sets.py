@@ -11,11 +11,13 @@ OpenBLAS has run a single product.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +92,7 @@ def daemon_env(march: str) -> dict[str, str]:
     from rkllmd.backends.cpu import kernels
 
     folder = Path(tempfile.mkdtemp(prefix=f"rkllmd-{march}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     wrapper = folder / f"cc-{march}"
     wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(kernels.compiler() or "cc")} "$@" -march={shlex.quote(march)}\n')
     wrapper.chmod(0o755)
