@@ -114,7 +114,7 @@ def main() -> None:
     bandwidths: list[float] = []
     with running_daemon() as cold_daemon, Client(cold_daemon.socket, timeout=600) as cold:
         for _ in range(args.runs):
-            bandwidth = read_limit.measure(probe_bytes, rounds=1).best_gbps  # this run's, GB/s
+            bandwidth = read_limit.measure(probe_bytes, rounds=3).best_gbps  # this run's, GB/s
             bandwidths.append(bandwidth)
             with running_daemon() as reuse_daemon, Client(reuse_daemon.socket, timeout=600) as reuse:
                 answers: list[str] = []

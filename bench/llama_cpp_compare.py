@@ -163,7 +163,7 @@ def main() -> int:
     for run in engines.values():
         run()  # warm-up: page the weights in
     for _ in range(args.rounds):  # rounds, so a disturbance hits every engine alike
-        bandwidths.append(read_limit.measure(streamed[OURS], args.march, rounds=1).best_gbps)
+        bandwidths.append(read_limit.measure(streamed[OURS], args.march, rounds=3).best_gbps)
         for label, run in engines.items():
             runs[label].append(run())
 
