@@ -175,7 +175,7 @@ def embed_inputs(backend: Backend, inputs: Sequence[str | list[int]], truncate: 
     tokenizer's own BOS rule), token ids checked against the vocabulary, each cut to the
     context when ``truncate`` (its first tokens kept, as Ollama and llama.cpp do) or else
     refused (ContextOverflow). A backend without a tokenizer of its own gets the text, cut
-    to the context's bound on its tokens (its UTF-8 bytes + 2)."""
+    to fit the context by its bound on the text's tokens (``count_tokens``: UTF-8 bytes + 2)."""
     facts = backend.describe()
     context, vocabulary = int(facts["context_length"]), facts.get("vocab_size")
     out: list[Sequence[int] | str] = []
@@ -183,7 +183,7 @@ def embed_inputs(backend: Backend, inputs: Sequence[str | list[int]], truncate: 
         if isinstance(item, str):
             ids = backend.tokenize(item)
             if ids is None:
-                out.append(_bounded_text(item, context, truncate))
+                out.append(_bounded_text(item, backend.count_tokens(item) - len(item.encode()), context, truncate))
                 continue
         else:
             ids = item
@@ -199,15 +199,15 @@ def embed_inputs(backend: Backend, inputs: Sequence[str | list[int]], truncate: 
     return out
 
 
-def _bounded_text(text: str, context: int, truncate: bool) -> str:
-    """``text`` if its bound on tokens (UTF-8 bytes + 2) fits ``context``, else cut to fit
-    (or ContextOverflow)."""
+def _bounded_text(text: str, extra: int, context: int, truncate: bool) -> str:
+    """``text`` if its bound on tokens (UTF-8 bytes + ``extra``) fits ``context``, else cut
+    to fit (or ContextOverflow)."""
     data = text.encode()
-    if len(data) + 2 <= context:
+    if len(data) + extra <= context:
         return text
     if not truncate:
-        raise ContextOverflow(len(data) + 2, context, bound="its UTF-8 bytes + 2, without the model's tokenizer")
-    return data[: max(1, context - 2)].decode(errors="ignore")
+        raise ContextOverflow(len(data) + extra, context, bound=f"its UTF-8 bytes + {extra}, without the model's tokenizer")
+    return data[: max(1, context - extra)].decode(errors="ignore")
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -837,7 +837,7 @@ class ModelWorker:
         counts = [count for _, count in pooled]
         job.future.set_result({
             "embeddings": [struct.pack(f"<{len(v)}f", *v.tolist()) for v in vectors],
-            "dimensions": int(backend.embedding_size() or 0),
+            "dimensions": len(vectors[0]),
             "normalized": job.normalize,
             "prompt_tokens": counts,
             "total_tokens": sum(counts),

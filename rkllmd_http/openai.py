@@ -365,10 +365,12 @@ async def embeddings(request: web.Request) -> web.Response:
         raise invalid("'encoding_format' must be float or base64", "encoding_format")
     info = await gateway.model()
     dimensions = number(body, "dimensions", int)
-    size = info.describe.get("embedding_length")
-    if dimensions is not None and dimensions != size:
+    size = info.describe.get("embedding_length")  # the NPU's is known after its first embedding
+    if dimensions is not None and size is not None and dimensions != size:
         raise invalid(f"'dimensions' must be {size}, this model's embedding size: it cannot shorten its embeddings", "dimensions", "unsupported_value")
     result = await gateway.client.embed(**fields)
+    if dimensions is not None and dimensions != result["dimensions"]:
+        raise invalid(f"'dimensions' must be {result['dimensions']}, this model's embedding size: it cannot shorten its embeddings", "dimensions", "unsupported_value")
     gateway.metrics.embedded("openai", result)
 
     def encoded(vector: list[float]) -> list[float] | str:

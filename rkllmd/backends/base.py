@@ -260,8 +260,11 @@ class Backend(abc.ABC):
         its own. Any thread: it remembers nothing between calls."""
         return None
 
+    #: Whether ``embed`` works (the "embedding" capability).
+    embeds = False
+
     def embedding_size(self) -> int | None:
-        """The length of this model's embeddings (its hidden size); None: it cannot embed."""
+        """The length of this model's embeddings (its hidden size); None: not known (yet)."""
         return None
 
     def embed(self, inputs: Sequence[Sequence[int] | str], between: Callable[[], None]) -> list[tuple[np.ndarray, int]]:

@@ -85,7 +85,7 @@ def model_capabilities(backend: Backend) -> tuple[str, ...]:
     can embed; only "embedding" for a model declared embedding-only (``model.embedding_only``)."""
     if backend.embedding_only:
         return (EMBEDDING,)
-    return backend.template.capabilities + ((EMBEDDING,) if backend.embedding_size() is not None else ())
+    return backend.template.capabilities + ((EMBEDDING,) if backend.embeds else ())
 
 
 def require_completion(backend: Backend) -> None:

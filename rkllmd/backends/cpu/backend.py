@@ -174,6 +174,7 @@ class CpuRun(Run):
 class CpuBackend(Backend):
     kind = "cpu"
     max_batch = 64
+    embeds = True
 
     def __init__(
         self,
