@@ -26,6 +26,10 @@ prints what rkllm_get_kv_cache_size says the history holds after each turn next 
 prompt and generated tokens (does the history keep the end token? docs/npu.md), and
 whether each answer equals the no-cache one (#399 and the NPU's numerics).
 
+Embedding throughput: texts of ``--embed-tokens`` tokens (estimates) embedded as the daemon
+does (the runtime's GET_LAST_HIDDEN_LAYER mode, one run per text, mean-pooled), in tokens per
+second, next to the prefill rate of the same text sent as a generation's prompt.
+
 With ``--tokenizer`` (the model's tokenizer.json) it also times tokens the daemon samples
 itself, from the runtime's logits mode (constrained output, logprobs: one rkllm_run per
 token, each chosen token fed back as token input) against tokens the runtime samples
@@ -136,6 +140,25 @@ class Bench:
         return rows
 
 
+    def embeddings(self) -> list[dict]:
+        """Embedding tokens/s (GET_LAST_HIDDEN_LAYER) against the prefill tokens/s of the same text."""
+        rows = []
+        for size in self.args.embed_tokens:
+            text = system_prompt(self.backend, size)
+            seconds, tokens = [], 0
+            for _ in range(self.args.runs):
+                started = time.monotonic()
+                [(_, tokens)] = self.backend.embed([text], lambda: None)
+                seconds.append(time.monotonic() - started)
+            prefills = [self.generate([{"role": "user", "content": text}], None)[0] for _ in range(self.args.runs)]
+            prefill_rates = [s.prompt_tokens / s.prefill_ms * 1e3 for s in prefills if s.prefill_ms > 0]
+            rows.append({"text_tokens": size, "runs": self.args.runs, "embedded_tokens": tokens,
+                         "embed_ms": round(statistics.median(seconds) * 1e3, 1),
+                         "embed_tok_s": round(tokens / statistics.median(seconds), 1),
+                         "prefill_tok_s": round(statistics.median(prefill_rates), 1) if prefill_rates else None,
+                         "dimensions": self.backend.embedding_size()})
+        return rows
+
     def sampling(self) -> list[dict]:
         """The same greedy request, sampled by the runtime, by the daemon, by the daemon under a schema."""
         messages = [{"role": "system", "content": system_prompt(self.backend, 250)}, {"role": "user", "content": QUESTION}]
@@ -211,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the prompt cache files go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--tokenizer", type=Path, help="the model's tokenizer.json: also time tokens the daemon samples (logits mode)")
+    parser.add_argument("--embed-tokens", type=sizes, default=[128, 512],
+                        help="sizes of the texts embedded, comma-separated (default 128,512)")
     args = parser.parse_args(argv)
 
     backend = RkllmBackend(args.model, library=args.library, runtime=args.runtime, template=args.template,
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir = args.workdir or Path(scratch)
             workdir.mkdir(parents=True, exist_ok=True)
             bench = Bench(backend, args, workdir)
-            prompts, turns = bench.prompt_sizes(), bench.conversation()
+            prompts, turns, embedded = bench.prompt_sizes(), bench.conversation(), bench.embeddings()
             sampled = bench.sampling() if args.tokenizer else []
         facts = backend.describe()
     finally:
@@ -251,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                          "prefilled_tokens": "prefilled tokens", "cached_tokens": "cached tokens", "ttft_ms": "TTFT ms",
                          "kv_after": "KV size after", "prompt_plus_generated": "prompt + generated",
                          "same_as_no_cache": "same answer as no cache"})
+    out += ["", f"### Embeddings (the runtime's last hidden layer, mean-pooled by the daemon; one run per text; "
+                f"median of {args.runs} runs) against the prefill of the same text as a prompt", ""]
+    out += table(embedded, {"text_tokens": "text tokens (estimate)", "embedded_tokens": "tokens embedded", "embed_ms": "ms per text",
+                            "embed_tok_s": "embedding tok/s", "prefill_tok_s": "prefill tok/s (generation)", "dimensions": "dimensions"})
     if sampled:
         out += ["", f"### Tokens the daemon samples (logits mode: one run per token) against the runtime's own (system prompt ~250 tokens, "
                     f"greedy, median of {args.runs} runs; ms per token after the first)", ""]
@@ -259,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                                "same_text_as_runtime": "same text as the runtime's"})
     sys.stdout.write("\n".join(out) + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"setup": setup, "prompt_sizes": prompts, "conversation": turns, "sampling": sampled}, indent=1))
+        args.json.write_text(json.dumps({"setup": setup, "prompt_sizes": prompts, "conversation": turns, "embeddings": embedded, "sampling": sampled}, indent=1))
     return 0
 
 

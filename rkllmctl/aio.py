@@ -24,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from rkllmd.paths import default_socket
 
-from .client import LINGER_READ_S, Event, GenerationResult, Piece, StreamReader, decode_reply, encode_request, probe, result_of
+from .client import LINGER_READ_S, Event, GenerationResult, Piece, StreamReader, decoded_embeddings, decode_reply, encode_request, probe, result_of
 from .errors import DaemonUnreachable, ProtocolViolation
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,15 @@ class AsyncClient:
 
     async def status(self) -> dict[str, Any]:
         return await self.call("status")
+
+    async def embed(self, **fields: Any) -> dict[str, Any]:
+        """The ``embed`` result, embeddings as lists of floats; no timeout (a long list takes
+        its time; a daemon that goes away fails it)."""
+        request_id = self.send("embed", **fields)
+        try:
+            return decoded_embeddings(result_of(await self.receive(request_id, None)))
+        finally:
+            self.forget(request_id)
 
     def generate(self, **fields: Any) -> AsyncStream:
         """``async with client.generate(prompt=...) as stream: async for piece in stream``;

@@ -14,6 +14,7 @@ import errno
 import itertools
 import os
 import socket
+import struct
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -267,6 +268,20 @@ class Client:
         family's name or a template's Jinja text (None: the loaded model's)."""
         return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt)
 
+    def embed(
+        self,
+        input: str | list[str] | list[int] | list[list[int]],
+        *,
+        model: str | None = None,
+        truncate: bool = True,
+        normalize: bool = True,
+    ) -> dict[str, Any]:
+        """The ``embed`` result with ``embeddings`` as lists of floats (one per input, in
+        order). It waits as long as the daemon computes (a long list takes a while on a
+        board); a daemon that goes away fails it."""
+        request_id = self.send("embed", input=input, model=model, truncate=truncate, normalize=normalize)
+        return decoded_embeddings(self.result_of(request_id, None))
+
     def cancel(self, request_id: Any) -> dict[str, Any]:
         return self.call("cancel", target=request_id)
 
@@ -352,6 +367,12 @@ class Stream:
 
 
 # -- the protocol's framing, shared with the asyncio client (rkllmctl/aio.py) --------------
+
+
+def decoded_embeddings(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with each embedding (a bin of little-endian float32) as a list of floats."""
+    vectors = [list(struct.unpack(f"<{len(data) // 4}f", data)) for data in result["embeddings"]]
+    return {**result, "embeddings": vectors}
 
 
 def check_fields(op: str, fields: dict[str, Any]) -> None:

@@ -76,6 +76,7 @@ class ModelConfig:
     )
     chat_template: str = setting("", "CPU backend's chat template: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json; empty: the model file's own, else smollm2-instruct")
     kernels_dir: str = setting("", "where the compiled decode step is kept; empty: kernels/ in the binary cache folder")
+    embedding_only: bool = setting(False, "the model serves embeddings only (either backend): generate is refused, and its capabilities list only embedding")
 
 
 @dataclass(frozen=True)

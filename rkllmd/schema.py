@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 6
+PROTOCOL_MINOR = 7
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -48,6 +48,8 @@ MINOR_VERSIONS = {
     "is passed on as it is (it was refused)",
     6: "constrained decoding: `generate` takes `format` (JSON, or a JSON Schema), `grammar` and `tool_choice` (a forced tool call); "
     "`logprobs` and `top_logprobs`, and `token` messages may carry `logprobs`; `done.finish_reason` may be `error`",
+    7: "`embed`: embeddings of a text, a list of texts or of token ids (mean of the final hidden states after the output norm, "
+    "L2-normalised unless asked not to); `status.model.capabilities` may list `embedding`, and an embedding-only model lists only it",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -100,6 +102,7 @@ MAX_WAIT_S = 3600.0
 MAX_TOOLS = 128
 MAX_VARS = 64
 MAX_TOP_LOGPROBS = 20
+MAX_EMBED_INPUTS = 2048
 
 #: A cache entry, as cache.ls lists it and the other cache operations return it; ``build``
 #: since 1.3: null, or {"done", "total"} (prompt tokens) while its binary cache is built.
@@ -179,6 +182,19 @@ OPERATIONS: dict[str, Operation] = {
             ("text", "tokens"),
             since=2,
         ),
+        Operation(
+            "embed",
+            "embeddings of texts or token ids: the mean of each input's final hidden states after the output norm (see [Embeddings](#embeddings))",
+            (
+                Field("input", "embed_input", f"a text, a list of 1–{MAX_EMBED_INPUTS} texts, a list of token ids, or a list of such lists; "
+                      "the raw text is embedded (no chat template)", required=True, since=7),
+                Field("model", "str", "the model's name (`status.model.name`); another is refused with `not_found`", default_doc="the loaded model", since=7),
+                Field("truncate", "bool", "cut an input longer than the context to its first tokens; false: refuse it with `context_overflow`", default=True, since=7),
+                Field("normalize", "bool", "L2-normalise each embedding (false: llama.cpp's mean pooling as it is)", default=True, since=7),
+            ),
+            ("embeddings", "dimensions", "normalized", "prompt_tokens", "total_tokens", "queue_ms", "compute_ms"),
+            since=7,
+        ),
         Operation("cancel", "stop one of this client's generations, queued or running", (Field("target", "id", "the `id` of one of this client's generations", required=True),), ("target", "was")),
         Operation("status", "what the daemon runs and how it is doing", result=STATUS),
         Operation("ping", "the cheapest round trip", result=("pong", "version", "protocol")),
@@ -223,7 +239,8 @@ _KIND_NAMES = {
     "str": "a string", "name": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
     "id": "a string or an integer", "messages": "an array of messages", "stops": "an array of strings",
     "tools": f"an array of at most {MAX_TOOLS} tool schemas", "vars": f"a map of at most {MAX_VARS} template variables",
-    "format": '"json" or a JSON Schema (a map)', "tool_choice": '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+    "format": '"json" or a JSON Schema (a map)',
+    "embed_input": f"a string, an array of 1 to {MAX_EMBED_INPUTS} strings, an array of token ids or an array of arrays of token ids", "tool_choice": '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
 }
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -286,6 +303,8 @@ def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
         raise wrong()
     if kind == "tool_choice":
         return _tool_choice(value, wrong)
+    if kind == "embed_input":
+        return _embed_input(value, wrong)
     if kind == "stops":
         if not isinstance(value, list) or len(value) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
             raise wrong(f"'stop' must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
@@ -402,6 +421,32 @@ def _tool_choice(value: Any, wrong: Callable[..., WireError]) -> str | dict[str,
     return {"type": "function", "function": {"name": function["name"]}}
 
 
+def _embed_input(value: Any, wrong: Callable[..., WireError]) -> list[str | list[int]]:
+    """The inputs as a list: texts, or token-id lists (a flat list of ids is one input). An
+    empty text or id list has no token to average: refused, as is a NUL."""
+    def token_ids(item: list[Any]) -> bool:
+        return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in item)
+
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and token_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not value or len(value) > MAX_EMBED_INPUTS:
+        raise wrong()
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                raise wrong(f"input[{i}] is empty: it has no token to average")
+            if "\x00" in item:
+                raise wrong(f"input[{i}] must not contain NUL")
+        elif isinstance(item, list):
+            if not item or not token_ids(item):
+                raise wrong(f"input[{i}] must be a non-empty array of token ids (integers from 0)")
+        else:
+            raise wrong(f"input[{i}] must be a string or an array of token ids")
+    return value
+
+
 def _vars(value: Any, wrong: Callable[..., WireError]) -> dict[str, Any]:
     if not isinstance(value, dict) or len(value) > MAX_VARS:
         raise wrong()
@@ -418,7 +463,7 @@ def _vars(value: Any, wrong: Callable[..., WireError]) -> dict[str, Any]:
 _KIND_DOCS = {
     "str": "str", "name": "str (cache name)", "int": "int", "float": "float", "bool": "bool", "id": "str or int",
     "messages": "array of messages", "stops": "array of str", "tools": "array of tool schemas", "vars": "map",
-    "format": '"json" or map', "tool_choice": "str or map",
+    "format": '"json" or map', "tool_choice": "str or map", "embed_input": "str, array of str, array of int or array of arrays of int",
 }
 
 

@@ -21,6 +21,11 @@ prefix alike (the latter only when nothing else runs). A build that prefills in 
 it has waited that long for its next chunk: then it gets it. So builds never hold up
 interactive work for long, and steady traffic cannot starve them.
 
+Embedding requests are tokenized on the prompt thread too, then run on the worker before
+the generations' next step: each forward pass of one (a list's inputs packed into as few
+as the rows allow, in scratch state of their own) is followed by a step of the generations
+running, so neither holds up the other for more than a pass.
+
 Each job has its own cancellation: a generation's is its run's (``Run.abort``), a build's
 the backend's flag (``Backend.abort``); cancelling one never stops the other. A model swap
 waits for the generations that arrived before it. The socket loop only enqueues and
@@ -32,12 +37,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
 
 from .backends.base import TEXT_CACHE, Backend, BackendError, ContextOverflow, PrefixState, Run
 from .caches.manager import PromptCaches
@@ -46,7 +54,7 @@ from .constraints import Constraint, ConstraintError, from_request
 from .outbox import NO_OUTPUT, Chat, Generation, Outbox
 from .protocol import ErrorCode, WireError
 from .templates import ChatTemplate, RenderError
-from .templates.capabilities import CapabilityMissing, require_capabilities
+from .templates.capabilities import CapabilityMissing, require_capabilities, require_completion
 from .templates.output import OutputSplitter, wire_tool_calls
 
 log = logging.getLogger(__name__)
@@ -89,6 +97,25 @@ class _PromptJob:
 
 
 @dataclass(eq=False)
+class EmbedJob:
+    """An embed request: its inputs (texts, or token ids), what to do with them, its answer."""
+
+    inputs: list[str | list[int]]
+    truncate: bool
+    normalize: bool
+    future: Future
+    received: float = field(default_factory=time.monotonic)
+    # Written by its preparation: each input as the backend ``prepared_for`` runs it (token
+    # ids; text where the backend has no tokenizer of its own), cut to the context.
+    prepared: list[Sequence[int] | str] | None = None
+    prepared_for: object | None = None
+
+
+class EmbedStopped(Exception):
+    """The daemon stops: the embedding under way ends between two forward passes."""
+
+
+@dataclass(eq=False)
 class _Running:
     """A generation the backend is advancing."""
 
@@ -121,6 +148,7 @@ def prepared_prompt(backend: Backend, chat: Chat) -> tuple[str, OutputSplitter, 
     reasoning or calls are), and the constraint the chat asks for as this template shapes
     it (a reasoning block before the answer; a forced call in its own format)."""
     if chat.raw is not None:
+        require_completion(backend)
         return chat.raw, OutputSplitter(None), constraint_of(chat, None, "")
     require_capabilities(backend, chat)
     prompt = backend.render(chat.messages, tools=chat.tools, variables=chat.variables)
@@ -140,6 +168,52 @@ def constraint_of(chat: Chat, template: ChatTemplate | None, prompt: str) -> Con
         reasoning_opened=template is not None and OutputSplitter.reasoning_opened(template, prompt),
         tool_format=template.tool_calls if template is not None else None,
     )
+
+
+def embed_inputs(backend: Backend, inputs: Sequence[str | list[int]], truncate: bool) -> list[Sequence[int] | str]:
+    """Each input as ``backend`` embeds it: texts tokenized (raw text: no template, the
+    tokenizer's own BOS rule), token ids checked against the vocabulary, each cut to the
+    context when ``truncate`` (its first tokens kept, as Ollama and llama.cpp do) or else
+    refused (ContextOverflow). A backend without a tokenizer of its own gets the text, cut
+    to fit the context by its bound on the text's tokens (``count_tokens``: UTF-8 bytes + 2)."""
+    facts = backend.describe()
+    context, vocabulary = int(facts["context_length"]), facts.get("vocab_size")
+    out: list[Sequence[int] | str] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            ids = backend.tokenize(item)
+            if ids is None:
+                out.append(_bounded_text(item, backend.count_tokens(item) - len(item.encode()), context, truncate))
+                continue
+        else:
+            ids = item
+            if vocabulary and not all(0 <= t < vocabulary for t in ids):
+                raise WireError(ErrorCode.INVALID_FIELD, f"input[{i}] holds a token id outside the vocabulary of {vocabulary}", field="input")
+        if not ids:
+            raise WireError(ErrorCode.INVALID_FIELD, f"input[{i}] has no tokens to average", field="input")
+        if len(ids) > context:
+            if not truncate:
+                raise ContextOverflow(len(ids), context)
+            ids = ids[:context]
+        out.append(list(ids))
+    return out
+
+
+def _bounded_text(text: str, extra: int, context: int, truncate: bool) -> str:
+    """``text`` if its bound on tokens (UTF-8 bytes + ``extra``) fits ``context``, else cut
+    to fit (or ContextOverflow)."""
+    data = text.encode()
+    if len(data) + extra <= context:
+        return text
+    if not truncate:
+        raise ContextOverflow(len(data) + extra, context, bound=f"its UTF-8 bytes + {extra}, without the model's tokenizer")
+    return data[: max(1, context - extra)].decode(errors="ignore")
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """``vector`` L2-normalised (a zero vector stays zero)."""
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    return (vector / norm).astype(np.float32) if norm > 0 else vector
 
 
 class ModelWorker:
@@ -165,6 +239,8 @@ class ModelWorker:
         self._swaps: deque[BackendSwap] = deque()
         self._swapping = False
         self._prompt_jobs: deque[Generation | _PromptJob] = deque()  # for the prompt thread, in order
+        self._embeds: deque[EmbedJob] = deque()  # prepared, for the worker, in order
+        self._embedding: EmbedJob | None = None  # the one under way
         self._turns = itertools.count()
         self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last admitted
         self._accepting = True
@@ -216,6 +292,24 @@ class ModelWorker:
             self._prompts_due.notify()
         return job.future
 
+    def embed(self, job: EmbedJob) -> None:
+        """Queue an embed request: tokenized on the prompt thread, then run on the worker;
+        ``job.future`` gets the result map or the WireError."""
+        with self._cond:
+            if not self._accepting:
+                raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            if len(self._embeds) + len(self._waiting) >= self.max_queue:
+                raise WireError(ErrorCode.QUEUE_FULL, f"{len(self._embeds) + len(self._waiting)} requests are waiting; the limit is {self.max_queue}")
+        prepared = self.with_prompts(lambda backend: self._prepare_embed(job, backend))
+
+        def failed(done: Future) -> None:
+            if done.cancelled():
+                job.future.cancel()
+            elif done.exception() is not None:
+                job.future.set_exception(self._embed_error(done.exception()))
+
+        prepared.add_done_callback(failed)
+
     def schedule_build(self, name: str) -> None:
         with self._cond:
             if any(job.name == name for job in self._builds):
@@ -261,7 +355,7 @@ class ModelWorker:
         with self._cond:
             building = self._build.name if self._build is not None else None
             return {
-                "running": "generate" if self._running else ("cache_build" if building else None),
+                "running": "generate" if self._running else ("cache_build" if building else ("embed" if self._embedding else None)),
                 "queued": len(self._waiting),
                 "builds_queued": len(self._builds),
                 "building": building,
@@ -315,6 +409,7 @@ class ModelWorker:
             self._builds.clear()
             self._swaps.clear()
             jobs, self._prompt_jobs = self._prompt_jobs, deque()
+            embeds, self._embeds = self._embeds, deque()
             for running in self._running:
                 running.gen.cancel_reason = "shutting down"
                 running.gen.cancelled.set()
@@ -328,6 +423,8 @@ class ModelWorker:
         for job in jobs:
             if isinstance(job, _PromptJob):
                 job.future.cancel()  # answered "shutting down"
+        for embed in embeds:
+            embed.future.cancel()
         return dropped
 
     def join(self, timeout: float) -> bool:
@@ -470,6 +567,8 @@ class ModelWorker:
                 due = self._generations_due()
                 if due and self._builds and self._builds[0].overdue(self._build_max_wait):
                     return self._build_next
+                if self._embeds and not self._stopping:
+                    return self._embed_next
                 if due:
                     return self._serve_step
                 if self._swap_due():
@@ -692,6 +791,74 @@ class ModelWorker:
             self._serve_step()
             if job.overdue(self._build_max_wait):
                 return
+
+    # -- embeddings --------------------------------------------------------------------
+
+    def _prepare_embed(self, job: EmbedJob, backend: Backend) -> None:
+        """Prompt thread: tokenize ``job``'s texts for ``backend``, cut them to its context (or
+        refuse them: ``context_overflow``), check token ids; then queue it for the worker."""
+        job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+        with self._cond:
+            if not self._accepting:
+                job.future.cancel()
+                return
+            self._embeds.append(job)
+            self._cond.notify()
+
+    def _embed_next(self) -> None:
+        """Run the next embed request: between its forward passes, the generations due step."""
+        with self._cond:
+            if not self._embeds:
+                return
+            job = self._embedding = self._embeds.popleft()
+            backend = self.backend
+        started = time.monotonic()
+
+        def between() -> None:
+            self._heartbeat()
+            if self._stopping:
+                raise EmbedStopped
+            if self._generations_due():
+                self._serve_step()
+
+        try:
+            if job.prepared_for is not backend:  # the model was swapped since it was tokenized
+                job.prepared = embed_inputs(backend, job.inputs, job.truncate)
+            assert job.prepared is not None
+            pooled = backend.embed(job.prepared, between)
+        except Exception as exc:
+            job.future.set_exception(self._embed_error(exc))
+            return
+        finally:
+            with self._cond:
+                self._embedding = None
+        done = time.monotonic()
+        vectors = [_unit(vector) if job.normalize else vector for vector, _ in pooled]
+        counts = [count for _, count in pooled]
+        job.future.set_result({
+            "embeddings": [struct.pack(f"<{len(v)}f", *v.tolist()) for v in vectors],
+            "dimensions": len(vectors[0]),
+            "normalized": job.normalize,
+            "prompt_tokens": counts,
+            "total_tokens": sum(counts),
+            "queue_ms": round((started - job.received) * 1000, 2),
+            "compute_ms": round((done - started) * 1000, 2),
+        })
+
+    def _embed_error(self, exc: BaseException) -> BaseException:
+        """The wire error an embed request's failure is answered with."""
+        if isinstance(exc, (WireError, CancelledError)):
+            return exc
+        if isinstance(exc, EmbedStopped):
+            return WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+        if isinstance(exc, ContextOverflow):
+            return WireError(ErrorCode.CONTEXT_OVERFLOW, str(exc), field="input", prompt_tokens=exc.prompt_tokens, context_length=exc.context_length)
+        if isinstance(exc, BackendError):
+            with self._cond:
+                self.last_error = str(exc)
+            return WireError(ErrorCode.BACKEND, str(exc), **({} if exc.runtime_code is None else {"runtime_code": exc.runtime_code}))
+        log.error("an embed request failed", exc_info=exc)
+        return WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}")
 
     # -- model swaps ------------------------------------------------------------------
 

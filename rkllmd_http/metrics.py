@@ -26,6 +26,8 @@ class Metrics:
         self.cache = Counter("rkllmd_http_prompt_cache", "generations by what their prompt's prefix came from: text_cache, conversation (a kept state) or miss (prefilled it all)", ("result",), registry=r)
         self.ttft = Histogram("rkllmd_http_ttft_seconds", "time from the HTTP request to its first token, as the gateway saw it", buckets=TTFT_BUCKETS, registry=r)
         self.decode = Histogram("rkllmd_http_time_per_output_token_seconds", "decode time per completion token after the first (daemon's stats)", buckets=DECODE_BUCKETS, registry=r)
+        self.embeddings = Counter("rkllmd_http_embeddings", "inputs embedded, by API", ("api",), registry=r)
+        self.embedding_tokens = Counter("rkllmd_http_embedding_tokens", "tokens of the inputs embedded", registry=r)
         self.in_flight = Gauge("rkllmd_http_generations_in_flight", "generations this gateway is following now", registry=r)
         self.queue_depth = Gauge("rkllmd_queue_depth", "generations waiting in the daemon's queue (all clients), at scrape time", registry=r)
         self.daemon_up = Gauge("rkllmd_up", "1 when the daemon answered the scrape's status request", registry=r)
@@ -44,6 +46,10 @@ class Metrics:
         self.cache.labels(source["kind"] if source else "miss").inc()
         if stats["completion_tokens"] > 1:
             self.decode.observe(stats["decode_ms"] / 1000 / (stats["completion_tokens"] - 1))
+
+    def embedded(self, api: str, result: dict) -> None:
+        self.embeddings.labels(api).inc(len(result["embeddings"]))
+        self.embedding_tokens.inc(result["total_tokens"])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

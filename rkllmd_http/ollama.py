@@ -1,4 +1,6 @@
-"""Ollama's API: /api/tags, /api/ps, /api/version, /api/show, /api/chat, /api/generate.
+"""Ollama's API: /api/tags, /api/ps, /api/version, /api/show, /api/chat, /api/generate,
+/api/embed and /api/embeddings (the daemon's ``embed``, protocol 1.7: /api/embed's are
+L2-normalised, the older /api/embeddings' the mean as it is, as Ollama returns them).
 
 Streams are NDJSON, one object a line, as Ollama sends them (``stream`` defaults to
 true there). ``options`` map onto ``generate``; options that only tune Ollama's own
@@ -12,6 +14,7 @@ import datetime
 import hashlib
 import json
 import os
+import time
 from typing import Any
 
 from aiohttp import web
@@ -130,6 +133,63 @@ def check_model(body: dict[str, Any], info: ModelInfo) -> None:
         raise ApiError(404, f"model '{name}' not found", code="model_not_found")
 
 
+async def embed(request: web.Request) -> web.Response:
+    """/api/embed as Ollama's EmbedHandler (server/routes.go): ``input`` a string or
+    strings (an empty string: no input, no embeddings), ``truncate`` (default true; false
+    refuses a long input in its words), ``keep_alive`` and ``options`` accepted (the daemon
+    keeps its model loaded), L2-normalised embeddings and ``prompt_eval_count``."""
+    gateway: Gateway = request.app["gateway"]
+    started = time.monotonic()
+    body = await gateway.json_body(request)
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs = [value] if value else []
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        inputs = value
+    elif value is None:
+        inputs = []
+    else:
+        raise invalid("invalid input type", "input")
+    info = await gateway.model()
+    check_model(body, info)
+    loaded = time.monotonic()
+    if not inputs:
+        return web.json_response({"model": body["model"], "embeddings": []})
+    try:
+        result = await gateway.client.embed(input=inputs, truncate=body.get("truncate") is not False)
+    except DaemonError as exc:
+        if exc.name == "context_overflow":
+            raise ApiError(400, "input length exceeds maximum context length", code="context_length_exceeded") from None
+        raise
+    gateway.metrics.embedded("ollama", result)
+    done = time.monotonic()
+    return web.json_response({
+        "model": body["model"],
+        "embeddings": result["embeddings"],
+        "total_duration": int((done - started) * 1e9),
+        "load_duration": int((loaded - started) * 1e9),
+        "prompt_eval_count": result["total_tokens"],
+    })
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """The older /api/embeddings (Ollama's EmbeddingsHandler): ``prompt`` -> ``embedding``,
+    the mean as it is (not normalised); an empty prompt only loads the model."""
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise invalid("model is required", "model")
+    check_model(body, await gateway.model())
+    prompt = body.get("prompt")
+    if prompt is None or prompt == "":
+        return web.json_response({"embedding": []})
+    if not isinstance(prompt, str):
+        raise invalid("'prompt' must be a string", "prompt")
+    result = await gateway.client.embed(input=prompt, normalize=False)
+    gateway.metrics.embedded("ollama", result)
+    return web.json_response({"embedding": result["embeddings"][0]})
+
+
 def options(body: dict[str, Any]) -> dict[str, Any]:
     opts = body.get("options") or {}
     if not isinstance(opts, dict):
@@ -239,7 +299,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             message["thinking"] = result.reasoning
         return {"message": message, **_logprobs(result.logprobs)}
 
-    return await _respond(request, gateway, body, fields, piece_line, last_line, whole)
+    return await _respond(request, gateway, body, fields, piece_line, last_line, whole, "chat")
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -269,18 +329,21 @@ async def generate(request: web.Request) -> web.StreamResponse:
     def whole(result: Any) -> dict[str, Any]:
         return {"response": result.text, **({"thinking": result.reasoning} if result.reasoning else {}), **_logprobs(result.logprobs)}
 
-    return await _respond(request, gateway, body, fields, piece_line, lambda result: {"response": ""}, whole)
+    return await _respond(request, gateway, body, fields, piece_line, lambda result: {"response": ""}, whole, "generate")
 
 
-async def _respond(request, gateway: Gateway, body, fields, piece_line, last_line, whole) -> web.StreamResponse:
+async def _respond(request, gateway: Gateway, body, fields, piece_line, last_line, whole, verb: str) -> web.StreamResponse:
     """Run the generation; one JSON object, or NDJSON lines ending with the stats line.
-    What the model cannot do is refused in Ollama's words (server/routes.go)."""
+    What the model cannot do is refused in Ollama's words (server/routes.go); ``verb``
+    ("chat", "generate") names the endpoint, as an embedding model's refusal does."""
     try:
         return await _run(request, gateway, body, fields, piece_line, last_line, whole)
     except DaemonError as exc:
         capability = exc.details.get("capability")
         if capability == "tools":  # "%s %w": the model's full name, then the error
             raise ApiError(400, f"{(await gateway.model()).ollama_name} does not support tools") from None
+        if capability == "completion":  # an embedding-only model: "%q does not support chat" (or generate)
+            raise ApiError(400, f"{json.dumps(str(body.get('model') or ''))} does not support {verb}") from None
         if capability == "thinking":  # "%q does not support thinking" of the request's model name
             raise ApiError(400, f"{json.dumps(str(body.get('model') or ''))} does not support thinking") from None
         raise
@@ -322,4 +385,6 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/show", show),
         web.post("/api/chat", chat),
         web.post("/api/generate", generate),
+        web.post("/api/embed", embed),
+        web.post("/api/embeddings", embeddings),
     ]

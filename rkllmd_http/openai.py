@@ -1,16 +1,19 @@
-"""OpenAI's API: GET /v1/models, POST /v1/chat/completions and POST /v1/completions
-(plain and server-sent events).
+"""OpenAI's API: GET /v1/models, POST /v1/chat/completions, POST /v1/completions
+(plain and server-sent events) and POST /v1/embeddings.
 
 Request fields map onto ``generate`` (docs/http.md has the table); those the daemon
 cannot honour are refused with OpenAI's error shape rather than silently ignored.
 /v1/completions sends its prompt raw (protocol 1.4): the text as it is, no chat template.
 Structured output (``response_format``, a forced ``tool_choice``) and logprobs map onto the
-daemon's constrained decoding (protocol 1.6).
+daemon's constrained decoding (protocol 1.6). Embeddings are the daemon's ``embed``
+(protocol 1.7): mean-pooled and L2-normalised, as OpenAI's are unit vectors.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -335,8 +338,53 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return await _events(request, chunks)
 
 
+# -- /v1/embeddings ---------------------------------------------------------------------------
+
+
+def embedding_input(value: Any) -> str | list[str] | list[int] | list[list[int]]:
+    """OpenAI's ``input`` (a string, strings, token ids, lists of token ids) as the daemon
+    takes it; what is none of these is refused here, an empty one by the daemon."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return value
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        if all(isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v) for v in value):
+            return value
+    raise invalid("'input' must be a string, an array of strings, an array of token ids or an array of arrays of token ids", "input")
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    fields = {"input": embedding_input(body.get("input"))}
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise invalid("'encoding_format' must be float or base64", "encoding_format")
+    info = await gateway.model()
+    dimensions = number(body, "dimensions", int)
+    size = info.describe.get("embedding_length")  # the NPU's is known after its first embedding
+    if dimensions is not None and size is not None and dimensions != size:
+        raise invalid(f"'dimensions' must be {size}, this model's embedding size: it cannot shorten its embeddings", "dimensions", "unsupported_value")
+    result = await gateway.client.embed(**fields)
+    if dimensions is not None and dimensions != result["dimensions"]:
+        raise invalid(f"'dimensions' must be {result['dimensions']}, this model's embedding size: it cannot shorten its embeddings", "dimensions", "unsupported_value")
+    gateway.metrics.embedded("openai", result)
+
+    def encoded(vector: list[float]) -> list[float] | str:
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode() if encoding == "base64" else vector
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(result["embeddings"])]
+    name = body.get("model") if isinstance(body.get("model"), str) else info.id
+    usage_ = {"prompt_tokens": result["total_tokens"], "total_tokens": result["total_tokens"]}
+    return web.json_response({"object": "list", "data": data, "model": name, "usage": usage_})
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.post("/v1/embeddings", embeddings),
         web.get("/v1/models", models),
         web.get("/v1/models/{model}", model),
         web.post("/v1/chat/completions", chat_completions),

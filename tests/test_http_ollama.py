@@ -30,7 +30,7 @@ def test_tags_ps_show_and_version_describe_the_daemons_model(client, gateway) ->
     assert [m.model for m in running] == [NAME]
     shown = client.show(NAME)
     assert shown.modelinfo["llama.context_length"] == 4096 and shown.modelinfo["general.parameter_count"] == 134515008
-    assert shown.capabilities == ["completion"]  # SmolLM2's template renders neither tools nor thinking
+    assert shown.capabilities == ["completion", "embedding"]  # SmolLM2's template renders neither tools nor thinking; any model embeds
     with pytest.raises(ollama.ResponseError) as missing:
         client.show("llama3:8b")
     assert missing.value.status_code == 404

@@ -107,7 +107,7 @@ def test_ollama_tool_call(qwen_gateway: GatewayProcess) -> None:
     ]
     client = ollama.Client(host=qwen_gateway.url, timeout=300)
     model = client.list().models[0].model
-    assert client.show(model).capabilities == ["completion", "tools"]  # what Open WebUI and llm-ollama read
+    assert client.show(model).capabilities == ["completion", "tools", "embedding"]  # what Open WebUI and llm-ollama read
     reply = client.chat(model=model, messages=history, tools=[WEATHER], options={"num_predict": 40})
     [call] = reply.message.tool_calls
     assert call.function.name == "get_weather" and dict(call.function.arguments) == {"city": "Oslo"}
@@ -126,7 +126,7 @@ def test_reasoning_apart_from_the_answer(thinking_gateway) -> None:
     assert "".join(d.content or "" for d in deltas) == expected.text
 
     client = ollama.Client(host=gateway.url, timeout=300)
-    assert client.show(client.list().models[0].model).capabilities == ["completion", "thinking"]
+    assert client.show(client.list().models[0].model).capabilities == ["completion", "thinking", "embedding"]
     said = client.chat(model=client.list().models[0].model, messages=GRASS, options={"num_predict": 40}).message
     assert (said.thinking, said.content) == (expected.reasoning, expected.text)
 

@@ -397,11 +397,11 @@ def test_chat_asks_for_tool_results_and_keeps_them_in_history(qwen: DaemonProces
 
 
 def test_status_lists_each_templates_capabilities(daemon: DaemonProcess, qwen: DaemonProcess, thinking: DaemonProcess) -> None:
-    for proc, expected in ((daemon, ["completion"]), (qwen, ["completion", "tools"]), (thinking, ["completion", "thinking"])):
+    for proc, expected in ((daemon, ["completion", "embedding"]), (qwen, ["completion", "tools", "embedding"]), (thinking, ["completion", "thinking", "embedding"])):
         with proc.client() as client:
             assert client.status()["model"]["capabilities"] == expected
     human = rkllmctl("status", socket=qwen.socket).stdout
-    assert "can:      completion, tools  (template qwen2.5-instruct)" in human
+    assert "can:      completion, tools, embedding  (template qwen2.5-instruct)" in human
 
 
 def test_tools_or_thinking_the_template_lacks_are_refused(daemon: DaemonProcess, tmp_path: Path) -> None:

@@ -680,7 +680,10 @@ def test_bench_script_runs_on_the_fake(fake_runtime, generation, model, tmp_path
     assert f"interface {generation}" in out.stdout
     tables = [[[c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if "---" not in line]
               for block in out.stdout.split("\n\n") if block.startswith("| ")]
-    sizes, conversation = ([dict(zip(t[0], row)) for row in t[1:]] for t in tables)
+    sizes, conversation, embedded = ([dict(zip(t[0], row)) for row in t[1:]] for t in tables)
+    # Embeddings: the hidden-layer mode's tokens per second next to a generation's prefill.
+    assert [r["text tokens (estimate)"] for r in embedded] == ["128", "512"]
+    assert all(float(r["embedding tok/s"]) > 0 and float(r["prefill tok/s (generation)"]) > 0 and r["dimensions"] == "64" for r in embedded)
     assert [(r["system tokens (estimate)"], r["case"]) for r in sizes] == [
         (n, case) for n in ("250", "1000") for case in ("no cache", "prompt cache (first use)", "prompt cache (loaded)")]
     for n in ("250", "1000"):

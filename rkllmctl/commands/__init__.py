@@ -24,6 +24,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "generate": ("generate", "register", "generate a completion (streams to stdout)"),
     "chat": ("chat", "register", "interactive conversation"),
     "render": ("render", "register", "print the exact prompt text a chat renders to"),
+    "embed": ("embed", "register", "print the embeddings of texts (mean-pooled, L2-normalised)"),
     "status": ("status", "register", "what the daemon runs and how it is doing"),
     "cache": ("cache", "register", "prompt caches: ls, show, put, edit, rm, rebuild, wait"),
     "completion": ("shell", "register_completion", "print the shell completion script"),

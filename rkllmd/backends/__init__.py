@@ -60,6 +60,7 @@ def choose(
             )
         except (ValueError, TemplateError) as exc:  # rkllm.template or rkllm.runtime is unusable
             raise BackendError(f"[rkllm] {exc}") from None
+        backend.embedding_only = config["model.embedding_only"]
         return backend, reason
     from .cpu.backend import CpuBackend
 
@@ -72,4 +73,5 @@ def choose(
         kernels_mode=config["model.kernels"],
         chat_template=config["model.chat_template"],
     )
+    backend.embedding_only = config["model.embedding_only"]
     return backend, reason

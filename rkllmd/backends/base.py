@@ -221,6 +221,8 @@ class Backend(abc.ABC):
         # Called between a build's prefill chunks (``build_prefix``): the daemon runs the
         # generations waiting meanwhile, so a build never holds up interactive work.
         self.pause: Callable[[], None] = lambda: None
+        # ``model.embedding_only``: the model serves embeddings only (generate is refused).
+        self.embedding_only = False
 
     @abc.abstractmethod
     def load(self, progress: Callable[[str], None] | None = None) -> None:
@@ -257,6 +259,22 @@ class Backend(abc.ABC):
         """The token ids of ``text`` (rendered); None when this backend has no tokenizer of
         its own. Any thread: it remembers nothing between calls."""
         return None
+
+    #: Whether ``embed`` works (the "embedding" capability).
+    embeds = False
+
+    def embedding_size(self) -> int | None:
+        """The length of this model's embeddings (its hidden size); None: not known (yet)."""
+        return None
+
+    def embed(self, inputs: Sequence[Sequence[int] | str], between: Callable[[], None]) -> list[tuple[np.ndarray, int]]:
+        """For each input (token ids; text only on a backend without a tokenizer of its own),
+        the mean over its tokens of the final hidden states after the output norm (float32
+        [embedding_size], not normalised: llama.cpp's mean pooling) and its token count. The
+        inputs fit the context (the caller truncated them); they run in scratch state, never
+        a generation's. ``between`` is called between forward passes (the daemon steps the
+        running generations there). Model worker only."""
+        raise BackendError(f"the {self.kind} backend cannot compute embeddings")
 
     def resumable(self, prompt: str) -> PrefixState | None:
         """A conversation state this backend holds itself (the NPU runtime's KV history)

@@ -15,7 +15,7 @@ from ..caches.text import system_text
 from ..constraints import ConstraintError, from_request
 from ..outbox import Chat, Generation
 from ..protocol import ErrorCode, WireError
-from ..templates.capabilities import CapabilityMissing, require_capabilities
+from ..templates.capabilities import CapabilityMissing, require_capabilities, require_completion
 from .context import Context, Request
 from .render import checked
 
@@ -27,6 +27,10 @@ def execute(ctx: Context, request: Request) -> None:
     if (request.identity, request.id) in ctx.generations:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
     shape = {"format": args["format"], "grammar": args["grammar"], "tool_choice": args["tool_choice"]}
+    try:  # at once, as Ollama answers; the worker checks again for the model that runs it
+        require_completion(ctx.worker.backend)
+    except CapabilityMissing as exc:
+        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
     if args["raw"]:
         chat = Chat(raw=_raw_prompt(args, ctx.config.daemon.max_prompt_chars), **shape)
     else:

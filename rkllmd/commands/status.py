@@ -10,6 +10,7 @@ from typing import Any
 from .. import __version__
 from ..protocol import MAX_MESSAGE_BYTES
 from ..schema import PROTOCOL
+from ..templates.capabilities import model_capabilities
 from .context import Context, Request
 
 OP = "status"
@@ -29,7 +30,7 @@ def report(ctx: Context) -> dict[str, Any]:
         "socket": str(ctx.socket),
         "backend": backend.kind,
         "backend_reason": ctx.backend_reason,
-        "model": {**backend.describe(), "capabilities": list(backend.template.capabilities)},
+        "model": {**backend.describe(), "capabilities": list(model_capabilities(backend))},
         "worker": worker.activity(),
         "healthy": worker.healthy(within=60.0),
         "counters": {**dataclasses.asdict(ctx.traffic), **worker.counters.as_dict()},

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..outbox import Chat
     from .template import ChatTemplate
 
-COMPLETION, TOOLS, THINKING = "completion", "tools", "thinking"
+COMPLETION, TOOLS, THINKING, EMBEDDING = "completion", "tools", "thinking", "embedding"
 #: Tool-call formats the daemon parses (templates/toolcalls.py).
 PARSED_TOOL_CALLS = (HERMES, LLAMA3, PHI4)
 
@@ -80,9 +80,26 @@ class CapabilityMissing(ValueError):
         self.capability, self.field = capability, field
 
 
+def model_capabilities(backend: Backend) -> tuple[str, ...]:
+    """What status and /api/show list: the template's, and "embedding" when the backend
+    can embed; only "embedding" for a model declared embedding-only (``model.embedding_only``)."""
+    if backend.embedding_only:
+        return (EMBEDDING,)
+    return backend.template.capabilities + ((EMBEDDING,) if backend.embeds else ())
+
+
+def require_completion(backend: Backend) -> None:
+    """Refuse generating with a model declared embedding-only, as Ollama refuses an
+    embedding model ("... does not support generate")."""
+    if backend.embedding_only:
+        name = backend.describe().get("name", "the model")
+        raise CapabilityMissing(f"{name} does not support generate: it is declared embedding-only (model.embedding_only)", COMPLETION, "model")
+
+
 def require_capabilities(backend: Backend, chat: Chat) -> None:
     """Refuse tools or thinking the model's template cannot do, as Ollama does ("... does
     not support tools"), rather than drop them silently; ``enable_thinking`` false is fine."""
+    require_completion(backend)
     thinking = (chat.variables or {}).get("enable_thinking") is True
     for capability, field, asked in ((THINKING, "enable_thinking", thinking), (TOOLS, "tools", bool(chat.tools))):
         if asked and capability not in backend.template.capabilities:  # thinking first, as Ollama checks

@@ -82,6 +82,13 @@
  *    (splitmix64(h + i) >> 40) / 2^20 - 8 (exact in float32, so a test can recompute them).
  *    num_tokens is min(input tokens, 2): a row for the position before the last (the bytes
  *    seen minus the last one), then the last row, which is the one to use.
+ *  - Hidden-layer mode (infer mode GET_LAST_HIDDEN_LAYER, shared/rkllm-abi): the run prefills
+ *    its input and generates nothing: one NORMAL callback carries the last_hidden_layer block,
+ *    a row per token of this input (num_tokens rows of embd_size floats; "embd_size=N" in the
+ *    model file, else 64), then FINISH. Row t holds the pseudo-values above of the bytes the
+ *    model has seen up to the end of the input's token t (history included), with
+ *    embd_size in place of the vocabulary: a test recomputes them. The block is overwritten
+ *    and freed once the callback returns, as the runtime's buffer is.
  *  - Token input (RKLLM_INPUT_TOKEN, ids below vocab_size): no chat template; each id is one
  *    token of the KV cache, whose text is "<[id]>". With keep_history=1 a logits run keeps
  *    what it saw, so a caller that feeds each chosen token back as token input drives
@@ -169,7 +176,7 @@ __attribute__((used)) static const char vendor_strings[] =
 typedef void *LLMHandle;
 enum { RKLLM_RUN_NORMAL = 0, RKLLM_RUN_WAITING = 1, RKLLM_RUN_FINISH = 2, RKLLM_RUN_ERROR = 3 };
 enum { RKLLM_INPUT_PROMPT = 0, RKLLM_INPUT_TOKEN = 1, RKLLM_INPUT_MULTIMODAL = 3 };
-enum { RKLLM_INFER_GENERATE = 0, RKLLM_INFER_GET_LOGITS = 2 };
+enum { RKLLM_INFER_GENERATE = 0, RKLLM_INFER_GET_LAST_HIDDEN_LAYER = 1, RKLLM_INFER_GET_LOGITS = 2 };
 
 typedef struct {
     int32_t base_domain_id;
@@ -537,6 +544,7 @@ typedef struct {
     kv_cache history; /* what the KV cache holds: earlier runs' inputs and generated tokens */
     bool word_tokens; /* FAKE_RKLLM_TOKENS=words: a prompt's tokens are its words, else its bytes */
     int vocab_size; /* from the model file's "vocab_size=N" (0: none, no logits mode) */
+    int embd_size; /* from the model file's "embd_size=N" (default 64): the hidden layer's width */
 } fake_handle;
 
 static fake_handle *handles[MAX_HANDLES];
@@ -677,8 +685,6 @@ static int check_infer(const RKLLMInferParam *ip) {
     if (!is_readable(ip, sizeof *ip)) return fail(FAKE_E_ARGUMENT, fn, "infer param %p is not readable", (const void *)ip);
     if (ip->mode < RKLLM_INFER_GENERATE || ip->mode > RKLLM_INFER_GET_LOGITS)
         return fail(FAKE_E_INFER, fn, "mode (offset 0) = %d", ip->mode);
-    if (ip->mode != RKLLM_INFER_GENERATE && ip->mode != RKLLM_INFER_GET_LOGITS)
-        return fail(FAKE_E_UNSUPPORTED, fn, "mode %d: the fake simulates GENERATE and GET_LOGITS only", ip->mode);
     if (ip->lora_params && !(is_readable(ip->lora_params, sizeof *ip->lora_params) &&
                              is_string(ip->lora_params->lora_adapter_name)))
         return fail(FAKE_E_INFER, fn, "lora_params (offset 8) is not an RKLLMLoraParam*");
@@ -903,6 +909,8 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     fh->word_tokens = tokens && !strcmp(tokens, "words");
     const char *vocab = memmem(buf, n, "vocab_size=", 11);
     fh->vocab_size = vocab ? atoi(vocab + 11) : 0;
+    const char *embd = memmem(buf, n, "embd_size=", 10);
+    fh->embd_size = embd ? atoi(embd + 10) : 64;
     set_template(fh, "<|im_start|>system\nYou are a fake model.<|im_end|>\n", "<|im_start|>user\n",
                  "<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_lock(&handles_lock);
@@ -1094,14 +1102,34 @@ static const char *logits_run(fake_handle *fh, const kv_cache *kv, size_t input_
     return rc == 1 ? "pause" : "logits";
 }
 
+/* A GET_LAST_HIDDEN_LAYER run: one NORMAL callback whose last_hidden_layer block holds a row
+ * per token of this input (num_tokens x embd_size floats, row-major, as the vendor's demo
+ * copies them), row t the pseudo-values of what the model has seen up to that token. */
+static const char *hidden_run(fake_handle *fh, const kv_cache *kv, size_t input_tokens, void *ud) {
+    size_t first = kv->tokens - input_tokens, width = (size_t)fh->embd_size;
+    float *block = malloc(sizeof(float) * width * (input_tokens ? input_tokens : 1));
+    for (size_t t = 0; t < input_tokens; t++) pseudo_logits(kv->text, kv->ends[first + t], fh->embd_size, block + t * width);
+    RKLLMResult result;
+    memset(&result, 0, sizeof result);
+    result.token_id = -1;
+    result.last_hidden_layer.hidden_states = block;
+    result.last_hidden_layer.embd_size = fh->embd_size;
+    result.last_hidden_layer.num_tokens = (int)input_tokens;
+    int rc = fh->callback(&result, ud, RKLLM_RUN_NORMAL);
+    memset(block, 0xff, sizeof(float) * width * (input_tokens ? input_tokens : 1)); /* NaNs for a late reader */
+    free(block); /* the runtime's buffer: gone after the callback */
+    return rc == 1 ? "pause" : "hidden";
+}
+
 static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void *userdata) {
     const char *fn = "rkllm_run";
     int rc = check_input(input);
     if (!rc) rc = check_infer(infer);
     if (rc) return rc;
 
-    bool logits_mode = infer->mode == RKLLM_INFER_GET_LOGITS;
-    if (logits_mode && fh->vocab_size <= 0)
+    bool hidden_mode = infer->mode == RKLLM_INFER_GET_LAST_HIDDEN_LAYER;
+    bool logits_mode = infer->mode == RKLLM_INFER_GET_LOGITS || hidden_mode; /* neither generates */
+    if (infer->mode == RKLLM_INFER_GET_LOGITS && fh->vocab_size <= 0)
         return fail(FAKE_E_UNSUPPORTED, fn, "GET_LOGITS: the model file names no vocab_size");
     const RKLLMTokenInput *ids = input->input_type == RKLLM_INPUT_TOKEN ? &input->token_input : NULL;
     size_t len; /* the input's text: a templated prompt, or "<[id]>" per token id */
@@ -1194,7 +1222,8 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
     int tokens = 0;
     const char *reason = "eos";
     if (logits_mode)
-        reason = atomic_load(&fh->abort_requested) ? "abort" : logits_run(fh, &kv, tokens_in, ud);
+        reason = atomic_load(&fh->abort_requested) ? "abort"
+                 : hidden_mode ? hidden_run(fh, &kv, tokens_in, ud) : logits_run(fh, &kv, tokens_in, ud);
     for (; !logits_mode;) {
         if (atomic_load(&fh->abort_requested)) {
             reason = "abort";

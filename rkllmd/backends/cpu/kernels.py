@@ -88,7 +88,7 @@ class Kernel:
     detail: str  # a few words for status: where it came from, its threads
 
     def bind(self, model: Model, arrays: dict[str, np.ndarray]) -> BoundForward:
-        return BoundForward(self.library.rkllmd_forward, model, arrays)
+        return BoundForward(self.library.rkllmd_forward, model, arrays, self.library.rkllmd_forward_hidden)
 
 
 def _padded(n_out: int) -> int:
@@ -112,7 +112,7 @@ class BoundForward:
     """``forward(tokens, positions, caches, logit_rows, logits)``: the C forward pass on one
     model's weights, which it keeps alive (the struct holds only their addresses)."""
 
-    def __init__(self, function: ctypes._CFuncPtr, model: Model, arrays: dict[str, np.ndarray]):
+    def __init__(self, function: ctypes._CFuncPtr, model: Model, arrays: dict[str, np.ndarray], hidden_function: ctypes._CFuncPtr):
         cfg, capacity = model.config, model.context_length
         # The C code indexes by the dimensions alone: an array too small would be read past its end.
         needed = _sizes(cfg, capacity)
@@ -129,6 +129,7 @@ class BoundForward:
             **{name: array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for name, array in arrays.items()},
         )
         self._function = function
+        self._hidden_function = hidden_function
         self._pointer = ctypes.byref(self._struct)
         self._cache_size = cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * capacity
 
@@ -146,6 +147,13 @@ class BoundForward:
         and that no two rows write one position of one cache: the C code trusts them."""
         if self._function(self._pointer, len(tokens), tokens.ctypes.data, positions.ctypes.data, keys.ctypes.data,
                           values.ctypes.data, len(logit_rows), logit_rows.ctypes.data, logits.ctypes.data) != 0:
+            raise MemoryError("the forward pass could not allocate its scratch memory")
+
+    def hidden(self, tokens: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
+        """Run token rows as ``__call__`` does; every row's final hidden state after the output
+        norm into ``out`` (float32, [len(tokens), dim]): what embeddings pool."""
+        if self._hidden_function(self._pointer, len(tokens), tokens.ctypes.data, positions.ctypes.data, keys.ctypes.data,
+                                 values.ctypes.data, out.ctypes.data) != 0:
             raise MemoryError("the forward pass could not allocate its scratch memory")
 
 
@@ -274,6 +282,8 @@ def _kernel_in(folder: Path | None, march: str) -> Kernel:
         raise KernelError(f"cannot build the forward kernel in a temporary folder: {exc}") from None
     library.rkllmd_forward.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     library.rkllmd_forward.restype = ctypes.c_int
+    library.rkllmd_forward_hidden.argtypes = [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5]
+    library.rkllmd_forward_hidden.restype = ctypes.c_int
     threads = library.rkllmd_kernel_threads()
     return Kernel(library, f"C, {threads} thread{'s' * (threads != 1)} ({where})")
 

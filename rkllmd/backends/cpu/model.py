@@ -412,7 +412,27 @@ class Model:
             return
         hidden = self._prefill_numpy(slot, tokens, start)
         if logits is not None:
-            np.matmul(self.dense.head, self._rms_norm(hidden, self.w.output_norm), out=logits)
+            np.matmul(self.dense.head, self._rms_norm(hidden[-1], self.w.output_norm), out=logits)
+
+    def hidden_states(self, parts: Sequence[Rows]) -> list[np.ndarray]:
+        """Run every part's tokens as ``step`` does, and return each part's final hidden states
+        after the output norm ([tokens, dim] float32, new arrays): what embeddings pool, no lm_head."""
+        ids = [np.asarray(part.tokens, dtype=np.int64) for part in parts]
+        for part, tokens in zip(parts, ids):
+            if not len(tokens) or part.start < 0 or part.start + len(tokens) > self.context_length:
+                raise ValueError(f"cannot run {len(tokens)} tokens at position {part.start}")
+            if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+                raise ValueError(f"a token is outside the vocabulary of {self.config.vocab_size}")
+        if self._c_forward is None:
+            return [self._rms_norm(self._prefill_numpy(part.slot, tokens, part.start), self.w.output_norm) for part, tokens in zip(parts, ids)]
+        counts = [len(t) for t in ids]
+        tokens = np.concatenate(ids)
+        positions = np.concatenate([np.arange(part.start, part.start + n, dtype=np.int64) for part, n in zip(parts, counts)])
+        keys = np.repeat(np.array([part.slot.addresses[0] for part in parts], np.uintp), counts)
+        values = np.repeat(np.array([part.slot.addresses[1] for part in parts], np.uintp), counts)
+        hidden = np.empty((len(tokens), self.config.dim), np.float32)
+        self._c_forward.hidden(tokens, positions, keys, values, hidden)
+        return np.split(hidden, np.cumsum(counts)[:-1])
 
     def prefill(
         self, slot: KVSlot, tokens: Sequence[int], start: int, on_chunk: Callable[[int], None] | None = None
@@ -438,7 +458,7 @@ class Model:
         return self.step([Rows(slot, [token], pos)])[0]
 
     def _prefill_numpy(self, slot: KVSlot, ids: np.ndarray, start: int) -> np.ndarray:
-        """Run one chunk in numpy (the reference); return its last hidden state."""
+        """Run one chunk in numpy (the reference); return its hidden states (before the output norm)."""
         cfg = self.config
         T = len(ids)
         g = cfg.n_heads // cfg.n_kv_heads
@@ -476,7 +496,7 @@ class Model:
                 gate_up = h @ self.dense.wgu[layer].T
                 gate, up = gate_up[:, : cfg.ffn_dim], gate_up[:, cfg.ffn_dim :]
                 x += (gate / (1.0 + np.exp(-gate)) * up) @ self.dense.wd[layer].T
-        return x[-1]
+        return x
 
     def _rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         mean_square = np.square(x).sum(axis=-1, keepdims=True) / np.float32(self.config.dim)

@@ -120,6 +120,7 @@ class RkllmBackend(Backend):
     """One ``.rkllm`` model on the NPU. See the module docstring for the runtime's use."""
 
     kind = "rkllm"
+    embeds = True
 
     def __init__(
         self,
@@ -173,6 +174,7 @@ class RkllmBackend(Backend):
         self._running: threading.Event | None = None  # the cancel flag of the run in progress
         # What the runtime's KV history holds, when known for sure (None: clear it first).
         self._history: PrefixState | None = None
+        self._embedding_size: int | None = None  # the hidden layer's width, once a run told it
 
     # --- lifecycle --------------------------------------------------------------------
     def load(self, progress: Callable[[str], None] | None = None) -> None:
@@ -246,6 +248,8 @@ class RkllmBackend(Backend):
             "template": self.template.name,
             "token_counts": f"exact (tokenizer {self.tokenizer_path})" if self.tokenizer_path else f"bounded: UTF-8 bytes + {BOUND_EXTRA} (no [rkllm] tokenizer)",
         }
+        if self._embedding_size is not None:
+            facts["embedding_length"] = self._embedding_size
         if self._rt is not None:
             info = self._rt.info
             facts["library"] = str(info.path)
@@ -424,6 +428,34 @@ class RkllmBackend(Backend):
         self._history = None  # until this run ends as the runtime decides
         return sent, before
 
+    # --- embeddings: the runtime's last hidden layer ----------------------------------------
+    def embedding_size(self) -> int | None:
+        return self._embedding_size
+
+    def embed(self, inputs: Sequence[Sequence[int] | str], between: Callable[[], None]) -> list[tuple[np.ndarray, int]]:
+        """One ``rkllm_run`` per input in GET_LAST_HIDDEN_LAYER mode (one handle runs one input
+        at a time), from an empty KV cache with no prompt cache loaded (a loaded one would be
+        matched against the input, and only the rest reported), ``keep_history`` off; its block
+        (a row per input token) is averaged in the callback, before the runtime frees it.
+        The runtime's chat template is empty (``load``): the raw text is what it embeds."""
+        rt = self._require_runtime()
+        pooled: list[tuple[np.ndarray, int]] = []
+        for item in inputs:
+            self._use_prompt_cache(None)
+            rt.clear_kv_cache()
+            self._history = None
+            hidden = _Hidden(self.heartbeat)
+            per_request = {"max_new_tokens": 1} if rt.abi.per_request_sampling else {}
+            prompt = item if isinstance(item, str) else list(item)
+            rc = self._run(rt, prompt, hidden, threading.Event(), mode=rk.RKLLM_INFER_GET_LAST_HIDDEN_LAYER, keep_history=False, **per_request)
+            _raise_on_failure(rc, hidden, "embedding (last hidden layer mode)")
+            if hidden.mean is None:
+                raise BackendError("the runtime's last-hidden-layer mode gave no hidden states (GET_LAST_HIDDEN_LAYER is not supported by this runtime?)")
+            self._embedding_size = len(hidden.mean)
+            pooled.append((hidden.mean, hidden.tokens))
+            between()
+        return pooled
+
     # --- the daemon samples: the runtime's logits mode -------------------------------------
     @property
     def vocabulary(self) -> Vocabulary:
@@ -451,7 +483,7 @@ class RkllmBackend(Backend):
             if self._running is cancelled and self._rt is not None:
                 self._rt.abort()
 
-    def _run(self, rt: RkllmRuntime, prompt: str | list[int], stream: _Stream | _Logits, cancelled: threading.Event, **kwargs: Any) -> int:
+    def _run(self, rt: RkllmRuntime, prompt: str | list[int], stream: _Stream | _Logits | _Hidden, cancelled: threading.Event, **kwargs: Any) -> int:
         """One ``rkllm_run``, unless ``cancelled`` is set already; ``interrupt(cancelled)``
         reaches it while it runs."""
         with self._run_lock:
@@ -649,6 +681,33 @@ class _Logits:
         """Nothing is held back: a logits run produces no text."""
 
 
+class _Hidden:
+    """One last-hidden-layer run's callbacks: the mean of its block's rows (a row per input
+    token, shared/rkllm-abi), taken before the runtime frees the buffer, and their count."""
+
+    def __init__(self, heartbeat: Callable[[], None]) -> None:
+        self.mean: np.ndarray | None = None
+        self.tokens = 0
+        self.error_state = False
+        self.finish_reason: str | None = None
+        self._heartbeat = heartbeat
+
+    def on_result(self, state: int, result: rk.RKLLMResult) -> int:
+        if state == rk.RKLLM_RUN_ERROR:
+            self.error_state = True
+        elif state != rk.RKLLM_RUN_FINISH and self.mean is None:
+            block = result.last_hidden_layer
+            if block.hidden_states and block.embd_size > 0 and block.num_tokens > 0:
+                rows = np.ctypeslib.as_array(block.hidden_states, shape=(block.num_tokens, block.embd_size))
+                self.mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+                self.tokens = block.num_tokens
+                self._heartbeat()
+        return rk.CALLBACK_CONTINUE
+
+    def finish(self) -> None:
+        """Nothing is held back: a hidden-layer run produces no text."""
+
+
 class _LogitsRun(Run):
     """A generation whose tokens the daemon samples (a constraint, logprobs): the runtime in
     its logits mode, one ``rkllm_run`` a step, ``keep_history`` on, as public code drives it
@@ -748,7 +807,7 @@ class _LogitsRun(Run):
         self.done = True
 
 
-def _raise_on_failure(rc: int, stream: _Stream | _Logits, what: str) -> None:
+def _raise_on_failure(rc: int, stream: _Stream | _Logits | _Hidden, what: str) -> None:
     if rc != 0:
         state = " after an ERROR callback" if stream.error_state else ""
         raise BackendError(f"{what} failed: rkllm_run returned {rc}{state}", code=rc)
