@@ -217,6 +217,8 @@ class Client:
         tool_choice: str | dict[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        model: str | None = None,
+        keep_alive: float | str | None = None,
     ) -> Stream:
         """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
         reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
@@ -224,7 +226,8 @@ class Client:
         is the whole prompt text, sent without the template (protocol 1.4). ``format``
         ("json" or a JSON Schema), ``grammar`` and a forced ``tool_choice`` constrain the
         answer; ``logprobs`` adds each token's log-probability to the pieces and the result
-        (protocol 1.6)."""
+        (protocol 1.6). ``model`` names the model (None: the daemon's default) and
+        ``keep_alive`` how long it stays loaded once idle (protocol 1.8)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -251,6 +254,8 @@ class Client:
             tool_choice=tool_choice,
             logprobs=logprobs or None,
             top_logprobs=top_logprobs,
+            model=model,
+            keep_alive=keep_alive,
         )
         return Stream(self, request_id, StreamReader(started))
 
@@ -262,13 +267,33 @@ class Client:
         vars: dict[str, Any] | None = None,
         template: str | None = None,
         add_generation_prompt: bool = True,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """``{"text", "tokens"}``: the exact prompt ``messages`` render to. ``template``: a
         family's name or a template's Jinja text (None: the loaded model's)."""
-        return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt)
+        return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt, model=model)
 
     def cancel(self, request_id: Any) -> dict[str, Any]:
         return self.call("cancel", target=request_id)
+
+    def models(self) -> dict[str, Any]:
+        """``{"models", "default", "loaded"}``: every model by name, and the loaded weights (protocol 1.8)."""
+        return self.call("models")
+
+    def create(self, name: str, base: str, *, system: str | None = None, parameters: dict[str, Any] | None = None,
+               template: str | None = None) -> dict[str, Any]:
+        """Derive ``name`` from ``base``: its weights, with this system message, parameters or template."""
+        return self.call("create", name=name, **{"from": base}, system=system, parameters=parameters, template=template)
+
+    def copy(self, source: str, destination: str) -> dict[str, Any]:
+        return self.call("copy", source=source, destination=destination)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return self.call("delete", name=name)
+
+    def load(self, model: str | None = None, keep_alive: float | str | None = None) -> dict[str, Any]:
+        """Load ``model`` now (or with ``keep_alive`` 0 unload it once idle)."""
+        return self.call("load", model=model, keep_alive=keep_alive)
 
     def cache_ls(self) -> dict[str, Any]:
         return self.call("cache.ls")

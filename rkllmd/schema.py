@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 6
+PROTOCOL_MINOR = 8
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -48,6 +48,9 @@ MINOR_VERSIONS = {
     "is passed on as it is (it was refused)",
     6: "constrained decoding: `generate` takes `format` (JSON, or a JSON Schema), `grammar` and `tool_choice` (a forced tool call); "
     "`logprobs` and `top_logprobs`, and `token` messages may carry `logprobs`; `done.finish_reason` may be `error`",
+    7: "reserved for `embed` (issue 24, developed in parallel)",
+    8: "several models by name: `generate` and `render` take `model` (absent: the default; unknown: `not_found`) and `generate` `keep_alive`; "
+    "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones)",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -122,7 +125,12 @@ REPLY_TYPES = frozenset({"result", "error", *STREAM})
 #: ``cache_source`` since 1.2: null, {"kind": "text_cache", "name": NAME} or {"kind": "conversation"}.
 STATS = ("prompt_tokens", "cached_tokens", "cache_source", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
 #: ``requests`` and ``build`` since 1.3 (see docs/protocol.md, status).
-STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store", "requests", "build")
+STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store", "requests", "build", "models")
+#: A model as ``models`` lists it and ``create``/``copy``/``delete`` return it (since 1.8).
+MODEL = ("name", "path", "template", "system", "parameters", "base", "source", "created_at", "default", "weights", "loaded")
+_MODEL = Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out)", default_doc="the default model", since=8)
+_KEEP_ALIVE = Field("keep_alive", "keep_alive", "how long the model stays loaded once idle: seconds, or a duration (`5m`, `1h`); 0 unloads it when idle, negative keeps it loaded",
+                    default_doc="`daemon.keep_alive`", since=8)
 
 _NAME = Field("name", "name", "the text cache's name", required=True)
 _MESSAGES_DOC = f"a whole chat; roles {', '.join(f'`{r}`' for r in ROLES)}; 1–{MAX_MESSAGES} messages (see [Messages](#messages))"
@@ -162,6 +170,8 @@ OPERATIONS: dict[str, Operation] = {
                 Field("tool_choice", "tool_choice", "`\"auto\"`, `\"none\"` (`tools` are not offered), `\"required\"` (the answer is a call to one of `tools`) or `{\"type\": \"function\", \"function\": {\"name\": N}}` (a call to N); a forced call's arguments follow the tool's `parameters`", default_doc="auto", since=6),
                 Field("logprobs", "bool", "`token` messages carry each token's log-probability (see [Log-probabilities](#log-probabilities))", default=False, since=6),
                 Field("top_logprobs", "int", "with `logprobs`: the most likely alternatives given per token", default=0, low=0, high=MAX_TOP_LOGPROBS, since=6),
+                _MODEL,
+                _KEEP_ALIVE,
             ),
             result=None,
             one_of=("prompt", "messages"),
@@ -175,6 +185,7 @@ OPERATIONS: dict[str, Operation] = {
                 _VARS,
                 Field("template", "str", "a family's name (docs/templates.md), or the Jinja text of a template", default_doc="the loaded model's", since=2),
                 Field("add_generation_prompt", "bool", "end with the header of the assistant's turn", default=True, since=2),
+                _MODEL,
             ),
             ("text", "tokens"),
             since=2,
@@ -193,6 +204,26 @@ OPERATIONS: dict[str, Operation] = {
             (_NAME, Field("timeout", "float", "seconds to wait", default=60.0, low=0.0, high=MAX_WAIT_S)),
             ENTRY,
         ),
+        Operation("models", "every model by name, and which are loaded", result=("models", "default", "loaded"), since=8),
+        Operation(
+            "create",
+            "a model derived from another: it runs on its base's weights with its own system message, parameters or template",
+            (
+                Field("name", "str", "the new model's name", required=True, since=8),
+                Field("from", "str", "the model it derives from", required=True, since=8),
+                Field("system", "str", "its system message, used when a request gives none", since=8),
+                Field("parameters", "parameters", "its default sampling parameters (`temperature`, `top_k`, `top_p`, `repeat_penalty`, "
+                      "`frequency_penalty`, `presence_penalty`, `max_tokens` or `num_predict`, `seed`)", since=8),
+                Field("template", "str", "its chat template: a family's name or Jinja text", default_doc="its base's", since=8),
+            ),
+            MODEL,
+            since=8,
+        ),
+        Operation("copy", "a model under a second name", (Field("source", "str", "the model copied", required=True, since=8),
+                                                           Field("destination", "str", "the new name", required=True, since=8)), MODEL, since=8),
+        Operation("delete", "delete a created model (configured ones are edited in the configuration)", (Field("name", "str", "the model", required=True, since=8),),
+                  MODEL, since=8),
+        Operation("load", "load a model now (Ollama's empty prompt), or unload it once idle with `keep_alive` 0", (_MODEL, _KEEP_ALIVE), ("model", "loaded"), since=8),
     )
 }
 
@@ -206,7 +237,7 @@ ERRORS: dict[ErrorCode, str] = {
     ErrorCode.DUPLICATE_ID: "this client already has a running request with this id",
     ErrorCode.INVALID_NAME: "a cache name was refused",
     ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting",
-    ErrorCode.NOT_FOUND: "no such cache, or no such running request",
+    ErrorCode.NOT_FOUND: "no such cache, no such running request, or no such model (`details.model`)",
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping; queued generations end with this",
     ErrorCode.TIMEOUT: "`cache.wait` ran out of time",
     ErrorCode.CONTEXT_OVERFLOW: "the prompt does not fit the context; `details.prompt_tokens`, `details.context_length`",
@@ -223,7 +254,8 @@ _KIND_NAMES = {
     "str": "a string", "name": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
     "id": "a string or an integer", "messages": "an array of messages", "stops": "an array of strings",
     "tools": f"an array of at most {MAX_TOOLS} tool schemas", "vars": f"a map of at most {MAX_VARS} template variables",
-    "format": '"json" or a JSON Schema (a map)', "tool_choice": '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+    "format": '"json" or a JSON Schema (a map)', "parameters": "a map of parameter names to numbers", "keep_alive": "a number of seconds or a duration",
+    "tool_choice": '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
 }
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -286,6 +318,10 @@ def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
         raise wrong()
     if kind == "tool_choice":
         return _tool_choice(value, wrong)
+    if kind == "parameters" and not isinstance(value, dict):
+        raise wrong()
+    if kind == "keep_alive" and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise wrong()
     if kind == "stops":
         if not isinstance(value, list) or len(value) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
             raise wrong(f"'stop' must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
@@ -418,7 +454,7 @@ def _vars(value: Any, wrong: Callable[..., WireError]) -> dict[str, Any]:
 _KIND_DOCS = {
     "str": "str", "name": "str (cache name)", "int": "int", "float": "float", "bool": "bool", "id": "str or int",
     "messages": "array of messages", "stops": "array of str", "tools": "array of tool schemas", "vars": "map",
-    "format": '"json" or map', "tool_choice": "str or map",
+    "format": '"json" or map', "tool_choice": "str or map", "parameters": "map", "keep_alive": "number or str",
 }
 
 

@@ -29,15 +29,12 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 async def models(request: web.Request) -> web.Response:
     gateway: Gateway = request.app["gateway"]
-    return web.json_response({"object": "list", "data": [model_object(await gateway.model())]})
+    return web.json_response({"object": "list", "data": [model_object(info) for info in await gateway.models()]})
 
 
 async def model(request: web.Request) -> web.Response:
     gateway: Gateway = request.app["gateway"]
-    info = await gateway.model()
-    if request.match_info["model"] != info.id:
-        raise ApiError(404, f"The model '{request.match_info['model']}' does not exist", code="model_not_found", param="model")
-    return web.json_response(model_object(info))
+    return web.json_response(model_object(await gateway.model(request.match_info["model"])))
 
 
 def model_object(info: Any) -> dict[str, Any]:
@@ -51,7 +48,10 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("logit_bias"):
         raise invalid("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     max_tokens = number(body, "max_completion_tokens", int)
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise invalid("'model' must be a string", "model")
     return {
+        "model": body.get("model") or None,  # the daemon answers not_found for one it does not have
         "temperature": number(body, "temperature", float),
         "top_p": number(body, "top_p", float),
         "top_k": number(body, "top_k", int),
@@ -176,7 +176,7 @@ def include_usage(body: dict[str, Any]) -> bool:
 
 async def head_of(gateway: Gateway, body: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The keys every reply and chunk of one request shares."""
-    name = body.get("model") if isinstance(body.get("model"), str) else (await gateway.model()).id
+    name = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else (await gateway.model()).id
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": name, "system_fingerprint": gateway.fingerprint}
 
 

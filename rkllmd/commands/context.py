@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from ..caches.manager import PromptCaches
 from ..config import Config
+from ..models.pool import ModelPool
+from ..models.registry import Registry, Resolved
 from ..connections import Traffic
 from ..outbox import Generation
 from ..protocol import WireError
@@ -24,6 +26,7 @@ class Request:
     id: Any
     args: dict[str, Any]  # the operation's fields, checked and with defaults (rkllmd/schema.py)
     client: str = ""  # who the client is, for status (Connections.client_name)
+    model: Resolved | None = None  # the model the request names (operations with a ``model`` field)
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Context:
     socket: Path
     started: float  # time.time() at start
     backend_reason: str  # why this backend (replaced when a reload swaps the model)
+    registry: Registry  # every model by name
+    pool: ModelPool  # the loaded ones; ``worker`` and ``caches`` above are the default model's
 
 
 class Deferred(Future):

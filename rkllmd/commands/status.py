@@ -11,6 +11,7 @@ from .. import __version__
 from ..protocol import MAX_MESSAGE_BYTES
 from ..schema import PROTOCOL
 from .context import Context, Request
+from .models import loaded_models
 
 OP = "status"
 
@@ -50,7 +51,10 @@ def report(ctx: Context) -> dict[str, Any]:
             "max_tokens": ctx.config.daemon.max_tokens_limit,
             "max_prompt_chars": ctx.config.daemon.max_prompt_chars,
             "max_message_bytes": MAX_MESSAGE_BYTES,
+            "max_loaded_models": ctx.pool.max_loaded,
+            "models_memory_bytes": ctx.pool.memory_budget,
         },
+        "models": {"default": ctx.registry.default, "loaded": list(loaded_models(ctx).values()), "loading": ctx.pool.loading()},
     }
 
 
