@@ -295,23 +295,25 @@ class Client:
         """Load ``model`` now (or with ``keep_alive`` 0 unload it once idle)."""
         return self.call("load", model=model, keep_alive=keep_alive)
 
-    def cache_ls(self) -> dict[str, Any]:
-        return self.call("cache.ls")
+    # Binary caches belong to a model (protocol 1.8): ``model`` None is the default model's.
 
-    def cache_show(self, name: str) -> dict[str, Any]:
-        return self.call("cache.show", name=name)
+    def cache_ls(self, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.ls", model=model)
 
-    def cache_put(self, name: str, text: str) -> dict[str, Any]:
-        return self.call("cache.put", name=name, text=text)
+    def cache_show(self, name: str, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.show", name=name, model=model)
+
+    def cache_put(self, name: str, text: str, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.put", name=name, text=text, model=model)
 
     def cache_rm(self, name: str) -> dict[str, Any]:
         return self.call("cache.rm", name=name)
 
-    def cache_rebuild(self, name: str | None = None) -> dict[str, Any]:
-        return self.call("cache.rebuild", name=name)
+    def cache_rebuild(self, name: str | None = None, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.rebuild", name=name, model=model)
 
-    def cache_wait(self, name: str, timeout: float = OPERATIONS["cache.wait"].field("timeout").default) -> dict[str, Any]:
-        request_id = self.send("cache.wait", name=name, timeout=timeout)
+    def cache_wait(self, name: str, timeout: float = OPERATIONS["cache.wait"].field("timeout").default, model: str | None = None) -> dict[str, Any]:
+        request_id = self.send("cache.wait", name=name, timeout=timeout, model=model)
         return self.result_of(request_id, timeout + self.timeout)
 
 

@@ -20,7 +20,7 @@ from .caches.text import TextStore
 from .caches.watcher import TextFolderWatcher
 from .check import Account, log_report, run_checks
 from .commands import status
-from .commands.cache_wait import CacheWaiters
+from .caches.waiters import CacheWaiters
 from .commands.context import Context
 from .config import Config, ConfigError
 from .connections import Connections
@@ -150,14 +150,15 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
     store = ArtifactStore(artifact_kinds(config), config.store)
 
-    def cache_changed(name: str) -> None:
-        outbox.wake()  # the status line counts caches
-        waiters.changed(name)
-
     def serve(backend: Backend, reason: str, name: str, current: Config) -> LoadedModel:
         """A loaded backend with its worker and prompt caches (text caches shared by name,
         binary caches under the backend's identity)."""
         worker = ModelWorker(backend, outbox, current.daemon)
+
+        def cache_changed(name: str) -> None:
+            outbox.wake()  # the status line counts caches
+            waiters.changed(name)
+
         text_dir, binary_dir = cache_dirs(current)
         caches = PromptCaches(
             TextStore(text_dir, current.cache.max_text_bytes),
@@ -170,7 +171,8 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
             keep_conversations=current.cache.conversations,
         )
         worker.caches = caches
-        return LoadedModel(name, worker, caches, reason, file_size(backend.describe().get("path") or ""))
+        waiters = CacheWaiters(caches)
+        return LoadedModel(name, worker, caches, waiters, reason, file_size(backend.describe().get("path") or ""))
 
     def open_model(model: Model) -> LoadedModel:
         """Load another weights file (on the pool's loader thread) and serve it."""
@@ -193,14 +195,12 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     worker, caches = default.worker, default.caches
     pool = ModelPool(open_model, outbox, max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
                      keep_alive=keep_alive.seconds(config.daemon.keep_alive), file_size=lambda m: file_size(m.path))
-    waiters = CacheWaiters(caches)
     connections = Connections(endpoint.path, outbox, pool, config.daemon)
     ctx = Context(
         config=config,
         caches=caches,
         worker=worker,
         generations=connections.generations,
-        waiters=waiters,
         disk=disk,
         store=store,
         traffic=connections.traffic,
@@ -255,7 +255,7 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
         if moved:
             make_dirs(text_dir, TEXT_DIR_MODE)
             make_dirs(binary_dir, BINARY_DIR_MODE)
-            watcher = TextFolderWatcher(str(text_dir), config.cache.debounce_ms / 1000, caches.refresh)
+            watcher = TextFolderWatcher(str(text_dir), config.cache.debounce_ms / 1000, ctx.pool.refresh)
         registry = ctx.registry.reconfigured(configured_models(config))
     except WireError as exc:  # a [models.NAME] refused
         log.error("reload refused, keeping the running configuration: [models]: %s", exc)
@@ -280,7 +280,8 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     if moved:
         # The binary store's identity is the one of the backend serving when it runs: a model
         # swap of this same reload may run on the worker before or after it.
-        ctx.disk.submit(caches.move, TextStore(text_dir, config.cache.max_text_bytes), binary_dir)
+        for model in ctx.pool.loaded():
+            ctx.disk.submit(model.caches.move, TextStore(text_dir, config.cache.max_text_bytes), binary_dir)
         daemon.paths.use_text_folder(watcher)
         log.info("reload: caches now in %s and %s", text_dir, binary_dir)
 

@@ -50,7 +50,8 @@ MINOR_VERSIONS = {
     "`logprobs` and `top_logprobs`, and `token` messages may carry `logprobs`; `done.finish_reason` may be `error`",
     7: "reserved for `embed` (issue 24, developed in parallel)",
     8: "several models by name: `generate` and `render` take `model` (absent: the default; unknown: `not_found`) and `generate` `keep_alive`; "
-    "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones)",
+    "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones); binary caches are per model: "
+    "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -129,6 +130,9 @@ STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backen
 #: A model as ``models`` lists it and ``create``/``copy``/``delete`` return it (since 1.8).
 MODEL = ("name", "path", "template", "system", "parameters", "base", "source", "created_at", "default", "weights", "loaded")
 _MODEL = Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out)", default_doc="the default model", since=8)
+#: Binary caches belong to a model; the text caches are shared by name.
+_CACHE_MODEL = Field("model", "str", "whose binary caches: a loaded model (one not loaded is `not_found`, `details.loaded` false)",
+                     default_doc="the default model", since=8)
 _KEEP_ALIVE = Field("keep_alive", "keep_alive", "how long the model stays loaded once idle: seconds, or a duration (`5m`, `1h`); 0 unloads it when idle, negative keeps it loaded",
                     default_doc="`daemon.keep_alive`", since=8)
 
@@ -193,15 +197,16 @@ OPERATIONS: dict[str, Operation] = {
         Operation("cancel", "stop one of this client's generations, queued or running", (Field("target", "id", "the `id` of one of this client's generations", required=True),), ("target", "was")),
         Operation("status", "what the daemon runs and how it is doing", result=STATUS),
         Operation("ping", "the cheapest round trip", result=("pong", "version", "protocol")),
-        Operation("cache.ls", "every text cache with the state of its binary cache", result=("caches", "memory")),
-        Operation("cache.show", "one text cache, its text and its binary state", (_NAME,), ENTRY + ("text", "sha256", "path", "error")),
-        Operation("cache.put", "create or replace a text cache (its build is queued)", (_NAME, Field("text", "str", "the text", required=True)), ENTRY),
-        Operation("cache.rm", "delete a text cache and its binary caches", (_NAME,), ("name", "removed")),
-        Operation("cache.rebuild", "build binary caches again (one, or all)", (Field("name", "name", "the text cache's name", default_doc="all"),), ("queued",)),
+        Operation("cache.ls", "every text cache with the state of its binary cache (the model's)", (_CACHE_MODEL,), result=("caches", "memory", "model")),
+        Operation("cache.show", "one text cache, its text and its binary state (the model's)", (_NAME, _CACHE_MODEL), ENTRY + ("text", "sha256", "path", "error")),
+        Operation("cache.put", "create or replace a text cache (its build is queued for every loaded model; the entry is the model's)",
+                  (_NAME, Field("text", "str", "the text", required=True), _CACHE_MODEL), ENTRY),
+        Operation("cache.rm", "delete a text cache and its binary caches (every model's)", (_NAME,), ("name", "removed")),
+        Operation("cache.rebuild", "build binary caches again (one, or all; the model's)", (Field("name", "name", "the text cache's name", default_doc="all"), _CACHE_MODEL), ("queued",)),
         Operation(
             "cache.wait",
-            "answer once the binary cache matches the current text",
-            (_NAME, Field("timeout", "float", "seconds to wait", default=60.0, low=0.0, high=MAX_WAIT_S)),
+            "answer once the binary cache (the model's) matches the current text",
+            (_NAME, Field("timeout", "float", "seconds to wait", default=60.0, low=0.0, high=MAX_WAIT_S), _CACHE_MODEL),
             ENTRY,
         ),
         Operation("models", "every model by name, and which are loaded", result=("models", "default", "loaded"), since=8),

@@ -48,7 +48,8 @@ class Daemon:
         self.outbox = outbox
         self.notifier = notifier
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.paths = PathKeeper(endpoint, connections, ctx.caches, ctx.config.cache, ctx.disk, self._signal_w, self._fail)
+        self.paths = PathKeeper(endpoint, connections, ctx.caches, ctx.config.cache, ctx.disk, self._signal_w, self._fail,
+                                refresh=ctx.pool.refresh, rescan=ctx.pool.rescan)
         self._deferred: dict[Deferred, None] = {}  # answers with a deadline, in arrival order
         self._status_sent = ""
         self.exit_status = 0  # 1 when the daemon stops because it can no longer serve

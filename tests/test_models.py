@@ -285,3 +285,76 @@ def test_both_official_clients_get_404_for_unknown_names_and_manage_models(model
     with pytest.raises(urllib.error.HTTPError) as no_base:
         urllib.request.urlopen(request, timeout=30)
     assert no_base.value.code == 404 and json.loads(no_base.value.read()) == {"error": "model 'nope' not found"}
+
+
+def test_binary_caches_are_per_model_and_a_text_edit_rebuilds_them_for_every_loaded_model(make_daemon, tiny_files, tmp_path) -> None:
+    tables = "".join(f'[models.{name}]\npath = "{path}"\n' for name, path in tiny_files.items())
+    proc = make_daemon("--config", str(config(tmp_path, tables)))
+    with proc.client() as client:
+        client.cache_put("short", "You answer briefly.")
+        first = client.cache_wait("short")
+        assert first["state"] == "ready"
+        with pytest.raises(DaemonError) as unloaded:
+            client.cache_ls("alpha")
+        assert unloaded.value.name == "not_found" and unloaded.value.details == {"model": "alpha", "loaded": False}
+        client.load("alpha")
+        poll(lambda: "alpha" in loaded_names(client), 30, "alpha loaded")
+        built = client.cache_wait("short", model="alpha")  # built when it loaded: its own binary cache
+        assert built["state"] == "ready" and built["tokens"] != first["tokens"]  # another tokenizer, another state
+        assert client.cache_ls("alpha")["model"] == "alpha" and client.cache_ls()["model"] == DEFAULT
+        bins = sorted(p.name for p in (proc.folder / "bin").iterdir() if p.is_dir() and p.name != "weights" and p.name != "kernels")
+        assert len(bins) == 2  # one folder per model identity
+        before = {m: client.cache_show("short", m)["built_at"] for m in (None, "alpha")}
+        client.cache_put("short", "You answer very briefly.", model="alpha")
+        for model in (None, "alpha"):  # an edit of the shared text rebuilds for every loaded model
+            again = client.cache_wait("short", model=model)
+            assert again["state"] == "ready" and again["built_at"] > before[model]
+        used = client.generate("Hi", cache="short", model="alpha", max_tokens=2).wait()
+        assert used.stats["cache_source"] == {"kind": "text_cache", "name": "short"} and used.stats["cached_tokens"] > 0
+        assert client.cache_rebuild("short", model="alpha")["queued"] == ["short"]
+        listed = rkllmctl("cache", "ls", "-m", "alpha", socket=proc.socket)
+        assert listed.returncode == 0 and "binary caches of model alpha" in listed.stdout and "short" in listed.stdout
+        status = rkllmctl("status", socket=proc.socket)
+        assert status.returncode == 0 and "models:   2 loaded of 3" in status.stdout and "alpha" in status.stdout
+
+
+def test_caches_over_http_per_model_behind_the_api_keys(make_daemon, tiny_files, tmp_path) -> None:
+    from http_gateway import GatewayProcess
+
+    proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny_files["alpha"]}"\n')))
+    keys = tmp_path / "keys"
+    keys.write_text("sesame\n")
+    gateway = GatewayProcess(proc.socket, "--api-key-file", str(keys)).start()
+    try:
+        def call(method: str, path: str, body: bytes | None = None, key: str | None = "sesame", kind: str = "application/json"):
+            headers = {"Content-Type": kind, **({"Authorization": f"Bearer {key}"} if key else {})}
+            request = urllib.request.Request(gateway.url + path, body, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        assert call("GET", f"/v1/cache/{DEFAULT}", key=None)[0] == 401
+        status, put = call("PUT", f"/v1/cache/{DEFAULT}/brief", json.dumps({"text": "You answer briefly."}).encode())
+        assert status == 200 and put["name"] == "brief"
+        status, plain = call("PUT", f"/v1/cache/{DEFAULT}/plain", b"Plain text.", kind="text/plain")
+        assert status == 200 and plain["name"] == "plain"
+        with proc.client() as client:
+            client.cache_wait("brief")
+        status, shown = call("GET", f"/v1/cache/{DEFAULT}/brief")
+        assert status == 200 and shown["text"] == "You answer briefly." and shown["state"] == "ready"
+        status, listed = call("GET", f"/v1/cache/{DEFAULT}")
+        assert status == 200 and listed["model"] == DEFAULT and {c["name"] for c in listed["caches"]} == {"brief", "plain"}
+        status, missing = call("GET", "/v1/cache/alpha")  # configured, not loaded
+        assert status == 404 and missing["error"]["code"] == "model_not_found" and "not loaded" in missing["error"]["message"]
+        assert call("GET", "/v1/cache/gpt-4o")[0] == 404
+        status, rebuilt = call("POST", f"/v1/cache/{DEFAULT}/brief/rebuild")
+        assert status == 200 and rebuilt["queued"] == ["brief"]
+        status, everything = call("POST", f"/v1/cache/{DEFAULT}/rebuild")
+        assert status == 200 and sorted(everything["queued"]) == ["brief", "plain"]
+        status, removed = call("DELETE", f"/v1/cache/{DEFAULT}/plain")
+        assert status == 200 and removed == {"name": "plain", "removed": True}
+        assert call("GET", f"/v1/cache/{DEFAULT}/plain")[0] == 404
+    finally:
+        gateway.cleanup()

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from ..backends.base import Backend, BackendError
 from ..caches.manager import PromptCaches
+from ..caches.waiters import CacheWaiters
 from ..outbox import NO_OUTPUT, Generation, Outbox
 from ..protocol import ErrorCode, WireError
 from ..worker import ModelWorker
@@ -45,6 +46,7 @@ class LoadedModel:
     name: str  # the registry name of the model whose file this is
     worker: ModelWorker
     caches: PromptCaches
+    waiters: CacheWaiters  # cache.wait answers for these caches
     reason: str  # why this backend
     size: int  # bytes the weights file takes (what the budget counts)
     loaded_at: float = field(default_factory=time.time)
@@ -120,6 +122,16 @@ class ModelPool:
     def loading(self) -> list[str]:
         with self._cond:
             return [load.model.name for load in ([self._loading] if self._loading else []) + list(self._loads)]
+
+    def refresh(self, name: str) -> None:
+        """A text cache changed (or was removed): every loaded model's binary cache of it is
+        checked, and rebuilt where stale; models loaded later build theirs when they load."""
+        for model in self.loaded():
+            model.caches.refresh(name)
+
+    def rescan(self) -> None:
+        for model in self.loaded():
+            model.caches.rescan()
 
     def submit(self, gen: Generation, weights: Model, keep_alive: float | None | str = "default") -> None:
         """Run ``gen`` on ``weights``' loaded model, loading it first if need be."""
