@@ -218,6 +218,8 @@ class Client:
         tool_choice: str | dict[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        model: str | None = None,
+        keep_alive: float | str | None = None,
     ) -> Stream:
         """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
         reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
@@ -225,7 +227,8 @@ class Client:
         is the whole prompt text, sent without the template (protocol 1.4). ``format``
         ("json" or a JSON Schema), ``grammar`` and a forced ``tool_choice`` constrain the
         answer; ``logprobs`` adds each token's log-probability to the pieces and the result
-        (protocol 1.6)."""
+        (protocol 1.6). ``model`` names the model (None: the daemon's default) and
+        ``keep_alive`` how long it stays loaded once idle (protocol 1.8)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -252,6 +255,8 @@ class Client:
             tool_choice=tool_choice,
             logprobs=logprobs or None,
             top_logprobs=top_logprobs,
+            model=model,
+            keep_alive=keep_alive,
         )
         return Stream(self, request_id, StreamReader(started))
 
@@ -263,10 +268,11 @@ class Client:
         vars: dict[str, Any] | None = None,
         template: str | None = None,
         add_generation_prompt: bool = True,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """``{"text", "tokens"}``: the exact prompt ``messages`` render to. ``template``: a
         family's name or a template's Jinja text (None: the loaded model's)."""
-        return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt)
+        return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt, model=model)
 
     def embed(
         self,
@@ -285,23 +291,44 @@ class Client:
     def cancel(self, request_id: Any) -> dict[str, Any]:
         return self.call("cancel", target=request_id)
 
-    def cache_ls(self) -> dict[str, Any]:
-        return self.call("cache.ls")
+    def models(self) -> dict[str, Any]:
+        """``{"models", "default", "loaded"}``: every model by name, and the loaded weights (protocol 1.8)."""
+        return self.call("models")
 
-    def cache_show(self, name: str) -> dict[str, Any]:
-        return self.call("cache.show", name=name)
+    def create(self, name: str, base: str, *, system: str | None = None, parameters: dict[str, Any] | None = None,
+               template: str | None = None) -> dict[str, Any]:
+        """Derive ``name`` from ``base``: its weights, with this system message, parameters or template."""
+        return self.call("create", name=name, **{"from": base}, system=system, parameters=parameters, template=template)
 
-    def cache_put(self, name: str, text: str) -> dict[str, Any]:
-        return self.call("cache.put", name=name, text=text)
+    def copy(self, source: str, destination: str) -> dict[str, Any]:
+        return self.call("copy", source=source, destination=destination)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return self.call("delete", name=name)
+
+    def load(self, model: str | None = None, keep_alive: float | str | None = None) -> dict[str, Any]:
+        """Load ``model`` now (or with ``keep_alive`` 0 unload it once idle)."""
+        return self.call("load", model=model, keep_alive=keep_alive)
+
+    # Binary caches belong to a model (protocol 1.8): ``model`` None is the default model's.
+
+    def cache_ls(self, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.ls", model=model)
+
+    def cache_show(self, name: str, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.show", name=name, model=model)
+
+    def cache_put(self, name: str, text: str, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.put", name=name, text=text, model=model)
 
     def cache_rm(self, name: str) -> dict[str, Any]:
         return self.call("cache.rm", name=name)
 
-    def cache_rebuild(self, name: str | None = None) -> dict[str, Any]:
-        return self.call("cache.rebuild", name=name)
+    def cache_rebuild(self, name: str | None = None, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.rebuild", name=name, model=model)
 
-    def cache_wait(self, name: str, timeout: float = OPERATIONS["cache.wait"].field("timeout").default) -> dict[str, Any]:
-        request_id = self.send("cache.wait", name=name, timeout=timeout)
+    def cache_wait(self, name: str, timeout: float = OPERATIONS["cache.wait"].field("timeout").default, model: str | None = None) -> dict[str, Any]:
+        request_id = self.send("cache.wait", name=name, timeout=timeout, model=model)
         return self.result_of(request_id, timeout + self.timeout)
 
 

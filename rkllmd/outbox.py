@@ -51,6 +51,8 @@ class Chat:
     format: str | dict[str, Any] | None = None
     grammar: str | None = None
     tool_choice: str | dict[str, Any] | None = None
+    #: The model's own template when it overrides its weights' (a family name or Jinja text).
+    template: str = ""
 
 
 @dataclass(eq=False)
@@ -82,6 +84,7 @@ class Generation:
     # Written by the model worker (under its lock): what status shows of it.
     position: int | None = None  # generations ahead of it, as last sent in ``queued``
     started: float | None = None  # when the worker took it (time.monotonic())
+    worker: Any = None  # the ModelWorker it was given to (None while its model loads)
 
     @property
     def key(self) -> tuple[bytes, Any]:

@@ -53,7 +53,7 @@ from .config import DaemonConfig
 from .constraints import Constraint, ConstraintError, from_request
 from .outbox import NO_OUTPUT, Chat, Generation, Outbox
 from .protocol import ErrorCode, WireError
-from .templates import ChatTemplate, RenderError
+from .templates import FAMILIES, ChatTemplate, RenderError
 from .templates.capabilities import CapabilityMissing, require_capabilities, require_completion
 from .templates.output import OutputSplitter, wire_tool_calls
 
@@ -150,11 +150,23 @@ def prepared_prompt(backend: Backend, chat: Chat) -> tuple[str, OutputSplitter, 
     if chat.raw is not None:
         require_completion(backend)
         return chat.raw, OutputSplitter(None), constraint_of(chat, None, "")
-    require_capabilities(backend, chat)
-    prompt = backend.render(chat.messages, tools=chat.tools, variables=chat.variables)
-    constraint = constraint_of(chat, backend.template, prompt)
+    template = chat_template(backend, chat)
+    require_capabilities(backend, chat, template)
+    renderer = backend if template is backend.template else template  # the backend's render is the usual way in
+    prompt = renderer.render(chat.messages, True, tools=chat.tools, variables=chat.variables)
+    constraint = constraint_of(chat, template, prompt)
     tool_format = constraint.tool_format if constraint is not None else None
-    return prompt, OutputSplitter.for_prompt(backend.template, prompt, tools=bool(chat.tools), tool_format=tool_format), constraint
+    return prompt, OutputSplitter.for_prompt(template, prompt, tools=bool(chat.tools), tool_format=tool_format), constraint
+
+
+def chat_template(backend: Backend, chat: Chat) -> ChatTemplate:
+    """The template ``chat`` renders with: its model's own (a derived model's family or
+    Jinja text, given the weights' special tokens), else the backend's."""
+    if not chat.template:
+        return backend.template
+    if chat.template in FAMILIES:
+        return ChatTemplate.of_family(chat.template)
+    return ChatTemplate.from_text("the model's template", chat.template, backend.template.tokens)
 
 
 def constraint_of(chat: Chat, template: ChatTemplate | None, prompt: str) -> Constraint | None:
