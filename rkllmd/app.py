@@ -33,6 +33,7 @@ from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dir
 from .models import keep_alive
 from .models.pool import LoadedModel, ModelPool, file_size
 from .models.registry import Model, Registry
+from .runner.proxy import RunnerProcess
 from .worker import ModelWorker
 
 log = logging.getLogger("rkllmd")
@@ -133,12 +134,6 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
 
 def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, reload_config: Callable[[], Config]) -> int:
     started = time.monotonic()
-    try:
-        backend, reason = load_backend(config, notifier)
-    except BackendError as exc:
-        log.error("cannot start: %s", exc)
-        notifier.status(f"failed to start: {exc}")
-        return 1
     text_dir, binary_dir = cache_dirs(config)
     try:
         make_dirs(text_dir, TEXT_DIR_MODE)
@@ -151,6 +146,38 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     #: One thread for work that reads, writes or hashes files (see Context.disk).
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
     store = ArtifactStore(artifact_kinds(config), config.store)
+    in_runners = config.daemon.runners == "process"
+
+    def extend_start(what: str) -> None:
+        log.info("loading: %s", what)
+        notifier.extend_timeout(LOAD_EXTENSION_S)
+
+    def runner_for(name: str, model_config: Config, *, default: bool) -> LoadedModel:
+        """A runner process that has loaded ``model_config``'s model, served as ``name``."""
+
+        def cache_changed(cache: str) -> None:
+            outbox.wake()  # the status line counts caches
+            loaded.waiters.changed(cache)
+
+        runner = RunnerProcess(name, model_config, outbox, restart_when_dead=default, on_change=cache_changed,
+                               on_stored=lambda: disk.submit(store.collect), on_death=lambda dead: pool.runner_died(dead),
+                               progress=extend_start if default else lambda what: None)
+        runner.start()
+        loaded = LoadedModel(name, runner, runner.caches, CacheWaiters(runner.caches), runner.reason,
+                             file_size(runner.backend.describe().get("path") or ""))
+        return loaded
+
+    try:
+        if in_runners:
+            notifier.extend_timeout(LOAD_EXTENSION_S)
+            default_runner = runner_for(config.model.name or "default", config, default=True)  # named once the registry knows its name
+            backend, reason = default_runner.backend, default_runner.reason
+        else:
+            backend, reason = load_backend(config, notifier)
+    except BackendError as exc:
+        log.error("cannot start: %s", exc)
+        notifier.status(f"failed to start: {exc}")
+        return 1
 
     def serve(backend: Backend, reason: str, name: str, current: Config) -> LoadedModel:
         """A loaded backend with its worker and prompt caches (text caches shared by name,
@@ -179,6 +206,8 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     def open_model(model: Model) -> LoadedModel:
         """Load another weights file (on the pool's loader thread) and serve it."""
         current = ctx.config
+        if in_runners:
+            return runner_for(model.name, config_for(current, model), default=False)
         backend, reason = choose(config_for(current, model), weights_dir=weights_dir(current), kernels_dir=kernels_dir(current))
         backend.load()
         loaded = serve(backend, reason, model.name, current)
@@ -193,7 +222,11 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     except WireError as exc:
         log.error("configuration: [models]: %s", exc)
         return 2
-    default = serve(backend, reason, registry.default, config)
+    if in_runners:
+        default = default_runner
+        default.name = default.worker.name = registry.default
+    else:
+        default = serve(backend, reason, registry.default, config)
     worker, caches = default.worker, default.caches
     pool = ModelPool(open_model, outbox, max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
                      keep_alive=keep_alive.seconds(config.daemon.keep_alive), file_size=lambda m: file_size(m.path))
@@ -215,14 +248,16 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     daemon = Daemon(ctx, endpoint, connections, outbox, notifier)
     daemon.reload_handler = lambda: _reload(daemon, reload_config)
     try:
-        caches.scan()
+        if not in_runners:
+            caches.scan()  # a runner scans its caches as it starts
         disk.submit(store.collect)
         daemon.install_signal_handlers()
         daemon.bind()
     except (OSError, EndpointError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    worker.start()
+    if not in_runners:
+        worker.start()
     pool.start(default)
     log.info("ready in %.2f s: %s on %s", time.monotonic() - started, backend.describe().get("name", backend.kind), endpoint.path)
     notifier.ready(status.line(ctx))
@@ -298,7 +333,10 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
                                                  model=old.model, rkllm=old.rkllm)
             _swapped(daemon, reason, error)
 
-        ctx.worker.replace_backend(lambda: load_backend(config, notifier), done=swapped)
+        if isinstance(ctx.worker, RunnerProcess):
+            ctx.worker.swap(config, done=swapped)  # loaded in the runner, after its queued requests
+        else:
+            ctx.worker.replace_backend(lambda: load_backend(config, notifier), done=swapped)
         return
     log.info("configuration reloaded")
     notifier.ready(status.line(ctx))

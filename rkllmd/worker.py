@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import struct
 import threading
 import time
@@ -262,6 +263,11 @@ class ModelWorker:
         backend.heartbeat = self._heartbeat
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._prompt_thread = threading.Thread(target=self._prepare_prompts, name="prompts", daemon=True)
+
+    @property
+    def pid(self) -> int:
+        """The process that runs the model: the daemon's (``daemon.runners = "thread"``)."""
+        return os.getpid()
 
     # -- called from the socket loop (or the cache watcher) ----------------------
 

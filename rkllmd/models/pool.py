@@ -67,7 +67,7 @@ class LoadedModel:
     def public(self, now_wall: float, now: float) -> dict[str, Any]:
         describe = self.backend.describe()
         return {
-            "name": self.name, "size": self.size, "loaded_at": self.loaded_at, "backend": self.backend.kind,
+            "name": self.name, "size": self.size, "pid": self.worker.pid, "loaded_at": self.loaded_at, "backend": self.backend.kind,
             "expires_at": None if self.expires is None else now_wall + max(0.0, self.expires - now),
             "context_length": describe.get("context_length"), "busy": self.busy(),
             "describe": {**describe, "capabilities": list(model_capabilities(self.backend))},
@@ -204,6 +204,17 @@ class ModelPool:
         gen.cancelled.set()
         self._outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
         return "queued"
+
+    def runner_died(self, runner: object) -> None:
+        """A model's runner process died (its requests were failed): the model is unloaded,
+        and its next request loads it in a new runner. The default model's runner restarts
+        by itself."""
+        with self._cond:
+            for name, model in list(self._loaded.items()):
+                if model.worker is runner and name != self._pinned:
+                    del self._loaded[name]
+                    log.info("model %s is unloaded: its runner died", name)
+            self._cond.notify_all()
 
     def shutdown(self) -> list[Generation]:
         """Stop loading; return the requests that waited for a load (not run)."""
