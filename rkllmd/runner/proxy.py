@@ -442,6 +442,10 @@ class RunnerProcess:
             if fallback is not ...:
                 return fallback
             raise WireError(ErrorCode.BACKEND, f"the runner of model {self.name} did not answer within {timeout:g} s", model=self.name) from None
+        except WireError as exc:
+            if fallback is not ... and exc.code == ErrorCode.BACKEND:  # it died meanwhile
+                return fallback
+            raise
 
     def _check_taking(self) -> None:
         """Lock held: refuse work once stopping; a dead runner that restarts takes it (held)."""

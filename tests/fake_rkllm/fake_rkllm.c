@@ -39,7 +39,9 @@
  *    without a FINISH callback, and no prompt cache is written.
  *  - Triggers in the prompt: "[[fake:error]]" sends one token, then an ERROR callback,
  *    and rkllm_run returns FAKE_E_GENERATION; "[[fake:endless]]" repeats the reply
- *    until a limit, a pause or an abort.
+ *    until a limit, a pause or an abort; "[[fake:segfault]]" sends two tokens, then the
+ *    process gets SIGSEGV inside rkllm_run, as a crash in the vendor's runtime would
+ *    (segfaults are reported in its tracker).
  *  - A model file must start with the .rkllm magic (RKLLM_MODEL_MAGIC; build.py's
  *    write_model writes one), else rkllm_init says "invalid rknn llm model magic" and
  *    returns FAKE_E_MODEL_MAGIC; one containing FAKE_INIT_FAIL makes it return FAKE_E_INIT.
@@ -116,6 +118,7 @@
 #include <string.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1207,6 +1210,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
 
     bool endless = strstr(text, "[[fake:endless]]") != NULL;
     bool error = strstr(text, "[[fake:error]]") != NULL;
+    bool segfault = strstr(text, "[[fake:segfault]]") != NULL;
     char *reply = make_reply(kv.text);
     if (endless) { /* repeat the reply, words separated by a space */
         size_t n = strlen(reply);
@@ -1252,6 +1256,10 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         if (cb(&result, ud, state) == 1) {
             reason = "pause";
             break;
+        }
+        if (segfault && tokens == 2) {
+            fprintf(stderr, "fake-rkllm: %s: the prompt asked for a segfault\n", fn);
+            raise(SIGSEGV);
         }
         if (error) {
             memset(&result, 0, sizeof result);

@@ -1,0 +1,164 @@
+"""One runner process per loaded model (issue 23 item 6): a crash in a model's code ends that
+model's requests with ``backend``, never the daemon; other models and their streams go on;
+the model's next request runs on a new runner.
+
+The crashes are real: a CPU runner (the bundled SmolLM2) killed with SIGKILL in the middle of
+a stream, and the fake NPU runtime (tests/fake_rkllm, a real C library) raising SIGSEGV
+inside ``rkllm_run`` on a prompt holding "[[fake:segfault]]". Runner pids come from status
+(``models.loaded[].pid``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess
+from gguf_files import tiny_llama
+from reliability import poll
+from rkllmctl.errors import DaemonError
+from test_rkllm_daemon import NpuDaemon
+
+DEFAULT = "smollm2-135m-instruct"
+
+
+def pids(client) -> dict[str, int]:
+    return {model["name"]: model["pid"] for model in client.status()["models"]["loaded"]}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def crash_of(stream) -> DaemonError:
+    """The error a stream ended with (it must end with one)."""
+    with pytest.raises(DaemonError) as ended:
+        stream.wait()
+    return ended.value
+
+
+def config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rkllmd.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "alpha.gguf", seed=1)
+
+
+def test_each_loaded_model_runs_in_a_runner_process_of_its_own(make_daemon, tiny, tmp_path) -> None:
+    proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny}"\n')))
+    with proc.client() as client:
+        client.generate("Hi", model="alpha", max_tokens=4, temperature=0).wait()
+        runners = pids(client)
+    assert set(runners) == {DEFAULT, "alpha"}
+    daemon_pid = proc.proc.pid
+    assert len({daemon_pid, *runners.values()}) == 3
+    for pid in runners.values():  # the daemon's children, running the runner module
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"rkllmd.runner"]
+        assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == daemon_pid
+    assert proc.stop() == 0
+    for pid in runners.values():  # they end with the daemon
+        poll(lambda: not alive(pid), 10, f"runner {pid} ends with the daemon")
+
+
+def test_a_cpu_runner_killed_mid_stream_fails_only_its_requests(make_daemon, tiny, tmp_path) -> None:
+    proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny}"\n')))
+    with proc.client() as client, proc.client() as other:
+        reference = other.generate("Tell me a story", model="alpha", max_tokens=200, temperature=0).wait()
+        before = pids(client)
+        doomed = client.generate("Write a long poem about the sea.", max_tokens=400, temperature=0)
+        first = next(iter(doomed))  # mid-stream: it has produced text
+        assert first
+        alongside = client.generate("And another one.", max_tokens=50, temperature=0)
+        beside = other.generate("Tell me a story", model="alpha", max_tokens=200, temperature=0)
+        os.kill(before[DEFAULT], signal.SIGKILL)
+        for stream in (doomed, alongside):
+            error = crash_of(stream)
+            assert error.name == "backend", error
+            assert f"the runner of model {DEFAULT} died: signal 9 (SIGKILL)" in error.message
+        # The other model's stream, running meanwhile in its own runner, is untouched.
+        assert beside.wait().text == reference.text
+        # The default model (never unloaded) has a new runner; its next request succeeds.
+        after = poll(lambda: pids(client).get(DEFAULT), 120, "a new runner for the default model")
+        assert after != before[DEFAULT] and not alive(before[DEFAULT])
+        again = client.generate("Say hello.", max_tokens=8, temperature=0).wait()
+        assert again.text and again.finish_reason in ("stop", "length")
+        assert pids(client)["alpha"] == before["alpha"]
+    assert proc.proc.poll() is None  # the daemon never went down
+    log = proc.log()
+    assert f"the runner of model {DEFAULT} (pid {before[DEFAULT]}) died: signal 9 (SIGKILL)" in log
+
+
+def test_another_models_runner_killed_is_unloaded_and_loads_again_on_its_next_request(make_daemon, tiny, tmp_path) -> None:
+    proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny}"\n')))
+    with proc.client() as client:
+        expected = client.generate("Hi there", model="alpha", max_tokens=16, temperature=0).wait().text
+        before = pids(client)
+        os.kill(before["alpha"], signal.SIGKILL)
+        poll(lambda: "alpha" not in pids(client), 30, "the model whose runner died is unloaded")
+        assert client.generate("Hi there", model="alpha", max_tokens=16, temperature=0).wait().text == expected
+        after = pids(client)
+        assert after["alpha"] != before["alpha"] and after[DEFAULT] == before[DEFAULT]
+    assert proc.proc.poll() is None
+
+
+@pytest.fixture
+def npu_pair(fake_runtime, tmp_path):
+    """A daemon on the fake NPU runtime serving two .rkllm models, each in its runner."""
+    other = tmp_path / "other.rkllm"
+    from fake_rkllm.build import write_model
+
+    write_model(other, "another fake .rkllm model\n")
+    proc = NpuDaemon(fake_runtime["1.3"], "--config", str(config(tmp_path, f'[models.other]\npath = "{other}"\n')), decode_us=20_000)
+    try:
+        yield proc.start()
+    finally:
+        proc.cleanup()
+
+
+def test_a_segfault_in_the_npu_runtime_fails_only_that_models_requests(npu_pair: DaemonProcess) -> None:
+    proc = npu_pair
+    with proc.client() as client, proc.client() as other:
+        beside = other.generate("[[fake:endless]] keep going", model="other", max_tokens=60, temperature=0)
+        assert next(iter(beside))
+        before = pids(client)
+        default = client.status()["models"]["default"]
+        doomed = client.generate("[[fake:segfault]] this prompt crashes the runtime", max_tokens=50)
+        error = crash_of(doomed)
+        assert error.name == "backend", error
+        assert f"the runner of model {default} died: signal 11 (SIGSEGV)" in error.message
+        assert doomed.result is None
+        ended = beside.wait()  # the other model's runner went on streaming
+        assert ended.finish_reason == "length" and ended.stats["completion_tokens"] == 60
+        after = poll(lambda: pids(client).get(default), 60, "a new runner for the default model")
+        assert after != before[default] and pids(client)["other"] == before["other"]
+        assert client.generate("are you back?", max_tokens=20).wait().text == "echo: are you back?"
+    assert proc.proc.poll() is None
+    log = proc.log()
+    assert "fake-rkllm: rkllm_run: the prompt asked for a segfault" in log
+    assert "Fatal Python error: Segmentation fault" in log  # the runner's faulthandler said where
+    assert f"the runner of model {default} (pid {before[default]}) died: signal 11 (SIGSEGV)" in log
+
+
+def test_a_segfault_in_another_npu_model_unloads_it_and_its_next_request_loads_it_again(npu_pair: DaemonProcess) -> None:
+    proc = npu_pair
+    with proc.client() as client:
+        assert client.generate("first", model="other", max_tokens=10).wait().text == "echo: first"
+        before = pids(client)
+        error = crash_of(client.generate("[[fake:segfault]] now", model="other", max_tokens=10))
+        assert error.name == "backend" and "the runner of model other died: signal 11 (SIGSEGV)" in error.message
+        poll(lambda: "other" not in pids(client), 30, "the model whose runner died is unloaded")
+        assert client.generate("second", model="other", max_tokens=10).wait().text == "echo: second"
+        assert client.generate("default still", max_tokens=10).wait().text == "echo: default still"
+        after = pids(client)
+        assert after["other"] != before["other"] and after[client.status()["models"]["default"]] == before[client.status()["models"]["default"]]
