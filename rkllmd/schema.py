@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 8
+PROTOCOL_MINOR = 10
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -53,6 +53,9 @@ MINOR_VERSIONS = {
     8: "several models by name: `generate` and `render` take `model` (absent: the default; unknown: `not_found`) and `generate` `keep_alive`; "
     "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones); binary caches are per model: "
     "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`",
+    9: "reserved for `pull` (issue 23, developed in parallel)",
+    10: "each loaded model in `status.models.loaded` and `models.loaded` carries `pid`: the process that runs it (its runner "
+    "process; the daemon's own with `daemon.runners = \"thread\"`); a runner that dies fails its model's requests with `backend`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 

@@ -30,11 +30,11 @@ def pids(client) -> dict[str, int]:
 
 
 def alive(pid: int) -> bool:
+    """Running (not ended, nor a zombie no one has reaped yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    return True
 
 
 def crash_of(stream) -> DaemonError:
@@ -69,6 +69,18 @@ def test_each_loaded_model_runs_in_a_runner_process_of_its_own(make_daemon, tiny
     assert proc.stop() == 0
     for pid in runners.values():  # they end with the daemon
         poll(lambda: not alive(pid), 10, f"runner {pid} ends with the daemon")
+
+
+def test_runners_die_with_a_daemon_killed_with_sigkill(make_daemon, tiny, tmp_path) -> None:
+    """PR_SET_PDEATHSIG: no runner outlives its daemon (a restarted service starts clean)."""
+    proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny}"\n')))
+    with proc.client() as client:
+        client.load("alpha")
+        runners = poll(lambda: (found := pids(client)) if len(found) == 2 else None, 30, "two runners")
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    for pid in runners.values():
+        poll(lambda: not alive(pid), 10, f"runner {pid} dies with its daemon")
 
 
 def test_a_cpu_runner_killed_mid_stream_fails_only_its_requests(make_daemon, tiny, tmp_path) -> None:
