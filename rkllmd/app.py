@@ -157,15 +157,14 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
 
         def cache_changed(cache: str) -> None:
             outbox.wake()  # the status line counts caches
-            loaded.waiters.changed(cache)
+            waiters.changed(cache)
 
         runner = RunnerProcess(name, model_config, outbox, restart_when_dead=default, on_change=cache_changed,
                                on_stored=lambda: disk.submit(store.collect), on_death=lambda dead: pool.runner_died(dead),
                                progress=extend_start if default else lambda what: None)
+        waiters = CacheWaiters(runner.caches)
         runner.start()
-        loaded = LoadedModel(name, runner, runner.caches, CacheWaiters(runner.caches), runner.reason,
-                             file_size(runner.backend.describe().get("path") or ""))
-        return loaded
+        return LoadedModel(name, runner, runner.caches, waiters, runner.reason, file_size(runner.backend.describe().get("path") or ""))
 
     try:
         if in_runners:

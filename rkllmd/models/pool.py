@@ -11,6 +11,10 @@ stops); the loader thread unloads it once that time has passed and it is idle.
 
 The default model (the configuration's ``[model]``) is loaded at start and never
 unloaded: the cache operations, ``render`` and the status line run on it.
+
+Each loaded model runs in a runner process of its own (rkllmd/runner). One that dies has
+failed its requests already; the pool then marks the model unloaded (``runner_died``),
+and its next request loads it in a new runner. The default model's restarts by itself.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..caches.waiters import CacheWaiters
 from ..outbox import NO_OUTPUT, Generation, Outbox
 from ..protocol import ErrorCode, WireError
 from ..templates.capabilities import model_capabilities
+from ..runner.proxy import RemoteCaches, RunnerProcess
 from ..worker import EmbedJob, ModelWorker
 from .registry import Model
 
@@ -45,8 +50,8 @@ class LoadedModel:
     """One weights file in memory."""
 
     name: str  # the registry name of the model whose file this is
-    worker: ModelWorker
-    caches: PromptCaches
+    worker: ModelWorker | RunnerProcess  # its runner process (daemon.runners = "process"), or a worker in the daemon's
+    caches: PromptCaches | RemoteCaches
     waiters: CacheWaiters  # cache.wait answers for these caches
     reason: str  # why this backend
     size: int  # bytes the weights file takes (what the budget counts)
@@ -205,7 +210,7 @@ class ModelPool:
         self._outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
         return "queued"
 
-    def runner_died(self, runner: object) -> None:
+    def runner_died(self, runner: RunnerProcess) -> None:
         """A model's runner process died (its requests were failed): the model is unloaded,
         and its next request loads it in a new runner. The default model's runner restarts
         by itself."""

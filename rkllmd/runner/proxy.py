@@ -120,6 +120,10 @@ class RunnerProcess:
             raise
         backend = BackendFacts.from_wire(facts)
         with self._lock:
+            if self._state == _STOPPING:  # the daemon stopped while it loaded
+                channel.close()  # it exits at the end of its stream
+                self._proc = proc
+                return
             self.backend, self.reason = backend, reason
             self.caches.serving(backend, binary_folder)
             self._proc, self._channel, self._state = proc, channel, _UP
