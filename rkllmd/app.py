@@ -171,6 +171,8 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
             notifier.extend_timeout(LOAD_EXTENSION_S)
             default_runner = runner_for(config.model.name or "default", config, default=True)  # named once the registry knows its name
             backend, reason = default_runner.backend, default_runner.reason
+            log.info("backend: %s (%s)", backend.kind, reason)
+            log.info("model loaded in %.2f s", time.monotonic() - started)
         else:
             backend, reason = load_backend(config, notifier)
     except BackendError as exc:
@@ -260,7 +262,9 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     pool.start(default)
     log.info("ready in %.2f s: %s on %s", time.monotonic() - started, backend.describe().get("name", backend.kind), endpoint.path)
     notifier.ready(status.line(ctx))
-    if notifier.watchdog_interval:
+    if notifier.watchdog_interval and in_runners:
+        notifier.start_watchdog(lambda: _stop_stuck_runners(pool, notifier.watchdog_interval))
+    elif notifier.watchdog_interval:
         notifier.start_watchdog(lambda: worker.healthy(within=notifier.watchdog_interval))
     try:
         daemon.serve()  # its shutdown stops the worker, which closes the backend after its last call
@@ -268,6 +272,14 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         notifier.stopping()
         daemon.paths.stop()
     return daemon.exit_status
+
+
+def _stop_stuck_runners(pool: ModelPool, within: float) -> bool:
+    """The watchdog's check with runner processes: a stuck runner is the daemon's to kill
+    and restart (systemd would restart every model with the daemon); the daemon is healthy."""
+    for model in pool.loaded():
+        model.worker.stop_if_stuck(within)
+    return True
 
 
 def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:

@@ -379,6 +379,14 @@ class ModelWorker:
                 "building": building,
             }
 
+    def summary(self) -> dict[str, Any]:
+        """What the status line shows: activity, cache states, generations served, the last error."""
+        states = self.caches.counts() if self.caches is not None else {}
+        with self._cond:
+            last_error, completed = self.last_error, self.counters.completed
+        return {"model": f"{self.backend.describe().get('name', '?')} on {self.backend.kind}", "activity": self.activity(), "states": states,
+                "completed": completed, "last_error": last_error}
+
     def requests(self) -> dict[str, list[dict[str, Any]]]:
         """The generations running and waiting (in the order they will start), for status."""
         now = time.monotonic()
@@ -718,6 +726,11 @@ class ModelWorker:
     def _end(self, running: _Running, error: WireError | None = None) -> None:
         """A generation is over: its final message, its counters, its state kept for the next turn."""
         gen, run, prefix = running.gen, running.run, running.prefix
+        # Out of the batch before its client hears the end: a client's next request, which
+        # may arrive at once (from a runner process, before this thread goes on), never counts
+        # it ahead. Positions are told as the next ones are admitted (no transient ones).
+        with self._cond:
+            self._running.remove(running)
         try:
             if error is not None:
                 self._fail(gen, error)
@@ -725,8 +738,6 @@ class ModelWorker:
                 self._done(gen, run, prefix)
         finally:
             self.backend.release(run)
-            with self._cond:  # positions are told as the next ones are admitted (no transient ones)
-                self._running.remove(running)
 
     def _done(self, gen: Generation, run: Run, prefix: PrefixState | None) -> None:
         stats, output = run.stats, gen.output

@@ -76,7 +76,7 @@ def test_runners_die_with_a_daemon_killed_with_sigkill(make_daemon, tiny, tmp_pa
     proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny}"\n')))
     with proc.client() as client:
         client.load("alpha")
-        runners = poll(lambda: (found := pids(client)) if len(found) == 2 else None, 30, "two runners")
+        runners = poll(lambda: found if len(found := pids(client)) == 2 else None, 30, "two runners")
     proc.signal(signal.SIGKILL)
     proc.wait()
     for pid in runners.values():

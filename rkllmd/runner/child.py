@@ -45,13 +45,49 @@ _PR_SET_PDEATHSIG = 1
 STOP_JOIN_S = 30.0
 
 
+class SummaryPusher:
+    """Sends the worker's summary (the status line's facts) to the daemon whenever it may have
+    changed: the daemon's socket loop reads it after every wake, and must never wait for a
+    runner to answer. Computed on a thread of its own, with no other lock held."""
+
+    def __init__(self, channel: Channel):
+        self._channel = channel
+        self._due = threading.Event()
+        self.worker: ModelWorker | None = None
+
+    def changed(self) -> None:
+        self._due.set()
+
+    def start(self, worker: ModelWorker) -> None:
+        self.worker = worker
+        self._due.set()
+        threading.Thread(target=self._run, name="runner-summary", daemon=True).start()
+
+    def _run(self) -> None:
+        assert self.worker is not None
+        sent = None
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                summary = self.worker.summary()
+                if summary != sent:
+                    self._channel.send(("summary", summary))
+                    sent = summary
+            except ChannelClosed:
+                return
+            except Exception:  # the next change tries again
+                log.exception("summing up the worker's state failed")
+
+
 class ForwardingOutbox:
     """The worker's outbox in a runner: each stream message goes to the daemon, whose own
     Outbox joins and paces them for the client. ``request_id`` of a runner's generation is
     the daemon's number for it."""
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, summary: SummaryPusher):
         self._channel = channel
+        self._summary = summary
         self._lock = threading.Lock()
         self.generations: dict[int, Generation] = {}
 
@@ -63,6 +99,8 @@ class ForwardingOutbox:
             if gen.finished:
                 self.generations.pop(gen.request_id, None)
         self._channel.send(("stream", gen.request_id, type_, fields))
+        if type_ != "token":  # a generation queued, started or ended
+            self._summary.changed()
 
 
 def load(config: Config, progress: Callable[[str], None]) -> tuple[Backend, str]:
@@ -76,7 +114,8 @@ class Runner:
         self.channel = channel
         self.name = name
         self.config = config
-        self.outbox = ForwardingOutbox(channel)
+        self.summary = SummaryPusher(channel)
+        self.outbox = ForwardingOutbox(channel, self.summary)
         self.calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-calls")
         self.worker: ModelWorker
         self.caches: PromptCaches
@@ -96,14 +135,19 @@ class Runner:
             backend,
             memory_budget=self.config.cache.memory_budget_mb << 20,
             schedule_build=worker.schedule_build,
-            on_change=lambda name: self.channel.send(("changed", name)),
+            on_change=self._cache_changed,
             on_stored=lambda: self.channel.send(("stored",)),
             keep_conversations=self.config.cache.conversations,
         )
         self.caches.scan()
         worker.start()
-        self.channel.send(("ready", BackendFacts.of(backend), reason, str(self.caches.binaries.folder)))
+        self.channel.send(("ready", BackendFacts.of(backend), reason, str(self.caches.binaries.folder), worker.summary()))
+        self.summary.start(worker)
         return True
+
+    def _cache_changed(self, name: str) -> None:
+        self.channel.send(("changed", name))
+        self.summary.changed()
 
     def serve(self) -> None:
         """Serve the daemon's messages until it tells the runner to stop, or goes."""
@@ -145,14 +189,15 @@ class Runner:
             self.channel.send(("reply", number, False, portable_error(exc)))
 
     def _on_call(self, number: int, target: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """The worker's status calls at once (they take its lock only briefly: the watchdog's
-        health check must not wait behind a cache check); cache calls on their thread."""
+        """The worker's and the backend's status calls at once (they take the worker's lock only
+        briefly: the watchdog's health check must not wait behind a cache check); cache calls
+        on their thread."""
 
         def call() -> Any:
-            value = getattr(self.worker if target == "worker" else self.caches, method)
+            value = getattr({"worker": self.worker, "backend": self.worker.backend, "caches": self.caches}[target], method)
             return value(*args, **kwargs) if callable(value) else value
 
-        if target == "worker":
+        if target != "caches":
             done: Future = Future()
             try:
                 done.set_result(call())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 from ..backends.base import Backend
 from ..protocol import ErrorCode, WireError
@@ -23,8 +23,11 @@ class BackendFacts:
     embedding_only: bool
     embeds: bool
     template: ChatTemplate
-    _describe: dict[str, Any]
+    _describe: dict[str, Any]  # as it was when the model loaded
     _identity: dict[str, Any]
+    #: The description now, from the runner (a backend learns facts as it runs: the NPU's
+    #: embedding length at its first embedding); None when the runner does not answer.
+    fresh: Callable[[], dict[str, Any] | None] = lambda: None
 
     @classmethod
     def of(cls, backend: Backend) -> dict[str, Any]:
@@ -39,7 +42,7 @@ class BackendFacts:
         return cls(**{**values, "template": ChatTemplate(**values["template"])})
 
     def describe(self) -> dict[str, Any]:
-        return dict(self._describe)
+        return self.fresh() or dict(self._describe)
 
     def identity(self) -> dict[str, Any]:
         return dict(self._identity)

@@ -55,6 +55,8 @@ _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 CALL_TIMEOUT_S = 120.0
 #: How long status waits for a runner's answer before it shows a stand-in.
 STATUS_TIMEOUT_S = 5.0
+#: How long the watchdog's health check waits for a runner (it must ping systemd in time).
+HEALTH_TIMEOUT_S = 1.0
 #: How long a stopping runner gets to hand back its queued generations.
 SHUTDOWN_TIMEOUT_S = 10.0
 
@@ -97,7 +99,10 @@ class RunnerProcess:
         self._channel: Channel | None = None
         self._swap_done: Callable[[BackendFacts, str | None, str | None], None] | None = None
         self._counters = Counters()  # as last reported: what status shows while no runner is up
+        self._summary: dict[str, Any] = {"model": name, "activity": {"running": None, "queued": 0, "builds_queued": 0, "building": None},
+                                         "states": {}, "completed": 0, "last_error": None}  # as the runner last pushed it
         self.last_exit: str | None = None  # how the last runner process that died ended
+        self._stuck_for: float | None = None  # set when the watchdog's check kills a stuck runner
         self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-events")  # callbacks that may call the runner
         self.backend: BackendFacts
         self.reason = ""
@@ -110,7 +115,7 @@ class RunnerProcess:
         cannot); messages held meanwhile then go to it."""
         proc, channel = _SPAWNER.submit(self._spawn).result()
         try:
-            facts, reason, binary_folder, early = self._await_ready(proc, channel)
+            facts, reason, binary_folder, summary, early = self._await_ready(proc, channel)
         except BaseException as exc:
             channel.close()
             if proc.poll() is None:
@@ -118,13 +123,13 @@ class RunnerProcess:
             proc.wait()
             self._fail_held(WireError(ErrorCode.BACKEND, f"cannot load model {self.name}: {exc}"))
             raise
-        backend = BackendFacts.from_wire(facts)
+        backend = self._facts(facts)
         with self._lock:
             if self._state == _STOPPING:  # the daemon stopped while it loaded
                 channel.close()  # it exits at the end of its stream
                 self._proc = proc
                 return
-            self.backend, self.reason = backend, reason
+            self.backend, self.reason, self._summary = backend, reason, summary
             self.caches.serving(backend, binary_folder)
             self._proc, self._channel, self._state = proc, channel, _UP
             held, self._held = self._held, []
@@ -148,7 +153,7 @@ class RunnerProcess:
         channel.send({"name": self.name, "config": self.config, "parent": os.getpid()})
         return proc, channel
 
-    def _await_ready(self, proc: subprocess.Popen, channel: Channel) -> tuple[dict[str, Any], str, str, list[tuple[Any, ...]]]:
+    def _await_ready(self, proc: subprocess.Popen, channel: Channel) -> tuple[dict[str, Any], str, str, dict[str, Any], list[tuple[Any, ...]]]:
         early: list[tuple[Any, ...]] = []  # cache changes its first scan reported
         while True:
             try:
@@ -160,7 +165,7 @@ class RunnerProcess:
             elif message[0] == "failed":
                 raise BackendError(message[1])
             elif message[0] == "ready":
-                return message[1], message[2], message[3], early
+                return message[1], message[2], message[3], message[4], early
             else:
                 early.append(message)
 
@@ -207,7 +212,9 @@ class RunnerProcess:
                 log.warning("the runner of model %s (pid %d) ended with %s", self.name, proc.pid, how)
         else:
             self.last_exit = how
-            error = WireError(ErrorCode.BACKEND, f"the runner of model {self.name} died: {how}", model=self.name)
+            stuck, self._stuck_for = self._stuck_for, None
+            error = WireError(ErrorCode.BACKEND, f"the runner of model {self.name} died: {how}" if stuck is None else
+                              f"the runner of model {self.name} was killed: a call into the model made no progress in {stuck:g} s", model=self.name)
             log.error("the runner of model %s (pid %d) died: %s; failing its %d generation(s) and %d embed request(s)%s",
                       self.name, proc.pid, how, len(gens), len(embeds), "; starting a new one" if self.restart_when_dead else "; the model is unloaded")
         for gen in gens.values():
@@ -248,6 +255,9 @@ class RunnerProcess:
             self._events.submit(self._on_change, message[1])
         elif kind == "stored":
             self._on_stored()
+        elif kind == "summary":
+            self._summary = message[1]
+            self.outbox.wake()  # the status line shows it
         elif kind == "progress":
             self.progress(message[1])
         elif kind == "swapped":
@@ -331,8 +341,13 @@ class RunnerProcess:
             self._swap_done = done
             self._send(("swap", config))
 
-    def _swapped(self, facts: dict[str, Any], reason: str | None, error: str | None, binary_folder: str, config: Config) -> None:
+    def _facts(self, facts: dict[str, Any]) -> BackendFacts:
         backend = BackendFacts.from_wire(facts)
+        backend.fresh = lambda: self.call("backend", "describe", timeout=STATUS_TIMEOUT_S, fallback=None)
+        return backend
+
+    def _swapped(self, facts: dict[str, Any], reason: str | None, error: str | None, binary_folder: str, config: Config) -> None:
+        backend = self._facts(facts)
         with self._lock:
             if error is None:
                 self.backend, self.reason, self.config = backend, reason or self.reason, config
@@ -350,11 +365,24 @@ class RunnerProcess:
         self.call("worker", "configure", config, fallback=None)
 
     def activity(self) -> dict[str, Any]:
+        return self.call("worker", "activity", timeout=STATUS_TIMEOUT_S, fallback=self._activity_here())
+
+    def _activity_here(self) -> dict[str, Any]:
+        """What the daemon knows of the runner's activity itself (while none is up)."""
         with self._lock:
             waiting = sum(1 for g in self._gens.values() if g.started is None)
             running = any(g.started is not None for g in self._gens.values())
-        here = {"running": "generate" if running else None, "queued": waiting, "builds_queued": 0, "building": None}
-        return self.call("worker", "activity", timeout=STATUS_TIMEOUT_S, fallback=here)
+        return {"running": "generate" if running else None, "queued": waiting, "builds_queued": 0, "building": None}
+
+    def summary(self) -> dict[str, Any]:
+        """The status line's facts as the runner last pushed them (never asked: the socket loop
+        reads them after every wake); while no runner is up, the daemon's own view."""
+        with self._lock:
+            up, summary = self._state == _UP, dict(self._summary)
+        if not up:
+            summary["activity"] = self._activity_here()
+        summary["last_error"] = summary["last_error"] or (self.last_exit and f"the runner died: {self.last_exit}")
+        return summary
 
     def requests(self) -> dict[str, list[dict[str, Any]]]:
         """The runner's running and queued generations, by their request ids."""
@@ -370,9 +398,25 @@ class RunnerProcess:
             if self._state != _UP:
                 return True
         try:
-            return self.call("worker", "healthy", within, timeout=min(within, STATUS_TIMEOUT_S))
+            return self.call("worker", "healthy", within, timeout=min(within / 4, HEALTH_TIMEOUT_S))
         except WireError:
             return False
+
+    def stop_if_stuck(self, within: float) -> None:
+        """The watchdog's check: a runner busy without progress for ``within`` seconds (a
+        call into the model that never returns), or that does not answer, is killed with
+        SIGABRT (its faulthandler writes every thread's stack to the journal) and its requests
+        fail; the daemon stays up and keeps pinging systemd's watchdog."""
+        if self.healthy(within):
+            return
+        with self._lock:
+            proc = self._proc if self._state == _UP else None
+            if proc is None:
+                return
+            self._stuck_for = within
+        log.error("the runner of model %s (pid %d) made no progress in %g s: a call into the model is stuck; "
+                  "killing it with SIGABRT (its threads' stacks follow)", self.name, proc.pid, within)
+        proc.send_signal(signal.SIGABRT)
 
     @property
     def counters(self) -> Counters:
@@ -422,7 +466,7 @@ class RunnerProcess:
     # -- calls ---------------------------------------------------------------------------
 
     def call(self, target: str, method: str, *args: Any, timeout: float = CALL_TIMEOUT_S, fallback: Any = ..., **kwargs: Any) -> Any:
-        """``target.method(*args, **kwargs)`` in the runner ("worker" or "caches"; an attribute
+        """``target.method(*args, **kwargs)`` in the runner ("worker", "backend" or "caches"; an attribute
         if not callable). ``fallback``: the answer when the runner is not up or does not
         answer in time; without one, a WireError (``backend``) says why."""
         return self._ask(("call", target, method, args, kwargs), timeout, fallback)
