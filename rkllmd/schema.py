@@ -52,7 +52,7 @@ MINOR_VERSIONS = {
     "L2-normalised unless asked not to); `status.model.capabilities` may list `embedding`, and an embedding-only model lists only it",
     8: "several models by name: `generate` and `render` take `model` (absent: the default; unknown: `not_found`) and `generate` `keep_alive`; "
     "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones); binary caches are per model: "
-    "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`",
+    "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`; `embed` takes `keep_alive`",
     9: "reserved for `pull` (issue 23, developed in parallel)",
     10: "each loaded model in `status.models.loaded` and `models.loaded` carries `pid`: the process that runs it (its runner "
     "process; the daemon's own with `daemon.runners = \"thread\"`); a runner that dies fails its model's requests with `backend`",
@@ -133,7 +133,7 @@ STATS = ("prompt_tokens", "cached_tokens", "cache_source", "completion_tokens", 
 #: ``requests`` and ``build`` since 1.3 (see docs/protocol.md, status).
 STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store", "requests", "build", "models")
 #: A model as ``models`` lists it and ``create``/``copy``/``delete`` return it (since 1.8).
-MODEL = ("name", "path", "template", "system", "parameters", "base", "source", "created_at", "default", "weights", "loaded")
+MODEL = ("name", "path", "template", "system", "parameters", "base", "source", "created_at", "embedding_only", "default", "weights", "loaded")
 _MODEL = Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out)", default_doc="the default model", since=8)
 #: Binary caches belong to a model; the text caches are shared by name.
 _CACHE_MODEL = Field("model", "str", "whose binary caches: a loaded model (one not loaded is `not_found`, `details.loaded` false)",
@@ -208,6 +208,7 @@ OPERATIONS: dict[str, Operation] = {
                 Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out); it is loaded first if need be", default_doc="the default model", since=7),
                 Field("truncate", "bool", "cut an input longer than the context to its first tokens; false: refuse it with `context_overflow`", default=True, since=7),
                 Field("normalize", "bool", "L2-normalise each embedding (false: llama.cpp's mean pooling as it is)", default=True, since=7),
+                _KEEP_ALIVE,
             ),
             ("embeddings", "dimensions", "normalized", "prompt_tokens", "total_tokens", "queue_ms", "compute_ms"),
             since=7,

@@ -54,7 +54,7 @@ class LoadedModel:
     caches: PromptCaches | RemoteCaches
     waiters: CacheWaiters  # cache.wait answers for these caches
     reason: str  # why this backend
-    size: int  # bytes the weights file takes (what the budget counts)
+    size: int  # bytes it takes in memory (what the budget counts: backends.memory_estimate)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     #: When it is unloaded once idle (time.monotonic()); None: never.
@@ -89,13 +89,13 @@ class _Load:
 
 class ModelPool:
     def __init__(self, open_model: Callable[[Model], LoadedModel], outbox: Outbox, *, max_loaded: int, memory_budget: int,
-                 keep_alive: float | None, file_size: Callable[[Model], int]):
+                 keep_alive: float | None, memory_needed: Callable[[Model], int]):
         self._open = open_model
         self._outbox = outbox
         self.max_loaded = max_loaded
         self.memory_budget = memory_budget  # bytes; 0: no bound
         self.keep_alive = keep_alive  # the default: seconds, or None (forever)
-        self._file_size = file_size
+        self._memory_needed = memory_needed
         self._cond = threading.Condition()
         self._loaded: dict[str, LoadedModel] = {}
         self._pinned: str | None = None
@@ -159,7 +159,7 @@ class ModelPool:
         gen.position = position
         self._outbox.stream(gen, "queued", seq=0, position=position)
 
-    def embed(self, job: EmbedJob, weights: Model) -> None:
+    def embed(self, job: EmbedJob, weights: Model, keep_alive: float | None | str = "default") -> None:
         """Run ``job`` on ``weights``' loaded model, loading it first if need be; a failed
         load or a stop ends ``job.future`` with the WireError."""
         with self._cond:
@@ -167,9 +167,12 @@ class ModelPool:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             model = self._loaded.get(weights.name)
             if model is None:
-                self._load_of(weights).embeds.append(job)
+                load = self._load_of(weights)
+                load.embeds.append(job)
+                if keep_alive != "default":
+                    load.keep_alive = keep_alive  # type: ignore[assignment]
                 return
-            self._touch(model, "default")
+            self._touch(model, keep_alive)
         model.worker.embed(job)
 
     def load(self, weights: Model, keep_alive: float | None | str = "default") -> None:
@@ -250,11 +253,13 @@ class ModelPool:
         return load
 
     def _touch(self, model: LoadedModel, keep_alive: float | None | str) -> None:
+        """``model`` was just used: its keep_alive counts from now (lock held)."""
         model.last_used = time.monotonic()
         seconds = self.keep_alive if keep_alive == "default" else keep_alive
         if model.name == self._pinned:
             return
         model.expires = None if seconds is None else model.last_used + seconds  # type: ignore[operator]
+        self._cond.notify_all()  # the loader's next wake-up may now be sooner
 
     def _run(self) -> None:
         while True:
@@ -294,7 +299,7 @@ class ModelPool:
         return None
 
     def _load(self, load: _Load) -> None:
-        size = self._file_size(load.model)
+        size = self._memory_needed(load.model)
         if not self._make_room(size, load):
             return
         log.info("loading model %s (%d MiB)", load.model.name, size >> 20)
@@ -376,9 +381,3 @@ def _fail(jobs: list[EmbedJob], error: WireError) -> None:
     for job in jobs:
         job.future.set_exception(error)
 
-
-def file_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
