@@ -379,6 +379,13 @@ class ModelWorker:
                 "building": building,
             }
 
+    def busy(self) -> bool:
+        """Anything to do or under way (what keeps its model loaded): generations, embed
+        requests from their preparation on, cache builds, prompt jobs."""
+        with self._cond:
+            return bool(self._running or self._waiting or self._opening or self._builds or self._build
+                        or self._embeds or self._embedding or self._prompt_jobs)
+
     def summary(self) -> dict[str, Any]:
         """What the status line shows: activity, cache states, generations served, the last error."""
         states = self.caches.counts() if self.caches is not None else {}

@@ -71,6 +71,16 @@ def test_each_loaded_model_runs_in_a_runner_process_of_its_own(make_daemon, tiny
         poll(lambda: not alive(pid), 10, f"runner {pid} ends with the daemon")
 
 
+def test_daemon_runners_thread_runs_the_models_in_the_daemons_process(make_daemon, tiny, tmp_path) -> None:
+    """The in-process mode stays available: both models answer, in the daemon's own pid."""
+    cfg = config(tmp_path, f'[daemon]\nrunners = "thread"\n[models.alpha]\npath = "{tiny}"\n')
+    proc = make_daemon("--config", str(cfg))
+    with proc.client() as client:
+        assert client.generate("Hi", model="alpha", max_tokens=4, temperature=0).wait().text
+        assert client.generate("Hi", max_tokens=4, temperature=0).wait().text
+        assert pids(client) == {DEFAULT: proc.proc.pid, "alpha": proc.proc.pid}
+
+
 def test_runners_die_with_a_daemon_killed_with_sigkill(make_daemon, tiny, tmp_path) -> None:
     """PR_SET_PDEATHSIG: no runner outlives its daemon (a restarted service starts clean)."""
     proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny}"\n')))

@@ -66,8 +66,7 @@ class LoadedModel:
         return self.worker.backend
 
     def busy(self) -> bool:
-        activity = self.worker.activity()
-        return bool(activity["running"] or activity["queued"] or activity["builds_queued"])
+        return self.worker.busy()
 
     def public(self, now_wall: float, now: float) -> dict[str, Any]:
         describe = self.backend.describe()
@@ -172,8 +171,8 @@ class ModelPool:
                 if keep_alive != "default":
                     load.keep_alive = keep_alive  # type: ignore[assignment]
                 return
+            model.worker.embed(job)  # under the lock: the loader sees it busy before a keep_alive 0 can unload it
             self._touch(model, keep_alive)
-        model.worker.embed(job)
 
     def load(self, weights: Model, keep_alive: float | None | str = "default") -> None:
         """Load ``weights`` without a request (Ollama's empty prompt), or refresh its keep_alive."""

@@ -364,6 +364,13 @@ class RunnerProcess:
             self.config = dataclasses.replace(self.config, daemon=config)
         self.call("worker", "configure", config, fallback=None)
 
+    def busy(self) -> bool:
+        """Anything sent to it and not answered yet, or work of its own (cache builds)."""
+        with self._lock:
+            if self._gens or self._embeds or self._held:
+                return True
+        return self.call("worker", "busy", timeout=STATUS_TIMEOUT_S, fallback=False)
+
     def activity(self) -> dict[str, Any]:
         return self.call("worker", "activity", timeout=STATUS_TIMEOUT_S, fallback=self._activity_here())
 
