@@ -175,7 +175,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
             log.info("model loaded in %.2f s", time.monotonic() - started)
         else:
             backend, reason = load_backend(config, notifier)
-    except BackendError as exc:
+    except (BackendError, OSError) as exc:  # OSError: the runner process could not be started
         log.error("cannot start: %s", exc)
         notifier.status(f"failed to start: {exc}")
         return 1

@@ -273,9 +273,10 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, signal.SIG_IGN)
     enable_faulthandler()
     config: Config = spec["config"]
+    # The daemon's format (rkllmd/cli.py's LOG_FORMAT), each line saying whose runner wrote it.
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, config.daemon.log_level.upper()),
-                        format=f"%(levelname)s runner {spec['name']} [pid {os.getpid()}] %(name)s: %(message)s")
-    logging.getLogger("watchdog").setLevel(logging.INFO)
+                        format=f"%(levelname)s %(name)s: %(message)s (runner of {spec['name']}, pid {os.getpid()})")
+    logging.getLogger("watchdog").setLevel(max(logging.getLogger().level, logging.INFO))  # as the daemon's apply_log_level
     runner = Runner(channel, spec["name"], config)
     if not runner.load():
         return 1

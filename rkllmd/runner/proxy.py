@@ -113,7 +113,11 @@ class RunnerProcess:
     def start(self) -> None:
         """Start a runner process and wait until it has loaded the model (BackendError if it
         cannot); messages held meanwhile then go to it."""
-        proc, channel = _SPAWNER.submit(self._spawn).result()
+        try:
+            proc, channel = _SPAWNER.submit(self._spawn).result()
+        except OSError as exc:
+            self._fail_held(WireError(ErrorCode.BACKEND, f"cannot start a runner for model {self.name}: {exc}"))
+            raise
         try:
             facts, reason, binary_folder, summary, early = self._await_ready(proc, channel)
         except BaseException as exc:
@@ -182,7 +186,7 @@ class RunnerProcess:
         log.info("starting a new runner for model %s", self.name)
         try:
             self.start()
-        except BackendError as exc:
+        except (BackendError, OSError) as exc:
             log.error("model %s: its new runner cannot load it: %s", self.name, exc)
             with self._lock:
                 self._state = _DEAD
