@@ -214,17 +214,10 @@ class Runner:
 
         self.calls.submit(move).add_done_callback(lambda done: self._answer("reply", number, done))
 
-    def _on_configure(self, config: Config) -> None:
-        self.config = config
-        self.worker.configure(config.daemon)
-        self.caches.configure(config.cache)
-
     def _on_swap(self, config: Config) -> None:
         """A reload changed the default model: load it after the generations received so far."""
 
         def done(backend: Backend, reason: str | None, error: str | None) -> None:
-            if error is None:
-                self.config = config
             self.channel.send(("swapped", BackendFacts.of(backend), reason, error, str(self.caches.binaries.folder), config))
 
         self.worker.replace_backend(lambda: load(config, lambda what: self.channel.send(("progress", what))), done)

@@ -480,9 +480,10 @@ class RunnerProcess:
         """``target.method(*args, **kwargs)`` in the runner ("worker", "backend" or "caches"; an attribute
         if not callable). ``fallback``: the answer when the runner is not up or does not
         answer in time; without one, a WireError (``backend``) says why."""
-        return self._ask(("call", target, method, args, kwargs), timeout, fallback)
+        return self.ask(("call", target, method, args, kwargs), timeout, fallback)
 
-    def _ask(self, message: tuple[Any, ...], timeout: float, fallback: Any = ...) -> Any:
+    def ask(self, message: tuple[Any, ...], timeout: float, fallback: Any = ...) -> Any:
+        """Send ``message`` with a call number after its kind, and wait for the runner's answer."""
         future: Future = Future()
         with self._lock:
             if self._state != _UP:
@@ -594,7 +595,7 @@ class RemoteCaches:
     def move(self, texts: TextStore, binary_root: Path) -> None:
         """Serve caches from other folders (a reload changed them)."""
         self.texts = TextStore(texts.folder, texts.max_bytes)
-        folder = self._runner._ask(("move", str(texts.folder), texts.max_bytes, str(binary_root)), CALL_TIMEOUT_S, fallback=None)
+        folder = self._runner.ask(("move", str(texts.folder), texts.max_bytes, str(binary_root)), CALL_TIMEOUT_S, fallback=None)
         if folder is not None:
             self.serving(self._runner.backend, folder)
 
