@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,21 @@ def test_a_cpu_runner_killed_mid_stream_fails_only_its_requests(make_daemon, tin
     assert f"the runner of model {DEFAULT} (pid {before[DEFAULT]}) died: signal 9 (SIGKILL)" in log
 
 
+def test_an_embed_request_on_a_runner_that_dies_ends_with_backend_and_the_next_one_is_answered(make_daemon) -> None:
+    proc = make_daemon()
+    with proc.client() as client, proc.client() as watcher:
+        expected = client.embed("the tide is high")["embeddings"]
+        before = pids(client)[DEFAULT]
+        long = client.send("embed", input=["the tide is high and the ships sail at dawn " * 300])  # ~3,000 tokens: seconds of passes
+        poll(lambda: watcher.status()["worker"]["running"] == "embed", 60, "the embedding running", interval=0.005)
+        os.kill(before, signal.SIGKILL)
+        with pytest.raises(DaemonError) as ended:
+            client.result_of(long, 60)
+        assert ended.value.name == "backend" and f"the runner of model {DEFAULT} died: signal 9 (SIGKILL)" in ended.value.message
+        assert client.embed("the tide is high")["embeddings"] == expected  # on a new runner, the same bits
+        assert pids(client)[DEFAULT] != before
+
+
 def test_another_models_runner_killed_is_unloaded_and_loads_again_on_its_next_request(make_daemon, tiny, tmp_path) -> None:
     proc = make_daemon("--config", str(config(tmp_path, f'[models.alpha]\npath = "{tiny}"\n')))
     with proc.client() as client:
@@ -184,3 +200,22 @@ def test_a_segfault_in_another_npu_model_unloads_it_and_its_next_request_loads_i
         assert client.generate("default still", max_tokens=10).wait().text == "echo: default still"
         after = pids(client)
         assert after["other"] != before["other"] and after[client.status()["models"]["default"]] == before[client.status()["models"]["default"]]
+
+
+def test_a_default_runner_that_dies_twice_as_it_starts_waits_for_the_next_request(npu_pair: DaemonProcess) -> None:
+    """A runtime that crashes a runner soon after each start (a cache build that segfaults,
+    say) must not be restarted in a loop: after two quick deaths in a row, the next request
+    starts the new runner."""
+    proc = npu_pair
+    with proc.client() as client:
+        default = client.status()["models"]["default"]
+        for _ in range(2):  # the first runner (just started), then its quick replacement
+            poll(lambda: pids(client).get(default), 60, "a runner for the default model")
+            error = crash_of(client.generate("[[fake:segfault]] again", max_tokens=10))
+            assert error.name == "backend" and "died: signal 11 (SIGSEGV)" in error.message
+        time.sleep(1)
+        assert pids(client)[default] is None  # none was started
+        assert client.status()["healthy"] is True
+        assert client.generate("back on request", max_tokens=10).wait().text == "echo: back on request"
+        assert pids(client)[default] is not None
+    assert "it and the one before lived under 10 s: the next request starts a new one" in proc.log()

@@ -55,6 +55,10 @@ _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 CALL_TIMEOUT_S = 120.0
 #: How long status waits for a runner's answer before it shows a stand-in.
 STATUS_TIMEOUT_S = 5.0
+#: A default model's runner that dies sooner than this after its start, twice in a row, is
+#: not restarted at once but by the next request for it: one that crashes as it starts (a
+#: cache build that crashes the runtime) must not be restarted in a loop.
+QUICK_DEATH_S = 10.0
 #: How long the watchdog's health check waits for a runner (it must ping systemd in time).
 HEALTH_TIMEOUT_S = 1.0
 #: How long a stopping runner gets to hand back its queued generations.
@@ -103,6 +107,8 @@ class RunnerProcess:
                                          "states": {}, "completed": 0, "last_error": None}  # as the runner last pushed it
         self.last_exit: str | None = None  # how the last runner process that died ended
         self._stuck_for: float | None = None  # set when the watchdog's check kills a stuck runner
+        self._started_at = 0.0  # when the runner process up now (or last) was ready
+        self._quick_deaths = 0  # runners in a row that died within QUICK_DEATH_S of their start
         self._events = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner-events")  # callbacks that may call the runner
         self.backend: BackendFacts
         self.reason = ""
@@ -136,6 +142,7 @@ class RunnerProcess:
             self.backend, self.reason, self._summary = backend, reason, summary
             self.caches.serving(backend, binary_folder)
             self._proc, self._channel, self._state = proc, channel, _UP
+            self._started_at = time.monotonic()
             held, self._held = self._held, []
             for message in held:
                 channel.send(message)
@@ -219,8 +226,12 @@ class RunnerProcess:
             stuck, self._stuck_for = self._stuck_for, None
             error = WireError(ErrorCode.BACKEND, f"the runner of model {self.name} died: {how}" if stuck is None else
                               f"the runner of model {self.name} was killed: a call into the model made no progress in {stuck:g} s", model=self.name)
+            self._quick_deaths = self._quick_deaths + 1 if time.monotonic() - self._started_at < QUICK_DEATH_S else 0
+            restart = self.restart_when_dead and self._quick_deaths < 2
+            then = ("; starting a new one" if restart else f"; it and the one before lived under {QUICK_DEATH_S:g} s: the next request "
+                    "starts a new one" if self.restart_when_dead else "; the model is unloaded")
             log.error("the runner of model %s (pid %d) died: %s; failing its %d generation(s) and %d embed request(s)%s",
-                      self.name, proc.pid, how, len(gens), len(embeds), "; starting a new one" if self.restart_when_dead else "; the model is unloaded")
+                      self.name, proc.pid, how, len(gens), len(embeds), then)
         for gen in gens.values():
             self.outbox.stream(gen, "error", error=error.to_wire())
         for future in [job.future for job in embeds.values()] + list(calls.values()):
@@ -229,7 +240,7 @@ class RunnerProcess:
         if asked:
             return
         self._events.submit(self._on_death, self)
-        if self.restart_when_dead:
+        if restart:
             self.restart()
 
     def _fail_held(self, error: WireError) -> None:
