@@ -380,11 +380,11 @@ class RunnerProcess:
         self.call("worker", "configure", config, fallback=None)
 
     def busy(self) -> bool:
-        """Anything sent to it and not answered yet, or work of its own (cache builds)."""
+        """Anything sent to it and not answered yet, or work of its own (cache builds, as its
+        last pushed summary says). Never asks the runner: the loader asks under its lock."""
         with self._lock:
-            if self._gens or self._embeds or self._held:
-                return True
-        return self.call("worker", "busy", timeout=STATUS_TIMEOUT_S, fallback=False)
+            activity = self._summary["activity"]
+            return bool(self._gens or self._embeds or self._held or activity["building"] or activity["builds_queued"])
 
     def activity(self) -> dict[str, Any]:
         return self.call("worker", "activity", timeout=STATUS_TIMEOUT_S, fallback=self._activity_here())
