@@ -241,7 +241,7 @@ OPERATIONS: dict[str, Operation] = {
         ),
         Operation("copy", "a model under a second name", (Field("source", "str", "the model copied", required=True, since=8),
                                                            Field("destination", "str", "the new name", required=True, since=8)), MODEL, since=8),
-        Operation("delete", "delete a created model (configured ones are edited in the configuration)", (Field("name", "str", "the model", required=True, since=8),),
+        Operation("delete", "delete a created or pulled model (configured ones are edited in the configuration); a pulled file goes with the last name using it", (Field("name", "str", "the model", required=True, since=8),),
                   MODEL, since=8),
         Operation("load", "load a model now (Ollama's empty prompt), or unload it once idle with `keep_alive` 0", (_MODEL, _KEEP_ALIVE), ("model", "loaded"), since=8),
         Operation(

@@ -254,6 +254,11 @@ def test_rkllmctl_pulls_a_file_by_tag_with_the_token_and_the_model_answers_as_th
         assert {"hf.co/rk/tiny-GGUF:Q8_0", "tiny"} <= set(models_of(client))
         assert models_of(client)["tiny"]["source"] == "pulled"
         assert client.generate("hello there", model="tiny", max_tokens=6, temperature=0).wait().text == same.text
+        # rm removes the name; the file goes with the last name that uses it (ollama rm removes blobs).
+        client.delete("tiny")
+        assert Path(result["path"]).exists()
+        client.delete("hf.co/rk/tiny-GGUF:Q8_0")
+        assert not Path(result["path"]).exists() and set(models_of(client)) == {DEFAULT, "local"}
 
 
 def test_ollama_pull_streams_its_statuses_resumes_a_cut_connection_and_the_model_answers(make_daemon, hub, smol) -> None:
