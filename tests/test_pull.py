@@ -337,17 +337,19 @@ def test_a_daemon_killed_mid_download_resumes_at_the_next_start(make_daemon, hub
         assert hub.seen("/cdn/")[-1].headers.get("range") == f"bytes={have}-"
 
 
-def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, tmp_path) -> None:
+def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, fake_runtime, tmp_path) -> None:
     good = tiny["q8"]
     hub.add("rk/mixed", {"notes.txt": b"not a model\n" * 100, "fake.gguf": b"NOPE" + good[4:], "corrupt.gguf": good, "README.md": b"#\n"})
     hub.add("rk/docs", {"README.md": b"# only docs\n"})
     rkllm_body = MODEL_MAGIC + b"weights and NPU programs\x00\x01" * 64
     hub.add("rk/npu", {"qwen-w8a8-rk3576.rkllm": rkllm_body + b"rkllm-toolkit version: 1.2.1",
                        "qwen-w8a8-rk3588-old.rkllm": rkllm_body + b"rkllm-toolkit version: 1.0.1",
+                       "qwen-w8a8-rk3588-new.rkllm": rkllm_body + b"rkllm-toolkit version: 1.3.0",
                        "qwen-w8a8-rk3588.rkllm": rkllm_body + b"rkllm-toolkit version: 1.2.1"})
     hub.corrupt.add(hashlib.sha256(good).hexdigest())
     config = tmp_path / "rkllmd.toml"
-    config.write_text('[rkllm]\nplatform = "rk3588"\n')
+    # The runtime rkllmd would load is 1.2.3 (the fake library's release marker); the NPU an RK3588.
+    config.write_text(f'[rkllm]\nplatform = "rk3588"\nlibrary = "{fake_runtime["1.2"]}"\n')
     proc = make_daemon("--config", str(config), env=hub_env(hub))
     with proc.client() as client:
         def refused(source: str) -> DaemonError:
@@ -366,6 +368,8 @@ def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, tmp_path) -
         assert platform.details == {"reason": "platform"} and "converted for rk3576" in platform.message and "this NPU is rk3588" in platform.message
         toolkit = refused("hf.co/rk/npu/qwen-w8a8-rk3588-old.rkllm")
         assert toolkit.details == {"reason": "toolkit"} and "rkllm-toolkit 1.0.1" in toolkit.message
+        newer = refused("hf.co/rk/npu/qwen-w8a8-rk3588-new.rkllm")
+        assert newer.details == {"reason": "toolkit"} and "rkllm-toolkit 1.3.0, newer than this runtime (1.2.3)" in newer.message
         assert refused("hf.co/rk/nothing").name == "not_found"
         assert refused("hf.co/rk/mixed/absent.gguf").name == "not_found"
         with pytest.raises(DaemonError) as bad_source:
@@ -373,10 +377,10 @@ def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, tmp_path) -
         assert bad_source.value.name == "invalid_field" and bad_source.value.details == {"field": "source"}
         # Nothing was registered and no refused bytes stay to be resumed.
         assert set(models_of(client)) == {DEFAULT} and partials(proc) == []
-        # The names refused before any download: the CDN served only the three that were fetched.
+        # The names refused before any download: the CDN served only the files refused for their bytes.
         fetched = {r.path.split("?")[0].rsplit("/", 1)[1] for r in hub.seen("/cdn/")}
-        assert fetched == {hashlib.sha256(b"NOPE" + good[4:]).hexdigest(), hashlib.sha256(good).hexdigest(),
-                           hashlib.sha256(rkllm_body + b"rkllm-toolkit version: 1.0.1").hexdigest()}
+        assert fetched == {hashlib.sha256(data).hexdigest() for data in (b"NOPE" + good[4:], good, rkllm_body + b"rkllm-toolkit version: 1.0.1",
+                                                                          rkllm_body + b"rkllm-toolkit version: 1.3.0")}
         # The one converted for this platform by a toolkit the runtimes run is a model.
         assert client.pull("hf.co/rk/npu/qwen-w8a8-rk3588.rkllm", name="qwen").wait()["model"] == "qwen"
         assert models_of(client)["qwen"]["path"].endswith("rk/npu/qwen-w8a8-rk3588.rkllm")
