@@ -372,6 +372,9 @@ def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, fake_runtim
         assert newer.details == {"reason": "toolkit"} and "rkllm-toolkit 1.3.0, newer than this runtime (1.2.3)" in newer.message
         assert refused("hf.co/rk/nothing").name == "not_found"
         assert refused("hf.co/rk/mixed/absent.gguf").name == "not_found"
+        with pytest.raises(DaemonError) as taken:
+            client.pull("hf.co/rk/npu/qwen-w8a8-rk3588.rkllm", name=DEFAULT).wait()
+        assert taken.value.name == "invalid_name" and "comes from the configuration" in taken.value.message
         with pytest.raises(DaemonError) as bad_source:
             client.pull("not a repo").wait()
         assert bad_source.value.name == "invalid_field" and bad_source.value.details == {"field": "source"}

@@ -18,7 +18,6 @@ from typing import Any
 
 from ..backends.base import SamplingParams
 from ..models import hub, model_file
-from ..models.registry import canonical
 from ..outbox import Generation
 from ..paths import models_dir
 from ..protocol import ErrorCode, WireError
@@ -38,7 +37,7 @@ def execute(ctx: Context, request: Request) -> None:
     if (request.identity, request.id) in ctx.generations:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
     source = hub.parse_source(args["source"])
-    name = canonical(args["name"]) if args["name"] is not None else None
+    name = ctx.registry.check_pullable(args["name"]) if args["name"] is not None else None
     stream = Generation(identity=request.identity, request_id=request.id, params=SamplingParams(), cache=None, use_cache=False,
                         received=time.monotonic(), client=request.client)
     job = _Pull(ctx, stream, source, name, args["revision"] or "main")
@@ -81,6 +80,7 @@ class _Pull:
         self._status("pulling manifest")
         remote = hub.resolve(self.source, self.revision)
         model_file.check_name(remote.file)
+        name = self.ctx.registry.check_pullable(self.name or self.source.name_for(remote.file, remote.chosen_among))
         rkllm = remote.file.lower().endswith(".rkllm")
         if rkllm:
             model_file.check_platform(remote.file, model_file.npu_platform(config))
@@ -111,7 +111,6 @@ class _Pull:
                 commit(self.partial, final, mode=0o644)  # fsynced, renamed into place, the folder fsynced
             except OSError as exc:
                 raise WireError(ErrorCode.STORAGE, f"cannot move the file into {final.parent}: {exc.strerror or exc}", errno=exc.errno) from None
-        name = self.name or self.source.name_for(remote.file, remote.chosen_among)
         model, replaced = self.ctx.registry.pulled(name, str(final))
         if replaced is not None and replaced.path != model.path:
             self.ctx.pool.unload(model.name)  # its old file: the next request loads the new one

@@ -10,6 +10,8 @@ would start again from zero: the bytes go to our own ``.partial/<sha256>.part`` 
 (through huggingface_hub's ``http_get``), and the next pull of the same file resumes there.
 A file becomes a model only once its sha256 is the hub's and it passed ``model_file``'s
 checks; it is then renamed into place, so a partial download never appears as a model.
+huggingface_hub is imported by the first pull, on its thread: a daemon that never pulls
+starts without it (it is a third of the daemon's imports).
 """
 
 from __future__ import annotations
@@ -25,25 +27,16 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-import httpx2  # huggingface_hub 2's HTTP client: its transport errors are these
-from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.file_download import http_get
-from huggingface_hub.utils import build_hf_headers, disable_progress_bars
-
 from ..protocol import ErrorCode, WireError
 from . import model_file
 
 log = logging.getLogger(__name__)
 
-# tqdm's bars would write to the daemon's stderr, the journal: progress goes to the client.
-disable_progress_bars()
-
 PARTIAL_DIR = ".partial"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: ``[hf.co/|huggingface.co/]OWNER/REPO[/FILE][:TAG]`` (Ollama's hf.co names, and a file path).
 _SOURCE = re.compile(r"(?:(?:https?://)?(?:hf\.co|huggingface\.co)/)?(?P<owner>[A-Za-z0-9][\w.-]*)/(?P<repo>[A-Za-z0-9][\w.-]*)"
-                     r"(?:/(?P<file>[^:]+?))?(?::(?P<tag>[\w.-]+))?")
+                     r"(?:/(?P<file>[^:]+?))?(?::(?P<tag>[\w.-]+))?", re.ASCII)
 HASH_CHUNK = 1 << 20
 
 
@@ -76,7 +69,8 @@ class Source:
 def parse_source(text: str) -> Source:
     found = _SOURCE.fullmatch(text.strip())
     if found is None or ".." in text:
-        raise WireError(ErrorCode.INVALID_FIELD, f"source {text!r} is not hf.co/OWNER/REPO, hf.co/OWNER/REPO/FILE or hf.co/OWNER/REPO:TAG", field="source")
+        raise WireError(ErrorCode.INVALID_FIELD, f"source {text!r} is not hf.co/OWNER/REPO, hf.co/OWNER/REPO/FILE or hf.co/OWNER/REPO:TAG "
+                        "(rkllmd pulls from the Hugging Face hub; names of Ollama's own registry such as llama3.2 are not there)", field="source")
     tag = found["tag"]
     return Source(found["owner"], found["repo"], found["file"], None if tag in (None, "latest") else tag)
 
@@ -102,6 +96,12 @@ class Remote:
 
 def resolve(source: Source, revision: str) -> Remote:
     """The file ``source`` names (or the repository's one model file), its size and sha256."""
+    import httpx2  # huggingface_hub 2's HTTP client: its transport errors are these
+    from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import build_hf_headers, disable_progress_bars
+
+    disable_progress_bars()  # tqdm's bars would go to the daemon's stderr, the journal: progress goes to the client
     endpoint = constants.ENDPOINT
     try:
         info = HfApi(endpoint=endpoint).model_info(source.repo_id, revision=revision, files_metadata=True)
@@ -221,6 +221,10 @@ class _Sink:
 def download(remote: Remote, partial: Path, cancelled: threading.Event, progress: Callable[[int], None],
              check_head: Callable[[bytes], None]) -> None:
     """The file's bytes into ``partial``, from where an earlier pull left off."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.file_download import http_get
+
     partial.parent.mkdir(parents=True, exist_ok=True)
     with open(partial, "a+b") as f:  # appended to (O_APPEND), read back for its magic
         have = f.seek(0, os.SEEK_END)

@@ -223,14 +223,26 @@ class Registry:
         the same name again: Ollama's update); never a configured or created model's name."""
         key = canonical(name)
         with self._lock:
-            if key in self._configured:
-                raise ModelError(ErrorCode.INVALID_NAME, f"model {key!r} comes from the configuration; pull under another name", field="name")
-            old = self._created.get(key)
-            if old is not None and old.source != "pulled":
-                raise ModelError(ErrorCode.INVALID_NAME, f"model {key!r} exists (derived from {old.base}); delete it first or pull under another name", field="name")
+            old = self._pullable(key)
             model = Model(key, path=path, source="pulled", created_at=time.time())
             self._commit({**self._created, key: model})
         return model, old
+
+    def check_pullable(self, name: str) -> str:
+        """``name``'s key if a pull may take it (before a download that would be refused after)."""
+        key = canonical(name)
+        with self._lock:
+            self._pullable(key)
+        return key
+
+    def _pullable(self, key: str) -> Model | None:
+        """The pulled model ``key`` names now, if any (the lock is held); never a configured or created one's name."""
+        if key in self._configured:
+            raise ModelError(ErrorCode.INVALID_NAME, f"model {key!r} comes from the configuration; pull under another name", field="name")
+        old = self._created.get(key)
+        if old is not None and old.source != "pulled":
+            raise ModelError(ErrorCode.INVALID_NAME, f"model {key!r} exists (derived from {old.base}); delete it first or pull under another name", field="name")
+        return old
 
     def uses(self, path: str) -> list[str]:
         """The models whose weights file is ``path``."""
