@@ -38,6 +38,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SOURCE = re.compile(r"(?:(?:https?://)?(?:hf\.co|huggingface\.co)/)?(?P<owner>[A-Za-z0-9][\w.-]*)/(?P<repo>[A-Za-z0-9][\w.-]*)"
                      r"(?:/(?P<file>[^:]+?))?(?::(?P<tag>[\w.-]+))?", re.ASCII)
 HASH_CHUNK = 1 << 20
+#: The shipped unit gives the daemon no network (PrivateNetwork=yes): what a failed connection may mean.
+NO_NETWORK_HINT = "under the shipped rkllmd.service the daemon has no network: docs/models.md has the drop-in that lets it pull"
 
 
 class PullCancelled(Exception):
@@ -117,7 +119,7 @@ def resolve(source: Source, revision: str) -> Remote:
         raise WireError(ErrorCode.HUB, f"{endpoint} refused: {_first_line(exc)}" + (" (set HF_TOKEN for a gated or private repository)" if status in (401, 403) else ""),
                         status=status) from None
     except (httpx2.HTTPError, OSError) as exc:
-        raise WireError(ErrorCode.HUB, f"cannot reach {endpoint}: {exc}", status=None) from None
+        raise WireError(ErrorCode.HUB, f"cannot reach {endpoint}: {exc} ({NO_NETWORK_HINT})", status=None) from None
     sibling = siblings[file]
     lfs_sha = getattr(sibling.lfs, "sha256", None) if sibling.lfs is not None else None
     sha = meta.etag if meta.etag and _SHA256.fullmatch(meta.etag) else lfs_sha
