@@ -91,9 +91,11 @@ class _Pull:
             raise WireError(ErrorCode.STORAGE, f"cannot create {folder}: {exc.strerror or exc}", errno=exc.errno) from None
         final, self.partial = hub.final_path(folder, remote), hub.partial_path(folder, remote)
         downloading = f"pulling {remote.sha256[:12]}"
+        replacing: list[str] = []  # the names whose file this pull replaces with other bytes
         if final.is_file() and final.stat().st_size == remote.size and hub.sha256_of(final, self.stream.cancelled) == remote.sha256:
             self._status(downloading, digest=remote.digest, total=remote.size, completed=remote.size)  # already here: Ollama's 100 %
         else:
+            replacing = self.ctx.registry.uses(str(final))
             hub.check_room(folder, remote, self.partial)
             hub.download(remote, self.partial, self.stream.cancelled,
                          lambda done: self._status(downloading, digest=remote.digest, total=remote.size, completed=done),
@@ -113,7 +115,9 @@ class _Pull:
                 raise WireError(ErrorCode.STORAGE, f"cannot move the file into {final.parent}: {exc.strerror or exc}", errno=exc.errno) from None
         model, replaced = self.ctx.registry.pulled(name, str(final))
         if replaced is not None and replaced.path != model.path:
-            self.ctx.pool.unload(model.name)  # its old file: the next request loads the new one
+            replacing.append(model.name)
+        for stale in replacing:
+            self.ctx.pool.unload(stale)  # loaded from the old bytes: once idle it goes, the next request loads the new file
         log.info("pulled %s/%s (%s, %d bytes) as model %s", remote.repo_id, remote.file, remote.digest, remote.size, model.name)
         self._status("success")
         return {"model": model.name, "digest": remote.digest, "size": remote.size, "path": str(final)}
