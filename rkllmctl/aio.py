@@ -169,13 +169,16 @@ class AsyncClient:
         cancels it on the daemon."""
         reader = PullReader()
         request_id = self.send("pull", **fields)
+        ended = False  # its done or its error came: nothing to cancel
         try:
             while reader.result is None:
-                event = reader.feed(await self.receive(request_id, self.timeout if reader.expected_seq == 0 else None))
+                message = await self.receive(request_id, self.timeout if reader.expected_seq == 0 else None)
+                ended = message["type"] in ("done", "error")
+                event = reader.feed(message)
                 if event is not None:
                     yield event
         finally:
-            if reader.result is None:
+            if not ended:
                 self.cancel_soon(request_id)
             self.forget(request_id)
 

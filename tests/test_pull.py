@@ -260,3 +260,33 @@ def test_not_enough_disk_is_refused_before_downloading(make_daemon, hub, smol, t
             assert "not enough disk for smol.gguf" in full.value.message and full.value.details["folder"] == str(small)
             assert hub.seen("/cdn/") == [] and "hf.co/rk/smol" not in models_of(client)
         proc.stop()  # before the tmpfs goes
+
+
+def test_an_http_client_that_goes_away_cancels_the_pull(make_daemon, hub, smol) -> None:
+    import http.client
+    from urllib.parse import urlparse
+
+    from http_gateway import GatewayProcess
+
+    hub.add("rk/smol", {"smol.gguf": smol})
+    sha = hashlib.sha256(smol).hexdigest()
+    hub.hold_at[sha] = 25 << 20
+    proc = make_daemon(env=hub_env(hub))
+    gateway = GatewayProcess(proc.socket).start()
+    try:
+        url = urlparse(gateway.url)
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        connection.request("POST", "/api/pull", json.dumps({"model": "hf.co/rk/smol"}), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("Content-Type") == "application/x-ndjson"
+        while json.loads(response.readline()).get("completed") != 20 << 20:
+            pass
+        connection.close()  # the way a browser tab closing ends it
+        poll(lambda: "pull of rk/smol cancelled" in proc.log(), 30, "the daemon cancelled the pull")
+        hub.released.set()
+        with proc.client() as client:
+            assert "hf.co/rk/smol" not in models_of(client)
+        [partial] = partials(proc)
+        assert partial.stat().st_size == 20 << 20  # kept for the next pull
+    finally:
+        gateway.cleanup()

@@ -38,6 +38,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SOURCE = re.compile(r"(?:(?:https?://)?(?:hf\.co|huggingface\.co)/)?(?P<owner>[A-Za-z0-9][\w.-]*)/(?P<repo>[A-Za-z0-9][\w.-]*)"
                      r"(?:/(?P<file>[^:]+?))?(?::(?P<tag>[\w.-]+))?", re.ASCII)
 HASH_CHUNK = 1 << 20
+#: How soon a cancel stops a pull whose hub sends nothing.
+CANCEL_POLL_S = 0.2
 #: The shipped unit gives the daemon no network (PrivateNetwork=yes): what a failed connection may mean.
 NO_NETWORK_HINT = "under the shipped rkllmd.service the daemon has no network: docs/models.md has the drop-in that lets it pull"
 
@@ -222,12 +224,37 @@ class _Sink:
 
 def download(remote: Remote, partial: Path, cancelled: threading.Event, progress: Callable[[int], None],
              check_head: Callable[[bytes], None]) -> None:
-    """The file's bytes into ``partial``, from where an earlier pull left off."""
+    """The file's bytes into ``partial``, from where an earlier pull left off; PullCancelled
+    within CANCEL_POLL_S of a cancel. The transfer runs on a thread of its own: a hub that
+    sends nothing holds it in a read for HF_HUB_DOWNLOAD_TIMEOUT (and huggingface_hub's
+    retries) before it could notice; left behind, it writes not one byte more (its writes
+    check the same flag) and ends at its next chunk or timeout."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    outcome: list[BaseException] = []
+    finished = threading.Event()
+
+    def transfer() -> None:
+        try:
+            _transfer(remote, partial, cancelled, progress, check_head)
+        except BaseException as exc:  # handed to the pull's thread
+            outcome.append(exc)
+        finally:
+            finished.set()
+
+    threading.Thread(target=transfer, name="model-pull-http", daemon=True).start()
+    while not finished.wait(CANCEL_POLL_S):
+        if cancelled.is_set():
+            raise PullCancelled()
+    if outcome:
+        raise outcome[0]
+
+
+def _transfer(remote: Remote, partial: Path, cancelled: threading.Event, progress: Callable[[int], None],
+              check_head: Callable[[bytes], None]) -> None:
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.file_download import http_get
 
-    partial.parent.mkdir(parents=True, exist_ok=True)
     with open(partial, "a+b") as f:  # appended to (O_APPEND), read back for its magic
         have = f.seek(0, os.SEEK_END)
         if have > remote.size:  # not this file's beginning after all
