@@ -59,10 +59,13 @@ class _Pull:
 
     def run(self) -> None:
         try:
-            with _ONE_AT_A_TIME:
+            while not _ONE_AT_A_TIME.acquire(timeout=hub.CANCEL_POLL_S):  # another pull runs: a cancel still ends this one
                 if self.stream.cancelled.is_set():
                     raise hub.PullCancelled()
+            try:
                 self._send("done", finish_reason="success", **self._pull())
+            finally:
+                _ONE_AT_A_TIME.release()
         except hub.PullCancelled:
             log.info("pull of %s cancelled (%s); its bytes so far are kept for the next pull", self.source.repo_id, self.stream.cancel_reason)
             self._send("done", finish_reason="cancelled", model=None, digest=None, size=None, path=None)
