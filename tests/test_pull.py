@@ -12,6 +12,7 @@ import json
 import signal
 from pathlib import Path
 
+import msgpack
 import ollama
 import pytest
 
@@ -19,9 +20,10 @@ from conftest import rkllmctl
 from fake_hub import FakeHub, start
 from fake_rkllm.build import MODEL_MAGIC
 from gguf_files import tiny_llama
-from reliability import poll, tmpfs
+from reliability import RawPeer, poll, tmpfs
 from rkllmctl.errors import DaemonError
 from rkllmd.backends.cpu.backend import bundled_model_path
+from rkllmd.schema import PULL_STREAM
 
 TOKEN = "hf_test_token_1234"
 DEFAULT = "smollm2-135m-instruct"
@@ -245,6 +247,17 @@ def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, fake_runtim
         assert client.pull("hf.co/rk/npu/qwen-w8a8-rk3588.rkllm", name="qwen").wait()["model"] == "qwen"
         assert models_of(client)["qwen"]["path"].endswith("rk/npu/qwen-w8a8-rk3588.rkllm")
         assert client.generate("still serving", max_tokens=2).wait().stats["completion_tokens"] == 2
+    # On the wire, each message of a pull's stream has exactly the keys the schema gives it.
+    peer = RawPeer(proc.socket)
+    try:
+        peer.send(msgpack.packb({"v": 1, "id": 7, "op": "pull", "source": "hf.co/rk/npu/qwen-w8a8-rk3588.rkllm", "name": "qwen"}))
+        messages = [peer.recv(timeout=60)]
+        while messages[-1]["type"] not in ("done", "error"):
+            messages.append(peer.recv(timeout=60))
+    finally:
+        peer.close()
+    assert [m["seq"] for m in messages] == list(range(len(messages))) and messages[-1]["type"] == "done"
+    assert all(set(m) == {"v", "id", "type", *PULL_STREAM[m["type"]]} for m in messages), messages
 
 
 def test_not_enough_disk_is_refused_before_downloading(make_daemon, hub, smol, tmp_path) -> None:
