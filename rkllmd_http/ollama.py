@@ -426,8 +426,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": NDJSON})
     await response.prepare(request)
 
-    def line(event: Any) -> bytes:
-        fields = {"digest": event.digest, "total": event.total, "completed": event.completed} if event.total is not None else {}
+    def line(event: Any) -> bytes:  # Ollama's ProgressResponse leaves out empty fields (Go's omitempty: a 0 too)
+        fields = {key: value for key, value in (("digest", event.digest), ("total", event.total), ("completed", event.completed)) if value}
         return json.dumps({"status": event.status, **fields}).encode() + b"\n"
 
     try:
