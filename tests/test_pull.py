@@ -303,3 +303,23 @@ def test_an_http_client_that_goes_away_cancels_the_pull(make_daemon, hub, smol) 
         assert partial.stat().st_size == 20 << 20  # kept for the next pull
     finally:
         gateway.cleanup()
+
+
+def test_ctrl_c_on_rkllmctl_pull_cancels_it_on_the_daemon(make_daemon, hub, smol) -> None:
+    import sys
+
+    from test_cli import interruptible
+
+    hub.add("rk/smol", {"smol.gguf": smol})
+    hub.hold_at[hashlib.sha256(smol).hexdigest()] = 25 << 20
+    proc = make_daemon(env=hub_env(hub))
+    child = interruptible([sys.executable, "-m", "rkllmctl", "--socket", str(proc.socket), "pull", "hf.co/rk/smol", "--json"])
+    assert child.stdout is not None
+    while json.loads(child.stdout.readline()).get("completed") != 20 << 20:
+        pass
+    child.send_signal(signal.SIGINT)
+    assert child.wait(10) == 130
+    assert "pull of rk/smol cancelled" in proc.log()  # rkllmctl left once the daemon had ended it
+    hub.released.set()
+    with proc.client() as client:
+        assert "hf.co/rk/smol" not in models_of(client)
