@@ -323,3 +323,20 @@ def test_ctrl_c_on_rkllmctl_pull_cancels_it_on_the_daemon(make_daemon, hub, smol
     hub.released.set()
     with proc.client() as client:
         assert "hf.co/rk/smol" not in models_of(client)
+
+
+def test_rkllmd_check_warns_when_the_daemon_user_cannot_write_the_models_folder(tmp_path) -> None:
+    import os
+
+    from test_check import as_json, rkllmd_check
+
+    models = tmp_path / "models"
+    models.mkdir(mode=0o755)
+    os.chmod(tmp_path, 0o755)
+    report = as_json(rkllmd_check("--backend", "cpu", "--json", "--user", "nobody", folder=tmp_path,
+                                  env={"RKLLMD_MODELS_DIR": str(models), "RKLLMD_MODEL_WEIGHTS_DIR": "", "RKLLMD_MODEL_KERNELS_DIR": ""}))
+    assert report["caches"]["models"] == {"folder": str(models), "exists": True, "writable": False}
+    assert {"what": f"nobody cannot write {models}, where pulled models go: rkllmctl pull fails",
+            "fix": f"chown nobody {models}, or set daemon.models_dir"} in report["warnings"]
+    mine = as_json(rkllmd_check("--backend", "cpu", "--json", folder=tmp_path, env={"RKLLMD_MODELS_DIR": str(models)}))
+    assert mine["caches"]["models"]["writable"] is True
