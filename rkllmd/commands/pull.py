@@ -81,7 +81,7 @@ class _Pull:
     def _pull(self) -> dict[str, Any]:
         config = self.ctx.config
         self._status("pulling manifest")
-        remote = hub.resolve(self.source, self.revision)
+        remote = hub.cancellable(lambda: hub.resolve(self.source, self.revision), self.stream.cancelled)
         model_file.check_name(remote.file)
         name = self.ctx.registry.check_pullable(self.name or self.source.name_for(remote.file, remote.chosen_among))
         rkllm = remote.file.lower().endswith(".rkllm")

@@ -24,13 +24,14 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 from ..protocol import ErrorCode, WireError
 from . import model_file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PARTIAL_DIR = ".partial"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -222,31 +223,37 @@ class _Sink:
         return getattr(self._f, name)
 
 
-def download(remote: Remote, partial: Path, cancelled: threading.Event, progress: Callable[[int], None],
-             check_head: Callable[[bytes], None]) -> None:
-    """The file's bytes into ``partial``, from where an earlier pull left off; PullCancelled
-    within CANCEL_POLL_S of a cancel. The transfer runs on a thread of its own: a hub that
-    sends nothing holds it in a read for HF_HUB_DOWNLOAD_TIMEOUT (and huggingface_hub's
-    retries) before it could notice; left behind, it writes not one byte more (its writes
-    check the same flag) and ends at its next chunk or timeout."""
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    outcome: list[BaseException] = []
+def cancellable(work: Callable[[], T], cancelled: threading.Event) -> T:
+    """``work()``'s outcome, or PullCancelled within CANCEL_POLL_S of a cancel. The work runs
+    on a thread of its own: a hub that answers nothing holds it in a read for
+    HF_HUB_DOWNLOAD_TIMEOUT (and huggingface_hub's retries) before it could notice. Left
+    behind, a download writes not one byte more (its writes check the same flag) and ends
+    at its next chunk or timeout."""
+    outcome: list[Any] = []
     finished = threading.Event()
 
-    def transfer() -> None:
+    def run() -> None:
         try:
-            _transfer(remote, partial, cancelled, progress, check_head)
+            outcome.append(work())
         except BaseException as exc:  # handed to the pull's thread
             outcome.append(exc)
         finally:
             finished.set()
 
-    threading.Thread(target=transfer, name="model-pull-http", daemon=True).start()
+    threading.Thread(target=run, name="model-pull-http", daemon=True).start()
     while not finished.wait(CANCEL_POLL_S):
         if cancelled.is_set():
             raise PullCancelled()
-    if outcome:
+    if isinstance(outcome[0], BaseException):
         raise outcome[0]
+    return outcome[0]
+
+
+def download(remote: Remote, partial: Path, cancelled: threading.Event, progress: Callable[[int], None],
+             check_head: Callable[[bytes], None]) -> None:
+    """The file's bytes into ``partial``, from where an earlier pull left off (cancellable)."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    cancellable(lambda: _transfer(remote, partial, cancelled, progress, check_head), cancelled)
 
 
 def _transfer(remote: Remote, partial: Path, cancelled: threading.Event, progress: Callable[[int], None],
