@@ -200,6 +200,7 @@ def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, fake_runtim
     good = tiny["q8"]
     hub.add("rk/mixed", {"notes.txt": b"not a model\n" * 100, "fake.gguf": b"NOPE" + good[4:], "corrupt.gguf": good, "README.md": b"#\n"})
     hub.add("rk/docs", {"README.md": b"# only docs\n"})
+    hub.add("rk/evil", {"../../../escape.gguf": good})  # a hostile endpoint's names never become paths out of models_dir
     rkllm_body = MODEL_MAGIC + b"weights and NPU programs\x00\x01" * 64
     hub.add("rk/npu", {"qwen-w8a8-rk3576.rkllm": rkllm_body + b"rkllm-toolkit version: 1.2.1",
                        "qwen-w8a8-rk3588-old.rkllm": rkllm_body + b"rkllm-toolkit version: 1.0.1",
@@ -219,6 +220,7 @@ def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, fake_runtim
         not_model = refused("hf.co/rk/mixed/notes.txt")
         assert not_model.name == "model_file" and not_model.details == {"reason": "not_a_model_file"} and "is not a model file" in not_model.message
         assert refused("hf.co/rk/docs").details == {"reason": "not_a_model_file"}
+        assert refused("hf.co/rk/evil").details == {"reason": "not_a_model_file"}
         magic = refused("hf.co/rk/mixed/fake.gguf")
         assert magic.details == {"reason": "magic"} and "4e 4f 50 45, not the magic 47 47 55 46" in magic.message
         corrupt = refused("hf.co/rk/mixed/corrupt.gguf")

@@ -121,7 +121,8 @@ class _Pull:
             replacing.append(model.name)
         for stale in replacing:
             self.ctx.pool.unload(stale)  # loaded from the old bytes: once idle it goes, the next request loads the new file
-        log.info("pulled %s/%s (%s, %d bytes) as model %s", remote.repo_id, remote.file, remote.digest, remote.size, model.name)
+        log.info("pulled %s/%s (revision %s, commit %s; %s, %d bytes) as model %s", remote.repo_id, remote.file, remote.revision, remote.commit,
+                 remote.digest, remote.size, model.name)
         self._status("success")
         return {"model": model.name, "digest": remote.digest, "size": remote.size, "path": str(final)}
 

@@ -140,7 +140,8 @@ def resolve(source: Source, revision: str) -> Remote:
     return Remote(source.repo_id, file, revision, meta.commit_hash, size, sha, meta.location, headers, among)
 
 
-def _choose(source: Source, files: list[str]) -> tuple[str, int]:
+def _choose(source: Source, listed: list[str]) -> tuple[str, int]:
+    files = [f for f in listed if _relative(f)]  # a hub's names become paths under models_dir: none may leave it
     models = [f for f in files if f.lower().endswith(model_file.SUFFIXES)]
     if source.file is not None:
         if source.file not in files:
@@ -163,6 +164,11 @@ def _choose(source: Source, files: list[str]) -> tuple[str, int]:
         raise WireError(ErrorCode.INVALID_FIELD, f"{source.repo_id} has several model files; name one: "
                         + ", ".join(f"hf.co/{source.repo_id}/{f}" for f in models_found), field="source", files=models_found)
     return models_found[0], len(models)
+
+
+def _relative(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\\" not in name and "\0" not in name
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
