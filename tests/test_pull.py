@@ -248,6 +248,9 @@ def test_refusals_say_why_and_leave_no_model(make_daemon, hub, tiny, fake_runtim
         # The one converted for this platform by a toolkit the runtimes run is a model.
         assert client.pull("hf.co/rk/npu/qwen-w8a8-rk3588.rkllm", name="qwen").wait()["model"] == "qwen"
         assert models_of(client)["qwen"]["path"].endswith("rk/npu/qwen-w8a8-rk3588.rkllm")
+        # ... which the NPU backend (the fake vendor runtime) loads and runs by its name.
+        npu = client.generate("Hello there", model="qwen", max_tokens=4).wait()
+        assert npu.stats["completion_tokens"] >= 1 and next(m for m in client.models()["loaded"] if m["name"] == "qwen")["backend"] == "rkllm"
         assert client.generate("still serving", max_tokens=2).wait().stats["completion_tokens"] == 2
     # On the wire, each message of a pull's stream has exactly the keys the schema gives it.
     peer = RawPeer(proc.socket)
