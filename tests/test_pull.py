@@ -345,3 +345,26 @@ def test_rkllmd_check_warns_when_the_daemon_user_cannot_write_the_models_folder(
             "fix": f"chown nobody {models}, or set daemon.models_dir"} in report["warnings"]
     mine = as_json(rkllmd_check("--backend", "cpu", "--json", folder=tmp_path, env={"RKLLMD_MODELS_DIR": str(models)}))
     assert mine["caches"]["models"]["writable"] is True
+
+
+def test_pulls_run_one_at_a_time_and_at_most_sixteen_wait(make_daemon, hub, smol, tiny) -> None:
+    from rkllmd.commands.pull import MAX_PULLS
+
+    hub.add("rk/smol", {"smol.gguf": smol})
+    hub.add("rk/tiny", {"tiny.gguf": tiny["q8"]})
+    hub.hold_at[hashlib.sha256(smol).hexdigest()] = 25 << 20
+    proc = make_daemon(env=hub_env(hub))
+    with proc.client() as client:
+        first = client.pull("hf.co/rk/smol")
+        events = iter(first)
+        poll(lambda: next(events).completed == 20 << 20, 60, "the first pull downloading")
+        waiting = [client.pull("hf.co/rk/tiny") for _ in range(MAX_PULLS - 1)]
+        with pytest.raises(DaemonError) as full:
+            client.pull("hf.co/rk/tiny").wait()
+        assert full.value.name == "queue_full"
+        assert hub.seen("/api/models/rk/tiny") == []  # the others wait for the first: nothing fetched yet
+        assert waiting[0].cancel()["finish_reason"] == "cancelled"  # a waiting pull is cancelled at once
+        hub.released.set()
+        assert first.wait()["finish_reason"] == "success"
+        assert {p.wait()["model"] for p in waiting[1:]} == {"hf.co/rk/tiny"}
+        assert len(hub.seen("/cdn/")) == 2  # the tiny file once; the later pulls found it there

@@ -28,6 +28,9 @@ OP = "pull"
 log = logging.getLogger(__name__)
 
 _ONE_AT_A_TIME = threading.Lock()
+#: Pulls running or waiting at most (each waits on a thread of its own); more are ``queue_full``.
+MAX_PULLS = 16
+_pulls = threading.BoundedSemaphore(MAX_PULLS)
 #: A refused file's bytes are removed: the next pull must not resume on them.
 _DISCARD = ("magic", "sha256", "toolkit")
 
@@ -38,6 +41,8 @@ def execute(ctx: Context, request: Request) -> None:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
     source = hub.parse_source(args["source"])
     name = ctx.registry.check_pullable(args["name"]) if args["name"] is not None else None
+    if not _pulls.acquire(blocking=False):
+        raise WireError(ErrorCode.QUEUE_FULL, f"{MAX_PULLS} pulls are already running or waiting")
     stream = Generation(identity=request.identity, request_id=request.id, params=SamplingParams(), cache=None, use_cache=False,
                         received=time.monotonic(), client=request.client)
     job = _Pull(ctx, stream, source, name, args["revision"] or "main")
@@ -77,6 +82,8 @@ class _Pull:
         except Exception:  # the thread must answer whatever happens
             log.exception("pull of %s failed", self.source.repo_id)
             self._send("error", error=WireError(ErrorCode.INTERNAL, "internal error while pulling").to_wire())
+        finally:
+            _pulls.release()
 
     def _pull(self) -> dict[str, Any]:
         config = self.ctx.config
