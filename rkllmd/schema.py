@@ -269,7 +269,7 @@ ERRORS: dict[ErrorCode, str] = {
     ErrorCode.TOO_LARGE: "message over 1 MiB, or prompt over `daemon.max_prompt_chars`",
     ErrorCode.DUPLICATE_ID: "this client already has a running request with this id",
     ErrorCode.INVALID_NAME: "a cache name was refused",
-    ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting",
+    ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting (or 16 pulls running and waiting)",
     ErrorCode.NOT_FOUND: "no such cache, no such running request, or no such model (`details.model`)",
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping; queued generations end with this",
     ErrorCode.TIMEOUT: "`cache.wait` ran out of time",
