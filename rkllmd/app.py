@@ -44,8 +44,10 @@ LOAD_EXTENSION_S = 60.0
 def apply_log_level(config: Config) -> None:
     level = getattr(logging, config.daemon.log_level.upper())
     logging.getLogger().setLevel(level)
-    # watchdog logs every inotify event at debug level: noise, not our daemon's story.
+    # watchdog logs every inotify event at debug level, httpcore2 (a pull's HTTP) every step
+    # of every request: noise, not our daemon's story.
     logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
+    logging.getLogger("httpcore2").setLevel(max(level, logging.INFO))
 
 
 def artifact_kinds(config: Config) -> list[Kind]:
@@ -213,6 +215,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         backend_reason=reason,
         registry=registry,
         pool=pool,
+        outbox=outbox,
     )
     daemon = Daemon(ctx, endpoint, connections, outbox, notifier)
     daemon.reload_handler = lambda: _reload(daemon, reload_config)

@@ -62,6 +62,7 @@ class DaemonConfig:
     models_memory_mb: int = setting(0, "MiB the loaded models may take together (the CPU backend's weights as float32 plus a context of KV cache; a .rkllm file's size on the NPU); 0: no bound (only max_loaded_models)", low=0, high=1 << 30)
     keep_alive: str = setting("-1", "how long a model other than the default stays loaded once idle: Ollama's keep_alive (5m, 1h, 0: unload at once, negative: until the daemon stops); a request's keep_alive overrides it")
     models_file: str = setting("", "where models created at run time are kept (models.json); empty: models.json in the text cache folder")
+    models_dir: str = setting("", "where pulled models' files are kept (OWNER/REPO/FILE, partial downloads in .partial/); empty: models/ in the text cache folder")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class RkllmConfig:
     library: str = setting("", "path to librkllmrt.so; empty: the usual install locations")
     runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
     model: str = setting("", ".rkllm model file for the NPU backend")
+    platform: str = setting("", "the SoC the NPU's models must be converted for (rk3588, rk3576, ...): a pulled .rkllm for another is refused; empty: the board's, from the device tree")
     template: str = setting("qwen2.5-instruct", "chat template the daemon renders: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json")
     tokenizer: str = setting("", "the model's tokenizer.json (Hugging Face; needs the npu extra): exact token counts, and the daemon's own sampling from the runtime's logits (constrained output, logprobs); empty: a prompt's tokens are bounded by its UTF-8 bytes + 2, so a prompt gets at most context_length - 3 bytes (room left for a token), and neither constrained output nor logprobs is offered")
     max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)

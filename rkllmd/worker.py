@@ -253,6 +253,7 @@ class ModelWorker:
         self._prompt_jobs: deque[Generation | _PromptJob] = deque()  # for the prompt thread, in order
         self._embeds: deque[EmbedJob] = deque()  # prepared, for the worker, in order
         self._embedding: EmbedJob | None = None  # the one under way
+        self._embeds_preparing = 0  # on the prompt thread, not yet in _embeds
         self._turns = itertools.count()
         self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last admitted
         self._accepting = True
@@ -312,10 +313,13 @@ class ModelWorker:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             if len(self._embeds) + len(self._waiting) >= self.max_queue:
                 raise WireError(ErrorCode.QUEUE_FULL, f"{len(self._embeds) + len(self._waiting)} requests are waiting; the limit is {self.max_queue}")
+            self._embeds_preparing += 1
         prepared = self.with_prompts(lambda backend: self._prepare_embed(job, backend))
 
         def failed(done: Future) -> None:
-            if done.cancelled():
+            if done.cancelled():  # never ran
+                with self._cond:
+                    self._embeds_preparing -= 1
                 job.future.cancel()
             elif done.exception() is not None:
                 job.future.set_exception(self._embed_error(done.exception()))
@@ -371,6 +375,7 @@ class ModelWorker:
                 "queued": len(self._waiting),
                 "builds_queued": len(self._builds),
                 "building": building,
+                "embeds": self._embeds_preparing + len(self._embeds) + (self._embedding is not None),
             }
 
     def requests(self) -> dict[str, list[dict[str, Any]]]:
@@ -809,8 +814,14 @@ class ModelWorker:
     def _prepare_embed(self, job: EmbedJob, backend: Backend) -> None:
         """Prompt thread: tokenize ``job``'s texts for ``backend``, cut them to its context (or
         refuse them: ``context_overflow``), check token ids; then queue it for the worker."""
-        job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+        try:
+            job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+        except BaseException:
+            with self._cond:
+                self._embeds_preparing -= 1
+            raise
         with self._cond:
+            self._embeds_preparing -= 1
             if not self._accepting:
                 job.future.cancel()
                 return

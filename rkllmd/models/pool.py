@@ -62,7 +62,7 @@ class LoadedModel:
 
     def busy(self) -> bool:
         activity = self.worker.activity()
-        return bool(activity["running"] or activity["queued"] or activity["builds_queued"])
+        return bool(activity["running"] or activity["queued"] or activity["builds_queued"] or activity["embeds"])
 
     def public(self, now_wall: float, now: float) -> dict[str, Any]:
         describe = self.backend.describe()
@@ -167,8 +167,8 @@ class ModelPool:
                 if keep_alive != "default":
                     load.keep_alive = keep_alive  # type: ignore[assignment]
                 return
+            model.worker.embed(job)  # before its keep_alive may run out: it is busy from now
             self._touch(model, keep_alive)
-        model.worker.embed(job)
 
     def load(self, weights: Model, keep_alive: float | None | str = "default") -> None:
         """Load ``weights`` without a request (Ollama's empty prompt), or refresh its keep_alive."""
