@@ -7,6 +7,11 @@ parsed as the daemon would parse it. The daemon runs the same checks at start (w
 parse: it loads the tokenizer next) and logs the report (``log_report``), so the journal of
 a failed start says what a board owner would have seen.
 
+Every configured model is listed (``models``: the default and each ``[models.NAME]``): its
+file, its kind, what the file says about itself and, for a ``.rkllm``, whether the platform
+its name names is this board's. A ``[models.NAME]`` whose file is missing, unreadable or not
+a model is a problem: the daemon starts, but every request for that model would fail.
+
 Each finding is a ``Finding`` with its fix: a *problem* stops the daemon from starting
 (``rkllmd check`` exits 1), a *warning* does not. Access is judged for the account the
 daemon runs as (the unit's ``User=rkllmd`` with its groups, when that account exists;
@@ -33,6 +38,7 @@ from .backends import pick
 from .backends.base import BackendError
 from .backends.cpu import kernels
 from .backends.cpu.backend import bundled_model_path
+from .backends.cpu.gguf import GGUFFile
 from .backends.cpu.weights_file import SUFFIX as WEIGHTS_SUFFIX
 from .backends.rkllm import devices
 from .backends.rkllm.backend import BOUND_EXTRA, MODEL_MAGIC, MODEL_SUFFIX, load_tokenizer
@@ -250,6 +256,7 @@ class _Checker:
         sections["rkllm"] = self.rkllm(fatal=kind == "rkllm") if kind == "rkllm" or (
             wanted == "auto" and npu_configured) else None
         sections["cpu"] = self.cpu() if kind == "cpu" else None
+        sections["models"] = self.models(kind, sections["rkllm"])
         sections["socket"] = self.socket()
         sections["caches"] = self.caches()
         return self.report
@@ -337,8 +344,11 @@ class _Checker:
         if not value:
             problem("no .rkllm model configured", "set [rkllm] model = \"/path/to/model.rkllm\" (or RKLLMD_RKLLM_MODEL)")
             return {"path": None}
-        path = Path(value).expanduser()
-        out = self.file_facts(path, problem, "[rkllm] model")
+        return self.rkllm_file(Path(value).expanduser(), problem, runtime, board, "[rkllm] model")
+
+    def rkllm_file(self, path: Path, problem, runtime: str | None, board: str | None, key: str) -> dict[str, Any]:
+        """A .rkllm file: readable, its magic, the toolkit it ends with, the platform its name names."""
+        out = self.file_facts(path, problem, key)
         if out.get("readable"):
             with open(path, "rb") as f:
                 head = f.read(len(MODEL_MAGIC))
@@ -348,13 +358,99 @@ class _Checker:
             if head != MODEL_MAGIC:
                 problem(f"{path} is not a converted .rkllm model: {out['magic']} (the runtime would say "
                         "\"invalid rknn llm model magic\")",
-                        "convert the model with rkllm-toolkit for this SoC, or point [rkllm] model at the .rkllm file")
+                        f"convert the model with rkllm-toolkit for this SoC, or point {key} at the .rkllm file")
             else:
                 self.toolkit(out, tail, runtime)
         if path.suffix.lower() != MODEL_SUFFIX:
-            problem(f"model {path} is not an {MODEL_SUFFIX} file", "point [rkllm] model at the .rkllm file")
+            problem(f"model {path} is not an {MODEL_SUFFIX} file", f"point {key} at the .rkllm file")
         self.named_platform(out, path, board)
         return out
+
+    def gguf_file(self, path: Path, problem, key: str) -> dict[str, Any]:
+        """A .gguf file: readable, its magic, the architecture and name its metadata gives."""
+        out = self.file_facts(path, problem, key)
+        if out.get("readable"):
+            with open(path, "rb") as f:
+                head = f.read(4)
+            out["magic"] = "ok" if head == b"GGUF" else _what_is(head)
+            if head != b"GGUF":
+                problem(f"{path} is not a GGUF file: {out['magic']}", f"point {key} at a GGUF file (a llama-architecture model)")
+                return out
+            try:
+                gguf = GGUFFile(path)
+            except (ValueError, OSError, IndexError) as exc:
+                problem(f"{path} cannot be parsed as GGUF: {exc}", f"point {key} at a complete GGUF file")
+                return out
+            try:
+                out["architecture"] = gguf.metadata.get("general.architecture")
+                out["model_name"] = gguf.metadata.get("general.name")
+            finally:
+                gguf.close()
+        return out
+
+    # -- every configured model
+    def models(self, kind: str | None, npu: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The default model and each [models.NAME]: file, kind and what the file says. The
+        default's problems are its backend section's; the others' are said here, per name."""
+        board = npu["board"] if npu else devices.board_soc(self.sysfs)
+        runtime = npu["release"] if npu else None
+        listed: list[dict[str, Any]] = []
+        default_path = (self.config["rkllm.model"] if kind == "rkllm" else self.config["model.path"] or bundled_model_path()) or None
+        default_name = self.config["model.name"] or "default"
+        entries: list[tuple[str, Any, dict[str, Any]]] = [(default_name, default_path, {})]
+        entries += [(name, keys.get("path"), keys) for name, keys in self.config.models.items()]
+        sizes: dict[str, int] = {}
+        for name, value, keys in entries:
+            default = not keys
+            facts: dict[str, Any] = {"name": name, "default": default}
+            if value is None and keys.get("from"):
+                facts.update(kind="derived", **{"from": keys["from"]}, weights=self._root(keys["from"]))
+                listed.append(facts)
+                continue
+            if value is None:
+                facts.update(kind=None, path=None)
+                listed.append(facts)
+                continue
+            path = Path(str(value)).expanduser()
+            model_kind = "rkllm" if path.suffix.lower() == MODEL_SUFFIX else "gguf"
+            key = ("[rkllm] model" if kind == "rkllm" else "[model] path") if default else f"[models.{name}] path"
+            report = self.report
+            before = (len(report.problems), len(report.warnings))
+
+            def problem(what: str, fix: str, name: str = name) -> None:
+                self.problem(f"model {name}: {what}", fix)
+
+            facts["kind"] = model_kind
+            facts.update(self.rkllm_file(path, problem, runtime, board, key) if model_kind == "rkllm" else self.gguf_file(path, problem, key))
+            if default:  # already judged in its backend's section: facts only here
+                del report.problems[before[0]:], report.warnings[before[1]:]
+                if not self.config["model.name"]:  # named as the daemon names it (app.default_name)
+                    stem = re.sub(r"\.(Q\d\w*|F16|F32|BF16)$", "", path.stem, flags=re.IGNORECASE)  # as the backends' describe()
+                    facts["name"] = default_name = "-".join(stem.lower().split())
+            if model_kind == "rkllm":
+                named = facts.get("platform_in_name")
+                facts["board"] = board
+                facts["platform_matches"] = None if named is None or board is None else named == board
+            sizes[name] = facts.get("size_bytes") or 0
+            listed.append(facts)
+        self.budget(default_name, sizes)
+        return listed
+
+    def _root(self, name: str) -> str:
+        """The model whose weights a chain of ``from`` ends at (as the registry resolves it)."""
+        seen = 0
+        while name in self.config.models and self.config.models[name].get("from") and seen < 64:
+            name, seen = self.config.models[name]["from"], seen + 1
+        return name
+
+    def budget(self, default: str, sizes: dict[str, int]) -> None:
+        """A model that can never load beside the default within daemon.models_memory_mb."""
+        budget = self.config["daemon.models_memory_mb"] << 20
+        for name, size in sizes.items():
+            if budget and name != default and size + sizes.get(default, 0) > budget:
+                self.problem(f"model {name} ({_size(size)}) cannot load beside the default model ({_size(sizes.get(default, 0))}) "
+                             f"within daemon.models_memory_mb = {budget >> 20}: every request for it fails",
+                             "raise daemon.models_memory_mb, or use a smaller model", fatal=False)
 
     def npu_tokenizer(self, problem) -> dict[str, Any]:
         """``[rkllm] tokenizer``: the file, and whether it loads as the daemon loads it (a start
