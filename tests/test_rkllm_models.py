@@ -26,10 +26,10 @@ from fake_rkllm.build import MODEL_MAGIC, write_model
 
 from conftest import ROOT, DaemonProcess
 from rkllmctl.errors import DaemonError
-from rkllmd.backends.base import SamplingParams
 from rkllmd.backends.rkllm.backend import RkllmBackend
 from rkllmd.backends.rkllm.library import RkllmStartupError
 from rkllmd.backends.rkllm.runtime import RkllmRuntime
+from rkllmd.sampling import SamplingParams
 
 MIB = 1 << 20
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
