@@ -86,7 +86,8 @@ def configured_models(config: Config) -> dict[str, Model]:
     return {
         name: Model(name, path=str(Path(keys["path"]).expanduser()) if "path" in keys else "", template=keys.get("template", ""),
                     system=keys.get("system"), parameters=keys.get("parameters", {}), base=keys.get("from"),
-                    embedding_only=keys.get("embedding_only", False))
+                    embedding_only=keys.get("embedding_only", False),
+                    tokenizer=str(Path(keys["tokenizer"]).expanduser()) if "tokenizer" in keys else "")
         for name, keys in config.models.items()
     }
 
@@ -97,10 +98,13 @@ def models_file(config: Config) -> Path:
 
 def config_for(config: Config, model: Model) -> Config:
     """The configuration that loads ``model``'s weights file with the default model's
-    other settings: a .rkllm file on the NPU, a .gguf file on the CPU backend."""
+    other settings: a .rkllm file on the NPU, a .gguf file on the CPU backend. A .rkllm
+    model's tokenizer is its own (``[models.NAME] tokenizer``), never the default model's:
+    without one its token counts are bounded (docs/npu.md, "The context")."""
     if model.path.endswith(".rkllm"):
         return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="rkllm"),
-                                   rkllm=dataclasses.replace(config.rkllm, model=model.path, template=model.template or config.rkllm.template),
+                                   rkllm=dataclasses.replace(config.rkllm, model=model.path, template=model.template or config.rkllm.template,
+                                                             tokenizer=model.tokenizer),
                                    model=dataclasses.replace(config.model, embedding_only=model.embedding_only))
     return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="cpu"),
                                model=dataclasses.replace(config.model, path=model.path, chat_template=model.template, embedding_only=model.embedding_only))

@@ -87,6 +87,8 @@ class Report:
     sections: dict[str, Any] = field(default_factory=dict)
     problems: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    #: Models other than the default that cannot load, with how many of the problems are theirs.
+    unloadable: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -94,7 +96,15 @@ class Report:
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, **self.sections, "problems": [asdict(p) for p in self.problems],
-                "warnings": [asdict(w) for w in self.warnings]}
+                "warnings": [asdict(w) for w in self.warnings], "unloadable_models": sorted(self.unloadable)}
+
+    def verdict(self) -> str:
+        if self.ok:
+            return "ok: rkllmd would start"
+        count = f"{len(self.problems)} problem{'s' * (len(self.problems) != 1)}"
+        if sum(self.unloadable.values()) == len(self.problems):
+            return f"NOT OK: rkllmd would start, but requests for {', '.join(sorted(self.unloadable))} would fail ({count})"
+        return f"NOT OK: rkllmd would not start ({count})"
 
     def text(self) -> str:
         lines: list[str] = []
@@ -106,8 +116,7 @@ class Report:
                 lines.append(f"{title} ({len(findings)}):")
                 for f in findings:
                     lines += [f"  - {f.what}", f"    fix: {f.fix}"]
-        lines.append("ok: rkllmd would start" if self.ok else
-                     f"NOT OK: rkllmd would not start ({len(self.problems)} problem{'s' * (len(self.problems) != 1)})")
+        lines.append(self.verdict())
         return "\n".join(lines)
 
 
@@ -238,8 +247,11 @@ class _Checker:
         self.dev, self.sysfs, self.proc = dev, sysfs, proc
         self.report = Report()
 
-    def problem(self, what: str, fix: str, *, fatal: bool = True) -> None:
+    def problem(self, what: str, fix: str, *, fatal: bool = True, models: tuple[str, ...] = ()) -> None:
+        """A finding; ``models``: the configured models (not the default) it keeps from loading."""
         (self.report.problems if fatal else self.report.warnings).append(Finding(what, fix))
+        for name in models if fatal else ():
+            self.report.unloadable[name] = self.report.unloadable.get(name, 0) + (name == models[0])
 
     def run(self) -> Report:
         sections = self.report.sections
@@ -256,19 +268,27 @@ class _Checker:
         sections["rkllm"] = self.rkllm(fatal=kind == "rkllm") if kind == "rkllm" or (
             wanted == "auto" and npu_configured) else None
         sections["cpu"] = self.cpu() if kind == "cpu" else None
+        npu_models = tuple(n for n, keys in self.config.models.items() if str(keys.get("path", "")).endswith(MODEL_SUFFIX))
+        if sections["rkllm"] is None and npu_models:  # the default runs on the CPU, these on the NPU
+            sections["rkllm"] = self.rkllm(fatal=True, for_models=npu_models)
         sections["models"] = self.models(kind, sections["rkllm"])
         sections["socket"] = self.socket()
         sections["caches"] = self.caches()
         return self.report
 
     # -- NPU
-    def rkllm(self, fatal: bool) -> dict[str, Any]:
-        """The NPU's needs. With ``fatal`` False (auto chose the CPU) its problems are warnings."""
+    def rkllm(self, fatal: bool, for_models: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The NPU's needs. With ``fatal`` False (auto chose the CPU) its problems are warnings.
+        ``for_models``: the default model runs on the CPU, but these [models.NAME] are .rkllm
+        files: the library, devices and driver are checked for them (the default's model,
+        tokenizer and memory are not the NPU's)."""
         out: dict[str, Any] = {"library": None, "release": None, "release_text": None, "interface": None}
         prefix = "" if fatal else "the NPU backend is not used: "
+        if for_models:
+            prefix = f"model{'s' * (len(for_models) > 1)} {', '.join(for_models)} (.rkllm): "
 
         def problem(what: str, fix: str) -> None:
-            self.problem(prefix + what, fix, fatal=fatal)
+            self.problem(prefix + what, fix, fatal=fatal, models=for_models)
 
         library = Path(self.config["rkllm.library"]).expanduser() if self.config["rkllm.library"] else None
         try:
@@ -281,11 +301,13 @@ class _Checker:
             out["library"] = str(path)
             self.library(path, out, problem)
         out["board"] = devices.board_soc(self.sysfs)
-        out["model"] = self.npu_model(problem, out["release"], out["board"])
-        out["tokenizer"] = self.npu_tokenizer(problem)
+        if not for_models:
+            out["model"] = self.npu_model(problem, out["release"], out["board"])
+            out["tokenizer"] = self.npu_tokenizer(problem)
         out["devices"] = self.npu_devices(problem)
         out["driver"] = self.npu_driver(problem)
-        out["memory"] = self.memory(out["model"].get("size_bytes"), problem)
+        if not for_models:
+            out["memory"] = self.memory(out["model"].get("size_bytes"), problem)
         return out
 
     def npu_driver(self, problem) -> dict[str, Any]:
@@ -418,7 +440,7 @@ class _Checker:
             before = (len(report.problems), len(report.warnings))
 
             def problem(what: str, fix: str, name: str = name) -> None:
-                self.problem(f"model {name}: {what}", fix)
+                self.problem(f"model {name}: {what}", fix, models=(name,))
 
             facts["kind"] = model_kind
             facts.update(self.rkllm_file(path, problem, runtime, board, key) if model_kind == "rkllm" else self.gguf_file(path, problem, key))
@@ -431,10 +453,28 @@ class _Checker:
                 named = facts.get("platform_in_name")
                 facts["board"] = board
                 facts["platform_matches"] = None if named is None or board is None else named == board
+                if not default:
+                    facts["tokenizer"] = self.model_tokenizer(keys.get("tokenizer"), problem, name)
             sizes[name] = facts.get("size_bytes") or 0
             listed.append(facts)
         self.budget(default_name, sizes)
         return listed
+
+    def model_tokenizer(self, value: str | None, problem, name: str) -> dict[str, Any]:
+        """A .rkllm [models.NAME]'s own tokenizer: its file, and whether it loads."""
+        if not value:
+            return {"path": None, "token_counts": f"bounded: UTF-8 bytes + {BOUND_EXTRA}"}
+        path = Path(value).expanduser()
+        out = self.file_facts(path, problem, f"[models.{name}] tokenizer", what="tokenizer file")
+        out["token_counts"] = "exact"
+        if self.parse and out.get("readable"):
+            try:
+                load_tokenizer(path)
+                out["loads"] = True
+            except RkllmStartupError as exc:
+                out["loads"] = False
+                problem(str(exc), f"point [models.{name}] tokenizer at the tokenizer.json of the model the .rkllm was converted from")
+        return out
 
     def _root(self, name: str) -> str:
         """The model whose weights a chain of ``from`` ends at (as the registry resolves it)."""
@@ -685,7 +725,8 @@ def log_report(report: Report) -> None:
 
 
 def main(config: Config, user: str | None, as_json: bool, root: Path = Path("/")) -> int:
-    """``rkllmd check``: the report on stdout; exit 0 when the daemon would start, else 1.
+    """``rkllmd check``: the report on stdout; exit 0 when the daemon would start and every
+    configured model could load, else 1.
     ``root``: where the kernel's dev/, sys/ and proc/ are looked up (a copy of a board's)."""
     try:
         account = daemon_account(user)

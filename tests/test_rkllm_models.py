@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fake_rkllm.build import MODEL_MAGIC, write_model
+from fake_rkllm.build import write_model, write_tokenizer
 
 from conftest import ROOT, DaemonProcess
 from rkllmctl.errors import DaemonError
@@ -146,12 +146,14 @@ def test_the_130_runtime_crashes_where_12x_returns_an_error(fake_runtime, tmp_pa
 class NpuModels(DaemonProcess):
     """``rkllmd`` on the fake 1.2 runtime: a default .rkllm model and [models.NAME] ones."""
 
-    def __init__(self, library: Path, models: dict[str, int], *, npu_mb: int, budget_mb: int = 0):
+    def __init__(self, library: Path, models: dict[str, int], *, npu_mb: int, budget_mb: int = 0, tokenizers: tuple[str, ...] = ()):
         folder = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
         self.calls_log = folder / "calls.log"
         self.files = {name: sparse_model(folder / f"{name}.rkllm", name, mib) for name, mib in models.items()}
         default, *others = self.files
-        tables = "".join(f'[models.{name}]\npath = "{self.files[name]}"\n' for name in others)
+        self.tokenizers = {name: write_tokenizer(folder / f"{name}.tokenizer.json") for name in tokenizers}
+        tables = "".join(f'[models.{name}]\npath = "{self.files[name]}"\n'
+                         + (f'tokenizer = "{self.tokenizers[name]}"\n' if name in self.tokenizers else "") for name in others)
         config = folder / "rkllmd.toml"
         config.write_text(f'[daemon]\nmodels_memory_mb = {budget_mb}\nmax_loaded_models = 8\n[model]\nname = "{default}"\n'
                           f'[rkllm]\nmodel = "{self.files[default]}"\n{tables}')
@@ -188,16 +190,23 @@ def loaded(client) -> list[str]:
     return sorted(m["name"] for m in client.models()["loaded"])
 
 
+def token_counts(client) -> dict[str, str]:
+    return {m["name"]: m["describe"]["token_counts"] for m in client.models()["loaded"]}
+
+
 def test_models_served_by_name_at_once_until_the_npu_memory_runs_out(npu_models):
     """Three 400 MiB models and 1000 MiB of NPU memory: two load beside each other (two
     handles), the third's rkllm_init fails; its requests end with ``backend`` in the runtime's
     words, and the two loaded models keep answering, each as its file says."""
-    proc = npu_models({"alpha": 400, "beta": 400, "gamma": 400}, npu_mb=1000)
+    proc = npu_models({"alpha": 400, "beta": 400, "gamma": 400}, npu_mb=1000, tokenizers=("beta",))
     with proc.client() as client:
         assert ask(client, "alpha", "hi") == "alpha: hi"
         assert ask(client, "beta", "hi") == "beta: hi"
         assert ask(client, "alpha", "again") == "alpha: again"  # the default: its own handle still
         assert loaded(client) == ["alpha", "beta"] and proc.handles() == 2
+        # Each model counts with its own tokenizer, never the default's.
+        assert token_counts(client) == {"alpha": "bounded: UTF-8 bytes + 2 (no [rkllm] tokenizer)",
+                                        "beta": f"exact (tokenizer {proc.tokenizers['beta']})"}
         with pytest.raises(DaemonError) as refused:
             ask(client, "gamma", "hi")
         assert refused.value.name == "backend"
@@ -233,15 +242,20 @@ def test_check_lists_every_configured_model(fake_runtime, tmp_path):
     models = {"alpha": sparse_model(tmp_path / "alpha_w8a8_rk3588.rkllm", "alpha", 2, footer),
               "beta": sparse_model(tmp_path / "beta_w8a8_rk3576.rkllm", "beta", 3, footer)}
     missing = tmp_path / "gone.rkllm"
+    tokenizer = write_tokenizer(tmp_path / "beta.tokenizer.json")
     config = tmp_path / "rkllmd.toml"
     config.write_text(f'[model]\nname = "alpha"\n[rkllm]\nmodel = "{models["alpha"]}"\n'
-                      f'[models.beta]\npath = "{models["beta"]}"\n[models.gone]\npath = "{missing}"\n'
+                      f'[models.beta]\npath = "{models["beta"]}"\ntokenizer = "{tokenizer}"\n[models.gone]\npath = "{missing}"\n'
                       '[models.terse]\nfrom = "beta"\nsystem = "Be terse."\n')
-    out = subprocess.run(
-        [sys.executable, "-m", "rkllmd", "check", "--json", "--config", str(config), "--backend", "rkllm",
-         "--socket", str(tmp_path / "run" / "s.sock"), "--cache-dir", str(tmp_path / "t"), "--binary-cache-dir", str(tmp_path / "b")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RKLLMD_RKLLM_LIBRARY": str(fake_runtime["1.2"])}, timeout=60,
-    )
+
+    def check(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "rkllmd", "check", *flags, "--config", str(config), "--backend", "rkllm",
+             "--socket", str(tmp_path / "run" / "s.sock"), "--cache-dir", str(tmp_path / "t"), "--binary-cache-dir", str(tmp_path / "b")],
+            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RKLLMD_RKLLM_LIBRARY": str(fake_runtime["1.2"])}, timeout=60,
+        )
+
+    out = check("--json")
     report = json.loads(out.stdout)
     listed = {m["name"]: m for m in report["models"]}
     assert sorted(listed) == ["alpha", "beta", "gone", "terse"]
@@ -249,10 +263,14 @@ def test_check_lists_every_configured_model(fake_runtime, tmp_path):
     assert (alpha["default"], alpha["kind"], alpha["path"], alpha["size_bytes"]) == (True, "rkllm", str(models["alpha"]), 2 * MIB)
     assert (alpha["readable"], alpha["magic"], alpha["toolkit"], alpha["platform_in_name"]) == (True, "ok", "1.2.1", "rk3588")
     assert (beta["default"], beta["kind"], beta["toolkit"], beta["platform_in_name"]) == (False, "rkllm", "1.2.1", "rk3576")
+    assert (beta["tokenizer"]["path"], beta["tokenizer"]["token_counts"], beta["tokenizer"]["loads"]) == (str(tokenizer), "exact", True)
     assert listed["gone"]["exists"] is False
     assert (listed["terse"]["kind"], listed["terse"]["from"], listed["terse"]["weights"]) == ("derived", "beta", "beta")
     assert f"model gone: model file {missing} does not exist" in [p["what"] for p in report["problems"]]
+    assert report["unloadable_models"] == ["gone"]
     assert out.returncode == 1
+    human = check()
+    assert human.returncode == 1 and "  - name: beta\n    default: False\n    kind: rkllm\n" in human.stdout
     board = report["rkllm"]["board"]
     # Whether the platform matches is known only where the board's SoC is (an rk3588 here: none).
     assert alpha["platform_matches"] == (None if board is None else board == "rk3588")

@@ -87,6 +87,8 @@ class Model:
     source: str = "config"  # "config" or "created"
     created_at: float = 0.0
     embedding_only: bool = False  # a [models.NAME] with its own weights that only embeds
+    #: A .rkllm model's tokenizer.json ([models.NAME] tokenizer; configured only, not on the wire).
+    tokenizer: str = ""
 
     def public(self) -> dict[str, Any]:
         return {
