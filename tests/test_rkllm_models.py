@@ -81,6 +81,35 @@ def test_two_handles_of_one_library_answer_each_as_its_model(fake_runtime, tmp_p
         for t in threads:
             t.join(60)
         assert answers == {n: f"{n}: " + f"hello from {n} " * 8 for n in ("alpha", "beta")}
+
+        # An abort reaches only its own handle: alpha's endless run is cut, beta's run beside it ends by itself.
+        pieces: list[str] = []
+        cut = threading.Event()
+
+        def endless_alpha() -> None:
+            def sink(piece: str) -> bool:
+                pieces.append(piece)
+                if len(pieces) == 5:
+                    cut.set()
+                return True
+
+            params = SamplingParams(temperature=0.0, max_tokens=4000)  # the runtime's limit (1024 tokens) is far
+            stats = alpha.generate(alpha.render([{"role": "user", "content": "[[fake:endless]] go"}]), params, None, sink, cancelled=stop)
+            answers["alpha-endless"] = stats.finish_reason
+
+        stop = threading.Event()
+        runner = threading.Thread(target=endless_alpha)
+        runner.start()
+        assert cut.wait(30)
+        before = len(calls(log, "rkllm_abort"))
+        stop.set()
+        alpha.interrupt(stop)
+        assert answer(beta, "on my own") == "beta: on my own"
+        runner.join(30)
+        assert answers["alpha-endless"] == "cancelled" and len(calls(log, "rkllm_abort")) > before
+        # alpha's run ended by our pause or the abort, whichever the runtime saw first; beta's by itself.
+        ends = sorted(c["reason"] for c in calls(log, "rkllm_run_end")[-2:])
+        assert ends in (["abort", "eos"], ["eos", "pause"])
     finally:
         beta.close()
         alpha.close()

@@ -14,6 +14,7 @@ unkept. One capture at a time (a process has one fd 2); the daemon loads models 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -45,6 +46,7 @@ while True:
                 break
 """
 _one_at_a_time = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 class Capture:
@@ -65,11 +67,18 @@ def captured() -> Iterator[Capture]:
     with _one_at_a_time, tempfile.TemporaryFile() as kept:
         sys.stderr.flush()
         read_end, write_end = os.pipe()
+        copier: subprocess.Popen | None = None
         try:
             copier = subprocess.Popen([sys.executable, "-I", "-S", "-c", COPIER, str(kept.fileno())], stdin=read_end,
                                       stdout=2, pass_fds=(kept.fileno(),))
+        except OSError as exc:  # the call runs all the same, its words only in the journal
+            log.warning("cannot keep the runtime's log lines (no copier process: %s)", exc)
         finally:
             os.close(read_end)
+        if copier is None:
+            os.close(write_end)
+            yield capture
+            return
         original = os.dup(2)
         os.dup2(write_end, 2)
         os.close(write_end)
