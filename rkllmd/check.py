@@ -458,6 +458,13 @@ class _Checker:
             sizes[name] = facts.get("size_bytes") or 0
             listed.append(facts)
         self.budget(default_name, sizes)
+        npu_files = [m["name"] for m in listed if m.get("kind") == "rkllm"]
+        if runtime == "1.3.0" and len(npu_files) > 1 and not self.config["daemon.models_memory_mb"]:
+            self.problem(f"runtime 1.3.0 crashes (a segmentation fault, rknn-llm #522) when a second rkllm_init finds the NPU's "
+                         f"memory full, instead of failing as 1.2.x does; {', '.join(npu_files)} are .rkllm models and "
+                         "daemon.models_memory_mb is 0 (no bound)",
+                         "set daemon.models_memory_mb to what the NPU holds (the daemon then unloads idle models first), "
+                         "or run release 1.2.3", fatal=False)
         return listed
 
     def model_tokenizer(self, value: str | None, problem, name: str) -> dict[str, Any]:

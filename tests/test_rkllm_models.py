@@ -301,6 +301,14 @@ def test_check_lists_every_configured_model(fake_runtime, tmp_path):
     assert out.returncode == 1
     human = check()
     assert human.returncode == 1 and "  - name: beta\n    default: False\n    kind: rkllm\n" in human.stdout
+    assert not any("rknn-llm #522" in w["what"] for w in report["warnings"])  # 1.2.3 fails cleanly
+    # On 1.3.0 two .rkllm models without daemon.models_memory_mb: a second init may crash the process.
+    on_130 = subprocess.run(
+        [sys.executable, "-m", "rkllmd", "check", "--json", "--config", str(config), "--backend", "rkllm", "--socket",
+         str(tmp_path / "run" / "s.sock"), "--cache-dir", str(tmp_path / "t"), "--binary-cache-dir", str(tmp_path / "b")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RKLLMD_RKLLM_LIBRARY": str(fake_runtime["1.3"])}, timeout=60)
+    [crash] = [w for w in json.loads(on_130.stdout)["warnings"] if "rknn-llm #522" in w["what"]]
+    assert "alpha, beta" in crash["what"] and "daemon.models_memory_mb" in crash["fix"]
     board = report["rkllm"]["board"]
     # Whether the platform matches is known only where the board's SoC is (an rk3588 here: none).
     assert alpha["platform_matches"] == (None if board is None else board == "rk3588")
