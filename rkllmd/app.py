@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .backends import choose
+from .backends import choose, memory_estimate
 from .protocol import WireError
 from .backends.base import Backend, BackendError
 from .backends.cpu import kernels, weights_file
@@ -31,7 +31,7 @@ from .server import Daemon
 from .service import ServiceNotifier, enable_faulthandler
 from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dirs
 from .models import keep_alive
-from .models.pool import LoadedModel, ModelPool, file_size
+from .models.pool import LoadedModel, ModelPool
 from .models.registry import Model, Registry
 from .worker import ModelWorker
 
@@ -156,9 +156,9 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
     store = ArtifactStore(artifact_kinds(config), config.store)
 
-    def serve(backend: Backend, reason: str, name: str, current: Config) -> LoadedModel:
+    def serve(backend: Backend, reason: str, name: str, current: Config, size: int) -> LoadedModel:
         """A loaded backend with its worker and prompt caches (text caches shared by name,
-        binary caches under the backend's identity)."""
+        binary caches under the backend's identity); ``size``: what the memory budget counts."""
         worker = ModelWorker(backend, outbox, current.daemon)
 
         def cache_changed(name: str) -> None:
@@ -178,14 +178,15 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         )
         worker.caches = caches
         waiters = CacheWaiters(caches)
-        return LoadedModel(name, worker, caches, waiters, reason, file_size(backend.describe().get("path") or ""))
+        return LoadedModel(name, worker, caches, waiters, reason, size)
 
     def open_model(model: Model) -> LoadedModel:
         """Load another weights file (on the pool's loader thread) and serve it."""
         current = ctx.config
-        backend, reason = choose(config_for(current, model), weights_dir=weights_dir(current), kernels_dir=kernels_dir(current))
+        its = config_for(current, model)
+        backend, reason = choose(its, weights_dir=weights_dir(current), kernels_dir=kernels_dir(current))
         backend.load()
-        loaded = serve(backend, reason, model.name, current)
+        loaded = serve(backend, reason, model.name, current, memory_estimate(its))
         loaded.caches.scan()
         loaded.worker.start()
         return loaded
@@ -197,10 +198,11 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     except WireError as exc:
         log.error("configuration: [models]: %s", exc)
         return 2
-    default = serve(backend, reason, registry.default, config)
+    default = serve(backend, reason, registry.default, config, memory_estimate(config))
     worker, caches = default.worker, default.caches
     pool = ModelPool(open_model, outbox, max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
-                     keep_alive=keep_alive.seconds(config.daemon.keep_alive), file_size=lambda m: file_size(m.path))
+                     keep_alive=keep_alive.seconds(config.daemon.keep_alive),
+                     memory_needed=lambda m: memory_estimate(config_for(ctx.config, m)))
     connections = Connections(endpoint.path, outbox, pool, config.daemon)
     ctx = Context(
         config=config,

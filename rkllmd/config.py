@@ -59,7 +59,7 @@ class DaemonConfig:
         high=3_600_000,
     )
     max_loaded_models: int = setting(3, "models (weights files) loaded at once; loading another unloads the least recently used idle one (the default model stays)", low=1, high=64)
-    models_memory_mb: int = setting(0, "MiB the loaded models' weights files may take together; 0: no bound (only max_loaded_models)", low=0, high=1 << 30)
+    models_memory_mb: int = setting(0, "MiB the loaded models may take together (the CPU backend's weights as float32 plus a context of KV cache; a .rkllm file's size on the NPU); 0: no bound (only max_loaded_models)", low=0, high=1 << 30)
     keep_alive: str = setting("-1", "how long a model other than the default stays loaded once idle: Ollama's keep_alive (5m, 1h, 0: unload at once, negative: until the daemon stops); a request's keep_alive overrides it")
     models_file: str = setting("", "where models created at run time are kept (models.json); empty: models.json in the text cache folder")
 

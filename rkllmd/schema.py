@@ -130,7 +130,7 @@ STATS = ("prompt_tokens", "cached_tokens", "cache_source", "completion_tokens", 
 #: ``requests`` and ``build`` since 1.3 (see docs/protocol.md, status).
 STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store", "requests", "build", "models")
 #: A model as ``models`` lists it and ``create``/``copy``/``delete`` return it (since 1.8).
-MODEL = ("name", "path", "template", "system", "parameters", "base", "source", "created_at", "default", "weights", "loaded")
+MODEL = ("name", "path", "template", "system", "parameters", "base", "source", "created_at", "embedding_only", "default", "weights", "loaded")
 _MODEL = Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out)", default_doc="the default model", since=8)
 #: Binary caches belong to a model; the text caches are shared by name.
 _CACHE_MODEL = Field("model", "str", "whose binary caches: a loaded model (one not loaded is `not_found`, `details.loaded` false)",

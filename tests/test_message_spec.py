@@ -10,7 +10,7 @@ import msgpack
 
 from conftest import DaemonProcess
 from reliability import RawPeer
-from rkllmd.schema import ENTRY, OPERATIONS, PROTOCOL, STATS, STATUS, STREAM, STREAM_OPTIONAL
+from rkllmd.schema import ENTRY, MODEL, OPERATIONS, PROTOCOL, STATS, STATUS, STREAM, STREAM_OPTIONAL
 
 ENVELOPE = {"v", "id", "type"}
 
@@ -101,6 +101,20 @@ def test_every_reply_of_every_operation_matches_the_schema(daemon: DaemonProcess
 
         messages = spec.stream(spec.send("generate", messages=[{"role": "user", "content": "Count to one hundred."}], max_tokens=200), cancel=True)
         assert messages[-1]["type"] == "done" and messages[-1]["finish_reason"] in ("cancelled", "length", "stop")
+
+        embedded = spec.result("embed", input=["Say hi.", "Say bye."])
+        assert embedded["dimensions"] == 576 and [len(e) for e in embedded["embeddings"]] == [576 * 4] * 2  # float32 bins
+
+        model = f"spec-model-{os.getpid()}"
+        listing = spec.result("models")
+        assert all(set(entry) == set(MODEL) for entry in listing["models"]) and listing["loaded"], listing
+        default = listing["default"]
+        assert set(spec.result("create", name=model, **{"from": default}, system="You are terse.")) == set(MODEL)
+        assert set(spec.result("copy", source=model, destination=model + "-copy")) == set(MODEL)
+        assert spec.result("load", model=model) == {"model": model, "loaded": True}
+        for removed in (model + "-copy", model):
+            assert set(spec.result("delete", name=removed)) == set(MODEL)
+        assert spec.error("delete", name=model)["name"] == "not_found"
 
         rendered = spec.result("render", messages=[{"role": "user", "content": "Say hi."}])
         assert rendered["text"].endswith("<|im_start|>assistant\n") and rendered["tokens"] > 0, rendered

@@ -194,6 +194,12 @@ def test_loading_on_demand_unloads_the_least_recently_used_idle_model_within_the
             client.generate("hello", model="alpha", max_tokens=1).wait()
         assert refused.value.name == "backend" and "cannot fit" in refused.value.message
         assert client.generate("hello", max_tokens=1).wait().stats["completion_tokens"] == 1  # the daemon serves on
+        # The budget counts what a model holds, not its file: the CPU backend's float32
+        # weights (a Q4_1 file is a sixth of them) and a context of KV cache.
+        default = next(m for m in client.models()["loaded"] if m["name"] == DEFAULT)
+        facts = client.status()["model"]
+        assert default["size"] == 4 * facts["params"] + facts["context_length"] * facts["kv_bytes_per_token"]
+        assert default["size"] > 4 * bundled_model_path().stat().st_size
 
 
 def test_keep_alive_unloads_when_told_and_keeps_forever_when_negative(make_daemon, tiny_files, tmp_path) -> None:

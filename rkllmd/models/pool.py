@@ -49,7 +49,7 @@ class LoadedModel:
     caches: PromptCaches
     waiters: CacheWaiters  # cache.wait answers for these caches
     reason: str  # why this backend
-    size: int  # bytes the weights file takes (what the budget counts)
+    size: int  # bytes it takes in memory (what the budget counts: backends.memory_estimate)
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     #: When it is unloaded once idle (time.monotonic()); None: never.
@@ -84,13 +84,13 @@ class _Load:
 
 class ModelPool:
     def __init__(self, open_model: Callable[[Model], LoadedModel], outbox: Outbox, *, max_loaded: int, memory_budget: int,
-                 keep_alive: float | None, file_size: Callable[[Model], int]):
+                 keep_alive: float | None, memory_needed: Callable[[Model], int]):
         self._open = open_model
         self._outbox = outbox
         self.max_loaded = max_loaded
         self.memory_budget = memory_budget  # bytes; 0: no bound
         self.keep_alive = keep_alive  # the default: seconds, or None (forever)
-        self._file_size = file_size
+        self._memory_needed = memory_needed
         self._cond = threading.Condition()
         self._loaded: dict[str, LoadedModel] = {}
         self._pinned: str | None = None
@@ -278,7 +278,7 @@ class ModelPool:
         return None
 
     def _load(self, load: _Load) -> None:
-        size = self._file_size(load.model)
+        size = self._memory_needed(load.model)
         if not self._make_room(size, load):
             return
         log.info("loading model %s (%d MiB)", load.model.name, size >> 20)
@@ -360,9 +360,3 @@ def _fail(jobs: list[EmbedJob], error: WireError) -> None:
     for job in jobs:
         job.future.set_exception(error)
 
-
-def file_size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
