@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends import pick
+from .backends import config_for, memory_estimate, pick
 from .backends.base import BackendError
 from .backends.cpu import kernels
 from .backends.cpu.backend import bundled_model_path
@@ -52,6 +52,7 @@ from .backends.rkllm.library import (
     read_markers,
 )
 from .config import Config
+from .models.registry import configured_models
 from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
 
 log = logging.getLogger("rkllmd.check")
@@ -422,6 +423,7 @@ class _Checker:
         entries: list[tuple[str, Any, dict[str, Any]]] = [(default_name, default_path, {})]
         entries += [(name, keys.get("path"), keys) for name, keys in self.config.models.items()]
         sizes: dict[str, int] = {}
+        configured = configured_models(self.config.models)
         for name, value, keys in entries:
             default = not keys
             facts: dict[str, Any] = {"name": name, "default": default}
@@ -455,7 +457,12 @@ class _Checker:
                 facts["platform_matches"] = None if named is None or board is None else named == board
                 if not default:
                     facts["tokenizer"] = self.model_tokenizer(keys.get("tokenizer"), problem, name)
-            sizes[name] = facts.get("size_bytes") or 0
+            if facts.get("exists"):
+                try:  # what daemon.models_memory_mb counts for it
+                    facts["memory_bytes"] = memory_estimate(self.config if default else config_for(self.config, configured[name]))
+                except BackendError:  # no backend to pick (said in the backend section)
+                    facts["memory_bytes"] = None
+                sizes[facts["name"]] = facts["memory_bytes"] or 0
             listed.append(facts)
         self.budget(default_name, sizes)
         npu_files = [m["name"] for m in listed if m.get("kind") == "rkllm"]
@@ -491,7 +498,8 @@ class _Checker:
         return name
 
     def budget(self, default: str, sizes: dict[str, int]) -> None:
-        """A model that can never load beside the default within daemon.models_memory_mb."""
+        """A model that can never load beside the default within daemon.models_memory_mb (each
+        counted as the daemon counts it: ``backends.memory_estimate``)."""
         budget = self.config["daemon.models_memory_mb"] << 20
         for name, size in sizes.items():
             if budget and name != default and size + sizes.get(default, 0) > budget:

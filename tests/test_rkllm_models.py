@@ -309,6 +309,11 @@ def test_check_lists_every_configured_model(fake_runtime, tmp_path):
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RKLLMD_RKLLM_LIBRARY": str(fake_runtime["1.3"])}, timeout=60)
     [crash] = [w for w in json.loads(on_130.stdout)["warnings"] if "rknn-llm #522" in w["what"]]
     assert "alpha, beta" in crash["what"] and "daemon.models_memory_mb" in crash["fix"]
+    assert (alpha["memory_bytes"], beta["memory_bytes"]) == (2 * MIB, 3 * MIB)  # the NPU maps the file whole
+    # A budget beta can never fit in beside the default: a warning (the daemon would refuse it).
+    config.write_text("[daemon]\nmodels_memory_mb = 4\n" + config.read_text())
+    [budget] = [w["what"] for w in json.loads(check("--json").stdout)["warnings"] if "models_memory_mb" in w["what"]]
+    assert budget == "model beta (3.0 MiB) cannot load beside the default model (2.0 MiB) within daemon.models_memory_mb = 4: every request for it fails"
     board = report["rkllm"]["board"]
     # Whether the platform matches is known only where the board's SoC is (an rk3588 here: none).
     assert alpha["platform_matches"] == (None if board is None else board == "rk3588")

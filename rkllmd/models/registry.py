@@ -98,6 +98,17 @@ class Model:
         }
 
 
+def configured_models(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Model]:
+    """The configuration's [models.NAME] tables (``Config.models``, checked by its loader) as models."""
+    return {
+        name: Model(name, path=str(Path(keys["path"]).expanduser()) if "path" in keys else "", template=keys.get("template", ""),
+                    system=keys.get("system"), parameters=keys.get("parameters", {}), base=keys.get("from"),
+                    embedding_only=keys.get("embedding_only", False),
+                    tokenizer=str(Path(keys["tokenizer"]).expanduser()) if "tokenizer" in keys else "")
+        for name, keys in tables.items()
+    }
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A model with its overrides applied over its bases' and the weights it runs on."""
