@@ -55,7 +55,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import threading
 import time
