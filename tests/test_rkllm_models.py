@@ -248,6 +248,10 @@ def test_models_served_by_name_at_once_until_the_npu_memory_runs_out(npu_models)
         with pytest.raises(DaemonError) as again:  # not a broken state: the next try fails the same way
             ask(client, "gamma", "hi")
         assert again.value.name == "backend" and "failed to malloc npu memory" in again.value.message
+        with pytest.raises(DaemonError) as embedding:  # an embed request waiting for it hears the same
+            client.embed("hi", model="gamma")
+        assert embedding.value.name == "backend" and "failed to malloc npu memory" in embedding.value.message
+        assert len(client.embed("hi", model="beta")["embeddings"][0]) == 64  # the fake's hidden layer width
     assert "E RKNN:" in proc.log() and "cannot load model gamma" in proc.log()
 
 
