@@ -281,11 +281,12 @@ class Client:
         model: str | None = None,
         truncate: bool = True,
         normalize: bool = True,
+        keep_alive: float | str | None = None,
     ) -> dict[str, Any]:
         """The ``embed`` result with ``embeddings`` as lists of floats (one per input, in
         order). It waits as long as the daemon computes (a long list takes a while on a
         board); a daemon that goes away fails it."""
-        request_id = self.send("embed", input=input, model=model, truncate=truncate, normalize=normalize)
+        request_id = self.send("embed", input=input, model=model, truncate=truncate, normalize=normalize, keep_alive=keep_alive)
         return decoded_embeddings(self.result_of(request_id, None))
 
     def cancel(self, request_id: Any) -> dict[str, Any]:

@@ -52,7 +52,7 @@ MINOR_VERSIONS = {
     "L2-normalised unless asked not to); `status.model.capabilities` may list `embedding`, and an embedding-only model lists only it",
     8: "several models by name: `generate` and `render` take `model` (absent: the default; unknown: `not_found`) and `generate` `keep_alive`; "
     "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones); binary caches are per model: "
-    "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`",
+    "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`; `embed` takes `keep_alive`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -205,6 +205,7 @@ OPERATIONS: dict[str, Operation] = {
                 Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out); it is loaded first if need be", default_doc="the default model", since=7),
                 Field("truncate", "bool", "cut an input longer than the context to its first tokens; false: refuse it with `context_overflow`", default=True, since=7),
                 Field("normalize", "bool", "L2-normalise each embedding (false: llama.cpp's mean pooling as it is)", default=True, since=7),
+                _KEEP_ALIVE,
             ),
             ("embeddings", "dimensions", "normalized", "prompt_tokens", "total_tokens", "queue_ms", "compute_ms"),
             since=7,

@@ -158,8 +158,8 @@ async def embedding_model(gateway: Gateway, body: dict[str, Any]) -> ModelInfo:
 async def embed(request: web.Request) -> web.Response:
     """/api/embed as Ollama's EmbedHandler (server/routes.go): ``input`` a string or
     strings (an empty string: no input, no embeddings), ``truncate`` (default true; false
-    refuses a long input in its words), ``keep_alive`` and ``options`` accepted (the daemon
-    keeps its model loaded), L2-normalised embeddings and ``prompt_eval_count``."""
+    refuses a long input in its words), ``keep_alive`` (how long the model stays loaded),
+    ``options`` accepted, L2-normalised embeddings and ``prompt_eval_count``."""
     gateway: Gateway = request.app["gateway"]
     started = time.monotonic()
     body = await gateway.json_body(request)
@@ -177,7 +177,7 @@ async def embed(request: web.Request) -> web.Response:
     if not inputs:
         return web.json_response({"model": body.get("model") or info.ollama_name, "embeddings": []})
     try:
-        result = await gateway.client.embed(input=inputs, model=info.id, truncate=body.get("truncate") is not False)
+        result = await gateway.client.embed(input=inputs, model=info.id, truncate=body.get("truncate") is not False, keep_alive=body.get("keep_alive"))
     except DaemonError as exc:
         if exc.name == "context_overflow":
             raise ApiError(400, "input length exceeds maximum context length", code="context_length_exceeded") from None
@@ -204,7 +204,7 @@ async def embeddings(request: web.Request) -> web.Response:
         return web.json_response({"embedding": []})
     if not isinstance(prompt, str):
         raise invalid("'prompt' must be a string", "prompt")
-    result = await gateway.client.embed(input=prompt, model=info.id, normalize=False)
+    result = await gateway.client.embed(input=prompt, model=info.id, normalize=False, keep_alive=body.get("keep_alive"))
     gateway.metrics.embedded("ollama", result)
     return web.json_response({"embedding": result["embeddings"][0]})
 

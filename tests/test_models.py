@@ -391,4 +391,7 @@ def test_embeddings_by_name_load_their_model_and_an_embedding_only_model_refuses
         assert loaded["embedder"]["describe"]["capabilities"] == ["embedding"]
         assert "embedding" in loaded[DEFAULT]["describe"]["capabilities"] and "completion" in loaded[DEFAULT]["describe"]["capabilities"]
         assert client.generate("Hi", max_tokens=2, temperature=0).wait().stats["completion_tokens"] == 2
+        # keep_alive on embed as on generate: 0 unloads the model once idle.
+        assert client.embed("last one", model="embedder", keep_alive=0)["dimensions"] == tiny["dimensions"]
+        poll(lambda: "embedder" not in loaded_names(client), 30, "the embedder unloaded")
     assert proc.stop() == 0

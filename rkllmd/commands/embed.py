@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from ..protocol import ErrorCode, WireError
 from ..worker import EmbedJob
 from .context import Context, Request
+from .generate import keep_alive_of
 
 OP = "embed"
 
@@ -28,5 +29,5 @@ def execute(ctx: Context, request: Request) -> Future:
     if texts > ctx.config.daemon.max_prompt_chars:
         raise WireError(ErrorCode.TOO_LARGE, f"the input is {texts} characters; the limit is {ctx.config.daemon.max_prompt_chars}", field="input")
     job = EmbedJob(args["input"], truncate=args["truncate"], normalize=args["normalize"], future=Future())
-    ctx.pool.embed(job, model.weights)
+    ctx.pool.embed(job, model.weights, keep_alive_of(args))
     return job.future

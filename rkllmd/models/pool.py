@@ -154,7 +154,7 @@ class ModelPool:
         gen.position = position
         self._outbox.stream(gen, "queued", seq=0, position=position)
 
-    def embed(self, job: EmbedJob, weights: Model) -> None:
+    def embed(self, job: EmbedJob, weights: Model, keep_alive: float | None | str = "default") -> None:
         """Run ``job`` on ``weights``' loaded model, loading it first if need be; a failed
         load or a stop ends ``job.future`` with the WireError."""
         with self._cond:
@@ -162,9 +162,12 @@ class ModelPool:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             model = self._loaded.get(weights.name)
             if model is None:
-                self._load_of(weights).embeds.append(job)
+                load = self._load_of(weights)
+                load.embeds.append(job)
+                if keep_alive != "default":
+                    load.keep_alive = keep_alive  # type: ignore[assignment]
                 return
-            self._touch(model, "default")
+            self._touch(model, keep_alive)
         model.worker.embed(job)
 
     def load(self, weights: Model, keep_alive: float | None | str = "default") -> None:
@@ -234,11 +237,13 @@ class ModelPool:
         return load
 
     def _touch(self, model: LoadedModel, keep_alive: float | None | str) -> None:
+        """``model`` was just used: its keep_alive counts from now (lock held)."""
         model.last_used = time.monotonic()
         seconds = self.keep_alive if keep_alive == "default" else keep_alive
         if model.name == self._pinned:
             return
         model.expires = None if seconds is None else model.last_used + seconds  # type: ignore[operator]
+        self._cond.notify_all()  # the loader's next wake-up may now be sooner
 
     def _run(self) -> None:
         while True:
