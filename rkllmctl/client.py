@@ -311,6 +311,12 @@ class Client:
         """Load ``model`` now (or with ``keep_alive`` 0 unload it once idle)."""
         return self.call("load", model=model, keep_alive=keep_alive)
 
+    def pull(self, source: str, name: str | None = None, revision: str | None = None) -> PullStream:
+        """Pull a model file from the Hugging Face hub (protocol 1.9): iterate the returned
+        PullStream for its PullProgress, then read ``.result`` ({"finish_reason", "model",
+        "digest", "size", "path"}); ``cancel()`` stops it (the next pull resumes)."""
+        return PullStream(self, self.send("pull", source=source, name=name, revision=revision), PullReader())
+
     # Binary caches belong to a model (protocol 1.8): ``model`` None is the default model's.
 
     def cache_ls(self, model: str | None = None) -> dict[str, Any]:
@@ -392,6 +398,74 @@ class Stream:
         except DaemonError as exc:
             if exc.name != "not_found":  # it had finished already
                 raise
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One of a pull's statuses, as Ollama words them; a download's with its bytes."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+@dataclass
+class PullReader:
+    """Follows one pull's messages: their order, its end (``result``)."""
+
+    result: dict[str, Any] | None = None
+    expected_seq: int = 0
+
+    def feed(self, message: dict[str, Any]) -> PullProgress | None:
+        if message["type"] == "error":
+            raise_error(message)
+        if message.get("seq") != self.expected_seq:
+            raise ProtocolViolation(f"stream message {message.get('seq')} arrived when {self.expected_seq} was due")
+        self.expected_seq += 1
+        if message["type"] == "progress":
+            return PullProgress(message["status"], message.get("digest"), message.get("total"), message.get("completed"))
+        if message["type"] == "done":
+            self.result = {key: message.get(key) for key in OPERATIONS["pull"].messages()["done"] if key != "seq"}
+            return None
+        raise ProtocolViolation(f"unexpected {message['type']!r} message in a pull's stream")
+
+
+@dataclass
+class PullStream:
+    client: Client
+    request_id: Any
+    reader: PullReader
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self.reader.result
+
+    def __iter__(self) -> Iterator[PullProgress]:
+        while self.reader.result is None:
+            timeout = self.client.timeout if self.reader.expected_seq == 0 else None  # a download takes as long as it takes
+            message = self.client.receive(self.request_id, timeout)
+            if message["type"] in ("error", "done"):
+                self.client._pending.pop(self.request_id, None)
+            event = self.reader.feed(message)
+            if event is not None:
+                yield event
+
+    def wait(self) -> dict[str, Any]:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def cancel(self) -> dict[str, Any]:
+        """Cancel on the daemon and return the end it reports (finish_reason "cancelled",
+        or "success" when it had finished)."""
+        try:
+            self.client.cancel(self.request_id)
+        except DaemonError as exc:
+            if exc.name != "not_found":
+                raise
+        return self.wait()
 
 
 # -- the protocol's framing, shared with the asyncio client (rkllmctl/aio.py) --------------

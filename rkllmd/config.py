@@ -64,6 +64,7 @@ class DaemonConfig:
     keep_alive: str = setting("-1", "how long a model other than the default stays loaded once idle: Ollama's keep_alive (5m, 1h, 0: unload at once, negative: until the daemon stops); a request's keep_alive overrides it")
     runners: str = setting("process", "where each loaded model runs: process (a runner process of its own, as Ollama runs them: a crash in the model's code fails only that model's requests, and its next request starts a new runner) or thread (in the daemon's process)", choices=RUNNERS)
     models_file: str = setting("", "where models created at run time are kept (models.json); empty: models.json in the text cache folder")
+    models_dir: str = setting("", "where pulled models' files are kept (OWNER/REPO/FILE, partial downloads in .partial/); empty: models/ in the text cache folder")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class RkllmConfig:
     library: str = setting("", "path to librkllmrt.so; empty: the usual install locations")
     runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
     model: str = setting("", ".rkllm model file for the NPU backend")
+    platform: str = setting("", "the SoC the NPU's models must be converted for (rk3588, rk3576, ...): a pulled .rkllm for another is refused; empty: the board's, from the device tree")
     template: str = setting("qwen2.5-instruct", "chat template the daemon renders: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json")
     tokenizer: str = setting("", "the model's tokenizer.json (Hugging Face; needs the npu extra): exact token counts, and the daemon's own sampling from the runtime's logits (constrained output, logprobs); empty: a prompt's tokens are bounded by its UTF-8 bytes + 2, so a prompt gets at most context_length - 3 bytes (room left for a token), and neither constrained output nor logprobs is offered")
     max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)
@@ -242,7 +244,8 @@ def _coerce(option: Option, value: Any, source: str, text: bool = False) -> Any:
 
 
 #: What a [models.NAME] table may say, and of which type.
-MODEL_KEYS: dict[str, type] = {"path": str, "from": str, "template": str, "system": str, "parameters": dict, "embedding_only": bool}
+MODEL_KEYS: dict[str, type] = {"path": str, "from": str, "template": str, "system": str, "parameters": dict, "embedding_only": bool,
+                               "tokenizer": str}
 _TYPE_NAMES = {str: "string", dict: "table", bool: "boolean"}
 
 
@@ -262,6 +265,9 @@ def _models(tables: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}: give either path (a .gguf or .rkllm file) or from (the model it derives from)")
         if "path" in keys and not keys["path"].endswith((".gguf", ".rkllm")):
             raise ConfigError(f"{where}: path must be a .gguf (CPU backend) or .rkllm (NPU) file")
+        if "tokenizer" in keys and not keys.get("path", "").endswith(".rkllm"):
+            raise ConfigError(f"{where}: tokenizer (the tokenizer.json of the model a .rkllm was converted from) goes with a .rkllm path; "
+                              "a .gguf file holds its own")
         models[name] = dict(keys)
     return models
 

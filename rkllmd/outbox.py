@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .backends.base import SamplingParams
+from .sampling import SamplingParams
 from .protocol import reply
 from .templates.output import OutputSplitter
 
@@ -131,8 +131,8 @@ class Outbox:
             last = gen.messages[-1] if gen.messages else None
             if type_ == "token" and last is not None and last["type"] == "token":
                 _join(last, fields)
-            elif type_ in _SUPERSEDED and last is not None and last["type"] == type_:
-                last.update(fields)  # a newer position or progress replaces one not sent yet
+            elif type_ in _SUPERSEDED and last is not None and last["type"] == type_ and last.get("status") == fields.get("status"):
+                last.update(fields)  # a newer position or progress replaces one not sent yet (a pull's next status does not)
             else:
                 gen.messages.append(reply(gen.request_id, type_, **fields))
             gen.finished = type_ in ("done", "error")

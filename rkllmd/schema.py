@@ -53,7 +53,8 @@ MINOR_VERSIONS = {
     8: "several models by name: `generate` and `render` take `model` (absent: the default; unknown: `not_found`) and `generate` `keep_alive`; "
     "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones); binary caches are per model: "
     "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`; `embed` takes `keep_alive`",
-    9: "reserved for `pull` (issue 23, developed in parallel)",
+    9: "`pull`: a `.gguf` or `.rkllm` file from the Hugging Face hub, streamed as `progress` (`status`, `digest`, `total`, `completed`) "
+    "and `done` (`finish_reason`, `model`), cancellable; error codes `model_file` and `hub`; models list `source` `pulled`",
     10: "each loaded model in `status.models.loaded` and `models.loaded` carries `pid`: the process that runs it (its runner "
     "process; the daemon's own with `daemon.runners = \"thread\"`); a runner that dies fails its model's requests with `backend`",
 }
@@ -91,11 +92,16 @@ class Operation:
     name: str
     doc: str
     fields: tuple[Field, ...] = ()
-    #: Keys of the result map, or None: the replies are a generation's stream (STREAM).
+    #: Keys of the result map, or None: the replies are a stream (``stream``'s messages).
     result: tuple[str, ...] | None = ()
     #: Give exactly one of these two fields (the first is the one reported missing).
     one_of: tuple[str, str] | None = None
     since: int = 0
+    #: A streaming operation's messages and their keys (a generation's unless said).
+    stream: dict[str, tuple[str, ...]] | None = None
+
+    def messages(self) -> dict[str, tuple[str, ...]]:
+        return self.stream if self.stream is not None else STREAM
 
     def field(self, name: str) -> Field:
         return next(f for f in self.fields if f.name == name)
@@ -126,6 +132,14 @@ STREAM: dict[str, tuple[str, ...]] = {
 #: Keys a stream message carries only sometimes: a token's ``reasoning`` when the piece holds
 #: some, its ``logprobs`` (since 1.6) when the request asked for them.
 STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning", "logprobs")}
+#: A pull's stream (since 1.9): Ollama's statuses in ``progress`` ("pulling manifest", "pulling
+#: <digest's first 12 hex>" with ``digest``/``total``/``completed`` bytes, "verifying sha256 digest",
+#: "writing manifest"; the download's keys null in the others), then ``done``: ``finish_reason``
+#: "success" (``model`` the registered name) or "cancelled" (``model`` null).
+PULL_STREAM: dict[str, tuple[str, ...]] = {
+    "progress": ("seq", "status", "digest", "total", "completed"),
+    "done": ("seq", "finish_reason", "model", "digest", "size", "path"),
+}
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
 #: ``cache_source`` since 1.2: null, {"kind": "text_cache", "name": NAME} or {"kind": "conversation"}.
@@ -245,9 +259,22 @@ OPERATIONS: dict[str, Operation] = {
         ),
         Operation("copy", "a model under a second name", (Field("source", "str", "the model copied", required=True, since=8),
                                                            Field("destination", "str", "the new name", required=True, since=8)), MODEL, since=8),
-        Operation("delete", "delete a created model (configured ones are edited in the configuration)", (Field("name", "str", "the model", required=True, since=8),),
+        Operation("delete", "delete a created or pulled model (configured ones are edited in the configuration); a pulled file goes with the last name using it", (Field("name", "str", "the model", required=True, since=8),),
                   MODEL, since=8),
         Operation("load", "load a model now (Ollama's empty prompt), or unload it once idle with `keep_alive` 0", (_MODEL, _KEEP_ALIVE), ("model", "loaded"), since=8),
+        Operation(
+            "pull",
+            "download a `.gguf` or `.rkllm` file from the Hugging Face hub and register it as a model; its progress streams back",
+            (
+                Field("source", "str", "`hf.co/OWNER/REPO`, `hf.co/OWNER/REPO/FILE` or `hf.co/OWNER/REPO:TAG` (a quantization such as `Q8_0`, "
+                      "or a file's name); `huggingface.co/` or none works too", required=True, since=9),
+                Field("name", "str", "the model's name", default_doc="`hf.co/OWNER/REPO[:TAG]`", since=9),
+                Field("revision", "str", "a branch, tag or commit of the repository", default_doc="main", since=9),
+            ),
+            result=None,
+            stream=PULL_STREAM,
+            since=9,
+        ),
     )
 }
 
@@ -260,14 +287,19 @@ ERRORS: dict[ErrorCode, str] = {
     ErrorCode.TOO_LARGE: "message over 1 MiB, or prompt over `daemon.max_prompt_chars`",
     ErrorCode.DUPLICATE_ID: "this client already has a running request with this id",
     ErrorCode.INVALID_NAME: "a cache name was refused",
-    ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting",
+    ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting (or 16 pulls running and waiting)",
     ErrorCode.NOT_FOUND: "no such cache, no such running request, or no such model (`details.model`)",
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping; queued generations end with this",
     ErrorCode.TIMEOUT: "`cache.wait` ran out of time",
     ErrorCode.CONTEXT_OVERFLOW: "the prompt does not fit the context; `details.prompt_tokens`, `details.context_length`",
     ErrorCode.BACKEND: "the model runtime failed; `details.runtime_code` when it gave one",
     ErrorCode.CACHE_BUILD_FAILED: "a text cache cannot be used or its build failed",
-    ErrorCode.STORAGE: "a cache folder refused the change (read-only, full, permissions); `details.errno` names the system error",
+    ErrorCode.STORAGE: "a cache folder refused the change (read-only, full, permissions); `details.errno` names the system error; "
+    "a pull without room for its file: `details.needed`, `details.free`, `details.folder`",
+    ErrorCode.MODEL_FILE: "a pulled file is refused: `details.reason` is `not_a_model_file` (not `.gguf`/`.rkllm`), `magic`, `platform` "
+    "(a `.rkllm` converted for another SoC), `toolkit` (converted by a toolkit the runtime cannot run) or `sha256` (not the hub's bytes); "
+    "nothing is registered, the file is removed",
+    ErrorCode.HUB: "the Hugging Face hub (`HF_ENDPOINT`) cannot be reached or refused the request (`details.status`: 401 or 403 wants `HF_TOKEN`)",
     ErrorCode.INTERNAL: "a bug in the daemon; it keeps serving",
 }
 
@@ -542,7 +574,7 @@ def operations_table() -> str:
     rows = ["| op | since | fields | result keys |", "|---|---|---|---|"]
     for op in OPERATIONS.values():
         fields = ", ".join(f"`{f.name}`" for f in op.fields) or "—"
-        result = "a stream: " + " → ".join(f"`{t}`" for t in STREAM) if op.result is None else ", ".join(f"`{k}`" for k in op.result)
+        result = "a stream: " + " → ".join(f"`{t}`" for t in op.messages()) if op.result is None else ", ".join(f"`{k}`" for k in op.result)
         rows.append(f"| `{op.name}` | 1.{op.since} | {fields} | {result} |")
     return "\n".join(rows)
 

@@ -254,6 +254,7 @@ class ModelWorker:
         self._prompt_jobs: deque[Generation | _PromptJob] = deque()  # for the prompt thread, in order
         self._embeds: deque[EmbedJob] = deque()  # prepared, for the worker, in order
         self._embedding: EmbedJob | None = None  # the one under way
+        self._embeds_preparing = 0  # on the prompt thread, not yet in _embeds
         self._turns = itertools.count()
         self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last admitted
         self._accepting = True
@@ -318,10 +319,13 @@ class ModelWorker:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             if len(self._embeds) + len(self._waiting) >= self.max_queue:
                 raise WireError(ErrorCode.QUEUE_FULL, f"{len(self._embeds) + len(self._waiting)} requests are waiting; the limit is {self.max_queue}")
+            self._embeds_preparing += 1
         prepared = self.with_prompts(lambda backend: self._prepare_embed(job, backend))
 
         def failed(done: Future) -> None:
-            if done.cancelled():
+            if done.cancelled():  # never ran
+                with self._cond:
+                    self._embeds_preparing -= 1
                 job.future.cancel()
             elif done.exception() is not None:
                 job.future.set_exception(self._embed_error(done.exception()))
@@ -377,6 +381,7 @@ class ModelWorker:
                 "queued": len(self._waiting),
                 "builds_queued": len(self._builds),
                 "building": building,
+                "embeds": self._embeds_preparing + len(self._embeds) + (self._embedding is not None),
             }
 
     def busy(self) -> bool:
@@ -384,7 +389,7 @@ class ModelWorker:
         requests from their preparation on, cache builds, prompt jobs."""
         with self._cond:
             return bool(self._running or self._waiting or self._opening or self._builds or self._build
-                        or self._embeds or self._embedding or self._prompt_jobs)
+                        or self._embeds_preparing or self._embeds or self._embedding or self._prompt_jobs)
 
     def summary(self) -> dict[str, Any]:
         """What the status line shows: activity, cache states, generations served, the last error."""
@@ -833,8 +838,14 @@ class ModelWorker:
     def _prepare_embed(self, job: EmbedJob, backend: Backend) -> None:
         """Prompt thread: tokenize ``job``'s texts for ``backend``, cut them to its context (or
         refuse them: ``context_overflow``), check token ids; then queue it for the worker."""
-        job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+        try:
+            job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+        except BaseException:
+            with self._cond:
+                self._embeds_preparing -= 1
+            raise
         with self._cond:
+            self._embeds_preparing -= 1
             if not self._accepting:
                 job.future.cancel()
                 return

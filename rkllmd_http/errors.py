@@ -26,6 +26,8 @@ DAEMON_ERRORS: dict[str, tuple[int, str, str | None]] = {
     "cache_build_failed": (500, "server_error", "cache_build_failed"),
     "backend": (500, "server_error", "backend_error"),
     "storage": (500, "server_error", "storage_error"),
+    "model_file": (400, "invalid_request_error", "model_file"),
+    "hub": (502, "server_error", "hub_error"),
     "internal": (500, "server_error", "internal_error"),
     # The gateway built a request the daemon could not read: a bug here.
     "malformed": (500, "server_error", "gateway_error"),

@@ -1,7 +1,7 @@
 """Ollama's API: /api/tags, /api/ps, /api/version, /api/show, /api/chat, /api/generate,
 /api/embed and /api/embeddings (the daemon's ``embed``, protocol 1.7: /api/embed's are
 L2-normalised, the older /api/embeddings' the mean as it is, as Ollama returns them),
-/api/create, /api/copy, /api/delete.
+/api/create, /api/copy, /api/delete, /api/pull.
 
 Streams are NDJSON, one object a line, as Ollama sends them (``stream`` defaults to
 true there). ``options`` map onto ``generate``; options that only tune Ollama's own
@@ -473,8 +473,50 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def pull(request: web.Request) -> web.StreamResponse:
+    """A model from the Hugging Face hub (``hf.co/OWNER/REPO[:TAG]``, as Ollama pulls them):
+    the statuses Ollama streams, or one ``{"status": "success"}``. An error before the first
+    status is an HTTP error; one after it (a corrupt download) the stream's last line, as
+    Ollama sends it. A client that goes away cancels the pull (the next one resumes)."""
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid("'model' must name the model to pull (hf.co/OWNER/REPO[:TAG])")
+    statuses = gateway.client.pull(source=name, name=None)
+    try:
+        first = await statuses.__anext__()
+        if body.get("stream") is False:
+            async for _ in statuses:
+                pass
+            return web.json_response({"status": "success"})
+    except DaemonError as exc:
+        raise api_error(exc) from None  # type: ignore[misc]
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    await response.prepare(request)
+
+    def line(event: Any) -> bytes:  # Ollama's ProgressResponse leaves out empty fields (Go's omitempty: a 0 too)
+        fields = {key: value for key, value in (("digest", event.digest), ("total", event.total), ("completed", event.completed)) if value}
+        return json.dumps({"status": event.status, **fields}).encode() + b"\n"
+
+    try:
+        await response.write(line(first))
+        async for event in statuses:
+            await response.write(line(event))
+    except Exception as exc:
+        error = api_error(exc)
+        if error is None:
+            raise
+        await response.write(json.dumps(error.ollama()).encode() + b"\n")  # the official client raises ResponseError on it
+    finally:
+        await statuses.aclose()
+    await response.write_eof()
+    return response
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.post("/api/pull", pull),
         web.post("/api/create", create),
         web.post("/api/copy", copy),
         web.delete("/api/delete", delete),

@@ -83,6 +83,7 @@ BASE: dict[str, dict[str, Any]] = {
     "create": {"name": "fz-model", "from": "fz-none"},
     "copy": {"source": "fz-none", "destination": "fz-copy"},
     "delete": {"name": "fz-none"},
+    "pull": {"source": "fz-none"},  # not a hub path: refused before any download
 }
 assert sorted(FIELDS) == KNOWN_OPS == sorted(BASE)
 

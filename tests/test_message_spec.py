@@ -15,10 +15,11 @@ from rkllmd.schema import ENTRY, MODEL, OPERATIONS, PROTOCOL, STATS, STATUS, STR
 ENVELOPE = {"v", "id", "type"}
 
 
-def matches_stream_schema(message: dict[str, Any]) -> bool:
-    """Every key the schema gives the message's type, and no other (optional ones aside)."""
-    keys, kind = set(message) - ENVELOPE, message["type"]
-    return set(STREAM[kind]) <= keys <= set(STREAM[kind]) | set(STREAM_OPTIONAL.get(kind, ()))
+def matches_stream_schema(message: dict[str, Any], op: str = "generate") -> bool:
+    """Every key the schema gives the message's type in ``op``'s stream, and no other (optional ones aside)."""
+    keys, kind, stream = set(message) - ENVELOPE, message["type"], OPERATIONS[op].messages()
+    optional = set(STREAM_OPTIONAL.get(kind, ())) if stream is STREAM else set()
+    return kind in stream and set(stream[kind]) <= keys <= set(stream[kind]) | optional
 
 
 class SpecPeer:
@@ -54,18 +55,18 @@ class SpecPeer:
         assert {"code", "name", "message"} <= set(error) <= {"code", "name", "message", "details"}, error
         return error
 
-    def stream(self, request_id: int, cancel: bool = False) -> list[dict[str, Any]]:
+    def stream(self, request_id: int, cancel: bool = False, op: str = "generate") -> list[dict[str, Any]]:
         messages = []
         while not messages or messages[-1]["type"] not in ("done", "error"):
             message = self.next(request_id)
-            assert ENVELOPE <= set(message) and matches_stream_schema(message), message
+            assert ENVELOPE <= set(message) and matches_stream_schema(message, op), message
             assert message["seq"] == len(messages), message
             messages.append(message)
             if cancel and len(messages) == 1:
                 cancel_id = self.send("cancel", target=request_id)
                 reply = self.peer.recv(timeout=60)
                 while reply["id"] != cancel_id:  # the stream's next messages may come first
-                    assert reply["id"] == request_id and matches_stream_schema(reply), reply
+                    assert reply["id"] == request_id and matches_stream_schema(reply, op), reply
                     assert reply["seq"] == len(messages)
                     messages.append(reply)
                     reply = self.peer.recv(timeout=60)
@@ -118,6 +119,11 @@ def test_every_reply_of_every_operation_matches_the_schema(daemon: DaemonProcess
 
         rendered = spec.result("render", messages=[{"role": "user", "content": "Say hi."}])
         assert rendered["text"].endswith("<|im_start|>assistant\n") and rendered["tokens"] > 0, rendered
+
+        # A pull cancelled at once (no hub is needed): its first status, then done, cancelled.
+        messages = spec.stream(spec.send("pull", source="hf.co/rkllmd-tests/nothing"), cancel=True, op="pull")
+        assert messages[0]["status"] == "pulling manifest" and messages[-1]["type"] in ("done", "error"), messages
+        spec.answered.add("pull")
 
         error = spec.error("cache.show", name="spec-none")
         assert error["name"] == "not_found"

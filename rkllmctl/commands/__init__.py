@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "create": ("models", "register_create", "derive a model from another: its own system message, parameters or template"),
     "cp": ("models", "register_copy", "copy a model under a second name"),
     "rm": ("models", "register_delete", "delete a created model"),
+    "pull": ("pull", "register", "download a .gguf or .rkllm model from the Hugging Face hub (hf.co/OWNER/REPO[/FILE])"),
     "completion": ("shell", "register_completion", "print the shell completion script"),
     "manpage": ("shell", "register_manpage", "print the manual page (roff), e.g. rkllmctl manpage > rkllmctl.1; man -l rkllmctl.1"),
 }

@@ -13,7 +13,7 @@ from ..config import Config
 from ..models.pool import LoadedModel, ModelPool
 from ..models.registry import Registry, Resolved
 from ..connections import Traffic
-from ..outbox import Generation
+from ..outbox import Generation, Outbox
 from ..protocol import ErrorCode, WireError
 from ..store import ArtifactStore
 from ..runner.proxy import RemoteCaches, RunnerProcess
@@ -45,6 +45,7 @@ class Context:
     backend_reason: str  # why this backend (replaced when a reload swaps the model)
     registry: Registry  # every model by name
     pool: ModelPool  # the loaded ones; ``worker`` and ``caches`` above are the default model's
+    outbox: Outbox  # streams that are no model's work (a pull's progress) go out through it
 
     def loaded_model(self, request: Request) -> LoadedModel:
         """The loaded weights of the model ``request`` names (its binary caches are theirs),

@@ -171,7 +171,7 @@ class ModelPool:
                 if keep_alive != "default":
                     load.keep_alive = keep_alive  # type: ignore[assignment]
                 return
-            model.worker.embed(job)  # under the lock: the loader sees it busy before a keep_alive 0 can unload it
+            model.worker.embed(job)  # before its keep_alive may run out: it is busy from now
             self._touch(model, keep_alive)
 
     def load(self, weights: Model, keep_alive: float | None | str = "default") -> None:

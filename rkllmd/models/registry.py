@@ -84,9 +84,11 @@ class Model:
     system: str | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
     base: str | None = None  # a derived model: whose weights it runs on
-    source: str = "config"  # "config" or "created"
+    source: str = "config"  # "config", "created" or "pulled" (a file from the hub: ``path`` is under daemon.models_dir)
     created_at: float = 0.0
     embedding_only: bool = False  # a [models.NAME] with its own weights that only embeds
+    #: A .rkllm model's tokenizer.json ([models.NAME] tokenizer; configured only, not on the wire).
+    tokenizer: str = ""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,17 @@ class Model:
             "parameters": dict(self.parameters), "base": self.base, "source": self.source, "created_at": self.created_at,
             "embedding_only": self.embedding_only,
         }
+
+
+def configured_models(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Model]:
+    """The configuration's [models.NAME] tables (``Config.models``, checked by its loader) as models."""
+    return {
+        name: Model(name, path=str(Path(keys["path"]).expanduser()) if "path" in keys else "", template=keys.get("template", ""),
+                    system=keys.get("system"), parameters=keys.get("parameters", {}), base=keys.get("from"),
+                    embedding_only=keys.get("embedding_only", False),
+                    tokenizer=str(Path(keys["tokenizer"]).expanduser()) if "tokenizer" in keys else "")
+        for name, keys in tables.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -220,6 +233,37 @@ class Registry:
             self._commit({n: m for n, m in self._created.items() if n != key})
         return model
 
+    def pulled(self, name: str, path: str) -> tuple[Model, Model | None]:
+        """``name`` as the model of a pulled weights file, and the model it replaced (a pull of
+        the same name again: Ollama's update); never a configured or created model's name."""
+        key = canonical(name)
+        with self._lock:
+            old = self._pullable(key)
+            model = Model(key, path=path, source="pulled", created_at=time.time())
+            self._commit({**self._created, key: model})
+        return model, old
+
+    def check_pullable(self, name: str) -> str:
+        """``name``'s key if a pull may take it (before a download that would be refused after)."""
+        key = canonical(name)
+        with self._lock:
+            self._pullable(key)
+        return key
+
+    def _pullable(self, key: str) -> Model | None:
+        """The pulled model ``key`` names now, if any (the lock is held); never a configured or created one's name."""
+        if key in self._configured:
+            raise ModelError(ErrorCode.INVALID_NAME, f"model {key!r} comes from the configuration; pull under another name", field="name")
+        old = self._created.get(key)
+        if old is not None and old.source != "pulled":
+            raise ModelError(ErrorCode.INVALID_NAME, f"model {key!r} exists (derived from {old.base}); delete it first or pull under another name", field="name")
+        return old
+
+    def uses(self, path: str) -> list[str]:
+        """The models whose weights file is ``path``."""
+        with self._lock:
+            return sorted(n for n, m in {**self._configured, **self._created}.items() if m.path == path)
+
     def _depends_on(self, name: str, base: str) -> bool:
         """Whether ``base`` is ``name`` or derives from it (the lock is held)."""
         models = {**self._configured, **self._created}
@@ -251,7 +295,8 @@ class Registry:
             models = {}
             for item in data["models"]:
                 model = Model(**{k: item[k] for k in asdict(Model("x")) if k in item})
-                model = replace(model, name=canonical(model.name), parameters=checked_parameters(model.parameters), source="created")
+                source = "pulled" if model.source == "pulled" else "created"
+                model = replace(model, name=canonical(model.name), parameters=checked_parameters(model.parameters), source=source)
                 if model.name in self._configured:
                     log.warning("%s: model %s is configured too; the configuration's is used", self.file, model.name)
                     continue

@@ -103,7 +103,7 @@ class RunnerProcess:
         self._channel: Channel | None = None
         self._swap_done: Callable[[BackendFacts, str | None, str | None], None] | None = None
         self._counters = Counters()  # as last reported: what status shows while no runner is up
-        self._summary: dict[str, Any] = {"model": name, "activity": {"running": None, "queued": 0, "builds_queued": 0, "building": None},
+        self._summary: dict[str, Any] = {"model": name, "activity": {"running": None, "queued": 0, "builds_queued": 0, "building": None, "embeds": 0},
                                          "states": {}, "completed": 0, "last_error": None}  # as the runner last pushed it
         self.last_exit: str | None = None  # how the last runner process that died ended
         self._stuck_for: float | None = None  # set when the watchdog's check kills a stuck runner
@@ -394,7 +394,8 @@ class RunnerProcess:
         with self._lock:
             waiting = sum(1 for g in self._gens.values() if g.started is None)
             running = any(g.started is not None for g in self._gens.values())
-        return {"running": "generate" if running else None, "queued": waiting, "builds_queued": 0, "building": None}
+            embeds = len(self._embeds)
+        return {"running": "generate" if running else None, "queued": waiting, "builds_queued": 0, "building": None, "embeds": embeds}
 
     def summary(self) -> dict[str, Any]:
         """The status line's facts as the runner last pushed them (never asked: the socket loop
