@@ -110,9 +110,8 @@ def load(config: Config, progress: Callable[[str], None]) -> tuple[Backend, str]
 
 
 class Runner:
-    def __init__(self, channel: Channel, name: str, config: Config):
+    def __init__(self, channel: Channel, config: Config):
         self.channel = channel
-        self.name = name
         self.config = config
         self.summary = SummaryPusher(channel)
         self.outbox = ForwardingOutbox(channel, self.summary)
@@ -270,7 +269,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, config.daemon.log_level.upper()),
                         format=f"%(levelname)s %(name)s: %(message)s (runner of {spec['name']}, pid {os.getpid()})")
     logging.getLogger("watchdog").setLevel(max(logging.getLogger().level, logging.INFO))  # as the daemon's apply_log_level
-    runner = Runner(channel, spec["name"], config)
+    runner = Runner(channel, config)
     if not runner.load():
         return 1
     runner.serve()
