@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -70,6 +72,32 @@ def test_each_loaded_model_runs_in_a_runner_process_of_its_own(make_daemon, tiny
     assert proc.stop() == 0
     for pid in runners.values():  # they end with the daemon
         poll(lambda: not alive(pid), 10, f"runner {pid} ends with the daemon")
+
+
+def test_a_runner_holds_nothing_of_the_daemons_but_its_link(make_daemon, tmp_path) -> None:
+    """No ZeroMQ socket, no systemd notify socket: its one socket is its link to the daemon;
+    the daemon alone talks to systemd (here a notify socket the test listens on)."""
+    address = tmp_path / "notify"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(address))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each datagram says who sent it
+    listener.settimeout(30)
+    senders: set[int] = set()
+    with listener:
+        proc = make_daemon(env={"NOTIFY_SOCKET": str(address)})
+        while True:  # EXTEND_TIMEOUT_USEC= while the model loads, then READY=1
+            data, ancillary, _, _ = listener.recvmsg(4096, socket.CMSG_SPACE(12))
+            senders.add(struct.unpack("3i", ancillary[0][2])[0])
+            if b"READY=1" in data:
+                break
+        with proc.client() as client:
+            runner = pids(client)[DEFAULT]
+    assert senders == {proc.proc.pid}
+    links = [os.readlink(f"/proc/{runner}/fd/{fd}") for fd in os.listdir(f"/proc/{runner}/fd")]
+    assert len([link for link in links if link.startswith("socket:")]) == 1, links
+    environ = Path(f"/proc/{runner}/environ").read_bytes().split(b"\0")
+    assert not [e for e in environ if e.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_"))]
+    assert f"NOTIFY_SOCKET={address}".encode() in Path(f"/proc/{proc.proc.pid}/environ").read_bytes().split(b"\0")
 
 
 def test_daemon_runners_thread_runs_the_models_in_the_daemons_process(make_daemon, tiny, tmp_path) -> None:
