@@ -24,7 +24,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from rkllmd.paths import default_socket
 
-from .client import LINGER_READ_S, Event, GenerationResult, Piece, StreamReader, decoded_embeddings, decode_reply, encode_request, probe, result_of
+from .client import LINGER_READ_S, Event, GenerationResult, Piece, PullProgress, PullReader, StreamReader, decoded_embeddings, decode_reply, encode_request, probe, result_of
 from .errors import DaemonUnreachable, ProtocolViolation
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,25 @@ class AsyncClient:
         fields as rkllmd/schema.py declares them. Leaving the block early cancels it."""
         started = time.monotonic()
         return AsyncStream(self, self.send("generate", **fields), StreamReader(started))
+
+    async def pull(self, **fields: Any) -> AsyncIterator[PullProgress]:
+        """A pull's statuses as they come, up to its "success" (fields as rkllmd/schema.py
+        declares them); DaemonError for its error. Leaving early (the HTTP client went away)
+        cancels it on the daemon."""
+        reader = PullReader()
+        request_id = self.send("pull", **fields)
+        ended = False  # its done or its error came: nothing to cancel
+        try:
+            while reader.result is None:
+                message = await self.receive(request_id, self.timeout if reader.expected_seq == 0 else None)
+                ended = message["type"] in ("done", "error")
+                event = reader.feed(message)
+                if event is not None:
+                    yield event
+        finally:
+            if not ended:
+                self.cancel_soon(request_id)
+            self.forget(request_id)
 
 
 class AsyncStream:

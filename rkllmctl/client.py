@@ -218,6 +218,8 @@ class Client:
         tool_choice: str | dict[str, Any] | None = None,
         logprobs: bool = False,
         top_logprobs: int | None = None,
+        model: str | None = None,
+        keep_alive: float | str | None = None,
     ) -> Stream:
         """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
         reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
@@ -225,7 +227,8 @@ class Client:
         is the whole prompt text, sent without the template (protocol 1.4). ``format``
         ("json" or a JSON Schema), ``grammar`` and a forced ``tool_choice`` constrain the
         answer; ``logprobs`` adds each token's log-probability to the pieces and the result
-        (protocol 1.6)."""
+        (protocol 1.6). ``model`` names the model (None: the daemon's default) and
+        ``keep_alive`` how long it stays loaded once idle (protocol 1.8)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -252,6 +255,8 @@ class Client:
             tool_choice=tool_choice,
             logprobs=logprobs or None,
             top_logprobs=top_logprobs,
+            model=model,
+            keep_alive=keep_alive,
         )
         return Stream(self, request_id, StreamReader(started))
 
@@ -263,10 +268,11 @@ class Client:
         vars: dict[str, Any] | None = None,
         template: str | None = None,
         add_generation_prompt: bool = True,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """``{"text", "tokens"}``: the exact prompt ``messages`` render to. ``template``: a
         family's name or a template's Jinja text (None: the loaded model's)."""
-        return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt)
+        return self.call("render", messages=messages, tools=tools, vars=vars, template=template, add_generation_prompt=add_generation_prompt, model=model)
 
     def embed(
         self,
@@ -275,33 +281,61 @@ class Client:
         model: str | None = None,
         truncate: bool = True,
         normalize: bool = True,
+        keep_alive: float | str | None = None,
     ) -> dict[str, Any]:
         """The ``embed`` result with ``embeddings`` as lists of floats (one per input, in
         order). It waits as long as the daemon computes (a long list takes a while on a
         board); a daemon that goes away fails it."""
-        request_id = self.send("embed", input=input, model=model, truncate=truncate, normalize=normalize)
+        request_id = self.send("embed", input=input, model=model, truncate=truncate, normalize=normalize, keep_alive=keep_alive)
         return decoded_embeddings(self.result_of(request_id, None))
 
     def cancel(self, request_id: Any) -> dict[str, Any]:
         return self.call("cancel", target=request_id)
 
-    def cache_ls(self) -> dict[str, Any]:
-        return self.call("cache.ls")
+    def models(self) -> dict[str, Any]:
+        """``{"models", "default", "loaded"}``: every model by name, and the loaded weights (protocol 1.8)."""
+        return self.call("models")
 
-    def cache_show(self, name: str) -> dict[str, Any]:
-        return self.call("cache.show", name=name)
+    def create(self, name: str, base: str, *, system: str | None = None, parameters: dict[str, Any] | None = None,
+               template: str | None = None) -> dict[str, Any]:
+        """Derive ``name`` from ``base``: its weights, with this system message, parameters or template."""
+        return self.call("create", name=name, **{"from": base}, system=system, parameters=parameters, template=template)
 
-    def cache_put(self, name: str, text: str) -> dict[str, Any]:
-        return self.call("cache.put", name=name, text=text)
+    def copy(self, source: str, destination: str) -> dict[str, Any]:
+        return self.call("copy", source=source, destination=destination)
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return self.call("delete", name=name)
+
+    def load(self, model: str | None = None, keep_alive: float | str | None = None) -> dict[str, Any]:
+        """Load ``model`` now (or with ``keep_alive`` 0 unload it once idle)."""
+        return self.call("load", model=model, keep_alive=keep_alive)
+
+    def pull(self, source: str, name: str | None = None, revision: str | None = None) -> PullStream:
+        """Pull a model file from the Hugging Face hub (protocol 1.9): iterate the returned
+        PullStream for its PullProgress, then read ``.result`` ({"finish_reason", "model",
+        "digest", "size", "path"}); ``cancel()`` stops it (the next pull resumes)."""
+        return PullStream(self, self.send("pull", source=source, name=name, revision=revision), PullReader())
+
+    # Binary caches belong to a model (protocol 1.8): ``model`` None is the default model's.
+
+    def cache_ls(self, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.ls", model=model)
+
+    def cache_show(self, name: str, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.show", name=name, model=model)
+
+    def cache_put(self, name: str, text: str, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.put", name=name, text=text, model=model)
 
     def cache_rm(self, name: str) -> dict[str, Any]:
         return self.call("cache.rm", name=name)
 
-    def cache_rebuild(self, name: str | None = None) -> dict[str, Any]:
-        return self.call("cache.rebuild", name=name)
+    def cache_rebuild(self, name: str | None = None, model: str | None = None) -> dict[str, Any]:
+        return self.call("cache.rebuild", name=name, model=model)
 
-    def cache_wait(self, name: str, timeout: float = OPERATIONS["cache.wait"].field("timeout").default) -> dict[str, Any]:
-        request_id = self.send("cache.wait", name=name, timeout=timeout)
+    def cache_wait(self, name: str, timeout: float = OPERATIONS["cache.wait"].field("timeout").default, model: str | None = None) -> dict[str, Any]:
+        request_id = self.send("cache.wait", name=name, timeout=timeout, model=model)
         return self.result_of(request_id, timeout + self.timeout)
 
 
@@ -364,6 +398,74 @@ class Stream:
         except DaemonError as exc:
             if exc.name != "not_found":  # it had finished already
                 raise
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One of a pull's statuses, as Ollama words them; a download's with its bytes."""
+
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+@dataclass
+class PullReader:
+    """Follows one pull's messages: their order, its end (``result``)."""
+
+    result: dict[str, Any] | None = None
+    expected_seq: int = 0
+
+    def feed(self, message: dict[str, Any]) -> PullProgress | None:
+        if message["type"] == "error":
+            raise_error(message)
+        if message.get("seq") != self.expected_seq:
+            raise ProtocolViolation(f"stream message {message.get('seq')} arrived when {self.expected_seq} was due")
+        self.expected_seq += 1
+        if message["type"] == "progress":
+            return PullProgress(message["status"], message.get("digest"), message.get("total"), message.get("completed"))
+        if message["type"] == "done":
+            self.result = {key: message.get(key) for key in OPERATIONS["pull"].messages()["done"] if key != "seq"}
+            return None
+        raise ProtocolViolation(f"unexpected {message['type']!r} message in a pull's stream")
+
+
+@dataclass
+class PullStream:
+    client: Client
+    request_id: Any
+    reader: PullReader
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self.reader.result
+
+    def __iter__(self) -> Iterator[PullProgress]:
+        while self.reader.result is None:
+            timeout = self.client.timeout if self.reader.expected_seq == 0 else None  # a download takes as long as it takes
+            message = self.client.receive(self.request_id, timeout)
+            if message["type"] in ("error", "done"):
+                self.client._pending.pop(self.request_id, None)
+            event = self.reader.feed(message)
+            if event is not None:
+                yield event
+
+    def wait(self) -> dict[str, Any]:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def cancel(self) -> dict[str, Any]:
+        """Cancel on the daemon and return the end it reports (finish_reason "cancelled",
+        or "success" when it had finished)."""
+        try:
+            self.client.cancel(self.request_id)
+        except DaemonError as exc:
+            if exc.name != "not_found":
+                raise
+        return self.wait()
 
 
 # -- the protocol's framing, shared with the asyncio client (rkllmctl/aio.py) --------------

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .backends import choose
+from .backends import choose, memory_estimate
+from .protocol import WireError
 from .backends.base import Backend, BackendError
 from .backends.cpu import kernels, weights_file
 from .caches import binary
@@ -19,7 +20,7 @@ from .caches.text import TextStore
 from .caches.watcher import TextFolderWatcher
 from .check import Account, log_report, run_checks
 from .commands import status
-from .commands.cache_wait import CacheWaiters
+from .caches.waiters import CacheWaiters
 from .commands.context import Context
 from .config import Config, ConfigError
 from .connections import Connections
@@ -29,6 +30,9 @@ from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
 from .server import Daemon
 from .service import ServiceNotifier, enable_faulthandler
 from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dirs
+from .models import keep_alive
+from .models.pool import LoadedModel, ModelPool
+from .models.registry import Model, Registry
 from .worker import ModelWorker
 
 log = logging.getLogger("rkllmd")
@@ -40,8 +44,10 @@ LOAD_EXTENSION_S = 60.0
 def apply_log_level(config: Config) -> None:
     level = getattr(logging, config.daemon.log_level.upper())
     logging.getLogger().setLevel(level)
-    # watchdog logs every inotify event at debug level: noise, not our daemon's story.
+    # watchdog logs every inotify event at debug level, httpcore2 (a pull's HTTP) every step
+    # of every request: noise, not our daemon's story.
     logging.getLogger("watchdog").setLevel(max(level, logging.INFO))
+    logging.getLogger("httpcore2").setLevel(max(level, logging.INFO))
 
 
 def artifact_kinds(config: Config) -> list[Kind]:
@@ -66,6 +72,40 @@ def load_backend(config: Config, notifier: ServiceNotifier) -> tuple[Backend, st
     backend.load(progress=progress)
     log.info("model loaded in %.2f s", time.monotonic() - started)
     return backend, reason
+
+
+def default_name(config: Config, backend: Backend) -> str:
+    """``model.name``, else the loaded model's own name as a model id (smollm2-135m-instruct)."""
+    if config.model.name:
+        return config.model.name
+    describe = backend.describe()
+    name = describe.get("name") or Path(describe.get("path") or "rkllmd").stem
+    return "-".join(str(name).lower().split()) or "rkllmd"
+
+
+def configured_models(config: Config) -> dict[str, Model]:
+    """The [models.NAME] tables as registry models."""
+    return {
+        name: Model(name, path=str(Path(keys["path"]).expanduser()) if "path" in keys else "", template=keys.get("template", ""),
+                    system=keys.get("system"), parameters=keys.get("parameters", {}), base=keys.get("from"),
+                    embedding_only=keys.get("embedding_only", False))
+        for name, keys in config.models.items()
+    }
+
+
+def models_file(config: Config) -> Path:
+    return Path(config.daemon.models_file).expanduser() if config.daemon.models_file else cache_dirs(config)[0] / "models.json"
+
+
+def config_for(config: Config, model: Model) -> Config:
+    """The configuration that loads ``model``'s weights file with the default model's
+    other settings: a .rkllm file on the NPU, a .gguf file on the CPU backend."""
+    if model.path.endswith(".rkllm"):
+        return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="rkllm"),
+                                   rkllm=dataclasses.replace(config.rkllm, model=model.path, template=model.template or config.rkllm.template),
+                                   model=dataclasses.replace(config.model, embedding_only=model.embedding_only))
+    return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="cpu"),
+                               model=dataclasses.replace(config.model, path=model.path, chat_template=model.template, embedding_only=model.embedding_only))
 
 
 def run(config: Config, reload_config: Callable[[], Config]) -> int:
@@ -110,40 +150,72 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         return 1
 
     outbox = Outbox()
-    worker = ModelWorker(backend, outbox, config.daemon)
     #: One thread for work that reads, writes or hashes files (see Context.disk).
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
     store = ArtifactStore(artifact_kinds(config), config.store)
 
-    def cache_changed(name: str) -> None:
-        outbox.wake()  # the status line counts caches
-        waiters.changed(name)
+    def serve(backend: Backend, reason: str, name: str, current: Config, size: int) -> LoadedModel:
+        """A loaded backend with its worker and prompt caches (text caches shared by name,
+        binary caches under the backend's identity); ``size``: what the memory budget counts."""
+        worker = ModelWorker(backend, outbox, current.daemon)
 
-    caches = PromptCaches(
-        TextStore(text_dir, config.cache.max_text_bytes),
-        BinaryStore(binary_dir, backend.identity()),
-        backend,
-        memory_budget=config.cache.memory_budget_mb << 20,
-        schedule_build=worker.schedule_build,
-        on_change=cache_changed,
-        on_stored=lambda: disk.submit(store.collect),
-        keep_conversations=config.cache.conversations,
-    )
-    waiters = CacheWaiters(caches)
-    worker.caches = caches
-    connections = Connections(endpoint.path, outbox, worker, config.daemon)
+        def cache_changed(name: str) -> None:
+            outbox.wake()  # the status line counts caches
+            waiters.changed(name)
+
+        text_dir, binary_dir = cache_dirs(current)
+        caches = PromptCaches(
+            TextStore(text_dir, current.cache.max_text_bytes),
+            BinaryStore(binary_dir, backend.identity()),
+            backend,
+            memory_budget=current.cache.memory_budget_mb << 20,
+            schedule_build=worker.schedule_build,
+            on_change=cache_changed,
+            on_stored=lambda: disk.submit(store.collect),
+            keep_conversations=current.cache.conversations,
+        )
+        worker.caches = caches
+        waiters = CacheWaiters(caches)
+        return LoadedModel(name, worker, caches, waiters, reason, size)
+
+    def open_model(model: Model) -> LoadedModel:
+        """Load another weights file (on the pool's loader thread) and serve it."""
+        current = ctx.config
+        its = config_for(current, model)
+        backend, reason = choose(its, weights_dir=weights_dir(current), kernels_dir=kernels_dir(current))
+        backend.load()
+        loaded = serve(backend, reason, model.name, current, memory_estimate(its))
+        loaded.caches.scan()
+        loaded.worker.start()
+        return loaded
+
+    try:
+        registry = Registry(default_name(config, backend), configured_models(config), models_file(config))
+        for name in config.models:
+            registry.resolve(name)  # a [models.NAME] from a model that does not exist
+    except WireError as exc:
+        log.error("configuration: [models]: %s", exc)
+        return 2
+    default = serve(backend, reason, registry.default, config, memory_estimate(config))
+    worker, caches = default.worker, default.caches
+    pool = ModelPool(open_model, outbox, max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
+                     keep_alive=keep_alive.seconds(config.daemon.keep_alive),
+                     memory_needed=lambda m: memory_estimate(config_for(ctx.config, m)))
+    connections = Connections(endpoint.path, outbox, pool, config.daemon)
     ctx = Context(
         config=config,
         caches=caches,
         worker=worker,
         generations=connections.generations,
-        waiters=waiters,
         disk=disk,
         store=store,
         traffic=connections.traffic,
         socket=endpoint.path,
         started=time.time(),
         backend_reason=reason,
+        registry=registry,
+        pool=pool,
+        outbox=outbox,
     )
     daemon = Daemon(ctx, endpoint, connections, outbox, notifier)
     daemon.reload_handler = lambda: _reload(daemon, reload_config)
@@ -156,6 +228,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         log.error("cannot start: %s", exc)
         return 1
     worker.start()
+    pool.start(default)
     log.info("ready in %.2f s: %s on %s", time.monotonic() - started, backend.describe().get("name", backend.kind), endpoint.path)
     notifier.ready(status.line(ctx))
     if notifier.watchdog_interval:
@@ -189,7 +262,12 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
         if moved:
             make_dirs(text_dir, TEXT_DIR_MODE)
             make_dirs(binary_dir, BINARY_DIR_MODE)
-            watcher = TextFolderWatcher(str(text_dir), config.cache.debounce_ms / 1000, caches.refresh)
+            watcher = TextFolderWatcher(str(text_dir), config.cache.debounce_ms / 1000, ctx.pool.refresh)
+        registry = ctx.registry.reconfigured(configured_models(config))
+    except WireError as exc:  # a [models.NAME] refused
+        log.error("reload refused, keeping the running configuration: [models]: %s", exc)
+        notifier.ready(status.line(ctx))
+        return
     except (ConfigError, OSError) as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
         notifier.ready(status.line(ctx))
@@ -197,15 +275,20 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     old, ctx.config = ctx.config, config
     apply_log_level(config)
     daemon.connections.configure(config.daemon)
-    ctx.worker.configure(config.daemon)
-    caches.configure(config.cache)
+    ctx.registry.adopt(registry)
+    ctx.pool.configure(max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
+                       keep_alive=keep_alive.seconds(config.daemon.keep_alive))
+    for model in ctx.pool.loaded():
+        model.worker.configure(config.daemon)
+        model.caches.configure(config.cache)
     ctx.store.configure(config.store, artifact_kinds(config))
     ctx.disk.submit(ctx.store.collect)
     daemon.paths.configure(config.cache)
     if moved:
         # The binary store's identity is the one of the backend serving when it runs: a model
         # swap of this same reload may run on the worker before or after it.
-        ctx.disk.submit(caches.move, TextStore(text_dir, config.cache.max_text_bytes), binary_dir)
+        for model in ctx.pool.loaded():
+            ctx.disk.submit(model.caches.move, TextStore(text_dir, config.cache.max_text_bytes), binary_dir)
         daemon.paths.use_text_folder(watcher)
         log.info("reload: caches now in %s and %s", text_dir, binary_dir)
 

@@ -46,7 +46,7 @@ from .backends.rkllm.library import (
     read_markers,
 )
 from .config import Config
-from .paths import cache_dirs, default_socket, kernels_dir, weights_dir
+from .paths import cache_dirs, default_socket, kernels_dir, models_dir, weights_dir
 
 log = logging.getLogger("rkllmd.check")
 
@@ -511,6 +511,11 @@ class _Checker:
             elif free is not None and free < LOW_FREE_BYTES:
                 self.problem(f"only {_size(free)} free for the {label} caches in {folder}",
                              "free some space: caches that cannot be written are rebuilt again and again", fatal=False)
+        models = models_dir(self.config)
+        out["models"] = {"folder": str(models), "exists": os.path.isdir(models), "writable": self.can_create_in(models)}
+        if not out["models"]["writable"]:  # the daemon serves without it; only a pull fails
+            self.problem(f"{self.account.name} cannot write {models}, where pulled models go: rkllmctl pull fails",
+                         f"chown {self.account.name} {models}, or set daemon.models_dir", fatal=False)
         return out
 
     # -- shared

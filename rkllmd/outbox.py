@@ -51,6 +51,8 @@ class Chat:
     format: str | dict[str, Any] | None = None
     grammar: str | None = None
     tool_choice: str | dict[str, Any] | None = None
+    #: The model's own template when it overrides its weights' (a family name or Jinja text).
+    template: str = ""
 
 
 @dataclass(eq=False)
@@ -82,6 +84,7 @@ class Generation:
     # Written by the model worker (under its lock): what status shows of it.
     position: int | None = None  # generations ahead of it, as last sent in ``queued``
     started: float | None = None  # when the worker took it (time.monotonic())
+    worker: Any = None  # the ModelWorker it was given to (None while its model loads)
 
     @property
     def key(self) -> tuple[bytes, Any]:
@@ -128,8 +131,8 @@ class Outbox:
             last = gen.messages[-1] if gen.messages else None
             if type_ == "token" and last is not None and last["type"] == "token":
                 _join(last, fields)
-            elif type_ in _SUPERSEDED and last is not None and last["type"] == type_:
-                last.update(fields)  # a newer position or progress replaces one not sent yet
+            elif type_ in _SUPERSEDED and last is not None and last["type"] == type_ and last.get("status") == fields.get("status"):
+                last.update(fields)  # a newer position or progress replaces one not sent yet (a pull's next status does not)
             else:
                 gen.messages.append(reply(gen.request_id, type_, **fields))
             gen.finished = type_ in ("done", "error")

@@ -47,13 +47,19 @@ class PathKeeper:
         io: Executor,
         wake_fd: int,
         fail: Callable[[str], None],
+        refresh: Callable[[str], None],
+        rescan: Callable[[], None],
     ):
+        """``caches``: the default model's (their text folder is watched); ``refresh`` and
+        ``rescan``: every loaded model's caches, told of a text change."""
         self.endpoint = endpoint
         self.connections = connections
         self.caches = caches
+        self.refresh = refresh
+        self.rescan = rescan
         self.debounce_s = config.debounce_ms / 1000
         self.io = io
-        self.watcher = TextFolderWatcher(str(caches.texts.folder), self.debounce_s, caches.refresh)
+        self.watcher = TextFolderWatcher(str(caches.texts.folder), self.debounce_s, refresh)
         self._wake_fd = wake_fd
         self._fail = fail
         self._path_watch: PathWatch | None = None
@@ -144,14 +150,14 @@ class PathKeeper:
         folder = self.caches.texts.folder
         try:
             make_dirs(folder, TEXT_DIR_MODE)
-            watcher = TextFolderWatcher(str(folder), self.debounce_s, self.caches.refresh)
+            watcher = TextFolderWatcher(str(folder), self.debounce_s, self.refresh)
         except OSError as exc:
             log.error("the text cache folder %s is gone and cannot be made again: %s", folder, exc)
             return
         self.watcher.stop()
         self.watcher = watcher
         watcher.start()
-        self.io.submit(self.caches.rescan).add_done_callback(_log_failure)
+        self.io.submit(self.rescan).add_done_callback(_log_failure)
         log.warning("the text cache folder %s was deleted or replaced; watching it again", folder)
 
 

@@ -14,6 +14,8 @@ SYSTEM_SOCKET = Path("/run/rkllmd") / SOCKET_NAME
 #: Under the binary cache folder: the CPU backend's dequantized weights (see cpu/weights_file.py).
 WEIGHTS_SUBDIR = "weights"
 KERNELS_SUBDIR = "kernels"
+#: Under the text cache folder: the files of pulled models.
+MODELS_SUBDIR = "models"
 
 
 def default_socket(environ: Mapping[str, str] | None = None, *, client: bool = False) -> Path:
@@ -78,6 +80,14 @@ def weights_dir(config: Config) -> Path | None:
     if config["model.weights_dir"]:
         return Path(config["model.weights_dir"]).expanduser()
     return cache_dirs(config)[1] / WEIGHTS_SUBDIR
+
+
+def models_dir(config: Config) -> Path:
+    """Where pulled models' files go: beside the text caches and models.json, in the state
+    folder (/var/lib/rkllmd under systemd), which outlives caches that may be cleared."""
+    if config["daemon.models_dir"]:
+        return Path(config["daemon.models_dir"]).expanduser()
+    return cache_dirs(config)[0] / MODELS_SUBDIR
 
 
 def kernels_dir(config: Config) -> Path:

@@ -39,6 +39,8 @@ class ErrorCode(IntEnum):
     BACKEND = 301
     CACHE_BUILD_FAILED = 302
     STORAGE = 303  # the daemon's folders refuse a write: read-only, full, permissions
+    MODEL_FILE = 304  # a pulled file is not a model this daemon can run, or not the hub's bytes
+    HUB = 305  # the Hugging Face hub cannot be reached or refused (authentication, server errors)
     INTERNAL = 399
 
 

@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 7
+PROTOCOL_MINOR = 9
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -50,6 +50,11 @@ MINOR_VERSIONS = {
     "`logprobs` and `top_logprobs`, and `token` messages may carry `logprobs`; `done.finish_reason` may be `error`",
     7: "`embed`: embeddings of a text, a list of texts or of token ids (mean of the final hidden states after the output norm, "
     "L2-normalised unless asked not to); `status.model.capabilities` may list `embedding`, and an embedding-only model lists only it",
+    8: "several models by name: `generate` and `render` take `model` (absent: the default; unknown: `not_found`) and `generate` `keep_alive`; "
+    "`models`, `create`, `copy`, `delete`, `load`; `status` reports `models` (the loaded ones); binary caches are per model: "
+    "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`; `embed` takes `keep_alive`",
+    9: "`pull`: a `.gguf` or `.rkllm` file from the Hugging Face hub, streamed as `progress` (`status`, `digest`, `total`, `completed`) "
+    "and `done` (`finish_reason`, `model`), cancellable; error codes `model_file` and `hub`; models list `source` `pulled`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -85,11 +90,16 @@ class Operation:
     name: str
     doc: str
     fields: tuple[Field, ...] = ()
-    #: Keys of the result map, or None: the replies are a generation's stream (STREAM).
+    #: Keys of the result map, or None: the replies are a stream (``stream``'s messages).
     result: tuple[str, ...] | None = ()
     #: Give exactly one of these two fields (the first is the one reported missing).
     one_of: tuple[str, str] | None = None
     since: int = 0
+    #: A streaming operation's messages and their keys (a generation's unless said).
+    stream: dict[str, tuple[str, ...]] | None = None
+
+    def messages(self) -> dict[str, tuple[str, ...]]:
+        return self.stream if self.stream is not None else STREAM
 
     def field(self, name: str) -> Field:
         return next(f for f in self.fields if f.name == name)
@@ -120,12 +130,28 @@ STREAM: dict[str, tuple[str, ...]] = {
 #: Keys a stream message carries only sometimes: a token's ``reasoning`` when the piece holds
 #: some, its ``logprobs`` (since 1.6) when the request asked for them.
 STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning", "logprobs")}
+#: A pull's stream (since 1.9): Ollama's statuses in ``progress`` ("pulling manifest", "pulling
+#: <digest's first 12 hex>" with ``digest``/``total``/``completed`` bytes, "verifying sha256 digest",
+#: "writing manifest"; the download's keys null in the others), then ``done``: ``finish_reason``
+#: "success" (``model`` the registered name) or "cancelled" (``model`` null).
+PULL_STREAM: dict[str, tuple[str, ...]] = {
+    "progress": ("seq", "status", "digest", "total", "completed"),
+    "done": ("seq", "finish_reason", "model", "digest", "size", "path"),
+}
 #: Every type of message the daemon sends.
 REPLY_TYPES = frozenset({"result", "error", *STREAM})
 #: ``cache_source`` since 1.2: null, {"kind": "text_cache", "name": NAME} or {"kind": "conversation"}.
 STATS = ("prompt_tokens", "cached_tokens", "cache_source", "completion_tokens", "queue_ms", "ttft_ms", "prefill_ms", "decode_ms", "decode_tps", "total_ms")
 #: ``requests`` and ``build`` since 1.3 (see docs/protocol.md, status).
-STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store", "requests", "build")
+STATUS = ("version", "protocol", "pid", "uptime_s", "socket", "backend", "backend_reason", "model", "worker", "healthy", "counters", "caches", "limits", "store", "requests", "build", "models")
+#: A model as ``models`` lists it and ``create``/``copy``/``delete`` return it (since 1.8).
+MODEL = ("name", "path", "template", "system", "parameters", "base", "source", "created_at", "embedding_only", "default", "weights", "loaded")
+_MODEL = Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out)", default_doc="the default model", since=8)
+#: Binary caches belong to a model; the text caches are shared by name.
+_CACHE_MODEL = Field("model", "str", "whose binary caches: a loaded model (one not loaded is `not_found`, `details.loaded` false)",
+                     default_doc="the default model", since=8)
+_KEEP_ALIVE = Field("keep_alive", "keep_alive", "how long the model stays loaded once idle: seconds, or a duration (`5m`, `1h`); 0 unloads it when idle, negative keeps it loaded",
+                    default_doc="`daemon.keep_alive`", since=8)
 
 _NAME = Field("name", "name", "the text cache's name", required=True)
 _MESSAGES_DOC = f"a whole chat; roles {', '.join(f'`{r}`' for r in ROLES)}; 1–{MAX_MESSAGES} messages (see [Messages](#messages))"
@@ -165,6 +191,8 @@ OPERATIONS: dict[str, Operation] = {
                 Field("tool_choice", "tool_choice", "`\"auto\"`, `\"none\"` (`tools` are not offered), `\"required\"` (the answer is a call to one of `tools`) or `{\"type\": \"function\", \"function\": {\"name\": N}}` (a call to N); a forced call's arguments follow the tool's `parameters`", default_doc="auto", since=6),
                 Field("logprobs", "bool", "`token` messages carry each token's log-probability (see [Log-probabilities](#log-probabilities))", default=False, since=6),
                 Field("top_logprobs", "int", "with `logprobs`: the most likely alternatives given per token", default=0, low=0, high=MAX_TOP_LOGPROBS, since=6),
+                _MODEL,
+                _KEEP_ALIVE,
             ),
             result=None,
             one_of=("prompt", "messages"),
@@ -178,6 +206,7 @@ OPERATIONS: dict[str, Operation] = {
                 _VARS,
                 Field("template", "str", "a family's name (docs/templates.md), or the Jinja text of a template", default_doc="the loaded model's", since=2),
                 Field("add_generation_prompt", "bool", "end with the header of the assistant's turn", default=True, since=2),
+                _MODEL,
             ),
             ("text", "tokens"),
             since=2,
@@ -188,9 +217,10 @@ OPERATIONS: dict[str, Operation] = {
             (
                 Field("input", "embed_input", f"a text, a list of 1–{MAX_EMBED_INPUTS} texts, a list of token ids, or a list of such lists; "
                       "the raw text is embedded (no chat template)", required=True, since=7),
-                Field("model", "str", "the model's name (`status.model.name`); another is refused with `not_found`", default_doc="the loaded model", since=7),
+                Field("model", "str", "the model's name (Ollama's `:latest` tag may be given or left out); it is loaded first if need be", default_doc="the default model", since=7),
                 Field("truncate", "bool", "cut an input longer than the context to its first tokens; false: refuse it with `context_overflow`", default=True, since=7),
                 Field("normalize", "bool", "L2-normalise each embedding (false: llama.cpp's mean pooling as it is)", default=True, since=7),
+                _KEEP_ALIVE,
             ),
             ("embeddings", "dimensions", "normalized", "prompt_tokens", "total_tokens", "queue_ms", "compute_ms"),
             since=7,
@@ -198,16 +228,50 @@ OPERATIONS: dict[str, Operation] = {
         Operation("cancel", "stop one of this client's generations, queued or running", (Field("target", "id", "the `id` of one of this client's generations", required=True),), ("target", "was")),
         Operation("status", "what the daemon runs and how it is doing", result=STATUS),
         Operation("ping", "the cheapest round trip", result=("pong", "version", "protocol")),
-        Operation("cache.ls", "every text cache with the state of its binary cache", result=("caches", "memory")),
-        Operation("cache.show", "one text cache, its text and its binary state", (_NAME,), ENTRY + ("text", "sha256", "path", "error")),
-        Operation("cache.put", "create or replace a text cache (its build is queued)", (_NAME, Field("text", "str", "the text", required=True)), ENTRY),
-        Operation("cache.rm", "delete a text cache and its binary caches", (_NAME,), ("name", "removed")),
-        Operation("cache.rebuild", "build binary caches again (one, or all)", (Field("name", "name", "the text cache's name", default_doc="all"),), ("queued",)),
+        Operation("cache.ls", "every text cache with the state of its binary cache (the model's)", (_CACHE_MODEL,), result=("caches", "memory", "model")),
+        Operation("cache.show", "one text cache, its text and its binary state (the model's)", (_NAME, _CACHE_MODEL), ENTRY + ("text", "sha256", "path", "error")),
+        Operation("cache.put", "create or replace a text cache (its build is queued for every loaded model; the entry is the model's)",
+                  (_NAME, Field("text", "str", "the text", required=True), _CACHE_MODEL), ENTRY),
+        Operation("cache.rm", "delete a text cache and its binary caches (every model's)", (_NAME,), ("name", "removed")),
+        Operation("cache.rebuild", "build binary caches again (one, or all; the model's)", (Field("name", "name", "the text cache's name", default_doc="all"), _CACHE_MODEL), ("queued",)),
         Operation(
             "cache.wait",
-            "answer once the binary cache matches the current text",
-            (_NAME, Field("timeout", "float", "seconds to wait", default=60.0, low=0.0, high=MAX_WAIT_S)),
+            "answer once the binary cache (the model's) matches the current text",
+            (_NAME, Field("timeout", "float", "seconds to wait", default=60.0, low=0.0, high=MAX_WAIT_S), _CACHE_MODEL),
             ENTRY,
+        ),
+        Operation("models", "every model by name, and which are loaded", result=("models", "default", "loaded"), since=8),
+        Operation(
+            "create",
+            "a model derived from another: it runs on its base's weights with its own system message, parameters or template",
+            (
+                Field("name", "str", "the new model's name", required=True, since=8),
+                Field("from", "str", "the model it derives from", required=True, since=8),
+                Field("system", "str", "its system message, used when a request gives none", since=8),
+                Field("parameters", "parameters", "its default sampling parameters (`temperature`, `top_k`, `top_p`, `repeat_penalty`, "
+                      "`frequency_penalty`, `presence_penalty`, `max_tokens` or `num_predict`, `seed`)", since=8),
+                Field("template", "str", "its chat template: a family's name or Jinja text", default_doc="its base's", since=8),
+            ),
+            MODEL,
+            since=8,
+        ),
+        Operation("copy", "a model under a second name", (Field("source", "str", "the model copied", required=True, since=8),
+                                                           Field("destination", "str", "the new name", required=True, since=8)), MODEL, since=8),
+        Operation("delete", "delete a created or pulled model (configured ones are edited in the configuration); a pulled file goes with the last name using it", (Field("name", "str", "the model", required=True, since=8),),
+                  MODEL, since=8),
+        Operation("load", "load a model now (Ollama's empty prompt), or unload it once idle with `keep_alive` 0", (_MODEL, _KEEP_ALIVE), ("model", "loaded"), since=8),
+        Operation(
+            "pull",
+            "download a `.gguf` or `.rkllm` file from the Hugging Face hub and register it as a model; its progress streams back",
+            (
+                Field("source", "str", "`hf.co/OWNER/REPO`, `hf.co/OWNER/REPO/FILE` or `hf.co/OWNER/REPO:TAG` (a quantization such as `Q8_0`, "
+                      "or a file's name); `huggingface.co/` or none works too", required=True, since=9),
+                Field("name", "str", "the model's name", default_doc="`hf.co/OWNER/REPO[:TAG]`", since=9),
+                Field("revision", "str", "a branch, tag or commit of the repository", default_doc="main", since=9),
+            ),
+            result=None,
+            stream=PULL_STREAM,
+            since=9,
         ),
     )
 }
@@ -221,14 +285,19 @@ ERRORS: dict[ErrorCode, str] = {
     ErrorCode.TOO_LARGE: "message over 1 MiB, or prompt over `daemon.max_prompt_chars`",
     ErrorCode.DUPLICATE_ID: "this client already has a running request with this id",
     ErrorCode.INVALID_NAME: "a cache name was refused",
-    ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting",
-    ErrorCode.NOT_FOUND: "no such cache, or no such running request",
+    ErrorCode.QUEUE_FULL: "`daemon.max_queue` generations are already waiting (or 16 pulls running and waiting)",
+    ErrorCode.NOT_FOUND: "no such cache, no such running request, or no such model (`details.model`)",
     ErrorCode.SHUTTING_DOWN: "the daemon is stopping; queued generations end with this",
     ErrorCode.TIMEOUT: "`cache.wait` ran out of time",
     ErrorCode.CONTEXT_OVERFLOW: "the prompt does not fit the context; `details.prompt_tokens`, `details.context_length`",
     ErrorCode.BACKEND: "the model runtime failed; `details.runtime_code` when it gave one",
     ErrorCode.CACHE_BUILD_FAILED: "a text cache cannot be used or its build failed",
-    ErrorCode.STORAGE: "a cache folder refused the change (read-only, full, permissions); `details.errno` names the system error",
+    ErrorCode.STORAGE: "a cache folder refused the change (read-only, full, permissions); `details.errno` names the system error; "
+    "a pull without room for its file: `details.needed`, `details.free`, `details.folder`",
+    ErrorCode.MODEL_FILE: "a pulled file is refused: `details.reason` is `not_a_model_file` (not `.gguf`/`.rkllm`), `magic`, `platform` "
+    "(a `.rkllm` converted for another SoC), `toolkit` (converted by a toolkit the runtime cannot run) or `sha256` (not the hub's bytes); "
+    "nothing is registered, the file is removed",
+    ErrorCode.HUB: "the Hugging Face hub (`HF_ENDPOINT`) cannot be reached or refused the request (`details.status`: 401 or 403 wants `HF_TOKEN`)",
     ErrorCode.INTERNAL: "a bug in the daemon; it keeps serving",
 }
 
@@ -239,8 +308,9 @@ _KIND_NAMES = {
     "str": "a string", "name": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
     "id": "a string or an integer", "messages": "an array of messages", "stops": "an array of strings",
     "tools": f"an array of at most {MAX_TOOLS} tool schemas", "vars": f"a map of at most {MAX_VARS} template variables",
-    "format": '"json" or a JSON Schema (a map)',
-    "embed_input": f"a string, an array of 1 to {MAX_EMBED_INPUTS} strings, an array of token ids or an array of arrays of token ids", "tool_choice": '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+    "format": '"json" or a JSON Schema (a map)', "parameters": "a map of parameter names to numbers", "keep_alive": "a number of seconds or a duration",
+    "embed_input": f"a string, an array of 1 to {MAX_EMBED_INPUTS} strings, an array of token ids or an array of arrays of token ids",
+    "tool_choice": '"auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
 }
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -305,6 +375,10 @@ def _check(field: Field, value: Any, setting: Callable[[str], Any]) -> Any:
         return _tool_choice(value, wrong)
     if kind == "embed_input":
         return _embed_input(value, wrong)
+    if kind == "parameters" and not isinstance(value, dict):
+        raise wrong()
+    if kind == "keep_alive" and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise wrong()
     if kind == "stops":
         if not isinstance(value, list) or len(value) > MAX_STOPS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in value):
             raise wrong(f"'stop' must be up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
@@ -463,7 +537,7 @@ def _vars(value: Any, wrong: Callable[..., WireError]) -> dict[str, Any]:
 _KIND_DOCS = {
     "str": "str", "name": "str (cache name)", "int": "int", "float": "float", "bool": "bool", "id": "str or int",
     "messages": "array of messages", "stops": "array of str", "tools": "array of tool schemas", "vars": "map",
-    "format": '"json" or map', "tool_choice": "str or map", "embed_input": "str, array of str, array of int or array of arrays of int",
+    "format": '"json" or map', "tool_choice": "str or map", "embed_input": "str, array of str, array of int or array of arrays of int", "parameters": "map", "keep_alive": "number or str",
 }
 
 
@@ -498,7 +572,7 @@ def operations_table() -> str:
     rows = ["| op | since | fields | result keys |", "|---|---|---|---|"]
     for op in OPERATIONS.values():
         fields = ", ".join(f"`{f.name}`" for f in op.fields) or "—"
-        result = "a stream: " + " → ".join(f"`{t}`" for t in STREAM) if op.result is None else ", ".join(f"`{k}`" for k in op.result)
+        result = "a stream: " + " → ".join(f"`{t}`" for t in op.messages()) if op.result is None else ", ".join(f"`{k}`" for k in op.result)
         rows.append(f"| `{op.name}` | 1.{op.since} | {fields} | {result} |")
     return "\n".join(rows)
 

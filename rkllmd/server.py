@@ -24,6 +24,7 @@ from .commands import status
 from .commands.context import Context, Deferred, Request
 from .connections import Connections
 from .endpoint import Endpoint
+from .models.registry import Resolved
 from .outbox import Outbox
 from .pathkeeper import PathKeeper
 from .protocol import MAX_ID_CHARS, PROTOCOL_VERSION, ErrorCode, WireError, error_reply, reply, unpack
@@ -47,7 +48,8 @@ class Daemon:
         self.outbox = outbox
         self.notifier = notifier
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.paths = PathKeeper(endpoint, connections, ctx.caches, ctx.config.cache, ctx.disk, self._signal_w, self._fail)
+        self.paths = PathKeeper(endpoint, connections, ctx.caches, ctx.config.cache, ctx.disk, self._signal_w, self._fail,
+                                refresh=ctx.pool.refresh, rescan=ctx.pool.rescan)
         self._deferred: dict[Deferred, None] = {}  # answers with a deadline, in arrival order
         self._status_sent = ""
         self.exit_status = 0  # 1 when the daemon stops because it can no longer serve
@@ -129,13 +131,19 @@ class Daemon:
         self.notifier.stopping()
         self.notifier.status("stopping: aborting the running generation")
         stopping = WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-        for gen in self.ctx.worker.shutdown():
+        loaded = self.ctx.pool.loaded()
+        dropped = self.ctx.pool.shutdown()
+        for model in loaded:
+            dropped.extend(model.worker.shutdown())
+        for gen in dropped:
             self.outbox.stream(gen, "error", error=stopping.to_wire())
-        if not self.ctx.worker.join(timeout=WORKER_STOP_S):
-            # It closes the model itself once its call returns; meanwhile the model stays open
-            # (freeing it under a running native call would be a use after free).
-            log.error("the model worker did not stop within %g s (a call into the model still runs); "
-                      "exiting without releasing the model", WORKER_STOP_S)
+        deadline = time.monotonic() + WORKER_STOP_S
+        for model in loaded:
+            if not model.worker.join(timeout=max(0.0, deadline - time.monotonic())):
+                # It closes the model itself once its call returns; meanwhile the model stays open
+                # (freeing it under a running native call would be a use after free).
+                log.error("the worker of model %s did not stop within %g s (a call into the model still runs); "
+                          "exiting without releasing the model", model.name, WORKER_STOP_S)
         self.ctx.disk.shutdown(wait=False, cancel_futures=True)  # cancelled answers say "shutting down"
         for answer in self._deferred:
             answer.resolve(stopping)
@@ -175,8 +183,13 @@ class Daemon:
             raise WireError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", known=sorted(commands.REGISTRY))
         if self._stop:
             raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-        args = parse(OPERATIONS[op], request, self.ctx.config.__getitem__)
-        return command(self.ctx, Request(identity, request_id, args, self.connections.client_name(identity)))
+        operation, setting, model = OPERATIONS[op], self.ctx.config.__getitem__, None
+        name = request.get("model")
+        if any(f.name == "model" for f in operation.fields) and (name is None or isinstance(name, str)):
+            model = self.ctx.registry.resolve(name)  # not_found before anything else is checked, as Ollama answers
+            setting = model_settings(model, setting)
+        args = parse(operation, request, setting)
+        return command(self.ctx, Request(identity, request_id, args, self.connections.client_name(identity), model))
 
     def _reply(self, identity: bytes, request_id: Any, result: commands.Reply) -> None:
         """A result map now, or a Future's outcome when it has one (None: the command streams)."""
@@ -204,6 +217,15 @@ class Daemon:
         if line != self._status_sent:
             self._status_sent = line
             self.notifier.status(line)
+
+
+def model_settings(model: Resolved, setting: Callable[[str], Any]) -> Callable[[str], Any]:
+    """The configuration's settings with ``model``'s parameters in place of the sampling defaults."""
+    def lookup(key: str) -> Any:
+        section, name = key.split(".", 1)
+        return model.parameters[name] if section == "sampling" and name in model.parameters else setting(key)
+
+    return lookup
 
 
 def _outcome_message(request_id: Any, done: Future) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from .config import DaemonConfig
 from .constraints import Constraint, ConstraintError, from_request
 from .outbox import NO_OUTPUT, Chat, Generation, Outbox
 from .protocol import ErrorCode, WireError
-from .templates import ChatTemplate, RenderError
+from .templates import FAMILIES, ChatTemplate, RenderError
 from .templates.capabilities import CapabilityMissing, require_capabilities, require_completion
 from .templates.output import OutputSplitter, wire_tool_calls
 
@@ -150,11 +150,23 @@ def prepared_prompt(backend: Backend, chat: Chat) -> tuple[str, OutputSplitter, 
     if chat.raw is not None:
         require_completion(backend)
         return chat.raw, OutputSplitter(None), constraint_of(chat, None, "")
-    require_capabilities(backend, chat)
-    prompt = backend.render(chat.messages, tools=chat.tools, variables=chat.variables)
-    constraint = constraint_of(chat, backend.template, prompt)
+    template = chat_template(backend, chat)
+    require_capabilities(backend, chat, template)
+    renderer = backend if template is backend.template else template  # the backend's render is the usual way in
+    prompt = renderer.render(chat.messages, True, tools=chat.tools, variables=chat.variables)
+    constraint = constraint_of(chat, template, prompt)
     tool_format = constraint.tool_format if constraint is not None else None
-    return prompt, OutputSplitter.for_prompt(backend.template, prompt, tools=bool(chat.tools), tool_format=tool_format), constraint
+    return prompt, OutputSplitter.for_prompt(template, prompt, tools=bool(chat.tools), tool_format=tool_format), constraint
+
+
+def chat_template(backend: Backend, chat: Chat) -> ChatTemplate:
+    """The template ``chat`` renders with: its model's own (a derived model's family or
+    Jinja text, given the weights' special tokens), else the backend's."""
+    if not chat.template:
+        return backend.template
+    if chat.template in FAMILIES:
+        return ChatTemplate.of_family(chat.template)
+    return ChatTemplate.from_text("the model's template", chat.template, backend.template.tokens)
 
 
 def constraint_of(chat: Chat, template: ChatTemplate | None, prompt: str) -> Constraint | None:
@@ -241,6 +253,7 @@ class ModelWorker:
         self._prompt_jobs: deque[Generation | _PromptJob] = deque()  # for the prompt thread, in order
         self._embeds: deque[EmbedJob] = deque()  # prepared, for the worker, in order
         self._embedding: EmbedJob | None = None  # the one under way
+        self._embeds_preparing = 0  # on the prompt thread, not yet in _embeds
         self._turns = itertools.count()
         self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last admitted
         self._accepting = True
@@ -300,10 +313,13 @@ class ModelWorker:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             if len(self._embeds) + len(self._waiting) >= self.max_queue:
                 raise WireError(ErrorCode.QUEUE_FULL, f"{len(self._embeds) + len(self._waiting)} requests are waiting; the limit is {self.max_queue}")
+            self._embeds_preparing += 1
         prepared = self.with_prompts(lambda backend: self._prepare_embed(job, backend))
 
         def failed(done: Future) -> None:
-            if done.cancelled():
+            if done.cancelled():  # never ran
+                with self._cond:
+                    self._embeds_preparing -= 1
                 job.future.cancel()
             elif done.exception() is not None:
                 job.future.set_exception(self._embed_error(done.exception()))
@@ -359,6 +375,7 @@ class ModelWorker:
                 "queued": len(self._waiting),
                 "builds_queued": len(self._builds),
                 "building": building,
+                "embeds": self._embeds_preparing + len(self._embeds) + (self._embedding is not None),
             }
 
     def requests(self) -> dict[str, list[dict[str, Any]]]:
@@ -797,8 +814,14 @@ class ModelWorker:
     def _prepare_embed(self, job: EmbedJob, backend: Backend) -> None:
         """Prompt thread: tokenize ``job``'s texts for ``backend``, cut them to its context (or
         refuse them: ``context_overflow``), check token ids; then queue it for the worker."""
-        job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+        try:
+            job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+        except BaseException:
+            with self._cond:
+                self._embeds_preparing -= 1
+            raise
         with self._cond:
+            self._embeds_preparing -= 1
             if not self._accepting:
                 job.future.cancel()
                 return

@@ -26,6 +26,8 @@ DAEMON_ERRORS: dict[str, tuple[int, str, str | None]] = {
     "cache_build_failed": (500, "server_error", "cache_build_failed"),
     "backend": (500, "server_error", "backend_error"),
     "storage": (500, "server_error", "storage_error"),
+    "model_file": (400, "invalid_request_error", "model_file"),
+    "hub": (502, "server_error", "hub_error"),
     "internal": (500, "server_error", "internal_error"),
     # The gateway built a request the daemon could not read: a bug here.
     "malformed": (500, "server_error", "gateway_error"),
@@ -75,6 +77,9 @@ def api_error(exc: Exception) -> ApiError | None:
     if isinstance(exc, DaemonError) and exc.details.get("capability") in CAPABILITY_PARAMS:
         # The model cannot do what was asked (tools, thinking): OpenAI's refusal of a parameter a model lacks.
         return ApiError(400, exc.message, "invalid_request_error", "unsupported_parameter", CAPABILITY_PARAMS[exc.details["capability"]])
+    if isinstance(exc, DaemonError) and exc.name == "not_found" and "model" in exc.details:
+        # No such model: OpenAI's 404 model_not_found; Ollama's body is the message, "model 'x' not found".
+        return ApiError(404, exc.message, "invalid_request_error", "model_not_found", "model")
     if isinstance(exc, DaemonError):
         status, kind, code = DAEMON_ERRORS.get(exc.name, (500, "server_error", exc.name))
         return ApiError(status, exc.message, kind, code, exc.details.get("field"))

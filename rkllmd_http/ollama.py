@@ -1,6 +1,7 @@
 """Ollama's API: /api/tags, /api/ps, /api/version, /api/show, /api/chat, /api/generate,
 /api/embed and /api/embeddings (the daemon's ``embed``, protocol 1.7: /api/embed's are
-L2-normalised, the older /api/embeddings' the mean as it is, as Ollama returns them).
+L2-normalised, the older /api/embeddings' the mean as it is, as Ollama returns them),
+/api/create, /api/copy, /api/delete, /api/pull.
 
 Streams are NDJSON, one object a line, as Ollama sends them (``stream`` defaults to
 true there). ``options`` map onto ``generate``; options that only tune Ollama's own
@@ -54,7 +55,7 @@ def details(info: ModelInfo) -> dict[str, Any]:
     params = info.describe.get("params")
     family = info.describe.get("architecture") or info.describe.get("backend", "")
     return {
-        "parent_model": "",
+        "parent_model": info.entry.get("base") or "",
         "format": "gguf" if info.describe.get("backend") == "cpu" else "rkllm",
         "family": family,
         "families": [family],
@@ -85,15 +86,25 @@ def _size(path: str) -> int:
 
 async def tags(request: web.Request) -> web.Response:
     gateway: Gateway = request.app["gateway"]
-    return web.json_response({"models": [entry(await gateway.model())]})
+    return web.json_response({"models": [entry(info) for info in await gateway.models()]})
+
+
+#: Ollama's "never expires" (Go's largest time), for a model kept until the daemon stops.
+NEVER = "2262-04-11T23:47:16Z"
 
 
 async def ps(request: web.Request) -> web.Response:
+    """The loaded models: each name whose weights are loaded, with its weights' size and
+    when they are unloaded if left idle."""
     gateway: Gateway = request.app["gateway"]
-    info = await gateway.model()
-    # The daemon keeps its model loaded until it stops: Ollama's "never expires".
-    item = {**entry(info), "expires_at": "2262-04-11T23:47:16Z", "size_vram": 0, "context_length": context_length(info)}
-    return web.json_response({"models": [item]})
+    items = []
+    for info in await gateway.models():
+        if info.loaded is None:
+            continue
+        expires = info.loaded.get("expires_at")
+        when = NEVER if expires is None else iso(datetime.datetime.fromtimestamp(expires, datetime.timezone.utc))
+        items.append({**entry(info), "size": info.loaded["size"], "expires_at": when, "size_vram": 0, "context_length": context_length(info)})
+    return web.json_response({"models": items})
 
 
 def context_length(info: ModelInfo) -> int:
@@ -107,18 +118,27 @@ async def version(request: web.Request) -> web.Response:
 async def show(request: web.Request) -> web.Response:
     gateway: Gateway = request.app["gateway"]
     body = await gateway.json_body(request)
-    info = await gateway.model()
-    check_model(body, info)
+    info = await gateway.model(body.get("model") or body.get("name"))
     architecture = info.describe.get("architecture") or "unknown"
     model_info = {
         "general.architecture": architecture,
         "general.parameter_count": info.describe.get("params") or 0,
         f"{architecture}.context_length": context_length(info),
     }
+    names = {field: option for option, (field, _) in OPTIONS.items()}  # max_tokens is Ollama's num_predict
+    own = sorted((names.get(key, key), value) for key, value in info.entry.get("parameters", {}).items())
+    parameters = "\n".join(f"{key:<30} {value}" for key, value in own)
+    modelfile = [f"FROM {info.entry.get('base') or info.describe.get('path') or info.id}"]
+    if info.entry.get("system") is not None:
+        modelfile.append(f'SYSTEM """{info.entry["system"]}"""')
+    if info.entry.get("template"):
+        modelfile.append(f'TEMPLATE """{info.entry["template"]}"""')
+    modelfile += [f"PARAMETER {key} {value}" for key, value in own]
     return web.json_response({
-        "modelfile": "",
-        "parameters": "",
-        "template": "",
+        "modelfile": "\n".join(modelfile) + "\n",
+        "parameters": parameters,
+        "template": info.entry.get("template") or "",
+        "system": info.entry.get("system") or "",
         "details": details(info),
         "model_info": model_info,
         "capabilities": info.describe.get("capabilities") or ["completion"],  # from the model's template (status, protocol 1.4)
@@ -126,18 +146,20 @@ async def show(request: web.Request) -> web.Response:
     })
 
 
-def check_model(body: dict[str, Any], info: ModelInfo) -> None:
-    """Ollama answers 404 for a model it does not have; the daemon serves one model."""
+async def embedding_model(gateway: Gateway, body: dict[str, Any]) -> ModelInfo:
+    """The model an embedding request names: Ollama requires one, and answers 404 for a
+    model it does not have."""
     name = body.get("model") or body.get("name")
-    if not isinstance(name, str) or name.removesuffix(":latest") != info.id:
-        raise ApiError(404, f"model '{name}' not found", code="model_not_found")
+    if not isinstance(name, str) or not name:
+        raise invalid("model is required", "model")
+    return await gateway.model(name)
 
 
 async def embed(request: web.Request) -> web.Response:
     """/api/embed as Ollama's EmbedHandler (server/routes.go): ``input`` a string or
     strings (an empty string: no input, no embeddings), ``truncate`` (default true; false
-    refuses a long input in its words), ``keep_alive`` and ``options`` accepted (the daemon
-    keeps its model loaded), L2-normalised embeddings and ``prompt_eval_count``."""
+    refuses a long input in its words), ``keep_alive`` (how long the model stays loaded),
+    ``options`` accepted, L2-normalised embeddings and ``prompt_eval_count``."""
     gateway: Gateway = request.app["gateway"]
     started = time.monotonic()
     body = await gateway.json_body(request)
@@ -150,13 +172,12 @@ async def embed(request: web.Request) -> web.Response:
         inputs = []
     else:
         raise invalid("invalid input type", "input")
-    info = await gateway.model()
-    check_model(body, info)
+    info = await embedding_model(gateway, body)
     loaded = time.monotonic()
     if not inputs:
-        return web.json_response({"model": body["model"], "embeddings": []})
+        return web.json_response({"model": body.get("model") or info.ollama_name, "embeddings": []})
     try:
-        result = await gateway.client.embed(input=inputs, truncate=body.get("truncate") is not False)
+        result = await gateway.client.embed(input=inputs, model=info.id, truncate=body.get("truncate") is not False, keep_alive=body.get("keep_alive"))
     except DaemonError as exc:
         if exc.name == "context_overflow":
             raise ApiError(400, "input length exceeds maximum context length", code="context_length_exceeded") from None
@@ -164,7 +185,7 @@ async def embed(request: web.Request) -> web.Response:
     gateway.metrics.embedded("ollama", result)
     done = time.monotonic()
     return web.json_response({
-        "model": body["model"],
+        "model": body.get("model") or info.ollama_name,
         "embeddings": result["embeddings"],
         "total_duration": int((done - started) * 1e9),
         "load_duration": int((loaded - started) * 1e9),
@@ -177,15 +198,13 @@ async def embeddings(request: web.Request) -> web.Response:
     the mean as it is (not normalised); an empty prompt only loads the model."""
     gateway: Gateway = request.app["gateway"]
     body = await gateway.json_body(request)
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise invalid("model is required", "model")
-    check_model(body, await gateway.model())
+    info = await embedding_model(gateway, body)
     prompt = body.get("prompt")
     if prompt is None or prompt == "":
         return web.json_response({"embedding": []})
     if not isinstance(prompt, str):
         raise invalid("'prompt' must be a string", "prompt")
-    result = await gateway.client.embed(input=prompt, normalize=False)
+    result = await gateway.client.embed(input=prompt, model=info.id, normalize=False, keep_alive=body.get("keep_alive"))
     gateway.metrics.embedded("ollama", result)
     return web.json_response({"embedding": result["embeddings"][0]})
 
@@ -219,7 +238,27 @@ def options(body: dict[str, Any]) -> dict[str, Any]:
         fields["tools"] = body["tools"]
     if body.get("rkllm_cache") is not None:
         fields["cache"] = body["rkllm_cache"]
+    fields["model"] = model_name(body)
+    fields["keep_alive"] = body.get("keep_alive")  # the daemon checks it (a duration, or seconds)
     return fields
+
+
+def model_name(body: dict[str, Any]) -> str | None:
+    name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise invalid("'model' must be a string")
+    return name or None
+
+
+async def load(gateway: Gateway, body: dict[str, Any], reply: dict[str, Any]) -> web.Response:
+    """Ollama's empty request: load the model (``done_reason`` "load"), or with
+    ``keep_alive`` 0 unload it ("unload")."""
+    try:
+        result = await gateway.client.call("load", model=model_name(body), keep_alive=body.get("keep_alive"))
+    except DaemonError as exc:
+        raise api_error(exc) from None  # type: ignore[misc]
+    unloading = body.get("keep_alive") in (0, "0", 0.0, "0s", "0m")
+    return web.json_response({"model": result["model"], "created_at": now(), **reply, "done": True, "done_reason": "unload" if unloading else "load"})
 
 
 def chat_message(m: Any, i: int) -> dict[str, Any]:
@@ -277,8 +316,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = await gateway.json_body(request)
     if not isinstance(body.get("messages"), list):
         raise invalid("'messages' must be an array")
-    if not body["messages"]:  # Ollama's way to load a model: answer at once
-        return web.json_response({"model": body.get("model"), "created_at": now(), "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+    if not body["messages"]:  # Ollama's way to load (or unload) a model
+        return await load(gateway, body, {"message": {"role": "assistant", "content": ""}})
     fields = {"messages": [chat_message(m, i) for i, m in enumerate(body["messages"])], **options(body)}
 
     def piece_line(piece: Any) -> dict[str, Any]:
@@ -312,8 +351,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise invalid("'template' is not supported: the daemon renders the model's own chat template ('raw': true sends a prompt as it is)")
     if body.get("raw") and body.get("system"):  # Ollama's own words (server/routes.go)
         raise invalid("raw mode does not support template, system, or context")
-    if prompt is None or prompt == "":  # Ollama's way to load a model
-        return web.json_response({"model": body.get("model"), "created_at": now(), "response": "", "done": True, "done_reason": "load"})
+    if prompt is None or prompt == "":  # Ollama's way to load (or unload) a model
+        return await load(gateway, body, {"response": ""})
     if not isinstance(prompt, str):
         raise invalid("'prompt' must be a string")
     if body.get("raw"):  # the prompt as it is: no template, no system message
@@ -341,7 +380,7 @@ async def _respond(request, gateway: Gateway, body, fields, piece_line, last_lin
     except DaemonError as exc:
         capability = exc.details.get("capability")
         if capability == "tools":  # "%s %w": the model's full name, then the error
-            raise ApiError(400, f"{(await gateway.model()).ollama_name} does not support tools") from None
+            raise ApiError(400, f"{(await gateway.model(body.get('model'))).ollama_name} does not support tools") from None
         if capability == "completion":  # an embedding-only model: "%q does not support chat" (or generate)
             raise ApiError(400, f"{json.dumps(str(body.get('model') or ''))} does not support {verb}") from None
         if capability == "thinking":  # "%q does not support thinking" of the request's model name
@@ -377,8 +416,110 @@ async def _run(request, gateway: Gateway, body, fields, piece_line, last_line, w
         return response
 
 
+async def create(request: web.Request) -> web.StreamResponse:
+    """A model derived from another (``from``) with its own ``system``, ``parameters`` and
+    ``template``; the status lines Ollama streams, or one ``{"status": "success"}``."""
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    name, base = body.get("model") or body.get("name"), body.get("from")
+    if not isinstance(name, str) or not name:
+        raise invalid("'model' must name the model to create")
+    if not isinstance(base, str) or not base:
+        raise invalid("'from' must name the model it derives from (a Modelfile, files and adapters are not supported)")
+    if body.get("files") or body.get("adapters") or body.get("modelfile"):
+        raise invalid("only 'from', 'system', 'parameters' and 'template' are supported: the daemon derives models, it does not import files")
+    parameters = body.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise invalid("'parameters' must be an object")
+    try:
+        await gateway.client.call("create", name=name, **{"from": base}, system=body.get("system"), parameters=parameters or None,
+                                  template=body.get("template") or None)
+    except DaemonError as exc:
+        raise api_error(exc) from None  # type: ignore[misc]
+    statuses = ["using existing layer", "creating new layer", "writing manifest", "success"]
+    if body.get("stream") is False:
+        return web.json_response({"status": "success"})
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    await response.prepare(request)
+    for status in statuses:
+        await response.write(json.dumps({"status": status}).encode() + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def copy(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    source, destination = body.get("source"), body.get("destination")
+    if not isinstance(source, str) or not isinstance(destination, str) or not source or not destination:
+        raise invalid("'source' and 'destination' must name models")
+    try:
+        await gateway.client.call("copy", source=source, destination=destination)
+    except DaemonError as exc:
+        raise api_error(exc) from None  # type: ignore[misc]
+    return web.Response(status=200)
+
+
+async def delete(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid("'model' must name the model to delete")
+    try:
+        await gateway.client.call("delete", name=name)
+    except DaemonError as exc:
+        raise api_error(exc) from None  # type: ignore[misc]
+    return web.Response(status=200)
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """A model from the Hugging Face hub (``hf.co/OWNER/REPO[:TAG]``, as Ollama pulls them):
+    the statuses Ollama streams, or one ``{"status": "success"}``. An error before the first
+    status is an HTTP error; one after it (a corrupt download) the stream's last line, as
+    Ollama sends it. A client that goes away cancels the pull (the next one resumes)."""
+    gateway: Gateway = request.app["gateway"]
+    body = await gateway.json_body(request)
+    name = body.get("model") or body.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid("'model' must name the model to pull (hf.co/OWNER/REPO[:TAG])")
+    statuses = gateway.client.pull(source=name, name=None)
+    try:
+        first = await statuses.__anext__()
+        if body.get("stream") is False:
+            async for _ in statuses:
+                pass
+            return web.json_response({"status": "success"})
+    except DaemonError as exc:
+        raise api_error(exc) from None  # type: ignore[misc]
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    await response.prepare(request)
+
+    def line(event: Any) -> bytes:  # Ollama's ProgressResponse leaves out empty fields (Go's omitempty: a 0 too)
+        fields = {key: value for key, value in (("digest", event.digest), ("total", event.total), ("completed", event.completed)) if value}
+        return json.dumps({"status": event.status, **fields}).encode() + b"\n"
+
+    try:
+        await response.write(line(first))
+        async for event in statuses:
+            await response.write(line(event))
+    except Exception as exc:
+        error = api_error(exc)
+        if error is None:
+            raise
+        await response.write(json.dumps(error.ollama()).encode() + b"\n")  # the official client raises ResponseError on it
+    finally:
+        await statuses.aclose()
+    await response.write_eof()
+    return response
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.post("/api/pull", pull),
+        web.post("/api/create", create),
+        web.post("/api/copy", copy),
+        web.delete("/api/delete", delete),
         web.get("/api/tags", tags),
         web.get("/api/ps", ps),
         web.get("/api/version", version),

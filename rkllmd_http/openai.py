@@ -32,15 +32,12 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 async def models(request: web.Request) -> web.Response:
     gateway: Gateway = request.app["gateway"]
-    return web.json_response({"object": "list", "data": [model_object(await gateway.model())]})
+    return web.json_response({"object": "list", "data": [model_object(info) for info in await gateway.models()]})
 
 
 async def model(request: web.Request) -> web.Response:
     gateway: Gateway = request.app["gateway"]
-    info = await gateway.model()
-    if request.match_info["model"] != info.id:
-        raise ApiError(404, f"The model '{request.match_info['model']}' does not exist", code="model_not_found", param="model")
-    return web.json_response(model_object(info))
+    return web.json_response(model_object(await gateway.model(request.match_info["model"])))
 
 
 def model_object(info: Any) -> dict[str, Any]:
@@ -54,7 +51,10 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("logit_bias"):
         raise invalid("logit_bias is not supported", "logit_bias", "unsupported_parameter")
     max_tokens = number(body, "max_completion_tokens", int)
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise invalid("'model' must be a string", "model")
     return {
+        "model": body.get("model") or None,  # the daemon answers not_found for one it does not have
         "temperature": number(body, "temperature", float),
         "top_p": number(body, "top_p", float),
         "top_k": number(body, "top_k", int),
@@ -179,7 +179,7 @@ def include_usage(body: dict[str, Any]) -> bool:
 
 async def head_of(gateway: Gateway, body: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The keys every reply and chunk of one request shares."""
-    name = body.get("model") if isinstance(body.get("model"), str) else (await gateway.model()).id
+    name = body.get("model") if isinstance(body.get("model"), str) and body.get("model") else (await gateway.model()).id
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": name, "system_fingerprint": gateway.fingerprint}
 
 
@@ -363,12 +363,12 @@ async def embeddings(request: web.Request) -> web.Response:
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise invalid("'encoding_format' must be float or base64", "encoding_format")
-    info = await gateway.model()
+    info = await gateway.model(body.get("model"))
     dimensions = number(body, "dimensions", int)
     size = info.describe.get("embedding_length")  # the NPU's is known after its first embedding
     if dimensions is not None and size is not None and dimensions != size:
         raise invalid(f"'dimensions' must be {size}, this model's embedding size: it cannot shorten its embeddings", "dimensions", "unsupported_value")
-    result = await gateway.client.embed(**fields)
+    result = await gateway.client.embed(**fields, model=info.id)
     if dimensions is not None and dimensions != result["dimensions"]:
         raise invalid(f"'dimensions' must be {result['dimensions']}, this model's embedding size: it cannot shorten its embeddings", "dimensions", "unsupported_value")
     gateway.metrics.embedded("openai", result)

@@ -15,7 +15,7 @@ from rkllmctl.aio import AsyncClient
 from rkllmd.config import HttpConfig
 from rkllmd.service import ServiceNotifier
 
-from . import ollama, openai
+from . import caches, ollama, openai
 from .errors import ApiError, api_error
 from .gateway import Gateway
 from .metrics import CONTENT_TYPE, Metrics
@@ -179,7 +179,7 @@ def make_app(client: AsyncClient, config: HttpConfig, keys: tuple[bytes, ...] = 
     app["gateway"] = Gateway(client, metrics)
     if origins:
         app.on_response_prepare.append(cors_headers)
-    app.add_routes([web.get("/", root), web.get("/health", health), web.get("/metrics", scrape), *openai.routes(), *ollama.routes()])
+    app.add_routes([web.get("/", root), web.get("/health", health), web.get("/metrics", scrape), *openai.routes(), *ollama.routes(), *caches.routes()])
     return app
 
 

@@ -48,7 +48,8 @@ RSS_GROWTH_LIMIT_KB = 6 * 1024
 MALFORMED, UNSUPPORTED_VERSION, UNKNOWN_OP, INVALID_FIELD, TOO_LARGE, INVALID_NAME = 100, 101, 102, 103, 104, 106
 #: The daemon's defaults where a field's bound is a setting (docs/protocol.md, etc/rkllmd.toml).
 SETTINGS = {"daemon.max_tokens_limit": 4096}
-_FUZZ_KINDS = {"str": "str", "name": "str", "int": "int", "float": "float", "bool": "bool", "id": "target", "messages": "messages", "stops": "stop", "tools": "tools", "vars": "vars", "format": "format", "tool_choice": "tool_choice"}
+_FUZZ_KINDS = {"str": "str", "name": "str", "int": "int", "float": "float", "bool": "bool", "id": "target", "messages": "messages", "stops": "stop", "tools": "tools", "vars": "vars", "format": "format", "tool_choice": "tool_choice",
+               "embed_input": "embed_input", "parameters": "parameters", "keep_alive": "keep_alive"}
 
 
 def _bound(value: Any) -> Any:
@@ -76,6 +77,13 @@ BASE: dict[str, dict[str, Any]] = {
     "cache.rm": {"name": "fz-none"},
     "cache.rebuild": {"name": "fz-none"},
     "cache.wait": {"name": "fz-none", "timeout": 0},
+    "embed": {"input": "Hi"},
+    # Models that do not exist: nothing is created or removed, whatever else is sent.
+    "models": {}, "load": {},
+    "create": {"name": "fz-model", "from": "fz-none"},
+    "copy": {"source": "fz-none", "destination": "fz-copy"},
+    "delete": {"name": "fz-none"},
+    "pull": {"source": "fz-none"},  # not a hub path: refused before any download
 }
 assert sorted(FIELDS) == KNOWN_OPS == sorted(BASE)
 
@@ -158,6 +166,18 @@ def wrong_values(spec: tuple) -> st.SearchStrategy:
             st.sampled_from(["messages", "tools", "add_generation_prompt", "raise_exception"]).map(lambda k: {k: 1}),
             st.just({f"v{i}": i for i in range(65)}),
         )
+    if kind == "embed_input":  # a text, texts, token ids, or lists of token ids
+        return st.one_of(
+            VALUES.filter(lambda v: not isinstance(v, (str, list)) and v is not None),
+            st.sampled_from(["", [], [[]], [""], "a\x00b", [["t"]], [1.5]]),
+            st.lists(st.integers(-(2**63), -1), min_size=1, max_size=3),
+            st.lists(VALUES.filter(lambda v: not isinstance(v, (str, list, int))), min_size=1, max_size=3),
+            st.just(["x"] * 2049),
+        )
+    if kind == "parameters":
+        return VALUES.filter(lambda v: not isinstance(v, dict) and v is not None)
+    if kind == "keep_alive":  # a number of seconds or a duration
+        return VALUES.filter(lambda v: (isinstance(v, bool) or not isinstance(v, (str, int, float))) and v is not None)
     raise AssertionError(kind)
 
 

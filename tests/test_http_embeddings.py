@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import struct
 import urllib.error
 import urllib.request
@@ -148,6 +149,24 @@ def test_langchain_ollama_embeddings(gateway) -> None:
     query = embeddings.embed_query(CAT)
     assert query == pytest.approx(documents[0], abs=1e-7)
     assert cosine(documents[1], REFERENCES[1]["embedding"]) >= 0.999
+
+
+def test_litellm_embeddings_through_both_providers(gateway) -> None:
+    """LiteLLM's ``ollama/`` provider posts /api/embed, its ``openai/`` one /v1/embeddings:
+    both get the model's vectors, equal to each other and to llama.cpp's."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of LiteLLM's price list
+    import litellm
+
+    through_ollama = litellm.embedding(model=f"ollama/{MODEL}", api_base=gateway.url, input=[CAT, KITTEN])
+    through_openai = litellm.embedding(model=f"openai/{MODEL}", api_base=gateway.url + "/v1", api_key="unused", input=[CAT, KITTEN])
+    for reply in (through_ollama, through_openai):
+        vectors = [item["embedding"] for item in reply.data]
+        assert len(vectors) == 2 and cosine(vectors[0], REFERENCES[0]["embedding"]) >= 0.999 and cosine(vectors[1], REFERENCES[1]["embedding"]) >= 0.999
+    assert through_ollama.data[1]["embedding"] == pytest.approx(through_openai.data[1]["embedding"], abs=1e-6)
+    assert through_openai.usage.prompt_tokens == len(REFERENCES[0]["ids"]) + len(REFERENCES[1]["ids"])
+    with pytest.raises(Exception) as missing:  # LiteLLM wraps the 404 in a class of its own per provider
+        litellm.embedding(model="ollama/nomic-embed-text", api_base=gateway.url, input=[CAT])
+    assert "not found" in str(missing.value)
 
 
 # -- Open WebUI's retrieval --------------------------------------------------------------------

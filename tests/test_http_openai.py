@@ -66,7 +66,7 @@ def test_greedy_reference_streamed_with_usage(client) -> None:
 
 
 def test_the_wire_is_server_sent_events_as_openai_sends_them(gateway) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2, "stream": True}
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2, "stream": True}
     request = urllib.request.Request(gateway.url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -80,11 +80,11 @@ def test_the_wire_is_server_sent_events_as_openai_sends_them(gateway) -> None:
 
 def test_sampling_fields_are_mapped(client) -> None:
     messages = [{"role": "user", "content": "Name a colour."}]
-    first = client.chat.completions.create(model="m", messages=messages, temperature=1.0, top_p=0.9, seed=7, max_tokens=6)
-    again = client.chat.completions.create(model="m", messages=messages, temperature=1.0, top_p=0.9, seed=7, max_tokens=6)
+    first = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, temperature=1.0, top_p=0.9, seed=7, max_tokens=6)
+    again = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, temperature=1.0, top_p=0.9, seed=7, max_tokens=6)
     assert first.choices[0].message.content == again.choices[0].message.content  # same seed, same output
     assert first.usage.completion_tokens <= 6
-    stopped = client.chat.completions.create(model="m", messages=CAPITAL["messages"], temperature=0, max_tokens=48, stop=[" is"])
+    stopped = client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], temperature=0, max_tokens=48, stop=[" is"])
     assert stopped.choices[0].message.content == "The capital of France"
     assert stopped.choices[0].finish_reason == "stop"
 
@@ -95,15 +95,15 @@ def test_a_system_message_matching_a_text_cache_restores_it(client, daemon) -> N
         rk.cache_put("terse-http", system)
         rk.cache_wait("terse-http")
     try:
-        reply = client.chat.completions.create(model="m", messages=TERSE["messages"], max_tokens=8, temperature=0)
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=TERSE["messages"], max_tokens=8, temperature=0)
         assert reply.usage.prompt_tokens_details.cached_tokens > 0
         assert TERSE["completion"].startswith(reply.choices[0].message.content)
-        named = client.chat.completions.create(model="m", messages=TERSE["messages"][1:], max_tokens=8, temperature=0,
+        named = client.chat.completions.create(model="smollm2-135m-instruct", messages=TERSE["messages"][1:], max_tokens=8, temperature=0,
                                                extra_body={"rkllm_cache": "terse-http"})
         assert named.usage.prompt_tokens_details.cached_tokens > 0
         assert named.choices[0].message.content == reply.choices[0].message.content
         with pytest.raises(openai.NotFoundError) as missing:
-            client.chat.completions.create(model="m", messages=TERSE["messages"][1:], max_tokens=2, extra_body={"rkllm_cache": "no-such-cache"})
+            client.chat.completions.create(model="smollm2-135m-instruct", messages=TERSE["messages"][1:], max_tokens=2, extra_body={"rkllm_cache": "no-such-cache"})
         assert missing.value.body["code"] == "not_found"
     finally:
         with daemon.client() as rk:
@@ -121,7 +121,7 @@ def test_a_system_message_matching_a_text_cache_restores_it(client, daemon) -> N
 ])
 def test_unsupported_or_invalid_fields_are_refused_as_openai_does(client, fields, param) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="m", messages=CAPITAL["messages"], **fields)
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], **fields)
     error = refused.value.body
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     assert refused.value.status_code == 400
@@ -132,23 +132,23 @@ def test_tools_and_reasoning_the_model_lacks_are_unsupported_parameters(client) 
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
     for fields, param in (({"tools": [tool]}, "tools"), ({"reasoning_effort": "low"}, "reasoning_effort")):
         with pytest.raises(openai.BadRequestError) as refused:
-            client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=1, **fields)
+            client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=1, **fields)
         error = refused.value.body
         assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "unsupported_parameter", param)
         assert error["message"].startswith(f"SmolLM2-135M-Instruct does not support {'tools' if param == 'tools' else 'thinking'}")
-    none = client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=1, reasoning_effort="none", tools=[tool], tool_choice="none")
+    none = client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=1, reasoning_effort="none", tools=[tool], tool_choice="none")
     assert none.choices[0].finish_reason == "length"
 
 
 def test_errors_have_openais_shape_and_status(client, gateway) -> None:
     with pytest.raises(openai.BadRequestError) as overflow:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=2)
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "word " * 5000}], max_tokens=2)
     assert overflow.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as empty:
-        client.chat.completions.create(model="m", messages=[])
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[])
     assert empty.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     request = urllib.request.Request(gateway.url + "/v1/chat/completions", b"{not json", {"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as bad:
         urllib.request.urlopen(request, timeout=30)
@@ -161,6 +161,6 @@ def test_errors_have_openais_shape_and_status(client, gateway) -> None:
 def test_content_parts_and_developer_role_are_read_as_text(client) -> None:
     parts = [{"role": "developer", "content": TERSE["messages"][0]["content"]},
              {"role": "user", "content": [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]}]
-    reply = client.chat.completions.create(model="m", messages=parts, max_tokens=6, temperature=0)
+    reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=parts, max_tokens=6, temperature=0)
     assert TERSE["completion"].startswith(reply.choices[0].message.content)
     assert reply.usage.prompt_tokens == TERSE["prompt_tokens"]

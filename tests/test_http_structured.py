@@ -56,7 +56,7 @@ def test_openai_json_schema_at_temperature_one(client) -> None:
     """``parse`` sends ``response_format: json_schema`` (strict) made from the pydantic model."""
 
     def ask(seed: int) -> Any:
-        return client.chat.completions.parse(model="m", messages=[{"role": "user", "content": BOB}], response_format=Person,
+        return client.chat.completions.parse(model="smollm2-135m-instruct", messages=[{"role": "user", "content": BOB}], response_format=Person,
                                              temperature=1.0, seed=seed, max_tokens=80)
 
     for reply in each_seed(ask):
@@ -67,14 +67,14 @@ def test_openai_json_schema_at_temperature_one(client) -> None:
 
 
 def test_openai_json_object_and_its_logprobs_streamed(client) -> None:
-    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BOB}], response_format={"type": "json_object"},
+    reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": BOB}], response_format={"type": "json_object"},
                                            max_tokens=60, logprobs=True, top_logprobs=2)
     choice = reply.choices[0]
     assert json.loads(choice.message.content) == {"name": "Bob", "age": 25}
     content = choice.logprobs.content
     assert len(content) == reply.usage.completion_tokens and "".join(t.token for t in content) == choice.message.content
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob for t in content)
-    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": BOB}], response_format={"type": "json_object"},
+    chunks = list(client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": BOB}], response_format={"type": "json_object"},
                                                  max_tokens=60, logprobs=True, stream=True))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
@@ -84,38 +84,38 @@ def test_openai_json_object_and_its_logprobs_streamed(client) -> None:
 def test_openai_forced_tool_calls(qwen_gateway, client) -> None:  # noqa: F811
     """Through a template with tools (SmolLM2's own has none: refused, as Ollama refuses them)."""
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER], tool_choice="required")
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], tools=[WEATHER], tool_choice="required")
     assert "does not support tools" in refused.value.body["message"]
     client = openai.OpenAI(base_url=qwen_gateway.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    named = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What is the weather in Oslo?"}], tools=[WEATHER],
+    named = client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the weather in Oslo?"}], tools=[WEATHER],
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=60)
     assert named.choices[0].finish_reason == "tool_calls"
     [call] = named.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather in Lima?"}], tools=[WEATHER],
+    chunks = list(client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Weather in Lima?"}], tools=[WEATHER],
                                                  tool_choice="required", max_tokens=60, stream=True))
     calls = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
     assert [t.function.name for t in calls] == ["get_weather"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], tool_choice="required")
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], tool_choice="required")
     assert refused.value.body["param"] == "tool_choice"
 
 
 def test_openai_length_and_refusals(client) -> None:
-    cut = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BOB}], max_tokens=5,
+    cut = client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": BOB}], max_tokens=5,
                                          response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}})
     assert cut.choices[0].finish_reason == "length"
     with pytest.raises(ValueError):
         json.loads(cut.choices[0].message.content)
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}],
                                        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
     error = refused.value.body
     assert refused.value.status_code == 400 and error["param"] == "response_format" and "Invalid type: objekt" in error["message"]
     with pytest.raises(openai.BadRequestError) as unknown:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], response_format={"type": "xml"})
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Hi"}], response_format={"type": "xml"})
     assert unknown.value.body["param"] == "response_format"
 
 
@@ -201,7 +201,7 @@ def test_litellm_ollama_tools_get_a_tool_call(gateway) -> None:
 
 def test_openai_completions_logprobs(client) -> None:
     """The legacy completions' logprobs: tokens, token_logprobs, top_logprobs as maps, text_offset."""
-    reply = client.completions.create(model="m", prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2, echo=True)
+    reply = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2, echo=True)
     choice = reply.choices[0]
     lp = choice.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == reply.usage.completion_tokens

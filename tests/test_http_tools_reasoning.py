@@ -144,8 +144,8 @@ def test_a_messages_own_keys_reach_the_template_through_both_apis(phi_gateway) -
         without = client.render([{k: v for k, v in m.items() if k != "tools"} for m in chat])
     assert f"<|tool|>{tools}<|/tool|>" in with_key["text"] and with_key["tokens"] > without["tokens"]
     with _openai(gateway) as client:
-        reply = client.chat.completions.create(model="m", messages=chat, max_tokens=1)
-    request = urllib.request.Request(gateway.url + "/api/chat", json.dumps({"model": "m", "messages": chat, "stream": False, "options": {"num_predict": 1}}).encode(),
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=chat, max_tokens=1)
+    request = urllib.request.Request(gateway.url + "/api/chat", json.dumps({"model": "smollm2-135m-instruct", "messages": chat, "stream": False, "options": {"num_predict": 1}}).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as answer:
         ollama_reply = json.loads(answer.read())
@@ -157,7 +157,7 @@ def test_a_forced_call_comes_in_the_templates_format_and_a_schema_follows_the_re
     own Hermes `<tool_call>` block, parsed into tool_calls; with a template whose prompt opens
     a reasoning block, the model reasons first and the answer alone follows the schema."""
     with _openai(qwen_gateway) as client:
-        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
+        reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER],
                                                tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=40)
     assert reply.choices[0].finish_reason == "tool_calls"
     [call] = reply.choices[0].message.tool_calls
@@ -165,7 +165,7 @@ def test_a_forced_call_comes_in_the_templates_format_and_a_schema_follows_the_re
     gateway, expected = thinking_gateway
     schema = {"type": "object", "properties": {"color": {"type": "string", "maxLength": 20}}, "required": ["color"], "additionalProperties": False}
     with _openai(gateway) as client:
-        answer = client.chat.completions.create(model="m", messages=GRASS, max_tokens=60,
+        answer = client.chat.completions.create(model="smollm2-135m-instruct", messages=GRASS, max_tokens=60,
                                                 response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}).choices[0]
     assert answer.finish_reason == "stop"
     assert answer.message.model_extra["reasoning_content"] == expected.reasoning  # the reasoning the model writes free

@@ -33,7 +33,7 @@ def open_stream(gateway, max_tokens: int) -> tuple[http.client.HTTPConnection, h
     """A streamed chat completion, read up to its first content chunk."""
     url = urllib.parse.urlsplit(gateway.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
-    body = {"model": "m", "messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": "smollm2-135m-instruct", "messages": STORY, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200
@@ -85,8 +85,8 @@ def test_a_client_that_resets_mid_answer_is_no_server_error(make_daemon) -> None
     gateway = GatewayProcess(daemon.socket).start()
     host, port = urllib.parse.urlsplit(gateway.url).netloc.split(":")
     requests = {
-        "/v1/chat/completions": {"model": "m", "messages": STORY, "max_tokens": 50, "stream": True},
-        "/api/chat": {"model": "m", "messages": STORY, "options": {"num_predict": 50}},
+        "/v1/chat/completions": {"model": "smollm2-135m-instruct", "messages": STORY, "max_tokens": 50, "stream": True},
+        "/api/chat": {"model": "smollm2-135m-instruct", "messages": STORY, "options": {"num_predict": 50}},
     }
     try:
         with daemon.client() as rk:
@@ -122,7 +122,7 @@ def metrics(gateway) -> str:
 def test_concurrent_requests_are_all_served_exactly(daemon, gateway) -> None:
     with openai_client(gateway) as client, ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(
-            lambda _: client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=48, temperature=0), range(4)))
+            lambda _: client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=48, temperature=0), range(4)))
     assert [r.choices[0].message.content for r in replies] == [CAPITAL["completion"]] * 4
     assert len({r.id for r in replies}) == 4
 
@@ -134,14 +134,14 @@ def test_a_restarting_daemon_ends_requests_in_flight_clearly_and_serves_new_ones
         with openai_client(gateway) as client:
             conn, response = open_stream(gateway, max_tokens=400)
             queued = http.client.HTTPConnection(*urllib.parse.urlsplit(gateway.url).netloc.split(":"), timeout=300)
-            queued.request("POST", "/v1/chat/completions", json.dumps({"model": "m", "messages": STORY, "max_tokens": 2}),
+            queued.request("POST", "/v1/chat/completions", json.dumps({"model": "smollm2-135m-instruct", "messages": STORY, "max_tokens": 2}),
                            {"Content-Type": "application/json"})
             with daemon.client() as rk:
                 deadline = time.monotonic() + 30
                 while rk.status()["worker"]["queued"] < 1 and time.monotonic() < deadline:
                     time.sleep(0.02)
             with pytest.raises(openai.RateLimitError) as full:  # running one, queued one: max_queue is 1
-                client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=2)
+                client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=2)
             assert full.value.body["code"] == "queue_full" and full.value.response.headers["Retry-After"] == "1"
 
             daemon.proc.kill()  # no goodbye: the gateway learns it from the connection
@@ -151,11 +151,11 @@ def test_a_restarting_daemon_ends_requests_in_flight_clearly_and_serves_new_ones
             answer = queued.getresponse()
             assert answer.status == 503 and "closed the connection" in json.loads(answer.read())["error"]["message"]
             with pytest.raises(openai.APIStatusError) as down:
-                client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=2)
+                client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=2)
             assert down.value.status_code == 503 and down.value.body["code"] == "daemon_unavailable"
 
             daemon.start()  # the same socket: the gateway reconnects by itself
-            reply = client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=48, temperature=0)
+            reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=48, temperature=0)
             assert reply.choices[0].message.content == CAPITAL["completion"]
             conn.close()
             queued.close()
@@ -191,7 +191,7 @@ def test_api_keys_are_required_when_configured(guarded) -> None:
 
 def test_bodies_over_the_limit_are_refused(guarded) -> None:
     with openai_client(guarded, api_key="first-key") as client, pytest.raises(openai.APIStatusError) as refused:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 5000}])
+        client.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "x" * 5000}])
     assert refused.value.status_code == 413
 
 
@@ -212,7 +212,7 @@ def test_cors_only_for_configured_origins(gateway, guarded) -> None:
 def test_health_and_metrics(gateway) -> None:
     with openai_client(gateway) as client:
         for _ in range(2):  # the second restores the first's conversation state
-            client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=3, temperature=0)
+            client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=3, temperature=0)
     with urllib.request.urlopen(gateway.url + "/health", timeout=30) as response:
         health = json.loads(response.read())
     assert health["status"] == "ok" and health["daemon"]["protocol"][0] == 1

@@ -10,15 +10,16 @@ import msgpack
 
 from conftest import DaemonProcess
 from reliability import RawPeer
-from rkllmd.schema import ENTRY, OPERATIONS, PROTOCOL, STATS, STATUS, STREAM, STREAM_OPTIONAL
+from rkllmd.schema import ENTRY, MODEL, OPERATIONS, PROTOCOL, STATS, STATUS, STREAM, STREAM_OPTIONAL
 
 ENVELOPE = {"v", "id", "type"}
 
 
-def matches_stream_schema(message: dict[str, Any]) -> bool:
-    """Every key the schema gives the message's type, and no other (optional ones aside)."""
-    keys, kind = set(message) - ENVELOPE, message["type"]
-    return set(STREAM[kind]) <= keys <= set(STREAM[kind]) | set(STREAM_OPTIONAL.get(kind, ()))
+def matches_stream_schema(message: dict[str, Any], op: str = "generate") -> bool:
+    """Every key the schema gives the message's type in ``op``'s stream, and no other (optional ones aside)."""
+    keys, kind, stream = set(message) - ENVELOPE, message["type"], OPERATIONS[op].messages()
+    optional = set(STREAM_OPTIONAL.get(kind, ())) if stream is STREAM else set()
+    return kind in stream and set(stream[kind]) <= keys <= set(stream[kind]) | optional
 
 
 class SpecPeer:
@@ -54,18 +55,18 @@ class SpecPeer:
         assert {"code", "name", "message"} <= set(error) <= {"code", "name", "message", "details"}, error
         return error
 
-    def stream(self, request_id: int, cancel: bool = False) -> list[dict[str, Any]]:
+    def stream(self, request_id: int, cancel: bool = False, op: str = "generate") -> list[dict[str, Any]]:
         messages = []
         while not messages or messages[-1]["type"] not in ("done", "error"):
             message = self.next(request_id)
-            assert ENVELOPE <= set(message) and matches_stream_schema(message), message
+            assert ENVELOPE <= set(message) and matches_stream_schema(message, op), message
             assert message["seq"] == len(messages), message
             messages.append(message)
             if cancel and len(messages) == 1:
                 cancel_id = self.send("cancel", target=request_id)
                 reply = self.peer.recv(timeout=60)
                 while reply["id"] != cancel_id:  # the stream's next messages may come first
-                    assert reply["id"] == request_id and matches_stream_schema(reply), reply
+                    assert reply["id"] == request_id and matches_stream_schema(reply, op), reply
                     assert reply["seq"] == len(messages)
                     messages.append(reply)
                     reply = self.peer.recv(timeout=60)
@@ -102,8 +103,27 @@ def test_every_reply_of_every_operation_matches_the_schema(daemon: DaemonProcess
         messages = spec.stream(spec.send("generate", messages=[{"role": "user", "content": "Count to one hundred."}], max_tokens=200), cancel=True)
         assert messages[-1]["type"] == "done" and messages[-1]["finish_reason"] in ("cancelled", "length", "stop")
 
+        embedded = spec.result("embed", input=["Say hi.", "Say bye."])
+        assert embedded["dimensions"] == 576 and [len(e) for e in embedded["embeddings"]] == [576 * 4] * 2  # float32 bins
+
+        model = f"spec-model-{os.getpid()}"
+        listing = spec.result("models")
+        assert all(set(entry) == set(MODEL) for entry in listing["models"]) and listing["loaded"], listing
+        default = listing["default"]
+        assert set(spec.result("create", name=model, **{"from": default}, system="You are terse.")) == set(MODEL)
+        assert set(spec.result("copy", source=model, destination=model + "-copy")) == set(MODEL)
+        assert spec.result("load", model=model) == {"model": model, "loaded": True}
+        for removed in (model + "-copy", model):
+            assert set(spec.result("delete", name=removed)) == set(MODEL)
+        assert spec.error("delete", name=model)["name"] == "not_found"
+
         rendered = spec.result("render", messages=[{"role": "user", "content": "Say hi."}])
         assert rendered["text"].endswith("<|im_start|>assistant\n") and rendered["tokens"] > 0, rendered
+
+        # A pull cancelled at once (no hub is needed): its first status, then done, cancelled.
+        messages = spec.stream(spec.send("pull", source="hf.co/rkllmd-tests/nothing"), cancel=True, op="pull")
+        assert messages[0]["status"] == "pulling manifest" and messages[-1]["type"] in ("done", "error"), messages
+        spec.answered.add("pull")
 
         error = spec.error("cache.show", name="spec-none")
         assert error["name"] == "not_found"

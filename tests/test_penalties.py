@@ -89,10 +89,10 @@ def test_through_openais_and_ollamas_clients(gateway, expected) -> None:
     """`llm -o frequency_penalty 0.5` and friends: OpenAI's chat and completions, Ollama's options."""
     prompt, answers = expected
     with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=300) as client:
-        chat = client.chat.completions.create(model="m", messages=HAIKU["messages"], temperature=0, max_tokens=MAX_TOKENS, frequency_penalty=2.0)
-        text = client.completions.create(model="m", prompt=prompt, temperature=0, max_tokens=MAX_TOKENS, presence_penalty=1.5)
+        chat = client.chat.completions.create(model="smollm2-135m-instruct", messages=HAIKU["messages"], temperature=0, max_tokens=MAX_TOKENS, frequency_penalty=2.0)
+        text = client.completions.create(model="smollm2-135m-instruct", prompt=prompt, temperature=0, max_tokens=MAX_TOKENS, presence_penalty=1.5)
         with pytest.raises(openai.BadRequestError) as out_of_range:
-            client.chat.completions.create(model="m", messages=HAIKU["messages"], max_tokens=1, presence_penalty=-3)
+            client.chat.completions.create(model="smollm2-135m-instruct", messages=HAIKU["messages"], max_tokens=1, presence_penalty=-3)
     assert chat.choices[0].message.content == answers[(2.0, 0.0)]
     assert text.choices[0].text == answers[(0.0, 1.5)]
     assert out_of_range.value.body["param"] == "presence_penalty"

@@ -170,7 +170,7 @@ def test_check_generation_and_gateway(installed: Installed, tmp_path: Path) -> N
         gateway.env = installed.env
         gateway.start()
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
-            reply = client.chat.completions.create(model="m", messages=CAPITAL["messages"], max_tokens=6, temperature=0)
+            reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=CAPITAL["messages"], max_tokens=6, temperature=0)
         assert reply.choices[0].message.content == answer["text"]
     finally:
         if gateway is not None:

@@ -100,30 +100,30 @@ def test_completions_plain_with_usage(client) -> None:
     assert (choice.text, choice.index, choice.finish_reason, choice.logprobs) == (case["completion"], 0, "stop", None)
     assert reply.usage.prompt_tokens == case["prompt_tokens"] and reply.usage.completion_tokens == len(case["completion_ids"])
     assert reply.usage.total_tokens == case["prompt_tokens"] + len(case["completion_ids"])
-    listed = client.completions.create(model="m", prompt=[rendered(TERSE)], max_tokens=5, temperature=0)  # a list of one, as LiteLLM sends
+    listed = client.completions.create(model="smollm2-135m-instruct", prompt=[rendered(TERSE)], max_tokens=5, temperature=0)  # a list of one, as LiteLLM sends
     assert TERSE["completion"].startswith(listed.choices[0].text) and listed.choices[0].finish_reason == "length"
 
 
 def test_completions_streamed_with_usage_and_echo(client) -> None:
     case = TERSE
     prompt = rendered(case)
-    chunks = list(client.completions.create(model="m", prompt=prompt, max_tokens=case["max_tokens"], temperature=0, stream=True,
+    chunks = list(client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=case["max_tokens"], temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == case["completion"]
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == case["max_tokens"]
     assert all(c.object == "text_completion" for c in chunks) and len({c.id for c in chunks}) == 1
-    echoed = client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, echo=True)
+    echoed = client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=4, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith(prompt) and case["completion"].startswith(echoed.choices[0].text[len(prompt):])
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="smollm2-135m-instruct", prompt=prompt, max_tokens=4, temperature=0, echo=True, stream=True))
     assert streamed == echoed.choices[0].text
 
 
 def test_completions_stop_and_sampling(client) -> None:
-    stopped = client.completions.create(model="m", prompt=rendered(CAPITAL), max_tokens=48, temperature=0, stop=" is")
+    stopped = client.completions.create(model="smollm2-135m-instruct", prompt=rendered(CAPITAL), max_tokens=48, temperature=0, stop=" is")
     assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == ("The capital of France", "stop")
-    first, again = (client.completions.create(model="m", prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11) for _ in range(2))
+    first, again = (client.completions.create(model="smollm2-135m-instruct", prompt="Once upon a time", max_tokens=6, temperature=1.0, seed=11) for _ in range(2))
     assert first.choices[0].text == again.choices[0].text
 
 
@@ -139,7 +139,7 @@ def test_completions_stop_and_sampling(client) -> None:
 ])
 def test_completions_refuse_what_the_daemon_cannot_do(client, fields: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        client.completions.create(**{"model": "m", "prompt": "Hi", "max_tokens": 2, **fields})
+        client.completions.create(**{"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 2, **fields})
     assert refused.value.body["param"] == param and refused.value.body["type"] == "invalid_request_error"
 
 

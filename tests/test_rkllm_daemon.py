@@ -680,7 +680,7 @@ def test_shutdown_never_destroys_the_runtime_while_a_run_is_in_it(make_npu):
         assert proc.wait(60) == 0
     assert "rkllm_destroy" not in [c.name for c in proc.calls.all()]
     log = proc.log()
-    assert "the model worker did not stop within 10 s" in log and "exiting without releasing the model" in log
+    assert "the worker of model fake did not stop within 10 s" in log and "exiting without releasing the model" in log
     assert "fake-rkllm: rkllm_destroy" not in log
 
 

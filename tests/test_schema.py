@@ -18,7 +18,7 @@ SETTINGS = {"sampling.temperature": 0.0, "sampling.top_k": 40, "sampling.top_p":
             "sampling.frequency_penalty": 0.0, "sampling.presence_penalty": 0.0, "sampling.max_tokens": 256, "daemon.max_tokens_limit": 4096}
 
 #: Client methods whose parameters are named otherwise than the fields they fill.
-RENAMED = {("cancel", "request_id"): "target"}
+RENAMED = {("cancel", "request_id"): "target", ("create", "base"): "from"}
 
 
 def test_docs_tables_are_the_schemas() -> None:

@@ -514,6 +514,44 @@ class TestRkllmd:
         logged(sd, mark, pid, "received SIGTERM: shutting down", "stopped")
         assert took < 10
 
+    def test_a_pull_needs_the_documented_network_drop_in_and_then_works(self, sd, tmp_path):
+        """The shipped unit gives the daemon no network: a pull fails and says what to do.
+        With the drop-in docs/models.md gives, the daemon pulls from a hub (tests/fake_hub.py,
+        in the namespace) into its state folder, and serves the model."""
+        from gguf_files import tiny_llama
+
+        docs = (ROOT / "docs" / "models.md").read_text()
+        network = re.search(r"\n    \[Service\]\n    PrivateNetwork=no\n(?:    \S.*\n)+", docs).group(0)
+        dropin = "\n".join(line[4:] for line in network.strip("\n").splitlines()) + "\n"
+        tiny = tiny_llama(tmp_path / "tiny.gguf").read_bytes()
+        sd.install("/usr/local/lib/rkllmd-test/tiny.gguf", tiny)
+        sd.install("/usr/local/lib/rkllmd-test/fake_hub.py", (ROOT / "tests" / "fake_hub.py").read_text())
+        hub = sd.spawn([sys.executable, "/usr/local/lib/rkllmd-test/fake_hub.py", "8765",
+                        "rk/tiny/tiny-Q8_0.gguf=/usr/local/lib/rkllmd-test/tiny.gguf"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert hub.stdout.readline().startswith("serving on http://127.0.0.1:8765")
+            write_config(sd, SHIPPED_CONFIG)
+            sd.install(f"{DROPINS}/70-hub.conf", "[Service]\nEnvironment=HF_ENDPOINT=http://127.0.0.1:8765\n")
+            sd.systemctl("daemon-reload")
+            sd.systemctl("restart", SERVICE)
+            offline = sd.run(["rkllmctl", "pull", "hf.co/rk/tiny"], user="alice", check=False)
+            assert offline.returncode == 1 and "the daemon has no network: docs/models.md" in offline.stderr, offline.stderr
+            sd.install(f"{DROPINS}/71-network.conf", dropin)
+            sd.systemctl("daemon-reload")
+            sd.systemctl("restart", SERVICE)
+            pulled = sd.run(["rkllmctl", "pull", "hf.co/rk/tiny"], user="alice")
+            assert pulled.stdout == "hf.co/rk/tiny\n" and "success" in pulled.stderr
+            assert sd.path("/var/lib/rkllmd/models/rk/tiny/tiny-Q8_0.gguf").read_bytes() == tiny
+            run = sd.run(["rkllmctl", "generate", "-m", "hf.co/rk/tiny", "--max-tokens", "3", "--json", "Hi"], user="alice")
+            assert json.loads(run.stdout)["stats"]["completion_tokens"] >= 1
+        finally:
+            hub.kill()
+            for name in ("70-hub.conf", "71-network.conf"):
+                sd.path(f"{DROPINS}/{name}").unlink(missing_ok=True)
+            sd.systemctl("daemon-reload")
+            sd.systemctl("restart", SERVICE)
+
     def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(self, sd, fake_runtime):
         # The hang comes from the test's side: the daemon runs on the NPU backend with the
         # fake vendor runtime (tests/fake_rkllm), which blocks inside rkllm_run for good,

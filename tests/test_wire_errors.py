@@ -91,8 +91,14 @@ def error_of(message: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_queue_full_and_cache_wait_timeout_while_the_worker_is_busy(faulty: DaemonProcess) -> None:
     peer = Peer(faulty)
-    peer.send("long", "generate", prompt="Count from one to five hundred.", max_tokens=200)
+    # Greedy, this prompt runs to max_tokens (sampled, "Count from one to five hundred." ended
+    # after 18 tokens once, and the build then had the model to itself).
+    peer.send("long", "generate", prompt="Count from one to five hundred, one number per line: 1, 2, 3, ...", max_tokens=200, temperature=0)
     assert peer.next("long")["type"] == "queued"
+    # Until it starts it is the one waiting: the next would find the queue full.
+    while (message := peer.next("long"))["type"] == "queued":
+        pass
+    assert message["type"] == "started"
     peer.send("waiting", "generate", prompt="Hi", max_tokens=1)
     assert peer.next("waiting")["type"] == "queued"
     peer.send("refused", "generate", prompt="Hi", max_tokens=1)  # max_queue = 1: one is waiting already

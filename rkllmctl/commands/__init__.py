@@ -27,6 +27,11 @@ VERBS: dict[str, tuple[str, str, str]] = {
     "embed": ("embed", "register", "print the embeddings of texts (mean-pooled, L2-normalised)"),
     "status": ("status", "register", "what the daemon runs and how it is doing"),
     "cache": ("cache", "register", "prompt caches: ls, show, put, edit, rm, rebuild, wait"),
+    "models": ("models", "register_models", "every model by name, and which are loaded"),
+    "create": ("models", "register_create", "derive a model from another: its own system message, parameters or template"),
+    "cp": ("models", "register_copy", "copy a model under a second name"),
+    "rm": ("models", "register_delete", "delete a created model"),
+    "pull": ("pull", "register", "download a .gguf or .rkllm model from the Hugging Face hub (hf.co/OWNER/REPO[/FILE])"),
     "completion": ("shell", "register_completion", "print the shell completion script"),
     "manpage": ("shell", "register_manpage", "print the manual page (roff), e.g. rkllmctl manpage > rkllmctl.1; man -l rkllmctl.1"),
 }

@@ -25,10 +25,12 @@ def register(p: argparse.ArgumentParser) -> None:
     v = verbs.add_parser("ls", help="every text cache and the state of its binary cache")
     v.add_argument("--json", action="store_true", help="the daemon's listing as JSON")
     v.add_argument("--names", action="store_true", help="the names alone, one a line (for scripts and shell completion)")
+    v.add_argument("-m", "--model", help="whose binary caches (text caches are shared by every model); default: the default model's")
     v.set_defaults(run=ls)
 
     v = verbs.add_parser("show", help="one cache's text and state")
     v.add_argument("name")
+    v.add_argument("-m", "--model", help="whose binary caches (text caches are shared by every model); default: the default model's")
     v.add_argument("--json", action="store_true")
     v.set_defaults(run=show)
 
@@ -49,10 +51,12 @@ def register(p: argparse.ArgumentParser) -> None:
     v = verbs.add_parser("rebuild", help="build binary caches again")
     v.add_argument("name", nargs="?")
     v.add_argument("--all", action="store_true", help="every cache")
+    v.add_argument("-m", "--model", help="whose binary caches (text caches are shared by every model); default: the default model's")
     v.set_defaults(run=rebuild)
 
     v = verbs.add_parser("wait", help="return when the binary cache matches the current text")
     v.add_argument("name")
+    v.add_argument("-m", "--model", help="whose binary caches (text caches are shared by every model); default: the default model's")
     timeout = OPERATIONS["cache.wait"].field("timeout")
     v.add_argument("--timeout", type=float, default=timeout.default, help=f"seconds, up to {timeout.high:g} (default {timeout.default:g}); exit 124 when they run out")
     v.set_defaults(run=wait)
@@ -85,7 +89,7 @@ def build_percent(build: dict[str, Any]) -> str:
 
 def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     with connect() as client:
-        listing = client.cache_ls()
+        listing = client.cache_ls(args.model)
     if args.json:
         print_json(listing)
         return 0
@@ -97,6 +101,8 @@ def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     if not rows:
         print("no text caches")
         return 0
+    if args.model:
+        print(f"binary caches of model {listing['model']}")
     print(f"{'NAME':<24} {'TEXT':>8} {'TOKENS':>7} {'BINARY':>10} {'BUILT':>9} {'BUILD':>8}  STATE")
     for row in rows:
         binary = f"{row['binary_bytes'] / 2**20:.1f}M" if row.get("binary_bytes") else "-"
@@ -109,7 +115,7 @@ def ls(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 
 def show(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     with connect() as client:
-        info = client.cache_show(args.name)
+        info = client.cache_show(args.name, args.model)
     if args.json:
         print_json(info)
         return 0
@@ -196,7 +202,7 @@ def rebuild(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     if bool(args.name) == bool(args.all):
         raise UsageError("cache rebuild takes a NAME or --all")
     with connect() as client:
-        result = client.cache_rebuild(args.name)
+        result = client.cache_rebuild(args.name, args.model)
     print(f"queued: {', '.join(result['queued']) or 'nothing'}", file=sys.stderr)
     return 0
 
@@ -205,7 +211,7 @@ def wait(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
     with connect() as client:
         line = StatusLine(sys.stderr)
         try:
-            info = wait_showing(client, args.name, args.timeout, line) if line.live else client.cache_wait(args.name, args.timeout)
+            info = wait_showing(client, args.name, args.timeout, line, args.model) if line.live else client.cache_wait(args.name, args.timeout, args.model)
         finally:
             line.clear()
     built = f", built in {info['build_ms'] / 1000:.2f} s" if info.get("build_ms") else ""
@@ -217,17 +223,17 @@ def wait(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
 POLL_S = 0.25
 
 
-def wait_showing(client: Any, name: str, timeout: float, line: StatusLine) -> dict[str, Any]:
+def wait_showing(client: Any, name: str, timeout: float, line: StatusLine, model: str | None = None) -> dict[str, Any]:
     """cache.wait in short slices (the daemon answers a wait once), the build's percentage
     from cache.show on the status line between them."""
     deadline = time.monotonic() + timeout
     while True:
         left = max(0.0, deadline - time.monotonic())
         try:
-            return client.cache_wait(name, min(POLL_S, left))
+            return client.cache_wait(name, min(POLL_S, left), model)
         except DaemonError as exc:
             if exc.name != "timeout" or left <= POLL_S:
                 raise
-        entry = client.cache_show(name)
+        entry = client.cache_show(name, model)
         progress = build_percent(entry["build"]) if entry.get("build") else ""
         line.show(f"{name}: {entry['state']} {progress}".rstrip())

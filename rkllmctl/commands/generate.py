@@ -47,6 +47,8 @@ def _value(bound: Any) -> str | None:
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="the model (rkllmctl models lists them); default: the daemon's default model")
+    p.add_argument("--keep-alive", metavar="DURATION", help=schema_help("keep_alive"))
     p.add_argument("--cache", metavar="NAME", help="use text cache NAME as the system message; default: none (a prompt that starts like a cache uses it all the same)")
     p.add_argument("--no-cache", action="store_true", help="prefill the whole prompt (no prompt cache), to measure the difference; default: restore what a cache or the conversation holds")
     p.add_argument("--temperature", type=float, help=schema_help("temperature"))
@@ -80,6 +82,8 @@ def sampling_fields(args: argparse.Namespace) -> dict[str, Any]:
         "tools": read_json(args.tools, "--tools", list),
         "vars": read_json(args.vars, "--vars", dict),
         "enable_thinking": args.enable_thinking,
+        "model": args.model,
+        "keep_alive": args.keep_alive,
     }
 
 

@@ -35,6 +35,8 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         print(f"can:      {', '.join(model['capabilities'])}  (template {model.get('template', '?')})")
     if model.get("weights"):
         print(f"weights:  {model['weights']}")
+    if "models" in status:  # since protocol 1.8
+        print(f"models:   {_models_line(status['models'], status['limits'])}")
     if model.get("decode"):
         print(f"decode:   {model['decode']}")
     print(f"worker:   {worker['running'] or 'idle'}; {worker['queued']} queued; {worker['builds_queued']} cache builds queued")
@@ -56,6 +58,18 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         f"{counters['completion_tokens']} tokens generated, {counters['cached_tokens']} prompt tokens restored from caches"
     )
     return 0
+
+
+def _models_line(models: dict[str, Any], limits: dict[str, Any]) -> str:
+    """The loaded weights with their size and when they are unloaded if idle, against the limits."""
+    loaded = models["loaded"]
+    budget = f", {limits['models_memory_bytes'] / 2**20:.0f} MiB" if limits.get("models_memory_bytes") else ""
+    parts = []
+    for m in loaded:
+        until = "kept" if m["expires_at"] is None else f"until {time.strftime('%H:%M:%S', time.localtime(m['expires_at']))}"
+        parts.append(f"{m['name']}{' (default)' if m['name'] == models['default'] else ''} {m['size'] / 2**20:.0f} MiB {until}")
+    loading = f"; loading {', '.join(models['loading'])}" if models.get("loading") else ""
+    return f"{len(loaded)} loaded of {limits.get('max_loaded_models', '?')}{budget}: {', '.join(parts)}{loading}"
 
 
 def _request_lines(requests: dict[str, list[dict[str, Any]]], max_batch: int | None) -> list[str]:

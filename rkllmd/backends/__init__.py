@@ -75,3 +75,36 @@ def choose(
     )
     backend.embedding_only = config["model.embedding_only"]
     return backend, reason
+
+
+def memory_estimate(config: Config) -> int:
+    """Bytes the model ``config`` loads takes in memory, as the pool's ``daemon.models_memory_mb``
+    counts it, read from the file's header without loading it: on the NPU, the .rkllm file
+    (the runtime maps it whole); on the CPU backend, its weights as float32 (a Q4_1 file
+    takes about 6 times its size) plus one context of KV cache. An unreadable file counts
+    its size: loading it fails with the reason."""
+    if pick(config)[0] == "rkllm":
+        return _size(_path(config["rkllm.model"]))
+    from .cpu.backend import bundled_model_path
+    from .cpu.gguf import GGUFError, GGUFFile
+    from .cpu.model import ModelConfig
+
+    path = _path(config["model.path"]) or bundled_model_path()
+    try:
+        gguf = GGUFFile(path)  # type: ignore[arg-type]
+    except (GGUFError, TypeError):
+        return _size(path)
+    try:
+        weights = 4 * sum(tensor.n_elements for tensor in gguf.tensors.values())
+        return weights + config["model.context_length"] * ModelConfig.from_gguf_metadata(gguf.metadata).kv_bytes_per_token
+    except (KeyError, ValueError):
+        return _size(path)
+    finally:
+        gguf.close()
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path else 0
+    except OSError:
+        return 0

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from ..schema import OPERATIONS
-from . import cache_ls, cache_put, cache_rebuild, cache_rm, cache_show, cache_wait, cancel, embed, generate, ping, render, status
+from . import cache_ls, cache_put, cache_rebuild, cache_rm, cache_show, cache_wait, cancel, copy, create, delete, embed, generate, load, models, ping, pull, render, status
 from .context import Context, Request
 
 Reply = dict[str, Any] | Future | None
@@ -22,6 +22,6 @@ Execute = Callable[[Context, Request], Reply]
 
 REGISTRY: dict[str, Execute] = {
     module.OP: module.execute
-    for module in (generate, render, embed, cancel, status, ping, cache_ls, cache_show, cache_put, cache_rm, cache_rebuild, cache_wait)
+    for module in (generate, render, embed, cancel, status, ping, cache_ls, cache_show, cache_put, cache_rm, cache_rebuild, cache_wait, models, create, copy, delete, load, pull)
 }
 assert REGISTRY.keys() == OPERATIONS.keys(), "every operation of the schema has its command, and no other"

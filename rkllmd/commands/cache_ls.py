@@ -9,4 +9,5 @@ OP = "cache.ls"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.disk.submit(lambda: {"caches": ctx.caches.listing(), "memory": ctx.caches.memory()})  # listing reads the folder
+    model = ctx.loaded_model(request)  # binary caches are per model; text caches are shared by name
+    return ctx.disk.submit(lambda: {"caches": model.caches.listing(), "memory": model.caches.memory(), "model": request.model.model.name})  # listing reads the folder

@@ -6,6 +6,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..caches.text import TextCacheError
+from ..models.pool import LoadedModel
 from ..protocol import ErrorCode, WireError
 from .context import Context, Request
 
@@ -13,15 +14,20 @@ OP = "cache.put"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.disk.submit(_put, ctx, request.args["name"], request.args["text"])
+    return ctx.disk.submit(_put, ctx, ctx.loaded_model(request), request.args["name"], request.args["text"])
 
 
-def _put(ctx: Context, name: str, text: str) -> dict[str, Any]:
+def _put(ctx: Context, model: LoadedModel, name: str, text: str) -> dict[str, Any]:
+    """Write the text (shared by every model), queue its build for every loaded model; the
+    entry of the model the request names."""
     try:
-        ctx.caches.texts.write(name, text)
+        model.caches.texts.write(name, text)
     except TextCacheError as exc:
         raise WireError(ErrorCode.INVALID_FIELD, f"text cache {name}: {exc}", field="text") from None
     except OSError as exc:
         raise WireError(ErrorCode.STORAGE, f"cannot write text cache {name}: {exc.strerror}", errno=exc.errno) from None
-    entry = ctx.caches.refresh(name)
+    entry = model.caches.refresh(name)
+    for other in ctx.pool.loaded():
+        if other is not model:
+            other.caches.refresh(name)
     return entry.public()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any
 
+from ..caches.manager import PromptCaches
 from ..protocol import ErrorCode, WireError
 from .context import Context, Request
 
@@ -12,12 +13,12 @@ OP = "cache.rebuild"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.disk.submit(_rebuild, ctx, request.args["name"])
+    return ctx.disk.submit(_rebuild, ctx.loaded_model(request).caches, request.args["name"])
 
 
-def _rebuild(ctx: Context, name: str | None) -> dict[str, Any]:
-    names = [name] if name is not None else ctx.caches.texts.names()
-    queued = [each for each in names if ctx.caches.refresh(each, force=True) is not None]
+def _rebuild(caches: PromptCaches, name: str | None) -> dict[str, Any]:
+    names = [name] if name is not None else caches.texts.names()
+    queued = [each for each in names if caches.refresh(each, force=True) is not None]
     if name is not None and not queued:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
     return {"queued": queued}

@@ -20,7 +20,8 @@ def _remove(ctx: Context, name: str) -> dict[str, Any]:
         existed = ctx.caches.texts.remove(name)
     except OSError as exc:
         raise WireError(ErrorCode.STORAGE, f"cannot remove text cache {name}: {exc.strerror}", errno=exc.errno) from None
-    ctx.caches.forget(name)
+    for model in ctx.pool.loaded():  # the text is every model's; so were its binary caches
+        model.caches.forget(name)
     if not existed:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
     return {"name": name, "removed": True}

@@ -6,6 +6,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..caches.text import TextCacheError
+from ..caches.manager import PromptCaches
 from ..protocol import ErrorCode, WireError
 from .context import Context, Request
 
@@ -13,17 +14,17 @@ OP = "cache.show"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.disk.submit(_show, ctx, request.args["name"])
+    return ctx.disk.submit(_show, ctx.loaded_model(request).caches, request.args["name"])
 
 
-def _show(ctx: Context, name: str) -> dict[str, Any]:
-    path = str(ctx.caches.texts.path(name))
+def _show(caches: PromptCaches, name: str) -> dict[str, Any]:
+    path = str(caches.texts.path(name))
     try:
-        text = ctx.caches.texts.read(name)
+        text = caches.texts.read(name)
     except TextCacheError as exc:
-        entry = ctx.caches.refresh(name)
+        entry = caches.refresh(name)
         return {**entry.public(), "text": None, "sha256": None, "path": path, "error": str(exc)}
     if text is None:
         raise WireError(ErrorCode.NOT_FOUND, f"no text cache named {name}")
-    entry = ctx.caches.refresh(name)
+    entry = caches.refresh(name)
     return {**entry.public(), "text": text.text, "sha256": text.sha256, "path": path, "error": None}

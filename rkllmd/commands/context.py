@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..caches.manager import PromptCaches
+from ..deferred import Deferred  # noqa: F401 (the socket loop's, from here)
 from ..config import Config
+from ..models.pool import LoadedModel, ModelPool
+from ..models.registry import Registry, Resolved
 from ..connections import Traffic
-from ..outbox import Generation
-from ..protocol import WireError
+from ..outbox import Generation, Outbox
+from ..protocol import ErrorCode, WireError
 from ..store import ArtifactStore
 from ..worker import ModelWorker
-from .cache_wait import CacheWaiters
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Request:
     id: Any
     args: dict[str, Any]  # the operation's fields, checked and with defaults (rkllmd/schema.py)
     client: str = ""  # who the client is, for status (Connections.client_name)
+    model: Resolved | None = None  # the model the request names (operations with a ``model`` field)
 
 
 @dataclass
@@ -32,7 +34,6 @@ class Context:
     caches: PromptCaches
     worker: ModelWorker
     generations: dict[tuple[bytes, Any], Generation]  # live streams by (client, request id)
-    waiters: CacheWaiters
     #: One thread for cache work that reads, writes or hashes files, in arrival order:
     #: never on the socket loop, whose every client would wait for the disk.
     disk: Executor
@@ -41,25 +42,17 @@ class Context:
     socket: Path
     started: float  # time.time() at start
     backend_reason: str  # why this backend (replaced when a reload swaps the model)
+    registry: Registry  # every model by name
+    pool: ModelPool  # the loaded ones; ``worker`` and ``caches`` above are the default model's
+    outbox: Outbox  # streams that are no model's work (a pull's progress) go out through it
 
-
-class Deferred(Future):
-    """A reply that comes later and has a deadline: the socket loop resolves it with
-    ``on_deadline()`` (a last answer, or the error saying it ran out of time) if nothing
-    else has by then."""
-
-    def __init__(self, deadline: float, on_deadline: Callable[[], dict[str, Any] | WireError]):
-        super().__init__()
-        self.deadline = deadline  # time.monotonic()
-        self._on_deadline = on_deadline
-
-    def resolve(self, outcome: dict[str, Any] | BaseException) -> None:
-        """Set the outcome (a result map or an error) unless another thread set it first."""
-        with contextlib.suppress(InvalidStateError):
-            if isinstance(outcome, BaseException):
-                self.set_exception(outcome)
-            else:
-                self.set_result(outcome)
-
-    def expire(self) -> None:
-        self.resolve(self._on_deadline())
+    def loaded_model(self, request: Request) -> LoadedModel:
+        """The loaded weights of the model ``request`` names (its binary caches are theirs),
+        or ``not_found`` saying it is not loaded (its caches are built when it loads)."""
+        assert request.model is not None  # the socket loop resolved it
+        loaded = self.pool.get(request.model.weights.name)
+        if loaded is None:
+            name = request.model.model.name
+            raise WireError(ErrorCode.NOT_FOUND, f"model {name} is not loaded: its binary caches are built when it loads (load it, or send it a request)",
+                            model=name, loaded=False)
+        return loaded

@@ -3,10 +3,11 @@
 An embedding is llama.cpp's mean pooling: the mean over an input's tokens of the model's
 final hidden states after its output norm (no lm_head), L2-normalised unless the request
 says ``normalize: false``. The raw text is embedded: no chat template, the tokenizer's own
-BOS rule. Texts are tokenized on the worker's prompt thread and run on the worker (a list
-in as few forward passes as the rows allow, in scratch state: never a running
-generation's), so the socket loop answers others meanwhile. Each embedding goes back as a
-msgpack bin of little-endian float32 (docs/protocol.md, Embeddings).
+BOS rule. Texts are tokenized on the worker's prompt thread and run on the worker of the
+model the request names (loaded first if need be; a list in as few forward passes as the
+rows allow, in scratch state: never a running generation's), so the socket loop answers
+others meanwhile. Each embedding goes back as a msgpack bin of little-endian float32
+(docs/protocol.md, Embeddings).
 """
 
 from __future__ import annotations
@@ -16,25 +17,17 @@ from concurrent.futures import Future
 from ..protocol import ErrorCode, WireError
 from ..worker import EmbedJob
 from .context import Context, Request
+from .generate import keep_alive_of
 
 OP = "embed"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    args = request.args
-    backend = ctx.worker.backend
-    if args["model"] is not None and not names_model(args["model"], backend.describe().get("name", "")):
-        raise WireError(ErrorCode.NOT_FOUND, f"model {args['model']!r} is not loaded; this daemon serves {backend.describe().get('name')!r}", field="model")
+    args, model = request.args, request.model
+    assert model is not None  # the socket loop resolved it (or answered not_found)
     texts = sum(len(item) for item in args["input"] if isinstance(item, str))
     if texts > ctx.config.daemon.max_prompt_chars:
         raise WireError(ErrorCode.TOO_LARGE, f"the input is {texts} characters; the limit is {ctx.config.daemon.max_prompt_chars}", field="input")
     job = EmbedJob(args["input"], truncate=args["truncate"], normalize=args["normalize"], future=Future())
-    ctx.worker.embed(job)
+    ctx.pool.embed(job, model.weights, keep_alive_of(args))
     return job.future
-
-
-def names_model(asked: str, name: str) -> bool:
-    """Whether ``asked`` names the loaded model: its name, or the gateway's id of it
-    (lower case, dashes for spaces), with or without Ollama's ``:latest``."""
-    asked = asked.removesuffix(":latest")
-    return asked == name or asked == "-".join(name.lower().split())

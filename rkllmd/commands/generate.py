@@ -13,40 +13,51 @@ import time
 from ..backends.base import SamplingParams
 from ..caches.text import system_text
 from ..constraints import ConstraintError, from_request
+from ..models import keep_alive
 from ..outbox import Chat, Generation
 from ..protocol import ErrorCode, WireError
 from ..templates.capabilities import CapabilityMissing, require_capabilities, require_completion
 from .context import Context, Request
+from ..worker import chat_template
 from .render import checked
 
 OP = "generate"
 
 
 def execute(ctx: Context, request: Request) -> None:
-    args = request.args
+    args, model = request.args, request.model
+    assert model is not None  # the socket loop resolved it (or answered not_found)
     if (request.identity, request.id) in ctx.generations:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
+    keep = keep_alive_of(args)
     shape = {"format": args["format"], "grammar": args["grammar"], "tool_choice": args["tool_choice"]}
-    try:  # at once, as Ollama answers; the worker checks again for the model that runs it
-        require_completion(ctx.worker.backend)
-    except CapabilityMissing as exc:
-        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
+    loaded = ctx.pool.get(model.weights.name)  # None: loading or to load; the worker checks what follows then
+    if loaded is not None:
+        try:  # at once, as Ollama answers; the worker checks again for the model that runs it
+            require_completion(loaded.backend)
+        except CapabilityMissing as exc:
+            raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
     if args["raw"]:
         chat = Chat(raw=_raw_prompt(args, ctx.config.daemon.max_prompt_chars), **shape)
     else:
         messages = _messages(args, ctx.config.daemon.max_prompt_chars)
         if args["cache"] is not None:
             messages = _with_cache_text(ctx, args["cache"], messages)
+        elif model.system is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_text(model.system)}, *messages]  # the model's own
         tools = args["tools"] if args["tool_choice"] != "none" else None  # "none": the tools are not offered
-        chat = Chat(messages, tools=tools, variables=_variables(args), **shape)
-        try:  # at once, as Ollama answers; the worker checks again for the model that runs it
-            require_capabilities(ctx.worker.backend, chat)
-        except CapabilityMissing as exc:
-            raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
-    try:  # at once too; the worker makes the constraint with the template of the model that runs it
-        from_request(**shape, tools=chat.tools, tool_format=None if chat.raw is not None else ctx.worker.backend.template.tool_calls)
-    except ConstraintError as exc:
-        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field) from None
+        chat = Chat(messages, tools=tools, variables=_variables(args), template=model.template, **shape)
+        if loaded is not None:
+            try:  # at once, as Ollama answers; the worker checks again for the model that runs it
+                require_capabilities(loaded.backend, chat, chat_template(loaded.backend, chat))
+            except CapabilityMissing as exc:
+                raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field, capability=exc.capability) from None
+    if loaded is not None:
+        try:  # at once too; the worker makes the constraint with the template of the model that runs it
+            tool_format = None if chat.raw is not None else chat_template(loaded.backend, chat).tool_calls
+            from_request(**shape, tools=chat.tools, tool_format=tool_format)
+        except ConstraintError as exc:
+            raise WireError(ErrorCode.INVALID_FIELD, str(exc), field=exc.field) from None
     params = SamplingParams(
         temperature=args["temperature"],
         top_k=args["top_k"],
@@ -54,7 +65,7 @@ def execute(ctx: Context, request: Request) -> None:
         repeat_penalty=args["repeat_penalty"],
         frequency_penalty=args["frequency_penalty"],
         presence_penalty=args["presence_penalty"],
-        seed=args["seed"],
+        seed=args["seed"] if args["seed"] is not None else model.parameters.get("seed"),
         max_tokens=args["max_tokens"],
         stop=args["stop"],
         logprobs=args["top_logprobs"] if args["logprobs"] else None,
@@ -69,9 +80,19 @@ def execute(ctx: Context, request: Request) -> None:
         received=time.monotonic(),
         client=request.client,
     )
-    ctx.worker.submit(gen)
+    ctx.pool.submit(gen, model.weights, keep)
     ctx.generations[gen.key] = gen
     return None
+
+
+def keep_alive_of(args: dict) -> float | None | str:
+    """The request's ``keep_alive`` in seconds (None: forever), or "default" when it gives none."""
+    if args["keep_alive"] is None:
+        return "default"
+    try:
+        return keep_alive.seconds(args["keep_alive"])
+    except keep_alive.KeepAliveError as exc:
+        raise WireError(ErrorCode.INVALID_FIELD, str(exc), field="keep_alive") from None
 
 
 def _variables(args: dict) -> dict | None:

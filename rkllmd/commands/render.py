@@ -25,9 +25,15 @@ MAX_TEMPLATE_CHARS = 256 << 10
 
 
 def execute(ctx: Context, request: Request) -> Future[dict[str, Any]]:
-    args = request.args
+    args, model = request.args, request.model
+    assert model is not None
     messages = checked(args["messages"], ctx.config.daemon.max_prompt_chars)
-    return ctx.worker.with_prompts(lambda backend: _render(backend, args, messages))
+    loaded = ctx.pool.get(model.weights.name)
+    if loaded is None:
+        raise WireError(ErrorCode.NOT_FOUND, f"model {model.model.name} is not loaded: load it first (the load operation, or a generation)", model=model.model.name)
+    if args["template"] is None and model.template:
+        args = {**args, "template": model.template}
+    return loaded.worker.with_prompts(lambda backend: _render(backend, args, messages))
 
 
 def _render(backend: Backend, args: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from ..protocol import MAX_MESSAGE_BYTES
 from ..schema import PROTOCOL
 from ..templates.capabilities import model_capabilities
 from .context import Context, Request
+from .models import loaded_models
 
 OP = "status"
 
@@ -51,7 +52,10 @@ def report(ctx: Context) -> dict[str, Any]:
             "max_tokens": ctx.config.daemon.max_tokens_limit,
             "max_prompt_chars": ctx.config.daemon.max_prompt_chars,
             "max_message_bytes": MAX_MESSAGE_BYTES,
+            "max_loaded_models": ctx.pool.max_loaded,
+            "models_memory_bytes": ctx.pool.memory_budget,
         },
+        "models": {"default": ctx.registry.default, "loaded": list(loaded_models(ctx).values()), "loading": ctx.pool.loading()},
     }
 
 

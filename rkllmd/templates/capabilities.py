@@ -96,12 +96,14 @@ def require_completion(backend: Backend) -> None:
         raise CapabilityMissing(f"{name} does not support generate: it is declared embedding-only (model.embedding_only)", COMPLETION, "model")
 
 
-def require_capabilities(backend: Backend, chat: Chat) -> None:
+def require_capabilities(backend: Backend, chat: Chat, template: ChatTemplate | None = None) -> None:
     """Refuse tools or thinking the model's template cannot do, as Ollama does ("... does
-    not support tools"), rather than drop them silently; ``enable_thinking`` false is fine."""
+    not support tools"), rather than drop them silently; ``enable_thinking`` false is fine.
+    ``template``: the one that renders the chat, when not the backend's."""
     require_completion(backend)
+    template = template or backend.template
     thinking = (chat.variables or {}).get("enable_thinking") is True
     for capability, field, asked in ((THINKING, "enable_thinking", thinking), (TOOLS, "tools", bool(chat.tools))):
-        if asked and capability not in backend.template.capabilities:  # thinking first, as Ollama checks
+        if asked and capability not in template.capabilities:  # thinking first, as Ollama checks
             name = backend.describe().get("name", "the model")
-            raise CapabilityMissing(f"{name} does not support {capability}: " + _WHY_NOT[capability].format(backend.template.name), capability, field)
+            raise CapabilityMissing(f"{name} does not support {capability}: " + _WHY_NOT[capability].format(template.name), capability, field)

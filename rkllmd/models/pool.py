@@ -1,0 +1,367 @@
+"""The loaded models: one backend, worker and prompt caches per weights file, loaded on
+demand, within ``daemon.max_loaded_models`` and ``daemon.models_memory_mb``.
+
+Models that share weights (a derived model and its base) share one ``LoadedModel``. A
+request for a model that is not loaded waits (its client hears ``queued``) while the
+loader thread makes room, least recently used idle model first, and loads it; then its
+requests go to the model's worker in arrival order. A load that fails ends them with
+``backend``. A model's ``keep_alive`` says how long it stays loaded once idle (Ollama's
+semantics: 0 unloads it as soon as it is idle, a negative one keeps it until the daemon
+stops); the loader thread unloads it once that time has passed and it is idle.
+
+The default model (the configuration's ``[model]``) is loaded at start and never
+unloaded: the cache operations, ``render`` and the status line run on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..backends.base import Backend, BackendError
+from ..caches.manager import PromptCaches
+from ..caches.waiters import CacheWaiters
+from ..outbox import NO_OUTPUT, Generation, Outbox
+from ..protocol import ErrorCode, WireError
+from ..templates.capabilities import model_capabilities
+from ..worker import EmbedJob, ModelWorker
+from .registry import Model
+
+log = logging.getLogger(__name__)
+
+#: How long the loader waits between looks for room when every loaded model is busy.
+ROOM_POLL_S = 0.2
+#: How long an unloaded model's worker gets to finish its last call.
+UNLOAD_JOIN_S = 30.0
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One weights file in memory."""
+
+    name: str  # the registry name of the model whose file this is
+    worker: ModelWorker
+    caches: PromptCaches
+    waiters: CacheWaiters  # cache.wait answers for these caches
+    reason: str  # why this backend
+    size: int  # bytes it takes in memory (what the budget counts: backends.memory_estimate)
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    #: When it is unloaded once idle (time.monotonic()); None: never.
+    expires: float | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """The worker's: a reload's swap of the default model replaces it there."""
+        return self.worker.backend
+
+    def busy(self) -> bool:
+        activity = self.worker.activity()
+        return bool(activity["running"] or activity["queued"] or activity["builds_queued"] or activity["embeds"])
+
+    def public(self, now_wall: float, now: float) -> dict[str, Any]:
+        describe = self.backend.describe()
+        return {
+            "name": self.name, "size": self.size, "loaded_at": self.loaded_at, "backend": self.backend.kind,
+            "expires_at": None if self.expires is None else now_wall + max(0.0, self.expires - now),
+            "context_length": describe.get("context_length"), "busy": self.busy(),
+            "describe": {**describe, "capabilities": list(model_capabilities(self.backend))},
+        }
+
+
+@dataclass(eq=False)
+class _Load:
+    model: Model
+    waiting: list[Generation] = field(default_factory=list)
+    embeds: list[EmbedJob] = field(default_factory=list)  # embed requests waiting for it
+    keep_alive: float | None | str = "default"  # what the last request for it said
+
+
+class ModelPool:
+    def __init__(self, open_model: Callable[[Model], LoadedModel], outbox: Outbox, *, max_loaded: int, memory_budget: int,
+                 keep_alive: float | None, memory_needed: Callable[[Model], int]):
+        self._open = open_model
+        self._outbox = outbox
+        self.max_loaded = max_loaded
+        self.memory_budget = memory_budget  # bytes; 0: no bound
+        self.keep_alive = keep_alive  # the default: seconds, or None (forever)
+        self._memory_needed = memory_needed
+        self._cond = threading.Condition()
+        self._loaded: dict[str, LoadedModel] = {}
+        self._pinned: str | None = None
+        self._loads: deque[_Load] = deque()
+        self._loading: _Load | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="model-loader", daemon=True)
+
+    def configure(self, *, max_loaded: int, memory_budget: int, keep_alive: float | None) -> None:
+        with self._cond:
+            self.max_loaded, self.memory_budget, self.keep_alive = max_loaded, memory_budget, keep_alive
+            self._cond.notify_all()
+
+    def start(self, default: LoadedModel) -> None:
+        """Serve ``default`` (already loaded, never unloaded) and start the loader."""
+        with self._cond:
+            self._loaded[default.name] = default
+            self._pinned = default.name
+        self._thread.start()
+
+    # -- from the socket loop -----------------------------------------------------------
+
+    def get(self, name: str) -> LoadedModel | None:
+        with self._cond:
+            return self._loaded.get(name)
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._cond:
+            return list(self._loaded.values())
+
+    def loading(self) -> list[str]:
+        with self._cond:
+            return [load.model.name for load in ([self._loading] if self._loading else []) + list(self._loads)]
+
+    def refresh(self, name: str) -> None:
+        """A text cache changed (or was removed): every loaded model's binary cache of it is
+        checked, and rebuilt where stale; models loaded later build theirs when they load."""
+        for model in self.loaded():
+            model.caches.refresh(name)
+
+    def rescan(self) -> None:
+        for model in self.loaded():
+            model.caches.rescan()
+
+    def submit(self, gen: Generation, weights: Model, keep_alive: float | None | str = "default") -> None:
+        """Run ``gen`` on ``weights``' loaded model, loading it first if need be."""
+        with self._cond:
+            if self._stopping:
+                raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            model = self._loaded.get(weights.name)
+            if model is not None:
+                model.worker.submit(gen)
+                gen.worker = model.worker
+                self._touch(model, keep_alive)
+                return
+            load = self._load_of(weights)
+            load.waiting.append(gen)
+            if keep_alive != "default":
+                load.keep_alive = keep_alive  # type: ignore[assignment]
+            position = sum(len(l.waiting) for l in self._all_loads()) - 1
+        gen.position = position
+        self._outbox.stream(gen, "queued", seq=0, position=position)
+
+    def embed(self, job: EmbedJob, weights: Model, keep_alive: float | None | str = "default") -> None:
+        """Run ``job`` on ``weights``' loaded model, loading it first if need be; a failed
+        load or a stop ends ``job.future`` with the WireError."""
+        with self._cond:
+            if self._stopping:
+                raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            model = self._loaded.get(weights.name)
+            if model is None:
+                load = self._load_of(weights)
+                load.embeds.append(job)
+                if keep_alive != "default":
+                    load.keep_alive = keep_alive  # type: ignore[assignment]
+                return
+            model.worker.embed(job)  # before its keep_alive may run out: it is busy from now
+            self._touch(model, keep_alive)
+
+    def load(self, weights: Model, keep_alive: float | None | str = "default") -> None:
+        """Load ``weights`` without a request (Ollama's empty prompt), or refresh its keep_alive."""
+        with self._cond:
+            model = self._loaded.get(weights.name)
+            if model is not None:
+                self._touch(model, keep_alive)
+                self._cond.notify_all()
+                return
+            load = self._load_of(weights)
+            if keep_alive != "default":
+                load.keep_alive = keep_alive  # type: ignore[assignment]
+
+    def unload(self, name: str) -> bool:
+        """Unload ``name`` as soon as it is idle (keep_alive 0); False if it is not loaded."""
+        with self._cond:
+            model = self._loaded.get(name)
+            if model is None or name == self._pinned:
+                return model is not None
+            model.expires = time.monotonic()
+            self._cond.notify_all()
+            return True
+
+    def cancel(self, gen: Generation, reason: str = "cancelled") -> str | None:
+        worker = getattr(gen, "worker", None)
+        if worker is not None:
+            return worker.cancel(gen, reason)
+        with self._cond:
+            for load in self._all_loads():
+                if gen in load.waiting:
+                    load.waiting.remove(gen)
+                    break
+            else:
+                return None
+        gen.cancel_reason = reason
+        gen.cancelled.set()
+        self._outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
+        return "queued"
+
+    def shutdown(self) -> list[Generation]:
+        """Stop loading; return the requests that waited for a load (not run)."""
+        with self._cond:
+            self._stopping = True
+            dropped = [gen for load in self._all_loads() for gen in load.waiting]
+            embeds = [job for load in self._all_loads() for job in load.embeds]
+            for load in self._all_loads():
+                load.waiting.clear()
+                load.embeds.clear()
+            self._loads.clear()
+            self._cond.notify_all()
+        _fail(embeds, WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down"))
+        return dropped
+
+    # -- the loader thread ------------------------------------------------------------------
+
+    def _all_loads(self) -> list[_Load]:
+        return ([self._loading] if self._loading is not None else []) + list(self._loads)
+
+    def _load_of(self, weights: Model) -> _Load:
+        for load in self._all_loads():
+            if load.model.name == weights.name:
+                return load
+        load = _Load(weights)
+        self._loads.append(load)
+        self._cond.notify_all()
+        return load
+
+    def _touch(self, model: LoadedModel, keep_alive: float | None | str) -> None:
+        """``model`` was just used: its keep_alive counts from now (lock held)."""
+        model.last_used = time.monotonic()
+        seconds = self.keep_alive if keep_alive == "default" else keep_alive
+        if model.name == self._pinned:
+            return
+        model.expires = None if seconds is None else model.last_used + seconds  # type: ignore[operator]
+        self._cond.notify_all()  # the loader's next wake-up may now be sooner
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._loads and not self._expired():
+                    timeout = self._wait_for()
+                    self._cond.wait(timeout)
+                if self._stopping:
+                    return
+                expired = self._expired()
+                if expired is not None:
+                    self._loaded.pop(expired.name)
+                else:
+                    self._loading = self._loads.popleft()
+            if expired is not None:
+                self._close(expired, "its keep_alive ran out")
+                continue
+            try:
+                self._load(self._loading)
+            except Exception:  # the loader must outlive any one load
+                log.exception("loading a model failed")
+            finally:
+                with self._cond:
+                    self._loading = None
+
+    def _wait_for(self) -> float | None:
+        """Seconds until the next keep_alive runs out (lock held)."""
+        times = [m.expires for n, m in self._loaded.items() if m.expires is not None and n != self._pinned]
+        # Run out but busy: look again a little later (it is unloaded once idle).
+        return max(ROOM_POLL_S, min(times) - time.monotonic()) if times else None
+
+    def _expired(self) -> LoadedModel | None:
+        now = time.monotonic()
+        for name, model in self._loaded.items():
+            if name != self._pinned and model.expires is not None and model.expires <= now and not model.busy():
+                return model
+        return None
+
+    def _load(self, load: _Load) -> None:
+        size = self._memory_needed(load.model)
+        if not self._make_room(size, load):
+            return
+        log.info("loading model %s (%d MiB)", load.model.name, size >> 20)
+        started = time.monotonic()
+        try:
+            model = self._open(load.model)
+        except (BackendError, OSError) as exc:
+            log.error("cannot load model %s: %s", load.model.name, exc)
+            with self._cond:
+                waiting, load.waiting = load.waiting, []
+                embeds, load.embeds = load.embeds, []
+            error = WireError(ErrorCode.BACKEND, f"cannot load model {load.model.name}: {exc}")
+            for gen in waiting:
+                self._outbox.stream(gen, "error", error=error.to_wire())
+            _fail(embeds, error)
+            return
+        log.info("model %s loaded in %.2f s", load.model.name, time.monotonic() - started)
+        with self._cond:
+            self._loaded[model.name] = model
+            waiting, load.waiting = load.waiting, []
+            embeds, load.embeds = load.embeds, []
+            self._touch(model, load.keep_alive)
+            for gen in waiting:
+                try:
+                    model.worker.submit(gen)
+                    gen.worker = model.worker
+                except WireError as exc:
+                    self._outbox.stream(gen, "error", error=exc.to_wire())
+            self._cond.notify_all()
+        for job in embeds:
+            try:
+                model.worker.embed(job)
+            except WireError as exc:
+                job.future.set_exception(exc)
+
+    def _make_room(self, size: int, load: _Load) -> bool:
+        """Unload least recently used idle models until ``size`` more fits; wait while all
+        that would have to go are busy. False: the daemon stops, or it can never fit."""
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return False
+                used = sum(m.size for m in self._loaded.values())
+                fits = len(self._loaded) < self.max_loaded and (not self.memory_budget or used + size <= self.memory_budget)
+                if fits:
+                    return True
+                movable = [m for m in self._loaded.values() if m.name != self._pinned]
+                pinned = self._loaded.get(self._pinned or "")
+                if self.memory_budget and size + (pinned.size if pinned else 0) > self.memory_budget or (self.max_loaded <= 1 and pinned):
+                    waiting, load.waiting = load.waiting, []
+                    embeds, load.embeds = load.embeds, []
+                    error = WireError(ErrorCode.BACKEND, f"model {load.model.name} ({size >> 20} MiB) cannot fit beside the default model within "
+                                      f"daemon.max_loaded_models={self.max_loaded} and daemon.models_memory_mb={self.memory_budget >> 20}")
+                else:
+                    idle = sorted((m for m in movable if not m.busy()), key=lambda m: m.last_used)
+                    if not idle:
+                        self._cond.wait(ROOM_POLL_S)
+                        continue
+                    victim = idle[0]
+                    self._loaded.pop(victim.name)
+                    error = None
+            if error is not None:
+                for gen in waiting:
+                    self._outbox.stream(gen, "error", error=error.to_wire())
+                _fail(embeds, error)
+                return False
+            self._close(victim, f"to make room for {load.model.name}")
+
+    def _close(self, model: LoadedModel, why: str) -> None:
+        log.info("unloading model %s: %s", model.name, why)
+        for gen in model.worker.shutdown():  # none: only idle models are unloaded, but a request may have just arrived
+            self._outbox.stream(gen, "error", error=WireError(ErrorCode.BACKEND, f"model {model.name} was unloaded").to_wire())
+        if not model.worker.join(UNLOAD_JOIN_S):
+            log.error("model %s: its worker did not stop within %g s", model.name, UNLOAD_JOIN_S)
+        model.caches.binaries.release()
+
+
+def _fail(jobs: list[EmbedJob], error: WireError) -> None:
+    for job in jobs:
+        job.future.set_exception(error)
+
