@@ -3,8 +3,9 @@
 A decode step streams every weight matrix once (``streamed_bytes``), so tokens/s cannot
 exceed bandwidth / those bytes. ``measure`` compiles read_limit.c with the C forward
 pass's own flags (``kernels.compile_flags``: the same -march and OpenMP team over all
-cores) and reads that many bytes with 1..16 streams per thread, ``rounds`` times each,
-keeping the best: the most this machine's cores reach reading memory, against which the
+cores, and one thread, as forward.c's decode on a busy machine) and reads that many
+bytes with 1..16 streams per thread, ``rounds`` times each, keeping the best: the most
+this machine's cores reach reading memory, against which the
 decode step's tokens/s is a ratio (above 1.0: the probe is wrong, not the decode).
 Given the model's weights (``weights=``) mapped from their file, it reads their own
 memory, the very pages a decode step reads: the kernel may map a file in 2 MB pages
@@ -39,10 +40,10 @@ NOT_STREAMED = ("attn_norm", "ffn_norm", "output_norm")
 @dataclass
 class ReadLimit:
     n_bytes: int
-    threads: int
-    best_gbps: float  # the best round of the best stream count
+    threads: int  # of the best reading: every core's, or one (see measure)
+    best_gbps: float  # the best round of the best thread and stream count
     best_streams: int
-    gbps_by_streams: dict[int, float]  # the best round of each stream count
+    gbps_by_streams: dict[int, float]  # the best round of each stream count, with the best thread count
     rounds_gbps: list[float]  # every round at the best stream count (for min/median/max)
     memory: str = "anonymous 4 KB pages"  # what was read
 
@@ -87,7 +88,7 @@ def _build(march: str, folder: Path) -> ctypes.CDLL:
     library = folder / "read_limit.so"
     subprocess.run([cc, *kernels.compile_flags(march), "-shared", "-fPIC", "-o", str(library), str(SOURCE)], check=True)
     lib = ctypes.CDLL(str(library))
-    lib.rkllmd_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    lib.rkllmd_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.rkllmd_read_seconds.restype = ctypes.c_double
     lib.rkllmd_read_threads.restype = ctypes.c_int
     return lib
@@ -107,10 +108,12 @@ def _check(lib: ctypes.CDLL, threads: int) -> None:
     """Every stream count reads every float once: on 1.0s, the sums count them."""
     region, buffer = _anonymous(4 << 20)
     sink = np.zeros(threads, np.float64)
-    for streams in range(1, MAX_STREAMS + 1):
-        lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, sink.ctypes.data)
-        if float(sink.sum()) != float(buffer.size):
-            raise RuntimeError(f"the probe read {sink.sum()} floats' worth, not {buffer.size}, with {streams} streams")
+    for team in sorted({1, threads}):
+        for streams in range(1, MAX_STREAMS + 1):
+            lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, team, sink.ctypes.data)
+            if float(sink.sum()) != float(buffer.size):
+                raise RuntimeError(f"the probe read {sink.sum()} floats' worth, not {buffer.size}, "
+                                   f"with {streams} streams on {team} threads")
     del buffer
     region.close()
 
@@ -129,19 +132,22 @@ def measure(n_bytes: int, march: str = kernels.NATIVE, rounds: int = 5, weights=
             region, buffer = _anonymous(n_bytes)
             memory = ReadLimit.memory
         sink = np.zeros(threads, np.float64)
-        rounds_by_streams: dict[int, list[float]] = {s: [] for s in range(1, MAX_STREAMS + 1)}
-        lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, 4, sink.ctypes.data)  # warm-up
+        # (threads, streams per thread): every thread, as a decode step on a quiet machine, and one,
+        # as forward.c's decode on a busy one (whichever reads faster now is the limit).
+        ways = [(team, streams) for team in sorted({threads, 1}, reverse=True) for streams in range(1, MAX_STREAMS + 1)]
+        rounds_by_way: dict[tuple[int, int], list[float]] = {way: [] for way in ways}
+        lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, 4, threads, sink.ctypes.data)  # warm-up
         for _ in range(rounds):
-            for streams in rounds_by_streams:
-                seconds = lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, sink.ctypes.data)
-                rounds_by_streams[streams].append(buffer.nbytes / seconds / 1e9)
+            for team, streams in ways:
+                seconds = lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, team, sink.ctypes.data)
+                rounds_by_way[team, streams].append(buffer.nbytes / seconds / 1e9)
         del buffer
         if region is not None:
             region.close()
-    best = {s: max(r) for s, r in rounds_by_streams.items()}
-    best_streams = max(best, key=best.get)
-    return ReadLimit(n_bytes - n_bytes % 4, threads, best[best_streams], best_streams, best, rounds_by_streams[best_streams],
-                     memory)
+    best_way = max(rounds_by_way, key=lambda way: max(rounds_by_way[way]))
+    best = {s: max(r) for (team, s), r in rounds_by_way.items() if team == best_way[0]}
+    return ReadLimit(n_bytes - n_bytes % 4, best_way[0], max(rounds_by_way[best_way]), best_way[1], best,
+                     rounds_by_way[best_way], memory)
 
 
 def main() -> None:
