@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -674,6 +675,48 @@ int rkllmd_kernel_threads(void) {
 #endif
 }
 
+/* The team a decode step runs with. Threads wait for each other at the end of every phase
+ * (~200 a token), so on a machine whose cores other processes want too, a team of two
+ * stalls whenever one of its threads is descheduled: the daemon decoded 58-65 tokens/s on
+ * one thread against 34-53 on two with the machine's 2 cores at load 4, and 64 against 74
+ * when quiet. So decode calls (every row wants its logits, at most TEAM_ROWS rows) keep an
+ * average of their time with every thread and with one, run with the faster, and every
+ * TEAM_PROBE_EVERY-th call with the other to keep its average current. The team never
+ * changes a row's bits (see the top of this file); other calls use every thread. */
+#define TEAM_ROWS 16
+#define TEAM_PROBE_EVERY 64
+static int64_t team_nanos[2], team_calls, team_rows; /* [every thread, one]: 0 until measured */
+
+static int64_t nanos_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Which team (0: every thread, 1: one) a call of n rows, n_logits of them wanted, runs
+ * with (-1: every thread, not measured), and whether that is a probe of the slower one. */
+static int choose_team(int64_t n, int64_t n_logits, int64_t threads, int *probe) {
+    *probe = 0;
+    if (threads == 1 || n_logits != n || n > TEAM_ROWS)
+        return -1;
+    if (__atomic_exchange_n(&team_rows, n, __ATOMIC_RELAXED) != n) { /* another batch: measure anew */
+        __atomic_store_n(&team_nanos[0], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&team_nanos[1], 0, __ATOMIC_RELAXED);
+    }
+    const int64_t every = __atomic_load_n(&team_nanos[0], __ATOMIC_RELAXED), one = __atomic_load_n(&team_nanos[1], __ATOMIC_RELAXED);
+    const int faster = every > 0 && one > 0 && one < every;
+    *probe = __atomic_add_fetch(&team_calls, 1, __ATOMIC_RELAXED) % TEAM_PROBE_EVERY == 0;
+    return *probe ? !faster : faster;
+}
+
+/* A call with ``team`` took ``nanos``: its average moves an eighth of the way (the team in
+ * use), or half of it (a probe, measured rarely). */
+static void timed_team(int team, int64_t nanos, int probe) {
+    const int64_t average = __atomic_load_n(&team_nanos[team], __ATOMIC_RELAXED);
+    __atomic_store_n(&team_nanos[team], average == 0 ? nanos : probe ? (average + nanos) / 2 : average + (nanos - average) / 8,
+                     __ATOMIC_RELAXED);
+}
+
 /* Run ``n`` token rows, row t at position positions[t] of the KV cache keys[t], values[t]
  * (its key and value join that cache; it attends to the cache's positions up to its own,
  * which earlier rows of the same call may have written); the logits of rows
@@ -707,7 +750,10 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
     s.gate_up = s.attended + n * q_dim;
     s.act = s.gate_up + n * gu_dim;
     s.partials = s.act + n * ffn;
-#pragma omp parallel num_threads(threads)
+    int probe;
+    const int team = choose_team(n, n_logits, threads, &probe);
+    const int64_t started = nanos_now();
+#pragma omp parallel num_threads(team == 1 ? 1 : threads)
     {
 #ifdef _OPENMP
         float *h = s.h + omp_get_thread_num() * n * dim;
@@ -746,6 +792,8 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
             run(phase++, product_items(&task.product), product_item, &task);
         }
     }
+    if (team >= 0)
+        timed_team(team, nanos_now() - started, probe);
     free(phases);
     free(scratch);
     return 0;
