@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, running_daemon, words  # noqa: E402
 
-from rkllmd.backends.base import SamplingParams  # noqa: E402
+from rkllmd.sampling import SamplingParams  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
 
 

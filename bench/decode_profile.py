@@ -44,11 +44,10 @@ from kernel_sets import c_model as c_model_for, cpu_features, daemon_env, match_
 
 import numpy as np  # noqa: E402  (after daemon, which imports rkllmd first)
 
-from rkllmd.backends.base import SamplingParams  # noqa: E402
 from rkllmctl import Client  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
 from rkllmd.backends.cpu.model import KVSlot, Model  # noqa: E402
-from rkllmd.sampling import Sampler  # noqa: E402
+from rkllmd.sampling import Sampler, SamplingParams  # noqa: E402
 
 
 def median_ms(fn, repeat: int) -> float:

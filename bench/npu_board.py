@@ -51,7 +51,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from rkllmd.backends.base import GenerationStats, PrefixState, SamplingParams  # noqa: E402
+from rkllmd.backends.base import GenerationStats, PrefixState  # noqa: E402
+from rkllmd.sampling import SamplingParams  # noqa: E402
 from rkllmd.backends.rkllm.backend import RkllmBackend  # noqa: E402
 from rkllmd.backends.rkllm.devices import read_driver  # noqa: E402
 from rkllmd.constraints import from_request  # noqa: E402

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, WEIGHTS_DIR, print_overhead, running_daemon, words  # noqa: E402
 
 from rkllmctl import Client  # noqa: E402
-from rkllmd.backends.base import SamplingParams  # noqa: E402
+from rkllmd.sampling import SamplingParams  # noqa: E402
 from rkllmd.backends.cpu.backend import CpuBackend  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from .backends import choose, memory_estimate
+from .backends import choose, config_for, memory_estimate
 from .protocol import WireError
 from .backends.base import Backend, BackendError
 from .backends.cpu import kernels, weights_file
@@ -32,7 +32,7 @@ from .service import ServiceNotifier, enable_faulthandler
 from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dirs
 from .models import keep_alive
 from .models.pool import LoadedModel, ModelPool
-from .models.registry import Model, Registry
+from .models.registry import Model, Registry, configured_models
 from .worker import ModelWorker
 
 log = logging.getLogger("rkllmd")
@@ -83,29 +83,8 @@ def default_name(config: Config, backend: Backend) -> str:
     return "-".join(str(name).lower().split()) or "rkllmd"
 
 
-def configured_models(config: Config) -> dict[str, Model]:
-    """The [models.NAME] tables as registry models."""
-    return {
-        name: Model(name, path=str(Path(keys["path"]).expanduser()) if "path" in keys else "", template=keys.get("template", ""),
-                    system=keys.get("system"), parameters=keys.get("parameters", {}), base=keys.get("from"),
-                    embedding_only=keys.get("embedding_only", False))
-        for name, keys in config.models.items()
-    }
-
-
 def models_file(config: Config) -> Path:
     return Path(config.daemon.models_file).expanduser() if config.daemon.models_file else cache_dirs(config)[0] / "models.json"
-
-
-def config_for(config: Config, model: Model) -> Config:
-    """The configuration that loads ``model``'s weights file with the default model's
-    other settings: a .rkllm file on the NPU, a .gguf file on the CPU backend."""
-    if model.path.endswith(".rkllm"):
-        return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="rkllm"),
-                                   rkllm=dataclasses.replace(config.rkllm, model=model.path, template=model.template or config.rkllm.template),
-                                   model=dataclasses.replace(config.model, embedding_only=model.embedding_only))
-    return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="cpu"),
-                               model=dataclasses.replace(config.model, path=model.path, chat_template=model.template, embedding_only=model.embedding_only))
 
 
 def run(config: Config, reload_config: Callable[[], Config]) -> int:
@@ -190,7 +169,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         return loaded
 
     try:
-        registry = Registry(default_name(config, backend), configured_models(config), models_file(config))
+        registry = Registry(default_name(config, backend), configured_models(config.models), models_file(config))
         for name in config.models:
             registry.resolve(name)  # a [models.NAME] from a model that does not exist
     except WireError as exc:
@@ -263,7 +242,7 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
             make_dirs(text_dir, TEXT_DIR_MODE)
             make_dirs(binary_dir, BINARY_DIR_MODE)
             watcher = TextFolderWatcher(str(text_dir), config.cache.debounce_ms / 1000, ctx.pool.refresh)
-        registry = ctx.registry.reconfigured(configured_models(config))
+        registry = ctx.registry.reconfigured(configured_models(config.models))
     except WireError as exc:  # a [models.NAME] refused
         log.error("reload refused, keeping the running configuration: [models]: %s", exc)
         notifier.ready(status.line(ctx))

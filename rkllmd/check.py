@@ -7,6 +7,11 @@ parsed as the daemon would parse it. The daemon runs the same checks at start (w
 parse: it loads the tokenizer next) and logs the report (``log_report``), so the journal of
 a failed start says what a board owner would have seen.
 
+Every configured model is listed (``models``: the default and each ``[models.NAME]``): its
+file, its kind, what the file says about itself and, for a ``.rkllm``, whether the platform
+its name names is this board's. A ``[models.NAME]`` whose file is missing, unreadable or not
+a model is a problem: the daemon starts, but every request for that model would fail.
+
 Each finding is a ``Finding`` with its fix: a *problem* stops the daemon from starting
 (``rkllmd check`` exits 1), a *warning* does not. Access is judged for the account the
 daemon runs as (the unit's ``User=rkllmd`` with its groups, when that account exists;
@@ -29,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends import pick
+from .backends import config_for, memory_estimate, pick
 from .backends.base import BackendError
 from .backends.cpu import kernels
 from .backends.cpu.backend import bundled_model_path
+from .backends.cpu.gguf import GGUFFile
 from .backends.cpu.weights_file import SUFFIX as WEIGHTS_SUFFIX
 from .backends.rkllm import devices
 from .backends.rkllm.backend import BOUND_EXTRA, MODEL_MAGIC, MODEL_SUFFIX, load_tokenizer
@@ -46,6 +52,7 @@ from .backends.rkllm.library import (
     read_markers,
 )
 from .config import Config
+from .models.registry import configured_models
 from .paths import cache_dirs, default_socket, kernels_dir, models_dir, weights_dir
 
 log = logging.getLogger("rkllmd.check")
@@ -81,6 +88,8 @@ class Report:
     sections: dict[str, Any] = field(default_factory=dict)
     problems: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    #: Models other than the default that cannot load, with how many of the problems are theirs.
+    unloadable: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -88,7 +97,15 @@ class Report:
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": self.ok, **self.sections, "problems": [asdict(p) for p in self.problems],
-                "warnings": [asdict(w) for w in self.warnings]}
+                "warnings": [asdict(w) for w in self.warnings], "unloadable_models": sorted(self.unloadable)}
+
+    def verdict(self) -> str:
+        if self.ok:
+            return "ok: rkllmd would start"
+        count = f"{len(self.problems)} problem{'s' * (len(self.problems) != 1)}"
+        if sum(self.unloadable.values()) == len(self.problems):
+            return f"NOT OK: rkllmd would start, but requests for {', '.join(sorted(self.unloadable))} would fail ({count})"
+        return f"NOT OK: rkllmd would not start ({count})"
 
     def text(self) -> str:
         lines: list[str] = []
@@ -100,8 +117,7 @@ class Report:
                 lines.append(f"{title} ({len(findings)}):")
                 for f in findings:
                     lines += [f"  - {f.what}", f"    fix: {f.fix}"]
-        lines.append("ok: rkllmd would start" if self.ok else
-                     f"NOT OK: rkllmd would not start ({len(self.problems)} problem{'s' * (len(self.problems) != 1)})")
+        lines.append(self.verdict())
         return "\n".join(lines)
 
 
@@ -232,8 +248,11 @@ class _Checker:
         self.dev, self.sysfs, self.proc = dev, sysfs, proc
         self.report = Report()
 
-    def problem(self, what: str, fix: str, *, fatal: bool = True) -> None:
+    def problem(self, what: str, fix: str, *, fatal: bool = True, models: tuple[str, ...] = ()) -> None:
+        """A finding; ``models``: the configured models (not the default) it keeps from loading."""
         (self.report.problems if fatal else self.report.warnings).append(Finding(what, fix))
+        for name in models if fatal else ():
+            self.report.unloadable[name] = self.report.unloadable.get(name, 0) + (name == models[0])
 
     def run(self) -> Report:
         sections = self.report.sections
@@ -250,18 +269,27 @@ class _Checker:
         sections["rkllm"] = self.rkllm(fatal=kind == "rkllm") if kind == "rkllm" or (
             wanted == "auto" and npu_configured) else None
         sections["cpu"] = self.cpu() if kind == "cpu" else None
+        npu_models = tuple(n for n, keys in self.config.models.items() if str(keys.get("path", "")).endswith(MODEL_SUFFIX))
+        if sections["rkllm"] is None and npu_models:  # the default runs on the CPU, these on the NPU
+            sections["rkllm"] = self.rkllm(fatal=True, for_models=npu_models)
+        sections["models"] = self.models(kind, sections["rkllm"])
         sections["socket"] = self.socket()
         sections["caches"] = self.caches()
         return self.report
 
     # -- NPU
-    def rkllm(self, fatal: bool) -> dict[str, Any]:
-        """The NPU's needs. With ``fatal`` False (auto chose the CPU) its problems are warnings."""
+    def rkllm(self, fatal: bool, for_models: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The NPU's needs. With ``fatal`` False (auto chose the CPU) its problems are warnings.
+        ``for_models``: the default model runs on the CPU, but these [models.NAME] are .rkllm
+        files: the library, devices and driver are checked for them (the default's model,
+        tokenizer and memory are not the NPU's)."""
         out: dict[str, Any] = {"library": None, "release": None, "release_text": None, "interface": None}
         prefix = "" if fatal else "the NPU backend is not used: "
+        if for_models:
+            prefix = f"model{'s' * (len(for_models) > 1)} {', '.join(for_models)} (.rkllm): "
 
         def problem(what: str, fix: str) -> None:
-            self.problem(prefix + what, fix, fatal=fatal)
+            self.problem(prefix + what, fix, fatal=fatal, models=for_models)
 
         library = Path(self.config["rkllm.library"]).expanduser() if self.config["rkllm.library"] else None
         try:
@@ -274,11 +302,13 @@ class _Checker:
             out["library"] = str(path)
             self.library(path, out, problem)
         out["board"] = devices.board_soc(self.sysfs)
-        out["model"] = self.npu_model(problem, out["release"], out["board"])
-        out["tokenizer"] = self.npu_tokenizer(problem)
+        if not for_models:
+            out["model"] = self.npu_model(problem, out["release"], out["board"])
+            out["tokenizer"] = self.npu_tokenizer(problem)
         out["devices"] = self.npu_devices(problem)
         out["driver"] = self.npu_driver(problem)
-        out["memory"] = self.memory(out["model"].get("size_bytes"), problem)
+        if not for_models:
+            out["memory"] = self.memory(out["model"].get("size_bytes"), problem)
         return out
 
     def npu_driver(self, problem) -> dict[str, Any]:
@@ -337,8 +367,11 @@ class _Checker:
         if not value:
             problem("no .rkllm model configured", "set [rkllm] model = \"/path/to/model.rkllm\" (or RKLLMD_RKLLM_MODEL)")
             return {"path": None}
-        path = Path(value).expanduser()
-        out = self.file_facts(path, problem, "[rkllm] model")
+        return self.rkllm_file(Path(value).expanduser(), problem, runtime, board, "[rkllm] model")
+
+    def rkllm_file(self, path: Path, problem, runtime: str | None, board: str | None, key: str) -> dict[str, Any]:
+        """A .rkllm file: readable, its magic, the toolkit it ends with, the platform its name names."""
+        out = self.file_facts(path, problem, key)
         if out.get("readable"):
             with open(path, "rb") as f:
                 head = f.read(len(MODEL_MAGIC))
@@ -348,13 +381,131 @@ class _Checker:
             if head != MODEL_MAGIC:
                 problem(f"{path} is not a converted .rkllm model: {out['magic']} (the runtime would say "
                         "\"invalid rknn llm model magic\")",
-                        "convert the model with rkllm-toolkit for this SoC, or point [rkllm] model at the .rkllm file")
+                        f"convert the model with rkllm-toolkit for this SoC, or point {key} at the .rkllm file")
             else:
                 self.toolkit(out, tail, runtime)
         if path.suffix.lower() != MODEL_SUFFIX:
-            problem(f"model {path} is not an {MODEL_SUFFIX} file", "point [rkllm] model at the .rkllm file")
+            problem(f"model {path} is not an {MODEL_SUFFIX} file", f"point {key} at the .rkllm file")
         self.named_platform(out, path, board)
         return out
+
+    def gguf_file(self, path: Path, problem, key: str) -> dict[str, Any]:
+        """A .gguf file: readable, its magic, the architecture and name its metadata gives."""
+        out = self.file_facts(path, problem, key)
+        if out.get("readable"):
+            with open(path, "rb") as f:
+                head = f.read(4)
+            out["magic"] = "ok" if head == b"GGUF" else _what_is(head)
+            if head != b"GGUF":
+                problem(f"{path} is not a GGUF file: {out['magic']}", f"point {key} at a GGUF file (a llama-architecture model)")
+                return out
+            try:
+                gguf = GGUFFile(path)
+            except (ValueError, OSError, IndexError) as exc:
+                problem(f"{path} cannot be parsed as GGUF: {exc}", f"point {key} at a complete GGUF file")
+                return out
+            try:
+                out["architecture"] = gguf.metadata.get("general.architecture")
+                out["model_name"] = gguf.metadata.get("general.name")
+            finally:
+                gguf.close()
+        return out
+
+    # -- every configured model
+    def models(self, kind: str | None, npu: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """The default model and each [models.NAME]: file, kind and what the file says. The
+        default's problems are its backend section's; the others' are said here, per name."""
+        board = npu["board"] if npu else devices.board_soc(self.sysfs)
+        runtime = npu["release"] if npu else None
+        listed: list[dict[str, Any]] = []
+        default_path = (self.config["rkllm.model"] if kind == "rkllm" else self.config["model.path"] or bundled_model_path()) or None
+        default_name = self.config["model.name"] or "default"
+        entries: list[tuple[str, Any, dict[str, Any]]] = [(default_name, default_path, {})]
+        entries += [(name, keys.get("path"), keys) for name, keys in self.config.models.items()]
+        sizes: dict[str, int] = {}
+        configured = configured_models(self.config.models)
+        for name, value, keys in entries:
+            default = not keys
+            facts: dict[str, Any] = {"name": name, "default": default}
+            if value is None and keys.get("from"):
+                facts.update(kind="derived", **{"from": keys["from"]}, weights=self._root(keys["from"]))
+                listed.append(facts)
+                continue
+            if value is None:
+                facts.update(kind=None, path=None)
+                listed.append(facts)
+                continue
+            path = Path(str(value)).expanduser()
+            model_kind = "rkllm" if path.suffix.lower() == MODEL_SUFFIX else "gguf"
+            key = ("[rkllm] model" if kind == "rkllm" else "[model] path") if default else f"[models.{name}] path"
+            report = self.report
+            before = (len(report.problems), len(report.warnings))
+
+            def problem(what: str, fix: str, name: str = name) -> None:
+                self.problem(f"model {name}: {what}", fix, models=(name,))
+
+            facts["kind"] = model_kind
+            facts.update(self.rkllm_file(path, problem, runtime, board, key) if model_kind == "rkllm" else self.gguf_file(path, problem, key))
+            if default:  # already judged in its backend's section: facts only here
+                del report.problems[before[0]:], report.warnings[before[1]:]
+                if not self.config["model.name"]:  # named as the daemon names it (app.default_name)
+                    stem = re.sub(r"\.(Q\d\w*|F16|F32|BF16)$", "", path.stem, flags=re.IGNORECASE)  # as the backends' describe()
+                    facts["name"] = default_name = "-".join(stem.lower().split())
+            if model_kind == "rkllm":
+                named = facts.get("platform_in_name")
+                facts["board"] = board
+                facts["platform_matches"] = None if named is None or board is None else named == board
+                if not default:
+                    facts["tokenizer"] = self.model_tokenizer(keys.get("tokenizer"), problem, name)
+            if facts.get("exists"):
+                try:  # what daemon.models_memory_mb counts for it
+                    facts["memory_bytes"] = memory_estimate(self.config if default else config_for(self.config, configured[name]))
+                except BackendError:  # no backend to pick (said in the backend section)
+                    facts["memory_bytes"] = None
+                sizes[facts["name"]] = facts["memory_bytes"] or 0
+            listed.append(facts)
+        self.budget(default_name, sizes)
+        npu_files = [m["name"] for m in listed if m.get("kind") == "rkllm"]
+        if runtime == "1.3.0" and len(npu_files) > 1 and not self.config["daemon.models_memory_mb"]:
+            self.problem(f"runtime 1.3.0 crashes (a segmentation fault, rknn-llm #522) when a second rkllm_init finds the NPU's "
+                         f"memory full, instead of failing as 1.2.x does; {', '.join(npu_files)} are .rkllm models and "
+                         "daemon.models_memory_mb is 0 (no bound)",
+                         "set daemon.models_memory_mb to what the NPU holds (the daemon then unloads idle models first), "
+                         "or run release 1.2.3", fatal=False)
+        return listed
+
+    def model_tokenizer(self, value: str | None, problem, name: str) -> dict[str, Any]:
+        """A .rkllm [models.NAME]'s own tokenizer: its file, and whether it loads."""
+        if not value:
+            return {"path": None, "token_counts": f"bounded: UTF-8 bytes + {BOUND_EXTRA}"}
+        path = Path(value).expanduser()
+        out = self.file_facts(path, problem, f"[models.{name}] tokenizer", what="tokenizer file")
+        out["token_counts"] = "exact"
+        if self.parse and out.get("readable"):
+            try:
+                load_tokenizer(path)
+                out["loads"] = True
+            except RkllmStartupError as exc:
+                out["loads"] = False
+                problem(str(exc), f"point [models.{name}] tokenizer at the tokenizer.json of the model the .rkllm was converted from")
+        return out
+
+    def _root(self, name: str) -> str:
+        """The model whose weights a chain of ``from`` ends at (as the registry resolves it)."""
+        seen = 0
+        while name in self.config.models and self.config.models[name].get("from") and seen < 64:
+            name, seen = self.config.models[name]["from"], seen + 1
+        return name
+
+    def budget(self, default: str, sizes: dict[str, int]) -> None:
+        """A model that can never load beside the default within daemon.models_memory_mb (each
+        counted as the daemon counts it: ``backends.memory_estimate``)."""
+        budget = self.config["daemon.models_memory_mb"] << 20
+        for name, size in sizes.items():
+            if budget and name != default and size + sizes.get(default, 0) > budget:
+                self.problem(f"model {name} ({_size(size)}) cannot load beside the default model ({_size(sizes.get(default, 0))}) "
+                             f"within daemon.models_memory_mb = {budget >> 20}: every request for it fails",
+                             "raise daemon.models_memory_mb, or use a smaller model", fatal=False)
 
     def npu_tokenizer(self, problem) -> dict[str, Any]:
         """``[rkllm] tokenizer``: the file, and whether it loads as the daemon loads it (a start
@@ -594,7 +745,8 @@ def log_report(report: Report) -> None:
 
 
 def main(config: Config, user: str | None, as_json: bool, root: Path = Path("/")) -> int:
-    """``rkllmd check``: the report on stdout; exit 0 when the daemon would start, else 1.
+    """``rkllmd check``: the report on stdout; exit 0 when the daemon would start and every
+    configured model could load, else 1.
     ``root``: where the kernel's dev/, sys/ and proc/ are looked up (a copy of a board's)."""
     try:
         account = daemon_account(user)

@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None, check: bool = False) -> argparse.Namespac
         parser = argparse.ArgumentParser(
             prog="rkllmd check",
             description="Say whether rkllmd would start with this configuration, and what to fix if not, "
-                        "without starting it. Exit status 0: it would start; 1: it would not.")
+                        "without starting it; every configured model is listed with what its file says. "
+                        "Exit status 0: it would start; 1: it would not, or a configured model could not load.")
         parser.add_argument("--json", action="store_true", help="the report as JSON, for scripts")
         parser.add_argument("--user", help="judge access for this account (default: the service's user rkllmd "
                                            "when it exists, else you)")

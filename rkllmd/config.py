@@ -242,7 +242,8 @@ def _coerce(option: Option, value: Any, source: str, text: bool = False) -> Any:
 
 
 #: What a [models.NAME] table may say, and of which type.
-MODEL_KEYS: dict[str, type] = {"path": str, "from": str, "template": str, "system": str, "parameters": dict, "embedding_only": bool}
+MODEL_KEYS: dict[str, type] = {"path": str, "from": str, "template": str, "system": str, "parameters": dict, "embedding_only": bool,
+                               "tokenizer": str}
 _TYPE_NAMES = {str: "string", dict: "table", bool: "boolean"}
 
 
@@ -262,6 +263,9 @@ def _models(tables: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}: give either path (a .gguf or .rkllm file) or from (the model it derives from)")
         if "path" in keys and not keys["path"].endswith((".gguf", ".rkllm")):
             raise ConfigError(f"{where}: path must be a .gguf (CPU backend) or .rkllm (NPU) file")
+        if "tokenizer" in keys and not keys.get("path", "").endswith(".rkllm"):
+            raise ConfigError(f"{where}: tokenizer (the tokenizer.json of the model a .rkllm was converted from) goes with a .rkllm path; "
+                              "a .gguf file holds its own")
         models[name] = dict(keys)
     return models
 

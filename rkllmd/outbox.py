@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .backends.base import SamplingParams
+from .sampling import SamplingParams
 from .protocol import reply
 from .templates.output import OutputSplitter
 

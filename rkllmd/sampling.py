@@ -32,14 +32,42 @@ top-p, as OpenAI reports them (the same text gets the same figures at any temper
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .backends.base import SamplingParams
-from .constraints import ConstraintError, Guide
+from .constraints import Constraint, ConstraintError, Guide
 
 DEFAULT_REPEAT_LAST_N = 64  # llama.cpp's default penalty window (prompt tokens included)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. temperature 0 means greedy (argmax).
+
+    ``constraint``: what the output must match (a JSON Schema, a grammar, a forced tool
+    call), enforced by the daemon's own sampler on each step's logits. ``logprobs``: when
+    not None, each token's log-probability and that many alternatives are reported
+    (``Run.logprobs``). Both need a backend whose daemon samples (the CPU backend; the NPU
+    backend in its logits mode)."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None
+    logprobs: int | None = None
+
+    @property
+    def daemon_samples(self) -> bool:
+        """Whether this request needs the daemon's sampler rather than a runtime's own."""
+        return self.constraint is not None or self.logprobs is not None
 
 
 class Sampler:

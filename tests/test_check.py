@@ -364,6 +364,46 @@ def test_what_a_model_file_says_about_itself(npu_env, tmp_path, name, toolkit, c
     assert code == 0  # the runtime stays the judge
 
 
+# --- every configured model ---------------------------------------------------------------------
+def test_every_configured_model_is_listed_with_what_its_file_says(fake_runtime, tmp_path):
+    """The default on the CPU; [models.NAME]: a GGUF, a broken GGUF, a .rkllm (for which the NPU's
+    needs are checked, the default not being on it) and a derived model. A model that cannot load
+    is a problem of its own: the daemon would start, requests for it would fail, exit 1."""
+    tiny = tiny_llama(tmp_path / "tiny.gguf")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(12))  # the magic, then a truncated header
+    coder = write_model(tmp_path / "coder_w8a8_rk3588.rkllm", "weights\x00" + FOOTER.format("1.2.3"))
+    config = tmp_path / "rkllmd.toml"
+    config.write_text(f'[models.tiny]\npath = "{tiny}"\n[models.broken]\npath = "{broken}"\n'
+                      f'[models.coder]\npath = "{coder}"\n[models.terse]\nfrom = "coder"\nsystem = "Be brief."\n')
+    root = board(tmp_path / "board", module="0.9.8\n")
+    flags = ("--backend", "cpu", "--config", str(config), "--root", str(root))
+    env = {"RKLLMD_RKLLM_LIBRARY": str(fake_runtime["1.2"])}
+    out = rkllmd_check(*flags, "--json", folder=tmp_path, env=env)
+    report = as_json(out)
+    listed = {m["name"]: m for m in report["models"]}
+    assert list(listed) == ["smollm2-135m-instruct", "tiny", "broken", "coder", "terse"]
+    default = listed["smollm2-135m-instruct"]
+    assert (default["default"], default["kind"], default["magic"], default["architecture"]) == (True, "gguf", "ok", "llama")
+    assert (listed["tiny"]["kind"], listed["tiny"]["architecture"], listed["tiny"]["size_bytes"]) == ("gguf", "llama", tiny.stat().st_size)
+    assert (listed["coder"]["kind"], listed["coder"]["toolkit"], listed["coder"]["platform_matches"]) == ("rkllm", "1.2.3", True)
+    assert listed["coder"]["tokenizer"] == {"path": None, "token_counts": "bounded: UTF-8 bytes + 2"}
+    assert (listed["terse"]["kind"], listed["terse"]["from"], listed["terse"]["weights"]) == ("derived", "coder", "coder")
+    assert report["rkllm"]["interface"] == "1.2" and report["rkllm"]["devices"][0]["path"] == str(root / "dev" / "rknpu")
+    [finding] = report["problems"]
+    assert finding["what"].startswith(f"model broken: {broken} cannot be parsed as GGUF")
+    assert report["unloadable_models"] == ["broken"] and out.returncode == 1
+    human = rkllmd_check(*flags, folder=tmp_path, env=env)
+    assert human.returncode == 1
+    assert human.stdout.rstrip().endswith("NOT OK: rkllmd would start, but requests for broken would fail (1 problem)")
+
+    # Without the NPU's device node, the .rkllm model cannot load either (the default still could).
+    (root / "dev" / "rknpu").unlink()
+    report = as_json(rkllmd_check(*flags, "--json", folder=tmp_path, env=env))
+    assert report["unloadable_models"] == ["broken", "coder"]
+    assert any(p["what"].startswith("model coder (.rkllm): no NPU device node") for p in report["problems"])
+
+
 # --- socket and caches ----------------------------------------------------------------------------------
 @pytest.fixture
 def open_tmp():
@@ -429,4 +469,4 @@ def test_service_identity_is_the_units():
 def test_check_help_names_the_exit_status():
     out = subprocess.run([sys.executable, "-m", "rkllmd", "check", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=60)
-    assert out.returncode == 0 and "Exit status 0: it would start; 1: it would not." in " ".join(out.stdout.split())
+    assert out.returncode == 0 and "Exit status 0: it would start; 1: it would not, or a configured model could not load." in " ".join(out.stdout.split())

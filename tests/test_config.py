@@ -33,6 +33,9 @@ def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
         ("[daemon]\nno_such_key = 1\n", "unknown key daemon.no_such_key"),
         ("[daemon\n", "rkllmd.toml"),
         ("daemon = 3\n", "must be a table"),
+        ("[models.m]\npath = '/m.gguf'\ntokenizer = '/t.json'\n", r"\[models.m\]: tokenizer .* goes with a .rkllm path"),
+        ("[models.m]\nfrom = 'x'\ntokenizer = '/t.json'\n", r"\[models.m\]: tokenizer .* goes with a .rkllm path"),
+        ("[models.m]\npath = '/m.rkllm'\ntokenizer = 3\n", r"\[models.m\]: tokenizer must be a string"),
     ],
 )
 def test_bad_config_files_are_refused_with_the_key(tmp_path: Path, text: str, message: str) -> None:

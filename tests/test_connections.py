@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from rkllmd.backends.base import SamplingParams
 from rkllmd.config import DaemonConfig
 from rkllmd.connections import Connections
 from rkllmd.outbox import Generation, Outbox
+from rkllmd.sampling import SamplingParams
 from rkllmd.templates.output import OutputSplitter
 
 

@@ -14,12 +14,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from rkllmd.backends.base import SamplingParams
 from rkllmd.backends.cpu.backend import bundled_model_path
 from rkllmd.backends.cpu.gguf import GGUFFile
 from rkllmd.backends.cpu.tokenizer import TOKEN_CONTROL, Tokenizer
 from rkllmd.constraints import ConstraintError, Vocabulary, engine_reason, from_request
-from rkllmd.sampling import Sampler
+from rkllmd.sampling import Sampler, SamplingParams
 from rkllmd.templates.families import HERMES, LLAMA3, PHI4, THINK
 from rkllmd.templates.output import OutputSplitter
 

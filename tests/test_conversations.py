@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import DaemonProcess, rkllmctl
-from rkllmd.backends.base import CONVERSATION, PrefixState, SamplingParams
+from rkllmd.backends.base import CONVERSATION, PrefixState
 from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.backends.cpu.model import KVState
+from rkllmd.sampling import SamplingParams
 
 SYSTEM = "You are a patient tutor. Answer in one or two sentences."
 QUESTIONS = ["What is a prime number?", "Give me an example.", "Is 1 one of them?", "And 2?"]

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rkllmd.backends.base import BackendError, BuildCancelled, ContextOverflow, PrefixState, SamplingParams
+from rkllmd.backends.base import BackendError, BuildCancelled, ContextOverflow, PrefixState
 from rkllmd.backends.cpu import backend as backend_module
 from rkllmd.backends.cpu.backend import CpuBackend, bundled_model_path
 from rkllmd.backends.cpu.gguf import GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGUFFile
-from rkllmd.backends.cpu.model import ModelConfig
+from rkllmd.backends.cpu.architecture import ModelConfig
+from rkllmd.sampling import SamplingParams
 from rkllmd.templates import get_template
 
 from gguf_files import write_gguf

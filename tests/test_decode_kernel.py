@@ -139,16 +139,16 @@ def test_decode_refuses_tokens_outside_the_vocabulary(tmp_path):
 def test_binding_refuses_arrays_the_step_would_overrun(tmp_path):
     model = Model.from_gguf(GGUFFile(tiny_llama(tmp_path / "tiny.gguf")), context_length=16)
     kernel, arrays = kernels.c_kernel(SHARED_KERNELS), model._kernel_arrays()
-    bound = kernel.bind(model, arrays)
+    bound = kernel.bind(model.config, model.context_length, arrays)
     for cache in (np.empty(3, np.float32), model.new_slot().keys.astype(np.float64), model.new_slot().values[..., ::-1]):
         with pytest.raises(kernels.KernelError, match="a KV cache must be a C-contiguous float32 array of"):
             bound.cache_address(cache)
     with pytest.raises(kernels.KernelError, match="wo is not"):
-        kernel.bind(model, {**arrays, "wo": arrays["wo"][..., ::-1]})
+        kernel.bind(model.config, model.context_length, {**arrays, "wo": arrays["wo"][..., ::-1]})
     with pytest.raises(kernels.KernelError, match="rope_cos is not"):
-        kernel.bind(model, {**arrays, "rope_cos": arrays["rope_cos"].astype(np.float64)})
+        kernel.bind(model.config, model.context_length, {**arrays, "rope_cos": arrays["rope_cos"].astype(np.float64)})
     with pytest.raises(kernels.KernelError, match="needs exactly"):
-        kernel.bind(model, {name: array for name, array in arrays.items() if name != "rope_sin"})
+        kernel.bind(model.config, model.context_length, {name: array for name, array in arrays.items() if name != "rope_sin"})
 
 
 THREADS_PROBE = textwrap.dedent(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rkllmd.backends.base import SamplingParams
 from rkllmd.backends.cpu.backend import CpuBackend
+from rkllmd.sampling import SamplingParams
 
 from conftest import SHARED_BUILDS
 

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from fake_rkllm.build import ERRORS, RELEASE, foreign_elf, write_model, write_tokenizer
 
-from rkllmd.backends.base import BackendError, ContextOverflow, PrefixState, SamplingParams
+from rkllmd.backends.base import BackendError, ContextOverflow, PrefixState
 from rkllmd.backends.rkllm import library as lib_module
 from rkllmd.backends.rkllm.backend import RkllmBackend, detect
 from rkllmd.backends.rkllm.library import RkllmStartupError
+from rkllmd.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATIONS = ("1.2", "1.3")

@@ -24,11 +24,11 @@ from fake_rkllm.build import write_model
 from conftest import DaemonProcess
 from gguf_files import tokenizer_json
 from rkllmctl import DaemonError
-from rkllmd.backends.base import SamplingParams
 from rkllmd.backends.cpu.backend import bundled_model_path
 from rkllmd.backends.cpu.gguf import GGUFFile
 from rkllmd.backends.rkllm.backend import RkllmBackend
 from rkllmd.constraints import ConstraintError, from_request
+from rkllmd.sampling import SamplingParams
 from test_rkllm_backend import calls  # noqa: F401  (the fake's call log, a fixture)
 
 VOCAB = 49152

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rkllmd.backends.base import SamplingParams
-from rkllmd.sampling import Sampler
+from rkllmd.sampling import Sampler, SamplingParams
 
 VOCAB = 1000
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rkllmd.backends.base import SamplingParams
 from rkllmd.backends.cpu import weights_file
 from rkllmd.backends.cpu.backend import CpuBackend
 from rkllmd.backends.cpu.gguf import GGUFFile
+from rkllmd.sampling import SamplingParams
 from rkllmd.store import LOCK_NAME, TEMP_PREFIX
 
 from conftest import reference_cases, rkllmctl

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..config import Config
+from ..models.registry import Model
 from ..templates import TemplateError
 from .base import Backend, BackendError
 
@@ -77,6 +79,20 @@ def choose(
     return backend, reason
 
 
+def config_for(config: Config, model: Model) -> Config:
+    """The configuration that loads ``model``'s weights file with the default model's
+    other settings: a .rkllm file on the NPU, a .gguf file on the CPU backend. A .rkllm
+    model's tokenizer is its own (``[models.NAME] tokenizer``), never the default model's:
+    without one its token counts are bounded (docs/npu.md, "The context")."""
+    if model.path.endswith(".rkllm"):
+        return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="rkllm"),
+                                   rkllm=dataclasses.replace(config.rkllm, model=model.path, template=model.template or config.rkllm.template,
+                                                             tokenizer=model.tokenizer),
+                                   model=dataclasses.replace(config.model, embedding_only=model.embedding_only))
+    return dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend="cpu"),
+                               model=dataclasses.replace(config.model, path=model.path, chat_template=model.template, embedding_only=model.embedding_only))
+
+
 def memory_estimate(config: Config) -> int:
     """Bytes the model ``config`` loads takes in memory, as the pool's ``daemon.models_memory_mb``
     counts it, read from the file's header without loading it: on the NPU, the .rkllm file
@@ -87,7 +103,7 @@ def memory_estimate(config: Config) -> int:
         return _size(_path(config["rkllm.model"]))
     from .cpu.backend import bundled_model_path
     from .cpu.gguf import GGUFError, GGUFFile
-    from .cpu.model import ModelConfig
+    from .cpu.architecture import ModelConfig
 
     path = _path(config["model.path"]) or bundled_model_path()
     try:

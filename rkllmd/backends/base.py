@@ -4,8 +4,9 @@ The daemon owns requests, queues, caches and the socket; a backend owns one load
 model, always used from the model worker thread, which also closes it. Other threads call
 only ``abort``, ``interrupt``, ``Run.abort`` and the pure ``render``, ``count_tokens`` and
 ``tokenize`` (the worker prepares prompts on a thread of their own). Everything a backend
-needs to know about a request arrives as plain values defined here, so the CPU reference
-backend and the NPU backend are interchangeable.
+needs to know about a request arrives as plain values defined here (and ``SamplingParams``,
+which ``rkllmd.sampling`` owns), so the CPU reference backend and the NPU backend are
+interchangeable.
 
 Generations are driven step by step: ``start`` opens one (a ``Run``), ``step`` advances
 up to ``max_batch`` of them together, ``release`` lets its state go once the daemon has
@@ -25,7 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..constraints import Constraint, ConstraintError
+from ..constraints import ConstraintError
+from ..sampling import SamplingParams
 from ..templates import ChatTemplate
 
 
@@ -52,34 +54,6 @@ class ContextOverflow(BackendError):
         super().__init__(f"prompt is {tokens}; the model's context holds {context_length}")
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each token. temperature 0 means greedy (argmax).
-
-    ``constraint``: what the output must match (a JSON Schema, a grammar, a forced tool
-    call), enforced by the daemon's own sampler on each step's logits. ``logprobs``: when
-    not None, each token's log-probability and that many alternatives are reported
-    (``Run.logprobs``). Both need a backend whose daemon samples (the CPU backend; the NPU
-    backend in its logits mode)."""
-
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    constraint: Constraint | None = None
-    logprobs: int | None = None
-
-    @property
-    def daemon_samples(self) -> bool:
-        """Whether this request needs the daemon's sampler rather than a runtime's own."""
-        return self.constraint is not None or self.logprobs is not None
 
 
 @dataclass

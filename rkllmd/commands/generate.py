@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ..backends.base import SamplingParams
+from ..sampling import SamplingParams
 from ..caches.text import system_text
 from ..constraints import ConstraintError, from_request
 from ..models import keep_alive

@@ -87,6 +87,8 @@ class Model:
     source: str = "config"  # "config", "created" or "pulled" (a file from the hub: ``path`` is under daemon.models_dir)
     created_at: float = 0.0
     embedding_only: bool = False  # a [models.NAME] with its own weights that only embeds
+    #: A .rkllm model's tokenizer.json ([models.NAME] tokenizer; configured only, not on the wire).
+    tokenizer: str = ""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -94,6 +96,17 @@ class Model:
             "parameters": dict(self.parameters), "base": self.base, "source": self.source, "created_at": self.created_at,
             "embedding_only": self.embedding_only,
         }
+
+
+def configured_models(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, Model]:
+    """The configuration's [models.NAME] tables (``Config.models``, checked by its loader) as models."""
+    return {
+        name: Model(name, path=str(Path(keys["path"]).expanduser()) if "path" in keys else "", template=keys.get("template", ""),
+                    system=keys.get("system"), parameters=keys.get("parameters", {}), base=keys.get("from"),
+                    embedding_only=keys.get("embedding_only", False),
+                    tokenizer=str(Path(keys["tokenizer"]).expanduser()) if "tokenizer" in keys else "")
+        for name, keys in tables.items()
+    }
 
 
 @dataclass(frozen=True)

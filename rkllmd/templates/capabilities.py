@@ -1,4 +1,5 @@
-"""What a chat template lets a request ask for beyond plain completion, found by rendering it.
+"""What a model lets a request ask for: its template's capabilities (``ChatTemplate.capabilities``,
+found by rendering it) and "embedding", checked before a request runs.
 
 A model "supports tools" when its template writes the tools into the prompt (a rendering
 with a tool list differs from one without) and its output format is one the daemon parses
@@ -12,57 +13,15 @@ the model lacks is refused rather than silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .families import HERMES, LLAMA3, PHI4
-from .reasoning import ReasoningSplitter
+from .template import COMPLETION, THINKING, TOOLS, ChatTemplate
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
     from ..outbox import Chat
-    from .template import ChatTemplate
 
-COMPLETION, TOOLS, THINKING, EMBEDDING = "completion", "tools", "thinking", "embedding"
-#: Tool-call formats the daemon parses (templates/toolcalls.py).
-PARSED_TOOL_CALLS = (HERMES, LLAMA3, PHI4)
-
-_CONVERSATION = ({"role": "user", "content": "What is the weather in Oslo?"},)
-_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
-
-def probe(template: ChatTemplate) -> tuple[str, ...]:
-    """The template's capabilities, "completion" first. A template that refuses the probe
-    conversation has none beyond completion."""
-    from .template import RenderError
-
-    moment = template.clock()
-    fixed = dataclasses.replace(template, clock=lambda: moment)  # two renderings a midnight apart differ
-
-    def render(**kw: Any) -> str:
-        return fixed.render(_CONVERSATION, True, **kw)
-
-    found = [COMPLETION]
-    try:
-        plain = render()
-        if template.tool_calls in PARSED_TOOL_CALLS and render(tools=[_TOOL]) != plain:
-            found.append(TOOLS)
-        markers = template.reasoning
-        if markers is not None and (
-            render(variables={"enable_thinking": True}) != render(variables={"enable_thinking": False})
-            or ReasoningSplitter.opened_by(plain, markers)
-        ):
-            found.append(THINKING)
-    except RenderError:
-        pass
-    return tuple(found)
+EMBEDDING = "embedding"
 
 
 #: Why a model lacks a capability, after "NAME does not support tools/thinking".

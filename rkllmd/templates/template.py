@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jinja2
 
 from ..schema import RESERVED
-from .families import FAMILIES, Family, guess_markers
+from .families import FAMILIES, HERMES, LLAMA3, PHI4, Family, guess_markers
+from .reasoning import ReasoningSplitter
 from .sandbox import Limits, make_environment, render_bounded
 
 MAX_TEMPLATE_CHARS = 1 << 20
@@ -66,10 +68,8 @@ class ChatTemplate:
     @cached_property
     def capabilities(self) -> tuple[str, ...]:
         """"completion", then "tools" and "thinking" if requests may ask for them
-        (found once by rendering: capabilities.py)."""
-        from .capabilities import probe
-
-        return probe(self)
+        (found once by rendering: ``_probe``)."""
+        return _probe(self)
 
     @property
     def reads_clock(self) -> bool:
@@ -153,3 +153,44 @@ def _common_prefix(a: str, b: str) -> str:
             break
         n += 1
     return a[:n]
+
+
+#: What a request may ask of a template beyond completion (``ChatTemplate.capabilities``).
+COMPLETION, TOOLS, THINKING = "completion", "tools", "thinking"
+#: Tool-call formats the daemon parses (templates/toolcalls.py).
+PARSED_TOOL_CALLS = (HERMES, LLAMA3, PHI4)
+
+_CONVERSATION = ({"role": "user", "content": "What is the weather in Oslo?"},)
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def _probe(template: ChatTemplate) -> tuple[str, ...]:
+    """The template's capabilities, "completion" first. A template that refuses the probe
+    conversation has none beyond completion."""
+    moment = template.clock()
+    fixed = dataclasses.replace(template, clock=lambda: moment)  # two renderings a midnight apart differ
+
+    def render(**kw: Any) -> str:
+        return fixed.render(_CONVERSATION, True, **kw)
+
+    found = [COMPLETION]
+    try:
+        plain = render()
+        if template.tool_calls in PARSED_TOOL_CALLS and render(tools=[_TOOL]) != plain:
+            found.append(TOOLS)
+        markers = template.reasoning
+        if markers is not None and (
+            render(variables={"enable_thinking": True}) != render(variables={"enable_thinking": False})
+            or ReasoningSplitter.opened_by(plain, markers)
+        ):
+            found.append(THINKING)
+    except RenderError:
+        pass
+    return tuple(found)

@@ -49,7 +49,9 @@ MODEL_MAGIC = bytes(
 
 
 def write_model(path: Path, text: str = "a fake .rkllm model\n") -> Path:
-    """A model file the fake accepts: the magic, then ``text`` (which may ask for FAKE_INIT_FAIL)."""
+    """A model file the fake accepts: the magic, then ``text`` (which may ask for FAKE_INIT_FAIL, or
+    say "says=WORD": its replies start "WORD: "). The fake counts the file's size as the NPU memory
+    its handle holds (FAKE_RKLLM_NPU_MB bounds the sum): truncate it larger, sparse, to model a big one."""
     path.write_bytes(MODEL_MAGIC + text.encode())
     return path
 

@@ -43,6 +43,20 @@
  *  - A model file must start with the .rkllm magic (RKLLM_MODEL_MAGIC; build.py's
  *    write_model writes one), else rkllm_init says "invalid rknn llm model magic" and
  *    returns FAKE_E_MODEL_MAGIC; one containing FAKE_INIT_FAIL makes it return FAKE_E_INIT.
+ *  - "says=WORD" in a model file makes its replies start "WORD: " instead of "echo: ", so
+ *    two models loaded at once answer distinguishably.
+ *  - Several handles at once, and the NPU's memory: each live handle holds as much NPU
+ *    memory as its model file is large (the weights are what the real runtime maps; a test
+ *    makes a large file sparse). FAKE_RKLLM_NPU_MB bounds their sum (unset: no bound). An
+ *    rkllm_init that would pass it fails as the vendor's 1.2.x runtimes are reported to when
+ *    the NPU's memory runs out (rknn-llm #335, #232; #522: "second rkllm_init ret=-1,
+ *    handle=0"): it prints "E RKNN: [time] failed to allocate handle, ret: -1, errno: 12,
+ *    errstr: Cannot allocate memory", "E RKNN: [time] failed to malloc npu memory, size: N,
+ *    flags: 0x2", "E RKNN: [time] load model file error!" and "E rkllm: rkllm_init failed"
+ *    on stderr, leaves *handle NULL and returns -1 (FAKE_E_NPU_MEMORY). The 1.3.0 runtime is
+ *    reported to crash there instead (#522, "Segmentation fault"): the fake built as 1.3.0
+ *    does so too (SIGSEGV) after the same lines. rkllm_init and rkllm_destroy log
+ *    handles=<live handles> npu_used_mb=<their memory, MiB, rounded up>.
  *  - rkllm_createDefaultParam leaves n_batch, use_cross_attn and reserved unwritten
  *    (0xA5), as the vendor's does; rkllm_init refuses them unless the caller set them.
  *  - Chat template: like the vendor runtime, the fake wraps each prompt in a built-in
@@ -94,7 +108,8 @@
  *    what it saw, so a caller that feeds each chosen token back as token input drives
  *    decoding itself, as the runtime's logits mode is used.
  *
- * Environment: FAKE_RKLLM_LOG names a file that gets one line per call (function name,
+ * Environment: FAKE_RKLLM_NPU_MB bounds the NPU memory of the live handles (above);
+ * FAKE_RKLLM_LOG names a file that gets one line per call (function name,
  * then key=value pairs; paths are printed raw; a run's prompt_len, kv_before and matched
  * are tokens); FAKE_RKLLM_TOKENS=words makes a prompt's tokens words (above); FAKE_RKLLM_PREFILL_US and
  * FAKE_RKLLM_DECODE_US add that many microseconds per prefilled / generated token,
@@ -116,6 +131,8 @@
 #include <string.h>
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -128,6 +145,7 @@
 #define FAKE_E_HANDLE (-1002)      /* not a handle rkllm_init returned */
 #define FAKE_E_PARAM (-1003)       /* an RKLLMParam field is implausible at its offset */
 #define FAKE_E_CALLBACK (-1004)    /* rkllm_init's 3rd argument has the wrong shape */
+#define FAKE_E_NPU_MEMORY (-1)     /* the NPU's memory ran out (the vendor's own return value) */
 #define FAKE_E_INPUT (-1005)       /* an RKLLMInput field is implausible */
 #define FAKE_E_INFER (-1006)       /* an RKLLMInferParam field is implausible */
 #define FAKE_E_BUSY (-1007)        /* a run is already in progress on this handle */
@@ -545,10 +563,47 @@ typedef struct {
     bool word_tokens; /* FAKE_RKLLM_TOKENS=words: a prompt's tokens are its words, else its bytes */
     int vocab_size; /* from the model file's "vocab_size=N" (0: none, no logits mode) */
     int embd_size; /* from the model file's "embd_size=N" (default 64): the hidden layer's width */
+    char says[64]; /* from the model file's "says=WORD" (default "echo"): its replies' first word */
+    size_t npu_bytes; /* the NPU memory this handle holds: its model file's size */
 } fake_handle;
 
 static fake_handle *handles[MAX_HANDLES];
+static size_t npu_used; /* the live handles' NPU memory, bytes (under handles_lock) */
+static int live_handles; /* (under handles_lock) */
 static pthread_mutex_t handles_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static size_t mib_up(size_t bytes) { return (bytes + (1u << 20) - 1) >> 20; }
+
+/* The vendor's log prefix time, "[hh:mm:ss.mmm]". */
+static void log_time(char out[32]) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    struct tm tm;
+    localtime_r(&ts.tv_sec, &tm);
+    snprintf(out, 32, "[%02d:%02d:%02d.%03ld]", tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+}
+
+/* What rkllm_init does when the model does not fit the NPU's memory (see the header). */
+static int npu_memory_exhausted(LLMHandle *handle, size_t want, size_t used, size_t bound) {
+    char t[32];
+    log_time(t);
+    fprintf(stderr, "E RKNN: %s failed to allocate handle, ret: -1, errno: 12, errstr: Cannot allocate memory\n"
+                    "E RKNN: %s failed to malloc npu memory, size: %zu, flags: 0x2\n"
+                    "E RKNN: %s load model file error!\n"
+                    "E rkllm: rkllm_init failed\n", t, t, want, t);
+    fflush(stderr);
+    call_log("rkllm_init FAILED code=%d npu_memory want_mb=%zu used_mb=%zu bound_mb=%zu", FAKE_E_NPU_MEMORY, mib_up(want),
+             mib_up(used), bound >> 20);
+    *handle = NULL;
+#ifdef FAKE_RELEASE
+    if (!strcmp(FAKE_RELEASE, "1.3.0")) { /* rknn-llm #522: 1.3.0 crashes where 1.2.x returned -1 */
+        fprintf(stderr, "Segmentation fault\n");
+        fflush(stderr);
+        raise(SIGSEGV);
+    }
+#endif
+    return FAKE_E_NPU_MEMORY;
+}
 
 static fake_handle *lookup(LLMHandle h) {
     fake_handle *found = NULL;
@@ -754,7 +809,7 @@ static char *recall_reply(const char *seen) {
     return reply;
 }
 
-static char *make_reply(const char *prompt) {
+static char *make_reply(const fake_handle *fh, const char *prompt) {
     if (strstr(prompt, "[[fake:recall]]")) return recall_reply(prompt);
     const char *start = prompt, *end = prompt + strlen(prompt);
     const char *marker = "<|im_start|>user\n";
@@ -763,11 +818,11 @@ static char *make_reply(const char *prompt) {
         const char *close = strstr(start, "<|im_end|>");
         if (close) end = close;
     }
-    size_t n = (size_t)(end - start);
-    char *reply = malloc(n + 8);
-    memcpy(reply, "echo: ", 6);
-    memcpy(reply + 6, start, n);
-    reply[6 + n] = '\0';
+    size_t n = (size_t)(end - start), head = strlen(fh->says) + 2;
+    char *reply = malloc(n + head + 1);
+    snprintf(reply, head + 1, "%s: ", fh->says);
+    memcpy(reply + head, start, n);
+    reply[head + n] = '\0';
     return reply;
 }
 
@@ -898,6 +953,10 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
         return fail(FAKE_E_MODEL_MAGIC, fn, "model %s: invalid rknn llm model magic", param->model_path);
     }
     if (memmem(buf, n, "FAKE_INIT_FAIL", 14)) return fail(FAKE_E_INIT, fn, "model %s asks to fail", param->model_path);
+    struct stat st;
+    size_t npu_bytes = stat(param->model_path, &st) == 0 ? (size_t)st.st_size : n;
+    const char *bound_mb = getenv("FAKE_RKLLM_NPU_MB");
+    size_t bound = bound_mb && *bound_mb ? (size_t)atoll(bound_mb) << 20 : 0;
 
     fake_handle *fh = calloc(1, sizeof *fh);
     fh->param = *param;
@@ -911,14 +970,29 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     fh->vocab_size = vocab ? atoi(vocab + 11) : 0;
     const char *embd = memmem(buf, n, "embd_size=", 10);
     fh->embd_size = embd ? atoi(embd + 10) : 64;
+    const char *says = memmem(buf, n, "says=", 5);
+    snprintf(fh->says, sizeof fh->says, "%.*s", says ? (int)strcspn(says + 5, " \n\r\t") : 4, says ? says + 5 : "echo");
+    fh->npu_bytes = npu_bytes;
     set_template(fh, "<|im_start|>system\nYou are a fake model.<|im_end|>\n", "<|im_start|>user\n",
                  "<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_lock(&handles_lock);
+    size_t used = npu_used;
+    bool fits = !bound || used + npu_bytes <= bound;
     int slot = -1;
-    for (int i = 0; i < MAX_HANDLES && slot < 0; i++)
+    for (int i = 0; i < MAX_HANDLES && slot < 0 && fits; i++)
         if (!handles[i]) slot = i;
-    if (slot >= 0) handles[slot] = fh;
+    if (slot >= 0) {
+        handles[slot] = fh;
+        npu_used += npu_bytes;
+        live_handles++;
+    }
+    int live = live_handles;
+    size_t used_now = npu_used;
     pthread_mutex_unlock(&handles_lock);
+    if (!fits) {
+        free(fh);
+        return npu_memory_exhausted(handle, npu_bytes, used, bound);
+    }
     if (slot < 0) {
         free(fh);
         return fail(FAKE_E_UNSUPPORTED, fn, "too many open handles");
@@ -934,7 +1008,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
              " ignore_eos_token=%d"
 #endif
              " base_domain_id=%d embed_flash=%d enabled_cpus_num=%d enabled_cpus_mask=0x%x n_batch=%u "
-             "use_cross_attn=%d model=%s",
+             "use_cross_attn=%d handles=%d npu_used_mb=%zu model=%s",
              RKLLM_ABI, p->max_context_len, p->max_new_tokens, p->top_k, p->n_keep, p->top_p, p->temperature,
              p->repeat_penalty, p->frequency_penalty, p->presence_penalty, p->mirostat, p->skip_special_token,
              p->is_async,
@@ -942,7 +1016,7 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
              p->ignore_eos_token,
 #endif
              e->base_domain_id, e->embed_flash, e->enabled_cpus_num, e->enabled_cpus_mask, e->n_batch,
-             e->use_cross_attn, p->model_path);
+             e->use_cross_attn, live, mib_up(used_now), p->model_path);
     return 0;
 }
 
@@ -1207,7 +1281,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
 
     bool endless = strstr(text, "[[fake:endless]]") != NULL;
     bool error = strstr(text, "[[fake:error]]") != NULL;
-    char *reply = make_reply(kv.text);
+    char *reply = make_reply(fh, kv.text);
     if (endless) { /* repeat the reply, words separated by a space */
         size_t n = strlen(reply);
         reply = realloc(reply, n + 2);
@@ -1323,6 +1397,9 @@ int rkllm_destroy(LLMHandle handle) {
     pthread_mutex_lock(&handles_lock);
     for (int i = 0; i < MAX_HANDLES; i++)
         if (handles[i] == fh) handles[i] = NULL;
+    npu_used -= fh->npu_bytes;
+    int live = --live_handles;
+    size_t used = npu_used;
     pthread_mutex_unlock(&handles_lock);
     release_cache(fh);
     kv_free(&fh->history);
@@ -1330,6 +1407,6 @@ int rkllm_destroy(LLMHandle handle) {
     free(fh->tmpl_prefix);
     free(fh->tmpl_postfix);
     free(fh);
-    call_log("%s", fn);
+    call_log("%s handles=%d npu_used_mb=%zu", fn, live, mib_up(used));
     return 0;
 }

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ...constraints import ConstraintError, Vocabulary
-from ...sampling import Sampler, logprob_entry
+from ...sampling import Sampler, SamplingParams, logprob_entry
 from ...store import Hold
 from ...templates import ChatTemplate, TemplateError, resolve
 from ..base import (
@@ -41,14 +41,14 @@ from ..base import (
     PrefixState,
     Progress,
     Run,
-    SamplingParams,
     TextSink,
     common_prefix,
 )
 from ..stops import TokenText
 from .gguf import GGUFFile
 from . import kernels, weights_file
-from .model import KVSlot, KVState, Model, ModelConfig, Rows, Weights
+from .architecture import ModelConfig
+from .model import KVSlot, KVState, Model, Rows, Weights
 from .tokenizer import TOKEN_CONTROL, TOKEN_USER_DEFINED, Tokenizer
 
 log = logging.getLogger(__name__)

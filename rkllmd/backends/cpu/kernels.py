@@ -38,14 +38,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...store import KEY_RE, Hold, Kind, commit, locked_folder, remove_leftovers, remove_superseded, temporary_beside
-
-if TYPE_CHECKING:
-    from .model import Model, ModelConfig
+from .architecture import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +84,10 @@ class Kernel:
     library: ctypes.CDLL
     detail: str  # a few words for status: where it came from, its threads
 
-    def bind(self, model: Model, arrays: dict[str, np.ndarray]) -> BoundForward:
-        return BoundForward(self.library.rkllmd_forward, model, arrays, self.library.rkllmd_forward_hidden)
+    def bind(self, config: ModelConfig, capacity: int, arrays: dict[str, np.ndarray]) -> BoundForward:
+        """The forward pass on the weights ``arrays`` of a model of ``config``'s dimensions whose
+        KV caches hold ``capacity`` positions."""
+        return BoundForward(self.library.rkllmd_forward, config, capacity, arrays, self.library.rkllmd_forward_hidden)
 
 
 def _padded(n_out: int) -> int:
@@ -112,8 +111,8 @@ class BoundForward:
     """``forward(tokens, positions, caches, logit_rows, logits)``: the C forward pass on one
     model's weights, which it keeps alive (the struct holds only their addresses)."""
 
-    def __init__(self, function: ctypes._CFuncPtr, model: Model, arrays: dict[str, np.ndarray], hidden_function: ctypes._CFuncPtr):
-        cfg, capacity = model.config, model.context_length
+    def __init__(self, function: ctypes._CFuncPtr, cfg: ModelConfig, capacity: int, arrays: dict[str, np.ndarray],
+                 hidden_function: ctypes._CFuncPtr):
         # The C code indexes by the dimensions alone: an array too small would be read past its end.
         needed = _sizes(cfg, capacity)
         if set(arrays) != set(needed):

@@ -35,7 +35,8 @@ import numpy as np
 
 from ...store import KEY_RE, Hold, Kind, commit, disk_full, locked_folder, remove_leftovers, remove_superseded, temporary_beside
 from .gguf import GGUFFile
-from .model import ModelConfig, Weights
+from .architecture import ModelConfig
+from .model import Weights
 
 log = logging.getLogger(__name__)
 

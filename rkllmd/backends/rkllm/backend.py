@@ -55,7 +55,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import threading
 import time
@@ -75,7 +74,6 @@ from rkllmd.backends.base import (
     PrefixState,
     Progress,
     Run,
-    SamplingParams,
     TextSink,
 )
 from rkllmd.backends.rkllm import abi as rk
@@ -85,7 +83,7 @@ from rkllmd.backends.rkllm.runtime import RkllmRuntime
 from rkllmd.backends.cpu.tokenizer import END_OF_GENERATION_TEXTS, StreamDecoder
 from rkllmd.backends.stops import StopMatcher, TokenText
 from rkllmd.constraints import ConstraintError, Vocabulary
-from rkllmd.sampling import Sampler, logprob_entry
+from rkllmd.sampling import Sampler, SamplingParams, logprob_entry
 from rkllmd.templates import load as load_template
 
 log = logging.getLogger(__name__)

@@ -1,18 +1,25 @@
-"""Driving ``librkllmrt.so``: one opened library, one runtime handle.
+"""Driving ``librkllmrt.so``: one opened library, a runtime handle per loaded model.
 
 Nothing here runs at import time: the library is opened only when the NPU backend is
 chosen, and only after ``library.inspect_library`` has read from the file which
-interface generation it speaks.
+interface generation it speaks. It is opened once per process (``_bound``): every model
+loaded beside another is one more ``rkllm_init`` handle of the same library, as the
+vendor's runtime allows (its only limit is the NPU's memory).
 
-``RkllmRuntime`` wraps the handle: every call's return code is checked, and the result
+``RkllmRuntime`` wraps one handle: every call's return code is checked, and the result
 callback (and, under 1.3, the ``RKLLMCallback`` struct holding it) lives exactly as long
-as the object, so the runtime never calls into freed memory.
+as the object, so the runtime never calls into freed memory. Each handle has its own
+callback object and its own userdata value (in the 1.3 struct and every ``rkllm_run``);
+a callback that arrives with another handle's userdata is refused, never handed to the
+wrong model's stream.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +34,8 @@ from rkllmd.backends.rkllm.library import (
     find_library,
     inspect_library,
 )
+from rkllmd.backends.rkllm.vendor_log import captured
+
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +53,42 @@ REQUIRED_FUNCTIONS = (
 )
 
 
+# --- the library, once per process -------------------------------------------------------
+#: (path, id of the Abi) -> (that Abi, kept alive so its id stays its own; the bound library)
+_libraries: dict[tuple[str, int], tuple[Abi, ctypes.CDLL]] = {}
+_libraries_lock = threading.Lock()
+_userdata = itertools.count(1)  # each handle's own callback userdata
+
+
+def _bound(info: LibraryInfo, abi: Abi) -> ctypes.CDLL:
+    """The library at ``info.path`` with ``abi``'s prototypes bound: opened and checked at the
+    first handle, shared by the later ones (its function objects carry the prototypes)."""
+    key = (str(info.path), id(abi))
+    with _libraries_lock:
+        if key in _libraries:
+            return _libraries[key][1]
+        try:
+            lib = ctypes.CDLL(str(info.path))
+        except OSError as exc:
+            raise RkllmStartupError(f"cannot load {info.path}: {exc}") from exc
+        missing = [name for name in REQUIRED_FUNCTIONS if not hasattr(lib, name)]
+        if missing:
+            raise RkllmStartupError(f"{info.path} lacks {', '.join(missing)}: not a supported RKLLM runtime")
+        for name, (restype, argtypes) in abi.prototypes().items():
+            if hasattr(lib, name):
+                function = getattr(lib, name)
+                function.restype, function.argtypes = restype, argtypes
+        _libraries[key] = (abi, lib)
+        return lib
+
+
 # --- the handle -------------------------------------------------------------------------
 # Called for every result callback during a run: (state, result) -> callback return value.
 ResultHandler = Callable[[int, rk.RKLLMResult], int]
 
 
 class RkllmRuntime:
-    """The opened library and at most one runtime handle.
+    """The opened library and one runtime handle (at most).
 
     All methods except ``abort`` run on the model worker thread. ctypes releases the GIL
     during foreign calls, so ``abort`` from another thread reaches the runtime while
@@ -60,23 +98,16 @@ class RkllmRuntime:
     def __init__(self, info: LibraryInfo, abi: Abi):
         self.info = info
         self.abi = abi
-        try:
-            self._lib = ctypes.CDLL(str(info.path))
-        except OSError as exc:
-            raise RkllmStartupError(f"cannot load {info.path}: {exc}") from exc
-        missing = [name for name in REQUIRED_FUNCTIONS if not hasattr(self._lib, name)]
-        if missing:
-            raise RkllmStartupError(f"{info.path} lacks {', '.join(missing)}: not a supported RKLLM runtime")
-        for name, (restype, argtypes) in abi.prototypes().items():
-            if hasattr(self._lib, name):
-                function = getattr(self._lib, name)
-                function.restype, function.argtypes = restype, argtypes
+        self._lib = _bound(info, abi)
         self._handle = rk.LLMHandle()
         self._param = None  # the init parameters, alive as long as the handle
         self._handler: ResultHandler | None = None
         self._callback_error: BaseException | None = None
+        self.userdata = next(_userdata)  # what this handle's callbacks must arrive with
         self._callback = rk.ResultCallback(self._dispatch)
-        self._callback_struct = rk.RKLLMCallback(result_callback=self._callback) if abi.generation == "1.3" else None
+        self._callback_struct = (
+            rk.RKLLMCallback(result_callback=self._callback, result_userdata=self.userdata) if abi.generation == "1.3" else None
+        )
 
     @classmethod
     def open(cls, library: Path | None, runtime: str = "auto") -> RkllmRuntime:
@@ -95,15 +126,18 @@ class RkllmRuntime:
         return self._lib.rkllm_createDefaultParam()
 
     def init(self, param: ctypes.Structure) -> None:
+        """``rkllm_init``; a failure raises with what the runtime said on stderr about it."""
         callback = ctypes.pointer(self._callback_struct) if self._callback_struct is not None else self._callback
-        rc = self._lib.rkllm_init(ctypes.byref(self._handle), ctypes.byref(param), callback)
+        with captured() as log_lines:
+            rc = self._lib.rkllm_init(ctypes.byref(self._handle), ctypes.byref(param), callback)
         if rc != 0:
             self._handle = rk.LLMHandle()
-            raise RkllmStartupError(
-                f"rkllm_init failed with code {rc} for model {param.model_path.decode()} "
-                "(see the runtime's log lines above; check NPU memory and the model's target platform)",
-                code=rc,
-            )
+            said = log_lines.said()
+            why = f": the runtime said: {said}" if said else " (the runtime said nothing on stderr; check NPU memory and the model's target platform)"
+            if "malloc npu memory" in said or "Cannot allocate memory" in said:
+                why += (" (the NPU's memory is taken: by the models loaded beside it, or other programs; "
+                        "daemon.models_memory_mb makes the daemon unload idle models first)")
+            raise RkllmStartupError(f"rkllm_init failed with code {rc} for model {param.model_path.decode()}{why}", code=rc)
         self._param = param
 
     def destroy(self) -> None:
@@ -176,7 +210,7 @@ class RkllmRuntime:
             infer.max_new_tokens = max_new_tokens
         self._handler, self._callback_error = handler, None
         try:
-            rc = self._lib.rkllm_run(self._handle, ctypes.byref(inp), ctypes.byref(infer), None)
+            rc = self._lib.rkllm_run(self._handle, ctypes.byref(inp), ctypes.byref(infer), self.userdata)
         finally:
             self._handler = None
         if self._callback_error is not None:
@@ -194,6 +228,11 @@ class RkllmRuntime:
         """The C callback. It must never raise: ctypes would print and return garbage."""
         handler = self._handler
         if handler is None or self._callback_error is not None:
+            return rk.CALLBACK_PAUSE
+        if userdata != self.userdata:
+            self._callback_error = BackendError(
+                f"the runtime called handle {self.userdata}'s callback with userdata {userdata}: another handle's result"
+            )
             return rk.CALLBACK_PAUSE
         try:
             return handler(state, result.contents)
