@@ -686,6 +686,7 @@ int rkllmd_kernel_threads(void) {
 #define TEAM_ROWS 16
 #define TEAM_PROBE_EVERY 64
 static int64_t team_nanos[2], team_calls, team_rows; /* [every thread, one]: 0 until measured */
+static const struct rkllmd_model *team_model;          /* whose calls the averages are of */
 
 static int64_t nanos_now(void) {
     struct timespec ts;
@@ -693,13 +694,15 @@ static int64_t nanos_now(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Which team (0: every thread, 1: one) a call of n rows, n_logits of them wanted, runs
- * with (-1: every thread, not measured), and whether that is a probe of the slower one. */
-static int choose_team(int64_t n, int64_t n_logits, int64_t threads, int *probe) {
+/* Which team (0: every thread, 1: one) a call of model m with n rows, n_logits of them
+ * wanted, runs with (-1: every thread, not measured), and whether that is a probe of the
+ * slower one. */
+static int choose_team(const struct rkllmd_model *m, int64_t n, int64_t n_logits, int64_t threads, int *probe) {
     *probe = 0;
     if (threads == 1 || n_logits != n || n > TEAM_ROWS)
         return -1;
-    if (__atomic_exchange_n(&team_rows, n, __ATOMIC_RELAXED) != n) { /* another batch: measure anew */
+    const int other_model = __atomic_exchange_n(&team_model, m, __ATOMIC_RELAXED) != m;
+    if (__atomic_exchange_n(&team_rows, n, __ATOMIC_RELAXED) != n || other_model) { /* another batch or model: measure anew */
         __atomic_store_n(&team_nanos[0], 0, __ATOMIC_RELAXED);
         __atomic_store_n(&team_nanos[1], 0, __ATOMIC_RELAXED);
     }
@@ -751,7 +754,7 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
     s.act = s.gate_up + n * gu_dim;
     s.partials = s.act + n * ffn;
     int probe;
-    const int team = choose_team(n, n_logits, threads, &probe);
+    const int team = choose_team(m, n, n_logits, threads, &probe);
     const int64_t started = nanos_now();
 #pragma omp parallel num_threads(team == 1 ? 1 : threads)
     {
