@@ -4,8 +4,9 @@ this machine's memory-bandwidth limit; and prefill, C against numpy.
 Prints the CPU's vector features, then, after a prompt of --prompt-tokens, in one run,
 on the same mapped weights:
 - the limit: read_limit.c (a STREAM-style probe built with forward.c's flags) reading the
-  exact bytes of weights a decode step streams, best of 1..16 streams per thread on all
-  cores, in tokens/s (bandwidth / bytes per token);
+  weights a decode step streams, in their own mapping (the same pages, of the same size),
+  best of 1..16 streams per thread on all cores or on one (the teams forward.c decodes
+  with), in tokens/s (bandwidth / bytes per token);
 - decode through a real daemon (``decode_tps`` of a greedy answer of --decode-tokens
   after the prompt; its forward.c built for --march) and its ratio to the limit, each
   run's probe and answer side by side; a best ratio above 1.0 is a probe bug (exit 1);
@@ -135,7 +136,7 @@ def main() -> int:
         kernel = client.status()["model"]["decode"]
         daemon_decode_tps(client, messages, 8)  # warm-up: the daemon's first answer
         for _ in range(args.runs):
-            probe = read_limit.measure(weight_bytes, args.march, rounds=args.probe_rounds)
+            probe = read_limit.measure(weight_bytes, args.march, rounds=args.probe_rounds, weights=c_model.w)
             probe_runs.append(probe)
             limits.append(probe.best_gbps)
             daemon_tps.append(daemon_decode_tps(client, messages, args.decode_tokens))
@@ -160,15 +161,17 @@ def main() -> int:
     c_tps = [1000 / ms for ms in step_ms["C"]]
     numpy_tps = [1000 / ms for ms in step_ms["numpy"]]
     best_ratio = max(daemon_tps) / max(limit_tps)
-    streams = sorted({p.best_streams for p in probe_runs})
+    streams = sorted({f"{p.best_streams}x{p.threads}" for p in probe_runs})
     print(f"CPU: {cpu_features()}; {os.cpu_count()} cores")
     print(f"C side: {c_build}; daemon: {kernel}; numpy side: {numpy_blas()}")
     print(f"{args.runs} runs, each: the probe, a daemon answer of {args.decode_tokens} tokens after {len(ids)} prompt "
           f"tokens, {args.steps} in-process steps per side; figures min/median/max over the runs\n")
     print("| figure | min/median/max |")
     print("|---|---:|")
-    print(f"| limit: read_limit.c over {weight_bytes / 1e6:.1f} MB (the weights a step streams), best of 1-16 streams "
-          f"per thread ({', '.join(map(str, streams))} best) | {spread(limits, '.2f')} GB/s |")
+    print(f"| limit: read_limit.c over {weight_bytes / 1e6:.1f} MB (the weights a step streams; read: "
+          f"{probe_runs[0].memory}), best of 1-16 streams per thread on all cores or one "
+          f"({', '.join(streams)} streams x threads best) "
+          f"| {spread(limits, '.2f')} GB/s |")
     print(f"| limit in tokens/s (bytes per token / bandwidth) | {spread(limit_tps)} |")
     print(f"| decode through the daemon (its decode_tps) | {spread(daemon_tps)} tokens/s |")
     print(f"| **daemon decode / limit** (each run's side by side) | **{spread(ratios, '.2f')}** |")

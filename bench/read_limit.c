@@ -2,8 +2,9 @@
  * from memory, the bound under a decode step (which streams every weight once a token).
  *
  * bench/read_limit.py compiles it with the C forward pass's flags (kernels.compile_flags:
- * -O3 -march=... -fopenmp) and calls ``rkllmd_read_seconds`` for 1..16 streams, keeping
- * the best. Each OpenMP thread (all cores, as forward.c's team) reads its own contiguous
+ * -O3 -march=... -fopenmp) and calls ``rkllmd_read_seconds`` for 1..16 streams, on all
+ * cores and on one (the teams forward.c decodes with), keeping the best. Each OpenMP
+ * thread reads its own contiguous
  * share of the buffer as ``streams`` contiguous parts walked side by side (several
  * streams of cache lines in flight for the hardware prefetchers), summing each part in
  * its own vector accumulator: one load and one add per 64 bytes, far below what a core
@@ -101,14 +102,17 @@ int rkllmd_read_threads(void) {
 #endif
 }
 
-/* Seconds to read all ``n`` floats of ``buffer`` once with every thread, each thread's
- * share as ``streams`` (1..16) parts side by side; each thread's sum into sink[thread].
- * Returns -1 for a stream count out of range. */
-double rkllmd_read_seconds(const float *buffer, int64_t n, int streams, double *sink) {
-    if (streams < 1 || streams > MAX_STREAMS)
+/* Seconds to read all ``n`` floats of ``buffer`` once with ``threads`` threads (forward.c
+ * runs a decode step with every thread or, on a busy machine, one), each thread's share as
+ * ``streams`` (1..16) parts side by side; each thread's sum into sink[thread], the other
+ * sinks zeroed. Returns -1 for a stream or thread count out of range. */
+double rkllmd_read_seconds(const float *buffer, int64_t n, int streams, int threads, double *sink) {
+    if (streams < 1 || streams > MAX_STREAMS || threads < 1 || threads > rkllmd_read_threads())
         return -1.0;
+    for (int t = 0; t < rkllmd_read_threads(); t++)
+        sink[t] = 0.0;
     const double start = now();
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
         const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();

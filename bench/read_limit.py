@@ -3,11 +3,15 @@
 A decode step streams every weight matrix once (``streamed_bytes``), so tokens/s cannot
 exceed bandwidth / those bytes. ``measure`` compiles read_limit.c with the C forward
 pass's own flags (``kernels.compile_flags``: the same -march and OpenMP team over all
-cores) and reads a buffer of exactly that many bytes with 1..16 streams per thread,
-``rounds`` times each, keeping the best: the most this machine's cores reach reading
-memory, against which the decode step's tokens/s is a ratio (above 1.0: the probe is
-wrong, not the decode). The buffer is anonymous memory in 4 KB pages, as the weights'
-file mapping is (no transparent huge pages).
+cores, and one thread, as forward.c's decode on a busy machine) and reads that many
+bytes with 1..16 streams per thread, ``rounds`` times each, keeping the best: the most
+this machine's cores reach reading memory, against which the
+decode step's tokens/s is a ratio (above 1.0: the probe is wrong, not the decode).
+Given the model's weights (``weights=``) mapped from their file, it reads their own
+memory, the very pages a decode step reads: the kernel may map a file in 2 MB pages
+(file huge pages: ext4 on Linux 6.18 maps 97 % of SmolLM2's weights so, /proc/self/smaps
+FilePmdMapped), which anonymous 4 KB pages read more slowly through the TLB; otherwise an
+anonymous buffer of the same size, in 4 KB pages.
 Run alone: python bench/read_limit.py [--megabytes 538] [--march haswell] [--rounds 5]
 """
 
@@ -36,11 +40,12 @@ NOT_STREAMED = ("attn_norm", "ffn_norm", "output_norm")
 @dataclass
 class ReadLimit:
     n_bytes: int
-    threads: int
-    best_gbps: float  # the best round of the best stream count
+    threads: int  # of the best reading: every core's, or one (see measure)
+    best_gbps: float  # the best round of the best thread and stream count
     best_streams: int
-    gbps_by_streams: dict[int, float]  # the best round of each stream count
+    gbps_by_streams: dict[int, float]  # the best round of each stream count, with the best thread count
     rounds_gbps: list[float]  # every round at the best stream count (for min/median/max)
+    memory: str = "anonymous 4 KB pages"  # what was read
 
     def tokens_per_s(self) -> float:
         """The decode rate that reading ``n_bytes`` a token at the best bandwidth allows."""
@@ -48,7 +53,7 @@ class ReadLimit:
 
     def describe(self) -> str:
         r = self.rounds_gbps
-        return (f"{self.n_bytes / 1e6:.1f} MB read by {self.threads} threads: best {self.best_gbps:.2f} GB/s "
+        return (f"{self.n_bytes / 1e6:.1f} MB ({self.memory}) read by {self.threads} threads: best {self.best_gbps:.2f} GB/s "
                 f"({self.best_streams} streams per thread; that count's rounds min/median/max "
                 f"{min(r):.2f}/{statistics.median(r):.2f}/{max(r):.2f} GB/s) = at most {self.tokens_per_s():.1f} tokens/s")
 
@@ -58,6 +63,24 @@ def streamed_bytes(weights) -> int:
     return sum(a.nbytes for name, a in weights.arrays().items() if name not in NOT_STREAMED)
 
 
+def weights_region(weights) -> np.ndarray | None:
+    """The streamed weights' memory as one float32 array (with the few KB of norms between
+    them), when all of ``weights``' arrays are views of one mapping (a weights file); else None."""
+    arrays = [a for name, a in weights.arrays().items() if name not in NOT_STREAMED]
+
+    def root(array):
+        while isinstance(array, np.ndarray) and array.base is not None:
+            array = array.base
+        return array
+
+    owner = root(arrays[0])
+    if not isinstance(owner, mmap.mmap) or any(root(a) is not owner for a in weights.arrays().values()):
+        return None
+    start = min(a.ctypes.data for a in arrays)
+    end = max(a.ctypes.data + a.nbytes for a in arrays)
+    return np.frombuffer((ctypes.c_float * ((end - start) // 4)).from_address(start), np.float32)
+
+
 def _build(march: str, folder: Path) -> ctypes.CDLL:
     cc = kernels.compiler()
     if cc is None:
@@ -65,35 +88,66 @@ def _build(march: str, folder: Path) -> ctypes.CDLL:
     library = folder / "read_limit.so"
     subprocess.run([cc, *kernels.compile_flags(march), "-shared", "-fPIC", "-o", str(library), str(SOURCE)], check=True)
     lib = ctypes.CDLL(str(library))
-    lib.rkllmd_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+    lib.rkllmd_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.rkllmd_read_seconds.restype = ctypes.c_double
+    lib.rkllmd_read_threads.restype = ctypes.c_int
     return lib
 
 
-def measure(n_bytes: int, march: str = kernels.NATIVE, rounds: int = 5) -> ReadLimit:
-    """The best read bandwidth over 1..16 streams per thread, each stream count ``rounds`` times, interleaved."""
+def _anonymous(n_bytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    """A buffer of 1.0s in anonymous 4 KB pages, every page mapped."""
+    region = mmap.mmap(-1, n_bytes)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    buffer = np.frombuffer(region, np.float32, count=n_bytes // 4)
+    buffer[:] = 1.0
+    return region, buffer
+
+
+def _check(lib: ctypes.CDLL, threads: int) -> None:
+    """Every stream count reads every float once: on 1.0s, the sums count them."""
+    region, buffer = _anonymous(4 << 20)
+    sink = np.zeros(threads, np.float64)
+    for team in sorted({1, threads}):
+        for streams in range(1, MAX_STREAMS + 1):
+            lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, team, sink.ctypes.data)
+            if float(sink.sum()) != float(buffer.size):
+                raise RuntimeError(f"the probe read {sink.sum()} floats' worth, not {buffer.size}, "
+                                   f"with {streams} streams on {team} threads")
+    del buffer
+    region.close()
+
+
+def measure(n_bytes: int, march: str = kernels.NATIVE, rounds: int = 5, weights=None) -> ReadLimit:
+    """The best read bandwidth over 1..16 streams per thread, each stream count ``rounds`` times,
+    interleaved, reading ``weights``' own memory when they are mapped from a file (``weights_region``),
+    else ``n_bytes`` of anonymous memory."""
     with tempfile.TemporaryDirectory(prefix="rkllmd-read-limit-") as folder:
         lib = _build(march, Path(folder))
-        threads = ctypes.CDLL(str(Path(folder) / "read_limit.so")).rkllmd_read_threads()
-        region = mmap.mmap(-1, n_bytes)
-        if hasattr(mmap, "MADV_NOHUGEPAGE"):
-            region.madvise(mmap.MADV_NOHUGEPAGE)
-        buffer = np.frombuffer(region, np.float32, count=n_bytes // 4)
-        buffer[:] = 1.0  # every page mapped and holding data
+        threads = lib.rkllmd_read_threads()
+        _check(lib, threads)
+        region, memory = None, "the weights' own mapping"
+        buffer = weights_region(weights) if weights is not None else None
+        if buffer is None:
+            region, buffer = _anonymous(n_bytes)
+            memory = ReadLimit.memory
         sink = np.zeros(threads, np.float64)
-        rounds_by_streams: dict[int, list[float]] = {s: [] for s in range(1, MAX_STREAMS + 1)}
-        lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, 4, sink.ctypes.data)  # warm-up
+        # (threads, streams per thread): every thread, as a decode step on a quiet machine, and one,
+        # as forward.c's decode on a busy one (whichever reads faster now is the limit).
+        ways = [(team, streams) for team in sorted({threads, 1}, reverse=True) for streams in range(1, MAX_STREAMS + 1)]
+        rounds_by_way: dict[tuple[int, int], list[float]] = {way: [] for way in ways}
+        lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, 4, threads, sink.ctypes.data)  # warm-up
         for _ in range(rounds):
-            for streams in rounds_by_streams:
-                seconds = lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, sink.ctypes.data)
-                rounds_by_streams[streams].append(buffer.nbytes / seconds / 1e9)
-        if float(sink.sum()) != float(buffer.size):  # every float read once (1.0 each)
-            raise RuntimeError(f"the probe read {sink.sum()} floats' worth, not {buffer.size}")
+            for team, streams in ways:
+                seconds = lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, team, sink.ctypes.data)
+                rounds_by_way[team, streams].append(buffer.nbytes / seconds / 1e9)
         del buffer
-        region.close()
-    best = {s: max(r) for s, r in rounds_by_streams.items()}
-    best_streams = max(best, key=best.get)
-    return ReadLimit(n_bytes - n_bytes % 4, threads, best[best_streams], best_streams, best, rounds_by_streams[best_streams])
+        if region is not None:
+            region.close()
+    best_way = max(rounds_by_way, key=lambda way: max(rounds_by_way[way]))
+    best = {s: max(r) for (team, s), r in rounds_by_way.items() if team == best_way[0]}
+    return ReadLimit(n_bytes - n_bytes % 4, best_way[0], max(rounds_by_way[best_way]), best_way[1], best,
+                     rounds_by_way[best_way], memory)
 
 
 def main() -> None:

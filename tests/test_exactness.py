@@ -132,8 +132,9 @@ def test_batched_streams_get_the_logits_each_gets_alone(threads):
 
 #: (layers, dim, heads, kv_heads, ffn, vocab, tokens): awkward widths (not multiples of
 #: the 16 lanes), head groups of 1 and of all heads, more tokens than an attention chunk
-#: (made 16 positions for the driver) and than a tile.
-SHAPES = [(2, 40, 4, 2, 72, 67, 40), (1, 36, 6, 6, 100, 33, 21), (1, 128, 2, 1, 200, 50, 35)]
+#: (made 16 positions for the driver) and than a tile; and SmolLM2's groups of three heads
+#: of 64 dimensions (whose weighted values AVX-512 sums together: forward.c's ``combine_sets``).
+SHAPES = [(2, 40, 4, 2, 72, 67, 40), (1, 36, 6, 6, 100, 33, 21), (1, 128, 2, 1, 200, 50, 35), (1, 192, 3, 1, 128, 50, 40)]
 
 
 def driver_flags(march: str | None) -> list[str]:

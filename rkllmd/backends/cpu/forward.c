@@ -38,6 +38,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -158,6 +159,16 @@ static inline void load_part(float padded[LANES], const float *p, int64_t n) {
 }
 
 static inline vec_t broadcast(float value) { return (vec_t){0} + value; }
+
+/* Keeps a loaded vector in a register: GCC otherwise folds the load into the fused
+ * multiply-adds using it (memory operands), which an AMD Zen 5 runs markedly slower than
+ * the same loop on registers (a 256-position head's scores: 0.57 -> 0.42 us; three heads'
+ * weighted values: 0.84 -> 0.38 us). No effect on what is computed. */
+#if defined(__x86_64__) || defined(__i386__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
 
 static inline vec_t select_lanes(int_vec_t mask, vec_t yes, vec_t no) {
     return (vec_t)(((int_vec_t)yes & mask) | ((int_vec_t)no & ~mask));
@@ -393,10 +404,14 @@ static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s,
 #define COMBINE(V)                                                                                            \
     for (; i + (V) * WIDTH <= n; i += (V) * WIDTH) {                                                          \
         vec_t acc[V];                                                                                         \
-        _Pragma("GCC unroll 8") for (int j = 0; j < (V); j++) acc[j] = (vec_t){0};                            \
+        _Pragma("GCC unroll 16") for (int j = 0; j < (V); j++) acc[j] = (vec_t){0};                            \
         for (int64_t r = 0; r < n_rows; r++) {                                                                \
             const vec_t c = splat(coef[r]);                                                                   \
-            _Pragma("GCC unroll 8") for (int j = 0; j < (V); j++) acc[j] += c * load(rows + r * stride + i + j * WIDTH); \
+            _Pragma("GCC unroll 16") for (int j = 0; j < (V); j++) {                                          \
+                vec_t row = load(rows + r * stride + i + j * WIDTH);                                          \
+                IN_REGISTER(row);                                                                             \
+                acc[j] += c * row;                                                                            \
+            }                                                                                                 \
         }                                                                                                     \
         memcpy(out + i, acc, sizeof acc);                                                                     \
     }
@@ -404,6 +419,9 @@ static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s,
 static CONTRACTED void combine_rows(const float *coef, const float *rows, int64_t stride, int64_t n_rows, float *out,
                                     int64_t n) {
     int64_t i = 0;
+#if WIDTH == 16 /* 32 registers: a 256-position chunk's scores in one pass over each key row */
+    COMBINE(16)
+#endif
     COMBINE(8)
     COMBINE(4)
     COMBINE(1)
@@ -415,12 +433,56 @@ static CONTRACTED void combine_rows(const float *coef, const float *rows, int64_
     }
 }
 
+/* combine_rows for n_sets sets of coefficients at once (set h: coef + h * coef_stride, into
+ * out + h * out_stride), on the same rows: each row's vectors, loaded once, feed every set's
+ * chains, so that SETS x V chains are in flight where one set alone has V (attention's
+ * weighted values: 64 outputs are 4 chains on AVX-512, too few to hide the fused
+ * multiply-add's latency). Every output is still one chain in r order from zero: the same
+ * bits as combine_rows. */
+#if WIDTH == 16
+#define SETS 3
+#define SET_VECTORS 4
+#else /* AVX2, SSE, NEON: V = 8 vectors of one set are chains enough (and registers allow no more) */
+#define SETS 1
+#define SET_VECTORS 8
+#endif
+static CONTRACTED void combine_sets(const float *coef, int64_t coef_stride, int64_t n_sets, const float *rows,
+                                    int64_t stride, int64_t n_rows, float *out, int64_t out_stride, int64_t n) {
+    int64_t h = 0;
+    for (; SETS > 1 && h + SETS <= n_sets; h += SETS) {
+        int64_t i = 0;
+        for (; i + SET_VECTORS * WIDTH <= n; i += SET_VECTORS * WIDTH) {
+            vec_t acc[SETS][SET_VECTORS];
+            _Pragma("GCC unroll 4") for (int k = 0; k < SETS; k++)
+                _Pragma("GCC unroll 8") for (int j = 0; j < SET_VECTORS; j++) acc[k][j] = (vec_t){0};
+            for (int64_t r = 0; r < n_rows; r++) {
+                vec_t row[SET_VECTORS];
+                _Pragma("GCC unroll 8") for (int j = 0; j < SET_VECTORS; j++) {
+                    row[j] = load(rows + r * stride + i + j * WIDTH);
+                    IN_REGISTER(row[j]); /* loaded once for every set */
+                }
+                _Pragma("GCC unroll 4") for (int k = 0; k < SETS; k++) {
+                    const vec_t c = splat(coef[(h + k) * coef_stride + r]);
+                    _Pragma("GCC unroll 8") for (int j = 0; j < SET_VECTORS; j++) acc[k][j] += c * row[j];
+                }
+            }
+            for (int k = 0; k < SETS; k++)
+                memcpy(out + (h + k) * out_stride + i, acc[k], sizeof acc[k]);
+        }
+        if (i < n) /* the last outputs, set by set */
+            for (int k = 0; k < SETS; k++)
+                combine_rows(coef + (h + k) * coef_stride, rows + i, stride, n_rows, out + (h + k) * out_stride + i, n - i);
+    }
+    for (; h < n_sets; h++)
+        combine_rows(coef + h * coef_stride, rows, stride, n_rows, out + h * out_stride, n);
+}
+
 /* Attention is split by chunks of ATTENTION_CHUNK positions, as flash-decoding does.
  * A unit, one row, one KV head and one chunk, handles the query heads sharing that KV
- * head one after the other, so the chunk's keys and values (64 KB each for SmolLM2) come
- * from memory once and from the cache after. It leaves per query head a partial result:
- * the chunk's highest score, the sum of exp(score - highest), and the values weighted by
- * those. Partial results are then merged per query head, in chunk order. A row's units
+ * head, so the chunk's keys and values (64 KB each for SmolLM2) come from memory once:
+ * their scores one head after the other, their weighted values together
+ * (``combine_sets``). It leaves per query head a partial result: the chunk's highest
+ * score, the sum of exp(score - highest), and the values weighted by those. Partial results are then merged per query head, in chunk order. A row's units
  * depend only on its position and its cache, never on the other rows. */
 static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t, int64_t kv,
                          int64_t chunk) {
@@ -429,19 +491,21 @@ static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct r
     const int64_t p0 = chunk * ATTENTION_CHUNK, n = n_keys - p0 < ATTENTION_CHUNK ? n_keys - p0 : ATTENTION_CHUNK;
     const float *keys = s->keys[t] + ((layer * m->n_kv_heads + kv) * hd) * cap + p0;
     const float *values = s->values[t] + ((layer * m->n_kv_heads + kv) * cap + p0) * hd;
-    for (int64_t head = kv * group; head < (kv + 1) * group; head++) {
-        float scores[ATTENTION_CHUNK];
-        combine_rows(s->queries + (t * nh + head) * hd, keys, cap, hd, scores, n);
-        float top = scores[0];
+    float scores[group][ATTENTION_CHUNK], top[group], total[group];
+    for (int64_t g = 0; g < group; g++) {
+        combine_rows(s->queries + (t * nh + kv * group + g) * hd, keys, cap, hd, scores[g], n);
+        top[g] = scores[g][0];
         for (int64_t p = 1; p < n; p++)
-            top = scores[p] > top ? scores[p] : top;
-        const float total = exp_shifted(scores, top, n);
-        float acc[hd]; /* on this thread's stack: partials of neighbouring units share cache lines */
-        combine_rows(scores, values, hd, n, acc, hd);
-        float *partial = s->partials + ((t * nh + head) * s->n_chunks + chunk) * (hd + 2);
-        partial[0] = top;
-        partial[1] = total;
-        memcpy(partial + 2, acc, sizeof acc);
+            top[g] = scores[g][p] > top[g] ? scores[g][p] : top[g];
+        total[g] = exp_shifted(scores[g], top[g], n);
+    }
+    float acc[group][hd]; /* on this thread's stack: partials of neighbouring units share cache lines */
+    combine_sets(scores[0], ATTENTION_CHUNK, group, values, hd, n, acc[0], hd, hd);
+    for (int64_t g = 0; g < group; g++) {
+        float *partial = s->partials + ((t * nh + kv * group + g) * s->n_chunks + chunk) * (hd + 2);
+        partial[0] = top[g];
+        partial[1] = total[g];
+        memcpy(partial + 2, acc[g], sizeof acc[g]);
     }
 }
 
@@ -611,6 +675,51 @@ int rkllmd_kernel_threads(void) {
 #endif
 }
 
+/* The team a decode step runs with. Threads wait for each other at the end of every phase
+ * (~200 a token), so on a machine whose cores other processes want too, a team of two
+ * stalls whenever one of its threads is descheduled: the daemon decoded 58-65 tokens/s on
+ * one thread against 34-53 on two with the machine's 2 cores at load 4, and 64 against 74
+ * when quiet. So decode calls (every row wants its logits, at most TEAM_ROWS rows) keep an
+ * average of their time with every thread and with one, run with the faster, and every
+ * TEAM_PROBE_EVERY-th call with the other to keep its average current. The team never
+ * changes a row's bits (see the top of this file); other calls use every thread. */
+#define TEAM_ROWS 16
+#define TEAM_PROBE_EVERY 64
+static int64_t team_nanos[2], team_calls, team_rows; /* [every thread, one]: 0 until measured */
+static const struct rkllmd_model *team_model;          /* whose calls the averages are of */
+
+static int64_t nanos_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Which team (0: every thread, 1: one) a call of model m with n rows, n_logits of them
+ * wanted, runs with (-1: every thread, not measured), and whether that is a probe of the
+ * slower one. */
+static int choose_team(const struct rkllmd_model *m, int64_t n, int64_t n_logits, int64_t threads, int *probe) {
+    *probe = 0;
+    if (threads == 1 || n_logits != n || n > TEAM_ROWS)
+        return -1;
+    const int other_model = __atomic_exchange_n(&team_model, m, __ATOMIC_RELAXED) != m;
+    if (__atomic_exchange_n(&team_rows, n, __ATOMIC_RELAXED) != n || other_model) { /* another batch or model: measure anew */
+        __atomic_store_n(&team_nanos[0], 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&team_nanos[1], 0, __ATOMIC_RELAXED);
+    }
+    const int64_t every = __atomic_load_n(&team_nanos[0], __ATOMIC_RELAXED), one = __atomic_load_n(&team_nanos[1], __ATOMIC_RELAXED);
+    const int faster = every > 0 && one > 0 && one < every;
+    *probe = __atomic_add_fetch(&team_calls, 1, __ATOMIC_RELAXED) % TEAM_PROBE_EVERY == 0;
+    return *probe ? !faster : faster;
+}
+
+/* A call with ``team`` took ``nanos``: its average moves an eighth of the way (the team in
+ * use), or half of it (a probe, measured rarely). */
+static void timed_team(int team, int64_t nanos, int probe) {
+    const int64_t average = __atomic_load_n(&team_nanos[team], __ATOMIC_RELAXED);
+    __atomic_store_n(&team_nanos[team], average == 0 ? nanos : probe ? (average + nanos) / 2 : average + (nanos - average) / 8,
+                     __ATOMIC_RELAXED);
+}
+
 /* Run ``n`` token rows, row t at position positions[t] of the KV cache keys[t], values[t]
  * (its key and value join that cache; it attends to the cache's positions up to its own,
  * which earlier rows of the same call may have written); the logits of rows
@@ -644,7 +753,10 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
     s.gate_up = s.attended + n * q_dim;
     s.act = s.gate_up + n * gu_dim;
     s.partials = s.act + n * ffn;
-#pragma omp parallel num_threads(threads)
+    int probe;
+    const int team = choose_team(m, n, n_logits, threads, &probe);
+    const int64_t started = nanos_now();
+#pragma omp parallel num_threads(team == 1 ? 1 : threads)
     {
 #ifdef _OPENMP
         float *h = s.h + omp_get_thread_num() * n * dim;
@@ -683,6 +795,8 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
             run(phase++, product_items(&task.product), product_item, &task);
         }
     }
+    if (team >= 0)
+        timed_team(team, nanos_now() - started, probe);
     free(phases);
     free(scratch);
     return 0;
