@@ -33,6 +33,7 @@ from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dir
 from .models import keep_alive
 from .models.pool import LoadedModel, ModelPool
 from .models.registry import Model, Registry, configured_models
+from .runner.proxy import RunnerProcess
 from .worker import ModelWorker
 
 log = logging.getLogger("rkllmd")
@@ -114,12 +115,6 @@ def run(config: Config, reload_config: Callable[[], Config]) -> int:
 
 def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, reload_config: Callable[[], Config]) -> int:
     started = time.monotonic()
-    try:
-        backend, reason = load_backend(config, notifier)
-    except BackendError as exc:
-        log.error("cannot start: %s", exc)
-        notifier.status(f"failed to start: {exc}")
-        return 1
     text_dir, binary_dir = cache_dirs(config)
     try:
         make_dirs(text_dir, TEXT_DIR_MODE)
@@ -132,6 +127,39 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     #: One thread for work that reads, writes or hashes files (see Context.disk).
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
     store = ArtifactStore(artifact_kinds(config), config.store)
+    in_runners = config.daemon.runners == "process"
+
+    def extend_start(what: str) -> None:
+        log.info("loading: %s", what)
+        notifier.extend_timeout(LOAD_EXTENSION_S)
+
+    def runner_for(name: str, model_config: Config, *, default: bool) -> LoadedModel:
+        """A runner process that has loaded ``model_config``'s model, served as ``name``."""
+
+        def cache_changed(cache: str) -> None:
+            outbox.wake()  # the status line counts caches
+            waiters.changed(cache)
+
+        runner = RunnerProcess(name, model_config, outbox, restart_when_dead=default, on_change=cache_changed,
+                               on_stored=lambda: disk.submit(store.collect), on_death=lambda dead: pool.runner_died(dead),
+                               progress=extend_start if default else lambda what: None)
+        waiters = CacheWaiters(runner.caches)
+        runner.start()
+        return LoadedModel(name, runner, runner.caches, waiters, runner.reason, memory_estimate(model_config))
+
+    try:
+        if in_runners:
+            notifier.extend_timeout(LOAD_EXTENSION_S)
+            default_runner = runner_for(config.model.name or "default", config, default=True)  # named once the registry knows its name
+            backend, reason = default_runner.backend, default_runner.reason
+            log.info("backend: %s (%s)", backend.kind, reason)
+            log.info("model loaded in %.2f s", time.monotonic() - started)
+        else:
+            backend, reason = load_backend(config, notifier)
+    except (BackendError, OSError) as exc:  # OSError: the runner process could not be started
+        log.error("cannot start: %s", exc)
+        notifier.status(f"failed to start: {exc}")
+        return 1
 
     def serve(backend: Backend, reason: str, name: str, current: Config, size: int) -> LoadedModel:
         """A loaded backend with its worker and prompt caches (text caches shared by name,
@@ -161,6 +189,8 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         """Load another weights file (on the pool's loader thread) and serve it."""
         current = ctx.config
         its = config_for(current, model)
+        if in_runners:
+            return runner_for(model.name, its, default=False)
         backend, reason = choose(its, weights_dir=weights_dir(current), kernels_dir=kernels_dir(current))
         backend.load()
         loaded = serve(backend, reason, model.name, current, memory_estimate(its))
@@ -175,7 +205,11 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     except WireError as exc:
         log.error("configuration: [models]: %s", exc)
         return 2
-    default = serve(backend, reason, registry.default, config, memory_estimate(config))
+    if in_runners:
+        default = default_runner
+        default.name = default.worker.name = registry.default
+    else:
+        default = serve(backend, reason, registry.default, config, memory_estimate(config))
     worker, caches = default.worker, default.caches
     pool = ModelPool(open_model, outbox, max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
                      keep_alive=keep_alive.seconds(config.daemon.keep_alive),
@@ -199,18 +233,22 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     daemon = Daemon(ctx, endpoint, connections, outbox, notifier)
     daemon.reload_handler = lambda: _reload(daemon, reload_config)
     try:
-        caches.scan()
+        if not in_runners:
+            caches.scan()  # a runner scans its caches as it starts
         disk.submit(store.collect)
         daemon.install_signal_handlers()
         daemon.bind()
     except (OSError, EndpointError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    worker.start()
+    if not in_runners:
+        worker.start()
     pool.start(default)
     log.info("ready in %.2f s: %s on %s", time.monotonic() - started, backend.describe().get("name", backend.kind), endpoint.path)
     notifier.ready(status.line(ctx))
-    if notifier.watchdog_interval:
+    if notifier.watchdog_interval and in_runners:
+        notifier.start_watchdog(lambda: _stop_stuck_runners(pool, notifier.watchdog_interval))
+    elif notifier.watchdog_interval:
         notifier.start_watchdog(lambda: worker.healthy(within=notifier.watchdog_interval))
     try:
         daemon.serve()  # its shutdown stops the worker, which closes the backend after its last call
@@ -218,6 +256,14 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         notifier.stopping()
         daemon.paths.stop()
     return daemon.exit_status
+
+
+def _stop_stuck_runners(pool: ModelPool, within: float) -> bool:
+    """The watchdog's check with runner processes: a stuck runner is the daemon's to kill
+    and restart (systemd would restart every model with the daemon); the daemon is healthy."""
+    for model in pool.loaded():
+        model.worker.stop_if_stuck(within)
+    return True
 
 
 def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
@@ -282,7 +328,10 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
                                                  model=old.model, rkllm=old.rkllm)
             _swapped(daemon, reason, error)
 
-        ctx.worker.replace_backend(lambda: load_backend(config, notifier), done=swapped)
+        if isinstance(ctx.worker, RunnerProcess):
+            ctx.worker.swap(config, done=swapped)  # loaded in the runner, after its queued requests
+        else:
+            ctx.worker.replace_backend(lambda: load_backend(config, notifier), done=swapped)
         return
     log.info("configuration reloaded")
     notifier.ready(status.line(ctx))

@@ -27,6 +27,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/rkllmd/rkllmd.toml")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 BACKENDS = ("auto", "cpu", "rkllm")
+RUNNERS = ("process", "thread")
 KERNEL_MODES = ("auto", "c", "numpy")
 RKLLM_RUNTIMES = ("auto", "1.2", "1.3")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -61,6 +62,7 @@ class DaemonConfig:
     max_loaded_models: int = setting(3, "models (weights files) loaded at once; loading another unloads the least recently used idle one (the default model stays)", low=1, high=64)
     models_memory_mb: int = setting(0, "MiB the loaded models may take together (the CPU backend's weights as float32 plus a context of KV cache; a .rkllm file's size on the NPU); 0: no bound (only max_loaded_models)", low=0, high=1 << 30)
     keep_alive: str = setting("-1", "how long a model other than the default stays loaded once idle: Ollama's keep_alive (5m, 1h, 0: unload at once, negative: until the daemon stops); a request's keep_alive overrides it")
+    runners: str = setting("process", "where each loaded model runs: process (a runner process of its own, as Ollama runs them: a crash in the model's code fails only that model's requests, and its next request starts a new runner) or thread (in the daemon's process)", choices=RUNNERS)
     models_file: str = setting("", "where models created at run time are kept (models.json); empty: models.json in the text cache folder")
     models_dir: str = setting("", "where pulled models' files are kept (OWNER/REPO/FILE, partial downloads in .partial/); empty: models/ in the text cache folder")
 

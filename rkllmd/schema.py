@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 9
+PROTOCOL_MINOR = 10
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -55,6 +55,8 @@ MINOR_VERSIONS = {
     "`cache.ls`, `cache.show`, `cache.put`, `cache.rebuild` and `cache.wait` take `model`, `cache.ls` answers `model`; `embed` takes `keep_alive`",
     9: "`pull`: a `.gguf` or `.rkllm` file from the Hugging Face hub, streamed as `progress` (`status`, `digest`, `total`, `completed`) "
     "and `done` (`finish_reason`, `model`), cancellable; error codes `model_file` and `hub`; models list `source` `pulled`",
+    10: "each loaded model in `status.models.loaded` and `models.loaded` carries `pid`: the process that runs it (its runner "
+    "process; the daemon's own with `daemon.runners = \"thread\"`); a runner that dies fails its model's requests with `backend`",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 

@@ -58,7 +58,9 @@ class ServiceNotifier:
     """Tells systemd about readiness, status, reloads and liveness (sd_notify(3)).
 
     The watchdog pings only while the ``healthy`` callable given to start_watchdog() says
-    so: a model worker stuck in one call stops them, and systemd kills and restarts us.
+    so: a model worker stuck in one call in the daemon's process stops them, and systemd
+    kills and restarts us. (A model in a runner process that gets stuck is killed and
+    restarted by the daemon itself: rkllmd/runner/proxy.py.)
     """
 
     def __init__(self, env: Mapping[str, str] = os.environ):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import struct
 import threading
 import time
@@ -264,6 +265,11 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._prompt_thread = threading.Thread(target=self._prepare_prompts, name="prompts", daemon=True)
 
+    @property
+    def pid(self) -> int:
+        """The process that runs the model: the daemon's (``daemon.runners = "thread"``)."""
+        return os.getpid()
+
     # -- called from the socket loop (or the cache watcher) ----------------------
 
     def configure(self, config: DaemonConfig) -> None:
@@ -377,6 +383,21 @@ class ModelWorker:
                 "building": building,
                 "embeds": self._embeds_preparing + len(self._embeds) + (self._embedding is not None),
             }
+
+    def busy(self) -> bool:
+        """Anything to do or under way (what keeps its model loaded): generations, embed
+        requests from their preparation on, cache builds, prompt jobs."""
+        with self._cond:
+            return bool(self._running or self._waiting or self._opening or self._builds or self._build
+                        or self._embeds_preparing or self._embeds or self._embedding or self._prompt_jobs)
+
+    def summary(self) -> dict[str, Any]:
+        """What the status line shows: activity, cache states, generations served, the last error."""
+        states = self.caches.counts() if self.caches is not None else {}
+        with self._cond:
+            last_error, completed = self.last_error, self.counters.completed
+        return {"model": f"{self.backend.describe().get('name', '?')} on {self.backend.kind}", "activity": self.activity(), "states": states,
+                "completed": completed, "last_error": last_error}
 
     def requests(self) -> dict[str, list[dict[str, Any]]]:
         """The generations running and waiting (in the order they will start), for status."""
@@ -717,6 +738,11 @@ class ModelWorker:
     def _end(self, running: _Running, error: WireError | None = None) -> None:
         """A generation is over: its final message, its counters, its state kept for the next turn."""
         gen, run, prefix = running.gen, running.run, running.prefix
+        # Out of the batch before its client hears the end: a client's next request, which
+        # may arrive at once (from a runner process, before this thread goes on), never counts
+        # it ahead. Positions are told as the next ones are admitted (no transient ones).
+        with self._cond:
+            self._running.remove(running)
         try:
             if error is not None:
                 self._fail(gen, error)
@@ -724,8 +750,6 @@ class ModelWorker:
                 self._done(gen, run, prefix)
         finally:
             self.backend.release(run)
-            with self._cond:  # positions are told as the next ones are admitted (no transient ones)
-                self._running.remove(running)
 
     def _done(self, gen: Generation, run: Run, prefix: PrefixState | None) -> None:
         stats, output = run.stats, gen.output

@@ -74,23 +74,25 @@ class Mix:
         self._lock = threading.Lock()
         self._done = threading.Event()
 
-    def prepare(self) -> int:
-        """Put the text caches and wait for their binaries; return the daemon's pid."""
+    def prepare(self) -> list[int]:
+        """Put the text caches and wait for their binaries; return the daemon's pid and its
+        model's runner process's (whose memory and files count with the daemon's)."""
         with Client(self.socket, timeout=30) as client:
             for name, text in CACHES.items():
                 client.cache_put(name, text)
             for name in CACHES:
                 client.cache_wait(name, timeout=300)
-            return client.status()["pid"]
+            status = client.status()
+            return sorted({status["pid"], *(model["pid"] for model in status["models"]["loaded"])})
 
     def run(self, progress_every: float | None = None) -> Report:
-        pid = self.prepare()
+        pids = self.prepare()
         report = self.report
         with Client(self.socket, timeout=30) as client:
             status = client.status()
             report.counters_before = status["counters"]
             report.states_before = status["caches"]["memory"]["used_bytes"]
-        sampler = threading.Thread(target=self._sample, args=(pid, progress_every), daemon=True)
+        sampler = threading.Thread(target=self._sample, args=(pids, progress_every), daemon=True)
         threads = [threading.Thread(target=self._client, args=(i,), name=f"client-{i}") for i in range(self.clients)]
         report.started = time.monotonic()
         sampler.start()
@@ -101,20 +103,20 @@ class Mix:
         report.ended = time.monotonic()
         self._done.set()
         sampler.join()
-        report.samples.append((report.ended, len(report.outcomes), rss_kb(pid), fd_count(pid)))
+        report.samples.append((report.ended, len(report.outcomes), *_usage(pids)))
         with Client(self.socket, timeout=30) as client:
             status = client.status()
             report.counters_after = status["counters"]
             report.states_after = status["caches"]["memory"]["used_bytes"]
         return report
 
-    def _sample(self, pid: int, progress_every: float | None) -> None:
+    def _sample(self, pids: list[int], progress_every: float | None) -> None:
         last_print = time.monotonic()
         while not self._done.wait(0.25):
             now = time.monotonic()
             with self._lock:
                 answered = len(self.report.outcomes)
-            self.report.samples.append((now, answered, rss_kb(pid), fd_count(pid)))
+            self.report.samples.append((now, answered, *_usage(pids)))
             if progress_every and now - last_print >= progress_every:
                 last_print = now
                 print(progress_line(self.report), flush=True)
@@ -161,6 +163,11 @@ class Mix:
         service = stats["total_ms"] - stats["queue_ms"] if stats else None
         return Outcome(index, kind, stream.request_id, stream.position, stats.get("queue_ms"), service, result.finish_reason,
                        stats.get("cached_tokens", 0), time.monotonic())
+
+
+def _usage(pids: list[int]) -> tuple[int, int]:
+    """RSS (KiB) and open files of these processes together."""
+    return sum(rss_kb(pid) for pid in pids), sum(fd_count(pid) for pid in pids)
 
 
 def progress_line(report: Report) -> str:

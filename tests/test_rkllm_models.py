@@ -188,7 +188,10 @@ class NpuModels(DaemonProcess):
         config.write_text(f'[daemon]\nmodels_memory_mb = {budget_mb}\nmax_loaded_models = 8\n[model]\nname = "{default}"\n'
                           f'[rkllm]\nmodel = "{self.files[default]}"\n{tables}')
         self.config = config
-        env = {"RKLLMD_RKLLM_LIBRARY": str(library), "FAKE_RKLLM_LOG": str(self.calls_log), "FAKE_RKLLM_NPU_MB": str(npu_mb)}
+        # The NPU is one device for the daemon's runner processes (one per model): its memory
+        # is counted across them, as the driver counts it (FAKE_RKLLM_NPU_DEVICE).
+        env = {"RKLLMD_RKLLM_LIBRARY": str(library), "FAKE_RKLLM_LOG": str(self.calls_log), "FAKE_RKLLM_NPU_MB": str(npu_mb),
+               "FAKE_RKLLM_NPU_DEVICE": str(folder / "npu.device")}
         super().__init__("--backend", "rkllm", "--config", str(config), env=env, folder=folder)
 
     def handles(self) -> int:

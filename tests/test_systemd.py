@@ -514,6 +514,48 @@ class TestRkllmd:
         logged(sd, mark, pid, "received SIGTERM: shutting down", "stopped")
         assert took < 10
 
+    def test_a_hung_runner_is_killed_by_the_daemon_and_restarted_and_systemd_never_sees_it(self, sd, fake_runtime):
+        # The model runs in a runner process (the default). The fake vendor runtime blocks
+        # inside rkllm_run for good, deaf to rkllm_abort, when a prompt holds
+        # FAKE_RKLLM_HANG_ON, as a stuck native call would. The daemon's watchdog check
+        # finds the runner without progress for WatchdogSec and kills it with SIGABRT;
+        # the request fails with backend, a new runner serves, the daemon keeps pinging.
+        marker = "HANG-THE-RUNNER"
+        sd.install(FAKE_LIBRARY, fake_runtime["1.3"].read_bytes(), mode=0o755)
+        sd.install(FAKE_MODEL, MODEL_MAGIC + b"a fake .rkllm model\n")
+        write_config(sd, f'[daemon]\nbackend = "rkllm"\n[rkllm]\nlibrary = "{FAKE_LIBRARY}"\n'
+                         f'model = "{FAKE_MODEL}"\n')
+        sd.install(f"{DROPINS}/60-hang.conf", "[Service]\n"
+                   f"Environment=FAKE_RKLLM_HANG_ON={marker}\nWatchdogSec=3s\n")
+        sd.systemctl("daemon-reload")
+        sd.systemctl("restart", SERVICE)
+        before = sd.show(SERVICE, "MainPID", "NRestarts")
+        status = json.loads(sd.run(["rkllmctl", "--timeout", "5", "status", "--json"], user="alice").stdout)
+        [loaded] = status["models"]["loaded"]
+        runner, name = str(loaded["pid"]), loaded["name"]
+        mark = journal_cursor(sd)
+        hung = Generation(sd, "alice", prompt=f"Please {marker} now.", max_tokens=8)
+        ended = hung.end(timeout=60)
+        assert ended == {"error": "backend", "message": f"the runner of model {name} was killed: "
+                                                        "a call into the model made no progress in 3 s"}, ended
+        # The runner's faulthandler left its threads' stacks (the journal files the lines
+        # of the runner under its own PID): the worker's, stuck in the runtime's call under
+        # _serve_step. The daemon said what it did.
+        dump = logged(sd, mark, runner, "the prompt holds FAKE_RKLLM_HANG_ON: hanging for good",
+                      "Fatal Python error: Aborted", "Extension modules:")
+        logged(sd, mark, before["MainPID"], f"the runner of model {name} (pid {runner}) made no progress in 3 s",
+               f"the runner of model {name} (pid {runner}) died: signal 6 (SIGABRT)", "starting a new runner")
+        threads = re.split(r"\n(?=Thread 0x|Current thread 0x)", dump)
+        worker = [t for t in threads if re.search(rf'"{ROOT}/rkllmd/worker\.py", line \d+ in _run\n', t)]
+        assert len(worker) == 1 and re.search(r"worker\.py\", line \d+ in _serve_step\n.*in _run",
+                                              worker[0], re.S), dump
+        # A new runner serves; the daemon never stopped, and systemd's watchdog never fired.
+        run = sd.run(["rkllmctl", "generate", "--max-tokens", "3", "--json", "Hi"], user="alice")
+        assert json.loads(run.stdout)["stats"]["completion_tokens"] >= 1
+        after = sd.show(SERVICE, "MainPID", "NRestarts", "ActiveState")
+        assert (after["MainPID"], after["NRestarts"], after["ActiveState"]) == (before["MainPID"], before["NRestarts"], "active")
+        assert "Watchdog timeout" not in journal_since(sd, mark)
+
     def test_a_pull_needs_the_documented_network_drop_in_and_then_works(self, sd, tmp_path):
         """The shipped unit gives the daemon no network: a pull fails and says what to do.
         With the drop-in docs/models.md gives, the daemon pulls from a hub (tests/fake_hub.py,
@@ -552,7 +594,9 @@ class TestRkllmd:
             sd.systemctl("daemon-reload")
             sd.systemctl("restart", SERVICE)
 
-    def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(self, sd, fake_runtime):
+    def test_a_hung_worker_in_the_daemons_process_is_killed_by_the_watchdog_and_restarted(self, sd, fake_runtime):
+        # daemon.runners = "thread": the model runs in the daemon's process, so a stuck
+        # call stops the daemon's watchdog pings, and systemd kills and restarts it.
         # The hang comes from the test's side: the daemon runs on the NPU backend with the
         # fake vendor runtime (tests/fake_rkllm), which blocks inside rkllm_run for good,
         # deaf to rkllm_abort, when a prompt holds FAKE_RKLLM_HANG_ON, as a stuck native
@@ -560,7 +604,7 @@ class TestRkllmd:
         marker = "HANG-THE-WORKER"
         sd.install(FAKE_LIBRARY, fake_runtime["1.3"].read_bytes(), mode=0o755)
         sd.install(FAKE_MODEL, MODEL_MAGIC + b"a fake .rkllm model\n")
-        write_config(sd, f'[daemon]\nbackend = "rkllm"\n[rkllm]\nlibrary = "{FAKE_LIBRARY}"\n'
+        write_config(sd, f'[daemon]\nbackend = "rkllm"\nrunners = "thread"\n[rkllm]\nlibrary = "{FAKE_LIBRARY}"\n'
                          f'model = "{FAKE_MODEL}"\n')
         sd.install(f"{DROPINS}/60-hang.conf", "[Service]\n"
                    f"Environment=FAKE_RKLLM_HANG_ON={marker}\nWatchdogSec=3s\n")

@@ -49,8 +49,10 @@ class FaultyDaemon(DaemonProcess):
 
 @pytest.fixture(scope="module")
 def faulty() -> DaemonProcess:
-    # One generation at a time: a second one waits (and fills the queue of one).
-    env = {"RKLLMD_MAX_QUEUE": "1", "RKLLMD_MAX_BATCH": "1", "RKLLMD_MODEL_CONTEXT_LENGTH": str(CONTEXT_LENGTH)}
+    # One generation at a time: a second one waits (and fills the queue of one). The faults
+    # are patched into this process's classes, so the model runs in it (daemon.runners =
+    # thread): a runner process would import them unpatched.
+    env = {"RKLLMD_MAX_QUEUE": "1", "RKLLMD_MAX_BATCH": "1", "RKLLMD_MODEL_CONTEXT_LENGTH": str(CONTEXT_LENGTH), "RKLLMD_RUNNERS": "thread"}
     proc = FaultyDaemon("--backend", "cpu", env=env).start()
     yield proc
     proc.cleanup()

@@ -67,7 +67,8 @@ def _models_line(models: dict[str, Any], limits: dict[str, Any]) -> str:
     parts = []
     for m in loaded:
         until = "kept" if m["expires_at"] is None else f"until {time.strftime('%H:%M:%S', time.localtime(m['expires_at']))}"
-        parts.append(f"{m['name']}{' (default)' if m['name'] == models['default'] else ''} {m['size'] / 2**20:.0f} MiB {until}")
+        runner = f" pid {m['pid']}" if m.get("pid") else ""  # its runner process (protocol 1.10)
+        parts.append(f"{m['name']}{' (default)' if m['name'] == models['default'] else ''} {m['size'] / 2**20:.0f} MiB {until}{runner}")
     loading = f"; loading {', '.join(models['loading'])}" if models.get("loading") else ""
     return f"{len(loaded)} loaded of {limits.get('max_loaded_models', '?')}{budget}: {', '.join(parts)}{loading}"
 

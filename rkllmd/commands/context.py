@@ -16,6 +16,7 @@ from ..connections import Traffic
 from ..outbox import Generation, Outbox
 from ..protocol import ErrorCode, WireError
 from ..store import ArtifactStore
+from ..runner.proxy import RemoteCaches, RunnerProcess
 from ..worker import ModelWorker
 
 
@@ -31,8 +32,8 @@ class Request:
 @dataclass
 class Context:
     config: Config  # replaced whole on reload
-    caches: PromptCaches
-    worker: ModelWorker
+    caches: PromptCaches | RemoteCaches
+    worker: ModelWorker | RunnerProcess
     generations: dict[tuple[bytes, Any], Generation]  # live streams by (client, request id)
     #: One thread for cache work that reads, writes or hashes files, in arrival order:
     #: never on the socket loop, whose every client would wait for the disk.

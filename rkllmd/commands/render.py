@@ -10,6 +10,7 @@ RenderError, which the socket loop answers as ``invalid_field``.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future
 from typing import Any, Iterator
 
@@ -33,7 +34,7 @@ def execute(ctx: Context, request: Request) -> Future[dict[str, Any]]:
         raise WireError(ErrorCode.NOT_FOUND, f"model {model.model.name} is not loaded: load it first (the load operation, or a generation)", model=model.model.name)
     if args["template"] is None and model.template:
         args = {**args, "template": model.template}
-    return loaded.worker.with_prompts(lambda backend: _render(backend, args, messages))
+    return loaded.worker.with_prompts(functools.partial(_render, args=args, messages=messages))  # a partial pickles: to a runner process
 
 
 def _render(backend: Backend, args: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -62,17 +62,17 @@ def report(ctx: Context) -> dict[str, Any]:
 def line(ctx: Context) -> str:
     """One line for `systemctl status`: what runs, how busy, caches, the last error."""
     worker = ctx.worker
-    activity = worker.activity()
-    states = ctx.caches.counts()
+    summary = worker.summary()  # the socket loop asks after every wake: a runner pushes it, never asked
+    activity, states = summary["activity"], summary["states"]
     doing = "generating" if activity["running"] == "generate" else f"building cache {activity['building']}" if activity["building"] else "idle"
     parts = [
-        f"{worker.backend.describe().get('name', '?')} on {worker.backend.kind}",
+        summary["model"],
         f"{doing}, {activity['queued']} queued",
         f"caches: {states.get('ready', 0)} ready, {activity['builds_queued'] + (1 if activity['building'] else 0)} building",
-        f"{worker.counters.completed} served",
+        f"{summary['completed']} served",
     ]
     if states.get("failed"):
         parts.append(f"{states['failed']} cache(s) failed")
-    if worker.last_error:
-        parts.append(f"last error: {worker.last_error}")
+    if summary["last_error"]:
+        parts.append(f"last error: {summary['last_error']}")
     return "; ".join(parts)

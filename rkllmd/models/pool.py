@@ -11,6 +11,10 @@ stops); the loader thread unloads it once that time has passed and it is idle.
 
 The default model (the configuration's ``[model]``) is loaded at start and never
 unloaded: the cache operations, ``render`` and the status line run on it.
+
+Each loaded model runs in a runner process of its own (rkllmd/runner). One that dies has
+failed its requests already; the pool then marks the model unloaded (``runner_died``),
+and its next request loads it in a new runner. The default model's restarts by itself.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..caches.waiters import CacheWaiters
 from ..outbox import NO_OUTPUT, Generation, Outbox
 from ..protocol import ErrorCode, WireError
 from ..templates.capabilities import model_capabilities
+from ..runner.proxy import RemoteCaches, RunnerProcess
 from ..worker import EmbedJob, ModelWorker
 from .registry import Model
 
@@ -45,8 +50,8 @@ class LoadedModel:
     """One weights file in memory."""
 
     name: str  # the registry name of the model whose file this is
-    worker: ModelWorker
-    caches: PromptCaches
+    worker: ModelWorker | RunnerProcess  # its runner process (daemon.runners = "process"), or a worker in the daemon's
+    caches: PromptCaches | RemoteCaches
     waiters: CacheWaiters  # cache.wait answers for these caches
     reason: str  # why this backend
     size: int  # bytes it takes in memory (what the budget counts: backends.memory_estimate)
@@ -61,13 +66,12 @@ class LoadedModel:
         return self.worker.backend
 
     def busy(self) -> bool:
-        activity = self.worker.activity()
-        return bool(activity["running"] or activity["queued"] or activity["builds_queued"] or activity["embeds"])
+        return self.worker.busy()
 
     def public(self, now_wall: float, now: float) -> dict[str, Any]:
         describe = self.backend.describe()
         return {
-            "name": self.name, "size": self.size, "loaded_at": self.loaded_at, "backend": self.backend.kind,
+            "name": self.name, "size": self.size, "pid": self.worker.pid, "loaded_at": self.loaded_at, "backend": self.backend.kind,
             "expires_at": None if self.expires is None else now_wall + max(0.0, self.expires - now),
             "context_length": describe.get("context_length"), "busy": self.busy(),
             "describe": {**describe, "capabilities": list(model_capabilities(self.backend))},
@@ -207,6 +211,17 @@ class ModelPool:
         gen.cancelled.set()
         self._outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
         return "queued"
+
+    def runner_died(self, runner: RunnerProcess) -> None:
+        """A model's runner process died (its requests were failed): the model is unloaded,
+        and its next request loads it in a new runner. The default model's runner restarts
+        by itself."""
+        with self._cond:
+            for name, model in list(self._loaded.items()):
+                if model.worker is runner and name != self._pinned:
+                    del self._loaded[name]
+                    log.info("model %s is unloaded: its runner died", name)
+            self._cond.notify_all()
 
     def shutdown(self) -> list[Generation]:
         """Stop loading; return the requests that waited for a load (not run)."""

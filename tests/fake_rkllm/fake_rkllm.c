@@ -39,7 +39,9 @@
  *    without a FINISH callback, and no prompt cache is written.
  *  - Triggers in the prompt: "[[fake:error]]" sends one token, then an ERROR callback,
  *    and rkllm_run returns FAKE_E_GENERATION; "[[fake:endless]]" repeats the reply
- *    until a limit, a pause or an abort.
+ *    until a limit, a pause or an abort; "[[fake:segfault]]" sends two tokens, then the
+ *    process gets SIGSEGV inside rkllm_run, as a crash in the vendor's runtime would
+ *    (segfaults are reported in its tracker).
  *  - A model file must start with the .rkllm magic (RKLLM_MODEL_MAGIC; build.py's
  *    write_model writes one), else rkllm_init says "invalid rknn llm model magic" and
  *    returns FAKE_E_MODEL_MAGIC; one containing FAKE_INIT_FAIL makes it return FAKE_E_INIT.
@@ -56,7 +58,13 @@
  *    on stderr, leaves *handle NULL and returns -1 (FAKE_E_NPU_MEMORY). The 1.3.0 runtime is
  *    reported to crash there instead (#522, "Segmentation fault"): the fake built as 1.3.0
  *    does so too (SIGSEGV) after the same lines. rkllm_init and rkllm_destroy log
- *    handles=<live handles> npu_used_mb=<their memory, MiB, rounded up>.
+ *    handles=<live handles> npu_used_mb=<their memory, MiB, rounded up>. The NPU is one
+ *    device for every process, as its driver accounts its memory: with FAKE_RKLLM_NPU_DEVICE
+ *    naming a file, the live handles and their memory are those of every process using it
+ *    (a line per handle, "pid bytes id", read and rewritten under flock; the lines of a
+ *    process that ended are dropped, as the driver frees what a dead process held), so a
+ *    daemon with a runner process per model runs out as one process with several handles
+ *    would. Without it, one process's handles are counted.
  *  - rkllm_createDefaultParam leaves n_batch, use_cross_attn and reserved unwritten
  *    (0xA5), as the vendor's does; rkllm_init refuses them unless the caller set them.
  *  - Chat template: like the vendor runtime, the fake wraps each prompt in a built-in
@@ -131,7 +139,9 @@
 #include <string.h>
 #include <math.h>
 #include <pthread.h>
+#include <errno.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -583,6 +593,49 @@ static void log_time(char out[32]) {
     snprintf(out, 32, "[%02d:%02d:%02d.%03ld]", tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
 }
 
+/* The device file (FAKE_RKLLM_NPU_DEVICE), opened and locked; NULL when there is none. */
+static FILE *device_open(void) {
+    const char *path = getenv("FAKE_RKLLM_NPU_DEVICE");
+    if (!path || !*path) return NULL;
+    FILE *f = fopen(path, "a+");
+    if (f) flock(fileno(f), LOCK_EX);
+    return f;
+}
+
+/* The device's live handles (lines of processes still running), but this process's handle
+ * `skip` (NULL: none): their count and memory; the lines kept go to `kept`. */
+static size_t device_read(FILE *f, const void *skip, int *live, char *kept, size_t room, size_t *kept_len) {
+    char line[160];
+    size_t used = 0;
+    *live = 0;
+    *kept_len = 0;
+    rewind(f);
+    while (fgets(line, sizeof line, f)) {
+        long pid;
+        size_t bytes;
+        unsigned long long id;
+        if (sscanf(line, "%ld %zu %llx", &pid, &bytes, &id) != 3) continue;
+        if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) continue; /* freed with its process */
+        if (pid == (long)getpid() && id == (unsigned long long)(uintptr_t)skip) continue;
+        used += bytes;
+        (*live)++;
+        int n = snprintf(kept + *kept_len, room - *kept_len, "%s", line);
+        if (n > 0 && (size_t)n < room - *kept_len) *kept_len += (size_t)n;
+    }
+    return used;
+}
+
+/* Rewrite the device file: the lines kept, and this process's new handle `add` if any; unlock. */
+static void device_close(FILE *f, const char *kept, size_t kept_len, const void *add, size_t bytes) {
+    if (ftruncate(fileno(f), 0) == 0) {
+        fwrite(kept, 1, kept_len, f);
+        if (add) fprintf(f, "%ld %zu %llx\n", (long)getpid(), bytes, (unsigned long long)(uintptr_t)add);
+    }
+    fflush(f);
+    flock(fileno(f), LOCK_UN);
+    fclose(f);
+}
+
 /* What rkllm_init does when the model does not fit the NPU's memory (see the header). */
 static int npu_memory_exhausted(LLMHandle *handle, size_t want, size_t used, size_t bound) {
     char t[32];
@@ -976,7 +1029,11 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
     set_template(fh, "<|im_start|>system\nYou are a fake model.<|im_end|>\n", "<|im_start|>user\n",
                  "<|im_end|>\n<|im_start|>assistant\n");
     pthread_mutex_lock(&handles_lock);
-    size_t used = npu_used;
+    static char kept[1 << 14];
+    size_t kept_len = 0;
+    int device_live = 0;
+    FILE *device = device_open();
+    size_t used = device ? device_read(device, NULL, &device_live, kept, sizeof kept, &kept_len) : npu_used;
     bool fits = !bound || used + npu_bytes <= bound;
     int slot = -1;
     for (int i = 0; i < MAX_HANDLES && slot < 0 && fits; i++)
@@ -986,8 +1043,9 @@ int rkllm_init(LLMHandle *handle, RKLLMParam *param, void *callback) {
         npu_used += npu_bytes;
         live_handles++;
     }
-    int live = live_handles;
-    size_t used_now = npu_used;
+    int live = device ? device_live + (slot >= 0) : live_handles;
+    size_t used_now = device ? used + (slot >= 0 ? npu_bytes : 0) : npu_used;
+    if (device) device_close(device, kept, kept_len, slot >= 0 ? fh : NULL, npu_bytes);
     pthread_mutex_unlock(&handles_lock);
     if (!fits) {
         free(fh);
@@ -1281,6 +1339,7 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
 
     bool endless = strstr(text, "[[fake:endless]]") != NULL;
     bool error = strstr(text, "[[fake:error]]") != NULL;
+    bool segfault = strstr(text, "[[fake:segfault]]") != NULL;
     char *reply = make_reply(fh, kv.text);
     if (endless) { /* repeat the reply, words separated by a space */
         size_t n = strlen(reply);
@@ -1326,6 +1385,10 @@ static int run(fake_handle *fh, RKLLMInput *input, RKLLMInferParam *infer, void 
         if (cb(&result, ud, state) == 1) {
             reason = "pause";
             break;
+        }
+        if (segfault && tokens == 2) {
+            fprintf(stderr, "fake-rkllm: %s: the prompt asked for a segfault\n", fn);
+            raise(SIGSEGV);
         }
         if (error) {
             memset(&result, 0, sizeof result);
@@ -1400,6 +1463,13 @@ int rkllm_destroy(LLMHandle handle) {
     npu_used -= fh->npu_bytes;
     int live = --live_handles;
     size_t used = npu_used;
+    FILE *device = device_open();
+    if (device) {
+        static char kept[1 << 14];
+        size_t kept_len = 0;
+        used = device_read(device, fh, &live, kept, sizeof kept, &kept_len);
+        device_close(device, kept, kept_len, NULL, 0);
+    }
     pthread_mutex_unlock(&handles_lock);
     release_cache(fh);
     kv_free(&fh->history);
