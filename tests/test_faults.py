@@ -170,15 +170,22 @@ def test_text_folder_read_only(make_daemon) -> None:
         subprocess.run(["umount", "-l", str(proc.text_dir)], check=False)
 
 
+def removed_tree(path: Path) -> bool:
+    try:
+        shutil.rmtree(path)
+    except OSError:  # a file appeared in it meanwhile (ENOTEMPTY): again
+        return False
+    return True
+
+
 def test_vanished_cache_folders_are_made_again(make_daemon, figures) -> None:
     proc = make_daemon(env={"RKLLMD_CACHE_DEBOUNCE_MS": "100", **TEXT_CACHES_ONLY})
     with proc.client() as client:
         client.cache_put("one", SHORT_TEXT)
         one = client.cache_wait("one", timeout=120)
-        # After the store's collection that follows a build (the disk thread serves cache ls
-        # after it): rmtree would otherwise race its lock file.
-        client.cache_ls()
-        shutil.rmtree(proc.binary_dir)  # the binary folder goes
+        # The store's collection after a build may still be writing its lock file there (the
+        # model's runner and the daemon's disk thread work apart): remove until it is gone.
+        poll(lambda: removed_tree(proc.binary_dir), timeout=10, what="the binary folder removed")  # the binary folder goes
         client.cache_put("two", "Answer in French.")
         assert client.cache_wait("two", timeout=120)["state"] == "ready"  # built into a new folder
         # "one"'s binary went with the folder: refused at use, rebuilt, used again.
