@@ -367,15 +367,7 @@ class Stream:
     def events(self) -> Iterator[Event]:
         """Everything the daemon says of this generation as it comes: Queued (again each
         time the position changes), Started, Progress (prefill, protocol 1.3), Piece."""
-        while self.reader.result is None:
-            # Only the first message (queued, or an error) is bounded by the timeout.
-            timeout = self.client.timeout if self.reader.expected_seq == 0 else None
-            message = self.client.receive(self.request_id, timeout)
-            if message["type"] in ("error", "done"):
-                self.client._pending.pop(self.request_id, None)
-            event = self.reader.feed(message)
-            if event is not None:
-                yield event
+        return _read_stream(self.client, self.request_id, self.reader)
 
     def wait(self) -> GenerationResult:
         """Consume the rest of the stream and return its result."""
@@ -442,14 +434,7 @@ class PullStream:
         return self.reader.result
 
     def __iter__(self) -> Iterator[PullProgress]:
-        while self.reader.result is None:
-            timeout = self.client.timeout if self.reader.expected_seq == 0 else None  # a download takes as long as it takes
-            message = self.client.receive(self.request_id, timeout)
-            if message["type"] in ("error", "done"):
-                self.client._pending.pop(self.request_id, None)
-            event = self.reader.feed(message)
-            if event is not None:
-                yield event
+        return _read_stream(self.client, self.request_id, self.reader)  # a download takes as long as it takes
 
     def wait(self) -> dict[str, Any]:
         for _ in self:
@@ -620,3 +605,15 @@ class StreamReader:
 def raise_error(message: dict[str, Any]) -> None:
     error = message.get("error") or {}
     raise DaemonError(error.get("code", 0), error.get("name", "unknown"), error.get("message", "unknown error"), error.get("details"))
+
+
+def _read_stream(client: Client, request_id: int, reader: Any) -> Iterator[Any]:
+    """A stream's events as its messages come, until ``reader`` has its result; only the
+    first message (queued, progress or an error) is bounded by the client's timeout."""
+    while reader.result is None:
+        message = client.receive(request_id, client.timeout if reader.expected_seq == 0 else None)
+        if message["type"] in ("error", "done"):
+            client._pending.pop(request_id, None)
+        event = reader.feed(message)
+        if event is not None:
+            yield event
