@@ -32,6 +32,7 @@ from .service import ServiceNotifier, enable_faulthandler
 from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dirs
 from .models import keep_alive
 from .models.pool import LoadedModel, ModelPool
+from .scheduler import Scheduler
 from .models.registry import Model, Registry, configured_models
 from .runner.proxy import RunnerProcess
 from .worker import ModelWorker
@@ -211,10 +212,11 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     else:
         default = serve(backend, reason, registry.default, config, memory_estimate(config))
     worker, caches = default.worker, default.caches
-    pool = ModelPool(open_model, outbox, max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
+    pool = ModelPool(open_model, max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
                      keep_alive=keep_alive.seconds(config.daemon.keep_alive),
                      memory_needed=lambda m: memory_estimate(config_for(ctx.config, m)))
-    connections = Connections(endpoint.path, outbox, pool, config.daemon)
+    scheduler = Scheduler(pool, outbox, max_queue=config.daemon.max_queue)
+    connections = Connections(endpoint.path, outbox, scheduler, config.daemon)
     ctx = Context(
         config=config,
         caches=caches,
@@ -228,6 +230,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         backend_reason=reason,
         registry=registry,
         pool=pool,
+        scheduler=scheduler,
         outbox=outbox,
     )
     daemon = Daemon(ctx, endpoint, connections, outbox, notifier)
@@ -244,6 +247,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     if not in_runners:
         worker.start()
     pool.start(default)
+    scheduler.start()
     log.info("ready in %.2f s: %s on %s", time.monotonic() - started, backend.describe().get("name", backend.kind), endpoint.path)
     notifier.ready(status.line(ctx))
     if notifier.watchdog_interval and in_runners:
@@ -301,6 +305,7 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     apply_log_level(config)
     daemon.connections.configure(config.daemon)
     ctx.registry.adopt(registry)
+    ctx.scheduler.configure(config.daemon.max_queue)
     ctx.pool.configure(max_loaded=config.daemon.max_loaded_models, memory_budget=config.daemon.models_memory_mb << 20,
                        keep_alive=keep_alive.seconds(config.daemon.keep_alive))
     for model in ctx.pool.loaded():

@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from .config import DaemonConfig
 from .outbox import NO_OUTPUT, Generation, Outbox
 from .protocol import MAX_MESSAGE_BYTES, pack, reply
-from .models.pool import ModelPool
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ class _Held:
 
 
 class Connections:
-    def __init__(self, socket_path: Path, outbox: Outbox, pool: ModelPool, config: DaemonConfig):
+    def __init__(self, socket_path: Path, outbox: Outbox, scheduler: Scheduler, config: DaemonConfig):
         self.socket_path = socket_path
         self.outbox = outbox
-        self.pool = pool  # cancels a generation wherever it waits or runs
+        self.scheduler = scheduler  # cancels a generation wherever it waits or runs
         self.slow_client_timeout = config.slow_client_timeout
         self.traffic = Traffic()
         self.generations: dict[tuple[bytes, Any], Generation] = {}  # live streams by (client, request id)
@@ -313,7 +313,7 @@ class Connections:
         self.outbox.drop(gen)
         self._blocked.pop(gen, None)
         self.generations.pop(gen.key, None)
-        self.pool.cancel(gen, "client disconnected")
+        self.scheduler.cancel(gen, "client disconnected")
 
     def _expire_blocked(self) -> None:
         limit = self.slow_client_timeout

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .sampling import SamplingParams
 from .protocol import reply
@@ -31,6 +31,8 @@ NO_OUTPUT = {"reasoning": None, "tool_calls": None, "tool_call_error": None}
 
 #: Messages that only report a state: one not sent yet is replaced by the next.
 _SUPERSEDED = ("queued", "progress")
+#: What may make room in a runner (and a ``queued`` with ``cache_build``): the scheduler hears of it (``Outbox.on_event``).
+_SCHEDULING_EVENTS = ("started", "done", "error")
 
 #: A stream's token text wakes the socket loop at most this often (its first piece at once).
 TOKEN_WAKE_INTERVAL_S = 0.04
@@ -73,6 +75,8 @@ class Generation:
     prompt_ids: Sequence[int] | None = None
     output: OutputSplitter | None = None  # the raw output -> reasoning, answer, tool calls (worker thread only)
     prepared_for: object | None = None
+    prefix_cache: str | None = None  # the text cache its prompt starts with (the longest), as prepared
+    waits_for_build: str | None = None  # the text cache whose build it waits for (it holds no place in the batch meanwhile)
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"
     # Stream state, guarded by the Outbox lock; ``seq`` is given as each message is sent.
@@ -84,7 +88,8 @@ class Generation:
     # Written by the model worker (under its lock): what status shows of it.
     position: int | None = None  # generations ahead of it, as last sent in ``queued``
     started: float | None = None  # when the worker took it (time.monotonic())
-    worker: Any = None  # the ModelWorker it was given to (None while its model loads)
+    worker: Any = None  # the ModelWorker (or runner) it was given to (None while it waits in the scheduler)
+    ended: bool = False  # its final message was made (sent, or dropped with a client gone)
 
     @property
     def key(self) -> tuple[bytes, Any]:
@@ -98,6 +103,8 @@ class Outbox:
         self._streams: dict[int, Generation] = {}  # insertion-ordered set
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signalled = False
+        #: Called when a stream starts or ends (from any thread, maybe under a worker's lock: it must take none): the scheduler's wake-up.
+        self.on_event: Callable[[], None] = lambda: None
 
     def fileno(self) -> int:
         return self._wake_r
@@ -125,6 +132,10 @@ class Outbox:
 
     def stream(self, gen: Generation, type_: str, **fields: Any) -> None:
         """Queue a message of ``gen``'s stream; "token" text joins a waiting token message."""
+        if type_ in _SCHEDULING_EVENTS or "cache_build" in fields:
+            if type_ in ("done", "error"):
+                gen.ended = True
+            self.on_event()
         with self._lock:
             if gen.finished or gen.gone:
                 return

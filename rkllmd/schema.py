@@ -29,7 +29,7 @@ ROLES = ("system", "user", "assistant", "tool")
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents", "raise_exception", "strftime_now", "range"})
 
 #: Compatible additions since protocol 1.0; see MINOR_VERSIONS.
-PROTOCOL_MINOR = 10
+PROTOCOL_MINOR = 11
 MINOR_VERSIONS = {
     0: "the first protocol: every operation and field not marked otherwise",
     1: "`ping` and `status` report `protocol` as `[major, minor]` (it was the integer 1)",
@@ -57,6 +57,10 @@ MINOR_VERSIONS = {
     "and `done` (`finish_reason`, `model`), cancellable; error codes `model_file` and `hub`; models list `source` `pulled`",
     10: "each loaded model in `status.models.loaded` and `models.loaded` carries `pid`: the process that runs it (its runner "
     "process; the daemon's own with `daemon.runners = \"thread\"`); a runner that dies fails its model's requests with `backend`",
+    11: "one scheduler for every model: `daemon.max_queue` bounds the generations waiting for any model, `queued` positions and "
+    "`status.requests.queued` (each with `model`) follow its one order; `status.models` adds `waiting` (generations per model) and "
+    "`draining` (the model taking nothing new until it is unloaded to make room); `queued` carries `cache_build` while the "
+    "generation waits for the build of the text cache its prompt starts with",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -130,8 +134,9 @@ STREAM: dict[str, tuple[str, ...]] = {
     "done": ("seq", "finish_reason", "reason", "cache", "stats", "reasoning", "tool_calls", "tool_call_error"),
 }
 #: Keys a stream message carries only sometimes: a token's ``reasoning`` when the piece holds
-#: some, its ``logprobs`` (since 1.6) when the request asked for them.
-STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning", "logprobs")}
+#: some, its ``logprobs`` (since 1.6) when the request asked for them; a ``queued``'s
+#: ``cache_build`` (since 1.11) while it waits for the build of the text cache its prompt starts with.
+STREAM_OPTIONAL: dict[str, tuple[str, ...]] = {"token": ("reasoning", "logprobs"), "queued": ("cache_build",)}
 #: A pull's stream (since 1.9): Ollama's statuses in ``progress`` ("pulling manifest", "pulling
 #: <digest's first 12 hex>" with ``digest``/``total``/``completed`` bytes, "verifying sha256 digest",
 #: "writing manifest"; the download's keys null in the others), then ``done``: ``finish_reason``

@@ -132,7 +132,8 @@ class Daemon:
         self.notifier.status("stopping: aborting the running generation")
         stopping = WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
         loaded = self.ctx.pool.loaded()
-        dropped = self.ctx.pool.shutdown()
+        dropped = self.ctx.scheduler.shutdown()
+        self.ctx.pool.shutdown()
         for model in loaded:
             dropped.extend(model.worker.shutdown())
         for gen in dropped:

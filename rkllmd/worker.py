@@ -491,12 +491,15 @@ class ModelWorker:
 
     def _admissible(self) -> list[Generation]:
         """Waiting generations that may start now, in order: prepared for this backend, not
-        waiting for the build under way, and none received after a pending swap."""
+        waiting for the build under way (its owner, and those whose prompt starts with the
+        text it builds: they would prefill the same tokens beside it), and none received
+        after a pending swap."""
         swap_at = self._swaps[0].asked if self._swaps else None
-        owner = self._build.owner if self._build is not None else None
+        build = self._build
         return [
             gen for gen in self._fair_order()
-            if gen.prepared_for is self.backend and gen is not owner and (swap_at is None or gen.received < swap_at)
+            if gen.prepared_for is self.backend and (swap_at is None or gen.received < swap_at)
+            and (build is None or gen is not build.owner and gen.prefix_cache != build.name)
         ]
 
     def _swap_due(self) -> bool:
@@ -504,12 +507,16 @@ class ModelWorker:
         return bool(self._swaps) and not self._running and not any(gen.received < self._swaps[0].asked for gen in self._waiting)
 
     def _announce_positions(self) -> None:
-        """Tell every waiting generation whose position changed its new one (``queued``)."""
+        """Tell every waiting generation whose position changed its new one (``queued``), and
+        whether it waits for the cache build under way (``cache_build``: it holds no place in
+        the batch meanwhile, so the scheduler gives the runner another)."""
         ahead = len(self._running) + (self._opening is not None)
+        build = self._build
         for gen in self._fair_order():
-            if gen.position != ahead:
-                gen.position = ahead
-                self.outbox.stream(gen, "queued", position=ahead)
+            waits = build.name if build is not None and (gen is build.owner or gen.prefix_cache == build.name) else None
+            if gen.position != ahead or gen.waits_for_build != waits:
+                gen.position, gen.waits_for_build = ahead, waits
+                self.outbox.stream(gen, "queued", position=ahead, **({"cache_build": waits} if waits else {}))
             ahead += 1
 
     def _generations_due(self) -> bool:
@@ -565,6 +572,7 @@ class ModelWorker:
         try:
             prompt, output, constraint = prepared_prompt(backend, gen.chat)
             ids = backend.tokenize(prompt)
+            prefix_cache = self.caches.longest_prefix(prompt, gen.cache) if gen.use_cache and self.caches is not None else None
         except Exception as exc:
             with self._cond:
                 current = backend is self.backend and gen in self._waiting
@@ -577,7 +585,9 @@ class ModelWorker:
         with self._cond:
             if backend is self.backend and gen in self._waiting:
                 gen.prompt, gen.output, gen.prompt_ids, gen.prepared_for = prompt, output, ids, backend
+                gen.prefix_cache = prefix_cache
                 gen.params = replace(gen.params, constraint=constraint)
+                self._announce_positions()  # it may wait for the build under way
                 self._cond.notify()
 
     # -- the worker thread ---------------------------------------------------------
@@ -814,6 +824,7 @@ class ModelWorker:
                 return
             self._build = job
             self.backend.reset_abort()  # the build's own flag; generations have theirs
+            self._announce_positions()
         self.backend.pause = self._pause
         try:
             self.caches.build(job.name)
@@ -821,6 +832,7 @@ class ModelWorker:
             self.backend.pause = lambda: None
             with self._cond:
                 self._build = None
+                self._announce_positions()
 
     def _pause(self) -> None:
         """Between a build's prefill chunks: serve the generations due until none are, or until

@@ -482,6 +482,11 @@ class PromptCaches:
                 return entry.name if entry.state != READY or entry.built_sha256 != entry.text_sha256 else None
         return None
 
+    def longest_prefix(self, prompt: str, wanted: str | None = None) -> str | None:
+        """The name of the text cache ``prompt`` starts with, the longest (``wanted`` only), whatever its state."""
+        candidates = self._candidates(prompt, wanted)
+        return candidates[0].name if candidates else None
+
     def prefix_for(self, prompt: str, wanted: str | None = None) -> PrefixState | None:
         """The longest ready prefix state of ``prompt`` (or the named cache's)."""
         for entry in self._candidates(prompt, wanted):

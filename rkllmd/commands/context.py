@@ -17,6 +17,7 @@ from ..outbox import Generation, Outbox
 from ..protocol import ErrorCode, WireError
 from ..store import ArtifactStore
 from ..runner.proxy import RemoteCaches, RunnerProcess
+from ..scheduler import Scheduler
 from ..worker import ModelWorker
 
 
@@ -45,6 +46,7 @@ class Context:
     backend_reason: str  # why this backend (replaced when a reload swaps the model)
     registry: Registry  # every model by name
     pool: ModelPool  # the loaded ones; ``worker`` and ``caches`` above are the default model's
+    scheduler: Scheduler  # every generation between its arrival and its model's runner
     outbox: Outbox  # streams that are no model's work (a pull's progress) go out through it
 
     def loaded_model(self, request: Request) -> LoadedModel:

@@ -80,7 +80,7 @@ def execute(ctx: Context, request: Request) -> None:
         received=time.monotonic(),
         client=request.client,
     )
-    ctx.pool.submit(gen, model.weights, keep)
+    ctx.scheduler.submit(gen, model.weights, keep)
     ctx.generations[gen.key] = gen
     return None
 

@@ -23,6 +23,7 @@ def execute(ctx: Context, request: Request) -> dict[str, Any]:
 
 def report(ctx: Context) -> dict[str, Any]:
     backend, worker, caches = ctx.worker.backend, ctx.worker, ctx.caches
+    activity, requests = worker.activity(), worker.requests()
     return {
         "version": __version__,
         "protocol": list(PROTOCOL),
@@ -32,7 +33,7 @@ def report(ctx: Context) -> dict[str, Any]:
         "backend": backend.kind,
         "backend_reason": ctx.backend_reason,
         "model": {**backend.describe(), "capabilities": list(model_capabilities(backend))},
-        "worker": worker.activity(),
+        "worker": {**activity, "queued": activity["queued"] + ctx.scheduler.waiting(ctx.pool.default_name)},
         "healthy": worker.healthy(within=60.0),
         "counters": {**dataclasses.asdict(ctx.traffic), **worker.counters.as_dict()},
         "caches": {
@@ -44,10 +45,10 @@ def report(ctx: Context) -> dict[str, Any]:
             "conversations": caches.conversations(),
         },
         "store": ctx.store.report(),
-        "requests": worker.requests(),
+        "requests": {"running": requests["running"], "queued": requests["queued"] + ctx.scheduler.requests()},
         "build": caches.building(),
         "limits": {
-            "max_queue": worker.max_queue,
+            "max_queue": ctx.scheduler.max_queue,
             "max_batch": worker.max_batch,
             "max_tokens": ctx.config.daemon.max_tokens_limit,
             "max_prompt_chars": ctx.config.daemon.max_prompt_chars,
@@ -55,7 +56,8 @@ def report(ctx: Context) -> dict[str, Any]:
             "max_loaded_models": ctx.pool.max_loaded,
             "models_memory_bytes": ctx.pool.memory_budget,
         },
-        "models": {"default": ctx.registry.default, "loaded": list(loaded_models(ctx).values()), "loading": ctx.pool.loading()},
+        "models": {"default": ctx.registry.default, "loaded": list(loaded_models(ctx).values()), "loading": ctx.pool.loading(),
+                   "waiting": ctx.scheduler.waiting_by_model(), "draining": ctx.pool.drained()},
     }
 
 
@@ -64,10 +66,11 @@ def line(ctx: Context) -> str:
     worker = ctx.worker
     summary = worker.summary()  # the socket loop asks after every wake: a runner pushes it, never asked
     activity, states = summary["activity"], summary["states"]
+    queued = activity["queued"] + ctx.scheduler.waiting(ctx.pool.default_name)
     doing = "generating" if activity["running"] == "generate" else f"building cache {activity['building']}" if activity["building"] else "idle"
     parts = [
         summary["model"],
-        f"{doing}, {activity['queued']} queued",
+        f"{doing}, {queued} queued",
         f"caches: {states.get('ready', 0)} ready, {activity['builds_queued'] + (1 if activity['building'] else 0)} building",
         f"{summary['completed']} served",
     ]

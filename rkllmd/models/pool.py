@@ -1,13 +1,16 @@
 """The loaded models: one backend, worker and prompt caches per weights file, loaded on
 demand, within ``daemon.max_loaded_models`` and ``daemon.models_memory_mb``.
 
-Models that share weights (a derived model and its base) share one ``LoadedModel``. A
-request for a model that is not loaded waits (its client hears ``queued``) while the
-loader thread makes room, least recently used idle model first, and loads it; then its
-requests go to the model's worker in arrival order. A load that fails ends them with
-``backend``. A model's ``keep_alive`` says how long it stays loaded once idle (Ollama's
-semantics: 0 unloads it as soon as it is idle, a negative one keeps it until the daemon
-stops); the loader thread unloads it once that time has passed and it is idle.
+Models that share weights (a derived model and its base) share one ``LoadedModel``. The
+scheduler (rkllmd/scheduler.py) holds the generations and asks for the models they wait
+for (``load``); the loader thread makes room, least recently used idle model first, and
+loads it. When every model it could unload is busy, it drains the least recently used
+one: the scheduler gives that model nothing received after the oldest request waiting for
+the load, and once it is idle it goes. A load that fails ends what waited for it with
+``backend``. Embed requests wait here for their model's load. A model's ``keep_alive``
+says how long it stays loaded once idle (Ollama's semantics: 0 unloads it as soon as it
+is idle, a negative one keeps it until the daemon stops); the loader thread unloads it
+once that time has passed, it is idle and no generation waits for it.
 
 The default model (the configuration's ``[model]``) is loaded at start and never
 unloaded: the cache operations, ``render`` and the status line run on it.
@@ -30,7 +33,7 @@ from typing import Any, Callable
 from ..backends.base import Backend, BackendError
 from ..caches.manager import PromptCaches
 from ..caches.waiters import CacheWaiters
-from ..outbox import NO_OUTPUT, Generation, Outbox
+from ..outbox import Generation
 from ..protocol import ErrorCode, WireError
 from ..templates.capabilities import model_capabilities
 from ..runner.proxy import RemoteCaches, RunnerProcess
@@ -81,16 +84,15 @@ class LoadedModel:
 @dataclass(eq=False)
 class _Load:
     model: Model
-    waiting: list[Generation] = field(default_factory=list)
+    since: float  # when the oldest request waiting for it arrived (time.monotonic())
     embeds: list[EmbedJob] = field(default_factory=list)  # embed requests waiting for it
     keep_alive: float | None | str = "default"  # what the last request for it said
 
 
 class ModelPool:
-    def __init__(self, open_model: Callable[[Model], LoadedModel], outbox: Outbox, *, max_loaded: int, memory_budget: int,
+    def __init__(self, open_model: Callable[[Model], LoadedModel], *, max_loaded: int, memory_budget: int,
                  keep_alive: float | None, memory_needed: Callable[[Model], int]):
         self._open = open_model
-        self._outbox = outbox
         self.max_loaded = max_loaded
         self.memory_budget = memory_budget  # bytes; 0: no bound
         self.keep_alive = keep_alive  # the default: seconds, or None (forever)
@@ -100,7 +102,15 @@ class ModelPool:
         self._pinned: str | None = None
         self._loads: deque[_Load] = deque()
         self._loading: _Load | None = None
+        self._wanted: set[str] = set()  # models generations wait for in the scheduler (not unloaded)
+        self._drain: tuple[LoadedModel, float] | None = None  # a model to unload once idle, and since when it takes nothing new
         self._stopping = False
+        #: The scheduler's: told when a model is loaded, unloaded or drained (it must take no lock),
+        self.on_change: Callable[[], None] = lambda: None
+        #: and when a load fails (a model's name, the error its waiting generations end with).
+        self.on_load_failed: Callable[[str, WireError], None] = lambda name, error: None
+        #: and given back what an unloaded model had not started.
+        self.on_returned: Callable[[list[Generation]], None] = lambda gens: None
         self._thread = threading.Thread(target=self._run, name="model-loader", daemon=True)
 
     def configure(self, *, max_loaded: int, memory_budget: int, keep_alive: float | None) -> None:
@@ -116,6 +126,16 @@ class ModelPool:
         self._thread.start()
 
     # -- from the socket loop -----------------------------------------------------------
+
+    @property
+    def default_name(self) -> str | None:
+        """The default model's (never unloaded)."""
+        return self._pinned
+
+    def drained(self) -> str | None:
+        """The model being drained to make room for another, if any."""
+        with self._cond:
+            return self._drain[0].name if self._drain is not None else None
 
     def get(self, name: str) -> LoadedModel | None:
         with self._cond:
@@ -139,24 +159,22 @@ class ModelPool:
         for model in self.loaded():
             model.caches.rescan()
 
-    def submit(self, gen: Generation, weights: Model, keep_alive: float | None | str = "default") -> None:
-        """Run ``gen`` on ``weights``' loaded model, loading it first if need be."""
+    def want(self, names: set[str]) -> None:
+        """The models generations wait for in the scheduler: none of them is unloaded as idle."""
         with self._cond:
-            if self._stopping:
-                raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-            model = self._loaded.get(weights.name)
-            if model is not None:
-                model.worker.submit(gen)
-                gen.worker = model.worker
-                self._touch(model, keep_alive)
-                return
-            load = self._load_of(weights)
-            load.waiting.append(gen)
-            if keep_alive != "default":
-                load.keep_alive = keep_alive  # type: ignore[assignment]
-            position = sum(len(l.waiting) for l in self._all_loads()) - 1
-        gen.position = position
-        self._outbox.stream(gen, "queued", seq=0, position=position)
+            if names != self._wanted:
+                self._wanted = names
+                self._cond.notify_all()
+
+    def draining(self, model: LoadedModel) -> float | None:
+        """Since when ``model`` takes no new generation (it is to be unloaded once idle), or None."""
+        with self._cond:
+            return self._drain[1] if self._drain is not None and self._drain[0] is model else None
+
+    def touch(self, model: LoadedModel, keep_alive: float | None | str) -> None:
+        """``model`` was just given work: its keep_alive counts from now."""
+        with self._cond:
+            self._touch(model, keep_alive)
 
     def embed(self, job: EmbedJob, weights: Model, keep_alive: float | None | str = "default") -> None:
         """Run ``job`` on ``weights``' loaded model, loading it first if need be; a failed
@@ -166,7 +184,7 @@ class ModelPool:
                 raise WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             model = self._loaded.get(weights.name)
             if model is None:
-                load = self._load_of(weights)
+                load = self._load_of(weights, time.monotonic())
                 load.embeds.append(job)
                 if keep_alive != "default":
                     load.keep_alive = keep_alive  # type: ignore[assignment]
@@ -174,15 +192,17 @@ class ModelPool:
             model.worker.embed(job)  # before its keep_alive may run out: it is busy from now
             self._touch(model, keep_alive)
 
-    def load(self, weights: Model, keep_alive: float | None | str = "default") -> None:
-        """Load ``weights`` without a request (Ollama's empty prompt), or refresh its keep_alive."""
+    def load(self, weights: Model, keep_alive: float | None | str = "default", since: float | None = None) -> None:
+        """Load ``weights`` (for generations waiting since ``since``, or without a request:
+        Ollama's empty prompt), or refresh its keep_alive if it is loaded."""
         with self._cond:
             model = self._loaded.get(weights.name)
             if model is not None:
-                self._touch(model, keep_alive)
-                self._cond.notify_all()
+                if since is None:
+                    self._touch(model, keep_alive)
+                    self._cond.notify_all()
                 return
-            load = self._load_of(weights)
+            load = self._load_of(weights, time.monotonic() if since is None else since)
             if keep_alive != "default":
                 load.keep_alive = keep_alive  # type: ignore[assignment]
 
@@ -196,22 +216,6 @@ class ModelPool:
             self._cond.notify_all()
             return True
 
-    def cancel(self, gen: Generation, reason: str = "cancelled") -> str | None:
-        worker = getattr(gen, "worker", None)
-        if worker is not None:
-            return worker.cancel(gen, reason)
-        with self._cond:
-            for load in self._all_loads():
-                if gen in load.waiting:
-                    load.waiting.remove(gen)
-                    break
-            else:
-                return None
-        gen.cancel_reason = reason
-        gen.cancelled.set()
-        self._outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
-        return "queued"
-
     def runner_died(self, runner: RunnerProcess) -> None:
         """A model's runner process died (its requests were failed): the model is unloaded,
         and its next request loads it in a new runner. The default model's runner restarts
@@ -222,31 +226,30 @@ class ModelPool:
                     del self._loaded[name]
                     log.info("model %s is unloaded: its runner died", name)
             self._cond.notify_all()
+        self.on_change()
 
-    def shutdown(self) -> list[Generation]:
-        """Stop loading; return the requests that waited for a load (not run)."""
+    def shutdown(self) -> None:
+        """Stop loading; the embed requests that waited for a load end "shutting down"."""
         with self._cond:
             self._stopping = True
-            dropped = [gen for load in self._all_loads() for gen in load.waiting]
             embeds = [job for load in self._all_loads() for job in load.embeds]
             for load in self._all_loads():
-                load.waiting.clear()
                 load.embeds.clear()
             self._loads.clear()
             self._cond.notify_all()
         _fail(embeds, WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down"))
-        return dropped
 
     # -- the loader thread ------------------------------------------------------------------
 
     def _all_loads(self) -> list[_Load]:
         return ([self._loading] if self._loading is not None else []) + list(self._loads)
 
-    def _load_of(self, weights: Model) -> _Load:
+    def _load_of(self, weights: Model, since: float) -> _Load:
         for load in self._all_loads():
             if load.model.name == weights.name:
+                load.since = min(load.since, since)
                 return load
-        load = _Load(weights)
+        load = _Load(weights, since)
         self._loads.append(load)
         self._cond.notify_all()
         return load
@@ -275,6 +278,7 @@ class ModelPool:
                     self._loading = self._loads.popleft()
             if expired is not None:
                 self._close(expired, "its keep_alive ran out")
+                self.on_change()
                 continue
             try:
                 self._load(self._loading)
@@ -293,9 +297,13 @@ class ModelPool:
     def _expired(self) -> LoadedModel | None:
         now = time.monotonic()
         for name, model in self._loaded.items():
-            if name != self._pinned and model.expires is not None and model.expires <= now and not model.busy():
+            if name != self._pinned and model.expires is not None and model.expires <= now and self._idle(model):
                 return model
         return None
+
+    def _idle(self, model: LoadedModel) -> bool:
+        """Lock held: nothing to do, and no generation waits for it in the scheduler."""
+        return model.name not in self._wanted and not model.busy()
 
     def _load(self, load: _Load) -> None:
         size = self._memory_needed(load.model)
@@ -308,26 +316,18 @@ class ModelPool:
         except (BackendError, OSError) as exc:
             log.error("cannot load model %s: %s", load.model.name, exc)
             with self._cond:
-                waiting, load.waiting = load.waiting, []
                 embeds, load.embeds = load.embeds, []
             error = WireError(ErrorCode.BACKEND, f"cannot load model {load.model.name}: {exc}")
-            for gen in waiting:
-                self._outbox.stream(gen, "error", error=error.to_wire())
+            self.on_load_failed(load.model.name, error)
             _fail(embeds, error)
             return
         log.info("model %s loaded in %.2f s", load.model.name, time.monotonic() - started)
         with self._cond:
             self._loaded[model.name] = model
-            waiting, load.waiting = load.waiting, []
             embeds, load.embeds = load.embeds, []
             self._touch(model, load.keep_alive)
-            for gen in waiting:
-                try:
-                    model.worker.submit(gen)
-                    gen.worker = model.worker
-                except WireError as exc:
-                    self._outbox.stream(gen, "error", error=exc.to_wire())
             self._cond.notify_all()
+        self.on_change()
         for job in embeds:
             try:
                 model.worker.embed(job)
@@ -335,45 +335,62 @@ class ModelPool:
                 job.future.set_exception(exc)
 
     def _make_room(self, size: int, load: _Load) -> bool:
-        """Unload least recently used idle models until ``size`` more fits; wait while all
-        that would have to go are busy. False: the daemon stops, or it can never fit."""
-        while True:
-            with self._cond:
-                if self._stopping:
+        """Unload least recently used idle models until ``size`` more fits. While all that
+        could go are busy, drain the least recently used (it takes nothing received after
+        ``load``'s oldest request) and wait for it. False: the daemon stops, or it can never fit."""
+        try:
+            while True:
+                with self._cond:
+                    if self._stopping:
+                        return False
+                    used = sum(m.size for m in self._loaded.values())
+                    fits = len(self._loaded) < self.max_loaded and (not self.memory_budget or used + size <= self.memory_budget)
+                    if fits:
+                        return True
+                    movable = [m for m in self._loaded.values() if m.name != self._pinned]
+                    pinned = self._loaded.get(self._pinned or "")
+                    if self.memory_budget and size + (pinned.size if pinned else 0) > self.memory_budget or (self.max_loaded <= 1 and pinned):
+                        embeds, load.embeds = load.embeds, []
+                        error = WireError(ErrorCode.BACKEND, f"model {load.model.name} ({size >> 20} MiB) cannot fit beside the default model within "
+                                          f"daemon.max_loaded_models={self.max_loaded} and daemon.models_memory_mb={self.memory_budget >> 20}")
+                    else:
+                        idle = sorted((m for m in movable if self._idle(m)), key=lambda m: m.last_used)
+                        if not idle:
+                            self._start_draining(min(movable, key=lambda m: m.last_used), load)
+                            self._cond.wait(ROOM_POLL_S)
+                            continue
+                        victim = idle[0]
+                        self._loaded.pop(victim.name)
+                        error = None
+                if error is not None:
+                    self.on_load_failed(load.model.name, error)
+                    _fail(embeds, error)
                     return False
-                used = sum(m.size for m in self._loaded.values())
-                fits = len(self._loaded) < self.max_loaded and (not self.memory_budget or used + size <= self.memory_budget)
-                if fits:
-                    return True
-                movable = [m for m in self._loaded.values() if m.name != self._pinned]
-                pinned = self._loaded.get(self._pinned or "")
-                if self.memory_budget and size + (pinned.size if pinned else 0) > self.memory_budget or (self.max_loaded <= 1 and pinned):
-                    waiting, load.waiting = load.waiting, []
-                    embeds, load.embeds = load.embeds, []
-                    error = WireError(ErrorCode.BACKEND, f"model {load.model.name} ({size >> 20} MiB) cannot fit beside the default model within "
-                                      f"daemon.max_loaded_models={self.max_loaded} and daemon.models_memory_mb={self.memory_budget >> 20}")
-                else:
-                    idle = sorted((m for m in movable if not m.busy()), key=lambda m: m.last_used)
-                    if not idle:
-                        self._cond.wait(ROOM_POLL_S)
-                        continue
-                    victim = idle[0]
-                    self._loaded.pop(victim.name)
-                    error = None
-            if error is not None:
-                for gen in waiting:
-                    self._outbox.stream(gen, "error", error=error.to_wire())
-                _fail(embeds, error)
-                return False
-            self._close(victim, f"to make room for {load.model.name}")
+                self._close(victim, f"to make room for {load.model.name}")
+        finally:
+            with self._cond:
+                self._drain = None
+            self.on_change()
+
+    def _start_draining(self, model: LoadedModel, load: _Load) -> None:
+        """Lock held: ``model`` takes nothing received since ``load``'s oldest request, so it
+        becomes idle and can go (busy models are never unloaded under a request)."""
+        if self._drain is not None and self._drain[0] is model and self._drain[1] <= load.since:
+            return
+        self._drain = (model, load.since)
+        log.info("model %s takes no new requests until it is unloaded: model %s waits for room", model.name, load.model.name)
+        self.on_change()
 
     def _close(self, model: LoadedModel, why: str) -> None:
+        """Unload ``model`` (taken out of ``_loaded``); generations it had not started go back
+        to the scheduler, which gives them to the model's next load."""
         log.info("unloading model %s: %s", model.name, why)
-        for gen in model.worker.shutdown():  # none: only idle models are unloaded, but a request may have just arrived
-            self._outbox.stream(gen, "error", error=WireError(ErrorCode.BACKEND, f"model {model.name} was unloaded").to_wire())
+        returned = model.worker.shutdown()  # none, usually: only idle models are unloaded, but one may have just been given
         if not model.worker.join(UNLOAD_JOIN_S):
             log.error("model %s: its worker did not stop within %g s", model.name, UNLOAD_JOIN_S)
         model.caches.binaries.release()
+        if returned:
+            self.on_returned(returned)
 
 
 def _fail(jobs: list[EmbedJob], error: WireError) -> None:

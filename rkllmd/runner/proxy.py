@@ -284,7 +284,10 @@ class RunnerProcess:
         if gen is None:
             return
         if type_ == "queued":
-            gen.position = fields["position"]
+            waits = fields.get("cache_build")
+            if (gen.position, gen.waits_for_build) == (fields["position"], waits):
+                return  # the scheduler said so already
+            gen.position, gen.waits_for_build = fields["position"], waits
         elif type_ == "started":
             gen.started = time.monotonic()
         self.outbox.stream(gen, type_, **fields)
