@@ -1,0 +1,142 @@
+"""The scheduler above the runners (issue 23, item 6): one queue for every model.
+
+Admission counts what waits for any model; a model whose clients keep it busy is drained
+when another model waits for its room, so it cannot keep that model out; a request whose
+prompt starts with the text cache being built waits for the build (``queued`` says so) and
+holds no place in the batch meanwhile. Real daemons, real clients, real weights: the
+bundled SmolLM2 and its copy (long generations), tiny random llama files (fast ones).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from reliability import poll
+from rkllmctl.errors import DaemonError
+from test_models import config, loaded_names, pirate_gguf, tiny_files  # noqa: F401 (fixtures)
+from test_progress import BIG_TEXT
+
+DEFAULT = "smollm2-135m-instruct"
+
+
+def first_token(client, stream) -> None:
+    """Wait until ``stream`` decodes (it holds its runner's one place)."""
+    while (message := client.receive(stream, 120))["type"] != "token":
+        assert message["type"] in ("queued", "started", "progress"), message
+
+
+def test_max_queue_counts_what_waits_for_every_model(make_daemon, pirate_gguf, tmp_path) -> None:
+    """Two models, each runner busy with one generation: with max_queue = 2, one request
+    waiting for each model fills the daemon's queue; a third is refused whichever model
+    it names (a queue per runner would have taken two per model)."""
+    proc = make_daemon("--config", str(config(tmp_path, f'[daemon]\nmax_queue = 2\nmax_batch = 1\n[models.pirate]\npath = "{pirate_gguf}"\n')))
+    with proc.client() as busy, proc.client() as waiting, proc.client() as late:
+        long = dict(max_tokens=400, no_cache=True, temperature=0.0)
+        runs = [busy.send("generate", prompt="Tell me a long story about a ship.", model=name, **long) for name in (DEFAULT, "pirate")]
+        for run in runs:
+            first_token(busy, run)
+        queued = [waiting.send("generate", prompt="Say hi.", model=name, max_tokens=2, no_cache=True) for name in (DEFAULT, "pirate")]
+        assert [waiting.receive(q, 60) for q in queued] == [
+            {"v": 1, "id": q, "type": "queued", "seq": 0, "position": 1} for q in queued]
+        status = late.status()
+        assert status["models"]["waiting"] == {DEFAULT: 1, "pirate": 1}
+        assert [(q["id"], q["model"]) for q in status["requests"]["queued"]] == list(zip(queued, (DEFAULT, "pirate")))
+        for name in (DEFAULT, "pirate"):
+            with pytest.raises(DaemonError) as full:
+                late.generate("Say hi.", model=name, max_tokens=2).wait()
+            assert full.value.name == "queue_full" and "the limit is 2" in str(full.value)
+        for run in runs:
+            assert busy.cancel(run)["was"] == "running"
+        for q in queued:
+            while (message := waiting.receive(q, 120))["type"] not in ("done", "error"):
+                pass
+            assert message["type"] == "done" and message["stats"]["completion_tokens"] == 2, message
+
+
+def test_a_busy_model_is_drained_for_one_that_waits_for_its_room(make_daemon, tiny_files, tmp_path) -> None:
+    """One place beside the default model: a client keeps alpha busy with requests always
+    queued behind the running one; a request for beta gets its turn while that client is
+    still sending (alpha takes nothing received after it, goes idle, is unloaded), and the
+    requests sent after it are answered by alpha loaded again."""
+    tables = "".join(f'[models.{name}]\npath = "{tiny_files[name]}"\n' for name in ("alpha", "beta"))
+    proc = make_daemon("--config", str(config(tmp_path, f"[daemon]\nmax_loaded_models = 2\nmax_batch = 1\n{tables}")))
+    beta_done = threading.Event()
+    sent_after_beta: list[int] = []
+    outcomes: list[dict] = []
+
+    def keep_alpha_busy() -> None:
+        with proc.client() as client:
+            pending = [client.send("generate", prompt="Count on.", model="alpha", max_tokens=200, temperature=0.0) for _ in range(3)]
+            for _ in range(400):  # at most; it stops soon after beta's answer
+                while (message := client.receive(pending[0], 120))["type"] not in ("done", "error"):
+                    pass
+                outcomes.append(message)
+                pending.pop(0)
+                if beta_done.is_set() and len(sent_after_beta) >= 3:
+                    break
+                pending.append(client.send("generate", prompt="Count on.", model="alpha", max_tokens=200, temperature=0.0))
+                if beta_asked.is_set():
+                    sent_after_beta.append(pending[-1])
+            for request in pending:
+                while (message := client.receive(request, 120))["type"] not in ("done", "error"):
+                    pass
+                outcomes.append(message)
+
+    beta_asked = threading.Event()
+    alpha = threading.Thread(target=keep_alpha_busy)
+    alpha.start()
+    try:
+        with proc.client() as client:
+            poll(lambda: "alpha" in loaded_names(client) and len(outcomes) >= 3, 60, "alpha serving a steady stream")
+            beta_asked.set()
+            answer = client.generate("Say hi.", model="beta", max_tokens=4, temperature=0.0).wait()
+            beta_done.set()
+            assert answer.stats["completion_tokens"] == 4
+    finally:
+        beta_done.set()
+        alpha.join(180)
+    assert not alpha.is_alive()
+    assert len(sent_after_beta) >= 3 and len(outcomes) < 400, "beta waited until alpha's client stopped"
+    assert all(o["type"] == "done" and o["stats"]["completion_tokens"] > 0 for o in outcomes), outcomes
+    log = proc.log()
+    assert "model alpha takes no new requests until it is unloaded: model beta waits for room" in log
+    assert "unloading model alpha: to make room for beta" in log
+    assert "unloading model beta: to make room for alpha" in log  # alpha's later requests loaded it again
+
+
+def test_a_request_waiting_for_its_prefix_build_says_so_and_frees_its_place(make_daemon) -> None:
+    """max_batch 1: a request whose prompt starts with a text cache being built waits for the
+    build (``queued`` with ``cache_build``) instead of prefilling the same tokens beside it,
+    and a request arriving meanwhile runs in the build's pauses: the waiting one holds no
+    place. It then starts from the built cache."""
+    proc = make_daemon(env={"RKLLMD_MAX_BATCH": "1"})
+    with proc.client() as builder, proc.client() as needs, proc.client() as other:
+        builder.cache_put("big", BIG_TEXT)
+        poll(lambda: next(e for e in builder.cache_ls()["caches"] if e["name"] == "big")["build"], 60, "the build under way", interval=0.005)
+        wanting = needs.send("generate", prompt="Which rule is 7?", cache="big", max_tokens=4)
+        while "cache_build" not in (message := needs.receive(wanting, 60)):
+            assert message["type"] == "queued", message
+        assert message["cache_build"] == "big"
+        hi = other.generate("Say hi.", max_tokens=4, no_cache=True).wait()
+        assert next(e for e in builder.cache_ls()["caches"] if e["name"] == "big")["state"] == "building", "it ran in the build's pauses"
+        while (message := needs.receive(wanting, 120))["type"] != "done":
+            pass
+    assert hi.stats["completion_tokens"] == 4
+    assert message["cache"] == "big" and message["stats"]["cached_tokens"] > 1000
+
+
+def test_a_load_that_cannot_fit_fails_what_waits_for_it_and_the_queue_goes_on(make_daemon, tiny_files, tmp_path) -> None:
+    """A model that can never fit beside the default: its waiting requests end with
+    ``backend`` saying why, and the scheduler keeps serving the default model."""
+    proc = make_daemon("--config", str(config(tmp_path, f'[daemon]\nmax_loaded_models = 1\n[models.alpha]\npath = "{tiny_files["alpha"]}"\n')))
+    with proc.client() as client:
+        streams = [client.generate("hello", model="alpha", max_tokens=2) for _ in range(2)]
+        for stream in streams:
+            with pytest.raises(DaemonError) as refused:
+                stream.wait()
+            assert refused.value.name == "backend" and "cannot fit beside the default model" in str(refused.value)
+        assert client.generate("Say hi.", max_tokens=2, no_cache=True).wait().stats["completion_tokens"] == 2
+        assert client.status()["models"]["waiting"] == {}
