@@ -48,7 +48,7 @@ class DaemonConfig:
     socket: str = setting("", "ZeroMQ ipc socket path; empty: $RUNTIME_DIRECTORY, then $XDG_RUNTIME_DIR/rkllmd, then /tmp/rkllmd-$UID")
     log_level: str = setting("info", "debug, info, warning or error", choices=LOG_LEVELS)
     backend: str = setting("auto", "auto, cpu or rkllm", choices=BACKENDS)
-    max_queue: int = setting(64, "generation requests waiting at most; more are refused with queue_full", low=1, high=100_000)
+    max_queue: int = setting(64, "generation requests waiting at most, for every model together; more are refused with queue_full", low=1, high=100_000)
     max_batch: int = setting(4, "generations decoded together, one pass over the weights per step (the CPU backend; the NPU's runs one)", low=1, high=64)
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", low=1, high=1 << 20)
     max_prompt_chars: int = setting(262144, "longest text a request may carry (sum of message contents)", low=1, high=1 << 24)

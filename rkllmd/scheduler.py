@@ -69,6 +69,7 @@ class Scheduler:
         self._given: dict[Any, dict[Generation, _Waiting]] = {}  # a runner (or worker) -> generations given to it, not ended
         self._turns = itertools.count()
         self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last given a generation
+        self._ended: dict[str, dict[str, int]] = {}  # by model: generations that ended here ("cancelled", "errors")
         self._due = threading.Event()  # something may have made room
         self._stopping = False
         pool.on_change = self._due.set
@@ -106,6 +107,7 @@ class Scheduler:
                 worker = gen.worker
             else:
                 self._waiting.remove(item)
+                self._count(item.weights.name, "cancelled")
                 self._announce_positions()
         if item is None:
             return None if worker is None else worker.cancel(gen, reason)
@@ -118,6 +120,15 @@ class Scheduler:
         """Generations waiting here for ``weights_name``'s model."""
         with self._lock:
             return sum(1 for w in self._waiting if w.weights.name == weights_name)
+
+    def ended(self, weights_name: str) -> dict[str, int]:
+        """``weights_name``'s generations that ended here, never given to its runner: cancelled, or failed."""
+        with self._lock:
+            return dict(self._ended.get(weights_name, {"cancelled": 0, "errors": 0}))
+
+    def _count(self, weights_name: str, what: str) -> None:
+        counts = self._ended.setdefault(weights_name, {"cancelled": 0, "errors": 0})
+        counts[what] += 1
 
     def waiting_by_model(self) -> dict[str, int]:
         with self._lock:
@@ -196,6 +207,7 @@ class Scheduler:
             if exc.code == ErrorCode.SHUTTING_DOWN and not self._stopping:
                 return  # the model is being unloaded: it waits for its next load
             self._waiting.remove(item)
+            self._count(item.weights.name, "errors")
             self._outbox.stream(gen, "error", error=exc.to_wire())
             return
         self._waiting.remove(item)
@@ -226,6 +238,8 @@ class Scheduler:
         with self._lock:
             failed = [w.gen for w in self._waiting if w.weights.name == name]
             self._waiting = [w for w in self._waiting if w.weights.name != name]
+            for _ in failed:
+                self._count(name, "errors")
             self._announce_positions()
         for gen in failed:
             self._outbox.stream(gen, "error", error=error.to_wire())

@@ -516,7 +516,8 @@ class ModelWorker:
             waits = build.name if build is not None and (gen is build.owner or gen.prefix_cache == build.name) else None
             if gen.position != ahead or gen.waits_for_build != waits:
                 gen.position, gen.waits_for_build = ahead, waits
-                self.outbox.stream(gen, "queued", position=ahead, **({"cache_build": waits} if waits else {}))
+                if ahead or waits:  # first in line and waiting for no build: it starts as soon as it is prepared
+                    self.outbox.stream(gen, "queued", position=ahead, **({"cache_build": waits} if waits else {}))
             ahead += 1
 
     def _generations_due(self) -> bool:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         print(f"decode:   {model['decode']}")
     print(f"worker:   {worker['running'] or 'idle'}; {worker['queued']} queued; {worker['builds_queued']} cache builds queued")
     if "requests" in status:  # since protocol 1.3
-        for row in _request_lines(status["requests"], status["limits"].get("max_batch")):
+        for row in _request_lines(status["requests"], status["limits"].get("max_batch"), status.get("models", {}).get("default")):
             print(row)
     if status.get("build"):
         build = status["build"]
@@ -70,10 +70,12 @@ def _models_line(models: dict[str, Any], limits: dict[str, Any]) -> str:
         runner = f" pid {m['pid']}" if m.get("pid") else ""  # its runner process (protocol 1.10)
         parts.append(f"{m['name']}{' (default)' if m['name'] == models['default'] else ''} {m['size'] / 2**20:.0f} MiB {until}{runner}")
     loading = f"; loading {', '.join(models['loading'])}" if models.get("loading") else ""
+    if models.get("draining"):  # protocol 1.11
+        loading += f"; draining {models['draining']} to make room"
     return f"{len(loaded)} loaded of {limits.get('max_loaded_models', '?')}{budget}: {', '.join(parts)}{loading}"
 
 
-def _request_lines(requests: dict[str, list[dict[str, Any]]], max_batch: int | None) -> list[str]:
+def _request_lines(requests: dict[str, list[dict[str, Any]]], max_batch: int | None, default: str | None) -> list[str]:
     """The generations running and waiting, one line each, after a count."""
     running, queued = requests["running"], requests["queued"]
     batch = f" (up to {max_batch} decoded together)" if max_batch else ""
@@ -82,7 +84,8 @@ def _request_lines(requests: dict[str, list[dict[str, Any]]], max_batch: int | N
         prefill = f"prefill {r['prefilled']} of {r['prompt_tokens']} prompt tokens" if r["phase"] == "prefill" else f"prompt {r['prompt_tokens']} tokens"
         lines.append(f"  running  {r['id']!s:>6}  {r['client']:<12} {prefill}, {r['completion_tokens']} generated, {r['elapsed_ms'] / 1000:.1f} s")
     for q in queued:
-        lines.append(f"  queued   {q['id']!s:>6}  {q['client']:<12} {q['position']} ahead, waiting {q['waited_ms'] / 1000:.1f} s")
+        model = f" for {q['model']}" if q.get("model") not in (None, default) else ""  # another model's (protocol 1.11)
+        lines.append(f"  queued   {q['id']!s:>6}  {q['client']:<12} {q['position']} ahead{model}, waiting {q['waited_ms'] / 1000:.1f} s")
     return lines
 
 

@@ -35,7 +35,7 @@ def report(ctx: Context) -> dict[str, Any]:
         "model": {**backend.describe(), "capabilities": list(model_capabilities(backend))},
         "worker": {**activity, "queued": activity["queued"] + ctx.scheduler.waiting(ctx.pool.default_name)},
         "healthy": worker.healthy(within=60.0),
-        "counters": {**dataclasses.asdict(ctx.traffic), **worker.counters.as_dict()},
+        "counters": {**dataclasses.asdict(ctx.traffic), **_plus(worker.counters.as_dict(), ctx.scheduler.ended(ctx.pool.default_name))},
         "caches": {
             "text_dir": str(caches.texts.folder),
             "binary_dir": str(caches.binaries.folder),
@@ -59,6 +59,11 @@ def report(ctx: Context) -> dict[str, Any]:
         "models": {"default": ctx.registry.default, "loaded": list(loaded_models(ctx).values()), "loading": ctx.pool.loading(),
                    "waiting": ctx.scheduler.waiting_by_model(), "draining": ctx.pool.drained()},
     }
+
+
+def _plus(counts: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    """The runner's counts with the scheduler's (generations that ended before reaching it)."""
+    return {key: value + more.get(key, 0) for key, value in counts.items()}
 
 
 def line(ctx: Context) -> str:
