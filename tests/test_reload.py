@@ -1,7 +1,8 @@
 """SIGHUP outside systemd: the real daemon, its config file rewritten, then signalled.
 
-A changed model is loaded after the requests already queued (they are answered by the
-old one), a model that fails to load leaves the old one serving, binary caches made for
+A changed model is loaded beside the running one and then serves the default model's name
+in a new runner process (requests received before that are answered by the old one, which
+then ends), a model that fails to load leaves the old one serving, binary caches made for
 the old model's identity are never used by the new one, and changed cache folders are
 scanned and watched. Swaps go between tiny random models (tests/gguf_files.py) where the
 real model is not the point: they load in milliseconds, and two seeds make two models
@@ -86,7 +87,7 @@ def model_of(proc: DaemonProcess) -> dict:
         return client.status()["model"]
 
 
-def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tiny_models):
+def test_a_changed_model_answers_the_requests_received_once_it_is_loaded(configured, tiny_models):
     proc = configured()
     assert model_of(proc)["name"] == "SmolLM2-135M-Instruct"
     with proc.client() as first, proc.client() as second, proc.client() as third:
@@ -95,8 +96,8 @@ def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tin
         queued = second.generate(messages=CAPITAL["messages"], max_tokens=CAPITAL["max_tokens"])
         second.wait_queued(queued)  # taken in before the signal (it may run beside the first)
         proc.configure(model=str(tiny_models[0]))
-        proc.reload("reload: the model configuration changed; loading it after the queued requests")
-        after = third.generate(messages=CAPITAL["messages"], max_tokens=4)  # queued behind the swap
+        proc.reload("reload: the model configuration changed; loading it beside the running one", "reload: now serving tiny")
+        after = third.generate(messages=CAPITAL["messages"], max_tokens=4)
         # Both requests queued before the signal are answered by the old model, in full.
         done = running.wait()
         assert (done.finish_reason, done.stats["completion_tokens"]) == ("length", 8)
@@ -107,22 +108,24 @@ def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tin
     assert model_of(proc)["path"] == str(tiny_models[0])
 
 
-def test_a_request_queued_behind_a_swap_is_rendered_for_the_model_that_runs_it(configured):
-    """The chat of a request that arrives while a reload waits to swap the model is rendered
-    with the new model's template (here: the same weights, another template), not the one
-    serving when it arrived."""
+def test_each_request_is_rendered_by_the_model_that_runs_it(configured):
+    """Here the same weights with another template: a request received before the new
+    model serves is rendered with the old template and run by the old model, one received
+    after with the new one (and ``render`` follows the default model too), while the old
+    model still streams its answer."""
     proc = configured()
     with proc.client() as first, proc.client() as second:
         running = first.generate(STORY, max_tokens=64)
-        next(iter(running))  # it streams: the swap waits for it
+        next(iter(running))  # it streams on the old model
         old = second.render(CAPITAL["messages"])
+        before = second.generate(messages=CAPITAL["messages"], max_tokens=2)
         proc.configure(chat_template="chatml")
-        proc.reload("reload: the model configuration changed; loading it after the queued requests")
+        proc.reload("reload: the model configuration changed; loading it beside the running one", "reload: now serving")
         after = second.generate(messages=CAPITAL["messages"], max_tokens=2)
-        assert second.wait_queued(after) == 1  # behind the running one: it arrived before the swap
         result = after.wait()
         new = second.render(CAPITAL["messages"])
         assert running.wait().stats["completion_tokens"] == 64
+        assert before.wait().stats["prompt_tokens"] == old["tokens"]
     assert new["text"] != old["text"] and new["text"].startswith("<|im_start|>user\n")
     assert result.stats["prompt_tokens"] == new["tokens"] != old["tokens"]
 
@@ -216,9 +219,11 @@ def test_changed_cache_folders_are_scanned_and_watched(configured, tiny_models, 
 
 
 def test_one_reload_that_moves_the_folders_and_swaps_the_model_serves_the_new_models_caches(configured, tiny_models, tmp_path):
-    """The folder move of a reload runs on the disk thread, its model swap on the worker, in
-    either order. Here the disk thread has a queue of puts to write first, so the swap is done
-    before the move: the binary caches in the new folder are still the new model's."""
+    """The folder move of a reload runs on the disk thread, the new model loads on a thread of
+    its own (with the new folders), in either order. Here the disk thread has a queue of puts
+    to write first, so the new model serves before the old one's caches are moved: the old
+    one, unloaded meanwhile, moves nothing, and the binary caches in the new folder are the
+    new model's alone."""
     old, new = tiny_models
     proc = configured(model=str(old), conversations=False)
     texts, binaries = tmp_path / "texts", tmp_path / "binaries"

@@ -13,6 +13,7 @@ generations short with an answer) and dies with the daemon (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -213,14 +214,6 @@ class Runner:
 
         self.calls.submit(move).add_done_callback(lambda done: self._answer("reply", number, done))
 
-    def _on_swap(self, config: Config) -> None:
-        """A reload changed the default model: load it after the generations received so far."""
-
-        def done(backend: Backend, reason: str | None, error: str | None) -> None:
-            self.channel.send(("swapped", BackendFacts.of(backend), reason, error, str(self.caches.binaries.folder), config))
-
-        self.worker.replace_backend(lambda: load(config, lambda what: self.channel.send(("progress", what))), done)
-
     def _on_shutdown(self, number: int) -> None:
         """Stop: the queued generations go back to the daemon (it answers them), the running
         ones are cut short; exit once the worker's last call returned."""
@@ -234,7 +227,8 @@ class Runner:
         if not self.worker.join(STOP_JOIN_S):
             log.error("the worker did not stop within %g s; exiting around its call", STOP_JOIN_S)
         else:
-            self.caches.binaries.release()
+            with contextlib.suppress(ChannelClosed):  # the daemon may be gone: its collection too
+                self.caches.close()
         logging.shutdown()
         os._exit(0)
 
