@@ -393,13 +393,13 @@ def _load_default(daemon: Daemon, config: Config, old: Config, open_default: Cal
 def _serve_new_default(daemon: Daemon, new: LoadedModel) -> None:
     """On the socket loop: ``new`` serves the default model from the next request on."""
     ctx = daemon.ctx
-    old = ctx.pool.replace_default(new)
+    log.info("reload: now serving %s (pid %s); the model it replaces is unloaded once it has answered what it was given",
+             new.backend.describe().get("name", new.backend.kind), new.worker.pid)
+    old = ctx.pool.replace_default(new)  # the loader thread may unload the old one at once
     ctx.worker, ctx.caches, ctx.backend_reason = new.worker, new.caches, new.reason
     daemon.paths.caches = new.caches
     # After the cache operations already on the disk thread, which may still wait there.
     ctx.disk.submit(old.waiters.hand_over, new.waiters)
-    log.info("reload: now serving %s (pid %s); the model it replaces is unloaded once it has answered what it was given",
-             new.backend.describe().get("name", new.backend.kind), new.worker.pid)
     daemon.notifier.ready(status.line(ctx))
     daemon.outbox.wake()  # to refresh the status line
 

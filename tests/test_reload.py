@@ -15,6 +15,7 @@ import json
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,11 @@ class ConfiguredDaemon(DaemonProcess):
                 "--backend", "cpu", "--log-level", "debug"]
 
     def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None, store: str = "", conversations: bool = True,
-                  chat_template: str = "") -> None:
-        """``store``: the [store] section's lines."""
+                  chat_template: str = "", daemon: str = "") -> None:
+        """``store``, ``daemon``: the [store] and [daemon] sections' lines."""
         self.text_dir = text_dir or self.text_dir
         self.binary_dir = binary_dir or self.binary_dir
-        self.config.write_text(f'[model]\npath = "{model}"\nchat_template = "{chat_template}"\n'
+        self.config.write_text(f'[daemon]\n{daemon}\n[model]\npath = "{model}"\nchat_template = "{chat_template}"\n'
                                f'[cache]\ntext_dir = "{self.text_dir}"\nbinary_dir = "{self.binary_dir}"\n'
                                f'conversations = {str(conversations).lower()}\n'
                                f'[store]\n{store}\n')
@@ -305,3 +306,104 @@ def test_a_budget_set_low_evicts_what_is_not_in_use(configured, tiny_models):
     with proc.client() as client:
         assert Path(client.status()["caches"]["binary_dir"]).name == kept  # the one in use
     assert store["budget_bytes"] == 0 and store["over_budget"] and store["kinds"]["binary"]["units"] == 1
+
+
+def default_runner(client) -> dict:
+    """The default model's row in status (``models.loaded``), with its runner's pid."""
+    status = client.status()
+    [row] = [row for row in status["models"]["loaded"] if row["name"] == status["models"]["default"]]
+    return row
+
+
+def runner_alive(pid: int) -> bool:
+    """Whether ``pid`` is still a runner process (not reaped, not a zombie, not reused)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z" and b"rkllmd.runner" in cmdline
+
+
+def test_a_changed_model_runs_in_a_new_runner_and_the_old_runner_ends(configured, tiny_models):
+    proc = configured(model=str(tiny_models[0]))
+    with proc.client() as client:
+        old = default_runner(client)
+        assert runner_alive(old["pid"])
+        proc.configure(model=str(tiny_models[1]))
+        proc.reload("reload: the model configuration changed; loading it beside the running one", "reload: now serving tiny",
+                    f"unloading model {old['name']}: replaced by a reload")
+        new = default_runner(client)
+        assert new["name"] == old["name"] and new["pid"] != old["pid"] and runner_alive(new["pid"])
+        assert client.status()["model"]["path"] == str(tiny_models[1])
+        poll(lambda: not runner_alive(old["pid"]), 30, "the old runner gone")
+        assert client.generate("Hi", max_tokens=3).wait().stats["completion_tokens"] == 3
+    # Shown by the command line too, as one runner: the new one.
+    shown = json.loads(rkllmctl("status", "--json", socket=proc.socket).stdout)
+    assert [row["pid"] for row in shown["models"]["loaded"]] == [new["pid"]]
+
+
+def test_a_generation_streaming_when_the_model_changes_ends_on_the_old_model(configured, tiny_models):
+    """The old model (the real one) goes on streaming its answer while the new one (tiny)
+    already answers the requests received after it was loaded."""
+    proc = configured()
+    story = {"max_tokens": 160, "temperature": 0.0}
+    with proc.client() as first, proc.client() as second:
+        expected = first.generate(STORY, **story).wait()
+        assert expected.finish_reason == "length"
+        old_pid = default_runner(first)["pid"]
+        sent = time.monotonic()
+        running = first.generate(STORY, **story)
+        next(iter(running))  # it streams on the old model
+        proc.configure(model=str(tiny_models[0]))
+        proc.reload("reload: now serving tiny")
+        switched = time.monotonic()
+        after = second.generate(messages=CAPITAL["messages"], max_tokens=4).wait()
+        done = running.wait()
+        assert default_runner(second)["pid"] != old_pid
+    assert (done.text, done.finish_reason) == (expected.text, "length")
+    # It was still being generated (received at or after ``sent``) when the new model took over.
+    assert sent + done.stats["total_ms"] / 1000 > switched, (done.stats, switched - sent)
+    assert after.stats["prompt_tokens"] > 2 * CAPITAL["prompt_tokens"]  # the tiny model's byte-level vocabulary
+    poll(lambda: in_order(proc.log(), "reload: now serving tiny", "unloading model smollm2-135m-instruct: replaced by a reload"), 30,
+         "the old model unloaded once it answered")
+
+
+def test_a_model_that_fails_to_load_leaves_the_old_runner_serving(configured, tiny_models, tmp_path):
+    proc = configured(model=str(tiny_models[0]))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    with proc.client() as client:
+        before = default_runner(client)
+        answer = client.generate("Hi", max_tokens=4).wait().text
+        proc.configure(model=str(broken))
+        log = proc.reload("reload: cannot load the new model, keeping the running one")
+        assert "replaced by a reload" not in log
+        assert default_runner(client)["pid"] == before["pid"] and runner_alive(before["pid"])
+        assert client.status()["model"]["path"] == str(tiny_models[0])
+        assert client.generate("Hi", max_tokens=4).wait().text == answer
+        assert client.status()["healthy"]
+
+
+def test_with_runners_in_the_daemon_a_changed_model_gets_a_worker_of_its_own(tiny_models):
+    """daemon.runners = "thread": the new model runs on a new worker in the daemon's process,
+    the old one's is stopped once it answered what it was given."""
+    old, new = tiny_models
+    proc = ConfiguredDaemon(model=str(old), daemon='runners = "thread"')
+    try:
+        proc.start()
+        with proc.client() as client:
+            assert default_runner(client)["pid"] == proc.proc.pid
+            answer = client.generate("Hi", max_tokens=6).wait()
+            running = client.generate(STORY, max_tokens=400)
+            next(iter(running))
+            proc.configure(model=str(new), daemon='runners = "thread"')
+            proc.reload("reload: now serving tiny", timeout=60)
+            after = client.generate("Hi", max_tokens=6).wait()
+            assert running.wait().stats["completion_tokens"] == 400
+            poll(lambda: "unloading model tiny: replaced by a reload" in proc.log(), 30, "the old worker stopped")
+            assert client.status()["model"]["path"] == str(new) and default_runner(client)["pid"] == proc.proc.pid
+            assert client.status()["healthy"]
+        assert after.text != answer.text  # another model's answer (other weights)
+    finally:
+        proc.cleanup()
