@@ -13,7 +13,6 @@ generations short with an answer) and dies with the daemon (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -227,8 +226,7 @@ class Runner:
         if not self.worker.join(STOP_JOIN_S):
             log.error("the worker did not stop within %g s; exiting around its call", STOP_JOIN_S)
         else:
-            with contextlib.suppress(ChannelClosed):  # the daemon may be gone: its collection too
-                self.caches.close()
+            self.caches.binaries.release()
         logging.shutdown()
         os._exit(0)
 

@@ -545,8 +545,10 @@ class RemoteCaches:
         self.binaries = BinaryStore(Path(binary_folder).parent, backend.identity())  # names its folder; the runner holds it
 
     def close(self) -> None:
-        """The model is unloaded: its runner released its binary caches as it stopped, and
-        answers no more calls (a reload's move that comes later does nothing)."""
+        """The model is unloaded: its runner released its binary caches as it exited (a
+        reload's move that comes later finds it stopped, and does nothing). A collection may
+        now remove them once superseded: ask for one."""
+        self._runner._on_stored()
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._runner.call("caches", method, *args, **kwargs)
