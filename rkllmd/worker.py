@@ -80,7 +80,7 @@ class BinaryCacheBuild:
 
 @dataclass(eq=False)
 class _PromptJob:
-    """Work for the prompt thread: ``work(backend)`` with the backend serving then."""
+    """Work for the prompt thread: ``work(backend)`` with the worker's backend."""
 
     work: Callable[[Backend], Any]
     future: Future

@@ -139,10 +139,10 @@ class ModelPool:
 
     def replace_default(self, new: LoadedModel) -> LoadedModel:
         """A reload changed the default model: ``new``, loaded beside it under its name, serves
-        it from now on. The one it replaces (returned) retires: it gets no new request, answers those it
-        was given (they were rendered for it), and is then unloaded by the loader thread; its
-        cache builds are abandoned. It counts in the memory budget until then. A runner of a
-        retiring model that dies is not restarted."""
+        it from now on. The one it replaces (returned) retires: it gets no new request,
+        answers those it was given (they were rendered for it), and is then unloaded by the
+        loader thread, its cache builds abandoned. It counts in the memory budget until
+        then. A runner of a retiring model that dies is not restarted."""
         with self._cond:
             assert self._pinned is not None and new.name == self._pinned
             old = self._loaded[self._pinned]
