@@ -12,6 +12,7 @@ of the same shape and name whose weights, so identities, differ.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, in_order, reference_cases, rkllmctl
-from rkllmctl import DaemonUnreachable
+from rkllmctl import DaemonError, DaemonUnreachable
 from gguf_files import tiny_llama
 from reliability import poll
 
@@ -407,3 +408,24 @@ def test_with_runners_in_the_daemon_a_changed_model_gets_a_worker_of_its_own(tin
         assert after.text != answer.text  # another model's answer (other weights)
     finally:
         proc.cleanup()
+
+
+def test_the_runner_of_a_replaced_model_that_dies_fails_its_stream_and_is_not_restarted(configured, tiny_models):
+    proc = configured()
+    with proc.client() as first, proc.client() as second:
+        old_pid = default_runner(first)["pid"]
+        doomed = first.generate(STORY, max_tokens=400, temperature=0.0)
+        next(iter(doomed))  # it streams on the old model
+        proc.configure(model=str(tiny_models[0]))
+        proc.reload("reload: now serving tiny")
+        new_pid = default_runner(second)["pid"]
+        os.kill(old_pid, signal.SIGKILL)  # still streaming: 400 tokens take seconds
+        with pytest.raises(DaemonError) as ended:
+            doomed.wait()
+        assert ended.value.name == "backend" and "died: signal 9 (SIGKILL)" in ended.value.message
+        poll(lambda: "unloading model smollm2-135m-instruct: replaced by a reload" in proc.log(), 30, "the dead model unloaded")
+        assert second.generate("Hi", max_tokens=3).wait().stats["completion_tokens"] == 3
+        assert [row["pid"] for row in second.status()["models"]["loaded"]] == [new_pid]
+    log = proc.log()
+    assert f"(pid {old_pid}) died: signal 9 (SIGKILL)" in log and "starting a new one" not in log
+    assert "starting a new runner" not in log and not runner_alive(old_pid)
