@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -130,6 +132,11 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     store = ArtifactStore(artifact_kinds(config), config.store)
     in_runners = config.daemon.runners == "process"
 
+    def collect() -> None:
+        """A collection on the disk thread: binary caches were stored, or let go by an unloaded model."""
+        with contextlib.suppress(RuntimeError):  # the daemon stops: its disk thread is shut down
+            disk.submit(store.collect)
+
     def extend_start(what: str) -> None:
         log.info("loading: %s", what)
         notifier.extend_timeout(LOAD_EXTENSION_S)
@@ -142,7 +149,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
             waiters.changed(cache)
 
         runner = RunnerProcess(name, model_config, outbox, restart_when_dead=default, on_change=cache_changed,
-                               on_stored=lambda: disk.submit(store.collect), on_death=lambda dead: pool.runner_died(dead),
+                               on_stored=collect, on_death=lambda dead: pool.runner_died(dead),
                                progress=extend_start if default else lambda what: None)
         waiters = CacheWaiters(runner.caches)
         runner.start()
@@ -179,12 +186,24 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
             memory_budget=current.cache.memory_budget_mb << 20,
             schedule_build=worker.schedule_build,
             on_change=cache_changed,
-            on_stored=lambda: disk.submit(store.collect),
+            on_stored=collect,
             keep_conversations=current.cache.conversations,
         )
         worker.caches = caches
         waiters = CacheWaiters(caches)
         return LoadedModel(name, worker, caches, waiters, reason, size)
+
+    def open_default(current: Config) -> LoadedModel:
+        """The default model as ``current`` configures it (a reload changed it), loaded beside
+        the one serving, under its name; systemd is asked for more time while the load progresses."""
+        if in_runners:
+            notifier.extend_timeout(LOAD_EXTENSION_S)
+            return runner_for(ctx.registry.default, current, default=True)
+        backend, reason = load_backend(current, notifier)
+        loaded = serve(backend, reason, ctx.registry.default, current, memory_estimate(current))
+        loaded.caches.scan()
+        loaded.worker.start()
+        return loaded
 
     def open_model(model: Model) -> LoadedModel:
         """Load another weights file (on the pool's loader thread) and serve it."""
@@ -234,7 +253,9 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         outbox=outbox,
     )
     daemon = Daemon(ctx, endpoint, connections, outbox, notifier)
-    daemon.reload_handler = lambda: _reload(daemon, reload_config)
+    reload_loads = InTurn("reload-model")
+    daemon.reload_handler = lambda: _reload(
+        daemon, reload_config, lambda new, old: reload_loads.run(lambda: _load_default(daemon, new, old, open_default)))
     try:
         if not in_runners:
             caches.scan()  # a runner scans its caches as it starts
@@ -253,7 +274,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     if notifier.watchdog_interval and in_runners:
         notifier.start_watchdog(lambda: _stop_stuck_runners(pool, notifier.watchdog_interval))
     elif notifier.watchdog_interval:
-        notifier.start_watchdog(lambda: worker.healthy(within=notifier.watchdog_interval))
+        notifier.start_watchdog(lambda: ctx.worker.healthy(within=notifier.watchdog_interval))
     try:
         daemon.serve()  # its shutdown stops the worker, which closes the backend after its last call
     finally:
@@ -265,21 +286,51 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
 def _stop_stuck_runners(pool: ModelPool, within: float) -> bool:
     """The watchdog's check with runner processes: a stuck runner is the daemon's to kill
     and restart (systemd would restart every model with the daemon); the daemon is healthy."""
-    for model in pool.loaded():
+    for model in pool.in_memory():
         model.worker.stop_if_stuck(within)
     return True
 
 
-def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
+class InTurn:
+    """Work run off the socket loop on threads of their own, one after the other in the
+    order given: a reload's model load (minutes on an NPU), two reloads' in order."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._last: threading.Thread | None = None
+
+    def run(self, work: Callable[[], None]) -> None:
+        """From the socket loop."""
+        before = self._last
+
+        def in_turn() -> None:
+            if before is not None:
+                before.join()
+            work()
+
+        self._last = threading.Thread(target=in_turn, name=self._name, daemon=True)
+        self._last.start()
+
+
+def _reload(daemon: Daemon, reload_config: Callable[[], Config], load_default: Callable[[Config, Config], None]) -> None:
     """SIGHUP: apply a new configuration without dropping the socket or queued requests.
 
     The new configuration is loaded and checked whole (and its cache folders made)
     before anything changes: a broken one is refused and the running one kept. Then
     each component applies its own section: log level, limits, sampling defaults and
     memory budget at once; changed cache folders are rescanned (on the disk thread) and
-    watched; a changed model is loaded on the worker after the requests already queued
-    (their clients keep their answers), and all binary caches then belong to the new
-    model's identity, so none of the old ones is ever used.
+    watched.
+
+    A changed default model is a change of the model registry: the new one is loaded
+    beside the running one, off the socket loop (``load_default``), and once it is loaded
+    it serves the default model's name (``ModelPool.replace_default``). Which model answers
+    a generation is decided when it arrives: every one received before that switch (before
+    the signal, or while the new model loaded) runs on the old model, rendered with its
+    template, and its client keeps its answer; every one received after it runs on the new
+    one. The old model then answers what it was given and is unloaded (its runner process
+    ends). Binary caches are per model identity: the new one never uses the old one's. A
+    new model that cannot be loaded leaves the old one serving, its settings still the
+    running ones (so the same reload again tries again).
     """
     ctx, notifier = daemon.ctx, daemon.notifier
     notifier.reloading()
@@ -315,36 +366,57 @@ def _reload(daemon: Daemon, reload_config: Callable[[], Config]) -> None:
     ctx.disk.submit(ctx.store.collect)
     daemon.paths.configure(config.cache)
     if moved:
-        # The binary store's identity is the one of the backend serving when it runs: a model
-        # swap of this same reload may run on the worker before or after it.
+        # Every model loaded now, the default one too while it serves; a new default model
+        # of this same reload is loaded with the new folders.
         for model in ctx.pool.loaded():
             ctx.disk.submit(model.caches.move, TextStore(text_dir, config.cache.max_text_bytes), binary_dir)
         daemon.paths.use_text_folder(watcher)
         log.info("reload: caches now in %s and %s", text_dir, binary_dir)
 
     if config.model_differs(old):
-        log.info("reload: the model configuration changed; loading it after the queued requests")
-
-        def swapped(backend: Backend, reason: str | None, error: str | None) -> None:
-            if error is not None and ctx.config is config:
-                # Still serving the old model: its settings stay the running ones, so the
-                # next reload with these settings (a copy that has now ended) tries again.
-                ctx.config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend=old.daemon.backend),
-                                                 model=old.model, rkllm=old.rkllm)
-            _swapped(daemon, reason, error)
-
-        if isinstance(ctx.worker, RunnerProcess):
-            ctx.worker.swap(config, done=swapped)  # loaded in the runner, after its queued requests
-        else:
-            ctx.worker.replace_backend(lambda: load_backend(config, notifier), done=swapped)
+        log.info("reload: the model configuration changed; loading it beside the running one")
+        load_default(config, old)
         return
     log.info("configuration reloaded")
     notifier.ready(status.line(ctx))
 
 
-def _swapped(daemon: Daemon, reason: str | None, error: str | None) -> None:
-    """From the worker, after a reload's model swap (or its failure)."""
-    if reason is not None:
-        daemon.ctx.backend_reason = reason
-    daemon.notifier.ready(f"reload failed, still serving the old model: {error}" if error else status.line(daemon.ctx))
+def _load_default(daemon: Daemon, config: Config, old: Config, open_default: Callable[[Config], LoadedModel]) -> None:
+    """Off the socket loop: load the default model ``config`` names (``old``: the configuration
+    before the reload), then have the socket loop serve it, or keep the old one."""
+    started = time.monotonic()
+    try:
+        new = open_default(config)
+    except (BackendError, OSError) as exc:  # OSError: its runner process could not be started
+        error = str(exc)
+        daemon.call_soon(lambda: _kept_old_model(daemon, config, old, error))
+        return
+    log.info("reload: the new model loaded in %.2f s", time.monotonic() - started)
+    daemon.call_soon(lambda: _serve_new_default(daemon, new))
+
+
+def _serve_new_default(daemon: Daemon, new: LoadedModel) -> None:
+    """On the socket loop: ``new`` serves the default model from the next request on."""
+    ctx = daemon.ctx
+    log.info("reload: now serving %s (pid %s); the model it replaces is unloaded once it has answered what it was given",
+             new.backend.describe().get("name", new.backend.kind), new.worker.pid)
+    old = ctx.scheduler.replace_default(new)  # the loader thread may unload the old one once it has answered
+    ctx.worker, ctx.caches, ctx.backend_reason = new.worker, new.caches, new.reason
+    daemon.paths.caches = new.caches
+    # After the cache operations already on the disk thread, which may still wait there.
+    ctx.disk.submit(old.waiters.hand_over, new.waiters)
+    daemon.notifier.ready(status.line(ctx))
     daemon.outbox.wake()  # to refresh the status line
+
+
+def _kept_old_model(daemon: Daemon, config: Config, old: Config, error: str) -> None:
+    """On the socket loop: the model ``config`` names could not be loaded; the old one goes on serving."""
+    ctx = daemon.ctx
+    log.error("reload: cannot load the new model, keeping the running one: %s", error)
+    if ctx.config is config:
+        # Still serving the old model: its settings stay the running ones, so the next reload
+        # with these settings (a copy that has now ended) tries again.
+        ctx.config = dataclasses.replace(config, daemon=dataclasses.replace(config.daemon, backend=old.daemon.backend),
+                                         model=old.model, rkllm=old.rkllm)
+    daemon.notifier.ready(f"reload failed, still serving the old model: {error}")
+    daemon.outbox.wake()

@@ -116,6 +116,19 @@ class Scheduler:
         self._outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
         return "queued"
 
+    def replace_default(self, new: LoadedModel) -> LoadedModel:
+        """A reload's switch (``ModelPool.replace_default``): the generations waiting here for
+        the default model were received before it, so they go to the model it replaces first,
+        which answers them (its runner queues them) before it is unloaded."""
+        with self._lock:
+            old = self._pool.get(new.name)
+            assert old is not None
+            for item in [w for w in self._waiting if w.weights.name == new.name]:
+                self._give(item, old)
+            self._pool.replace_default(new)
+            self._announce_positions()
+        return old
+
     def waiting(self, weights_name: str) -> int:
         """Generations waiting here for ``weights_name``'s model."""
         with self._lock:

@@ -10,10 +10,12 @@ upkeep in pathkeeper.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -56,6 +58,7 @@ class Daemon:
         self._stop = False
         self._reload_requested = False
         self.reload_handler: Callable[[], None] | None = None
+        self._soon: deque[Callable[[], None]] = deque()  # handed to the loop by other threads (call_soon)
 
     # -- life cycle --------------------------------------------------------------
 
@@ -78,6 +81,20 @@ class Daemon:
     def _on_reload_signal(self, signum: int, frame: Any) -> None:
         self._reload_requested = True
 
+    def call_soon(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the socket loop, from any thread: what changes the context the
+        commands read (a reload's new default model) changes between two requests."""
+        self._soon.append(work)
+        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+            os.write(self._signal_w, b"c")
+
+    def _run_soon(self) -> None:
+        while self._soon:
+            try:
+                self._soon.popleft()()
+            except Exception:  # the loop must outlive it
+                log.exception("work handed to the socket loop failed")
+
     def serve(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down cleanly."""
         self.paths.start()
@@ -92,6 +109,7 @@ class Daemon:
             events = dict(poller.poll(None if timeout is None else max(1, int(timeout * 1000))))
             if self._signal_r in events:
                 self._drain_signal_pipe()
+            self._run_soon()  # before a reload: one that failed to load a model has restored its settings
             if self._reload_requested:
                 self._reload_requested = False
                 if self.reload_handler is not None:
@@ -128,10 +146,11 @@ class Daemon:
         self._stop = True
 
     def _shutdown(self) -> None:
+        self._run_soon()  # a reload's new default model, loaded meanwhile, is then stopped with the others
         self.notifier.stopping()
         self.notifier.status("stopping: aborting the running generation")
         stopping = WireError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-        loaded = self.ctx.pool.loaded()
+        loaded = self.ctx.pool.in_memory()
         dropped = self.ctx.scheduler.shutdown()
         self.ctx.pool.shutdown()
         for model in loaded:

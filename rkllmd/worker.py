@@ -8,11 +8,10 @@ frees, round-robin by client and in arrival order within a client, once their pr
 prepared.
 
 Prompts are prepared on a thread of their own, in arrival order: rendered with the chat
-template of the model that will run them and tokenized. A reload that swaps the model
-makes the waiting generations be prepared again, for the new one; the worker admits only
-generations prepared for its backend. Tokenizing a long text takes a while (a second for
-250,000 characters on the CPU backend's tokenizer): neither the socket loop nor the
-running generations wait for it. ``render`` requests run on the same thread.
+template of the worker's model and tokenized; the worker admits only prepared ones.
+Tokenizing a long text takes a while (a second for 250,000 characters on the CPU
+backend's tokenizer): neither the socket loop nor the running generations wait for it.
+``render`` requests run on the same thread.
 
 Cache builds run when no generation is due, or when one has waited ``build_max_wait_ms``
 for the model: builds queued by a text cache's change and builds a request needs for its
@@ -27,8 +26,9 @@ as the rows allow, in scratch state of their own) is followed by a step of the g
 running, so neither holds up the other for more than a pass.
 
 Each job has its own cancellation: a generation's is its run's (``Run.abort``), a build's
-the backend's flag (``Backend.abort``); cancelling one never stops the other. A model swap
-waits for the generations that arrived before it. The socket loop only enqueues and
+the backend's flag (``Backend.abort``); cancelling one never stops the other. A worker
+serves one model for its whole life (a reload that changes the default model starts
+another worker beside it: rkllmd/models/pool.py). The socket loop only enqueues and
 cancels; it never waits for the model. The worker closes the backend itself when it stops,
 after its last call returned: a handle is never released while a native call still uses it.
 """
@@ -60,8 +60,6 @@ from .templates.output import OutputSplitter, wire_tool_calls
 
 log = logging.getLogger(__name__)
 
-#: How long a model load on reload may take before the watchdog calls the worker stuck.
-MODEL_SWAP_ALLOWANCE_S = 300.0
 #: Clients whose last turn is remembered for the round-robin (the longest unserved go first).
 _CLIENTS_REMEMBERED = 4096
 
@@ -81,17 +79,8 @@ class BinaryCacheBuild:
 
 
 @dataclass(eq=False)
-class BackendSwap:
-    """Load another model in place of the current one (SIGHUP with a changed model)."""
-
-    load: Callable[[], tuple[Backend, str]]
-    done: Callable[[Backend, str | None, str | None], None]  # (backend, reason, error)
-    asked: float  # time.monotonic(): generations received before it run on the old model
-
-
-@dataclass(eq=False)
 class _PromptJob:
-    """Work for the prompt thread: ``work(backend)`` with the backend serving then."""
+    """Work for the prompt thread: ``work(backend)`` with the worker's backend."""
 
     work: Callable[[Backend], Any]
     future: Future
@@ -106,10 +95,9 @@ class EmbedJob:
     normalize: bool
     future: Future
     received: float = field(default_factory=time.monotonic)
-    # Written by its preparation: each input as the backend ``prepared_for`` runs it (token
-    # ids; text where the backend has no tokenizer of its own), cut to the context.
+    # Written by its preparation: each input as the backend runs it (token ids; text where
+    # the backend has no tokenizer of its own), cut to the context.
     prepared: list[Sequence[int] | str] | None = None
-    prepared_for: object | None = None
 
 
 class EmbedStopped(Exception):
@@ -234,7 +222,6 @@ class ModelWorker:
         self.backend = backend
         self.outbox = outbox
         self.max_queue = config.max_queue
-        self._batch_limit = config.max_batch
         self.max_batch = min(config.max_batch, backend.max_batch)
         self._build_max_wait = config.build_max_wait_ms / 1000
         self.caches: PromptCaches | None = None
@@ -249,8 +236,6 @@ class ModelWorker:
         self._opening: Generation | None = None  # being started (its prefix chosen)
         self._builds: deque[BinaryCacheBuild] = deque()
         self._build: BinaryCacheBuild | None = None  # the one under way
-        self._swaps: deque[BackendSwap] = deque()
-        self._swapping = False
         self._prompt_jobs: deque[Generation | _PromptJob] = deque()  # for the prompt thread, in order
         self._embeds: deque[EmbedJob] = deque()  # prepared, for the worker, in order
         self._embedding: EmbedJob | None = None  # the one under way
@@ -276,7 +261,6 @@ class ModelWorker:
         """Apply a reloaded [daemon] section (queue, batch and build limits; requests already queued stay)."""
         with self._cond:
             self.max_queue = config.max_queue
-            self._batch_limit = config.max_batch
             self.max_batch = min(config.max_batch, self.backend.max_batch)
             self._build_max_wait = config.build_max_wait_ms / 1000
 
@@ -339,12 +323,6 @@ class ModelWorker:
             self._builds.append(BinaryCacheBuild(name))
             self._cond.notify()
 
-    def replace_backend(self, load: Callable[[], tuple[Backend, str]], done: Callable[[Backend, str | None, str | None], None]) -> None:
-        """Swap the model once the generations received so far are done; ``done`` hears the outcome."""
-        with self._cond:
-            self._swaps.append(BackendSwap(load, done, time.monotonic()))
-            self._cond.notify()
-
     def cancel(self, gen: Generation, reason: str = "cancelled") -> str | None:
         """Cancel a queued or running generation: "queued", "running", or None if it is over."""
         with self._cond:
@@ -385,11 +363,16 @@ class ModelWorker:
             }
 
     def busy(self) -> bool:
-        """Anything to do or under way (what keeps its model loaded): generations, embed
-        requests from their preparation on, cache builds, prompt jobs."""
+        """Anything to do or under way (what keeps its model loaded): requests it answers, cache builds."""
         with self._cond:
-            return bool(self._running or self._waiting or self._opening or self._builds or self._build
-                        or self._embeds_preparing or self._embeds or self._embedding or self._prompt_jobs)
+            return self.answering() or bool(self._builds or self._build)
+
+    def answering(self) -> bool:
+        """Requests given to it and not answered yet: generations, embed requests from their
+        preparation on, prompt jobs (what a model a reload replaced finishes before it goes)."""
+        with self._cond:
+            return bool(self._running or self._waiting or self._opening or self._embeds_preparing or self._embeds
+                        or self._embedding or self._prompt_jobs)
 
     def summary(self) -> dict[str, Any]:
         """What the status line shows: activity, cache states, generations served, the last error."""
@@ -425,17 +408,11 @@ class ModelWorker:
         }
 
     def healthy(self, within: float) -> bool:
-        """Idle, or made progress (a step, a prefill chunk) in the last ``within`` seconds.
-
-        Loading a new model on reload is one long call with no progress to report (an NPU
-        runtime's init); it gets MODEL_SWAP_ALLOWANCE_S instead.
-        """
+        """Idle, or made progress (a step, a prefill chunk) in the last ``within`` seconds."""
         with self._cond:
             busy = bool(self._running) or self._opening is not None or self._build is not None
-            swapping = self._swapping
-        allowance = MODEL_SWAP_ALLOWANCE_S if swapping else within
         alive = self._thread.is_alive() and self._prompt_thread.is_alive()
-        return alive and (not (busy or swapping) or time.monotonic() - self.last_progress < allowance)
+        return alive and (not busy or time.monotonic() - self.last_progress < within)
 
     def shutdown(self) -> list[Generation]:
         """Stop taking work, cut every running generation short ("shutting down"), return the
@@ -445,7 +422,6 @@ class ModelWorker:
             self._stopping = True
             dropped, self._waiting = self._waiting, []
             self._builds.clear()
-            self._swaps.clear()
             jobs, self._prompt_jobs = self._prompt_jobs, deque()
             embeds, self._embeds = self._embeds, deque()
             for running in self._running:
@@ -474,37 +450,26 @@ class ModelWorker:
     # -- the order of the queue (lock held) -----------------------------------------------
 
     def _fair_order(self) -> list[Generation]:
-        """Waiting generations in the order they will start: those before a pending model
-        swap first; among them, clients take turns (the one admitted least recently first,
-        a new one before all), each client's own in arrival order."""
-        swap_at = self._swaps[0].asked if self._swaps else None
+        """Waiting generations in the order they will start: clients take turns (the one
+        admitted least recently first, a new one before all), each client's own in arrival order."""
+        mine: dict[bytes, list[Generation]] = {}
+        for gen in self._waiting:
+            mine.setdefault(gen.identity, []).append(gen)
+        clients = sorted(mine, key=lambda c: (self._last_turn.get(c, -1), mine[c][0].received))
         order: list[Generation] = []
-        for before_swap in (True, False):
-            mine: dict[bytes, list[Generation]] = {}
-            for gen in self._waiting:
-                if (swap_at is None or gen.received < swap_at) == before_swap:
-                    mine.setdefault(gen.identity, []).append(gen)
-            clients = sorted(mine, key=lambda c: (self._last_turn.get(c, -1), mine[c][0].received))
-            for rank in range(max((len(q) for q in mine.values()), default=0)):
-                order += [mine[c][rank] for c in clients if rank < len(mine[c])]
+        for rank in range(max((len(q) for q in mine.values()), default=0)):
+            order += [mine[c][rank] for c in clients if rank < len(mine[c])]
         return order
 
     def _admissible(self) -> list[Generation]:
-        """Waiting generations that may start now, in order: prepared for this backend, not
-        waiting for the build under way (its owner, and those whose prompt starts with the
-        text it builds: they would prefill the same tokens beside it), and none received
-        after a pending swap."""
-        swap_at = self._swaps[0].asked if self._swaps else None
+        """Waiting generations that may start now, in order: prepared, and not waiting for the
+        build under way (its owner, and those whose prompt starts with the text it builds:
+        they would prefill the same tokens beside it)."""
         build = self._build
         return [
             gen for gen in self._fair_order()
-            if gen.prepared_for is self.backend and (swap_at is None or gen.received < swap_at)
-            and (build is None or gen is not build.owner and gen.prefix_cache != build.name)
+            if gen.prepared_for is self.backend and (build is None or gen is not build.owner and gen.prefix_cache != build.name)
         ]
-
-    def _swap_due(self) -> bool:
-        """A swap is asked for, and every generation received before it is done."""
-        return bool(self._swaps) and not self._running and not any(gen.received < self._swaps[0].asked for gen in self._waiting)
 
     def _announce_positions(self) -> None:
         """Tell every waiting generation whose position changed its new one (``queued``), and
@@ -527,8 +492,8 @@ class ModelWorker:
     # -- the prompt thread ---------------------------------------------------------
 
     def _prepare_prompts(self) -> None:
-        """Prepare each waiting generation's prompt for the backend that will run it, and run
-        the other prompt jobs, in arrival order."""
+        """Prepare each waiting generation's prompt, and run the other prompt jobs, in arrival order."""
+        backend = self.backend
         while True:
             with self._cond:
                 while not self._prompt_jobs and not self._stopping:
@@ -536,8 +501,7 @@ class ModelWorker:
                 if self._stopping:
                     return
                 job = self._prompt_jobs.popleft()
-                backend = self.backend
-                if isinstance(job, Generation) and not self._needs_preparing(job, backend):
+                if isinstance(job, Generation) and job not in self._waiting:  # cancelled meanwhile
                     continue
             try:
                 if isinstance(job, _PromptJob):
@@ -548,24 +512,12 @@ class ModelWorker:
             except Exception:  # the thread must outlive any one job
                 log.exception("preparing a prompt failed")
 
-    def _answer(self, job: _PromptJob, backend: Backend) -> None:
-        """Run a prompt job: again with the new backend if a swap closed its one meanwhile."""
-        while True:
-            try:
-                job.future.set_result(job.work(backend))
-                return
-            except BaseException as exc:  # the socket loop answers it as an error
-                with self._cond:
-                    swapped, backend = backend is not self.backend, self.backend
-                if not swapped:
-                    job.future.set_exception(exc)
-                    return
-
-    def _needs_preparing(self, gen: Generation, backend: Backend) -> bool:
-        """Lock held. Waiting, not prepared for ``backend``, and to run on it: one received
-        after a pending swap is prepared once the swap is done (for the model it runs on)."""
-        swap_at = self._swaps[0].asked if self._swaps else None
-        return gen in self._waiting and gen.prepared_for is not backend and (swap_at is None or gen.received < swap_at)
+    @staticmethod
+    def _answer(job: _PromptJob, backend: Backend) -> None:
+        try:
+            job.future.set_result(job.work(backend))
+        except BaseException as exc:  # the socket loop answers it as an error
+            job.future.set_exception(exc)
 
     def _prepare(self, gen: Generation, backend: Backend) -> None:
         """Render and tokenize ``gen``'s prompt for ``backend``; the worker may then admit it."""
@@ -576,15 +528,15 @@ class ModelWorker:
             prefix_cache = self.caches.longest_prefix(prompt, gen.cache) if gen.use_cache and self.caches is not None else None
         except Exception as exc:
             with self._cond:
-                current = backend is self.backend and gen in self._waiting
-                if current:
+                waiting = gen in self._waiting
+                if waiting:
                     self._waiting.remove(gen)
                     self._announce_positions()
-            if current:  # else the model was swapped meanwhile: it is prepared again for the new one
+            if waiting:  # else cancelled meanwhile
                 self._fail(gen, self._wire_error(exc, gen))
             return
         with self._cond:
-            if backend is self.backend and gen in self._waiting:
+            if gen in self._waiting:
                 gen.prompt, gen.output, gen.prompt_ids, gen.prepared_for = prompt, output, ids, backend
                 gen.prefix_cache = prefix_cache
                 gen.params = replace(gen.params, constraint=constraint)
@@ -608,7 +560,7 @@ class ModelWorker:
 
     def _next_job(self) -> Callable[[], None] | None:
         """What to do next (None: stop): a build that waited past its bound, the generations
-        due, a swap whose turn it is, a build; else wait."""
+        due, a build; else wait."""
         with self._cond:
             while True:
                 if self._stopping and not self._running:
@@ -620,8 +572,6 @@ class ModelWorker:
                     return self._embed_next
                 if due:
                     return self._serve_step
-                if self._swap_due():
-                    return self._swap
                 if self._builds:
                     return self._build_next
                 self._cond.wait()
@@ -852,7 +802,7 @@ class ModelWorker:
         """Prompt thread: tokenize ``job``'s texts for ``backend``, cut them to its context (or
         refuse them: ``context_overflow``), check token ids; then queue it for the worker."""
         try:
-            job.prepared, job.prepared_for = embed_inputs(backend, job.inputs, job.truncate), backend
+            job.prepared = embed_inputs(backend, job.inputs, job.truncate)
         except BaseException:
             with self._cond:
                 self._embeds_preparing -= 1
@@ -882,8 +832,6 @@ class ModelWorker:
                 self._serve_step()
 
         try:
-            if job.prepared_for is not backend:  # the model was swapped since it was tokenized
-                job.prepared = embed_inputs(backend, job.inputs, job.truncate)
             assert job.prepared is not None
             pooled = backend.embed(job.prepared, between)
         except Exception as exc:
@@ -919,41 +867,6 @@ class ModelWorker:
             return WireError(ErrorCode.BACKEND, str(exc), **({} if exc.runtime_code is None else {"runtime_code": exc.runtime_code}))
         log.error("an embed request failed", exc_info=exc)
         return WireError(ErrorCode.INTERNAL, f"internal error: {exc.__class__.__name__}: {exc}")
-
-    # -- model swaps ------------------------------------------------------------------
-
-    def _swap(self) -> None:
-        with self._cond:
-            job = self._swaps.popleft()
-            self._swapping = True
-        try:
-            self._load_swap(job)
-        finally:
-            with self._cond:
-                self._swapping = False
-                # Prepared for the model that runs them (again, if the model changed).
-                self._prompt_jobs.extend(gen for gen in self._waiting if gen.prepared_for is not self.backend)
-                self._prompts_due.notify()
-                self._announce_positions()
-
-    def _load_swap(self, job: BackendSwap) -> None:
-        try:
-            backend, reason = job.load()
-        except BackendError as exc:
-            log.error("reload: cannot load the new model, keeping the running one: %s", exc)
-            job.done(self.backend, None, str(exc))
-            return
-        old = self.backend
-        with self._cond:
-            self.backend = backend
-            self.max_batch = min(self._batch_limit, backend.max_batch)
-        backend.heartbeat = self._heartbeat
-        old.close()
-        if self.caches is not None:
-            # Every binary cache now belongs to another identity: none of the old ones is used.
-            self.caches.serve(backend)
-        log.info("reload: now serving %s", backend.describe().get("name", backend.kind))
-        job.done(backend, reason, None)
 
     # -- messages -------------------------------------------------------------------
 

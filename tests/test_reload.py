@@ -1,7 +1,8 @@
 """SIGHUP outside systemd: the real daemon, its config file rewritten, then signalled.
 
-A changed model is loaded after the requests already queued (they are answered by the
-old one), a model that fails to load leaves the old one serving, binary caches made for
+A changed model is loaded beside the running one and then serves the default model's name
+in a new runner process (requests received before that are answered by the old one, which
+then ends), a model that fails to load leaves the old one serving, binary caches made for
 the old model's identity are never used by the new one, and changed cache folders are
 scanned and watched. Swaps go between tiny random models (tests/gguf_files.py) where the
 real model is not the point: they load in milliseconds, and two seeds make two models
@@ -11,15 +12,17 @@ of the same shape and name whose weights, so identities, differ.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import DaemonProcess, in_order, reference_cases, rkllmctl
-from rkllmctl import DaemonUnreachable
+from rkllmctl import DaemonError, DaemonUnreachable
 from gguf_files import tiny_llama
 from reliability import poll
 
@@ -44,11 +47,11 @@ class ConfiguredDaemon(DaemonProcess):
                 "--backend", "cpu", "--log-level", "debug"]
 
     def configure(self, model: str = "", text_dir: Path | None = None, binary_dir: Path | None = None, store: str = "", conversations: bool = True,
-                  chat_template: str = "") -> None:
-        """``store``: the [store] section's lines."""
+                  chat_template: str = "", daemon: str = "") -> None:
+        """``store``, ``daemon``: the [store] and [daemon] sections' lines."""
         self.text_dir = text_dir or self.text_dir
         self.binary_dir = binary_dir or self.binary_dir
-        self.config.write_text(f'[model]\npath = "{model}"\nchat_template = "{chat_template}"\n'
+        self.config.write_text(f'[daemon]\n{daemon}\n[model]\npath = "{model}"\nchat_template = "{chat_template}"\n'
                                f'[cache]\ntext_dir = "{self.text_dir}"\nbinary_dir = "{self.binary_dir}"\n'
                                f'conversations = {str(conversations).lower()}\n'
                                f'[store]\n{store}\n')
@@ -86,7 +89,7 @@ def model_of(proc: DaemonProcess) -> dict:
         return client.status()["model"]
 
 
-def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tiny_models):
+def test_a_changed_model_answers_the_requests_received_once_it_is_loaded(configured, tiny_models):
     proc = configured()
     assert model_of(proc)["name"] == "SmolLM2-135M-Instruct"
     with proc.client() as first, proc.client() as second, proc.client() as third:
@@ -95,8 +98,8 @@ def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tin
         queued = second.generate(messages=CAPITAL["messages"], max_tokens=CAPITAL["max_tokens"])
         second.wait_queued(queued)  # taken in before the signal (it may run beside the first)
         proc.configure(model=str(tiny_models[0]))
-        proc.reload("reload: the model configuration changed; loading it after the queued requests")
-        after = third.generate(messages=CAPITAL["messages"], max_tokens=4)  # queued behind the swap
+        proc.reload("reload: the model configuration changed; loading it beside the running one", "reload: now serving tiny")
+        after = third.generate(messages=CAPITAL["messages"], max_tokens=4)
         # Both requests queued before the signal are answered by the old model, in full.
         done = running.wait()
         assert (done.finish_reason, done.stats["completion_tokens"]) == ("length", 8)
@@ -107,22 +110,24 @@ def test_a_changed_model_is_swapped_in_after_the_queued_requests(configured, tin
     assert model_of(proc)["path"] == str(tiny_models[0])
 
 
-def test_a_request_queued_behind_a_swap_is_rendered_for_the_model_that_runs_it(configured):
-    """The chat of a request that arrives while a reload waits to swap the model is rendered
-    with the new model's template (here: the same weights, another template), not the one
-    serving when it arrived."""
+def test_each_request_is_rendered_by_the_model_that_runs_it(configured):
+    """Here the same weights with another template: a request received before the new
+    model serves is rendered with the old template and run by the old model, one received
+    after with the new one (and ``render`` follows the default model too), while the old
+    model still streams its answer."""
     proc = configured()
     with proc.client() as first, proc.client() as second:
         running = first.generate(STORY, max_tokens=64)
-        next(iter(running))  # it streams: the swap waits for it
+        next(iter(running))  # it streams on the old model
         old = second.render(CAPITAL["messages"])
+        before = second.generate(messages=CAPITAL["messages"], max_tokens=2)
         proc.configure(chat_template="chatml")
-        proc.reload("reload: the model configuration changed; loading it after the queued requests")
+        proc.reload("reload: the model configuration changed; loading it beside the running one", "reload: now serving")
         after = second.generate(messages=CAPITAL["messages"], max_tokens=2)
-        assert second.wait_queued(after) == 1  # behind the running one: it arrived before the swap
         result = after.wait()
         new = second.render(CAPITAL["messages"])
         assert running.wait().stats["completion_tokens"] == 64
+        assert before.wait().stats["prompt_tokens"] == old["tokens"]
     assert new["text"] != old["text"] and new["text"].startswith("<|im_start|>user\n")
     assert result.stats["prompt_tokens"] == new["tokens"] != old["tokens"]
 
@@ -216,9 +221,11 @@ def test_changed_cache_folders_are_scanned_and_watched(configured, tiny_models, 
 
 
 def test_one_reload_that_moves_the_folders_and_swaps_the_model_serves_the_new_models_caches(configured, tiny_models, tmp_path):
-    """The folder move of a reload runs on the disk thread, its model swap on the worker, in
-    either order. Here the disk thread has a queue of puts to write first, so the swap is done
-    before the move: the binary caches in the new folder are still the new model's."""
+    """The folder move of a reload runs on the disk thread, the new model loads on a thread of
+    its own (with the new folders), in either order. Here the disk thread has a queue of puts
+    to write first, so the new model serves before the old one's caches are moved: the old
+    one, unloaded meanwhile, moves nothing, and the binary caches in the new folder are the
+    new model's alone."""
     old, new = tiny_models
     proc = configured(model=str(old), conversations=False)
     texts, binaries = tmp_path / "texts", tmp_path / "binaries"
@@ -300,3 +307,125 @@ def test_a_budget_set_low_evicts_what_is_not_in_use(configured, tiny_models):
     with proc.client() as client:
         assert Path(client.status()["caches"]["binary_dir"]).name == kept  # the one in use
     assert store["budget_bytes"] == 0 and store["over_budget"] and store["kinds"]["binary"]["units"] == 1
+
+
+def default_runner(client) -> dict:
+    """The default model's row in status (``models.loaded``), with its runner's pid."""
+    status = client.status()
+    [row] = [row for row in status["models"]["loaded"] if row["name"] == status["models"]["default"]]
+    return row
+
+
+def runner_alive(pid: int) -> bool:
+    """Whether ``pid`` is still a runner process (not reaped, not a zombie, not reused)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z" and b"rkllmd.runner" in cmdline
+
+
+def test_a_changed_model_runs_in_a_new_runner_and_the_old_runner_ends(configured, tiny_models):
+    proc = configured(model=str(tiny_models[0]))
+    with proc.client() as client:
+        old = default_runner(client)
+        assert runner_alive(old["pid"])
+        proc.configure(model=str(tiny_models[1]))
+        proc.reload("reload: the model configuration changed; loading it beside the running one", "reload: now serving tiny",
+                    f"unloading model {old['name']}: replaced by a reload")
+        new = default_runner(client)
+        assert new["name"] == old["name"] and new["pid"] != old["pid"] and runner_alive(new["pid"])
+        assert client.status()["model"]["path"] == str(tiny_models[1])
+        poll(lambda: not runner_alive(old["pid"]), 30, "the old runner gone")
+        assert client.generate("Hi", max_tokens=3).wait().stats["completion_tokens"] == 3
+    # Shown by the command line too, as one runner: the new one.
+    shown = json.loads(rkllmctl("status", "--json", socket=proc.socket).stdout)
+    assert [row["pid"] for row in shown["models"]["loaded"]] == [new["pid"]]
+
+
+def test_a_generation_streaming_when_the_model_changes_ends_on_the_old_model(configured, tiny_models):
+    """The old model (the real one) goes on streaming its answer while the new one (tiny)
+    already answers the requests received after it was loaded."""
+    proc = configured()
+    story = {"max_tokens": 160, "temperature": 0.0}
+    with proc.client() as first, proc.client() as second:
+        expected = first.generate(STORY, **story).wait()
+        assert expected.finish_reason == "length"
+        old_pid = default_runner(first)["pid"]
+        sent = time.monotonic()
+        running = first.generate(STORY, **story)
+        next(iter(running))  # it streams on the old model
+        proc.configure(model=str(tiny_models[0]))
+        proc.reload("reload: now serving tiny")
+        switched = time.monotonic()
+        after = second.generate(messages=CAPITAL["messages"], max_tokens=4).wait()
+        done = running.wait()
+        assert default_runner(second)["pid"] != old_pid
+    assert (done.text, done.finish_reason) == (expected.text, "length")
+    # It was still being generated (received at or after ``sent``) when the new model took over.
+    assert sent + done.stats["total_ms"] / 1000 > switched, (done.stats, switched - sent)
+    assert after.stats["prompt_tokens"] > 2 * CAPITAL["prompt_tokens"]  # the tiny model's byte-level vocabulary
+    poll(lambda: in_order(proc.log(), "reload: now serving tiny", "unloading model smollm2-135m-instruct: replaced by a reload"), 30,
+         "the old model unloaded once it answered")
+
+
+def test_a_model_that_fails_to_load_leaves_the_old_runner_serving(configured, tiny_models, tmp_path):
+    proc = configured(model=str(tiny_models[0]))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + bytes(60))
+    with proc.client() as client:
+        before = default_runner(client)
+        answer = client.generate("Hi", max_tokens=4).wait().text
+        proc.configure(model=str(broken))
+        log = proc.reload("reload: cannot load the new model, keeping the running one")
+        assert "replaced by a reload" not in log
+        assert default_runner(client)["pid"] == before["pid"] and runner_alive(before["pid"])
+        assert client.status()["model"]["path"] == str(tiny_models[0])
+        assert client.generate("Hi", max_tokens=4).wait().text == answer
+        assert client.status()["healthy"]
+
+
+def test_with_runners_in_the_daemon_a_changed_model_gets_a_worker_of_its_own(tiny_models):
+    """daemon.runners = "thread": the new model runs on a new worker in the daemon's process,
+    the old one's is stopped once it answered what it was given."""
+    old, new = tiny_models
+    proc = ConfiguredDaemon(model=str(old), daemon='runners = "thread"')
+    try:
+        proc.start()
+        with proc.client() as client:
+            assert default_runner(client)["pid"] == proc.proc.pid
+            answer = client.generate("Hi", max_tokens=6).wait()
+            running = client.generate(STORY, max_tokens=400)
+            next(iter(running))
+            proc.configure(model=str(new), daemon='runners = "thread"')
+            proc.reload("reload: now serving tiny", timeout=60)
+            after = client.generate("Hi", max_tokens=6).wait()
+            assert running.wait().stats["completion_tokens"] == 400
+            poll(lambda: "unloading model tiny: replaced by a reload" in proc.log(), 30, "the old worker stopped")
+            assert client.status()["model"]["path"] == str(new) and default_runner(client)["pid"] == proc.proc.pid
+            assert client.status()["healthy"]
+        assert after.text != answer.text  # another model's answer (other weights)
+    finally:
+        proc.cleanup()
+
+
+def test_the_runner_of_a_replaced_model_that_dies_fails_its_stream_and_is_not_restarted(configured, tiny_models):
+    proc = configured()
+    with proc.client() as first, proc.client() as second:
+        old_pid = default_runner(first)["pid"]
+        doomed = first.generate(STORY, max_tokens=400, temperature=0.0)
+        next(iter(doomed))  # it streams on the old model
+        proc.configure(model=str(tiny_models[0]))
+        proc.reload("reload: now serving tiny")
+        new_pid = default_runner(second)["pid"]
+        os.kill(old_pid, signal.SIGKILL)  # still streaming: 400 tokens take seconds
+        with pytest.raises(DaemonError) as ended:
+            doomed.wait()
+        assert ended.value.name == "backend" and "died: signal 9 (SIGKILL)" in ended.value.message
+        poll(lambda: "unloading model smollm2-135m-instruct: replaced by a reload" in proc.log(), 30, "the dead model unloaded")
+        assert second.generate("Hi", max_tokens=3).wait().stats["completion_tokens"] == 3
+        assert [row["pid"] for row in second.status()["models"]["loaded"]] == [new_pid]
+    log = proc.log()
+    assert f"(pid {old_pid}) died: signal 9 (SIGKILL)" in log and "starting a new one" not in log
+    assert "starting a new runner" not in log and not runner_alive(old_pid)

@@ -187,6 +187,7 @@ class PromptCaches:
         self._on_change = on_change
         self._on_stored = on_stored  # what is on disk changed: the artifact store counts and collects
         self._lock = threading.Lock()
+        self._closed = False  # its model was unloaded
         self._entries: dict[str, Entry] = {}
         self.builds = 0  # builds that ran (requests deduplicated away are not counted)
         self._verified_files: dict[str, tuple[int, ...] | None] = {}  # state file identity when last verified
@@ -281,27 +282,26 @@ class PromptCaches:
         return True
 
     def move(self, texts: TextStore, binary_root: Path) -> None:
-        """Serve caches from other folders (a reload changed them): forget all, scan again."""
-        self._switch(texts=texts, binary_root=binary_root)
-
-    def serve(self, backend: Backend) -> None:
-        """Serve caches for another model (a reload swapped it): forget all, scan again."""
-        self._switch(backend=backend)
-
-    def _switch(self, texts: TextStore | None = None, binary_root: Path | None = None, backend: Backend | None = None) -> None:
-        """Install what is given, keep the rest. The binary store's identity is always the one
-        of the backend installed with it, read under the lock: ``move`` and ``serve`` of one
-        reload run on two threads (disk, worker) in either order, and each keeps what the
-        other set."""
+        """Serve caches from other folders (a reload changed them): forget all, scan again.
+        Nothing once closed (the model was unloaded before the disk thread got to it)."""
         with self._lock:
-            texts, backend = texts or self.texts, backend or self.backend
-            binaries = BinaryStore(binary_root or self.binaries.root, backend.identity())
+            if self._closed:
+                return
+            binaries = BinaryStore(binary_root, self.backend.identity())
             binaries.prepare()  # held before the old one is let go: no collector between
             self.binaries.release()
-            self.texts, self.binaries, self.backend = texts, binaries, backend
+            self.texts, self.binaries = texts, binaries
             self._entries.clear()
             self.lru = PrefixLRU(self.lru.budget)
         self.scan()
+        self._on_stored()
+
+    def close(self) -> None:
+        """The model is unloaded: its binary caches are let go (a collection may now remove
+        them once superseded: ``on_stored`` asks for one)."""
+        with self._lock:
+            self._closed = True
+            self.binaries.release()
         self._on_stored()
 
     def forget(self, name: str) -> None:

@@ -18,15 +18,33 @@ class CacheWaiters:
         self.caches = caches
         self._lock = threading.Lock()
         self._waiting: dict[str, list[Deferred]] = {}
+        self._successor: CacheWaiters | None = None  # the waiters of the model a reload put in its place
+
+    def hand_over(self, successor: CacheWaiters) -> None:
+        """A reload replaced the model: whoever waits here, or comes to wait later, waits for
+        the new model's caches (``successor``) instead; the old one's builds are abandoned."""
+        with self._lock:
+            self._successor = successor
+            waiting, self._waiting = self._waiting, {}
+        for name, answers in waiting.items():
+            for answer in answers:
+                successor.add(name, answer)
 
     def add(self, name: str, answer: Deferred) -> None:
         with self._lock:
-            self._waiting.setdefault(name, []).append(answer)
+            successor = self._successor
+            if successor is None:
+                self._waiting.setdefault(name, []).append(answer)
+        if successor is not None:
+            successor.add(name, answer)
+            return
         self.changed(name)
 
     def outcome(self, name: str) -> dict[str, Any] | WireError | None:
         """The answer for ``name`` now: its entry, or why it cannot settle; None while it is
         still to be built. Reads nothing from disk."""
+        if self._successor is not None:
+            return self._successor.outcome(name)
         done, error = self.caches.settled(name)
         if not done:
             return None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from typing import Any
+
+from ..models.pool import LoadedModel
 from .context import Context, Request
 
 OP = "cache.ls"
@@ -10,4 +13,8 @@ OP = "cache.ls"
 
 def execute(ctx: Context, request: Request) -> Future:
     model = ctx.loaded_model(request)  # binary caches are per model; text caches are shared by name
-    return ctx.disk.submit(lambda: {"caches": model.caches.listing(), "memory": model.caches.memory(), "model": request.model.model.name})  # listing reads the folder
+    return ctx.disk.submit(lambda: _listing(ctx.serving(model), request.model.model.name))  # listing reads the folder
+
+
+def _listing(model: LoadedModel, name: str) -> dict[str, Any]:
+    return {"caches": model.caches.listing(), "memory": model.caches.memory(), "model": name}

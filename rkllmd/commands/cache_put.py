@@ -19,7 +19,8 @@ def execute(ctx: Context, request: Request) -> Future:
 
 def _put(ctx: Context, model: LoadedModel, name: str, text: str) -> dict[str, Any]:
     """Write the text (shared by every model), queue its build for every loaded model; the
-    entry of the model the request names."""
+    entry of the model the request names (the one serving its name now)."""
+    model = ctx.serving(model)
     try:
         model.caches.texts.write(name, text)
     except TextCacheError as exc:

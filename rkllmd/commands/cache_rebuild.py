@@ -13,7 +13,8 @@ OP = "cache.rebuild"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.disk.submit(_rebuild, ctx.loaded_model(request).caches, request.args["name"])
+    model = ctx.loaded_model(request)
+    return ctx.disk.submit(lambda: _rebuild(ctx.serving(model).caches, request.args["name"]))
 
 
 def _rebuild(caches: PromptCaches, name: str | None) -> dict[str, Any]:

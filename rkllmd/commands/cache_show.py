@@ -14,7 +14,8 @@ OP = "cache.show"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.disk.submit(_show, ctx.loaded_model(request).caches, request.args["name"])
+    model = ctx.loaded_model(request)
+    return ctx.disk.submit(lambda: _show(ctx.serving(model).caches, request.args["name"]))
 
 
 def _show(caches: PromptCaches, name: str) -> dict[str, Any]:

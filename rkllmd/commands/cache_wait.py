@@ -17,8 +17,9 @@ def execute(ctx: Context, request: Request) -> Deferred:
     answer = Deferred(time.monotonic() + request.args["timeout"], lambda: model.waiters.outcome(name) or _not_ready(name))
 
     def refresh_then_wait() -> None:
-        model.caches.refresh(name)  # an edit the watcher has not reported yet counts too
-        model.waiters.add(name, answer)
+        serving = ctx.serving(model)
+        serving.caches.refresh(name)  # an edit the watcher has not reported yet counts too
+        serving.waiters.add(name, answer)
 
     ctx.disk.submit(refresh_then_wait).add_done_callback(lambda done: _fail_with(done, answer))
     return answer

@@ -43,11 +43,16 @@ class Context:
     traffic: Traffic
     socket: Path
     started: float  # time.time() at start
-    backend_reason: str  # why this backend (replaced when a reload swaps the model)
+    backend_reason: str  # why this backend (replaced when a reload changes the default model)
     registry: Registry  # every model by name
     pool: ModelPool  # the loaded ones; ``worker`` and ``caches`` above are the default model's
     scheduler: Scheduler  # every generation between its arrival and its model's runner
     outbox: Outbox  # streams that are no model's work (a pull's progress) go out through it
+
+    def serving(self, model: LoadedModel) -> LoadedModel:
+        """The loaded model serving ``model``'s name now: for an operation that waited for the
+        disk thread, the new default model a reload put in place of ``model`` meanwhile."""
+        return self.pool.get(model.name) or model
 
     def loaded_model(self, request: Request) -> LoadedModel:
         """The loaded weights of the model ``request`` names (its binary caches are theirs),

@@ -1,9 +1,8 @@
 """generate: queue a completion; its messages stream back (queued, started, token..., done).
 
-The chat is checked here; the model worker renders it, with the template of the model
-that will run it (rkllmd/worker.py), so a reload that swaps the model meanwhile cannot
-leave it rendered for the old one. A template that refuses the chat ends the stream with
-``invalid_field``.
+The chat is checked here; the worker of the model that runs it renders it, with that
+model's template (rkllmd/worker.py). A template that refuses the chat ends the stream
+with ``invalid_field``.
 """
 
 from __future__ import annotations

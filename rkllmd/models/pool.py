@@ -13,7 +13,10 @@ is idle, a negative one keeps it until the daemon stops); the loader thread unlo
 once that time has passed, it is idle and no generation waits for it.
 
 The default model (the configuration's ``[model]``) is loaded at start and never
-unloaded: the cache operations, ``render`` and the status line run on it.
+unloaded: the cache operations, ``render`` and the status line run on it. A reload that
+changes it loads the new one beside it (rkllmd/app.py) and makes it the default
+(``replace_default``): the old one retires, answers what it was given, and is then
+unloaded like any other.
 
 Each loaded model runs in a runner process of its own (rkllmd/runner). One that dies has
 failed its requests already; the pool then marks the model unloaded (``runner_died``),
@@ -65,11 +68,13 @@ class LoadedModel:
 
     @property
     def backend(self) -> Backend:
-        """The worker's: a reload's swap of the default model replaces it there."""
         return self.worker.backend
 
     def busy(self) -> bool:
         return self.worker.busy()
+
+    def answering(self) -> bool:
+        return self.worker.answering()
 
     def public(self, now_wall: float, now: float) -> dict[str, Any]:
         describe = self.backend.describe()
@@ -100,6 +105,8 @@ class ModelPool:
         self._cond = threading.Condition()
         self._loaded: dict[str, LoadedModel] = {}
         self._pinned: str | None = None
+        #: Models a reload replaced: no new work, unloaded once they answered what they were given.
+        self._retiring: list[LoadedModel] = []
         self._loads: deque[_Load] = deque()
         self._loading: _Load | None = None
         self._wanted: set[str] = set()  # models generations wait for in the scheduler (not unloaded)
@@ -144,6 +151,27 @@ class ModelPool:
     def loaded(self) -> list[LoadedModel]:
         with self._cond:
             return list(self._loaded.values())
+
+    def in_memory(self) -> list[LoadedModel]:
+        """The loaded models and those retiring (what the daemon stops, and the watchdog checks)."""
+        with self._cond:
+            return list(self._loaded.values()) + self._retiring
+
+    def replace_default(self, new: LoadedModel) -> LoadedModel:
+        """A reload changed the default model: ``new``, loaded beside it under its name, serves
+        it from now on. The one it replaces (returned) retires: it gets no new request,
+        answers those it was given (they were rendered for it), and is then unloaded by the
+        loader thread, its cache builds abandoned. It counts in the memory budget until
+        then. A runner of a retiring model that dies is not restarted."""
+        with self._cond:
+            assert self._pinned is not None and new.name == self._pinned
+            old = self._loaded[self._pinned]
+            self._loaded[self._pinned] = new
+            self._retiring.append(old)
+            if isinstance(old.worker, RunnerProcess):
+                old.worker.restart_when_dead = False
+            self._cond.notify_all()
+        return old
 
     def loading(self) -> list[str]:
         with self._cond:
@@ -265,8 +293,9 @@ class ModelPool:
 
     def _run(self) -> None:
         while True:
+            self._close_retired()
             with self._cond:
-                while not self._stopping and not self._loads and not self._expired():
+                while not self._stopping and not self._loads and not self._expired() and not self._retired():
                     timeout = self._wait_for()
                     self._cond.wait(timeout)
                 if self._stopping:
@@ -274,8 +303,10 @@ class ModelPool:
                 expired = self._expired()
                 if expired is not None:
                     self._loaded.pop(expired.name)
-                else:
+                elif self._loads:
                     self._loading = self._loads.popleft()
+                else:
+                    continue  # a retiring model is done: unloaded above
             if expired is not None:
                 self._close(expired, "its keep_alive ran out")
                 self.on_change()
@@ -289,10 +320,26 @@ class ModelPool:
                     self._loading = None
 
     def _wait_for(self) -> float | None:
-        """Seconds until the next keep_alive runs out (lock held)."""
+        """Seconds until the next keep_alive runs out, or until a retiring model is looked at
+        again (lock held)."""
         times = [m.expires for n, m in self._loaded.items() if m.expires is not None and n != self._pinned]
+        if self._retiring:
+            times.append(time.monotonic())
         # Run out but busy: look again a little later (it is unloaded once idle).
         return max(ROOM_POLL_S, min(times) - time.monotonic()) if times else None
+
+    def _retired(self) -> list[LoadedModel]:
+        """Retiring models with no request left to answer (lock held)."""
+        return [model for model in self._retiring if not model.answering()]
+
+    def _close_retired(self) -> None:
+        """Unload the retiring models that answered all they were given."""
+        with self._cond:
+            done = self._retired()
+            for model in done:
+                self._retiring.remove(model)
+        for model in done:
+            self._close(model, "replaced by a reload")
 
     def _expired(self) -> LoadedModel | None:
         now = time.monotonic()
@@ -335,16 +382,19 @@ class ModelPool:
                 job.future.set_exception(exc)
 
     def _make_room(self, size: int, load: _Load) -> bool:
-        """Unload least recently used idle models until ``size`` more fits. While all that
-        could go are busy, drain the least recently used (it takes nothing received after
-        ``load``'s oldest request) and wait for it. False: the daemon stops, or it can never fit."""
+        """Unload least recently used idle models until ``size`` more fits (models a reload
+        retired go once they answered theirs). While all that could go are busy, drain the
+        least recently used (it takes nothing received after ``load``'s oldest request) and
+        wait for it. False: the daemon stops, or it can never fit."""
         try:
             while True:
+                self._close_retired()  # this thread unloads them: it must while it waits for room
                 with self._cond:
                     if self._stopping:
                         return False
-                    used = sum(m.size for m in self._loaded.values())
-                    fits = len(self._loaded) < self.max_loaded and (not self.memory_budget or used + size <= self.memory_budget)
+                    in_memory = list(self._loaded.values()) + self._retiring
+                    used = sum(m.size for m in in_memory)
+                    fits = len(in_memory) < self.max_loaded and (not self.memory_budget or used + size <= self.memory_budget)
                     if fits:
                         return True
                     movable = [m for m in self._loaded.values() if m.name != self._pinned]
@@ -356,8 +406,9 @@ class ModelPool:
                     else:
                         idle = sorted((m for m in movable if self._idle(m)), key=lambda m: m.last_used)
                         if not idle:
-                            self._start_draining(min(movable, key=lambda m: m.last_used), load)
-                            self._cond.wait(ROOM_POLL_S)
+                            if movable:
+                                self._start_draining(min(movable, key=lambda m: m.last_used), load)
+                            self._cond.wait(ROOM_POLL_S)  # a retiring model may be what has to go
                             continue
                         victim = idle[0]
                         self._loaded.pop(victim.name)
@@ -388,7 +439,7 @@ class ModelPool:
         returned = model.worker.shutdown()  # none, usually: only idle models are unloaded, but one may have just been given
         if not model.worker.join(UNLOAD_JOIN_S):
             log.error("model %s: its worker did not stop within %g s", model.name, UNLOAD_JOIN_S)
-        model.caches.binaries.release()
+        model.caches.close()
         if returned:
             self.on_returned(returned)
 

@@ -213,14 +213,6 @@ class Runner:
 
         self.calls.submit(move).add_done_callback(lambda done: self._answer("reply", number, done))
 
-    def _on_swap(self, config: Config) -> None:
-        """A reload changed the default model: load it after the generations received so far."""
-
-        def done(backend: Backend, reason: str | None, error: str | None) -> None:
-            self.channel.send(("swapped", BackendFacts.of(backend), reason, error, str(self.caches.binaries.folder), config))
-
-        self.worker.replace_backend(lambda: load(config, lambda what: self.channel.send(("progress", what))), done)
-
     def _on_shutdown(self, number: int) -> None:
         """Stop: the queued generations go back to the daemon (it answers them), the running
         ones are cut short; exit once the worker's last call returned."""

@@ -101,7 +101,6 @@ class RunnerProcess:
         self._state = _STARTING
         self._proc: subprocess.Popen | None = None
         self._channel: Channel | None = None
-        self._swap_done: Callable[[BackendFacts, str | None, str | None], None] | None = None
         self._counters = Counters()  # as last reported: what status shows while no runner is up
         self._summary: dict[str, Any] = {"model": name, "activity": {"running": None, "queued": 0, "builds_queued": 0, "building": None, "embeds": 0},
                                          "states": {}, "completed": 0, "last_error": None}  # as the runner last pushed it
@@ -275,8 +274,6 @@ class RunnerProcess:
             self.outbox.wake()  # the status line shows it
         elif kind == "progress":
             self.progress(message[1])
-        elif kind == "swapped":
-            self._swapped(*message[1:])
 
     def _stream(self, number: int, type_: str, fields: dict[str, Any]) -> None:
         with self._lock:
@@ -352,27 +349,10 @@ class RunnerProcess:
             self._send(("prompts", number, work))
         return future
 
-    def swap(self, config: Config, done: Callable[[BackendFacts, str | None, str | None], None]) -> None:
-        """Load the model ``config`` names in place of this one, after the generations received so far."""
-        with self._lock:
-            self._check_taking()
-            self._swap_done = done
-            self._send(("swap", config))
-
     def _facts(self, facts: dict[str, Any]) -> BackendFacts:
         backend = BackendFacts.from_wire(facts)
         backend.fresh = lambda: self.call("backend", "describe", timeout=STATUS_TIMEOUT_S, fallback=None)
         return backend
-
-    def _swapped(self, facts: dict[str, Any], reason: str | None, error: str | None, binary_folder: str, config: Config) -> None:
-        backend = self._facts(facts)
-        with self._lock:
-            if error is None:
-                self.backend, self.reason, self.config = backend, reason or self.reason, config
-                self.caches.serving(backend, binary_folder)
-            done, self._swap_done = self._swap_done, None
-        if done is not None:
-            self._events.submit(done, backend, reason, error)
 
     def configure(self, config: DaemonConfig) -> None:
         """A reloaded [daemon] section (how this model's backend is chosen stays as it is)."""
@@ -387,7 +367,16 @@ class RunnerProcess:
         last pushed summary says). Never asks the runner: the loader asks under its lock."""
         with self._lock:
             activity = self._summary["activity"]
-            return bool(self._gens or self._embeds or self._held or activity["building"] or activity["builds_queued"])
+            return self._answering() or bool(activity["building"] or activity["builds_queued"])
+
+    def answering(self) -> bool:
+        """Requests sent to it and not answered yet: generations, embed requests, calls (what a
+        model a reload replaced finishes before it goes). Never asks the runner."""
+        with self._lock:
+            return self._answering()
+
+    def _answering(self) -> bool:
+        return bool(self._gens or self._embeds or self._calls or self._held)
 
     def activity(self) -> dict[str, Any]:
         return self.call("worker", "activity", timeout=STATUS_TIMEOUT_S, fallback=self._activity_here())
@@ -557,6 +546,12 @@ class RemoteCaches:
     def serving(self, backend: BackendFacts, binary_folder: str) -> None:
         """A runner serves ``backend`` with its binary caches in ``binary_folder``."""
         self.binaries = BinaryStore(Path(binary_folder).parent, backend.identity())  # names its folder; the runner holds it
+
+    def close(self) -> None:
+        """The model is unloaded: its runner released its binary caches as it exited (a
+        reload's move that comes later finds it stopped, and does nothing). A collection may
+        now remove them once superseded: ask for one."""
+        self._runner._on_stored()
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._runner.call("caches", method, *args, **kwargs)
