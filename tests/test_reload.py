@@ -110,6 +110,24 @@ def test_a_changed_model_answers_the_requests_received_once_it_is_loaded(configu
     assert model_of(proc)["path"] == str(tiny_models[0])
 
 
+def test_a_request_the_scheduler_holds_at_the_switch_is_answered_by_the_model_it_arrived_for(configured, tiny_models):
+    """One generation at a time: a request waiting in the scheduler (not yet given to the
+    old runner) when the new model takes over still runs on the old model, in full."""
+    proc = configured(daemon="max_batch = 1")
+    with proc.client() as first, proc.client() as second, proc.client() as third:
+        running = first.generate(STORY, max_tokens=48)
+        next(iter(running))
+        held = second.generate(messages=CAPITAL["messages"], max_tokens=CAPITAL["max_tokens"])
+        assert second.wait_queued(held) == 1
+        assert third.status()["models"]["waiting"] == {"smollm2-135m-instruct": 1}
+        proc.configure(model=str(tiny_models[0]), daemon="max_batch = 1")
+        proc.reload("reload: now serving tiny")
+        after = third.generate(messages=CAPITAL["messages"], max_tokens=4)
+        assert running.wait().stats["completion_tokens"] == 48
+        assert held.wait().text == CAPITAL["completion"]
+        assert after.wait().stats["prompt_tokens"] > 2 * CAPITAL["prompt_tokens"]
+
+
 def test_each_request_is_rendered_by_the_model_that_runs_it(configured):
     """Here the same weights with another template: a request received before the new
     model serves is rendered with the old template and run by the old model, one received
