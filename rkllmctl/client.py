@@ -220,6 +220,7 @@ class Client:
         top_logprobs: int | None = None,
         model: str | None = None,
         keep_alive: float | str | None = None,
+        on_behalf_of: str | None = None,
     ) -> Stream:
         """Start a generation; iterate the returned Stream for text (or ``pieces()`` for
         reasoning as well), then read ``.result``. ``messages`` may hold the roles and keys
@@ -228,7 +229,8 @@ class Client:
         ("json" or a JSON Schema), ``grammar`` and a forced ``tool_choice`` constrain the
         answer; ``logprobs`` adds each token's log-probability to the pieces and the result
         (protocol 1.6). ``model`` names the model (None: the daemon's default) and
-        ``keep_alive`` how long it stays loaded once idle (protocol 1.8)."""
+        ``keep_alive`` how long it stays loaded once idle (protocol 1.8). ``on_behalf_of``:
+        the person a program serving several asks for; they take turns (protocol 1.11)."""
         started = time.monotonic()
         request_id = self.send(
             "generate",
@@ -257,6 +259,7 @@ class Client:
             top_logprobs=top_logprobs,
             model=model,
             keep_alive=keep_alive,
+            on_behalf_of=on_behalf_of,
         )
         return Stream(self, request_id, StreamReader(started))
 

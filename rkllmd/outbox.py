@@ -68,7 +68,8 @@ class Generation:
     use_cache: bool
     received: float
     chat: Chat | None = None
-    client: str = ""  # who asked, for status and fairness (Connections.client_name)
+    client: str = ""  # who asked, for status (Connections.client_name, and for whom)
+    on_behalf_of: str = ""  # whom a gateway asked for: clients take turns per connection and this
     # Written by the model worker's preparation, under its lock: the prompt as the backend
     # ``prepared_for`` runs it (rendered, tokenized), and how its output is split.
     prompt: str = ""
@@ -94,6 +95,11 @@ class Generation:
     @property
     def key(self) -> tuple[bytes, Any]:
         return (self.identity, self.request_id)
+
+    @property
+    def turn(self) -> tuple[bytes, str]:
+        """Whose turn it is: its connection's, and the person a gateway asked for."""
+        return (self.identity, self.on_behalf_of)
 
 
 class Outbox:

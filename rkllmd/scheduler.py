@@ -7,7 +7,9 @@ in one place:
   any model, loaded or not (those given to a runner and not started count too); more are
   refused with ``queue_full``.
 - **Order.** Clients take turns, across every model: the client given a generation least
-  recently goes first (a new one before all), each client's own in arrival order.
+  recently goes first (a new one before all), each client's own in arrival order. A
+  client is a connection, and the person it asks for (``on_behalf_of``: the HTTP gateway
+  names each of its users, so they take turns too).
   ``queued`` positions are this order's: generations ahead of it for its model, the ones
   its runner holds included.
 - **Dispatch.** A generation goes to its model's runner (or worker) only when it can start
@@ -68,7 +70,7 @@ class Scheduler:
         self._waiting: list[_Waiting] = []  # in arrival order
         self._given: dict[Any, dict[Generation, _Waiting]] = {}  # a runner (or worker) -> generations given to it, not ended
         self._turns = itertools.count()
-        self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last given a generation
+        self._last_turn: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # client (Generation.turn) -> when it was last given a generation
         self._ended: dict[str, dict[str, int]] = {}  # by model: generations that ended here ("cancelled", "errors")
         self._due = threading.Event()  # something may have made room
         self._stopping = False
@@ -227,8 +229,8 @@ class Scheduler:
         gen.worker = loaded.worker
         self._given.setdefault(loaded.worker, {})[gen] = item
         self._pool.touch(loaded, item.keep_alive)
-        self._last_turn[gen.identity] = next(self._turns)
-        self._last_turn.move_to_end(gen.identity)
+        self._last_turn[gen.turn] = next(self._turns)
+        self._last_turn.move_to_end(gen.turn)
         while len(self._last_turn) > _CLIENTS_REMEMBERED:
             self._last_turn.popitem(last=False)
 
@@ -262,9 +264,9 @@ class Scheduler:
     def _fair_order(self) -> list[_Waiting]:
         """Clients take turns (the one given a generation least recently first, a new one
         before all), each client's own in arrival order."""
-        mine: dict[bytes, list[_Waiting]] = {}
+        mine: dict[tuple[bytes, str], list[_Waiting]] = {}
         for item in self._waiting:
-            mine.setdefault(item.gen.identity, []).append(item)
+            mine.setdefault(item.gen.turn, []).append(item)
         clients = sorted(mine, key=lambda c: (self._last_turn.get(c, -1), mine[c][0].gen.received))
         order: list[_Waiting] = []
         for rank in range(max((len(q) for q in mine.values()), default=0)):

@@ -60,7 +60,8 @@ MINOR_VERSIONS = {
     11: "one scheduler for every model: `daemon.max_queue` bounds the generations waiting for any model, `queued` positions and "
     "`status.requests.queued` (each with `model`) follow its one order; `status.models` adds `waiting` (generations per model) and "
     "`draining` (the model taking nothing new until it is unloaded to make room); `queued` carries `cache_build` while the "
-    "generation waits for the build of the text cache its prompt starts with",
+    "generation waits for the build of the text cache its prompt starts with; `generate` takes `on_behalf_of` (a gateway's user: "
+    "turns go per connection and user)",
 }
 PROTOCOL = (PROTOCOL_VERSION, PROTOCOL_MINOR)
 
@@ -119,6 +120,7 @@ MAX_TOOLS = 128
 MAX_VARS = 64
 MAX_TOP_LOGPROBS = 20
 MAX_EMBED_INPUTS = 2048
+MAX_ON_BEHALF_CHARS = 128
 
 #: A cache entry, as cache.ls lists it and the other cache operations return it; ``build``
 #: since 1.3: null, or {"done", "total"} (prompt tokens) while its binary cache is built.
@@ -200,6 +202,8 @@ OPERATIONS: dict[str, Operation] = {
                 Field("top_logprobs", "int", "with `logprobs`: the most likely alternatives given per token", default=0, low=0, high=MAX_TOP_LOGPROBS, since=6),
                 _MODEL,
                 _KEEP_ALIVE,
+                Field("on_behalf_of", "str", f"who the request is for, when one connection serves several people (a gateway): clients take turns "
+                      f"per connection and this (≤{MAX_ON_BEHALF_CHARS} chars)", default_doc="the connection's own turn", since=11),
             ),
             result=None,
             one_of=("prompt", "messages"),

@@ -241,7 +241,7 @@ class ModelWorker:
         self._embedding: EmbedJob | None = None  # the one under way
         self._embeds_preparing = 0  # on the prompt thread, not yet in _embeds
         self._turns = itertools.count()
-        self._last_turn: OrderedDict[bytes, int] = OrderedDict()  # client -> when it was last admitted
+        self._last_turn: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # client (Generation.turn) -> when it was last admitted
         self._accepting = True
         self._stopping = False
         self.last_progress = time.monotonic()
@@ -452,9 +452,9 @@ class ModelWorker:
     def _fair_order(self) -> list[Generation]:
         """Waiting generations in the order they will start: clients take turns (the one
         admitted least recently first, a new one before all), each client's own in arrival order."""
-        mine: dict[bytes, list[Generation]] = {}
+        mine: dict[tuple[bytes, str], list[Generation]] = {}
         for gen in self._waiting:
-            mine.setdefault(gen.identity, []).append(gen)
+            mine.setdefault(gen.turn, []).append(gen)
         clients = sorted(mine, key=lambda c: (self._last_turn.get(c, -1), mine[c][0].received))
         order: list[Generation] = []
         for rank in range(max((len(q) for q in mine.values()), default=0)):
@@ -625,8 +625,8 @@ class ModelWorker:
                     continue
                 self._waiting.remove(gen)
                 self._opening = gen
-                self._last_turn[gen.identity] = next(self._turns)
-                self._last_turn.move_to_end(gen.identity)
+                self._last_turn[gen.turn] = next(self._turns)
+                self._last_turn.move_to_end(gen.turn)
                 if len(self._last_turn) > _CLIENTS_REMEMBERED:
                     self._last_turn.popitem(last=False)
             running = None

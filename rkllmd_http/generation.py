@@ -14,7 +14,9 @@ from typing import Any, AsyncIterator
 from rkllmctl.aio import AsyncClient, AsyncStream
 from rkllmctl.client import GenerationResult, Piece
 from rkllmctl.errors import DaemonError
-from rkllmd.schema import OPERATIONS
+from aiohttp import web
+
+from rkllmd.schema import MAX_ON_BEHALF_CHARS, OPERATIONS
 
 from .errors import api_error, invalid
 from .metrics import Metrics
@@ -22,6 +24,20 @@ from .metrics import Metrics
 GENERATE = OPERATIONS["generate"]
 #: Fields of generate this checkout's protocol has (tools, vars... arrive with protocol 1.2).
 SUPPORTED = frozenset(f.name for f in GENERATE.fields)
+
+
+def on_behalf_of(request: web.Request, body: dict[str, Any]) -> str:
+    """Whom a request is for, so that the daemon's turns go per person, not to the gateway as
+    one client: OpenAI's ``user``, Open WebUI's forwarded user id (its
+    ENABLE_FORWARD_USER_INFO_HEADERS), else the peer's address."""
+    user = body.get("user")
+    if isinstance(user, str) and user.strip():
+        who = f"user {user.strip()}"
+    elif request.headers.get("X-OpenWebUI-User-Id", "").strip():
+        who = f"user {request.headers['X-OpenWebUI-User-Id'].strip()}"
+    else:
+        who = f"http {request.remote or 'unknown'}"
+    return who[:MAX_ON_BEHALF_CHARS]
 
 
 def require(field: str, what: str) -> None:

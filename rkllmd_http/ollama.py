@@ -25,7 +25,7 @@ from rkllmd import __version__
 
 from .errors import ApiError, api_error, invalid
 from .gateway import Gateway, ModelInfo
-from .generation import Generation, number, require, stops, text_content
+from .generation import Generation, number, on_behalf_of, require, stops, text_content
 
 #: The Ollama API release these endpoints follow (clients check it against their minimum).
 OLLAMA_VERSION = "0.12.0"
@@ -390,6 +390,7 @@ async def _respond(request, gateway: Gateway, body, fields, piece_line, last_lin
 
 async def _run(request, gateway: Gateway, body, fields, piece_line, last_line, whole) -> web.StreamResponse:
     name = body.get("model")
+    fields = {**fields, "on_behalf_of": on_behalf_of(request, body)}
     async with Generation(gateway.client, gateway.metrics, "ollama", fields) as generation:
         if body.get("stream") is False:
             async for _ in generation:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .errors import ApiError, api_error, invalid
 from .gateway import Gateway
-from .generation import Generation, number, require, stops, text_content
+from .generation import Generation, number, on_behalf_of, require, stops, text_content
 
 #: Daemon finish reasons OpenAI has; others (cancelled, error) are told as an error.
 FINISH_REASONS = {"stop": "stop", "length": "length"}
@@ -186,7 +186,7 @@ async def head_of(gateway: Gateway, body: dict[str, Any], prefix: str) -> dict[s
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     gateway: Gateway = request.app["gateway"]
     body = await gateway.json_body(request)
-    fields = generate_fields(body)
+    fields = {**generate_fields(body), "on_behalf_of": on_behalf_of(request, body)}
     stream = bool(body.get("stream"))
     usage_chunk = include_usage(body)
     head = await head_of(gateway, body, "chatcmpl")
@@ -305,7 +305,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     """OpenAI's legacy text completion: the prompt is the model's input as it is."""
     gateway: Gateway = request.app["gateway"]
     body = await gateway.json_body(request)
-    fields = completion_fields(body)
+    fields = {**completion_fields(body), "on_behalf_of": on_behalf_of(request, body)}
     echo = fields["prompt"] if body.get("echo") else ""
     usage_chunk = include_usage(body)
     head = await head_of(gateway, body, "cmpl")

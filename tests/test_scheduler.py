@@ -140,3 +140,59 @@ def test_a_load_that_cannot_fit_fails_what_waits_for_it_and_the_queue_goes_on(ma
             assert refused.value.name == "backend" and "cannot fit beside the default model" in str(refused.value)
         assert client.generate("Say hi.", max_tokens=2, no_cache=True).wait().stats["completion_tokens"] == 2
         assert client.status()["models"]["waiting"] == {}
+
+
+def test_people_a_connection_asks_for_take_turns(make_daemon) -> None:
+    """One connection asking for two people (``on_behalf_of``): their turns alternate, as
+    two connections' would; status names them."""
+    proc = make_daemon(env={"RKLLMD_MAX_BATCH": "2"})
+    with proc.client() as gateway, proc.client() as observer:
+        alice = [gateway.send("generate", prompt=f"Count to {n}.", max_tokens=30, no_cache=True, on_behalf_of="alice") for n in (30, 40, 50, 60)]
+        poll(lambda: len(observer.status()["requests"]["running"]) == 2, 60, "two of alice's running")
+        bob = gateway.send("generate", prompt="Say hi.", max_tokens=4, no_cache=True, on_behalf_of="bob")
+        assert gateway.receive(bob, 60)["position"] == 2  # behind the two running, before alice's other two
+        queued = observer.status()["requests"]["queued"]
+        assert [q["id"] for q in queued] == [bob, *alice[2:]]
+        assert queued[0]["client"].endswith(" for bob") and queued[1]["client"].endswith(" for alice")
+        for request in (*alice, bob):
+            while (message := gateway.receive(request, 120))["type"] not in ("done", "error"):
+                pass
+            assert message["type"] == "done", message
+        for bad in ("", "x" * 129):
+            with pytest.raises(DaemonError) as refused:
+                gateway.generate("hi", max_tokens=1, on_behalf_of=bad).wait()
+            assert refused.value.name == "invalid_field" and refused.value.details["field"] == "on_behalf_of"
+
+
+def test_the_gateways_users_take_turns(make_daemon) -> None:
+    """Through rkllmd-http with the official openai client: the gateway is one connection,
+    yet a user's burst does not hold up another user (OpenAI's ``user`` names them)."""
+    import openai
+    from http_gateway import GatewayProcess
+
+    proc = make_daemon(env={"RKLLMD_MAX_BATCH": "2"})
+    gateway = GatewayProcess(proc.socket).start()
+    try:
+        api = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+
+        def ask(user: str, n: int, tokens: int) -> str:
+            reply = api.chat.completions.create(model=DEFAULT, messages=[{"role": "user", "content": f"Count to {n}."}],
+                                                max_tokens=tokens, temperature=0.0, user=user)
+            return reply.choices[0].finish_reason
+
+        answers: dict[str, str] = {}
+        threads = [threading.Thread(target=lambda n=n: answers.__setitem__(f"alice{n}", ask("alice", n, 40))) for n in (30, 40, 50, 60)]
+        with proc.client() as observer:
+            for thread in threads:
+                thread.start()
+                time.sleep(0.05)  # in this order
+            poll(lambda: (s := observer.status()["requests"]) and len(s["running"]) == 2 and len(s["queued"]) == 2, 60, "alice's burst in")
+            bob = threading.Thread(target=lambda: answers.__setitem__("bob", ask("bob", 3, 2)))
+            bob.start()
+            queued = poll(lambda: q if len(q := observer.status()["requests"]["queued"]) == 3 else None, 60, "bob's request in")
+            assert [q["client"].split(" for ", 1)[1] for q in queued] == ["user bob", "user alice", "user alice"]
+            for thread in (*threads, bob):
+                thread.join(180)
+        assert sorted(answers) == ["alice30", "alice40", "alice50", "alice60", "bob"] and all(answers.values())
+    finally:
+        gateway.cleanup()

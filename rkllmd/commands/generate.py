@@ -15,6 +15,7 @@ from ..constraints import ConstraintError, from_request
 from ..models import keep_alive
 from ..outbox import Chat, Generation
 from ..protocol import ErrorCode, WireError
+from ..schema import MAX_ON_BEHALF_CHARS
 from ..templates.capabilities import CapabilityMissing, require_capabilities, require_completion
 from .context import Context, Request
 from ..worker import chat_template
@@ -29,6 +30,8 @@ def execute(ctx: Context, request: Request) -> None:
     if (request.identity, request.id) in ctx.generations:
         raise WireError(ErrorCode.DUPLICATE_ID, f"request {request.id!r} of this client is still running")
     keep = keep_alive_of(args)
+    if args["on_behalf_of"] is not None and not 0 < len(args["on_behalf_of"]) <= MAX_ON_BEHALF_CHARS:
+        raise WireError(ErrorCode.INVALID_FIELD, f"field 'on_behalf_of' must be 1 to {MAX_ON_BEHALF_CHARS} characters", field="on_behalf_of")
     shape = {"format": args["format"], "grammar": args["grammar"], "tool_choice": args["tool_choice"]}
     loaded = ctx.pool.get(model.weights.name)  # None: loading or to load; the worker checks what follows then
     if loaded is not None:
@@ -77,7 +80,8 @@ def execute(ctx: Context, request: Request) -> None:
         cache=args["cache"],
         use_cache=not args["no_cache"],
         received=time.monotonic(),
-        client=request.client,
+        client=request.client if not args["on_behalf_of"] else f"{request.client} for {args['on_behalf_of']}",
+        on_behalf_of=args["on_behalf_of"] or "",
     )
     ctx.scheduler.submit(gen, model.weights, keep)
     ctx.generations[gen.key] = gen

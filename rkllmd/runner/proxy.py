@@ -303,7 +303,8 @@ class RunnerProcess:
 
     def submit(self, gen: Generation) -> None:
         fields = {"identity": gen.identity, "params": gen.params, "cache": gen.cache, "use_cache": gen.use_cache,
-                  "received": gen.received, "chat": gen.chat, "client": gen.client}
+                  "received": gen.received, "chat": gen.chat, "client": gen.client,
+                  "on_behalf_of": gen.on_behalf_of}
         with self._lock:
             self._check_taking()
             waiting = sum(1 for g in self._gens.values() if g.started is None)
