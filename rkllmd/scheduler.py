@@ -23,8 +23,10 @@ in one place:
   generation received after the oldest one waiting for the load, finishes what it has and
   is unloaded; so clients that keep one model busy cannot keep another out for ever. The
   model's later requests load it again in their turn.
-- **Builds** are each model's own: its runner runs them between its generations' steps
-  and chunks, and ages them so steady traffic cannot starve them (worker.py).
+- **Builds** run in each model's runner, between its generations' steps and chunks, aged
+  so steady traffic cannot starve them (worker.py). Generations of every model come
+  first: while one model generates, the others' builds wait (``others_generating``), up
+  to ``build_max_wait_ms`` at a time, then get a chunk.
 
 The socket loop only submits and cancels; a thread of the scheduler's own gives
 generations to runners when an event may have made room: a generation of a runner
@@ -72,6 +74,7 @@ class Scheduler:
         self._turns = itertools.count()
         self._last_turn: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # client (Generation.turn) -> when it was last given a generation
         self._ended: dict[str, dict[str, int]] = {}  # by model: generations that ended here ("cancelled", "errors")
+        self._told: dict[Any, bool] = {}  # a runner -> whether it was last told another model generates
         self._due = threading.Event()  # something may have made room
         self._stopping = False
         pool.on_change = self._due.set
@@ -208,9 +211,22 @@ class Scheduler:
                     room[id(loaded)] = free - 1
                     self._give(item, loaded)
             self._announce_positions()
+            generating = {runner for runner, given in self._given.items() if any(g.started is not None and not g.ended for g in given)}
         self._pool.want(wanted)
+        self._tell_builds(generating)
         for item, since in loads.values():
             self._pool.load(item.weights, item.keep_alive, since=since)
+
+    def _tell_builds(self, generating: set[Any]) -> None:
+        """Tell each model whether another model's generations run: its cache builds wait
+        for them (up to ``build_max_wait_ms`` at a time), as they wait for its own."""
+        for model in self._pool.in_memory():
+            others = bool(generating - {model.worker})
+            if self._told.get(model.worker) != others:
+                self._told[model.worker] = others
+                model.worker.others_generating(others)
+        for runner in [r for r in self._told if all(m.worker is not r for m in self._pool.in_memory())]:
+            del self._told[runner]
 
     def _give(self, item: _Waiting, loaded: LoadedModel) -> None:
         """Lock held: ``item`` to ``loaded``'s runner (its stream ends with the runner's error

@@ -244,6 +244,7 @@ class ModelWorker:
         self._last_turn: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # client (Generation.turn) -> when it was last admitted
         self._accepting = True
         self._stopping = False
+        self._others_generating = False  # another model's generations run: builds wait for them
         self.last_progress = time.monotonic()
         self._call_ids = itertools.count()  # tool calls' ids, unique while the daemon runs
         backend.heartbeat = self._heartbeat
@@ -572,9 +573,10 @@ class ModelWorker:
                     return self._embed_next
                 if due:
                     return self._serve_step
-                if self._builds:
+                if self._builds and (not self._others_generating or self._builds[0].overdue(self._build_max_wait)):
                     return self._build_next
-                self._cond.wait()
+                # Another model's generations first: the build waits until they end or it is overdue.
+                self._cond.wait(self._until_overdue(self._builds[0]) if self._builds else None)
 
     def _close_backend(self) -> None:
         try:
@@ -787,14 +789,36 @@ class ModelWorker:
 
     def _pause(self) -> None:
         """Between a build's prefill chunks: serve the generations due until none are, or until
-        the build has waited ``build_max_wait_ms`` for its next chunk (one step at least)."""
+        the build has waited ``build_max_wait_ms`` for its next chunk (one step at least).
+        While another model generates, a build no request of this model waits for waits too
+        (its chunks would take the cores from those generations), as long as that bound."""
         job = self._build
         assert job is not None
         job.waiting_since = time.monotonic()
-        while self._generations_due():
-            self._serve_step()
+        while True:
+            if self._generations_due():
+                self._serve_step()
+            elif job.owner is None and not job.overdue(self._build_max_wait):
+                with self._cond:
+                    if not self._others_generating or self._stopping:
+                        return
+                    self._cond.wait(self._until_overdue(job))
+                    self.last_progress = time.monotonic()  # waiting on purpose, not stuck
+            else:
+                return
             if job.overdue(self._build_max_wait):
                 return
+
+    def _until_overdue(self, job: BinaryCacheBuild) -> float:
+        """Seconds until ``job`` has waited ``build_max_wait_ms`` (at most one: the wait is looked at again)."""
+        return min(1.0, max(0.0, self._build_max_wait - (time.monotonic() - job.waiting_since)))
+
+    def others_generating(self, generating: bool) -> None:
+        """Another model's generations run (the scheduler says so): this model's cache builds
+        wait for them, up to ``build_max_wait_ms`` at a time."""
+        with self._cond:
+            self._others_generating = generating
+            self._cond.notify_all()
 
     # -- embeddings --------------------------------------------------------------------
 

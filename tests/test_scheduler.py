@@ -196,3 +196,24 @@ def test_the_gateways_users_take_turns(make_daemon) -> None:
         assert sorted(answers) == ["alice30", "alice40", "alice50", "alice60", "bob"] and all(answers.values())
     finally:
         gateway.cleanup()
+
+
+def test_another_models_generation_comes_before_a_cache_build(make_daemon, pirate_gguf, tmp_path) -> None:
+    """While one model generates, another model's cache build waits for it (its chunks would
+    take the cores from that stream) within build_max_wait_ms, and runs once it ends."""
+    proc = make_daemon("--config", str(config(tmp_path, f'[daemon]\nbuild_max_wait_ms = 600000\n[models.pirate]\npath = "{pirate_gguf}"\n')))
+    with proc.client() as streaming, proc.client() as editor:
+        run = streaming.send("generate", prompt="Tell me a long story about a ship.", model="pirate", max_tokens=400, no_cache=True)
+        first_token(streaming, run)
+
+        def default_state() -> str:
+            return next(e for e in editor.cache_ls(model=DEFAULT)["caches"] if e["name"] == "rules")["state"]
+
+        editor.cache_put("rules", BIG_TEXT)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # a build would be under way within a fraction of this
+            assert default_state() == "queued"
+            time.sleep(0.1)
+        assert streaming.cancel(run)["was"] == "running"
+        ready = editor.cache_wait("rules", model=DEFAULT, timeout=180)
+        assert ready["state"] == "ready"

@@ -168,6 +168,9 @@ class Runner:
         except WireError as exc:
             self.outbox.stream(gen, "error", error=exc.to_wire())
 
+    def _on_others_generating(self, generating: bool) -> None:
+        self.worker.others_generating(generating)
+
     def _on_cancel(self, number: int, reason: str) -> None:
         gen = self.outbox.generations.get(number)
         if gen is not None:

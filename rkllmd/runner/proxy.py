@@ -332,6 +332,12 @@ class RunnerProcess:
             self.outbox.stream(gen, "done", finish_reason="cancelled", stats=None, cache=None, reason=reason, **NO_OUTPUT)
         return "running" if gen.started is not None else "queued"
 
+    def others_generating(self, generating: bool) -> None:
+        """Another model's generations run: this one's cache builds wait for them (ModelWorker.others_generating)."""
+        with self._lock:
+            if self._state != _STOPPING:
+                self._send(("others_generating", generating))
+
     def embed(self, job: EmbedJob) -> None:
         with self._lock:
             self._check_taking()
