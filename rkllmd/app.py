@@ -129,6 +129,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     outbox = Outbox()
     #: One thread for work that reads, writes or hashes files (see Context.disk).
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
+    inquiries = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inquiries")  # see Context.inquiries
     store = ArtifactStore(artifact_kinds(config), config.store)
     in_runners = config.daemon.runners == "process"
 
@@ -242,6 +243,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         worker=worker,
         generations=connections.generations,
         disk=disk,
+        inquiries=inquiries,
         store=store,
         traffic=connections.traffic,
         socket=endpoint.path,

@@ -247,3 +247,25 @@ def test_a_default_runner_that_dies_twice_as_it_starts_waits_for_the_next_reques
         assert client.generate("back on request", max_tokens=10).wait().text == "echo: back on request"
         assert pids(client)[default] is not None
     assert "it and the one before lived under 10 s: the next request starts a new one" in proc.log()
+
+
+def test_a_runner_that_does_not_answer_holds_up_neither_the_socket_nor_other_clients(make_daemon) -> None:
+    """status and models ask each runner (a bounded wait each) off the socket loop: with the
+    default model's runner stopped (SIGSTOP), a status request waits, yet ping is answered
+    at once meanwhile; once the runner goes on, status answers."""
+    proc = make_daemon()
+    with proc.client() as asking, proc.client() as pinging:
+        runner = pids(asking)[DEFAULT]
+        os.kill(runner, signal.SIGSTOP)
+        try:
+            status = asking.send("status")
+            listing = asking.send("models")
+            time.sleep(0.3)  # both are waiting for the runner
+            for _ in range(5):
+                started = time.monotonic()
+                pinging.ping()
+                assert time.monotonic() - started < 0.5
+        finally:
+            os.kill(runner, signal.SIGCONT)
+        assert asking.result_of(status, 120)["models"]["loaded"][0]["pid"] == runner
+        assert asking.result_of(listing, 120)["default"] == DEFAULT

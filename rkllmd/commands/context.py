@@ -39,6 +39,9 @@ class Context:
     #: One thread for cache work that reads, writes or hashes files, in arrival order:
     #: never on the socket loop, whose every client would wait for the disk.
     disk: Executor
+    #: Where status and models gather their answers: they ask each runner (a bounded wait
+    #: each), and a runner that does not answer must not hold up the socket loop's clients.
+    inquiries: Executor
     store: ArtifactStore  # binary caches, kept weights, kernels on disk: counted and collected
     traffic: Traffic
     socket: Path

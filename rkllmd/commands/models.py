@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from .context import Context, Request
@@ -10,8 +11,8 @@ from .context import Context, Request
 OP = "models"
 
 
-def execute(ctx: Context, request: Request) -> dict[str, Any]:
-    return listing(ctx)
+def execute(ctx: Context, request: Request) -> Future:
+    return ctx.inquiries.submit(listing, ctx)  # each loaded model's facts come from its runner: never on the socket loop
 
 
 def listing(ctx: Context) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import Future
 import os
 import time
 from typing import Any
@@ -17,8 +18,8 @@ from .models import loaded_models
 OP = "status"
 
 
-def execute(ctx: Context, request: Request) -> dict[str, Any]:
-    return report(ctx)
+def execute(ctx: Context, request: Request) -> Future:
+    return ctx.inquiries.submit(report, ctx)  # it asks the runners: never on the socket loop
 
 
 def report(ctx: Context) -> dict[str, Any]:
