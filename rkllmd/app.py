@@ -34,6 +34,7 @@ from .service import ServiceNotifier, enable_faulthandler
 from .store import BINARY_DIR_MODE, TEXT_DIR_MODE, ArtifactStore, Kind, make_dirs
 from .models import keep_alive
 from .models.pool import LoadedModel, ModelPool
+from .inquiries import Inquiries
 from .scheduler import Scheduler
 from .models.registry import Model, Registry, configured_models
 from .runner.proxy import RunnerProcess
@@ -129,7 +130,6 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
     outbox = Outbox()
     #: One thread for work that reads, writes or hashes files (see Context.disk).
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
-    inquiries = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inquiries")  # see Context.inquiries
     store = ArtifactStore(artifact_kinds(config), config.store)
     in_runners = config.daemon.runners == "process"
 
@@ -243,7 +243,7 @@ def _run_claimed(config: Config, endpoint: Endpoint, notifier: ServiceNotifier, 
         worker=worker,
         generations=connections.generations,
         disk=disk,
-        inquiries=inquiries,
+        inquiries=Inquiries(),
         store=store,
         traffic=connections.traffic,
         socket=endpoint.path,

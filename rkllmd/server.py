@@ -165,7 +165,7 @@ class Daemon:
                 log.error("the worker of model %s did not stop within %g s (a call into the model still runs); "
                           "exiting without releasing the model", model.name, WORKER_STOP_S)
         self.ctx.disk.shutdown(wait=False, cancel_futures=True)  # cancelled answers say "shutting down"
-        self.ctx.inquiries.shutdown(wait=False, cancel_futures=True)
+        self.ctx.inquiries.shutdown()
         for answer in self._deferred:
             answer.resolve(stopping)
         self.connections.flush()

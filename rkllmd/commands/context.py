@@ -9,6 +9,7 @@ from typing import Any
 
 from ..caches.manager import PromptCaches
 from ..deferred import Deferred  # noqa: F401 (the socket loop's, from here)
+from ..inquiries import Inquiries
 from ..config import Config
 from ..models.pool import LoadedModel, ModelPool
 from ..models.registry import Registry, Resolved
@@ -39,9 +40,7 @@ class Context:
     #: One thread for cache work that reads, writes or hashes files, in arrival order:
     #: never on the socket loop, whose every client would wait for the disk.
     disk: Executor
-    #: Where status and models gather their answers: they ask each runner (a bounded wait
-    #: each), and a runner that does not answer must not hold up the socket loop's clients.
-    inquiries: Executor
+    inquiries: Inquiries  # where status and models gather their answers, off the socket loop
     store: ArtifactStore  # binary caches, kept weights, kernels on disk: counted and collected
     traffic: Traffic
     socket: Path

@@ -12,7 +12,7 @@ OP = "models"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.inquiries.submit(listing, ctx)  # each loaded model's facts come from its runner: never on the socket loop
+    return ctx.inquiries.ask(OP, lambda: listing(ctx))  # each loaded model's facts come from its runner: never on the socket loop
 
 
 def listing(ctx: Context) -> dict[str, Any]:

@@ -19,7 +19,7 @@ OP = "status"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.inquiries.submit(report, ctx)  # it asks the runners: never on the socket loop
+    return ctx.inquiries.ask(OP, lambda: report(ctx))  # it asks the runners: never on the socket loop
 
 
 def report(ctx: Context) -> dict[str, Any]:
