@@ -37,11 +37,9 @@ held while the scheduler's is taken, which is taken first.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +47,9 @@ from .models.pool import LoadedModel, ModelPool
 from .models.registry import Model
 from .outbox import NO_OUTPUT, Generation, Outbox
 from .protocol import ErrorCode, WireError
+from .turns import Turns
 
 log = logging.getLogger(__name__)
-
-#: Clients whose last turn is remembered (the longest unserved go first).
-_CLIENTS_REMEMBERED = 4096
 
 
 @dataclass(eq=False)
@@ -71,8 +67,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._waiting: list[_Waiting] = []  # in arrival order
         self._given: dict[Any, dict[Generation, _Waiting]] = {}  # a runner (or worker) -> generations given to it, not ended
-        self._turns = itertools.count()
-        self._last_turn: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # client (Generation.turn) -> when it was last given a generation
+        self._turns = Turns()  # by Generation.turn: served when given to a runner
         self._ended: dict[str, dict[str, int]] = {}  # by model: generations that ended here ("cancelled", "errors")
         self._told: dict[Any, bool] = {}  # a runner -> whether it was last told another model generates
         self._due = threading.Event()  # something may have made room
@@ -220,13 +215,12 @@ class Scheduler:
     def _tell_builds(self, generating: set[Any]) -> None:
         """Tell each model whether another model's generations run: its cache builds wait
         for them (up to ``build_max_wait_ms`` at a time), as they wait for its own."""
-        for model in self._pool.in_memory():
-            others = bool(generating - {model.worker})
-            if self._told.get(model.worker) != others:
-                self._told[model.worker] = others
-                model.worker.others_generating(others)
-        for runner in [r for r in self._told if all(m.worker is not r for m in self._pool.in_memory())]:
-            del self._told[runner]
+        runners = [model.worker for model in self._pool.in_memory()]
+        for runner in runners:
+            others = bool(generating - {runner})
+            if self._told.get(runner) != others:
+                runner.others_generating(others)
+        self._told = {runner: bool(generating - {runner}) for runner in runners}  # unloaded ones forgotten
 
     def _give(self, item: _Waiting, loaded: LoadedModel) -> None:
         """Lock held: ``item`` to ``loaded``'s runner (its stream ends with the runner's error
@@ -245,10 +239,7 @@ class Scheduler:
         gen.worker = loaded.worker
         self._given.setdefault(loaded.worker, {})[gen] = item
         self._pool.touch(loaded, item.keep_alive)
-        self._last_turn[gen.turn] = next(self._turns)
-        self._last_turn.move_to_end(gen.turn)
-        while len(self._last_turn) > _CLIENTS_REMEMBERED:
-            self._last_turn.popitem(last=False)
+        self._turns.served(gen.turn)
 
     def _returned(self, gens: list[Generation]) -> None:
         """An unloaded model gave back generations it had not started: they wait again, in
@@ -280,14 +271,7 @@ class Scheduler:
     def _fair_order(self) -> list[_Waiting]:
         """Clients take turns (the one given a generation least recently first, a new one
         before all), each client's own in arrival order."""
-        mine: dict[tuple[bytes, str], list[_Waiting]] = {}
-        for item in self._waiting:
-            mine.setdefault(item.gen.turn, []).append(item)
-        clients = sorted(mine, key=lambda c: (self._last_turn.get(c, -1), mine[c][0].gen.received))
-        order: list[_Waiting] = []
-        for rank in range(max((len(q) for q in mine.values()), default=0)):
-            order += [mine[c][rank] for c in clients if rank < len(mine[c])]
-        return order
+        return self._turns.order(self._waiting, lambda w: w.gen.turn, lambda w: w.gen.received)
 
     def _announce_positions(self) -> None:
         """Tell every waiting generation whose position changed its new one (``queued``):

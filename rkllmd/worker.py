@@ -41,7 +41,7 @@ import os
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, TypeVar
@@ -57,11 +57,9 @@ from .protocol import ErrorCode, WireError
 from .templates import FAMILIES, ChatTemplate, RenderError
 from .templates.capabilities import CapabilityMissing, require_capabilities, require_completion
 from .templates.output import OutputSplitter, wire_tool_calls
+from .turns import Turns
 
 log = logging.getLogger(__name__)
-
-#: Clients whose last turn is remembered for the round-robin (the longest unserved go first).
-_CLIENTS_REMEMBERED = 4096
 
 T = TypeVar("T")
 
@@ -240,8 +238,7 @@ class ModelWorker:
         self._embeds: deque[EmbedJob] = deque()  # prepared, for the worker, in order
         self._embedding: EmbedJob | None = None  # the one under way
         self._embeds_preparing = 0  # on the prompt thread, not yet in _embeds
-        self._turns = itertools.count()
-        self._last_turn: OrderedDict[tuple[bytes, str], int] = OrderedDict()  # client (Generation.turn) -> when it was last admitted
+        self._turns = Turns()  # by Generation.turn: served when admitted
         self._accepting = True
         self._stopping = False
         self._others_generating = False  # another model's generations run: builds wait for them
@@ -453,14 +450,7 @@ class ModelWorker:
     def _fair_order(self) -> list[Generation]:
         """Waiting generations in the order they will start: clients take turns (the one
         admitted least recently first, a new one before all), each client's own in arrival order."""
-        mine: dict[tuple[bytes, str], list[Generation]] = {}
-        for gen in self._waiting:
-            mine.setdefault(gen.turn, []).append(gen)
-        clients = sorted(mine, key=lambda c: (self._last_turn.get(c, -1), mine[c][0].received))
-        order: list[Generation] = []
-        for rank in range(max((len(q) for q in mine.values()), default=0)):
-            order += [mine[c][rank] for c in clients if rank < len(mine[c])]
-        return order
+        return self._turns.order(self._waiting, lambda gen: gen.turn, lambda gen: gen.received)
 
     def _admissible(self) -> list[Generation]:
         """Waiting generations that may start now, in order: prepared, and not waiting for the
@@ -627,10 +617,7 @@ class ModelWorker:
                     continue
                 self._waiting.remove(gen)
                 self._opening = gen
-                self._last_turn[gen.turn] = next(self._turns)
-                self._last_turn.move_to_end(gen.turn)
-                if len(self._last_turn) > _CLIENTS_REMEMBERED:
-                    self._last_turn.popitem(last=False)
+                self._turns.served(gen.turn)
             running = None
             try:
                 running = self._open(gen)

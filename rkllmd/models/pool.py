@@ -392,7 +392,7 @@ class ModelPool:
                 with self._cond:
                     if self._stopping:
                         return False
-                    in_memory = list(self._loaded.values()) + self._retiring
+                    in_memory = self.in_memory()
                     used = sum(m.size for m in in_memory)
                     fits = len(in_memory) < self.max_loaded and (not self.memory_budget or used + size <= self.memory_budget)
                     if fits:
