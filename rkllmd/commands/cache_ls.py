@@ -13,7 +13,7 @@ OP = "cache.ls"
 
 def execute(ctx: Context, request: Request) -> Future:
     model = ctx.loaded_model(request)  # binary caches are per model; text caches are shared by name
-    return ctx.disk.submit(lambda: _listing(ctx.serving(model), request.model.model.name))  # listing reads the folder
+    return ctx.disk.submit(lambda: ctx.on_serving(model, lambda serving: _listing(serving, request.model.model.name)))  # listing reads the folder
 
 
 def _listing(model: LoadedModel, name: str) -> dict[str, Any]:

@@ -14,13 +14,13 @@ OP = "cache.put"
 
 
 def execute(ctx: Context, request: Request) -> Future:
-    return ctx.disk.submit(_put, ctx, ctx.loaded_model(request), request.args["name"], request.args["text"])
+    model, name, text = ctx.loaded_model(request), request.args["name"], request.args["text"]
+    return ctx.disk.submit(ctx.on_serving, model, lambda serving: _put(ctx, serving, name, text))
 
 
 def _put(ctx: Context, model: LoadedModel, name: str, text: str) -> dict[str, Any]:
     """Write the text (shared by every model), queue its build for every loaded model; the
-    entry of the model the request names (the one serving its name now)."""
-    model = ctx.serving(model)
+    entry of ``model`` (the one serving the request's model name now)."""
     try:
         model.caches.texts.write(name, text)
     except TextCacheError as exc:

@@ -14,7 +14,7 @@ OP = "cache.rebuild"
 
 def execute(ctx: Context, request: Request) -> Future:
     model = ctx.loaded_model(request)
-    return ctx.disk.submit(lambda: _rebuild(ctx.serving(model).caches, request.args["name"]))
+    return ctx.disk.submit(lambda: ctx.on_serving(model, lambda serving: _rebuild(serving.caches, request.args["name"])))
 
 
 def _rebuild(caches: PromptCaches, name: str | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ OP = "cache.show"
 
 def execute(ctx: Context, request: Request) -> Future:
     model = ctx.loaded_model(request)
-    return ctx.disk.submit(lambda: _show(ctx.serving(model).caches, request.args["name"]))
+    return ctx.disk.submit(lambda: ctx.on_serving(model, lambda serving: _show(serving.caches, request.args["name"])))
 
 
 def _show(caches: PromptCaches, name: str) -> dict[str, Any]:

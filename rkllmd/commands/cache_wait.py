@@ -7,6 +7,7 @@ from concurrent.futures import Future
 
 from ..deferred import Deferred
 from ..protocol import ErrorCode, WireError
+from ..models.pool import LoadedModel
 from .context import Context, Request
 
 OP = "cache.wait"
@@ -16,12 +17,11 @@ def execute(ctx: Context, request: Request) -> Deferred:
     name, model = request.args["name"], ctx.loaded_model(request)
     answer = Deferred(time.monotonic() + request.args["timeout"], lambda: model.waiters.outcome(name) or _not_ready(name))
 
-    def refresh_then_wait() -> None:
-        serving = ctx.serving(model)
+    def refresh_then_wait(serving: LoadedModel) -> None:
         serving.caches.refresh(name)  # an edit the watcher has not reported yet counts too
         serving.waiters.add(name, answer)
 
-    ctx.disk.submit(refresh_then_wait).add_done_callback(lambda done: _fail_with(done, answer))
+    ctx.disk.submit(ctx.on_serving, model, refresh_then_wait).add_done_callback(lambda done: _fail_with(done, answer))
     return answer
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ..caches.manager import PromptCaches
 from ..deferred import Deferred  # noqa: F401 (the socket loop's, from here)
@@ -20,6 +20,8 @@ from ..store import ArtifactStore
 from ..runner.proxy import RemoteCaches, RunnerProcess
 from ..scheduler import Scheduler
 from ..worker import ModelWorker
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,19 @@ class Context:
     scheduler: Scheduler  # every generation between its arrival and its model's runner
     outbox: Outbox  # streams that are no model's work (a pull's progress) go out through it
 
-    def serving(self, model: LoadedModel) -> LoadedModel:
-        """The loaded model serving ``model``'s name now: for an operation that waited for the
-        disk thread, the new default model a reload put in place of ``model`` meanwhile."""
-        return self.pool.get(model.name) or model
+    def on_serving(self, model: LoadedModel, work: Callable[[LoadedModel], T]) -> T:
+        """``work`` on the loaded model serving ``model``'s name now (for an operation that
+        waited for the disk thread: the new default model a reload put in place of ``model``
+        meanwhile); once more on its successor if the switch came while ``work`` ran, and the
+        replaced model's runner ended under it."""
+        serving = self.pool.get(model.name) or model
+        try:
+            return work(serving)
+        except WireError as exc:
+            successor = self.pool.get(model.name) or model
+            if exc.code != ErrorCode.BACKEND or successor is serving:
+                raise
+            return work(successor)
 
     def loaded_model(self, request: Request) -> LoadedModel:
         """The loaded weights of the model ``request`` names (its binary caches are theirs),
