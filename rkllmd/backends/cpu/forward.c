@@ -144,6 +144,7 @@ struct rows {
     float *act;               /* [n, ffn] */
     float *partials;          /* [n, heads, chunks, head_dim + 2] */
     int64_t n_chunks;         /* chunks of the row furthest on */
+    int own_caches;           /* no two rows share a cache: attention units rotate and store (``attend_item``) */
 };
 
 static inline vec_t load(const float *p) {
@@ -367,34 +368,45 @@ static void rms_norm_rows(const struct rkllmd_model *m, const struct rows *s, co
         rms_norm(s->x + t * m->dim, weight, h + t * m->dim, m->dim, m->norm_eps);
 }
 
-/* Row t: rotate its queries and keys (halves order) at its position, store its key and
- * value in the cache, scale its queries by 1/sqrt(head_dim). */
-static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t) {
-    const int64_t hd = m->head_dim, half = hd / 2, nh = m->n_heads, nkv = m->n_kv_heads, cap = m->capacity;
-    const int64_t pos = s->pos[t], qkv_dim = (nh + 2 * nkv) * hd;
-    const float *qkv = s->qkv + t * qkv_dim;
+/* Row t's head ``head`` of its q and k (q heads first; halves order) rotated at its position. */
+static void rotate_head(const struct rkllmd_model *m, const struct rows *s, int64_t t, int64_t head, float *out) {
+    const int64_t hd = m->head_dim, half = hd / 2, pos = s->pos[t];
+    const float *first = s->qkv + t * (m->n_heads + 2 * m->n_kv_heads) * hd + head * hd, *second = first + half;
     const float *cos = m->rope_cos + pos * half, *sin = m->rope_sin + pos * half;
-    const float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t head = 0; head < nh + nkv; head++) {
-        const float *first = qkv + head * hd, *second = first + half;
-        float rotated[hd];
-        for (int64_t i = 0; i < half; i++) {
-            rotated[i] = first[i] * cos[i] - second[i] * sin[i];
-            rotated[half + i] = second[i] * cos[i] + first[i] * sin[i];
-        }
-        if (head < nh) {
-            float *queries = s->queries + (t * nh + head) * hd;
-            for (int64_t i = 0; i < hd; i++)
-                queries[i] = rotated[i] * scale;
-        } else {
-            float *keys = s->keys[t] + ((layer * nkv + head - nh) * hd) * cap + pos;
-            for (int64_t i = 0; i < hd; i++)
-                keys[i * cap] = rotated[i];
-        }
+    for (int64_t i = 0; i < half; i++) {
+        out[i] = first[i] * cos[i] - second[i] * sin[i];
+        out[half + i] = second[i] * cos[i] + first[i] * sin[i];
     }
-    const float *values = qkv + (nh + nkv) * hd;
-    for (int64_t kv = 0; kv < nkv; kv++)
-        memcpy(s->values[t] + ((layer * nkv + kv) * cap + pos) * hd, values + kv * hd, hd * sizeof(float));
+}
+
+/* Row t's query head ``head``, rotated and scaled by 1/sqrt(head_dim), into out. */
+static void rotate_query(const struct rkllmd_model *m, const struct rows *s, int64_t t, int64_t head, float *out) {
+    const int64_t hd = m->head_dim;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float rotated[hd];
+    rotate_head(m, s, t, head, rotated);
+    for (int64_t i = 0; i < hd; i++)
+        out[i] = rotated[i] * scale;
+}
+
+/* Row t's key (rotated) and value of KV head kv into its cache, at its position. */
+static void store_key_value(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t, int64_t kv) {
+    const int64_t hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, cap = m->capacity, pos = s->pos[t];
+    float rotated[hd];
+    rotate_head(m, s, t, nh + kv, rotated);
+    float *keys = s->keys[t] + ((layer * nkv + kv) * hd) * cap + pos;
+    for (int64_t i = 0; i < hd; i++)
+        keys[i * cap] = rotated[i];
+    const float *value = s->qkv + t * (nh + 2 * nkv) * hd + (nh + nkv + kv) * hd;
+    memcpy(s->values[t] + ((layer * nkv + kv) * cap + pos) * hd, value, hd * sizeof(float));
+}
+
+/* Row t: its queries rotated and scaled into s->queries, its keys and values into its cache. */
+static void rotate_and_store(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t) {
+    for (int64_t head = 0; head < m->n_heads; head++)
+        rotate_query(m, s, t, head, s->queries + (t * m->n_heads + head) * m->head_dim);
+    for (int64_t kv = 0; kv < m->n_kv_heads; kv++)
+        store_key_value(m, s, layer, t, kv);
 }
 
 /* out[i] = the sum over r < n_rows of coef[r] * rows[r * stride + i], for i < n: attention's
@@ -477,26 +489,49 @@ static CONTRACTED void combine_sets(const float *coef, int64_t coef_stride, int6
         combine_rows(coef + h * coef_stride, rows, stride, n_rows, out + h * out_stride, n);
 }
 
+/* The highest of values[0..n) (n > 0). */
+static float highest(const float *values, int64_t n) {
+    int64_t i = 0;
+    float top = values[0];
+    if (n >= WIDTH) {
+        vec_t tops = load(values);
+        for (i = WIDTH; i + WIDTH <= n; i += WIDTH) {
+            const vec_t v = load(values + i);
+            tops = select_lanes(v > tops, v, tops);
+        }
+        top = tops[0];
+        for (int j = 1; j < WIDTH; j++)
+            top = tops[j] > top ? tops[j] : top;
+    }
+    for (; i < n; i++)
+        top = values[i] > top ? values[i] : top;
+    return top;
+}
+
 /* Attention is split by chunks of ATTENTION_CHUNK positions, as flash-decoding does.
  * A unit, one row, one KV head and one chunk, handles the query heads sharing that KV
  * head, so the chunk's keys and values (64 KB each for SmolLM2) come from memory once:
- * their scores one head after the other, their weighted values together
- * (``combine_sets``). It leaves per query head a partial result: the chunk's highest
- * score, the sum of exp(score - highest), and the values weighted by those. Partial results are then merged per query head, in chunk order. A row's units
- * depend only on its position and its cache, never on the other rows. */
+ * their scores and their weighted values each in one pass for every head (``combine_sets``).
+ * It leaves per query head a partial result: the chunk's highest score, the sum of
+ * exp(score - highest), and the values weighted by those. Partial results are then merged
+ * per query head, in chunk order. A row's units depend only on its position and its cache,
+ * never on the other rows. ``queries``: the unit's query heads, rotated and scaled. */
 static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t, int64_t kv,
-                         int64_t chunk) {
+                                    int64_t chunk, const float *queries) {
     const int64_t hd = m->head_dim, cap = m->capacity, nh = m->n_heads, group = nh / m->n_kv_heads;
     const int64_t n_keys = s->pos[t] + 1;
     const int64_t p0 = chunk * ATTENTION_CHUNK, n = n_keys - p0 < ATTENTION_CHUNK ? n_keys - p0 : ATTENTION_CHUNK;
     const float *keys = s->keys[t] + ((layer * m->n_kv_heads + kv) * hd) * cap + p0;
     const float *values = s->values[t] + ((layer * m->n_kv_heads + kv) * cap + p0) * hd;
+    /* The scores of a partial chunk are computed over whole passes of ``combine_sets``
+     * (positions past the row's are read from its cache, where they fit, and their scores
+     * ignored): its tail in narrower passes took as long as the whole chunk. */
+    const int64_t pass = SET_VECTORS * WIDTH, wide = (n + pass - 1) / pass * pass;
+    const int64_t n_scores = wide <= ATTENTION_CHUNK && wide <= cap - p0 ? wide : n;
     float scores[group][ATTENTION_CHUNK], top[group], total[group];
+    combine_sets(queries, hd, group, keys, cap, hd, scores[0], ATTENTION_CHUNK, n_scores);
     for (int64_t g = 0; g < group; g++) {
-        combine_rows(s->queries + (t * nh + kv * group + g) * hd, keys, cap, hd, scores[g], n);
-        top[g] = scores[g][0];
-        for (int64_t p = 1; p < n; p++)
-            top[g] = scores[g][p] > top[g] ? scores[g][p] : top[g];
+        top[g] = highest(scores[g], n);
         total[g] = exp_shifted(scores[g], top[g], n);
     }
     float acc[group][hd]; /* on this thread's stack: partials of neighbouring units share cache lines */
@@ -554,10 +589,20 @@ static void silu_panels(const struct rkllmd_model *m, const struct rows *s, int6
  * thread that another process keeps off its core holds the others up only by the item
  * it is in, never by arriving late at one of the ~200 barriers of a token: under load
  * the pass runs on the threads that get a core instead of stalling at every barrier.
- * Which thread computes an item never changes what it computes. */
-struct phase {
-    int64_t claimed, done;
-    char pad[64 - 2 * sizeof(int64_t)]; /* a cache line each */
+ * Which thread computes an item never changes what it computes.
+ * A phase's items are split into one contiguous segment per thread (``run``); its counters
+ * are cache lines: the items done, then each segment's items taken from its front (by its
+ * thread) and from its back (by the others, once theirs are done), in one word so that one
+ * compare-and-swap decides between them. */
+struct counter {
+    uint64_t value;
+    char pad[64 - sizeof(uint64_t)]; /* a cache line each */
+};
+
+/* A thread's way through a pass's phases: the next phase's counters, ``stride`` lines on. */
+struct pass {
+    struct counter *next;
+    int64_t stride, segments; /* segments: the team's threads (at most stride - 1) */
 };
 
 /* What a phase's items work on; each thread has its own. */
@@ -608,19 +653,35 @@ static void product_item(const struct task *task, int64_t item) {
 
 static void rotate_item(const struct task *task, int64_t t) { rotate_and_store(task->m, task->s, task->layer, t); }
 
-/* One row, one KV head and one chunk of positions (``attend_chunk``). */
+/* One row, one KV head and one chunk of positions (``attend_chunk``). When every row has
+ * its own cache (decode steps), no row reads what another writes, so there is no rotation
+ * phase (one thread rotating while the others wait, 30 times a token): each unit rotates its
+ * own queries, and the unit of the chunk holding the row's position stores its key and
+ * value before reading them. The same arithmetic either way. */
 static void attend_item(const struct task *task, int64_t unit) {
-    const int64_t nkv = task->m->n_kv_heads, nc = task->s->n_chunks;
-    const int64_t t = unit / (nkv * nc), kv = unit / nc % nkv, chunk = unit % nc;
-    if (chunk * ATTENTION_CHUNK <= task->s->pos[t]) /* the row's positions reach this chunk */
-        attend_chunk(task->m, task->s, task->layer, t, kv, chunk);
+    const struct rkllmd_model *m = task->m;
+    const struct rows *s = task->s;
+    const int64_t nkv = m->n_kv_heads, nc = s->n_chunks, hd = m->head_dim, group = m->n_heads / nkv;
+    const int64_t t = unit / (nkv * nc), kv = unit / nc % nkv, chunk = unit % nc, pos = s->pos[t];
+    if (chunk * ATTENTION_CHUNK > pos) /* the row's positions do not reach this chunk */
+        return;
+    if (!s->own_caches) {
+        attend_chunk(m, s, task->layer, t, kv, chunk, s->queries + (t * m->n_heads + kv * group) * hd);
+        return;
+    }
+    float queries[group][hd];
+    for (int64_t g = 0; g < group; g++)
+        rotate_query(m, s, t, kv * group + g, queries[g]);
+    if (chunk == pos / ATTENTION_CHUNK)
+        store_key_value(m, s, task->layer, t, kv);
+    attend_chunk(m, s, task->layer, t, kv, chunk, queries[0]);
 }
 
 static void merge_item(const struct task *task, int64_t unit) {
     merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
 }
 
-/* The most items a thread claims at once (``run``). */
+/* The most items a thread claims from its own segment at once (``run``). */
 #define RUN_ITEMS 8
 
 static int64_t team_size(void) {
@@ -631,36 +692,79 @@ static int64_t team_size(void) {
 #endif
 }
 
-/* Items [0, total) of ``phase``, with the team; returns once all are done. A thread
- * claims a run of consecutive items, an eighth of those left per thread, at least one and
- * at most RUN_ITEMS: neighbouring rows' keys share cache lines, neighbouring product items
- * their block of weights, and a phase of a thousand tiny items (the merges) costs a few
- * hundred atomic operations, not thousands; a thread kept off its core by another
- * process holds the others up by at most RUN_ITEMS items, and the last items of a phase
- * go one at a time. */
-static void run(struct phase *phase, int64_t total, item_fn *item, struct task *task) {
-    const int64_t share = 8 * team_size();
-    int prepared = task->prepare == NULL;
-    for (int64_t first = __atomic_load_n(&phase->claimed, __ATOMIC_RELAXED); first < total;) {
-        const int64_t fair = (total - first) / share, count = fair < 1 ? 1 : fair > RUN_ITEMS ? RUN_ITEMS : fair;
-        if (!__atomic_compare_exchange_n(&phase->claimed, &first, first + count, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-            continue; /* another thread claimed first: ``first`` is now what it left */
-        if (!prepared) {
-            task->prepare(task);
-            prepared = 1;
+static int64_t team_member(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Takes items of a segment of ``size`` items (``taken``: see ``struct counter``): from its
+ * back one, from its front an eighth of those left (at least one, at most RUN_ITEMS).
+ * Returns how many (0: none left), the first at *first. */
+static int64_t take(struct counter *taken, int64_t size, int from_back, int64_t *first) {
+    uint64_t word = __atomic_load_n(&taken->value, __ATOMIC_RELAXED);
+    for (;;) {
+        const int64_t front = (int64_t)(word & 0xffffffffu), back = (int64_t)(word >> 32), left = size - front - back;
+        if (left <= 0)
+            return 0;
+        const int64_t n = from_back || left < 16 ? 1 : left / 8 > RUN_ITEMS ? RUN_ITEMS : left / 8;
+        if (__atomic_compare_exchange_n(&taken->value, &word, word + (from_back ? (uint64_t)n << 32 : (uint64_t)n), 0,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            *first = from_back ? size - back - n : front;
+            return n;
         }
-        for (int64_t i = first; i < first + count; i++)
-            item(task, i);
-        __atomic_fetch_add(&phase->done, count, __ATOMIC_RELEASE);
-        first += count;
     }
-    for (int64_t spins = 0; __atomic_load_n(&phase->done, __ATOMIC_ACQUIRE) < total; spins++)
+}
+
+/* Items [0, total) of the pass's next phase, with the team; returns once all are done. Each thread works through its own contiguous
+ * segment of the items from the front (``take``: a phase of a thousand tiny items costs a
+ * few hundred atomic operations), then takes the other segments' last items, one at a time,
+ * from their backs.
+ * So each thread streams one contiguous part of a product's weights, as the read probe
+ * does (items taken in turn by whichever thread came first made each thread's reading jump
+ * every block: a decode step read 0.94 of the probe's bandwidth, 1.00 in segments), while a
+ * thread kept off its core by another process holds the others up by at most RUN_ITEMS
+ * items: they finish its segment from the back. */
+static void run(struct pass *pass, int64_t total, item_fn *item, struct task *task) {
+    struct counter *counters = pass->next;
+    const int64_t me = team_member(), segments = pass->segments;
+    pass->next += pass->stride;
+    int prepared = task->prepare == NULL;
+    for (int64_t k = 0; k < segments; k++) {
+        const int64_t segment = (me + k) % segments, start = total * segment / segments;
+        const int64_t size = total * (segment + 1) / segments - start;
+        for (int64_t first, count; (count = take(&counters[1 + segment], size, k > 0, &first)) > 0;) {
+            if (!prepared) {
+                task->prepare(task);
+                prepared = 1;
+            }
+            for (int64_t i = start + first; i < start + first + count; i++)
+                item(task, i);
+            __atomic_fetch_add(&counters[0].value, count, __ATOMIC_RELEASE);
+        }
+    }
+    for (int64_t spins = 0; (int64_t)__atomic_load_n(&counters[0].value, __ATOMIC_ACQUIRE) < total; spins++)
         if (spins > 2000) /* the item's thread may need this core */
             sched_yield();
 #if defined(__x86_64__) || defined(__i386__)
         else
             __builtin_ia32_pause();
 #endif
+}
+
+/* Whether no two of the n rows share a KV cache (checked for up to OWN_CACHES_CHECKED rows,
+ * a batch of decode steps; more rows are taken to share). */
+#define OWN_CACHES_CHECKED 64
+static int own_caches(int64_t n, float *const *keys) {
+    if (n > OWN_CACHES_CHECKED)
+        return 0;
+    for (int64_t t = 1; t < n; t++)
+        for (int64_t u = 0; u < t; u++)
+            if (keys[t] == keys[u])
+                return 0;
+    return 1;
 }
 
 int rkllmd_kernel_abi(void) { return RKLLMD_KERNEL_ABI; }
@@ -735,14 +839,15 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
     for (int64_t t = 0; t < n; t++)
         furthest = positions[t] > furthest ? positions[t] : furthest;
     struct rows s = {.n = n, .pos = positions, .keys = keys, .values = values, .n_logits = n_logits,
-                     .logit_rows = logit_rows, .n_chunks = (furthest + 1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK};
+                     .logit_rows = logit_rows, .n_chunks = (furthest + 1 + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK,
+                     .own_caches = own_caches(n, keys)};
     const int64_t per_row = (1 + threads) * dim + qkv_dim + 2 * q_dim + gu_dim + ffn, partials = nh * s.n_chunks * (hd + 2);
     const int64_t n_phases = 2 + 7 * m->n_layers;
     float *scratch = malloc((size_t)n * (per_row + partials) * sizeof(float));
-    struct phase *phases = calloc(n_phases, sizeof *phases);
-    if (!scratch || !phases) {
+    struct counter *counters = calloc(n_phases * (1 + threads), sizeof *counters);
+    if (!scratch || !counters) {
         free(scratch);
-        free(phases);
+        free(counters);
         return -1;
     }
     s.x = scratch;
@@ -763,41 +868,42 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
 #else
         float *h = s.h;
 #endif
-        struct phase *phase = phases;
+        struct pass pass = {.next = counters, .stride = 1 + threads, .segments = team_size()};
         struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
-        run(phase++, n, embed_item, &task);
+        run(&pass, n, embed_item, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {
             task.layer = layer;
             task.prepare = norm_rows;
             task.norm = m->attn_norm + layer * dim;
             task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
             task.prepare = NULL;
-            run(phase++, n, rotate_item, &task);
-            run(phase++, n * nkv * s.n_chunks, attend_item, &task);
-            run(phase++, n * nh, merge_item, &task);
+            if (!s.own_caches)
+                run(&pass, n, rotate_item, &task);
+            run(&pass, n * nkv * s.n_chunks, attend_item, &task);
+            run(&pass, n * nh, merge_item, &task);
             task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
             task.prepare = norm_rows;
             task.norm = m->ffn_norm + layer * dim;
             task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
             task.silu = 1;
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
             task.silu = 0;
             task.prepare = NULL;
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
         }
         if (n_logits > 0) {
             task.prepare = norm_logit_rows;
             task.norm = m->output_norm;
             task.product = (struct product){m->head, h, logits, n_logits, m->vocab_size, dim, 0};
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
         }
     }
     if (team >= 0)
         timed_team(team, nanos_now() - started, probe);
-    free(phases);
+    free(counters);
     free(scratch);
     return 0;
 }
@@ -821,10 +927,10 @@ int rkllmd_forward_hidden(const struct rkllmd_model *m, int64_t n, const int64_t
     const int64_t per_row = (1 + threads) * dim + qkv_dim + 2 * q_dim + gu_dim + ffn, partials = nh * s.n_chunks * (hd + 2);
     const int64_t n_phases = 1 + 7 * m->n_layers;
     float *scratch = malloc((size_t)n * (per_row + partials) * sizeof(float));
-    struct phase *phases = calloc(n_phases, sizeof *phases);
-    if (!scratch || !phases) {
+    struct counter *counters = calloc(n_phases * (1 + threads), sizeof *counters);
+    if (!scratch || !counters) {
         free(scratch);
-        free(phases);
+        free(counters);
         return -1;
     }
     s.x = scratch;
@@ -842,35 +948,35 @@ int rkllmd_forward_hidden(const struct rkllmd_model *m, int64_t n, const int64_t
 #else
         float *h = s.h;
 #endif
-        struct phase *phase = phases;
+        struct pass pass = {.next = counters, .stride = 1 + threads, .segments = team_size()};
         struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
-        run(phase++, n, embed_item, &task);
+        run(&pass, n, embed_item, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {
             task.layer = layer;
             task.prepare = norm_rows;
             task.norm = m->attn_norm + layer * dim;
             task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
             task.prepare = NULL;
-            run(phase++, n, rotate_item, &task);
-            run(phase++, n * nkv * s.n_chunks, attend_item, &task);
-            run(phase++, n * nh, merge_item, &task);
+            run(&pass, n, rotate_item, &task);
+            run(&pass, n * nkv * s.n_chunks, attend_item, &task);
+            run(&pass, n * nh, merge_item, &task);
             task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
             task.prepare = norm_rows;
             task.norm = m->ffn_norm + layer * dim;
             task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
             task.silu = 1;
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
             task.silu = 0;
             task.prepare = NULL;
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
-            run(phase++, product_items(&task.product), product_item, &task);
+            run(&pass, product_items(&task.product), product_item, &task);
         }
     }
     for (int64_t t = 0; t < n; t++)
         rms_norm(s.x + t * dim, m->output_norm, hidden + t * dim, dim, m->norm_eps);
-    free(phases);
+    free(counters);
     free(scratch);
     return 0;
 }
