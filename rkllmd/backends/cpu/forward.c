@@ -784,11 +784,16 @@ int rkllmd_kernel_threads(void) {
  * stalls whenever one of its threads is descheduled: the daemon decoded 58-65 tokens/s on
  * one thread against 34-53 on two with the machine's 2 cores at load 4, and 64 against 74
  * when quiet. So decode calls (every row wants its logits, at most TEAM_ROWS rows) keep an
- * average of their time with every thread and with one, run with the faster, and every
- * TEAM_PROBE_EVERY-th call with the other to keep its average current. The team never
- * changes a row's bits (see the top of this file); other calls use every thread. */
+ * average of their time with every thread and with one, run with the faster, and now and
+ * then with the other to keep its average current: every TEAM_PROBE_EVERY-th call while
+ * one thread is the faster (every thread may be again as soon as the machine quietens), and
+ * every TEAM_PROBE_ONE_EVERY-th while every thread is (a machine getting busy shows first in
+ * every thread's own average, measured at each call; a step on one thread takes a third
+ * longer on a quiet machine: probing it every 64th call cost 0.6 % of the decode rate).
+ * The team never changes a row's bits (see the top of this file); other calls use every thread. */
 #define TEAM_ROWS 16
 #define TEAM_PROBE_EVERY 64
+#define TEAM_PROBE_ONE_EVERY 512
 static int64_t team_nanos[2], team_calls, team_rows; /* [every thread, one]: 0 until measured */
 static const struct rkllmd_model *team_model;          /* whose calls the averages are of */
 
@@ -812,7 +817,8 @@ static int choose_team(const struct rkllmd_model *m, int64_t n, int64_t n_logits
     }
     const int64_t every = __atomic_load_n(&team_nanos[0], __ATOMIC_RELAXED), one = __atomic_load_n(&team_nanos[1], __ATOMIC_RELAXED);
     const int faster = every > 0 && one > 0 && one < every;
-    *probe = __atomic_add_fetch(&team_calls, 1, __ATOMIC_RELAXED) % TEAM_PROBE_EVERY == 0;
+    const int64_t period = faster || one == 0 ? TEAM_PROBE_EVERY : TEAM_PROBE_ONE_EVERY;
+    *probe = __atomic_add_fetch(&team_calls, 1, __ATOMIC_RELAXED) % period == 0;
     return *probe ? !faster : faster;
 }
 
