@@ -10,6 +10,8 @@ on the same mapped weights:
 - decode through a real daemon (``decode_tps`` of a greedy answer of --decode-tokens
   after the prompt; its forward.c built for --march) and its ratio to the limit, each
   run's probe and answer side by side; a best ratio above 1.0 is a probe bug (exit 1);
+- for scale, the keys and values a step's attention reads besides the weights (at the
+  answer's mean position) and the limit counting them too;
 - prefill of the prompt, the C forward pass against numpy's, alternating;
 - the whole step (``Model.decode``) in process with the C step (forward.c) and with the
   numpy reference (``model.kernels = "numpy"``), median over --steps steps per run;
@@ -122,7 +124,8 @@ def main() -> int:
     tokens = [int(np.argmax(c_model.prefill(slots["C"], ids, 0)))]
     numpy_model.prefill(slots["numpy"], ids, 0)
     for _ in range(args.steps):  # the greedy continuation both steps are timed on
-        tokens.append(int(np.argmax(c_model.decode(slots["C"], tokens[-1], len(ids) + len(tokens) - 1))))
+        logits = c_model.decode(slots["C"], tokens[-1], len(ids) + len(tokens) - 1)  # the last: what sampling is timed on
+        tokens.append(int(np.argmax(logits)))
     weight_bytes = read_limit.streamed_bytes(c_model.w)
     n_keys = len(ids) + args.steps
 
@@ -150,13 +153,16 @@ def main() -> int:
             parts["products"].append(median_ms(lambda: matrix_products(numpy_model), args.steps))
             parts["attention"].append(median_ms(lambda: attention(numpy_model, slots["numpy"], n_keys), args.steps))
 
-    logits = c_model._logits
     greedy = Sampler(SamplingParams(temperature=0))
     sampled = Sampler(SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=1))
     sample_greedy = median_ms(lambda: greedy.sample(logits, ids), args.steps)
     sample_topk = median_ms(lambda: sampled.sample(logits, ids), args.steps)
 
     limit_tps = [gb * 1e9 / weight_bytes for gb in limits]
+    cfg = c_model.config  # keys and values of every layer and KV head, 4 bytes each, at the answer's mean position
+    mean_position = len(ids) + args.decode_tokens / 2
+    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * mean_position
+    with_kv_tps = [gb * 1e9 / (weight_bytes + kv_bytes) for gb in limits]
     ratios = [tps / lim for tps, lim in zip(daemon_tps, limit_tps)]
     c_tps = [1000 / ms for ms in step_ms["C"]]
     numpy_tps = [1000 / ms for ms in step_ms["numpy"]]
@@ -175,6 +181,10 @@ def main() -> int:
     print(f"| limit in tokens/s (bytes per token / bandwidth) | {spread(limit_tps)} |")
     print(f"| decode through the daemon (its decode_tps) | {spread(daemon_tps)} tokens/s |")
     print(f"| **daemon decode / limit** (each run's side by side) | **{spread(ratios, '.2f')}** |")
+    print(f"| for scale: keys and values a step's attention reads at position {mean_position:.0f} "
+          f"({kv_bytes / 1e6:.1f} MB, {kv_bytes / weight_bytes * 100:.1f} % of the weights); limit counting them too "
+          f"| {spread(with_kv_tps)} tokens/s |")
+    print(f"| daemon decode / that limit | {spread([t / l for t, l in zip(daemon_tps, with_kv_tps)], '.2f')} |")
     print(f"| C step in process (forward.c, median of {args.steps}) | {spread(c_tps)} tokens/s |")
     print(f"| C step in process / limit | {spread([t / l for t, l in zip(c_tps, limit_tps)], '.2f')} |")
     print(f"| numpy step (reference) | {spread(numpy_tps)} tokens/s |")
