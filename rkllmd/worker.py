@@ -219,6 +219,9 @@ class ModelWorker:
     def __init__(self, backend: Backend, outbox: Outbox, config: DaemonConfig):
         self.backend = backend
         self.outbox = outbox
+        # Named once: a worker serves one loaded model for its life (a reload that changes it
+        # starts another worker), and the summary is still asked for while the backend closes.
+        self.model_label = f"{backend.describe().get('name', '?')} on {backend.kind}"
         self.max_queue = config.max_queue
         self.max_batch = min(config.max_batch, backend.max_batch)
         self._build_max_wait = config.build_max_wait_ms / 1000
@@ -377,7 +380,7 @@ class ModelWorker:
         states = self.caches.counts() if self.caches is not None else {}
         with self._cond:
             last_error, completed = self.last_error, self.counters.completed
-        return {"model": f"{self.backend.describe().get('name', '?')} on {self.backend.kind}", "activity": self.activity(), "states": states,
+        return {"model": self.model_label, "activity": self.activity(), "states": states,
                 "completed": completed, "last_error": last_error}
 
     def requests(self) -> dict[str, list[dict[str, Any]]]:

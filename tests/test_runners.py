@@ -269,3 +269,22 @@ def test_a_runner_that_does_not_answer_holds_up_neither_the_socket_nor_other_cli
             os.kill(runner, signal.SIGCONT)
         assert asking.result_of(status, 120)["models"]["loaded"][0]["pid"] == runner
         assert asking.result_of(listing, 120)["default"] == DEFAULT
+
+
+def test_a_workers_summary_holds_while_its_backend_closes(tiny) -> None:
+    """A runner's summary thread sums the worker up after every change, the last ones while
+    the runner stops and the worker closes its backend: it named the model by asking the
+    backend, which raised "the CPU backend's model is not loaded" (an ERROR with a traceback
+    in the journal at each stop)."""
+    from rkllmd.backends.cpu.backend import CpuBackend
+    from rkllmd.config import DaemonConfig
+    from rkllmd.outbox import Outbox
+    from rkllmd.worker import ModelWorker
+
+    backend = CpuBackend(tiny)
+    backend.load()
+    worker = ModelWorker(backend, Outbox(), DaemonConfig())
+    before = worker.summary()
+    backend.close()
+    assert worker.summary() == before
+    assert before["model"] == "alpha on cpu"
