@@ -12,7 +12,13 @@ memory, the very pages a decode step reads: the kernel may map a file in 2 MB pa
 (file huge pages: ext4 on Linux 6.18 maps 97 % of SmolLM2's weights so, /proc/self/smaps
 FilePmdMapped), which anonymous 4 KB pages read more slowly through the TLB; otherwise an
 anonymous buffer of the same size, in 4 KB pages.
+A decode step reads its weights in pieces, one matrix product after the other (a layer's
+q/k/v, output, gate/up and down matrices, then the head: 121 for SmolLM2), its threads
+waiting for each other at the end of each: ``measure_pieces`` reads the mapped weights so
+(read_limit.c's ``rkllmd_read_pieces_seconds``, one parallel region, a barrier after each
+piece) and whole, alternating: what splitting the stream alone costs.
 Run alone: python bench/read_limit.py [--megabytes 538] [--march haswell] [--rounds 5]
+           python bench/read_limit.py --pieces   (the bundled model's weights, whole and in a step's pieces)
 """
 
 from __future__ import annotations
@@ -91,6 +97,9 @@ def _build(march: str, folder: Path) -> ctypes.CDLL:
     lib.rkllmd_read_seconds.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.rkllmd_read_seconds.restype = ctypes.c_double
     lib.rkllmd_read_threads.restype = ctypes.c_int
+    lib.rkllmd_read_pieces_seconds.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                               ctypes.c_void_p]
+    lib.rkllmd_read_pieces_seconds.restype = ctypes.c_double
     return lib
 
 
@@ -105,15 +114,21 @@ def _anonymous(n_bytes: int) -> tuple[mmap.mmap, np.ndarray]:
 
 
 def _check(lib: ctypes.CDLL, threads: int) -> None:
-    """Every stream count reads every float once: on 1.0s, the sums count them."""
+    """Every stream count reads every float once, whole and in pieces: on 1.0s, the sums count them."""
     region, buffer = _anonymous(4 << 20)
     sink = np.zeros(threads, np.float64)
+    cuts = [0, 123_457, 1_000_003, buffer.size]  # uneven pieces, not whole lines
+    addresses = np.array([buffer[a:].ctypes.data for a in cuts[:-1]], np.uintp)
+    sizes = np.diff(cuts).astype(np.int64)
     for team in sorted({1, threads}):
         for streams in range(1, MAX_STREAMS + 1):
             lib.rkllmd_read_seconds(buffer.ctypes.data, buffer.size, streams, team, sink.ctypes.data)
-            if float(sink.sum()) != float(buffer.size):
-                raise RuntimeError(f"the probe read {sink.sum()} floats' worth, not {buffer.size}, "
-                                   f"with {streams} streams on {team} threads")
+            whole = float(sink.sum())
+            lib.rkllmd_read_pieces_seconds(addresses.ctypes.data, sizes.ctypes.data, len(sizes), streams, team,
+                                           sink.ctypes.data)
+            if whole != buffer.size or float(sink.sum()) != buffer.size:
+                raise RuntimeError(f"the probe read {whole} (whole) and {sink.sum()} (in pieces) floats' worth, not "
+                                   f"{buffer.size}, with {streams} streams on {team} threads")
     del buffer
     region.close()
 
@@ -150,12 +165,70 @@ def measure(n_bytes: int, march: str = kernels.NATIVE, rounds: int = 5, weights=
                      rounds_by_way[best_way], memory)
 
 
+def step_pieces(weights) -> list[np.ndarray]:
+    """The streamed weights in the order and pieces a decode step's products read them."""
+    layers = [matrix[layer] for layer in range(len(weights.wqkv)) for matrix in (weights.wqkv, weights.wo, weights.wgu, weights.wd)]
+    return [*layers, weights.head]
+
+
+@dataclass
+class PiecesLimit:
+    n_pieces: int
+    whole_gbps: float  # the best of reading the weights' region at once
+    pieces_gbps: float  # the best of reading them in the step's pieces
+    memory: str
+
+
+def measure_pieces(weights, march: str = kernels.NATIVE, rounds: int = 3) -> PiecesLimit:
+    """The best bandwidth over 1..16 streams per thread (every thread) reading ``weights``
+    whole and in a decode step's pieces (``step_pieces``), alternating, ``rounds`` times each."""
+    pieces = step_pieces(weights)
+    addresses = np.array([piece.ctypes.data for piece in pieces], np.uintp)
+    sizes = np.array([piece.size for piece in pieces], np.int64)
+    n_bytes = int(sizes.sum()) * 4
+    with tempfile.TemporaryDirectory(prefix="rkllmd-read-limit-") as folder:
+        lib = _build(march, Path(folder))
+        threads = lib.rkllmd_read_threads()
+        _check(lib, threads)
+        region, memory = None, "the weights' own mapping"
+        whole = weights_region(weights)
+        if whole is None:  # not one mapping: read the pieces' bytes as one anonymous buffer
+            region, whole = _anonymous(n_bytes)
+            memory = ReadLimit.memory
+        sink = np.zeros(threads, np.float64)
+        best_whole = best_pieces = 0.0
+        for _ in range(rounds):
+            for streams in range(1, MAX_STREAMS + 1):
+                seconds = lib.rkllmd_read_seconds(whole.ctypes.data, whole.size, streams, threads, sink.ctypes.data)
+                best_whole = max(best_whole, whole.nbytes / seconds / 1e9)
+                seconds = lib.rkllmd_read_pieces_seconds(addresses.ctypes.data, sizes.ctypes.data, len(pieces), streams,
+                                                         threads, sink.ctypes.data)
+                best_pieces = max(best_pieces, n_bytes / seconds / 1e9)
+        del whole
+        if region is not None:
+            region.close()
+    return PiecesLimit(len(pieces), best_whole, best_pieces, memory)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--megabytes", type=float, default=538.0)
     parser.add_argument("--march", default=kernels.NATIVE)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pieces", action="store_true", help="the bundled model's weights, whole and in a decode step's pieces")
     args = parser.parse_args()
+    if args.pieces:
+        from daemon import KERNELS_DIR, WEIGHTS_DIR  # the benchmarks' kept weights, mapped
+
+        from rkllmd.backends.cpu.backend import CpuBackend
+
+        backend = CpuBackend(weights_dir=WEIGHTS_DIR, kernels_dir=KERNELS_DIR)
+        backend.load()
+        limit = measure_pieces(backend.model.w, args.march, args.rounds)
+        print(f"{streamed_bytes(backend.model.w) / 1e6:.1f} MB ({limit.memory}), best of 1-16 streams per thread and "
+              f"{args.rounds} rounds: whole {limit.whole_gbps:.2f} GB/s; in a step's {limit.n_pieces} pieces "
+              f"{limit.pieces_gbps:.2f} GB/s ({limit.pieces_gbps / limit.whole_gbps:.3f} of whole)")
+        return
     limit = measure(int(args.megabytes * 1e6), args.march, args.rounds)
     print(limit.describe())
     print("| streams per thread | best GB/s |\n|---:|---:|")
