@@ -102,39 +102,12 @@ int rkllmd_read_threads(void) {
 #endif
 }
 
-/* Seconds to read all ``n`` floats of ``buffer`` once with ``threads`` threads (forward.c
- * runs a decode step with every thread or, on a busy machine, one), each thread's share as
- * ``streams`` (1..16) parts side by side; each thread's sum into sink[thread], the other
- * sinks zeroed. Returns -1 for a stream or thread count out of range. */
-double rkllmd_read_seconds(const float *buffer, int64_t n, int streams, int threads, double *sink) {
-    if (streams < 1 || streams > MAX_STREAMS || threads < 1 || threads > rkllmd_read_threads())
-        return -1.0;
-    for (int t = 0; t < rkllmd_read_threads(); t++)
-        sink[t] = 0.0;
-    const double start = now();
-#pragma omp parallel num_threads(threads)
-    {
-#ifdef _OPENMP
-        const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
-#else
-        const int64_t thread = 0, threads = 1;
-#endif
-        const int64_t lines = n / LINE; /* shares start on whole lines (the buffer is page-aligned) */
-        const int64_t first = lines * thread / threads * LINE;
-        const int64_t last = thread == threads - 1 ? n : lines * (thread + 1) / threads * LINE;
-        const int64_t n_lines = (last - first) / LINE / streams, part = n_lines * LINE;
-        double sum = READS[streams](buffer + first, part, n_lines);
-        sum += read_rest(buffer + first + streams * part, last - first - streams * part);
-        sink[thread] = sum;
-    }
-    return now() - start;
-}
-
 /* Seconds to read ``n_pieces`` buffers one after the other, as a decode step's products read
  * the weights (a layer's q/k/v, output, gate/up and down matrices, then the head): in one
- * parallel region, each piece shared by the threads as rkllmd_read_seconds shares a buffer,
- * the threads waiting for each other at its end. Sums into sink as rkllmd_read_seconds does.
- * Returns -1 for a stream or thread count out of range. */
+ * parallel region, each piece's lines shared out to the threads in contiguous shares (from
+ * whole lines: the pieces are page-aligned), each share read as ``streams`` parts side by
+ * side, the threads waiting for each other at the piece's end; each thread's sum into
+ * sink[thread], the other sinks zeroed. Returns -1 for a stream or thread count out of range. */
 double rkllmd_read_pieces_seconds(const float *const *pieces, const int64_t *sizes, int64_t n_pieces, int streams,
                                   int threads, double *sink) {
     if (streams < 1 || streams > MAX_STREAMS || threads < 1 || threads > rkllmd_read_threads())
@@ -162,4 +135,12 @@ double rkllmd_read_pieces_seconds(const float *const *pieces, const int64_t *siz
         sink[thread] = sum;
     }
     return now() - start;
+}
+
+/* Seconds to read all ``n`` floats of ``buffer`` once with ``threads`` threads (forward.c
+ * runs a decode step with every thread or, on a busy machine, one), each thread's share as
+ * ``streams`` (1..16) parts side by side; each thread's sum into sink[thread], the other
+ * sinks zeroed. Returns -1 for a stream or thread count out of range. */
+double rkllmd_read_seconds(const float *buffer, int64_t n, int streams, int threads, double *sink) {
+    return rkllmd_read_pieces_seconds(&buffer, &n, 1, streams, threads, sink);
 }
