@@ -147,18 +147,15 @@ class Outbox:
                 return
             last = gen.messages[-1] if gen.messages else None
             if type_ == "token" and last is not None and last["type"] == "token":
-                _join(last, fields)
+                join_token(last, fields)
             elif type_ in _SUPERSEDED and last is not None and last["type"] == type_ and last.get("status") == fields.get("status"):
                 last.update(fields)  # a newer position or progress replaces one not sent yet (a pull's next status does not)
             else:
                 gen.messages.append(reply(gen.request_id, type_, **fields))
             gen.finished = type_ in ("done", "error")
             self._streams[id(gen)] = gen
-            if type_ == "token":
-                now = time.monotonic()
-                if gen.token_woke_at is not None and now - gen.token_woke_at < TOKEN_WAKE_INTERVAL_S:
-                    return  # goes with the next wake: a later piece's, or the final message's
-                gen.token_woke_at = now
+            if type_ == "token" and not token_wake_due(gen):
+                return  # goes with the next wake: a later piece's, or the final message's
             self._wake()
 
     def take(self) -> tuple[list[tuple[bytes, dict[str, Any]]], list[tuple[Generation, list[dict[str, Any]]]]]:
@@ -182,7 +179,7 @@ class Outbox:
         with self._lock:
             newer = gen.messages
             if newer and unsent and newer[0]["type"] == "token" and unsent[-1]["type"] == "token":
-                _join(unsent[-1], newer.pop(0))
+                join_token(unsent[-1], newer.pop(0))
             gen.messages = unsent + newer
             self._streams[id(gen)] = gen
 
@@ -194,7 +191,17 @@ class Outbox:
             self._streams.pop(id(gen), None)
 
 
-def _join(token: dict[str, Any], later: dict[str, Any]) -> None:
+def token_wake_due(gen: Generation) -> bool:
+    """Whether ``gen``'s token text wakes its reader now: its first piece, or the last wake
+    is ``TOKEN_WAKE_INTERVAL_S`` old (then this is the new last wake)."""
+    now = time.monotonic()
+    if gen.token_woke_at is not None and now - gen.token_woke_at < TOKEN_WAKE_INTERVAL_S:
+        return False
+    gen.token_woke_at = now
+    return True
+
+
+def join_token(token: dict[str, Any], later: dict[str, Any]) -> None:
     """A later token message's text into a waiting one. Reasoning comes before any answer
     text in a model's output, so a joined message's ``reasoning`` still precedes its ``text``;
     the tokens' ``logprobs`` keep their order."""

@@ -120,7 +120,6 @@ class CpuRun(Run):
     def advanced(self, rows: Rows, logits: np.ndarray | None) -> None:
         """``rows`` ran (their last one's ``logits``, if wanted): take the next token."""
         self.pos += len(rows.tokens)
-        self.slot.live = np.asarray(self.history[: self.pos], np.int32)
         if self.phase == "prefill":
             self.prefilled = self.pos - self.stats.cached_tokens
             if logits is None:
@@ -160,7 +159,11 @@ class CpuRun(Run):
             self.pending = token
 
     def finish(self, reason: str) -> None:
-        """End with ``reason``; what the stop matcher and the decoder held back goes out."""
+        """End with ``reason``; what the stop matcher and the decoder held back goes out.
+        The slot's tokens are told here: while the run writes positions from ``restored`` on,
+        ``live`` (the restored tokens) stays true of the positions before, and converting
+        the whole history at every step cost 30 us a token, growing with the context."""
+        self.slot.live = np.asarray(self.history[: self.pos], np.int32)
         stats = self.stats
         stats.finish_reason = self.text.finish(reason)
         now = time.perf_counter()

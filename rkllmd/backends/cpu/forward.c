@@ -68,7 +68,7 @@
  * TILE_PANELS panels, one accumulator per token and output, sized to the target's
  * vector registers (AVX-512: 24 of 32; AVX2: 12 of 16; NEON: 24 of 32, 4 per panel).
  * One token row (decode) streams DECODE_PANELS panels at once to keep loads in flight.
- * Threads take blocks of BLOCK_PANELS panels for groups of rows (``product_item``): the
+ * Threads take blocks of BLOCK_PANELS panels for groups of rows (``product_items``): the
  * block's weights stay in L2 cache while the group's tiles of tokens pass (a multiple of
  * the tiles' panels, and even: gate/up pairs). */
 #if WIDTH == 16
@@ -82,13 +82,18 @@
 #define TILE_PANELS 1
 #endif
 /* Threads take a product's work as items of a block of panels for a group of up to
- * GROUP_TOKENS token rows, so that even the small products of a layer (9 blocks of its
- * 576 outputs) are shared evenly by the team. */
+ * GROUP_TOKENS token rows. */
 #define GROUP_TOKENS (8 * TILE_TOKENS)
 /* Left-over tokens: tiles of SHORT_TOKENS, then of one. */
 #define SHORT_TOKENS (TILE_TOKENS > 4 ? 4 : 1)
 #define DECODE_PANELS 4
 #define BLOCK_PANELS 4
+/* Rows of one group (decode steps) take blocks of SMALL_BLOCK_PANELS, and a thread's run of
+ * consecutive blocks streams as one stretch of panels (DECODE_PANELS at once): a team
+ * finishes a phase together only if its items are small and divide evenly. In blocks of 4,
+ * a layer's 36 output panels were 9 items for 2 threads: timed per phase, a step's threads
+ * waited ~300 us for each other at the ends of its products, ~60 us in blocks of 2. */
+#define SMALL_BLOCK_PANELS 2
 /* Prefill tiles ask for their weights PREFETCH_AHEAD inputs (cache lines) ahead: a block's
  * first tile of tokens reads them from memory, faster than the hardware's prefetcher
  * alone brings them. */
@@ -144,7 +149,7 @@ struct rows {
     float *act;               /* [n, ffn] */
     float *partials;          /* [n, heads, chunks, head_dim + 2] */
     int64_t n_chunks;         /* chunks of the row furthest on */
-    int own_caches;           /* no two rows share a cache: attention units rotate and store (``attend_item``) */
+    int own_caches;           /* no two rows share a cache: attention units rotate and store (``attend_unit``) */
 };
 
 static inline vec_t load(const float *p) {
@@ -315,11 +320,13 @@ DEFINE_TILE(tile_short, SHORT_TOKENS, TILE_PANELS)
 DEFINE_TILE(tile_short_one, SHORT_TOKENS, 1)
 DEFINE_TILE(tile_decode, 1, DECODE_PANELS)
 DEFINE_TILE(tile_one, 1, 1)
+DEFINE_TILE(tile_decode_pair, 1, 2)
 
 typedef void tile_fn(const float *restrict, const float *restrict, float *restrict, int64_t, int64_t, int64_t, int);
 
 /* Panels [p0, p1) for every token row: for each tile of tokens (in L1 cache), the
- * block's panels (in L2) by the widest tile that fits, the rest one panel at a time. */
+ * block's panels (in L2) by the widest tile that fits, the rest one panel at a time (a
+ * single row: two at a time, then one). */
 static void block(const float *w, const float *x, float *out, int64_t n_tokens, int64_t n_out, int64_t k_dim,
                   int64_t p0, int64_t p1, int accumulate) {
     for (int64_t t = 0; t < n_tokens;) {
@@ -333,8 +340,8 @@ static void block(const float *w, const float *x, float *out, int64_t n_tokens, 
             panels = TILE_PANELS;
         }
         for (int64_t p = p0; p < p1;) {
-            const int64_t n = p + panels <= p1 ? panels : 1, valid = n_out - p * LANES;
-            (n == panels ? wide : narrow)(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim,
+            const int64_t n = p + panels <= p1 ? panels : tokens == 1 && p + 2 <= p1 ? 2 : 1, valid = n_out - p * LANES;
+            (n == panels ? wide : n == 2 ? tile_decode_pair : narrow)(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim,
                                           n_out, valid < n * LANES ? valid : n * LANES, accumulate);
             p += n;
         }
@@ -346,7 +353,7 @@ static void block(const float *w, const float *x, float *out, int64_t n_tokens, 
  * outputs, output o's weight for input k at ((o / LANES) * k_dim + k) * LANES + o %
  * LANES (the last panel zero-padded), so that one vector load gives LANES outputs'
  * weights for one input. out[n_tokens, n_out] = x[n_tokens, k_dim] @ w^T, or added to
- * out (``accumulate``). Threads take it by items (``product_item``). */
+ * out (``accumulate``). Threads take it by items (``product_items``). */
 struct product {
     const float *w, *x;
     float *out;
@@ -354,7 +361,6 @@ struct product {
     int accumulate;
 };
 
-static int64_t product_blocks(int64_t n_out) { return ((n_out + LANES - 1) / LANES + BLOCK_PANELS - 1) / BLOCK_PANELS; }
 
 static void rms_norm(const float *x, const float *weight, float *out, int64_t n, double eps) {
     const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + (float)eps);
@@ -618,7 +624,8 @@ struct task {
     float *h;                 /* this thread's normalized rows: the products' input */
 };
 
-typedef void item_fn(const struct task *, int64_t);
+/* Items [first, end) of a phase. */
+typedef void item_fn(const struct task *, int64_t first, int64_t end);
 
 static void norm_rows(struct task *task) { rms_norm_rows(task->m, task->s, task->norm, task->h); }
 
@@ -628,37 +635,52 @@ static void norm_logit_rows(struct task *task) { /* the rows whose logits are wa
         rms_norm(task->s->x + task->s->logit_rows[i] * dim, task->norm, task->h + i * dim, dim, task->m->norm_eps);
 }
 
-static void embed_item(const struct task *task, int64_t t) { /* row tokens[t] of the head's panels */
-    const int64_t dim = task->m->dim, token = task->tokens[t];
-    for (int64_t k = 0; k < dim; k++)
-        task->s->x[t * dim + k] = task->m->head[(token / LANES * dim + k) * LANES + token % LANES];
+static void embed_items(const struct task *task, int64_t first, int64_t end) { /* rows tokens[t] of the head's panels */
+    const int64_t dim = task->m->dim;
+    for (int64_t t = first; t < end; t++) {
+        const int64_t token = task->tokens[t];
+        for (int64_t k = 0; k < dim; k++)
+            task->s->x[t * dim + k] = task->m->head[(token / LANES * dim + k) * LANES + token % LANES];
+    }
 }
 
 static int64_t row_groups(int64_t n_tokens) { return (n_tokens + GROUP_TOKENS - 1) / GROUP_TOKENS; }
 
-/* Items of a product: its blocks of panels, each for every group of rows. */
-static int64_t product_items(const struct product *p) { return product_blocks(p->n_out) * row_groups(p->n_tokens); }
+static int64_t block_panels(const struct product *p) { return row_groups(p->n_tokens) == 1 ? SMALL_BLOCK_PANELS : BLOCK_PANELS; }
 
-/* A block of panels for a group of rows (consecutive items share the block, whose
- * weights then come from L2 cache). */
-static void product_item(const struct task *task, int64_t item) {
-    const struct product *p = &task->product;
-    const int64_t groups = row_groups(p->n_tokens), n_panels = (p->n_out + LANES - 1) / LANES;
-    const int64_t p0 = item / groups * BLOCK_PANELS, p1 = p0 + BLOCK_PANELS < n_panels ? p0 + BLOCK_PANELS : n_panels;
-    const int64_t t0 = item % groups * GROUP_TOKENS, t1 = t0 + GROUP_TOKENS < p->n_tokens ? t0 + GROUP_TOKENS : p->n_tokens;
-    block(p->w, p->x + t0 * p->k_dim, p->out + t0 * p->n_out, t1 - t0, p->n_out, p->k_dim, p0, p1, p->accumulate);
-    if (task->silu)
-        silu_panels(task->m, task->s, t0, t1, p0, p1);
+/* Items of a product: its blocks of panels, each for every group of rows. */
+static int64_t count_product_items(const struct product *p) {
+    const int64_t panels = block_panels(p);
+    return ((p->n_out + LANES - 1) / LANES + panels - 1) / panels * row_groups(p->n_tokens);
 }
 
-static void rotate_item(const struct task *task, int64_t t) { rotate_and_store(task->m, task->s, task->layer, t); }
+/* Blocks of panels, each for a group of rows (consecutive items share a block, whose
+ * weights then come from L2 cache; with one group, consecutive blocks are one stretch). */
+static void product_items(const struct task *task, int64_t first, int64_t end) {
+    const struct product *p = &task->product;
+    const int64_t groups = row_groups(p->n_tokens), n_panels = (p->n_out + LANES - 1) / LANES, panels = block_panels(p);
+    for (int64_t item = first; item < end;) {
+        const int64_t blocks = groups == 1 ? end - item : 1;
+        const int64_t p0 = item / groups * panels, p1 = p0 + blocks * panels < n_panels ? p0 + blocks * panels : n_panels;
+        const int64_t t0 = item % groups * GROUP_TOKENS, t1 = t0 + GROUP_TOKENS < p->n_tokens ? t0 + GROUP_TOKENS : p->n_tokens;
+        block(p->w, p->x + t0 * p->k_dim, p->out + t0 * p->n_out, t1 - t0, p->n_out, p->k_dim, p0, p1, p->accumulate);
+        if (task->silu)
+            silu_panels(task->m, task->s, t0, t1, p0, p1);
+        item += blocks;
+    }
+}
+
+static void rotate_items(const struct task *task, int64_t first, int64_t end) {
+    for (int64_t t = first; t < end; t++)
+        rotate_and_store(task->m, task->s, task->layer, t);
+}
 
 /* One row, one KV head and one chunk of positions (``attend_chunk``). When every row has
  * its own cache (decode steps), no row reads what another writes, so there is no rotation
  * phase (one thread rotating while the others wait, 30 times a token): each unit rotates its
  * own queries, and the unit of the chunk holding the row's position stores its key and
  * value before reading them. The same arithmetic either way. */
-static void attend_item(const struct task *task, int64_t unit) {
+static void attend_unit(const struct task *task, int64_t unit) {
     const struct rkllmd_model *m = task->m;
     const struct rows *s = task->s;
     const int64_t nkv = m->n_kv_heads, nc = s->n_chunks, hd = m->head_dim, group = m->n_heads / nkv;
@@ -677,8 +699,14 @@ static void attend_item(const struct task *task, int64_t unit) {
     attend_chunk(m, s, task->layer, t, kv, chunk, queries[0]);
 }
 
-static void merge_item(const struct task *task, int64_t unit) {
-    merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
+static void attend_items(const struct task *task, int64_t first, int64_t end) {
+    for (int64_t unit = first; unit < end; unit++)
+        attend_unit(task, unit);
+}
+
+static void merge_items(const struct task *task, int64_t first, int64_t end) {
+    for (int64_t unit = first; unit < end; unit++)
+        merge_chunks(task->m, task->s, unit / task->m->n_heads, unit % task->m->n_heads);
 }
 
 /* The most items a thread claims from its own segment at once (``run``). */
@@ -701,7 +729,8 @@ static int64_t team_member(void) {
 }
 
 /* Takes items of a segment of ``size`` items (``taken``: see ``struct counter``): from its
- * back one, from its front an eighth of those left (at least one, at most RUN_ITEMS).
+ * back one, from its front an eighth of those left (at least two, one of the last three,
+ * at most RUN_ITEMS).
  * Returns how many (0: none left), the first at *first. */
 static int64_t take(struct counter *taken, int64_t size, int from_back, int64_t *first) {
     uint64_t word = __atomic_load_n(&taken->value, __ATOMIC_RELAXED);
@@ -709,7 +738,7 @@ static int64_t take(struct counter *taken, int64_t size, int from_back, int64_t 
         const int64_t front = (int64_t)(word & 0xffffffffu), back = (int64_t)(word >> 32), left = size - front - back;
         if (left <= 0)
             return 0;
-        const int64_t n = from_back || left < 16 ? 1 : left / 8 > RUN_ITEMS ? RUN_ITEMS : left / 8;
+        const int64_t n = from_back || left < 4 ? 1 : left / 8 > RUN_ITEMS ? RUN_ITEMS : left / 8 < 2 ? 2 : left / 8;
         if (__atomic_compare_exchange_n(&taken->value, &word, word + (from_back ? (uint64_t)n << 32 : (uint64_t)n), 0,
                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
             *first = from_back ? size - back - n : front;
@@ -740,8 +769,7 @@ static void run(struct pass *pass, int64_t total, item_fn *item, struct task *ta
                 task->prepare(task);
                 prepared = 1;
             }
-            for (int64_t i = start + first; i < start + first + count; i++)
-                item(task, i);
+            item(task, start + first, start + first + count);
             __atomic_fetch_add(&counters[0].value, count, __ATOMIC_RELEASE);
         }
     }
@@ -876,35 +904,35 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
 #endif
         struct pass pass = {.next = counters, .stride = 1 + threads, .segments = team_size()};
         struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
-        run(&pass, n, embed_item, &task);
+        run(&pass, n, embed_items, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {
             task.layer = layer;
             task.prepare = norm_rows;
             task.norm = m->attn_norm + layer * dim;
             task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
             task.prepare = NULL;
             if (!s.own_caches)
-                run(&pass, n, rotate_item, &task);
-            run(&pass, n * nkv * s.n_chunks, attend_item, &task);
-            run(&pass, n * nh, merge_item, &task);
+                run(&pass, n, rotate_items, &task);
+            run(&pass, n * nkv * s.n_chunks, attend_items, &task);
+            run(&pass, n * nh, merge_items, &task);
             task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
             task.prepare = norm_rows;
             task.norm = m->ffn_norm + layer * dim;
             task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
             task.silu = 1;
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
             task.silu = 0;
             task.prepare = NULL;
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
         }
         if (n_logits > 0) {
             task.prepare = norm_logit_rows;
             task.norm = m->output_norm;
             task.product = (struct product){m->head, h, logits, n_logits, m->vocab_size, dim, 0};
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
         }
     }
     if (team >= 0)
@@ -956,28 +984,28 @@ int rkllmd_forward_hidden(const struct rkllmd_model *m, int64_t n, const int64_t
 #endif
         struct pass pass = {.next = counters, .stride = 1 + threads, .segments = team_size()};
         struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
-        run(&pass, n, embed_item, &task);
+        run(&pass, n, embed_items, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {
             task.layer = layer;
             task.prepare = norm_rows;
             task.norm = m->attn_norm + layer * dim;
             task.product = (struct product){m->wqkv + layer * qkv_size, h, s.qkv, n, qkv_dim, dim, 0};
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
             task.prepare = NULL;
-            run(&pass, n, rotate_item, &task);
-            run(&pass, n * nkv * s.n_chunks, attend_item, &task);
-            run(&pass, n * nh, merge_item, &task);
+            run(&pass, n, rotate_items, &task);
+            run(&pass, n * nkv * s.n_chunks, attend_items, &task);
+            run(&pass, n * nh, merge_items, &task);
             task.product = (struct product){m->wo + layer * padded_dim * q_dim, s.attended, s.x, n, dim, q_dim, 1};
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
             task.prepare = norm_rows;
             task.norm = m->ffn_norm + layer * dim;
             task.product = (struct product){m->wgu + layer * gu_dim * dim, h, s.gate_up, n, gu_dim, dim, 0};
             task.silu = 1;
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
             task.silu = 0;
             task.prepare = NULL;
             task.product = (struct product){m->wd + layer * padded_dim * ffn, s.act, s.x, n, dim, ffn, 1};
-            run(&pass, product_items(&task.product), product_item, &task);
+            run(&pass, count_product_items(&task.product), product_items, &task);
         }
     }
     for (int64_t t = 0; t < n; t++)

@@ -138,22 +138,29 @@ class BoundForward:
             raise KernelError(f"a KV cache must be a C-contiguous float32 array of {self._cache_size} elements")
         return array.ctypes.data
 
-    def __call__(self, tokens: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                 logit_rows: np.ndarray, logits: np.ndarray) -> None:
-        """Run token rows (``tokens``, ``positions``: int64; ``keys``, ``values``: uintp, each
-        row's cache by ``cache_address``); the logits of rows ``logit_rows`` (int64) into
-        ``logits`` (float32, [len(logit_rows), vocab]). The caller checks tokens, positions
+    def __call__(self, rows: np.ndarray, logit_rows: np.ndarray, logits: np.ndarray) -> None:
+        """Run token rows (``rows``: int64 [4, n], C-contiguous: tokens, positions, and each
+        row's keys and values by ``cache_address``); the logits of rows ``logit_rows`` (int64)
+        into ``logits`` (float32, [len(logit_rows), vocab]). The caller checks tokens, positions
         and that no two rows write one position of one cache: the C code trusts them."""
-        if self._function(self._pointer, len(tokens), tokens.ctypes.data, positions.ctypes.data, keys.ctypes.data,
-                          values.ctypes.data, len(logit_rows), logit_rows.ctypes.data, logits.ctypes.data) != 0:
+        n, address = rows.shape[1], self._rows_address(rows)
+        if self._function(self._pointer, n, address, address + 8 * n, address + 16 * n, address + 24 * n,
+                          len(logit_rows), logit_rows.ctypes.data, logits.ctypes.data) != 0:
             raise MemoryError("the forward pass could not allocate its scratch memory")
 
-    def hidden(self, tokens: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray) -> None:
+    def hidden(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Run token rows as ``__call__`` does; every row's final hidden state after the output
-        norm into ``out`` (float32, [len(tokens), dim]): what embeddings pool."""
-        if self._hidden_function(self._pointer, len(tokens), tokens.ctypes.data, positions.ctypes.data, keys.ctypes.data,
-                                 values.ctypes.data, out.ctypes.data) != 0:
+        norm into ``out`` (float32, [n, dim]): what embeddings pool."""
+        n, address = rows.shape[1], self._rows_address(rows)
+        if self._hidden_function(self._pointer, n, address, address + 8 * n, address + 16 * n, address + 24 * n,
+                                 out.ctypes.data) != 0:
             raise MemoryError("the forward pass could not allocate its scratch memory")
+
+    @staticmethod
+    def _rows_address(rows: np.ndarray) -> int:
+        if rows.dtype != np.int64 or rows.ndim != 2 or rows.shape[0] != 4 or not rows.flags.c_contiguous:
+            raise KernelError("rows must be a C-contiguous int64 array of shape [4, n]")
+        return rows.ctypes.data
 
 
 def compiler() -> str | None:
