@@ -138,6 +138,16 @@ class Outbox:
 
     def stream(self, gen: Generation, type_: str, **fields: Any) -> None:
         """Queue a message of ``gen``'s stream; "token" text joins a waiting token message."""
+        self._queue(gen, type_, fields, paced=False)
+
+    def forward(self, gen: Generation, type_: str, fields: dict[str, Any]) -> None:
+        """``stream`` for a message from a runner, whose token text comes paced already
+        (``runner.child.ForwardingOutbox``): it wakes the loop at once. Paced twice, text
+        went out every other interval (80 ms) and a stopped reader's queue filled half as
+        fast."""
+        self._queue(gen, type_, fields, paced=True)
+
+    def _queue(self, gen: Generation, type_: str, fields: dict[str, Any], paced: bool) -> None:
         if type_ in _SCHEDULING_EVENTS or "cache_build" in fields:
             if type_ in ("done", "error"):
                 gen.ended = True
@@ -154,7 +164,7 @@ class Outbox:
                 gen.messages.append(reply(gen.request_id, type_, **fields))
             gen.finished = type_ in ("done", "error")
             self._streams[id(gen)] = gen
-            if type_ == "token" and not token_wake_due(gen):
+            if type_ == "token" and not paced and not token_wake_due(gen):
                 return  # goes with the next wake: a later piece's, or the final message's
             self._wake()
 

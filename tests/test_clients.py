@@ -91,14 +91,17 @@ def test_stopped_reader_is_aborted_without_stalling_others(slow_daemon: DaemonPr
                 status = poll(lambda: (s := other.status())["counters"]["clients_gone"] > before["clients_gone"]
                               and s["worker"]["running"] is None and s, timeout=SLOW_TIMEOUT + 30, what="the stopped client's generation aborted")
             assert status["worker"]["queued"] == 0
-            # Its generation was aborted long before its 4096 tokens (~200 s at 20 tokens/s).
+            # Its generation was aborted long before its 4096 tokens: it ran ahead by what the
+            # queue and the socket buffers hold (~170 tokens of text in messages of a few tokens
+            # each) and by the timeout's worth at the decode speed (260 tokens at 130 tokens/s
+            # here), not by a fixed count.
             tokens = status["counters"]["completion_tokens"] - before["completion_tokens"] - waiting.stats["completion_tokens"]
             # What the stall may cost: the timeout, and the time to fill ZeroMQ's queue and the
             # kernel's buffer (a few dozen small messages) at this machine's decode speed.
             fill_s = (SEND_HWM + CONNECTION_SNDBUF * 2 // 700) / tps
             assert stall <= SLOW_TIMEOUT + 1.5 * fill_s + 3.0, (stall, tps)
             assert stall < SLOW_TIMEOUT, "it waited for the stopped reader instead of running beside it"
-            assert tokens < 400
+            assert tokens < 4096 // 4
             # Beyond the KV cache of the tokens generated for it (written position by position).
             assert watch.peak - rss_before < 2048 + tokens * kv_kb, "the daemon buffered for a stopped client"
             # Woken again, it reads what was buffered and then learns its generation was aborted:

@@ -316,3 +316,32 @@ def test_a_runners_token_frames_are_paced_and_the_held_text_goes_before_the_end(
     ]
     ours.close()
     theirs.close()
+
+
+def test_a_runners_paced_token_text_wakes_the_socket_loop_at_once() -> None:
+    """The daemon paced a runner's token frames again: a frame that came a little under an
+    interval after the loop's last wake waited for the next one, so text reached the client
+    80 ms apart instead of 40. A runner's frames (``forward``) wake the loop at once; text
+    the worker thread streams itself (``stream``) is paced as before."""
+    import select
+
+    from rkllmd.outbox import Generation, Outbox
+    from rkllmd.sampling import SamplingParams
+
+    def woken(outbox: Outbox) -> bool:
+        readable = bool(select.select([outbox], [], [], 0)[0])
+        outbox.take()  # what the loop does on a wake: the pipe empties
+        return readable
+
+    for forwarded in (True, False):
+        outbox = Outbox()
+        gen = Generation(b"client", 1, SamplingParams(), None, True, time.monotonic())
+        wakes = []
+        for text in ("a", "b", "c"):
+            if forwarded:
+                outbox.forward(gen, "token", {"text": text})
+            else:
+                outbox.stream(gen, "token", text=text)
+            wakes.append(woken(outbox))
+        assert wakes == ([True, True, True] if forwarded else [True, False, False])
+        outbox.close()

@@ -287,7 +287,7 @@ class RunnerProcess:
             gen.position, gen.waits_for_build = fields["position"], waits
         elif type_ == "started":
             gen.started = time.monotonic()
-        self.outbox.stream(gen, type_, **fields)
+        self.outbox.forward(gen, type_, fields)
 
     # -- as a ModelWorker -----------------------------------------------------------------
 
