@@ -341,8 +341,9 @@ static void block(const float *w, const float *x, float *out, int64_t n_tokens, 
         }
         for (int64_t p = p0; p < p1;) {
             const int64_t n = p + panels <= p1 ? panels : tokens == 1 && p + 2 <= p1 ? 2 : 1, valid = n_out - p * LANES;
-            (n == panels ? wide : n == 2 ? tile_decode_pair : narrow)(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim,
-                                          n_out, valid < n * LANES ? valid : n * LANES, accumulate);
+            tile_fn *tile = n == panels ? wide : n == 2 ? tile_decode_pair : narrow;
+            tile(w + p * k_dim * LANES, x + t * k_dim, out + t * n_out + p * LANES, k_dim, n_out,
+                 valid < n * LANES ? valid : n * LANES, accumulate);
             p += n;
         }
         t += tokens;
@@ -360,7 +361,6 @@ struct product {
     int64_t n_tokens, n_out, k_dim;
     int accumulate;
 };
-
 
 static void rms_norm(const float *x, const float *weight, float *out, int64_t n, double eps) {
     const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + (float)eps);
