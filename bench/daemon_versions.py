@@ -5,10 +5,12 @@ kept weights, against the read probe of the same moment.
 decode_versions.py compares forward.c alone, in process; this one also times what runs
 between two decode steps (the runner's Python: sampling, the token's text, its frame to
 the daemon). Both daemons run at once, idle but for the answer being timed; each round
-runs the read probe (read_limit.c, one round of 1-16 streams) before each version's
-greedy answer of --tokens after a --prompt-tokens prompt, and the versions alternate
-which goes first, so that this VM's drifting bandwidth hits both alike. Prints each
-answer's decode_tps and its ratio to the probe just before it.
+runs the read probe (read_limit.c, one round of 1-16 streams) before and after each
+version's greedy answer of --tokens after a --prompt-tokens prompt, and the versions
+alternate which goes first, so that this VM's drifting bandwidth hits both alike. Prints
+each answer's decode_tps and its ratio to the probe just before it (with the probe after,
+where the memory changed mode meanwhile), then the ratios over all answers and over the
+answers whose memory kept its mode.
 Run: python bench/daemon_versions.py [--against main] [--rounds 12]
 """
 
@@ -29,6 +31,7 @@ from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon import KERNELS_DIR, ROOT, WEIGHTS_DIR, words  # noqa: E402
+from decode_profile import MODE_CHANGE  # noqa: E402
 import read_limit  # noqa: E402  (after daemon, which imports rkllmd first)
 
 from rkllmctl import Client, DaemonUnreachable  # noqa: E402
@@ -85,6 +88,7 @@ def main() -> None:
             for client in clients.values():  # each daemon's first answer builds or loads its kernel
                 client.generate(messages=messages, max_tokens=8, temperature=0, no_cache=True).wait()
             ratios: dict[str, list[float]] = {label: [] for label in clients}
+            steady: dict[str, list[float]] = {label: [] for label in clients}  # the memory kept its mode
             print(f"{args.rounds} rounds: per version, the probe, then a greedy answer of {args.tokens} tokens after "
                   f"{args.prompt_tokens} prompt tokens; versions alternate which goes first\n")
             print("| round | " + " | ".join(f"{label}: probe GB/s, tokens/s, / limit" for label in clients) + " |")
@@ -96,14 +100,24 @@ def main() -> None:
                     probe = read_limit.measure(n_bytes, "native", rounds=1, weights=backend.model.w)
                     result = clients[label].generate(messages=messages, max_tokens=args.tokens, temperature=0,
                                                      no_cache=True).wait()
+                    after = read_limit.measure(n_bytes, "native", rounds=1, weights=backend.model.w)
                     tps = result.stats["decode_tps"]
                     ratios[label].append(tps / probe.tokens_per_s())
-                    cells[label] = f"{probe.best_gbps:.1f}, {tps:.1f}, {ratios[label][-1]:.3f}"
+                    changed = abs(after.best_gbps / probe.best_gbps - 1) > MODE_CHANGE
+                    if not changed:
+                        steady[label].append(ratios[label][-1])
+                    cells[label] = f"{probe.best_gbps:.1f}, {tps:.1f}, {ratios[label][-1]:.3f}" + (
+                        f" (after: {after.best_gbps:.1f})" if changed else "")
                 print(f"| {r + 1} | " + " | ".join(cells[label] for label in clients) + " |", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.3f}/{statistics.median(values):.3f}/{max(values):.3f}" if values else "none"
+
     print("\ndaemon decode / limit, min/median/max over the rounds: " + "; ".join(
-        f"{label} {min(v):.3f}/{statistics.median(v):.3f}/{max(v):.3f}" for label, v in ratios.items()))
+        f"{label} {spread(v)}" for label, v in ratios.items()))
+    print(f"over the answers whose probe after was within {MODE_CHANGE:.0%} of the one before: " + "; ".join(
+        f"{label} {spread(v)} ({len(v)} of {len(ratios[label])})" for label, v in steady.items()))
 
 
 if __name__ == "__main__":
