@@ -142,9 +142,9 @@ class Outbox:
 
     def forward(self, gen: Generation, type_: str, fields: dict[str, Any]) -> None:
         """``stream`` for a message from a runner, whose token text comes paced already
-        (``runner.child.ForwardingOutbox``): it wakes the loop at once. Paced twice, text
-        went out every other interval (80 ms) and a stopped reader's queue filled half as
-        fast."""
+        (``runner.child.ForwardingOutbox``): it wakes the loop at once. Paced twice, a
+        frame that came a little under an interval after the loop's last wake waited for
+        the next one: pieces reached the client up to 86 ms apart."""
         self._queue(gen, type_, fields, paced=True)
 
     def _queue(self, gen: Generation, type_: str, fields: dict[str, Any], paced: bool) -> None:
