@@ -86,9 +86,10 @@ def attention(model: Model, slot: KVSlot, n_keys: int) -> None:
     queries = model._rot[: cfg.n_heads].reshape(cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim)
     scores = model._scores[:, :, :n_keys]
     for layer in range(cfg.n_layers):
-        np.matmul(queries, slot.keys[layer][:, :, :n_keys], out=scores)
+        keys, values = slot.read(0, n_keys, layer)
+        np.matmul(queries, keys, out=scores)
         totals = model._exp_scores(scores, model._row)
-        np.matmul(scores, slot.values[layer][:, :n_keys], out=model._attn)
+        np.matmul(scores, values, out=model._attn)
         model._attn /= totals
 
 

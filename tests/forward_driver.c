@@ -45,7 +45,17 @@ static float *random_panels(int64_t count, int64_t n_out, int64_t k, float scale
 }
 
 static int64_t cache_size(const struct rkllmd_model *m) {
-    return m->n_layers * m->n_kv_heads * m->head_dim * m->capacity;
+    const int64_t blocks = (m->capacity + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
+    return blocks * m->n_layers * m->n_kv_heads * m->head_dim * ATTENTION_CHUNK;
+}
+
+/* Where position pos's key component d, or its value, of a layer's KV head kv sits in a cache. */
+static int64_t key_at(const struct rkllmd_model *m, int64_t layer, int64_t kv, int64_t d, int64_t pos) {
+    return kv_block_offset(m, layer, kv, pos) + d * ATTENTION_CHUNK + pos % ATTENTION_CHUNK;
+}
+
+static int64_t value_at(const struct rkllmd_model *m, int64_t layer, int64_t kv, int64_t pos) {
+    return kv_block_offset(m, layer, kv, pos) + pos % ATTENTION_CHUNK * m->head_dim;
 }
 
 /* One stream's KV cache. */
@@ -78,12 +88,16 @@ static int forward(const struct rkllmd_model *m, struct cache c, const int64_t *
 static int same(const struct rkllmd_model *m, struct cache c, const float *keys, const float *values, const float *logits,
                 const float *ref_logits, int64_t n, const char *what) {
     int ok = memcmp(logits, ref_logits, m->vocab_size * sizeof(float)) == 0;
-    for (int64_t block = 0; block < m->n_layers * m->n_kv_heads; block++) {
-        const int64_t cap = m->capacity, hd = m->head_dim;
-        for (int64_t d = 0; d < hd; d++)
-            ok &= memcmp(c.keys + (block * hd + d) * cap, keys + (block * hd + d) * cap, n * sizeof(float)) == 0;
-        ok &= memcmp(c.values + block * cap * hd, values + block * cap * hd, n * hd * sizeof(float)) == 0;
-    }
+    for (int64_t layer = 0; layer < m->n_layers; layer++)
+        for (int64_t kv = 0; kv < m->n_kv_heads; kv++)
+            for (int64_t pos = 0; pos < n; pos++) {
+                for (int64_t d = 0; d < m->head_dim; d++) {
+                    const int64_t at = key_at(m, layer, kv, d, pos);
+                    ok &= memcmp(c.keys + at, keys + at, sizeof(float)) == 0;
+                }
+                const int64_t at = value_at(m, layer, kv, pos);
+                ok &= memcmp(c.values + at, values + at, m->head_dim * sizeof(float)) == 0;
+            }
     if (!ok)
         fprintf(stderr, "differs from prefilling everything at once: %s\n", what);
     return ok;
@@ -207,10 +221,13 @@ int main(int argc, char **argv) {
         return 1;
 
     fwrite(ref_logits, sizeof(float), m.vocab_size, stdout);
-    for (int64_t block = 0; block < L * m.n_kv_heads; block++) {
-        for (int64_t d = 0; d < hd; d++)
-            fwrite(ref_keys + (block * hd + d) * m.capacity, sizeof(float), n, stdout);
-        fwrite(ref_values + block * m.capacity * hd, sizeof(float), n * hd, stdout);
-    }
+    for (int64_t layer = 0; layer < L; layer++)
+        for (int64_t kv = 0; kv < m.n_kv_heads; kv++) {
+            for (int64_t d = 0; d < hd; d++)
+                for (int64_t pos = 0; pos < n; pos++)
+                    fwrite(ref_keys + key_at(&m, layer, kv, d, pos), sizeof(float), 1, stdout);
+            for (int64_t pos = 0; pos < n; pos++)
+                fwrite(ref_values + value_at(&m, layer, kv, pos), sizeof(float), hd, stdout);
+        }
     return 0;
 }

@@ -47,8 +47,7 @@ def assert_same_step(c_model: Model, numpy_model: Model, prompt: list[int], step
         assert np.abs(a - b).max() <= 1e-4 * scale + 1e-5, f"step {step}"
         assert int(np.argmax(a)) == int(np.argmax(b)), f"step {step}"
     n = len(prompt) + steps
-    for ours, reference in ((c_slot.keys[..., :n], numpy_slot.keys[..., :n]),
-                            (c_slot.values[:, :, :n], numpy_slot.values[:, :, :n])):
+    for ours, reference in zip(c_slot.read(0, n), numpy_slot.read(0, n)):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5 * float(np.abs(reference).max()))
 
 

@@ -46,8 +46,9 @@ SPLITS_PROBE = textwrap.dedent(
     for split in (1, 7, 129, 257, n - 1):  # odd ones, across tiles, chunks, attention chunks
         model.prefill(slot, ids[:split], 0)
         state = model.save_state(slot, split)
-        slot.keys[..., split:] = 7.0  # stale positions past the prefix must not matter
-        slot.values[:, :, split:] = -7.0
+        stale = model.context_length - split  # positions past the prefix must not matter
+        slot.write(split, np.full((*slot.keys.shape[1:-1], stale), 7.0, np.float32),
+                   np.full((*slot.values.shape[1:-2], stale, slot.values.shape[-1]), -7.0, np.float32))
         model.restore_state(slot, state, split)
         assert np.array_equal(model.prefill(slot, ids[split:], split), full), f"restored {split}, then the rest"
     model.prefill(slot, ids[: n - 12], 0)

@@ -27,8 +27,8 @@
  * x86-64) rounds them twice, so its results differ from theirs by float32 rounding,
  * never between its own runs.
  *
- * Arrays and layouts are model.py's (see its docstring): weight matrices in panels, keys
- * [layer, kv_head, dim, position], values [layer, kv_head, position, dim], rotary in
+ * Arrays and layouts are model.py's (see its docstring): weight matrices in panels, KV
+ * caches in blocks of ATTENTION_CHUNK positions (see ``kv_block_offset``), rotary in
  * halves order. Built by kernels.py with the machine's compiler (-O3 -march=native
  * -fopenmp) and called through ctypes; the vector extensions are GCC's and clang's,
  * lowered to AVX-512, AVX2, SSE or NEON as the target has them.
@@ -44,7 +44,7 @@
 #endif
 
 /* Bumped whenever struct rkllmd_model or a signature changes: kernels.py checks it. */
-#define RKLLMD_KERNEL_ABI 6
+#define RKLLMD_KERNEL_ABI 7
 /* LANES floats: a panel's outputs (see ``struct product``), and the accumulator lanes of other
  * sums (norms, softmax totals: element k to lane k % 16), whatever the target's vector
  * width (WIDTH floats: 16 on AVX-512, 8 on AVX2, 4 on SSE and NEON), so all targets add
@@ -131,8 +131,7 @@ struct rkllmd_model {
     const float *rope_sin;
 };
 
-/* The rows of one call and their scratch. A KV cache (one per stream) is keys [layers,
- * kv_heads, head_dim, capacity] and values [layers, kv_heads, capacity, head_dim]. */
+/* The rows of one call and their scratch. A KV cache (one per stream): see ``kv_block_offset``. */
 struct rows {
     int64_t n;                /* rows */
     const int64_t *pos;       /* [n]: each row's position */
@@ -395,16 +394,34 @@ static void rotate_query(const struct rkllmd_model *m, const struct rows *s, int
         out[i] = rotated[i] * scale;
 }
 
+/* A KV cache (one per stream) is blocks of ATTENTION_CHUNK positions, one after another,
+ * each holding every layer's keys and values of those positions: keys [blocks, layers,
+ * kv_heads, head_dim, ATTENTION_CHUNK], values [blocks, layers, kv_heads, ATTENTION_CHUNK,
+ * head_dim] (blocks: capacity rounded up). This is the offset of the keys (or values) of
+ * ``layer`` and KV head ``kv`` in the block of position ``pos``.
+ * - An attention unit (one head, one chunk: ``attend_chunk``) reads its keys and its values
+ *   from two contiguous stretches (64 KB each for SmolLM2). With keys [layer, kv_head, dim,
+ *   capacity] a unit's 64 key rows of 1 KB lay 16 KB apart, each in a page of its own:
+ *   timed per phase at 478 positions, attention took 702-802 us a step that way against
+ *   654-707 in blocks, and 539-557 in blocks on 2 MB pages.
+ * - The positions a stream writes stay within their blocks, so a cache can be mapped in
+ *   2 MB pages as it fills (model.py's ``_lazy_zeros``): in the former layout one position
+ *   touched every key row of the whole context. */
+static inline int64_t kv_block_offset(const struct rkllmd_model *m, int64_t layer, int64_t kv, int64_t pos) {
+    return ((pos / ATTENTION_CHUNK * m->n_layers + layer) * m->n_kv_heads + kv) * m->head_dim * ATTENTION_CHUNK;
+}
+
 /* Row t's key (rotated) and value of KV head kv into its cache, at its position. */
 static void store_key_value(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t, int64_t kv) {
-    const int64_t hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, cap = m->capacity, pos = s->pos[t];
+    const int64_t hd = m->head_dim, nh = m->n_heads, nkv = m->n_kv_heads, pos = s->pos[t];
+    const int64_t block = kv_block_offset(m, layer, kv, pos), within = pos % ATTENTION_CHUNK;
     float rotated[hd];
     rotate_head(m, s, t, nh + kv, rotated);
-    float *keys = s->keys[t] + ((layer * nkv + kv) * hd) * cap + pos;
+    float *keys = s->keys[t] + block + within;
     for (int64_t i = 0; i < hd; i++)
-        keys[i * cap] = rotated[i];
+        keys[i * ATTENTION_CHUNK] = rotated[i];
     const float *value = s->qkv + t * (nh + 2 * nkv) * hd + (nh + nkv + kv) * hd;
-    memcpy(s->values[t] + ((layer * nkv + kv) * cap + pos) * hd, value, hd * sizeof(float));
+    memcpy(s->values[t] + block + within * hd, value, hd * sizeof(float));
 }
 
 /* Row t: its queries rotated and scaled into s->queries, its keys and values into its cache. */
@@ -524,18 +541,18 @@ static float highest(const float *values, int64_t n) {
  * never on the other rows. ``queries``: the unit's query heads, rotated and scaled. */
 static CONTRACTED void attend_chunk(const struct rkllmd_model *m, const struct rows *s, int64_t layer, int64_t t, int64_t kv,
                                     int64_t chunk, const float *queries) {
-    const int64_t hd = m->head_dim, cap = m->capacity, nh = m->n_heads, group = nh / m->n_kv_heads;
+    const int64_t hd = m->head_dim, nh = m->n_heads, group = nh / m->n_kv_heads;
     const int64_t n_keys = s->pos[t] + 1;
     const int64_t p0 = chunk * ATTENTION_CHUNK, n = n_keys - p0 < ATTENTION_CHUNK ? n_keys - p0 : ATTENTION_CHUNK;
-    const float *keys = s->keys[t] + ((layer * m->n_kv_heads + kv) * hd) * cap + p0;
-    const float *values = s->values[t] + ((layer * m->n_kv_heads + kv) * cap + p0) * hd;
+    const float *keys = s->keys[t] + kv_block_offset(m, layer, kv, p0);
+    const float *values = s->values[t] + kv_block_offset(m, layer, kv, p0);
     /* The scores of a partial chunk are computed over whole passes of ``combine_sets``
-     * (positions past the row's are read from its cache, where they fit, and their scores
+     * (positions past the row's are read from its block, where they fit, and their scores
      * ignored): its tail in narrower passes took as long as the whole chunk. */
     const int64_t pass = SET_VECTORS * WIDTH, wide = (n + pass - 1) / pass * pass;
-    const int64_t n_scores = wide <= ATTENTION_CHUNK && wide <= cap - p0 ? wide : n;
+    const int64_t n_scores = wide <= ATTENTION_CHUNK ? wide : n;
     float scores[group][ATTENTION_CHUNK], top[group], total[group];
-    combine_sets(queries, hd, group, keys, cap, hd, scores[0], ATTENTION_CHUNK, n_scores);
+    combine_sets(queries, hd, group, keys, ATTENTION_CHUNK, hd, scores[0], ATTENTION_CHUNK, n_scores);
     for (int64_t g = 0; g < group; g++) {
         top[g] = highest(scores[g], n);
         total[g] = exp_shifted(scores[g], top[g], n);
@@ -798,6 +815,9 @@ static int own_caches(int64_t n, float *const *keys) {
 int rkllmd_kernel_abi(void) { return RKLLMD_KERNEL_ABI; }
 
 int64_t rkllmd_model_struct_size(void) { return sizeof(struct rkllmd_model); }
+
+/* Positions per block of a KV cache (see ``kv_block_offset``). */
+int64_t rkllmd_kv_block(void) { return ATTENTION_CHUNK; }
 
 int rkllmd_kernel_threads(void) {
 #ifdef _OPENMP

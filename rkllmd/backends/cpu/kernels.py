@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("forward.c")
 #: Must match RKLLMD_KERNEL_ABI in forward.c.
-KERNEL_ABI = 6
+KERNEL_ABI = 7
 #: Outputs per panel of a weight matrix: forward.c's LANES (see ``model.to_panels``).
 PANEL = 16
 NATIVE = "native"
@@ -87,7 +87,7 @@ class Kernel:
     def bind(self, config: ModelConfig, capacity: int, arrays: dict[str, np.ndarray]) -> BoundForward:
         """The forward pass on the weights ``arrays`` of a model of ``config``'s dimensions whose
         KV caches hold ``capacity`` positions."""
-        return BoundForward(self.library.rkllmd_forward, config, capacity, arrays, self.library.rkllmd_forward_hidden)
+        return BoundForward(self.library, config, capacity, arrays)
 
 
 def _padded(n_out: int) -> int:
@@ -107,12 +107,17 @@ def _sizes(cfg: ModelConfig, capacity: int) -> dict[str, int]:
     }
 
 
+def kv_cache_floats(cfg: ModelConfig, capacity: int, block: int) -> int:
+    """The floats of one KV cache's keys (or values): ``capacity`` positions rounded up to
+    whole blocks of ``block`` (forward.c's ``kv_block_offset``)."""
+    return -(-capacity // block) * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * block
+
+
 class BoundForward:
     """``forward(tokens, positions, caches, logit_rows, logits)``: the C forward pass on one
     model's weights, which it keeps alive (the struct holds only their addresses)."""
 
-    def __init__(self, function: ctypes._CFuncPtr, cfg: ModelConfig, capacity: int, arrays: dict[str, np.ndarray],
-                 hidden_function: ctypes._CFuncPtr):
+    def __init__(self, library: ctypes.CDLL, cfg: ModelConfig, capacity: int, arrays: dict[str, np.ndarray]):
         # The C code indexes by the dimensions alone: an array too small would be read past its end.
         needed = _sizes(cfg, capacity)
         if set(arrays) != set(needed):
@@ -127,10 +132,12 @@ class BoundForward:
             norm_eps=cfg.norm_eps,
             **{name: array.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for name, array in arrays.items()},
         )
-        self._function = function
-        self._hidden_function = hidden_function
+        self._function = library.rkllmd_forward
+        self._hidden_function = library.rkllmd_forward_hidden
         self._pointer = ctypes.byref(self._struct)
-        self._cache_size = cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * capacity
+        #: Positions per block of a KV cache (forward.c's ``kv_block_offset``; tests build smaller ones).
+        self.kv_block = int(library.rkllmd_kv_block())
+        self._cache_size = kv_cache_floats(cfg, capacity, self.kv_block)
 
     def cache_address(self, array: np.ndarray) -> int:
         """The address of one KV cache's keys or values, checked to be what the C code indexes."""
@@ -225,6 +232,7 @@ def _load_library(path: Path) -> ctypes.CDLL:
     if abi != KERNEL_ABI:
         raise KernelError(f"{path} has kernel ABI {abi}, not {KERNEL_ABI}")
     library.rkllmd_model_struct_size.restype = ctypes.c_int64
+    library.rkllmd_kv_block.restype = ctypes.c_int64
     if library.rkllmd_model_struct_size() != ctypes.sizeof(ModelStruct):
         raise KernelError(f"{path}'s model struct is not ModelStruct: the two have drifted apart")
     return library

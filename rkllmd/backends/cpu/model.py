@@ -12,11 +12,14 @@ layout to "halves" (even components first, then odd): rotary embedding then work
 contiguous halves, and attention scores are unchanged because queries and keys are
 permuted alike.
 
-Each stream has its own KV cache (a ``KVSlot``), allocated for the whole context: keys as
-``[layer, kv_head, dim, position]`` (so query-key products read contiguous rows, several
-times faster than a transposed view in decode) and values as ``[layer, kv_head, position,
-dim]``. Zeroed memory is mapped lazily, so a slot costs only the pages its positions touch
-(a 4,096-token slot of SmolLM2 is 189 MB of address space).
+Each stream has its own KV cache (a ``KVSlot``), allocated for the whole context in blocks
+of positions (forward.c's attention chunks), each block holding every layer's keys as
+``[kv_head, dim, position]`` (so query-key products read contiguous rows, several times
+faster than a transposed view in decode) and values as ``[kv_head, position, dim]``:
+attention reads a chunk's keys and values from two contiguous stretches, and a slot's
+memory is mapped block by block as its positions are written (a 4,096-token slot of
+SmolLM2 is 189 MB of address space; its first position maps 12 MB). Prefix states
+(``KVState``) keep the plain ``[layer, kv_head, ...]`` layout of their positions alone.
 
 ``step`` runs several streams' rows in one pass over the weights: a chunk of one
 stream's prompt, one decode row of each of several streams, or both. Prefill runs in
@@ -203,13 +206,18 @@ class DenseWeights:
         )
 
 
+#: Positions per block of a KV slot in the numpy passes (the C pass's is its own, ``BoundForward.kv_block``).
+KV_BLOCK = 256
+
+
 def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """Zeroed float32 memory whose pages are mapped one by one as they are written. Not
-    ``np.zeros``: numpy asks for transparent huge pages, and writing one position of a
-    slot touches every key row, which would map all of it in 2 MB pages."""
+    """Zeroed float32 memory mapped as it is written, in 2 MB pages where the kernel
+    allows: a slot's positions stay within their block (see ``KVSlot``), so its memory
+    grows block by block, and attention reads keys and values without a TLB miss every
+    4 KB (forward.c's ``kv_block_offset`` has the timings)."""
     region = mmap.mmap(-1, max(1, int(np.prod(shape))) * 4)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        region.madvise(mmap.MADV_NOHUGEPAGE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(region, np.float32, count=int(np.prod(shape))).reshape(shape)
 
 
@@ -217,12 +225,40 @@ def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
 class KVSlot:
     """One stream's KV cache for the whole context, and the tokens whose keys and values it
     holds at positions 0... (restoring a state that agrees with them copies only where
-    they differ; a conversation state is copied from them)."""
+    they differ; a conversation state is copied from them).
 
-    keys: np.ndarray  # [layer, kv_head, dim, position]
-    values: np.ndarray  # [layer, kv_head, position, dim]
+    Blocks of positions (see the module docstring): position p's are in block p // B at
+    p % B, B the last axis of ``keys``. ``read`` and ``write`` see them in the plain
+    ``[..., kv_head, dim, position]`` and ``[..., kv_head, position, dim]`` layouts."""
+
+    keys: np.ndarray  # [block, layer, kv_head, dim, B]
+    values: np.ndarray  # [block, layer, kv_head, B, dim]
     live: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
     addresses: tuple[int, int] = (0, 0)  # keys' and values' for the C forward pass
+
+    def _blocks(self, start: int, end: int) -> list[tuple[int, slice, slice]]:
+        """The blocks that positions [start, end) cross: (block, within it, within [start, end))."""
+        size = self.keys.shape[-1]
+        return [(b, slice(max(start, b * size) - b * size, min(end, b * size + size) - b * size),
+                 slice(max(start, b * size) - start, min(end, b * size + size) - start))
+                for b in range(start // size, -(-end // size))]
+
+    def read(self, start: int, end: int, layer: int | slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of positions [start, end)'s keys and values of ``layer`` (an index: one
+        layer, dims [kv_head, ...]; a slice: [layer, kv_head, ...])."""
+        blocks = self._blocks(start, end)
+        if not blocks:
+            *lead, dim = self.keys.shape[2:-1] if isinstance(layer, int) else self.keys.shape[1:-1]
+            return np.empty((*lead, dim, 0), np.float32), np.empty((*lead, 0, dim), np.float32)
+        keys = np.concatenate([self.keys[b, layer][..., inside] for b, inside, _ in blocks], axis=-1)
+        values = np.concatenate([self.values[b, layer][..., inside, :] for b, inside, _ in blocks], axis=-2)
+        return keys, values
+
+    def write(self, start: int, keys: np.ndarray, values: np.ndarray, layer: int | slice = slice(None)) -> None:
+        """Make positions ``start...`` of ``layer`` hold ``keys`` and ``values`` (laid out as ``read`` gives them)."""
+        for b, inside, given in self._blocks(start, start + keys.shape[-1]):
+            self.keys[b, layer][..., inside] = keys[..., given]
+            self.values[b, layer][..., inside, :] = values[..., given, :]
 
 
 @dataclass(frozen=True)
@@ -262,6 +298,7 @@ class Model:
         self.rope_cos = np.cos(angles).astype(np.float32)
         self.rope_sin = np.sin(angles).astype(np.float32)
         self._c_forward = kernel.bind(self.config, self.context_length, self._kernel_arrays()) if kernel else None
+        self.kv_block = self._c_forward.kv_block if self._c_forward else KV_BLOCK
         self.dense = None if kernel else DenseWeights.unpack(weights, cfg)
         self._alloc_decode_buffers(capacity)
 
@@ -304,9 +341,10 @@ class Model:
 
     def new_slot(self) -> KVSlot:
         """A KV cache for one stream, in memory mapped only as its positions are written."""
-        cfg, capacity = self.config, self.context_length
-        keys = _lazy_zeros((cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, capacity))
-        values = _lazy_zeros((cfg.n_layers, cfg.n_kv_heads, capacity, cfg.head_dim))
+        cfg, size = self.config, self.kv_block
+        blocks = -(-self.context_length // size)
+        keys = _lazy_zeros((blocks, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, size))
+        values = _lazy_zeros((blocks, cfg.n_layers, cfg.n_kv_heads, size, cfg.head_dim))
         slot = KVSlot(keys, values)
         if self._c_forward is not None:
             slot.addresses = (self._c_forward.cache_address(keys), self._c_forward.cache_address(values))
@@ -315,9 +353,7 @@ class Model:
     @staticmethod
     def save_state(slot: KVSlot, n_tokens: int) -> KVState:
         """A copy of ``slot``'s first ``n_tokens`` positions."""
-        return KVState(
-            np.ascontiguousarray(slot.keys[..., :n_tokens]), np.ascontiguousarray(slot.values[:, :, :n_tokens])
-        )
+        return KVState(*slot.read(0, n_tokens))
 
     @staticmethod
     def restore_state(slot: KVSlot, state: KVState, n_tokens: int, start: int = 0) -> None:
@@ -325,9 +361,12 @@ class Model:
         (copying from ``start`` on: the caller knows the positions before it agree)."""
         if n_tokens > state.n_tokens:
             raise ValueError(f"state holds {state.n_tokens} positions, not {n_tokens}")
+        layers, kv_heads, dim = slot.keys.shape[1:4]
+        if state.keys.shape[:3] != (layers, kv_heads, dim) or state.values.shape[:2] + state.values.shape[3:] != (layers, kv_heads, dim):
+            raise ValueError(f"state is not of this model's layers, KV heads and head dimension ({layers}, {kv_heads}, {dim})")
         start = min(start, n_tokens)
-        slot.keys[..., start:n_tokens] = state.keys[..., start:n_tokens]
-        slot.values[:, :, start:n_tokens] = state.values[:, :, start:n_tokens]
+        if start < n_tokens:
+            slot.write(start, state.keys[..., start:n_tokens], state.values[:, :, start:n_tokens])
 
     # -- forward -----------------------------------------------------------------------
 
@@ -435,17 +474,17 @@ class Model:
                 qk = qkv[:, : q_dim + nkv * hd].reshape(T, nh + nkv, hd)
                 first, second = qk[..., :half], qk[..., half:]
                 rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-                keys, values = slot.keys[layer], slot.values[layer]
-                keys[:, :, start:n_keys] = rotated[:, nh:].transpose(1, 2, 0)
-                values[:, start:n_keys] = qkv[:, q_dim + nkv * hd :].reshape(T, nkv, hd).transpose(1, 0, 2)
+                slot.write(start, rotated[:, nh:].transpose(1, 2, 0),
+                           qkv[:, q_dim + nkv * hd :].reshape(T, nkv, hd).transpose(1, 0, 2), layer)
+                keys, values = slot.read(0, n_keys, layer)
                 # Query heads grouped under their shared KV head: (kv_head, group * T, dim).
                 queries = rotated[:, :nh] * np.float32(hd**-0.5)
                 queries = queries.reshape(T, nkv, g, hd).transpose(1, 2, 0, 3).reshape(nkv, g * T, hd)
-                scores = queries @ keys[:, :, :n_keys]
+                scores = queries @ keys
                 scores = scores.reshape(nkv, g, T, n_keys)
                 scores += mask
                 totals = self._exp_scores(scores)
-                attended = scores.reshape(nkv, g * T, n_keys) @ values[:, :n_keys]
+                attended = scores.reshape(nkv, g * T, n_keys) @ values
                 attended /= totals.reshape(nkv, g * T, 1)
                 attended = attended.reshape(nkv, g, T, hd).transpose(2, 0, 1, 3).reshape(T, q_dim)
                 x += attended @ self.dense.wo[layer].T
@@ -500,13 +539,12 @@ class Model:
                 np.multiply(second, cos, out=rot[:, half:])
                 np.multiply(first, sin, out=tmp)
                 rot[:, half:] += tmp
-                keys, values = slot.keys[layer], slot.values[layer]
-                keys[:, :, pos] = rot[nh:]
-                values[:, pos] = qkv[q_dim + kv_dim :].reshape(nkv, hd)
+                slot.write(pos, rot[nh:, :, None], qkv[q_dim + kv_dim :].reshape(nkv, 1, hd), layer)
+                keys, values = slot.read(0, n_keys, layer)
                 rot[:nh] *= scale
-                np.matmul(queries, keys[:, :, :n_keys], out=scores)
+                np.matmul(queries, keys, out=scores)
                 totals = self._exp_scores(scores, self._row)
-                np.matmul(scores, values[:, :n_keys], out=attended)
+                np.matmul(scores, values, out=attended)
                 attended /= totals
                 np.matmul(self.dense.wo[layer], attended.reshape(q_dim), out=self._proj)
                 x += self._proj
