@@ -7,11 +7,11 @@ cores, and one thread, as forward.c's decode on a busy machine) and reads that m
 bytes with 1..16 streams per thread, ``rounds`` times each, keeping the best: the most
 this machine's cores reach reading memory, against which the
 decode step's tokens/s is a ratio (above 1.0: the probe is wrong, not the decode).
-Given the model's weights (``weights=``) mapped from their file, it reads their own
-memory, the very pages a decode step reads: the kernel may map a file in 2 MB pages
-(file huge pages: ext4 on Linux 6.18 maps 97 % of SmolLM2's weights so, /proc/self/smaps
-FilePmdMapped), which anonymous 4 KB pages read more slowly through the TLB; otherwise an
-anonymous buffer of the same size, in 4 KB pages.
+Given the model's weights (``weights=``) in one region (a kept weights file, read into 2 MB
+pages or mapped), it reads their own memory, the very pages a decode step reads: in 2 MB
+pages, or in a mapped file's pages (2 MB where the page cache holds such folios,
+/proc/self/smaps FilePmdMapped), which anonymous 4 KB pages read more slowly through the
+TLB; otherwise an anonymous buffer of the same size, in 4 KB pages.
 A decode step reads its weights in pieces, one matrix product after the other (a layer's
 q/k/v, output, gate/up and down matrices, then the head: 121 for SmolLM2), its threads
 waiting for each other at the end of each: ``measure_pieces`` reads the mapped weights so

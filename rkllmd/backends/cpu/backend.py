@@ -188,8 +188,10 @@ class CpuBackend(Backend):
         kernels_mode: str = "auto",
         kernels_dir: Path | None = None,
         chat_template: str = "",
+        weights_huge_pages: bool = True,
     ):
-        """``weights_dir``: where dequantized weights are kept between starts (None: nowhere);
+        """``weights_dir``: where dequantized weights are kept between starts (None: nowhere),
+        read back into 2 MB pages if ``weights_huge_pages`` (else mapped: see ``weights_file``);
         ``kernels_mode``, ``kernels_dir``: the decode step to use and where it is built
         (see ``kernels``; None: a temporary folder, so built once per process);
         ``chat_template``: a family name or template file (empty: the model file's own)."""
@@ -209,6 +211,7 @@ class CpuBackend(Backend):
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
         self.weights_dir = weights_dir
+        self.weights_huge_pages = weights_huge_pages
         self.kernels_mode = kernels_mode
         self.kernels_dir = kernels_dir
         self.chat_template = chat_template
@@ -266,7 +269,7 @@ class CpuBackend(Backend):
         log.info("loaded %s in %.2f s", self.model_path, time.perf_counter() - started)
 
     def _weights(self, gguf: GGUFFile, config: ModelConfig, progress: Callable[[str], None] | None) -> Weights:
-        """Mapped from ``weights_dir`` when a valid file is there; else dequantized (and kept)."""
+        """Read (or mapped) from ``weights_dir`` when a valid file is there; else dequantized (and kept)."""
 
         def dequantize() -> Weights:
             if progress:
@@ -276,7 +279,8 @@ class CpuBackend(Backend):
         if self.weights_dir is None:
             self._weights_source = "dequantized (not kept)"
             return dequantize()
-        weights, self._weights_source, hold = weights_file.load_or_build(self.weights_dir, gguf, config, dequantize)
+        weights, self._weights_source, hold = weights_file.load_or_build(self.weights_dir, gguf, config, dequantize,
+                                                                              self.weights_huge_pages)
         if self._weights_hold is not None:
             self._weights_hold.release()
         self._weights_hold = hold

@@ -1,6 +1,6 @@
 """The llama transformer forward pass in float32 numpy: the reference for ``forward.c``.
 
-Weights (``Weights``) are dequantized once, then kept memory-mapped between starts
+Weights (``Weights``) are dequantized once, then kept on disk between starts
 (``weights_file``). Matrices are stored in the C forward pass's panels (``forward.c``,
 loaded by ``kernels``): outputs in groups of ``PANEL``, each group's weights input by
 input, so that one vector load gives ``PANEL`` outputs' weights for one input
@@ -117,8 +117,8 @@ def from_panels(panels: np.ndarray, n_out: int) -> np.ndarray:
 class Weights:
     """The float32 arrays the forward pass reads, in its layout (see the module docstring).
 
-    Made by ``from_gguf`` (dequantizing) or mapped from a file by ``weights_file``; the
-    forward pass never writes to them, so read-only memory maps serve as well as arrays.
+    Made by ``from_gguf`` (dequantizing) or read or mapped from a file by ``weights_file``;
+    the forward pass never writes to them, so read-only arrays and maps serve.
     """
 
     head: np.ndarray  # panels of (vocab, dim): the tied embedding
@@ -215,7 +215,7 @@ def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     allows: a slot's positions stay within their block (see ``KVSlot``), so its memory
     grows block by block, and attention reads keys and values without a TLB miss every
     4 KB (forward.c's ``kv_block_offset`` has the timings)."""
-    region = mmap.mmap(-1, max(1, int(np.prod(shape))) * 4)
+    region = mmap.mmap(-1, max(1, int(np.prod(shape))) * 4, flags=mmap.MAP_PRIVATE)  # shared memory gets no huge pages
     if hasattr(mmap, "MADV_HUGEPAGE"):
         region.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(region, np.float32, count=int(np.prod(shape))).reshape(shape)
