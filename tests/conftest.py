@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,19 @@ def in_order(text: str, *needles: str) -> bool:
             return False
         at += len(needle)
     return True
+
+
+def mappings_kb(addresses: list[int], field: str) -> int:
+    """A field of /proc/self/smaps (Rss, AnonHugePages, ...) summed over the mappings holding
+    ``addresses`` (each counted once: the kernel merges neighbouring mappings), in kB."""
+    total, found = 0, set()
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        start, end = (int(a, 16) for a in block.split(" ", 1)[0].split("-"))
+        if any(start <= a < end for a in addresses):
+            total += int(re.search(rf"^{field}:\s+(\d+) kB", block, re.M).group(1))
+            found.update(a for a in addresses if start <= a < end)
+    assert found == set(addresses), "an address in no mapping"
+    return total
 
 
 def reference_cases() -> list[dict]:

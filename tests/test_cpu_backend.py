@@ -21,6 +21,7 @@ from rkllmd.backends.cpu.architecture import ModelConfig
 from rkllmd.sampling import SamplingParams
 from rkllmd.templates import get_template
 
+from conftest import mappings_kb
 from gguf_files import write_gguf
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "smollm2-greedy.json").read_text())
@@ -182,6 +183,26 @@ def test_load_prefix_checks_the_size(backend, tmp_path):
         backend.load_prefix(path, n + 1)
     with pytest.raises(BackendError):
         backend.load_prefix(tmp_path / "missing.bin", n)
+
+
+def test_a_slot_maps_its_memory_block_by_block_as_positions_are_written(backend):
+    """A slot spans the whole context (189 MB for SmolLM2) and maps memory only for the blocks
+    of positions written: one position maps its block's keys and values (5.9 MB each, in
+    2 MB pages where the kernel has them), not a page of every key row of the context (23 MB
+    of keys in the layout before blocks)."""
+    model = backend.model
+    slot = model.new_slot()
+    block = slot.keys[0].nbytes + slot.values[0].nbytes
+    assert slot.keys.shape[0] == -(-model.context_length // model.kv_block) > 2
+
+    def mapped() -> int:
+        return mappings_kb([slot.keys.ctypes.data, slot.values.ctypes.data], "Rss") * 1024
+
+    assert mapped() == 0
+    model.prefill(slot, [5], 0)
+    assert 0 < mapped() <= block + 4 * 2**20  # rounded up to 2 MB pages at each end of both
+    model.prefill(slot, list(range(10, 10 + model.kv_block + 1)), 0)  # into the second block
+    assert block < mapped() <= 2 * block + 4 * 2**20
 
 
 # -- stops and limits --------------------------------------------------------------------

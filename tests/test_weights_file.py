@@ -5,7 +5,6 @@ never read half-written."""
 from __future__ import annotations
 
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from rkllmd.backends.cpu.gguf import GGUFFile
 from rkllmd.sampling import SamplingParams
 from rkllmd.store import LOCK_NAME, TEMP_PREFIX
 
-from conftest import SHARED_BUILDS, reference_cases, rkllmctl
+from conftest import SHARED_BUILDS, mappings_kb, reference_cases, rkllmctl
 from gguf_files import tiny_llama
 from reliability import tmpfs
 
@@ -42,15 +41,6 @@ def read_back(kept: Path, huge_pages: bool = True) -> str:
     if huge_pages and weights_file.huge_pages_available():
         return f"read from {kept} into 2 MB pages"
     return f"mapped from {kept}"
-
-
-def anonymous_huge_kb(address: int) -> int:
-    """AnonHugePages of the mapping of this process that holds ``address``."""
-    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
-        start, end = (int(a, 16) for a in block.split(" ", 1)[0].split("-"))
-        if start <= address < end:
-            return int(re.search(r"^AnonHugePages:\s+(\d+) kB", block, re.M).group(1))
-    raise AssertionError(f"no mapping holds {address:#x}")
 
 
 def outputs(backend: CpuBackend) -> list[str]:
@@ -97,7 +87,7 @@ def test_kept_weights_of_a_real_model_are_read_into_huge_pages():
     assert backend.describe()["weights"] == read_back(kept)
     if weights_file.huge_pages_available():
         gate_up = backend.model.w.wgu
-        assert anonymous_huge_kb(gate_up.ctypes.data) * 1024 >= gate_up.nbytes // 2
+        assert mappings_kb([gate_up.ctypes.data], "AnonHugePages") * 1024 >= gate_up.nbytes // 2
     backend.close()
 
 
