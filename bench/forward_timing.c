@@ -14,8 +14,10 @@
 #include <stdio.h>
 #include <time.h>
 
-#if RKLLMD_KERNEL_ABI != 6 /* the entry point this driver calls; older revisions took one cache */
-#error "forward_timing.c drives kernel ABI 6: compare revisions of the same ABI"
+/* The entry point this driver calls (older revisions took one cache). ABI 7 laid the caches
+ * out in blocks of positions, in the same memory: a capacity of whole 256-position blocks. */
+#if RKLLMD_KERNEL_ABI != 6 && RKLLMD_KERNEL_ABI != 7
+#error "forward_timing.c drives kernel ABI 6 and 7: compare revisions of those"
 #endif
 
 static uint64_t rng_state = 88172645463325252ULL;
