@@ -76,7 +76,7 @@ class ModelConfig:
     context_length: int = setting(4096, "tokens of context (prompt plus completion)", low=16, high=1 << 20)
     prefill_chunk: int = setting(128, "prompt tokens prefilled per step on the CPU backend", low=1, high=1 << 16)
     keep_weights: bool = setting(True, "keep the CPU backend's dequantized weights on disk, for the next start")
-    weights_huge_pages: bool = setting(True, "read kept weights into the process's own memory in 2 MB pages where the kernel has transparent huge pages (decode about 5% faster); false: map the file (its pages shared between processes and dropped under memory pressure)")
+    weights_huge_pages: bool = setting(True, "hold kept weights in 2 MB pages where the kernel has transparent huge pages (decode about 5% faster): the file mapped so if the kernel can, else read into the process's own memory (not shared between processes, swapped rather than dropped); false: the file mapped in the kernel's pages")
     weights_dir: str = setting("", "where kept weights go; empty: weights/ in the binary cache folder")
     kernels: str = setting(
         "auto",

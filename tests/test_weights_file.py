@@ -35,12 +35,13 @@ def loaded(model: Path, folder: Path | None, huge_pages: bool = True) -> CpuBack
     return backend
 
 
-def read_back(kept: Path, huge_pages: bool = True) -> str:
-    """What status says of weights taken from the file ``kept``: read into huge pages where
-    this kernel has them (and they are asked for), else mapped."""
+def read_back(kept: Path, huge_pages: bool = True) -> set[str]:
+    """What status may say of weights taken from the file ``kept``: in 2 MB pages where this
+    kernel has them (and they are asked for), mapped if the kernel maps the file so, else
+    read into private memory (a file under 2 MB, as the tiny model's, always); else mapped."""
     if huge_pages and weights_file.huge_pages_available():
-        return f"read from {kept} into 2 MB pages"
-    return f"mapped from {kept}"
+        return {f"mapped from {kept} in 2 MB pages", f"read from {kept} into 2 MB pages"}
+    return {f"mapped from {kept}"}
 
 
 def outputs(backend: CpuBackend) -> list[str]:
@@ -65,7 +66,7 @@ def test_second_load_takes_what_the_first_kept_and_computes_the_same(model, tmp_
     assert oct(folder.stat().st_mode & 0o777) == "0o750"
 
     second = loaded(model, folder, huge_pages)
-    assert second.describe()["weights"] == read_back(kept, huge_pages)
+    assert second.describe()["weights"] in read_back(kept, huge_pages)
     taken = second.model.w.arrays()
     for name, array in first.model.w.arrays().items():
         assert not taken[name].flags.writeable, f"{name} must be read-only"
@@ -74,9 +75,9 @@ def test_second_load_takes_what_the_first_kept_and_computes_the_same(model, tmp_
     assert all(outputs(first)), "the tiny model generates something"
 
 
-def test_kept_weights_of_a_real_model_are_read_into_huge_pages():
-    """SmolLM2's 540 MB: a decode step streams them all, faster in 2 MB pages than in the
-    file's 4 KB ones (weights_file's docstring has the timings)."""
+def test_kept_weights_of_a_real_model_are_in_huge_pages():
+    """SmolLM2's 540 MB: a decode step streams them all, faster in 2 MB pages than in 4 KB
+    ones (weights_file's docstring has the timings): mapped so, else read into them."""
     backend = CpuBackend(weights_dir=SHARED_BUILDS / "weights", kernels_dir=SHARED_BUILDS / "kernels")
     backend.load()
     backend.close()  # the kept file exists now (this load may have made it)
@@ -84,10 +85,12 @@ def test_kept_weights_of_a_real_model_are_read_into_huge_pages():
     gguf = GGUFFile(backend.model_path)
     kept = weights_file.path_for(SHARED_BUILDS / "weights", gguf, weights_file.weights_key(gguf))
     gguf.close()
-    assert backend.describe()["weights"] == read_back(kept)
+    source = backend.describe()["weights"]
+    assert source in read_back(kept)
     if weights_file.huge_pages_available():
         gate_up = backend.model.w.wgu
-        assert mappings_kb([gate_up.ctypes.data], "AnonHugePages") * 1024 >= gate_up.nbytes // 2
+        field = "FilePmdMapped" if source.startswith("mapped") else "AnonHugePages"
+        assert mappings_kb([gate_up.ctypes.data], field) * 1024 >= gate_up.nbytes // 2
     backend.close()
 
 
@@ -115,7 +118,7 @@ def test_damaged_file_is_ignored_and_rebuilt(model, tmp_path, damage, caplog):
     assert "ignoring" in caplog.text
     assert kept.stat().st_size == size
     assert outputs(again) == reference
-    assert loaded(model, folder).describe()["weights"] == read_back(kept)
+    assert loaded(model, folder).describe()["weights"] in read_back(kept)
 
 
 def rewrite(model: Path, seed: int) -> None:
@@ -179,7 +182,7 @@ def test_loads_racing_for_one_folder_write_once(model, tmp_path):
     for thread in threads:
         thread.join()
     [kept] = kept_files(folder)
-    assert sorted(sources) == sorted([f"dequantized, kept in {kept}", read_back(kept), read_back(kept)])
+    assert sorted(sources)[0] == f"dequantized, kept in {kept}" and set(sorted(sources)[1:]) <= read_back(kept)
 
 
 def test_key_follows_the_model_file(model, tmp_path):
@@ -204,7 +207,7 @@ def test_daemon_restart_takes_the_kept_weights_and_answers_the_same(make_daemon,
         assert f"weights:  {seen[-1]}\n" in rkllmctl("status", socket=daemon.socket).stdout
         assert daemon.stop() == 0
     [kept] = kept_files(tmp_path / "weights")
-    assert seen == [f"dequantized, kept in {kept}", read_back(kept)]
+    assert seen[0] == f"dequantized, kept in {kept}" and seen[1] in read_back(kept)
 
 
 def test_full_disk_keeps_nothing_partial_and_still_loads(model, tmp_path, caplog):

@@ -191,7 +191,7 @@ class CpuBackend(Backend):
         weights_huge_pages: bool = True,
     ):
         """``weights_dir``: where dequantized weights are kept between starts (None: nowhere),
-        read back into 2 MB pages if ``weights_huge_pages`` (else mapped: see ``weights_file``);
+        held in 2 MB pages if ``weights_huge_pages`` (see ``weights_file``);
         ``kernels_mode``, ``kernels_dir``: the decode step to use and where it is built
         (see ``kernels``; None: a temporary folder, so built once per process);
         ``chat_template``: a family name or template file (empty: the model file's own)."""
@@ -269,7 +269,7 @@ class CpuBackend(Backend):
         log.info("loaded %s in %.2f s", self.model_path, time.perf_counter() - started)
 
     def _weights(self, gguf: GGUFFile, config: ModelConfig, progress: Callable[[str], None] | None) -> Weights:
-        """Read (or mapped) from ``weights_dir`` when a valid file is there; else dequantized (and kept)."""
+        """Mapped (or read) from ``weights_dir`` when a valid file is there; else dequantized (and kept)."""
 
         def dequantize() -> Weights:
             if progress:

@@ -1,19 +1,22 @@
 """Dequantized weights kept in a file, for a start in a fraction of a second.
 
 Dequantizing a GGUF's tensors into the forward pass's float32 layout costs seconds of
-CPU at every start (SmolLM2-135M: 1-3 s on two cores). Reading the finished arrays from
-a file costs a tenth of that. They are read into the process's own memory in 2 MB pages
-where the kernel offers transparent huge pages (``huge_pages``): a decode step streams
-every weight, and in 4 KB pages the hardware prefetchers stop at every page and the TLB
-misses. A mapped file gets 2 MB pages only where its page cache happens to hold 2 MB
-folios (on this Linux 6.18 ext4, /proc/self/smaps showed 12 MB of SmolLM2's 525 MB
-mapped so one day, 97 % another); SmolLM2's step took 11.95-12.11 ms on the mapped file
-(12 MB in huge pages) against 11.03-11.65 read into huge pages, in one process
-alternating, the read probe on each one's own memory at 52-54 GB/s for both. Otherwise
-(``model.weights_huge_pages = false``, or no huge pages) the file is memory-mapped:
-its pages are the page cache's, shared between processes, read on first use (the kernel
-is asked to read ahead at once), dropped under memory pressure and read again rather
-than swapped.
+CPU at every start (SmolLM2-135M: 1-3 s on two cores); mapping the finished arrays from a
+file costs milliseconds, and their pages are the page cache's: shared between processes,
+dropped under memory pressure and read again rather than swapped.
+
+A decode step streams every weight, and in 4 KB pages the hardware prefetchers stop at
+every page and the TLB misses: SmolLM2's step took 11.95-12.11 ms on a mapping with 12 MB
+of its 525 MB in 2 MB pages, against 11.03-11.65 in 2 MB pages (one process, alternating,
+the read probe on each one's own memory at 52-54 GB/s for both). So where the kernel has
+transparent huge pages (``model.weights_huge_pages``, on by default), the file is mapped
+asking for them and faulted in at once (``_map_in_huge_pages``): a kernel whose page cache
+holds the file in 2 MB folios maps it so (Linux 6.18 on ext4 does, for a file it reads or
+writes itself; the 12 MB above were a file first faulted in without asking). Where it
+does not (older kernels, tmpfs without huge pages, files under 2 MB), the file is read
+into the process's own memory asked for huge pages instead: not shared, swapped rather
+than dropped. Without huge pages the file is mapped in the kernel's pages, read ahead at
+once.
 
 A file ``<dir>/<model file stem>.<key>.weights`` is a JSON header padded to
 ``HEADER_BYTES``, then the arrays of ``Weights`` in field order, each starting on a
@@ -58,6 +61,10 @@ ALIGN = 64
 SUFFIX = ".weights"
 #: Which transparent huge pages the kernel gives: "[always] madvise never" and the like.
 THP_MODES = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+#: Linux 5.14's madvise that faults a mapping's pages in at once (Python 3.12 names it).
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+#: The share of a kept file mapped in 2 MB pages for the mapping to be kept rather than read.
+MAPPED_HUGE_ENOUGH = 0.9
 #: The artifact store's units of this kind.
 PATTERN = f".+\\.(?P<key>{KEY_RE}){re.escape(SUFFIX)}"
 
@@ -101,6 +108,41 @@ def huge_pages_available() -> bool:
     return "[never]" not in modes and hasattr(mmap, "MADV_HUGEPAGE")
 
 
+def _huge_share(memory: mmap.mmap) -> float:
+    """The share of a file mapping's bytes mapped in 2 MB pages (/proc/self/smaps FilePmdMapped)."""
+    view = np.frombuffer(memory, np.uint8)
+    header = f"{view.ctypes.data:x}-"
+    del view  # the mapping may be closed next
+    with contextlib.suppress(OSError):
+        with open("/proc/self/smaps") as smaps:
+            fields: dict[str, int] = {}
+            for line in smaps:
+                if fields and re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                    break
+                if line.startswith(header):
+                    fields["Size"] = 0
+                elif fields and (found := re.match(r"(\w+):\s+(\d+) kB", line)):
+                    fields[found.group(1)] = int(found.group(2))
+            if fields.get("Size"):
+                return fields.get("FilePmdMapped", 0) / fields["Size"]
+    return 0.0
+
+
+def _map_in_huge_pages(f: BinaryIO, size: int) -> tuple[mmap.mmap, bool]:
+    """The file ``f`` in 2 MB pages: mapped (shared, reclaimable) when the kernel maps it so,
+    else read into private memory (see the module docstring); and whether it is mapped."""
+    mapped = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    mapped.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        mapped.madvise(MADV_POPULATE_READ)
+    except OSError:  # before Linux 5.14: fault every page in by reading it
+        np.frombuffer(mapped, np.uint8)[::4096].max()
+    if _huge_share(mapped) >= MAPPED_HUGE_ENOUGH:
+        return mapped, True
+    mapped.close()
+    return _read_into_huge_pages(f, size), False
+
+
 def _read_into_huge_pages(f: BinaryIO, size: int) -> mmap.mmap:
     """The whole file ``f`` in private anonymous memory asked to be in 2 MB pages."""
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # shared anonymous memory gets no huge pages
@@ -116,9 +158,10 @@ def _read_into_huge_pages(f: BinaryIO, size: int) -> mmap.mmap:
     return region
 
 
-def load(folder: Path, gguf: GGUFFile, cfg: ModelConfig, key: str, huge_pages: bool = False) -> Weights | None:
-    """The weights kept in ``folder`` for ``key`` (``weights_key``), read into huge pages
-    (``huge_pages``) or mapped; None when no valid file is there."""
+def load(folder: Path, gguf: GGUFFile, cfg: ModelConfig, key: str, huge_pages: bool = False) -> tuple[Weights, str] | None:
+    """The weights kept in ``folder`` for ``key`` (``weights_key``), in 2 MB pages if
+    ``huge_pages`` (``_map_in_huge_pages``) else mapped, and a few words on which; None
+    when no valid file is there."""
     path = path_for(folder, gguf, key)
     expected, total = _header(key, cfg, gguf.path)
     try:
@@ -128,15 +171,17 @@ def load(folder: Path, gguf: GGUFFile, cfg: ModelConfig, key: str, huge_pages: b
             if found != expected or size != total:
                 log.warning("ignoring %s: it was not written for this model and layout, or is truncated", path)
                 return None
-            memory = _read_into_huge_pages(f, size) if huge_pages else mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+            if huge_pages:
+                memory, mapped = _map_in_huge_pages(f, size)
+            else:
+                memory, mapped = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ), True
+                with contextlib.suppress(AttributeError, OSError):  # madvise is Linux-only
+                    memory.madvise(mmap.MADV_WILLNEED)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         log.warning("cannot read %s: %s", path, exc)
         return None
-    if not huge_pages:
-        with contextlib.suppress(AttributeError, OSError):  # madvise is Linux-only
-            memory.madvise(mmap.MADV_WILLNEED)
     arrays, _ = _layout(cfg)
     weights = Weights(**{
         name: np.ndarray(tuple(spec["shape"]), dtype="<f4", buffer=memory, offset=spec["offset"])
@@ -144,7 +189,9 @@ def load(folder: Path, gguf: GGUFFile, cfg: ModelConfig, key: str, huge_pages: b
     })
     for array in weights.arrays().values():
         array.flags.writeable = False  # the forward pass never writes to them
-    return weights
+    if not huge_pages:
+        return weights, f"mapped from {path}"
+    return weights, f"mapped from {path} in 2 MB pages" if mapped else f"read from {path} into 2 MB pages"
 
 
 def load_or_build(
@@ -160,11 +207,10 @@ def load_or_build(
     try:
         with locked_folder(folder):
             key = weights_key(gguf)
-            huge_pages = huge_pages and huge_pages_available()
-            weights = load(folder, gguf, cfg, key, huge_pages)
+            loaded = load(folder, gguf, cfg, key, huge_pages and huge_pages_available())
             path = path_for(folder, gguf, key)
-            if weights is not None:
-                source = f"read from {path} into 2 MB pages" if huge_pages else f"mapped from {path}"
+            if loaded is not None:
+                weights, source = loaded
                 log.info("weights %s", source)
                 return weights, source, Hold(folder, key)
             weights = build()
