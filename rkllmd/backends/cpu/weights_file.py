@@ -135,8 +135,11 @@ def _map_in_huge_pages(f: BinaryIO, size: int) -> tuple[mmap.mmap, bool]:
     mapped.madvise(mmap.MADV_HUGEPAGE)
     try:
         mapped.madvise(MADV_POPULATE_READ)
-    except OSError:  # before Linux 5.14: fault every page in by reading it
-        np.frombuffer(mapped, np.uint8)[::4096].max()
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # the file shrank under us, no memory, ...: the caller rebuilds
+            mapped.close()
+            raise
+        np.frombuffer(mapped, np.uint8)[::4096].max()  # before Linux 5.14: fault every page in by reading it
     if _huge_share(mapped) >= MAPPED_HUGE_ENOUGH:
         return mapped, True
     mapped.close()
