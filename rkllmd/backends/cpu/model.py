@@ -36,6 +36,7 @@ the C pass's bits across splits, builds and thread counts).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 from collections.abc import Callable, Sequence
@@ -216,7 +217,7 @@ def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     grows block by block, and attention reads keys and values without a TLB miss every
     4 KB (forward.c's ``kv_block_offset`` has the timings)."""
     region = mmap.mmap(-1, max(1, int(np.prod(shape))) * 4, flags=mmap.MAP_PRIVATE)  # shared memory gets no huge pages
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    with contextlib.suppress(AttributeError, OSError):  # a kernel without huge pages refuses the advice
         region.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(region, np.float32, count=int(np.prod(shape))).reshape(shape)
 
