@@ -11,11 +11,12 @@ of its 525 MB in 2 MB pages, against 11.03-11.65 in 2 MB pages (one process, alt
 the read probe on each one's own memory at 52-54 GB/s for both). So where the kernel has
 transparent huge pages (``model.weights_huge_pages``, on by default), the file is mapped
 asking for them and faulted in at once (``_map_in_huge_pages``): a kernel whose page cache
-holds the file in 2 MB folios maps it so (Linux 6.18 on ext4 does, for a file it reads or
-writes itself; the 12 MB above were a file first faulted in without asking). Where it
-does not (older kernels, tmpfs without huge pages, files under 2 MB), the file is read
-into the process's own memory asked for huge pages instead: not shared, swapped rather
-than dropped. Without huge pages the file is mapped in the kernel's pages, read ahead at
+holds the file in 2 MB folios maps it so (Linux 6.18 on ext4 mapped SmolLM2's whole, both
+freshly written and read back after its cache was dropped; how the cache had come to hold
+it in small folios the day of the 12 MB is not known). Where it does not (older kernels,
+tmpfs without huge pages, files under 2 MB, a cache filled in small folios), the file is
+read into the process's own memory asked for huge pages instead: not shared, swapped
+rather than dropped. Without huge pages the file is mapped in the kernel's pages, read ahead at
 once.
 
 A file ``<dir>/<model file stem>.<key>.weights`` is a JSON header padded to
@@ -132,7 +133,8 @@ def _map_in_huge_pages(f: BinaryIO, size: int) -> tuple[mmap.mmap, bool]:
     """The file ``f`` in 2 MB pages: mapped (shared, reclaimable) when the kernel maps it so,
     else read into private memory (see the module docstring); and whether it is mapped."""
     mapped = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-    mapped.madvise(mmap.MADV_HUGEPAGE)
+    with contextlib.suppress(OSError):  # refused: the share below says so
+        mapped.madvise(mmap.MADV_HUGEPAGE)
     try:
         mapped.madvise(MADV_POPULATE_READ)
     except OSError as exc:
@@ -149,7 +151,8 @@ def _map_in_huge_pages(f: BinaryIO, size: int) -> tuple[mmap.mmap, bool]:
 def _read_into_huge_pages(f: BinaryIO, size: int) -> mmap.mmap:
     """The whole file ``f`` in private anonymous memory asked to be in 2 MB pages."""
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # shared anonymous memory gets no huge pages
-    region.madvise(mmap.MADV_HUGEPAGE)
+    with contextlib.suppress(OSError):
+        region.madvise(mmap.MADV_HUGEPAGE)
     f.seek(0)
     view, done = memoryview(region), 0
     while done < size:
