@@ -75,6 +75,23 @@ def test_second_load_takes_what_the_first_kept_and_computes_the_same(model, tmp_
     assert all(outputs(first)), "the tiny model generates something"
 
 
+def test_a_kernel_without_populate_read_faults_the_pages_in_by_reading(model, tmp_path, monkeypatch):
+    """Before Linux 5.14 madvise(MADV_POPULATE_READ) is refused (EINVAL): the pages are
+    faulted in by reading them, and the load goes on (called with huge pages asked for
+    whether or not this kernel has them: the way there is the same)."""
+    folder = tmp_path / "weights"
+    first = loaded(model, folder)
+    [kept] = kept_files(folder)
+    monkeypatch.setattr(weights_file, "MADV_POPULATE_READ", 0x7FFF)  # advice no kernel knows: EINVAL
+    gguf = GGUFFile(model)
+    taken = weights_file.load(folder, gguf, first.model.config, weights_file.weights_key(gguf), huge_pages=True)
+    assert taken is not None
+    weights, source = taken
+    assert source in {f"mapped from {kept} in 2 MB pages", f"read from {kept} into 2 MB pages"}
+    for name, array in first.model.w.arrays().items():
+        assert np.array_equal(weights.arrays()[name], array), name
+
+
 def test_kept_weights_of_a_real_model_are_in_huge_pages():
     """SmolLM2's 540 MB: a decode step streams them all, faster in 2 MB pages than in 4 KB
     ones (weights_file's docstring has the timings): mapped so, else read into them."""
