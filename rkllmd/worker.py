@@ -769,13 +769,14 @@ class ModelWorker:
             self.backend.reset_abort()  # the build's own flag; generations have theirs
             self._announce_positions()
         self.backend.pause = self._pause
-        try:
-            self.caches.build(job.name)
-        finally:
-            self.backend.pause = lambda: None
-            with self._cond:
-                self._build = None
-                self._announce_positions()
+        self.caches.build(job.name, released=self._release_build)
+
+    def _release_build(self) -> None:
+        """The build has ended: generations no longer wait for it (before anyone hears its outcome)."""
+        self.backend.pause = lambda: None
+        with self._cond:
+            self._build = None
+            self._announce_positions()
 
     def _pause(self) -> None:
         """Between a build's prefill chunks: serve the generations due until none are, or until

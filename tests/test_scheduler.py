@@ -4,7 +4,9 @@ Admission counts what waits for any model; a model whose clients keep it busy is
 when another model waits for its room, so it cannot keep that model out; a request whose
 prompt starts with the text cache being built waits for the build (``queued`` says so) and
 holds no place in the batch meanwhile. Real daemons, real clients, real weights: the
-bundled SmolLM2 and its copy (long generations), tiny random llama files (fast ones).
+bundled SmolLM2 and its copy (long generations), tiny random llama files (fast ones);
+one test drives a model worker in process, where a hold on a build's announcement makes
+the moment it guards every time.
 """
 
 from __future__ import annotations
@@ -126,6 +128,54 @@ def test_a_request_waiting_for_its_prefix_build_says_so_and_frees_its_place(make
             pass
     assert hi.stats["completion_tokens"] == 4
     assert message["cache"] == "big" and message["stats"]["cached_tokens"] > 1000
+
+
+def test_a_request_sent_on_news_of_its_cache_built_does_not_wait_for_that_build(tmp_path) -> None:
+    """cache.wait answers when a build's outcome is announced, and a client then asks at once.
+    The worker announced it while it still held the build, so a request prepared in that
+    moment heard ``queued`` with ``cache_build`` for a build that had ended (once in 31
+    fresh runs of the suite: test_message_spec). The build is released first. A model worker
+    in process, with a real tiny model: the announcement is held here until the request is
+    prepared, so the moment that was rare comes every time."""
+    from gguf_files import tiny_llama
+    from rkllmd.backends.cpu.backend import CpuBackend
+    from rkllmd.caches.binary import BinaryStore
+    from rkllmd.caches.manager import READY, PromptCaches
+    from rkllmd.caches.text import TextStore
+    from rkllmd.config import DaemonConfig
+    from rkllmd.outbox import Chat, Generation, Outbox
+    from rkllmd.sampling import SamplingParams
+    from rkllmd.worker import ModelWorker
+
+    backend = CpuBackend(tiny_llama(tmp_path / "tiny.gguf"))
+    backend.load()
+    worker = ModelWorker(backend, Outbox(), DaemonConfig())
+    rules = "Answer in one word."
+    gen = Generation(b"client", 1, SamplingParams(max_tokens=2), "rules", True, time.monotonic(),
+                     chat=Chat([{"role": "system", "content": rules}, {"role": "user", "content": "Hi?"}]))
+    heard_ready = threading.Event()
+
+    def told(name: str) -> None:  # what the runner sends the daemon: cache.wait answers on it
+        entry = caches.entry(name)
+        if entry is not None and entry.state == READY and not heard_ready.is_set():
+            heard_ready.set()
+            worker.submit(gen)  # the client that waited asks at once
+            poll(lambda: gen.prepared_for is not None, 30, "the request prepared")
+
+    (tmp_path / "texts").mkdir()
+    caches = worker.caches = PromptCaches(TextStore(tmp_path / "texts", 1 << 16), BinaryStore(tmp_path / "binaries", backend.identity()),
+                                          backend, memory_budget=1 << 24, schedule_build=worker.schedule_build, on_change=told)
+    worker.start()
+    try:
+        caches.texts.write("rules", rules)
+        caches.refresh("rules")
+        poll(lambda: gen.ended, 60, "the request answered")
+    finally:
+        worker.shutdown()
+        assert worker.join(30)
+    kinds = [(m["type"], m.get("cache_build")) for m in gen.messages]
+    assert kinds[0] == ("started", None) and kinds[-1] == ("done", None), kinds
+    assert gen.messages[-1]["cache"] == "rules", gen.messages[-1]
 
 
 def test_a_load_that_cannot_fit_fails_what_waits_for_it_and_the_queue_goes_on(make_daemon, tiny_files, tmp_path) -> None:

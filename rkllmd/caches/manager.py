@@ -375,16 +375,31 @@ class PromptCaches:
 
     # -- model worker only ------------------------------------------------------
 
-    def build(self, name: str) -> None:
-        """Build ``name``'s binary cache for its current text, unless it is already current."""
+    def build(self, name: str, released: Callable[[], None] = lambda: None) -> None:
+        """Build ``name``'s binary cache for its current text, unless it is already current.
+
+        ``released`` is called once, however the build ends, before its outcome is announced:
+        the worker frees its build slot there. A client told "ready" asks at once; announced
+        first, its request heard it waited for a build that had ended."""
+        try:
+            changed, stored = self._build(name)
+        finally:
+            released()
+        if changed:
+            self._on_change(name)
+        if stored:
+            self._on_stored()
+
+    def _build(self, name: str) -> tuple[bool, bool]:
+        """``build`` up to its outcome: whether the entry changed, whether the store did."""
         entry = self.refresh(name)
         if entry is None:
-            return
+            return False, False
         with self._lock:
             if entry.state == READY and entry.built_sha256 == entry.text_sha256:
-                return
+                return False, False
             if entry.text_sha256 is None or entry.prefix is None:
-                return
+                return False, False
             text_sha, prefix = entry.text_sha256, entry.prefix
             entry.state, entry.reason, entry.build_progress = BUILDING, None, None
             self.builds += 1
@@ -404,8 +419,7 @@ class PromptCaches:
             with self._lock:
                 entry.state = QUEUED
             self._schedule_build(name)
-            self._on_change(name)
-            return
+            return True, False
         except Exception as exc:  # a failed build must not take the worker down
             if isinstance(exc, (BackendError, OSError)):  # the model or the disk refused it: the reason says all
                 log.error("building binary cache %s failed: %s", name, exc)
@@ -413,8 +427,7 @@ class PromptCaches:
                 log.exception("building binary cache %s failed", name)
             with self._lock:
                 entry.state, entry.reason = FAILED, f"build failed: {exc}"
-            self._on_change(name)
-            return
+            return True, False
         with self._lock:
             entry.built_sha256, entry.built_prefix = text_sha, prefix
             entry.n_tokens, entry.built_at, entry.build_ms = meta.n_tokens, meta.built_at, meta.build_ms
@@ -426,11 +439,9 @@ class PromptCaches:
         if deleted:  # the text was removed while we built: what we wrote belongs to nothing
             log.info("text cache %s was deleted during its build; deleting the binary cache too", name)
             binaries.remove(name)
-            self._on_change(name)
-            return
+            return True, False
         log.info("binary cache %s ready: %d tokens in %.0f ms", name, meta.n_tokens, meta.build_ms)
-        self._on_change(name)
-        self._on_stored()
+        return True, True
 
     def choose(self, prompt: str, wanted: str | None = None, prompt_ids: Sequence[int] | None = None) -> PrefixState | None:
         """The prefix state to restore for ``prompt`` (whose token ids are ``prompt_ids``, when
