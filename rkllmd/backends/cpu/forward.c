@@ -626,7 +626,17 @@ struct counter {
 struct pass {
     struct counter *next;
     int64_t stride, segments; /* segments: the team's threads (at most stride - 1) */
+#ifdef RKLLMD_PHASE_TIMES
+    struct counter *first; /* the call's first phase's: phases are numbered from it */
+#endif
 };
+
+#ifdef RKLLMD_PHASE_TIMES
+/* Defined by bench/decode_phases.c, which builds this file with RKLLMD_PHASE_TIMES: each
+ * thread's time in each phase of a call, on its items and waiting for the team's. */
+void rkllmd_phase_timed(int64_t phase, int64_t member, int64_t items_ns, int64_t wait_ns);
+static int64_t nanos_now(void);
+#endif
 
 /* What a phase's items work on; each thread has its own. */
 struct task {
@@ -778,6 +788,9 @@ static void run(struct pass *pass, int64_t total, item_fn *item, struct task *ta
     const int64_t me = team_member(), segments = pass->segments;
     pass->next += pass->stride;
     int prepared = task->prepare == NULL;
+#ifdef RKLLMD_PHASE_TIMES
+    const int64_t entered = nanos_now();
+#endif
     for (int64_t k = 0; k < segments; k++) {
         const int64_t segment = (me + k) % segments, start = total * segment / segments;
         const int64_t size = total * (segment + 1) / segments - start;
@@ -790,12 +803,18 @@ static void run(struct pass *pass, int64_t total, item_fn *item, struct task *ta
             __atomic_fetch_add(&counters[0].value, count, __ATOMIC_RELEASE);
         }
     }
+#ifdef RKLLMD_PHASE_TIMES
+    const int64_t worked = nanos_now();
+#endif
     for (int64_t spins = 0; (int64_t)__atomic_load_n(&counters[0].value, __ATOMIC_ACQUIRE) < total; spins++)
         if (spins > 2000) /* the item's thread may need this core */
             sched_yield();
 #if defined(__x86_64__) || defined(__i386__)
         else
             __builtin_ia32_pause();
+#endif
+#ifdef RKLLMD_PHASE_TIMES
+    rkllmd_phase_timed((counters - pass->first) / pass->stride, me, worked - entered, nanos_now() - worked);
 #endif
 }
 
@@ -923,6 +942,9 @@ int rkllmd_forward(const struct rkllmd_model *m, int64_t n, const int64_t *token
         float *h = s.h;
 #endif
         struct pass pass = {.next = counters, .stride = 1 + threads, .segments = team_size()};
+#ifdef RKLLMD_PHASE_TIMES
+        pass.first = counters;
+#endif
         struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
         run(&pass, n, embed_items, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {
@@ -1003,6 +1025,9 @@ int rkllmd_forward_hidden(const struct rkllmd_model *m, int64_t n, const int64_t
         float *h = s.h;
 #endif
         struct pass pass = {.next = counters, .stride = 1 + threads, .segments = team_size()};
+#ifdef RKLLMD_PHASE_TIMES
+        pass.first = counters;
+#endif
         struct task task = {.m = m, .s = &s, .h = h, .tokens = tokens};
         run(&pass, n, embed_items, &task);
         for (int64_t layer = 0; layer < m->n_layers; layer++) {

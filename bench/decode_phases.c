@@ -1,0 +1,172 @@
+/* Where a decode step's time goes, phase by phase, against a read probe in the same memory.
+ * Built by bench/decode_phases.py with forward.c's flags and -DRKLLMD_PHASE_TIMES
+ * (forward.c, included whole: -DFORWARD_C='"path"', then reports each thread's time in each
+ * phase through rkllmd_phase_timed).
+ *
+ * usage: decode_phases CONTEXT STEPS
+ * A random model of SmolLM2-135M's shapes, every array in 2 MB pages (as the daemon keeps
+ * its weights and caches), CONTEXT tokens prefilled, then STEPS decode steps timed. One line
+ * of key=value pairs on stdout:
+ * - step: the median step's wall seconds;
+ * - for each kind of phase (qkv, attend, merge, wo, gu, wd, head, embed): seconds a step
+ *   in it (thread 0's items and its wait for the other threads), summed over the layers;
+ * - kv: bytes of keys and values a step's attention reads (its positions' blocks, at the
+ *   mean position of the timed steps); weights: bytes a step's products read, and each
+ *   kind's (bytes_qkv, ...);
+ * - probe: the best GB/s of reading the weights in a step's order (each matrix shared out
+ *   to the threads in contiguous shares of 1..12 streams, the threads waiting for each
+ *   other at its end), the same pages the step reads.
+ */
+#include FORWARD_C
+
+#include <stdio.h>
+#include <sys/mman.h>
+
+#define KINDS 8
+static const char *const KIND_NAMES[KINDS] = {"embed", "qkv", "attend", "merge", "wo", "gu", "wd", "head"};
+static int64_t kind_ns[KINDS], n_layers_timed;
+static int timing;
+
+/* Phase p of a decode call (one row, its own cache: no rotation phase): 0 embeds, then six a
+ * layer, then the head. */
+void rkllmd_phase_timed(int64_t phase, int64_t member, int64_t items_ns, int64_t wait_ns) {
+    if (!timing || member != 0)
+        return;
+    const int64_t kind = phase == 0 ? 0 : phase > 6 * n_layers_timed ? 7 : 1 + (phase - 1) % 6;
+    kind_ns[kind] += items_ns + wait_ns;
+}
+
+static uint64_t rng_state = 88172645463325252ULL;
+
+static float *huge_array(int64_t n, float scale) { /* xorshift64*, in [-scale, scale), in 2 MB pages */
+    const size_t huge = 2 << 20, bytes = (n * sizeof(float) + huge - 1) / huge * huge;
+    float *a = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (a == MAP_FAILED)
+        exit(1);
+    madvise(a, bytes, MADV_HUGEPAGE);
+    for (int64_t i = 0; i < n; i++) {
+        rng_state ^= rng_state >> 12;
+        rng_state ^= rng_state << 25;
+        rng_state ^= rng_state >> 27;
+        a[i] = ((float)((rng_state * 2685821657736338717ULL) >> 40) / (float)(1 << 23) - 1.0f) * scale;
+    }
+    return a;
+}
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int by_value(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int forward(const struct rkllmd_model *m, float *keys, float *values, const int64_t *tokens, int64_t count,
+                   int64_t pos, float *logits) {
+    int64_t positions[count], last = count - 1;
+    float *row_keys[count], *row_values[count];
+    for (int64_t t = 0; t < count; t++) {
+        positions[t] = pos + t;
+        row_keys[t] = keys;
+        row_values[t] = values;
+    }
+    return rkllmd_forward(m, count, tokens, positions, row_keys, row_values, logits != NULL, &last, logits);
+}
+
+/* Seconds to read the pieces in order as ``streams`` parts of each thread's share, the
+ * threads waiting for each other after each piece (read_limit.c's way, in this memory). */
+static double read_pieces(const float *const *pieces, const int64_t *sizes, int n_pieces, int streams, float *sink) {
+    const double start = seconds();
+#pragma omp parallel
+    {
+        const int64_t me = team_member(), threads = team_size();
+        vec_t acc[12] = {{0}};
+        for (int i = 0; i < n_pieces; i++) {
+            const int64_t lines = sizes[i] / LANES, first = lines * me / threads, part = (lines * (me + 1) / threads - first) / streams;
+            const float *p = pieces[i] + first * LANES;
+            for (int64_t line = 0; line < part; line++)
+                for (int s = 0; s < streams; s++)
+                    for (int j = 0; j < LANES; j += WIDTH)
+                        acc[s] += load(p + (s * part + line) * LANES + j);
+#pragma omp barrier
+        }
+        vec_t total = {0};
+        for (int s = 0; s < streams; s++)
+            total += acc[s];
+        sink[me] = total[0];
+    }
+    return seconds() - start;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s CONTEXT STEPS\n", argv[0]);
+        return 2;
+    }
+    const int64_t L = 30, D = 576, F = 1536, V = 49152, KV = 3 * 64, capacity = 4096, C = ATTENTION_CHUNK;
+    const int64_t context = atoll(argv[1]), steps = atoll(argv[2]), warm = 8;
+    if (context < 1 || steps < 1 || context + warm + steps > capacity)
+        return 2;
+    struct rkllmd_model m = {.n_layers = L, .dim = D, .n_heads = 9, .n_kv_heads = 3, .head_dim = 64,
+                             .ffn_dim = F, .vocab_size = V, .capacity = capacity, .norm_eps = 1e-5};
+    const int64_t sizes[] = {L * (D + 2 * KV) * D, L * D * D, L * 2 * F * D, L * D * F, V * D};
+    m.wqkv = huge_array(sizes[0], 0.04f);
+    m.wo = huge_array(sizes[1], 0.04f);
+    m.wgu = huge_array(sizes[2], 0.04f);
+    m.wd = huge_array(sizes[3], 0.025f);
+    m.head = huge_array(sizes[4], 0.05f);
+    m.output_norm = huge_array(D, 1.0f);
+    m.attn_norm = huge_array(L * D, 1.0f);
+    m.ffn_norm = huge_array(L * D, 1.0f);
+    m.rope_cos = huge_array(capacity * 32, 1.0f);
+    m.rope_sin = huge_array(capacity * 32, 1.0f);
+    float *keys = huge_array(L * KV * capacity, 0.0f), *values = huge_array(L * KV * capacity, 0.0f);
+    int64_t *tokens = malloc((context + warm + steps) * sizeof(int64_t));
+    for (int64_t i = 0; i < context + warm + steps; i++)
+        tokens[i] = i * 7919 % V;
+    float *logits = malloc(V * sizeof(float));
+    double *times = malloc(steps * sizeof(double));
+    n_layers_timed = L;
+    if (forward(&m, keys, values, tokens, context, 0, logits) != 0)
+        return 1;
+    for (int64_t i = 0; i < warm; i++)
+        forward(&m, keys, values, tokens + context + i, 1, context + i, logits);
+    timing = 1;
+    double kv_bytes = 0.0;
+    for (int64_t i = 0; i < steps; i++) {
+        const int64_t pos = context + warm + i, chunks = pos / C + 1;
+        const double t0 = seconds();
+        if (forward(&m, keys, values, tokens + pos, 1, pos, logits) != 0)
+            return 1;
+        times[i] = seconds() - t0;
+        /* each chunk's keys: whole passes of positions (attend_chunk); its values: its positions */
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t n = c + 1 < chunks ? C : pos + 1 - c * C, pass = SET_VECTORS * WIDTH;
+            const int64_t scored = (n + pass - 1) / pass * pass <= C ? (n + pass - 1) / pass * pass : n;
+            kv_bytes += (double)L * KV * (scored + n) * sizeof(float);
+        }
+    }
+    timing = 0;
+    qsort(times, steps, sizeof *times, by_value);
+    const float *pieces[] = {m.wqkv, m.wo, m.wgu, m.wd, m.head};
+    double weights = 0.0, best = 0.0;
+    for (int i = 0; i < 5; i++)
+        weights += sizes[i] * sizeof(float);
+    float sink[256];
+    for (int streams = 1; streams <= 12; streams++)
+        for (int round = 0; round < 3; round++) {
+            const double gbps = weights / read_pieces(pieces, sizes, 5, streams, sink) / 1e9;
+            best = gbps > best ? gbps : best;
+        }
+    printf("step=%.6f", times[steps / 2]);
+    for (int k = 0; k < KINDS; k++)
+        printf(" %s=%.6f", KIND_NAMES[k], kind_ns[k] * 1e-9 / steps);
+    const char *const products[] = {"qkv", "wo", "gu", "wd", "head"};
+    for (int i = 0; i < 5; i++)
+        printf(" bytes_%s=%.0f", products[i], sizes[i] * (double)sizeof(float));
+    printf(" kv=%.0f weights=%.0f probe=%.3f\n", kv_bytes / steps, weights, best);
+    return 0;
+}
