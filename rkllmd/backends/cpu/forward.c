@@ -94,9 +94,9 @@
  * a layer's 36 output panels were 9 items for 2 threads: timed per phase, a step's threads
  * waited ~300 us for each other at the ends of its products, ~60 us in blocks of 2. */
 #define SMALL_BLOCK_PANELS 2
-/* Prefill tiles ask for their weights PREFETCH_AHEAD inputs (cache lines) ahead: a block's
- * first tile of tokens reads them from memory, faster than the hardware's prefetcher
- * alone brings them. */
+/* Tiles ask for their weights PREFETCH_AHEAD inputs (cache lines) ahead: a prefill block's
+ * first tile of tokens, and every decode tile, read them from memory, faster than the
+ * hardware's prefetcher alone brings them (decode: see docs/benchmarks.md, 7 Dec). */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 48
 #endif
@@ -287,12 +287,11 @@ static inline vec_t splat(float value) { return value - (vec_t){0}; }
                 _Pragma("GCC unroll 4") for (int j = 0; j < PARTS; j++) acc[t][p][j] = (vec_t){0};            \
         const int64_t stride = k_dim * LANES;                                                                 \
         int64_t k = 0;                                                                                        \
-        if ((T) > 1) /* prefill: ask for the weights ahead */                                                 \
-            for (; k + PREFETCH_AHEAD < k_dim; k++) {                                                         \
-                _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                         \
-                    __builtin_prefetch(w + p * stride + (k + PREFETCH_AHEAD) * LANES);                        \
-                TILE_STEP(T, NP)                                                                              \
-            }                                                                                                 \
+        for (; k + PREFETCH_AHEAD < k_dim; k++) {                                                             \
+            _Pragma("GCC unroll 16") for (int p = 0; p < NP; p++)                                             \
+                __builtin_prefetch(w + p * stride + (k + PREFETCH_AHEAD) * LANES);                            \
+            TILE_STEP(T, NP)                                                                                  \
+        }                                                                                                     \
         for (; k < k_dim; k++)                                                                                \
             TILE_STEP(T, NP)                                                                                  \
         for (int t = 0; t < T; t++) {                                                                         \
