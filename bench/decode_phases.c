@@ -36,20 +36,14 @@ void rkllmd_phase_timed(int64_t phase, int64_t member, int64_t items_ns, int64_t
     kind_ns[kind] += items_ns + wait_ns;
 }
 
-static uint64_t rng_state = 88172645463325252ULL;
+#include "random_model.h"
 
-static float *huge_array(int64_t n, float scale) { /* xorshift64*, in [-scale, scale), in 2 MB pages */
+static float *huge_floats(int64_t n) { /* in 2 MB pages, as the daemon keeps weights and caches */
     const size_t huge = 2 << 20, bytes = (n * sizeof(float) + huge - 1) / huge * huge;
     float *a = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (a == MAP_FAILED)
         exit(1);
     madvise(a, bytes, MADV_HUGEPAGE);
-    for (int64_t i = 0; i < n; i++) {
-        rng_state ^= rng_state >> 12;
-        rng_state ^= rng_state << 25;
-        rng_state ^= rng_state >> 27;
-        a[i] = ((float)((rng_state * 2685821657736338717ULL) >> 40) / (float)(1 << 23) - 1.0f) * scale;
-    }
     return a;
 }
 
@@ -57,23 +51,6 @@ static double seconds(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static int by_value(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static int forward(const struct rkllmd_model *m, float *keys, float *values, const int64_t *tokens, int64_t count,
-                   int64_t pos, float *logits) {
-    int64_t positions[count], last = count - 1;
-    float *row_keys[count], *row_values[count];
-    for (int64_t t = 0; t < count; t++) {
-        positions[t] = pos + t;
-        row_keys[t] = keys;
-        row_values[t] = values;
-    }
-    return rkllmd_forward(m, count, tokens, positions, row_keys, row_values, logits != NULL, &last, logits);
 }
 
 /* Seconds to read the pieces in order as ``streams`` parts of each thread's share, the
@@ -106,40 +83,27 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s CONTEXT STEPS\n", argv[0]);
         return 2;
     }
-    const int64_t L = 30, D = 576, F = 1536, V = 49152, KV = 3 * 64, capacity = 4096, C = ATTENTION_CHUNK;
+    const int64_t L = SMOLLM2_LAYERS, KV = SMOLLM2_KV_DIM, V = SMOLLM2_VOCAB, capacity = 4096, C = ATTENTION_CHUNK;
     const int64_t context = atoll(argv[1]), steps = atoll(argv[2]), warm = 8;
     if (context < 1 || steps < 1 || context + warm + steps > capacity)
         return 2;
-    struct rkllmd_model m = {.n_layers = L, .dim = D, .n_heads = 9, .n_kv_heads = 3, .head_dim = 64,
-                             .ffn_dim = F, .vocab_size = V, .capacity = capacity, .norm_eps = 1e-5};
-    const int64_t sizes[] = {L * (D + 2 * KV) * D, L * D * D, L * 2 * F * D, L * D * F, V * D};
-    m.wqkv = huge_array(sizes[0], 0.04f);
-    m.wo = huge_array(sizes[1], 0.04f);
-    m.wgu = huge_array(sizes[2], 0.04f);
-    m.wd = huge_array(sizes[3], 0.025f);
-    m.head = huge_array(sizes[4], 0.05f);
-    m.output_norm = huge_array(D, 1.0f);
-    m.attn_norm = huge_array(L * D, 1.0f);
-    m.ffn_norm = huge_array(L * D, 1.0f);
-    m.rope_cos = huge_array(capacity * 32, 1.0f);
-    m.rope_sin = huge_array(capacity * 32, 1.0f);
-    float *keys = huge_array(L * KV * capacity, 0.0f), *values = huge_array(L * KV * capacity, 0.0f);
+    const struct random_model model = random_model(huge_floats, capacity);
     int64_t *tokens = malloc((context + warm + steps) * sizeof(int64_t));
     for (int64_t i = 0; i < context + warm + steps; i++)
         tokens[i] = i * 7919 % V;
     float *logits = malloc(V * sizeof(float));
     double *times = malloc(steps * sizeof(double));
     n_layers_timed = L;
-    if (forward(&m, keys, values, tokens, context, 0, logits) != 0)
+    if (forward(&model, tokens, context, 0, logits) != 0)
         return 1;
     for (int64_t i = 0; i < warm; i++)
-        forward(&m, keys, values, tokens + context + i, 1, context + i, logits);
+        forward(&model, tokens + context + i, 1, context + i, logits);
     timing = 1;
     double kv_bytes = 0.0;
     for (int64_t i = 0; i < steps; i++) {
         const int64_t pos = context + warm + i, chunks = pos / C + 1;
         const double t0 = seconds();
-        if (forward(&m, keys, values, tokens + pos, 1, pos, logits) != 0)
+        if (forward(&model, tokens + pos, 1, pos, logits) != 0)
             return 1;
         times[i] = seconds() - t0;
         /* each chunk's keys: whole passes of positions (attend_chunk); its values: its positions */
@@ -151,22 +115,21 @@ int main(int argc, char **argv) {
     }
     timing = 0;
     qsort(times, steps, sizeof *times, by_value);
-    const float *pieces[] = {m.wqkv, m.wo, m.wgu, m.wd, m.head};
     double weights = 0.0, best = 0.0;
-    for (int i = 0; i < 5; i++)
-        weights += sizes[i] * sizeof(float);
+    for (int i = 0; i < PRODUCTS; i++)
+        weights += model.product_floats[i] * sizeof(float);
     float sink[256];
     for (int streams = 1; streams <= 12; streams++)
         for (int round = 0; round < 3; round++) {
-            const double gbps = weights / read_pieces(pieces, sizes, 5, streams, sink) / 1e9;
+            const double gbps = weights / read_pieces(model.products, model.product_floats, PRODUCTS, streams, sink) / 1e9;
             best = gbps > best ? gbps : best;
         }
     printf("step=%.6f", times[steps / 2]);
     for (int k = 0; k < KINDS; k++)
         printf(" %s=%.6f", KIND_NAMES[k], kind_ns[k] * 1e-9 / steps);
-    const char *const products[] = {"qkv", "wo", "gu", "wd", "head"};
-    for (int i = 0; i < 5; i++)
-        printf(" bytes_%s=%.0f", products[i], sizes[i] * (double)sizeof(float));
+    const char *const products[PRODUCTS] = {"qkv", "wo", "gu", "wd", "head"};
+    for (int i = 0; i < PRODUCTS; i++)
+        printf(" bytes_%s=%.0f", products[i], model.product_floats[i] * (double)sizeof(float));
     printf(" kv=%.0f weights=%.0f probe=%.3f\n", kv_bytes / steps, weights, best);
     return 0;
 }

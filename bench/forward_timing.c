@@ -20,18 +20,10 @@
 #error "forward_timing.c drives kernel ABI 6 and 7: compare revisions of those"
 #endif
 
-static uint64_t rng_state = 88172645463325252ULL;
+#include "random_model.h"
 
-static float *random_array(int64_t n, float scale) { /* xorshift64*, in [-scale, scale) */
-    float *a = malloc(n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) {
-        rng_state ^= rng_state >> 12;
-        rng_state ^= rng_state << 25;
-        rng_state ^= rng_state >> 27;
-        a[i] = ((float)((rng_state * 2685821657736338717ULL) >> 40) / (float)(1 << 23) - 1.0f) * scale;
-    }
-    return a;
-}
+/* plain malloc memory: 4 KB pages where transparent huge pages are left to madvise */
+static float *plain_floats(int64_t n) { return malloc(n * sizeof(float)); }
 
 static double seconds(clockid_t clock) {
     struct timespec t;
@@ -39,43 +31,13 @@ static double seconds(clockid_t clock) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* ``count`` tokens at positions pos.. of one stream's cache, the last row's logits unless NULL. */
-static int forward(const struct rkllmd_model *m, float *keys, float *values, const int64_t *tokens, int64_t count,
-                   int64_t pos, float *logits) {
-    int64_t positions[count], last = count - 1;
-    float *row_keys[count], *row_values[count];
-    for (int64_t t = 0; t < count; t++) {
-        positions[t] = pos + t;
-        row_keys[t] = keys;
-        row_values[t] = values;
-    }
-    return rkllmd_forward(m, count, tokens, positions, row_keys, row_values, logits != NULL, &last, logits);
-}
-
-static int by_value(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 int main(int argc, char **argv) {
     if (argc < 4 || (strcmp(argv[1], "prefill") != 0 && strcmp(argv[1], "decode") != 0)) {
         fprintf(stderr, "usage: %s prefill TOKENS CHUNK REPEAT | %s decode CONTEXT STEPS\n", argv[0], argv[0]);
         return 2;
     }
-    const int64_t L = 30, D = 576, F = 1536, V = 49152, KV = 3 * 64, capacity = 4096;
-    struct rkllmd_model m = {.n_layers = L, .dim = D, .n_heads = 9, .n_kv_heads = 3, .head_dim = 64,
-                             .ffn_dim = F, .vocab_size = V, .capacity = capacity, .norm_eps = 1e-5};
-    m.head = random_array(V * D, 0.05f);
-    m.output_norm = random_array(D, 1.0f);
-    m.attn_norm = random_array(L * D, 1.0f);
-    m.ffn_norm = random_array(L * D, 1.0f);
-    m.wqkv = random_array(L * (D + 2 * KV) * D, 0.04f);
-    m.wo = random_array(L * D * D, 0.04f);
-    m.wgu = random_array(L * 2 * F * D, 0.04f);
-    m.wd = random_array(L * D * F, 0.025f);
-    m.rope_cos = random_array(capacity * 32, 1.0f);
-    m.rope_sin = random_array(capacity * 32, 1.0f);
-    float *keys = random_array(L * KV * capacity, 0.0f), *values = random_array(L * KV * capacity, 0.0f);
+    const int64_t capacity = 4096, V = SMOLLM2_VOCAB;
+    const struct random_model model = random_model(plain_floats, capacity);
     const int64_t n = atoll(argv[2]);
     int64_t *tokens = malloc((n + 1024) * sizeof(int64_t));
     for (int64_t i = 0; i < n + 1024; i++)
@@ -89,7 +51,7 @@ int main(int argc, char **argv) {
             const double w0 = seconds(CLOCK_MONOTONIC), c0 = seconds(CLOCK_PROCESS_CPUTIME_ID);
             for (int64_t pos = 0; pos < n; pos += chunk) {
                 const int64_t count = n - pos < chunk ? n - pos : chunk;
-                if (forward(&m, keys, values, tokens + pos, count, pos, pos + count == n ? logits : NULL) != 0)
+                if (forward(&model, tokens + pos, count, pos, pos + count == n ? logits : NULL) != 0)
                     return 1;
             }
             const double w = seconds(CLOCK_MONOTONIC) - w0, c = seconds(CLOCK_PROCESS_CPUTIME_ID) - c0;
@@ -106,11 +68,11 @@ int main(int argc, char **argv) {
     } else {
         const int64_t steps = atoll(argv[3]);
         double *times = malloc(steps * sizeof(double));
-        if (steps < 1 || n + steps > capacity || forward(&m, keys, values, tokens, n, 0, logits) != 0)
+        if (steps < 1 || n + steps > capacity || forward(&model, tokens, n, 0, logits) != 0)
             return 1;
         for (int64_t i = 0; i < steps; i++) {
             const double t0 = seconds(CLOCK_MONOTONIC);
-            forward(&m, keys, values, tokens + n + i, 1, n + i, logits);
+            forward(&model, tokens + n + i, 1, n + i, logits);
             times[i] = seconds(CLOCK_MONOTONIC) - t0;
         }
         qsort(times, steps, sizeof *times, by_value);
