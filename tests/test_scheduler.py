@@ -4,9 +4,9 @@ Admission counts what waits for any model; a model whose clients keep it busy is
 when another model waits for its room, so it cannot keep that model out; a request whose
 prompt starts with the text cache being built waits for the build (``queued`` says so) and
 holds no place in the batch meanwhile. Real daemons, real clients, real weights: the
-bundled SmolLM2 and its copy (long generations), tiny random llama files (fast ones);
-one test drives a model worker in process, where a hold on a build's announcement makes
-the moment it guards every time.
+bundled SmolLM2 and its copy (long generations), tiny random llama files (fast ones).
+One test drives a model worker in process instead: it holds a build's announcement, so
+that the moment it guards comes every time.
 """
 
 from __future__ import annotations
