@@ -22,7 +22,7 @@ import private_dev
 import pytest
 from fake_rkllm.build import foreign_elf, write_model, write_tokenizer
 
-from conftest import ROOT
+from conftest import ROOT, skip_without
 from gguf_files import tiny_llama
 from rkllmd.check import SERVICE_GROUP, SERVICE_SUPPLEMENTARY_GROUPS, SERVICE_USER, Account, run_checks
 from rkllmd.config import load
@@ -320,7 +320,7 @@ def test_debugfs_is_for_root_only(open_tmp):
               "os.setgid(65534); os.setuid(65534); root = Path(sys.argv[1]); "
               "print(read_driver(root / 'sys', root / 'proc', root / 'dev').why)")
     if os.geteuid() != 0:
-        pytest.skip("dropping to nobody needs root")
+        skip_without("root, to drop to nobody")
     out = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, cwd=ROOT, timeout=60,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert out.stdout == f"{root}/sys/kernel/debug/rknpu/version is readable by root only (debugfs): run rkllmd check with sudo\n", out.stderr
