@@ -13,9 +13,10 @@
  * - kv: bytes of keys and values a step's attention reads (its positions' blocks, at the
  *   mean position of the timed steps); weights: bytes a step's products read, and each
  *   kind's (bytes_qkv, ...);
- * - probe: the best GB/s of reading the weights in a step's order (each matrix shared out
- *   to the threads in contiguous shares of 1..12 streams, the threads waiting for each
- *   other at its end), the same pages the step reads.
+ * - probe: the best GB/s of reading the weights in a step's order with read_limit.c's
+ *   rkllmd_read_pieces_seconds (each matrix shared out to every thread in contiguous
+ *   shares of 1..12 streams, the threads waiting for each other at its end), the same
+ *   pages the step reads.
  */
 #include FORWARD_C
 
@@ -53,30 +54,10 @@ static double seconds(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-/* Seconds to read the pieces in order as ``streams`` parts of each thread's share, the
- * threads waiting for each other after each piece (read_limit.c's way, in this memory). */
-static double read_pieces(const float *const *pieces, const int64_t *sizes, int n_pieces, int streams, float *sink) {
-    const double start = seconds();
-#pragma omp parallel
-    {
-        const int64_t me = team_member(), threads = team_size();
-        vec_t acc[12] = {{0}};
-        for (int i = 0; i < n_pieces; i++) {
-            const int64_t lines = sizes[i] / LANES, first = lines * me / threads, part = (lines * (me + 1) / threads - first) / streams;
-            const float *p = pieces[i] + first * LANES;
-            for (int64_t line = 0; line < part; line++)
-                for (int s = 0; s < streams; s++)
-                    for (int j = 0; j < LANES; j += WIDTH)
-                        acc[s] += load(p + (s * part + line) * LANES + j);
-#pragma omp barrier
-        }
-        vec_t total = {0};
-        for (int s = 0; s < streams; s++)
-            total += acc[s];
-        sink[me] = total[0];
-    }
-    return seconds() - start;
-}
+/* read_limit.c's probe, linked beside this file (bench/decode_phases.py builds both): the
+ * pieces read one after the other, each thread's share as ``streams`` parts side by side. */
+double rkllmd_read_pieces_seconds(const float *const *pieces, const int64_t *sizes, int64_t n_pieces, int streams,
+                                  int threads, double *sink);
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -118,10 +99,11 @@ int main(int argc, char **argv) {
     double weights = 0.0, best = 0.0;
     for (int i = 0; i < PRODUCTS; i++)
         weights += model.product_floats[i] * sizeof(float);
-    float sink[256];
+    double sink[256];
+    const int team_threads = rkllmd_kernel_threads();
     for (int streams = 1; streams <= 12; streams++)
         for (int round = 0; round < 3; round++) {
-            const double gbps = weights / read_pieces(model.products, model.product_floats, PRODUCTS, streams, sink) / 1e9;
+            const double gbps = weights / rkllmd_read_pieces_seconds(model.products, model.product_floats, PRODUCTS, streams, team_threads, sink) / 1e9;
             best = gbps > best ? gbps : best;
         }
     printf("step=%.6f", times[steps / 2]);

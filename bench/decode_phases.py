@@ -32,6 +32,7 @@ from kernel_sets import cpu_features  # noqa: E402
 from rkllmd.backends.cpu import kernels  # noqa: E402
 
 DRIVER = Path(__file__).with_name("decode_phases.c")
+PROBE = Path(__file__).with_name("read_limit.c")
 PRODUCTS = ("qkv", "wo", "gu", "wd", "head")
 KINDS = ("qkv", "attend", "merge", "wo", "gu", "wd", "head", "embed")
 
@@ -41,7 +42,7 @@ def build(march: str, dest: Path) -> Path:
     if cc is None:
         sys.exit("no C compiler found (set CC, or install gcc)")
     subprocess.run([cc, *kernels.compile_flags(march), "-DRKLLMD_PHASE_TIMES", f'-DFORWARD_C="{kernels.SOURCE}"',
-                    str(DRIVER), "-o", str(dest), "-lm"], check=True)
+                    str(DRIVER), str(PROBE), "-o", str(dest), "-lm"], check=True)
     return dest
 
 
