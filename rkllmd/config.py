@@ -53,6 +53,12 @@ class DaemonConfig:
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", low=1, high=1 << 20)
     max_prompt_chars: int = setting(262144, "longest text a request may carry (sum of message contents)", low=1, high=1 << 24)
     slow_client_timeout: float = setting(10.0, "seconds a client may leave its stream unread before its generation is aborted", low=0.1, high=3600.0)
+    stop_timeout: float = setting(
+        10.0,
+        "seconds shutdown waits for each model's aborted call to return; past it the daemon exits without releasing that model (keep it under the unit's TimeoutStopSec, 20 s)",
+        low=0.1,
+        high=3600.0,
+    )
     build_max_wait_ms: int = setting(
         1000,
         "longest a cache build waits for the model while generations run: past it, the build gets its next prefill chunk between two generation steps (0: chunks and steps take turns)",

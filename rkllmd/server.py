@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Messages read in one go before the outbox gets a turn.
 RECEIVE_BATCH = 256
-#: How long shutdown waits for the model worker to stop after aborting its work.
-WORKER_STOP_S = 10.0
 
 
 class Daemon:
@@ -157,13 +155,14 @@ class Daemon:
             dropped.extend(model.worker.shutdown())
         for gen in dropped:
             self.outbox.stream(gen, "error", error=stopping.to_wire())
-        deadline = time.monotonic() + WORKER_STOP_S
+        stop_timeout = self.ctx.config.daemon.stop_timeout
+        deadline = time.monotonic() + stop_timeout
         for model in loaded:
             if not model.worker.join(timeout=max(0.0, deadline - time.monotonic())):
                 # It closes the model itself once its call returns; meanwhile the model stays open
                 # (freeing it under a running native call would be a use after free).
                 log.error("the worker of model %s did not stop within %g s (a call into the model still runs); "
-                          "exiting without releasing the model", model.name, WORKER_STOP_S)
+                          "exiting without releasing the model", model.name, stop_timeout)
         self.ctx.disk.shutdown(wait=False, cancel_futures=True)  # cancelled answers say "shutting down"
         self.ctx.inquiries.shutdown()
         for answer in self._deferred:

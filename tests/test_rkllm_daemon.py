@@ -672,7 +672,7 @@ def test_shutdown_never_destroys_the_runtime_while_a_run_is_in_it(make_npu):
     """SIGTERM while rkllm_run hangs, deaf to rkllm_abort (FAKE_RKLLM_HANG_ON): the worker
     cannot stop; the daemon waits for it a while, says so, and exits without rkllm_destroy,
     which would free what the run still uses (the fake aborts the process if it comes)."""
-    proc = make_npu(env={"FAKE_RKLLM_HANG_ON": "hang here"})
+    proc = make_npu(env={"FAKE_RKLLM_HANG_ON": "hang here", "RKLLMD_STOP_TIMEOUT": "1.5"})
     with proc.client() as client:
         client.send("generate", prompt="please hang here")
         poll(lambda: runs(proc.calls.all()), 10, "the run starting")
@@ -680,7 +680,7 @@ def test_shutdown_never_destroys_the_runtime_while_a_run_is_in_it(make_npu):
         assert proc.wait(60) == 0
     assert "rkllm_destroy" not in [c.name for c in proc.calls.all()]
     log = proc.log()
-    assert "the worker of model fake did not stop within 10 s" in log and "exiting without releasing the model" in log
+    assert "the worker of model fake did not stop within 1.5 s" in log and "exiting without releasing the model" in log
     assert "fake-rkllm: rkllm_destroy" not in log
 
 
