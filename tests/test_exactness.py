@@ -70,25 +70,29 @@ BATCH_PROBE = textwrap.dedent(
     backend.load()
     assert backend.describe()["decode"].startswith("C, "), backend.describe()["decode"]
     model, rng = backend.model, np.random.default_rng(5)
-    # Four streams of different lengths, each alone: its logits after every token from 40 on.
+    # Four streams, each alone: its logits after each token from its own first decoded
+    # position on. They decode at different positions, the two long ones across the end of
+    # the first attention chunk (256 positions).
     streams = [[int(t) for t in rng.integers(0, model.config.vocab_size, n)] for n in (70, 290, 51, 275)]
+    firsts = [40, 240, 27, 230]
     alone = []
-    for ids in streams:
+    for ids, first in zip(streams, firsts):
         slot = model.new_slot()
-        model.prefill(slot, ids[:40], 0)
-        alone.append([model.decode(slot, ids[pos], pos) for pos in range(40, len(ids))])
-    # Batched: every stream from 40 on, one decode row each a step, beside a newcomer's prompt
-    # chunks (whose own last logits must be its alone ones too), in slots filled with garbage.
+        model.prefill(slot, ids[:first], 0)
+        alone.append([model.decode(slot, ids[pos], pos) for pos in range(first, len(ids))])
+    # Batched: every stream from its first decoded position, one decode row each a step,
+    # beside a newcomer's prompt chunks (whose own last logits must be its alone ones too),
+    # in slots filled with garbage.
     slots = [model.new_slot() for _ in streams]
-    for slot, ids in zip(slots, streams):
+    for slot, ids, first in zip(slots, streams, firsts):
         slot.keys[...], slot.values[...] = 7.0, -7.0
-        model.prefill(slot, ids[:40], 0)
+        model.prefill(slot, ids[:first], 0)
     newcomer, newcomer_slot = streams[1], model.new_slot()
     newcomer_alone = model.prefill(model.new_slot(), newcomer, 0)
     batched = [[] for _ in streams]
-    for step in range(max(len(ids) for ids in streams) - 40):
-        parts = [Rows(slot, [ids[40 + step]], 40 + step) for slot, ids in zip(slots, streams) if 40 + step < len(ids)]
-        owners = [i for i, ids in enumerate(streams) if 40 + step < len(ids)]
+    for step in range(max(len(ids) - first for ids, first in zip(streams, firsts))):
+        owners = [i for i, (ids, first) in enumerate(zip(streams, firsts)) if first + step < len(ids)]
+        parts = [Rows(slots[i], [streams[i][firsts[i] + step]], firsts[i] + step) for i in owners]
         chunk = newcomer[step * 37 : step * 37 + 37]
         if chunk:
             parts.insert(1, Rows(newcomer_slot, chunk, step * 37, logits=step * 37 + 37 >= len(newcomer)))

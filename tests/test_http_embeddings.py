@@ -117,12 +117,26 @@ def test_ollama_embed_refusals_in_ollamas_words(gateway) -> None:
     assert (status, body) == (400, {"error": "invalid input type"})
     status, body = post(gateway.url + "/api/embed", {"model": "nomic-embed-text", "input": CAT})
     assert (status, body) == (404, {"error": "model 'nomic-embed-text' not found"})
-    status, body = post(gateway.url + "/api/embed", {"model": NAME, "input": REFERENCES[5]["text"] * 6, "truncate": False})
-    assert (status, body) == (400, {"error": "input length exceeds maximum context length"})
-    status, body = post(gateway.url + "/api/embed", {"model": NAME, "input": REFERENCES[5]["text"] * 6})
-    assert status == 200 and body["prompt_eval_count"] == 4096  # cut to the context
     status, body = post(gateway.url + "/api/embeddings", {"prompt": CAT})
     assert (status, body) == (400, {"error": "model is required"})
+
+
+def test_ollama_embed_cuts_an_input_to_the_context_unless_told_not_to(make_daemon) -> None:
+    """As Ollama: cut to the context by default, refused with ``truncate: false``. On a
+    512-token context: the same rule as at 4096, in a tenth of the prefill."""
+    from http_gateway import GatewayProcess
+
+    proc = make_daemon(env={"RKLLMD_MODEL_CONTEXT_LENGTH": "512"})
+    gateway = GatewayProcess(proc.socket).start()
+    try:
+        long = REFERENCES[5]["text"] * 6
+        status, body = post(gateway.url + "/api/embed", {"model": NAME, "input": long, "truncate": False})
+        assert (status, body) == (400, {"error": "input length exceeds maximum context length"})
+        status, body = post(gateway.url + "/api/embed", {"model": NAME, "input": [long, CAT]})
+        assert status == 200 and body["prompt_eval_count"] == 512 + len(REFERENCES[0]["ids"])
+        assert cosine(body["embeddings"][1], REFERENCES[0]["embedding"]) >= 0.999
+    finally:
+        gateway.cleanup()
 
 
 # -- LangChain ---------------------------------------------------------------------------------

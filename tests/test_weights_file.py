@@ -213,7 +213,7 @@ def test_key_follows_the_model_file(model, tmp_path):
 
 def test_daemon_restart_takes_the_kept_weights_and_answers_the_same(make_daemon, tmp_path):
     case = reference_cases()[0]
-    env = {"RKLLMD_MODEL_WEIGHTS_DIR": str(tmp_path / "weights")}
+    env = {"RKLLMD_MODEL_WEIGHTS_DIR": str(tmp_path / "weights"), "RKLLMD_MODEL_WEIGHTS_HUGE_PAGES": "true"}  # the default
     seen = []
     for _ in range(2):
         daemon = make_daemon(env=env)
