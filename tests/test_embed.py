@@ -160,7 +160,7 @@ def test_embeddings_leave_running_generations_unchanged(make_daemon) -> None:
     prompts = ["Name three colours.", "What is the capital of France?"]
     with proc.client() as client:
         alone = [client.generate(p, max_tokens=40, temperature=0, no_cache=True).wait().text for p in prompts]
-    texts = [c["text"] for c in CASES] * 2
+    texts = [c["text"] for c in CASES]  # ~1,900 tokens: prefill chunks beside every decode step
     embedded: list[dict] = []
 
     def embed_meanwhile() -> None:
