@@ -27,8 +27,11 @@ DATA = Path(__file__).resolve().parent / "data"
 
 # Every daemon the suite starts maps one copy of the dequantized weights and loads one build
 # of the C decode step (the first start writes them): a start costs well under a second
-# instead of a dequantization, 540 MB written and a compilation.
-SHARED_BUILDS = Path(tempfile.mkdtemp(prefix="rkllmd-builds-"))
+# instead of a dequantization, 540 MB written and a compilation. The process that makes the
+# folder removes it; pytest-xdist's workers and any pytest a test starts inherit it.
+OWN_BUILDS = "RKLLMD_TEST_BUILDS" not in os.environ
+SHARED_BUILDS = Path(tempfile.mkdtemp(prefix="rkllmd-builds-") if OWN_BUILDS else os.environ["RKLLMD_TEST_BUILDS"])
+os.environ["RKLLMD_TEST_BUILDS"] = str(SHARED_BUILDS)
 os.environ.setdefault("RKLLMD_MODEL_WEIGHTS_DIR", str(SHARED_BUILDS / "weights"))
 os.environ.setdefault("RKLLMD_MODEL_KERNELS_DIR", str(SHARED_BUILDS / "kernels"))
 # ... in the kernel's pages: a start then maps the file instead of populating (or, where the
@@ -38,7 +41,7 @@ os.environ.setdefault("RKLLMD_MODEL_WEIGHTS_HUGE_PAGES", "false")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    if not hasattr(session.config, "workerinput"):
+    if OWN_BUILDS:
         shutil.rmtree(SHARED_BUILDS, ignore_errors=True)
 
 

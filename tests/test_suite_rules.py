@@ -1,7 +1,8 @@
 """The suite's own rules, checked on a throwaway test file run by a second pytest: under
 CI=true a test skipped for want of a capability (a systemd test, or any skip_without:
 root, mounts, namespaces, tools) fails the run while other skips stay skips, and a test
-that hangs fails on its timeout."""
+that hangs fails on its timeout; in one pytest process and in two (pytest-xdist), as
+.ci/test runs the suite."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 TESTS = Path(__file__).resolve().parent
 
@@ -40,7 +43,7 @@ def test_hangs():
 '''
 
 
-def run_sample(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
+def run_sample(tmp_path: Path, ci: str | None, *options: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_sample.py").write_text(SAMPLE)
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci is not None:
@@ -48,7 +51,7 @@ def run_sample(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-rA", "-q",
-         "--rootdir", str(tmp_path), "-c", str(TESTS.parent / "pyproject.toml"), str(tmp_path)],
+         "--rootdir", str(tmp_path), "-c", str(TESTS.parent / "pyproject.toml"), *options, str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
 
 
@@ -57,8 +60,9 @@ def outcomes(run: subprocess.CompletedProcess) -> dict[str, str]:
             for line in run.stdout.splitlines() if line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))}
 
 
-def test_under_ci_a_test_skipped_for_want_of_a_capability_fails_the_run(tmp_path):
-    run = run_sample(tmp_path, ci="true")
+@pytest.mark.parametrize("workers", [[], ["--numprocesses", "2", "--dist", "loadfile"]], ids=["one process", "as .ci/test runs it"])
+def test_under_ci_a_test_skipped_for_want_of_a_capability_fails_the_run(tmp_path, workers):
+    run = run_sample(tmp_path, "true", *workers)
     assert run.returncode == 1, run.stdout
     found = outcomes(run)
     assert found["test_systemd_skipped"] == "FAILED", run.stdout
