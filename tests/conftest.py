@@ -34,9 +34,9 @@ SHARED_BUILDS = Path(tempfile.mkdtemp(prefix="rkllmd-builds-") if OWN_BUILDS els
 os.environ["RKLLMD_TEST_BUILDS"] = str(SHARED_BUILDS)
 os.environ.setdefault("RKLLMD_MODEL_WEIGHTS_DIR", str(SHARED_BUILDS / "weights"))
 os.environ.setdefault("RKLLMD_MODEL_KERNELS_DIR", str(SHARED_BUILDS / "kernels"))
-# ... in the kernel's pages: a start then maps the file instead of populating (or, where the
-# kernel will not map it so, copying) 540 MB in 2 MB pages, a fifth of a start. Both ways
-# are tested in test_weights_file.py, the default one through the daemon too.
+# Test daemons map those weights in the kernel's pages: a start then skips populating (or,
+# where the kernel will not map the file so, copying) 540 MB in 2 MB pages, a fifth of a
+# start. Both ways are tested in test_weights_file.py, the default one through the daemon too.
 os.environ.setdefault("RKLLMD_MODEL_WEIGHTS_HUGE_PAGES", "false")
 
 

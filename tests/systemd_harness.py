@@ -316,8 +316,10 @@ class SystemdUnderTest:
 
     def spawn(self, cmd, *, user: str | None = None, env: dict | None = None,
               **popen_kwargs) -> subprocess.Popen:
-        """Start cmd inside the namespaces without waiting; it dies with the namespace."""
-        return subprocess.Popen(self._enter(cmd, user, env), **popen_kwargs)
+        """Start cmd inside the namespaces without waiting; it dies with the namespace, and
+        when the returned process (nsenter, its parent) is killed: else it would outlive it,
+        and a poweroff would wait for it."""
+        return subprocess.Popen(self._enter(["setpriv", "--pdeathsig", "KILL", "--", *cmd], user, env), **popen_kwargs)
 
     def systemctl(self, *args: str, check: bool = True,
                   timeout: float | None = None) -> subprocess.CompletedProcess:

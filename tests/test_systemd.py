@@ -588,9 +588,7 @@ class TestRkllmd:
             run = sd.run(["rkllmctl", "generate", "-m", "hf.co/rk/tiny", "--max-tokens", "3", "--json", "Hi"], user="alice")
             assert json.loads(run.stdout)["stats"]["completion_tokens"] >= 1
         finally:
-            # Stopped inside the namespace: killing nsenter (``hub``) would leave the hub to
-            # outlive it, and the module's poweroff then waits 10 s for it before the kill.
-            sd.run(["pkill", "-f", "fake_hub.py"], check=False)
+            hub.kill()
             hub.wait(10)
             for name in ("70-hub.conf", "71-network.conf"):
                 sd.path(f"{DROPINS}/{name}").unlink(missing_ok=True)
